@@ -1,0 +1,54 @@
+# syncd developer tasks. Every target installs what it needs into local virtual
+# environments, so a fresh clone needs only Python 3.11+ and Python 3.13 (for the
+# MongoDB stand-in used when no mongod is available).
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+STANDIN_VENV := .venv-standin
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: all install dev standin run test lint typecheck bench viewer clean
+
+all: test
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "syncd needs Python 3.11 or newer: set PYTHON=/path/to/python3.11")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
+
+install dev: $(VENV)/.installed
+
+$(STANDIN_VENV)/.installed: tests/standin/requirements.txt
+	@PY313=$$(tests/standin/find-python313) || exit 1; \
+	  "$$PY313" -m venv $(STANDIN_VENV) && \
+	  $(STANDIN_VENV)/bin/pip install --quiet -r tests/standin/requirements.txt
+	@touch $@
+
+standin: $(STANDIN_VENV)/.installed
+
+run: $(VENV)/.installed $(STANDIN_VENV)/.installed
+	$(BIN)/python examples/demo.py
+
+test: $(VENV)/.installed $(STANDIN_VENV)/.installed
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check syncd tests examples
+	$(BIN)/ruff format --check syncd
+	$(BIN)/mypy
+
+typecheck: $(VENV)/.installed
+	$(BIN)/mypy
+
+bench: $(VENV)/.installed $(STANDIN_VENV)/.installed
+	$(BIN)/python bench/run.py
+
+viewer: $(VENV)/.installed
+	$(BIN)/python -m tests.harness.phoenix
+
+clean:
+	rm -rf $(VENV) $(STANDIN_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
