@@ -21,6 +21,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+import bson.errors
 from pymongo import errors as mongo_errors
 
 from syncd.redact import redact_text
@@ -250,7 +251,7 @@ def _classify_mongo(exc: mongo_errors.PyMongoError) -> ErrorKind:
         if exc.has_error_label("RetryableWriteError"):
             return ErrorKind.TRANSIENT
         return ErrorKind.FATAL
-    if isinstance(exc, mongo_errors.InvalidDocument):
+    if isinstance(exc, bson.errors.InvalidDocument):
         return ErrorKind.POISON
     if exc.has_error_label("RetryableWriteError") or exc.timeout:
         return ErrorKind.TRANSIENT

@@ -9,7 +9,9 @@ from typing import Any
 MASK = "***"
 
 # scheme://user:password@host  → scheme://user:***@host (also user-only forms)
-_URI_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*)(?::[^@/\s]*)?@")
+_URI_USERINFO = re.compile(
+    r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*)(?::[^@/\s]*)?@"
+)
 # key=value pairs in query strings or free text whose key names a secret
 _SECRET_PAIR = re.compile(
     r"(?i)\b(?P<key>[\w.-]*(?:password|passwd|secret|token|api[_-]?key|authorization)[\w.-]*)"
@@ -31,9 +33,15 @@ def redact_uri(uri: str) -> str:
     return redact_text(uri)
 
 
+def _mask_userinfo(match: re.Match[str]) -> str:
+    user = match["user"]
+    return f"{match['scheme']}{user}:{MASK}@" if user else f"{match['scheme']}{MASK}@"
+
+
 def redact_text(text: str) -> str:
     text = _URI_USERINFO.sub(
-        lambda m: f"{m['scheme']}{m['user']}:{MASK}@" if m["user"] else f"{m['scheme']}{MASK}@", text
+        lambda m: f"{m['scheme']}{m['user']}:{MASK}@" if m["user"] else f"{m['scheme']}{MASK}@",
+        text,
     )
     text = _SECRET_PAIR.sub(lambda m: f"{m['key']}{m['sep']}{m['q']}{MASK}", text)
     text = _BEARER.sub(f"Bearer {MASK}", text)
@@ -60,9 +68,19 @@ def redact_mapping(data: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = redact_text(value)
         elif isinstance(value, list):
             out[key] = [
-                redact_mapping(v) if isinstance(v, Mapping) else redact_text(v) if isinstance(v, str) else v
+                redact_mapping(v)
+                if isinstance(v, Mapping)
+                else redact_text(v)
+                if isinstance(v, str)
+                else v
                 for v in value
             ]
         else:
             out[key] = value
     return out
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return redact_mapping(value)
+    return redact_text(value) if isinstance(value, str) else value

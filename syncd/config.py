@@ -1,0 +1,398 @@
+"""Typed, validated settings.
+
+One precedence order, defined in :func:`load`: defaults < TOML file < ``SYNCD_*``
+environment < command line. Everything is validated once, at start; a mistake
+becomes one :class:`~syncd.errors.ConfigError` naming the key. Nothing here runs at
+import time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pymongo.uri_parser import parse_uri
+
+from syncd.errors import ConfigError
+from syncd.redact import redact_text, register_secret
+
+DEFAULT_CONFIG_PATH = Path("syncd.toml")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+def _read_secret_file(path: str | None, what: str) -> str | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read {what} file {path}: {exc.strerror}") from None
+
+
+class MongoSettings(_Model):
+    uri: SecretStr = SecretStr("mongodb://127.0.0.1:27017/?directConnection=true")
+    uri_file: str | None = None
+    server_selection_timeout_ms: Annotated[int, Field(ge=100)] = 10_000
+
+    @model_validator(mode="after")
+    def _check_uri(self) -> MongoSettings:
+        from_file = _read_secret_file(self.uri_file, "mongodb.uri_file")
+        if from_file:
+            object.__setattr__(self, "uri", SecretStr(from_file))
+        uri = self.uri.get_secret_value()
+        try:
+            parsed = parse_uri(uri)
+        except Exception as exc:  # noqa: BLE001 - pymongo raises several types for bad URIs
+            raise ValueError(f"not a valid MongoDB URI ({redact_text(str(exc))})") from None
+        if parsed.get("password"):
+            register_secret(parsed["password"])
+        return self
+
+    def redacted_uri(self) -> str:
+        return redact_text(self.uri.get_secret_value())
+
+
+class ChromaSettings(_Model):
+    mode: Literal["embedded", "http"] = "embedded"
+    path: str = "./syncd-data/chroma"
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    ssl: bool = False
+    headers: dict[str, SecretStr] = Field(default_factory=dict)
+    token: SecretStr | None = None
+    token_file: str | None = None
+    tenant: str = "default_tenant"
+    database: str = "default_database"
+    timeout_s: Annotated[float, Field(gt=0)] = 30.0
+
+    @model_validator(mode="after")
+    def _load_token(self) -> ChromaSettings:
+        from_file = _read_secret_file(self.token_file, "chroma.token_file")
+        if from_file:
+            object.__setattr__(self, "token", SecretStr(from_file))
+        if self.token:
+            register_secret(self.token.get_secret_value())
+        for value in self.headers.values():
+            register_secret(value.get_secret_value())
+        return self
+
+
+class CheckpointSettings(_Model):
+    store: Literal["mongodb", "file"] = "mongodb"
+    database: str = "syncd"
+    collection: str = "checkpoints"
+    path: str = "./syncd-data/checkpoints"
+    history: Annotated[int, Field(ge=1, le=10_000)] = 50
+
+
+class LeaseSettings(_Model):
+    enabled: bool = True
+    ttl_s: Annotated[float, Field(ge=1)] = 15.0
+    renew_every_s: Annotated[float, Field(gt=0)] = 5.0
+
+    @model_validator(mode="after")
+    def _renew_before_expiry(self) -> LeaseSettings:
+        if self.renew_every_s >= self.ttl_s:
+            raise ValueError("lease.renew_every_s must be shorter than lease.ttl_s")
+        return self
+
+
+class TelemetrySettings(_Model):
+    listen: str = "127.0.0.1:9464"  # /metrics, /healthz, /readyz; "" disables
+    traces: Literal["none", "console", "otlp", "otlp_http", "otlp_grpc"] | None = None
+    otlp_endpoint: str | None = None
+    event_sample_ratio: Annotated[float, Field(ge=0, le=1)] = 1.0
+    record_content: bool = False
+    traceparent_field: str = "traceparent"
+    span_log_path: str = "./syncd-data/spans.jsonl"
+    span_log_max_bytes: Annotated[int, Field(ge=0)] = 5_000_000
+    verify_sample_every_s: Annotated[float, Field(ge=0)] = 0.0
+    verify_sample_size: Annotated[int, Field(ge=1)] = 100
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[^:\s]+:\d{1,5}", value):
+            raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:9464, or an empty string")
+        return value
+
+
+class LogSettings(_Model):
+    format: Literal["text", "json"] = "text"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class MappingSettings(_Model):
+    text: str | None = None  # a field path: "body" or "content.text"
+    text_template: str | None = None  # "{title}\n\n{body}"
+    metadata: list[str] = Field(default_factory=list)  # dot paths; empty = none
+    rename: dict[str, str] = Field(default_factory=dict)  # dot path -> metadata key
+    chunk_size: Annotated[int, Field(ge=0)] = 0  # characters; 0 = no chunking
+    chunk_overlap: Annotated[int, Field(ge=0)] = 0
+    max_document_bytes: Annotated[int, Field(ge=1)] = 16 * 1024 * 1024
+    max_text_chars: Annotated[int, Field(ge=1)] = 1_000_000
+
+    @model_validator(mode="after")
+    def _one_text_source(self) -> MappingSettings:
+        if bool(self.text) == bool(self.text_template):
+            raise ValueError("set exactly one of mapping.text and mapping.text_template")
+        if self.chunk_size and self.chunk_overlap >= self.chunk_size:
+            raise ValueError("mapping.chunk_overlap must be smaller than mapping.chunk_size")
+        for key in self.rename.values():
+            if key.startswith("syncd_"):
+                raise ValueError(f"metadata key {key!r} uses the reserved prefix 'syncd_'")
+        return self
+
+
+class EmbedderSettings(_Model):
+    kind: Literal["field", "sentence_transformers", "openai", "hashing"] = "hashing"
+    field: str | None = None  # kind = field: dot path of the vector
+    model: str | None = None  # sentence_transformers: path or package; openai: model name
+    base_url: str | None = None  # openai: https://host/v1
+    api_key: SecretStr | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    dimensions: Annotated[int, Field(ge=1, le=65_536)] = 384
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 64
+    timeout_s: Annotated[float, Field(gt=0)] = 30.0
+
+    @model_validator(mode="after")
+    def _kind_requirements(self) -> EmbedderSettings:
+        if self.kind == "field" and not self.field:
+            raise ValueError('embedder.field is required when embedder.kind = "field"')
+        if self.kind == "openai":
+            if not self.base_url or not self.model:
+                raise ValueError('embedder.base_url and embedder.model are required for "openai"')
+            if not re.match(r"^https?://", self.base_url):
+                raise ValueError("embedder.base_url must start with http:// or https://")
+            if self.api_key is None:
+                key = os.environ.get(self.api_key_env)
+                if key:
+                    object.__setattr__(self, "api_key", SecretStr(key))
+        if self.api_key:
+            register_secret(self.api_key.get_secret_value())
+        return self
+
+
+class PipelineSettings(_Model):
+    name: str
+    database: str
+    collection: str | None = None
+    collections: list[str] | None = None  # database-level stream filtered to these
+    filter: dict[str, Any] = Field(default_factory=dict)  # MongoDB query on the document
+    chroma_collection: str | None = None  # default: the pipeline name
+    distance: Literal["cosine", "l2", "ip"] = "cosine"
+    full_document: Literal["updateLookup", "whenAvailable", "required"] = "updateLookup"
+    snapshot: Literal["initial", "never"] = "initial"
+    snapshot_batch_size: Annotated[int, Field(ge=1, le=100_000)] = 1000
+    on_history_lost: Literal["fail", "resnapshot"] = "fail"
+    on_drop: Literal["purge", "halt"] = "purge"
+    on_rename: Literal["halt", "purge"] = "halt"
+    on_drop_database: Literal["halt", "purge"] = "halt"
+    on_error: Literal["halt", "dead_letter"] = "halt"
+    consistency: Literal["eventual", "strong"] = "eventual"
+    batch_size: Annotated[int, Field(ge=1, le=100_000)] = 500
+    batch_max_wait_ms: Annotated[int, Field(ge=0, le=600_000)] = 200
+    idle_checkpoint_interval_s: Annotated[float, Field(ge=0.1)] = 10.0
+    retry_deadline_s: Annotated[float, Field(ge=0)] = 0.0  # 0 = retry forever
+    retry_max_backoff_s: Annotated[float, Field(gt=0)] = 30.0
+    dead_letter_collection: str = "dead_letters"
+    mapping: MappingSettings
+    embedder: EmbedderSettings = Field(default_factory=EmbedderSettings)
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("use letters, digits, '_', '-', '.' (at most 63, not leading)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_namespace(self) -> PipelineSettings:
+        if bool(self.collection) == bool(self.collections):
+            raise ValueError("set exactly one of collection and collections")
+        if self.embedder.kind == "field" and self.mapping.chunk_size:
+            raise ValueError("chunking cannot be combined with a vector stored in the document")
+        return self
+
+    @property
+    def chroma_collection_name(self) -> str:
+        return self.chroma_collection or self.name
+
+    @property
+    def namespace(self) -> str:
+        return f"{self.database}.{self.collection or '{' + ','.join(self.collections or []) + '}'}"
+
+    @property
+    def source_collections(self) -> list[str]:
+        return [self.collection] if self.collection else list(self.collections or [])
+
+
+class Settings(_Model):
+    mongodb: MongoSettings = Field(default_factory=MongoSettings)
+    chroma: ChromaSettings = Field(default_factory=ChromaSettings)
+    checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings)
+    lease: LeaseSettings = Field(default_factory=LeaseSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+    shutdown_timeout_s: Annotated[float, Field(ge=0)] = 25.0
+    pipelines: list[PipelineSettings] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_pipelines(self) -> Settings:
+        names = [p.name for p in self.pipelines]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"pipeline names must be unique; repeated: {', '.join(dupes)}")
+        targets = [p.chroma_collection_name for p in self.pipelines]
+        clash = sorted({n for n in targets if targets.count(n) > 1})
+        if clash:
+            raise ValueError(f"two pipelines write the same Chroma collection: {', '.join(clash)}")
+        return self
+
+    def pipeline(self, name: str) -> PipelineSettings:
+        for pipeline in self.pipelines:
+            if pipeline.name == name:
+                return pipeline
+        known = ", ".join(p.name for p in self.pipelines) or "none configured"
+        raise ConfigError(f"no pipeline named {name!r} (known: {known})")
+
+
+# --- loading -----------------------------------------------------------------
+
+# Environment variables that are not SYNCD_<SECTION>__<KEY> but that operators expect.
+_ENV_ALIASES = {
+    "SYNCD_MONGODB_URI": ("mongodb", "uri"),
+    "SYNCD_CHROMA_TOKEN": ("chroma", "token"),
+    "SYNCD_LOG_FORMAT": ("log", "format"),
+    "SYNCD_LOG_LEVEL": ("log", "level"),
+}
+_ENV_IGNORED = {"SYNCD_CONFIG"}
+
+
+def load(
+    path: Path | str | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    require_file: bool | None = None,
+) -> Settings:
+    """Build :class:`Settings` from defaults < file < environment < ``overrides``.
+
+    ``overrides`` uses dotted keys (``{"log.format": "json"}``), as the CLI produces.
+    A missing file is an error when it was named explicitly.
+    """
+    env = os.environ if env is None else env
+    explicit = path is not None or "SYNCD_CONFIG" in env
+    config_path = Path(path or env.get("SYNCD_CONFIG") or DEFAULT_CONFIG_PATH)
+    data: dict[str, Any] = {}
+    if config_path.exists():
+        data = _read_toml(config_path)
+    elif explicit if require_file is None else require_file:
+        raise ConfigError(
+            f"config file {config_path} not found",
+            hint="pass --config PATH or create syncd.toml (see README)",
+        )
+    for key, value in _env_layer(env).items():
+        _set_dotted(data, key, value)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(data, key, value)
+    return validate(data, source=str(config_path))
+
+
+def validate(data: Mapping[str, Any], *, source: str = "config") -> Settings:
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe_validation_error(exc, source)) from None
+    except ConfigError:
+        raise
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+
+
+def _env_layer(env: Mapping[str, str]) -> dict[str, str]:
+    layer: dict[str, str] = {}
+    for name, value in env.items():
+        if not name.startswith("SYNCD_") or name in _ENV_IGNORED or name.startswith("SYNCD_TEST_"):
+            continue
+        if name in _ENV_ALIASES:
+            layer[".".join(_ENV_ALIASES[name])] = value
+        elif "__" in name:
+            section, _, key = name[len("SYNCD_") :].lower().partition("__")
+            layer[f"{section}.{key.replace('__', '.')}"] = value
+    return layer
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in nested tables; a list (``pipelines``) is indexed by position or name."""
+    *parents, leaf = dotted.split(".")
+    node: Any = data
+    for part in parents:
+        if isinstance(node, list):
+            node = _list_item(node, part, dotted)
+            continue
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict | list):
+            raise ConfigError(f"cannot set {dotted}: {part} is not a table")
+        node = child
+    if not isinstance(node, dict):
+        raise ConfigError(f"cannot set {dotted}: not a table")
+    node[leaf] = value
+
+
+def _list_item(items: list[Any], part: str, dotted: str) -> Any:
+    if part.isdigit() and int(part) < len(items):
+        return items[int(part)]
+    for item in items:
+        if isinstance(item, dict) and str(item.get("name", "")).lower() == part.lower():
+            return item
+    raise ConfigError(f"cannot set {dotted}: no pipeline {part!r} in the config file")
+
+
+def _describe_validation_error(exc: ValidationError, source: str) -> str:
+    first = exc.errors()[0]
+    location = _location(first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif first["type"] == "missing":
+        message = "required key is missing"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    where = f"{location}: " if location else ""
+    return redact_text(f"{source}: {where}{message}{more}")
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not str(part).startswith(("function-", "literal[")):
+            out += f".{part}" if out else str(part)
+    return out
