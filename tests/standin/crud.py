@@ -1,0 +1,275 @@
+"""CRUD commands: insert, update, delete, findAndModify, find, count, distinct, aggregate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mongoeco.core.aggregation.stages import apply_pipeline
+from mongoeco.core.filtering import QueryEngine, compile_filter
+from mongoeco.core.operators import UpdateEngine
+from mongoeco.core.projections import apply_projection
+from mongoeco.core.sorting import sort_documents
+from mongoeco.core.upserts import seed_upsert_document
+from mongoeco.errors import OperationFailure
+from mongoeco.types import ObjectId, Regex
+
+from store import Collection, CommandError, Store, deep_copy, id_key, same_value
+
+
+def _id_candidates(flt: dict[str, Any]) -> list[Any] | None:
+    """Keys of the only documents a filter on ``_id`` equality can match, or None."""
+    if "_id" not in flt:
+        return None
+    value = flt["_id"]
+    if isinstance(value, dict) and any(k.startswith("$") for k in value):
+        if set(value) == {"$eq"}:
+            value = value["$eq"]
+        elif set(value) == {"$in"} and isinstance(value["$in"], list):
+            if any(isinstance(v, Regex) for v in value["$in"]):
+                return None
+            return [id_key(v) for v in value["$in"]]
+        else:
+            return None
+    if isinstance(value, Regex | list):
+        return None
+    return [id_key(value)]
+
+
+def select(coll: Collection | None, flt: dict[str, Any] | None) -> list[dict[str, Any]]:
+    if coll is None:
+        return []
+    if not flt:
+        return list(coll.docs.values())
+    keys = _id_candidates(flt)
+    if keys is not None:
+        seen = dict.fromkeys(keys)
+        candidates = [coll.docs[k] for k in seen if k in coll.docs]
+    else:
+        candidates = list(coll.docs.values())
+    try:
+        plan = compile_filter(flt)
+        return [d for d in candidates if QueryEngine.match_plan(d, plan)]
+    except OperationFailure as exc:
+        raise CommandError(2, "BadValue", str(exc)) from exc
+
+
+def sort_spec(sort: dict[str, Any] | None) -> list[tuple[str, Any]] | None:
+    return list(sort.items()) if sort else None
+
+
+def query(coll: Collection | None, body: dict[str, Any], filter_key: str = "filter") -> list[Any]:
+    docs = select(coll, body.get(filter_key))
+    if body.get("sort"):
+        docs = sort_documents(docs, sort_spec(body["sort"]))
+    skip = int(body.get("skip") or 0)
+    limit = abs(int(body.get("limit") or 0))
+    docs = docs[skip : skip + limit] if limit else docs[skip:]
+    projection = body.get("projection") or body.get("fields")
+    if projection:
+        docs = [apply_projection(d, projection, selector_filter=body.get(filter_key)) for d in docs]
+    return docs
+
+
+def _is_operator_update(update: Any) -> bool:
+    return isinstance(update, list) or any(k.startswith("$") for k in update)
+
+
+def _immutable_id() -> CommandError:
+    return CommandError(66, "ImmutableField", "Performing an update on the path '_id' would "
+                        "modify the immutable field '_id'")
+
+
+def apply_update(doc: dict[str, Any], update: Any, flt: dict[str, Any],
+                 array_filters: Any = None) -> dict[str, Any]:
+    if not _is_operator_update(update):
+        if "_id" in update and not same_value(update["_id"], doc["_id"]):
+            raise _immutable_id()
+        return {"_id": doc["_id"], **{k: v for k, v in update.items() if k != "_id"}}
+    new = deep_copy(doc)
+    try:
+        UpdateEngine.apply_update(new, update, selector_filter=flt, array_filters=array_filters)
+    except OperationFailure as exc:
+        raise CommandError(getattr(exc, "code", None) or 2, "BadValue", str(exc)) from exc
+    if "_id" not in new or not same_value(new["_id"], doc["_id"]):
+        raise _immutable_id()
+    return new
+
+
+def upsert_document(update: Any, flt: dict[str, Any], array_filters: Any = None) -> dict[str, Any]:
+    if not _is_operator_update(update):
+        doc = dict(update)
+        if "_id" not in doc:
+            seed: dict[str, Any] = {}
+            seed_upsert_document(seed, {"_id": flt["_id"]} if "_id" in flt else {})
+            doc = {"_id": seed.get("_id", ObjectId()), **doc}
+        return doc
+    doc = {}
+    seed_upsert_document(doc, flt)
+    try:
+        UpdateEngine.apply_update(doc, update, selector_filter=flt, array_filters=array_filters,
+                                  is_upsert_insert=True)
+    except OperationFailure as exc:
+        raise CommandError(getattr(exc, "code", None) or 2, "BadValue", str(exc)) from exc
+    if "_id" not in doc:
+        doc = {"_id": ObjectId(), **doc}
+    return doc
+
+
+def _dup_key(coll: Collection, doc: dict[str, Any]) -> CommandError:
+    return CommandError(11000, "DuplicateKey",
+                        f"E11000 duplicate key error collection: {coll.db}.{coll.name} "
+                        f"index: _id_ dup key: {{ _id: {doc['_id']!r} }}")
+
+
+def insert_doc(store: Store, coll: Collection, doc: dict[str, Any]) -> None:
+    if id_key(doc["_id"]) in coll.docs:
+        raise _dup_key(coll, doc)
+    store.insert(coll, doc)
+
+
+def _write_error(index: int, exc: CommandError) -> dict[str, Any]:
+    return {"index": index, "code": exc.code, "codeName": exc.code_name, "errmsg": str(exc)}
+
+
+def cmd_insert(store: Store, db: str, body: dict[str, Any]) -> dict[str, Any]:
+    coll = store.ensure(db, body["insert"])
+    errors, n = [], 0
+    for i, doc in enumerate(body.get("documents", [])):
+        if "_id" not in doc:
+            doc = {"_id": ObjectId(), **doc}
+        try:
+            insert_doc(store, coll, doc)
+            n += 1
+        except CommandError as exc:
+            errors.append(_write_error(i, exc))
+            if body.get("ordered", True):
+                break
+    reply: dict[str, Any] = {"n": n}
+    if errors:
+        reply["writeErrors"] = errors
+    return reply
+
+
+def _update_one_statement(store: Store, db: str, name: str, stmt: dict[str, Any],
+                          index: int, reply: dict[str, Any]) -> None:
+    flt, update = stmt.get("q") or {}, stmt["u"]
+    array_filters = stmt.get("arrayFilters")
+    coll = store.get(db, name)
+    docs = select(coll, flt)
+    if not stmt.get("multi"):
+        docs = docs[:1]
+    if not docs and stmt.get("upsert"):
+        coll = coll or store.ensure(db, name)
+        doc = upsert_document(update, flt, array_filters)
+        insert_doc(store, coll, doc)
+        reply["n"] += 1
+        reply.setdefault("upserted", []).append({"index": index, "_id": doc["_id"]})
+        return
+    for doc in docs:
+        assert coll is not None
+        new = apply_update(doc, update, flt, array_filters)
+        reply["n"] += 1
+        if store.replace(coll, doc, new, as_update=_is_operator_update(update)) is not None:
+            reply["nModified"] += 1
+
+
+def cmd_update(store: Store, db: str, body: dict[str, Any]) -> dict[str, Any]:
+    reply: dict[str, Any] = {"n": 0, "nModified": 0}
+    errors = []
+    for i, stmt in enumerate(body.get("updates", [])):
+        try:
+            _update_one_statement(store, db, body["update"], stmt, i, reply)
+        except CommandError as exc:
+            errors.append(_write_error(i, exc))
+            if body.get("ordered", True):
+                break
+    if errors:
+        reply["writeErrors"] = errors
+    return reply
+
+
+def cmd_delete(store: Store, db: str, body: dict[str, Any]) -> dict[str, Any]:
+    coll = store.get(db, body["delete"])
+    n = 0
+    for stmt in body.get("deletes", []):
+        docs = select(coll, stmt.get("q") or {})
+        if stmt.get("limit"):
+            docs = docs[:1]
+        for doc in docs:
+            assert coll is not None
+            store.delete(coll, doc)
+            n += 1
+    return {"n": n}
+
+
+def cmd_find_and_modify(store: Store, db: str, body: dict[str, Any]) -> dict[str, Any]:
+    name = body.get("findAndModify") or body.get("findandmodify")
+    coll = store.get(db, name)
+    flt = body.get("query") or {}
+    docs = select(coll, flt)
+    if body.get("sort"):
+        docs = sort_documents(docs, sort_spec(body["sort"]))
+    fields = body.get("fields")
+    show = (lambda d: apply_projection(d, fields) if fields and d is not None else d)  # noqa: E731
+    if body.get("remove"):
+        if not docs:
+            return {"lastErrorObject": {"n": 0}, "value": None}
+        assert coll is not None
+        store.delete(coll, docs[0])
+        return {"lastErrorObject": {"n": 1}, "value": show(docs[0])}
+    update = body.get("update")
+    if update is None:
+        raise CommandError(9, "FailedToParse", "Either an update or remove=true must be specified")
+    array_filters = body.get("arrayFilters")
+    if not docs:
+        if not body.get("upsert"):
+            return {"lastErrorObject": {"n": 0, "updatedExisting": False}, "value": None}
+        coll = coll or store.ensure(db, name)
+        doc = upsert_document(update, flt, array_filters)
+        insert_doc(store, coll, doc)
+        return {"lastErrorObject": {"n": 1, "updatedExisting": False, "upserted": doc["_id"]},
+                "value": show(doc) if body.get("new") else None}
+    assert coll is not None
+    new = apply_update(docs[0], update, flt, array_filters)
+    store.replace(coll, docs[0], new, as_update=_is_operator_update(update))
+    return {"lastErrorObject": {"n": 1, "updatedExisting": True},
+            "value": show(new if body.get("new") else docs[0])}
+
+
+def cmd_count(store: Store, db: str, body: dict[str, Any]) -> dict[str, Any]:
+    coll = store.get(db, body["count"])
+    if not body.get("query") and not body.get("skip") and not body.get("limit"):
+        return {"n": len(coll.docs) if coll else 0}
+    return {"n": len(query(coll, {**body, "projection": None}, "query"))}
+
+
+def cmd_distinct(store: Store, db: str, body: dict[str, Any]) -> dict[str, Any]:
+    coll = store.get(db, body["distinct"])
+    seen: dict[Any, Any] = {}
+    for doc in select(coll, body.get("query")):
+        for value in QueryEngine.extract_values(doc, body["key"]):
+            for item in value if isinstance(value, list) else [value]:
+                seen.setdefault(id_key(item), item)
+    return {"values": list(seen.values())}
+
+
+def run_pipeline(store: Store, coll: Collection | None, pipeline: list[dict[str, Any]]) -> list[Any]:
+    stages = list(pipeline)
+    if stages and "$match" in stages[0]:
+        docs = select(coll, stages.pop(0)["$match"])
+    else:
+        docs = list(coll.docs.values()) if coll else []
+    for stage in stages:
+        if "$out" in stage or "$merge" in stage:
+            raise CommandError(115, "CommandNotSupported", "$out and $merge are not supported")
+    if not stages:
+        return docs
+
+    def resolver(name: str) -> list[Any]:
+        other = store.get(coll.db if coll else "", name)
+        return list(other.docs.values()) if other else []
+
+    try:
+        return apply_pipeline(docs, stages, collection_resolver=resolver)
+    except OperationFailure as exc:
+        raise CommandError(getattr(exc, "code", None) or 2, "BadValue", str(exc)) from exc

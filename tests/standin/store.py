@@ -1,0 +1,409 @@
+"""In-memory, journaled document store with an oplog-like change history.
+
+Documents are held in mongoeco's value types (so its query, update and projection
+code can run on them) in one dict per collection keyed by ``_id``: lookups, inserts,
+updates and deletes by ``_id`` cost O(1) whatever the collection size. Every change
+appends one event to the history, which is what change streams read.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import time
+import uuid
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import bson
+from bson.raw_bson import RawBSONDocument
+from mongoeco.core.bson_scalars import BsonDecimal128, BsonDouble, BsonInt32, BsonInt64
+from mongoeco.types import Binary, ObjectId, Timestamp
+from mongoeco.wire.bson_bridge import decode_wire_value, encode_wire_value
+
+import tokens
+from journal import Journal
+
+INTERNAL_DBS = frozenset({"admin", "config", "local"})
+
+
+class CommandError(Exception):
+    def __init__(self, code: int, code_name: str, message: str, labels: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.code = code
+        self.code_name = code_name
+        self.labels = labels
+
+
+def id_key(value: Any) -> Any:
+    """Hashable key with BSON equality semantics (1 == 1.0 == Int64(1))."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return ("b", value)
+    if isinstance(value, BsonInt32 | BsonInt64 | BsonDouble | BsonDecimal128):
+        value = value.value
+    if isinstance(value, int | float):
+        return ("n", int(value) if float(value).is_integer() else float(value))
+    if isinstance(value, ObjectId):
+        return ("o", str(value))
+    if isinstance(value, dict):
+        return ("d", tuple((k, id_key(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return ("a", tuple(id_key(v) for v in value))
+    if value is None:
+        return ("z",)
+    if isinstance(value, uuid.UUID):
+        return ("x", 4, value.bytes)
+    if isinstance(value, Binary):
+        return ("x", value.subtype, bytes(value))
+    if isinstance(value, bytes):
+        return ("x", 0, value)
+    if isinstance(value, dt.datetime):
+        return ("t", value)
+    return ("r", type(value).__name__, repr(value))
+
+
+def wire(value: Any) -> Any:
+    return encode_wire_value(value)
+
+
+def same_value(a: Any, b: Any) -> bool:
+    return bson.encode({"v": wire(a)}) == bson.encode({"v": wire(b)})
+
+
+@dataclass
+class Collection:
+    db: str
+    name: str
+    uuid: uuid.UUID
+    options: dict[str, Any] = field(default_factory=dict)
+    indexes: list[dict[str, Any]] = field(default_factory=list)
+    docs: dict[Any, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def images(self) -> bool:
+        opt = self.options.get("changeStreamPreAndPostImages") or {}
+        return bool(opt.get("enabled"))
+
+
+@dataclass
+class Event:
+    seq: int
+    ts: tuple[int, int]
+    op: str
+    db: str
+    coll: str | None
+    doc: dict[str, Any]  # the event as clients see it with default options
+    coll_uuid: uuid.UUID | None = None
+    pre: dict[str, Any] | None = None  # point-in-time images, only when the collection asks
+    post: dict[str, Any] | None = None
+    _raw: RawBSONDocument | None = None
+
+    def raw(self) -> RawBSONDocument:
+        if self._raw is None:
+            self._raw = RawBSONDocument(bson.encode(wire(self.doc)))
+        return self._raw
+
+
+def _wall_time() -> dt.datetime:
+    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def update_description(pre: dict[str, Any], post: dict[str, Any]) -> dict[str, Any]:
+    updated: dict[str, Any] = {}
+    removed: list[str] = []
+    truncated: list[dict[str, Any]] = []
+
+    def walk(a: Any, b: Any, path: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in a:
+                if key not in b:
+                    removed.append(f"{path}{key}")
+            for key, val in b.items():
+                if key not in a:
+                    updated[f"{path}{key}"] = val
+                elif not same_value(a[key], val):
+                    walk(a[key], val, f"{path}{key}.")
+        elif isinstance(a, list) and isinstance(b, list) and path:
+            if len(b) < len(a):
+                truncated.append({"field": path[:-1], "newSize": len(b)})
+            for i, val in enumerate(b):
+                if i >= len(a):
+                    updated[f"{path}{i}"] = val
+                elif not same_value(a[i], val):
+                    walk(a[i], val, f"{path}{i}.")
+        else:
+            updated[path[:-1]] = b
+
+    walk(pre, post, "")
+    return {"updatedFields": updated, "removedFields": removed, "truncatedArrays": truncated}
+
+
+class Store:
+    def __init__(self, journal: Journal, history_size: int) -> None:
+        self.journal = journal
+        self.history_size = max(1, history_size)
+        self.dbs: dict[str, dict[str, Collection]] = {}
+        self.history: list[Event] = []
+        self.history_ts: list[tuple[int, int]] = []
+        self.base_seq = 0  # seq of history[0]
+        self.next_seq = 0
+        self.last_ts = (0, 0)
+        self.floor_ts = (0, 0)  # events at or before this time are no longer retained
+        self.sessions: dict[bytes, tuple[int, dict[str, Any]]] = {}
+        self._pending: list[dict[str, Any]] = []
+        self._record_seq = 0
+        self.listeners: list[Callable[[], None]] = []
+
+    # -- time ---------------------------------------------------------------
+    def next_ts(self) -> tuple[int, int]:
+        now = int(time.time())
+        ts = (now, 1) if now > self.last_ts[0] else (self.last_ts[0], self.last_ts[1] + 1)
+        self.last_ts = ts
+        return ts
+
+    def hwm_ts(self) -> tuple[int, int]:
+        """The earliest cluster time any future event can have."""
+        now = int(time.time())
+        return (now, 0) if now > self.last_ts[0] else (self.last_ts[0], self.last_ts[1] + 1)
+
+    # -- catalog ------------------------------------------------------------
+    def get(self, db: str, name: str) -> Collection | None:
+        return self.dbs.get(db, {}).get(name)
+
+    def ensure(self, db: str, name: str, options: dict[str, Any] | None = None) -> Collection:
+        coll = self.get(db, name)
+        if coll is None:
+            coll = Collection(db, name, uuid.uuid4(), options or {})
+            coll.indexes = [{"v": 2, "key": {"_id": 1}, "name": "_id_"}]
+            self.dbs.setdefault(db, {})[name] = coll
+            self._record({"k": "create", "ns": [db, name], "uuid": coll.uuid.bytes,
+                          "options": coll.options, "indexes": coll.indexes})
+        return coll
+
+    def save_meta(self, coll: Collection) -> None:
+        self._record({"k": "create", "ns": [coll.db, coll.name], "uuid": coll.uuid.bytes,
+                      "options": coll.options, "indexes": coll.indexes})
+
+    # -- writes -------------------------------------------------------------
+    def _record(self, rec: dict[str, Any]) -> None:
+        self._record_seq += 1
+        rec["s"] = self._record_seq
+        self._pending.append(wire(rec))
+
+    def _event(self, op: str, db: str, coll: Collection | None, body: dict[str, Any],
+               event_id: dict[str, Any], **extra: Any) -> Event:
+        ts = self.next_ts()
+        token = tokens.encode(ts, collection_uuid=coll.uuid if coll else None, event_id=event_id)
+        doc: dict[str, Any] = {"_id": {"_data": token}, "operationType": op,
+                               "clusterTime": Timestamp(*ts),
+                               "wallTime": _wall_time()}
+        doc.update(body)
+        ev = Event(self.next_seq, ts, op, db, coll.name if coll else None, doc,
+                   coll.uuid if coll else None, **extra)
+        self._append_history(ev)
+        rec: dict[str, Any] = {"k": "ev", "ev": doc}
+        if ev.coll_uuid is not None:
+            rec["uuid"] = ev.coll_uuid.bytes
+        for name in ("pre", "post"):
+            if getattr(ev, name) is not None:
+                rec[name] = getattr(ev, name)
+        self._record(rec)
+        return ev
+
+    def _append_history(self, ev: Event) -> None:
+        self.history.append(ev)
+        self.history_ts.append(ev.ts)
+        self.next_seq = ev.seq + 1
+        excess = len(self.history) - self.history_size
+        # Prune in chunks so steady-state writes do not shift the list every time.
+        if excess >= max(1, self.history_size // 10):
+            self.floor_ts = self.history_ts[excess - 1]
+            del self.history[:excess]
+            del self.history_ts[:excess]
+            self.base_seq += excess
+
+    def insert(self, coll: Collection, doc: dict[str, Any]) -> Event:
+        coll.docs[id_key(doc["_id"])] = doc
+        key = {"_id": doc["_id"]}
+        return self._event("insert", coll.db, coll,
+                           {"fullDocument": doc, "ns": {"db": coll.db, "coll": coll.name},
+                            "documentKey": key},
+                           {"operationType": "insert", "documentKey": key},
+                           post=None)
+
+    def replace(self, coll: Collection, pre: dict[str, Any], post: dict[str, Any],
+                as_update: bool) -> Event | None:
+        """Store ``post`` in place of ``pre``; None when nothing changed (no event, like MongoDB)."""
+        if same_value(pre, post):
+            return None
+        coll.docs[id_key(post["_id"])] = post
+        key = {"_id": post["_id"]}
+        body: dict[str, Any] = {"ns": {"db": coll.db, "coll": coll.name}, "documentKey": key}
+        op = "update" if as_update else "replace"
+        if as_update:
+            body["updateDescription"] = update_description(pre, post)
+        else:
+            body = {"fullDocument": post, **body}
+        return self._event(op, coll.db, coll, body, {"operationType": op, "documentKey": key},
+                           pre=pre if coll.images else None,
+                           post=post if as_update else None)
+
+    def delete(self, coll: Collection, doc: dict[str, Any]) -> Event:
+        del coll.docs[id_key(doc["_id"])]
+        key = {"_id": doc["_id"]}
+        return self._event("delete", coll.db, coll,
+                           {"ns": {"db": coll.db, "coll": coll.name}, "documentKey": key},
+                           {"operationType": "delete", "documentKey": key},
+                           pre=doc if coll.images else None)
+
+    def drop(self, coll: Collection) -> Event:
+        del self.dbs[coll.db][coll.name]
+        if not self.dbs[coll.db]:
+            del self.dbs[coll.db]
+        return self._event("drop", coll.db, coll, {"ns": {"db": coll.db, "coll": coll.name}},
+                           {"operationType": "drop"})
+
+    def drop_database(self, db: str) -> Event | None:
+        if db not in self.dbs:
+            return None
+        for coll in list(self.dbs.get(db, {}).values()):
+            self.drop(coll)
+        return self._event("dropDatabase", db, None, {"ns": {"db": db}},
+                           {"operationType": "dropDatabase"})
+
+    def rename(self, coll: Collection, db: str, name: str) -> Event:
+        src_db, src_name = coll.db, coll.name
+        del self.dbs[src_db][src_name]
+        if not self.dbs[src_db]:
+            del self.dbs[src_db]
+        coll.db, coll.name = db, name
+        self.dbs.setdefault(db, {})[name] = coll
+        ev = self._event("rename", src_db, coll,
+                         {"ns": {"db": src_db, "coll": src_name}, "to": {"db": db, "coll": name}},
+                         {"operationType": "rename"})
+        ev.coll = src_name
+        return ev
+
+    def remember_reply(self, lsid: bytes, txn: int, reply: dict[str, Any]) -> None:
+        self.sessions[lsid] = (txn, reply)
+        self._record({"k": "txn", "lsid": lsid, "n": txn, "reply": reply})
+
+    def flush(self, *, sync: bool = False) -> None:
+        """Make the pending records durable, then wake change stream waiters."""
+        if not self._pending:
+            return
+        self.journal.append(self._pending, sync=sync)
+        self._pending = []
+        for notify in self.listeners:
+            notify()
+
+    # -- history ------------------------------------------------------------
+    def event_at(self, seq: int) -> Event:
+        return self.history[seq - self.base_seq]
+
+    def seq_after(self, ts: tuple[int, int]) -> int:
+        return self.base_seq + bisect_right(self.history_ts, ts)
+
+    def seq_at_or_after(self, ts: tuple[int, int]) -> int:
+        return self.base_seq + bisect_left(self.history_ts, ts)
+
+    def has_event_at(self, ts: tuple[int, int]) -> bool:
+        i = bisect_left(self.history_ts, ts)
+        return i < len(self.history_ts) and self.history_ts[i] == ts
+
+    # -- persistence --------------------------------------------------------
+    def load(self) -> None:
+        snapshot, journal = self.journal.load()
+        snap_seq = 0
+        for rec in snapshot:
+            self._apply(decode_wire_value(rec), state=rec.get("k") != "ev")
+            snap_seq = max(snap_seq, rec.get("s", 0))
+        for rec in journal:
+            if rec.get("s", 0) > snap_seq:
+                self._apply(decode_wire_value(rec), state=True)
+        self._record_seq = max([snap_seq] + [r.get("s", 0) for r in journal])
+        if not snapshot and not journal:
+            self.last_ts = self.floor_ts = (int(time.time()), 0)
+        self.journal.open()
+        if journal or not snapshot:
+            self.journal.write_snapshot(self._snapshot_records())
+
+    def _apply(self, rec: dict[str, Any], *, state: bool) -> None:
+        kind = rec["k"]
+        if kind == "head":
+            self.last_ts = (rec["ts"].time, rec["ts"].inc)
+            self.floor_ts = (rec["floor"].time, rec["floor"].inc)
+            self.base_seq = self.next_seq = rec["seq"]
+        elif kind == "create":
+            db, name = rec["ns"]
+            coll = self.get(db, name) or Collection(db, name, uuid.UUID(bytes=bytes(rec["uuid"])))
+            coll.options, coll.indexes = rec["options"], rec["indexes"]
+            self.dbs.setdefault(db, {})[name] = coll
+        elif kind == "doc":
+            self.dbs[rec["ns"][0]][rec["ns"][1]].docs[id_key(rec["d"]["_id"])] = rec["d"]
+        elif kind == "txn":
+            self.sessions[bytes(rec["lsid"])] = (int(rec["n"]), rec["reply"])
+        elif kind == "ev":
+            self._replay_event(rec, state=state)
+
+    def _replay_event(self, rec: dict[str, Any], *, state: bool) -> None:
+        doc = rec["ev"]
+        ts = (doc["clusterTime"].time, doc["clusterTime"].inc)
+        coll_uuid = uuid.UUID(bytes=bytes(rec["uuid"])) if "uuid" in rec else None
+        ns = doc.get("ns", {})
+        ev = Event(self.next_seq, ts, doc["operationType"], ns.get("db", ""), ns.get("coll"), doc,
+                   coll_uuid, rec.get("pre"), rec.get("post"))
+        self.last_ts = max(self.last_ts, ts)
+        self._append_history(ev)
+        if state:
+            self._replay_state(ev)
+
+    def _replay_state(self, ev: Event) -> None:
+        doc = ev.doc
+        coll = self.get(ev.db, ev.coll) if ev.coll else None
+        if ev.op in ("insert", "replace"):
+            coll.docs[id_key(doc["documentKey"]["_id"])] = doc["fullDocument"]  # type: ignore[union-attr]
+        elif ev.op == "update":
+            coll.docs[id_key(doc["documentKey"]["_id"])] = ev.post  # type: ignore[union-attr]
+        elif ev.op == "delete":
+            coll.docs.pop(id_key(doc["documentKey"]["_id"]), None)  # type: ignore[union-attr]
+        elif ev.op == "drop" and coll is not None:
+            del self.dbs[ev.db][ev.coll]  # type: ignore[arg-type]
+            if not self.dbs[ev.db]:
+                del self.dbs[ev.db]
+        elif ev.op == "rename" and coll is not None:
+            del self.dbs[ev.db][ev.coll]  # type: ignore[arg-type]
+            if not self.dbs[ev.db]:
+                del self.dbs[ev.db]
+            coll.db, coll.name = doc["to"]["db"], doc["to"]["coll"]
+            self.dbs.setdefault(coll.db, {})[coll.name] = coll
+
+    def _snapshot_records(self) -> Iterator[dict[str, Any]]:
+        yield wire({"k": "head", "s": self._record_seq, "ts": Timestamp(*self.last_ts),
+                    "floor": Timestamp(*self.floor_ts), "seq": self.base_seq})
+        for db, colls in self.dbs.items():
+            for coll in colls.values():
+                yield wire({"k": "create", "ns": [db, coll.name], "uuid": coll.uuid.bytes,
+                            "options": coll.options, "indexes": coll.indexes})
+                for doc in coll.docs.values():
+                    yield {"k": "doc", "ns": [db, coll.name], "d": wire(doc)}
+        for ev in self.history:
+            rec: dict[str, Any] = {"k": "ev", "ev": ev.doc}
+            if ev.coll_uuid is not None:
+                rec["uuid"] = ev.coll_uuid.bytes
+            if ev.pre is not None:
+                rec["pre"] = ev.pre
+            if ev.post is not None:
+                rec["post"] = ev.post
+            yield wire(rec)
+        for lsid, (txn, reply) in self.sessions.items():
+            yield wire({"k": "txn", "lsid": lsid, "n": txn, "reply": reply})
+
+
+def deep_copy(doc: dict[str, Any]) -> dict[str, Any]:
+    return copy.deepcopy(doc)
