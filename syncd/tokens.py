@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import string
 import struct
 import uuid
 from collections.abc import Callable, Mapping
@@ -36,22 +37,13 @@ from bson.max_key import MaxKey
 from bson.min_key import MinKey
 from bson.objectid import ObjectId
 
-__all__ = [
-    "DecodedToken",
-    "InvalidResumeToken",
-    "decode_resume_token",
-    "encode_high_water_mark",
-    "token_cluster_time",
-]
-
 # KeyString canonical type bytes (namespace CType in key_string.cpp). Numbers spend
 # the range 30..51 so that the type byte alone orders them by magnitude class.
 _MIN_KEY, _UNDEFINED, _NULL, _STRING, _OBJECT, _ARRAY = 10, 15, 20, 60, 70, 80
-_BINDATA, _OID, _FALSE, _TRUE, _DATE, _TIMESTAMP = 90, 100, 110, 111, 120, 130
-_MAX_KEY = 240
+_BINDATA, _OID, _FALSE, _TRUE, _DATE, _TIMESTAMP, _MAX_KEY = 90, 100, 110, 111, 120, 130, 240
 _UNSUPPORTED = {140: "regex", 150: "DBPointer", 160: "JavaScript code", 170: "code with scope"}
-_NAN, _NEG_LARGE, _NEG_8B, _NEG_1B, _NEG_SMALL = 30, 31, 32, 39, 40
-_ZERO, _POS_SMALL, _POS_1B, _POS_8B, _POS_LARGE = 41, 42, 43, 50, 51
+_NAN, _NEG_LARGE, _NEG_1B, _NEG_SMALL = 30, 31, 39, 40  # 8- to 1-byte negatives: 32..39
+_ZERO, _POS_SMALL, _POS_1B, _POS_LARGE = 41, 42, 43, 51  # 1- to 8-byte positives: 43..50
 _END, _LESS, _GREATER = 0x04, 0x01, 0xFE  # end of key; query-only discriminators
 
 # TypeBits numeric codes (TypeBits in key_string.h); all-zero bits mean "int".
@@ -60,7 +52,7 @@ _TB_NEGATIVE_DOUBLE_ZERO = 0x18  # 5-bit code that follows the 0b11 zero prefix 
 
 _VALUELESS: dict[int, Any] = {_MIN_KEY: MinKey(), _MAX_KEY: MaxKey(), _NULL: None, _UNDEFINED: None}
 _TOKEN_TYPES = {0: "highWaterMark", 128: "event"}
-_MAX_DEPTH = 200  # BSON's own nesting limit is 100 (x2 for CodeWScope); stop runaway input
+_MAX_DEPTH = 200  # twice BSON's own nesting limit: stops hostile input, not real keys
 _U64 = (1 << 64) - 1
 _TZ_AWARE: CodecOptions[Any] = CodecOptions(tz_aware=True)
 
@@ -178,13 +170,13 @@ def _token_bytes(token: object) -> tuple[bytes, bytes | None]:
 
 
 def _unhex(text: str) -> bytes:
+    # Checked by hand because bytes.fromhex() also skips spaces inside the text.
+    bad = next((c for c in text if c not in string.hexdigits), None)
+    if bad is not None:
+        raise InvalidResumeToken(f"not a resume token: {bad!r} is not a hex digit")
     if len(text) % 2:
         raise InvalidResumeToken(f"not a resume token: odd hex length {len(text)}")
-    try:
-        return bytes.fromhex(text)
-    except ValueError:
-        bad = next(c for c in text if c not in "0123456789abcdefABCDEF")
-        raise InvalidResumeToken(f"not a resume token: {bad!r} is not a hex digit") from None
+    return bytes.fromhex(text)
 
 
 def _invalid(data: bytes, why: str) -> InvalidResumeToken:
@@ -201,46 +193,43 @@ def _timestamp(eight: bytes) -> bson.Timestamp:
 
 
 def _interpret(data: bytes, fields: list[Any]) -> DecodedToken:
-    def fail(why: str) -> InvalidResumeToken:
-        return _invalid(data, why)
+    def need(ok: bool, why: str) -> None:
+        if not ok:
+            raise _invalid(data, why)
+
+    def count(value: Any) -> bool:  # the server insists on a NumberInt >= 0
+        return type(value) is int and value >= 0
 
     values = iter(fields)
-    cluster_time = next(values)  # the first byte was checked to be a Timestamp
-    version = next(values, None)
-    if type(version) is not int or version not in (0, 1, 2):
-        raise fail(f"version is {version!r}, expected 0, 1 or 2")
-    token_type = next(values, None) if version >= 1 else None
-    if version >= 1 and (type(token_type) is not int or token_type not in _TOKEN_TYPES):
-        raise fail(f"token type is {token_type!r}, expected 0 or 128")
-    txn_op_index = next(values, None)
-    if type(txn_op_index) is not int or txn_op_index < 0:
-        raise fail(f"txnOpIndex is {txn_op_index!r}, expected a non-negative int")
-    from_invalidate = next(values, None) if version >= 1 else False
-    if not isinstance(from_invalidate, bool):
-        raise fail(f"fromInvalidate is {from_invalidate!r}, expected a bool")
+
+    def take() -> Any:  # None once the fields run out; the checks below then say which
+        return next(values, None)
+
+    cluster_time, version = take(), take()  # byte 0 proved the first is a Timestamp
+    need(type(version) is int and version in (0, 1, 2), f"version is {version!r}, not 0-2")
+    token_type = take() if version >= 1 else None
+    ok_type = version == 0 or (type(token_type) is int and token_type in _TOKEN_TYPES)
+    need(ok_type, f"token type is {token_type!r}, expected 0 or 128")
+    txn_op_index = take()
+    need(count(txn_op_index), f"txnOpIndex is {txn_op_index!r}, expected an int >= 0")
+    from_invalidate = take() if version >= 1 else False
+    need(isinstance(from_invalidate, bool), f"fromInvalidate is {from_invalidate!r}, not a bool")
 
     rest = list(values)
-    if not rest and version >= 2:
-        raise fail("v2 token lacks its UUID-or-null field")
-    collection_uuid = _parse_uuid(rest.pop(0), fail) if rest else None
-    if token_type == 0 and rest:
-        raise fail("high-water-mark token carries an event identifier")
-    if token_type == 128 and version >= 2 and not rest:
-        raise fail("v2 event token lacks its event identifier")
+    need(bool(rest) or version < 2, "v2 token lacks its UUID-or-null field")
+    collection_uuid = _parse_uuid(rest.pop(0), need) if rest else None
+    need(token_type != 0 or not rest, "high-water-mark token carries an event identifier")
+    need(
+        bool(rest) or token_type != 128 or version < 2, "v2 event token lacks its event identifier"
+    )
     identifier = rest.pop(0) if rest else None
-    if identifier is not None and not isinstance(identifier, dict):
-        raise fail(f"event identifier is {type(identifier).__name__}, expected a document")
+    need(identifier is None or isinstance(identifier, dict), "event identifier is not a document")
     fragment_num = rest.pop(0) if rest and version >= 2 else None
-    if fragment_num is not None and (type(fragment_num) is not int or fragment_num < 0):
-        raise fail(f"fragmentNum is {fragment_num!r}, expected a non-negative int")
-    if rest:
-        raise fail(f"{len(rest)} unexpected trailing value(s)")
+    need(fragment_num is None or count(fragment_num), f"fragmentNum is {fragment_num!r}")
+    need(not rest, f"{len(rest)} unexpected trailing value(s)")
 
-    if version >= 2:
-        document_key = identifier.get("documentKey") if identifier else None
-        event_identifier = identifier
-    else:
-        document_key, event_identifier = identifier, None
+    # v0/v1 tokens hold the bare documentKey; v2 wraps it with the operation type.
+    document_key = identifier.get("documentKey") if version >= 2 and identifier else identifier
     return DecodedToken(
         cluster_time=cluster_time,
         version=version,
@@ -249,18 +238,18 @@ def _interpret(data: bytes, fields: list[Any]) -> DecodedToken:
         from_invalidate=from_invalidate,
         uuid=collection_uuid,
         document_key=document_key,
-        event_identifier=event_identifier,
+        event_identifier=identifier if version >= 2 else None,
         raw_fields=fields,
         fragment_num=fragment_num,
     )
 
 
-def _parse_uuid(value: Any, fail: Callable[[str], InvalidResumeToken]) -> uuid.UUID | None:
+def _parse_uuid(value: Any, need: Callable[[bool, str], None]) -> uuid.UUID | None:
     if value is None:
         return None
-    if isinstance(value, bson.Binary) and value.subtype == 4 and len(value) == 16:
-        return uuid.UUID(bytes=bytes(value))
-    raise fail(f"collection UUID is {value!r}, expected 16 bytes of BinData subtype 4 or null")
+    ok = isinstance(value, bson.Binary) and value.subtype == 4 and len(value) == 16
+    need(ok, f"collection UUID is {value!r}, expected BinData subtype 4 or null")
+    return uuid.UUID(bytes=bytes(value))
 
 
 def _extended_json(value: Any) -> Any:
@@ -281,17 +270,13 @@ class _TypeBits:
     """
 
     def __init__(self, raw: bytes | None) -> None:
-        self.explicit = raw is not None
-        self._bits = b""
-        self._pos = 0
-        if raw:
-            first = raw[0]
-            if 0 < first < 0x80:
-                self._bits = raw[:1]
-            elif first > 0x80:
-                self._bits = raw[1 : 1 + (first & 0x7F)]
-            elif first == 0x80:
-                self._bits = raw[5 : 5 + int.from_bytes(raw[1:5], "little")]
+        self.explicit, self._pos, raw = raw is not None, 0, raw or b"\x00"
+        if raw[0] < 0x80:
+            self._bits = raw[:1]
+        elif raw[0] > 0x80:
+            self._bits = raw[1 : 1 + (raw[0] & 0x7F)]
+        else:
+            self._bits = raw[5 : 5 + int.from_bytes(raw[1:5], "little")]
 
     def bit(self) -> int:
         byte, offset = divmod(self._pos, 8)

@@ -220,6 +220,7 @@ def test_synthesized_high_water_marks_equal_the_servers_own() -> None:
         ("", "empty"),
         ("8263515EAC000000022B0429296E140", "odd hex length 31"),
         ("8263515EAC000000022B0429296E14zz", "'z' is not a hex digit"),
+        ("8263515EAC00 0000022B0429296E1404", "' ' is not a hex digit"),
         ("FF0102030405060708", "starts with byte 0xFF"),
         ("8263515EAC000000022B0429296E14", "truncated"),
         ("8263515EAC00000002", "truncated"),
