@@ -1,0 +1,333 @@
+"""Where each pipeline's resume position lives.
+
+A checkpoint is written only after the sink acknowledged everything before it
+(the pipeline guarantees the order; this module guarantees the write is atomic and
+fenced). A missing checkpoint means "first run"; an unreadable one is a loud error.
+
+Two stores share one protocol: a MongoDB collection (default; majority write
+concern, compare-and-set on the fencing epoch) and a local JSON file per pipeline
+(temp file, fsync, rename, fsync directory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import socket
+import tempfile
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from bson import SON, json_util
+from bson.timestamp import Timestamp
+from pymongo import MongoClient, ReturnDocument
+from pymongo.errors import DuplicateKeyError
+from pymongo.write_concern import WriteConcern
+
+from syncd.config import CheckpointSettings
+from syncd.errors import CheckpointCorruptError, LeaseLostError, translate_mongo_errors
+
+Phase = Literal["snapshot", "streaming"]
+HISTORY_EVERY_S = 60.0
+
+
+def whoami() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclasses.dataclass
+class SnapshotProgress:
+    """A resumable initial copy: where the stream starts and how far the scan got."""
+
+    start_token: dict[str, Any] | None = None
+    start_at: Timestamp | None = None
+    collection: str | None = None  # the collection being scanned (multi-collection pipelines)
+    last_id: Any = None
+    has_last_id: bool = False
+    scanned: int = 0
+    started_at: datetime | None = None
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    pipeline: str
+    fingerprint: str
+    phase: Phase = "streaming"
+    token: dict[str, Any] | None = None
+    token_is_invalidate: bool = False  # resume with startAfter: the token ends a stream
+    start_at: Timestamp | None = None  # start position when no token exists yet
+    cluster_time: Timestamp | None = None
+    wall_time: datetime | None = None
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    snapshot: SnapshotProgress | None = None
+    epoch: int = 0
+    updated_by: str = ""
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    status: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def position_summary(self) -> str:
+        if self.cluster_time is not None:
+            return f"cluster time {self.cluster_time.time}.{self.cluster_time.inc}"
+        return "no position yet"
+
+    def history_entry(self, reason: str) -> dict[str, Any]:
+        return {
+            "token": self.token,
+            "start_at": self.start_at,
+            "cluster_time": self.cluster_time,
+            "wall_time": self.wall_time,
+            "phase": self.phase,
+            "set_by": self.updated_by,
+            "reason": reason,
+            "at": datetime.now(UTC),
+        }
+
+
+class CheckpointStore(Protocol):
+    def load(self, pipeline: str) -> Checkpoint | None: ...
+
+    def save(self, checkpoint: Checkpoint, *, history_reason: str | None = None) -> None:
+        """Write atomically. Raises LeaseLostError when a newer epoch owns the pipeline."""
+        ...
+
+    def claim_epoch(self, pipeline: str, epoch: int) -> None:
+        """Record that ``epoch`` now owns the pipeline so older writers are fenced off."""
+        ...
+
+    def delete(self, pipeline: str) -> None: ...
+
+    def list(self) -> list[Checkpoint]: ...
+
+    def set_status(self, pipeline: str, status: Mapping[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+# --- (de)serialisation ------------------------------------------------------------
+
+
+def to_document(cp: Checkpoint) -> dict[str, Any]:
+    doc = dataclasses.asdict(cp)
+    doc["_id"] = doc.pop("pipeline")
+    return doc
+
+
+def from_document(doc: Mapping[str, Any]) -> Checkpoint:
+    try:
+        data = dict(doc)
+        data["pipeline"] = data.pop("_id")
+        data.pop("updated_at", None)
+        snap = data.get("snapshot")
+        if snap is not None:
+            data["snapshot"] = SnapshotProgress(**snap)
+        return Checkpoint(**data)
+    except (TypeError, KeyError) as exc:
+        raise CheckpointCorruptError(
+            f"stored checkpoint is unreadable: {exc}",
+            hint="inspect it with `syncd tokens show`; reset it with `syncd tokens reset` "
+            "to start over",
+            pipeline=str(doc.get("_id")),
+        ) from exc
+
+
+# --- MongoDB store --------------------------------------------------------------
+
+
+class MongoCheckpointStore:
+    def __init__(self, client: MongoClient[dict[str, Any]], settings: CheckpointSettings) -> None:
+        self._history = settings.history
+        self._coll = client[settings.database].get_collection(
+            settings.collection, write_concern=WriteConcern(w="majority", j=True)
+        )
+
+    def load(self, pipeline: str) -> Checkpoint | None:
+        with translate_mongo_errors(pipeline=pipeline):
+            doc = self._coll.find_one({"_id": pipeline})
+        if doc is None or "fingerprint" not in doc:
+            return None
+        return from_document(doc)
+
+    def save(self, checkpoint: Checkpoint, *, history_reason: str | None = None) -> None:
+        doc = to_document(checkpoint)
+        doc.pop("history")
+        doc.pop("status")
+        doc["updated_at"] = datetime.now(UTC)
+        update: dict[str, Any] = {"$set": doc}
+        if history_reason:
+            entry = checkpoint.history_entry(history_reason)
+            update["$push"] = {"history": {"$each": [entry], "$slice": -self._history}}
+        fence = {"_id": checkpoint.pipeline, "epoch": {"$lte": checkpoint.epoch}}
+        with translate_mongo_errors(pipeline=checkpoint.pipeline):
+            try:
+                self._coll.update_one(fence, update, upsert=True)
+            except DuplicateKeyError:
+                # The upsert found no document with our epoch or older, but one exists:
+                # a newer epoch holds the pipeline.
+                raise LeaseLostError(
+                    "checkpoint write refused: another process holds this pipeline "
+                    f"(our epoch {checkpoint.epoch})",
+                    pipeline=checkpoint.pipeline,
+                ) from None
+
+    def claim_epoch(self, pipeline: str, epoch: int) -> None:
+        with translate_mongo_errors(pipeline=pipeline):
+            try:
+                self._coll.find_one_and_update(
+                    {"_id": pipeline, "epoch": {"$lte": epoch}},
+                    {"$set": {"epoch": epoch}},
+                    upsert=True,
+                    return_document=ReturnDocument.AFTER,
+                )
+            except DuplicateKeyError:
+                raise LeaseLostError(
+                    f"cannot claim epoch {epoch}: a newer holder exists", pipeline=pipeline
+                ) from None
+
+    def delete(self, pipeline: str) -> None:
+        with translate_mongo_errors(pipeline=pipeline):
+            self._coll.delete_one({"_id": pipeline})
+
+    def list(self) -> list[Checkpoint]:
+        with translate_mongo_errors():
+            docs = list(self._coll.find({"fingerprint": {"$exists": True}}).sort("_id", 1))
+        return [from_document(doc) for doc in docs]
+
+    def set_status(self, pipeline: str, status: Mapping[str, Any]) -> None:
+        with translate_mongo_errors(pipeline=pipeline):
+            self._coll.update_one(
+                {"_id": pipeline},
+                {"$set": {"status": dict(status) | {"updated_at": datetime.now(UTC)}}},
+                upsert=True,
+            )
+
+    def close(self) -> None:
+        """The client belongs to the caller."""
+
+
+# --- file store ---------------------------------------------------------------------
+
+
+class FileCheckpointStore:
+    """One JSON file per pipeline, replaced atomically.
+
+    Fencing here is per host only (the epoch is compared on write); use the MongoDB
+    store when several hosts may run the same pipeline.
+    """
+
+    def __init__(self, settings: CheckpointSettings) -> None:
+        self._dir = Path(settings.path)
+        self._history = settings.history
+
+    def _path(self, pipeline: str) -> Path:
+        return self._dir / f"{pipeline}.json"
+
+    def _read(self, pipeline: str) -> dict[str, Any] | None:
+        path = self._path(pipeline)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        try:
+            doc = json_util.loads(text, json_options=json_util.CANONICAL_JSON_OPTIONS)
+        except (ValueError, TypeError) as exc:
+            raise CheckpointCorruptError(
+                f"checkpoint file {path} is corrupt: {exc}",
+                hint=f"restore it or delete {path} to start over (this re-copies everything)",
+                pipeline=pipeline,
+            ) from exc
+        if not isinstance(doc, dict):
+            raise CheckpointCorruptError(f"checkpoint file {path} is corrupt", pipeline=pipeline)
+        return doc
+
+    def load(self, pipeline: str) -> Checkpoint | None:
+        doc = self._read(pipeline)
+        if doc is None or "fingerprint" not in doc:
+            return None
+        return from_document(doc)
+
+    def save(self, checkpoint: Checkpoint, *, history_reason: str | None = None) -> None:
+        current = self._read(checkpoint.pipeline) or {}
+        if current.get("epoch", 0) > checkpoint.epoch:
+            raise LeaseLostError(
+                "checkpoint write refused: a newer holder exists", pipeline=checkpoint.pipeline
+            )
+        doc = to_document(checkpoint)
+        history = list(current.get("history", []))
+        if history_reason:
+            history = [*history, checkpoint.history_entry(history_reason)][-self._history :]
+        doc["history"] = history
+        doc["status"] = current.get("status", {})
+        doc["updated_at"] = datetime.now(UTC)
+        self._write(checkpoint.pipeline, doc)
+
+    def claim_epoch(self, pipeline: str, epoch: int) -> None:
+        current = self._read(pipeline) or {"_id": pipeline}
+        if current.get("epoch", 0) > epoch:
+            raise LeaseLostError(f"cannot claim epoch {epoch}", pipeline=pipeline)
+        current["epoch"] = epoch
+        self._write(pipeline, current)
+
+    def delete(self, pipeline: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(pipeline).unlink()
+
+    def list(self) -> list[Checkpoint]:
+        if not self._dir.is_dir():
+            return []
+        out = []
+        for path in sorted(self._dir.glob("*.json")):
+            cp = self.load(path.stem)
+            if cp is not None:
+                out.append(cp)
+        return out
+
+    def set_status(self, pipeline: str, status: Mapping[str, Any]) -> None:
+        current = self._read(pipeline) or {"_id": pipeline}
+        current["status"] = dict(status) | {"updated_at": datetime.now(UTC)}
+        self._write(pipeline, current)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def _write(self, pipeline: str, doc: Mapping[str, Any]) -> None:
+        self._dir.mkdir(parents=True, exist_ok=True)
+        text = json_util.dumps(SON(doc), json_options=json_util.CANONICAL_JSON_OPTIONS)
+        atomic_write(self._path(pipeline), text.encode("utf-8"))
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def open_store(
+    settings: CheckpointSettings, client: MongoClient[dict[str, Any]]
+) -> CheckpointStore:
+    if settings.store == "file":
+        return FileCheckpointStore(settings)
+    return MongoCheckpointStore(client, settings)
+
+
+def describe(cp: Checkpoint) -> dict[str, Any]:
+    """A JSON-friendly summary for status output."""
+    return json.loads(json_util.dumps(to_document(cp), json_options=json_util.RELAXED_JSON_OPTIONS))  # type: ignore[no-any-return]

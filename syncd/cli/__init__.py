@@ -1,0 +1,64 @@
+"""Command line: a thin layer over the parts. Each verb lives in its own module.
+
+Every verb accepts ``--config``; user mistakes become one line on stderr and a
+distinct exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from syncd import __version__
+from syncd.errors import ExitCode, SyncdError
+
+# verb module names, in the order `syncd --help` lists them
+VERBS = (
+    "run",
+    "check",
+    "snapshot",
+    "status",
+    "verify",
+    "repair",
+    "dlq",
+    "wait",
+    "tokens",
+    "explain",
+)
+
+log = logging.getLogger("syncd")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="syncd",
+        description="Keep Chroma collections a faithful mirror of MongoDB collections.",
+        epilog="Run `syncd COMMAND --help` for a command's options. Exit codes are listed "
+        "in the README.",
+    )
+    parser.add_argument("--version", action="version", version=f"syncd {__version__}")
+    verbs = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in VERBS:
+        try:
+            module = importlib.import_module(f"syncd.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"syncd.cli.{name}":
+                raise
+            continue
+        module.register(verbs)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except SyncdError as exc:
+        print(f"syncd: error: {exc.describe()}", file=sys.stderr)
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        return ExitCode.OK

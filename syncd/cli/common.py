@@ -1,0 +1,54 @@
+"""Options and helpers shared by the verbs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from syncd import config
+from syncd.config import PipelineSettings, Settings
+from syncd.errors import ConfigError
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("configuration")
+    group.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        default=None,
+        help="TOML config file (default: $SYNCD_CONFIG or ./syncd.toml)",
+    )
+    group.add_argument(
+        "--log-format", choices=["text", "json"], default=None, help="log line format"
+    )
+    group.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], default=None, help="log level"
+    )
+
+
+def load_settings(args: argparse.Namespace, **overrides: Any) -> Settings:
+    values = {"log.format": args.log_format, "log.level": args.log_level, **overrides}
+    settings = config.load(args.config, overrides=values)
+    from syncd.logs import setup_logging
+
+    setup_logging(settings.log)
+    return settings
+
+
+def select_pipelines(settings: Settings, names: list[str] | None) -> list[PipelineSettings]:
+    if not settings.pipelines:
+        raise ConfigError(
+            "no [[pipelines]] configured", hint="add at least one [[pipelines]] table to the config"
+        )
+    if not names:
+        return list(settings.pipelines)
+    return [settings.pipeline(name) for name in names]
+
+
+def print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, sort_keys=True, default=str)
+    sys.stdout.write("\n")

@@ -1,0 +1,80 @@
+"""Where poison events are parked under ``on_error = "dead_letter"``.
+
+A dead letter is written *before* the checkpoint moves past its event, so an event
+is always either applied to Chroma or visible here. One entry per document key:
+a later poison event on the same key updates the entry (attempts, last seen).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from pymongo import MongoClient
+from pymongo.write_concern import WriteConcern
+
+from syncd.errors import translate_mongo_errors
+
+if TYPE_CHECKING:
+    from syncd.plan import Poisoned
+
+
+class DeadLetterStore:
+    def __init__(self, client: MongoClient[dict[str, Any]], database: str, collection: str) -> None:
+        self._coll = client[database].get_collection(
+            collection, write_concern=WriteConcern(w="majority", j=True)
+        )
+
+    def put_many(self, pipeline: str, poisoned: Sequence[Poisoned]) -> None:
+        now = datetime.now(UTC)
+        with translate_mongo_errors(pipeline=pipeline):
+            for item in poisoned:
+                change = item.change
+                event = dict(change.event) if change.event is not None else None
+                self._coll.update_one(
+                    {"_id": {"pipeline": pipeline, "key": change.key}},
+                    {
+                        "$set": {
+                            "pipeline": pipeline,
+                            "key": change.key,
+                            "collection": change.collection,
+                            "source_id": change.source_id,
+                            "operation": change.operation,
+                            "event": event,
+                            "error_class": type(item.error).__name__,
+                            "error_kind": item.error.kind.value,
+                            "message": item.error.message,
+                            "last_seen": now,
+                        },
+                        "$setOnInsert": {"first_seen": now},
+                        "$inc": {"attempts": 1},
+                    },
+                    upsert=True,
+                )
+
+    def list(self, pipeline: str, *, limit: int = 0) -> Iterator[dict[str, Any]]:
+        with translate_mongo_errors(pipeline=pipeline):
+            cursor = self._coll.find({"pipeline": pipeline}).sort("first_seen", 1)
+            if limit:
+                cursor = cursor.limit(limit)
+            yield from cursor
+
+    def get(self, pipeline: str, key: str) -> dict[str, Any] | None:
+        with translate_mongo_errors(pipeline=pipeline):
+            return self._coll.find_one({"_id": {"pipeline": pipeline, "key": key}})
+
+    def remove(self, pipeline: str, keys: Sequence[str]) -> int:
+        with translate_mongo_errors(pipeline=pipeline):
+            result = self._coll.delete_many(
+                {"_id": {"$in": [{"pipeline": pipeline, "key": k} for k in keys]}}
+            )
+        return int(result.deleted_count)
+
+    def purge(self, pipeline: str) -> int:
+        with translate_mongo_errors(pipeline=pipeline):
+            return int(self._coll.delete_many({"pipeline": pipeline}).deleted_count)
+
+    def count(self, pipeline: str) -> int:
+        with translate_mongo_errors(pipeline=pipeline):
+            return int(self._coll.count_documents({"pipeline": pipeline}))

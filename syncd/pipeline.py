@@ -1,0 +1,431 @@
+"""The loop: read a batch, coalesce, map, embed, write, then checkpoint.
+
+The checkpoint is written only after the sink acknowledged the batch (and, under
+``consistency = "strong"``, after reading it back). Transient failures re-open the
+stream from the last *applied* position, so a batch that was read but not applied is
+read again. Poison events halt the pipeline or go to the dead-letter store, by policy.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import backoff
+
+from syncd import plan as planning
+from syncd.checkpoint import Checkpoint, CheckpointStore, whoami
+from syncd.config import PipelineSettings
+from syncd.deadletter import DeadLetterStore
+from syncd.embedder import Embedder
+from syncd.errors import (
+    ConsistencyError,
+    FingerprintMismatchError,
+    HaltedError,
+    HistoryLostError,
+    SourceFatalError,
+    TransientError,
+)
+from syncd.mapping import Mapper
+from syncd.sink import Sink, WritePlan
+from syncd.snapshot import Snapshotter
+from syncd.source import Batch, Position
+from syncd.telemetry import ChangeEventInfo, PipelineTelemetry
+from syncd.tokens import token_cluster_time
+
+log = logging.getLogger(__name__)
+
+LIFECYCLE_OPS = frozenset({"drop", "rename", "dropDatabase"})
+
+
+class Source(Protocol):
+    def open(self, position: Position, *, max_await_ms: int) -> None: ...
+    def read_batch(self, max_events: int, max_wait_s: float) -> Batch: ...
+    def current_token(self) -> Mapping[str, Any] | None: ...
+    def server_time(self) -> Any: ...
+    def scan(
+        self,
+        collection: str,
+        *,
+        after_id: Any = None,
+        has_after: bool = False,
+        batch_size: int = 1000,
+        query: Mapping[str, Any] | None = None,
+    ) -> Iterator[list[dict[str, Any]]]: ...
+    def fetch(self, collection: str, ids: list[Any]) -> dict[Any, dict[str, Any]]: ...
+    def close(self) -> None: ...
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: PipelineSettings,
+        *,
+        source: Source,
+        sink: Sink,
+        store: CheckpointStore,
+        mapper: Mapper,
+        embedder: Embedder | None,
+        telemetry: PipelineTelemetry,
+        dead_letters: DeadLetterStore | None = None,
+        stop: threading.Event | None = None,
+        epoch: int = 0,
+        resync: bool = False,
+        heartbeat: Callable[[], None] | None = None,
+        traceparent_field: str = "traceparent",
+    ) -> None:
+        self.settings = settings
+        self.source = source
+        self.sink = sink
+        self.store = store
+        self.mapper = mapper
+        self.embedder = embedder
+        self.telemetry = telemetry
+        self.dead_letters = dead_letters
+        self.stop = stop or threading.Event()
+        self.epoch = epoch
+        self.resync = resync
+        self._heartbeat = heartbeat or (lambda: None)
+        self._prefixed = bool(settings.collections)
+        self.checkpoint: Checkpoint | None = None
+        self._last_saved = time.monotonic()
+        self._last_history = 0.0
+        self._retrying = False
+        self._recovered = False
+        self._traceparent_field = traceparent_field
+
+    # --- lifecycle --------------------------------------------------------------
+
+    def run(self) -> None:
+        """Run until ``stop`` is set; raise a fatal SyncdError to stop the process."""
+        waits = _waits(self.settings.retry_max_backoff_s)
+        failing_since: float | None = None
+        attempt = 0
+        while not self.stop.is_set():
+            try:
+                self._run_once()
+                return
+            except TransientError as exc:
+                if self._recovered:
+                    waits = _waits(self.settings.retry_max_backoff_s)
+                    failing_since, attempt, self._recovered = None, 0, False
+                attempt += 1
+                failing_since = failing_since or time.monotonic()
+                self._give_up_if_past_deadline(exc, failing_since)
+                delay = exc.retry_after or next(waits)
+                self._retrying = True
+                self.telemetry.retrying(exc, attempt, delay)
+                self.source.close()
+                self.stop.wait(delay)
+            except HistoryLostError as exc:
+                if self.settings.on_history_lost != "resnapshot":
+                    raise
+                log.error(
+                    "resume position lost from the oplog; re-snapshotting as configured",
+                    extra={"pipeline": self.settings.name, "error": str(exc)},
+                )
+                self._start_snapshot(reason="history lost: re-snapshot")
+
+    def _give_up_if_past_deadline(self, exc: TransientError, since: float) -> None:
+        deadline = self.settings.retry_deadline_s
+        if deadline and time.monotonic() - since > deadline:
+            raise SourceFatalError(
+                f"still failing after {deadline:.0f} s of retries: {exc.message}",
+                hint="fix the cause and restart, or raise retry_deadline_s (0 retries forever)",
+                pipeline=self.settings.name,
+            ) from exc
+
+    def _run_once(self) -> None:
+        cp = self._load()
+        if cp.phase == "snapshot":
+            self.telemetry.set_state("snapshotting")
+            Snapshotter(self).run(cp)
+            cp = self._require_checkpoint()
+        self.telemetry.set_state("streaming")
+        self.source.open(self._position(cp), max_await_ms=self.settings.batch_max_wait_ms)
+        while not self.stop.is_set():
+            self._heartbeat()
+            self.telemetry.heartbeat()
+            with self.telemetry.stage("read"):
+                batch = self.source.read_batch(
+                    self.settings.batch_size, self.settings.batch_max_wait_ms / 1000
+                )
+            if batch.events:
+                self.process(batch)
+            elif batch.token is not None and batch.token != self._require_checkpoint().token:
+                self._idle_checkpoint(batch.token)
+            if self._retrying:
+                self._retrying = False
+                self._recovered = True
+                self.telemetry.recovered()
+        self.source.close()
+
+    # --- checkpoint state --------------------------------------------------------
+
+    def _load(self) -> Checkpoint:
+        if self.checkpoint is not None:
+            return self.checkpoint
+        cp = self.store.load(self.settings.name)
+        if cp is None:
+            return self._first_run()
+        if cp.fingerprint != self.mapper.fingerprint:
+            if not self.resync:
+                raise FingerprintMismatchError(
+                    "the pipeline's mapping changed since its records were written",
+                    hint=f"run `syncd snapshot {self.settings.name}` to rebuild the records, "
+                    "or start with `syncd run --resync`",
+                    pipeline=self.settings.name,
+                )
+            cp.epoch = self.epoch
+            self.checkpoint = cp
+            return self._start_snapshot(reason="mapping changed: re-snapshot (--resync)")
+        cp.epoch = self.epoch
+        self.checkpoint = cp
+        return cp
+
+    def _first_run(self) -> Checkpoint:
+        if self.settings.snapshot == "initial":
+            return self._start_snapshot(reason="first run: initial snapshot")
+        token = self.source.current_token()
+        cp = self._new_checkpoint(phase="streaming")
+        cp.token = dict(token) if token else None
+        cp.start_at = None if token else self.source.server_time()
+        self._save(cp, history_reason="first run: streaming from now (snapshot = never)")
+        return cp
+
+    def _start_snapshot(self, *, reason: str) -> Checkpoint:
+        cp = self._new_checkpoint(phase="snapshot")
+        cp.counts = dict(self.checkpoint.counts) if self.checkpoint else {}
+        Snapshotter(self).begin(cp)
+        self._save(cp, history_reason=reason)
+        return cp
+
+    def _new_checkpoint(self, *, phase: str) -> Checkpoint:
+        return Checkpoint(
+            pipeline=self.settings.name,
+            fingerprint=self.mapper.fingerprint,
+            phase="snapshot" if phase == "snapshot" else "streaming",
+            epoch=self.epoch,
+            updated_by=whoami(),
+        )
+
+    def _require_checkpoint(self) -> Checkpoint:
+        if self.checkpoint is None:
+            raise SourceFatalError("no checkpoint loaded", pipeline=self.settings.name)
+        return self.checkpoint
+
+    def _position(self, cp: Checkpoint) -> Position:
+        if cp.token is not None:
+            if cp.token_is_invalidate:
+                return Position(start_after=cp.token)
+            return Position(resume_after=cp.token)
+        return Position(start_at=cp.start_at)
+
+    def _save(self, cp: Checkpoint, *, history_reason: str | None = None) -> None:
+        now = time.monotonic()
+        if history_reason is None and now - self._last_history >= 60:
+            history_reason = "periodic"
+        cp.updated_by = whoami()
+        cp.wall_time = datetime.now(UTC)
+        self.store.save(cp, history_reason=history_reason)
+        if history_reason:
+            self._last_history = now
+        self.checkpoint = cp
+        self._last_saved = now
+        self.telemetry.checkpointed(cp.cluster_time)
+
+    def advance(self, token: Mapping[str, Any], *, invalidate: bool = False) -> None:
+        cp = self._require_checkpoint()
+        cp.token = dict(token)
+        cp.token_is_invalidate = invalidate
+        cp.start_at = None
+        cp.cluster_time = token_cluster_time(token)
+        with self.telemetry.stage("checkpoint"):
+            self._save(cp)
+
+    def _idle_checkpoint(self, token: Mapping[str, Any]) -> None:
+        if time.monotonic() - self._last_saved >= self.settings.idle_checkpoint_interval_s:
+            self.advance(token)
+
+    # --- one batch -------------------------------------------------------------------
+
+    def process(self, batch: Batch) -> None:
+        """Apply a batch, then checkpoint past it. Nothing is checkpointed on failure."""
+        started = time.monotonic()
+        with self.telemetry.batch(len(batch.events)):
+            for event in batch.events:
+                self.telemetry.event(self._event_info(event))
+            segment: list[dict[str, Any]] = []
+            for index, event in enumerate(batch.events):
+                op = event["operationType"]
+                if op in LIFECYCLE_OPS or op == "invalidate":
+                    self._apply_events(segment, batch.events, index)
+                    segment = []
+                    self._lifecycle(event, batch.events, index)
+                else:
+                    segment.append(event)
+            self._apply_events(segment, batch.events, len(batch.events))
+            if batch.token is not None:
+                self.advance(batch.token, invalidate=batch.invalidated)
+        self.telemetry.batch_done(len(batch.events), time.monotonic() - started)
+        last_time = batch.events[-1].get("clusterTime")
+        if last_time is not None:
+            self.telemetry.lag(last_time)
+
+    def _apply_events(
+        self, segment: Sequence[dict[str, Any]], events: Sequence[dict[str, Any]], end: int
+    ) -> None:
+        if not segment:
+            return
+        changes = planning.coalesce(segment, prefixed=self._prefixed)
+        result = self.write_changes(changes)
+        if not result.poisoned:
+            return
+        if self.settings.on_error == "dead_letter" and self.dead_letters is not None:
+            self.dead_letters.put_many(self.settings.name, result.poisoned)
+            self.telemetry.dead_lettered(len(result.poisoned))
+            return
+        self._halt_at(result.poisoned, segment, events)
+
+    def write_changes(self, changes: Sequence[planning.Change]) -> planning.PlanResult:
+        """Map, embed and write coalesced changes; poisoned ones are returned, not written."""
+        with self.telemetry.stage("map"):
+            result = planning.build(
+                changes,
+                mapper=self.mapper,
+                embedder=self.embedder,
+                sink=self.sink,
+                prefixed=self._prefixed,
+            )
+        if result.embedded:
+            self.telemetry.embedded(result.embedded)
+        with self.telemetry.stage("write"):
+            self.sink.write(result.plan)
+        if self.settings.consistency == "strong":
+            with self.telemetry.stage("readback"):
+                self.read_back(result.plan)
+        cp = self.checkpoint
+        for change in changes:
+            self.telemetry.applied(change.operation, 1)
+            if cp is not None:
+                cp.counts[change.operation] = cp.counts.get(change.operation, 0) + 1
+        return result
+
+    def read_back(self, plan: WritePlan) -> None:
+        """Strong consistency: what Chroma returns must be what was written."""
+        expected = {u.id: u.metadata.get("syncd_hash") for u in plan.upserts}
+        expected.update({u.id: u.metadata.get("syncd_hash") for u in plan.updates})
+        stored = {r.id: r.metadata.get("syncd_hash") for r in self.sink.get(list(expected))}
+        gone = self.sink.get(plan.deletes) if plan.deletes else []
+        wrong = [rid for rid, digest in expected.items() if stored.get(rid) != digest]
+        if wrong or gone:
+            sample = (wrong or [r.id for r in gone])[:5]
+            raise ConsistencyError(
+                f"read-back after write disagrees for {len(wrong) + len(gone)} record(s), "
+                f"e.g. {sample}; not checkpointing",
+                pipeline=self.settings.name,
+            )
+
+    def _halt_at(
+        self,
+        poisoned: Sequence[planning.Poisoned],
+        segment: Sequence[dict[str, Any]],
+        events: Sequence[dict[str, Any]],
+    ) -> None:
+        """Apply everything before the first poison event, checkpoint there, stop."""
+        bad_keys = {p.change.key for p in poisoned}
+        first = next(
+            i
+            for i, e in enumerate(segment)
+            if planning.coalesce([e], prefixed=self._prefixed)[0].key in bad_keys
+        )
+        before = list(segment[:first])
+        if before:
+            self.write_changes(planning.coalesce(before, prefixed=self._prefixed))
+            self.advance(before[-1]["_id"])
+        else:
+            prior = events.index(segment[0]) - 1
+            if prior >= 0:
+                self.advance(events[prior]["_id"])
+        culprit = next(p for p in poisoned if p.change.key in bad_keys)
+        error = culprit.error
+        self.telemetry.set_state("halted", error)
+        raise HaltedError(
+            f"halted at a change that cannot be applied: {error.message}",
+            hint='fix the document in MongoDB (or set on_error = "dead_letter") and restart; '
+            "the checkpoint stays just before this change",
+            pipeline=self.settings.name,
+            namespace=f"{self.settings.database}.{culprit.change.collection}",
+            document_id=culprit.change.source_id,
+        ) from error
+
+    # --- collection lifecycle --------------------------------------------------------
+
+    def _lifecycle(self, event: Mapping[str, Any], events: Sequence[Any], index: int) -> None:
+        op = event["operationType"]
+        if op == "invalidate":
+            log.info("change stream invalidated; continuing after it", extra=self._extra())
+            return
+        policy = {
+            "drop": self.settings.on_drop,
+            "rename": self.settings.on_rename,
+            "dropDatabase": self.settings.on_drop_database,
+        }[op]
+        ns = event.get("ns", {})
+        what = f"{ns.get('db')}.{ns.get('coll')}" if ns.get("coll") else str(ns.get("db"))
+        if policy == "halt":
+            if index > 0:
+                self.advance(events[index - 1]["_id"])
+            raise SourceFatalError(
+                f'{op} of {what} and on_{_snake(op)} = "halt"',
+                hint=f"decide what the Chroma collection should hold, then run `syncd snapshot "
+                f'{self.settings.name}` (or set on_{_snake(op)} = "purge")',
+                pipeline=self.settings.name,
+                namespace=what,
+            )
+        log.warning("%s of %s: purging its records from Chroma", op, what, extra=self._extra())
+        with self.telemetry.stage("write"):
+            if self._prefixed and ns.get("coll"):
+                self.sink.delete_where({planning.COLL_KEY: ns["coll"]})
+            else:
+                self.sink.delete_all()
+        self.telemetry.applied(op, 1)
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _event_info(self, event: Mapping[str, Any]) -> ChangeEventInfo:
+        ns = event.get("ns", {})
+        key = ""
+        if "documentKey" in event:
+            key = planning.record_key(
+                ns.get("coll", ""), event["documentKey"]["_id"], prefixed=self._prefixed
+            )
+        doc = event.get("fullDocument") or {}
+        parent = doc.get(self._traceparent_field) if isinstance(doc, Mapping) else None
+        return ChangeEventInfo(
+            pipeline=self.settings.name,
+            namespace=f"{ns.get('db', '')}.{ns.get('coll', '')}",
+            operation=event.get("operationType", ""),
+            document_id=key,
+            cluster_time=event.get("clusterTime"),
+            resume_token=str(event.get("_id", {}).get("_data", "")) or None,
+            traceparent=parent if isinstance(parent, str) else None,
+        )
+
+    def _extra(self) -> dict[str, Any]:
+        return {"pipeline": self.settings.name}
+
+
+def _snake(op: str) -> str:
+    return {"dropDatabase": "drop_database"}.get(op, op)
+
+
+def _waits(cap: float) -> Iterator[float]:
+    """Capped exponential backoff with full jitter, from the backoff package."""
+    for value in backoff.expo(base=2, factor=0.5, max_value=cap):
+        if value is not None:
+            yield backoff.full_jitter(value)

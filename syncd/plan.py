@@ -1,0 +1,204 @@
+"""Turn a run of change events into one write plan for the sink.
+
+Events on the same key are coalesced to the last one (stream order is kept by the
+position of each key's last event). The plan deletes records of documents that are
+gone or no longer match the filter, re-embeds only records whose text changed, and
+sends metadata-only updates (with ``None`` for removed keys) for the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+from bson.timestamp import Timestamp
+
+from syncd.embedder import Embedder
+from syncd.errors import EmbeddingRejectedError, PoisonError, SyncdError
+from syncd.mapping import RESERVED_PREFIX, MappedDocument, Mapper, Record, base_id, encode_id
+from syncd.sink import ID_KEY, MetadataUpdate, Upsert, WritePlan
+
+COLL_KEY = "syncd_coll"
+
+
+class ExistingLookup(Protocol):
+    def existing(self, keys: Sequence[str]) -> dict[str, dict[str, Mapping[str, Any]]]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """One coalesced change to a document key."""
+
+    key: str
+    collection: str
+    source_id: Any
+    document: Mapping[str, Any] | None  # None: the document is gone (or not visible)
+    operation: str
+    cluster_time: Timestamp | None
+    event: Mapping[str, Any] | None  # the change event, None for snapshot reads
+
+
+@dataclasses.dataclass
+class Poisoned:
+    change: Change
+    error: SyncdError
+
+
+@dataclasses.dataclass
+class PlanResult:
+    plan: WritePlan
+    poisoned: list[Poisoned]
+    embedded: int  # texts sent to the embedder
+    keys_written: list[str]
+
+
+def record_key(collection: str, source_id: Any, *, prefixed: bool) -> str:
+    """The base record id of a document; prefixed by collection for multi-collection pipelines."""
+    key = encode_id(source_id)
+    return f"{collection}/{key}" if prefixed else key
+
+
+def coalesce(events: Iterable[Mapping[str, Any]], *, prefixed: bool) -> list[Change]:
+    """Keep the last event per key, ordered by where that last event stood in the stream."""
+    last: dict[str, Change] = {}
+    for event in events:
+        source_id = event["documentKey"]["_id"]
+        collection = event["ns"]["coll"]
+        key = record_key(collection, source_id, prefixed=prefixed)
+        operation = event["operationType"]
+        document = None if operation == "delete" else event.get("fullDocument")
+        last.pop(key, None)
+        last[key] = Change(
+            key=key,
+            collection=collection,
+            source_id=source_id,
+            document=document,
+            operation=operation,
+            cluster_time=event.get("clusterTime"),
+            event=event,
+        )
+    return list(last.values())
+
+
+def build(
+    changes: Sequence[Change],
+    *,
+    mapper: Mapper,
+    embedder: Embedder | None,
+    sink: ExistingLookup,
+    prefixed: bool,
+) -> PlanResult:
+    poisoned: list[Poisoned] = []
+    mapped: dict[str, MappedDocument] = {}
+    for change in changes:
+        if change.document is None or not mapper.matches(change.document):
+            continue
+        try:
+            doc = mapper.map(change.document, cluster_time=change.cluster_time)
+        except PoisonError as exc:
+            poisoned.append(Poisoned(change, exc.with_context(document_id=change.source_id)))
+            continue
+        mapped[change.key] = _prefixed(doc, change) if prefixed else doc
+
+    bad = {p.change.key for p in poisoned}
+    keys = [c.key for c in changes if c.key not in bad]
+    existing = sink.existing(keys) if keys else {}
+    plan = WritePlan()
+    to_embed: list[tuple[Change, Record, Mapping[str, Any]]] = []
+    for change in changes:
+        if change.key in bad:
+            continue
+        stored = existing.get(change.key, {})
+        target = mapped.get(change.key)
+        if target is None:
+            plan.deletes.extend(stored)
+            continue
+        new_ids = {r.id for r in target.records}
+        plan.deletes.extend(rid for rid in stored if rid not in new_ids)
+        for record in target.records:
+            old = stored.get(record.id)
+            metadata = _with_removals(record.metadata, old)
+            if old is not None and old.get("syncd_text_hash") == record.text_hash:
+                if old.get("syncd_hash") != record.content_hash or _keys_differ(old, record):
+                    plan.updates.append(MetadataUpdate(record.id, metadata))
+            elif record.embedding is not None:
+                plan.upserts.append(Upsert(record.id, record.text, metadata, record.embedding))
+            else:
+                to_embed.append((change, record, metadata))
+
+    embedded = _embed(to_embed, embedder, plan, poisoned)
+    bad = {p.change.key for p in poisoned}
+    if bad:
+        plan = _without(plan, bad, mapped)
+    written = [c.key for c in changes if c.key not in bad]
+    return PlanResult(plan=plan, poisoned=poisoned, embedded=embedded, keys_written=written)
+
+
+def _embed(
+    items: list[tuple[Change, Record, Mapping[str, Any]]],
+    embedder: Embedder | None,
+    plan: WritePlan,
+    poisoned: list[Poisoned],
+) -> int:
+    if not items:
+        return 0
+    if embedder is None:
+        raise PoisonError("record has no embedding and the pipeline has no embedder")
+    pending = list(items)
+    sent = 0
+    while pending:
+        texts = [record.text for _, record, _ in pending]
+        try:
+            vectors = embedder.embed(texts)
+            sent += len(texts)
+        except EmbeddingRejectedError as exc:
+            index = getattr(exc, "input_index", 0)
+            change = pending[index][0]
+            poisoned.append(Poisoned(change, exc.with_context(document_id=change.source_id)))
+            pending = [item for item in pending if item[0].key != change.key]
+            continue
+        for (_, record, metadata), vector in zip(pending, vectors, strict=True):
+            plan.upserts.append(Upsert(record.id, record.text, metadata, vector))
+        break
+    return sent
+
+
+def _with_removals(metadata: Mapping[str, Any], old: Mapping[str, Any] | None) -> dict[str, Any]:
+    """New metadata plus ``None`` for every key the stored record has and the new one lacks.
+
+    Chroma merges metadata on upsert and update; ``None`` deletes a key.
+    """
+    merged: dict[str, Any] = dict(metadata)
+    for key in old or {}:
+        if key not in merged:
+            merged[key] = None
+    return merged
+
+
+def _keys_differ(old: Mapping[str, Any], record: Record) -> bool:
+    return set(old) != set(record.metadata)
+
+
+def _without(plan: WritePlan, bad: set[str], mapped: Mapping[str, MappedDocument]) -> WritePlan:
+    ids = {r.id for key in bad if key in mapped for r in mapped[key].records}
+    return WritePlan(
+        upserts=[u for u in plan.upserts if u.id not in ids],
+        updates=[u for u in plan.updates if u.id not in ids],
+        deletes=[d for d in plan.deletes if base_id(d) not in bad],
+    )
+
+
+def _prefixed(doc: MappedDocument, change: Change) -> MappedDocument:
+    records = []
+    for record in doc.records:
+        suffix = record.id[len(doc.key) :]
+        metadata = dict(record.metadata)
+        metadata[ID_KEY] = change.key
+        metadata[COLL_KEY] = change.collection
+        records.append(dataclasses.replace(record, id=change.key + suffix, metadata=metadata))
+    return dataclasses.replace(doc, key=change.key, records=records)
+
+
+def is_reserved(key: str) -> bool:
+    return key.startswith(RESERVED_PREFIX)

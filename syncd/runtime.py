@@ -1,0 +1,100 @@
+"""Builds the parts of a process from settings and owns the shared clients.
+
+The CLI holds no logic: every command asks a :class:`Runtime` for the parts it needs
+(source, sink, checkpoint store, dead letters, pipelines) and closes it at the end.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from pymongo import MongoClient
+
+from syncd import checkpoint, sink, source
+from syncd.config import PipelineSettings, Settings
+from syncd.deadletter import DeadLetterStore
+from syncd.embedder import Embedder, build_embedder
+from syncd.mapping import Mapper
+from syncd.pipeline import Pipeline
+from syncd.telemetry import PipelineTelemetry, Telemetry
+
+
+class Runtime:
+    def __init__(self, settings: Settings, telemetry: Telemetry | None = None) -> None:
+        self.settings = settings
+        self.telemetry = telemetry or Telemetry.disabled()
+        self._mongo: MongoClient[dict[str, Any]] | None = None
+        self._chroma: Any = None
+        self._store: checkpoint.CheckpointStore | None = None
+        self._embedders: dict[str, Embedder | None] = {}
+
+    @property
+    def mongo(self) -> MongoClient[dict[str, Any]]:
+        if self._mongo is None:
+            self._mongo = source.make_client(self.settings.mongodb)
+        return self._mongo
+
+    @property
+    def chroma(self) -> Any:
+        if self._chroma is None:
+            self._chroma = sink.make_client(self.settings.chroma)
+        return self._chroma
+
+    @property
+    def store(self) -> checkpoint.CheckpointStore:
+        if self._store is None:
+            self._store = checkpoint.open_store(self.settings.checkpoint, self.mongo)
+        return self._store
+
+    def dead_letters(self, pipeline: PipelineSettings) -> DeadLetterStore:
+        return DeadLetterStore(
+            self.mongo, self.settings.checkpoint.database, pipeline.dead_letter_collection
+        )
+
+    def source(self, pipeline: PipelineSettings) -> source.ChangeSource:
+        return source.ChangeSource(self.mongo, pipeline)
+
+    def sink(self, pipeline: PipelineSettings, *, create: bool = True) -> sink.ChromaSink:
+        return sink.ChromaSink(
+            self.chroma, pipeline.chroma_collection_name, distance=pipeline.distance, create=create
+        )
+
+    def embedder(self, pipeline: PipelineSettings) -> Embedder | None:
+        if pipeline.name not in self._embedders:
+            self._embedders[pipeline.name] = build_embedder(pipeline.embedder)
+        return self._embedders[pipeline.name]
+
+    def pipeline(
+        self,
+        settings: PipelineSettings,
+        *,
+        stop: threading.Event | None = None,
+        epoch: int = 0,
+        resync: bool = False,
+        telemetry: PipelineTelemetry | None = None,
+        heartbeat: Any = None,
+    ) -> Pipeline:
+        return Pipeline(
+            settings,
+            source=self.source(settings),
+            sink=self.sink(settings),
+            store=self.store,
+            mapper=Mapper(settings),
+            embedder=self.embedder(settings),
+            telemetry=telemetry or self.telemetry.pipeline(settings.name),
+            dead_letters=self.dead_letters(settings),
+            stop=stop,
+            epoch=epoch,
+            resync=resync,
+            heartbeat=heartbeat,
+            traceparent_field=self.settings.telemetry.traceparent_field,
+        )
+
+    def close(self) -> None:
+        for embedder in self._embedders.values():
+            if embedder is not None:
+                embedder.close()
+        if self._mongo is not None:
+            self._mongo.close()
+            self._mongo = None

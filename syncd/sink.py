@@ -1,0 +1,216 @@
+"""Chroma, behind the narrow interface the pipeline needs.
+
+Writes go out in slices no larger than the server's ``get_max_batch_size()``.
+Records of one document are found through the reserved ``syncd_id`` metadata key,
+so chunked documents never leave stale chunks behind. Chroma's upsert merges
+metadata, so keys that disappeared are sent as ``None`` (which deletes them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+from syncd.config import ChromaSettings
+from syncd.errors import from_sink
+
+log = logging.getLogger(__name__)
+
+ID_KEY = "syncd_id"
+LOOKUP_SLICE = 500  # ids per metadata lookup; keeps `$in` filters small
+
+
+@dataclasses.dataclass(frozen=True)
+class Upsert:
+    id: str
+    text: str
+    metadata: Mapping[str, Any]  # None values delete keys
+    embedding: Sequence[float]
+
+
+@dataclasses.dataclass(frozen=True)
+class MetadataUpdate:
+    id: str
+    metadata: Mapping[str, Any]  # None values delete keys
+
+
+@dataclasses.dataclass
+class WritePlan:
+    upserts: list[Upsert] = dataclasses.field(default_factory=list)
+    updates: list[MetadataUpdate] = dataclasses.field(default_factory=list)
+    deletes: list[str] = dataclasses.field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.upserts) + len(self.updates) + len(self.deletes)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredRecord:
+    id: str
+    metadata: Mapping[str, Any]
+    document: str | None = None
+    embedding: Sequence[float] | None = None
+
+
+class Sink(Protocol):
+    max_batch: int
+
+    def existing(self, keys: Sequence[str]) -> dict[str, dict[str, Mapping[str, Any]]]:
+        """For each document key, its stored records: {key: {record_id: metadata}}."""
+        ...
+
+    def write(self, plan: WritePlan) -> None: ...
+
+    def get(
+        self, ids: Sequence[str], *, include_embeddings: bool = False
+    ) -> list[StoredRecord]: ...
+
+    def scan(self, page: int = 1000) -> Iterator[list[StoredRecord]]: ...
+
+    def delete_all(self) -> int: ...
+
+    def delete_where(self, where: Mapping[str, Any]) -> None: ...
+
+    def count(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def make_client(settings: ChromaSettings) -> Any:
+    """An embedded or HTTP Chroma client, telemetry off (no network but ours)."""
+    os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
+    import chromadb
+    from chromadb.config import Settings as ChromaClientSettings
+
+    client_settings = ChromaClientSettings(anonymized_telemetry=False)
+    try:
+        if settings.mode == "embedded":
+            os.makedirs(settings.path, exist_ok=True)
+            return chromadb.PersistentClient(
+                path=settings.path,
+                settings=client_settings,
+                tenant=settings.tenant,
+                database=settings.database,
+            )
+        headers = {k: v.get_secret_value() for k, v in settings.headers.items()}
+        if settings.token is not None:
+            headers.setdefault("Authorization", f"Bearer {settings.token.get_secret_value()}")
+        return chromadb.HttpClient(
+            host=settings.host,
+            port=settings.port,
+            ssl=settings.ssl,
+            headers=headers,
+            settings=client_settings,
+            tenant=settings.tenant,
+            database=settings.database,
+        )
+    except Exception as exc:
+        raise from_sink(exc) from exc
+
+
+class ChromaSink:
+    def __init__(
+        self, client: Any, collection: str, *, distance: str = "cosine", create: bool = True
+    ) -> None:
+        self._client = client
+        self.name = collection
+        try:
+            if create:
+                self._coll = client.get_or_create_collection(
+                    collection, embedding_function=None, metadata={"hnsw:space": distance}
+                )
+            else:
+                self._coll = client.get_collection(collection, embedding_function=None)
+            self.max_batch = int(client.get_max_batch_size())
+        except Exception as exc:
+            raise from_sink(exc, namespace=f"chroma:{collection}") from exc
+
+    def existing(self, keys: Sequence[str]) -> dict[str, dict[str, Mapping[str, Any]]]:
+        found: dict[str, dict[str, Mapping[str, Any]]] = {}
+        for start in range(0, len(keys), LOOKUP_SLICE):
+            part = list(keys[start : start + LOOKUP_SLICE])
+            where = {ID_KEY: {"$in": part}} if len(part) > 1 else {ID_KEY: part[0]}
+            result = self._call("get", where=where, include=["metadatas"])
+            for rid, meta in zip(result["ids"], result["metadatas"] or [], strict=True):
+                found.setdefault(str((meta or {}).get(ID_KEY, rid)), {})[rid] = meta or {}
+        return found
+
+    def write(self, plan: WritePlan) -> None:
+        step = self.max_batch
+        for start in range(0, len(plan.deletes), step):
+            self._call("delete", ids=plan.deletes[start : start + step])
+        for start in range(0, len(plan.upserts), step):
+            part = plan.upserts[start : start + step]
+            self._call(
+                "upsert",
+                ids=[u.id for u in part],
+                documents=[u.text for u in part],
+                metadatas=[dict(u.metadata) for u in part],
+                embeddings=[list(u.embedding) for u in part],
+            )
+        for start in range(0, len(plan.updates), step):
+            part_u = plan.updates[start : start + step]
+            self._call(
+                "update", ids=[u.id for u in part_u], metadatas=[dict(u.metadata) for u in part_u]
+            )
+
+    def get(self, ids: Sequence[str], *, include_embeddings: bool = False) -> list[StoredRecord]:
+        include = ["metadatas", "documents"] + (["embeddings"] if include_embeddings else [])
+        out: list[StoredRecord] = []
+        for start in range(0, len(ids), LOOKUP_SLICE):
+            result = self._call("get", ids=list(ids[start : start + LOOKUP_SLICE]), include=include)
+            out.extend(_records(result, include_embeddings))
+        return out
+
+    def scan(self, page: int = 1000) -> Iterator[list[StoredRecord]]:
+        """Every record, a page at a time (constant memory)."""
+        offset = 0
+        while True:
+            result = self._call(
+                "get", include=["metadatas", "documents"], limit=page, offset=offset
+            )
+            records = _records(result, False)
+            if not records:
+                return
+            yield records
+            offset += len(records)
+
+    def delete_where(self, where: Mapping[str, Any]) -> None:
+        self._call("delete", where=dict(where))
+
+    def delete_all(self) -> int:
+        removed = 0
+        while True:
+            result = self._call("get", include=[], limit=self.max_batch)
+            ids = result["ids"]
+            if not ids:
+                return removed
+            self._call("delete", ids=ids)
+            removed += len(ids)
+
+    def count(self) -> int:
+        return int(self._call("count"))
+
+    def close(self) -> None:
+        """The client is shared and owned by the caller."""
+
+    def _call(self, method: str, **kwargs: Any) -> Any:
+        try:
+            return getattr(self._coll, method)(**kwargs)
+        except Exception as exc:
+            raise from_sink(exc, namespace=f"chroma:{self.name}") from exc
+
+
+def _records(result: Mapping[str, Any], with_embeddings: bool) -> list[StoredRecord]:
+    ids = result["ids"]
+    metas = result.get("metadatas") or [None] * len(ids)
+    docs = result.get("documents") or [None] * len(ids)
+    embs = result.get("embeddings") if with_embeddings else None
+    out = []
+    for i, rid in enumerate(ids):
+        emb = None if embs is None else [float(x) for x in embs[i]]
+        out.append(StoredRecord(id=rid, metadata=metas[i] or {}, document=docs[i], embedding=emb))
+    return out

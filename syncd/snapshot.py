@@ -1,0 +1,217 @@
+"""The initial copy, with a gap-free handover to streaming.
+
+1. Record the stream position *before* scanning (``begin``).
+2. Scan each collection in ``_id`` order, a bounded batch at a time, checkpointing
+   the last ``_id`` after each batch is in Chroma, so a restart continues the scan.
+3. Remove records whose documents no longer exist (a re-snapshot over old data).
+4. Switch to streaming from the recorded position: events that raced the scan are
+   replayed, and replay is idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from syncd import plan as planning
+from syncd.checkpoint import Checkpoint, SnapshotProgress
+from syncd.mapping import base_id, decode_id
+from syncd.sink import WritePlan
+from syncd.source import hashable_id
+
+if TYPE_CHECKING:
+    from syncd.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+
+class Snapshotter:
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.p = pipeline
+        self.settings = pipeline.settings
+
+    def begin(self, cp: Checkpoint) -> None:
+        """Fix the stream position the copy will hand over to."""
+        token = self.p.source.current_token()
+        progress = SnapshotProgress(started_at=datetime.now(UTC))
+        if token is not None:
+            progress.start_token = dict(token)
+        else:
+            progress.start_at = self.p.source.server_time()
+        cp.phase = "snapshot"
+        cp.snapshot = progress
+        cp.token = None
+
+    def run(self, cp: Checkpoint) -> None:
+        progress = cp.snapshot or SnapshotProgress()
+        collections = self.settings.source_collections
+        if progress.collection in collections:
+            collections = collections[collections.index(progress.collection) :]
+        reporter = _Progress(self.settings.name, self._estimate(collections))
+        reporter.update(progress.scanned)
+        with self.p.telemetry.stage("snapshot"):
+            for collection in collections:
+                if progress.collection != collection:
+                    progress.collection, progress.last_id, progress.has_last_id = (
+                        collection,
+                        None,
+                        False,
+                    )
+                self._scan(cp, progress, collection, reporter)
+                if self.p.stop.is_set():
+                    reporter.close()
+                    return
+            self._remove_orphans()
+        reporter.close()
+        cp.phase = "streaming"
+        cp.snapshot = None
+        cp.token = progress.start_token
+        cp.token_is_invalidate = False
+        cp.start_at = progress.start_at
+        self.p.checkpoint = cp
+        self.p._save(cp, history_reason=f"snapshot complete: {progress.scanned} documents")
+        log.info(
+            "snapshot complete: %d documents; streaming from the position recorded before it",
+            progress.scanned,
+            extra={"pipeline": self.settings.name},
+        )
+
+    def _scan(
+        self, cp: Checkpoint, progress: SnapshotProgress, collection: str, reporter: _Progress
+    ) -> None:
+        scan = self.p.source.scan(
+            collection,
+            after_id=progress.last_id,
+            has_after=progress.has_last_id,
+            batch_size=self.settings.snapshot_batch_size,
+        )
+        for docs in scan:
+            self.p._heartbeat()
+            self.p.telemetry.heartbeat()
+            changes = [self._change(collection, doc) for doc in docs]
+            result = self.p.write_changes(changes)
+            if result.poisoned:
+                self._poisoned(result.poisoned)
+            progress.last_id, progress.has_last_id = docs[-1]["_id"], True
+            progress.scanned += len(docs)
+            cp.snapshot = progress
+            self.p._save(cp)
+            reporter.update(progress.scanned)
+            if self.p.stop.is_set():
+                return
+
+    def _change(self, collection: str, doc: Mapping[str, Any]) -> planning.Change:
+        key = planning.record_key(collection, doc["_id"], prefixed=self.p._prefixed)
+        return planning.Change(
+            key=key,
+            collection=collection,
+            source_id=doc["_id"],
+            document=doc,
+            operation="snapshot",
+            cluster_time=None,
+            event=None,
+        )
+
+    def _poisoned(self, poisoned: list[planning.Poisoned]) -> None:
+        if self.settings.on_error == "dead_letter" and self.p.dead_letters is not None:
+            self.p.dead_letters.put_many(self.settings.name, poisoned)
+            self.p.telemetry.dead_lettered(len(poisoned))
+            return
+        from syncd.errors import HaltedError
+
+        first = poisoned[0]
+        raise HaltedError(
+            f"snapshot halted at a document that cannot be applied: {first.error.message}",
+            hint='fix the document (or set on_error = "dead_letter") and restart; '
+            "the scan continues where it stopped",
+            pipeline=self.settings.name,
+            document_id=first.change.source_id,
+        ) from first.error
+
+    def _remove_orphans(self) -> None:
+        """Delete records whose documents are gone or no longer match the filter."""
+        removed = 0
+        for page in self.p.sink.scan():
+            by_key: dict[str, list[str]] = {}
+            for record in page:
+                by_key.setdefault(base_id(record.id), []).append(record.id)
+            stale = self._stale_keys(list(by_key))
+            ids = [rid for key in stale for rid in by_key[key]]
+            if ids:
+                self.p.sink.write(WritePlan(deletes=ids))
+                removed += len(ids)
+        if removed:
+            log.info(
+                "snapshot removed %d orphaned records",
+                removed,
+                extra={"pipeline": self.settings.name},
+            )
+
+    def _stale_keys(self, keys: list[str]) -> list[str]:
+        by_coll: dict[str, list[tuple[str, Any]]] = {}
+        for key in keys:
+            coll, _, encoded = key.partition("/") if self.p._prefixed else ("", "", key)
+            coll = coll or (self.settings.collection or "")
+            by_coll.setdefault(coll, []).append((key, decode_id(encoded)))
+        stale: list[str] = []
+        for coll, wanted in by_coll.items():
+            if coll not in self.settings.source_collections:
+                stale.extend(key for key, _ in wanted)
+                continue
+            found = self.p.source.fetch(coll, [source_id for _, source_id in wanted])
+            for key, source_id in wanted:
+                doc = found.get(hashable_id(source_id))
+                if doc is None or not self.p.mapper.matches(doc):
+                    stale.append(key)
+        return stale
+
+    def _estimate(self, collections: list[str]) -> int | None:
+        count = getattr(self.p.source, "count", None)
+        if count is None:
+            return None
+        try:
+            return sum(int(count(c)) for c in collections)
+        except Exception:  # noqa: BLE001 - an estimate is optional; the scan reports its own errors
+            return None
+
+
+class _Progress:
+    """A progress bar on a terminal; periodic log lines otherwise."""
+
+    def __init__(self, name: str, total: int | None) -> None:
+        self.name, self.total = name, total
+        self.tty = sys.stderr.isatty()
+        self._last = 0.0
+        self._start = time.monotonic()
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        if now - self._last < (0.2 if self.tty else 10.0):
+            return
+        self._last = now
+        rate = done / max(now - self._start, 1e-6)
+        if self.tty:
+            total = f"/{self.total}" if self.total else ""
+            pct = f" {100 * done / self.total:5.1f}%" if self.total else ""
+            bar = ""
+            if self.total:
+                filled = int(30 * min(done / self.total, 1))
+                bar = " [" + "#" * filled + "." * (30 - filled) + "]"
+            sys.stderr.write(f"\rsnapshot {self.name}{bar}{pct} {done}{total} docs {rate:,.0f}/s")
+            sys.stderr.flush()
+        else:
+            log.info(
+                "snapshot progress: %d documents (%.0f/s)",
+                done,
+                rate,
+                extra={"pipeline": self.name},
+            )
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+            sys.stderr.flush()

@@ -1,0 +1,209 @@
+"""MongoDB, behind the narrow interface the pipeline needs: change streams and scans.
+
+Knows nothing about Chroma. Every driver error leaves this module translated into a
+syncd error (see :mod:`syncd.errors`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from bson.timestamp import Timestamp
+from pymongo import MongoClient
+from pymongo.change_stream import ChangeStream
+from pymongo.collection import Collection
+from pymongo.database import Database
+
+from syncd.config import MongoSettings, PipelineSettings
+from syncd.errors import SourceFatalError, translate_mongo_errors
+
+DOCUMENT_OPS = frozenset({"insert", "update", "replace", "delete"})
+
+
+def make_client(settings: MongoSettings, **options: Any) -> MongoClient[dict[str, Any]]:
+    return MongoClient(
+        settings.uri.get_secret_value(),
+        serverSelectionTimeoutMS=settings.server_selection_timeout_ms,
+        appname="syncd",
+        tz_aware=True,
+        **options,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Position:
+    """Where a stream (re)starts. At most one field is set; none means 'now'."""
+
+    resume_after: Mapping[str, Any] | None = None
+    start_after: Mapping[str, Any] | None = None
+    start_at: Timestamp | None = None
+
+
+@dataclasses.dataclass
+class Batch:
+    events: list[dict[str, Any]]
+    token: Mapping[str, Any] | None  # position after the last event (or the idle high-water mark)
+    invalidated: bool = False
+
+
+class ChangeSource:
+    """One pipeline's change stream and snapshot scan."""
+
+    def __init__(self, client: MongoClient[dict[str, Any]], pipeline: PipelineSettings) -> None:
+        self._client = client
+        self._settings = pipeline
+        self._db: Database[dict[str, Any]] = client[pipeline.database]
+        self._stream: ChangeStream[dict[str, Any]] | None = None
+        self._context: dict[str, Any] = {
+            "pipeline": pipeline.name,
+            "namespace": pipeline.namespace,
+        }
+
+    # --- streaming ----------------------------------------------------------
+
+    def _stages(self) -> list[dict[str, Any]]:
+        if self._settings.collections:
+            # Database-level stream: keep our collections and database-wide events.
+            return [
+                {
+                    "$match": {
+                        "$or": [
+                            {"ns.coll": {"$in": self._settings.collections}},
+                            {"operationType": {"$in": ["dropDatabase", "invalidate"]}},
+                        ]
+                    }
+                }
+            ]
+        return []
+
+    def open(self, position: Position, *, max_await_ms: int) -> None:
+        self.close()
+        target: Collection[dict[str, Any]] | Database[dict[str, Any]] = (
+            self._db[self._settings.collection] if self._settings.collection else self._db
+        )
+        options: dict[str, Any] = {
+            "full_document": self._settings.full_document,
+            "max_await_time_ms": max(1, max_await_ms),
+            "batch_size": self._settings.batch_size,
+        }
+        if position.resume_after is not None:
+            options["resume_after"] = position.resume_after
+        elif position.start_after is not None:
+            options["start_after"] = position.start_after
+        elif position.start_at is not None:
+            options["start_at_operation_time"] = position.start_at
+        with translate_mongo_errors(**self._context):
+            self._stream = target.watch(self._stages(), **options)
+
+    def read_batch(self, max_events: int, max_wait_s: float) -> Batch:
+        """Up to ``max_events`` events, waiting at most about ``max_wait_s`` for them.
+
+        The returned token covers exactly the returned events (and, when idle, the
+        server's high-water mark), so checkpointing it after applying them loses nothing.
+        """
+        stream = self._stream
+        if stream is None:
+            raise SourceFatalError("change stream is not open", **self._context)
+        events: list[dict[str, Any]] = []
+        deadline = time.monotonic() + max_wait_s
+        with translate_mongo_errors(**self._context):
+            while len(events) < max_events:
+                event = stream.try_next()
+                if event is None:
+                    if not stream.alive or time.monotonic() >= deadline:
+                        break
+                    continue
+                events.append(event)
+                if event.get("operationType") == "invalidate":
+                    return Batch(events, event["_id"], invalidated=True)
+                if events and time.monotonic() >= deadline and not _buffered(stream):
+                    break
+            token = stream.resume_token
+        return Batch(events, token)
+
+    def current_token(self) -> Mapping[str, Any] | None:
+        """The stream's position right now (used before a snapshot scan starts)."""
+        target: Collection[dict[str, Any]] | Database[dict[str, Any]] = (
+            self._db[self._settings.collection] if self._settings.collection else self._db
+        )
+        with (
+            translate_mongo_errors(**self._context),
+            target.watch(self._stages(), max_await_time_ms=1) as stream,
+        ):
+            stream.try_next()
+            return stream.resume_token
+
+    def server_time(self) -> Timestamp | None:
+        with translate_mongo_errors(**self._context):
+            reply = self._client.admin.command("ping")
+        cluster = reply.get("$clusterTime", {}).get("clusterTime")
+        op_time = reply.get("operationTime")
+        value = op_time or cluster
+        return value if isinstance(value, Timestamp) else None
+
+    def close(self) -> None:
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            with translate_mongo_errors(**self._context):
+                stream.close()
+
+    # --- snapshot -------------------------------------------------------------
+
+    def scan(
+        self,
+        collection: str,
+        *,
+        after_id: Any = None,
+        has_after: bool = False,
+        batch_size: int = 1000,
+        query: Mapping[str, Any] | None = None,
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Documents in ``_id`` order after ``after_id``, a batch at a time.
+
+        Each batch is a fresh, bounded query, so a scan interrupted at any point
+        resumes from the last ``_id`` it handed out.
+        """
+        coll = self._db[collection]
+        while True:
+            flt: dict[str, Any] = dict(query or {})
+            if has_after:
+                flt = (
+                    {"$and": [flt, {"_id": {"$gt": after_id}}]}
+                    if flt
+                    else {"_id": {"$gt": after_id}}
+                )
+            with translate_mongo_errors(**self._context):
+                docs = list(coll.find(flt).sort("_id", 1).limit(batch_size))
+            if not docs:
+                return
+            yield docs
+            after_id, has_after = docs[-1]["_id"], True
+
+    def fetch(self, collection: str, ids: list[Any]) -> dict[Any, dict[str, Any]]:
+        """Current documents by ``_id`` (for repair and dead-letter retries)."""
+        with translate_mongo_errors(**self._context):
+            docs = list(self._db[collection].find({"_id": {"$in": ids}}))
+        return {hashable_id(doc["_id"]): doc for doc in docs}
+
+    def count(self, collection: str, query: Mapping[str, Any] | None = None) -> int:
+        with translate_mongo_errors(**self._context):
+            return int(self._db[collection].count_documents(dict(query or {})))
+
+
+def _buffered(stream: ChangeStream[dict[str, Any]]) -> bool:
+    """Whether the driver already holds more events in memory (no round trip needed)."""
+    cursor = getattr(stream, "_cursor", None)
+    data = getattr(cursor, "_data", None)
+    return bool(data)
+
+
+def hashable_id(value: Any) -> Any:
+    """A dict key for any BSON ``_id`` (embedded documents and arrays become tuples)."""
+    if isinstance(value, dict):
+        return tuple((k, hashable_id(v)) for k, v in value.items())
+    if isinstance(value, list):
+        return tuple(hashable_id(v) for v in value)
+    return value
