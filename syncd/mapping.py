@@ -1,0 +1,488 @@
+"""Document → Chroma records: id, text, metadata, chunks and content hashes.
+
+Pure: no I/O. Everything that decides what a record looks like lives here, so that
+the fingerprint of a :class:`Mapper` changes exactly when the records would.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+import math
+import string
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+import bson
+from bson import json_util
+from bson.binary import Binary, UuidRepresentation
+from bson.code import Code
+from bson.codec_options import CodecOptions
+from bson.decimal128 import Decimal128
+from bson.objectid import ObjectId
+from bson.timestamp import Timestamp
+
+from syncd.config import PipelineSettings
+from syncd.errors import ConfigError, MappingError, OversizedError, PoisonError
+from syncd.matcher import compile_filter
+
+MetadataValue = str | int | float | bool | list[str] | list[int] | list[float] | list[bool]
+RESERVED_PREFIX = "syncd_"
+# Bump when the record layout changes in a way settings do not capture, so that
+# checkpoints written by an older layout are recognised as stale.
+MAPPING_VERSION = 1
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_MISSING: Any = object()
+# Only for measuring size: a uuid.UUID inside a document must not make us fail.
+_SIZE: CodecOptions[dict[str, Any]] = CodecOptions(uuid_representation=UuidRepresentation.STANDARD)
+
+
+@dataclass(frozen=True)
+class Record:
+    id: str
+    text: str
+    metadata: dict[str, MetadataValue]
+    text_hash: str
+    content_hash: str
+    embedding: list[float] | None = None
+
+
+@dataclass(frozen=True)
+class MappedDocument:
+    key: str
+    source_id: Any
+    records: list[Record]
+
+
+# --- ids -----------------------------------------------------------------------
+#
+# "<tag>:<payload>", escaped so that '#' (the chunk separator) never appears.
+# Integers of any width share "i:" and UUIDs share "uuid:" whichever Python type
+# carried them: MongoDB's _id index treats those as the same key, so the record id
+# must not depend on how the driver happened to decode the value.
+
+
+def encode_id(value: Any) -> str:
+    return _escape(_encode(value))
+
+
+def decode_id(record_id: str) -> Any:
+    try:
+        return _decode(_unescape(base_id(record_id)))
+    except (ValueError, KeyError, TypeError, IndexError, bson.errors.BSONError) as exc:
+        raise MappingError(f"not a syncd record id: {record_id!r} ({exc})") from None
+
+
+def base_id(record_id: str) -> str:
+    return record_id.split("#", 1)[0]
+
+
+def _escape(text: str) -> str:
+    return text.replace("%", "%25").replace("#", "%23")
+
+
+def _unescape(text: str) -> str:
+    return text.replace("%23", "#").replace("%25", "%")
+
+
+def _encode(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"b:{'true' if value else 'false'}"
+    if isinstance(value, int):
+        return f"i:{int(value)}"
+    if isinstance(value, float):
+        return f"f:{value!r}"
+    if isinstance(value, str) and not isinstance(value, Code):
+        return f"s:{value}"
+    if isinstance(value, ObjectId):
+        return f"oid:{value}"
+    if isinstance(value, uuid.UUID):
+        return f"uuid:{value}"
+    if _is_uuid(value):
+        return f"uuid:{uuid.UUID(bytes=bytes(value))}"
+    if isinstance(value, bytes):
+        subtype = value.subtype if isinstance(value, Binary) else 0
+        return f"bin{subtype}:{base64.urlsafe_b64encode(bytes(value)).decode()}"
+    if isinstance(value, dt.datetime):
+        return f"dt:{_iso_ms(value)}"
+    if isinstance(value, Decimal128):
+        return f"dec:{value}"
+    if value is None:
+        return "null:"
+    if isinstance(value, Mapping):
+        return "doc:" + _compact_json(_tree(value, _encode))
+    if isinstance(value, list | tuple):
+        return "arr:" + _compact_json(_tree(value, _encode))
+    # Timestamp, DatetimeMS out of range, MinKey, MaxKey, Code, DBRef, Regex...:
+    # canonical Extended JSON is exact for all of them.
+    return "ej:" + json_util.dumps(
+        {"v": value}, json_options=json_util.CANONICAL_JSON_OPTIONS, separators=(",", ":")
+    )
+
+
+def _is_uuid(value: Any) -> bool:
+    return isinstance(value, Binary) and value.subtype == 4 and len(value) == 16
+
+
+def _tree(value: Any, leaf: Callable[[Any], Any]) -> Any:
+    """Nested documents and arrays as JSON (field order kept), ``leaf`` for the rest."""
+    if isinstance(value, Mapping):
+        return {str(k): _tree(v, leaf) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_tree(v, leaf) for v in value]
+    return leaf(value)
+
+
+def _decode_int(payload: str) -> int:
+    number = int(payload)
+    # Re-encoded as int32 or int64 as the driver would; queries match either width.
+    return number if -(2**31) <= number < 2**31 else bson.Int64(number)
+
+
+def _decode_binary(tag: str, payload: str) -> bytes:
+    data, subtype = base64.urlsafe_b64decode(payload.encode()), int(tag[3:])
+    return data if subtype == 0 else Binary(data, subtype)
+
+
+_DECODERS: dict[str, Callable[[str], Any]] = {
+    "s": lambda p: p,
+    "i": _decode_int,
+    "oid": ObjectId,
+    "uuid": lambda p: Binary.from_uuid(uuid.UUID(p)),
+    "b": lambda p: {"true": True, "false": False}[p],
+    "f": float,
+    "dt": lambda p: dt.datetime.fromisoformat(p.replace("Z", "+00:00")),
+    "dec": Decimal128,
+    "null": lambda p: None,
+    "doc": lambda p: _tree(json.loads(p), _decode),
+    "ej": lambda p: json_util.loads(p, json_options=json_util.CANONICAL_JSON_OPTIONS)["v"],
+}
+
+
+def _decode(text: str) -> Any:
+    tag, sep, payload = text.partition(":")
+    if not sep:
+        raise ValueError("missing type tag")
+    if tag.startswith("bin"):
+        return _decode_binary(tag, payload)
+    tag = "doc" if tag == "arr" else tag
+    if tag not in _DECODERS:
+        raise ValueError(f"unknown type tag {tag!r}")
+    return _DECODERS[tag](payload)
+
+
+def _iso_ms(value: dt.datetime) -> str:
+    """UTC ISO-8601 at BSON's millisecond precision; naive datetimes are UTC (driver default)."""
+    if value.tzinfo is not None:
+        value = value.astimezone(dt.UTC).replace(tzinfo=None)
+    value = value.replace(microsecond=value.microsecond // 1000 * 1000)
+    return value.isoformat(timespec="milliseconds") + "Z"
+
+
+def _compact_json(value: Any, *, sort_keys: bool = False) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, sort_keys=sort_keys)
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# --- paths ---------------------------------------------------------------------
+
+
+def get_path(document: Mapping[str, Any], path: str) -> Any:
+    """Value at a dot path; numeric parts index arrays, other parts map over them."""
+    node: Any = document
+    for part in path.split("."):
+        if isinstance(node, Mapping):
+            node = node.get(part, _MISSING)
+        elif isinstance(node, list) and part.isdigit():
+            node = node[int(part)] if int(part) < len(node) else _MISSING
+        elif isinstance(node, list):
+            node = [v[part] for v in node if isinstance(v, Mapping) and part in v] or _MISSING
+        else:
+            node = _MISSING
+        if node is _MISSING:
+            return _MISSING
+    return node
+
+
+# --- metadata values -------------------------------------------------------------
+
+
+def _scalar(value: Any) -> str | int | float | bool | None:
+    """One BSON value as the exact Python type Chroma accepts, or None to omit it."""
+    if value is None or value is _MISSING:
+        return None
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int(value) if _INT64_MIN <= value <= _INT64_MAX else str(int(value))
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return float(value)
+        # NaN/inf cannot travel as JSON numbers; Extended JSON's spelling keeps them visible.
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, dt.datetime):
+        return _iso_ms(value)
+    if isinstance(value, uuid.UUID) or _is_uuid(value):
+        return str(value if isinstance(value, uuid.UUID) else uuid.UUID(bytes=bytes(value)))
+    if isinstance(value, bytes):
+        return base64.b64encode(bytes(value)).decode()
+    return str(value)  # ObjectId, Decimal128, Timestamp, Code, Regex, ...
+
+
+def _metadata_list(values: list[Any]) -> MetadataValue | None:
+    items = [
+        _compact_json(_tree(v, _scalar)) if isinstance(v, Mapping | list) else _scalar(v)
+        for v in values
+    ]
+    kept = [v for v in items if v is not None]
+    kinds = {type(v) for v in kept}
+    if len(kinds) == 1:  # Chroma wants exactly one element type per list
+        return cast(MetadataValue, kept)
+    if kinds == {int, float}:
+        return [float(v) for v in kept]
+    return [v if isinstance(v, str) else _compact_json(v) for v in kept] or None
+
+
+def _flatten(key: str, value: Any) -> Iterator[tuple[str, MetadataValue]]:
+    if isinstance(value, Mapping):
+        for sub, child in value.items():
+            yield from _flatten(f"{key}.{sub}", child)
+        return
+    converted = _metadata_list(value) if isinstance(value, list) else _scalar(value)
+    if converted is not None:
+        yield key, converted
+
+
+# --- text ------------------------------------------------------------------------
+
+
+def _text_value(value: Any, what: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float | Decimal128) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return "\n".join(value)
+    raise MappingError(f"{what} is a {type(value).__name__}, not text")
+
+
+def _compile_template(template: str) -> Callable[[Mapping[str, Any]], str]:
+    parts: list[tuple[str, str | None, str]] = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ConfigError(f"mapping.text_template is not a valid template: {exc}") from None
+    for literal, field, spec, conversion in parsed:
+        if field is not None and (not field or conversion):
+            raise ConfigError(
+                "mapping.text_template: use named dot paths such as {title}, without !r/!s"
+            )
+        parts.append((literal, field, spec or ""))
+
+    def render(document: Mapping[str, Any]) -> str:
+        out: list[str] = []
+        for literal, field, spec in parts:
+            out.append(literal)
+            if field is None:
+                continue
+            value = get_path(document, field)
+            text = (
+                ""
+                if value is _MISSING or value is None
+                else _text_value(value, f"template field {field!r}")
+            )
+            out.append(format(text, spec) if spec else text)
+        return "".join(out)
+
+    return render
+
+
+def chunk_text(text: str, size: int, overlap: int) -> list[str]:
+    """Windows of at most ``size`` characters, ending at whitespace when one is near."""
+    return [text[start:end] for start, end in chunk_spans(text, size, overlap)]
+
+
+def chunk_spans(text: str, size: int, overlap: int) -> list[tuple[int, int]]:
+    if size <= 0 or len(text) <= size:
+        return [(0, len(text))]
+    spans: list[tuple[int, int]] = []
+    start = 0
+    while True:
+        end = start + size
+        if end >= len(text):
+            spans.append((start, len(text)))
+            return spans
+        # Break after the last whitespace in the back half of the window, but never so
+        # early that the next window (end - overlap) would not move forward.
+        floor = start + max(overlap + 1, size // 2)
+        cut = max(text.rfind(c, floor, end) for c in " \n\t\r")
+        if cut >= floor:
+            end = cut + 1
+        spans.append((start, end))
+        start = _word_start(text, end - overlap, max(start + 1, end - 2 * overlap))
+
+
+def _word_start(text: str, at: int, floor: int) -> int:
+    """Move an overlap start back (at most to ``floor``) to a word start, if one is near."""
+    if at <= floor or text[at - 1].isspace():
+        return at
+    cut = max(text.rfind(c, floor, at) for c in " \n\t\r")
+    return cut + 1 if cut >= floor else at
+
+
+# --- the mapper --------------------------------------------------------------------
+
+
+class Mapper:
+    def __init__(self, pipeline: PipelineSettings) -> None:
+        self._pipeline = pipeline
+        mapping = pipeline.mapping
+        self._mapping = mapping
+        self._embedder = pipeline.embedder
+        self._template = _compile_template(mapping.text_template) if mapping.text_template else None
+        self._metadata = [(path, mapping.rename.get(path, path)) for path in mapping.metadata]
+        for path, key in self._metadata:
+            if key.startswith((RESERVED_PREFIX, "chroma:")):
+                raise ConfigError(
+                    f"mapping.metadata: {path!r} would become the reserved key {key!r}",
+                    hint="add a mapping.rename entry for it",
+                )
+        self._matches = compile_filter(pipeline.filter)
+        self._fingerprint = _sha256(_compact_json(self._fingerprint_inputs(), sort_keys=True))
+
+    def _fingerprint_inputs(self) -> dict[str, Any]:
+        m, e = self._mapping, self._embedder
+        return {
+            "version": MAPPING_VERSION,
+            "text": m.text,
+            "text_template": m.text_template,
+            "metadata": m.metadata,
+            "rename": m.rename,
+            "chunk_size": m.chunk_size,
+            "chunk_overlap": m.chunk_overlap if m.chunk_size else 0,
+            "filter": json.loads(json_util.dumps(self._pipeline.filter)),
+            "embedder": [e.kind, e.model, e.field, e.dimensions],
+        }
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def matches(self, document: Mapping[str, Any]) -> bool:
+        return self._matches(document)
+
+    def map(
+        self, document: Mapping[str, Any], *, cluster_time: Timestamp | None = None
+    ) -> MappedDocument:
+        if "_id" not in document:
+            raise MappingError("document has no _id", pipeline=self._pipeline.name)
+        source_id = document["_id"]
+        key = encode_id(source_id)
+        try:
+            return self._map(document, key, source_id, cluster_time)
+        except PoisonError as exc:
+            exc.with_context(pipeline=self._pipeline.name, document_id=source_id)
+            raise
+
+    def _map(
+        self, document: Mapping[str, Any], key: str, source_id: Any, cluster_time: Timestamp | None
+    ) -> MappedDocument:
+        self._check_size(document)
+        text = self._text(document, source_id)
+        if len(text) > self._mapping.max_text_chars:
+            raise OversizedError(
+                f"text is {len(text)} characters, over mapping.max_text_chars "
+                f"({self._mapping.max_text_chars})",
+                hint="raise mapping.max_text_chars or enable chunking",
+            )
+        user = self._user_metadata(document)
+        embedding = self._embedding(document) if self._embedder.kind == "field" else None
+        size, overlap = self._mapping.chunk_size, self._mapping.chunk_overlap
+        pieces = chunk_text(text, size, overlap) if size else [text]
+        records = []
+        for n, piece in enumerate(pieces):
+            # The chunk index is hashed too: moving text between chunks is a change.
+            hashed: dict[str, Any] = {"text": piece, "metadata": user, "chunk": n}
+            if embedding is not None:
+                hashed["embedding"] = embedding
+            text_hash, content_hash = (
+                _sha256(piece),
+                _sha256(_compact_json(hashed, sort_keys=True)),
+            )
+            metadata: dict[str, MetadataValue] = {**user, "syncd_id": key, "syncd_chunk": n}
+            if cluster_time is not None:
+                metadata["syncd_cluster_time"] = cluster_time.time << 32 | cluster_time.inc
+            metadata |= {"syncd_hash": content_hash, "syncd_text_hash": text_hash}
+            record_id = f"{key}#{n}" if size else key
+            records.append(Record(record_id, piece, metadata, text_hash, content_hash, embedding))
+        return MappedDocument(key=key, source_id=source_id, records=records)
+
+    def _check_size(self, document: Mapping[str, Any]) -> None:
+        raw = getattr(document, "raw", None)  # RawBSONDocument already knows its size
+        try:
+            size = len(
+                raw if isinstance(raw, bytes) else bson.encode(document, codec_options=_SIZE)
+            )
+        except (bson.errors.InvalidDocument, TypeError, OverflowError) as exc:
+            raise MappingError(f"document cannot be encoded as BSON: {exc}") from None
+        if size > (limit := self._mapping.max_document_bytes):
+            raise OversizedError(
+                f"document is {size} bytes of BSON, over mapping.max_document_bytes ({limit})",
+                hint="raise mapping.max_document_bytes or exclude the document with the filter",
+            )
+
+    def _text(self, document: Mapping[str, Any], source_id: Any) -> str:
+        if self._template is not None:
+            return self._template(document)
+        path = self._mapping.text or ""
+        value = get_path(document, path)
+        if value is _MISSING or value is None:
+            raise MappingError(
+                f"text field {path!r} is missing in document _id={source_id!r}",
+                hint="fix the document, or narrow the pipeline filter to documents that have it",
+            )
+        return _text_value(value, f"text field {path!r}")
+
+    def _user_metadata(self, document: Mapping[str, Any]) -> dict[str, MetadataValue]:
+        out: dict[str, MetadataValue] = {}
+        for path, name in self._metadata:
+            value = get_path(document, path)
+            for key, converted in _flatten(name, value):
+                if key.startswith((RESERVED_PREFIX, "chroma:")):
+                    raise MappingError(
+                        f"metadata key {key!r} (from {path!r}) uses a reserved prefix",
+                        hint="rename the field with mapping.rename",
+                    )
+                out[key] = converted
+        return out
+
+    def _embedding(self, document: Mapping[str, Any]) -> list[float]:
+        path = self._embedder.field or ""
+        value = get_path(document, path)
+        if isinstance(value, Binary) and value.subtype == 9:  # BSON vector (float32/int8)
+            value = list(value.as_vector().data)
+        if value is _MISSING or value is None:
+            raise MappingError(f"vector field {path!r} is missing")
+        if not isinstance(value, list) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in value
+        ):
+            raise MappingError(f"vector field {path!r} is not a list of numbers")
+        vector_f = [float(v) for v in value]
+        if len(vector_f) != self._embedder.dimensions:
+            raise MappingError(
+                f"vector field {path!r} has {len(vector_f)} dimensions, expected "
+                f"{self._embedder.dimensions} (embedder.dimensions)"
+            )
+        if not all(math.isfinite(v) for v in vector_f):
+            raise MappingError(f"vector field {path!r} contains NaN or infinity")
+        return vector_f

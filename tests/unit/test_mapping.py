@@ -1,0 +1,444 @@
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import itertools
+import json
+import math
+import uuid
+from typing import Any
+
+import bson
+import pytest
+from bson import Decimal128, Int64, ObjectId, Timestamp
+from bson.binary import Binary, BinaryVectorDtype
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from syncd.config import PipelineSettings
+from syncd.errors import ConfigError, MappingError, OversizedError
+from syncd.mapping import (
+    RESERVED_PREFIX,
+    Mapper,
+    _scalar,
+    base_id,
+    chunk_spans,
+    chunk_text,
+    decode_id,
+    encode_id,
+)
+
+
+def pipeline(**mapping: Any) -> PipelineSettings:
+    embedder = mapping.pop("embedder", {})
+    extra = mapping.pop("pipeline", {})
+    mapping.setdefault("text", None if "text_template" in mapping else "body")
+    return PipelineSettings.model_validate(
+        {
+            "name": "p",
+            "database": "db",
+            "collection": "c",
+            "mapping": mapping,
+            "embedder": embedder,
+            **extra,
+        }
+    )
+
+
+# --- ids -----------------------------------------------------------------------------
+
+OID = ObjectId("65a1b2c3d4e5f60718293a4b")
+UUID = uuid.UUID("12345678-1234-5678-1234-567812345678")
+
+
+@pytest.mark.parametrize(
+    ("value", "encoded"),
+    [
+        (OID, "oid:65a1b2c3d4e5f60718293a4b"),
+        ("hello", "s:hello"),
+        ("a#b%c", "s:a%23b%25c"),
+        (42, "i:42"),
+        (Int64(42), "i:42"),
+        (-(2**63), f"i:{-(2**63)}"),
+        (1.5, "f:1.5"),
+        (True, "b:true"),
+        (UUID, f"uuid:{UUID}"),
+        (Binary.from_uuid(UUID), f"uuid:{UUID}"),
+        (dt.datetime(2024, 1, 2, 3, 4, 5, 123999), "dt:2024-01-02T03:04:05.123Z"),
+        (dt.datetime(2024, 1, 2, 3, 4, 5, 123000, tzinfo=dt.UTC), "dt:2024-01-02T03:04:05.123Z"),
+        (None, "null:"),
+        ({"a": 1, "b": "x"}, 'doc:{"a":"i:1","b":"s:x"}'),
+    ],
+)
+def test_encode_id_is_readable_for_common_types(value: Any, encoded: str) -> None:
+    assert encode_id(value) == encoded
+
+
+def test_same_key_whatever_python_type_carried_it() -> None:
+    # The _id index treats these as one key, so the record id must not depend on the decoder.
+    assert encode_id(7) == encode_id(Int64(7))
+    assert encode_id(UUID) == encode_id(Binary.from_uuid(UUID))
+    naive = dt.datetime(2024, 5, 1, 12, 0)
+    aware = dt.datetime(2024, 5, 1, 14, 0, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    assert encode_id(naive) == encode_id(aware)
+
+
+def test_compound_ids_keep_field_order() -> None:
+    # {a, b} and {b, a} are different _ids in MongoDB.
+    assert encode_id({"a": 1, "b": 2}) != encode_id({"b": 2, "a": 1})
+    decoded = decode_id(encode_id({"b": 2, "a": {"y": 1, "x": [1, "s"]}}))
+    assert list(decoded) == ["b", "a"]
+    assert list(decoded["a"]) == ["y", "x"]
+
+
+def test_types_do_not_collide() -> None:
+    values = [1, 1.0, "1", True, b"1", Decimal128("1"), {"1": 1}, None, "null:", "i:1"]
+    assert len({encode_id(v) for v in values}) == len(values)
+
+
+def test_chunk_suffix_is_stripped() -> None:
+    key = encode_id("doc#1")
+    assert "#" not in key
+    assert base_id(f"{key}#3") == key
+    assert decode_id(f"{key}#3") == "doc#1"
+
+
+def test_decode_rejects_foreign_ids() -> None:
+    for bad in ("plain", "zz:1", "i:notanumber", "oid:xyz"):
+        with pytest.raises(MappingError):
+            decode_id(bad)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality as MongoDB's _id index sees it, for values that came back from decode_id."""
+    if isinstance(a, float) and math.isnan(a):
+        return isinstance(b, float) and math.isnan(b)
+    if isinstance(a, uuid.UUID):
+        return b == Binary.from_uuid(a)
+    if isinstance(a, dt.datetime):
+        return encode_id(a) == encode_id(b) and isinstance(b, dt.datetime)
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return (bool(a == b) and type(a) is type(b)) or (isinstance(a, int) and a == b)
+
+
+scalar_ids = st.one_of(
+    st.builds(ObjectId),
+    st.text(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1).map(Int64),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.uuids(),
+    st.uuids().map(Binary.from_uuid),
+    st.booleans(),
+    st.binary(max_size=40),
+    st.tuples(st.binary(max_size=20), st.sampled_from([1, 2, 3, 5, 128])).map(lambda t: Binary(*t)),
+    st.datetimes(min_value=dt.datetime(1, 1, 2), max_value=dt.datetime(9999, 12, 30)),
+    st.decimals(allow_nan=False, places=4).map(lambda d: Decimal128(str(d))),
+    st.builds(Timestamp, st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1)),
+    st.just(bson.MinKey()),
+    st.just(bson.MaxKey()),
+    st.none(),
+)
+any_ids = st.recursive(
+    scalar_ids,
+    lambda inner: (
+        st.dictionaries(st.text(min_size=1), inner, max_size=4) | st.lists(inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(any_ids)
+def test_encode_decode_round_trip(value: Any) -> None:
+    encoded = encode_id(value)
+    assert "#" not in encoded
+    assert encode_id(value) == encoded  # deterministic
+    assert _same(value, decode_id(encoded))
+    assert encode_id(decode_id(encoded)) == encoded
+    assert decode_id(f"{encoded}#12") is not None or value is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(), st.text())
+def test_distinct_strings_get_distinct_ids(a: str, b: str) -> None:
+    assert (encode_id(a) == encode_id(b)) == (a == b)
+
+
+def test_decoded_ids_can_be_sent_to_mongodb() -> None:
+    for value in (OID, "x", 5, Int64(2**40), UUID, {"a": UUID}, dt.datetime(2020, 1, 1)):
+        bson.encode({"_id": decode_id(encode_id(value))})
+
+
+# --- text -------------------------------------------------------------------------------
+
+
+def test_text_from_dot_path_and_numbers_and_lists() -> None:
+    mapper = Mapper(pipeline(text="content.text"))
+    assert mapper.map({"_id": 1, "content": {"text": "hi"}}).records[0].text == "hi"
+    assert mapper.map({"_id": 1, "content": {"text": 3.5}}).records[0].text == "3.5"
+    assert mapper.map({"_id": 1, "content": {"text": ["a", "b"]}}).records[0].text == "a\nb"
+    with pytest.raises(MappingError):
+        mapper.map({"_id": 1, "content": {"text": {"nested": 1}}})
+
+
+def test_missing_text_is_poison_naming_field_and_id() -> None:
+    mapper = Mapper(pipeline(text="body"))
+    with pytest.raises(MappingError) as info:
+        mapper.map({"_id": OID, "title": "x"})
+    assert "'body'" in str(info.value)
+    assert str(OID) in str(info.value)
+    assert info.value.document_id == OID
+    assert info.value.pipeline == "p"
+
+
+def test_template_renders_paths_and_blanks_missing_fields() -> None:
+    mapper = Mapper(pipeline(text_template="{title}\n\n{body.main} ({n})"))
+    doc = {"_id": 1, "title": "T", "body": {"main": "B"}}
+    assert mapper.map(doc).records[0].text == "T\n\nB ()"
+    assert mapper.map({**doc, "n": 4}).records[0].text == "T\n\nB (4)"
+
+
+def test_bad_template_is_a_config_error() -> None:
+    with pytest.raises(ConfigError):
+        Mapper(pipeline(text_template="{title!r}"))
+    with pytest.raises(ConfigError):
+        Mapper(pipeline(text_template="{}"))
+
+
+def test_oversized_text_and_documents() -> None:
+    with pytest.raises(OversizedError):
+        Mapper(pipeline(max_text_chars=5)).map({"_id": 1, "body": "123456"})
+    with pytest.raises(OversizedError) as info:
+        Mapper(pipeline(max_document_bytes=100)).map({"_id": 1, "body": "x" * 200})
+    assert info.value.document_id == 1
+
+
+def test_document_without_id_is_poison() -> None:
+    with pytest.raises(MappingError):
+        Mapper(pipeline()).map({"body": "x"})
+
+
+# --- metadata ------------------------------------------------------------------------------
+
+
+def test_metadata_conversion() -> None:
+    doc = {
+        "_id": OID,
+        "body": "b",
+        "s": "str",
+        "i": Int64(7),
+        "f": 1.25,
+        "flag": False,
+        "nan": math.nan,
+        "when": dt.datetime(2024, 3, 1, 10, 0, 0, 5000),
+        "dec": Decimal128("1.10"),
+        "oid": OID,
+        "uuid": Binary.from_uuid(UUID),
+        "none": None,
+        "author": {"name": "Ann", "meta": {"age": 40}},
+        "tags": ["a", "b"],
+        "nums": [1, 2.5],
+        "mixed": [1, "a", True],
+        "empty": [],
+        "objs": [{"k": 1}],
+    }
+    paths = [k for k in doc if k not in ("_id", "body")] + ["missing"]
+    meta = Mapper(pipeline(metadata=paths)).map(doc).records[0].metadata
+    user = {k: v for k, v in meta.items() if not k.startswith(RESERVED_PREFIX)}
+    assert user == {
+        "s": "str",
+        "i": 7,
+        "f": 1.25,
+        "flag": False,
+        "nan": "NaN",
+        "when": "2024-03-01T10:00:00.005Z",
+        "dec": "1.10",
+        "oid": str(OID),
+        "uuid": str(UUID),
+        "author.name": "Ann",
+        "author.meta.age": 40,
+        "tags": ["a", "b"],
+        "nums": [1.0, 2.5],
+        "mixed": ["1", "a", "true"],
+        "objs": ['{"k":1}'],
+    }
+    # Chroma checks exact types: an Int64 would be refused.
+    assert type(user["i"]) is int
+
+
+def test_ints_beyond_int64_become_strings() -> None:
+    # Not storable in BSON, but a template or computed value could still produce one.
+    assert _scalar(2**70) == str(2**70)
+    assert _scalar(2**63 - 1) == 2**63 - 1
+
+
+def test_metadata_is_accepted_by_chroma() -> None:
+    from chromadb.api.types import validate_metadata
+
+    doc = {"_id": 1, "body": "b", "a": [Int64(1), Int64(2)], "d": {"x": [True]}, "n": 2.0}
+    for record in Mapper(pipeline(metadata=["a", "d", "n"])).map(doc).records:
+        validate_metadata(record.metadata)  # type: ignore[arg-type]
+
+
+def test_rename_and_reserved_prefix() -> None:
+    mapper = Mapper(pipeline(metadata=["author.name"], rename={"author.name": "author"}))
+    meta = mapper.map({"_id": 1, "body": "b", "author": {"name": "A"}}).records[0].metadata
+    assert meta["author"] == "A"
+    for path in ("syncd_x", "chroma:document"):
+        with pytest.raises(ConfigError, match="reserved"):
+            Mapper(pipeline(metadata=[path]))
+    # Flattening appends ".sub", so "syncd" itself stays usable.
+    mapper = Mapper(pipeline(metadata=["x"], rename={"x": "syncd"}))
+    meta = mapper.map({"_id": 1, "body": "b", "x": {"_a": 1}}).records[0].metadata
+    assert meta["syncd._a"] == 1
+
+
+def test_reserved_keys_on_every_record() -> None:
+    mapper = Mapper(pipeline(metadata=["k"]))
+    mapped = mapper.map({"_id": "a", "body": "text", "k": 1}, cluster_time=Timestamp(100, 7))
+    (record,) = mapped.records
+    assert record.id == mapped.key == "s:a"
+    assert record.metadata["syncd_id"] == "s:a"
+    assert record.metadata["syncd_chunk"] == 0
+    assert record.metadata["syncd_cluster_time"] == (100 << 32) | 7
+    assert record.metadata["syncd_hash"] == record.content_hash
+    assert record.metadata["syncd_text_hash"] == record.text_hash
+    assert record.text_hash == hashlib.sha256(b"text").hexdigest()
+    untimed = mapper.map({"_id": "a", "body": "text", "k": 1}).records[0]
+    assert "syncd_cluster_time" not in untimed.metadata
+
+
+def test_hashes() -> None:
+    mapper = Mapper(pipeline(metadata=["k"]))
+    base = mapper.map({"_id": 1, "body": "t", "k": 1}).records[0]
+    meta_changed = mapper.map({"_id": 1, "body": "t", "k": 2}).records[0]
+    text_changed = mapper.map({"_id": 1, "body": "u", "k": 1}).records[0]
+    other_field = mapper.map({"_id": 1, "body": "t", "k": 1, "z": 9}).records[0]
+    assert base.text_hash == meta_changed.text_hash  # no re-embedding for metadata edits
+    assert base.content_hash != meta_changed.content_hash
+    assert base.text_hash != text_changed.text_hash
+    assert base.content_hash == other_field.content_hash  # unmapped fields do not matter
+    # The definition is stable (persisted in Chroma; verify recomputes it).
+    expected = json.dumps(
+        {"chunk": 0, "metadata": {"k": 1}, "text": "t"}, separators=(",", ":"), sort_keys=True
+    )
+    assert base.content_hash == hashlib.sha256(expected.encode()).hexdigest()
+
+
+# --- chunking ------------------------------------------------------------------------------
+
+
+def test_chunked_records() -> None:
+    mapper = Mapper(pipeline(chunk_size=20, chunk_overlap=5, metadata=["k"]))
+    text = "some long text about many things that goes on and on"
+    mapped = mapper.map({"_id": OID, "body": text, "k": "v"})
+    assert len(mapped.records) > 1
+    for n, record in enumerate(mapped.records):
+        assert record.id == f"{mapped.key}#{n}"
+        assert record.metadata["syncd_id"] == mapped.key
+        assert record.metadata["syncd_chunk"] == n
+        assert record.metadata["k"] == "v"
+        assert record.text_hash == hashlib.sha256(record.text.encode()).hexdigest()
+    assert len({r.content_hash for r in mapped.records}) == len(mapped.records)
+    assert [r.text for r in mapped.records] == [
+        "some long text ",
+        "text about many ",
+        "many things that ",
+        "that goes on and on",
+    ]
+
+
+def test_short_text_is_one_chunk_with_suffix() -> None:
+    mapper = Mapper(pipeline(chunk_size=100))
+    assert [r.id for r in mapper.map({"_id": 3, "body": "short"}).records] == ["i:3#0"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.text(alphabet=st.sampled_from("ab \n"), max_size=300),
+    st.integers(1, 40),
+    st.data(),
+)
+def test_chunks_cover_the_text(text: str, size: int, data: st.DataObject) -> None:
+    overlap = data.draw(st.integers(0, size - 1))
+    spans = chunk_spans(text, size, overlap)
+    assert spans[0][0] == 0
+    assert spans[-1][1] == len(text)
+    for (start, end), (next_start, _) in itertools.pairwise(spans):
+        assert start < next_start <= end  # progress, no gap
+        assert end - next_start <= 2 * overlap  # overlap only grows to reach a word start
+    assert all(0 < end - start <= size for start, end in spans if text)
+    assert chunk_text(text, size, overlap) == [text[s:e] for s, e in spans]
+
+
+# --- vectors from the document ----------------------------------------------------------------
+
+
+def field_mapper(dims: int = 3) -> Mapper:
+    return Mapper(pipeline(embedder={"kind": "field", "field": "vec.v", "dimensions": dims}))
+
+
+def test_vector_from_document() -> None:
+    record = field_mapper().map({"_id": 1, "body": "b", "vec": {"v": [1, 0.5, Int64(2)]}})
+    assert record.records[0].embedding == [1.0, 0.5, 2.0]
+    changed = field_mapper().map({"_id": 1, "body": "b", "vec": {"v": [1, 0.5, 3]}})
+    assert changed.records[0].content_hash != record.records[0].content_hash
+
+
+def test_bson_vector_from_document() -> None:
+    vector = Binary.from_vector([0.5, 0.25, 1.0], BinaryVectorDtype.FLOAT32)
+    record = field_mapper().map({"_id": 1, "body": "b", "vec": {"v": vector}})
+    assert record.records[0].embedding == [0.5, 0.25, 1.0]
+
+
+@pytest.mark.parametrize(
+    "value", [None, "x", [1, 2], [1, 2, 3, 4], [1, "2", 3], [True, 1, 2], [1, math.nan, 2]]
+)
+def test_bad_vectors_are_poison(value: Any) -> None:
+    doc: dict[str, Any] = {"_id": 1, "body": "b"}
+    if value is not None:
+        doc["vec"] = {"v": value}
+    with pytest.raises(MappingError, match=r"vec\.v"):
+        field_mapper().map(doc)
+
+
+# --- fingerprint and filter ---------------------------------------------------------------------
+
+
+def test_fingerprint_tracks_what_changes_records() -> None:
+    base = Mapper(pipeline(metadata=["a"])).fingerprint
+    assert base == Mapper(pipeline(metadata=["a"])).fingerprint
+    assert base == Mapper(pipeline(metadata=["a"], pipeline={"batch_size": 7})).fingerprint
+    assert base == Mapper(pipeline(metadata=["a"], max_text_chars=10)).fingerprint
+    changed = [
+        pipeline(metadata=["b"]),
+        pipeline(metadata=["a"], rename={"a": "x"}),
+        pipeline(metadata=["a"], text="other"),
+        pipeline(metadata=["a"], chunk_size=100),
+        pipeline(metadata=["a"], pipeline={"filter": {"x": 1}}),
+        pipeline(metadata=["a"], embedder={"dimensions": 8}),
+        pipeline(metadata=["a"], embedder={"kind": "sentence_transformers", "model": "m"}),
+    ]
+    prints = {Mapper(p).fingerprint for p in changed}
+    assert base not in prints
+    assert len(prints) == len(changed)
+
+
+def test_fingerprint_ignores_secrets() -> None:
+    common = {"kind": "openai", "model": "m", "base_url": "http://127.0.0.1:1/v1"}
+    a = Mapper(pipeline(embedder={**common, "api_key": "key-one-1234"})).fingerprint
+    b = Mapper(pipeline(embedder={**common, "api_key": "key-two-5678"})).fingerprint
+    assert a == b
+
+
+def test_matches_uses_the_pipeline_filter() -> None:
+    mapper = Mapper(pipeline(pipeline={"filter": {"status": "published"}}))
+    assert mapper.matches({"_id": 1, "status": "published"})
+    assert not mapper.matches({"_id": 1, "status": "draft"})
+    assert Mapper(pipeline()).matches({"_id": 1})
+    with pytest.raises(ConfigError, match=r"\$where"):
+        Mapper(pipeline(pipeline={"filter": {"$where": "1"}}))
