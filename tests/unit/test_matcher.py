@@ -26,13 +26,14 @@ INVENTORY = {
     "dim_cm": [14, 21],
     "instock": [{"warehouse": "A", "qty": 5}, {"warehouse": "C", "qty": 15}],
 }
+OID = ObjectId("65a1b2c3d4e5f60718293a4b")
 STUDENT = {"_id": 1, "results": [82, 85, 88], "grades": [{"g": 90, "m": 1}, {"g": 60, "m": 2}]}
 MISSING_QTY = {"item": "x"}
 NULL_QTY = {"item": "y", "qty": None}
 
 # (filter, document, expected)
 TABLE: list[tuple[dict[str, Any], dict[str, Any], bool]] = [
-    # implicit equality, dot paths, embedded documents (manual: "Query on Embedded/Nested Documents")
+    # implicit equality, dot paths, embedded documents (manual: "Query on Embedded Documents")
     ({"status": "A"}, INVENTORY, True),
     ({"status": "D"}, INVENTORY, False),
     ({"size.uom": "cm"}, INVENTORY, True),
