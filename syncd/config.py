@@ -125,6 +125,10 @@ class TelemetrySettings(_Model):
     span_log_max_bytes: Annotated[int, Field(ge=0)] = 5_000_000
     verify_sample_every_s: Annotated[float, Field(ge=0)] = 0.0
     verify_sample_size: Annotated[int, Field(ge=1)] = 100
+    # /healthz turns 503 when a running pipeline loop has not heartbeated for this long.
+    heartbeat_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    # A repeated identical retry error is logged at most once per interval, with a count.
+    retry_log_interval_s: Annotated[float, Field(ge=0)] = 30.0
 
     @field_validator("listen")
     @classmethod

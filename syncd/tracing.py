@@ -1,0 +1,135 @@
+"""OpenTelemetry plumbing for :mod:`syncd.telemetry`: exporters, resource, errors, links.
+
+The exporter comes from ``telemetry.traces`` or, when unset, from
+``OTEL_TRACES_EXPORTER`` (default none). The OTLP exporters are an optional extra and
+are imported only when asked for. Endpoints, headers, sampler and batch sizes follow
+the standard ``OTEL_*`` variables through the SDK's own handling.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from urllib.parse import urlsplit
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.trace import Link, Span, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from syncd import __version__
+from syncd.config import TelemetrySettings
+from syncd.errors import ConfigError
+from syncd.redact import redact_text
+
+log = logging.getLogger("syncd.telemetry")
+
+_OTLP_HINT = "install the OTLP exporters: pip install 'syncd[otlp]'"
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+
+def tracer_provider(
+    settings: TelemetrySettings, extra: SpanExporter | None = None
+) -> TracerProvider | None:
+    """A provider exporting through batch processors, or None when nothing exports."""
+    exporters = span_exporters(settings)
+    if extra is not None:
+        exporters.append(extra)
+    if not exporters:
+        return None
+    provider = TracerProvider(resource=_resource())  # OTEL_TRACES_SAMPLER applies here
+    for exporter in exporters:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider
+
+
+def record_error(span: Span, exc: BaseException) -> None:
+    """Record ``exc`` on ``span`` with ERROR status, every text passed through redaction.
+
+    The SDK's own ``record_exception`` would keep the raw message and traceback, which
+    can hold a connection string.
+    """
+    message = redact_text(f"{type(exc).__name__}: {exc}")
+    span.add_event(
+        "exception",
+        {
+            "exception.type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+            "exception.message": redact_text(str(exc)),
+            "exception.stacktrace": redact_text("".join(traceback.format_exception(exc))),
+        },
+    )
+    span.set_attribute("error.type", type(exc).__qualname__)
+    span.set_status(Status(StatusCode.ERROR, message))
+
+
+def remote_link(traceparent: str | None) -> Link | None:
+    """A link to the application span whose W3C context a document carries, if valid."""
+    if not traceparent or not isinstance(traceparent, str):
+        return None
+    context = _PROPAGATOR.extract({"traceparent": traceparent.strip()})
+    span_context = trace.get_current_span(context).get_span_context()
+    if not span_context.is_valid:
+        return None
+    return Link(span_context, {"syncd.link": "document.traceparent"})
+
+
+def _resource() -> Resource:
+    # Resource.create reads OTEL_RESOURCE_ATTRIBUTES; explicit attributes would win over
+    # OTEL_SERVICE_NAME, so the default name is applied only when the variable is unset.
+    name = os.environ.get("OTEL_SERVICE_NAME") or "syncd"
+    return Resource.create({SERVICE_NAME: name, SERVICE_VERSION: __version__})
+
+
+def span_exporters(settings: TelemetrySettings) -> list[SpanExporter]:
+    kinds: list[str]
+    if settings.traces:
+        kinds = [settings.traces]
+    else:
+        raw = os.environ.get("OTEL_TRACES_EXPORTER", "none")
+        kinds = [kind.strip().lower() for kind in raw.split(",") if kind.strip()]
+    exporters = [_span_exporter(kind, settings.otlp_endpoint) for kind in kinds]
+    return [exporter for exporter in exporters if exporter is not None]
+
+
+def _span_exporter(kind: str, endpoint: str | None) -> SpanExporter | None:
+    if kind == "none":
+        return None
+    if kind == "console":
+        return ConsoleSpanExporter(service_name="syncd")
+    if kind == "otlp":
+        protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get(
+            "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
+        )
+        kind = "otlp_grpc" if protocol.strip().lower() == "grpc" else "otlp_http"
+    if kind == "otlp_http":
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        except ImportError:
+            raise ConfigError("OTLP/HTTP trace export needs a package", hint=_OTLP_HINT) from None
+        url = http_traces_url(endpoint) if endpoint else None
+        log.info("exporting traces over OTLP/HTTP to %s", redact_text(url or "the OTEL_* default"))
+        return OTLPSpanExporter(endpoint=url)
+    if kind == "otlp_grpc":
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+                OTLPSpanExporter as GrpcSpanExporter,
+            )
+        except ImportError:
+            raise ConfigError("OTLP/gRPC trace export needs a package", hint=_OTLP_HINT) from None
+        shown = redact_text(endpoint or "the OTEL_* default")
+        log.info("exporting traces over OTLP/gRPC to %s", shown)
+        return GrpcSpanExporter(endpoint=endpoint)
+    raise ConfigError(
+        f"unknown trace exporter {kind!r} (telemetry.traces or OTEL_TRACES_EXPORTER)",
+        hint="use none, console, otlp, otlp_http or otlp_grpc",
+    )
+
+
+def http_traces_url(endpoint: str) -> str:
+    """Accept a base URL (as OTEL_EXPORTER_OTLP_ENDPOINT) or the full /v1/traces URL."""
+    if urlsplit(endpoint).path.strip("/"):
+        return endpoint
+    return endpoint.rstrip("/") + "/v1/traces"
