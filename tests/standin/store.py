@@ -153,7 +153,7 @@ class Store:
         self.base_seq = 0  # seq of history[0]
         self.next_seq = 0
         self.last_ts = (0, 0)
-        self.floor_ts = (0, 0)  # events at or before this time are no longer retained
+        self.floor_ts = (0, 0)  # the earliest cluster time a stream can still start from
         self.sessions: dict[bytes, tuple[int, dict[str, Any]]] = {}
         self._pending: list[dict[str, Any]] = []
         self._record_seq = 0
@@ -222,7 +222,8 @@ class Store:
         excess = len(self.history) - self.history_size
         # Prune in chunks so steady-state writes do not shift the list every time.
         if excess >= max(1, self.history_size // 10):
-            self.floor_ts = self.history_ts[excess - 1]
+            last_pruned = self.history_ts[excess - 1]
+            self.floor_ts = (last_pruned[0], last_pruned[1] + 1)
             del self.history[:excess]
             del self.history_ts[:excess]
             self.base_seq += excess

@@ -94,7 +94,7 @@ class ChangeStream:
 
     def _checked_seq(self, ts: tuple[int, int], *, inclusive: bool) -> int:
         store = self.store
-        if ts <= store.floor_ts:
+        if ts < store.floor_ts:
             raise history_lost()
         return store.seq_at_or_after(ts) if inclusive else store.seq_after(ts)
 
