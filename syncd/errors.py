@@ -226,15 +226,27 @@ def classify(exc: BaseException) -> ErrorKind:
         return _classify_mongo(exc)
     if isinstance(exc, (ConnectionError, TimeoutError, socket.timeout)):
         return ErrorKind.TRANSIENT
+    if isinstance(exc, bson.errors.InvalidDocument):
+        return ErrorKind.POISON
     status = _http_status(exc)
     if status is not None:
         return _classify_http_status(status)
-    name = type(exc).__module__ + "." + type(exc).__name__
-    if name.startswith(("httpx.", "httpcore.")) and (
-        "Timeout" in name or "Connect" in name or "Network" in name or "Protocol" in name
-    ):
+    if _is_transport_error(exc):
         return ErrorKind.TRANSIENT
     return ErrorKind.FATAL
+
+
+# httpx/httpcore base classes of failures a retry can outlive: refused or reset
+# connections (NetworkError covers connect, read, write and close), timeouts, a
+# server that hung up mid-response. LocalProtocolError and UnsupportedProtocol are ours.
+_TRANSPORT_ERRORS = frozenset({"NetworkError", "TimeoutException", "RemoteProtocolError"})
+
+
+def _is_transport_error(exc: BaseException) -> bool:
+    return any(
+        cls.__module__.split(".")[0] in ("httpx", "httpcore") and cls.__name__ in _TRANSPORT_ERRORS
+        for cls in type(exc).__mro__
+    )
 
 
 def _classify_mongo(exc: mongo_errors.PyMongoError) -> ErrorKind:
@@ -259,16 +271,27 @@ def _classify_mongo(exc: mongo_errors.PyMongoError) -> ErrorKind:
 
 
 def _http_status(exc: BaseException) -> int | None:
-    """Best-effort HTTP status of an error raised by chromadb or httpx."""
+    """Best-effort HTTP status of an error raised by chromadb or httpx.
+
+    chromadb's HTTP client raises a ``ChromaError`` whose ``code()`` is the status
+    when the body names a known error, and a bare ``Exception(body)`` raised while
+    handling httpx's ``HTTPStatusError`` otherwise (a proxy's HTML 502, a 503).
+    """
+    code = getattr(exc, "code", None)
+    if type(exc).__module__.startswith("chromadb.") and callable(code):
+        status = code()
+        return status if isinstance(status, int) else None
     response = getattr(exc, "response", None)
     status = getattr(response, "status_code", None) or getattr(exc, "status_code", None)
+    if status is None and type(exc) is Exception and exc.__context__ is not None:
+        return _http_status(exc.__context__)
     return status if isinstance(status, int) else None
 
 
 def _classify_http_status(status: int) -> ErrorKind:
     if status == 429 or status >= 500:
         return ErrorKind.TRANSIENT
-    if status in (401, 403):
+    if status in (401, 403, 404):  # credentials, or the collection/model is not there
         return ErrorKind.FATAL
     if 400 <= status < 500:
         return ErrorKind.POISON
