@@ -71,6 +71,9 @@ class SpanLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("a", encoding="utf-8")
             self._size = self._file.tell()
+            if self._size and not _ends_with_newline(self.path):
+                self._file.write("\n")  # end a line a crash cut short; find() skips it
+                self._size += 1
         return self._file
 
     def _rotate(self) -> IO[str]:
@@ -94,6 +97,12 @@ class SpanLog:
                         continue  # a line cut short by a crash
                     if isinstance(record, dict):
                         yield record
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as handle:
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1) == b"\n"
 
 
 def _encode(record: dict[str, Any]) -> str:

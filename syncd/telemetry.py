@@ -143,7 +143,7 @@ class PipelineTelemetry:
         if self._owner.sampled(info.document_id):
             span = self._owner.tracer.start_span(
                 "syncd.event",
-                attributes=_event_attributes(info),
+                attributes=_event_attributes(info, link),
                 links=[link] if link else (),
             )
             span.end()
@@ -414,7 +414,7 @@ class Telemetry:
 # --- helpers -----------------------------------------------------------------
 
 
-def _event_attributes(info: ChangeEventInfo) -> dict[str, Any]:
+def _event_attributes(info: ChangeEventInfo, link: Link | None) -> dict[str, Any]:
     attributes = {
         "syncd.pipeline": info.pipeline,
         "db.namespace": info.namespace,
@@ -422,6 +422,8 @@ def _event_attributes(info: ChangeEventInfo) -> dict[str, Any]:
         "syncd.document_id": redact_text(info.document_id),
         "syncd.cluster_time": _format_timestamp(info.cluster_time),
         "syncd.resume_token": info.resume_token,
+        # Also as an attribute: not every backend keeps span links (Phoenix drops them).
+        "syncd.traceparent": info.traceparent.strip() if link and info.traceparent else None,
     }
     return {key: value for key, value in attributes.items() if value is not None}
 

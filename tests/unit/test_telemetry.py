@@ -1,0 +1,377 @@
+"""Span structure, metrics and state of syncd.telemetry, read from the in-memory exporter."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import bson
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from syncd.config import Settings
+from syncd.errors import ConfigError, TransientError
+from syncd.telemetry import ChangeEventInfo, PipelineTelemetry, Telemetry
+from syncd.tracing import http_traces_url, span_exporters, tracer_provider
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+SECRET_URI = "mongodb://syncd:hunter2-secret@db.example:27017/app"
+
+
+def make_telemetry(tmp_path: Path, **telemetry: Any) -> tuple[Telemetry, InMemorySpanExporter]:
+    options = {"listen": "", "traces": "none", "span_log_path": str(tmp_path / "spans.jsonl")}
+    settings = Settings.model_validate({"telemetry": {**options, **telemetry}})
+    exporter = InMemorySpanExporter()
+    return Telemetry(settings, span_exporter=exporter), exporter
+
+
+@pytest.fixture
+def telemetry(tmp_path: Path) -> Iterator[tuple[Telemetry, InMemorySpanExporter]]:
+    telemetry, exporter = make_telemetry(tmp_path)
+    telemetry.start()
+    yield telemetry, exporter
+    telemetry.shutdown()
+
+
+def info(document_id: str = "42", **overrides: Any) -> ChangeEventInfo:
+    fields: dict[str, Any] = {
+        "pipeline": "articles",
+        "namespace": "app.articles",
+        "operation": "update",
+        "document_id": document_id,
+        "cluster_time": bson.Timestamp(1_700_000_000, 7),
+        "resume_token": "8265A1B2C3000000072B",
+    }
+    return ChangeEventInfo(**{**fields, **overrides})
+
+
+def finished(telemetry: Telemetry, exporter: InMemorySpanExporter) -> dict[str, ReadableSpan]:
+    assert telemetry.force_flush()
+    return {span.name: span for span in exporter.get_finished_spans()}
+
+
+def run_batch(pipeline: PipelineTelemetry, *events: ChangeEventInfo) -> None:
+    with pipeline.batch(len(events)):
+        with pipeline.stage("read"):
+            pass
+        with pipeline.stage("map"):
+            for event in events:
+                pipeline.event(event)
+        with pipeline.stage("write"):
+            pass
+
+
+def test_batch_is_a_root_consumer_span_with_stages_and_events_as_children(telemetry):
+    tel, exporter = telemetry
+    pipeline = tel.pipeline("articles")
+    outer = TracerProvider().get_tracer("caller")
+    with outer.start_as_current_span("unrelated caller span"):
+        run_batch(pipeline, info("42"))
+    spans = finished(tel, exporter)
+
+    batch = spans["syncd.batch"]
+    assert batch.parent is None, "a batch starts its own trace"
+    assert batch.kind is SpanKind.CONSUMER
+    assert dict(batch.attributes or {}) == {
+        "syncd.pipeline": "articles",
+        "messaging.system": "mongodb",
+        "messaging.operation.type": "process",
+        "messaging.batch.message_count": 1,
+        "messaging.destination.name": "app.articles",
+    }
+    for name in ("syncd.read", "syncd.map", "syncd.write"):
+        assert spans[name].parent is not None
+        assert spans[name].parent.span_id == batch.context.span_id
+        assert spans[name].context.trace_id == batch.context.trace_id
+    event = spans["syncd.event"]
+    assert event.parent is not None and event.parent.span_id == spans["syncd.map"].context.span_id
+    assert dict(event.attributes or {}) == {
+        "syncd.pipeline": "articles",
+        "db.namespace": "app.articles",
+        "syncd.operation": "update",
+        "syncd.document_id": "42",
+        "syncd.cluster_time": "1700000000.7",
+        "syncd.resume_token": "8265A1B2C3000000072B",
+    }
+    assert not event.links
+
+
+def test_event_links_to_the_trace_in_the_document_traceparent(telemetry):
+    tel, exporter = telemetry
+    run_batch(tel.pipeline("articles"), info(traceparent=TRACEPARENT))
+    event = finished(tel, exporter)["syncd.event"]
+    assert len(event.links) == 1
+    link = event.links[0].context
+    assert trace.format_trace_id(link.trace_id) == "0af7651916cd43dd8448eb211c80319c"
+    assert trace.format_span_id(link.span_id) == "b7ad6b7169203331"
+    assert link.is_remote
+    assert link.trace_id != event.context.trace_id, "a link, not a parent"
+    assert (event.attributes or {})["syncd.traceparent"] == TRACEPARENT
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "not a traceparent",
+        "00-00000000000000000000000000000000-b7ad6b7169203331-01",  # all-zero trace id
+        "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",  # all-zero span id
+        "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",  # forbidden version
+        "00-0af7651916cd43dd8448eb211c80319-b7ad6b7169203331-01",  # short trace id
+    ],
+)
+def test_invalid_traceparent_adds_no_link(telemetry, bad):
+    tel, exporter = telemetry
+    run_batch(tel.pipeline("articles"), info(traceparent=bad))
+    event = finished(tel, exporter)["syncd.event"]
+    assert not event.links
+    assert "syncd.traceparent" not in (event.attributes or {})
+
+
+def test_failure_marks_stage_and_batch_as_errors_without_leaking_credentials(telemetry):
+    tel, exporter = telemetry
+    pipeline = tel.pipeline("articles")
+    with pytest.raises(TransientError), pipeline.batch(3), pipeline.stage("write"):
+        raise TransientError(f"cannot reach {SECRET_URI}")
+    spans = finished(tel, exporter)
+    for name in ("syncd.write", "syncd.batch"):
+        span = spans[name]
+        assert span.status.status_code is StatusCode.ERROR
+        assert "TransientError" in (span.status.description or "")
+        (exception,) = [e for e in span.events if e.name == "exception"]
+        assert exception.attributes is not None
+        assert exception.attributes["exception.type"] == "syncd.errors.TransientError"
+        assert "syncd:***@db.example" in str(exception.attributes["exception.message"])
+        everything = json.loads(span.to_json())
+        assert "hunter2" not in json.dumps(everything)
+
+
+def test_document_ids_that_look_like_credentials_are_redacted(telemetry):
+    tel, exporter = telemetry
+    run_batch(tel.pipeline("articles"), info(document_id=SECRET_URI))
+    event = finished(tel, exporter)["syncd.event"]
+    assert "hunter2" not in json.dumps(dict(event.attributes or {}))
+
+
+def test_sample_ratio_zero_records_no_event_spans_but_keeps_the_span_log(tmp_path):
+    tel, exporter = make_telemetry(tmp_path, event_sample_ratio=0.0)
+    tel.start()
+    try:
+        run_batch(tel.pipeline("articles"), info("1"), info("2"))
+        spans = finished(tel, exporter)
+        assert "syncd.event" not in spans
+        assert tel.span_log is not None
+        records = tel.span_log.find("articles", "2")
+        assert len(records) == 1
+        assert records[0]["span_id"] == trace.format_span_id(spans["syncd.map"].context.span_id)
+    finally:
+        tel.shutdown()
+
+
+def test_sampling_is_per_document_and_follows_the_ratio(tmp_path):
+    tel, _ = make_telemetry(tmp_path, event_sample_ratio=0.25)
+    ids = [str(n) for n in range(4000)]
+    picked = [i for i in ids if tel.sampled(i)]
+    assert 800 < len(picked) < 1200
+    assert picked == [i for i in ids if tel.sampled(i)], "the same documents every time"
+
+
+def test_span_log_records_each_event_with_its_ids_and_the_batch_outcome(telemetry):
+    tel, exporter = telemetry
+    pipeline = tel.pipeline("articles")
+    run_batch(pipeline, info("42", operation="insert", traceparent=TRACEPARENT))
+    with pytest.raises(RuntimeError), pipeline.batch(1):
+        pipeline.event(info("42", operation="delete"))
+        raise RuntimeError("sink down")
+    pipeline.event(info("7"))  # outside a batch: written at once
+    assert tel.force_flush()
+    events = [s for s in exporter.get_finished_spans() if s.name == "syncd.event"]
+    assert tel.span_log is not None
+    first, second = tel.span_log.find("articles", "42")
+    assert first["operation"] == "insert" and first["outcome"] == "applied"
+    assert first["cluster_time"] == "1700000000.7"
+    assert first["span_id"] == trace.format_span_id(events[0].context.span_id)
+    assert second["span_id"] == trace.format_span_id(events[1].context.span_id)
+    assert first["linked_trace_id"] == "0af7651916cd43dd8448eb211c80319c"
+    assert second["operation"] == "delete" and second["outcome"] == "failed: RuntimeError"
+    assert second["trace_id"] != first["trace_id"]
+    assert [r["outcome"] for r in tel.span_log.find("articles", "7")] == ["seen"]
+
+
+def test_metrics_are_recorded_on_the_instance_registry(telemetry):
+    tel, _ = telemetry
+    p = tel.pipeline("articles")
+    p.applied("insert", 3)
+    p.applied("insert", 2)
+    p.applied("delete", 1)
+    p.batch_done(5, 0.2)
+    p.dead_lettered(2)
+    p.embedded(10)
+    p.drift(missing=1, orphaned=2, stale=3)
+    p.oplog_headroom(3600)
+    p.lag(bson.Timestamp(int(time.time()) - 30, 1))
+    p.checkpointed(bson.Timestamp(1_700_000_000, 1))
+    value = tel.registry.get_sample_value
+    assert value("syncd_events_applied_total", {"pipeline": "articles", "operation": "insert"}) == 5
+    assert value("syncd_events_applied_total", {"pipeline": "articles", "operation": "delete"}) == 1
+    assert value("syncd_batch_size_sum", {"pipeline": "articles"}) == 5
+    assert value("syncd_batch_seconds_count", {"pipeline": "articles"}) == 1
+    assert value("syncd_dead_letters_total", {"pipeline": "articles"}) == 2
+    assert value("syncd_embedding_inputs_total", {"pipeline": "articles"}) == 10
+    assert value("syncd_drift_records", {"pipeline": "articles", "kind": "orphaned"}) == 2
+    assert value("syncd_oplog_headroom_seconds", {"pipeline": "articles"}) == 3600
+    assert 29 <= value("syncd_lag_seconds", {"pipeline": "articles"}) <= 40
+    ts = value("syncd_checkpoint_timestamp_seconds", {"pipeline": "articles"})
+    assert ts == 1_700_000_000
+    age = value("syncd_checkpoint_age_seconds", {"pipeline": "articles"})
+    time.sleep(0.05)
+    assert value("syncd_checkpoint_age_seconds", {"pipeline": "articles"}) > age >= 0
+    other = Telemetry.disabled()
+    other.pipeline("articles").applied("insert", 1)
+    assert value("syncd_events_applied_total", {"pipeline": "articles", "operation": "insert"}) == 5
+
+
+def test_state_gauge_and_readiness_follow_the_pipeline(telemetry):
+    tel, _ = telemetry
+    p = tel.pipeline("articles")
+    value = tel.registry.get_sample_value
+
+    def state() -> str:
+        return next(
+            s for s in ("starting", "snapshotting", "streaming", "retrying", "halted", "stopped")
+            if value("syncd_pipeline_state", {"pipeline": "articles", "state": s}) == 1
+        )  # fmt: skip
+
+    assert state() == "starting" and not p.ready() and not tel.process_ready()
+    p.set_state("snapshotting")
+    assert state() == "snapshotting" and p.ready() and tel.process_ready()
+    p.retrying(TransientError("timeout"), attempt=1, delay=0.5)
+    assert state() == "retrying" and not p.ready()
+    assert value("syncd_retries_total", {"pipeline": "articles", "kind": "transient"}) == 1
+    p.recovered()
+    assert state() == "snapshotting", "back to the state before the retries"
+    p.set_state("halted", error=ValueError(f"bad document from {SECRET_URI}"))
+    assert state() == "halted" and not p.ready()
+    assert "hunter2" not in json.dumps(p.status())
+    assert value("syncd_pipeline_ready", {"pipeline": "articles"}) == 0
+    tel.pipeline("other").set_state("streaming")
+    assert not tel.process_ready(), "every pipeline must be ready"
+    with pytest.raises(ValueError, match="unknown pipeline state"):
+        p.set_state("sleeping")
+
+
+def test_repeated_retry_errors_are_logged_once_per_interval_with_a_count(tmp_path, caplog):
+    tel, _ = make_telemetry(tmp_path, retry_log_interval_s=0.3)
+    p = tel.pipeline("articles")
+    p.set_state("streaming")
+    caplog.set_level(logging.INFO, logger="syncd.telemetry")
+    for attempt in range(1, 4):
+        p.retrying(TransientError(f"cannot reach {SECRET_URI}"), attempt=attempt, delay=0.1)
+    p.retrying(TransientError("another error"), attempt=4, delay=0.1)
+    retry_lines = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(retry_lines) == 2, retry_lines
+    assert "hunter2" not in caplog.text
+    time.sleep(0.35)
+    p.retrying(TransientError(f"cannot reach {SECRET_URI}"), attempt=5, delay=0.1)
+    assert "(repeated 2 times since last logged)" in caplog.records[-1].getMessage()
+    assert caplog.records[-1].pipeline == "articles"  # type: ignore[attr-defined]
+    p.recovered()
+    assert caplog.records[-1].getMessage() == "recovered after 5 attempts"
+    assert p.ready()
+    count = len(caplog.records)
+    p.recovered()
+    assert len(caplog.records) == count, "nothing to recover from: no second line"
+
+
+def test_disabled_telemetry_does_nothing_observable_but_keeps_state(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
+    tel = Telemetry.disabled()
+    tel.start()
+    p = tel.pipeline("articles")
+    run_batch(p, info())
+    assert not trace.get_current_span().get_span_context().is_valid
+    assert tel.http_address is None and tel.span_log is None
+    p.set_state("streaming")
+    assert tel.process_ready()
+    tel.shutdown()
+    tel.shutdown()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_shutdown_flushes_spans_and_is_idempotent(tmp_path):
+    tel, exporter = make_telemetry(tmp_path)
+    tel.start()
+    run_batch(tel.pipeline("articles"), info())
+    tel.shutdown()
+    assert {s.name for s in exporter.get_finished_spans()} >= {"syncd.batch", "syncd.event"}
+    tel.shutdown()
+    run_batch(tel.pipeline("articles"), info())  # after shutdown: no error, nothing exported
+    assert len([s for s in exporter.get_finished_spans() if s.name == "syncd.batch"]) == 1
+
+
+def test_exporter_comes_from_settings_then_otel_env(monkeypatch):
+    for name in ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_SERVICE_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    telemetry = Settings().telemetry
+    assert span_exporters(telemetry) == []
+    assert tracer_provider(telemetry) is None
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
+    assert [type(e) for e in span_exporters(telemetry)] == [ConsoleSpanExporter]
+    explicit = telemetry.model_copy(update={"traces": "none"})
+    assert span_exporters(explicit) == []
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
+    with pytest.raises(ConfigError, match="unknown trace exporter 'zipkin'"):
+        span_exporters(telemetry)
+
+
+def test_otlp_exporters_honour_endpoint_and_protocol(monkeypatch):
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as Grpc
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as Http
+
+    telemetry = Settings().telemetry.model_copy(
+        update={"traces": "otlp", "otlp_endpoint": "http://127.0.0.1:4318"}
+    )
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", raising=False)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_PROTOCOL", raising=False)
+    (exporter,) = span_exporters(telemetry)
+    assert isinstance(exporter, Http)
+    assert exporter._endpoint == "http://127.0.0.1:4318/v1/traces"
+    exporter.shutdown()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    (exporter,) = span_exporters(telemetry)
+    assert isinstance(exporter, Grpc)
+    exporter.shutdown()
+    assert http_traces_url("http://h:4318/") == "http://h:4318/v1/traces"
+    assert http_traces_url("http://h:4318/custom/traces") == "http://h:4318/custom/traces"
+
+
+def test_service_name_defaults_to_syncd_and_follows_otel_service_name(tmp_path, monkeypatch):
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    tel, exporter = make_telemetry(tmp_path)
+    tel.start()
+    run_batch(tel.pipeline("articles"))
+    tel.shutdown()
+    assert exporter.get_finished_spans()[0].resource.attributes["service.name"] == "syncd"
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "syncd-eu")
+    tel, exporter = make_telemetry(tmp_path)
+    tel.start()
+    run_batch(tel.pipeline("articles"))
+    tel.shutdown()
+    assert exporter.get_finished_spans()[0].resource.attributes["service.name"] == "syncd-eu"
+
+
+def test_otel_traces_sampler_is_honoured(tmp_path, monkeypatch):
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    tel, exporter = make_telemetry(tmp_path)
+    tel.start()
+    run_batch(tel.pipeline("articles"), info())
+    tel.shutdown()
+    assert exporter.get_finished_spans() == ()
