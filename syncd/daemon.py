@@ -4,6 +4,12 @@ SIGTERM and SIGINT stop reading; each pipeline finishes (or abandons) its in-fli
 batch within ``shutdown_timeout_s`` and checkpoints only what was applied. SIGHUP
 does not reload anything: it says so in the log. The first pipeline to fail fatally
 stops the others, and its exit code becomes the process's.
+
+With leases (the default with the MongoDB checkpoint store), a pipeline runs only
+while this process holds its lease (see :mod:`syncd.lease`). A pipeline whose lease
+is lost stops alone, logs it, and is taken again later when its lease is free; the
+process keeps running. Without leases every pipeline runs with epoch 0, and a fenced
+checkpoint write stops the process with ExitCode.LEASE.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from collections.abc import Sequence
 from types import FrameType
 
 from syncd.config import PipelineSettings, Settings
-from syncd.errors import ExitCode, SyncdError
+from syncd.errors import ExitCode, LeaseLostError, SyncdError
+from syncd.lease import FencedSink, LeasedPipelines, LeaseManager, uses_leases
 from syncd.notify import SystemdNotifier
 from syncd.pipeline import Pipeline
 from syncd.runtime import Runtime
@@ -26,10 +33,13 @@ log = logging.getLogger(__name__)
 
 
 class Worker(threading.Thread):
-    def __init__(self, pipeline: Pipeline, failed: threading.Event) -> None:
+    def __init__(
+        self, pipeline: Pipeline, failed: threading.Event, *, leased: bool = False
+    ) -> None:
         super().__init__(name=f"pipeline-{pipeline.settings.name}", daemon=True)
         self.pipeline = pipeline
         self.failed = failed
+        self.leased = leased
         self.error: BaseException | None = None
         self.last_beat = time.monotonic()
 
@@ -44,6 +54,9 @@ class Worker(threading.Thread):
             telemetry.set_state("stopped")
         except BaseException as exc:  # noqa: BLE001 - recorded and re-raised as the exit code
             self.error = exc
+            if self.leased and isinstance(exc, LeaseLostError):
+                telemetry.set_state("stopped", exc)  # the lease scheduler takes it from here
+                return
             telemetry.set_state("halted", exc)
             self.failed.set()
 
@@ -79,28 +92,57 @@ class Daemon:
         self.telemetry.start()
         runtime = Runtime(self.settings, self.telemetry)
         workers: list[Worker] = []
+        leased: LeasedPipelines[Worker] | None = None
         try:
-            for ps in self.pipelines:
-                pipeline = runtime.pipeline(ps, stop=self.stop, resync=self.resync)
-                worker = Worker(pipeline, self.failed)
-                pipeline._heartbeat = worker.beat
-                workers.append(worker)
-            for worker in workers:
-                worker.start()
-            log.info("syncd running %d pipeline(s)", len(workers))
-            self.notifier.ready(f"running {len(workers)} pipeline(s)")
-            self._supervise(workers)
-            return self._finish(workers)
+            if uses_leases(self.settings):
+                leased = self._leased_pipelines(runtime)
+                log.info("syncd running up to %d pipeline(s) under leases", len(self.pipelines))
+            else:
+                for ps in self.pipelines:
+                    pipeline = runtime.pipeline(ps, stop=self.stop, resync=self.resync)
+                    worker = Worker(pipeline, self.failed)
+                    pipeline._heartbeat = worker.beat
+                    workers.append(worker)
+                for worker in workers:
+                    worker.start()
+                log.info("syncd running %d pipeline(s)", len(workers))
+            self.notifier.ready(f"running {len(self.pipelines)} pipeline(s)")
+            self._supervise(workers, leased)
+            return self._finish(leased.workers if leased else workers)
         finally:
+            if leased is not None:
+                leased.close()
             self.notifier.stopping()
             runtime.close()
             self.telemetry.shutdown()
 
-    def _supervise(self, workers: list[Worker]) -> None:
+    def _leased_pipelines(self, runtime: Runtime) -> LeasedPipelines[Worker]:
+        leases = LeaseManager(
+            runtime.mongo, self.settings.checkpoint.database, self.settings.lease, runtime.store
+        )
+
+        def start(ps: PipelineSettings, epoch: int) -> Worker:
+            pipeline = runtime.pipeline(ps, stop=threading.Event(), epoch=epoch, resync=self.resync)
+            pipeline.sink = FencedSink(pipeline.sink, lambda: leases.check(ps.name))
+            worker = Worker(pipeline, self.failed, leased=True)
+            pipeline._heartbeat = worker.beat
+            worker.start()
+            return worker
+
+        return LeasedPipelines(leases, self.pipelines, start)
+
+    def _supervise(
+        self, workers: list[Worker], leased: LeasedPipelines[Worker] | None = None
+    ) -> None:
         interval = self.notifier.watchdog_interval()
         ping_every = interval / 2 if interval else 1.0
+        if leased is not None:
+            ping_every = min(ping_every, self.settings.lease.renew_every_s / 2)
         while not self.stop.is_set() and not self.failed.is_set():
-            if all(not w.is_alive() for w in workers):
+            if leased is not None:
+                leased.tick()
+                workers = list(leased.running.values())
+            elif all(not w.is_alive() for w in workers):
                 return
             stale = [w for w in workers if w.is_alive() and time.monotonic() - w.last_beat > 60]
             if not stale:
@@ -109,6 +151,8 @@ class Daemon:
 
     def _finish(self, workers: list[Worker]) -> int:
         self.stop.set()
+        for worker in workers:
+            worker.pipeline.stop.set()  # leased pipelines each have their own stop event
         deadline = time.monotonic() + self.settings.shutdown_timeout_s
         for worker in workers:
             worker.join(max(0.0, deadline - time.monotonic()))

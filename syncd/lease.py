@@ -1,0 +1,546 @@
+"""One writer per pipeline: leases in MongoDB, fenced by an epoch on the checkpoint.
+
+A lease is one document per pipeline in ``<checkpoint.database>.leases``::
+
+    {_id: PIPELINE, owner: "host:pid:uuid", epoch: int, expires_at: datetime}
+
+Taking a lease increments its epoch, and the new epoch is then claimed on the
+checkpoint (:meth:`CheckpointStore.claim_epoch`), whose ``save()`` refuses any write
+with an older epoch. So a holder that was paused past its lease (GC, SIGSTOP, a
+partition) can never move the checkpoint after someone else took over: its write
+raises :class:`~syncd.errors.LeaseLostError`.
+
+Time: every expiry is computed and compared on the server (``$$NOW`` inside update
+pipelines and ``$expr``), so hosts with skewed clocks agree on who holds what. The
+holder additionally keeps a local deadline on the monotonic clock (renewal start +
+TTL - margin); past it, :meth:`LeaseManager.check` refuses further sink writes even
+before the server has said anything. ``$expr`` is never combined with an upsert,
+which MongoDB rejects; the take-over decision lives in a ``$cond`` instead.
+
+Spreading pipelines over processes (:class:`LeasedPipelines`): every process
+announces itself with a ``{_id: "process:<owner>", kind: "process", pipelines:
+[...]}`` document renewed like a lease (pipeline names cannot contain ':', so the two
+kinds never collide). With N pipelines configured and P live processes, the fair
+share is ceil(N / P):
+
+* a process takes a free (absent or expired) lease while it holds fewer than its
+  share, or when that lease has stayed free for a whole TTL (nobody under their
+  share could run it);
+* a process that holds at least two more leases than a live peer able to run one
+  of them hands one over: it drains that pipeline, then expires the lease at once
+  (at most one hand-over per TTL, so the peer has time to take it).
+
+A process that dies simply stops renewing; its leases expire after ``ttl_s`` and
+the others take them on their next round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, Generic, Protocol, TypeVar
+
+from pymongo import MongoClient, ReturnDocument
+from pymongo.collection import Collection
+from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.write_concern import WriteConcern
+
+from syncd.checkpoint import CheckpointStore, whoami
+from syncd.config import LeaseSettings, PipelineSettings, Settings
+from syncd.errors import LeaseLostError, TransientError, from_mongo, translate_mongo_errors
+from syncd.sink import Sink, StoredRecord, WritePlan
+
+log = logging.getLogger(__name__)
+
+LEASES_COLLECTION = "leases"
+PROCESS_PREFIX = "process:"
+_EPOCH_ZERO = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def new_owner(prefix: str = "") -> str:
+    """``host:pid:uuid``: unique per process incarnation, readable by operators."""
+    return f"{prefix}{whoami()}:{uuid.uuid4().hex[:8]}"
+
+
+def leases_collection(
+    client: MongoClient[dict[str, Any]], database: str
+) -> Collection[dict[str, Any]]:
+    return client[database].get_collection(
+        LEASES_COLLECTION, write_concern=WriteConcern(w="majority", j=True)
+    )
+
+
+@dataclasses.dataclass
+class Held:
+    pipeline: str
+    epoch: int
+    deadline: float  # monotonic; past it we no longer trust that we hold the lease
+
+
+@dataclasses.dataclass(frozen=True)
+class LeaseInfo:
+    """A lease as stored, with liveness decided by the server's clock."""
+
+    pipeline: str
+    owner: str
+    epoch: int
+    expires_at: datetime | None
+    live: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+    """Who is alive and what they hold, as seen in one read of the leases collection."""
+
+    processes: dict[str, frozenset[str]]  # owner -> pipelines it is configured to run
+    holders: dict[str, str]  # pipeline -> owner of its live lease
+
+    def held_by(self, owner: str) -> int:
+        return sum(1 for holder in self.holders.values() if holder == owner)
+
+
+class LeaseManager:
+    """Takes, renews and releases this process's leases; see the module docstring."""
+
+    def __init__(
+        self,
+        client: MongoClient[dict[str, Any]],
+        database: str,
+        settings: LeaseSettings,
+        store: CheckpointStore,
+        *,
+        owner: str | None = None,
+    ) -> None:
+        self._coll = leases_collection(client, database)
+        self.settings = settings
+        self.store = store
+        self.owner = owner or new_owner()
+        self._ttl_ms = int(settings.ttl_s * 1000)
+        # Stop trusting a lease a little before the server would expire it.
+        self._margin = min(1.0, settings.ttl_s / 10)
+        self._held: dict[str, Held] = {}
+        self._pipelines: list[str] | None = None  # announced once LeasedPipelines runs
+
+    # --- one lease ----------------------------------------------------------------
+
+    def acquire(self, pipeline: str, *, force: bool = False) -> int | None:
+        """Take the lease if it is free (or, with ``force``, in any case): the new epoch.
+
+        Returns None when another owner holds a live lease. The epoch is claimed on
+        the checkpoint before returning, so older holders are fenced off from then on.
+        """
+        started = time.monotonic()
+        free = {"$lte": [{"$ifNull": ["$expires_at", _EPOCH_ZERO]}, "$$NOW"]}
+        take = {"$or": [free, force]}
+        update = [
+            {
+                "$set": {
+                    "owner": {"$cond": [take, self.owner, "$owner"]},
+                    "epoch": {"$cond": [take, {"$add": [{"$ifNull": ["$epoch", 0]}, 1]}, "$epoch"]},
+                    "expires_at": {
+                        "$cond": [take, {"$add": ["$$NOW", self._ttl_ms]}, "$expires_at"]
+                    },
+                }
+            }
+        ]
+        with translate_mongo_errors(pipeline=pipeline):
+            try:
+                doc = self._coll.find_one_and_update(
+                    {"_id": pipeline}, update, upsert=True, return_document=ReturnDocument.AFTER
+                )
+            except DuplicateKeyError:  # another process created it at the same moment
+                return None
+        if doc is None or doc.get("owner") != self.owner:
+            return None
+        try:
+            epoch = self._fence(pipeline, int(doc["epoch"]))
+        except LeaseLostError as exc:
+            log.error("took the lease of %s but cannot fence its checkpoint: %s", pipeline, exc)
+            return None
+        self._held[pipeline] = Held(pipeline, epoch, started + self.settings.ttl_s - self._margin)
+        log.info(
+            "took the lease of pipeline %s (epoch %d)", pipeline, epoch,
+            extra={"pipeline": pipeline, "epoch": epoch, "owner": self.owner},
+        )  # fmt: skip
+        return epoch
+
+    def _fence(self, pipeline: str, epoch: int) -> int:
+        """Claim ``epoch`` on the checkpoint; lift it past a newer checkpoint epoch if needed.
+
+        A checkpoint epoch above the lease's means the leases collection was dropped or
+        edited; the lease then jumps past the checkpoint so fencing keeps working.
+        """
+        try:
+            self.store.claim_epoch(pipeline, epoch)
+            return epoch
+        except LeaseLostError:
+            stored = self.store.load(pipeline)
+            if stored is None or stored.epoch < epoch:
+                self._expire(pipeline, epoch)
+                raise
+        lifted = stored.epoch + 1
+        with translate_mongo_errors(pipeline=pipeline):
+            self._coll.update_one(
+                {"_id": pipeline, "owner": self.owner, "epoch": epoch}, {"$set": {"epoch": lifted}}
+            )
+        self.store.claim_epoch(pipeline, lifted)
+        return lifted
+
+    def renew(self) -> list[str]:
+        """Extend every held lease; return the pipelines whose lease is lost.
+
+        A lease is lost when its document no longer names us with our epoch, or when
+        MongoDB cannot be reached until the local deadline has passed.
+        """
+        self.announce_safely()
+        lost = []
+        for held in list(self._held.values()):
+            if not self._renew_one(held):
+                lost.append(held.pipeline)
+                del self._held[held.pipeline]
+        return lost
+
+    def _renew_one(self, held: Held) -> bool:
+        started = time.monotonic()
+        try:
+            doc = self._coll.find_one_and_update(
+                {"_id": held.pipeline, "owner": self.owner, "epoch": held.epoch},
+                [{"$set": {"expires_at": {"$add": ["$$NOW", self._ttl_ms]}}}],
+                return_document=ReturnDocument.AFTER,
+            )
+        except PyMongoError as exc:
+            error = from_mongo(exc, pipeline=held.pipeline)
+            if not isinstance(error, TransientError):
+                raise error from exc
+            log.warning(
+                "cannot renew the lease of pipeline %s: %s", held.pipeline, error.message,
+                extra={"pipeline": held.pipeline},
+            )  # fmt: skip
+            return time.monotonic() < held.deadline
+        if doc is None:
+            return False
+        held.deadline = started + self.settings.ttl_s - self._margin
+        return True
+
+    def release(self, pipeline: str) -> None:
+        """Expire our lease at once so another process can take it without waiting."""
+        held = self._held.pop(pipeline, None)
+        if held is not None:
+            self._expire(pipeline, held.epoch)
+
+    def _expire(self, pipeline: str, epoch: int) -> None:
+        with translate_mongo_errors(pipeline=pipeline):
+            self._coll.update_one(
+                {"_id": pipeline, "owner": self.owner, "epoch": epoch},
+                [{"$set": {"expires_at": "$$NOW"}}],
+            )
+
+    def forget(self, pipeline: str) -> None:
+        """Drop a lease we know is gone, without touching the stored document."""
+        self._held.pop(pipeline, None)
+
+    def holds(self, pipeline: str) -> bool:
+        held = self._held.get(pipeline)
+        return held is not None and time.monotonic() < held.deadline
+
+    def epoch(self, pipeline: str) -> int | None:
+        held = self._held.get(pipeline)
+        return held.epoch if held else None
+
+    def check(self, pipeline: str) -> None:
+        """Raise LeaseLostError unless we still hold the pipeline's lease."""
+        if not self.holds(pipeline):
+            raise LeaseLostError(
+                "this process no longer holds the pipeline's lease; not writing",
+                hint="another process runs it now; this one will try to take it back later",
+                pipeline=pipeline,
+            )
+
+    @property
+    def held(self) -> list[str]:
+        return sorted(self._held)
+
+    # --- processes and the shared view --------------------------------------------
+
+    def announce(self, pipelines: Sequence[str]) -> None:
+        self._pipelines = list(pipelines)
+        self.announce_safely()
+
+    def announce_safely(self) -> None:
+        pipelines = self._pipelines
+        if pipelines is None:
+            return
+        try:
+            self._coll.update_one(
+                {"_id": PROCESS_PREFIX + self.owner},
+                [
+                    {
+                        "$set": {
+                            "kind": "process",
+                            "owner": self.owner,
+                            "pipelines": pipelines,
+                            "expires_at": {"$add": ["$$NOW", self._ttl_ms]},
+                        }
+                    }
+                ],
+                upsert=True,
+            )
+        except PyMongoError as exc:
+            log.warning("cannot announce this process: %s", from_mongo(exc).message)
+
+    def view(self) -> View:
+        with translate_mongo_errors():
+            docs = list(self._coll.find({"$expr": {"$gt": ["$expires_at", "$$NOW"]}}))
+        processes: dict[str, frozenset[str]] = {}
+        holders: dict[str, str] = {}
+        for doc in docs:
+            if doc.get("kind") == "process":
+                processes[str(doc["owner"])] = frozenset(doc.get("pipelines") or [])
+            elif "owner" in doc:
+                holders[str(doc["_id"])] = str(doc["owner"])
+        return View(processes, holders)
+
+    def info(self, pipeline: str) -> LeaseInfo | None:
+        return lease_info(self._coll, pipeline)
+
+    def close(self) -> None:
+        """Release every lease and withdraw this process's announcement."""
+        for pipeline in list(self._held):
+            try:
+                self.release(pipeline)
+            except TransientError as exc:
+                log.warning("could not release the lease of %s: %s", pipeline, exc.message)
+        try:
+            self._coll.delete_one({"_id": PROCESS_PREFIX + self.owner})
+        except PyMongoError as exc:
+            log.warning("could not withdraw this process: %s", from_mongo(exc).message)
+
+
+def lease_info(coll: Collection[dict[str, Any]], pipeline: str) -> LeaseInfo | None:
+    """The pipeline's lease, with ``live`` decided by the server's clock."""
+    with translate_mongo_errors(pipeline=pipeline):
+        docs = list(
+            coll.aggregate(
+                [
+                    {"$match": {"_id": pipeline}},
+                    {"$addFields": {"live": {"$gt": ["$expires_at", "$$NOW"]}}},
+                ]
+            )
+        )
+    if not docs:
+        return None
+    doc = docs[0]
+    expires = doc.get("expires_at")
+    if isinstance(expires, datetime) and expires.tzinfo is None:
+        expires = expires.replace(tzinfo=UTC)
+    return LeaseInfo(
+        pipeline=pipeline,
+        owner=str(doc.get("owner", "")),
+        epoch=int(doc.get("epoch", 0)),
+        expires_at=expires,
+        live=bool(doc.get("live")),
+    )
+
+
+def uses_leases(settings: Settings) -> bool:
+    """Leases need the MongoDB checkpoint store; the file store runs without them."""
+    return settings.lease.enabled and settings.checkpoint.store == "mongodb"
+
+
+# --- fencing the sink -------------------------------------------------------------
+
+
+class FencedSink:
+    """A sink that refuses writes once the pipeline's lease is no longer ours.
+
+    The checkpoint is fenced on the server; this narrows the other window, where a
+    holder paused past its lease would still write stale records into Chroma. A
+    write already in flight when the pause began can still land: Chroma has no
+    conditional write to fence it with.
+    """
+
+    def __init__(self, inner: Sink, check: Callable[[], None]) -> None:
+        self._inner = inner
+        self._check = check
+        self.max_batch = inner.max_batch
+
+    def existing(self, keys: Sequence[str]) -> dict[str, dict[str, Mapping[str, Any]]]:
+        return self._inner.existing(keys)
+
+    def write(self, plan: WritePlan) -> None:
+        self._check()
+        self._inner.write(plan)
+
+    def get(self, ids: Sequence[str], *, include_embeddings: bool = False) -> list[StoredRecord]:
+        return self._inner.get(ids, include_embeddings=include_embeddings)
+
+    def scan(self, page: int = 1000) -> Iterator[list[StoredRecord]]:
+        return self._inner.scan(page)
+
+    def delete_all(self) -> int:
+        self._check()
+        return self._inner.delete_all()
+
+    def delete_where(self, where: Mapping[str, Any]) -> None:
+        self._check()
+        self._inner.delete_where(where)
+
+    def count(self) -> int:
+        return self._inner.count()
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+# --- which pipelines this process runs --------------------------------------------
+
+
+class _Stoppable(Protocol):
+    @property
+    def stop(self) -> threading.Event: ...
+
+
+class Running(Protocol):
+    """What the daemon's worker thread offers the scheduler."""
+
+    @property
+    def pipeline(self) -> _Stoppable: ...
+
+    @property
+    def error(self) -> BaseException | None: ...
+
+    def is_alive(self) -> bool: ...
+
+
+W = TypeVar("W", bound=Running)
+
+
+class LeasedPipelines(Generic[W]):
+    """Starts a pipeline's worker when its lease is ours, stops it when it is not.
+
+    ``start(settings, epoch)`` builds and starts a worker. Call :meth:`tick` often;
+    it renews, takes and hands over leases once per ``renew_every_s``.
+    """
+
+    def __init__(
+        self,
+        leases: LeaseManager,
+        pipelines: Sequence[PipelineSettings],
+        start: Callable[[PipelineSettings, int], W],
+    ) -> None:
+        self.leases = leases
+        self.pipelines = {p.name: p for p in pipelines}
+        self._start = start
+        self.running: dict[str, W] = {}
+        self.finished: list[W] = []  # ended with an error other than a lost lease
+        self._handing_over: set[str] = set()
+        self._free_since: dict[str, float] = {}
+        self._next_round = 0.0
+        self._last_handover = -math.inf
+        leases.announce(sorted(self.pipelines))
+
+    @property
+    def workers(self) -> list[W]:
+        return [*self.finished, *self.running.values()]
+
+    def tick(self) -> None:
+        self._reap()
+        now = time.monotonic()
+        if now < self._next_round:
+            return
+        self._next_round = now + self.leases.settings.renew_every_s
+        for name in self.leases.renew():
+            self._stop(name, "lost its lease to another process")
+        try:
+            view = self.leases.view()
+        except TransientError as exc:
+            log.warning("cannot read the leases: %s", exc.message)
+            return
+        self._hand_over(view)
+        self._take(view)
+
+    def _reap(self) -> None:
+        for name, worker in list(self.running.items()):
+            if worker.is_alive():
+                continue
+            del self.running[name]
+            self._handing_over.discard(name)
+            error = worker.error
+            if isinstance(error, LeaseLostError):
+                log.warning(
+                    "pipeline %s stopped: %s; will try to take it again later", name, error,
+                    extra={"pipeline": name},
+                )  # fmt: skip
+                self.leases.forget(name)
+            elif error is None:
+                self._release(name)
+            else:
+                self.finished.append(worker)
+
+    def _release(self, name: str) -> None:
+        try:
+            self.leases.release(name)
+        except TransientError as exc:  # it expires on its own within the TTL
+            log.warning("could not release the lease of %s: %s", name, exc.message)
+
+    def _stop(self, name: str, why: str) -> None:
+        worker = self.running.get(name)
+        if worker is not None:
+            log.warning("stopping pipeline %s: %s", name, why, extra={"pipeline": name})
+            worker.pipeline.stop.set()
+
+    def _share(self, view: View) -> int:
+        processes = max(1, len(view.processes | {self.leases.owner: frozenset()}))
+        return math.ceil(len(self.pipelines) / processes)
+
+    def _take(self, view: View) -> None:
+        now = time.monotonic()
+        share = self._share(view)
+        for name in sorted(self.pipelines):
+            if name in view.holders or name in self.running:
+                self._free_since.pop(name, None)
+                continue
+            free_since = self._free_since.setdefault(name, now)
+            mine = len(self.running) - len(self._handing_over)
+            orphaned = now - free_since >= self.leases.settings.ttl_s
+            if mine >= share and not orphaned:
+                continue
+            try:
+                epoch = self.leases.acquire(name)
+            except TransientError as exc:
+                log.warning("cannot take the lease of %s: %s", name, exc.message)
+                return
+            if epoch is None:
+                continue
+            self._free_since.pop(name, None)
+            self.running[name] = self._start(self.pipelines[name], epoch)
+
+    def _hand_over(self, view: View) -> None:
+        """Give one pipeline to a live peer holding at least two fewer than we do."""
+        now = time.monotonic()
+        if self._handing_over or now - self._last_handover < self.leases.settings.ttl_s:
+            return
+        mine = [n for n in sorted(self.running) if n not in self._handing_over]
+        for owner, can_run in sorted(view.processes.items()):
+            if owner == self.leases.owner or view.held_by(owner) > len(mine) - 2:
+                continue
+            candidates = [n for n in mine if n in can_run]
+            if candidates:
+                name = candidates[-1]
+                self._handing_over.add(name)
+                self._last_handover = now
+                self._stop(name, f"handing it over to {owner} to spread the load")
+                return
+
+    def stop_all(self) -> None:
+        for worker in self.running.values():
+            worker.pipeline.stop.set()
+
+    def close(self) -> None:
+        self.leases.close()

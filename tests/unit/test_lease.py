@@ -1,0 +1,183 @@
+"""Leases against a real MongoDB: take, renew, expire, steal, and epoch fencing of the
+checkpoint. Expiry is the server's (``$$NOW``), so these tests wait real seconds."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from syncd.checkpoint import Checkpoint, MongoCheckpointStore
+from syncd.config import CheckpointSettings, LeaseSettings, PipelineSettings
+from syncd.errors import LeaseLostError
+from syncd.lease import FencedSink, LeasedPipelines, LeaseManager, lease_info, leases_collection
+from syncd.sink import WritePlan
+
+TTL = LeaseSettings(ttl_s=1.0, renew_every_s=0.3)
+
+
+def manager(db: Any, owner: str, settings: LeaseSettings = TTL) -> LeaseManager:
+    store = MongoCheckpointStore(db.client, CheckpointSettings(database=db.name))
+    return LeaseManager(db.client, db.name, settings, store, owner=owner)
+
+
+def store_of(db: Any) -> MongoCheckpointStore:
+    return MongoCheckpointStore(db.client, CheckpointSettings(database=db.name))
+
+
+def checkpoint(epoch: int, seconds: int) -> Checkpoint:
+    from bson.timestamp import Timestamp
+
+    return Checkpoint(
+        pipeline="p", fingerprint="f", epoch=epoch, cluster_time=Timestamp(seconds, 1)
+    )
+
+
+def test_acquire_is_exclusive_and_release_frees_it(mongo_db):
+    a, b = manager(mongo_db, "a"), manager(mongo_db, "b")
+    assert a.acquire("p") == 1
+    assert b.acquire("p") is None
+    assert a.holds("p") and not b.holds("p")
+    info = lease_info(leases_collection(mongo_db.client, mongo_db.name), "p")
+    assert info is not None and info.owner == "a" and info.epoch == 1 and info.live
+
+    a.release("p")
+    assert not a.holds("p")
+    assert b.acquire("p") == 2
+    stored = mongo_db["checkpoints"].find_one({"_id": "p"})
+    assert stored is not None and stored["epoch"] == 2, "the new epoch was not claimed"
+
+
+def test_renew_keeps_the_lease_past_its_ttl(mongo_db):
+    a, b = manager(mongo_db, "a"), manager(mongo_db, "b")
+    assert a.acquire("p") == 1
+    for _ in range(6):  # 1.8 s, well past the 1 s TTL
+        time.sleep(0.3)
+        assert a.renew() == []
+    assert b.acquire("p") is None
+    assert a.holds("p")
+
+
+def test_expired_lease_is_taken_and_the_old_holder_learns_it_lost(mongo_db):
+    a, b = manager(mongo_db, "a"), manager(mongo_db, "b")
+    assert a.acquire("p") == 1
+    time.sleep(1.2)
+    assert not a.holds("p"), "the local deadline should have passed with the TTL"
+    assert b.acquire("p") == 2
+    assert a.renew() == ["p"]
+    with pytest.raises(LeaseLostError):
+        a.check("p")
+    b.check("p")
+
+
+def test_force_steals_a_live_lease(mongo_db):
+    a, b = manager(mongo_db, "a"), manager(mongo_db, "b")
+    assert a.acquire("p") == 1
+    assert b.acquire("p", force=True) == 2
+    assert a.renew() == ["p"]
+    a.release("p")  # a no-op for a lease that is no longer ours
+    info = lease_info(leases_collection(mongo_db.client, mongo_db.name), "p")
+    assert info is not None and info.owner == "b" and info.live
+
+
+def test_stale_epoch_cannot_move_the_checkpoint(mongo_db):
+    a, b = manager(mongo_db, "a"), manager(mongo_db, "b")
+    store = store_of(mongo_db)
+    epoch_a = a.acquire("p")
+    assert epoch_a == 1
+    store.save(checkpoint(epoch_a, 100))
+    time.sleep(1.2)
+    epoch_b = b.acquire("p")
+    assert epoch_b == 2
+    with pytest.raises(LeaseLostError):
+        store.save(checkpoint(epoch_a, 200))
+    loaded = store.load("p")
+    assert loaded is not None and loaded.cluster_time.time == 100
+    store.save(checkpoint(epoch_b, 300))
+    loaded = store.load("p")
+    assert loaded is not None and loaded.cluster_time.time == 300 and loaded.epoch == 2
+
+
+def test_lease_epoch_jumps_past_a_newer_checkpoint_epoch(mongo_db):
+    store = store_of(mongo_db)
+    store.save(checkpoint(7, 100))  # written under leases that have since been dropped
+    a = manager(mongo_db, "a")
+    assert a.acquire("p") == 8
+    store.save(checkpoint(8, 200))
+    with pytest.raises(LeaseLostError):
+        store.save(checkpoint(7, 300))
+
+
+class RecordingSink:
+    max_batch = 100
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+    def write(self, plan: WritePlan) -> None:
+        self.writes += 1
+
+
+def test_fenced_sink_refuses_writes_once_the_lease_is_gone(mongo_db):
+    a = manager(mongo_db, "a")
+    assert a.acquire("p") == 1
+    inner = RecordingSink()
+    sink = FencedSink(inner, lambda: a.check("p"))  # type: ignore[arg-type]
+    sink.write(WritePlan())
+    time.sleep(1.2)  # no renewal: a paused holder looks like this when it wakes up
+    with pytest.raises(LeaseLostError):
+        sink.write(WritePlan())
+    assert inner.writes == 1
+
+
+class FakePipeline:
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+
+
+class FakeWorker:
+    error: BaseException | None = None
+
+    def __init__(self) -> None:
+        self.pipeline = FakePipeline()
+
+    def is_alive(self) -> bool:
+        return not self.pipeline.stop.is_set()
+
+
+def pipelines(*names: str) -> list[PipelineSettings]:
+    return [
+        PipelineSettings(name=n, database="d", collection=n, mapping={"text": "body"})  # type: ignore[arg-type]
+        for n in names
+    ]
+
+
+def test_two_processes_spread_three_pipelines_and_one_takes_over_the_dead(mongo_db):
+    settings = LeaseSettings(ttl_s=1.0, renew_every_s=0.2)
+    configured = pipelines("p1", "p2", "p3")
+    first = LeasedPipelines(manager(mongo_db, "a", settings), configured, lambda p, e: FakeWorker())
+    first.tick()
+    assert sorted(first.running) == ["p1", "p2", "p3"], "alone, a process runs everything"
+
+    second = LeasedPipelines(
+        manager(mongo_db, "b", settings), configured, lambda p, e: FakeWorker()
+    )
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline:
+        first.tick()
+        second.tick()
+        if len(first.running) + len(second.running) == 3 and second.running:
+            break
+        time.sleep(0.05)
+    assert len(second.running) == 1 and len(first.running) == 2, (first.running, second.running)
+    assert not set(first.running) & set(second.running)
+
+    # The first process dies: it stops renewing. The second takes everything within the TTL.
+    died = time.monotonic()
+    while time.monotonic() - died < 5 and len(second.running) < 3:
+        second.tick()
+        time.sleep(0.05)
+    assert sorted(second.running) == ["p1", "p2", "p3"]
+    assert time.monotonic() - died < settings.ttl_s + 2 * settings.renew_every_s + 0.5
