@@ -132,3 +132,18 @@ def test_unknown_command_fails_like_mongodb(mongo_db: Any) -> None:
     with pytest.raises(OperationFailure) as info:
         mongo_db.command("noSuchCommandAtAll")
     assert info.value.code == 59
+
+
+def test_id_range_pages_in_id_order(mongo_db: Any) -> None:
+    coll = mongo_db.c
+    coll.insert_many([{"_id": i} for i in (5, 1, 9, 3, 7)] + [{"_id": "b"}, {"_id": "a"}])
+    coll.insert_one({"_id": 4.5})
+    coll.delete_one({"_id": 9})
+    page = coll.find({"_id": {"$gt": 3}}).sort("_id", 1).limit(2)
+    assert [d["_id"] for d in page] == [4.5, 5]
+    assert [d["_id"] for d in coll.find({"_id": {"$gte": 3, "$lt": 7}}).sort("_id", -1)] == [
+        5, 4.5, 3]
+    assert [d["_id"] for d in coll.find({"_id": {"$gt": "a"}}).sort("_id", 1)] == ["b"]
+    assert [d["_id"] for d in coll.find().sort("_id", 1)] == [1, 3, 4.5, 5, 7, "a", "b"]
+    coll.insert_one({"_id": 2})
+    assert [d["_id"] for d in coll.find({"_id": {"$lte": 3}}).sort("_id", 1)] == [1, 2, 3]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from typing import Any
 
 from mongoeco.core.aggregation.stages import apply_pipeline
@@ -13,7 +14,7 @@ from mongoeco.core.upserts import seed_upsert_document
 from mongoeco.errors import OperationFailure
 from mongoeco.types import ObjectId, Regex
 
-from store import Collection, CommandError, Store, deep_copy, id_key, same_value
+from store import Collection, CommandError, Store, deep_copy, id_key, order_key, same_value
 
 
 def _id_candidates(flt: dict[str, Any]) -> list[Any] | None:
@@ -57,13 +58,62 @@ def sort_spec(sort: dict[str, Any] | None) -> list[tuple[str, Any]] | None:
     return list(sort.items()) if sort else None
 
 
+_RANGE_OPS = {"$gt", "$gte", "$lt", "$lte"}
+
+
+def _id_range(coll: Collection | None, flt: dict[str, Any] | None, sort: Any,
+              skip: int, limit: int) -> list[Any] | None:
+    """Serve ``{_id: {$gt: x, ...}}`` sorted by ``_id`` (a snapshot scan's page) by bisection."""
+    if coll is None or not sort or list(sort.items()) not in ([("_id", 1)], [("_id", -1)]):
+        return None
+    flt = flt or {}
+    bounds = flt.get("_id", {})
+    if set(flt) - {"_id"} or not isinstance(bounds, dict) or set(bounds) - _RANGE_OPS:
+        return None
+    keys = [order_key(v) for v in bounds.values()]
+    if any(k is None for k in keys):
+        return None
+    ordered = coll.ordered_ids()
+    if ordered is None:
+        return None
+    lo, hi = 0, len(ordered)
+    for op, key in zip(bounds, keys, strict=True):
+        # Type bracketing: a range on numbers never matches strings, and so on.
+        lo = max(lo, bisect_left(ordered, ((key[0],),)))
+        hi = min(hi, bisect_left(ordered, ((key[0] + 1,),)))
+        if op == "$gt":
+            lo = max(lo, bisect_right(ordered, (key, _MAX)))
+        elif op == "$gte":
+            lo = max(lo, bisect_left(ordered, (key,)))
+        elif op == "$lt":
+            hi = min(hi, bisect_left(ordered, (key,)))
+        else:
+            hi = min(hi, bisect_right(ordered, (key, _MAX)))
+    span = ordered[lo:hi] if sort["_id"] == 1 else ordered[lo:hi][::-1]
+    span = span[skip : skip + limit] if limit else span[skip:]
+    return [coll.docs[k] for _, k in span]
+
+
+class _Max:
+    def __lt__(self, other: object) -> bool:
+        return False
+
+    def __gt__(self, other: object) -> bool:
+        return True
+
+
+_MAX = _Max()
+
+
 def query(coll: Collection | None, body: dict[str, Any], filter_key: str = "filter") -> list[Any]:
-    docs = select(coll, body.get(filter_key))
-    if body.get("sort"):
-        docs = sort_documents(docs, sort_spec(body["sort"]))
     skip = int(body.get("skip") or 0)
     limit = abs(int(body.get("limit") or 0))
-    docs = docs[skip : skip + limit] if limit else docs[skip:]
+    docs = _id_range(coll, body.get(filter_key), body.get("sort"), skip, limit)
+    if docs is None:
+        docs = select(coll, body.get(filter_key))
+        if body.get("sort"):
+            docs = sort_documents(docs, sort_spec(body["sort"]))
+        docs = docs[skip : skip + limit] if limit else docs[skip:]
     projection = body.get("projection") or body.get("fields")
     if projection:
         docs = [apply_projection(d, projection, selector_filter=body.get(filter_key)) for d in docs]

@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import bson
-from bson.codec_options import CodecOptions
 
-_CODEC = CodecOptions(document_class=dict)
+from codec import CODEC as _CODEC
 _LEN = struct.Struct("<i")
 
 

@@ -29,16 +29,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bson  # noqa: E402
-from bson.codec_options import CodecOptions  # noqa: E402
 from bson.int64 import Int64  # noqa: E402
 from mongoeco.errors import OperationFailure  # noqa: E402
 from mongoeco.types import ObjectId, Timestamp  # noqa: E402
-from mongoeco.wire.bson_bridge import decode_wire_value  # noqa: E402
 
 import admin  # noqa: E402
 import crud  # noqa: E402
 from journal import Journal  # noqa: E402
-from store import CommandError, Store, wire  # noqa: E402
+from codec import CODEC  # noqa: E402
+from store import CommandError, Store  # noqa: E402
 from streams import ChangeStream  # noqa: E402
 
 OP_REPLY, OP_QUERY, OP_MSG = 1, 2004, 2013
@@ -47,7 +46,8 @@ CHECKSUM = 1 << 0
 MAX_BSON = 16 * 1024 * 1024
 MAX_MESSAGE = 48_000_000
 DEFAULT_BATCH = 101
-_CODEC = CodecOptions(document_class=dict)
+INSERT_CHUNK = 500
+_CODEC = CODEC
 WRITE_COMMANDS = {"insert": crud.cmd_insert, "update": crud.cmd_update,
                   "delete": crud.cmd_delete, "findandmodify": crud.cmd_find_and_modify}
 SIMPLE_COMMANDS: dict[str, Callable[[Store, str, dict[str, Any]], dict[str, Any]]] = {
@@ -136,7 +136,7 @@ class Server:
 
     # -- commands -----------------------------------------------------------
     async def dispatch(self, raw_body: dict[str, Any], conn_id: int) -> dict[str, Any]:
-        body = decode_wire_value(raw_body)
+        body = raw_body
         db = body.pop("$db", "admin")
         name = next(iter(body), "").lower()
         try:
@@ -155,11 +155,11 @@ class Server:
                      "codeName": "InternalError"}
         finally:
             self.store.flush()
-        ts = bson.Timestamp(*self.store.last_ts)
+        ts = Timestamp(*self.store.last_ts)
         reply["operationTime"] = ts
         reply["$clusterTime"] = {"clusterTime": ts,
                                  "signature": {"hash": bson.Binary(bytes(20)), "keyId": Int64(0)}}
-        return wire(reply)
+        return reply
 
     async def run(self, name: str, db: str, body: dict[str, Any], conn_id: int) -> dict[str, Any]:
         if body.get("startTransaction") or body.get("autocommit") is False:
@@ -168,7 +168,7 @@ class Server:
         if name in ("hello", "ismaster"):
             return self.hello(name, body, conn_id)
         if name in WRITE_COMMANDS:
-            return self.write(name, db, body)
+            return await self.write(name, db, body)
         if name in SIMPLE_COMMANDS:
             return SIMPLE_COMMANDS[name](self.store, db, body)
         if name == "find":
@@ -228,7 +228,7 @@ class Server:
             reply["helloOk"] = True
         return reply
 
-    def write(self, name: str, db: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def write(self, name: str, db: str, body: dict[str, Any]) -> dict[str, Any]:
         store = self.store
         lsid, txn = body.get("lsid"), body.get("txnNumber")
         key = None
@@ -241,12 +241,29 @@ class Server:
                 raise CommandError(225, "TransactionTooOld",
                                    f"Cannot start transaction {as_int(txn)} on session because a "
                                    f"newer transaction {previous[0]} has already started")
-        reply = WRITE_COMMANDS[name](store, db, body)
+        if name == "insert" and len(body.get("documents", [])) > INSERT_CHUNK:
+            reply = await self._chunked_insert(db, body)
+        else:
+            reply = WRITE_COMMANDS[name](store, db, body)
         if key is not None:
             store.remember_reply(key, as_int(txn), reply)
         concern = body.get("writeConcern") or {}
         store.flush(sync=bool(concern.get("j")))
         return reply
+
+    async def _chunked_insert(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Insert a large batch in slices, letting other connections (heartbeats) in between."""
+        docs, errors, n = body["documents"], [], 0
+        for start in range(0, len(docs), INSERT_CHUNK):
+            part = crud.cmd_insert(self.store, db,
+                                   {**body, "documents": docs[start : start + INSERT_CHUNK]})
+            n += part["n"]
+            errors += [{**e, "index": e["index"] + start} for e in part.get("writeErrors", [])]
+            if errors and body.get("ordered", True):
+                break
+            self.store.flush()
+            await asyncio.sleep(0)
+        return {"n": n, "writeErrors": errors} if errors else {"n": n}
 
     # -- cursors ------------------------------------------------------------
     def open_cursor(self, ns: str, docs: list[Any], batch_size: Any, *,

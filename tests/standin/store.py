@@ -12,7 +12,7 @@ import copy
 import datetime as dt
 import time
 import uuid
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,8 +21,8 @@ import bson
 from bson.raw_bson import RawBSONDocument
 from mongoeco.core.bson_scalars import BsonDecimal128, BsonDouble, BsonInt32, BsonInt64
 from mongoeco.types import Binary, ObjectId, Timestamp
-from mongoeco.wire.bson_bridge import decode_wire_value, encode_wire_value
 
+import codec
 import tokens
 from journal import Journal
 
@@ -66,12 +66,28 @@ def id_key(value: Any) -> Any:
     return ("r", type(value).__name__, repr(value))
 
 
+def order_key(value: Any) -> tuple[int, Any] | None:
+    """A native sort key that follows BSON order (numbers < strings < ObjectIds), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, BsonInt32 | BsonInt64 | BsonDouble):
+        value = value.value
+    if isinstance(value, int | float):
+        return (0, value)
+    if isinstance(value, str):
+        return (1, value)
+    if isinstance(value, ObjectId):
+        return (2, str(value))
+    return None
+
+
 def wire(value: Any) -> Any:
-    return encode_wire_value(value)
+    """Values as sent: mongoeco's types encode directly through the shared codec."""
+    return value
 
 
 def same_value(a: Any, b: Any) -> bool:
-    return bson.encode({"v": wire(a)}) == bson.encode({"v": wire(b)})
+    return codec.encode({"v": a}) == codec.encode({"v": b})
 
 
 @dataclass
@@ -82,6 +98,38 @@ class Collection:
     options: dict[str, Any] = field(default_factory=dict)
     indexes: list[dict[str, Any]] = field(default_factory=list)
     docs: dict[Any, dict[str, Any]] = field(default_factory=dict)
+    # (order key, id key) of every document in _id order, built on demand for range scans
+    id_order: list[tuple[Any, Any]] | None = None
+
+    def index_insert(self, doc_id: Any) -> None:
+        if self.id_order is not None:
+            key = order_key(doc_id)
+            if key is None:
+                self.id_order = None
+            else:
+                insort(self.id_order, (key, id_key(doc_id)))
+
+    def index_delete(self, doc_id: Any) -> None:
+        if self.id_order is not None:
+            key = order_key(doc_id)
+            i = bisect_left(self.id_order, (key, id_key(doc_id))) if key is not None else -1
+            if 0 <= i < len(self.id_order) and self.id_order[i][1] == id_key(doc_id):
+                del self.id_order[i]
+            else:
+                self.id_order = None
+
+    def ordered_ids(self) -> list[tuple[Any, Any]] | None:
+        """Documents in _id order, or None when some _id is not a number, string or ObjectId."""
+        if self.id_order is None:
+            keys = []
+            for doc in self.docs.values():
+                key = order_key(doc["_id"])
+                if key is None:
+                    return None
+                keys.append((key, id_key(doc["_id"])))
+            keys.sort()
+            self.id_order = keys
+        return self.id_order
 
     @property
     def images(self) -> bool:
@@ -104,7 +152,7 @@ class Event:
 
     def raw(self) -> RawBSONDocument:
         if self._raw is None:
-            self._raw = RawBSONDocument(bson.encode(wire(self.doc)))
+            self._raw = RawBSONDocument(codec.encode(self.doc))
         return self._raw
 
 
@@ -230,6 +278,7 @@ class Store:
 
     def insert(self, coll: Collection, doc: dict[str, Any]) -> Event:
         coll.docs[id_key(doc["_id"])] = doc
+        coll.index_insert(doc["_id"])
         key = {"_id": doc["_id"]}
         return self._event("insert", coll.db, coll,
                            {"fullDocument": doc, "ns": {"db": coll.db, "coll": coll.name},
@@ -256,6 +305,7 @@ class Store:
 
     def delete(self, coll: Collection, doc: dict[str, Any]) -> Event:
         del coll.docs[id_key(doc["_id"])]
+        coll.index_delete(doc["_id"])
         key = {"_id": doc["_id"]}
         return self._event("delete", coll.db, coll,
                            {"ns": {"db": coll.db, "coll": coll.name}, "documentKey": key},
@@ -322,11 +372,11 @@ class Store:
         snapshot, journal = self.journal.load()
         snap_seq = 0
         for rec in snapshot:
-            self._apply(decode_wire_value(rec), state=rec.get("k") != "ev")
+            self._apply(rec, state=rec.get("k") != "ev")
             snap_seq = max(snap_seq, rec.get("s", 0))
         for rec in journal:
             if rec.get("s", 0) > snap_seq:
-                self._apply(decode_wire_value(rec), state=True)
+                self._apply(rec, state=True)
         self._record_seq = max([snap_seq] + [r.get("s", 0) for r in journal])
         if not snapshot and not journal:
             self.last_ts = self.floor_ts = (int(time.time()), 0)

@@ -11,8 +11,9 @@ from mongoeco.core.aggregation.stages import apply_pipeline
 from mongoeco.core.filtering import QueryEngine, compile_filter
 from mongoeco.types import Timestamp
 
+import codec
 import tokens
-from store import INTERNAL_DBS, CommandError, Event, Store, id_key, wire
+from store import INTERNAL_DBS, CommandError, Event, Store, id_key
 
 MAX_BATCH_BYTES = 16 * 1024 * 1024 - 64 * 1024
 FULL_DOCUMENT = ("default", "updateLookup", "whenAvailable", "required")
@@ -179,7 +180,7 @@ class ChangeStream:
             shaped = self._shape(ev)
             if shaped is not None:
                 item = shaped if isinstance(shaped, RawBSONDocument) else RawBSONDocument(
-                    bson.encode(wire(shaped)))
+                    codec.encode(shaped))
                 out.append(item)
                 size += len(item.raw)
                 self.last_token = {"_data": ev.doc["_id"]["_data"]}
@@ -187,7 +188,7 @@ class ChangeStream:
             if self._invalidates(ev):
                 inv = self._pipeline(self._invalidate_doc(ev))
                 if inv is not None:
-                    out.append(RawBSONDocument(bson.encode(wire(inv))))
+                    out.append(RawBSONDocument(codec.encode(inv)))
                 self.last_token = {"_data": self._invalidate_doc(ev)["_id"]["_data"]}
                 self.closed = True
                 break
