@@ -1,0 +1,339 @@
+"""Where each pipeline stands, and moving it: the logic behind ``syncd tokens``.
+
+Reading (:func:`decode`, :func:`show`, :func:`history`) never writes. Moving
+(:func:`set_position`, :func:`reset`) goes through the pipeline's lease like a
+daemon would: it takes the lease (a new epoch, claimed on the checkpoint), writes,
+and releases it. A live daemon holding the lease makes it refuse, unless ``force``;
+forcing fences that daemon out (its next checkpoint write and its next lease renewal
+fail, it stops the pipeline and takes it again later, from the new position).
+
+Every function returns plain JSON-ready data; the shapes are documented in
+:mod:`syncd.cli.tokens`.
+"""
+
+from __future__ import annotations
+
+import getpass
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from bson.timestamp import Timestamp
+
+from syncd.checkpoint import Checkpoint
+from syncd.errors import ConfigError, ExitCode, SyncdError
+from syncd.lease import (
+    LeaseInfo,
+    LeaseManager,
+    lease_info,
+    leases_collection,
+    new_owner,
+    uses_leases,
+)
+from syncd.runtime import Runtime
+from syncd.tokens import InvalidResumeToken, decode_resume_token, token_cluster_time
+
+
+class PipelineBusyError(SyncdError):
+    """A live daemon holds the pipeline's lease."""
+
+    exit_code = ExitCode.LEASE
+
+
+def operator() -> str:
+    """``user@host`` of whoever runs the command, for the checkpoint history."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry in some containers
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+# --- reading --------------------------------------------------------------------------
+
+
+def decode(token: str) -> dict[str, Any]:
+    """The decoded fields of a hex resume token; a ConfigError (exit 2) if it is not one."""
+    try:
+        decoded = decode_resume_token(token)
+    except InvalidResumeToken as exc:
+        # "token: X" reads like a credential to the redactor, which would mask the reason.
+        raise ConfigError(str(exc).replace("resume token:", "resume token -")) from None
+    return {"token": token.strip().upper(), **decoded.to_json()}
+
+
+def show(runtime: Runtime, name: str | None = None) -> list[dict[str, Any]]:
+    """Every configured or stored pipeline's position (or just ``name``'s)."""
+    now = datetime.now(UTC)
+    if name:
+        return [_describe(runtime, name, _load_known(runtime, name), now)]
+    stored = {cp.pipeline: cp for cp in runtime.store.list()}
+    names = sorted({p.name for p in runtime.settings.pipelines} | set(stored))
+    return [_describe(runtime, n, stored.get(n), now) for n in names]
+
+
+def history(runtime: Runtime, name: str, limit: int = 20) -> dict[str, Any]:
+    cp = _load_known(runtime, name)
+    entries = cp.history[-limit:] if cp and limit > 0 else []
+    return {"pipeline": name, "entries": [_history_entry(e) for e in entries]}
+
+
+def _describe(runtime: Runtime, name: str, cp: Checkpoint | None, now: datetime) -> dict[str, Any]:
+    lease = _lease(runtime, name)
+    out: dict[str, Any] = {
+        "pipeline": name,
+        "configured": any(p.name == name for p in runtime.settings.pipelines),
+        "stored": cp is not None,
+        "phase": None,
+        "position": None,
+        "cluster_time": None,
+        "wall_time": None,
+        "age_s": None,
+        "lag_s": None,
+        "epoch": None,
+        "updated_by": None,
+        "snapshot": None,
+        "lease": _lease_json(lease),
+    }
+    if cp is None:
+        return out
+    wall = _aware(cp.wall_time)
+    out.update(
+        phase=cp.phase,
+        position=_position(cp.token, cp.start_at, cp.token_is_invalidate),
+        cluster_time=_ts(cp.cluster_time),
+        wall_time=_iso(wall),
+        age_s=round((now - wall).total_seconds(), 3) if wall else None,
+        lag_s=round(now.timestamp() - cp.cluster_time.time, 3) if cp.cluster_time else None,
+        epoch=cp.epoch,
+        updated_by=cp.updated_by,
+    )
+    if cp.snapshot is not None:
+        out["snapshot"] = {
+            "collection": cp.snapshot.collection,
+            "scanned": cp.snapshot.scanned,
+            "started_at": _iso(_aware(cp.snapshot.started_at)),
+        }
+    return out
+
+
+def _position(
+    token: Any, start_at: Timestamp | None, start_after: bool = False
+) -> dict[str, Any] | None:
+    if token:
+        data = token.get("_data") if isinstance(token, dict) else token
+        try:
+            decoded: dict[str, Any] | None = decode_resume_token(token).to_json()
+        except InvalidResumeToken as exc:
+            decoded = {"error": str(exc)}
+        return {
+            "kind": "token",
+            "token": data if isinstance(data, str) else None,
+            "start_after": start_after,
+            "decoded": decoded,
+            "start_at": None,
+        }
+    if start_at is not None:
+        return {
+            "kind": "start_at",
+            "token": None,
+            "start_after": False,
+            "decoded": None,
+            "start_at": _ts(start_at),
+        }
+    return None
+
+
+def _history_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "at": _iso(_aware(entry.get("at"))),
+        "set_by": entry.get("set_by"),
+        "reason": entry.get("reason"),
+        "phase": entry.get("phase"),
+        "cluster_time": _ts(entry.get("cluster_time")),
+        "wall_time": _iso(_aware(entry.get("wall_time"))),
+        "position": _position(entry.get("token"), entry.get("start_at")),
+    }
+
+
+# --- moving -------------------------------------------------------------------------------
+
+
+def parse_at(text: str) -> Timestamp:
+    """ISO-8601 (no offset means UTC) to the first cluster time of that second."""
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(
+            f"--at {text!r} is not an ISO-8601 time", hint="e.g. 2024-05-01T12:00:00Z"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    seconds = int(moment.timestamp())  # floor: events earlier in that second replay too
+    if seconds <= 0:
+        raise ConfigError(f"--at {text!r} is before 1970")
+    return Timestamp(seconds, 0)
+
+
+def ensure_free(runtime: Runtime, name: str, *, force: bool) -> LeaseInfo | None:
+    """Refuse (PipelineBusyError) while a live daemon holds the lease, unless forced."""
+    lease = _lease(runtime, name)
+    if lease is not None and lease.live and not force:
+        raise _busy(name, lease)
+    return lease
+
+
+def set_position(
+    runtime: Runtime,
+    name: str,
+    *,
+    token: str | None = None,
+    at: Timestamp | None = None,
+    force: bool = False,
+    by: str | None = None,
+) -> dict[str, Any]:
+    """Point the pipeline at ``token`` or at cluster time ``at``; recorded in history.
+
+    ``at`` is stored as ``start_at`` (``startAtOperationTime``), which every MongoDB
+    version honours and which replays every event at or after that time. A token is
+    resumed after (``resumeAfter``; ``startAfter`` for an invalidate's token).
+    """
+    if (token is None) == (at is None):
+        raise ConfigError("give exactly one of --token and --at")
+    decoded = decode(token) if token is not None else None
+    by = by or operator()
+    store = runtime.store
+    with _holding(runtime, name, force=force) as epoch:
+        cp = store.load(name)
+        previous = _position(cp.token, cp.start_at, cp.token_is_invalidate) if cp else None
+        if cp is None:
+            cp = _fresh(runtime, name)
+        cp.phase, cp.snapshot = "streaming", None
+        if token is not None and decoded is not None:
+            cp.token = {"_data": decoded["token"]}
+            cp.token_is_invalidate = bool(decoded["fromInvalidate"])
+            cp.start_at = None
+            cp.cluster_time = token_cluster_time(decoded["token"])
+        else:
+            cp.token, cp.token_is_invalidate = None, False
+            cp.start_at = cp.cluster_time = at
+        cp.epoch = max(epoch, cp.epoch)
+        cp.updated_by = by
+        cp.wall_time = datetime.now(UTC)
+        store.save(cp, history_reason=f"tokens set by {by}")
+    return {
+        "pipeline": name,
+        "previous": previous,
+        "position": _position(cp.token, cp.start_at, cp.token_is_invalidate),
+        "cluster_time": _ts(cp.cluster_time),
+        "epoch": cp.epoch,
+        "set_by": by,
+    }
+
+
+def reset(runtime: Runtime, name: str, *, force: bool = False) -> dict[str, Any]:
+    """Delete the checkpoint: the next run starts as a first run (a new snapshot).
+
+    The fencing epoch survives the reset, so a daemon forced out cannot recreate the
+    deleted checkpoint with its older epoch.
+    """
+    store = runtime.store
+    with _holding(runtime, name, force=force) as epoch:
+        existed = store.load(name) is not None
+        store.delete(name)
+        if epoch:
+            store.claim_epoch(name, epoch)
+    return {"pipeline": name, "deleted": existed, "epoch": epoch}
+
+
+@contextmanager
+def _holding(runtime: Runtime, name: str, *, force: bool) -> Iterator[int]:
+    """Hold the pipeline's lease (when leases are in use) around a write; yield the epoch."""
+    settings = runtime.settings
+    if not uses_leases(settings):
+        cp = runtime.store.load(name)
+        yield cp.epoch if cp else 0
+        return
+    ensure_free(runtime, name, force=force)
+    leases = LeaseManager(
+        runtime.mongo,
+        settings.checkpoint.database,
+        settings.lease,
+        runtime.store,
+        owner=new_owner("syncd-tokens@"),
+    )
+    epoch = leases.acquire(name, force=force)
+    if epoch is None:
+        raise _busy(name, _lease(runtime, name))
+    try:
+        yield epoch
+    finally:
+        leases.release(name)
+
+
+def _busy(name: str, lease: LeaseInfo | None) -> PipelineBusyError:
+    holder = "another process"
+    if lease is not None:
+        holder = f"{lease.owner} (lease epoch {lease.epoch}, until {_iso(lease.expires_at)})"
+    return PipelineBusyError(
+        f"pipeline {name!r} is running in {holder}",
+        hint="stop that daemon first, or pass --force to fence it out (it stops the pipeline "
+        "and later takes it again from the new position)",
+        pipeline=name,
+    )
+
+
+def _fresh(runtime: Runtime, name: str) -> Checkpoint:
+    from syncd.mapping import Mapper
+
+    ps = runtime.settings.pipeline(name)
+    return Checkpoint(pipeline=name, fingerprint=Mapper(ps).fingerprint)
+
+
+def _load_known(runtime: Runtime, name: str) -> Checkpoint | None:
+    cp = runtime.store.load(name)
+    if cp is None:
+        runtime.settings.pipeline(name)  # an unknown name is a ConfigError
+    return cp
+
+
+def _lease(runtime: Runtime, name: str) -> LeaseInfo | None:
+    if runtime.settings.checkpoint.store != "mongodb":
+        return None
+    coll = leases_collection(runtime.mongo, runtime.settings.checkpoint.database)
+    return lease_info(coll, name)
+
+
+def _lease_json(lease: LeaseInfo | None) -> dict[str, Any] | None:
+    if lease is None:
+        return None
+    return {
+        "owner": lease.owner,
+        "epoch": lease.epoch,
+        "expires_at": _iso(lease.expires_at),
+        "live": lease.live,
+    }
+
+
+# --- formatting helpers ----------------------------------------------------------------
+
+
+def _aware(value: Any) -> datetime | None:
+    if not isinstance(value, datetime):
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _ts(value: Any) -> dict[str, Any] | None:
+    if not isinstance(value, Timestamp):
+        return None
+    iso = datetime.fromtimestamp(value.time, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {"t": value.time, "i": value.inc, "iso": iso}
