@@ -403,7 +403,7 @@ class Mapper:
             raise OversizedError(
                 f"text is {len(text)} characters, over mapping.max_text_chars "
                 f"({self._mapping.max_text_chars})",
-                hint="raise mapping.max_text_chars or enable chunking",
+                hint="raise mapping.max_text_chars, or exclude the document with the filter",
             )
         user = self._user_metadata(document)
         embedding = self._embedding(document) if self._embedder.kind == "field" else None
