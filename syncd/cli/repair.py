@@ -1,0 +1,78 @@
+"""`syncd repair PIPELINE`: make Chroma match MongoDB again."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from syncd.cli.common import add_config_options, load_settings, print_json
+from syncd.errors import ExitCode
+
+
+def register(verbs: Any) -> None:
+    parser = verbs.add_parser(
+        "repair",
+        help="fix what `syncd verify` finds",
+        description="Run a verify and fix each finding as it is found: documents behind "
+        "missing or stale records are re-applied from their current MongoDB state through "
+        "the pipeline's own mapping and embedder; orphaned records are deleted. The "
+        "checkpoint is not touched. Exit 0 when everything found was fixed (or, with "
+        "--dry-run, nothing was found), 1 otherwise.",
+    )
+    add_config_options(parser)
+    parser.add_argument("pipeline", metavar="PIPELINE")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan; change nothing")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.set_defaults(handler=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    settings = load_settings(args)
+    from syncd.consistency import open_checker, repair
+    from syncd.mapping import Mapper
+    from syncd.pipeline import Pipeline
+    from syncd.runtime import Runtime
+
+    ps = settings.pipeline(args.pipeline)
+    runtime = Runtime(settings)
+    try:
+        checker = open_checker(runtime, ps)
+        pipeline = Pipeline(
+            ps,
+            source=runtime.source(ps),
+            sink=checker.sink,
+            store=runtime.store,
+            mapper=Mapper(ps),
+            embedder=runtime.embedder(ps) if not args.dry_run else None,
+            telemetry=runtime.telemetry.pipeline(ps.name),
+        )
+        result = repair(pipeline, checker, dry_run=args.dry_run)
+    finally:
+        runtime.close()
+    data = result.to_json()
+    if args.json:
+        print_json(data)
+    else:
+        _print(data)
+    if args.dry_run:
+        return ExitCode.OK if result.verify.consistent else ExitCode.DRIFT_OR_FAILURE
+    return ExitCode.DRIFT_OR_FAILURE if result.failed.count else ExitCode.OK
+
+
+def _print(data: dict[str, Any]) -> None:
+    from syncd.cli.verify import print_report
+
+    print_report(data["found"])
+    prefix = "would " if data["dry_run"] else ""
+    reapply, delete = data["reapply"], data["delete"]
+    print(f"{prefix}re-apply {reapply['count']} document(s) from MongoDB")
+    for key in reapply["sample"]:
+        print(f"  re-apply {key}")
+    print(f"{prefix}delete {delete['count']} orphaned record(s)")
+    for rid in delete["sample"]:
+        print(f"  delete {rid}")
+    if data["failed"]["count"]:
+        print(
+            f"{data['failed']['count']} document(s) cannot be mapped and were not repaired, "
+            f"e.g. {', '.join(data['failed']['sample'][:5])}"
+        )

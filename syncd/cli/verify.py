@@ -1,0 +1,72 @@
+"""`syncd verify PIPELINE`: compare MongoDB with Chroma; exit 1 on drift."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from syncd.cli.common import add_config_options, load_settings, print_json
+from syncd.errors import ExitCode
+
+
+def register(verbs: Any) -> None:
+    parser = verbs.add_parser(
+        "verify",
+        help="compare a pipeline's MongoDB documents with its Chroma records",
+        description="Map every document the pipeline's filter matches and compare the "
+        "result with Chroma by record id and content hash; then look for Chroma records "
+        "whose documents are gone. Streams both sides in constant memory. Exit 0 when "
+        "consistent, 1 when missing, orphaned or stale records were found. Changes still "
+        "in flight show up as drift: verify a caught-up or stopped pipeline.",
+    )
+    add_config_options(parser)
+    parser.add_argument("pipeline", metavar="PIPELINE")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--sample",
+        type=int,
+        default=None,
+        metavar="N",
+        help="check N random documents instead of everything (finds missing and stale "
+        "records, not orphans of deleted documents)",
+    )
+    parser.set_defaults(handler=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    settings = load_settings(args)
+    from syncd.consistency import open_checker
+    from syncd.runtime import Runtime
+
+    ps = settings.pipeline(args.pipeline)
+    runtime = Runtime(settings)
+    try:
+        checker = open_checker(runtime, ps)
+        report = checker.sample(args.sample) if args.sample else checker.verify()
+    finally:
+        runtime.close()
+    if args.json:
+        print_json(report.to_json())
+    else:
+        print_report(report.to_json())
+        if not report.consistent:
+            print(
+                f"drift found: `syncd repair {ps.name}` fixes it "
+                "(`--dry-run` shows what it would do)"
+            )
+    return ExitCode.OK if report.consistent else ExitCode.DRIFT_OR_FAILURE
+
+
+def print_report(data: dict[str, Any]) -> None:
+    what = "sampled documents" if data["sampled"] else "documents"
+    print(
+        f"pipeline {data['pipeline']}: {data['documents']} {what}, "
+        f"{data['records']} Chroma records checked in {data['seconds']:.1f} s"
+    )
+    for kind in ("missing", "orphaned", "stale", "unmappable"):
+        finding = data[kind]
+        example = f"  e.g. {', '.join(finding['sample'][:5])}" if finding["count"] else ""
+        print(f"  {kind:<10} {finding['count']:>8}{example}")
+    if data["unmappable"]["count"]:
+        print("  unmappable documents cannot be mapped at all; see `syncd dlq list`")
+    print("consistent" if data["consistent"] else "NOT consistent")

@@ -1,0 +1,565 @@
+"""Verify and repair: does Chroma hold what the pipeline would make of MongoDB now?
+
+A full verify streams both sides in constant memory:
+
+1. MongoDB, each source collection in ``_id`` order a page at a time; every document
+   the filter matches is mapped, and its records are looked up in Chroma by id. A
+   record that is absent is *missing*; one whose content hash, text or metadata
+   differs is *stale*.
+2. Chroma, every record a page at a time; a record whose document is gone, no longer
+   matches the filter, or no longer produces that record id (a chunk that should not
+   exist) is *orphaned*.
+
+Repair re-applies the documents behind missing and stale records from MongoDB's
+current state through the pipeline's own planning code, and deletes orphans by id.
+Nothing here changes data unless :func:`repair` is called without ``dry_run``.
+
+Embeddings are not compared: checking them means re-embedding every record, which
+costs as much as a snapshot. ``syncd_cluster_time`` is not compared either: it says
+which event wrote a record, not what the record holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pymongo.database import Database
+
+from syncd import plan as planning
+from syncd.config import PipelineSettings
+from syncd.errors import MappingError, PoisonError, SyncdError, translate_mongo_errors
+from syncd.mapping import MappedDocument, Mapper, Record, base_id, decode_id
+from syncd.sink import Sink, StoredRecord, WritePlan
+from syncd.source import hashable_id
+
+if TYPE_CHECKING:
+    from syncd.pipeline import Pipeline
+    from syncd.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+VOLATILE_KEYS = frozenset({"syncd_cluster_time"})
+SAMPLE_IDS = 20  # record ids kept per finding, for the report
+ORPHAN_BATCH = 10_000  # orphan ids held before deleting them (repair rescans after)
+
+
+class DocumentSource(Protocol):
+    def scan(
+        self,
+        collection: str,
+        *,
+        after_id: Any = None,
+        has_after: bool = False,
+        batch_size: int = 1000,
+        query: Mapping[str, Any] | None = None,
+    ) -> Iterator[list[dict[str, Any]]]: ...
+
+    def fetch(self, collection: str, ids: list[Any]) -> dict[Any, dict[str, Any]]: ...
+
+
+# --- reports ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Finding:
+    """How many records are in one kind of trouble, and the first few of their ids."""
+
+    count: int = 0
+    sample: list[str] = dataclasses.field(default_factory=list)
+    limit: int = SAMPLE_IDS
+
+    def add(self, ids: Sequence[str]) -> None:
+        self.count += len(ids)
+        room = self.limit - len(self.sample)
+        if room > 0:
+            self.sample.extend(ids[:room])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"count": self.count, "sample": list(self.sample)}
+
+
+@dataclasses.dataclass
+class Report:
+    pipeline: str
+    sampled: bool = False
+    documents: int = 0  # documents that match the filter and were compared
+    records: int = 0  # Chroma records examined for orphans
+    missing: Finding = dataclasses.field(default_factory=Finding)
+    orphaned: Finding = dataclasses.field(default_factory=Finding)
+    stale: Finding = dataclasses.field(default_factory=Finding)
+    unmappable: Finding = dataclasses.field(default_factory=Finding)  # keys; see `syncd dlq`
+    seconds: float = 0.0
+
+    @property
+    def consistent(self) -> bool:
+        return not (self.missing.count or self.orphaned.count or self.stale.count)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pipeline": self.pipeline,
+            "consistent": self.consistent,
+            "sampled": self.sampled,
+            "documents": self.documents,
+            "records": self.records,
+            "missing": self.missing.to_json(),
+            "orphaned": self.orphaned.to_json(),
+            "stale": self.stale.to_json(),
+            "unmappable": self.unmappable.to_json(),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclasses.dataclass
+class Drift:
+    """What one page of the comparison found, with what repair needs to fix it."""
+
+    missing: list[str] = dataclasses.field(default_factory=list)
+    stale: list[str] = dataclasses.field(default_factory=list)
+    orphaned: list[str] = dataclasses.field(default_factory=list)
+    # document key -> (collection, current document): re-applied by repair
+    documents: dict[str, tuple[str, Mapping[str, Any]]] = dataclasses.field(default_factory=dict)
+    # stale record id -> the metadata Chroma holds for it (not to be trusted by the planner)
+    stored: dict[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.stale or self.orphaned)
+
+
+# --- the comparison -------------------------------------------------------------------
+
+
+class Checker:
+    """Compares one pipeline's MongoDB documents with its Chroma records."""
+
+    def __init__(
+        self,
+        settings: PipelineSettings,
+        *,
+        source: DocumentSource,
+        sink: Sink,
+        mapper: Mapper,
+        database: Database[dict[str, Any]] | None = None,
+        page_size: int | None = None,
+    ) -> None:
+        self.settings = settings
+        self.source = source
+        self.sink = sink
+        self.mapper = mapper
+        self.database = database  # for $sample; only sampled verifies need it
+        self.page_size = page_size or settings.snapshot_batch_size
+        self.prefixed = bool(settings.collections)
+
+    # --- full verify -----------------------------------------------------------------
+
+    def verify(self) -> Report:
+        started = time.monotonic()
+        report = Report(self.settings.name)
+        for collection, docs in self.documents():
+            self.compare_documents(collection, docs, report)
+        for _ in self.orphans(report):
+            pass  # counted in the report
+        report.seconds = time.monotonic() - started
+        return report
+
+    def documents(self) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+        for collection in self.settings.source_collections:
+            for docs in self.source.scan(collection, batch_size=self.page_size):
+                yield collection, docs
+
+    def compare_documents(
+        self,
+        collection: str,
+        docs: Sequence[Mapping[str, Any]],
+        report: Report,
+        *,
+        extra_records: bool = False,
+    ) -> Drift:
+        """Missing and stale records of these documents (and, if asked, their extra ones)."""
+        drift = Drift()
+        expected: dict[str, Record] = {}
+        keys: list[str] = []
+        for doc in docs:
+            if not self.mapper.matches(doc):
+                continue
+            report.documents += 1
+            key = planning.record_key(collection, doc["_id"], prefixed=self.prefixed)
+            try:
+                mapped = self.expected(collection, doc)
+            except PoisonError:
+                report.unmappable.add([key])
+                continue
+            keys.append(key)
+            for record in mapped.records:
+                expected[record.id] = record
+                drift.documents[key] = (collection, doc)
+        stored = {r.id: r for r in self.sink.get(list(expected))} if expected else {}
+        for rid, record in expected.items():
+            got = stored.get(rid)
+            if got is None:
+                drift.missing.append(rid)
+            elif differs(record, got):
+                drift.stale.append(rid)
+                drift.stored[rid] = got.metadata
+        if extra_records and keys:
+            for records in self.sink.existing(keys).values():
+                drift.orphaned.extend(rid for rid in records if rid not in expected)
+        wanted = {base_id(rid) for rid in drift.missing + drift.stale + drift.orphaned}
+        drift.documents = {k: v for k, v in drift.documents.items() if k in wanted}
+        report.missing.add(drift.missing)
+        report.stale.add(drift.stale)
+        report.orphaned.add(drift.orphaned)
+        return drift
+
+    def orphans(self, report: Report) -> Iterator[list[str]]:
+        """Orphaned record ids, a page of Chroma at a time."""
+        for page in self.sink.scan(self.page_size):
+            report.records += len(page)
+            found = self.orphans_among(page)
+            report.orphaned.add(found)
+            if found:
+                yield found
+
+    def orphans_among(self, records: Sequence[StoredRecord]) -> list[str]:
+        by_key: dict[str, list[str]] = {}
+        for record in records:
+            by_key.setdefault(base_id(record.id), []).append(record.id)
+        wanted: dict[str, list[tuple[str, Any]]] = {}
+        orphans: list[str] = []
+        for key, ids in by_key.items():
+            target = self._locate(key)
+            if target is None:
+                orphans.extend(ids)  # not an id syncd writes, or not one of our collections
+            else:
+                wanted.setdefault(target[0], []).append((key, target[1]))
+        for collection, items in wanted.items():
+            found = self.source.fetch(collection, [source_id for _, source_id in items])
+            for key, source_id in items:
+                doc = found.get(hashable_id(source_id))
+                valid = self._valid_ids(collection, doc)
+                if valid is not None:
+                    orphans.extend(rid for rid in by_key[key] if rid not in valid)
+        return orphans
+
+    def _valid_ids(self, collection: str, doc: Mapping[str, Any] | None) -> set[str] | None:
+        """Record ids the document should have; None when it cannot be mapped (leave it)."""
+        if doc is None or not self.mapper.matches(doc):
+            return set()
+        try:
+            return {r.id for r in self.expected(collection, doc).records}
+        except PoisonError:
+            return None
+
+    def _locate(self, key: str) -> tuple[str, Any] | None:
+        collection, encoded = key, key
+        if self.prefixed:
+            collection, _, encoded = key.partition("/")
+        else:
+            collection = self.settings.collection or ""
+        if collection not in self.settings.source_collections:
+            return None
+        try:
+            return collection, decode_id(encoded)
+        except MappingError:
+            return None
+
+    def expected(self, collection: str, doc: Mapping[str, Any]) -> MappedDocument:
+        mapped = self.mapper.map(doc)
+        if not self.prefixed:
+            return mapped
+        change = planning.Change(
+            key=planning.record_key(collection, doc["_id"], prefixed=True),
+            collection=collection,
+            source_id=doc["_id"],
+            document=doc,
+            operation="verify",
+            cluster_time=None,
+            event=None,
+        )
+        return planning._prefixed(mapped, change)
+
+    # --- sampled verify ---------------------------------------------------------------
+
+    def sample(self, size: int) -> Report:
+        """Compare ``size`` random documents (spread over the source collections).
+
+        Finds missing and stale records and extra chunks of those documents; records of
+        deleted documents are found only by a full verify.
+        """
+        started = time.monotonic()
+        report = Report(self.settings.name, sampled=True)
+        for collection, docs in self.sample_documents(size):
+            self.compare_documents(collection, docs, report, extra_records=True)
+        report.seconds = time.monotonic() - started
+        return report
+
+    def sample_documents(self, size: int) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+        if self.database is None:
+            raise ValueError("a sampled verify needs the MongoDB database")
+        collections = self.settings.source_collections
+        share = max(1, size // len(collections))
+        for collection in collections:
+            with translate_mongo_errors(pipeline=self.settings.name):
+                docs = list(self.database[collection].aggregate([{"$sample": {"size": share}}]))
+            yield collection, docs
+
+    def recheck(self, drift: Drift) -> Report:
+        """Look again at only what ``drift`` named; what still differs is real drift."""
+        report = Report(self.settings.name, sampled=True)
+        keys = {base_id(rid) for rid in drift.missing + drift.stale}
+        wanted: dict[str, list[Any]] = {}
+        for key in keys:
+            target = self._locate(key)
+            if target is not None:
+                wanted.setdefault(target[0], []).append(target[1])
+        for collection, ids in wanted.items():
+            docs = list(self.source.fetch(collection, ids).values())
+            self.compare_documents(collection, docs, report, extra_records=True)
+        if drift.orphaned:
+            report.orphaned.add(self.orphans_among(self.sink.get(drift.orphaned)))
+        return report
+
+
+def differs(record: Record, stored: StoredRecord) -> bool:
+    """Whether Chroma's copy of a record is not what mapping the document produces."""
+    if stored.metadata.get("syncd_hash") != record.content_hash:
+        return True
+    if (stored.document or "") != record.text:
+        return True
+    return _stable(stored.metadata) != _stable(record.metadata)
+
+
+def _stable(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metadata.items() if k not in VOLATILE_KEYS}
+
+
+# --- repair ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RepairReport:
+    verify: Report
+    dry_run: bool
+    reapplied: Finding = dataclasses.field(default_factory=Finding)  # document keys
+    deleted: Finding = dataclasses.field(default_factory=Finding)  # record ids
+    failed: Finding = dataclasses.field(default_factory=Finding)  # keys that are poison now
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pipeline": self.verify.pipeline,
+            "dry_run": self.dry_run,  # true: reapply and delete say what would be done
+            "found": self.verify.to_json(),
+            "reapply": self.reapplied.to_json(),
+            "delete": self.deleted.to_json(),
+            "failed": self.failed.to_json(),
+        }
+
+
+def repair(pipeline: Pipeline, checker: Checker, *, dry_run: bool = False) -> RepairReport:
+    """Fix exactly what a verify finds: re-apply documents, delete orphans."""
+    started = time.monotonic()
+    report = Report(pipeline.settings.name)
+    result = RepairReport(verify=report, dry_run=dry_run)
+    for collection, docs in checker.documents():
+        drift = checker.compare_documents(collection, docs, report)
+        if drift.documents:
+            result.reapplied.add(list(drift.documents))
+            if not dry_run:
+                _reapply(pipeline, drift, result)
+    while True:
+        # Deleting while paging Chroma by offset would skip records, so orphans are
+        # deleted after the scan; past ORPHAN_BATCH, delete and scan again.
+        scan = Report(report.pipeline)
+        pending: list[str] = []
+        complete = True
+        for found in checker.orphans(scan):
+            result.deleted.add(found)
+            report.orphaned.add(found)
+            if not dry_run:
+                pending.extend(found)
+                if len(pending) >= ORPHAN_BATCH:
+                    complete = False
+                    break
+        if pending:
+            pipeline.sink.write(WritePlan(deletes=pending))
+        if complete:
+            report.records = scan.records
+            break
+    report.seconds = time.monotonic() - started
+    return result
+
+
+def _reapply(pipeline: Pipeline, drift: Drift, result: RepairReport) -> None:
+    changes = [
+        planning.Change(
+            key=key,
+            collection=collection,
+            source_id=doc["_id"],
+            document=doc,
+            operation="repair",
+            cluster_time=None,
+            event=None,
+        )
+        for key, (collection, doc) in drift.documents.items()
+    ]
+    original = pipeline.sink
+    pipeline.sink = _Distrusting(original, drift.stored)
+    try:
+        outcome = pipeline.write_changes(changes)
+    finally:
+        pipeline.sink = original
+    result.failed.add([p.change.key for p in outcome.poisoned])
+
+
+class _Distrusting:
+    """A sink whose ``existing`` offers stale records without their hashes.
+
+    The planner skips records whose stored hashes match; a record altered in Chroma
+    behind syncd's back may still carry the right hashes. Without them it is planned
+    as a full rewrite, and keys it should not have are sent as ``None`` (Chroma
+    merges metadata on upsert).
+    """
+
+    def __init__(self, sink: Sink, stored: Mapping[str, Mapping[str, Any]]) -> None:
+        self._sink = sink
+        self._stored = stored
+        self.max_batch = sink.max_batch
+
+    def existing(self, keys: Sequence[str]) -> dict[str, dict[str, Mapping[str, Any]]]:
+        found = self._sink.existing(keys)
+        wanted = set(keys)
+        for rid, metadata in self._stored.items():
+            if base_id(rid) in wanted:
+                untrusted = {
+                    k: v for k, v in metadata.items() if k not in ("syncd_hash", "syncd_text_hash")
+                }
+                found.setdefault(base_id(rid), {})[rid] = untrusted
+        return found
+
+    def write(self, plan: WritePlan) -> None:
+        self._sink.write(plan)
+
+    def get(self, ids: Sequence[str], *, include_embeddings: bool = False) -> list[StoredRecord]:
+        return self._sink.get(ids, include_embeddings=include_embeddings)
+
+    def scan(self, page: int = 1000) -> Iterator[list[StoredRecord]]:
+        return self._sink.scan(page)
+
+    def delete_all(self) -> int:
+        return self._sink.delete_all()
+
+    def delete_where(self, where: Mapping[str, Any]) -> None:
+        self._sink.delete_where(where)
+
+    def count(self) -> int:
+        return self._sink.count()
+
+    def close(self) -> None:
+        self._sink.close()
+
+
+# --- periodic sampled verify (runs inside the daemon) ------------------------------------
+
+
+def sample_forever(
+    pipeline: Pipeline,
+    database: Database[dict[str, Any]],
+    *,
+    every_s: float,
+    size: int,
+    stop: threading.Event,
+    settle_s: float = 30.0,
+) -> None:
+    """Verify a random sample every ``every_s`` seconds and report drift to telemetry.
+
+    A change that is still in flight looks like drift, so candidates are checked a
+    second time once the pipeline's checkpoint has passed the moment the sample was
+    taken; only what still differs is reported. Rounds that cannot settle (the
+    pipeline is behind or retrying) report nothing. Meant for a daemon thread.
+    """
+    checker = Checker(
+        pipeline.settings,
+        source=pipeline.source,
+        sink=pipeline.sink,
+        mapper=pipeline.mapper,
+        database=database,
+    )
+    rng = random.Random()
+    # Spread the first round so several pipelines do not sample at the same instant.
+    if stop.wait(rng.uniform(0.5, 1.0) * every_s):
+        return
+    while not stop.is_set():
+        try:
+            report = sample_once(pipeline, checker, size=size, settle_s=settle_s, stop=stop)
+        except SyncdError as exc:
+            log.warning(
+                "sampled verify skipped: %s", exc, extra={"pipeline": pipeline.settings.name}
+            )
+        else:
+            if report is not None:
+                pipeline.telemetry.drift(
+                    report.missing.count, report.orphaned.count, report.stale.count
+                )
+                if not report.consistent:
+                    log.warning(
+                        "sampled verify found drift: %d missing, %d orphaned, %d stale "
+                        "(e.g. %s); run `syncd verify %s`",
+                        report.missing.count,
+                        report.orphaned.count,
+                        report.stale.count,
+                        (report.missing.sample + report.stale.sample + report.orphaned.sample)[:3],
+                        pipeline.settings.name,
+                        extra={"pipeline": pipeline.settings.name},
+                    )
+        stop.wait(every_s)
+
+
+def sample_once(
+    pipeline: Pipeline,
+    checker: Checker,
+    *,
+    size: int,
+    settle_s: float,
+    stop: threading.Event,
+) -> Report | None:
+    """One sampled round: the confirmed drift, or None if the pipeline did not settle."""
+    taken_at = pipeline.source.server_time()
+    first = Report(pipeline.settings.name, sampled=True)
+    drift = Drift()
+    for collection, docs in checker.sample_documents(size):
+        page = checker.compare_documents(collection, docs, first, extra_records=True)
+        drift.missing += page.missing
+        drift.stale += page.stale
+        drift.orphaned += page.orphaned
+    if not drift:
+        return first
+    deadline = time.monotonic() + settle_s
+    while not _passed(pipeline, taken_at):
+        if time.monotonic() > deadline or stop.wait(0.5):
+            return None
+    confirmed = checker.recheck(drift)
+    confirmed.documents = first.documents
+    return confirmed
+
+
+def _passed(pipeline: Pipeline, taken_at: Any) -> bool:
+    cp = pipeline.checkpoint
+    if cp is None or cp.phase != "streaming" or cp.cluster_time is None:
+        return False
+    return taken_at is None or bool(cp.cluster_time >= taken_at)
+
+
+def open_checker(runtime: Runtime, settings: PipelineSettings) -> Checker:
+    """A checker over the runtime's clients; the Chroma collection must already exist."""
+    return Checker(
+        settings,
+        source=runtime.source(settings),
+        sink=runtime.sink(settings, create=False),
+        mapper=Mapper(settings),
+        database=runtime.mongo[settings.database],
+    )
