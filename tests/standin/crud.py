@@ -6,6 +6,7 @@ from bisect import bisect_left, bisect_right
 from typing import Any
 
 from mongoeco.core.aggregation.stages import apply_pipeline
+from mongoeco.core.expression_context import ExpressionExecutionContext
 from mongoeco.core.filtering import QueryEngine, compile_filter
 from mongoeco.core.operators import UpdateEngine
 from mongoeco.core.projections import apply_projection
@@ -45,6 +46,8 @@ def select(coll: Collection | None, flt: dict[str, Any] | None) -> list[dict[str
     if keys is not None:
         seen = dict.fromkeys(keys)
         candidates = [coll.docs[k] for k in seen if k in coll.docs]
+        if len(flt) == 1 and not isinstance(flt["_id"], dict):
+            return candidates  # plain equality on _id: the key lookup is the whole match
     else:
         candidates = list(coll.docs.values())
     try:
@@ -129,6 +132,17 @@ def _immutable_id() -> CommandError:
                         "modify the immutable field '_id'")
 
 
+_SHARED_CONTEXT = ExpressionExecutionContext()
+
+
+def _context(update: Any) -> ExpressionExecutionContext | None:
+    # mongoeco prepares a new expression context per call, which dominates a small update.
+    # Only $currentDate and pipeline updates read the clock ($$NOW), so only they need one.
+    if isinstance(update, list) or "$currentDate" in update:
+        return None
+    return _SHARED_CONTEXT
+
+
 def apply_update(doc: dict[str, Any], update: Any, flt: dict[str, Any],
                  array_filters: Any = None) -> dict[str, Any]:
     if not _is_operator_update(update):
@@ -137,7 +151,8 @@ def apply_update(doc: dict[str, Any], update: Any, flt: dict[str, Any],
         return {"_id": doc["_id"], **{k: v for k, v in update.items() if k != "_id"}}
     new = deep_copy(doc)
     try:
-        UpdateEngine.apply_update(new, update, selector_filter=flt, array_filters=array_filters)
+        UpdateEngine.apply_update(new, update, selector_filter=flt, array_filters=array_filters,
+                                  variables=_context(update))
     except OperationFailure as exc:
         raise CommandError(getattr(exc, "code", None) or 2, "BadValue", str(exc)) from exc
     if "_id" not in new or not same_value(new["_id"], doc["_id"]):

@@ -456,5 +456,17 @@ class Store:
             yield wire({"k": "txn", "lsid": lsid, "n": txn, "reply": reply})
 
 
-def deep_copy(doc: dict[str, Any]) -> dict[str, Any]:
-    return copy.deepcopy(doc)
+def deep_copy(value: Any) -> Any:
+    """Copy the containers of a document; its scalar values are immutable and shared."""
+    kind = type(value)
+    if kind is dict:
+        return {k: deep_copy(v) for k, v in value.items()}
+    if kind is list:
+        return [deep_copy(v) for v in value]
+    if kind in _SCALARS:
+        return value
+    return copy.deepcopy(value)
+
+
+_SCALARS = frozenset({str, int, float, bool, type(None), bytes, dt.datetime, uuid.UUID,
+                      ObjectId, Timestamp})
