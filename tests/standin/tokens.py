@@ -111,6 +111,8 @@ def encode(
     out.append(CTYPE_BOOL_TRUE if from_invalidate else CTYPE_BOOL_FALSE)
     if collection_uuid is not None:
         out += bytes([CTYPE_BINDATA, 16, 4]) + collection_uuid.bytes
+    else:
+        out.append(CTYPE_NULL)  # v2 tokens always carry the UUID-or-null field
     if event_id is not None:
         out += bytes([CTYPE_OBJECT]) + _object_body(event_id)
     out.append(CTYPE_END)
