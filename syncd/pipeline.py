@@ -27,15 +27,18 @@ from syncd.errors import (
     FingerprintMismatchError,
     HaltedError,
     HistoryLostError,
+    LeaseLostError,
     SourceFatalError,
+    SyncdError,
     TransientError,
 )
 from syncd.mapping import Mapper
+from syncd.redact import redact_text
 from syncd.sink import Sink, WritePlan
 from syncd.snapshot import Snapshotter
 from syncd.source import Batch, Position
 from syncd.telemetry import ChangeEventInfo, PipelineTelemetry
-from syncd.tokens import token_cluster_time
+from syncd.tokens import covered_through
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +105,16 @@ class Pipeline:
 
     def run(self) -> None:
         """Run until ``stop`` is set; raise a fatal SyncdError to stop the process."""
+        try:
+            self._run()
+        except LeaseLostError:
+            raise  # the pipeline belongs to another process now, and so does its status
+        except Exception as exc:
+            self._publish("halted", exc)
+            raise
+        self._publish("stopped")
+
+    def _run(self) -> None:
         waits = _waits(self.settings.retry_max_backoff_s)
         failing_since: float | None = None
         attempt = 0
@@ -119,6 +132,8 @@ class Pipeline:
                 delay = exc.retry_after or next(waits)
                 self._retrying = True
                 self.telemetry.retrying(exc, attempt, delay)
+                if attempt == 1:
+                    self._publish("retrying", exc)
                 self.source.close()
                 self.stop.wait(delay)
             except HistoryLostError as exc:
@@ -143,9 +158,12 @@ class Pipeline:
         cp = self._load()
         if cp.phase == "snapshot":
             self.telemetry.set_state("snapshotting")
+            self._publish("snapshotting")
             Snapshotter(self).run(cp)
             cp = self._require_checkpoint()
         self.telemetry.set_state("streaming")
+        if not self._retrying:
+            self._publish("streaming")
         self.source.open(self._position(cp), max_await_ms=self.settings.batch_max_wait_ms)
         while not self.stop.is_set():
             self._heartbeat()
@@ -162,7 +180,30 @@ class Pipeline:
                 self._retrying = False
                 self._recovered = True
                 self.telemetry.recovered()
+                self._publish("streaming")
         self.source.close()
+
+    def _publish(self, state: str, error: BaseException | None = None) -> None:
+        """Record the loop's state for `syncd status`, next to the checkpoint.
+
+        Best effort: when MongoDB itself is what failed, the status cannot be written,
+        and that must not change how the loop retries or stops.
+        """
+        status: dict[str, Any] = {"state": state, "by": whoami()}
+        if error is not None:
+            status["error_class"] = type(error).__name__
+            status["error"] = (
+                error.message if isinstance(error, SyncdError) else redact_text(str(error))
+            )
+            if isinstance(error, SyncdError):
+                status["hint"] = error.hint
+                status["namespace"] = error.namespace
+                if error.document_id is not None:
+                    status["document_id"] = repr(error.document_id)
+        try:
+            self.store.set_status(self.settings.name, status)
+        except SyncdError as exc:
+            log.warning("could not record state %r: %s", state, exc, extra=self._extra())
 
     # --- checkpoint state --------------------------------------------------------
 
@@ -243,7 +284,7 @@ class Pipeline:
         cp.token = dict(token)
         cp.token_is_invalidate = invalidate
         cp.start_at = None
-        cp.cluster_time = token_cluster_time(token)
+        cp.cluster_time = covered_through(token)
         with self.telemetry.stage("checkpoint"):
             self._save(cp)
 

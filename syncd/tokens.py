@@ -485,3 +485,26 @@ def _datetime(millis: int) -> datetime | DatetimeMS:
         return DatetimeMS(millis).as_datetime(_TZ_AWARE)
     except (OverflowError, ValueError, OSError):  # outside what datetime can hold
         return DatetimeMS(millis)
+
+
+def covered_through(token: str | bytes | Mapping[str, Any]) -> bson.Timestamp:
+    """The latest cluster time whose events a stream resumed from ``token`` will not repeat.
+
+    An event token covers its own event. A high-water mark at time T promises that no
+    event *before* T is still to come, but events at T may be: it covers up to just
+    before T. Comparing an operation time with this value (``<=``) therefore says
+    whether that operation's change has been seen.
+    """
+    try:
+        decoded = decode_resume_token(token)
+    except InvalidResumeToken:
+        # A layout this decoder does not know: trust only the leading cluster time and
+        # assume the weaker promise of a high-water mark.
+        ts = token_cluster_time(token)
+    else:
+        ts = decoded.cluster_time
+        if decoded.token_type != 0:  # an event token covers its own event
+            return ts
+    if ts.inc > 0:
+        return bson.Timestamp(ts.time, ts.inc - 1)
+    return bson.Timestamp(max(ts.time - 1, 0), 0xFFFFFFFF)

@@ -1,0 +1,160 @@
+"""Shared pieces of the end-to-end tests: configs, expected state, comparisons."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from bson.timestamp import Timestamp
+from pymongo import MongoClient
+
+from syncd import config
+from syncd.checkpoint import Checkpoint, open_store
+from syncd.embedder import build_embedder
+from syncd.mapping import Mapper
+
+VOLATILE = ("syncd_cluster_time",)  # depends on which event wrote the record, not on content
+
+
+def pipeline_table(name: str, database: str, **overrides: Any) -> dict[str, Any]:
+    table: dict[str, Any] = {
+        "name": name,
+        "database": database,
+        "collection": "docs",
+        "batch_size": 200,
+        "batch_max_wait_ms": 100,
+        "idle_checkpoint_interval_s": 0.5,
+        "retry_max_backoff_s": 1.0,
+        "mapping": {"text": "body", "metadata": ["title", "tags", "n", "seq", "nested"]},
+        "embedder": {"kind": "hashing", "dimensions": 32},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(table.get(key), dict):
+            table[key] = {**table[key], **value}
+        else:
+            table[key] = value
+    return table
+
+
+def write_config(
+    path: Path,
+    *,
+    mongo_uri: str,
+    chroma: Mapping[str, Any],
+    pipelines: list[dict[str, Any]],
+    checkpoint_db: str,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    data: dict[str, Any] = {
+        "mongodb": {"uri": mongo_uri, "server_selection_timeout_ms": 5000},
+        "chroma": dict(chroma),
+        "checkpoint": {"store": "mongodb", "database": checkpoint_db},
+        "telemetry": {"listen": "", "span_log_path": str(path.parent / "spans.jsonl")},
+        "shutdown_timeout_s": 10,
+        "pipelines": pipelines,
+    }
+    for key, value in (extra or {}).items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    path.write_text(tomli_w.dumps(_drop_none(data)))
+    return path
+
+
+def _drop_none(value: Any) -> Any:
+    """TOML has no null: a None in a test's overrides means "leave the key out"."""
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def settings_of(path: Path) -> config.Settings:
+    return config.load(path, env={})
+
+
+def load_checkpoint(settings: config.Settings, name: str) -> Checkpoint | None:
+    client: MongoClient[dict[str, Any]] = MongoClient(settings.mongodb.uri.get_secret_value())
+    try:
+        return open_store(settings.checkpoint, client).load(name)
+    finally:
+        client.close()
+
+
+def expected_records(
+    settings: config.Settings, name: str, docs: list[dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """What Chroma must hold for these MongoDB documents: id → document/metadata/embedding."""
+    ps = settings.pipeline(name)
+    mapper = Mapper(ps)
+    embedder = build_embedder(ps.embedder)
+    out: dict[str, dict[str, Any]] = {}
+    for doc in docs:
+        if not mapper.matches(doc):
+            continue
+        for record in mapper.map(doc).records:
+            vector = record.embedding
+            if vector is None and embedder is not None:
+                vector = embedder.embed([record.text])[0]
+            out[record.id] = {
+                "document": record.text,
+                "metadata": _stable(record.metadata),
+                "embedding": [round(float(x), 5) for x in vector or []],
+            }
+    return out
+
+
+def chroma_records(collection: Any) -> dict[str, dict[str, Any]]:
+    got = collection.get(include=["documents", "metadatas", "embeddings"])
+    out = {}
+    for i, rid in enumerate(got["ids"]):
+        out[rid] = {
+            "document": got["documents"][i],
+            "metadata": _stable(got["metadatas"][i] or {}),
+            "embedding": [round(float(x), 5) for x in got["embeddings"][i]],
+        }
+    return out
+
+
+def _stable(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metadata.items() if k not in VOLATILE}
+
+
+def diff(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> str:
+    missing = sorted(set(expected) - set(actual))
+    orphans = sorted(set(actual) - set(expected))
+    stale = sorted(k for k in set(expected) & set(actual) if expected[k] != actual[k])
+    if not (missing or orphans or stale):
+        return ""
+    lines = [f"missing={len(missing)} orphans={len(orphans)} stale={len(stale)}"]
+    lines += [f"  missing {k}" for k in missing[:5]]
+    lines += [f"  orphan {k}" for k in orphans[:5]]
+    for k in stale[:3]:
+        lines.append(f"  stale {k}:\n    want {expected[k]}\n    got  {actual[k]}")
+    return "\n".join(lines)
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+
+
+def caught_up(settings: config.Settings, name: str, op_time: Timestamp) -> bool:
+    cp = load_checkpoint(settings, name)
+    return bool(
+        cp is not None
+        and cp.phase == "streaming"
+        and cp.cluster_time is not None
+        and cp.cluster_time >= op_time
+    )

@@ -1,0 +1,203 @@
+"""`syncd tokens` end to end: decoding published tokens, and moving a pipeline back in
+time so that a real daemon replays exactly the changes since then."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from tests.harness.daemon import run_syncd
+
+from .helpers import (
+    caught_up,
+    chroma_records,
+    diff,
+    expected_records,
+    load_checkpoint,
+    pipeline_table,
+    settings_of,
+    wait_until,
+    write_config,
+)
+
+# From tests/unit/test_tokens.py, where each vector's source is cited.
+DOCS_EVENT = (
+    "82635019A0000000012B042C0100296E5A1004AB1154ACACD849A48C61756D70D3B21F463C6F706572"
+    "6174696F6E54797065003C696E736572740046646F63756D656E744B65790046645F69640064635019"
+    "A078BE67426D7CF4D2000004"
+)
+NPM_V1_HWM = "82612F653E000000022B0229296E04"
+SNIPPET_V1_EVENT = (
+    "82612F617F000000012B022C0100296E5A100492EF51FC540B4ED5AC1D50BA2C9C519C46645F696400"
+    "64612F617F37A5DD163BA238230004"
+)
+
+VECTORS = [
+    (
+        DOCS_EVENT,
+        {
+            "clusterTime": {"t": 1666193824, "i": 1, "iso": "2022-10-19T15:37:04Z"},
+            "version": 2,
+            "tokenType": "event",
+            "txnOpIndex": 0,
+            "fromInvalidate": False,
+            "uuid": "ab1154ac-acd8-49a4-8c61-756d70d3b21f",
+            "documentKey": {"_id": {"$oid": "635019a078be67426d7cf4d2"}},
+            "eventIdentifier": {
+                "operationType": "insert",
+                "documentKey": {"_id": {"$oid": "635019a078be67426d7cf4d2"}},
+            },
+            "fragmentNum": None,
+        },
+    ),
+    (
+        NPM_V1_HWM,
+        {
+            "clusterTime": {"t": 1630496062, "i": 2, "iso": "2021-09-01T11:34:22Z"},
+            "version": 1,
+            "tokenType": "highWaterMark",
+            "txnOpIndex": 0,
+            "fromInvalidate": False,
+            "uuid": None,
+            "documentKey": None,
+            "eventIdentifier": None,
+            "fragmentNum": None,
+        },
+    ),
+    (
+        SNIPPET_V1_EVENT,
+        {
+            # The driver made the ObjectId in the second the insert committed: 0x612F617F.
+            "clusterTime": {"t": 0x612F617F, "i": 1, "iso": "2021-09-01T11:18:23Z"},
+            "version": 1,
+            "tokenType": "event",
+            "txnOpIndex": 0,
+            "fromInvalidate": False,
+            "uuid": "92ef51fc-540b-4ed5-ac1d-50ba2c9c519c",
+            "documentKey": {"_id": {"$oid": "612f617f37a5dd163ba23823"}},
+            "eventIdentifier": None,
+            "fragmentNum": None,
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize(("token", "fields"), VECTORS, ids=["docs-v2", "npm-v1-hwm", "v1-event"])
+def test_decode_published_tokens(token, fields):
+    result = run_syncd(["tokens", "decode", token.lower(), "--json"], timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"token": token, **fields}
+
+
+@pytest.mark.parametrize("garbage", ["zz12", "82FF", "", "0412"])
+def test_decode_garbage_is_one_line_and_exit_2(garbage):
+    result = run_syncd(["tokens", "decode", garbage], timeout=30)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("syncd: error: not a resume token"), lines
+    assert "***" not in lines[0], "the reason was masked"
+
+
+def _insert(client: Any, coll: Any, doc: dict[str, Any]) -> Any:
+    with client.start_session(causal_consistency=True) as session:
+        coll.insert_one(doc, session=session)
+        return session.operation_time
+
+
+def _wait(daemon: Any, predicate: Any, what: str, timeout: float = 60) -> None:
+    try:
+        wait_until(predicate, timeout, what)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nsyncd output:\n{daemon.output()[-4000:]}") from None
+
+
+def _next_second() -> None:
+    time.sleep(1.05 - (time.time() % 1))
+
+
+@pytest.mark.timeout(120)
+def test_set_at_replays_changes_since_then(
+    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
+):
+    db = f"tok_{uuid.uuid4().hex[:8]}"
+    chroma_name = f"tok-{uuid.uuid4().hex[:8]}"
+    cfg = write_config(
+        tmp_path / "syncd.toml",
+        mongo_uri=mongo_uri,
+        chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
+        checkpoint_db=f"{db}_syncd",
+        pipelines=[pipeline_table("tok", db, chroma_collection=chroma_name)],
+        extra={"lease": {"ttl_s": 3, "renew_every_s": 1}},
+    )
+    settings = settings_of(cfg)
+    coll = mongo_client[db]["docs"]
+    daemon = syncd_factory(["run"], cfg)
+
+    before = {"_id": "z-before", "body": "written before the rewind point", "seq": 0}
+    _insert(mongo_client, coll, before)
+    _next_second()
+    doc_a = {"_id": "a", "body": "first after the rewind point", "seq": 1}
+    t1 = _insert(mongo_client, coll, doc_a)
+    doc_b = {"_id": "b", "body": "second after the rewind point", "seq": 2}
+    t2 = _insert(mongo_client, coll, doc_b)
+    _wait(daemon, lambda: caught_up(settings, "tok", t2), "the first run to catch up")
+
+    at = datetime.fromtimestamp(t1.time, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    busy = run_syncd(["tokens", "set", "tok", "--at", at, "--yes"], cfg, timeout=60)
+    assert busy.returncode == 7, busy.stderr
+    assert "is running in" in busy.stderr and "--force" in busy.stderr
+
+    daemon.terminate()
+    assert daemon.wait(30) == 0, daemon.output()
+
+    unconfirmed = run_syncd(["tokens", "set", "tok", "--at", at], cfg, timeout=60)
+    assert unconfirmed.returncode == 2 and "--yes" in unconfirmed.stderr
+
+    moved = run_syncd(["tokens", "set", "tok", "--at", at, "--yes", "--json"], cfg, timeout=60)
+    assert moved.returncode == 0, moved.stderr
+    result = json.loads(moved.stdout)
+    assert result["position"]["kind"] == "start_at"
+    assert result["position"]["start_at"]["t"] == t1.time
+    assert result["previous"]["kind"] == "token"
+    cp = load_checkpoint(settings, "tok")
+    assert cp is not None and cp.token is None and cp.start_at is not None
+    assert cp.start_at.time == t1.time and cp.phase == "streaming"
+
+    # Chroma loses A, B and the earlier document; only the changes since t1 may come back.
+    collection = chroma_server.client().get_collection(chroma_name)
+    expected = expected_records(settings, "tok", [before, doc_a, doc_b])
+    assert len(expected) == 3
+    collection.delete(ids=list(expected))
+    assert collection.count() == 0
+
+    daemon.start()
+    replayed = {k: v for k, v in expected.items() if k != "z-before"}
+    _wait(daemon, lambda: not diff(replayed, chroma_records(collection)), "A and B to return")
+    t3 = _insert(mongo_client, coll, {"_id": "c", "body": "after the restart", "seq": 3})
+    _wait(daemon, lambda: caught_up(settings, "tok", t3), "the second run to catch up")
+    assert "z-before" not in chroma_records(collection), "replayed from before the --at time"
+    daemon.terminate()
+    assert daemon.wait(30) == 0, daemon.output()
+
+    shown = run_syncd(["tokens", "history", "tok", "--json"], cfg, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    entries = json.loads(shown.stdout)["entries"]
+    moves = [e for e in entries if e["reason"].startswith("tokens set by ")]
+    assert len(moves) == 1, entries
+    assert moves[0]["position"]["start_at"]["t"] == t1.time
+    assert moves[0]["set_by"] == moves[0]["reason"].removeprefix("tokens set by ")
+
+    status = run_syncd(["tokens", "show", "tok", "--json"], cfg, timeout=60)
+    assert status.returncode == 0, status.stderr
+    (entry,) = json.loads(status.stdout)["pipelines"]
+    assert entry["phase"] == "streaming" and entry["cluster_time"]["t"] >= t3.time
+    assert entry["lease"] is not None and entry["lease"]["live"] is False
+    assert entry["lag_s"] is not None and entry["lag_s"] >= 0
+    mongo_client.drop_database(db)
+    mongo_client.drop_database(f"{db}_syncd")
