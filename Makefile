@@ -5,6 +5,7 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STANDIN_VENV := .venv-standin
+PHOENIX_VENV := .venv-phoenix
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
@@ -32,7 +33,7 @@ standin: $(STANDIN_VENV)/.installed
 run: $(VENV)/.installed $(STANDIN_VENV)/.installed
 	$(BIN)/python examples/demo.py
 
-test: $(VENV)/.installed $(STANDIN_VENV)/.installed
+test: $(VENV)/.installed $(STANDIN_VENV)/.installed $(PHOENIX_VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
@@ -46,7 +47,16 @@ typecheck: $(VENV)/.installed
 bench: $(VENV)/.installed $(STANDIN_VENV)/.installed
 	$(BIN)/python bench/run.py
 
-viewer: $(VENV)/.installed
+# Arize Phoenix (the OTLP receiver for trace tests, and `make viewer`) pins versions that
+# clash with chromadb's, so it gets its own environment; the harness knows the version.
+$(PHOENIX_VENV)/.installed: tests/harness/phoenix.py
+	$(PYTHON) -m tests.harness.phoenix --install
+	@touch $@
+
+.PHONY: $(PHOENIX_VENV)
+$(PHOENIX_VENV): $(PHOENIX_VENV)/.installed
+
+viewer: $(VENV)/.installed $(PHOENIX_VENV)/.installed
 	$(BIN)/python -m tests.harness.phoenix
 
 clean:
