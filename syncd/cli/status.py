@@ -1,0 +1,75 @@
+"""`syncd status`: each pipeline's state, position, lag, last error and dead letters."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from syncd.cli.common import add_config_options, load_settings, print_json, select_pipelines
+from syncd.errors import ExitCode
+
+
+def register(verbs: Any) -> None:
+    parser = verbs.add_parser(
+        "status",
+        help="show each pipeline's state, position, lag and last error",
+        description="Read what the daemon recorded next to each checkpoint: its state "
+        "(streaming, snapshotting, retrying, halted, stopped), the last error with the "
+        "document it concerns, the checkpoint position and age, the lag behind MongoDB "
+        "and the number of dead letters. Works whether or not the daemon runs. Exit 1 "
+        "when a pipeline is halted.",
+    )
+    add_config_options(parser)
+    parser.add_argument("pipelines", nargs="*", metavar="PIPELINE", help="default: all")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.set_defaults(handler=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    settings = load_settings(args)
+    from syncd.runtime import Runtime
+    from syncd.status import collect
+
+    pipelines = select_pipelines(settings, args.pipelines)
+    runtime = Runtime(settings)
+    try:
+        rows = collect(runtime, pipelines)
+    finally:
+        runtime.close()
+    if args.json:
+        print_json(rows)
+    else:
+        for row in rows:
+            _print(row)
+    halted = any(row["state"] == "halted" for row in rows)
+    return ExitCode.DRIFT_OR_FAILURE if halted else ExitCode.OK
+
+
+def _print(row: dict[str, Any]) -> None:
+    print(f"{row['pipeline']}: {row['state']}  ({row['namespace']} -> {row['chroma_collection']})")
+    if "state_age_s" in row:
+        by = row.get("process", "?")
+        print(f"  since          {row['state_since']} ({_ago(row['state_age_s'])}, {by})")
+    if "position" in row:
+        age = f", checkpointed {_ago(row['checkpoint_age_s'])}" if "checkpoint_age_s" in row else ""
+        print(f"  position       cluster time {row['position']} ({row['position_time']}){age}")
+    elif row.get("phase") == "snapshot":
+        copied = row.get("snapshot_scanned", 0)
+        print(f"  position       snapshot in progress, {copied} documents copied")
+    if "lag_s" in row:
+        print(f"  lag            {row['lag_s']} s behind MongoDB")
+    print(f"  dead letters   {row['dead_letters']}")
+    error = row.get("last_error")
+    if error:
+        where = f" (_id {error['document_id']})" if "document_id" in error else ""
+        print(f"  last error     {error.get('error_class', '')}: {error.get('error', '')}{where}")
+        if "hint" in error:
+            print(f"  what to do     {error['hint']}")
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"

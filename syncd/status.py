@@ -1,0 +1,94 @@
+"""What each pipeline is doing, from what the daemon leaves behind.
+
+The daemon records its state (streaming, snapshotting, retrying, halted, stopped)
+with the last error next to the checkpoint; the position, lag and dead-letter count
+come from the checkpoint store, MongoDB and the dead-letter store. Nothing here needs
+the daemon to be running, so `syncd status` also explains why it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from bson.timestamp import Timestamp
+
+from syncd.config import PipelineSettings
+from syncd.errors import SyncdError
+from syncd.runtime import Runtime
+
+
+def collect(runtime: Runtime, pipelines: Sequence[PipelineSettings]) -> list[dict[str, Any]]:
+    server_time = _server_time(runtime, pipelines)
+    return [describe(runtime, ps, server_time) for ps in pipelines]
+
+
+def describe(
+    runtime: Runtime, ps: PipelineSettings, server_time: Timestamp | None
+) -> dict[str, Any]:
+    cp = runtime.store.load(ps.name)
+    out: dict[str, Any] = {
+        "pipeline": ps.name,
+        "namespace": ps.namespace,
+        "chroma_collection": ps.chroma_collection_name,
+        "on_error": ps.on_error,
+        "consistency": ps.consistency,
+    }
+    if cp is None:
+        out["state"] = "never run"
+        out["dead_letters"] = runtime.dead_letters(ps).count(ps.name)
+        return out
+    status = dict(cp.status or {})
+    out["state"] = status.get("state", "unknown")
+    if "updated_at" in status:
+        out["state_since"] = _iso(status["updated_at"])
+        out["state_age_s"] = _age(status["updated_at"])
+    if status.get("by"):
+        out["process"] = status["by"]
+    out["phase"] = cp.phase
+    if cp.phase == "snapshot" and cp.snapshot is not None:
+        out["snapshot_scanned"] = cp.snapshot.scanned
+    if cp.cluster_time is not None:
+        out["position"] = format_timestamp(cp.cluster_time)
+        out["position_time"] = _iso(datetime.fromtimestamp(cp.cluster_time.time, UTC))
+        if server_time is not None:
+            out["lag_s"] = max(0, server_time.time - cp.cluster_time.time)
+    if cp.wall_time is not None:
+        out["checkpoint_age_s"] = _age(cp.wall_time)
+    out["dead_letters"] = runtime.dead_letters(ps).count(ps.name)
+    if status.get("error"):
+        out["last_error"] = {
+            key: status[key]
+            for key in ("error_class", "error", "document_id", "namespace", "hint")
+            if status.get(key) is not None
+        }
+    return out
+
+
+def format_timestamp(ts: Timestamp) -> str:
+    return f"{ts.time}.{ts.inc}"
+
+
+def _server_time(runtime: Runtime, pipelines: Sequence[PipelineSettings]) -> Timestamp | None:
+    """MongoDB's latest operation time, to measure lag against; None if unreachable."""
+    if not pipelines:
+        return None
+    try:
+        value = runtime.source(pipelines[0]).server_time()
+    except SyncdError:
+        return None
+    return value if isinstance(value, Timestamp) else None
+
+
+def _age(moment: datetime) -> float:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return round(max(0.0, time.time() - moment.timestamp()), 1)
+
+
+def _iso(moment: datetime) -> str:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
