@@ -33,6 +33,7 @@ from pymongo.database import Database
 
 from syncd import plan as planning
 from syncd.config import PipelineSettings
+from syncd.deadletter import DeadLetterStore
 from syncd.errors import MappingError, PoisonError, SyncdError, translate_mongo_errors
 from syncd.mapping import MappedDocument, Mapper, Record, base_id, decode_id
 from syncd.sink import Sink, StoredRecord, WritePlan
@@ -563,3 +564,87 @@ def open_checker(runtime: Runtime, settings: PipelineSettings) -> Checker:
         mapper=Mapper(settings),
         database=runtime.mongo[settings.database],
     )
+
+
+# --- dead letters -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RetryResult:
+    retried: int = 0
+    fixed: Finding = dataclasses.field(default_factory=Finding)
+    failing: Finding = dataclasses.field(default_factory=Finding)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "retried": self.retried,
+            "fixed": self.fixed.to_json(),
+            "failing": self.failing.to_json(),
+        }
+
+
+def retry_dead_letters(
+    pipeline: Pipeline,
+    letters: DeadLetterStore,
+    keys: Sequence[str] | None = None,
+    *,
+    chunk: int = 100,
+) -> RetryResult:
+    """Re-apply dead-lettered documents from their current MongoDB state.
+
+    What applies now leaves the store; what is still poison stays, with its attempt
+    count raised and its latest error. A document deleted since is applied as a delete.
+    """
+    name = pipeline.settings.name
+    result = RetryResult()
+    if keys is None:
+        entries: Iterator[dict[str, Any]] = letters.list(name)
+    else:
+        entries = (e for e in (letters.get(name, k) for k in keys) if e is not None)
+    batch: list[dict[str, Any]] = []
+    for entry in entries:
+        batch.append(entry)
+        if len(batch) >= chunk:
+            _retry(pipeline, letters, batch, result)
+            batch = []
+    if batch:
+        _retry(pipeline, letters, batch, result)
+    return result
+
+
+def _retry(
+    pipeline: Pipeline,
+    letters: DeadLetterStore,
+    entries: Sequence[Mapping[str, Any]],
+    result: RetryResult,
+) -> None:
+    by_collection: dict[str, list[Any]] = {}
+    for entry in entries:
+        by_collection.setdefault(entry["collection"], []).append(entry["source_id"])
+    current = {
+        collection: pipeline.source.fetch(collection, ids)
+        for collection, ids in by_collection.items()
+    }
+    changes = [
+        planning.Change(
+            key=entry["key"],
+            collection=entry["collection"],
+            source_id=entry["source_id"],
+            document=current[entry["collection"]].get(hashable_id(entry["source_id"])),
+            operation=entry.get("operation") or "retry",
+            cluster_time=None,
+            event=entry.get("event"),
+        )
+        for entry in entries
+    ]
+    outcome = pipeline.write_changes(changes)
+    failing = [p.change.key for p in outcome.poisoned]
+    fixed = [c.key for c in changes if c.key not in set(failing)]
+    name = pipeline.settings.name
+    if outcome.poisoned:
+        letters.put_many(name, outcome.poisoned)
+    if fixed:
+        letters.remove(name, fixed)
+    result.retried += len(changes)
+    result.fixed.add(fixed)
+    result.failing.add(failing)
