@@ -14,7 +14,7 @@ import bson
 from bson.binary import UuidRepresentation
 from bson.codec_options import CodecOptions, TypeDecoder, TypeEncoder, TypeRegistry
 from mongoeco.core.bson_scalars import BsonDecimal128, BsonDouble, BsonInt32, BsonInt64
-from mongoeco.types import Decimal128, Regex, Timestamp, UndefinedType
+from mongoeco.types import Decimal128, ObjectId, Regex, Timestamp, UndefinedType
 from mongoeco.wire.bson_bridge import decode_wire_value, encode_wire_value
 
 
@@ -23,8 +23,16 @@ def _encoder(python_type: type) -> TypeEncoder:
     return type(f"Encode{python_type.__name__}", (TypeEncoder,), attrs)()
 
 
+_FAST_DECODE: dict[type, Any] = {
+    bson.ObjectId: lambda v: ObjectId(v.binary),
+    bson.Int64: lambda v: BsonInt64(int(v)),
+    bson.Timestamp: lambda v: Timestamp(v.time, v.inc),
+}
+
+
 def _decoder(bson_type: type) -> TypeDecoder:
-    attrs = {"bson_type": bson_type, "transform_bson": staticmethod(decode_wire_value)}
+    convert = _FAST_DECODE.get(bson_type, decode_wire_value)
+    attrs = {"bson_type": bson_type, "transform_bson": staticmethod(convert)}
     return type(f"Decode{bson_type.__name__}", (TypeDecoder,), attrs)()
 
 

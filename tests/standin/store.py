@@ -144,16 +144,33 @@ class Event:
     op: str
     db: str
     coll: str | None
-    doc: dict[str, Any]  # the event as clients see it with default options
+    token: str
+    encoded: bytes  # the event as clients see it with default options, as BSON
     coll_uuid: uuid.UUID | None = None
     pre: dict[str, Any] | None = None  # point-in-time images, only when the collection asks
     post: dict[str, Any] | None = None
-    _raw: RawBSONDocument | None = None
+    _doc: dict[str, Any] | None = None
+
+    @property
+    def doc(self) -> dict[str, Any]:
+        # Decoded on demand: most history is only ever sent as the bytes it was stored as.
+        if self._doc is None:
+            self._doc = codec.decode(self.encoded)
+        return self._doc
 
     def raw(self) -> RawBSONDocument:
-        if self._raw is None:
-            self._raw = RawBSONDocument(codec.encode(self.doc))
-        return self._raw
+        return RawBSONDocument(self.encoded)
+
+    def record(self) -> dict[str, Any]:
+        rec: dict[str, Any] = {"k": "ev", "ts": Timestamp(*self.ts), "op": self.op, "db": self.db,
+                               "coll": self.coll, "tok": self.token, "raw": self.encoded}
+        if self.coll_uuid is not None:
+            rec["uuid"] = self.coll_uuid.bytes
+        if self.pre is not None:
+            rec["pre"] = self.pre
+        if self.post is not None:
+            rec["post"] = self.post
+        return rec
 
 
 def _wall_time() -> dt.datetime:
@@ -206,6 +223,7 @@ class Store:
         self._pending: list[dict[str, Any]] = []
         self._record_seq = 0
         self.listeners: list[Callable[[], None]] = []
+        self._uuids: dict[bytes, uuid.UUID] = {}
 
     # -- time ---------------------------------------------------------------
     def next_ts(self) -> tuple[int, int]:
@@ -244,23 +262,17 @@ class Store:
         self._pending.append(wire(rec))
 
     def _event(self, op: str, db: str, coll: Collection | None, body: dict[str, Any],
-               event_id: dict[str, Any], **extra: Any) -> Event:
+               event_id: dict[str, Any], coll_name: str | None = None, **extra: Any) -> Event:
         ts = self.next_ts()
         token = tokens.encode(ts, collection_uuid=coll.uuid if coll else None, event_id=event_id)
         doc: dict[str, Any] = {"_id": {"_data": token}, "operationType": op,
                                "clusterTime": Timestamp(*ts),
                                "wallTime": _wall_time()}
         doc.update(body)
-        ev = Event(self.next_seq, ts, op, db, coll.name if coll else None, doc,
-                   coll.uuid if coll else None, **extra)
+        ev = Event(self.next_seq, ts, op, db, coll_name or (coll.name if coll else None), token,
+                   codec.encode(doc), coll.uuid if coll else None, _doc=doc, **extra)
         self._append_history(ev)
-        rec: dict[str, Any] = {"k": "ev", "ev": doc}
-        if ev.coll_uuid is not None:
-            rec["uuid"] = ev.coll_uuid.bytes
-        for name in ("pre", "post"):
-            if getattr(ev, name) is not None:
-                rec[name] = getattr(ev, name)
-        self._record(rec)
+        self._record(ev.record())
         return ev
 
     def _append_history(self, ev: Event) -> None:
@@ -334,11 +346,9 @@ class Store:
             del self.dbs[src_db]
         coll.db, coll.name = db, name
         self.dbs.setdefault(db, {})[name] = coll
-        ev = self._event("rename", src_db, coll,
-                         {"ns": {"db": src_db, "coll": src_name}, "to": {"db": db, "coll": name}},
-                         {"operationType": "rename"})
-        ev.coll = src_name
-        return ev
+        return self._event("rename", src_db, coll,
+                           {"ns": {"db": src_db, "coll": src_name}, "to": {"db": db, "coll": name}},
+                           {"operationType": "rename"}, coll_name=src_name)
 
     def remember_reply(self, lsid: bytes, txn: int, reply: dict[str, Any]) -> None:
         self.sessions[lsid] = (txn, reply)
@@ -403,11 +413,13 @@ class Store:
             self._replay_event(rec, state=state)
 
     def _replay_event(self, rec: dict[str, Any], *, state: bool) -> None:
-        doc = rec["ev"]
-        ts = (doc["clusterTime"].time, doc["clusterTime"].inc)
-        coll_uuid = uuid.UUID(bytes=bytes(rec["uuid"])) if "uuid" in rec else None
-        ns = doc.get("ns", {})
-        ev = Event(self.next_seq, ts, doc["operationType"], ns.get("db", ""), ns.get("coll"), doc,
+        ts = (rec["ts"].time, rec["ts"].inc)
+        coll_uuid = None
+        if "uuid" in rec:
+            raw_uuid = bytes(rec["uuid"])
+            coll_uuid = self._uuids.get(raw_uuid) or self._uuids.setdefault(
+                raw_uuid, uuid.UUID(bytes=raw_uuid))
+        ev = Event(self.next_seq, ts, rec["op"], rec["db"], rec["coll"], rec["tok"], rec["raw"],
                    coll_uuid, rec.get("pre"), rec.get("post"))
         self.last_ts = max(self.last_ts, ts)
         self._append_history(ev)
@@ -444,14 +456,7 @@ class Store:
                 for doc in coll.docs.values():
                     yield {"k": "doc", "ns": [db, coll.name], "d": wire(doc)}
         for ev in self.history:
-            rec: dict[str, Any] = {"k": "ev", "ev": ev.doc}
-            if ev.coll_uuid is not None:
-                rec["uuid"] = ev.coll_uuid.bytes
-            if ev.pre is not None:
-                rec["pre"] = ev.pre
-            if ev.post is not None:
-                rec["post"] = ev.post
-            yield wire(rec)
+            yield ev.record()
         for lsid, (txn, reply) in self.sessions.items():
             yield wire({"k": "txn", "lsid": lsid, "n": txn, "reply": reply})
 

@@ -183,7 +183,7 @@ class ChangeStream:
                     codec.encode(shaped))
                 out.append(item)
                 size += len(item.raw)
-                self.last_token = {"_data": ev.doc["_id"]["_data"]}
+                self.last_token = {"_data": ev.token}
                 self.last_returned = True
             if self._invalidates(ev):
                 inv = self._pipeline(self._invalidate_doc(ev))
