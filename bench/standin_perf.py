@@ -20,8 +20,8 @@ import pymongo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.harness.mongo import MongoServer  # noqa: E402
-from tests.harness.ports import free_port  # noqa: E402
+from tests.harness.mongo import MongoServer
+from tests.harness.ports import free_port
 
 FLOOR_OPS = 500.0
 FLOOR_EVENTS = 10_000.0

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from mongoeco.core.filtering import QueryEngine
-
 from store import CommandError, Store
 
 

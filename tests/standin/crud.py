@@ -14,7 +14,6 @@ from mongoeco.core.sorting import sort_documents
 from mongoeco.core.upserts import seed_upsert_document
 from mongoeco.errors import OperationFailure
 from mongoeco.types import ObjectId, Regex
-
 from store import Collection, CommandError, Store, deep_copy, id_key, order_key, same_value
 
 
@@ -199,9 +198,8 @@ def _write_error(index: int, exc: CommandError) -> dict[str, Any]:
 def cmd_insert(store: Store, db: str, body: dict[str, Any]) -> dict[str, Any]:
     coll = store.ensure(db, body["insert"])
     errors, n = [], 0
-    for i, doc in enumerate(body.get("documents", [])):
-        if "_id" not in doc:
-            doc = {"_id": ObjectId(), **doc}
+    for i, given in enumerate(body.get("documents", [])):
+        doc = given if "_id" in given else {"_id": ObjectId(), **given}
         try:
             insert_doc(store, coll, doc)
             n += 1
@@ -318,7 +316,8 @@ def cmd_distinct(store: Store, db: str, body: dict[str, Any]) -> dict[str, Any]:
     return {"values": list(seen.values())}
 
 
-def run_pipeline(store: Store, coll: Collection | None, pipeline: list[dict[str, Any]]) -> list[Any]:
+def run_pipeline(store: Store, coll: Collection | None,
+                 pipeline: list[dict[str, Any]]) -> list[Any]:
     stages = list(pipeline)
     if stages and "$match" in stages[0]:
         docs = select(coll, stages.pop(0)["$match"])

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import bson
-
 from codec import CODEC as _CODEC
+
 _LEN = struct.Struct("<i")
 
 

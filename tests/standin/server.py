@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import itertools
 import os
@@ -28,17 +29,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bson  # noqa: E402
-from bson.int64 import Int64  # noqa: E402
-from mongoeco.errors import OperationFailure  # noqa: E402
-from mongoeco.types import ObjectId, Timestamp  # noqa: E402
-
-import admin  # noqa: E402
-import crud  # noqa: E402
-from journal import Journal  # noqa: E402
-from codec import CODEC  # noqa: E402
-from store import CommandError, Store  # noqa: E402
-from streams import ChangeStream  # noqa: E402
+import admin
+import bson
+import crud
+from bson.int64 import Int64
+from codec import CODEC
+from journal import Journal
+from mongoeco.errors import OperationFailure
+from mongoeco.types import ObjectId, Timestamp
+from store import CommandError, Store
+from streams import ChangeStream
 
 OP_REPLY, OP_QUERY, OP_MSG = 1, 2004, 2013
 MORE_TO_COME = 1 << 1
@@ -89,10 +89,8 @@ class Server:
 
     async def _wait_for_change(self, timeout: float) -> None:
         changed = self._changed
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(changed.wait(), timeout)
-        except TimeoutError:
-            pass
 
     # -- connections --------------------------------------------------------
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

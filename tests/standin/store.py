@@ -17,14 +17,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import bson
-from bson.raw_bson import RawBSONDocument
-from mongoeco.core.bson_scalars import BsonDecimal128, BsonDouble, BsonInt32, BsonInt64
-from mongoeco.types import Binary, ObjectId, Timestamp
-
 import codec
 import tokens
+from bson.raw_bson import RawBSONDocument
 from journal import Journal
+from mongoeco.core.bson_scalars import BsonDecimal128, BsonDouble, BsonInt32, BsonInt64
+from mongoeco.types import Binary, ObjectId, Timestamp
 
 INTERNAL_DBS = frozenset({"admin", "config", "local"})
 
@@ -79,11 +77,6 @@ def order_key(value: Any) -> tuple[int, Any] | None:
     if isinstance(value, ObjectId):
         return (2, str(value))
     return None
-
-
-def wire(value: Any) -> Any:
-    """Values as sent: mongoeco's types encode directly through the shared codec."""
-    return value
 
 
 def same_value(a: Any, b: Any) -> bool:
@@ -259,7 +252,7 @@ class Store:
     def _record(self, rec: dict[str, Any]) -> None:
         self._record_seq += 1
         rec["s"] = self._record_seq
-        self._pending.append(wire(rec))
+        self._pending.append(rec)
 
     def _event(self, op: str, db: str, coll: Collection | None, body: dict[str, Any],
                event_id: dict[str, Any], coll_name: str | None = None, **extra: Any) -> Event:
@@ -300,7 +293,7 @@ class Store:
 
     def replace(self, coll: Collection, pre: dict[str, Any], post: dict[str, Any],
                 as_update: bool) -> Event | None:
-        """Store ``post`` in place of ``pre``; None when nothing changed (no event, like MongoDB)."""
+        """Store ``post`` in place of ``pre``; None if nothing changed (no event, as in MongoDB)."""
         if same_value(pre, post):
             return None
         coll.docs[id_key(post["_id"])] = post
@@ -447,18 +440,18 @@ class Store:
             self.dbs.setdefault(coll.db, {})[coll.name] = coll
 
     def _snapshot_records(self) -> Iterator[dict[str, Any]]:
-        yield wire({"k": "head", "s": self._record_seq, "ts": Timestamp(*self.last_ts),
-                    "floor": Timestamp(*self.floor_ts), "seq": self.base_seq})
+        yield {"k": "head", "s": self._record_seq, "ts": Timestamp(*self.last_ts),
+               "floor": Timestamp(*self.floor_ts), "seq": self.base_seq}
         for db, colls in self.dbs.items():
             for coll in colls.values():
-                yield wire({"k": "create", "ns": [db, coll.name], "uuid": coll.uuid.bytes,
-                            "options": coll.options, "indexes": coll.indexes})
+                yield {"k": "create", "ns": [db, coll.name], "uuid": coll.uuid.bytes,
+                       "options": coll.options, "indexes": coll.indexes}
                 for doc in coll.docs.values():
-                    yield {"k": "doc", "ns": [db, coll.name], "d": wire(doc)}
+                    yield {"k": "doc", "ns": [db, coll.name], "d": doc}
         for ev in self.history:
             yield ev.record()
         for lsid, (txn, reply) in self.sessions.items():
-            yield wire({"k": "txn", "lsid": lsid, "n": txn, "reply": reply})
+            yield {"k": "txn", "lsid": lsid, "n": txn, "reply": reply}
 
 
 def deep_copy(value: Any) -> Any:

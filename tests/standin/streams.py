@@ -5,14 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import bson
+import codec
+import tokens
 from bson.raw_bson import RawBSONDocument
 from mongoeco.core.aggregation.stages import apply_pipeline
 from mongoeco.core.filtering import QueryEngine, compile_filter
 from mongoeco.types import Timestamp
-
-import codec
-import tokens
 from store import INTERNAL_DBS, CommandError, Event, Store, id_key
 
 MAX_BATCH_BYTES = 16 * 1024 * 1024 - 64 * 1024
@@ -69,8 +67,8 @@ class ChangeStream:
         spec, store = self.spec, self.store
         given = [k for k in ("resumeAfter", "startAfter", "startAtOperationTime") if k in spec]
         if len(given) > 1:
-            raise CommandError(40674, "Location40674",
-                               "Only one type of resume option is allowed, but multiple were found.")
+            raise CommandError(40674, "Location40674", "Only one type of resume option is "
+                               "allowed, but multiple were found.")
         if not given:
             return store.next_seq
         if given[0] == "startAtOperationTime":
