@@ -264,23 +264,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if not is_installed():
-        print(f"installing {REQUIREMENT} into {VENV} (about two minutes) ...", flush=True)
+        print(f"installing {REQUIREMENT} into {VENV} (a few minutes) ...", flush=True)
         print(f"installed in {install():.0f}s", flush=True)
     if args.install:
         return 0
     server = PhoenixServer(args.working_dir, args.port, args.grpc_port, start=False)
+    # Phoenix runs in its own session, so a SIGTERM to us must stop it explicitly.
+    signal.signal(signal.SIGTERM, lambda *_: _raise_keyboard_interrupt())
     print(f"starting Phoenix (log {server.log_path}) ...", flush=True)
-    server.start()
-    print(
-        f"Phoenix is up at {server.url} (started in {server.last_start_seconds:.0f}s).\n"
-        "Send syncd's traces to it with:\n"
-        f"  export OTEL_TRACES_EXPORTER=otlp OTEL_EXPORTER_OTLP_ENDPOINT={server.url}\n"
-        'or telemetry.traces = "otlp_http" and '
-        f'telemetry.otlp_endpoint = "{server.otlp_http_endpoint}" in syncd.toml.\n'
-        "Ctrl-C stops it; traces are kept in " + str(args.working_dir),
-        flush=True,
-    )
     try:
+        server.start()
+        print(
+            f"Phoenix is up at {server.url} (started in {server.last_start_seconds:.0f}s).\n"
+            "Send syncd's traces to it with:\n"
+            f"  export OTEL_TRACES_EXPORTER=otlp OTEL_EXPORTER_OTLP_ENDPOINT={server.url}\n"
+            'or telemetry.traces = "otlp_http" and '
+            f'telemetry.otlp_endpoint = "{server.otlp_http_endpoint}" in syncd.toml.\n'
+            f"Ctrl-C stops it; traces are kept in {args.working_dir}",
+            flush=True,
+        )
         while server.is_running():
             time.sleep(1)
     except KeyboardInterrupt:
@@ -288,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.stop()
     return 0
+
+
+def _raise_keyboard_interrupt() -> None:
+    raise KeyboardInterrupt
 
 
 try:
