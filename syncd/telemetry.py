@@ -297,12 +297,12 @@ class PipelineTelemetry:
         if self._pending is not None:
             self._pending.append(record)
         else:
-            self._owner.span_log.append({**record, "outcome": "seen"})
+            self._owner.write_span_log([{**record, "outcome": "seen"}])
 
     def _write_span_log(self, outcome: str) -> None:
         pending, self._pending = self._pending, None
-        if pending and self._owner.span_log is not None:
-            self._owner.span_log.extend({**record, "outcome": outcome} for record in pending)
+        if pending:
+            self._owner.write_span_log([{**record, "outcome": outcome} for record in pending])
 
 
 class Telemetry:
@@ -320,6 +320,7 @@ class Telemetry:
         self._server: HealthServer | None = None
         self._pipelines: dict[str, PipelineTelemetry] = {}
         self._lock = threading.Lock()
+        self._span_log_warned = -60.0
 
     @classmethod
     def disabled(cls) -> Telemetry:
@@ -368,6 +369,19 @@ class Telemetry:
     def process_ready(self) -> bool:
         pipelines = list(self._pipelines.values())
         return bool(pipelines) and all(p.ready() for p in pipelines)
+
+    def write_span_log(self, records: list[dict[str, Any]]) -> None:
+        """Append to the span log; a full disk must not fail a batch that was applied."""
+        span_log = self.span_log
+        if span_log is None:
+            return
+        try:
+            span_log.extend(records)
+        except OSError as exc:
+            now = time.monotonic()
+            if now - self._span_log_warned >= 60:
+                self._span_log_warned = now
+                log.warning("cannot write the span log %s: %s", span_log.path, exc)
 
     @property
     def http_address(self) -> tuple[str, int] | None:

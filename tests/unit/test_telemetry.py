@@ -375,3 +375,18 @@ def test_otel_traces_sampler_is_honoured(tmp_path, monkeypatch):
     run_batch(tel.pipeline("articles"), info())
     tel.shutdown()
     assert exporter.get_finished_spans() == ()
+
+
+def test_an_unwritable_span_log_does_not_fail_the_batch(tmp_path, caplog):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    tel, exporter = make_telemetry(tmp_path, span_log_path=str(blocker / "spans.jsonl"))
+    tel.start()
+    try:
+        run_batch(tel.pipeline("articles"), info())
+        run_batch(tel.pipeline("articles"), info())
+        assert "syncd.batch" in finished(tel, exporter)
+        warnings = [r for r in caplog.records if "cannot write the span log" in r.getMessage()]
+        assert len(warnings) == 1, "warned once, not per batch"
+    finally:
+        tel.shutdown()
