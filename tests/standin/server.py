@@ -31,8 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import admin
 import bson
+import codec
 import crud
 from bson.int64 import Int64
+from bson.raw_bson import RawBSONDocument
 from codec import CODEC
 from journal import Journal
 from mongoeco.errors import OperationFailure
@@ -266,8 +268,7 @@ class Server:
     # -- cursors ------------------------------------------------------------
     def open_cursor(self, ns: str, docs: list[Any], batch_size: Any, *,
                     single: bool = False) -> dict[str, Any]:
-        size = DEFAULT_BATCH if batch_size is None else as_int(batch_size)
-        first, rest = docs[:size], docs[size:]
+        first, rest = take_batch(docs, DEFAULT_BATCH if batch_size is None else as_int(batch_size))
         cursor_id = 0
         if rest and not single:
             cursor_id = next(self._cursor_ids)
@@ -312,8 +313,7 @@ class Server:
         limit = as_int(body["batchSize"]) if body.get("batchSize") else None
         if cursor.stream is None:
             assert cursor.docs is not None
-            size = limit or len(cursor.docs)
-            batch, cursor.docs = cursor.docs[:size], cursor.docs[size:]
+            batch, cursor.docs = take_batch(cursor.docs, limit)
             if not cursor.docs:
                 del self.cursors[cursor_id]
             return {"cursor": {"nextBatch": batch, "id": Int64(cursor_id if cursor.docs else 0),
@@ -334,6 +334,19 @@ class Server:
             self.cursors.pop(cursor_id, None)
         return {"cursor": {"nextBatch": events, "postBatchResumeToken": stream.post_batch_token(),
                            "id": Int64(0 if stream.closed else cursor_id), "ns": cursor.ns}}
+
+
+def take_batch(docs: list[Any], limit: int | None) -> tuple[list[Any], list[Any]]:
+    """Split off the next batch: at most `limit` documents and, like MongoDB, about 16 MB."""
+    batch: list[Any] = []
+    size = 0
+    for doc in docs[:limit] if limit else docs:
+        raw = RawBSONDocument(codec.encode(doc)) if not isinstance(doc, RawBSONDocument) else doc
+        if batch and size + len(raw.raw) > MAX_BSON:
+            break
+        batch.append(raw)
+        size += len(raw.raw)
+    return batch, docs[len(batch):]
 
 
 class ErrorCodes:
