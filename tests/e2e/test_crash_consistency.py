@@ -186,6 +186,8 @@ def test_kill9_randomized_workload_converges(
         mongo_uri=mongo_uri,
         chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
         checkpoint_db=f"{db}_syncd",
+        # A killed holder's lease must expire before its successor may write.
+        extra={"lease": {"ttl_s": 2.0, "renew_every_s": 0.5}},
         pipelines=[
             pipeline_table(
                 "crash", db, collection=None, collections=colls, chroma_collection=chroma_coll
@@ -205,10 +207,11 @@ def test_kill9_randomized_workload_converges(
     checked_total = 0
     daemon = syncd_factory(["run"], cfg)
     client = chroma_server.client()
-    collection = wait_until(lambda: _collection(client, chroma_coll), 60, "chroma collection")
+    collection = wait_until(lambda: _collection(client, chroma_coll), 120, "chroma collection")
     try:
         for _ in range(KILLS):
-            time.sleep(rng.uniform(1.0, 3.5))
+            daemon.wait_for_output("took the lease", timeout=60)
+            time.sleep(rng.uniform(0.5, 3.0))
             daemon.kill()
             checked_total += assert_checkpoint_covered(settings, "crash", log, collection, True)
             daemon.start()
