@@ -147,3 +147,18 @@ def test_id_range_pages_in_id_order(mongo_db: Any) -> None:
     assert [d["_id"] for d in coll.find().sort("_id", 1)] == [1, 3, 4.5, 5, 7, "a", "b"]
     coll.insert_one({"_id": 2})
     assert [d["_id"] for d in coll.find({"_id": {"$lte": 3}}).sort("_id", 1)] == [1, 2, 3]
+
+
+def test_update_operators_follow_mongodb_semantics(mongo_db: Any) -> None:
+    coll = mongo_db.c
+    coll.insert_one({"_id": 1, "z": 0, "a": {"b": 1}, "arr": [1, 2]})
+    coll.update_one({"_id": 1}, {"$set": {"y": 1, "x": 2, "z": 5}, "$unset": {"a": ""}})
+    assert list(coll.find_one({"_id": 1})) == ["_id", "z", "arr", "x", "y"]
+    coll.update_one({"_id": 1}, {"$set": {"a.b.c": 1}, "$inc": {"z": 1}, "$push": {"arr": 3}})
+    assert coll.find_one({"_id": 1}) == {"_id": 1, "z": 6, "arr": [1, 2, 3], "x": 2, "y": 1,
+                                         "a": {"b": {"c": 1}}}
+    with pytest.raises(OperationFailure) as info:
+        coll.update_one({"_id": 1}, {"$set": {"_id": 2}})
+    assert info.value.code == 66
+    coll.update_one({"_id": 1}, [{"$set": {"sum": {"$add": ["$z", "$x"]}}}])
+    assert coll.find_one({"_id": 1})["sum"] == 8

@@ -17,9 +17,17 @@ from mongoeco.core.bson_scalars import BsonDecimal128, BsonDouble, BsonInt32, Bs
 from mongoeco.types import Decimal128, ObjectId, Regex, Timestamp, UndefinedType
 from mongoeco.wire.bson_bridge import decode_wire_value, encode_wire_value
 
+_FAST_ENCODE: dict[type, Any] = {
+    Timestamp: lambda v: bson.Timestamp(v.time, v.inc),
+    BsonInt64: lambda v: bson.Int64(v.value),
+    BsonInt32: lambda v: v.value,
+    BsonDouble: lambda v: v.value,
+}
+
 
 def _encoder(python_type: type) -> TypeEncoder:
-    attrs = {"python_type": python_type, "transform_python": staticmethod(encode_wire_value)}
+    convert = _FAST_ENCODE.get(python_type, encode_wire_value)
+    attrs = {"python_type": python_type, "transform_python": staticmethod(convert)}
     return type(f"Encode{python_type.__name__}", (TypeEncoder,), attrs)()
 
 

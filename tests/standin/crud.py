@@ -142,12 +142,33 @@ def _context(update: Any) -> ExpressionExecutionContext | None:
     return _SHARED_CONTEXT
 
 
+def _top_level_set(doc: dict[str, Any], update: Any) -> dict[str, Any] | None:
+    """$set/$unset of top-level fields, the common case, without mongoeco's general machinery."""
+    if isinstance(update, list) or not update or set(update) - {"$set", "$unset"}:
+        return None
+    fields = [k for spec in update.values() if isinstance(spec, dict) for k in spec]
+    if len(fields) != sum(len(spec) for spec in update.values()) or len(set(fields)) != len(
+            fields) or any(not k or "." in k or k.startswith("$") or k == "_id" for k in fields):
+        return None
+    new = dict(doc)
+    # MongoDB 5+ applies an operator's fields in lexicographic order, so new ones land sorted.
+    to_set = update.get("$set", {})
+    for key in sorted(to_set):
+        new[key] = to_set[key]
+    for key in update.get("$unset", {}):
+        new.pop(key, None)
+    return new
+
+
 def apply_update(doc: dict[str, Any], update: Any, flt: dict[str, Any],
                  array_filters: Any = None) -> dict[str, Any]:
     if not _is_operator_update(update):
         if "_id" in update and not same_value(update["_id"], doc["_id"]):
             raise _immutable_id()
         return {"_id": doc["_id"], **{k: v for k, v in update.items() if k != "_id"}}
+    simple = _top_level_set(doc, update)
+    if simple is not None:
+        return simple
     new = deep_copy(doc)
     try:
         UpdateEngine.apply_update(new, update, selector_filter=flt, array_filters=array_filters,

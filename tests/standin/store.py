@@ -79,7 +79,14 @@ def order_key(value: Any) -> tuple[int, Any] | None:
     return None
 
 
+_EXACT = frozenset({str, int, float, bool, type(None)})
+
+
 def same_value(a: Any, b: Any) -> bool:
+    """BSON equality including types (1 and 1.0 differ, as they do in an update's effect)."""
+    kind = type(a)
+    if kind is type(b) and kind in _EXACT and a == a:
+        return bool(a == b)
     return codec.encode({"v": a}) == codec.encode({"v": b})
 
 
@@ -294,14 +301,17 @@ class Store:
     def replace(self, coll: Collection, pre: dict[str, Any], post: dict[str, Any],
                 as_update: bool) -> Event | None:
         """Store ``post`` in place of ``pre``; None if nothing changed (no event, as in MongoDB)."""
-        if same_value(pre, post):
+        description = update_description(pre, post) if as_update else None
+        if description is not None and not any(description.values()):
+            return None
+        if description is None and same_value(pre, post):
             return None
         coll.docs[id_key(post["_id"])] = post
         key = {"_id": post["_id"]}
         body: dict[str, Any] = {"ns": {"db": coll.db, "coll": coll.name}, "documentKey": key}
         op = "update" if as_update else "replace"
-        if as_update:
-            body["updateDescription"] = update_description(pre, post)
+        if description is not None:
+            body["updateDescription"] = description
         else:
             body = {"fullDocument": post, **body}
         return self._event(op, coll.db, coll, body, {"operationType": op, "documentKey": key},
