@@ -5,10 +5,12 @@ A full verify streams both sides in constant memory:
 1. MongoDB, each source collection in ``_id`` order a page at a time; every document
    the filter matches is mapped, and its records are looked up in Chroma by id. A
    record that is absent is *missing*; one whose content hash, text or metadata
-   differs is *stale*.
-2. Chroma, every record a page at a time; a record whose document is gone, no longer
-   matches the filter, or no longer produces that record id (a chunk that should not
-   exist) is *orphaned*.
+   differs is *stale*. The expected record ids go to an indexed temporary file
+   (:class:`IdIndex`), so memory stays flat however large the collection.
+2. Chroma, every record a page at a time; a record whose id pass 1 did not expect is
+   a candidate, confirmed against MongoDB's current state: its document is gone, no
+   longer matches the filter, or no longer produces that record id (a chunk that
+   should not exist): it is *orphaned*. Only candidates are fetched from MongoDB.
 
 Repair re-applies the documents behind missing and stale records from MongoDB's
 current state through the pipeline's own planning code, and deletes orphans by id.
@@ -24,6 +26,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -46,6 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 VOLATILE_KEYS = frozenset({"syncd_cluster_time"})
+UNMAPPABLE = "\x00"  # IdIndex prefix of keys whose records verify leaves alone
 SAMPLE_IDS = 20  # record ids kept per finding, for the report
 ORPHAN_BATCH = 10_000  # orphan ids held before deleting them (repair rescans after)
 
@@ -161,10 +166,11 @@ class Checker:
     def verify(self) -> Report:
         started = time.monotonic()
         report = Report(self.settings.name)
-        for collection, docs in self.documents():
-            self.compare_documents(collection, docs, report)
-        for _ in self.orphans(report):
-            pass  # counted in the report
+        with IdIndex() as index:
+            for collection, docs in self.documents():
+                self.compare_documents(collection, docs, report, index=index)
+            for _ in self.orphans(report, index):
+                pass  # counted in the report
         report.seconds = time.monotonic() - started
         return report
 
@@ -180,8 +186,13 @@ class Checker:
         report: Report,
         *,
         extra_records: bool = False,
+        index: IdIndex | None = None,
     ) -> Drift:
-        """Missing and stale records of these documents (and, if asked, their extra ones)."""
+        """Missing and stale records of these documents (and, if asked, their extra ones).
+
+        ``index`` collects the record ids these documents should have, and the keys of
+        documents that cannot be mapped, for :meth:`orphans`.
+        """
         drift = Drift()
         expected: dict[str, Record] = {}
         keys: list[str] = []
@@ -194,11 +205,15 @@ class Checker:
                 mapped = self.expected(collection, doc)
             except PoisonError:
                 report.unmappable.add([key])
+                if index is not None:
+                    index.add([UNMAPPABLE + key])
                 continue
             keys.append(key)
             for record in mapped.records:
                 expected[record.id] = record
                 drift.documents[key] = (collection, doc)
+        if index is not None:
+            index.add(list(expected))
         stored = {r.id: r for r in self.sink.get(list(expected))} if expected else {}
         for rid, record in expected.items():
             got = stored.get(rid)
@@ -217,11 +232,15 @@ class Checker:
         report.orphaned.add(drift.orphaned)
         return drift
 
-    def orphans(self, report: Report) -> Iterator[list[str]]:
+    def orphans(self, report: Report, index: IdIndex) -> Iterator[list[str]]:
         """Orphaned record ids, a page of Chroma at a time."""
         for page in self.sink.scan(self.page_size):
             report.records += len(page)
-            found = self.orphans_among(page)
+            known = index.known([r.id for r in page] + [UNMAPPABLE + base_id(r.id) for r in page])
+            candidates = [
+                r for r in page if r.id not in known and UNMAPPABLE + base_id(r.id) not in known
+            ]
+            found = self.orphans_among(candidates) if candidates else []
             report.orphaned.add(found)
             if found:
                 yield found
@@ -326,6 +345,36 @@ class Checker:
         return report
 
 
+class IdIndex:
+    """A set of strings in an indexed temporary SQLite file: flat memory at any size."""
+
+    SLICE = 500  # bound parameters per query
+
+    def __enter__(self) -> IdIndex:
+        self._dir = tempfile.TemporaryDirectory(prefix="syncd-verify-")
+        self._db = sqlite3.connect(f"{self._dir.name}/ids.sqlite")
+        self._db.execute("PRAGMA journal_mode = OFF")
+        self._db.execute("PRAGMA synchronous = OFF")
+        self._db.execute("CREATE TABLE ids (id TEXT PRIMARY KEY) WITHOUT ROWID")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._db.close()
+        self._dir.cleanup()
+
+    def add(self, ids: Sequence[str]) -> None:
+        self._db.executemany("INSERT OR IGNORE INTO ids VALUES (?)", [(i,) for i in ids])
+
+    def known(self, ids: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(ids), self.SLICE):
+            part = list(ids[start : start + self.SLICE])
+            marks = ",".join("?" * len(part))
+            query = f"SELECT id FROM ids WHERE id IN ({marks})"
+            found.update(row[0] for row in self._db.execute(query, part))
+        return found
+
+
 def differs(record: Record, stored: StoredRecord) -> bool:
     """Whether Chroma's copy of a record is not what mapping the document produces."""
     if stored.metadata.get("syncd_hash") != record.content_hash:
@@ -366,19 +415,29 @@ def repair(pipeline: Pipeline, checker: Checker, *, dry_run: bool = False) -> Re
     started = time.monotonic()
     report = Report(pipeline.settings.name)
     result = RepairReport(verify=report, dry_run=dry_run)
-    for collection, docs in checker.documents():
-        drift = checker.compare_documents(collection, docs, report)
-        if drift.documents:
-            result.reapplied.add(list(drift.documents))
-            if not dry_run:
-                _reapply(pipeline, drift, result)
+    with IdIndex() as index:
+        for collection, docs in checker.documents():
+            drift = checker.compare_documents(collection, docs, report, index=index)
+            if drift.documents:
+                result.reapplied.add(list(drift.documents))
+                if not dry_run:
+                    _reapply(pipeline, drift, result)
+        _remove_orphans(pipeline, checker, index, result, dry_run=dry_run)
+    report.seconds = time.monotonic() - started
+    return result
+
+
+def _remove_orphans(
+    pipeline: Pipeline, checker: Checker, index: IdIndex, result: RepairReport, *, dry_run: bool
+) -> None:
+    report = result.verify
     while True:
         # Deleting while paging Chroma by offset would skip records, so orphans are
         # deleted after the scan; past ORPHAN_BATCH, delete and scan again.
         scan = Report(report.pipeline)
         pending: list[str] = []
         complete = True
-        for found in checker.orphans(scan):
+        for found in checker.orphans(scan, index):
             result.deleted.add(found)
             report.orphaned.add(found)
             if not dry_run:
@@ -390,9 +449,7 @@ def repair(pipeline: Pipeline, checker: Checker, *, dry_run: bool = False) -> Re
             pipeline.sink.write(WritePlan(deletes=pending))
         if complete:
             report.records = scan.records
-            break
-    report.seconds = time.monotonic() - started
-    return result
+            return
 
 
 def _reapply(pipeline: Pipeline, drift: Drift, result: RepairReport) -> None:

@@ -226,16 +226,17 @@ def test_verify_names_each_kind_of_drift() -> None:
     docs[8]["kind"] = "skip"  # stopped matching the filter: orphan
     sink.records["garbage"] = {"document": "x", "metadata": {}, "embedding": []}
     sink.records["s:nobody"] = {"document": "x", "metadata": {ID_KEY: "s:nobody"}}
+    sink.records["i:0#1"] = {"document": "x", "metadata": {ID_KEY: "i:0"}}  # a chunk too many
 
     report = checker.verify()
 
     assert not report.consistent
     assert sorted(report.missing.sample) == ["i:1"]
     assert sorted(report.stale.sample) == ["i:2", "i:3", "i:4", "i:5", "i:6"]
-    assert sorted(report.orphaned.sample) == ["garbage", "i:7", "i:8", "s:nobody"]
-    assert (report.missing.count, report.stale.count, report.orphaned.count) == (1, 5, 4)
+    assert sorted(report.orphaned.sample) == ["garbage", "i:0#1", "i:7", "i:8", "s:nobody"]
+    assert (report.missing.count, report.stale.count, report.orphaned.count) == (1, 5, 5)
     assert report.documents == 8
-    assert report.records == 11
+    assert report.records == 12
 
 
 def test_chunks_that_should_not_exist_are_orphans() -> None:
