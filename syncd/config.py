@@ -220,6 +220,17 @@ class PipelineSettings(_Model):
     mapping: MappingSettings
     embedder: EmbedderSettings = Field(default_factory=EmbedderSettings)
 
+    @field_validator("filter")
+    @classmethod
+    def _valid_filter(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from syncd.matcher import compile_filter
+
+        try:
+            compile_filter(value)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
+        return value
+
     @field_validator("name")
     @classmethod
     def _valid_name(cls, value: str) -> str:

@@ -1,0 +1,108 @@
+"""Bad configuration: one line naming the key, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+
+from syncd.errors import ExitCode
+from tests.harness.daemon import run_syncd
+
+
+def good() -> dict[str, Any]:
+    return {
+        "mongodb": {"uri": "mongodb://127.0.0.1:1/?directConnection=true"},
+        "chroma": {"mode": "embedded", "path": "chroma"},
+        "pipelines": [
+            {
+                "name": "articles",
+                "database": "app",
+                "collection": "articles",
+                "mapping": {"text": "body"},
+            }
+        ],
+    }
+
+
+def edit(path: str, value: Any) -> dict[str, Any]:
+    data = good()
+    node: Any = data
+    parts = path.split(".")
+    for part in parts[:-1]:
+        node = node[int(part)] if part.isdigit() else node[part]
+    if value is DELETE:
+        del node[parts[-1]]
+    else:
+        node[parts[-1]] = value
+    return data
+
+
+DELETE = object()
+
+CASES: list[tuple[str, dict[str, Any] | str, str]] = [
+    ("unknown top-level key", edit("colour", "blue"), "colour: unknown key"),
+    ("unknown pipeline key", edit("pipelines.0.batch_sise", 5), "batch_sise: unknown key"),
+    ("wrong type", edit("pipelines.0.batch_size", "many"), "pipelines[0].batch_size"),
+    ("out of range", edit("pipelines.0.batch_size", 0), "pipelines[0].batch_size"),
+    ("missing database", edit("pipelines.0.database", DELETE), "database: required"),
+    ("missing mapping", edit("pipelines.0.mapping", DELETE), "mapping: required"),
+    ("bad uri", edit("mongodb.uri", "postgres://x"), "mongodb: not a valid MongoDB URI"),
+    ("bad enum", edit("pipelines.0.on_error", "shrug"), "pipelines[0].on_error"),
+    ("bad chroma mode", edit("chroma.mode", "cloud"), "chroma.mode"),
+    ("both text sources", edit("pipelines.0.mapping.text_template", "{a}"), "exactly one"),
+    ("no text source", edit("pipelines.0.mapping.text", DELETE), "exactly one"),
+    ("collection and collections", edit("pipelines.0.collections", ["a"]), "exactly one"),
+    ("bad pipeline name", edit("pipelines.0.name", "a b"), "pipelines[0].name"),
+    ("overlap >= size", edit("pipelines.0.mapping", {"text": "b", "chunk_size": 10,
+                                                      "chunk_overlap": 10}), "chunk_overlap"),
+    ("reserved metadata key", edit("pipelines.0.mapping", {"text": "b",
+                                                            "rename": {"a": "syncd_x"}}),
+     "reserved prefix"),
+    ("field embedder without field", edit("pipelines.0.embedder", {"kind": "field"}),
+     "embedder.field is required"),
+    ("openai without url", edit("pipelines.0.embedder", {"kind": "openai"}), "base_url"),
+    ("bad listen", edit("telemetry", {"listen": "nowhere"}), "telemetry.listen"),
+    ("lease renew >= ttl", edit("lease", {"ttl_s": 5, "renew_every_s": 5}), "renew_every_s"),
+    ("bad filter operator", edit("pipelines.0.filter", {"n": {"$near": 1}}), "$near"),
+    ("not TOML", "this is = not [ toml", "not valid TOML"),
+]
+
+
+@pytest.mark.parametrize(("data", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_config_exits_2_with_one_line(tmp_path: Path, data: Any, expected: str) -> None:
+    path = tmp_path / "syncd.toml"
+    path.write_text(data if isinstance(data, str) else tomli_w.dumps(data))
+    result = run_syncd(["check"], config=path, timeout=60)
+    stderr = result.stderr.strip()
+    assert result.returncode == ExitCode.CONFIG, (result.returncode, stderr, result.stdout)
+    assert "Traceback" not in stderr
+    assert len(stderr.splitlines()) == 1, stderr
+    assert expected in stderr, stderr
+    assert stderr.startswith("syncd: error: ")
+
+
+def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
+    result = run_syncd(["check"], config=tmp_path / "absent.toml", timeout=60)
+    assert result.returncode == ExitCode.CONFIG
+    assert "absent.toml not found" in result.stderr
+
+
+def test_password_never_echoed(tmp_path: Path) -> None:
+    data = edit("mongodb.uri", "mongodb://user:hunter2secret@127.0.0.1:1/?replicaSet=rs0")
+    data["pipelines"][0]["batch_size"] = -1
+    path = tmp_path / "syncd.toml"
+    path.write_text(tomli_w.dumps(data))
+    result = run_syncd(["check"], config=path, timeout=60)
+    assert result.returncode == ExitCode.CONFIG
+    assert "hunter2secret" not in result.stderr + result.stdout
+
+
+def test_check_offline_accepts_a_good_config(tmp_path: Path) -> None:
+    path = tmp_path / "syncd.toml"
+    path.write_text(tomli_w.dumps(good()))
+    result = run_syncd(["check", "--offline"], config=path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "config ok: 1 pipeline(s)" in result.stdout
