@@ -11,38 +11,33 @@ from bson import json_util
 from syncd.cli.common import add_config_options, load_settings, print_json
 from syncd.errors import ConfigError, ExitCode
 
+ACTIONS = {
+    "list": "one line per entry (or only KEY)",
+    "show": "one entry in full, as JSON (KEY required)",
+    "retry": "re-apply from MongoDB's current state; remove what succeeds (all, or KEY)",
+    "purge": "delete all entries (or KEY); needs --yes",
+}
+
 
 def register(verbs: Any) -> None:
     parser = verbs.add_parser(
         "dlq",
         help="list, show, retry or purge a pipeline's dead letters",
         description='Under on_error = "dead_letter", changes that cannot be applied are '
-        "parked here, one entry per document. `retry` re-applies each from the document's "
-        "current MongoDB state (fix the document first) and removes what succeeded; "
-        "`purge` deletes entries and needs --yes.",
+        "parked here, one entry per document. "
+        + "; ".join(f"{name}: {text}" for name, text in ACTIONS.items())
+        + ". Fix documents in MongoDB before retrying them.",
     )
-    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    for name, help_text in (
-        ("list", "one line per entry"),
-        ("show", "one entry in full (JSON)"),
-        ("retry", "re-apply from MongoDB; remove what succeeds (all, or KEY)"),
-        ("purge", "delete all entries (or KEY); needs --yes"),
-    ):
-        sub = actions.add_parser(name, help=help_text, description=help_text)
-        add_config_options(sub)
-        sub.add_argument("pipeline", metavar="PIPELINE")
-        sub.add_argument(
-            "key",
-            metavar="KEY",
-            nargs="?" if name != "show" else None,
-            help="the entry's key, as `syncd dlq list` prints it",
-        )
-        sub.add_argument("--json", action="store_true", help="print JSON")
-        if name == "purge":
-            sub.add_argument("--yes", action="store_true", help="really delete")
-        if name == "list":
-            sub.add_argument("--limit", type=int, default=0, help="at most this many (0: all)")
-        sub.set_defaults(handler=handle)
+    add_config_options(parser)
+    parser.add_argument("action", choices=list(ACTIONS), metavar="ACTION", help="|".join(ACTIONS))
+    parser.add_argument("pipeline", metavar="PIPELINE")
+    parser.add_argument(
+        "key", metavar="KEY", nargs="?", help="an entry's key, as `syncd dlq list` prints it"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--yes", action="store_true", help="purge: really delete")
+    parser.add_argument("--limit", type=int, default=0, help="list: at most this many (0: all)")
+    parser.set_defaults(handler=handle)
 
 
 def handle(args: argparse.Namespace) -> int:
@@ -50,6 +45,8 @@ def handle(args: argparse.Namespace) -> int:
     from syncd.runtime import Runtime
 
     ps = settings.pipeline(args.pipeline)
+    if args.action == "show" and not args.key:
+        raise ConfigError("`syncd dlq show` needs the KEY of an entry (see `syncd dlq list`)")
     runtime = Runtime(settings)
     try:
         letters = runtime.dead_letters(ps)

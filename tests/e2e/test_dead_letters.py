@@ -1,0 +1,158 @@
+"""Poison documents among good ones, against real servers.
+
+Under ``dead_letter`` the store holds exactly the poison documents and everything else
+is in Chroma; `syncd dlq` lists, shows, retries (from MongoDB's current state) and
+purges them. Under ``halt`` the daemon exits with ExitCode.HALTED naming the document,
+`syncd status` says so, and after the document is fixed a restart loses nothing."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from pymongo import MongoClient
+
+from syncd.errors import ExitCode
+from tests.harness.daemon import run_syncd
+
+from .helpers import (
+    caught_up,
+    chroma_records,
+    diff,
+    expected_records,
+    load_checkpoint,
+    pipeline_table,
+    settings_of,
+    wait_until,
+    write_config,
+)
+
+MAX_TEXT = 100
+
+
+def _setup(tmp_path, mongo_uri, chroma_server, on_error: str) -> tuple[Any, Any, str, str]:
+    db = f"dlq_{uuid.uuid4().hex[:8]}"
+    coll_name = f"dlq-{uuid.uuid4().hex[:8]}"
+    cfg = write_config(
+        tmp_path / "syncd.toml",
+        mongo_uri=mongo_uri,
+        chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
+        checkpoint_db=f"{db}_syncd",
+        pipelines=[
+            pipeline_table(
+                "p",
+                db,
+                chroma_collection=coll_name,
+                on_error=on_error,
+                mapping={"max_text_chars": MAX_TEXT},
+            )
+        ],
+    )
+    return cfg, settings_of(cfg), db, coll_name
+
+
+def _streaming(settings: Any) -> bool:
+    cp = load_checkpoint(settings, "p")
+    return cp is not None and cp.phase == "streaming"
+
+
+def _insert_each(client: MongoClient[Any], coll: Any, docs: list[dict[str, Any]]) -> Any:
+    with client.start_session(causal_consistency=True) as session:
+        for doc in docs:
+            coll.insert_one(doc, session=session)
+        return session.operation_time
+
+
+GOOD = [{"_id": f"good{i}", "body": f"fine text {i}", "n": i} for i in range(6)]
+POISON = [
+    {"_id": "no-body", "title": "the text field is missing"},
+    {"_id": "dict-body", "body": {"not": "text"}},
+    {"_id": "too-long", "body": "x" * (MAX_TEXT + 1)},
+]
+
+
+def test_dead_letter_holds_exactly_the_poison_documents(
+    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
+):
+    cfg, settings, db, coll_name = _setup(tmp_path, mongo_uri, chroma_server, "dead_letter")
+    coll = mongo_client[db]["docs"]
+    daemon = syncd_factory(["run"], cfg)
+    wait_until(lambda: _streaming(settings), 60, "the first checkpoint")
+    mixed = [GOOD[0], POISON[0], GOOD[1], GOOD[2], POISON[1], GOOD[3], POISON[2], GOOD[4]]
+    last = _insert_each(mongo_client, coll, mixed)
+    wait_until(lambda: caught_up(settings, "p", last), 60, "syncd to pass the poison")
+    daemon.terminate()
+    assert daemon.wait(30) == 0, daemon.output()
+
+    listed = run_syncd(["dlq", "list", "p", "--json"], cfg)
+    assert listed.returncode == 0, listed.stderr
+    entries = json.loads(listed.stdout)
+    assert sorted(e["key"] for e in entries) == ["s:dict-body", "s:no-body", "s:too-long"]
+    assert {e["error_class"] for e in entries} == {"MappingError", "OversizedError"}
+    collection = chroma_server.client().get_collection(coll_name, embedding_function=None)
+    good = [d for d in coll.find() if d["_id"].startswith("good")]
+    problem = diff(expected_records(settings, "p", good), chroma_records(collection))
+    assert not problem, problem
+
+    shown = run_syncd(["dlq", "show", "p", "s:too-long"], cfg)
+    assert shown.returncode == 0, shown.stderr
+    assert "max_text_chars" in json.loads(shown.stdout)["message"]
+
+    # Fixed while no daemon runs: only the retry can bring it to Chroma.
+    coll.update_one({"_id": "no-body"}, {"$set": {"body": "fixed now"}})
+    retried = run_syncd(["dlq", "retry", "p", "--json"], cfg)
+    assert retried.returncode == 1, retried.stdout + retried.stderr  # two still fail
+    outcome = json.loads(retried.stdout)
+    assert outcome["fixed"]["sample"] == ["s:no-body"]
+    assert sorted(outcome["failing"]["sample"]) == ["s:dict-body", "s:too-long"]
+    assert collection.get(ids=["s:no-body"], include=["documents"])["documents"] == ["fixed now"]
+
+    refused = run_syncd(["dlq", "purge", "p"], cfg)
+    assert refused.returncode == ExitCode.CONFIG
+    assert "--yes" in refused.stderr
+    purged = run_syncd(["dlq", "purge", "p", "--yes"], cfg)
+    assert purged.returncode == 0, purged.stderr
+    assert "removed 2" in purged.stdout
+    mongo_client.drop_database(db)
+    mongo_client.drop_database(f"{db}_syncd")
+
+
+def test_halt_stops_at_the_poison_document_and_loses_nothing_after_it(
+    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
+):
+    cfg, settings, db, coll_name = _setup(tmp_path, mongo_uri, chroma_server, "halt")
+    coll = mongo_client[db]["docs"]
+    daemon = syncd_factory(["run"], cfg)
+    wait_until(lambda: _streaming(settings), 60, "the first checkpoint")
+    _insert_each(mongo_client, coll, [GOOD[0], GOOD[1]])
+    poison_time = _insert_each(mongo_client, coll, [POISON[1]])
+    _insert_each(mongo_client, coll, [GOOD[2], GOOD[3]])
+
+    assert daemon.wait(60) == ExitCode.HALTED, daemon.output()
+    assert "_id 'dict-body'" in daemon.output()
+    cp = load_checkpoint(settings, "p")
+    assert cp is not None and cp.cluster_time is not None
+    assert cp.cluster_time < poison_time, "the checkpoint passed the change it could not apply"
+    collection = chroma_server.client().get_collection(coll_name, embedding_function=None)
+    assert {"s:good0", "s:good1"} <= set(collection.get()["ids"])
+
+    status = run_syncd(["status", "--json"], cfg)
+    assert status.returncode == 1, status.stdout + status.stderr
+    (row,) = json.loads(status.stdout)
+    assert row["state"] == "halted"
+    assert row["last_error"]["document_id"] == "'dict-body'"
+    assert row["last_error"]["error_class"] == "HaltedError"
+
+    coll.update_one({"_id": "dict-body"}, {"$set": {"body": "fixed"}})
+    with mongo_client.start_session(causal_consistency=True) as session:
+        coll.insert_one(GOOD[4], session=session)
+        last = session.operation_time
+    daemon.start()
+    wait_until(lambda: caught_up(settings, "p", last), 60, "syncd to resume past the fix")
+    daemon.terminate()
+    assert daemon.wait(30) == 0, daemon.output()
+    problem = diff(expected_records(settings, "p", list(coll.find())), chroma_records(collection))
+    assert not problem, problem
+    mongo_client.drop_database(db)
+    mongo_client.drop_database(f"{db}_syncd")

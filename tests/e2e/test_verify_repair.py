@@ -1,0 +1,85 @@
+"""Drift injected straight into a real Chroma server: `verify` names exactly those
+records, `repair --dry-run` changes nothing, `repair` fixes them, and a second
+`verify` exits 0 with Chroma equal to MongoDB mapped."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from tests.harness.daemon import run_syncd
+
+from .helpers import (
+    chroma_records,
+    diff,
+    expected_records,
+    pipeline_table,
+    settings_of,
+    write_config,
+)
+
+
+def test_verify_reports_injected_drift_and_repair_fixes_it(
+    tmp_path, mongo_uri, mongo_client, chroma_server
+):
+    db = f"verify_{uuid.uuid4().hex[:8]}"
+    coll_name = f"verify-{uuid.uuid4().hex[:8]}"
+    cfg = write_config(
+        tmp_path / "syncd.toml",
+        mongo_uri=mongo_uri,
+        chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
+        checkpoint_db=f"{db}_syncd",
+        pipelines=[
+            pipeline_table(
+                "v", db, chroma_collection=coll_name, filter={"kind": {"$ne": "private"}}
+            )
+        ],
+    )
+    settings = settings_of(cfg)
+    docs = mongo_client[db]["docs"]
+    docs.insert_many(
+        [{"_id": f"d{i:02}", "body": f"body {i}", "title": f"t{i}", "n": i} for i in range(40)]
+    )
+    docs.insert_one({"_id": "secret", "body": "not for Chroma", "kind": "private"})
+    snap = run_syncd(["snapshot", "v"], cfg)
+    assert snap.returncode == 0, snap.stderr
+
+    collection = chroma_server.client().get_collection(coll_name, embedding_function=None)
+    collection.delete(ids=["s:d01", "s:d02"])  # missing
+    collection.update(ids=["s:d03"], metadatas=[{"title": "tampered", "extra": 1}])  # stale
+    collection.update(ids=["s:d04"], documents=["tampered"], embeddings=[[0.0] * 32])  # stale
+    collection.add(  # orphans: an unknown document, and an id syncd never writes
+        ids=["s:ghost", "not-a-syncd-id"],
+        documents=["boo", "boo"],
+        embeddings=[[0.0] * 32, [0.0] * 32],
+        metadatas=[{"syncd_id": "s:ghost"}, {"a": 1}],
+    )
+    docs.delete_one({"_id": "d05"})  # deleted while no daemon ran: its record is an orphan
+    docs.update_one({"_id": "d06"}, {"$set": {"kind": "private"}})  # left the filter: orphan
+    docs.update_one({"_id": "d07"}, {"$set": {"title": "new"}})  # changed: stale
+
+    found = run_syncd(["verify", "v", "--json"], cfg)
+    assert found.returncode == 1, found.stdout + found.stderr
+    report = json.loads(found.stdout)
+    assert sorted(report["missing"]["sample"]) == ["s:d01", "s:d02"]
+    assert sorted(report["stale"]["sample"]) == ["s:d03", "s:d04", "s:d07"]
+    assert sorted(report["orphaned"]["sample"]) == ["not-a-syncd-id", "s:d05", "s:d06", "s:ghost"]
+    assert report["documents"] == 38
+
+    dry = run_syncd(["repair", "v", "--dry-run", "--json"], cfg)
+    assert dry.returncode == 1, dry.stdout + dry.stderr
+    plan = json.loads(dry.stdout)
+    assert sorted(plan["reapply"]["sample"]) == ["s:d01", "s:d02", "s:d03", "s:d04", "s:d07"]
+    assert sorted(plan["delete"]["sample"]) == sorted(report["orphaned"]["sample"])
+    untouched = collection.get(ids=["s:d01", "s:ghost", "s:d03"], include=["metadatas"])
+    assert sorted(untouched["ids"]) == ["s:d03", "s:ghost"], "--dry-run changed Chroma"
+    assert untouched["metadatas"][untouched["ids"].index("s:d03")]["title"] == "tampered"
+
+    fixed = run_syncd(["repair", "v"], cfg)
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    again = run_syncd(["verify", "v"], cfg)
+    assert again.returncode == 0, again.stdout + again.stderr
+    problem = diff(expected_records(settings, "v", list(docs.find())), chroma_records(collection))
+    assert not problem, problem
+    mongo_client.drop_database(db)
+    mongo_client.drop_database(f"{db}_syncd")
