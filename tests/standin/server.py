@@ -387,11 +387,11 @@ def parse_op_query(payload: bytes) -> tuple[str, dict[str, Any]]:
 
 async def serve(args: argparse.Namespace) -> None:
     store = Store(Journal(Path(args.data_dir), fsync=args.fsync), args.history_size)
-    store.load()
     # Documents and history hold no reference cycles; keep the cyclic collector from
     # walking millions of them over and over (it stalls every connection while it runs).
-    gc.freeze()
     gc.set_threshold(100_000, 50, 100)
+    store.load()
+    gc.freeze()
     server = Server(store, args.host, args.port)
     tcp = await asyncio.start_server(server.handle, args.host, args.port, reuse_address=True)
     print(f"standin ready port={args.port}", flush=True)
