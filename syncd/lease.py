@@ -53,7 +53,13 @@ from pymongo.write_concern import WriteConcern
 
 from syncd.checkpoint import CheckpointStore, whoami
 from syncd.config import LeaseSettings, PipelineSettings, Settings
-from syncd.errors import LeaseLostError, TransientError, from_mongo, translate_mongo_errors
+from syncd.errors import (
+    LeaseLostError,
+    SyncdError,
+    TransientError,
+    from_mongo,
+    translate_mongo_errors,
+)
 from syncd.sink import Sink, StoredRecord, WritePlan
 
 log = logging.getLogger(__name__)
@@ -125,7 +131,11 @@ class LeaseManager:
         # Stop trusting a lease a little before the server would expire it.
         self._margin = min(1.0, settings.ttl_s / 10)
         self._held: dict[str, Held] = {}
+        self._lost: list[str] = []
+        self._lock = threading.Lock()
         self._pipelines: list[str] | None = None  # announced once LeasedPipelines runs
+        self._closing = threading.Event()
+        self._renewer: threading.Thread | None = None
 
     # --- one lease ----------------------------------------------------------------
 
@@ -163,7 +173,10 @@ class LeaseManager:
         except LeaseLostError as exc:
             log.error("took the lease of %s but cannot fence its checkpoint: %s", pipeline, exc)
             return None
-        self._held[pipeline] = Held(pipeline, epoch, started + self.settings.ttl_s - self._margin)
+        with self._lock:
+            self._held[pipeline] = Held(
+                pipeline, epoch, started + self.settings.ttl_s - self._margin
+            )
         log.info(
             "took the lease of pipeline %s (epoch %d)", pipeline, epoch,
             extra={"pipeline": pipeline, "epoch": epoch, "owner": self.owner},
@@ -200,11 +213,43 @@ class LeaseManager:
         """
         self.announce_safely()
         lost = []
-        for held in list(self._held.values()):
-            if not self._renew_one(held):
-                lost.append(held.pipeline)
-                del self._held[held.pipeline]
+        with self._lock:
+            current = list(self._held.values())
+        for held in current:
+            if self._renew_one(held):
+                continue
+            with self._lock:
+                if self._held.get(held.pipeline) is held:
+                    del self._held[held.pipeline]
+                    lost.append(held.pipeline)
+                    self._lost.append(held.pipeline)
         return lost
+
+    def take_lost(self) -> list[str]:
+        """Pipelines whose lease was found lost since the last call."""
+        with self._lock:
+            lost, self._lost = self._lost, []
+        return lost
+
+    def start_renewing(self) -> None:
+        """Renew from a thread of its own, so a slow pipeline start cannot starve it."""
+        if self._renewer is None:
+            self._renewer = threading.Thread(target=self._renew_loop, name="lease-renewer")
+            self._renewer.daemon = True
+            self._renewer.start()
+
+    def stop_renewing(self) -> None:
+        self._closing.set()
+        if self._renewer is not None:
+            self._renewer.join()
+            self._renewer = None
+
+    def _renew_loop(self) -> None:
+        while not self._closing.wait(self.settings.renew_every_s):
+            try:
+                self.renew()
+            except SyncdError as exc:  # the local deadlines stop our writes meanwhile
+                log.error("cannot renew leases: %s", exc)
 
     def _renew_one(self, held: Held) -> bool:
         started = time.monotonic()
@@ -230,7 +275,8 @@ class LeaseManager:
 
     def release(self, pipeline: str) -> None:
         """Expire our lease at once so another process can take it without waiting."""
-        held = self._held.pop(pipeline, None)
+        with self._lock:
+            held = self._held.pop(pipeline, None)
         if held is not None:
             self._expire(pipeline, held.epoch)
 
@@ -243,7 +289,8 @@ class LeaseManager:
 
     def forget(self, pipeline: str) -> None:
         """Drop a lease we know is gone, without touching the stored document."""
-        self._held.pop(pipeline, None)
+        with self._lock:
+            self._held.pop(pipeline, None)
 
     def holds(self, pipeline: str) -> bool:
         held = self._held.get(pipeline)
@@ -264,7 +311,8 @@ class LeaseManager:
 
     @property
     def held(self) -> list[str]:
-        return sorted(self._held)
+        with self._lock:
+            return sorted(self._held)
 
     # --- processes and the shared view --------------------------------------------
 
@@ -311,7 +359,8 @@ class LeaseManager:
 
     def close(self) -> None:
         """Release every lease and withdraw this process's announcement."""
-        for pipeline in list(self._held):
+        self.stop_renewing()
+        for pipeline in self.held:
             try:
                 self.release(pipeline)
             except TransientError as exc:
@@ -425,7 +474,8 @@ class LeasedPipelines(Generic[W]):
     """Starts a pipeline's worker when its lease is ours, stops it when it is not.
 
     ``start(settings, epoch)`` builds and starts a worker. Call :meth:`tick` often;
-    it renews, takes and hands over leases once per ``renew_every_s``.
+    it takes and hands over leases once per ``renew_every_s`` and stops a pipeline as
+    soon as its lease is found lost (renewal runs on a thread of its own).
     """
 
     def __init__(
@@ -444,6 +494,7 @@ class LeasedPipelines(Generic[W]):
         self._next_round = 0.0
         self._last_handover = -math.inf
         leases.announce(sorted(self.pipelines))
+        leases.start_renewing()
 
     @property
     def workers(self) -> list[W]:
@@ -451,12 +502,12 @@ class LeasedPipelines(Generic[W]):
 
     def tick(self) -> None:
         self._reap()
+        for name in self.leases.take_lost():
+            self._stop(name, "lost its lease to another process")
         now = time.monotonic()
         if now < self._next_round:
             return
         self._next_round = now + self.leases.settings.renew_every_s
-        for name in self.leases.renew():
-            self._stop(name, "lost its lease to another process")
         try:
             view = self.leases.view()
         except TransientError as exc:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from syncd.cli.common import add_config_options, load_settings, print_json
@@ -56,6 +57,7 @@ def register(verbs: Any) -> None:
         description="Inspect where each pipeline stands in the MongoDB change stream, rewind "
         "or skip it to a token or a time, or reset it to re-snapshot.",
     )
+    add_config_options(parser)  # `syncd tokens -c FILE show` as well as `... show -c FILE`
     subs = parser.add_subparsers(dest="tokens_command", metavar="SUBCOMMAND", required=True)
 
     decode = subs.add_parser("decode", help="decode a resume token (no config needed)")
@@ -64,13 +66,13 @@ def register(verbs: Any) -> None:
     decode.set_defaults(handler=_decode)
 
     show = subs.add_parser("show", help="each pipeline's stored position, lag and lease")
-    add_config_options(show)
+    _config_options(show)
     show.add_argument("pipeline", metavar="PIPELINE", nargs="?")
     _json_option(show)
     show.set_defaults(handler=_show)
 
     history = subs.add_parser("history", help="past positions and who set them")
-    add_config_options(history)
+    _config_options(history)
     history.add_argument("pipeline", metavar="PIPELINE")
     history.add_argument("--limit", "-n", type=int, default=20, help="entries (default 20)")
     _json_option(history)
@@ -83,7 +85,7 @@ def register(verbs: Any) -> None:
         "change at or after that second is replayed (idempotent). Refused while a live "
         "daemon holds the pipeline's lease unless --force.",
     )
-    add_config_options(move)
+    _config_options(move)
     move.add_argument("pipeline", metavar="PIPELINE")
     where = move.add_mutually_exclusive_group(required=True)
     where.add_argument("--token", metavar="HEX", help="resume after this token")
@@ -97,10 +99,26 @@ def register(verbs: Any) -> None:
         description="Delete PIPELINE's checkpoint (and its history). The next run copies "
         "every document again, then streams.",
     )
-    add_config_options(reset)
+    _config_options(reset)
     reset.add_argument("pipeline", metavar="PIPELINE")
     _change_options(reset)
     reset.set_defaults(handler=_reset)
+
+
+def _config_options(parser: argparse.ArgumentParser) -> None:
+    """The shared config options again, after the sub-command.
+
+    Their defaults are suppressed so that a value given before the sub-command is not
+    overwritten by the sub-command's default.
+    """
+    group = parser.add_argument_group("configuration")
+    group.add_argument(
+        "--config", "-c", type=Path, default=argparse.SUPPRESS, help="TOML config file"
+    )
+    group.add_argument("--log-format", choices=["text", "json"], default=argparse.SUPPRESS)
+    group.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], default=argparse.SUPPRESS
+    )
 
 
 def _json_option(parser: argparse.ArgumentParser) -> None:

@@ -94,7 +94,7 @@ def test_decode_published_tokens(token, fields):
     assert json.loads(result.stdout) == {"token": token, **fields}
 
 
-@pytest.mark.parametrize("garbage", ["zz12", "82FF", "", "0412"])
+@pytest.mark.parametrize("garbage", ["zz12", "82FF", ""])
 def test_decode_garbage_is_one_line_and_exit_2(garbage):
     result = run_syncd(["tokens", "decode", garbage], timeout=30)
     assert result.returncode == 2
@@ -177,11 +177,12 @@ def test_set_at_replays_changes_since_then(
     assert collection.count() == 0
 
     daemon.start()
-    replayed = {k: v for k, v in expected.items() if k != "z-before"}
+    replayed = expected_records(settings, "tok", [doc_a, doc_b])
+    (earlier,) = set(expected) - set(replayed)
     _wait(daemon, lambda: not diff(replayed, chroma_records(collection)), "A and B to return")
     t3 = _insert(mongo_client, coll, {"_id": "c", "body": "after the restart", "seq": 3})
     _wait(daemon, lambda: caught_up(settings, "tok", t3), "the second run to catch up")
-    assert "z-before" not in chroma_records(collection), "replayed from before the --at time"
+    assert earlier not in chroma_records(collection), "replayed from before the --at time"
     daemon.terminate()
     assert daemon.wait(30) == 0, daemon.output()
 

@@ -175,9 +175,11 @@ def test_two_processes_spread_three_pipelines_and_one_takes_over_the_dead(mongo_
     assert not set(first.running) & set(second.running)
 
     # The first process dies: it stops renewing. The second takes everything within the TTL.
+    first.leases.stop_renewing()
     died = time.monotonic()
     while time.monotonic() - died < 5 and len(second.running) < 3:
         second.tick()
         time.sleep(0.05)
     assert sorted(second.running) == ["p1", "p2", "p3"]
     assert time.monotonic() - died < settings.ttl_s + 2 * settings.renew_every_s + 0.5
+    second.close()
