@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import struct
 from typing import Any
 
 import pytest
-from bson import Timestamp
+from bson import ObjectId, Timestamp
 from pymongo.errors import OperationFailure
 
 from tests.conformance.helpers import next_events, no_more_events, token_time
@@ -168,3 +169,23 @@ def test_drop_database_events(mongo_client: Any, mongo_db: Any) -> None:
     assert drop_db["ns"] == {"db": mongo_db.name}
     assert invalidate["operationType"] == "invalidate"
     assert ops == ["drop", "dropDatabase"]
+
+
+def test_event_token_has_mongodb_v2_keystring_layout(mongo_db: Any) -> None:
+    # Layout from MongoDB's manual ("Resume Tokens from Change Events"): cluster time,
+    # version 2, event token type, txnOpIndex 0, fromInvalidate false, collection UUID,
+    # then {operationType, documentKey} as KeyString.
+    oid = ObjectId()
+    with mongo_db.c.watch(max_await_time_ms=AWAIT_MS) as stream:
+        mongo_db.c.insert_one({"_id": oid})
+        (event,) = next_events(stream, 1)
+    info = next(mongo_db.list_collections(filter={"name": "c"}))["info"]
+    coll_uuid = info["uuid"]
+    coll_uuid = coll_uuid.as_uuid() if hasattr(coll_uuid, "as_uuid") else coll_uuid
+    ts = event["clusterTime"]
+    expected = (
+        b"\x82" + struct.pack(">II", ts.time, ts.inc) + bytes.fromhex("2B042C0100296E5A1004")
+        + coll_uuid.bytes + b"\x46\x3coperationType\x00\x3cinsert\x00"
+        + b"\x46documentKey\x00\x46\x64_id\x00\x64" + oid.binary + b"\x00\x00\x04"
+    )
+    assert event["_id"]["_data"] == expected.hex().upper()

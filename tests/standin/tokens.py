@@ -91,7 +91,7 @@ def _object_body(doc: dict[str, Any]) -> bytes:
     parts = []
     for key, val in doc.items():
         encoded = _value(val)
-        parts.append(encoded[:1] + _cstring(key) + encoded[1:])
+        parts.append(encoded[:1] + _cstring(key) + encoded)  # type, name, typed value
     return b"".join(parts) + b"\x00"
 
 
