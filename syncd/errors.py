@@ -328,7 +328,8 @@ def from_mongo(exc: mongo_errors.PyMongoError, **context: Any) -> SyncdError:
     if isinstance(exc, mongo_errors.OperationFailure) and exc.code == HISTORY_LOST_CODE:
         return HistoryLostError(
             f"the stored resume position is no longer in the MongoDB oplog ({detail})",
-            hint="changes were lost from the oplog; run `syncd snapshot PIPELINE` to re-copy, "
+            hint="changes were lost from the oplog; run "
+            f"`syncd snapshot {context.get('pipeline') or 'PIPELINE'}` to re-copy, "
             'or set on_history_lost = "resnapshot"',
             **context,
         )

@@ -174,6 +174,12 @@ class Pipeline:
                 )
             if batch.events:
                 self.process(batch)
+                if batch.invalidated:
+                    # The stream ended (drop, rename, dropDatabase): carry on after it.
+                    self.source.open(
+                        self._position(self._require_checkpoint()),
+                        max_await_ms=self.settings.batch_max_wait_ms,
+                    )
             elif batch.token is not None and batch.token != self._require_checkpoint().token:
                 self._idle_checkpoint(batch.token)
             if self._retrying:

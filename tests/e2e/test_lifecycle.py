@@ -1,0 +1,185 @@
+"""Invariant 5 and collection lifecycle: history lost, drop, rename, invalidate."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pymongo import MongoClient
+
+from syncd.errors import ExitCode
+
+from .helpers import (
+    caught_up,
+    chroma_records,
+    diff,
+    expected_records,
+    load_checkpoint,
+    pipeline_table,
+    settings_of,
+    wait_until,
+    write_config,
+)
+
+
+def _setup(
+    tmp_path: Path,
+    mongo_uri: str,
+    chroma_server: Any,
+    *,
+    names: tuple[str, str] | None = None,
+    **pipeline: Any,
+) -> tuple[Path, Any, str, str]:
+    db, coll = names or (f"life_{uuid.uuid4().hex[:8]}", f"life-{uuid.uuid4().hex[:8]}")
+    cfg = write_config(
+        tmp_path / f"syncd-{uuid.uuid4().hex[:6]}.toml",
+        mongo_uri=mongo_uri,
+        chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
+        checkpoint_db=f"{db}_syncd",
+        extra={"lease": {"enabled": False}},
+        pipelines=[pipeline_table("life", db, chroma_collection=coll, **pipeline)],
+    )
+    return cfg, settings_of(cfg), db, coll
+
+
+def _last_op(client: MongoClient[dict[str, Any]], db: str) -> Any:
+    with client.start_session() as session:
+        client[db].command("ping", session=session)
+        client[db]["marker"].insert_one({"at": 1}, session=session)
+        return session.operation_time
+
+
+def _synced(settings: Any, client: MongoClient[dict[str, Any]], db: str, coll: Any) -> str:
+    expected = expected_records(settings, "life", list(client[db]["docs"].find()))
+    return diff(expected, chroma_records(coll))
+
+
+def test_drop_purges_and_stream_continues_after_invalidate(
+    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
+):
+    cfg, settings, db, coll_name = _setup(tmp_path, mongo_uri, chroma_server, on_drop="purge")
+    docs = mongo_client[db]["docs"]
+    docs.insert_many([{"_id": i, "body": f"doc {i}"} for i in range(20)])
+    daemon = syncd_factory(["run"], cfg)
+    chroma = chroma_server.client()
+    coll = wait_until(lambda: _get(chroma, coll_name), 60, "collection")
+    wait_until(lambda: _streaming(settings), 60, "snapshot to finish")
+    assert coll.count() == 20
+
+    docs.drop()
+    wait_until(lambda: coll.count() == 0, 30, "records purged after drop")
+    # After the invalidate, the pipeline continues with startAfter: a re-created
+    # collection is mirrored again.
+    docs.insert_one({"_id": "again", "body": "back after the drop"})
+    wait_until(lambda: coll.get(ids=["s:again"])["ids"] == ["s:again"], 30, "re-created doc")
+    assert daemon.is_running, daemon.output()
+    daemon.terminate()
+    assert daemon.wait(30) == 0, daemon.output()
+    assert not _synced(settings, mongo_client, db, coll)
+
+
+def test_drop_under_halt_stops_with_source_exit_code(
+    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
+):
+    cfg, settings, db, coll_name = _setup(tmp_path, mongo_uri, chroma_server, on_drop="halt")
+    docs = mongo_client[db]["docs"]
+    docs.insert_many([{"_id": i, "body": f"doc {i}"} for i in range(5)])
+    daemon = syncd_factory(["run"], cfg)
+    chroma = chroma_server.client()
+    coll = wait_until(lambda: _get(chroma, coll_name), 60, "collection")
+    wait_until(lambda: _streaming(settings), 60, "snapshot to finish")
+    assert coll.count() == 5
+    docs.insert_one({"_id": 99, "body": "just before the drop"})
+    docs.drop()
+    code = daemon.wait(60)
+    out = daemon.output()
+    assert code == ExitCode.SOURCE, out
+    assert 'on_drop = "halt"' in out and "syncd snapshot life" in out, out
+    # What came before the drop was applied, and the records were left alone.
+    assert coll.get(ids=["i:99"])["ids"] == ["i:99"]
+    assert coll.count() == 6
+    cp = load_checkpoint(settings, "life")
+    assert cp is not None and cp.token is not None
+
+
+def test_rename_under_halt_and_purge(
+    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
+):
+    cfg, _settings, db, coll_name = _setup(tmp_path, mongo_uri, chroma_server)
+    docs = mongo_client[db]["docs"]
+    docs.insert_many([{"_id": i, "body": f"doc {i}"} for i in range(3)])
+    daemon = syncd_factory(["run"], cfg)
+    chroma = chroma_server.client()
+    coll = wait_until(lambda: _get(chroma, coll_name), 60, "collection")
+    wait_until(lambda: _streaming(_settings), 60, "snapshot to finish")
+    assert coll.count() == 3
+    docs.rename("docs_old")
+    assert daemon.wait(60) == ExitCode.SOURCE
+    assert 'on_rename = "halt"' in daemon.output()
+    assert coll.count() == 3, "halt must not touch the records"
+
+    # Same pipeline, now told to purge: the restarted daemon replays the rename.
+    cfg2, _s, _db, _c = _setup(
+        tmp_path, mongo_uri, chroma_server, names=(db, coll_name), on_rename="purge"
+    )
+    daemon2 = syncd_factory(["run"], cfg2)
+    wait_until(lambda: coll.count() == 0, 60, "purge after rename")
+    daemon2.terminate()
+    assert daemon2.wait(30) == 0, daemon2.output()
+
+
+def test_history_lost_stops_then_resnapshot_converges(
+    tmp_path, mongo_server_factory, chroma_server, syncd_factory
+):
+    server = mongo_server_factory(history_size=30)
+    client: MongoClient[dict[str, Any]] = MongoClient(server.uri)
+    cfg, settings, db, coll_name = _setup(tmp_path, server.uri, chroma_server)
+    docs = client[db]["docs"]
+    docs.insert_many([{"_id": i, "body": f"doc {i}"} for i in range(10)])
+    daemon = syncd_factory(["run"], cfg)
+    chroma = chroma_server.client()
+    coll = wait_until(lambda: _get(chroma, coll_name), 60, "collection")
+    op = _last_op(client, db)
+    wait_until(lambda: caught_up(settings, "life", op), 60, "caught up")
+    daemon.terminate()
+    assert daemon.wait(30) == 0
+    before = load_checkpoint(settings, "life")
+
+    # While syncd is down, more changes happen than the server retains.
+    for i in range(10, 80):
+        docs.insert_one({"_id": i, "body": f"doc {i}"})
+    docs.delete_one({"_id": 3})
+
+    daemon = syncd_factory(["run"], cfg)
+    assert daemon.wait(60) == ExitCode.HISTORY_LOST, daemon.output()
+    out = daemon.output()
+    assert "syncd snapshot life" in out, out
+    after = load_checkpoint(settings, "life")
+    assert after is not None and before is not None
+    assert after.token == before.token, "history lost must never fast-forward the checkpoint"
+    assert coll.count() == 10, "nothing may change in Chroma when history is lost"
+
+    cfg, settings, _db, _c = _setup(
+        tmp_path, server.uri, chroma_server, names=(db, coll_name), on_history_lost="resnapshot"
+    )
+    daemon = syncd_factory(["run"], cfg)
+    op = _last_op(client, db)
+    wait_until(lambda: caught_up(settings, "life", op), 90, "re-snapshot and catch up")
+    daemon.terminate()
+    assert daemon.wait(30) == 0
+    assert "re-snapshotting as configured" in daemon.output()
+    assert not _synced(settings, client, db, coll)
+    client.close()
+
+
+def _streaming(settings: Any) -> bool:
+    cp = load_checkpoint(settings, "life")
+    return cp is not None and cp.phase == "streaming"
+
+
+def _get(client: Any, name: str) -> Any:
+    try:
+        return client.get_collection(name)
+    except Exception:
+        return None
