@@ -329,7 +329,19 @@ def load(
     for key, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(data, key, value)
+    _embedding_keys_from(env, data)
     return validate(data, source=str(config_path))
+
+
+def _embedding_keys_from(env: Mapping[str, str], data: dict[str, Any]) -> None:
+    """Fill each embedder's API key from the variable it names (``api_key_env``)."""
+    for pipeline in data.get("pipelines") or []:
+        embedder = pipeline.get("embedder") if isinstance(pipeline, dict) else None
+        if not isinstance(embedder, dict) or embedder.get("api_key"):
+            continue
+        key = env.get(str(embedder.get("api_key_env", "OPENAI_API_KEY")))
+        if key:
+            embedder["api_key"] = key
 
 
 def validate(data: Mapping[str, Any], *, source: str = "config") -> Settings:

@@ -74,8 +74,8 @@ def _drop_none(value: Any) -> Any:
     return value
 
 
-def settings_of(path: Path) -> config.Settings:
-    return config.load(path, env={})
+def settings_of(path: Path, env: Mapping[str, str] | None = None) -> config.Settings:
+    return config.load(path, env=dict(env or {}))
 
 
 def load_checkpoint(settings: config.Settings, name: str) -> Checkpoint | None:

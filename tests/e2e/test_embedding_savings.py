@@ -1,0 +1,85 @@
+"""Metadata-only updates never re-embed: embedder calls equal text changes."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from syncd.errors import ExitCode
+from tests.harness.embedding_api import embedding_api
+
+from .helpers import (
+    caught_up,
+    chroma_records,
+    diff,
+    expected_records,
+    pipeline_table,
+    settings_of,
+    wait_until,
+    write_config,
+)
+
+
+def _op_time(client: Any, db: str) -> Any:
+    with client.start_session() as session:
+        client[db]["marker"].insert_one({}, session=session)
+        return session.operation_time
+
+
+def test_metadata_only_updates_make_zero_embedder_calls(
+    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
+):
+    db = f"emb_{uuid.uuid4().hex[:8]}"
+    coll_name = f"emb-{uuid.uuid4().hex[:8]}"
+    with embedding_api(dimensions=32) as api:
+        cfg = write_config(
+            tmp_path / "syncd.toml",
+            mongo_uri=mongo_uri,
+            chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
+            checkpoint_db=f"{db}_syncd",
+            extra={"lease": {"enabled": False}},
+            pipelines=[
+                pipeline_table(
+                    "emb",
+                    db,
+                    chroma_collection=coll_name,
+                    embedder={
+                        "kind": "openai",
+                        "base_url": api.base_url,
+                        "model": "test-embed",
+                        "dimensions": 32,
+                        "api_key_env": "SYNCD_TEST_EMBED_KEY",
+                    },
+                )
+            ],
+        )
+        env = {"SYNCD_TEST_EMBED_KEY": api.api_key}
+        settings = settings_of(cfg, env)
+        docs = mongo_client[db]["docs"]
+        docs.insert_many([{"_id": i, "body": f"text number {i}", "n": i} for i in range(40)])
+        daemon = syncd_factory(["run"], cfg, env)
+        wait_until(lambda: caught_up(settings, "emb", _op_time(mongo_client, db)), 60, "snapshot")
+        assert len(api.inputs) == 40, "the snapshot embeds each text once"
+
+        # 30 metadata-only updates (add, change and remove metadata fields) ...
+        for i in range(30):
+            if i % 3 == 0:
+                docs.update_one({"_id": i}, {"$set": {"n": 1000 + i, "title": "t"}})
+            elif i % 3 == 1:
+                docs.update_one({"_id": i}, {"$unset": {"n": ""}})
+            else:
+                docs.replace_one({"_id": i}, {"body": f"text number {i}", "tags": ["x"]})
+        # ... and 7 updates that change the text.
+        for i in range(30, 37):
+            docs.update_one({"_id": i}, {"$set": {"body": f"new text {i}"}})
+        op = _op_time(mongo_client, db)
+        wait_until(lambda: caught_up(settings, "emb", op), 60, "updates applied")
+        assert len(api.inputs) == 47, api.inputs[40:]
+        assert sorted(api.inputs[40:]) == sorted(f"new text {i}" for i in range(30, 37))
+
+        daemon.terminate()
+        assert daemon.wait(30) == ExitCode.OK, daemon.output()
+        assert api.api_key not in daemon.output()
+        chroma = chroma_server.client().get_collection(coll_name)
+        expected = expected_records(settings, "emb", list(docs.find()))
+        assert not diff(expected, chroma_records(chroma))

@@ -1,0 +1,83 @@
+"""A local OpenAI-compatible `/v1/embeddings` server that counts what it embeds.
+
+It answers with the hashing embedder's vectors, so results are deterministic and
+tests can compute the expected embeddings themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from syncd.embedder import HashingEmbedder
+
+
+class EmbeddingAPI:
+    def __init__(self, dimensions: int = 32, api_key: str = "sk-test-key-123456") -> None:
+        self.dimensions = dimensions
+        self.api_key = api_key
+        self.inputs: list[str] = []
+        self.requests = 0
+        self._lock = threading.Lock()
+        self._embedder = HashingEmbedder(dimensions)
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                api._handle(self)
+
+            def log_message(self, *args: Any) -> None:
+                """Quiet."""
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+
+    def start(self) -> EmbeddingAPI:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+    def _handle(self, handler: BaseHTTPRequestHandler) -> None:
+        length = int(handler.headers.get("content-length", 0))
+        body = json.loads(handler.rfile.read(length))
+        if handler.headers.get("authorization") != f"Bearer {self.api_key}":
+            self._send(handler, 401, {"error": {"message": "bad key"}})
+            return
+        texts = body["input"]
+        with self._lock:
+            self.requests += 1
+            self.inputs.extend(texts)
+        vectors = self._embedder.embed(texts)
+        data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
+        self._send(handler, 200, {"object": "list", "data": data, "model": body.get("model")})
+
+    @staticmethod
+    def _send(handler: BaseHTTPRequestHandler, status: int, payload: Any) -> None:
+        raw = json.dumps(payload).encode()
+        handler.send_response(status)
+        handler.send_header("content-type", "application/json")
+        handler.send_header("content-length", str(len(raw)))
+        handler.end_headers()
+        handler.wfile.write(raw)
+
+
+@contextmanager
+def embedding_api(dimensions: int = 32) -> Iterator[EmbeddingAPI]:
+    api = EmbeddingAPI(dimensions).start()
+    try:
+        yield api
+    finally:
+        api.close()
