@@ -162,3 +162,16 @@ def test_update_operators_follow_mongodb_semantics(mongo_db: Any) -> None:
     assert info.value.code == 66
     coll.update_one({"_id": 1}, [{"$set": {"sum": {"$add": ["$z", "$x"]}}}])
     assert coll.find_one({"_id": 1})["sum"] == 8
+
+
+def test_unique_secondary_index_rejects_duplicates(mongo_db: Any) -> None:
+    coll = mongo_db.c
+    coll.create_index("email", unique=True)
+    coll.insert_one({"_id": 1, "email": "a@x"})
+    with pytest.raises(DuplicateKeyError):
+        coll.insert_one({"_id": 2, "email": "a@x"})
+    coll.insert_one({"_id": 3, "email": "b@x"})
+    with pytest.raises(DuplicateKeyError):
+        coll.update_one({"_id": 3}, {"$set": {"email": "a@x"}})
+    coll.update_one({"_id": 3}, {"$set": {"email": "b@x", "n": 1}})
+    assert coll.count_documents({}) == 2

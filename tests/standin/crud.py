@@ -209,7 +209,41 @@ def _dup_key(coll: Collection, doc: dict[str, Any]) -> CommandError:
 def insert_doc(store: Store, coll: Collection, doc: dict[str, Any]) -> None:
     if id_key(doc["_id"]) in coll.docs:
         raise _dup_key(coll, doc)
+    check_unique(coll, doc)
     store.insert(coll, doc)
+
+
+def _index_key(doc: dict[str, Any], spec: dict[str, Any]) -> tuple[Any, ...] | None:
+    values = []
+    present = False
+    for path in spec["key"]:
+        found, value = QueryEngine._get_field_value(doc, path)
+        present |= found
+        values.append(id_key(value if found else None))
+    if spec.get("sparse") and not present:
+        return None
+    return tuple(values)
+
+
+def check_unique(coll: Collection, doc: dict[str, Any]) -> None:
+    """Enforce unique secondary indexes (by scanning: they are rare and small in tests)."""
+    for spec in coll.indexes:
+        if not spec.get("unique") or spec["name"] == "_id_":
+            continue
+        if spec.get("partialFilterExpression") and not QueryEngine.match(
+                doc, spec["partialFilterExpression"]):
+            continue
+        key = _index_key(doc, spec)
+        if key is None:
+            continue
+        own = id_key(doc["_id"])
+        for other_key, other in coll.docs.items():
+            if other_key != own and _index_key(other, spec) == key and not (
+                    spec.get("partialFilterExpression")
+                    and not QueryEngine.match(other, spec["partialFilterExpression"])):
+                raise CommandError(11000, "DuplicateKey",
+                                   f"E11000 duplicate key error collection: {coll.db}.{coll.name}"
+                                   f" index: {spec['name']} dup key: {key!r}")
 
 
 def _write_error(index: int, exc: CommandError) -> dict[str, Any]:
@@ -252,6 +286,7 @@ def _update_one_statement(store: Store, db: str, name: str, stmt: dict[str, Any]
     for doc in docs:
         assert coll is not None
         new = apply_update(doc, update, flt, array_filters)
+        check_unique(coll, new)
         reply["n"] += 1
         if store.replace(coll, doc, new, as_update=_is_operator_update(update)) is not None:
             reply["nModified"] += 1
@@ -315,6 +350,7 @@ def cmd_find_and_modify(store: Store, db: str, body: dict[str, Any]) -> dict[str
                 "value": show(doc) if body.get("new") else None}
     assert coll is not None
     new = apply_update(docs[0], update, flt, array_filters)
+    check_unique(coll, new)
     store.replace(coll, docs[0], new, as_update=_is_operator_update(update))
     return {"lastErrorObject": {"n": 1, "updatedExisting": True},
             "value": show(new if body.get("new") else docs[0])}
