@@ -270,7 +270,7 @@ class Store:
                                "wallTime": _wall_time()}
         doc.update(body)
         ev = Event(self.next_seq, ts, op, db, coll_name or (coll.name if coll else None), token,
-                   codec.encode(doc), coll.uuid if coll else None, _doc=doc, **extra)
+                   codec.encode(doc), coll.uuid if coll else None, **extra)
         self._append_history(ev)
         self._record(ev.record())
         return ev
