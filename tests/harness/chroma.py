@@ -12,6 +12,7 @@ Telemetry is off everywhere: these machines have no internet.
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import signal
@@ -21,6 +22,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -30,6 +32,17 @@ from tests.harness.ports import free_port
 
 _ENV = {"ANONYMIZED_TELEMETRY": "False", "CHROMA_TELEMETRY": "False", "NO_COLOR": "1"}
 os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")  # for clients made in this process
+
+
+# Servers run in their own session, so a Ctrl-C does not reach them; kill any left running
+# when the interpreter exits, lest they hold ports and CPU after a test run ends badly.
+_live_servers: weakref.WeakSet[ChromaServer] = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for server in list(_live_servers):
+        server.kill()
 
 
 def chroma_settings() -> Any:
@@ -130,6 +143,7 @@ class ChromaServer:
                 env={**os.environ, **_ENV},
                 start_new_session=True,  # a Ctrl-C on the test run does not reach it first
             )
+        _live_servers.add(self)
         self._wait_for_heartbeat()
         self.last_start_seconds = time.monotonic() - started
         return self

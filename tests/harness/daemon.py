@@ -7,6 +7,7 @@ stderr appended to one log file, which `output()` and `wait_for_output()` read b
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import signal
@@ -14,9 +15,20 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+
+# Processes run in their own session, so a Ctrl-C does not reach them; kill any left
+# running when the interpreter exits rather than leave daemons behind.
+_live_processes: weakref.WeakSet[SyncdProcess] = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for process in list(_live_processes):
+        process.kill()
 
 
 def syncd_command(args: Sequence[str], config: Path | None = None) -> list[str]:
@@ -112,6 +124,7 @@ class SyncdProcess:
                 start_new_session=True,  # signals from the terminal go to pytest only
             )
         self._paused = False
+        _live_processes.add(self)
         return self
 
     def terminate(self) -> None:

@@ -204,6 +204,10 @@ class TcpProxy:
         self._handlers.add(task)
         try:
             await self._forward(reader, writer)
+        except asyncio.CancelledError:
+            # Only close() cancels handlers. Ending normally keeps asyncio's stream
+            # callback from logging the cancellation as an error.
+            pass
         finally:
             _reset(writer)
             self._handlers.discard(task)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests.harness.chroma import ChromaServer, chroma_settings, close_client
 from tests.harness.proxy import TcpProxy
 
 
@@ -177,3 +178,24 @@ def test_listen_port_is_honoured(echo_server: tuple) -> None:
         assert proxy.port == port
         with _connect(proxy) as sock:
             assert _roundtrip(sock, b"x") == b"x"
+
+
+def test_real_client_fails_through_a_cut_and_recovers_after_heal(
+    tcp_proxy_factory: ProxyFactory, chroma_server: ChromaServer, chroma_collection_name: str
+) -> None:
+    import chromadb
+    import httpx
+
+    proxy = tcp_proxy_factory(chroma_server.host, chroma_server.port)
+    client = chromadb.HttpClient(host=proxy.host, port=proxy.port, settings=chroma_settings())
+    try:
+        collection = client.create_collection(chroma_collection_name)
+        collection.add(ids=["a"], embeddings=[[1.0, 0.0]])
+        proxy.refuse(True)
+        assert proxy.cut() >= 1
+        with pytest.raises(httpx.TransportError):  # reset or EOF, whichever it reads first
+            collection.count()
+        proxy.heal()
+        assert collection.count() == 1  # the client reconnects on its own
+    finally:
+        close_client(client)
