@@ -8,6 +8,7 @@ read again. Poison events halt the pipeline or go to the dead-letter store, by p
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -36,7 +37,7 @@ from syncd.mapping import Mapper
 from syncd.redact import redact_text
 from syncd.sink import Sink, WritePlan
 from syncd.snapshot import Snapshotter
-from syncd.source import Batch, Position
+from syncd.source import Batch, Position, hashable_id
 from syncd.telemetry import ChangeEventInfo, PipelineTelemetry
 from syncd.tokens import covered_through
 
@@ -157,12 +158,14 @@ class Pipeline:
     def _run_once(self) -> None:
         cp = self._load()
         if cp.phase == "snapshot":
-            self.telemetry.set_state("snapshotting")
-            self._publish("snapshotting")
+            if not self._retrying:
+                self.telemetry.set_state("snapshotting")
+                self._publish("snapshotting")
             Snapshotter(self).run(cp)
             cp = self._require_checkpoint()
-        self.telemetry.set_state("streaming")
         if not self._retrying:
+            # While retrying, the state stays "retrying" until a read succeeds.
+            self.telemetry.set_state("streaming")
             self._publish("streaming")
         self.source.open(self._position(cp), max_await_ms=self.settings.batch_max_wait_ms)
         while not self.stop.is_set():
@@ -329,7 +332,8 @@ class Pipeline:
         if not segment:
             return
         changes = planning.coalesce(segment, prefixed=self._prefixed)
-        result = self.write_changes(changes)
+        halt = self.settings.on_error == "halt" or self.dead_letters is None
+        result = self.write_changes(changes, write_if_poisoned=not halt)
         if not result.poisoned:
             return
         if self.settings.on_error == "dead_letter" and self.dead_letters is not None:
@@ -338,18 +342,22 @@ class Pipeline:
             return
         self._halt_at(result.poisoned, segment, events)
 
-    def write_changes(self, changes: Sequence[planning.Change]) -> planning.PlanResult:
-        """Map, embed and write coalesced changes; poisoned ones are returned, not written."""
+    def write_changes(
+        self, changes: Sequence[planning.Change], *, write_if_poisoned: bool = True
+    ) -> planning.PlanResult:
+        """Map, embed and write coalesced changes; poisoned ones are returned, not written.
+
+        With ``write_if_poisoned`` false, nothing is written when any change is poison
+        (the caller halts and writes only what came before it).
+        """
         with self.telemetry.stage("map"):
-            result = planning.build(
-                changes,
-                mapper=self.mapper,
-                embedder=self.embedder,
-                sink=self.sink,
-                prefixed=self._prefixed,
-            )
+            result = self._plan(changes)
+            if result.poisoned:
+                result = self._plan(self._refetched(changes, result.poisoned))
         if result.embedded:
             self.telemetry.embedded(result.embedded)
+        if result.poisoned and not write_if_poisoned:
+            return result
         with self.telemetry.stage("write"):
             self.sink.write(result.plan)
         if self.settings.consistency == "strong":
@@ -361,6 +369,42 @@ class Pipeline:
             if cp is not None:
                 cp.counts[change.operation] = cp.counts.get(change.operation, 0) + 1
         return result
+
+    def _plan(self, changes: Sequence[planning.Change]) -> planning.PlanResult:
+        return planning.build(
+            changes,
+            mapper=self.mapper,
+            embedder=self.embedder,
+            sink=self.sink,
+            prefixed=self._prefixed,
+        )
+
+    def _refetched(
+        self, changes: Sequence[planning.Change], poisoned: Sequence[planning.Poisoned]
+    ) -> list[planning.Change]:
+        """Retry poison changes with the document as it is *now* in MongoDB.
+
+        An event carries the document as it was; if it has been fixed (or deleted)
+        since, applying the current state is what replaying the later events would do
+        anyway, so the mirror converges without halting on a problem already solved.
+        """
+        bad = {p.change.key: p.change for p in poisoned}
+        by_coll: dict[str, list[Any]] = {}
+        for change in bad.values():
+            by_coll.setdefault(change.collection, []).append(change.source_id)
+        current: dict[tuple[str, Any], dict[str, Any]] = {}
+        for coll, ids in by_coll.items():
+            for hkey, found in self.source.fetch(coll, ids).items():
+                current[(coll, hkey)] = found
+        out = []
+        for change in changes:
+            if change.key not in bad:
+                out.append(change)
+                continue
+            doc = current.get((change.collection, hashable_id(change.source_id)))
+            operation = change.operation if doc is not None else "delete"
+            out.append(dataclasses.replace(change, document=doc, operation=operation))
+        return out
 
     def read_back(self, plan: WritePlan) -> None:
         """Strong consistency: what Chroma returns must be what was written."""

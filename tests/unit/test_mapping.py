@@ -14,6 +14,7 @@ from bson import Decimal128, Int64, ObjectId, Timestamp
 from bson.binary import Binary, BinaryVectorDtype
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from syncd.config import PipelineSettings
 from syncd.errors import ConfigError, MappingError, OversizedError
@@ -440,5 +441,7 @@ def test_matches_uses_the_pipeline_filter() -> None:
     assert mapper.matches({"_id": 1, "status": "published"})
     assert not mapper.matches({"_id": 1, "status": "draft"})
     assert Mapper(pipeline()).matches({"_id": 1})
-    with pytest.raises(ConfigError, match=r"\$where"):
+    # An unsupported operator is refused when the settings are validated, before
+    # any Mapper exists.
+    with pytest.raises(ValidationError, match=r"\$where"):
         Mapper(pipeline(pipeline={"filter": {"$where": "1"}}))
