@@ -103,6 +103,7 @@ class Daemon:
                     worker = Worker(pipeline, self.failed)
                     pipeline._heartbeat = worker.beat
                     workers.append(worker)
+                    self._start_sampler(runtime, pipeline)
                 for worker in workers:
                     worker.start()
                 log.info("syncd running %d pipeline(s)", len(workers))
@@ -127,9 +128,29 @@ class Daemon:
             worker = Worker(pipeline, self.failed, leased=True)
             pipeline._heartbeat = worker.beat
             worker.start()
+            self._start_sampler(runtime, pipeline)
             return worker
 
         return LeasedPipelines(leases, self.pipelines, start)
+
+    def _start_sampler(self, runtime: Runtime, pipeline: Pipeline) -> None:
+        """Verify a random sample now and then, and export the drift it finds."""
+        every = self.settings.telemetry.verify_sample_every_s
+        if every <= 0:
+            return
+        from syncd.consistency import sample_forever
+
+        threading.Thread(
+            target=sample_forever,
+            args=(pipeline, runtime.mongo[pipeline.settings.database]),
+            kwargs={
+                "every_s": every,
+                "size": self.settings.telemetry.verify_sample_size,
+                "stop": pipeline.stop,
+            },
+            name=f"verify-{pipeline.settings.name}",
+            daemon=True,
+        ).start()
 
     def _supervise(
         self, workers: list[Worker], leased: LeasedPipelines[Worker] | None = None

@@ -14,7 +14,10 @@ _URI_USERINFO = re.compile(
 )
 # key=value pairs in query strings or free text whose key names a secret
 _SECRET_PAIR = re.compile(
-    r"(?i)\b(?P<key>[\w.-]*(?:password|passwd|secret|token|api[_-]?key|authorization)[\w.-]*)"
+    # The secret word must be the whole key or its last part after '_', '-' or '.', so
+    # "api_token=" and "X-Chroma-Token:" are masked but "InvalidResumeToken:" is not.
+    r"(?i)(?<![\w.-])(?P<key>(?:[\w.-]*[_.-])?(?:password|passwd|secret|token|api[_-]?key|"
+    r"authorization|credentials?))"
     r"(?P<sep>\s*[=:]\s*)(?P<q>[\"']?)(?P<value>(?:Bearer\s+)?[^\s\"'&,;}]+)"
 )
 _BEARER = re.compile(r"(?i)\bBearer\s+[A-Za-z0-9._~+/=-]+")
