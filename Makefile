@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "syncd needs Python 3.11 or newer: set PYTHON=/path/to/python3.11")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,otlp,local-model]'
 	@touch $@
 
 install dev: $(VENV)/.installed
@@ -60,5 +60,5 @@ viewer: $(VENV)/.installed $(PHOENIX_VENV)/.installed
 	$(BIN)/python -m tests.harness.phoenix
 
 clean:
-	rm -rf $(VENV) $(STANDIN_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(STANDIN_VENV) $(PHOENIX_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache syncd-data
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
