@@ -181,6 +181,10 @@ class ChromaSink:
     def delete_where(self, where: Mapping[str, Any]) -> None:
         self._call("delete", where=dict(where))
 
+    def get_where(self, where: Mapping[str, Any]) -> list[StoredRecord]:
+        result = self._call("get", where=dict(where), include=["metadatas", "documents"])
+        return _records(result, False)
+
     def delete_all(self) -> int:
         removed = 0
         while True:

@@ -1,0 +1,65 @@
+"""`syncd explain PIPELINE ID`: one document's story across both stores."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from syncd.cli.common import add_config_options, load_settings, print_json
+from syncd.errors import ExitCode
+
+
+def register(verbs: Any) -> None:
+    parser = verbs.add_parser(
+        "explain",
+        help="show one document in MongoDB and Chroma, its recent syncs and dead letter",
+        description="ID is a record id as syncd writes it (i:42, s:hello, oid:65a1..., "
+        "or COLLECTION/ID for multi-collection pipelines; a chunk id like i:42#3 works too). "
+        "Exit 0 when the Chroma records match the document, 1 otherwise.",
+    )
+    add_config_options(parser)
+    parser.add_argument("pipeline", metavar="PIPELINE")
+    parser.add_argument("id", metavar="ID")
+    parser.add_argument("--json", action="store_true", help="print the story as JSON")
+    parser.set_defaults(handler=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    settings = load_settings(args)
+    from syncd.explain import explain
+
+    story = explain(settings, settings.pipeline(args.pipeline), args.id)
+    if args.json:
+        print_json(story)
+    else:
+        _print(story)
+    return ExitCode.OK if story["consistent"] else ExitCode.DRIFT_OR_FAILURE
+
+
+def _print(story: dict[str, Any]) -> None:
+    print(f"{story['pipeline']} / {story['id']}  (collection {story['collection']})")
+    doc = story["mongodb"]
+    print(f"  MongoDB:  {'absent' if doc is None else json.dumps(doc, default=str)[:400]}")
+    if doc is not None and not story["matches_filter"]:
+        print("            does not match the pipeline filter: it must not be in Chroma")
+    if story["mapping_error"]:
+        print(f"            cannot be mapped: {story['mapping_error']}")
+    if not story["chroma"]:
+        print("  Chroma:   no records")
+    for record in story["chroma"]:
+        verdict = "matches" if record["hash_matches"] else "STALE (hash differs)"
+        print(f"  Chroma:   {record['id']}  {verdict}")
+    for rid in story["missing_in_chroma"]:
+        print(f"  Chroma:   {rid}  MISSING")
+    print(f"  verdict:  {'consistent' if story['consistent'] else 'drift'}")
+    syncs = story["recent_syncs"]
+    print(f"  recent syncs ({len(syncs)}):")
+    for entry in syncs[-10:]:
+        print(
+            f"    {entry.get('time', '?')}  {entry.get('operation', '?'):8} "
+            f"{entry.get('outcome', '?')}  trace {entry.get('trace_id', '-')}"
+        )
+    dead = story["dead_letter"]
+    if dead:
+        print(f"  dead letter: {dead.get('error_class')}: {dead.get('message')}")

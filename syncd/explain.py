@@ -1,0 +1,113 @@
+"""One document's story, for `syncd explain PIPELINE ID`.
+
+Its current MongoDB state, its Chroma record(s) and whether their content hashes match
+what the document maps to now, its recent syncs from the local span log, and any dead
+letter. Reads only; changes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bson import json_util
+
+from syncd.config import PipelineSettings, Settings
+from syncd.errors import ConfigError, MappingError, PoisonError
+from syncd.mapping import base_id, decode_id
+from syncd.runtime import Runtime
+from syncd.sink import ID_KEY
+from syncd.source import hashable_id
+from syncd.spanlog import SpanLog
+
+
+def explain(settings: Settings, pipeline: PipelineSettings, record_id: str) -> dict[str, Any]:
+    key = base_id(record_id)
+    collection, source_id = _locate(pipeline, key)
+    runtime = Runtime(settings)
+    try:
+        doc = runtime.source(pipeline).fetch(collection, [source_id]).get(hashable_id(source_id))
+        expected, mapping_error = _expected(runtime, pipeline, doc, key)
+        sink = runtime.sink(pipeline, create=False)
+        stored = sink.get_where({ID_KEY: key})
+        records = [
+            {
+                "id": r.id,
+                "document": r.document,
+                "metadata": dict(r.metadata),
+                "hash_matches": expected.get(r.id) == r.metadata.get("syncd_hash"),
+            }
+            for r in stored
+        ]
+        missing = sorted(set(expected) - {r.id for r in stored})
+        dead = runtime.dead_letters(pipeline).get(pipeline.name, key)
+    finally:
+        runtime.close()
+    log = SpanLog(settings.telemetry.span_log_path, settings.telemetry.span_log_max_bytes)
+    try:
+        syncs = log.find(pipeline.name, key) if settings.telemetry.span_log_path else []
+    finally:
+        log.close()
+    return {
+        "pipeline": pipeline.name,
+        "id": key,
+        "collection": collection,
+        "source_id": json_util.dumps(source_id),
+        "mongodb": _jsonable(doc),
+        "matches_filter": doc is not None and runtime_matches(pipeline, doc),
+        "mapping_error": mapping_error,
+        "chroma": records,
+        "missing_in_chroma": missing,
+        "consistent": not missing
+        and all(r["hash_matches"] for r in records)
+        and len(records) == len(expected),
+        "recent_syncs": syncs,
+        "dead_letter": _jsonable(dead),
+    }
+
+
+def runtime_matches(pipeline: PipelineSettings, doc: Any) -> bool:
+    from syncd.mapping import Mapper
+
+    return Mapper(pipeline).matches(doc)
+
+
+def _expected(
+    runtime: Runtime, pipeline: PipelineSettings, doc: Any, key: str
+) -> tuple[dict[str, str], str | None]:
+    if doc is None:
+        return {}, None
+    from syncd.consistency import open_checker
+
+    checker = open_checker(runtime, pipeline)
+    if not checker.mapper.matches(doc):
+        return {}, None
+    collection, _ = _locate(pipeline, key)
+    try:
+        mapped = checker.expected(collection, doc)
+    except (MappingError, PoisonError) as exc:
+        return {}, exc.message
+    return {r.id: r.content_hash for r in mapped.records}, None
+
+
+def _locate(pipeline: PipelineSettings, key: str) -> tuple[str, Any]:
+    collection, encoded = pipeline.collection or "", key
+    if pipeline.collections:
+        collection, _, encoded = key.partition("/")
+        if collection not in pipeline.collections:
+            raise ConfigError(
+                f"record id {key!r} names no collection of pipeline {pipeline.name!r}",
+                hint="multi-collection ids look like COLLECTION/ID, e.g. docs/i:42",
+            )
+    try:
+        return collection, decode_id(encoded)
+    except MappingError as exc:
+        raise ConfigError(
+            f"{key!r} is not a syncd record id: {exc.message}",
+            hint='ids look like i:42, s:hello, oid:65a1..., uuid:... (see `syncd verify`)',
+        ) from None
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None:
+        return None
+    return json_util.loads(json_util.dumps(value, json_options=json_util.RELAXED_JSON_OPTIONS))
