@@ -118,6 +118,10 @@ class ChromaServer:
             close_client(self._clients.pop())
 
     def start(self) -> ChromaServer:
+        # Imported here: importing a sibling pytest plugin at module level would stop
+        # pytest from rewriting its asserts, and it warns about that (an error here).
+        from tests.harness.daemon import die_with_parent
+
         if self.is_running():
             return self
         self.path.mkdir(parents=True, exist_ok=True)
@@ -136,7 +140,7 @@ class ChromaServer:
             log.write(f"\n--- {' '.join(command)}\n".encode())
             log.flush()
             self._process = subprocess.Popen(
-                command,
+                die_with_parent(command),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -29,6 +30,28 @@ _live_processes: weakref.WeakSet[SyncdProcess] = weakref.WeakSet()
 def _kill_leftovers() -> None:
     for process in list(_live_processes):
         process.kill()
+
+
+# Sets PR_SET_PDEATHSIG (1) to SIGKILL (9), then becomes the real command (same pid).
+_DIE_WITH_PARENT = """\
+import ctypes, os, sys
+ctypes.CDLL(None).prctl(1, 9)
+if os.getppid() != int(sys.argv[1]):
+    sys.exit("parent exited before the child started")
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+def die_with_parent(command: Sequence[str]) -> list[str]:
+    """Wrap `command` so the kernel SIGKILLs it if this process dies without cleaning up.
+
+    Test runs killed by a timeout or SIGTERM skip fixture teardown and atexit; without
+    this, their servers would keep ports and CPU. Linux only, and only when called from
+    the main thread: the kernel ties the signal to the thread that forked the child.
+    """
+    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
+        return list(command)
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *command]
 
 
 def syncd_command(args: Sequence[str], config: Path | None = None) -> list[str]:
@@ -115,7 +138,7 @@ class SyncdProcess:
         with self.log_path.open("ab") as log:
             self._run_offset = log.tell()
             self._process = subprocess.Popen(
-                self.command,
+                die_with_parent(self.command),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
