@@ -46,10 +46,14 @@ def _kill_leftovers() -> None:
 
 
 def chroma_settings() -> Any:
-    """Client settings for tests: no telemetry, and `reset()` allowed on embedded clients."""
+    """Client settings for tests: telemetry off (no internet), nothing else changed.
+
+    chromadb refuses a second embedded client on the same path with different settings,
+    so these stay as close to the defaults as syncd's own are.
+    """
     from chromadb.config import Settings
 
-    return Settings(anonymized_telemetry=False, allow_reset=True)
+    return Settings(anonymized_telemetry=False)
 
 
 def chroma_executable() -> Path:
