@@ -1,0 +1,289 @@
+"""The core loop with test doubles at its edges: order of write and checkpoint,
+coalescing, poison policies, embedding reuse."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import pytest
+from bson.timestamp import Timestamp
+
+from syncd.checkpoint import Checkpoint
+from syncd.config import PipelineSettings
+from syncd.embedder import HashingEmbedder
+from syncd.errors import ConsistencyError, HaltedError, TransientError
+from syncd.mapping import Mapper
+from syncd.pipeline import Pipeline
+from syncd.sink import ID_KEY, StoredRecord, WritePlan
+from syncd.source import Batch, Position
+from syncd.telemetry import Telemetry
+from tests.standin import tokens as standin_tokens
+
+T0 = 1_700_000_000
+
+
+def token(n: int) -> dict[str, str]:
+    """A v2 event token for cluster time (T0, n), as MongoDB lays it out."""
+    return {"_data": standin_tokens.encode((T0, n), event_id={"operationType": "insert",
+                                                             "documentKey": {"_id": n}})}
+
+
+def event(n: int, op: str, _id: Any, doc: dict[str, Any] | None = None) -> dict[str, Any]:
+    ev: dict[str, Any] = {
+        "_id": token(n),
+        "operationType": op,
+        "clusterTime": Timestamp(T0, n),
+        "ns": {"db": "app", "coll": "docs"},
+        "documentKey": {"_id": _id},
+    }
+    if op != "delete":
+        ev["fullDocument"] = {"_id": _id, **(doc or {})}
+    return ev
+
+
+class Log:
+    """Shared record of what happened, in order, across the doubles."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+
+class FakeSink:
+    max_batch = 1000
+
+    def __init__(self, log: Log) -> None:
+        self.log = log
+        self.records: dict[str, dict[str, Any]] = {}
+        self.fail_writes = 0
+        self.lie_on_read = False
+
+    def existing(self, keys: Sequence[str]) -> dict[str, dict[str, Mapping[str, Any]]]:
+        out: dict[str, dict[str, Mapping[str, Any]]] = {}
+        for rid, rec in self.records.items():
+            if rec["metadata"][ID_KEY] in keys:
+                out.setdefault(rec["metadata"][ID_KEY], {})[rid] = rec["metadata"]
+        return out
+
+    def write(self, plan: WritePlan) -> None:
+        if self.fail_writes:
+            self.fail_writes -= 1
+            raise TransientError("chroma down")
+        self.log.calls.append(f"write {len(plan)}")
+        for rid in plan.deletes:
+            self.records.pop(rid, None)
+        for u in plan.upserts:
+            self.records[u.id] = {"text": u.text, "metadata": _merge({}, u.metadata)}
+        for m in plan.updates:
+            rec = self.records[m.id]
+            rec["metadata"] = _merge(rec["metadata"], m.metadata)
+
+    def get(self, ids: Sequence[str], *, include_embeddings: bool = False) -> list[StoredRecord]:
+        out = []
+        for rid in ids:
+            if rid in self.records:
+                meta = dict(self.records[rid]["metadata"])
+                if self.lie_on_read:
+                    meta["syncd_hash"] = "not-what-was-written"
+                out.append(StoredRecord(rid, meta, self.records[rid]["text"]))
+        return out
+
+    def scan(self, page: int = 1000) -> Iterator[list[StoredRecord]]:
+        yield self.get(list(self.records))
+
+    def delete_all(self) -> int:
+        n = len(self.records)
+        self.records.clear()
+        return n
+
+    def delete_where(self, where: Mapping[str, Any]) -> None:
+        raise AssertionError("not used here")
+
+    def count(self) -> int:
+        return len(self.records)
+
+    def close(self) -> None:
+        pass
+
+
+def _merge(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(old)
+    for k, v in new.items():
+        if v is None:
+            merged.pop(k, None)
+        else:
+            merged[k] = v
+    return merged
+
+
+class FakeStore:
+    def __init__(self, log: Log) -> None:
+        self.log = log
+        self.saved: list[Checkpoint] = []
+
+    def load(self, pipeline: str) -> Checkpoint | None:
+        return self.saved[-1] if self.saved else None
+
+    def save(self, checkpoint: Checkpoint, *, history_reason: str | None = None) -> None:
+        self.log.calls.append(f"checkpoint {checkpoint.cluster_time}")
+        self.saved.append(checkpoint)
+
+    def set_status(self, pipeline: str, status: Mapping[str, Any]) -> None:
+        pass
+
+
+class FakeDLQ:
+    def __init__(self, log: Log) -> None:
+        self.log = log
+        self.items: list[Any] = []
+
+    def put_many(self, pipeline: str, poisoned: Sequence[Any]) -> None:
+        self.log.calls.append(f"dead-letter {len(poisoned)}")
+        self.items.extend(poisoned)
+
+
+class FakeSource:
+    def __init__(self, current: dict[Any, dict[str, Any]] | None = None) -> None:
+        self.current = current or {}
+
+    def fetch(self, collection: str, ids: list[Any]) -> dict[Any, dict[str, Any]]:
+        return {i: self.current[i] for i in ids if i in self.current}
+
+    def close(self) -> None:
+        pass
+
+    def open(self, position: Position, *, max_await_ms: int) -> None:
+        pass
+
+
+class CountingEmbedder(HashingEmbedder):
+    def __init__(self) -> None:
+        super().__init__(8)
+        self.texts: list[str] = []
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        self.texts.extend(texts)
+        return super().embed(texts)
+
+
+def make(on_error: str = "halt", consistency: str = "eventual", source: Any = None) -> Any:
+    settings = PipelineSettings.model_validate(
+        {
+            "name": "p",
+            "database": "app",
+            "collection": "docs",
+            "on_error": on_error,
+            "consistency": consistency,
+            "mapping": {"text": "body", "metadata": ["tag", "n"]},
+            "embedder": {"kind": "hashing", "dimensions": 8},
+        }
+    )
+    log = Log()
+    sink, store, dlq, emb = FakeSink(log), FakeStore(log), FakeDLQ(log), CountingEmbedder()
+    pipeline = Pipeline(
+        settings,
+        source=source or FakeSource(),
+        sink=sink,
+        store=store,
+        mapper=Mapper(settings),
+        embedder=emb,
+        telemetry=Telemetry.disabled().pipeline("p"),
+        dead_letters=dlq,
+    )
+    pipeline.checkpoint = Checkpoint(pipeline="p", fingerprint=pipeline.mapper.fingerprint)
+    return pipeline, log, sink, store, dlq, emb
+
+
+def test_write_happens_before_checkpoint_and_covers_the_batch() -> None:
+    p, log, sink, store, _, _ = make()
+    p.process(Batch([event(1, "insert", 1, {"body": "a"}), event(2, "insert", 2, {"body": "b"})],
+                    token(2)))
+    assert log.calls == ["write 2", f"checkpoint {Timestamp(T0, 2)}"]
+    assert set(sink.records) == {"i:1", "i:2"}
+
+
+def test_failed_write_never_checkpoints() -> None:
+    p, log, sink, store, _, _ = make()
+    sink.fail_writes = 1
+    with pytest.raises(TransientError):
+        p.process(Batch([event(1, "insert", 1, {"body": "a"})], token(1)))
+    assert store.saved == []
+
+
+def test_coalesces_to_the_last_event_per_key() -> None:
+    p, _, sink, _, _, emb = make()
+    p.process(Batch([
+        event(1, "insert", 1, {"body": "first"}),
+        event(2, "update", 1, {"body": "second", "tag": "x"}),
+        event(3, "insert", 2, {"body": "other"}),
+        event(4, "delete", 2),
+    ], token(4)))
+    assert set(sink.records) == {"i:1"}
+    assert sink.records["i:1"]["text"] == "second"
+    assert emb.texts == ["second"], "coalesced events must not be embedded"
+
+
+def test_metadata_only_update_does_not_embed_and_removes_fields() -> None:
+    p, _, sink, _, _, emb = make()
+    p.process(Batch([event(1, "insert", 1, {"body": "text", "tag": "a", "n": 1})], token(1)))
+    p.process(Batch([event(2, "replace", 1, {"body": "text", "n": 2})], token(2)))
+    assert emb.texts == ["text"]
+    meta = sink.records["i:1"]["metadata"]
+    assert meta["n"] == 2 and "tag" not in meta
+
+
+def test_halt_stops_before_the_poison_and_writes_nothing_after_it() -> None:
+    still_bad = FakeSource({2: {"_id": 2, "nobody": "still poison"}, 3: {"_id": 3, "body": "x"}})
+    p, log, sink, store, dlq, _ = make(on_error="halt", source=still_bad)
+    batch = Batch([
+        event(1, "insert", 1, {"body": "good"}),
+        event(2, "insert", 2, {"nobody": "poison"}),
+        event(3, "insert", 3, {"body": "after"}),
+    ], token(3))
+    with pytest.raises(HaltedError) as info:
+        p.process(batch)
+    assert info.value.document_id == 2
+    assert set(sink.records) == {"i:1"}
+    assert store.saved[-1].cluster_time == Timestamp(T0, 1)
+    assert dlq.items == []
+
+
+def test_dead_letter_is_written_before_the_checkpoint_moves_on() -> None:
+    still_bad = FakeSource({2: {"_id": 2, "nobody": "still poison"}})
+    p, log, sink, store, dlq, _ = make(on_error="dead_letter", source=still_bad)
+    p.process(Batch([
+        event(1, "insert", 1, {"body": "good"}),
+        event(2, "insert", 2, {"nobody": "poison"}),
+    ], token(2)))
+    assert [i.change.source_id for i in dlq.items] == [2]
+    assert log.calls.index("dead-letter 1") < log.calls.index(f"checkpoint {Timestamp(T0, 2)}")
+    assert set(sink.records) == {"i:1"}
+
+
+def test_a_fixed_document_is_applied_instead_of_halting() -> None:
+    source = FakeSource({2: {"_id": 2, "body": "fixed since"}})
+    p, _, sink, store, _, _ = make(on_error="halt", source=source)
+    p.process(Batch([event(1, "insert", 2, {"nobody": "poison"})], token(1)))
+    assert sink.records["i:2"]["text"] == "fixed since"
+    assert store.saved[-1].cluster_time == Timestamp(T0, 1)
+
+
+def test_strong_consistency_never_checkpoints_a_disagreeing_read_back() -> None:
+    p, _, sink, store, _, _ = make(consistency="strong")
+    sink.lie_on_read = True
+    with pytest.raises(ConsistencyError):
+        p.process(Batch([event(1, "insert", 1, {"body": "a"})], token(1)))
+    assert store.saved == []
+    sink.lie_on_read = False
+    p.process(Batch([event(1, "insert", 1, {"body": "a"})], token(1)))
+    assert store.saved[-1].cluster_time == Timestamp(T0, 1)
+
+
+def test_drop_purges_then_checkpoints() -> None:
+    p, log, sink, store, _, _ = make()
+    p.process(Batch([event(1, "insert", 1, {"body": "a"})], token(1)))
+    drop = {"_id": token(2), "operationType": "drop", "clusterTime": Timestamp(T0, 2),
+            "ns": {"db": "app", "coll": "docs"}}
+    p.process(Batch([drop], token(2)))
+    assert sink.records == {}
+    assert store.saved[-1].cluster_time == Timestamp(T0, 2)
