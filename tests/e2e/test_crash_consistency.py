@@ -1,4 +1,4 @@
-"""Invariants 1–3 end to end: a randomized workload, `kill -9` of syncd at random
+"""Invariants 1-3 end to end: a randomized workload, `kill -9` of syncd at random
 moments, and at every kill the checkpoint never passes an event missing from Chroma;
 at the end Chroma equals MongoDB mapped (ids, documents, metadata, embeddings)."""
 
@@ -74,7 +74,7 @@ def make_doc(rng: random.Random, seq: int) -> dict[str, Any]:
     return doc
 
 
-WORDS = "alpha beta gamma delta river stone cloud vector index mirror change stream".split()
+WORDS = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "vector", "index", "mirror", "change", "stream"]
 
 
 class Workload(threading.Thread):

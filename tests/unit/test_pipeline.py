@@ -195,7 +195,7 @@ def make(on_error: str = "halt", consistency: str = "eventual", source: Any = No
 
 
 def test_write_happens_before_checkpoint_and_covers_the_batch() -> None:
-    p, log, sink, store, _, _ = make()
+    p, log, sink, _store, _, _ = make()
     p.process(Batch([event(1, "insert", 1, {"body": "a"}), event(2, "insert", 2, {"body": "b"})],
                     token(2)))
     assert log.calls == ["write 2", f"checkpoint {Timestamp(T0, 2)}"]
@@ -203,7 +203,7 @@ def test_write_happens_before_checkpoint_and_covers_the_batch() -> None:
 
 
 def test_failed_write_never_checkpoints() -> None:
-    p, log, sink, store, _, _ = make()
+    p, _log, sink, store, _, _ = make()
     sink.fail_writes = 1
     with pytest.raises(TransientError):
         p.process(Batch([event(1, "insert", 1, {"body": "a"})], token(1)))
@@ -234,7 +234,7 @@ def test_metadata_only_update_does_not_embed_and_removes_fields() -> None:
 
 def test_halt_stops_before_the_poison_and_writes_nothing_after_it() -> None:
     still_bad = FakeSource({2: {"_id": 2, "nobody": "still poison"}, 3: {"_id": 3, "body": "x"}})
-    p, log, sink, store, dlq, _ = make(on_error="halt", source=still_bad)
+    p, _log, sink, store, dlq, _ = make(on_error="halt", source=still_bad)
     batch = Batch([
         event(1, "insert", 1, {"body": "good"}),
         event(2, "insert", 2, {"nobody": "poison"}),
@@ -250,7 +250,7 @@ def test_halt_stops_before_the_poison_and_writes_nothing_after_it() -> None:
 
 def test_dead_letter_is_written_before_the_checkpoint_moves_on() -> None:
     still_bad = FakeSource({2: {"_id": 2, "nobody": "still poison"}})
-    p, log, sink, store, dlq, _ = make(on_error="dead_letter", source=still_bad)
+    p, log, sink, _store, dlq, _ = make(on_error="dead_letter", source=still_bad)
     p.process(Batch([
         event(1, "insert", 1, {"body": "good"}),
         event(2, "insert", 2, {"nobody": "poison"}),
@@ -280,7 +280,7 @@ def test_strong_consistency_never_checkpoints_a_disagreeing_read_back() -> None:
 
 
 def test_drop_purges_then_checkpoints() -> None:
-    p, log, sink, store, _, _ = make()
+    p, _log, sink, store, _, _ = make()
     p.process(Batch([event(1, "insert", 1, {"body": "a"})], token(1)))
     drop = {"_id": token(2), "operationType": "drop", "clusterTime": Timestamp(T0, 2),
             "ns": {"db": "app", "coll": "docs"}}
