@@ -74,7 +74,10 @@ def make_doc(rng: random.Random, seq: int) -> dict[str, Any]:
     return doc
 
 
-WORDS = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "vector", "index", "mirror", "change", "stream"]
+WORDS = [
+    "alpha", "beta", "gamma", "delta", "river", "stone",
+    "cloud", "vector", "index", "mirror", "change", "stream",
+]  # fmt: skip
 
 
 class Workload(threading.Thread):
