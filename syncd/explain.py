@@ -103,7 +103,7 @@ def _locate(pipeline: PipelineSettings, key: str) -> tuple[str, Any]:
     except MappingError as exc:
         raise ConfigError(
             f"{key!r} is not a syncd record id: {exc.message}",
-            hint='ids look like i:42, s:hello, oid:65a1..., uuid:... (see `syncd verify`)',
+            hint="ids look like i:42, s:hello, oid:65a1..., uuid:... (see `syncd verify`)",
         ) from None
 
 
