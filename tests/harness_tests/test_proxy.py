@@ -155,7 +155,6 @@ def test_unreachable_target_resets_the_client(tcp_proxy_factory: ProxyFactory) -
 
 
 def test_close_leaves_no_thread_and_frees_the_port(echo_server: tuple) -> None:
-    threads_before = set(threading.enumerate())
     proxy = TcpProxy(*echo_server)
     sock = _connect(proxy)
     assert _roundtrip(sock, b"x") == b"x"
@@ -165,7 +164,8 @@ def test_close_leaves_no_thread_and_frees_the_port(echo_server: tuple) -> None:
         assert _is_dead(sock)
     finally:
         sock.close()
-    assert set(threading.enumerate()) <= threads_before
+    # Only the proxy's threads: the echo server's handler may still be finishing.
+    assert not [t for t in threading.enumerate() if t.name.startswith("tcp-proxy")]
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", proxy.port), timeout=2).close()
 
