@@ -1,9 +1,12 @@
 """Throughput of the MongoDB stand-in with a large collection.
 
 Starts a stand-in, loads 100,000 documents into one collection, then measures
-single-document insert_one, update_one and delete_one (by _id) and how fast one
-watch() cursor drains a backlog of change events. Prints each figure next to the
-floor it must meet and exits non-zero if one is missed.
+single-document insert_one, update_one and delete_one (by _id), how fast one
+watch() cursor drains a backlog of change events, and the reads MongoDB answers
+from the ``_id`` index: ``$in`` of 1,000 ids, a full ``_id``-ordered scan in pages
+of 1,000 (as a snapshot does, bare and behind a user filter), counts, a lookup by
+``_id`` and ``$sample``. Prints each figure next to the floor or ceiling it must
+meet and exits non-zero if one is missed.
 
     .venv/bin/python bench/standin_perf.py [--docs 100000] [--ops 2000]
 """
@@ -11,10 +14,13 @@ floor it must meet and exits non-zero if one is missed.
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pymongo
 
@@ -25,10 +31,65 @@ from tests.harness.ports import free_port
 
 FLOOR_OPS = 500.0
 FLOOR_EVENTS = 10_000.0
+CEILING_IN_1000 = 0.2  # seconds for find({_id: {$in: [1000 ids]}})
+CEILING_PAGED_SCAN = 15.0  # seconds for every document, _id-ordered, in pages of 1000
+CEILING_COUNT = 0.2  # seconds for count_documents({}) / estimated_document_count()
+CEILING_POINT = 0.01  # seconds per find_one({_id: x})
+CEILING_SAMPLE = 0.5  # seconds for aggregate([{$sample: {size: 100}}])
+PAGE = 1_000
 
 
 def rate(count: int, seconds: float) -> float:
     return count / seconds if seconds > 0 else float("inf")
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    began = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - began, value
+
+
+def paged_scan(coll: Any, user_filter: dict[str, Any] | None = None) -> int:
+    """Read the collection in _id order, PAGE documents at a time, as a snapshot does."""
+    seen, last = 0, None
+    while True:
+        flt: dict[str, Any] = {} if last is None else {"_id": {"$gt": last}}
+        if user_filter:
+            flt = {"$and": [user_filter, flt]} if flt else user_filter
+        page = list(coll.find(flt).sort("_id", 1).limit(PAGE))
+        if not page:
+            return seen
+        seen += len(page)
+        last = page[-1]["_id"]
+
+
+def index_reads(coll: Any, docs: int) -> list[tuple[str, float, float]]:
+    results = []
+    rng = random.Random(7)
+    # A realistic repair batch: mostly present ids, some missing.
+    ids = rng.sample(range(docs), 900) + list(range(docs + 10_000, docs + 10_100))
+    seconds, found = timed(lambda: list(coll.find({"_id": {"$in": ids}})))
+    assert len(found) == 900, len(found)
+    results.append(("$in 1000 ids", seconds, CEILING_IN_1000))
+    seconds, seen = timed(lambda: paged_scan(coll))
+    assert seen == docs, (seen, docs)
+    results.append((f"paged scan {docs // 1000}k", seconds, CEILING_PAGED_SCAN))
+    seconds, seen = timed(lambda: paged_scan(coll, {"n": {"$mod": [2, 0]}}))
+    assert seen == (docs + 1) // 2, (seen, docs)
+    results.append(("filtered scan", seconds, CEILING_PAGED_SCAN))
+    seconds, n = timed(lambda: coll.count_documents({}))
+    assert n == docs, n
+    results.append(("count_documents", seconds, CEILING_COUNT))
+    seconds, n = timed(coll.estimated_document_count)
+    assert n == docs, n
+    results.append(("estimated count", seconds, CEILING_COUNT))
+    probes = rng.sample(range(docs), 200)
+    seconds, _ = timed(lambda: [coll.find_one({"_id": i}) for i in probes])
+    results.append(("find_one by _id", seconds / len(probes), CEILING_POINT))
+    seconds, sample = timed(lambda: list(coll.aggregate([{"$sample": {"size": 100}}])))
+    assert len(sample) == 100, len(sample)
+    results.append(("$sample 100", seconds, CEILING_SAMPLE))
+    return results
 
 
 def main() -> int:
@@ -37,6 +98,7 @@ def main() -> int:
     parser.add_argument("--ops", type=int, default=2_000)
     args = parser.parse_args()
     results: list[tuple[str, float, float]] = []
+    timings: list[tuple[str, float, float]] = []
     with tempfile.TemporaryDirectory(prefix="standin-perf-") as tmp:
         server = MongoServer("standin", Path(tmp) / "data", free_port(),
                              history_size=args.docs + 4 * args.ops)
@@ -70,6 +132,7 @@ def main() -> int:
                         stream.next()
                 results.append(("watch backlog", rate(backlog, time.perf_counter() - began),
                                 FLOOR_EVENTS))
+                timings = index_reads(coll, args.docs)
         finally:
             server.stop()
     failed = False
@@ -77,7 +140,12 @@ def main() -> int:
         unit = "events/s" if "watch" in name else "ops/s"
         ok = value >= floor
         failed |= not ok
-        print(f"{name:14} {value:10,.0f} {unit:8} (floor {floor:,.0f}) {'ok' if ok else 'BELOW'}")
+        print(f"{name:16} {value:10,.0f} {unit:8} (floor {floor:,.0f}) {'ok' if ok else 'BELOW'}")
+    for name, seconds, ceiling in timings:
+        ok = seconds <= ceiling
+        failed |= not ok
+        print(f"{name:16} {seconds:10.3f} s        (ceiling {ceiling:g} s) "
+              f"{'ok' if ok else 'ABOVE'}")
     return 1 if failed else 0
 
 

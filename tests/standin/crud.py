@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
+from collections.abc import Iterable
+from itertools import islice
 from typing import Any
 
 from mongoeco.core.aggregation.stages import apply_pipeline
@@ -14,89 +16,33 @@ from mongoeco.core.sorting import sort_documents
 from mongoeco.core.upserts import seed_upsert_document
 from mongoeco.errors import OperationFailure
 from mongoeco.types import ObjectId, Regex
-from store import Collection, CommandError, Store, deep_copy, id_key, order_key, same_value
+from store import (
+    ARRAY,
+    MAX_KEY,
+    MIN_KEY,
+    NAN,
+    NULL,
+    NUMBER,
+    OBJECT,
+    Collection,
+    CommandError,
+    Store,
+    deep_copy,
+    id_key,
+    order_key,
+    same_value,
+)
 
-
-def _id_candidates(flt: dict[str, Any]) -> list[Any] | None:
-    """Keys of the only documents a filter on ``_id`` equality can match, or None."""
-    if "_id" not in flt:
-        return None
-    value = flt["_id"]
-    if isinstance(value, dict) and any(k.startswith("$") for k in value):
-        if set(value) == {"$eq"}:
-            value = value["$eq"]
-        elif set(value) == {"$in"} and isinstance(value["$in"], list):
-            if any(isinstance(v, Regex) for v in value["$in"]):
-                return None
-            return [id_key(v) for v in value["$in"]]
-        else:
-            return None
-    if isinstance(value, Regex | list):
-        return None
-    return [id_key(value)]
-
-
-def select(coll: Collection | None, flt: dict[str, Any] | None) -> list[dict[str, Any]]:
-    if coll is None:
-        return []
-    if not flt:
-        return list(coll.docs.values())
-    keys = _id_candidates(flt)
-    if keys is not None:
-        seen = dict.fromkeys(keys)
-        candidates = [coll.docs[k] for k in seen if k in coll.docs]
-        if len(flt) == 1 and not isinstance(flt["_id"], dict):
-            return candidates  # plain equality on _id: the key lookup is the whole match
-    else:
-        candidates = list(coll.docs.values())
-    try:
-        plan = compile_filter(flt)
-        return [d for d in candidates if QueryEngine.match_plan(d, plan)]
-    except OperationFailure as exc:
-        raise CommandError(2, "BadValue", str(exc)) from exc
-
-
-def sort_spec(sort: dict[str, Any] | None) -> list[tuple[str, Any]] | None:
-    return list(sort.items()) if sort else None
-
-
-_RANGE_OPS = {"$gt", "$gte", "$lt", "$lte"}
-
-
-def _id_range(coll: Collection | None, flt: dict[str, Any] | None, sort: Any,
-              skip: int, limit: int) -> list[Any] | None:
-    """Serve ``{_id: {$gt: x, ...}}`` sorted by ``_id`` (a snapshot scan's page) by bisection."""
-    if coll is None or not sort or list(sort.items()) not in ([("_id", 1)], [("_id", -1)]):
-        return None
-    flt = flt or {}
-    bounds = flt.get("_id", {})
-    if set(flt) - {"_id"} or not isinstance(bounds, dict) or set(bounds) - _RANGE_OPS:
-        return None
-    keys = [order_key(v) for v in bounds.values()]
-    if any(k is None for k in keys):
-        return None
-    ordered = coll.ordered_ids()
-    if ordered is None:
-        return None
-    lo, hi = 0, len(ordered)
-    for op, key in zip(bounds, keys, strict=True):
-        # Type bracketing: a range on numbers never matches strings, and so on.
-        lo = max(lo, bisect_left(ordered, ((key[0],),)))
-        hi = min(hi, bisect_left(ordered, ((key[0] + 1,),)))
-        if op == "$gt":
-            lo = max(lo, bisect_right(ordered, (key, _MAX)))
-        elif op == "$gte":
-            lo = max(lo, bisect_left(ordered, (key,)))
-        elif op == "$lt":
-            hi = min(hi, bisect_left(ordered, (key,)))
-        else:
-            hi = min(hi, bisect_right(ordered, (key, _MAX)))
-    span = ordered[lo:hi] if sort["_id"] == 1 else ordered[lo:hi][::-1]
-    span = span[skip : skip + limit] if limit else span[skip:]
-    return [coll.docs[k] for _, k in span]
+# Comparison operators a range read of the _id index serves by bisection.
+_RANGE_OPS = frozenset({"$gt", "$gte", "$lt", "$lte"})
+# Types whose ranges MongoDB does not bracket to one type (MinKey, MaxKey), or where null,
+# objects and arrays bring rules of their own: those bounds are left to the matcher.
+_UNBRACKETED = frozenset({MIN_KEY, NULL, OBJECT, ARRAY, MAX_KEY})
 
 
 class _Max:
+    """Sorts after every key: (key, _MAX) bounds all index entries whose order key is key."""
+
     def __lt__(self, other: object) -> bool:
         return False
 
@@ -107,15 +53,164 @@ class _Max:
 _MAX = _Max()
 
 
+def _points(cond: Any) -> list[Any] | None:
+    """The ``_id`` values an equality or ``$in`` condition allows, or None for other conditions."""
+    if isinstance(cond, dict) and any(k.startswith("$") for k in cond):
+        if set(cond) == {"$eq"}:
+            cond = cond["$eq"]
+        elif set(cond) == {"$in"} and isinstance(cond["$in"], list):
+            values = cond["$in"]
+            if any(isinstance(v, Regex) or (isinstance(v, dict) and any(
+                    str(k).startswith("$") for k in v)) for v in values):
+                return None
+            return values
+        else:
+            return None
+    if isinstance(cond, Regex | list):
+        return None
+    return [cond]
+
+
+def _bounds(cond: Any) -> list[tuple[str, tuple[Any, ...]]] | None:
+    """(operator, order key) of a pure range condition on ``_id``, or None."""
+    if not isinstance(cond, dict) or not cond or set(cond) - _RANGE_OPS:
+        return None
+    out = []
+    for op, value in cond.items():
+        key = order_key(value)
+        if key is None or key[0] in _UNBRACKETED or key == NAN:
+            return None
+        out.append((op, key))
+    return out
+
+
+def _id_conditions(flt: dict[str, Any]) -> list[Any]:
+    """Conditions on ``_id`` that every match must meet: at top level and under ``$and``."""
+    found = [flt["_id"]] if "_id" in flt else []
+    parts = flt.get("$and")
+    if isinstance(parts, list):
+        for part in parts:
+            if isinstance(part, dict):
+                found += _id_conditions(part)
+    return found
+
+
+def _id_direction(sort: Any) -> int | None:
+    """1 or -1 for a sort led by ``_id`` (unique, so later keys never matter), else None."""
+    if not sort:
+        return None
+    name, direction = next(iter(sort.items()))
+    raw = getattr(direction, "value", direction)
+    if name == "_id" and type(raw) in (int, float) and raw in (1, -1):
+        return int(raw)
+    return None
+
+
+def _in_id_order(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    keys = [order_key(d["_id"]) for d in docs]
+    if any(k is None for k in keys):
+        return docs
+    return [d for _, d in sorted(zip(keys, docs, strict=True), key=lambda kd: kd[0])]
+
+
+def _id_plan(coll: Collection, flt: dict[str, Any], direction: int | None
+             ) -> tuple[Iterable[dict[str, Any]], bool] | None:
+    """Documents that can match ``flt``, in ``_id`` order, as MongoDB reads them from the ``_id``
+    index; and whether they all match (nothing left for the matcher). None: scan instead."""
+    conds = _id_conditions(flt)
+    points: dict[Any, Any] | None = None
+    ranges: list[tuple[str, tuple[Any, ...]]] = []
+    for cond in conds:
+        values = _points(cond)
+        if values is not None:
+            keys = dict.fromkeys(id_key(v) for v in values)
+            points = keys if points is None else {k: None for k in keys if k in points}
+            continue
+        bounds = _bounds(cond)
+        if bounds is not None:
+            ranges += bounds
+    exact = len(flt) == 1 and len(conds) == 1 and "_id" in flt
+    if points is not None:
+        docs = _in_id_order([coll.docs[k] for k in points if k in coll.docs])
+        if direction == -1:
+            docs.reverse()
+        return docs, exact and _points(flt["_id"]) is not None
+    if not ranges and direction is None:
+        return None
+    order = coll.ordered_ids()
+    if order is None:
+        return None
+    lo, hi = 0, len(order)
+    for op, key in ranges:
+        # Type bracketing: {$gt: 5} matches numbers only, {$lt: "m"} strings only.
+        bracket = (NUMBER, 1) if key[0] == NUMBER else (key[0],)
+        lo = max(lo, bisect_left(order, (bracket,)))
+        hi = min(hi, bisect_left(order, ((key[0] + 1,),)))
+        if op == "$gt":
+            lo = max(lo, bisect_right(order, (key, _MAX)))
+        elif op == "$gte":
+            lo = max(lo, bisect_left(order, (key,)))
+        elif op == "$lt":
+            hi = min(hi, bisect_left(order, (key,)))
+        else:
+            hi = min(hi, bisect_right(order, (key, _MAX)))
+    exact_range = not flt or (exact and bool(ranges) and _bounds(flt["_id"]) is not None)
+    if lo >= hi:
+        return [], exact_range
+    docs_by_key = coll.docs
+    if direction == -1:
+        entries: Iterable[Any] = (order[i] for i in range(hi - 1, lo - 1, -1))
+    else:
+        entries = (order[i] for i in range(lo, hi))
+    # Lazily, so a page stops reading the index once it is full.
+    return (docs_by_key[k] for _, k in entries), exact_range
+
+
+def find_docs(coll: Collection | None, flt: dict[str, Any] | None, sort: Any = None,
+              skip: int = 0, limit: int = 0) -> list[dict[str, Any]]:
+    """The documents matching ``flt``, sorted, skipped and limited as a find does."""
+    if coll is None:
+        return []
+    flt = flt or {}
+    direction = _id_direction(sort)
+    plan = _id_plan(coll, flt, direction)
+    in_order = plan is not None and (not sort or direction is not None)
+    if plan is None:
+        candidates: Iterable[dict[str, Any]] = list(coll.docs.values())
+        exact = not flt
+    else:
+        candidates, exact = plan
+    if not exact:
+        try:
+            compiled = compile_filter(flt)
+        except OperationFailure as exc:
+            raise CommandError(2, "BadValue", str(exc)) from exc
+        match = QueryEngine.match_plan
+        candidates = (d for d in candidates if match(d, compiled))
+    try:
+        if in_order:
+            return list(islice(candidates, skip, skip + limit if limit else None))
+        docs = list(candidates)
+    except OperationFailure as exc:
+        raise CommandError(2, "BadValue", str(exc)) from exc
+    if sort:
+        docs = sort_documents(docs, sort_spec(sort))
+    return docs[skip : skip + limit] if limit else docs[skip:]
+
+
+def select(coll: Collection | None, flt: dict[str, Any] | None,
+           limit: int = 0) -> list[dict[str, Any]]:
+    return find_docs(coll, flt, limit=limit)
+
+
+def sort_spec(sort: dict[str, Any] | None) -> list[tuple[str, Any]] | None:
+    return list(sort.items()) if sort else None
+
+
 def query(coll: Collection | None, body: dict[str, Any], filter_key: str = "filter") -> list[Any]:
     skip = int(body.get("skip") or 0)
     limit = abs(int(body.get("limit") or 0))
-    docs = _id_range(coll, body.get(filter_key), body.get("sort"), skip, limit)
-    if docs is None:
-        docs = select(coll, body.get(filter_key))
-        if body.get("sort"):
-            docs = sort_documents(docs, sort_spec(body["sort"]))
-        docs = docs[skip : skip + limit] if limit else docs[skip:]
+    docs = find_docs(coll, body.get(filter_key), body.get("sort"), skip, limit)
     projection = body.get("projection") or body.get("fields")
     if projection:
         docs = [apply_projection(d, projection, selector_filter=body.get(filter_key)) for d in docs]
@@ -273,9 +368,7 @@ def _update_one_statement(store: Store, db: str, name: str, stmt: dict[str, Any]
     flt, update = stmt.get("q") or {}, stmt["u"]
     array_filters = stmt.get("arrayFilters")
     coll = store.get(db, name)
-    docs = select(coll, flt)
-    if not stmt.get("multi"):
-        docs = docs[:1]
+    docs = select(coll, flt, limit=0 if stmt.get("multi") else 1)
     if not docs and stmt.get("upsert"):
         coll = coll or store.ensure(db, name)
         doc = upsert_document(update, flt, array_filters)
@@ -311,9 +404,7 @@ def cmd_delete(store: Store, db: str, body: dict[str, Any]) -> dict[str, Any]:
     coll = store.get(db, body["delete"])
     n = 0
     for stmt in body.get("deletes", []):
-        docs = select(coll, stmt.get("q") or {})
-        if stmt.get("limit"):
-            docs = docs[:1]
+        docs = select(coll, stmt.get("q") or {}, limit=1 if stmt.get("limit") else 0)
         for doc in docs:
             assert coll is not None
             store.delete(coll, doc)
@@ -325,9 +416,7 @@ def cmd_find_and_modify(store: Store, db: str, body: dict[str, Any]) -> dict[str
     name = body.get("findAndModify") or body.get("findandmodify")
     coll = store.get(db, name)
     flt = body.get("query") or {}
-    docs = select(coll, flt)
-    if body.get("sort"):
-        docs = sort_documents(docs, sort_spec(body["sort"]))
+    docs = find_docs(coll, flt, body.get("sort"), limit=1)
     fields = body.get("fields")
     show = (lambda d: apply_projection(d, fields) if fields and d is not None else d)  # noqa: E731
     if body.get("remove"):
@@ -373,13 +462,52 @@ def cmd_distinct(store: Store, db: str, body: dict[str, Any]) -> dict[str, Any]:
     return {"values": list(seen.values())}
 
 
+def _count_tail(stages: list[dict[str, Any]]) -> tuple[int, int, str, Any] | None:
+    """Skip, limit (0: none), field and group ``_id`` of a tail that only counts documents,
+    ``[{$skip: s}?, {$limit: l}?, {$group: {_id: 1, n: {$sum: 1}}}]`` as count_documents
+    sends it; None for any other tail (mongoeco runs those)."""
+    if not stages:
+        return None
+    *head, last = stages
+    ops = [next(iter(stage)) if len(stage) == 1 else None for stage in head]
+    if ops not in ([], ["$skip"], ["$limit"], ["$skip", "$limit"]):
+        return None
+    counts = {}
+    for stage, op in zip(head, ops, strict=True):
+        value = stage[op]
+        if type(value) is not int or value < (1 if op == "$limit" else 0):
+            return None
+        counts[op] = value
+    group = last.get("$group") if len(last) == 1 else None
+    if not isinstance(group, dict) or len(group) != 2 or "_id" not in group or type(
+            group["_id"]) not in (int, type(None)):
+        return None
+    field = next(k for k in group if k != "_id")
+    acc = group[field]
+    if field.startswith("$") or "." in field or not isinstance(acc, dict) or list(acc) != [
+            "$sum"] or type(acc["$sum"]) is not int or acc["$sum"] != 1:
+        return None
+    return counts.get("$skip", 0), counts.get("$limit", 0), field, group["_id"]
+
+
 def run_pipeline(store: Store, coll: Collection | None,
                  pipeline: list[dict[str, Any]]) -> list[Any]:
     stages = list(pipeline)
-    if stages and "$match" in stages[0]:
-        docs = select(coll, stages.pop(0)["$match"])
+    match = stages.pop(0)["$match"] if stages and "$match" in stages[0] else None
+    counting = _count_tail(stages) if stages else None
+    if counting is not None and not match:
+        docs: list[Any] | None = None  # only the number is needed, and it is at hand
+        total = len(coll.docs) if coll else 0
     else:
-        docs = list(coll.docs.values()) if coll else []
+        docs = select(coll, match) if match is not None else (
+            list(coll.docs.values()) if coll else [])
+        total = len(docs)
+    if counting is not None:
+        skip, limit, field, group_id = counting
+        n = max(0, total - skip)
+        n = min(n, limit) if limit else n
+        return [{"_id": group_id, field: n}] if n else []
+    assert docs is not None
     for stage in stages:
         if "$out" in stage or "$merge" in stage:
             raise CommandError(115, "CommandNotSupported", "$out and $merge are not supported")

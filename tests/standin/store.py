@@ -15,14 +15,17 @@ import uuid
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import codec
 import tokens
+from bson.max_key import MaxKey
+from bson.min_key import MinKey
 from bson.raw_bson import RawBSONDocument
 from journal import Journal
 from mongoeco.core.bson_scalars import BsonDecimal128, BsonDouble, BsonInt32, BsonInt64
-from mongoeco.types import Binary, ObjectId, Timestamp
+from mongoeco.types import Decimal128, ObjectId, Timestamp
 
 INTERNAL_DBS = frozenset({"admin", "config", "local"})
 
@@ -36,14 +39,23 @@ class CommandError(Exception):
 
 
 def id_key(value: Any) -> Any:
-    """Hashable key with BSON equality semantics (1 == 1.0 == Int64(1))."""
-    if isinstance(value, str):
+    """Hashable key with BSON equality semantics (1 == 1.0 == Int64(1) == Decimal128("1"))."""
+    kind = type(value)
+    if kind is str:
         return value
-    if isinstance(value, bool):
+    if kind is bool:
         return ("b", value)
     if isinstance(value, BsonInt32 | BsonInt64 | BsonDouble | BsonDecimal128):
         value = value.value
-    if isinstance(value, int | float):
+    elif isinstance(value, Decimal128):
+        value = value.to_decimal()
+    if isinstance(value, int | float | Decimal) and not isinstance(value, bool):
+        if value != value:
+            return ("n", "nan")  # every NaN equals every other NaN in BSON comparisons
+        if isinstance(value, Decimal):
+            # Python hashes equal int, float and Decimal values alike, so a key of any of
+            # them finds the others; infinities become floats to meet float('inf').
+            return ("n", float(value) if value.is_infinite() else value)
         return ("n", int(value) if float(value).is_integer() else float(value))
     if isinstance(value, ObjectId):
         return ("o", str(value))
@@ -55,27 +67,77 @@ def id_key(value: Any) -> Any:
         return ("z",)
     if isinstance(value, uuid.UUID):
         return ("x", 4, value.bytes)
-    if isinstance(value, Binary):
-        return ("x", value.subtype, bytes(value))
     if isinstance(value, bytes):
-        return ("x", 0, value)
+        return ("x", getattr(value, "subtype", 0), bytes(value))
     if isinstance(value, dt.datetime):
         return ("t", value)
     return ("r", type(value).__name__, repr(value))
 
 
-def order_key(value: Any) -> tuple[int, Any] | None:
-    """A native sort key that follows BSON order (numbers < strings < ObjectIds), else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, BsonInt32 | BsonInt64 | BsonDouble):
-        value = value.value
-    if isinstance(value, int | float):
-        return (0, value)
-    if isinstance(value, str):
-        return (1, value)
-    if isinstance(value, ObjectId):
-        return (2, str(value))
+# Canonical BSON type ranks, in MongoDB's comparison order; a value's order key starts with one.
+MIN_KEY, NULL, NUMBER, STRING, OBJECT, ARRAY, BINARY, OBJECT_ID, BOOL, DATE, TIMESTAMP, REGEX, \
+    MAX_KEY = range(13)
+NAN = (NUMBER, 0)  # NaN sorts below every other number
+
+
+def order_key(value: Any) -> tuple[Any, ...] | None:
+    """A native sort key that follows BSON comparison order, or None for the few types left
+    to mongoeco (regular expressions, code, deprecated types) which no ``_id`` index serves.
+
+    Numbers compare numerically whatever their type, strings by UTF-8 bytes (the same order
+    as code points), objects field by field (type, then name, then value), binary data by
+    length then subtype then bytes.
+    """
+    kind = type(value)
+    if kind is str:
+        return (STRING, value)
+    if kind is int:
+        return (NUMBER, 1, value)
+    if kind is float:
+        return NAN if value != value else (NUMBER, 1, value)
+    if kind is ObjectId:
+        return (OBJECT_ID, value.binary)
+    if kind is BsonInt32 or kind is BsonInt64 or kind is BsonDouble:
+        return order_key(value.value)
+    if kind is bool:
+        return (BOOL, value)
+    if value is None:
+        return (NULL,)
+    if kind is dict:
+        fields = []
+        for name, item in value.items():
+            key = order_key(item)
+            if key is None:
+                return None
+            fields.append((key[0], name, key))
+        return (OBJECT, tuple(fields))
+    if kind is list:
+        items = []
+        for i, item in enumerate(value):
+            key = order_key(item)
+            if key is None:
+                return None
+            items.append((key[0], str(i), key))
+        return (ARRAY, tuple(items))
+    if kind is BsonDecimal128 or kind is Decimal128:
+        number = value.value if kind is BsonDecimal128 else value.to_decimal()
+        if number.is_nan():
+            return NAN
+        return (NUMBER, 1, float(number) if number.is_infinite() else number)
+    if kind is uuid.UUID:
+        return (BINARY, 16, 4, value.bytes)
+    if isinstance(value, bytes):
+        return (BINARY, len(value), getattr(value, "subtype", 0), bytes(value))
+    if kind is dt.datetime:
+        if value.tzinfo is not None:
+            value = value.astimezone(dt.UTC).replace(tzinfo=None)
+        return (DATE, value)
+    if kind is Timestamp:
+        return (TIMESTAMP, value.time, value.inc)
+    if kind is MinKey:
+        return (MIN_KEY,)
+    if kind is MaxKey:
+        return (MAX_KEY,)
     return None
 
 
@@ -98,38 +160,61 @@ class Collection:
     options: dict[str, Any] = field(default_factory=dict)
     indexes: list[dict[str, Any]] = field(default_factory=list)
     docs: dict[Any, dict[str, Any]] = field(default_factory=dict)
-    # (order key, id key) of every document in _id order, built on demand for range scans
+    # (order key, id key) of every document in _id order, built on the first query that needs
+    # it and kept up to date from then on; inserts wait in id_pending until the next read.
     id_order: list[tuple[Any, Any]] | None = None
+    id_pending: list[tuple[Any, Any]] = field(default_factory=list)
 
     def index_insert(self, doc_id: Any) -> None:
         if self.id_order is not None:
             key = order_key(doc_id)
             if key is None:
-                self.id_order = None
+                self.index_reset()
             else:
-                insort(self.id_order, (key, id_key(doc_id)))
+                self.id_pending.append((key, id_key(doc_id)))
 
     def index_delete(self, doc_id: Any) -> None:
-        if self.id_order is not None:
-            key = order_key(doc_id)
-            i = bisect_left(self.id_order, (key, id_key(doc_id))) if key is not None else -1
-            if 0 <= i < len(self.id_order) and self.id_order[i][1] == id_key(doc_id):
-                del self.id_order[i]
-            else:
-                self.id_order = None
+        order = self.ordered_ids() if self.id_order is not None else None
+        if order is None:
+            return
+        key = order_key(doc_id)
+        entry = (key, id_key(doc_id))
+        i = bisect_left(order, entry) if key is not None else -1
+        if 0 <= i < len(order) and order[i][1] == entry[1]:
+            del order[i]
+        else:
+            self.index_reset()
+
+    def index_reset(self) -> None:
+        self.id_order = None
+        self.id_pending = []
 
     def ordered_ids(self) -> list[tuple[Any, Any]] | None:
-        """Documents in _id order, or None when some _id is not a number, string or ObjectId."""
-        if self.id_order is None:
-            keys = []
-            for doc in self.docs.values():
+        """(order key, id key) of every document in _id order, or None when some ``_id`` has
+        no order key."""
+        order = self.id_order
+        if order is None:
+            entries = []
+            for k, doc in self.docs.items():
                 key = order_key(doc["_id"])
                 if key is None:
                     return None
-                keys.append((key, id_key(doc["_id"])))
-            keys.sort()
-            self.id_order = keys
-        return self.id_order
+                entries.append((key, k))
+            entries.sort()
+            self.id_order, self.id_pending = entries, []
+            return entries
+        if self.id_pending:
+            pending, self.id_pending = self.id_pending, []
+            pending.sort()
+            if not order or pending[0] > order[-1]:
+                order.extend(pending)  # ascending _ids, the usual case: nothing to move
+            elif len(pending) <= 16:
+                for entry in pending:
+                    insort(order, entry)
+            else:
+                order.extend(pending)
+                order.sort()  # two sorted runs: a linear merge
+        return order
 
     @property
     def images(self) -> bool:
@@ -409,7 +494,9 @@ class Store:
             coll.options, coll.indexes = rec["options"], rec["indexes"]
             self.dbs.setdefault(db, {})[name] = coll
         elif kind == "doc":
-            self.dbs[rec["ns"][0]][rec["ns"][1]].docs[id_key(rec["d"]["_id"])] = rec["d"]
+            coll = self.dbs[rec["ns"][0]][rec["ns"][1]]
+            coll.docs[id_key(rec["d"]["_id"])] = rec["d"]
+            coll.index_reset()
         elif kind == "txn":
             self.sessions[bytes(rec["lsid"])] = (int(rec["n"]), rec["reply"])
         elif kind == "ev":
@@ -432,6 +519,8 @@ class Store:
     def _replay_state(self, ev: Event) -> None:
         doc = ev.doc
         coll = self.get(ev.db, ev.coll) if ev.coll else None
+        if coll is not None:
+            coll.index_reset()
         if ev.op in ("insert", "replace"):
             coll.docs[id_key(doc["documentKey"]["_id"])] = doc["fullDocument"]  # type: ignore[union-attr]
         elif ev.op == "update":
