@@ -7,10 +7,13 @@ syncd error (see :mod:`syncd.errors`).
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from bson import Binary, Decimal128, Int64, MaxKey, MinKey, ObjectId
 from bson.timestamp import Timestamp
 from pymongo import MongoClient
 from pymongo.change_stream import ChangeStream
@@ -164,23 +167,30 @@ class ChangeSource:
         """Documents in ``_id`` order after ``after_id``, a batch at a time.
 
         Each batch is a fresh, bounded query, so a scan interrupted at any point
-        resumes from the last ``_id`` it handed out.
+        resumes from the last ``_id`` it handed out. ``$gt`` only compares values of
+        one BSON type (``{"_id": {"$gt": 5}}`` never matches a string), so the scan
+        walks the ``_id`` index one type bracket at a time, in MongoDB's sort order.
         """
         coll = self._db[collection]
-        while True:
-            flt: dict[str, Any] = dict(query or {})
-            if has_after:
-                flt = (
-                    {"$and": [flt, {"_id": {"$gt": after_id}}]}
-                    if flt
-                    else {"_id": {"$gt": after_id}}
-                )
-            with translate_mongo_errors(**self._context):
-                docs = list(coll.find(flt).sort("_id", 1).limit(batch_size))
-            if not docs:
-                return
-            yield docs
-            after_id, has_after = docs[-1]["_id"], True
+        first = bracket_of(after_id) if has_after else 0
+        for index in range(first, len(ID_BRACKETS)):
+            types = {"$type": ID_BRACKETS[index]}
+            last, paging = (after_id, True) if has_after and index == first else (None, False)
+            while True:
+                # The $type condition is redundant where $gt brackets by type (MongoDB)
+                # and keeps the walk within one bracket where it might not.
+                bound = {"_id": {"$gt": last, **types}} if paging else {"_id": types}
+                flt = {"$and": [dict(query), bound]} if query else bound
+                with translate_mongo_errors(**self._context):
+                    docs = list(coll.find(flt).sort("_id", 1).limit(batch_size))
+                if paging:
+                    docs = [d for d in docs if d["_id"] != last]
+                if not docs:
+                    break
+                yield docs
+                if index in SINGLE_VALUE_BRACKETS:
+                    break  # _id is unique and the bracket holds one value
+                last, paging = docs[-1]["_id"], True
 
     def fetch(self, collection: str, ids: list[Any]) -> dict[Any, dict[str, Any]]:
         """Current documents by ``_id`` (for repair and dead-letter retries)."""
@@ -191,6 +201,47 @@ class ChangeSource:
     def count(self, collection: str, query: Mapping[str, Any] | None = None) -> int:
         with translate_mongo_errors(**self._context):
             return int(self._db[collection].count_documents(dict(query or {})))
+
+
+# BSON types an ``_id`` can have, grouped as MongoDB compares and sorts them
+# (arrays and regular expressions cannot be ``_id`` values).
+ID_BRACKETS: tuple[list[str], ...] = (
+    ["minKey"],
+    ["null"],
+    ["double", "int", "long", "decimal"],
+    ["string", "symbol"],
+    ["object"],
+    ["binData"],
+    ["objectId"],
+    ["bool"],
+    ["date"],
+    ["timestamp"],
+    ["maxKey"],
+)
+
+
+SINGLE_VALUE_BRACKETS = frozenset({0, 1, 10})  # MinKey, null, MaxKey
+
+
+def bracket_of(value: Any) -> int:
+    """The index in ID_BRACKETS of the bracket ``value`` sorts in."""
+    ordered: list[tuple[type | tuple[type, ...], int]] = [
+        (MinKey, 0),
+        (type(None), 1),
+        (bool, 7),  # before int: bool is an int subclass in Python
+        ((int, float, Int64, Decimal128), 2),
+        (str, 3),
+        (Mapping, 4),
+        ((bytes, Binary, uuid.UUID), 5),
+        (ObjectId, 6),
+        (datetime.datetime, 8),
+        (Timestamp, 9),
+        (MaxKey, 10),
+    ]
+    for kinds, index in ordered:
+        if isinstance(value, kinds):
+            return index
+    raise SourceFatalError(f"cannot resume a scan after an _id of type {type(value).__name__}")
 
 
 def _buffered(stream: ChangeStream[dict[str, Any]]) -> bool:
