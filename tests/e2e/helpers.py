@@ -104,7 +104,7 @@ def expected_records(
             out[record.id] = {
                 "document": record.text,
                 "metadata": _stable(record.metadata),
-                "embedding": [round(float(x), 5) for x in vector or []],
+                "embedding": [float(x) for x in vector or []],
             }
     return out
 
@@ -116,7 +116,7 @@ def chroma_records(collection: Any) -> dict[str, dict[str, Any]]:
         out[rid] = {
             "document": got["documents"][i],
             "metadata": _stable(got["metadatas"][i] or {}),
-            "embedding": [round(float(x), 5) for x in got["embeddings"][i]],
+            "embedding": [float(x) for x in got["embeddings"][i]],
         }
     return out
 
@@ -125,10 +125,20 @@ def _stable(metadata: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metadata.items() if k not in VOLATILE}
 
 
+def _same(want: Mapping[str, Any], got: Mapping[str, Any]) -> bool:
+    """Records are equal; embeddings within float32 precision (Chroma stores float32)."""
+    if {k: v for k, v in want.items() if k != "embedding"} != {
+        k: v for k, v in got.items() if k != "embedding"
+    }:
+        return False
+    a, b = want.get("embedding") or [], got.get("embedding") or []
+    return len(a) == len(b) and all(abs(x - y) <= 1e-5 for x, y in zip(a, b, strict=True))
+
+
 def diff(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> str:
     missing = sorted(set(expected) - set(actual))
     orphans = sorted(set(actual) - set(expected))
-    stale = sorted(k for k in set(expected) & set(actual) if expected[k] != actual[k])
+    stale = sorted(k for k in set(expected) & set(actual) if not _same(expected[k], actual[k]))
     if not (missing or orphans or stale):
         return ""
     lines = [f"missing={len(missing)} orphans={len(orphans)} stale={len(stale)}"]
