@@ -160,6 +160,15 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, step: fl
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
 
 
+def op_time_now(client: MongoClient[dict[str, Any]], db: str) -> Timestamp:
+    """A fresh write's operation time: once a pipeline passes it, it passed every
+    change made before this call."""
+    with client.start_session() as session:
+        client[db]["marker"].insert_one({}, session=session)
+        assert session.operation_time is not None
+        return session.operation_time
+
+
 def caught_up(settings: config.Settings, name: str, op_time: Timestamp) -> bool:
     cp = load_checkpoint(settings, name)
     return bool(

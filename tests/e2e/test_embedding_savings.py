@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
 from syncd.errors import ExitCode
 from tests.harness.embedding_api import embedding_api
@@ -13,17 +12,12 @@ from .helpers import (
     chroma_records,
     diff,
     expected_records,
+    op_time_now,
     pipeline_table,
     settings_of,
     wait_until,
     write_config,
 )
-
-
-def _op_time(client: Any, db: str) -> Any:
-    with client.start_session() as session:
-        client[db]["marker"].insert_one({}, session=session)
-        return session.operation_time
 
 
 def test_metadata_only_updates_make_zero_embedder_calls(
@@ -58,7 +52,9 @@ def test_metadata_only_updates_make_zero_embedder_calls(
         docs = mongo_client[db]["docs"]
         docs.insert_many([{"_id": i, "body": f"text number {i}", "n": i} for i in range(40)])
         daemon = syncd_factory(["run"], cfg, env)
-        wait_until(lambda: caught_up(settings, "emb", _op_time(mongo_client, db)), 60, "snapshot")
+        wait_until(
+            lambda: caught_up(settings, "emb", op_time_now(mongo_client, db)), 60, "snapshot"
+        )
         assert len(api.inputs) == 40, "the snapshot embeds each text once"
 
         # 30 metadata-only updates (add, change and remove metadata fields) ...
@@ -72,7 +68,7 @@ def test_metadata_only_updates_make_zero_embedder_calls(
         # ... and 7 updates that change the text.
         for i in range(30, 37):
             docs.update_one({"_id": i}, {"$set": {"body": f"new text {i}"}})
-        op = _op_time(mongo_client, db)
+        op = op_time_now(mongo_client, db)
         wait_until(lambda: caught_up(settings, "emb", op), 60, "updates applied")
         assert len(api.inputs) == 47, api.inputs[40:]
         assert sorted(api.inputs[40:]) == sorted(f"new text {i}" for i in range(30, 37))

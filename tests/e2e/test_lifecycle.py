@@ -16,6 +16,7 @@ from .helpers import (
     diff,
     expected_records,
     load_checkpoint,
+    op_time_now,
     pipeline_table,
     settings_of,
     wait_until,
@@ -41,13 +42,6 @@ def _setup(
         pipelines=[pipeline_table("life", db, chroma_collection=coll, **pipeline)],
     )
     return cfg, settings_of(cfg), db, coll
-
-
-def _last_op(client: MongoClient[dict[str, Any]], db: str) -> Any:
-    with client.start_session() as session:
-        client[db].command("ping", session=session)
-        client[db]["marker"].insert_one({"at": 1}, session=session)
-        return session.operation_time
 
 
 def _synced(settings: Any, client: MongoClient[dict[str, Any]], db: str, coll: Any) -> str:
@@ -140,7 +134,7 @@ def test_history_lost_stops_then_resnapshot_converges(
     daemon = syncd_factory(["run"], cfg)
     chroma = chroma_server.client()
     coll = wait_until(lambda: _get(chroma, coll_name), 60, "collection")
-    op = _last_op(client, db)
+    op = op_time_now(client, db)
     wait_until(lambda: caught_up(settings, "life", op), 60, "caught up")
     daemon.terminate()
     assert daemon.wait(30) == 0
@@ -164,7 +158,7 @@ def test_history_lost_stops_then_resnapshot_converges(
         tmp_path, server.uri, chroma_server, names=(db, coll_name), on_history_lost="resnapshot"
     )
     daemon = syncd_factory(["run"], cfg)
-    op = _last_op(client, db)
+    op = op_time_now(client, db)
     wait_until(lambda: caught_up(settings, "life", op), 90, "re-snapshot and catch up")
     daemon.terminate()
     assert daemon.wait(30) == 0

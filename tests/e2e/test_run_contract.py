@@ -16,6 +16,7 @@ from .helpers import (
     chroma_records,
     diff,
     expected_records,
+    op_time_now,
     pipeline_table,
     settings_of,
     wait_until,
@@ -36,12 +37,6 @@ def _config(
     )
 
 
-def _op_time(client: Any, db: str) -> Any:
-    with client.start_session() as session:
-        client[db]["marker"].insert_one({}, session=session)
-        return session.operation_time
-
-
 def test_changed_mapping_is_refused_until_resync(
     tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
 ):
@@ -51,7 +46,7 @@ def test_changed_mapping_is_refused_until_resync(
     first = _config(tmp_path, mongo_uri, chroma_server, db, coll, metadata=["n"])
     settings = settings_of(first)
     daemon = syncd_factory(["run"], first)
-    wait_until(lambda: caught_up(settings, "contract", _op_time(mongo_client, db)), 60, "sync")
+    wait_until(lambda: caught_up(settings, "contract", op_time_now(mongo_client, db)), 60, "sync")
     daemon.terminate()
     assert daemon.wait(30) == ExitCode.OK
 
@@ -64,7 +59,7 @@ def test_changed_mapping_is_refused_until_resync(
     resync = syncd_factory(["run", "--resync"], changed)
     new_settings = settings_of(changed)
     wait_until(
-        lambda: caught_up(new_settings, "contract", _op_time(mongo_client, db)), 90, "resync"
+        lambda: caught_up(new_settings, "contract", op_time_now(mongo_client, db)), 90, "resync"
     )
     resync.terminate()
     assert resync.wait(30) == ExitCode.OK

@@ -19,6 +19,7 @@ from .helpers import (
     diff,
     expected_records,
     load_checkpoint,
+    op_time_now,
     pipeline_table,
     settings_of,
     wait_until,
@@ -26,12 +27,6 @@ from .helpers import (
 )
 
 DOCS = 4000
-
-
-def _op_time(client: MongoClient[dict[str, Any]], db: str) -> Any:
-    with client.start_session() as session:
-        client[db]["marker"].insert_one({}, session=session)
-        return session.operation_time
 
 
 def _scanned(settings: Any) -> int:
@@ -118,7 +113,7 @@ def test_killed_snapshot_resumes_and_racing_writes_survive(
     stop.set()
     racer.join(10)
     assert not errors, errors
-    op = _op_time(mongo_client, db)
+    op = op_time_now(mongo_client, db)
     wait_until(lambda: caught_up(settings, "snap", op), 120, "racing writes replayed")
     daemon.terminate()
     assert daemon.wait(30) == ExitCode.OK, daemon.output()
