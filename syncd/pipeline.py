@@ -171,7 +171,7 @@ class Pipeline:
         while not self.stop.is_set():
             self._heartbeat()
             self.telemetry.heartbeat()
-            with self.telemetry.stage("read"):
+            with self.telemetry.read():
                 batch = self.source.read_batch(
                     self.settings.batch_size, self.settings.batch_max_wait_ms / 1000
                 )

@@ -82,6 +82,7 @@ class PipelineTelemetry:
         self._last_beat = time.monotonic()
         self._last_checkpoint: float | None = None
         self._pending: list[dict[str, Any]] | None = None  # span log records of the open batch
+        self._last_read: tuple[int, int] | None = None  # start and end (ns) of the last read
         self._show_state()
         self._metrics.ready.labels(name).set_function(lambda: float(self.ready()))
         self._metrics.heartbeat_age.labels(name).set_function(
@@ -100,14 +101,20 @@ class PipelineTelemetry:
         }
         if self._namespace:
             attributes["messaging.destination.name"] = self._namespace
+        read, self._last_read = self._last_read, None
         with self._owner.tracer.start_as_current_span(
             "syncd.batch",
             context=Context(),  # a root, whatever span the caller may be in
             kind=SpanKind.CONSUMER,
             attributes=attributes,
+            start_time=read[0] if read else None,
             record_exception=False,  # the SDK's own recording would keep unredacted text
             set_status_on_exception=False,
         ) as span:
+            if read is not None:
+                self._owner.tracer.start_span(
+                    "syncd.read", attributes={"syncd.pipeline": self.name}, start_time=read[0]
+                ).end(end_time=read[1])
             self._pending = []
             try:
                 yield
@@ -120,6 +127,32 @@ class PipelineTelemetry:
             finally:
                 if self._namespace and "messaging.destination.name" not in attributes:
                     span.set_attribute("messaging.destination.name", self._namespace)
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        """Time a read of the change stream; the next :meth:`batch` gets it as a child span.
+
+        The batch size is known only after the read, so its span is recorded afterwards.
+        An empty read leaves no span (an idle stream would otherwise make a trace every
+        ``batch_max_wait_ms``); a failed read is a root span of its own.
+        """
+        self._last_read = None
+        started = time.time_ns()
+        try:
+            yield
+        except BaseException as exc:
+            span = self._owner.tracer.start_span(
+                "syncd.read",
+                context=Context(),
+                attributes={"syncd.pipeline": self.name},
+                start_time=started,
+                record_exception=False,
+                set_status_on_exception=False,
+            )
+            record_error(span, exc)
+            span.end()
+            raise
+        self._last_read = (started, time.time_ns())
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:

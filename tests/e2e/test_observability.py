@@ -1,0 +1,396 @@
+"""What operators see of a running `syncd run`: traces in a real OTLP receiver (Phoenix)
+and on the console, `/metrics`, `/readyz`, and that no credential shows up in any of it."""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.error
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from syncd.errors import ExitCode
+from tests.harness import phoenix as phoenix_harness
+from tests.harness.daemon import run_syncd
+from tests.harness.embedding_api import EmbeddingAPI
+from tests.harness.ports import free_port
+
+from .helpers import (
+    caught_up,
+    load_checkpoint,
+    pipeline_table,
+    settings_of,
+    wait_until,
+    write_config,
+)
+
+phoenix_server = phoenix_harness.phoenix_server  # the session fixture, shared with integration
+
+# An application's span, as it would store it in the document it writes (W3C trace context).
+APP_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+APP_SPAN_ID = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{APP_TRACE_ID}-{APP_SPAN_ID}-01"
+STAGES = {"syncd.read", "syncd.map", "syncd.write", "syncd.checkpoint"}
+
+
+def _config(
+    tmp_path: Path,
+    mongo_uri: str,
+    chroma: Any,
+    db: str,
+    name: str,
+    telemetry: dict[str, Any],
+    **pipeline: Any,
+) -> Path:
+    return write_config(
+        tmp_path / "syncd.toml",
+        mongo_uri=mongo_uri,
+        chroma={"mode": "http", "host": chroma.host, "port": chroma.port},
+        checkpoint_db=f"{db}_syncd",
+        extra={
+            "lease": {"enabled": False},
+            "telemetry": {"span_log_path": str(tmp_path / "spans.jsonl"), **telemetry},
+        },
+        pipelines=[
+            pipeline_table(name, db, chroma_collection=f"{name}-c", snapshot="never", **pipeline)
+        ],
+    )
+
+
+class Writer:
+    """Writes to `db.docs` and waits until syncd has checkpointed past each write."""
+
+    def __init__(self, client: Any, db: str, settings: Any, name: str) -> None:
+        self.client, self.settings, self.name = client, settings, name
+        self.coll = client[db]["docs"]
+
+    def __call__(self, operation: str, *args: Any) -> None:
+        with self.client.start_session() as session:
+            getattr(self.coll, operation)(*args, session=session)
+            op_time = session.operation_time
+        wait_until(lambda: caught_up(self.settings, self.name, op_time), 30, f"{operation} applied")
+
+
+def _streaming(settings: Any, name: str) -> bool:
+    cp = load_checkpoint(settings, name)
+    return cp is not None and cp.phase == "streaming"
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except (urllib.error.URLError, OSError):
+        return 0, ""
+
+
+def _sample(metrics: str, name: str, **labels: str) -> float | None:
+    for family in text_string_to_metric_families(metrics):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return None
+
+
+def _console_spans(output: str) -> list[dict[str, Any]]:
+    """The ConsoleSpanExporter's JSON objects, picked out of the daemon's mixed output."""
+    decoder = json.JSONDecoder()
+    spans = []
+    for match in re.finditer(r'^\{\n\s+"name": ', output, re.MULTILINE):
+        span, _ = decoder.raw_decode(output, match.start())
+        spans.append(span)
+    return spans
+
+
+def _span_log(tmp_path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (tmp_path / "spans.jsonl").read_text().splitlines()]
+
+
+# --- traces -----------------------------------------------------------------------------
+
+
+def test_each_change_is_a_trace_in_phoenix(
+    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory, phoenix_server
+):
+    db, name = f"obs_{uuid.uuid4().hex[:8]}", f"obs-{uuid.uuid4().hex[:8]}"
+    telemetry = {
+        "traces": "otlp_http",
+        "otlp_endpoint": phoenix_server.otlp_http_endpoint,
+        "event_sample_ratio": 1.0,
+    }
+    cfg = _config(tmp_path, mongo_uri, chroma_server, db, name, telemetry)
+    settings = settings_of(cfg)
+    daemon = syncd_factory(["run"], cfg)
+    wait_until(lambda: _streaming(settings, name), 30, "the pipeline to start streaming")
+    write = Writer(mongo_client, db, settings, name)
+    write("insert_one", {"_id": 1, "body": "the first body", "title": "one"})
+    write("update_one", {"_id": 1}, {"$set": {"title": "uno"}})
+    write("delete_one", {"_id": 1})
+    write("insert_one", {"_id": 2, "body": "traced body", "traceparent": TRACEPARENT})
+    daemon.terminate()  # a clean stop flushes the spans still queued for export
+    assert daemon.wait(30) == ExitCode.OK, daemon.output()
+
+    def mine(spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [s for s in spans if s["attributes"].get("syncd.pipeline") == name]
+
+    def complete(spans: list[dict[str, Any]]) -> bool:
+        return sum(s["name"] == "syncd.event" for s in mine(spans)) >= 4
+
+    spans = mine(phoenix_server.wait_for_spans(complete, timeout=30))
+    by_id = {s["context"]["span_id"]: s for s in spans}
+    events = [s for s in spans if s["name"] == "syncd.event"]
+    assert sorted(e["attributes"]["syncd.operation"] for e in events) == [
+        "delete", "insert", "insert", "update",
+    ]  # fmt: skip
+    assert len({e["context"]["trace_id"] for e in events}) == 4, "one trace per change"
+    # Nothing else: reads that found no change leave no trace of their own.
+    assert len(spans) == 4 * (1 + len(STAGES) + 1), sorted(s["name"] for s in spans)
+
+    for event in events:
+        trace_id = event["context"]["trace_id"]
+        in_trace = [s for s in spans if s["context"]["trace_id"] == trace_id]
+        (batch,) = [s for s in in_trace if s["parent_id"] is None]
+        assert batch["name"] == "syncd.batch"
+        assert batch["status_code"] != "ERROR"
+        assert batch["attributes"] == {
+            "syncd.pipeline": name,
+            "messaging.system": "mongodb",
+            "messaging.operation.type": "process",
+            "messaging.batch.message_count": 1,
+            "messaging.destination.name": f"{db}.docs",
+        }
+        children = [s for s in in_trace if s is not batch]
+        assert all(by_id[s["parent_id"]] is batch for s in children), [
+            (s["name"], by_id[s["parent_id"]]["name"]) for s in children
+        ]
+        assert sorted(s["name"] for s in children) == sorted([*STAGES, "syncd.event"])
+
+        attributes = event["attributes"]
+        assert attributes["syncd.pipeline"] == name
+        assert attributes["db.namespace"] == f"{db}.docs"
+        assert re.fullmatch(r"\d+\.\d+", attributes["syncd.cluster_time"])
+        assert re.fullmatch(r"[0-9A-F]+", attributes["syncd.resume_token"], re.IGNORECASE)
+    documents = {
+        (e["attributes"]["syncd.operation"], e["attributes"]["syncd.document_id"]) for e in events
+    }
+    assert documents == {("insert", "i:1"), ("update", "i:1"), ("delete", "i:1"), ("insert", "i:2")}
+
+    # The document's traceparent: kept as an attribute (Phoenix drops links), on that event only.
+    (traced,) = [e for e in events if e["attributes"]["syncd.document_id"] == "i:2"]
+    assert traced["attributes"]["syncd.traceparent"] == TRACEPARENT
+    assert traced["context"]["trace_id"] != APP_TRACE_ID, "a link, not a parent"
+    assert sum("syncd.traceparent" in e["attributes"] for e in events) == 1
+    # No document content in any span.
+    stored = json.dumps(spans)
+    assert "the first body" not in stored and "traced body" not in stored and "uno" not in stored
+
+    # The span log names the same spans Phoenix stored, and the linked application span.
+    logged = {(r["operation"], r["document_id"]): r for r in _span_log(tmp_path)}
+    assert set(logged) == documents
+    record = logged[("insert", "i:2")]
+    assert record["trace_id"] == traced["context"]["trace_id"]
+    assert record["span_id"] == traced["context"]["span_id"]
+    assert (record["linked_trace_id"], record["linked_span_id"]) == (APP_TRACE_ID, APP_SPAN_ID)
+    assert record["outcome"] == "applied"
+
+
+def test_console_spans_link_to_the_documents_trace(
+    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
+):
+    db, name = f"con_{uuid.uuid4().hex[:8]}", f"con-{uuid.uuid4().hex[:8]}"
+    cfg = _config(tmp_path, mongo_uri, chroma_server, db, name, {"traces": "console"})
+    settings = settings_of(cfg)
+    daemon = syncd_factory(["run"], cfg)
+    wait_until(lambda: _streaming(settings, name), 30, "the pipeline to start streaming")
+    write = Writer(mongo_client, db, settings, name)
+    write("insert_one", {"_id": "a", "body": "linked", "traceparent": f"  {TRACEPARENT} "})
+    write("insert_one", {"_id": "b", "body": "unlinked", "traceparent": "00-not-a-context"})
+    daemon.terminate()
+    assert daemon.wait(30) == ExitCode.OK, daemon.output()
+
+    spans = _console_spans(daemon.output())
+    events = {s["attributes"]["syncd.document_id"]: s for s in spans if s["name"] == "syncd.event"}
+    assert set(events) == {"s:a", "s:b"}
+    linked = events["s:a"]
+    (link,) = linked["links"]
+    assert link["context"]["trace_id"] == f"0x{APP_TRACE_ID}"
+    assert link["context"]["span_id"] == f"0x{APP_SPAN_ID}"
+    assert link["attributes"] == {"syncd.link": "document.traceparent"}
+    assert linked["context"]["trace_id"] != f"0x{APP_TRACE_ID}"
+    assert linked["attributes"]["syncd.traceparent"] == TRACEPARENT
+    # A malformed traceparent is ignored: no link, no attribute, and the change still applies.
+    assert events["s:b"]["links"] == [] and "syncd.traceparent" not in events["s:b"]["attributes"]
+
+    (batch,) = [
+        s for s in spans if s["context"]["span_id"] == linked["parent_id"]
+    ]  # span kind, which Phoenix does not keep
+    assert batch["name"] == "syncd.batch" and batch["kind"] == "SpanKind.CONSUMER"
+    assert batch["parent_id"] is None
+    assert batch["resource"]["attributes"]["service.name"] == "syncd"
+
+    records = {r["document_id"]: r for r in _span_log(tmp_path)}
+    assert records["s:a"]["linked_trace_id"] == APP_TRACE_ID
+    assert f"0x{records['s:a']['trace_id']}" == linked["context"]["trace_id"]
+    assert "linked_trace_id" not in records["s:b"]
+
+
+# --- metrics and probes ------------------------------------------------------------------
+
+
+def test_metrics_count_changes_and_readyz_follows_chroma(
+    tmp_path, mongo_uri, mongo_client, chroma_server_factory, syncd_factory
+):
+    db, name = f"met_{uuid.uuid4().hex[:8]}", f"met-{uuid.uuid4().hex[:8]}"
+    chroma = chroma_server_factory()
+    listen = f"127.0.0.1:{free_port()}"
+    cfg = _config(tmp_path, mongo_uri, chroma, db, name, {"listen": listen})
+    settings = settings_of(cfg)
+    base = f"http://{listen}"
+    daemon = syncd_factory(["run"], cfg)
+    wait_until(lambda: _get(f"{base}/readyz")[0] == 200, 30, "/readyz to answer 200")
+    write = Writer(mongo_client, db, settings, name)
+
+    def metric(sample: str, **labels: str) -> float | None:
+        status, text = _get(f"{base}/metrics")
+        assert status == 200
+        return _sample(text, sample, pipeline=name, **labels)
+
+    inserted = metric("syncd_events_applied_total", operation="insert") or 0.0
+    write("insert_many", [{"_id": i, "body": f"body {i}"} for i in range(3)])
+    write("update_one", {"_id": 0}, {"$set": {"body": "changed"}})
+    assert metric("syncd_events_applied_total", operation="insert") == inserted + 3
+    assert metric("syncd_events_applied_total", operation="update") == 1
+    lag = metric("syncd_lag_seconds")
+    assert lag is not None and 0 <= lag < 10, lag
+    assert metric("syncd_pipeline_ready") == 1
+    assert metric("syncd_pipeline_state", state="streaming") == 1
+
+    # Chroma down and a write pending: not ready, with the reason; still alive.
+    chroma.kill()
+    mongo_client[db]["docs"].insert_one({"_id": 3, "body": "written during the outage"})
+    wait_until(lambda: _get(f"{base}/readyz")[0] == 503, 30, "/readyz to answer 503")
+    report = json.loads(_get(f"{base}/readyz")[1])
+    assert report["ready"] is False
+    assert report["pipelines"][name]["state"] == "retrying"
+    assert name in report["not_ready"] and report["not_ready"][name]
+    assert _get(f"{base}/healthz")[0] == 200, "a dependency outage is not a reason to restart"
+    assert metric("syncd_pipeline_ready") == 0
+    assert metric("syncd_events_applied_total", operation="insert") == inserted + 3
+
+    # Chroma back on the same port: ready again, and the pending write is applied.
+    chroma.start()
+    wait_until(lambda: _get(f"{base}/readyz")[0] == 200, 30, "/readyz to answer 200 again")
+    wait_until(
+        lambda: metric("syncd_events_applied_total", operation="insert") == inserted + 4,
+        30,
+        "the pending insert to be applied",
+    )
+    assert (metric("syncd_retries_total", kind="transient") or 0) >= 1
+    assert chroma.client().get_collection(f"{name}-c").count() == 4
+    daemon.terminate()
+    assert daemon.wait(30) == ExitCode.OK, daemon.output()
+
+
+# --- secrets -----------------------------------------------------------------------------
+
+
+def test_no_credential_reaches_logs_spans_or_metrics(
+    tmp_path, mongo_uri, mongo_client, chroma_server_factory, syncd_factory, phoenix_server
+):
+    chroma_token = f"chroma-token-{uuid.uuid4().hex}"
+    api_key = f"sk-live-{uuid.uuid4().hex}"
+    mongo_password = f"mongo-pw-{uuid.uuid4().hex}"
+    secrets = (chroma_token, api_key, mongo_password)
+    db, name = f"sec_{uuid.uuid4().hex[:8]}", f"sec-{uuid.uuid4().hex[:8]}"
+    chroma = chroma_server_factory()  # no auth: it accepts the token and ignores it
+    listen = f"127.0.0.1:{free_port()}"
+    base = f"http://{listen}"
+    api = EmbeddingAPI(dimensions=32, api_key=api_key).start()  # refuses any other key
+    try:
+        telemetry = {
+            "listen": listen,
+            "traces": "otlp_http",
+            "otlp_endpoint": phoenix_server.otlp_http_endpoint,
+        }
+        embedder = {
+            "kind": "openai",
+            "base_url": api.base_url,
+            "model": "test-embed",
+            "dimensions": 32,
+            "api_key_env": "SYNCD_TEST_EMBED_KEY",
+        }
+        cfg = _config(tmp_path, mongo_uri, chroma, db, name, telemetry, embedder=embedder)
+        env = {
+            "SYNCD_CHROMA_TOKEN": chroma_token,
+            "SYNCD_TEST_EMBED_KEY": api_key,
+            "SYNCD_LOG_LEVEL": "debug",  # libraries' chatter too
+        }
+        settings = settings_of(cfg, env)
+        daemon = syncd_factory(["run"], cfg, env)
+        wait_until(lambda: _get(f"{base}/readyz")[0] == 200, 30, "/readyz to answer 200")
+        write = Writer(mongo_client, db, settings, name)
+        write("insert_one", {"_id": 1, "body": "one", "traceparent": TRACEPARENT})
+        assert api.inputs == ["one"], "the key was sent and accepted"
+        # An outage: errors and retries are where credentials tend to slip into messages.
+        chroma.kill()
+        mongo_client[db]["docs"].insert_one({"_id": 2, "body": "two"})
+        wait_until(lambda: _get(f"{base}/readyz")[0] == 503, 30, "/readyz to answer 503")
+        probes = [_get(f"{base}/readyz")[1], _get(f"{base}/healthz")[1]]
+        chroma.start()
+        write("update_one", {"_id": 2}, {"$set": {"body": "deux"}})
+        probes += [_get(f"{base}/metrics")[1], _get(f"{base}/readyz")[1]]
+        daemon.terminate()
+        assert daemon.wait(30) == ExitCode.OK, daemon.output()
+    finally:
+        api.close()
+
+    # `syncd check` with a password in the MongoDB URI, from the file and from the
+    # environment; nothing listens on the port, so the failure messages are printed too.
+    secret_uri = f"mongodb://syncd:{mongo_password}@127.0.0.1:{free_port()}/?directConnection=true"
+    check_cfg = write_config(
+        tmp_path / "check.toml",
+        mongo_uri=secret_uri,
+        chroma={"mode": "http", "host": chroma.host, "port": chroma.port},
+        checkpoint_db=f"{db}_syncd",
+        extra={"mongodb": {"server_selection_timeout_ms": 300}},
+        pipelines=[pipeline_table(name, db, embedder=embedder)],
+    )
+    from_env = {
+        **env,
+        "SYNCD_MONGODB_URI": secret_uri,
+        "SYNCD_MONGODB__SERVER_SELECTION_TIMEOUT_MS": "300",
+    }
+    with ThreadPoolExecutor(2) as pool:
+        checks = list(
+            pool.map(lambda a: run_syncd(["check"], *a), [(check_cfg, env), (cfg, from_env)])
+        )
+    for check in checks:
+        assert check.returncode == ExitCode.DRIFT_OR_FAILURE, check.stdout + check.stderr
+        assert "FAIL  MongoDB mongodb://syncd:***@127.0.0.1:" in check.stdout, check.stdout
+
+    def exported(spans: list[dict[str, Any]]) -> bool:
+        ours = [s for s in spans if s["attributes"].get("syncd.pipeline") == name]
+        return (
+            any(s["status_code"] == "ERROR" for s in ours)
+            and sum(s["name"] == "syncd.batch" and s["status_code"] != "ERROR" for s in ours) >= 2
+        )  # the first insert, and the outage's write once Chroma was back
+
+    spans = phoenix_server.wait_for_spans(exported, timeout=30)
+    outputs = {
+        "daemon output": daemon.output(),
+        "span log": "".join(p.read_text() for p in tmp_path.glob("spans.jsonl*")),
+        "Phoenix spans": json.dumps(spans),
+        "/metrics, /readyz, /healthz": "\n".join(probes),
+        **{f"check {n}": c.stdout + c.stderr for n, c in enumerate(checks)},
+    }
+    assert "Chroma" in outputs["daemon output"] and "retrying" in outputs["daemon output"]
+    for where, text in outputs.items():
+        for secret in secrets:
+            assert secret not in text, f"{where} contains a credential"
