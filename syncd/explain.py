@@ -12,8 +12,9 @@ from typing import Any
 from bson import json_util
 
 from syncd.config import PipelineSettings, Settings
+from syncd.consistency import differs
 from syncd.errors import ConfigError, MappingError, PoisonError
-from syncd.mapping import base_id, decode_id
+from syncd.mapping import Record, base_id, decode_id
 from syncd.runtime import Runtime
 from syncd.sink import ID_KEY
 from syncd.source import hashable_id
@@ -34,7 +35,10 @@ def explain(settings: Settings, pipeline: PipelineSettings, record_id: str) -> d
                 "id": r.id,
                 "document": r.document,
                 "metadata": dict(r.metadata),
-                "hash_matches": expected.get(r.id) == r.metadata.get("syncd_hash"),
+                "hash_matches": r.id in expected
+                and expected[r.id].content_hash == r.metadata.get("syncd_hash"),
+                # As `syncd verify` judges it: a record edited in Chroma keeps its hash.
+                "matches": r.id in expected and not differs(expected[r.id], r),
             }
             for r in stored
         ]
@@ -58,7 +62,7 @@ def explain(settings: Settings, pipeline: PipelineSettings, record_id: str) -> d
         "chroma": records,
         "missing_in_chroma": missing,
         "consistent": not missing
-        and all(r["hash_matches"] for r in records)
+        and all(r["matches"] for r in records)
         and len(records) == len(expected),
         "recent_syncs": syncs,
         "dead_letter": _jsonable(dead),
@@ -73,7 +77,7 @@ def runtime_matches(pipeline: PipelineSettings, doc: Any) -> bool:
 
 def _expected(
     runtime: Runtime, pipeline: PipelineSettings, doc: Any, key: str
-) -> tuple[dict[str, str], str | None]:
+) -> tuple[dict[str, Record], str | None]:
     if doc is None:
         return {}, None
     from syncd.consistency import open_checker
@@ -86,7 +90,7 @@ def _expected(
         mapped = checker.expected(collection, doc)
     except (MappingError, PoisonError) as exc:
         return {}, exc.message
-    return {r.id: r.content_hash for r in mapped.records}, None
+    return {r.id: r for r in mapped.records}, None
 
 
 def _locate(pipeline: PipelineSettings, key: str) -> tuple[str, Any]:

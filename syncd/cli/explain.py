@@ -48,7 +48,12 @@ def _print(story: dict[str, Any]) -> None:
     if not story["chroma"]:
         print("  Chroma:   no records")
     for record in story["chroma"]:
-        verdict = "matches" if record["hash_matches"] else "STALE (hash differs)"
+        if record["matches"]:
+            verdict = "matches"
+        elif record["hash_matches"]:
+            verdict = "STALE (text or metadata edited in Chroma)"
+        else:
+            verdict = "STALE (hash differs)"
         print(f"  Chroma:   {record['id']}  {verdict}")
     for rid in story["missing_in_chroma"]:
         print(f"  Chroma:   {rid}  MISSING")
@@ -58,7 +63,7 @@ def _print(story: dict[str, Any]) -> None:
     for entry in syncs[-10:]:
         print(
             f"    {entry.get('time', '?')}  {entry.get('operation', '?'):8} "
-            f"{entry.get('outcome', '?')}  trace {entry.get('trace_id', '-')}"
+            f"{entry.get('outcome', '?')}  trace {entry.get('trace_id') or '-'}"
         )
     dead = story["dead_letter"]
     if dead:

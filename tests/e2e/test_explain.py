@@ -1,0 +1,124 @@
+"""`syncd explain PIPELINE ID` against a real daemon's result: a synced document, one
+whose Chroma record was changed behind syncd's back, a deleted one, and a bad id."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from syncd.errors import ExitCode
+from tests.harness.daemon import run_syncd
+
+from .helpers import caught_up, pipeline_table, settings_of, wait_until, write_config
+
+
+def _op_time(client: Any, db: str) -> Any:
+    with client.start_session() as session:
+        client[db]["marker"].insert_one({}, session=session)
+        return session.operation_time
+
+
+def test_explain_shows_verdicts_and_recent_syncs(
+    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
+):
+    db = f"explain_{uuid.uuid4().hex[:8]}"
+    coll_name = f"explain-{uuid.uuid4().hex[:8]}"
+    cfg = write_config(
+        tmp_path / "syncd.toml",
+        mongo_uri=mongo_uri,
+        chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
+        checkpoint_db=f"{db}_syncd",
+        extra={"lease": {"enabled": False}},
+        pipelines=[pipeline_table("ex", db, chroma_collection=coll_name)],
+    )
+    settings = settings_of(cfg)
+    docs = mongo_client[db]["docs"]
+    docs.insert_many(
+        [{"_id": i, "body": f"body {i}", "title": f"title {i}", "n": i} for i in (1, 2, 3, 4)]
+    )
+    daemon = syncd_factory(["run"], cfg)
+    wait_until(lambda: caught_up(settings, "ex", _op_time(mongo_client, db)), 60, "snapshot")
+    docs.update_one({"_id": 1}, {"$set": {"title": "renamed"}})  # a streamed change
+    docs.delete_one({"_id": 3})
+    wait_until(lambda: caught_up(settings, "ex", _op_time(mongo_client, db)), 60, "changes")
+    daemon.terminate()
+    assert daemon.wait(30) == ExitCode.OK, daemon.output()
+
+    # Change two records directly in Chroma, keeping syncd's hash: the text of one, a
+    # metadata value of the other. (Embeddings passed along: no client-side model.)
+    chroma = chroma_server.client().get_collection(coll_name)
+    vectors = chroma.get(ids=["i:2", "i:4"], include=["embeddings"])["embeddings"]
+    chroma.update(ids=["i:2"], documents=["edited by hand"], embeddings=[vectors[0]])
+    chroma.update(ids=["i:4"], metadatas=[{"title": "not the title"}], embeddings=[vectors[1]])
+
+    commands = {
+        "synced": ["i:1"],
+        "synced_json": ["i:1", "--json"],
+        "text_edited": ["i:2"],
+        "metadata_edited": ["i:4", "--json"],
+        "deleted": ["i:3"],
+        "bad_id": ["nonsense"],
+    }
+    with ThreadPoolExecutor(len(commands)) as pool:  # independent reads: save start-up time
+        futures = {
+            k: pool.submit(run_syncd, ["explain", "ex", *a], cfg) for k, a in commands.items()
+        }
+        out = {k: f.result() for k, f in futures.items()}
+
+    # In sync: exit 0, the record matches, and the span log shows the streamed update
+    # (with tracing off, it has no trace id).
+    synced = out["synced"]
+    assert synced.returncode == ExitCode.OK, synced.stdout + synced.stderr
+    assert "i:1  matches" in synced.stdout
+    assert "verdict:  consistent" in synced.stdout
+    assert '"title": "renamed"' in synced.stdout
+    assert re.search(
+        r"recent syncs \(1\):\n\s+\S+Z\s+update\s+applied\s+trace -\n", synced.stdout
+    ), synced.stdout
+
+    assert out["synced_json"].returncode == ExitCode.OK
+    story = json.loads(out["synced_json"].stdout)
+    assert set(story) == {
+        "pipeline", "id", "collection", "source_id", "mongodb", "matches_filter",
+        "mapping_error", "chroma", "missing_in_chroma", "consistent", "recent_syncs",
+        "dead_letter",
+    }  # fmt: skip
+    assert story["pipeline"] == "ex" and story["id"] == "i:1" and story["collection"] == "docs"
+    assert json.loads(story["source_id"]) == 1
+    assert story["mongodb"] == {"_id": 1, "body": "body 1", "title": "renamed", "n": 1}
+    assert story["matches_filter"] is True and story["mapping_error"] is None
+    assert story["consistent"] is True
+    assert story["missing_in_chroma"] == [] and story["dead_letter"] is None
+    (record,) = story["chroma"]
+    assert record["id"] == "i:1" and record["document"] == "body 1"
+    assert record["metadata"]["title"] == "renamed" and record["metadata"]["syncd_id"] == "i:1"
+    assert record["hash_matches"] is True and record["matches"] is True
+    (sync,) = story["recent_syncs"]
+    assert sync["pipeline"] == "ex" and sync["document_id"] == "i:1"
+    assert sync["operation"] == "update" and sync["outcome"] == "applied"
+
+    # Edited in Chroma: exit 1 and STALE, although the stored hash still matches.
+    stale = out["text_edited"]
+    assert stale.returncode == ExitCode.DRIFT_OR_FAILURE, stale.stdout + stale.stderr
+    assert "i:2  STALE" in stale.stdout and "verdict:  drift" in stale.stdout
+    edited = out["metadata_edited"]
+    assert edited.returncode == ExitCode.DRIFT_OR_FAILURE, edited.stdout + edited.stderr
+    story = json.loads(edited.stdout)
+    assert story["consistent"] is False
+    assert story["chroma"][0]["matches"] is False and story["chroma"][0]["hash_matches"] is True
+
+    # Deleted: absent from MongoDB, no records left, which is consistent.
+    deleted = out["deleted"]
+    assert deleted.returncode == ExitCode.OK, deleted.stdout + deleted.stderr
+    assert "MongoDB:  absent" in deleted.stdout and "Chroma:   no records" in deleted.stdout
+    assert re.search(r"delete\s+applied", deleted.stdout), deleted.stdout  # from the span log
+
+    # Not an id syncd writes: one line on stderr, usage exit code, no traceback.
+    bad = out["bad_id"]
+    assert bad.returncode == ExitCode.CONFIG, bad.stdout + bad.stderr
+    assert bad.stdout == ""
+    (line,) = bad.stderr.splitlines()
+    assert line.startswith("syncd: error: ") and "'nonsense' is not a syncd record id" in line
