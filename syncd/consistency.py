@@ -12,9 +12,7 @@ A full verify streams both sides in constant memory:
    longer matches the filter, or no longer produces that record id (a chunk that
    should not exist): it is *orphaned*. Only candidates are fetched from MongoDB.
 
-Repair re-applies the documents behind missing and stale records from MongoDB's
-current state through the pipeline's own planning code, and deletes orphans by id.
-Nothing here changes data unless :func:`repair` is called without ``dry_run``.
+Repair lives in :mod:`syncd.repair`; nothing here changes data.
 
 Embeddings are not compared: checking them means re-embedding every record, which
 costs as much as a snapshot. ``syncd_cluster_time`` is not compared either: it says
@@ -37,10 +35,9 @@ from pymongo.database import Database
 
 from syncd import plan as planning
 from syncd.config import PipelineSettings
-from syncd.deadletter import DeadLetterStore
 from syncd.errors import MappingError, PoisonError, SyncdError, translate_mongo_errors
 from syncd.mapping import MappedDocument, Mapper, Record, base_id, decode_id
-from syncd.sink import Sink, StoredRecord, WritePlan
+from syncd.sink import Sink, StoredRecord
 from syncd.source import hashable_id
 
 if TYPE_CHECKING:
@@ -388,139 +385,6 @@ def _stable(metadata: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metadata.items() if k not in VOLATILE_KEYS}
 
 
-# --- repair ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class RepairReport:
-    verify: Report
-    dry_run: bool
-    reapplied: Finding = dataclasses.field(default_factory=Finding)  # document keys
-    deleted: Finding = dataclasses.field(default_factory=Finding)  # record ids
-    failed: Finding = dataclasses.field(default_factory=Finding)  # keys that are poison now
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "pipeline": self.verify.pipeline,
-            "dry_run": self.dry_run,  # true: reapply and delete say what would be done
-            "found": self.verify.to_json(),
-            "reapply": self.reapplied.to_json(),
-            "delete": self.deleted.to_json(),
-            "failed": self.failed.to_json(),
-        }
-
-
-def repair(pipeline: Pipeline, checker: Checker, *, dry_run: bool = False) -> RepairReport:
-    """Fix exactly what a verify finds: re-apply documents, delete orphans."""
-    started = time.monotonic()
-    report = Report(pipeline.settings.name)
-    result = RepairReport(verify=report, dry_run=dry_run)
-    with IdIndex() as index:
-        for collection, docs in checker.documents():
-            drift = checker.compare_documents(collection, docs, report, index=index)
-            if drift.documents:
-                result.reapplied.add(list(drift.documents))
-                if not dry_run:
-                    _reapply(pipeline, drift, result)
-        _remove_orphans(pipeline, checker, index, result, dry_run=dry_run)
-    report.seconds = time.monotonic() - started
-    return result
-
-
-def _remove_orphans(
-    pipeline: Pipeline, checker: Checker, index: IdIndex, result: RepairReport, *, dry_run: bool
-) -> None:
-    report = result.verify
-    while True:
-        # Deleting while paging Chroma by offset would skip records, so orphans are
-        # deleted after the scan; past ORPHAN_BATCH, delete and scan again.
-        scan = Report(report.pipeline)
-        pending: list[str] = []
-        complete = True
-        for found in checker.orphans(scan, index):
-            result.deleted.add(found)
-            report.orphaned.add(found)
-            if not dry_run:
-                pending.extend(found)
-                if len(pending) >= ORPHAN_BATCH:
-                    complete = False
-                    break
-        if pending:
-            pipeline.sink.write(WritePlan(deletes=pending))
-        if complete:
-            report.records = scan.records
-            return
-
-
-def _reapply(pipeline: Pipeline, drift: Drift, result: RepairReport) -> None:
-    changes = [
-        planning.Change(
-            key=key,
-            collection=collection,
-            source_id=doc["_id"],
-            document=doc,
-            operation="repair",
-            cluster_time=None,
-            event=None,
-        )
-        for key, (collection, doc) in drift.documents.items()
-    ]
-    original = pipeline.sink
-    pipeline.sink = _Distrusting(original, drift.stored)
-    try:
-        outcome = pipeline.write_changes(changes)
-    finally:
-        pipeline.sink = original
-    result.failed.add([p.change.key for p in outcome.poisoned])
-
-
-class _Distrusting:
-    """A sink whose ``existing`` offers stale records without their hashes.
-
-    The planner skips records whose stored hashes match; a record altered in Chroma
-    behind syncd's back may still carry the right hashes. Without them it is planned
-    as a full rewrite, and keys it should not have are sent as ``None`` (Chroma
-    merges metadata on upsert).
-    """
-
-    def __init__(self, sink: Sink, stored: Mapping[str, Mapping[str, Any]]) -> None:
-        self._sink = sink
-        self._stored = stored
-        self.max_batch = sink.max_batch
-
-    def existing(self, keys: Sequence[str]) -> dict[str, dict[str, Mapping[str, Any]]]:
-        found = self._sink.existing(keys)
-        wanted = set(keys)
-        for rid, metadata in self._stored.items():
-            if base_id(rid) in wanted:
-                untrusted = {
-                    k: v for k, v in metadata.items() if k not in ("syncd_hash", "syncd_text_hash")
-                }
-                found.setdefault(base_id(rid), {})[rid] = untrusted
-        return found
-
-    def write(self, plan: WritePlan) -> None:
-        self._sink.write(plan)
-
-    def get(self, ids: Sequence[str], *, include_embeddings: bool = False) -> list[StoredRecord]:
-        return self._sink.get(ids, include_embeddings=include_embeddings)
-
-    def scan(self, page: int = 1000) -> Iterator[list[StoredRecord]]:
-        return self._sink.scan(page)
-
-    def delete_all(self) -> int:
-        return self._sink.delete_all()
-
-    def delete_where(self, where: Mapping[str, Any]) -> None:
-        self._sink.delete_where(where)
-
-    def count(self) -> int:
-        return self._sink.count()
-
-    def close(self) -> None:
-        self._sink.close()
-
-
 # --- periodic sampled verify (runs inside the daemon) ------------------------------------
 
 
@@ -621,87 +485,3 @@ def open_checker(runtime: Runtime, settings: PipelineSettings) -> Checker:
         mapper=Mapper(settings),
         database=runtime.mongo[settings.database],
     )
-
-
-# --- dead letters -----------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class RetryResult:
-    retried: int = 0
-    fixed: Finding = dataclasses.field(default_factory=Finding)
-    failing: Finding = dataclasses.field(default_factory=Finding)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "retried": self.retried,
-            "fixed": self.fixed.to_json(),
-            "failing": self.failing.to_json(),
-        }
-
-
-def retry_dead_letters(
-    pipeline: Pipeline,
-    letters: DeadLetterStore,
-    keys: Sequence[str] | None = None,
-    *,
-    chunk: int = 100,
-) -> RetryResult:
-    """Re-apply dead-lettered documents from their current MongoDB state.
-
-    What applies now leaves the store; what is still poison stays, with its attempt
-    count raised and its latest error. A document deleted since is applied as a delete.
-    """
-    name = pipeline.settings.name
-    result = RetryResult()
-    if keys is None:
-        entries: Iterator[dict[str, Any]] = letters.list(name)
-    else:
-        entries = (e for e in (letters.get(name, k) for k in keys) if e is not None)
-    batch: list[dict[str, Any]] = []
-    for entry in entries:
-        batch.append(entry)
-        if len(batch) >= chunk:
-            _retry(pipeline, letters, batch, result)
-            batch = []
-    if batch:
-        _retry(pipeline, letters, batch, result)
-    return result
-
-
-def _retry(
-    pipeline: Pipeline,
-    letters: DeadLetterStore,
-    entries: Sequence[Mapping[str, Any]],
-    result: RetryResult,
-) -> None:
-    by_collection: dict[str, list[Any]] = {}
-    for entry in entries:
-        by_collection.setdefault(entry["collection"], []).append(entry["source_id"])
-    current = {
-        collection: pipeline.source.fetch(collection, ids)
-        for collection, ids in by_collection.items()
-    }
-    changes = [
-        planning.Change(
-            key=entry["key"],
-            collection=entry["collection"],
-            source_id=entry["source_id"],
-            document=current[entry["collection"]].get(hashable_id(entry["source_id"])),
-            operation=entry.get("operation") or "retry",
-            cluster_time=None,
-            event=entry.get("event"),
-        )
-        for entry in entries
-    ]
-    outcome = pipeline.write_changes(changes)
-    failing = [p.change.key for p in outcome.poisoned]
-    fixed = [c.key for c in changes if c.key not in set(failing)]
-    name = pipeline.settings.name
-    if outcome.poisoned:
-        letters.put_many(name, outcome.poisoned)
-    if fixed:
-        letters.remove(name, fixed)
-    result.retried += len(changes)
-    result.fixed.add(fixed)
-    result.failing.add(failing)

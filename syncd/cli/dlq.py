@@ -56,7 +56,7 @@ def handle(args: argparse.Namespace) -> int:
             return _show(letters, ps.name, args)
         if args.action == "purge":
             return _purge(letters, ps.name, args)
-        from syncd.consistency import retry_dead_letters
+        from syncd.repair import retry_dead_letters
 
         pipeline = runtime.pipeline(ps)
         result = retry_dead_letters(pipeline, letters, [args.key] if args.key else None)

@@ -16,6 +16,7 @@ import pytest
 from bson.timestamp import Timestamp
 
 from syncd import consistency
+from syncd import repair as repair_mod
 from syncd.checkpoint import Checkpoint
 from syncd.config import PipelineSettings
 from syncd.embedder import build_embedder
@@ -200,7 +201,7 @@ def synced(ps: PipelineSettings, docs: dict[str, list[dict[str, Any]]]) -> tuple
     source, sink = MemorySource(docs), MemorySink()
     pipeline = make_pipeline(ps, source, sink)
     checker = consistency.Checker(ps, source=source, sink=sink, mapper=Mapper(ps), page_size=3)
-    consistency.repair(pipeline, checker)
+    repair_mod.repair(pipeline, checker)
     assert checker.verify().consistent
     return source, sink, checker
 
@@ -290,12 +291,12 @@ def test_repair_fixes_exactly_what_verify_found() -> None:
     sink.records["garbage"] = {"document": "x", "metadata": {}}
     pipeline = make_pipeline(ps, source, sink)
 
-    dry = consistency.repair(pipeline, checker, dry_run=True)
+    dry = repair_mod.repair(pipeline, checker, dry_run=True)
     assert sorted(dry.reapplied.sample) == ["i:1", "i:3", "i:4", "i:5"]
     assert sorted(dry.deleted.sample) == ["garbage", "i:7"]
     assert "i:1" not in sink.records and "garbage" in sink.records  # nothing changed
 
-    done = consistency.repair(pipeline, checker)
+    done = repair_mod.repair(pipeline, checker)
     assert done.reapplied.count == 4 and done.deleted.count == 2 and done.failed.count == 0
     assert checker.verify().consistent
     assert "extra" not in sink.records["i:4"]["metadata"]
@@ -310,7 +311,7 @@ def test_repair_deletes_orphans_in_batches_without_skipping_any(monkeypatch) -> 
     source, sink, checker = synced(ps, {"docs": docs_of(3)})
     for n in range(11):
         sink.records[f"s:orphan{n:02}"] = {"document": "x", "metadata": {}}
-    result = consistency.repair(make_pipeline(ps, source, sink), checker)
+    result = repair_mod.repair(make_pipeline(ps, source, sink), checker)
     assert result.deleted.count == 11
     assert sorted(sink.records) == ["i:0", "i:1", "i:2"]
 
@@ -331,7 +332,7 @@ def test_retry_removes_what_applies_now_and_keeps_what_still_fails() -> None:
 
     docs[0]["body"] = "fixed"
     source.collections["docs"] = [docs[0], docs[1]]  # 3 was deleted meanwhile
-    result = consistency.retry_dead_letters(pipeline, letters)  # type: ignore[arg-type]
+    result = repair_mod.retry_dead_letters(pipeline, letters)  # type: ignore[arg-type]
 
     assert result.retried == 3
     assert sorted(result.fixed.sample) == ["i:1", "i:3"]
@@ -451,10 +452,10 @@ def test_sampled_verify_reports_only_drift_that_outlives_the_pipeline() -> None:
     del sink.records["i:1"]  # real drift
 
     def pipeline_catches_up() -> None:
-        consistency._reapply(
+        repair_mod._reapply(
             pipeline,
             consistency.Drift(documents={"i:0": ("docs", docs[0])}),
-            consistency.RepairReport(consistency.Report("p"), False),
+            repair_mod.RepairReport(consistency.Report("p"), False),
         )
         pipeline.checkpoint.cluster_time = Timestamp(100, 5)  # type: ignore[union-attr]
 
