@@ -23,10 +23,11 @@ from types import FrameType
 
 from syncd.config import PipelineSettings, Settings
 from syncd.errors import ExitCode, LeaseLostError, SyncdError
-from syncd.lease import FencedSink, LeasedPipelines, LeaseManager, uses_leases
+from syncd.lease import FencedSink, LeaseManager, uses_leases
 from syncd.notify import SystemdNotifier
 from syncd.pipeline import Pipeline
 from syncd.runtime import Runtime
+from syncd.scheduler import LeasedPipelines
 from syncd.telemetry import Telemetry
 
 log = logging.getLogger(__name__)

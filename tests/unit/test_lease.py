@@ -12,7 +12,8 @@ import pytest
 from syncd.checkpoint import Checkpoint, MongoCheckpointStore
 from syncd.config import CheckpointSettings, LeaseSettings, PipelineSettings
 from syncd.errors import LeaseLostError
-from syncd.lease import FencedSink, LeasedPipelines, LeaseManager, lease_info, leases_collection
+from syncd.lease import FencedSink, LeaseManager, lease_info, leases_collection
+from syncd.scheduler import LeasedPipelines
 from syncd.sink import WritePlan
 
 TTL = LeaseSettings(ttl_s=1.0, renew_every_s=0.3)

@@ -1,0 +1,183 @@
+"""Which pipelines this process runs, under leases.
+
+Spreading pipelines over processes (:class:`LeasedPipelines`): every process
+announces itself with a ``{_id: "process:<owner>", kind: "process", pipelines:
+[...]}`` document renewed like a lease (pipeline names cannot contain ':', so the two
+kinds never collide). With N pipelines configured and P live processes, the fair
+share is ceil(N / P):
+
+* a process takes a free (absent or expired) lease while it holds fewer than its
+  share, or when that lease has stayed free for a whole TTL (nobody under their
+  share could run it);
+* a process that holds at least two more leases than a live peer able to run one
+  of them hands one over: it drains that pipeline, then expires the lease at once
+  (at most one hand-over per TTL, so the peer has time to take it).
+
+A process that dies simply stops renewing; its leases expire after ``ttl_s`` and
+the others take them on their next round.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Generic, Protocol, TypeVar
+
+from syncd.config import PipelineSettings
+from syncd.errors import LeaseLostError, TransientError
+from syncd.lease import LeaseManager, View
+
+log = logging.getLogger(__name__)
+
+
+# --- which pipelines this process runs --------------------------------------------
+
+
+class _Stoppable(Protocol):
+    @property
+    def stop(self) -> threading.Event: ...
+
+
+class Running(Protocol):
+    """What the daemon's worker thread offers the scheduler."""
+
+    @property
+    def pipeline(self) -> _Stoppable: ...
+
+    @property
+    def error(self) -> BaseException | None: ...
+
+    def is_alive(self) -> bool: ...
+
+
+W = TypeVar("W", bound=Running)
+
+
+class LeasedPipelines(Generic[W]):
+    """Starts a pipeline's worker when its lease is ours, stops it when it is not.
+
+    ``start(settings, epoch)`` builds and starts a worker. Call :meth:`tick` often;
+    it takes and hands over leases once per ``renew_every_s`` and stops a pipeline as
+    soon as its lease is found lost (renewal runs on a thread of its own).
+    """
+
+    def __init__(
+        self,
+        leases: LeaseManager,
+        pipelines: Sequence[PipelineSettings],
+        start: Callable[[PipelineSettings, int], W],
+    ) -> None:
+        self.leases = leases
+        self.pipelines = {p.name: p for p in pipelines}
+        self._start = start
+        self.running: dict[str, W] = {}
+        self.finished: list[W] = []  # ended with an error other than a lost lease
+        self._handing_over: set[str] = set()
+        self._free_since: dict[str, float] = {}
+        self._next_round = 0.0
+        self._last_handover = -math.inf
+        leases.announce(sorted(self.pipelines))
+        leases.start_renewing()
+
+    @property
+    def workers(self) -> list[W]:
+        return [*self.finished, *self.running.values()]
+
+    def tick(self) -> None:
+        self._reap()
+        for name in self.leases.take_lost():
+            self._stop(name, "lost its lease to another process")
+        now = time.monotonic()
+        if now < self._next_round:
+            return
+        self._next_round = now + self.leases.settings.renew_every_s
+        try:
+            view = self.leases.view()
+        except TransientError as exc:
+            log.warning("cannot read the leases: %s", exc.message)
+            return
+        self._hand_over(view)
+        self._take(view)
+
+    def _reap(self) -> None:
+        for name, worker in list(self.running.items()):
+            if worker.is_alive():
+                continue
+            del self.running[name]
+            self._handing_over.discard(name)
+            error = worker.error
+            if isinstance(error, LeaseLostError):
+                log.warning(
+                    "pipeline %s stopped: %s; will try to take it again later", name, error,
+                    extra={"pipeline": name},
+                )  # fmt: skip
+                self.leases.forget(name)
+            elif error is None:
+                self._release(name)
+            else:
+                self.finished.append(worker)
+
+    def _release(self, name: str) -> None:
+        try:
+            self.leases.release(name)
+        except TransientError as exc:  # it expires on its own within the TTL
+            log.warning("could not release the lease of %s: %s", name, exc.message)
+
+    def _stop(self, name: str, why: str) -> None:
+        worker = self.running.get(name)
+        if worker is not None:
+            log.warning("stopping pipeline %s: %s", name, why, extra={"pipeline": name})
+            worker.pipeline.stop.set()
+
+    def _share(self, view: View) -> int:
+        processes = max(1, len(view.processes | {self.leases.owner: frozenset()}))
+        return math.ceil(len(self.pipelines) / processes)
+
+    def _take(self, view: View) -> None:
+        now = time.monotonic()
+        share = self._share(view)
+        for name in sorted(self.pipelines):
+            if name in view.holders or name in self.running:
+                self._free_since.pop(name, None)
+                continue
+            free_since = self._free_since.setdefault(name, now)
+            mine = len(self.running) - len(self._handing_over)
+            orphaned = now - free_since >= self.leases.settings.ttl_s
+            if mine >= share and not orphaned:
+                continue
+            try:
+                epoch = self.leases.acquire(name)
+            except TransientError as exc:
+                log.warning("cannot take the lease of %s: %s", name, exc.message)
+                return
+            if epoch is None:
+                continue
+            self._free_since.pop(name, None)
+            self.running[name] = self._start(self.pipelines[name], epoch)
+
+    def _hand_over(self, view: View) -> None:
+        """Give one pipeline to a live peer holding at least two fewer than we do."""
+        now = time.monotonic()
+        if self._handing_over or now - self._last_handover < self.leases.settings.ttl_s:
+            return
+        mine = [n for n in sorted(self.running) if n not in self._handing_over]
+        for owner, can_run in sorted(view.processes.items()):
+            if owner == self.leases.owner or view.held_by(owner) > len(mine) - 2:
+                continue
+            candidates = [n for n in mine if n in can_run]
+            if candidates:
+                name = candidates[-1]
+                self._handing_over.add(name)
+                self._last_handover = now
+                self._stop(name, f"handing it over to {owner} to spread the load")
+                return
+
+    def stop_all(self) -> None:
+        for worker in self.running.values():
+            worker.pipeline.stop.set()
+
+    def close(self) -> None:
+        self.leases.close()
