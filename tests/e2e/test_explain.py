@@ -7,18 +7,11 @@ import json
 import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from syncd.errors import ExitCode
 from tests.harness.daemon import run_syncd
 
-from .helpers import caught_up, pipeline_table, settings_of, wait_until, write_config
-
-
-def _op_time(client: Any, db: str) -> Any:
-    with client.start_session() as session:
-        client[db]["marker"].insert_one({}, session=session)
-        return session.operation_time
+from .helpers import caught_up, op_time_now, pipeline_table, settings_of, wait_until, write_config
 
 
 def test_explain_shows_verdicts_and_recent_syncs(
@@ -40,10 +33,10 @@ def test_explain_shows_verdicts_and_recent_syncs(
         [{"_id": i, "body": f"body {i}", "title": f"title {i}", "n": i} for i in (1, 2, 3, 4)]
     )
     daemon = syncd_factory(["run"], cfg)
-    wait_until(lambda: caught_up(settings, "ex", _op_time(mongo_client, db)), 60, "snapshot")
+    wait_until(lambda: caught_up(settings, "ex", op_time_now(mongo_client, db)), 60, "snapshot")
     docs.update_one({"_id": 1}, {"$set": {"title": "renamed"}})  # a streamed change
     docs.delete_one({"_id": 3})
-    wait_until(lambda: caught_up(settings, "ex", _op_time(mongo_client, db)), 60, "changes")
+    wait_until(lambda: caught_up(settings, "ex", op_time_now(mongo_client, db)), 60, "changes")
     daemon.terminate()
     assert daemon.wait(30) == ExitCode.OK, daemon.output()
 
