@@ -473,16 +473,21 @@ class Mapper:
             value = list(value.as_vector().data)
         if value is _MISSING or value is None:
             raise MappingError(f"vector field {path!r} is missing")
-        if not isinstance(value, list) or not all(
-            isinstance(v, int | float) and not isinstance(v, bool) for v in value
-        ):
+        if not isinstance(value, list) or not _numbers(value):
             raise MappingError(f"vector field {path!r} is not a list of numbers")
-        vector_f = [float(v) for v in value]
+        vector_f = list(map(float, value))
         if len(vector_f) != self._embedder.dimensions:
             raise MappingError(
                 f"vector field {path!r} has {len(vector_f)} dimensions, expected "
                 f"{self._embedder.dimensions} (embedder.dimensions)"
             )
-        if not all(math.isfinite(v) for v in vector_f):
+        if not all(map(math.isfinite, vector_f)):
             raise MappingError(f"vector field {path!r} contains NaN or infinity")
         return vector_f
+
+
+def _numbers(values: list[Any]) -> bool:
+    """Every item an int or float (not a bool): a set of types first, as vectors are long."""
+    if set(map(type, values)) <= {float, int}:
+        return True
+    return all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
