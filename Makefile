@@ -44,7 +44,16 @@ lint: $(VENV)/.installed
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy
 
-bench: $(VENV)/.installed $(STANDIN_VENV)/.installed
+# LangChain (compared against in the benchmarks) gets its own environment: its pins
+# must not move syncd's.
+BENCH_VENV := .venv-bench
+$(BENCH_VENV)/.installed: bench/requirements.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/pip install --quiet -r bench/requirements.txt
+	@touch $@
+
+bench: $(VENV)/.installed $(STANDIN_VENV)/.installed $(BENCH_VENV)/.installed
 	$(BIN)/python bench/run.py
 
 # Arize Phoenix (the OTLP receiver for trace tests, and `make viewer`) pins versions that

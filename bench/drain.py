@@ -1,0 +1,171 @@
+"""Drain a backlog with syncd's Pipeline in a fresh process and report what it cost.
+
+The process builds the pipeline exactly as ``syncd run`` does (Telemetry, Runtime,
+Runtime.pipeline), without the lease thread and the HTTP listener, so start-up
+(imports, connecting) is outside the measured window. It prints one JSON line:
+wall seconds, this process's CPU seconds (user + system, every thread) and peak RSS,
+the events applied and the texts embedded.
+
+    .venv/bin/python bench/drain.py --config FILE --pipeline NAME
+        (--start-at T.I --until T.I | --snapshot) [--tracing off|noop] [--profile FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bson.timestamp import Timestamp
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+from syncd import config
+from syncd.checkpoint import Checkpoint
+from syncd.mapping import Mapper
+from syncd.runtime import Runtime
+from syncd.telemetry import Telemetry
+
+
+class CountingExporter(SpanExporter):
+    """Receives every span through the SDK's BatchSpanProcessor and drops it."""
+
+    def __init__(self) -> None:
+        self.spans = 0
+
+    def export(self, spans: Sequence[Any]) -> SpanExportResult:
+        self.spans += len(spans)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
+class CountingEmbedder:
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.identity = inner.identity
+        self.dimensions = inner.dimensions
+        self.texts = 0
+        self.calls = 0
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        self.calls += 1
+        self.texts += len(texts)
+        return self.inner.embed(texts)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _ts(text: str) -> Timestamp:
+    t, _, i = text.partition(".")
+    return Timestamp(int(t), int(i or 0))
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--pipeline", required=True)
+    parser.add_argument("--start-at")
+    parser.add_argument("--until")
+    parser.add_argument("--snapshot", action="store_true")
+    parser.add_argument("--tracing", choices=["off", "noop"], default="off")
+    parser.add_argument("--profile")
+    parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="embed this many texts before timing (a model's first batch is slow)")
+    args = parser.parse_args()
+
+    settings = config.load(args.config)
+    ps = settings.pipeline(args.pipeline)
+    exporter = CountingExporter() if args.tracing == "noop" else None
+    telemetry = Telemetry(settings, span_exporter=exporter)
+    telemetry.start()
+    runtime = Runtime(settings, telemetry)
+    stop = threading.Event()
+    if args.start_at:
+        cp = Checkpoint(pipeline=ps.name, fingerprint=Mapper(ps).fingerprint,
+                        phase="streaming", start_at=_ts(args.start_at))
+        runtime.store.save(cp, history_reason="benchmark start position")
+    pipeline = runtime.pipeline(ps, stop=stop)
+    counter = None
+    if pipeline.embedder is not None:
+        counter = CountingEmbedder(pipeline.embedder)
+        pipeline.embedder = counter
+    until = _ts(args.until) if args.until else None
+    if counter is not None and args.warmup:
+        counter.inner.embed([f"warm-up text {k}" for k in range(args.warmup)])
+
+    def done() -> bool:
+        cp = pipeline.checkpoint
+        if cp is None:
+            return False
+        if args.snapshot:
+            return cp.phase == "streaming"
+        return cp.cluster_time is not None and until is not None and cp.cluster_time >= until
+
+    finished: dict[str, float] = {}
+
+    def watch() -> None:
+        deadline = time.monotonic() + args.timeout
+        while not stop.is_set():
+            if done():
+                finished["wall"] = time.perf_counter()
+                finished["cpu"] = cpu_seconds()
+                stop.set()
+                return
+            if time.monotonic() > deadline:
+                stop.set()
+                return
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    profiler = None
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+    cpu0, wall0 = cpu_seconds(), time.perf_counter()
+    watcher.start()
+    if profiler is not None:
+        profiler.enable()
+    pipeline.run()
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(args.profile)
+    watcher.join()
+    if "wall" not in finished:
+        print(json.dumps({"error": "did not catch up before the timeout"}))
+        return 1
+    telemetry.force_flush()
+    cp = pipeline.checkpoint
+    result = {
+        "wall_s": finished["wall"] - wall0,
+        "cpu_s": finished["cpu"] - cpu0,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "counts": dict(cp.counts) if cp else {},
+        "embedded_texts": counter.texts if counter else 0,
+        "embed_calls": counter.calls if counter else 0,
+        "spans": exporter.spans if exporter else 0,
+    }
+    runtime.close()
+    telemetry.shutdown()
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

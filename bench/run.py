@@ -1,0 +1,103 @@
+"""`make bench`: start a MongoDB (stand-in) and a Chroma server, measure, write BENCHMARKS.md.
+
+    .venv/bin/python bench/run.py [--quick] [--only SECTION ...] [--output BENCHMARKS.md]
+
+Every server and syncd process is started here and stopped at the end; the raw results
+also go to bench/results.json. ``--quick`` shrinks every workload (a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import BENCH_PYTHON, ROOT, log, start_servers
+from report import write_report
+from sections import SECTIONS, Context, Sizes
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                  if line.startswith("MemTotal"))
+    from importlib.metadata import version
+
+    import chromadb
+    import pymongo
+
+    info = {
+        "cores": os.cpu_count(), "ram_gib": round(mem_kb / 1024 / 1024, 1), "cpu": cpu,
+        "os": platform.platform(), "python": platform.python_version(),
+        "chromadb": chromadb.__version__, "pymongo": pymongo.version,
+        "syncd": version("syncd"),
+        "load_before": os.getloadavg()[0],
+    }
+    try:
+        import sentence_transformers
+        import torch
+
+        info["sentence_transformers"] = sentence_transformers.__version__
+        info["torch"] = torch.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="small workloads (smoke run)")
+    parser.add_argument("--only", nargs="*", help="run only these sections")
+    parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args()
+    sizes = Sizes.quick() if args.quick else Sizes()
+    began = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="syncd-bench-"))
+    log(f"work directory {workdir}")
+    results: dict[str, Any] = {"machine": machine(), "quick": args.quick, "sections": {}}
+    servers = start_servers(workdir, history_size=1_600_000)
+    results["mongo_kind"] = servers.mongo.kind
+    results["langchain_env"] = BENCH_PYTHON.exists()
+    ctx = Context(servers, sizes, began, results["sections"])
+    try:
+        for name, section in SECTIONS:
+            if args.only and name not in args.only:
+                continue
+            started = time.monotonic()
+            try:
+                outcome = section(ctx)
+            except Exception as exc:
+                traceback.print_exc()
+                outcome = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+            outcome["section_s"] = time.monotonic() - started
+            results["sections"][name] = outcome
+            log(f"{name} took {outcome['section_s']:.0f}s")
+    finally:
+        servers.close()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    results["total_s"] = time.monotonic() - began
+    results["machine"]["load_after"] = os.getloadavg()[0]
+    (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    write_report(results, args.output)
+    log(f"wrote {args.output} in {results['total_s']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
