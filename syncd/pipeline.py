@@ -350,10 +350,9 @@ class Pipeline:
         With ``write_if_poisoned`` false, nothing is written when any change is poison
         (the caller halts and writes only what came before it).
         """
-        with self.telemetry.stage("map"):
-            result = self._plan(changes)
-            if result.poisoned:
-                result = self._plan(self._refetched(changes, result.poisoned))
+        result = self._plan(changes)
+        if result.poisoned:
+            result = self._plan(self._refetched(changes, result.poisoned))
         if result.embedded:
             self.telemetry.embedded(result.embedded)
         if result.poisoned and not write_if_poisoned:
@@ -377,6 +376,7 @@ class Pipeline:
             embedder=self.embedder,
             sink=self.sink,
             prefixed=self._prefixed,
+            stage=self.telemetry.stage,
         )
 
     def _refetched(

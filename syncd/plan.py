@@ -9,7 +9,8 @@ sends metadata-only updates (with ``None`` for removed keys) for the rest.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol
 
 from bson.timestamp import Timestamp
@@ -88,7 +89,29 @@ def build(
     embedder: Embedder | None,
     sink: ExistingLookup,
     prefixed: bool,
+    stage: Callable[[str], AbstractContextManager[None]] = lambda _name: nullcontext(),
 ) -> PlanResult:
+    """``stage("map")`` and ``stage("embed")`` wrap the two halves (tracing spans)."""
+    with stage("map"):
+        poisoned, mapped, plan, to_embed = _map(changes, mapper, sink, prefixed)
+    embedded = 0
+    if to_embed:
+        with stage("embed"):
+            embedded = _embed(to_embed, embedder, plan, poisoned)
+    bad = {p.change.key for p in poisoned}
+    if bad:
+        plan = _without(plan, bad, mapped)
+    written = [c.key for c in changes if c.key not in bad]
+    return PlanResult(plan=plan, poisoned=poisoned, embedded=embedded, keys_written=written)
+
+
+_ToEmbed = list[tuple[Change, Record, Mapping[str, Any]]]
+
+
+def _map(
+    changes: Sequence[Change], mapper: Mapper, sink: ExistingLookup, prefixed: bool
+) -> tuple[list[Poisoned], dict[str, MappedDocument], WritePlan, _ToEmbed]:
+    """Map documents, look up what Chroma holds, and plan everything but embeddings."""
     poisoned: list[Poisoned] = []
     mapped: dict[str, MappedDocument] = {}
     for change in changes:
@@ -105,7 +128,7 @@ def build(
     keys = [c.key for c in changes if c.key not in bad]
     existing = sink.existing(keys) if keys else {}
     plan = WritePlan()
-    to_embed: list[tuple[Change, Record, Mapping[str, Any]]] = []
+    to_embed: _ToEmbed = []
     for change in changes:
         if change.key in bad:
             continue
@@ -126,13 +149,7 @@ def build(
                 plan.upserts.append(Upsert(record.id, record.text, metadata, record.embedding))
             else:
                 to_embed.append((change, record, metadata))
-
-    embedded = _embed(to_embed, embedder, plan, poisoned)
-    bad = {p.change.key for p in poisoned}
-    if bad:
-        plan = _without(plan, bad, mapped)
-    written = [c.key for c in changes if c.key not in bad]
-    return PlanResult(plan=plan, poisoned=poisoned, embedded=embedded, keys_written=written)
+    return poisoned, mapped, plan, to_embed
 
 
 def _embed(

@@ -150,8 +150,11 @@ def test_each_change_is_a_trace_in_phoenix(
         "delete", "insert", "insert", "update",
     ]  # fmt: skip
     assert len({e["context"]["trace_id"] for e in events}) == 4, "one trace per change"
-    # Nothing else: reads that found no change leave no trace of their own.
-    assert len(spans) == 4 * (1 + len(STAGES) + 1), sorted(s["name"] for s in spans)
+    # Nothing else: reads that found no change leave no trace of their own. The two
+    # inserts embed their text; the metadata-only update and the delete do not.
+    embeds = [s for s in spans if s["name"] == "syncd.embed"]
+    assert len(embeds) == 2, sorted(s["name"] for s in spans)
+    assert len(spans) == 4 * (1 + len(STAGES) + 1) + 2, sorted(s["name"] for s in spans)
 
     for event in events:
         trace_id = event["context"]["trace_id"]
@@ -170,7 +173,9 @@ def test_each_change_is_a_trace_in_phoenix(
         assert all(by_id[s["parent_id"]] is batch for s in children), [
             (s["name"], by_id[s["parent_id"]]["name"]) for s in children
         ]
-        assert sorted(s["name"] for s in children) == sorted([*STAGES, "syncd.event"])
+        operation = event["attributes"]["syncd.operation"]
+        embed = ["syncd.embed"] if operation == "insert" else []
+        assert sorted(s["name"] for s in children) == sorted([*STAGES, *embed, "syncd.event"])
 
         attributes = event["attributes"]
         assert attributes["syncd.pipeline"] == name
