@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import backoff
 
@@ -24,7 +24,6 @@ from syncd.config import PipelineSettings
 from syncd.deadletter import DeadLetterStore
 from syncd.embedder import Embedder
 from syncd.errors import (
-    ConsistencyError,
     FingerprintMismatchError,
     HaltedError,
     HistoryLostError,
@@ -35,33 +34,15 @@ from syncd.errors import (
 )
 from syncd.mapping import Mapper
 from syncd.redact import redact_text
-from syncd.sink import Sink, WritePlan
+from syncd.sink import Sink, WritePlan, check_written
 from syncd.snapshot import Snapshotter
-from syncd.source import Batch, Position, hashable_id
+from syncd.source import Batch, Position, Source, hashable_id
 from syncd.telemetry import ChangeEventInfo, PipelineTelemetry
 from syncd.tokens import covered_through
 
 log = logging.getLogger(__name__)
 
 LIFECYCLE_OPS = frozenset({"drop", "rename", "dropDatabase"})
-
-
-class Source(Protocol):
-    def open(self, position: Position, *, max_await_ms: int) -> None: ...
-    def read_batch(self, max_events: int, max_wait_s: float) -> Batch: ...
-    def current_token(self) -> Mapping[str, Any] | None: ...
-    def server_time(self) -> Any: ...
-    def scan(
-        self,
-        collection: str,
-        *,
-        after_id: Any = None,
-        has_after: bool = False,
-        batch_size: int = 1000,
-        query: Mapping[str, Any] | None = None,
-    ) -> Iterator[list[dict[str, Any]]]: ...
-    def fetch(self, collection: str, ids: list[Any]) -> dict[Any, dict[str, Any]]: ...
-    def close(self) -> None: ...
 
 
 class Pipeline:
@@ -408,18 +389,7 @@ class Pipeline:
 
     def read_back(self, plan: WritePlan) -> None:
         """Strong consistency: what Chroma returns must be what was written."""
-        expected = {u.id: u.metadata.get("syncd_hash") for u in plan.upserts}
-        expected.update({u.id: u.metadata.get("syncd_hash") for u in plan.updates})
-        stored = {r.id: r.metadata.get("syncd_hash") for r in self.sink.get(list(expected))}
-        gone = self.sink.get(plan.deletes) if plan.deletes else []
-        wrong = [rid for rid, digest in expected.items() if stored.get(rid) != digest]
-        if wrong or gone:
-            sample = (wrong or [r.id for r in gone])[:5]
-            raise ConsistencyError(
-                f"read-back after write disagrees for {len(wrong) + len(gone)} record(s), "
-                f"e.g. {sample}; not checkpointing",
-                pipeline=self.settings.name,
-            )
+        check_written(self.sink, plan, pipeline=self.settings.name)
 
     def _halt_at(
         self,

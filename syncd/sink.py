@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from syncd.config import ChromaSettings
-from syncd.errors import from_sink
+from syncd.errors import ConsistencyError, from_sink
 
 log = logging.getLogger(__name__)
 
@@ -218,3 +218,19 @@ def _records(result: Mapping[str, Any], with_embeddings: bool) -> list[StoredRec
         emb = None if embs is None else [float(x) for x in embs[i]]
         out.append(StoredRecord(id=rid, metadata=metas[i] or {}, document=docs[i], embedding=emb))
     return out
+
+
+def check_written(sink: Sink, plan: WritePlan, *, pipeline: str) -> None:
+    """Read a written plan back; raise ConsistencyError when Chroma disagrees with it."""
+    expected = {u.id: u.metadata.get("syncd_hash") for u in plan.upserts}
+    expected.update({u.id: u.metadata.get("syncd_hash") for u in plan.updates})
+    stored = {r.id: r.metadata.get("syncd_hash") for r in sink.get(list(expected))}
+    gone = sink.get(plan.deletes) if plan.deletes else []
+    wrong = [rid for rid, digest in expected.items() if stored.get(rid) != digest]
+    if wrong or gone:
+        sample = (wrong or [r.id for r in gone])[:5]
+        raise ConsistencyError(
+            f"read-back after write disagrees for {len(wrong) + len(gone)} record(s), "
+            f"e.g. {sample}; not checkpointing",
+            pipeline=pipeline,
+        )

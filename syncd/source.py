@@ -11,7 +11,7 @@ import datetime
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from bson import Binary, Decimal128, Int64, MaxKey, MinKey, ObjectId
 from bson.timestamp import Timestamp
@@ -50,6 +50,24 @@ class Batch:
     events: list[dict[str, Any]]
     token: Mapping[str, Any] | None  # position after the last event (or the idle high-water mark)
     invalidated: bool = False
+
+
+class Source(Protocol):
+    def open(self, position: Position, *, max_await_ms: int) -> None: ...
+    def read_batch(self, max_events: int, max_wait_s: float) -> Batch: ...
+    def current_token(self) -> Mapping[str, Any] | None: ...
+    def server_time(self) -> Any: ...
+    def scan(
+        self,
+        collection: str,
+        *,
+        after_id: Any = None,
+        has_after: bool = False,
+        batch_size: int = 1000,
+        query: Mapping[str, Any] | None = None,
+    ) -> Iterator[list[dict[str, Any]]]: ...
+    def fetch(self, collection: str, ids: list[Any]) -> dict[Any, dict[str, Any]]: ...
+    def close(self) -> None: ...
 
 
 class ChangeSource:
