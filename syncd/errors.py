@@ -16,6 +16,7 @@ handles the classes below.
 from __future__ import annotations
 
 import enum
+import re
 import socket
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -322,9 +323,16 @@ def translate_mongo_errors(**context: Any) -> Iterator[None]:
         raise from_mongo(exc, **context) from exc
 
 
+def _mongo_detail(exc: mongo_errors.PyMongoError) -> str:
+    """The driver's message without its topology dump and timeout settings."""
+    text = str(exc).split(", full error:")[0].split(", Timeout: ")[0]
+    text = re.sub(r" \(configured timeouts: [^)]*\)", "", text)
+    return redact_text(text)
+
+
 def from_mongo(exc: mongo_errors.PyMongoError, **context: Any) -> SyncdError:
     kind = _classify_mongo(exc)
-    detail = redact_text(str(exc).split(", full error:")[0])
+    detail = _mongo_detail(exc)
     if isinstance(exc, mongo_errors.OperationFailure) and exc.code == HISTORY_LOST_CODE:
         return HistoryLostError(
             f"the stored resume position is no longer in the MongoDB oplog ({detail})",
@@ -334,7 +342,13 @@ def from_mongo(exc: mongo_errors.PyMongoError, **context: Any) -> SyncdError:
             **context,
         )
     if kind is ErrorKind.TRANSIENT:
-        return TransientError(f"MongoDB unavailable: {detail}", **context)
+        error = TransientError(
+            f"MongoDB unavailable: {detail}",
+            hint="is MongoDB running and reachable at mongodb.uri? syncd run retries by itself",
+            **context,
+        )
+        error.exit_code = ExitCode.SOURCE  # when a one-shot command gives up on it
+        return error
     if kind is ErrorKind.POISON:
         return PoisonError(f"MongoDB rejected the document: {detail}", **context)
     code = getattr(exc, "code", None)
@@ -354,7 +368,9 @@ def from_sink(exc: BaseException, **context: Any) -> SyncdError:
     kind = classify(exc)
     detail = redact_text(f"{type(exc).__name__}: {exc}")
     if kind is ErrorKind.TRANSIENT:
-        return TransientError(f"Chroma unavailable: {detail}", **context)
+        error = TransientError(f"Chroma unavailable: {detail}", **context)
+        error.exit_code = ExitCode.SINK  # when a one-shot command gives up on it
+        return error
     if kind is ErrorKind.POISON:
         return SinkRejectedError(f"Chroma rejected the write: {detail}", **context)
     if isinstance(exc, ValueError):

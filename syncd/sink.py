@@ -126,7 +126,12 @@ class ChromaSink:
                 self._coll = client.get_collection(collection, embedding_function=None)
             self.max_batch = int(client.get_max_batch_size())
         except Exception as exc:
-            raise from_sink(exc, namespace=f"chroma:{collection}") from exc
+            error = from_sink(exc, namespace=f"chroma:{collection}")
+            if not create and _is_not_found(exc):
+                error.hint = (
+                    "the pipeline has not created it yet: `syncd run` does on its first run"
+                )
+            raise error from exc
 
     def existing(self, keys: Sequence[str]) -> dict[str, dict[str, Mapping[str, Any]]]:
         found: dict[str, dict[str, Mapping[str, Any]]] = {}
@@ -206,6 +211,12 @@ class ChromaSink:
             return getattr(self._coll, method)(**kwargs)
         except Exception as exc:
             raise from_sink(exc, namespace=f"chroma:{self.name}") from exc
+
+
+def _is_not_found(exc: BaseException) -> bool:
+    from chromadb.errors import NotFoundError
+
+    return isinstance(exc, NotFoundError)
 
 
 def _records(result: Mapping[str, Any], with_embeddings: bool) -> list[StoredRecord]:
