@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import subprocess
@@ -114,10 +115,8 @@ def repeat(times: int, fn: Callable[[int], dict[str, Any]]) -> list[dict[str, An
 
 
 def drop_collection(chroma: Any, name: str) -> None:
-    try:
+    with contextlib.suppress(Exception):  # it may not exist
         chroma.delete_collection(name)
-    except Exception:
-        pass
 
 
 __all__ = ["BENCH_PYTHON", "ROOT", "Servers", "close_client", "drain", "drop_collection",

@@ -75,6 +75,14 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def peak_rss_mb() -> float:
+    """VmHWM: ru_maxrss would carry over the parent's size from before exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", required=True)
@@ -84,7 +92,8 @@ def main() -> int:
     parser.add_argument("--snapshot", action="store_true")
     parser.add_argument("--tracing", choices=["off", "noop"], default="off")
     parser.add_argument("--profile")
-    parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--timeout", type=float, default=900,
+                        help="stop after this many seconds and report how far it got")
     parser.add_argument("--warmup", type=int, default=0,
                         help="embed this many texts before timing (a model's first batch is slow)")
     args = parser.parse_args()
@@ -128,6 +137,9 @@ def main() -> int:
                 stop.set()
                 return
             if time.monotonic() > deadline:
+                finished["wall"] = time.perf_counter()
+                finished["cpu"] = cpu_seconds()
+                finished["timed_out"] = 1.0
                 stop.set()
                 return
             time.sleep(0.005)
@@ -148,18 +160,20 @@ def main() -> int:
         profiler.dump_stats(args.profile)
     watcher.join()
     if "wall" not in finished:
-        print(json.dumps({"error": "did not catch up before the timeout"}))
+        print(json.dumps({"error": "the pipeline stopped before it caught up"}))
         return 1
     telemetry.force_flush()
     cp = pipeline.checkpoint
     result = {
         "wall_s": finished["wall"] - wall0,
         "cpu_s": finished["cpu"] - cpu0,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "counts": dict(cp.counts) if cp else {},
         "embedded_texts": counter.texts if counter else 0,
         "embed_calls": counter.calls if counter else 0,
         "spans": exporter.spans if exporter else 0,
+        "timed_out": "timed_out" in finished,
+        "scanned": cp.snapshot.scanned if cp is not None and cp.snapshot is not None else None,
     }
     runtime.close()
     telemetry.shutdown()

@@ -273,7 +273,10 @@ def _snapshot(s: dict[str, Any]) -> list[str]:
     assert r is not None
     shrunk = (f" ({r['wanted']:,} did not fit the 20-minute budget on this machine at the "
               "measured rate; this is what fitted, nothing is extrapolated)"
-              if r.get("wanted", r["documents"]) > r["documents"] else "")
+              if r.get("wanted", r["documents"]) > r.get("written", r["documents"]) else "")
+    if r.get("timed_out"):
+        shrunk += (f" (of {r['written']:,} written, the scan had reached {r['documents']:,} "
+                   "when the time budget ran out; the rate is over those)")
     return [
         f"Initial sync of {r['documents']:,} existing documents{shrunk} (32-dimension vectors, "
         "`snapshot_batch_size` 1000) by the in-process pipeline, one run: "

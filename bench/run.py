@@ -64,7 +64,12 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", help="run only these sections")
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the report from bench/results.json without measuring")
     args = parser.parse_args()
+    if args.report_only:
+        write_report(json.loads((ROOT / "bench" / "results.json").read_text()), args.output)
+        return 0
     sizes = Sizes.quick() if args.quick else Sizes()
     began = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="syncd-bench-"))
