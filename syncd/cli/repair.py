@@ -29,9 +29,9 @@ def register(verbs: Any) -> None:
 def handle(args: argparse.Namespace) -> int:
     settings = load_settings(args)
     from syncd.consistency import open_checker
-    from syncd.repair import repair
     from syncd.mapping import Mapper
     from syncd.pipeline import Pipeline
+    from syncd.repair import repair
     from syncd.runtime import Runtime
 
     ps = settings.pipeline(args.pipeline)

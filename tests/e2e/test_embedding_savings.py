@@ -52,9 +52,8 @@ def test_metadata_only_updates_make_zero_embedder_calls(
         docs = mongo_client[db]["docs"]
         docs.insert_many([{"_id": i, "body": f"text number {i}", "n": i} for i in range(40)])
         daemon = syncd_factory(["run"], cfg, env)
-        wait_until(
-            lambda: caught_up(settings, "emb", op_time_now(mongo_client, db)), 60, "snapshot"
-        )
+        target = op_time_now(mongo_client, db)
+        wait_until(lambda: caught_up(settings, "emb", target), 60, "snapshot")
         assert len(api.inputs) == 40, "the snapshot embeds each text once"
 
         # 30 metadata-only updates (add, change and remove metadata fields) ...

@@ -33,10 +33,12 @@ def test_explain_shows_verdicts_and_recent_syncs(
         [{"_id": i, "body": f"body {i}", "title": f"title {i}", "n": i} for i in (1, 2, 3, 4)]
     )
     daemon = syncd_factory(["run"], cfg)
-    wait_until(lambda: caught_up(settings, "ex", op_time_now(mongo_client, db)), 60, "snapshot")
+    target = op_time_now(mongo_client, db)
+    wait_until(lambda: caught_up(settings, "ex", target), 60, "snapshot")
     docs.update_one({"_id": 1}, {"$set": {"title": "renamed"}})  # a streamed change
     docs.delete_one({"_id": 3})
-    wait_until(lambda: caught_up(settings, "ex", op_time_now(mongo_client, db)), 60, "changes")
+    target = op_time_now(mongo_client, db)
+    wait_until(lambda: caught_up(settings, "ex", target), 60, "changes")
     daemon.terminate()
     assert daemon.wait(30) == ExitCode.OK, daemon.output()
 

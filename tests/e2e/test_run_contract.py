@@ -46,7 +46,8 @@ def test_changed_mapping_is_refused_until_resync(
     first = _config(tmp_path, mongo_uri, chroma_server, db, coll, metadata=["n"])
     settings = settings_of(first)
     daemon = syncd_factory(["run"], first)
-    wait_until(lambda: caught_up(settings, "contract", op_time_now(mongo_client, db)), 60, "sync")
+    target = op_time_now(mongo_client, db)
+    wait_until(lambda: caught_up(settings, "contract", target), 60, "sync")
     daemon.terminate()
     assert daemon.wait(30) == ExitCode.OK
 
@@ -58,9 +59,8 @@ def test_changed_mapping_is_refused_until_resync(
 
     resync = syncd_factory(["run", "--resync"], changed)
     new_settings = settings_of(changed)
-    wait_until(
-        lambda: caught_up(new_settings, "contract", op_time_now(mongo_client, db)), 90, "resync"
-    )
+    target = op_time_now(mongo_client, db)
+    wait_until(lambda: caught_up(new_settings, "contract", target), 90, "resync")
     resync.terminate()
     assert resync.wait(30) == ExitCode.OK
     chroma = chroma_server.client().get_collection(coll)
