@@ -6,12 +6,14 @@ the fingerprint of a :class:`Mapper` changes exactly when the records would.
 
 from __future__ import annotations
 
+import array
 import base64
 import datetime as dt
 import hashlib
 import json
 import math
 import string
+import sys
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -407,14 +409,15 @@ class Mapper:
             )
         user = self._user_metadata(document)
         embedding = self._embedding(document) if self._embedder.kind == "field" else None
+        vector_hash = vector_digest(embedding) if embedding is not None else None
         size, overlap = self._mapping.chunk_size, self._mapping.chunk_overlap
         pieces = chunk_text(text, size, overlap) if size else [text]
         records = []
         for n, piece in enumerate(pieces):
             # The chunk index is hashed too: moving text between chunks is a change.
             hashed: dict[str, Any] = {"text": piece, "metadata": user, "chunk": n}
-            if embedding is not None:
-                hashed["embedding"] = embedding
+            if vector_hash is not None:
+                hashed["embedding"] = vector_hash
             text_hash, content_hash = (
                 _sha256(piece),
                 _sha256(_compact_json(hashed, sort_keys=True)),
@@ -484,6 +487,18 @@ class Mapper:
         if not all(map(math.isfinite, vector_f)):
             raise MappingError(f"vector field {path!r} contains NaN or infinity")
         return vector_f
+
+
+def vector_digest(vector: list[float]) -> str:
+    """SHA-256 of the vector as little-endian float64s: part of the stored content hash.
+
+    Hashing the packed bytes costs microseconds where rendering 384 doubles as JSON
+    cost half a millisecond per event, and it is just as exact.
+    """
+    packed = array.array("d", vector)
+    if sys.byteorder != "little":
+        packed.byteswap()
+    return hashlib.sha256(packed.tobytes()).hexdigest()
 
 
 def _numbers(values: list[Any]) -> bool:

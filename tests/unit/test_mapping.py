@@ -5,6 +5,7 @@ import hashlib
 import itertools
 import json
 import math
+import struct
 import uuid
 from typing import Any
 
@@ -388,6 +389,15 @@ def test_vector_from_document() -> None:
     assert record.records[0].embedding == [1.0, 0.5, 2.0]
     changed = field_mapper().map({"_id": 1, "body": "b", "vec": {"v": [1, 0.5, 3]}})
     assert changed.records[0].content_hash != record.records[0].content_hash
+    # The definition is stable: the vector enters the hash as the SHA-256 of its
+    # little-endian float64 bytes.
+    vector = hashlib.sha256(struct.pack("<3d", 1.0, 0.5, 2.0)).hexdigest()
+    expected = json.dumps(
+        {"chunk": 0, "embedding": vector, "metadata": {}, "text": "b"},
+        separators=(",", ":"),
+        sort_keys=True,
+    )
+    assert record.records[0].content_hash == hashlib.sha256(expected.encode()).hexdigest()
 
 
 def test_bson_vector_from_document() -> None:
