@@ -289,7 +289,10 @@ class Pipeline:
         started = time.monotonic()
         with self.telemetry.batch(len(batch.events)):
             for event in batch.events:
-                self.telemetry.event(self._event_info(event))
+                document = event.get("fullDocument")
+                self.telemetry.event(
+                    self._event_info(event), document if isinstance(document, Mapping) else None
+                )
             segment: list[dict[str, Any]] = []
             for index, event in enumerate(batch.events):
                 op = event["operationType"]

@@ -109,6 +109,17 @@ def _console_spans(output: str) -> list[dict[str, Any]]:
     return spans
 
 
+def _changes(spans: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Each change event recorded on a batch span, with that span."""
+    return [
+        (span, event)
+        for span in spans
+        if span["name"] == "syncd.batch"
+        for event in span["events"]
+        if event["name"] == "syncd.event"
+    ]
+
+
 def _span_log(tmp_path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (tmp_path / "spans.jsonl").read_text().splitlines()]
 
@@ -141,26 +152,26 @@ def test_each_change_is_a_trace_in_phoenix(
         return [s for s in spans if s["attributes"].get("syncd.pipeline") == name]
 
     def complete(spans: list[dict[str, Any]]) -> bool:
-        return sum(s["name"] == "syncd.event" for s in mine(spans)) >= 4
+        return len(_changes(mine(spans))) >= 4
 
     spans = mine(phoenix_server.wait_for_spans(complete, timeout=30))
     by_id = {s["context"]["span_id"]: s for s in spans}
-    events = [s for s in spans if s["name"] == "syncd.event"]
-    assert sorted(e["attributes"]["syncd.operation"] for e in events) == [
+    changes = _changes(spans)
+    assert sorted(e["attributes"]["syncd.operation"] for _, e in changes) == [
         "delete", "insert", "insert", "update",
     ]  # fmt: skip
-    assert len({e["context"]["trace_id"] for e in events}) == 4, "one trace per change"
+    assert len({b["context"]["trace_id"] for b, _ in changes}) == 4, "one trace per change"
     # Nothing else: reads that found no change leave no trace of their own. The two
     # inserts embed their text; the metadata-only update and the delete do not.
     embeds = [s for s in spans if s["name"] == "syncd.embed"]
     assert len(embeds) == 2, sorted(s["name"] for s in spans)
-    assert len(spans) == 4 * (1 + len(STAGES) + 1) + 2, sorted(s["name"] for s in spans)
+    assert len(spans) == 4 * (1 + len(STAGES)) + 2, sorted(s["name"] for s in spans)
 
-    for event in events:
-        trace_id = event["context"]["trace_id"]
+    for batch, event in changes:
+        trace_id = batch["context"]["trace_id"]
         in_trace = [s for s in spans if s["context"]["trace_id"] == trace_id]
-        (batch,) = [s for s in in_trace if s["parent_id"] is None]
-        assert batch["name"] == "syncd.batch"
+        (root,) = [s for s in in_trace if s["parent_id"] is None]
+        assert root is batch and batch["name"] == "syncd.batch"
         assert batch["status_code"] != "ERROR"
         assert batch["attributes"] == {
             "syncd.pipeline": name,
@@ -175,7 +186,7 @@ def test_each_change_is_a_trace_in_phoenix(
         ]
         operation = event["attributes"]["syncd.operation"]
         embed = ["syncd.embed"] if operation == "insert" else []
-        assert sorted(s["name"] for s in children) == sorted([*STAGES, *embed, "syncd.event"])
+        assert sorted(s["name"] for s in children) == sorted([*STAGES, *embed])
 
         attributes = event["attributes"]
         assert attributes["syncd.pipeline"] == name
@@ -183,15 +194,18 @@ def test_each_change_is_a_trace_in_phoenix(
         assert re.fullmatch(r"\d+\.\d+", attributes["syncd.cluster_time"])
         assert re.fullmatch(r"[0-9A-F]+", attributes["syncd.resume_token"], re.IGNORECASE)
     documents = {
-        (e["attributes"]["syncd.operation"], e["attributes"]["syncd.document_id"]) for e in events
+        (e["attributes"]["syncd.operation"], e["attributes"]["syncd.document_id"])
+        for _, e in changes
     }
     assert documents == {("insert", "i:1"), ("update", "i:1"), ("delete", "i:1"), ("insert", "i:2")}
 
     # The document's traceparent: kept as an attribute (Phoenix drops links), on that event only.
-    (traced,) = [e for e in events if e["attributes"]["syncd.document_id"] == "i:2"]
+    ((traced_batch, traced),) = [
+        (b, e) for b, e in changes if e["attributes"]["syncd.document_id"] == "i:2"
+    ]
     assert traced["attributes"]["syncd.traceparent"] == TRACEPARENT
-    assert traced["context"]["trace_id"] != APP_TRACE_ID, "a link, not a parent"
-    assert sum("syncd.traceparent" in e["attributes"] for e in events) == 1
+    assert traced_batch["context"]["trace_id"] != APP_TRACE_ID, "a link, not a parent"
+    assert sum("syncd.traceparent" in e["attributes"] for _, e in changes) == 1
     # No document content in any span.
     stored = json.dumps(spans)
     assert "the first body" not in stored and "traced body" not in stored and "uno" not in stored
@@ -200,8 +214,8 @@ def test_each_change_is_a_trace_in_phoenix(
     logged = {(r["operation"], r["document_id"]): r for r in _span_log(tmp_path)}
     assert set(logged) == documents
     record = logged[("insert", "i:2")]
-    assert record["trace_id"] == traced["context"]["trace_id"]
-    assert record["span_id"] == traced["context"]["span_id"]
+    assert record["trace_id"] == traced_batch["context"]["trace_id"]
+    assert record["span_id"] == traced_batch["context"]["span_id"]
     assert (record["linked_trace_id"], record["linked_span_id"]) == (APP_TRACE_ID, APP_SPAN_ID)
     assert record["outcome"] == "applied"
 
@@ -221,21 +235,20 @@ def test_console_spans_link_to_the_documents_trace(
     assert daemon.wait(30) == ExitCode.OK, daemon.output()
 
     spans = _console_spans(daemon.output())
-    events = {s["attributes"]["syncd.document_id"]: s for s in spans if s["name"] == "syncd.event"}
-    assert set(events) == {"s:a", "s:b"}
-    linked = events["s:a"]
+    batches = {e["attributes"]["syncd.document_id"]: (b, e) for b, e in _changes(spans)}
+    assert set(batches) == {"s:a", "s:b"}
+    linked, event = batches["s:a"]
     (link,) = linked["links"]
     assert link["context"]["trace_id"] == f"0x{APP_TRACE_ID}"
     assert link["context"]["span_id"] == f"0x{APP_SPAN_ID}"
     assert link["attributes"] == {"syncd.link": "document.traceparent"}
     assert linked["context"]["trace_id"] != f"0x{APP_TRACE_ID}"
-    assert linked["attributes"]["syncd.traceparent"] == TRACEPARENT
+    assert event["attributes"]["syncd.traceparent"] == TRACEPARENT
     # A malformed traceparent is ignored: no link, no attribute, and the change still applies.
-    assert events["s:b"]["links"] == [] and "syncd.traceparent" not in events["s:b"]["attributes"]
+    unlinked, bad = batches["s:b"]
+    assert unlinked["links"] == [] and "syncd.traceparent" not in bad["attributes"]
 
-    (batch,) = [
-        s for s in spans if s["context"]["span_id"] == linked["parent_id"]
-    ]  # span kind, which Phoenix does not keep
+    batch = linked  # span kind, which Phoenix does not keep
     assert batch["name"] == "syncd.batch" and batch["kind"] == "SpanKind.CONSUMER"
     assert batch["parent_id"] is None
     assert batch["resource"]["attributes"]["service.name"] == "syncd"

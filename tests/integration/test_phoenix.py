@@ -54,20 +54,18 @@ def send_batches(telemetry: Telemetry, pipeline_name: str) -> None:
 
 
 def spans_of(phoenix: PhoenixServer, pipeline_name: str) -> list[dict[str, Any]]:
-    """Wait for the 8 spans of :func:`send_batches` (Phoenix ingests asynchronously)."""
+    """Wait for the 7 spans of :func:`send_batches` (Phoenix ingests asynchronously)."""
 
     def mine(spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [s for s in spans if s["attributes"].get("syncd.pipeline") == pipeline_name]
 
-    return mine(phoenix.wait_for_spans(lambda spans: len(mine(spans)) >= 8, timeout=60))
+    return mine(phoenix.wait_for_spans(lambda spans: len(mine(spans)) >= 7, timeout=60))
 
 
 def assert_structure(spans: list[dict[str, Any]], pipeline_name: str) -> None:
-    assert sorted(s["name"] for s in spans) == sorted(
-        ["syncd.batch", "syncd.read", "syncd.map", "syncd.write", "syncd.checkpoint"]
-        + ["syncd.event"] * 2
-        + ["syncd.batch", "syncd.write"]
-    )
+    good_batch = ["syncd.batch", "syncd.read", "syncd.map", "syncd.write", "syncd.checkpoint"]
+    failed_batch = ["syncd.batch", "syncd.write"]
+    assert sorted(s["name"] for s in spans) == sorted([*good_batch, *failed_batch])
     by_id = {s["context"]["span_id"]: s for s in spans}
     good, bad = sorted(
         (s for s in spans if s["name"] == "syncd.batch"),
@@ -82,13 +80,13 @@ def assert_structure(spans: list[dict[str, Any]], pipeline_name: str) -> None:
     assert good["status_code"] != "ERROR"
     good_trace = good["context"]["trace_id"]
     children = [s for s in spans if s["context"]["trace_id"] == good_trace and s is not good]
-    assert len(children) == 6
+    assert len(children) == 4
     for span in children:
-        parent = by_id[span["parent_id"]]
-        expected_parent = "syncd.map" if span["name"] == "syncd.event" else "syncd.batch"
-        assert parent["name"] == expected_parent, span["name"]
+        assert by_id[span["parent_id"]] is good, span["name"]
+        assert not [e for e in span["events"] if e["name"] == "syncd.event"]
 
-    events = {s["attributes"]["syncd.document_id"]: s for s in spans if s["name"] == "syncd.event"}
+    # Each change is a span event on its batch's span.
+    events = {e["attributes"]["syncd.document_id"]: e for e in good["events"]}
     assert events["42"]["attributes"] == {
         "syncd.pipeline": pipeline_name,
         "db.namespace": "app.articles",
@@ -133,9 +131,14 @@ def test_otlp_http_spans_arrive_with_structure_attributes_and_errors(phoenix_ser
     assert logged.span_log is not None
     (record,) = logged.span_log.find(name, "42")
     logged.shutdown()
-    (event,) = [s for s in spans if s["attributes"].get("syncd.document_id") == "42"]
-    assert record["trace_id"] == event["context"]["trace_id"]
-    assert record["span_id"] == event["context"]["span_id"]
+    (batch,) = [
+        s
+        for s in spans
+        if any(e["attributes"].get("syncd.document_id") == "42" for e in s["events"])
+    ]
+    assert batch["name"] == "syncd.batch"
+    assert record["trace_id"] == batch["context"]["trace_id"]
+    assert record["span_id"] == batch["context"]["span_id"]
     assert record["outcome"] == "applied"
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import bson
 import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
@@ -58,6 +58,16 @@ def finished(telemetry: Telemetry, exporter: InMemorySpanExporter) -> dict[str, 
     return {span.name: span for span in exporter.get_finished_spans()}
 
 
+def change_events(span: ReadableSpan) -> list[Event]:
+    return [event for event in span.events if event.name == "syncd.event"]
+
+
+def only_event(telemetry: Telemetry, exporter: InMemorySpanExporter) -> tuple[ReadableSpan, Event]:
+    batch = finished(telemetry, exporter)["syncd.batch"]
+    (event,) = change_events(batch)
+    return batch, event
+
+
 def run_batch(pipeline: PipelineTelemetry, *events: ChangeEventInfo) -> None:
     with pipeline.batch(len(events)):
         with pipeline.stage("read"):
@@ -69,7 +79,7 @@ def run_batch(pipeline: PipelineTelemetry, *events: ChangeEventInfo) -> None:
             pass
 
 
-def test_batch_is_a_root_consumer_span_with_stages_and_events_as_children(telemetry):
+def test_batch_is_a_root_consumer_span_with_stages_as_children_and_change_events(telemetry):
     tel, exporter = telemetry
     pipeline = tel.pipeline("articles")
     outer = TracerProvider().get_tracer("caller")
@@ -91,8 +101,8 @@ def test_batch_is_a_root_consumer_span_with_stages_and_events_as_children(teleme
         assert spans[name].parent is not None
         assert spans[name].parent.span_id == batch.context.span_id
         assert spans[name].context.trace_id == batch.context.trace_id
-    event = spans["syncd.event"]
-    assert event.parent is not None and event.parent.span_id == spans["syncd.map"].context.span_id
+    assert "syncd.event" not in spans, "a change is a span event, not a span"
+    (event,) = change_events(batch)
     assert dict(event.attributes or {}) == {
         "syncd.pipeline": "articles",
         "db.namespace": "app.articles",
@@ -101,20 +111,42 @@ def test_batch_is_a_root_consumer_span_with_stages_and_events_as_children(teleme
         "syncd.cluster_time": "1700000000.7",
         "syncd.resume_token": "8265A1B2C3000000072B",
     }
-    assert not event.links
+    assert not batch.links
+    for name in ("syncd.read", "syncd.map", "syncd.write"):
+        assert not change_events(spans[name])
 
 
 def test_event_links_to_the_trace_in_the_document_traceparent(telemetry):
     tel, exporter = telemetry
     run_batch(tel.pipeline("articles"), info(traceparent=TRACEPARENT))
-    event = finished(tel, exporter)["syncd.event"]
-    assert len(event.links) == 1
-    link = event.links[0].context
+    batch, event = only_event(tel, exporter)
+    assert len(batch.links) == 1
+    link = batch.links[0].context
     assert trace.format_trace_id(link.trace_id) == "0af7651916cd43dd8448eb211c80319c"
     assert trace.format_span_id(link.span_id) == "b7ad6b7169203331"
     assert link.is_remote
-    assert link.trace_id != event.context.trace_id, "a link, not a parent"
+    assert dict(batch.links[0].attributes or {}) == {"syncd.link": "document.traceparent"}
+    assert link.trace_id != batch.context.trace_id, "a link, not a parent"
     assert (event.attributes or {})["syncd.traceparent"] == TRACEPARENT
+
+
+def test_a_batch_links_to_every_traced_document_once_each(telemetry):
+    tel, exporter = telemetry
+    other = "00-1af7651916cd43dd8448eb211c80319c-c7ad6b7169203331-01"
+    run_batch(
+        tel.pipeline("articles"),
+        info("1", traceparent=TRACEPARENT),
+        info("2"),
+        info("3", traceparent=other),
+    )
+    batch = finished(tel, exporter)["syncd.batch"]
+    linked = [trace.format_trace_id(link.context.trace_id) for link in batch.links]
+    assert linked == ["0af7651916cd43dd8448eb211c80319c", "1af7651916cd43dd8448eb211c80319c"]
+    assert [dict(e.attributes or {}).get("syncd.traceparent") for e in change_events(batch)] == [
+        TRACEPARENT,
+        None,
+        other,
+    ]
 
 
 @pytest.mark.parametrize(
@@ -130,8 +162,8 @@ def test_event_links_to_the_trace_in_the_document_traceparent(telemetry):
 def test_invalid_traceparent_adds_no_link(telemetry, bad):
     tel, exporter = telemetry
     run_batch(tel.pipeline("articles"), info(traceparent=bad))
-    event = finished(tel, exporter)["syncd.event"]
-    assert not event.links
+    batch, event = only_event(tel, exporter)
+    assert not batch.links
     assert "syncd.traceparent" not in (event.attributes or {})
 
 
@@ -156,21 +188,48 @@ def test_failure_marks_stage_and_batch_as_errors_without_leaking_credentials(tel
 def test_document_ids_that_look_like_credentials_are_redacted(telemetry):
     tel, exporter = telemetry
     run_batch(tel.pipeline("articles"), info(document_id=SECRET_URI))
-    event = finished(tel, exporter)["syncd.event"]
-    assert "hunter2" not in json.dumps(dict(event.attributes or {}))
+    batch, event = only_event(tel, exporter)
+    assert (
+        dict(event.attributes or {})["syncd.document_id"]
+        == "mongodb://syncd:***@db.example:27017/app"
+    )
+    assert "hunter2" not in batch.to_json()
 
 
-def test_sample_ratio_zero_records_no_event_spans_but_keeps_the_span_log(tmp_path):
+def test_document_content_is_recorded_only_when_enabled(tmp_path):
+    document = {"_id": 42, "body": "private words", "uri": SECRET_URI, "pad": "x" * 5000}
+    for enabled in (False, True):
+        tel, exporter = make_telemetry(tmp_path / str(enabled), record_content=enabled)
+        tel.start()
+        try:
+            pipeline = tel.pipeline("articles")
+            with pipeline.batch(1):
+                pipeline.event(info("42"), document)
+            batch, event = only_event(tel, exporter)
+        finally:
+            tel.shutdown()
+        content = dict(event.attributes or {}).get("syncd.document")
+        if not enabled:
+            assert content is None and "private words" not in batch.to_json()
+            continue
+        assert isinstance(content, str) and content.startswith(
+            '{"_id": 42, "body": "private words"'
+        )
+        assert len(content) == 4096 + 3 and content.endswith("...")
+        assert "hunter2" not in batch.to_json() and "syncd:***@db.example" in content
+
+
+def test_sample_ratio_zero_records_no_change_events_but_keeps_the_span_log(tmp_path):
     tel, exporter = make_telemetry(tmp_path, event_sample_ratio=0.0)
     tel.start()
     try:
         run_batch(tel.pipeline("articles"), info("1"), info("2"))
         spans = finished(tel, exporter)
-        assert "syncd.event" not in spans
+        assert not change_events(spans["syncd.batch"])
         assert tel.span_log is not None
         records = tel.span_log.find("articles", "2")
         assert len(records) == 1
-        assert records[0]["span_id"] == trace.format_span_id(spans["syncd.map"].context.span_id)
+        assert records[0]["span_id"] == trace.format_span_id(spans["syncd.batch"].context.span_id)
     finally:
         tel.shutdown()
 
@@ -192,13 +251,14 @@ def test_span_log_records_each_event_with_its_ids_and_the_batch_outcome(telemetr
         raise RuntimeError("sink down")
     pipeline.event(info("7"))  # outside a batch: written at once
     assert tel.force_flush()
-    events = [s for s in exporter.get_finished_spans() if s.name == "syncd.event"]
+    batches = [s for s in exporter.get_finished_spans() if s.name == "syncd.batch"]
+    assert [len(change_events(b)) for b in batches] == [1, 1]
     assert tel.span_log is not None
     first, second = tel.span_log.find("articles", "42")
     assert first["operation"] == "insert" and first["outcome"] == "applied"
     assert first["cluster_time"] == "1700000000.7"
-    assert first["span_id"] == trace.format_span_id(events[0].context.span_id)
-    assert second["span_id"] == trace.format_span_id(events[1].context.span_id)
+    assert first["span_id"] == trace.format_span_id(batches[0].context.span_id)
+    assert second["span_id"] == trace.format_span_id(batches[1].context.span_id)
     assert first["linked_trace_id"] == "0af7651916cd43dd8448eb211c80319c"
     assert second["operation"] == "delete" and second["outcome"] == "failed: RuntimeError"
     assert second["trace_id"] != first["trace_id"]
@@ -311,7 +371,8 @@ def test_shutdown_flushes_spans_and_is_idempotent(tmp_path):
     tel.start()
     run_batch(tel.pipeline("articles"), info())
     tel.shutdown()
-    assert {s.name for s in exporter.get_finished_spans()} >= {"syncd.batch", "syncd.event"}
+    (batch,) = [s for s in exporter.get_finished_spans() if s.name == "syncd.batch"]
+    assert len(change_events(batch)) == 1
     tel.shutdown()
     run_batch(tel.pipeline("articles"), info())  # after shutdown: no error, nothing exported
     assert len([s for s in exporter.get_finished_spans() if s.name == "syncd.batch"]) == 1
