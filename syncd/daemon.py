@@ -108,6 +108,9 @@ class Daemon:
                 for worker in workers:
                     worker.start()
                 log.info("syncd running %d pipeline(s)", len(workers))
+            threading.Thread(
+                target=self._watch_oplog_window, args=(runtime,), name="oplog-window", daemon=True
+            ).start()
             self.notifier.ready(f"running {len(self.pipelines)} pipeline(s)")
             self._supervise(workers, leased)
             return self._finish(leased.workers if leased else workers)
@@ -133,6 +136,19 @@ class Daemon:
             return worker
 
         return LeasedPipelines(leases, self.pipelines, start)
+
+    def _watch_oplog_window(self, runtime: Runtime, every_s: float = 60.0) -> None:
+        """Read where the oplog starts now and then, for the headroom metric."""
+        from syncd.source import oplog_start
+
+        readable = True
+        while not self.stop.is_set():
+            oldest = oplog_start(runtime.mongo)
+            if oldest is None and readable:
+                log.info("the oplog cannot be read here: oplog headroom is not reported")
+            readable = oldest is not None
+            self.telemetry.oplog_window(oldest)
+            self.stop.wait(every_s)
 
     def _start_sampler(self, runtime: Runtime, pipeline: Pipeline) -> None:
         """Verify a random sample now and then, and export the drift it finds."""

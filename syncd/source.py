@@ -19,6 +19,7 @@ from pymongo import MongoClient
 from pymongo.change_stream import ChangeStream
 from pymongo.collection import Collection
 from pymongo.database import Database
+from pymongo.errors import PyMongoError
 
 from syncd.config import MongoSettings, PipelineSettings
 from syncd.errors import SourceFatalError, translate_mongo_errors
@@ -50,6 +51,20 @@ class Batch:
     events: list[dict[str, Any]]
     token: Mapping[str, Any] | None  # position after the last event (or the idle high-water mark)
     invalidated: bool = False
+
+
+def oplog_start(client: MongoClient[dict[str, Any]]) -> Timestamp | None:
+    """The time of the oldest entry in the replica set's oplog, or None if it cannot be read.
+
+    Reading ``local.oplog.rs`` needs a role that allows it, and sharded clusters, Atlas
+    serverless and servers without an oplog have none to read: then headroom is unknown.
+    """
+    try:
+        entry = client.local["oplog.rs"].find_one({}, {"ts": 1}, sort=[("$natural", 1)])
+    except PyMongoError:
+        return None
+    ts = entry.get("ts") if entry else None
+    return ts if isinstance(ts, Timestamp) else None
 
 
 class Source(Protocol):

@@ -86,6 +86,7 @@ class PipelineTelemetry:
         self._repeats: dict[str, tuple[float, int]] = {}  # error message -> (logged at, since)
         self._last_beat = time.monotonic()
         self._last_checkpoint: float | None = None
+        self._checkpoint_time: int | None = None  # cluster time (s) of the stored checkpoint
         self._pending: list[dict[str, Any]] | None = None  # span log records of the open batch
         self._batch_span: trace.Span | None = None  # the open batch's span
         self._last_read: tuple[int, int] | None = None  # start and end (ns) of the last read
@@ -210,14 +211,19 @@ class PipelineTelemetry:
     def checkpointed(self, cluster_time: bson.Timestamp | None) -> None:
         if cluster_time is not None:
             self._metrics.checkpoint_ts.labels(self.name).set(cluster_time.time)
+            self._checkpoint_time = cluster_time.time
+            self.refresh_headroom()
         if self._last_checkpoint is None:
             self._metrics.checkpoint_age.labels(self.name).set_function(
                 lambda: time.monotonic() - (self._last_checkpoint or 0.0)
             )
         self._last_checkpoint = time.monotonic()
 
-    def oplog_headroom(self, seconds: float) -> None:
-        self._metrics.headroom.labels(self.name).set(seconds)
+    def refresh_headroom(self) -> None:
+        """How long until the checkpoint would leave the oplog: its age above the oldest entry."""
+        start = self._owner.oplog_start
+        if start is not None and self._checkpoint_time is not None:
+            self._metrics.headroom.labels(self.name).set(self._checkpoint_time - start)
 
     def dead_lettered(self, count: int) -> None:
         self._metrics.dead_letters.labels(self.name).inc(count)
@@ -366,6 +372,7 @@ class Telemetry:
         self._pipelines: dict[str, PipelineTelemetry] = {}
         self._lock = threading.Lock()
         self._span_log_warned = -60.0
+        self.oplog_start: int | None = None  # time (s) of the oldest oplog entry, when readable
 
     @classmethod
     def disabled(cls) -> Telemetry:
@@ -414,6 +421,14 @@ class Telemetry:
     def process_ready(self) -> bool:
         pipelines = list(self._pipelines.values())
         return bool(pipelines) and all(p.ready() for p in pipelines)
+
+    def oplog_window(self, oldest: bson.Timestamp | None) -> None:
+        """Record where the oplog starts; every pipeline's headroom follows from it."""
+        self.oplog_start = oldest.time if oldest is not None else None
+        with self._lock:
+            pipelines = list(self._pipelines.values())
+        for pipeline in pipelines:
+            pipeline.refresh_headroom()
 
     def write_span_log(self, records: list[dict[str, Any]]) -> None:
         """Append to the span log; a full disk must not fail a batch that was applied."""

@@ -79,3 +79,17 @@ def test_scan_applies_the_query_in_every_bracket(mongo_client, mongo_db):
     ]
     expected = [d["_id"] for d in mongo_db["docs"].find({"keep": True}).sort("_id", 1)]
     assert seen == expected and len(seen) == (len(MIXED_IDS) + 1) // 2
+
+
+def test_oplog_start_is_read_where_an_oplog_exists(mongo_server, mongo_client):
+    from syncd.source import oplog_start
+
+    if mongo_server.kind == "external":
+        pytest.skip("whether an external deployment lets this user read the oplog is unknown")
+    start = oplog_start(mongo_client)
+    if mongo_server.kind == "standin":
+        # The stand-in keeps its change history in its own journal, not in local.oplog.rs.
+        assert start is None
+    else:
+        assert start is not None
+        assert start.time <= mongo_client.admin.command("ping")["operationTime"].time

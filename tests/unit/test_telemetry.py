@@ -275,7 +275,6 @@ def test_metrics_are_recorded_on_the_instance_registry(telemetry):
     p.dead_lettered(2)
     p.embedded(10)
     p.drift(missing=1, orphaned=2, stale=3)
-    p.oplog_headroom(3600)
     p.lag(bson.Timestamp(int(time.time()) - 30, 1))
     p.checkpointed(bson.Timestamp(1_700_000_000, 1))
     value = tel.registry.get_sample_value
@@ -286,13 +285,18 @@ def test_metrics_are_recorded_on_the_instance_registry(telemetry):
     assert value("syncd_dead_letters_total", {"pipeline": "articles"}) == 2
     assert value("syncd_embedding_inputs_total", {"pipeline": "articles"}) == 10
     assert value("syncd_drift_records", {"pipeline": "articles", "kind": "orphaned"}) == 2
-    assert value("syncd_oplog_headroom_seconds", {"pipeline": "articles"}) == 3600
     assert 29 <= value("syncd_lag_seconds", {"pipeline": "articles"}) <= 40
     ts = value("syncd_checkpoint_timestamp_seconds", {"pipeline": "articles"})
     assert ts == 1_700_000_000
     age = value("syncd_checkpoint_age_seconds", {"pipeline": "articles"})
     time.sleep(0.05)
     assert value("syncd_checkpoint_age_seconds", {"pipeline": "articles"}) > age >= 0
+    # Unknown until the oplog's start is known; then it follows each checkpoint.
+    assert value("syncd_oplog_headroom_seconds", {"pipeline": "articles"}) is None
+    tel.oplog_window(bson.Timestamp(1_700_000_000 - 3600, 9))
+    assert value("syncd_oplog_headroom_seconds", {"pipeline": "articles"}) == 3600
+    p.checkpointed(bson.Timestamp(1_700_000_060, 1))
+    assert value("syncd_oplog_headroom_seconds", {"pipeline": "articles"}) == 3660
     other = Telemetry.disabled()
     other.pipeline("articles").applied("insert", 1)
     assert value("syncd_events_applied_total", {"pipeline": "articles", "operation": "insert"}) == 5
