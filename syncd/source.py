@@ -135,10 +135,15 @@ class ChangeSource:
             self._stream = target.watch(self._stages(), **options)
 
     def read_batch(self, max_events: int, max_wait_s: float) -> Batch:
-        """Up to ``max_events`` events, waiting at most about ``max_wait_s`` for them.
+        """Up to ``max_events`` events: what the server has ready, waiting at most about
+        ``max_wait_s`` for the first one.
 
-        The returned token covers exactly the returned events (and, when idle, the
-        server's high-water mark), so checkpointing it after applying them loses nothing.
+        Once events are in hand the batch ends where the driver's buffer does, rather
+        than lingering for more: a quiet stream's changes are applied at once, and under
+        load the events that arrive while a batch is being written make the next batch
+        bigger by themselves (up to ``max_events``, one server reply). The returned token
+        covers exactly the returned events (and, when idle, the server's high-water mark),
+        so checkpointing it after applying them loses nothing.
         """
         stream = self._stream
         if stream is None:
@@ -147,6 +152,8 @@ class ChangeSource:
         deadline = time.monotonic() + max_wait_s
         with translate_mongo_errors(**self._context):
             while len(events) < max_events:
+                if events and not _buffered(stream):
+                    break
                 event = stream.try_next()
                 if event is None:
                     if not stream.alive or time.monotonic() >= deadline:
@@ -155,8 +162,6 @@ class ChangeSource:
                 events.append(event)
                 if event.get("operationType") == "invalidate":
                     return Batch(events, event["_id"], invalidated=True)
-                if events and time.monotonic() >= deadline and not _buffered(stream):
-                    break
             token = stream.resume_token
         return Batch(events, token)
 
