@@ -67,7 +67,7 @@ def test_drop_purges_and_stream_continues_after_invalidate(
     # collection is mirrored again.
     docs.insert_one({"_id": "again", "body": "back after the drop"})
     wait_until(lambda: coll.get(ids=["s:again"])["ids"] == ["s:again"], 30, "re-created doc")
-    assert daemon.is_running, daemon.output()
+    assert daemon.is_running(), daemon.output()
     daemon.terminate()
     assert daemon.wait(30) == 0, daemon.output()
     assert not _synced(settings, mongo_client, db, coll)
@@ -164,6 +164,41 @@ def test_history_lost_stops_then_resnapshot_converges(
     assert daemon.wait(30) == 0
     assert "re-snapshotting as configured" in daemon.output()
     assert not _synced(settings, client, db, coll)
+    client.close()
+
+
+def test_a_quiet_collection_keeps_its_position_inside_the_history(
+    tmp_path, mongo_server_factory, chroma_server, syncd_factory
+):
+    server = mongo_server_factory(history_size=30)
+    client: MongoClient[dict[str, Any]] = MongoClient(server.uri)
+    cfg, settings, db, coll_name = _setup(tmp_path, server.uri, chroma_server)
+    docs = client[db]["docs"]
+    docs.insert_many([{"_id": i, "body": f"doc {i}"} for i in range(5)])
+    daemon = syncd_factory(["run"], cfg)
+    op = op_time_now(client, db)
+    wait_until(lambda: caught_up(settings, "life", op), 60, "caught up")
+
+    # Busy elsewhere: more changes than the server retains, none in this pipeline's
+    # collection. The idle position (postBatchResumeToken) must follow them.
+    noise = client[db]["noise"]
+    for i in range(100):
+        noise.insert_one({"_id": i})
+    op = op_time_now(client, db)
+    wait_until(lambda: caught_up(settings, "life", op), 30, "the quiet position to move on")
+    daemon.terminate()
+    assert daemon.wait(30) == 0, daemon.output()
+
+    # So a restart resumes inside the retained history instead of losing it.
+    daemon = syncd_factory(["run"], cfg)
+    docs.insert_one({"_id": 99, "body": "after the quiet spell"})
+    op = op_time_now(client, db)
+    wait_until(lambda: caught_up(settings, "life", op) or not daemon.is_running(), 60, "resume")
+    assert daemon.is_running(), daemon.output()
+    daemon.terminate()
+    assert daemon.wait(30) == 0, daemon.output()
+    assert "history" not in daemon.output().lower()
+    assert not _synced(settings, client, db, chroma_server.client().get_collection(coll_name))
     client.close()
 
 
