@@ -41,13 +41,22 @@ def _mask_userinfo(match: re.Match[str]) -> str:
     return f"{match['scheme']}{user}:{MASK}@" if user else f"{match['scheme']}{MASK}@"
 
 
+# Every match of _SECRET_PAIR contains one of these (lowercased): checking for them first
+# spares the regular expressions on the many strings that cannot match, such as ids.
+_PAIR_WORDS = ("pass", "secret", "token", "key", "authorization", "credential")
+
+
 def redact_text(text: str) -> str:
-    text = _URI_USERINFO.sub(
-        lambda m: f"{m['scheme']}{m['user']}:{MASK}@" if m["user"] else f"{m['scheme']}{MASK}@",
-        text,
-    )
-    text = _SECRET_PAIR.sub(lambda m: f"{m['key']}{m['sep']}{m['q']}{MASK}", text)
-    text = _BEARER.sub(f"Bearer {MASK}", text)
+    if "://" in text:
+        text = _URI_USERINFO.sub(
+            lambda m: f"{m['scheme']}{m['user']}:{MASK}@" if m["user"] else f"{m['scheme']}{MASK}@",
+            text,
+        )
+    lowered = text.lower()
+    if any(word in lowered for word in _PAIR_WORDS):
+        text = _SECRET_PAIR.sub(lambda m: f"{m['key']}{m['sep']}{m['q']}{MASK}", text)
+    if "bearer" in lowered:
+        text = _BEARER.sub(f"Bearer {MASK}", text)
     for secret in _registered:
         if secret in text:
             text = text.replace(secret, MASK)

@@ -8,10 +8,13 @@ import logging
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from syncd.config import LogSettings
 from syncd.errors import SourceFatalError
 from syncd.logs import setup_logging
+from syncd.redact import redact_text
 from syncd.spanlog import SpanLog
 
 URI = "mongodb://syncd:hunter2-secret@db.example:27017/app?authSource=admin"
@@ -175,3 +178,36 @@ def test_span_log_appends_across_restarts_and_skips_a_torn_line(tmp_path):
 def test_span_log_needs_a_positive_size(tmp_path):
     with pytest.raises(ValueError, match="max_bytes"):
         SpanLog(tmp_path / "x.jsonl", max_bytes=0)
+
+
+def _redact_every_pattern(text: str) -> str:
+    """redact_text without its shortcuts: every pattern applied to every string."""
+    from syncd import redact
+
+    text = redact._URI_USERINFO.sub(
+        lambda m: f"{m['scheme']}{m['user']}:***@" if m["user"] else f"{m['scheme']}***@", text
+    )
+    text = redact._SECRET_PAIR.sub(lambda m: f"{m['key']}{m['sep']}{m['q']}***", text)
+    return redact._BEARER.sub("Bearer ***", text)
+
+
+_SECRET_SHAPES = [
+    "mongodb://u:p@h/db",
+    "https://tok@h",
+    "PASSWORD=x1",
+    "Api-Key: abc",
+    "X-Chroma-Token: t0k",
+    "authorization=Bearer abc.def",
+    "CREDENTIALS='c'",
+    "passwd: z",
+    "bEaReR qwerty",
+    "InvalidResumeToken: bad",
+    "i:42",
+    "2026-11-26T00:21:30.123Z",
+]
+
+
+@given(st.lists(st.sampled_from(_SECRET_SHAPES) | st.text(max_size=20), max_size=6))
+def test_redact_text_shortcuts_change_nothing(parts: list[str]) -> None:
+    text = " ".join(parts)
+    assert redact_text(text) == _redact_every_pattern(text)
