@@ -109,7 +109,8 @@ def main() -> int:
         # A partial run replaces its own sections in the last full run's results.
         merged = json.loads(raw.read_text())
         for name, outcome in results["sections"].items():
-            outcome["separate_run"] = {"total_s": results["total_s"], "budget_s": sizes.budget_s}
+            outcome["separate_run"] = {"total_s": results["total_s"], "budget_s": sizes.budget_s,
+                                       "only": args.only}
             merged["sections"][name] = outcome
         results = merged
     raw.write_text(json.dumps(results, indent=1, default=str))
