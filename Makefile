@@ -58,7 +58,7 @@ bench: $(VENV)/.installed $(STANDIN_VENV)/.installed $(BENCH_VENV)/.installed
 
 # The 200,000-document snapshot and the 1,000,000-event backlog do not fit next to the
 # rest in 20 minutes on two cores (make bench shrinks them to fit and says so); this runs
-# them alone at full size (about 20 minutes) and merges them into BENCHMARKS.md.
+# them alone at full size (about 30 minutes) and merges them into BENCHMARKS.md.
 bench-large: $(VENV)/.installed $(STANDIN_VENV)/.installed
 	$(BIN)/python bench/run.py --only snapshot memory --budget 1800
 
