@@ -289,10 +289,7 @@ class Pipeline:
         started = time.monotonic()
         with self.telemetry.batch(len(batch.events)):
             for event in batch.events:
-                document = event.get("fullDocument")
-                self.telemetry.event(
-                    self._event_info(event), document if isinstance(document, Mapping) else None
-                )
+                self.telemetry.event(self._event_info(event), event.get("fullDocument"))
             segment: list[dict[str, Any]] = []
             for index, event in enumerate(batch.events):
                 op = event["operationType"]

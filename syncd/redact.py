@@ -48,10 +48,7 @@ _PAIR_WORDS = ("pass", "secret", "token", "key", "authorization", "credential")
 
 def redact_text(text: str) -> str:
     if "://" in text:
-        text = _URI_USERINFO.sub(
-            lambda m: f"{m['scheme']}{m['user']}:{MASK}@" if m["user"] else f"{m['scheme']}{MASK}@",
-            text,
-        )
+        text = _URI_USERINFO.sub(_mask_userinfo, text)
     lowered = text.lower()
     if any(word in lowered for word in _PAIR_WORDS):
         text = _SECRET_PAIR.sub(lambda m: f"{m['key']}{m['sep']}{m['q']}{MASK}", text)

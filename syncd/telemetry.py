@@ -177,7 +177,7 @@ class PipelineTelemetry:
                 record_error(span, exc)
                 raise
 
-    def event(self, info: ChangeEventInfo, document: Mapping[str, Any] | None = None) -> None:
+    def event(self, info: ChangeEventInfo, document: Any = None) -> None:
         """Record one change of the open batch: a span event and a link on the batch span.
 
         Outside a batch, the event goes to the current span, if any. ``document`` (the
@@ -189,7 +189,7 @@ class PipelineTelemetry:
         span = self._batch_span or trace.get_current_span()
         if span.is_recording() and self._owner.sampled(info.document_id):
             attributes = _event_attributes(info, link)
-            if document is not None and self._owner.settings.record_content:
+            if isinstance(document, Mapping) and self._owner.settings.record_content:
                 attributes["syncd.document"] = _content(document)
             span.add_event("syncd.event", attributes=attributes)
             if link is not None:

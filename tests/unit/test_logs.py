@@ -184,9 +184,7 @@ def _redact_every_pattern(text: str) -> str:
     """redact_text without its shortcuts: every pattern applied to every string."""
     from syncd import redact
 
-    text = redact._URI_USERINFO.sub(
-        lambda m: f"{m['scheme']}{m['user']}:***@" if m["user"] else f"{m['scheme']}***@", text
-    )
+    text = redact._URI_USERINFO.sub(redact._mask_userinfo, text)
     text = redact._SECRET_PAIR.sub(lambda m: f"{m['key']}{m['sep']}{m['q']}***", text)
     return redact._BEARER.sub("Bearer ***", text)
 
