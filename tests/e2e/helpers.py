@@ -169,6 +169,23 @@ def op_time_now(client: MongoClient[dict[str, Any]], db: str) -> Timestamp:
         return session.operation_time
 
 
+def wait_caught_up(
+    client: MongoClient[dict[str, Any]],
+    db: str,
+    settings: config.Settings,
+    name: str,
+    timeout: float,
+    what: str,
+) -> None:
+    """Wait until the pipeline has checkpointed past every change made before this call.
+
+    The operation time is taken once, here: a fresh write on every poll would be a target
+    that moves on with each poll.
+    """
+    op_time = op_time_now(client, db)
+    wait_until(lambda: caught_up(settings, name, op_time), timeout, what)
+
+
 def caught_up(settings: config.Settings, name: str, op_time: Timestamp) -> bool:
     cp = load_checkpoint(settings, name)
     return bool(

@@ -8,14 +8,12 @@ from syncd.errors import ExitCode
 from tests.harness.embedding_api import embedding_api
 
 from .helpers import (
-    caught_up,
     chroma_records,
     diff,
     expected_records,
-    op_time_now,
     pipeline_table,
     settings_of,
-    wait_until,
+    wait_caught_up,
     write_config,
 )
 
@@ -52,8 +50,7 @@ def test_metadata_only_updates_make_zero_embedder_calls(
         docs = mongo_client[db]["docs"]
         docs.insert_many([{"_id": i, "body": f"text number {i}", "n": i} for i in range(40)])
         daemon = syncd_factory(["run"], cfg, env)
-        target = op_time_now(mongo_client, db)
-        wait_until(lambda: caught_up(settings, "emb", target), 60, "snapshot")
+        wait_caught_up(mongo_client, db, settings, "emb", 60, "snapshot")
         assert len(api.inputs) == 40, "the snapshot embeds each text once"
 
         # 30 metadata-only updates (add, change and remove metadata fields) ...
@@ -67,8 +64,7 @@ def test_metadata_only_updates_make_zero_embedder_calls(
         # ... and 7 updates that change the text.
         for i in range(30, 37):
             docs.update_one({"_id": i}, {"$set": {"body": f"new text {i}"}})
-        op = op_time_now(mongo_client, db)
-        wait_until(lambda: caught_up(settings, "emb", op), 60, "updates applied")
+        wait_caught_up(mongo_client, db, settings, "emb", 60, "updates applied")
         assert len(api.inputs) == 47, api.inputs[40:]
         assert sorted(api.inputs[40:]) == sorted(f"new text {i}" for i in range(30, 37))
 

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from syncd.errors import ExitCode
 from tests.harness.daemon import run_syncd
 
-from .helpers import caught_up, op_time_now, pipeline_table, settings_of, wait_until, write_config
+from .helpers import pipeline_table, settings_of, wait_caught_up, write_config
 
 
 def test_explain_shows_verdicts_and_recent_syncs(
@@ -33,12 +33,10 @@ def test_explain_shows_verdicts_and_recent_syncs(
         [{"_id": i, "body": f"body {i}", "title": f"title {i}", "n": i} for i in (1, 2, 3, 4)]
     )
     daemon = syncd_factory(["run"], cfg)
-    target = op_time_now(mongo_client, db)
-    wait_until(lambda: caught_up(settings, "ex", target), 60, "snapshot")
+    wait_caught_up(mongo_client, db, settings, "ex", 60, "snapshot")
     docs.update_one({"_id": 1}, {"$set": {"title": "renamed"}})  # a streamed change
     docs.delete_one({"_id": 3})
-    target = op_time_now(mongo_client, db)
-    wait_until(lambda: caught_up(settings, "ex", target), 60, "changes")
+    wait_caught_up(mongo_client, db, settings, "ex", 60, "changes")
     daemon.terminate()
     assert daemon.wait(30) == ExitCode.OK, daemon.output()
 

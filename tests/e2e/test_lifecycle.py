@@ -19,6 +19,7 @@ from .helpers import (
     op_time_now,
     pipeline_table,
     settings_of,
+    wait_caught_up,
     wait_until,
     write_config,
 )
@@ -134,8 +135,7 @@ def test_history_lost_stops_then_resnapshot_converges(
     daemon = syncd_factory(["run"], cfg)
     chroma = chroma_server.client()
     coll = wait_until(lambda: _get(chroma, coll_name), 60, "collection")
-    op = op_time_now(client, db)
-    wait_until(lambda: caught_up(settings, "life", op), 60, "caught up")
+    wait_caught_up(client, db, settings, "life", 60, "caught up")
     daemon.terminate()
     assert daemon.wait(30) == 0
     before = load_checkpoint(settings, "life")
@@ -158,8 +158,7 @@ def test_history_lost_stops_then_resnapshot_converges(
         tmp_path, server.uri, chroma_server, names=(db, coll_name), on_history_lost="resnapshot"
     )
     daemon = syncd_factory(["run"], cfg)
-    op = op_time_now(client, db)
-    wait_until(lambda: caught_up(settings, "life", op), 90, "re-snapshot and catch up")
+    wait_caught_up(client, db, settings, "life", 90, "re-snapshot and catch up")
     daemon.terminate()
     assert daemon.wait(30) == 0
     assert "re-snapshotting as configured" in daemon.output()
@@ -176,16 +175,14 @@ def test_a_quiet_collection_keeps_its_position_inside_the_history(
     docs = client[db]["docs"]
     docs.insert_many([{"_id": i, "body": f"doc {i}"} for i in range(5)])
     daemon = syncd_factory(["run"], cfg)
-    op = op_time_now(client, db)
-    wait_until(lambda: caught_up(settings, "life", op), 60, "caught up")
+    wait_caught_up(client, db, settings, "life", 60, "caught up")
 
     # Busy elsewhere: more changes than the server retains, none in this pipeline's
     # collection. The idle position (postBatchResumeToken) must follow them.
     noise = client[db]["noise"]
     for i in range(100):
         noise.insert_one({"_id": i})
-    op = op_time_now(client, db)
-    wait_until(lambda: caught_up(settings, "life", op), 30, "the quiet position to move on")
+    wait_caught_up(client, db, settings, "life", 30, "the quiet position to move on")
     daemon.terminate()
     assert daemon.wait(30) == 0, daemon.output()
 

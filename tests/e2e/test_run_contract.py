@@ -12,14 +12,12 @@ from tests.harness.daemon import run_syncd
 from tests.harness.ports import free_port
 
 from .helpers import (
-    caught_up,
     chroma_records,
     diff,
     expected_records,
-    op_time_now,
     pipeline_table,
     settings_of,
-    wait_until,
+    wait_caught_up,
     write_config,
 )
 
@@ -46,8 +44,7 @@ def test_changed_mapping_is_refused_until_resync(
     first = _config(tmp_path, mongo_uri, chroma_server, db, coll, metadata=["n"])
     settings = settings_of(first)
     daemon = syncd_factory(["run"], first)
-    target = op_time_now(mongo_client, db)
-    wait_until(lambda: caught_up(settings, "contract", target), 60, "sync")
+    wait_caught_up(mongo_client, db, settings, "contract", 60, "sync")
     daemon.terminate()
     assert daemon.wait(30) == ExitCode.OK
 
@@ -59,8 +56,7 @@ def test_changed_mapping_is_refused_until_resync(
 
     resync = syncd_factory(["run", "--resync"], changed)
     new_settings = settings_of(changed)
-    target = op_time_now(mongo_client, db)
-    wait_until(lambda: caught_up(new_settings, "contract", target), 90, "resync")
+    wait_caught_up(mongo_client, db, new_settings, "contract", 90, "resync")
     resync.terminate()
     assert resync.wait(30) == ExitCode.OK
     chroma = chroma_server.client().get_collection(coll)

@@ -14,14 +14,13 @@ from syncd.errors import ExitCode
 from tests.harness.daemon import run_syncd
 
 from .helpers import (
-    caught_up,
     chroma_records,
     diff,
     expected_records,
     load_checkpoint,
-    op_time_now,
     pipeline_table,
     settings_of,
+    wait_caught_up,
     wait_until,
     write_config,
 )
@@ -113,8 +112,7 @@ def test_killed_snapshot_resumes_and_racing_writes_survive(
     stop.set()
     racer.join(10)
     assert not errors, errors
-    op = op_time_now(mongo_client, db)
-    wait_until(lambda: caught_up(settings, "snap", op), 120, "racing writes replayed")
+    wait_caught_up(mongo_client, db, settings, "snap", 120, "racing writes replayed")
     daemon.terminate()
     assert daemon.wait(30) == ExitCode.OK, daemon.output()
 
