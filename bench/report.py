@@ -353,7 +353,7 @@ def _tracing(s: dict[str, Any]) -> list[str]:
         f"{r['events']:,} inserts (32-dimension vectors) drained in-process with tracing "
         "off (`telemetry.traces = none`) and on: the SDK's `BatchSpanProcessor` feeding an "
         "in-process exporter that counts and drops spans (every event sampled, the "
-        f"default: a `syncd.event` span event per change on its batch's span), {r['spans']:,} "
+        f"default: a `syncd.change` span per change under its batch's span), {r['spans']:,} "
         f"spans exported. Alternating, {r['runs']} run(s) each.",
         "",
         "| tracing | events/s | CPU µs/event |",

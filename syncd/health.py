@@ -13,12 +13,23 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+)
 
+from syncd import __version__
 from syncd.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -56,7 +67,24 @@ class Metrics:
             ["pipeline"], registry=registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
         )  # fmt: skip
-        self.lag = gauge("syncd_lag_seconds", "Now minus the cluster time of the last event.")
+        self.stage_seconds = Histogram(
+            "syncd_stage_seconds", "Time spent in one stage of a batch: read, map, lookup, "
+            "embed, write, readback, checkpoint (idle ones included), snapshot.",
+            ["pipeline", "stage"], registry=registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )  # fmt: skip
+        self.lag = gauge(
+            "syncd_lag_seconds",
+            "Now minus the cluster time of the oldest change read but not yet applied; "
+            "0 when caught up.",
+        )
+        self.snapshot_scanned = gauge(
+            "syncd_snapshot_documents_scanned", "Documents copied by the current or last snapshot."
+        )
+        self.snapshot_total = gauge(
+            "syncd_snapshot_documents_estimated",
+            "Documents the snapshot is expected to copy (the collections' estimated counts).",
+        )
         self.checkpoint_ts = gauge(
             "syncd_checkpoint_timestamp_seconds", "Cluster time of the stored checkpoint."
         )
@@ -72,6 +100,12 @@ class Metrics:
             "syncd_heartbeat_age_seconds", "Seconds since the pipeline loop last reported."
         )
         self.drift = gauge("syncd_drift_records", "Records found out of sync, by kind.", "kind")
+        Info("syncd_build", "The running syncd's version.", registry=registry).info(
+            {"version": __version__, "python_version": platform.python_version()}
+        )
+        # The process_* and python_* families every Prometheus client exports by default.
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            registry.register(collector)
 
 
 class Probe(Protocol):

@@ -164,8 +164,10 @@ class Pipeline:
                         self._position(self._require_checkpoint()),
                         max_await_ms=self.settings.batch_max_wait_ms,
                     )
-            elif batch.token is not None and batch.token != self._require_checkpoint().token:
-                self._idle_checkpoint(batch.token)
+            else:
+                self.telemetry.caught_up()
+                if batch.token is not None and batch.token != self._require_checkpoint().token:
+                    self._idle_checkpoint(batch.token)
             if self._retrying:
                 self._retrying = False
                 self._recovered = True
@@ -269,18 +271,21 @@ class Pipeline:
         self._last_saved = now
         self.telemetry.checkpointed(cp.cluster_time)
 
-    def advance(self, token: Mapping[str, Any], *, invalidate: bool = False) -> None:
+    def advance(
+        self, token: Mapping[str, Any], *, invalidate: bool = False, idle: bool = False
+    ) -> None:
         cp = self._require_checkpoint()
         cp.token = dict(token)
         cp.token_is_invalidate = invalidate
         cp.start_at = None
         cp.cluster_time = covered_through(token)
-        with self.telemetry.stage("checkpoint"):
+        timed = self.telemetry.idle_checkpoint() if idle else self.telemetry.stage("checkpoint")
+        with timed:
             self._save(cp)
 
     def _idle_checkpoint(self, token: Mapping[str, Any]) -> None:
         if time.monotonic() - self._last_saved >= self.settings.idle_checkpoint_interval_s:
-            self.advance(token)
+            self.advance(token, idle=True)
 
     # --- one batch -------------------------------------------------------------------
 
@@ -303,9 +308,6 @@ class Pipeline:
             if batch.token is not None:
                 self.advance(batch.token, invalidate=batch.invalidated)
         self.telemetry.batch_done(len(batch.events), time.monotonic() - started)
-        last_time = batch.events[-1].get("clusterTime")
-        if last_time is not None:
-            self.telemetry.lag(last_time)
 
     def _apply_events(
         self, segment: Sequence[dict[str, Any]], events: Sequence[dict[str, Any]], end: int
@@ -319,7 +321,7 @@ class Pipeline:
             return
         if self.settings.on_error == "dead_letter" and self.dead_letters is not None:
             self.dead_letters.put_many(self.settings.name, result.poisoned)
-            self.telemetry.dead_lettered(len(result.poisoned))
+            self.telemetry.dead_lettered([(p.change.key, p.error) for p in result.poisoned])
             return
         self._halt_at(result.poisoned, segment, events)
 
@@ -414,6 +416,7 @@ class Pipeline:
                 self.advance(events[prior]["_id"])
         culprit = next(p for p in poisoned if p.change.key in bad_keys)
         error = culprit.error
+        self.telemetry.halted_at(culprit.change.key, error)
         self.telemetry.set_state("halted", error)
         raise HaltedError(
             f"halted at a change that cannot be applied: {error.message}",

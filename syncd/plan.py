@@ -91,9 +91,14 @@ def build(
     prefixed: bool,
     stage: Callable[[str], AbstractContextManager[None]] = lambda _name: nullcontext(),
 ) -> PlanResult:
-    """``stage("map")`` and ``stage("embed")`` wrap the two halves (tracing spans)."""
+    """``stage("map")``, ``stage("lookup")`` (Chroma) and ``stage("embed")`` time the parts."""
     with stage("map"):
-        poisoned, mapped, plan, to_embed = _map(changes, mapper, sink, prefixed)
+        poisoned, mapped = _map(changes, mapper, prefixed)
+    bad = {p.change.key for p in poisoned}
+    keys = [c.key for c in changes if c.key not in bad]
+    with stage("lookup"):
+        existing = sink.existing(keys) if keys else {}
+    plan, to_embed = _plan_writes(changes, bad, mapped, existing)
     embedded = 0
     if to_embed:
         with stage("embed"):
@@ -109,9 +114,9 @@ _ToEmbed = list[tuple[Change, Record, Mapping[str, Any]]]
 
 
 def _map(
-    changes: Sequence[Change], mapper: Mapper, sink: ExistingLookup, prefixed: bool
-) -> tuple[list[Poisoned], dict[str, MappedDocument], WritePlan, _ToEmbed]:
-    """Map documents, look up what Chroma holds, and plan everything but embeddings."""
+    changes: Sequence[Change], mapper: Mapper, prefixed: bool
+) -> tuple[list[Poisoned], dict[str, MappedDocument]]:
+    """Map documents; what cannot be mapped is poisoned."""
     poisoned: list[Poisoned] = []
     mapped: dict[str, MappedDocument] = {}
     for change in changes:
@@ -123,10 +128,16 @@ def _map(
             poisoned.append(Poisoned(change, exc.with_context(document_id=change.source_id)))
             continue
         mapped[change.key] = _prefixed(doc, change) if prefixed else doc
+    return poisoned, mapped
 
-    bad = {p.change.key for p in poisoned}
-    keys = [c.key for c in changes if c.key not in bad]
-    existing = sink.existing(keys) if keys else {}
+
+def _plan_writes(
+    changes: Sequence[Change],
+    bad: set[str],
+    mapped: Mapping[str, MappedDocument],
+    existing: Mapping[str, Any],
+) -> tuple[WritePlan, _ToEmbed]:
+    """Plan everything but embeddings against what Chroma holds."""
     plan = WritePlan()
     to_embed: _ToEmbed = []
     for change in changes:
@@ -149,7 +160,7 @@ def _map(
                 plan.upserts.append(Upsert(record.id, record.text, metadata, record.embedding))
             else:
                 to_embed.append((change, record, metadata))
-    return poisoned, mapped, plan, to_embed
+    return plan, to_embed
 
 
 def _embed(

@@ -25,6 +25,7 @@ from syncd.source import hashable_id
 
 if TYPE_CHECKING:
     from syncd.pipeline import Pipeline
+    from syncd.telemetry import PipelineTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class Snapshotter:
         collections = self.settings.source_collections
         if progress.collection in collections:
             collections = collections[collections.index(progress.collection) :]
-        reporter = _Progress(self.settings.name, self._estimate(collections))
+        reporter = _Progress(self.settings.name, self._estimate(collections), self.p.telemetry)
         reporter.update(progress.scanned)
         with self.p.telemetry.stage("snapshot"):
             for collection in collections:
@@ -119,7 +120,7 @@ class Snapshotter:
     def _poisoned(self, poisoned: list[planning.Poisoned]) -> None:
         if self.settings.on_error == "dead_letter" and self.p.dead_letters is not None:
             self.p.dead_letters.put_many(self.settings.name, poisoned)
-            self.p.telemetry.dead_lettered(len(poisoned))
+            self.p.telemetry.dead_lettered([(p.change.key, p.error) for p in poisoned])
             return
         from syncd.errors import HaltedError
 
@@ -182,13 +183,14 @@ class Snapshotter:
 class _Progress:
     """A progress bar on a terminal; periodic log lines otherwise."""
 
-    def __init__(self, name: str, total: int | None) -> None:
-        self.name, self.total = name, total
+    def __init__(self, name: str, total: int | None, telemetry: PipelineTelemetry) -> None:
+        self.name, self.total, self.telemetry = name, total, telemetry
         self.tty = sys.stderr.isatty()
         self._last = 0.0
         self._start = time.monotonic()
 
     def update(self, done: int) -> None:
+        self.telemetry.snapshot_progress(done, self.total)
         now = time.monotonic()
         if now - self._last < (0.2 if self.tty else 10.0):
             return

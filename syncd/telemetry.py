@@ -4,19 +4,15 @@ Everything here is optional: :meth:`Telemetry.disabled` returns an instance whos
 spans go nowhere and that opens no port and no file, and the pipeline behaves the
 same with it.
 
-Traces: one root span ``syncd.batch`` (kind CONSUMER) per batch, a child span per
-stage (``syncd.read``, ``syncd.map``, ``syncd.embed``, ``syncd.write``,
-``syncd.checkpoint``, ...) and, for a sampled share of events, a ``syncd.event`` span
-event on the batch span with the change's identifiers. As the messaging conventions
-have it for batch processing, the batch span links to the trace whose W3C
-``traceparent`` the application stored in each document (exporters:
-:mod:`syncd.tracing`). Span events rather than a span per change: a span costs the SDK
-several times what an event does, and at thousands of changes a second that is the
-difference between tracing being affordable or not. No span attribute carries
-credentials or document content unless ``telemetry.record_content`` is on.
+Traces (:mod:`syncd.spans`): a ``process <namespace>`` span per batch, a child per
+stage and a ``syncd.change`` span per sampled change, findable by its document id.
+No span attribute carries credentials or document content unless
+``telemetry.record_content`` is on. Exporters: :mod:`syncd.tracing`.
 
 Metrics (:class:`syncd.health.Metrics`) live on a registry owned by the instance and
 are served with ``/healthz`` and ``/readyz`` by :class:`syncd.health.HealthServer`.
+The lag gauge is computed when scraped: now minus the cluster time of the oldest
+change read but not yet applied, and 0 once a read finds nothing new.
 Every event's identifiers and trace ids also go to the local span log
 (:mod:`syncd.spanlog`) with the outcome of its batch.
 """
@@ -27,18 +23,17 @@ import logging
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import bson
-from bson import json_util
 from opentelemetry import trace
-from opentelemetry.context import Context
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
-from opentelemetry.trace import Link, SpanContext, SpanKind
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Link, SpanContext
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
@@ -48,7 +43,17 @@ from syncd.errors import classify
 from syncd.health import HealthServer, Metrics
 from syncd.redact import redact_text
 from syncd.spanlog import SpanLog
-from syncd.tracing import record_error, remote_link, tracer_provider
+from syncd.spans import (
+    ChangeEventInfo,
+    PipelineSpans,
+    document_content,
+    outcome_of,
+    poison_stage,
+    span_log_record,
+)
+from syncd.tracing import exporting_provider, remote_link
+
+__all__ = ["ChangeEventInfo", "PipelineTelemetry", "Telemetry"]
 
 log = logging.getLogger("syncd.telemetry")
 
@@ -57,27 +62,14 @@ _READY_STATES = frozenset({"snapshotting", "streaming"})
 _LOOP_STATES = frozenset({"starting", "snapshotting", "streaming", "retrying"})
 
 
-@dataclass(frozen=True)
-class ChangeEventInfo:
-    """What telemetry may know about one change event: identifiers, never content."""
-
-    pipeline: str
-    namespace: str
-    operation: str
-    document_id: str  # the encoded record key
-    cluster_time: bson.Timestamp | None
-    resume_token: str | None  # the token's _data hex
-    traceparent: str | None = None  # W3C traceparent stored in the document, if any
-
-
 class PipelineTelemetry:
     """Telemetry for one pipeline; safe to call from its loop and from the HTTP thread."""
 
     def __init__(self, owner: Telemetry, name: str, namespace: str) -> None:
         self.name = name
         self._owner = owner
-        self._namespace = namespace
         self._metrics = owner.metrics
+        self.spans = PipelineSpans(owner, name, namespace)
         self._lock = threading.Lock()
         self._state = "starting"
         self._reason: str | None = None
@@ -87,55 +79,33 @@ class PipelineTelemetry:
         self._last_beat = time.monotonic()
         self._last_checkpoint: float | None = None
         self._checkpoint_time: int | None = None  # cluster time (s) of the stored checkpoint
+        self._oldest_pending: int | None = None  # cluster time (s) of the oldest unapplied change
         self._pending: list[dict[str, Any]] | None = None  # span log records of the open batch
-        self._batch_span: trace.Span | None = None  # the open batch's span
-        self._last_read: tuple[int, int] | None = None  # start and end (ns) of the last read
+        self._failed: dict[str, BaseException] = {}  # document id -> error, in the open batch
+        self._read_seconds: float | None = None
         self._show_state()
         self._metrics.ready.labels(name).set_function(lambda: float(self.ready()))
         self._metrics.heartbeat_age.labels(name).set_function(
             lambda: time.monotonic() - self._last_beat
         )
+        self._metrics.lag.labels(name).set_function(self.lag_seconds)
 
     # --- traces ------------------------------------------------------------
 
     @contextmanager
     def batch(self, size: int) -> Iterator[None]:
-        attributes: dict[str, Any] = {
-            "syncd.pipeline": self.name,
-            "messaging.system": "mongodb",
-            "messaging.operation.type": "process",
-            "messaging.batch.message_count": size,
-        }
-        if self._namespace:
-            attributes["messaging.destination.name"] = self._namespace
-        read, self._last_read = self._last_read, None
-        with self._owner.tracer.start_as_current_span(
-            "syncd.batch",
-            context=Context(),  # a root, whatever span the caller may be in
-            kind=SpanKind.CONSUMER,
-            attributes=attributes,
-            start_time=read[0] if read else None,
-            record_exception=False,  # the SDK's own recording would keep unredacted text
-            set_status_on_exception=False,
-        ) as span:
-            if read is not None:
-                self._owner.tracer.start_span(
-                    "syncd.read", attributes={"syncd.pipeline": self.name}, start_time=read[0]
-                ).end(end_time=read[1])
-            self._pending = []
-            self._batch_span = span
-            try:
+        if self._read_seconds is not None:
+            self._observe_stage("read", self._read_seconds)
+            self._read_seconds = None
+        self._pending, self._failed = [], {}
+        try:
+            with self.spans.batch(size):
                 yield
-            except BaseException as exc:
-                record_error(span, exc)
-                self._write_span_log(f"failed: {type(exc).__name__}")
-                raise
-            else:
-                self._write_span_log("applied")
-            finally:
-                self._batch_span = None
-                if self._namespace and "messaging.destination.name" not in attributes:
-                    span.set_attribute("messaging.destination.name", self._namespace)
+        except BaseException as exc:
+            self._write_span_log(f"failed: {type(exc).__name__}")
+            raise
+        self._write_span_log("applied")
+        self._oldest_pending = None
 
     @contextmanager
     def read(self) -> Iterator[None]:
@@ -145,56 +115,58 @@ class PipelineTelemetry:
         An empty read leaves no span (an idle stream would otherwise make a trace every
         ``batch_max_wait_ms``); a failed read is a root span of its own.
         """
-        self._last_read = None
-        started = time.time_ns()
+        self._read_seconds = None
+        started, clock = time.time_ns(), time.perf_counter()
         try:
             yield
         except BaseException as exc:
-            span = self._owner.tracer.start_span(
-                "syncd.read",
-                context=Context(),
-                attributes={"syncd.pipeline": self.name},
-                start_time=started,
-                record_exception=False,
-                set_status_on_exception=False,
-            )
-            record_error(span, exc)
-            span.end()
+            self.spans.read_failed(started, exc)
             raise
-        self._last_read = (started, time.time_ns())
+        self._read_seconds = time.perf_counter() - clock
+        self.spans.read_done(started, time.time_ns())
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        with self._owner.tracer.start_as_current_span(
-            f"syncd.{name}",
-            attributes={"syncd.pipeline": self.name},
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
-            try:
+        clock = time.perf_counter()
+        try:
+            with self.spans.stage(name):
                 yield
-            except BaseException as exc:
-                record_error(span, exc)
-                raise
+        finally:
+            self._observe_stage(name, time.perf_counter() - clock)
+
+    @contextmanager
+    def idle_checkpoint(self) -> Iterator[None]:
+        """A checkpoint that only moves an idle position: timed, logged at debug, no trace."""
+        clock = time.perf_counter()
+        try:
+            with self.spans.idle_checkpoint():
+                yield
+        finally:
+            self._observe_stage("checkpoint", time.perf_counter() - clock)
+        log.debug("idle checkpoint stored", extra={"pipeline": self.name})
 
     def event(self, info: ChangeEventInfo, document: Any = None) -> None:
-        """Record one change of the open batch: a span event and a link on the batch span.
+        """Record one change of the open batch: a ``syncd.change`` span if sampled.
 
-        Outside a batch, the event goes to the current span, if any. ``document`` (the
-        change's full document) is recorded only when ``telemetry.record_content`` is on.
+        ``document`` (the change's full document) is recorded only when
+        ``telemetry.record_content`` is on.
         """
-        if not self._namespace:
-            self._namespace = info.namespace
-        link = remote_link(info.traceparent)
-        span = self._batch_span or trace.get_current_span()
-        if span.is_recording() and self._owner.sampled(info.document_id):
-            attributes = _event_attributes(info, link)
-            if isinstance(document, Mapping) and self._owner.settings.record_content:
-                attributes["syncd.document"] = _content(document)
-            span.add_event("syncd.event", attributes=attributes)
-            if link is not None:
-                span.add_link(link.context, link.attributes)
-        self._log_event(info, span.get_span_context(), link)
+        if self._oldest_pending is None and info.cluster_time is not None:
+            self._oldest_pending = info.cluster_time.time
+        link = remote_link(info.traceparent) if info.traceparent else None
+        content = None
+        if isinstance(document, Mapping) and self._owner.settings.record_content:
+            content = document_content(document)
+        context = self.spans.change(info, link, content)
+        self._log_event(info, context, link)
+
+    def caught_up(self) -> None:
+        """A read found nothing new: every change seen so far is applied."""
+        self._oldest_pending = None
+
+    def lag_seconds(self) -> float:
+        oldest = self._oldest_pending
+        return max(0.0, time.time() - oldest) if oldest is not None else 0.0
 
     # --- metrics -----------------------------------------------------------
 
@@ -205,8 +177,10 @@ class PipelineTelemetry:
         self._metrics.batch_size.labels(self.name).observe(size)
         self._metrics.batch_seconds.labels(self.name).observe(seconds)
 
-    def lag(self, cluster_time: bson.Timestamp) -> None:
-        self._metrics.lag.labels(self.name).set(max(0.0, time.time() - cluster_time.time))
+    def snapshot_progress(self, scanned: int, estimated_total: int | None) -> None:
+        self._metrics.snapshot_scanned.labels(self.name).set(scanned)
+        if estimated_total is not None:
+            self._metrics.snapshot_total.labels(self.name).set(estimated_total)
 
     def checkpointed(self, cluster_time: bson.Timestamp | None) -> None:
         if cluster_time is not None:
@@ -225,8 +199,25 @@ class PipelineTelemetry:
         if start is not None and self._checkpoint_time is not None:
             self._metrics.headroom.labels(self.name).set(self._checkpoint_time - start)
 
-    def dead_lettered(self, count: int) -> None:
-        self._metrics.dead_letters.labels(self.name).inc(count)
+    def dead_lettered(self, failures: Sequence[tuple[str, BaseException]]) -> None:
+        """Changes parked in the dead-letter store: a metric, a log line and a span each."""
+        self._metrics.dead_letters.labels(self.name).inc(len(failures))
+        for document_id, error in failures:
+            self._failed[document_id] = error
+            self.spans.poisoned(document_id, error)
+            message = redact_text(f"{type(error).__name__}: {error}")
+            log.warning(
+                "dead-lettered %s: %s", document_id, message,
+                extra={
+                    "pipeline": self.name, "document_id": document_id,
+                    "error_class": type(error).__name__, "stage": poison_stage(error),
+                },
+            )  # fmt: skip
+
+    def halted_at(self, document_id: str, error: BaseException) -> None:
+        """The change the pipeline halts at; the halt itself is raised through the batch."""
+        self._failed[document_id] = error
+        self.spans.poisoned(document_id, error)
 
     def embedded(self, inputs: int) -> None:
         self._metrics.embedding_inputs.labels(self.name).inc(inputs)
@@ -295,6 +286,15 @@ class PipelineTelemetry:
     def ready(self) -> bool:
         return self._state in _READY_STATES
 
+    def status_text(self) -> str:
+        """``articles streaming, lag 0s`` or ``articles retrying, lag 42s: <error>``."""
+        with self._lock:
+            state, reason = self._state, self._reason
+        text = f"{self.name} {state}"
+        if state in _LOOP_STATES:
+            text += f", lag {self.lag_seconds():.0f}s"
+        return f"{text}: {reason[:120]}" if reason else text
+
     def healthy(self, timeout_s: float) -> bool:
         """Stale only while the loop should be running: halted or stopped loops stay quiet."""
         return self._state not in _LOOP_STATES or time.monotonic() - self._last_beat <= timeout_s
@@ -330,21 +330,12 @@ class PipelineTelemetry:
         self._repeats[message] = (now, 0)
         return held_back
 
-    def _log_event(self, info: ChangeEventInfo, context: SpanContext, link: Link | None) -> None:
+    def _log_event(
+        self, info: ChangeEventInfo, context: SpanContext | None, link: Link | None
+    ) -> None:
         if self._owner.span_log is None:
             return
-        record: dict[str, Any] = {
-            "time": _now_iso(),
-            "pipeline": self.name,
-            "document_id": info.document_id,
-            "operation": info.operation,
-            "cluster_time": _format_timestamp(info.cluster_time),
-            "trace_id": trace.format_trace_id(context.trace_id) if context.is_valid else None,
-            "span_id": trace.format_span_id(context.span_id) if context.is_valid else None,
-        }
-        if link is not None:
-            record["linked_trace_id"] = trace.format_trace_id(link.context.trace_id)
-            record["linked_span_id"] = trace.format_span_id(link.context.span_id)
+        record = span_log_record(info, context, link)
         if self._pending is not None:
             self._pending.append(record)
         else:
@@ -352,8 +343,14 @@ class PipelineTelemetry:
 
     def _write_span_log(self, outcome: str) -> None:
         pending, self._pending = self._pending, None
+        failed, self._failed = self._failed, {}
         if pending:
-            self._owner.write_span_log([{**record, "outcome": outcome} for record in pending])
+            self._owner.write_span_log(
+                [{**record, "outcome": outcome_of(record, failed, outcome)} for record in pending]
+            )
+
+    def _observe_stage(self, stage: str, seconds: float) -> None:
+        self._metrics.stage_seconds.labels(self.name, stage).observe(seconds)
 
 
 class Telemetry:
@@ -366,6 +363,9 @@ class Telemetry:
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.tracer: trace.Tracer = trace.NoOpTracer()
+        self.span_processors: list[SpanProcessor] = []  # also take finished change spans
+        self.resource = Resource.get_empty()
+        self.scope = InstrumentationScope("syncd", __version__)
         self.span_log: SpanLog | None = None
         self._provider: TracerProvider | None = None
         self._server: HealthServer | None = None
@@ -385,8 +385,10 @@ class Telemetry:
     def start(self) -> None:
         if not self._enabled or self._provider is not None or self._server is not None:
             return
-        self._provider = tracer_provider(self.settings, self._extra_exporter)
-        if self._provider is not None:
+        made = exporting_provider(self.settings, self._extra_exporter)
+        if made is not None:
+            self._provider, self.span_processors = made
+            self.resource = self._provider.resource
             self.tracer = self._provider.get_tracer("syncd", __version__)
         if self.settings.span_log_path and self.settings.span_log_max_bytes:
             self.span_log = SpanLog(self.settings.span_log_path, self.settings.span_log_max_bytes)
@@ -399,7 +401,7 @@ class Telemetry:
     def shutdown(self) -> None:
         provider, server, span_log = self._provider, self._server, self.span_log
         self._provider = self._server = self.span_log = None
-        self.tracer = trace.NoOpTracer()
+        self.tracer, self.span_processors = trace.NoOpTracer(), []
         if provider is not None:
             provider.force_flush(timeout_millis=10_000)
             provider.shutdown()
@@ -417,6 +419,14 @@ class Telemetry:
                 namespace = self._namespaces.get(name, "")
                 self._pipelines[name] = PipelineTelemetry(self, name, namespace)
             return self._pipelines[name]
+
+    def status_line(self) -> str:
+        """One line for ``systemctl status``: each pipeline's state, lag and reason."""
+        with self._lock:
+            pipelines = list(self._pipelines.values())
+        if not pipelines:
+            return "no pipeline running"
+        return "; ".join(p.status_text() for p in pipelines)[:400]
 
     def process_ready(self) -> bool:
         pipelines = list(self._pipelines.values())
@@ -486,35 +496,3 @@ class Telemetry:
 
 
 # --- helpers -----------------------------------------------------------------
-
-
-def _event_attributes(info: ChangeEventInfo, link: Link | None) -> dict[str, Any]:
-    attributes = {
-        "syncd.pipeline": info.pipeline,
-        "db.namespace": info.namespace,
-        "syncd.operation": info.operation,
-        "syncd.document_id": redact_text(info.document_id),
-        "syncd.cluster_time": _format_timestamp(info.cluster_time),
-        "syncd.resume_token": info.resume_token,
-        # Also as an attribute: not every backend keeps span links (Phoenix drops them).
-        "syncd.traceparent": info.traceparent.strip() if link and info.traceparent else None,
-    }
-    return {key: value for key, value in attributes.items() if value is not None}
-
-
-CONTENT_LIMIT = 4096  # characters of a document recorded with telemetry.record_content
-
-
-def _content(document: Mapping[str, Any]) -> str:
-    """The document as relaxed Extended JSON, credentials redacted, cut at CONTENT_LIMIT."""
-    text = redact_text(json_util.dumps(document, json_options=json_util.RELAXED_JSON_OPTIONS))
-    return text if len(text) <= CONTENT_LIMIT else text[:CONTENT_LIMIT] + "..."
-
-
-def _now_iso() -> str:
-    now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
-
-
-def _format_timestamp(ts: bson.Timestamp | None) -> str | None:
-    return f"{ts.time}.{ts.inc}" if ts is not None else None

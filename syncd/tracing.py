@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.trace import Link, Span, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -35,15 +35,31 @@ def tracer_provider(
     settings: TelemetrySettings, extra: SpanExporter | None = None
 ) -> TracerProvider | None:
     """A provider exporting through batch processors, or None when nothing exports."""
+    made = exporting_provider(settings, extra)
+    return made[0] if made is not None else None
+
+
+def exporting_provider(
+    settings: TelemetrySettings, extra: SpanExporter | None = None
+) -> tuple[TracerProvider, list[SpanProcessor]] | None:
+    """The provider and its processors, which also take the finished change spans."""
     exporters = span_exporters(settings)
     if extra is not None:
         exporters.append(extra)
     if not exporters:
         return None
     provider = TracerProvider(resource=_resource())  # OTEL_TRACES_SAMPLER applies here
+    processors: list[SpanProcessor] = []
     for exporter in exporters:
-        provider.add_span_processor(BatchSpanProcessor(exporter))
-    return provider
+        processor = BatchSpanProcessor(exporter, max_queue_size=_queue_size())
+        provider.add_span_processor(processor)
+        processors.append(processor)
+    return provider, processors
+
+
+def _queue_size() -> int | None:
+    """A span per change fills the SDK's default queue (2,048) in one large batch or two."""
+    return None if os.environ.get("OTEL_BSP_MAX_QUEUE_SIZE") else 16_384
 
 
 def record_error(span: Span, exc: BaseException) -> None:

@@ -25,6 +25,7 @@ from .helpers import (
     load_checkpoint,
     pipeline_table,
     settings_of,
+    wait_caught_up,
     wait_until,
     write_config,
 )
@@ -35,7 +36,7 @@ phoenix_server = phoenix_harness.phoenix_server  # the session fixture, shared w
 APP_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 APP_SPAN_ID = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{APP_TRACE_ID}-{APP_SPAN_ID}-01"
-STAGES = {"syncd.read", "syncd.map", "syncd.write", "syncd.checkpoint"}
+STAGES = {"syncd.read", "syncd.map", "syncd.lookup", "syncd.write", "syncd.checkpoint"}
 
 
 def _config(
@@ -110,13 +111,24 @@ def _console_spans(output: str) -> list[dict[str, Any]]:
 
 
 def _changes(spans: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """Each change event recorded on a batch span, with that span."""
+    """Each change span (Phoenix's JSON or the console's), with its batch span."""
+
+    def span_id(span: dict[str, Any]) -> str:
+        return str(span["context"]["span_id"])
+
+    by_id = {span_id(s): s for s in spans}
     return [
-        (span, event)
+        (by_id[span["parent_id"]], span)
         for span in spans
-        if span["name"] == "syncd.batch"
-        for event in span["events"]
-        if event["name"] == "syncd.event"
+        if span["name"] == "syncd.change" and span["parent_id"] in by_id
+    ]
+
+
+def _find(pipeline: str, document_id: str) -> list[str]:
+    """Phoenix's span filter for one document of one pipeline (values JSON-quoted)."""
+    return [
+        f"syncd.pipeline:{json.dumps(pipeline)}",
+        f"syncd.document_id:{json.dumps(document_id)}",
     ]
 
 
@@ -127,7 +139,7 @@ def _span_log(tmp_path: Path) -> list[dict[str, Any]]:
 # --- traces -----------------------------------------------------------------------------
 
 
-def test_each_change_is_a_trace_in_phoenix(
+def test_each_change_is_a_trace_in_phoenix_found_by_its_document_id(
     tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory, phoenix_server
 ):
     db, name = f"obs_{uuid.uuid4().hex[:8]}", f"obs-{uuid.uuid4().hex[:8]}"
@@ -136,7 +148,7 @@ def test_each_change_is_a_trace_in_phoenix(
         "otlp_endpoint": phoenix_server.otlp_http_endpoint,
         "event_sample_ratio": 1.0,
     }
-    cfg = _config(tmp_path, mongo_uri, chroma_server, db, name, telemetry)
+    cfg = _config(tmp_path, mongo_uri, chroma_server, db, name, telemetry, on_error="dead_letter")
     settings = settings_of(cfg)
     daemon = syncd_factory(["run"], cfg)
     wait_until(lambda: _streaming(settings, name), 30, "the pipeline to start streaming")
@@ -145,6 +157,7 @@ def test_each_change_is_a_trace_in_phoenix(
     write("update_one", {"_id": 1}, {"$set": {"title": "uno"}})
     write("delete_one", {"_id": 1})
     write("insert_one", {"_id": 2, "body": "traced body", "traceparent": TRACEPARENT})
+    write("insert_one", {"_id": 3, "body": {"not": "text"}})  # poison: dead-lettered
     daemon.terminate()  # a clean stop flushes the spans still queued for export
     assert daemon.wait(30) == ExitCode.OK, daemon.output()
 
@@ -152,60 +165,92 @@ def test_each_change_is_a_trace_in_phoenix(
         return [s for s in spans if s["attributes"].get("syncd.pipeline") == name]
 
     def complete(spans: list[dict[str, Any]]) -> bool:
-        return len(_changes(mine(spans))) >= 4
+        return len(_changes(mine(spans))) >= 5
 
     spans = mine(phoenix_server.wait_for_spans(complete, timeout=30))
     by_id = {s["context"]["span_id"]: s for s in spans}
     changes = _changes(spans)
-    assert sorted(e["attributes"]["syncd.operation"] for _, e in changes) == [
-        "delete", "insert", "insert", "update",
+    assert sorted(c["attributes"]["syncd.operation"] for _, c in changes) == [
+        "delete", "insert", "insert", "insert", "update",
     ]  # fmt: skip
-    assert len({b["context"]["trace_id"] for b, _ in changes}) == 4, "one trace per change"
-    # Nothing else: reads that found no change leave no trace of their own. The two
-    # inserts embed their text; the metadata-only update and the delete do not.
-    embeds = [s for s in spans if s["name"] == "syncd.embed"]
-    assert len(embeds) == 2, sorted(s["name"] for s in spans)
-    assert len(spans) == 4 * (1 + len(STAGES)) + 2, sorted(s["name"] for s in spans)
+    assert len({b["context"]["trace_id"] for b, _ in changes}) == 5, "one trace per change"
+    # Nothing else: reads that found no change and idle checkpoints leave no trace. The
+    # two good inserts embed their text; the update (metadata only), the delete and the
+    # poison insert do not.
+    assert {s["context"]["trace_id"] for s in spans} == {
+        b["context"]["trace_id"] for b, _ in changes
+    }
+    embedded = {s["context"]["trace_id"] for s in spans if s["name"] == "syncd.embed"}
+    assert sorted(
+        (c["attributes"]["syncd.operation"], c["attributes"]["syncd.document_id"])
+        for b, c in changes
+        if b["context"]["trace_id"] in embedded
+    ) == [("insert", "i:1"), ("insert", "i:2")]
 
-    for batch, event in changes:
+    for batch, change in changes:
         trace_id = batch["context"]["trace_id"]
         in_trace = [s for s in spans if s["context"]["trace_id"] == trace_id]
         (root,) = [s for s in in_trace if s["parent_id"] is None]
-        assert root is batch and batch["name"] == "syncd.batch"
-        assert batch["status_code"] != "ERROR"
+        assert root is batch and batch["name"] == f"process {db}.docs"
         assert batch["attributes"] == {
             "syncd.pipeline": name,
             "messaging.system": "mongodb",
+            "messaging.operation.name": "process",
             "messaging.operation.type": "process",
+            "messaging.consumer.group.name": name,
             "messaging.batch.message_count": 1,
             "messaging.destination.name": f"{db}.docs",
+            **({"error.type": "MappingError"} if batch["status_code"] == "ERROR" else {}),
         }
         children = [s for s in in_trace if s is not batch]
         assert all(by_id[s["parent_id"]] is batch for s in children), [
             (s["name"], by_id[s["parent_id"]]["name"]) for s in children
         ]
-        operation = event["attributes"]["syncd.operation"]
-        embed = ["syncd.embed"] if operation == "insert" else []
-        assert sorted(s["name"] for s in children) == sorted([*STAGES, *embed])
+        operation = change["attributes"]["syncd.operation"]
+        poison = change["attributes"]["syncd.document_id"] == "i:3"
+        embed = ["syncd.embed"] if operation == "insert" and not poison else []
+        # A poison change is mapped again from the document's current state before it is
+        # dead-lettered: a second map and lookup.
+        again = ["syncd.map", "syncd.lookup"] if poison else []
+        assert sorted(s["name"] for s in children) == sorted(
+            [*STAGES, *embed, *again, "syncd.change"]
+        )
 
-        attributes = event["attributes"]
+        attributes = change["attributes"]
         assert attributes["syncd.pipeline"] == name
-        assert attributes["db.namespace"] == f"{db}.docs"
+        assert attributes["db.namespace"] == db
+        assert attributes["db.collection.name"] == "docs"
         assert re.fullmatch(r"\d+\.\d+", attributes["syncd.cluster_time"])
-        assert re.fullmatch(r"[0-9A-F]+", attributes["syncd.resume_token"], re.IGNORECASE)
+        assert re.fullmatch(r"[0-9A-F]+", attributes["messaging.message.id"], re.IGNORECASE)
     documents = {
-        (e["attributes"]["syncd.operation"], e["attributes"]["syncd.document_id"])
-        for _, e in changes
+        (c["attributes"]["syncd.operation"], c["attributes"]["syncd.document_id"])
+        for _, c in changes
     }
-    assert documents == {("insert", "i:1"), ("update", "i:1"), ("delete", "i:1"), ("insert", "i:2")}
+    assert documents == {
+        ("insert", "i:1"), ("update", "i:1"), ("delete", "i:1"), ("insert", "i:2"),
+        ("insert", "i:3"),
+    }  # fmt: skip
 
-    # The document's traceparent: kept as an attribute (Phoenix drops links), on that event only.
-    ((traced_batch, traced),) = [
-        (b, e) for b, e in changes if e["attributes"]["syncd.document_id"] == "i:2"
-    ]
-    assert traced["attributes"]["syncd.traceparent"] == TRACEPARENT
+    # An operator who starts in the viewer: Phoenix's own API finds the document's sync.
+    (found,) = phoenix_server.spans(attribute=_find(name, "i:2"))
+    assert found["name"] == "syncd.change" and found["attributes"]["syncd.pipeline"] == name
+    traced_batch = by_id[found["parent_id"]]
+    assert found["attributes"]["syncd.traceparent"] == TRACEPARENT
     assert traced_batch["context"]["trace_id"] != APP_TRACE_ID, "a link, not a parent"
-    assert sum("syncd.traceparent" in e["attributes"] for _, e in changes) == 1
+    assert sum("syncd.traceparent" in c["attributes"] for _, c in changes) == 1
+    assert {
+        s["status_code"] for s in phoenix_server.spans(trace_id=[found["context"]["trace_id"]])
+    } == {"UNSET"}
+
+    # The dead-lettered change: its span, the stage it failed in and its batch are errors.
+    (poisoned,) = phoenix_server.spans(attribute=_find(name, "i:3"))
+    assert poisoned["status_code"] == "ERROR"
+    assert poisoned["attributes"]["error.type"] == "MappingError"
+    in_trace = phoenix_server.spans(trace_id=[poisoned["context"]["trace_id"]])
+    status = {(s["name"], s["status_code"], s["attributes"].get("error.type")) for s in in_trace}
+    assert (f"process {db}.docs", "ERROR", "MappingError") in status
+    assert ("syncd.map", "ERROR", "MappingError") in status
+    assert ("syncd.write", "UNSET", None) in status
     # No document content in any span.
     stored = json.dumps(spans)
     assert "the first body" not in stored and "traced body" not in stored and "uno" not in stored
@@ -214,10 +259,14 @@ def test_each_change_is_a_trace_in_phoenix(
     logged = {(r["operation"], r["document_id"]): r for r in _span_log(tmp_path)}
     assert set(logged) == documents
     record = logged[("insert", "i:2")]
-    assert record["trace_id"] == traced_batch["context"]["trace_id"]
-    assert record["span_id"] == traced_batch["context"]["span_id"]
+    assert record["trace_id"] == found["context"]["trace_id"]
+    assert record["span_id"] == found["context"]["span_id"]
     assert (record["linked_trace_id"], record["linked_span_id"]) == (APP_TRACE_ID, APP_SPAN_ID)
     assert record["outcome"] == "applied"
+    assert logged[("insert", "i:3")]["outcome"] == "dead-lettered: MappingError"
+    # One log line names the dead-lettered document.
+    (line,) = [text for text in daemon.output().splitlines() if "dead-lettered" in text]
+    assert "i:3" in line and "MappingError" in line
 
 
 def test_console_spans_link_to_the_documents_trace(
@@ -231,14 +280,23 @@ def test_console_spans_link_to_the_documents_trace(
     write = Writer(mongo_client, db, settings, name)
     write("insert_one", {"_id": "a", "body": "linked", "traceparent": f"  {TRACEPARENT} "})
     write("insert_one", {"_id": "b", "body": "unlinked", "traceparent": "00-not-a-context"})
+    # Writes elsewhere in the database move the quiet stream's position: idle checkpoints.
+    before = load_checkpoint(settings, name)
+    assert before is not None and before.cluster_time is not None
+    for n in range(3):
+        mongo_client[db]["elsewhere"].insert_one({"n": n})
+        wait_caught_up(mongo_client, db, settings, name, 30, "an idle checkpoint")
     daemon.terminate()
     assert daemon.wait(30) == ExitCode.OK, daemon.output()
 
     spans = _console_spans(daemon.output())
+    roots = [s["name"] for s in spans if s["parent_id"] is None]
+    assert roots == [f"process {db}.docs"] * 2, "idle checkpoints make no trace"
     batches = {e["attributes"]["syncd.document_id"]: (b, e) for b, e in _changes(spans)}
     assert set(batches) == {"s:a", "s:b"}
     linked, event = batches["s:a"]
     (link,) = linked["links"]
+    assert event["links"] == linked["links"], "the change span links to the document's trace"
     assert link["context"]["trace_id"] == f"0x{APP_TRACE_ID}"
     assert link["context"]["span_id"] == f"0x{APP_SPAN_ID}"
     assert link["attributes"] == {"syncd.link": "document.traceparent"}
@@ -249,7 +307,7 @@ def test_console_spans_link_to_the_documents_trace(
     assert unlinked["links"] == [] and "syncd.traceparent" not in bad["attributes"]
 
     batch = linked  # span kind, which Phoenix does not keep
-    assert batch["name"] == "syncd.batch" and batch["kind"] == "SpanKind.CONSUMER"
+    assert batch["name"] == f"process {db}.docs" and batch["kind"] == "SpanKind.CONSUMER"
     assert batch["parent_id"] is None
     assert batch["resource"]["attributes"]["service.name"] == "syncd"
 
@@ -285,8 +343,9 @@ def test_metrics_count_changes_and_readyz_follows_chroma(
     write("update_one", {"_id": 0}, {"$set": {"body": "changed"}})
     assert metric("syncd_events_applied_total", operation="insert") == inserted + 3
     assert metric("syncd_events_applied_total", operation="update") == 1
-    lag = metric("syncd_lag_seconds")
-    assert lag is not None and 0 <= lag < 10, lag
+    wait_until(lambda: metric("syncd_lag_seconds") == 0, 30, "no lag once caught up and idle")
+    for stage in ("read", "map", "lookup", "embed", "write", "checkpoint"):
+        assert (metric("syncd_stage_seconds_count", stage=stage) or 0) >= 1, stage
     assert metric("syncd_pipeline_ready") == 1
     assert metric("syncd_pipeline_state", state="streaming") == 1
 
@@ -301,6 +360,9 @@ def test_metrics_count_changes_and_readyz_follows_chroma(
     assert _get(f"{base}/healthz")[0] == 200, "a dependency outage is not a reason to restart"
     assert metric("syncd_pipeline_ready") == 0
     assert metric("syncd_events_applied_total", operation="insert") == inserted + 3
+    # The lag is the pending change's age, growing for as long as Chroma is down.
+    first = wait_until(lambda: metric("syncd_lag_seconds") or None, 30, "the lag to show")
+    wait_until(lambda: (metric("syncd_lag_seconds") or 0) > first, 30, "the lag to grow")
 
     # Chroma back on the same port: ready again, and the pending write is applied.
     chroma.start()
@@ -312,6 +374,7 @@ def test_metrics_count_changes_and_readyz_follows_chroma(
     )
     assert (metric("syncd_retries_total", kind="transient") or 0) >= 1
     assert chroma.client().get_collection(f"{name}-c").count() == 4
+    wait_until(lambda: metric("syncd_lag_seconds") == 0, 30, "no lag once idle again")
     daemon.terminate()
     assert daemon.wait(30) == ExitCode.OK, daemon.output()
 
@@ -397,7 +460,8 @@ def test_no_credential_reaches_logs_spans_or_metrics(
         ours = [s for s in spans if s["attributes"].get("syncd.pipeline") == name]
         return (
             any(s["status_code"] == "ERROR" for s in ours)
-            and sum(s["name"] == "syncd.batch" and s["status_code"] != "ERROR" for s in ours) >= 2
+            and sum(s["name"].startswith("process ") and s["status_code"] != "ERROR" for s in ours)
+            >= 2
         )  # the first insert, and the outage's write once Chroma was back
 
     spans = phoenix_server.wait_for_spans(exported, timeout=30)

@@ -1,7 +1,8 @@
 """syncd's spans as a real OTLP receiver (Arize Phoenix) stores them, read back over its REST API.
 
 Phoenix keeps names, parentage, status, attributes and events; it drops span kind and
-links, which the unit tests check on the SDK's own spans instead.
+links, which the unit tests check on the SDK's own spans instead. Its span API filters by
+attribute, which is how an operator finds one document's sync.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import bson
 import pytest
 
 from syncd.config import Settings
-from syncd.errors import TransientError
+from syncd.errors import MappingError, TransientError
 from syncd.telemetry import ChangeEventInfo, Telemetry
 from tests.harness import phoenix as phoenix_harness
 from tests.harness.phoenix import PhoenixServer
@@ -27,7 +28,8 @@ SECRET_URI = "mongodb://syncd:hunter2-secret@db.example:27017/app"
 
 
 def send_batches(telemetry: Telemetry, pipeline_name: str) -> None:
-    """One good batch (four stages, two events) and one that fails in the write stage."""
+    """A good batch (four stages, two changes), one that fails in the write stage, and one
+    whose change is dead-lettered."""
     pipeline = telemetry.pipeline(pipeline_name)
     events = [
         ChangeEventInfo(
@@ -40,73 +42,117 @@ def send_batches(telemetry: Telemetry, pipeline_name: str) -> None:
             traceparent=traceparent,
         )
         for n, (operation, document_id, traceparent) in enumerate(
-            [("insert", "42", TRACEPARENT), ("delete", "7", None)], start=1
+            [("insert", "42", TRACEPARENT), ("delete", "7", None), ("update", "13", None)],
+            start=1,
         )
     ]
-    with pipeline.batch(len(events)):
+    with pipeline.batch(2):
+        for event in events[:2]:
+            pipeline.event(event)
         for stage in ("read", "map", "write", "checkpoint"):
             with pipeline.stage(stage):
-                if stage == "map":
-                    for event in events:
-                        pipeline.event(event)
+                pass
     with pytest.raises(TransientError), pipeline.batch(1), pipeline.stage("write"):
         raise TransientError(f"Chroma unavailable behind {SECRET_URI}")
+    with pipeline.batch(1):
+        pipeline.event(events[2])
+        with pipeline.stage("map"):
+            pass
+        pipeline.dead_lettered([("13", MappingError(f"text is a list ({SECRET_URI})"))])
+
+
+SPANS = 12  # a batch, 4 stages, 2 changes; a batch and its write; a batch, a map, a change
 
 
 def spans_of(phoenix: PhoenixServer, pipeline_name: str) -> list[dict[str, Any]]:
-    """Wait for the 7 spans of :func:`send_batches` (Phoenix ingests asynchronously)."""
+    """Wait for the spans of :func:`send_batches` (Phoenix ingests asynchronously)."""
 
     def mine(spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [s for s in spans if s["attributes"].get("syncd.pipeline") == pipeline_name]
 
-    return mine(phoenix.wait_for_spans(lambda spans: len(mine(spans)) >= 7, timeout=60))
+    return mine(phoenix.wait_for_spans(lambda spans: len(mine(spans)) >= SPANS, timeout=60))
 
 
-def assert_structure(spans: list[dict[str, Any]], pipeline_name: str) -> None:
-    good_batch = ["syncd.batch", "syncd.read", "syncd.map", "syncd.write", "syncd.checkpoint"]
-    failed_batch = ["syncd.batch", "syncd.write"]
-    assert sorted(s["name"] for s in spans) == sorted([*good_batch, *failed_batch])
+def find(phoenix: PhoenixServer, pipeline_name: str, document_id: str) -> list[dict[str, Any]]:
+    """What an operator does in the viewer: filter spans by the document's id."""
+    return phoenix.spans(
+        attribute=[
+            f"syncd.pipeline:{json.dumps(pipeline_name)}",
+            f"syncd.document_id:{json.dumps(document_id)}",
+        ]
+    )
+
+
+def assert_structure(phoenix: PhoenixServer, spans: list[dict[str, Any]], name: str) -> None:
+    batch_name = "process app.articles"
+    good_batch = [batch_name, "syncd.read", "syncd.map", "syncd.write", "syncd.checkpoint"]
+    failed_batch = [batch_name, "syncd.write"]
+    dead_letter_batch = [batch_name, "syncd.map"]
+    changes = ["syncd.change"] * 3
+    assert sorted(s["name"] for s in spans) == sorted(
+        [*good_batch, *failed_batch, *dead_letter_batch, *changes]
+    )
     by_id = {s["context"]["span_id"]: s for s in spans}
-    good, bad = sorted(
-        (s for s in spans if s["name"] == "syncd.batch"),
-        key=lambda s: s["attributes"]["messaging.batch.message_count"],
+    batches = sorted(
+        (s for s in spans if s["name"] == batch_name),
+        key=lambda s: (s["attributes"]["messaging.batch.message_count"], s["status_message"]),
         reverse=True,
     )
-    for batch in (good, bad):
+    good = batches[0]
+    for batch in batches:
         assert batch["parent_id"] is None
         assert batch["attributes"]["messaging.system"] == "mongodb"
+        assert batch["attributes"]["messaging.operation.name"] == "process"
         assert batch["attributes"]["messaging.operation.type"] == "process"
+        assert batch["attributes"]["messaging.consumer.group.name"] == name
         assert batch["attributes"]["messaging.destination.name"] == "app.articles"
     assert good["status_code"] != "ERROR"
     good_trace = good["context"]["trace_id"]
     children = [s for s in spans if s["context"]["trace_id"] == good_trace and s is not good]
-    assert len(children) == 4
+    assert len(children) == 6
     for span in children:
         assert by_id[span["parent_id"]] is good, span["name"]
-        assert not [e for e in span["events"] if e["name"] == "syncd.event"]
 
-    # Each change is a span event on its batch's span.
-    events = {e["attributes"]["syncd.document_id"]: e for e in good["events"]}
-    assert events["42"]["attributes"] == {
-        "syncd.pipeline": pipeline_name,
-        "db.namespace": "app.articles",
+    # Each change is a span of its own, found through Phoenix's API by its document id.
+    (change,) = find(phoenix, name, "42")
+    assert change["context"]["trace_id"] == good_trace
+    assert change["status_code"] == "UNSET"
+    assert change["attributes"] == {
+        "syncd.pipeline": name,
+        "db.namespace": "app",
+        "db.collection.name": "articles",
         "syncd.operation": "insert",
         "syncd.document_id": "42",
         "syncd.cluster_time": "1700000000.1",
-        "syncd.resume_token": "8265000001",
+        "messaging.message.id": "8265000001",
         "syncd.traceparent": TRACEPARENT,
     }
-    assert "syncd.traceparent" not in events["7"]["attributes"]
+    (other,) = find(phoenix, name, "7")
+    assert "syncd.traceparent" not in other["attributes"]
 
-    (failed_write,) = [s for s in spans if s["parent_id"] == bad["context"]["span_id"]]
-    for span in (failed_write, bad):
+    (failed,) = [s for s in batches if s["attributes"]["messaging.batch.message_count"] == 1
+                 and "TransientError" in s["status_message"]]  # fmt: skip
+    (failed_write,) = [s for s in spans if s["parent_id"] == failed["context"]["span_id"]]
+    for span in (failed_write, failed):
         assert span["status_code"] == "ERROR"
+        assert span["attributes"]["error.type"] == "TransientError"
         assert (
             "TransientError: Chroma unavailable behind mongodb://syncd:***@db"
             in (span["status_message"])
         )
         (exception,) = [e for e in span["events"] if e["name"] == "exception"]
         assert exception["attributes"]["exception.type"] == "syncd.errors.TransientError"
+
+    # A dead-lettered change: its span, its trace's root and the map stage are errors.
+    (dead,) = find(phoenix, name, "13")
+    assert dead["status_code"] == "ERROR"
+    assert dead["attributes"]["error.type"] == "MappingError"
+    in_trace = {
+        s["name"]: s for s in spans if s["context"]["trace_id"] == dead["context"]["trace_id"]
+    }
+    for span_name in (batch_name, "syncd.map"):
+        assert in_trace[span_name]["status_code"] == "ERROR"
+        assert in_trace[span_name]["attributes"]["error.type"] == "MappingError"
     assert "hunter2" not in json.dumps(spans)
 
 
@@ -124,22 +170,19 @@ def test_otlp_http_spans_arrive_with_structure_attributes_and_errors(phoenix_ser
     send_batches(telemetry, name)
     telemetry.shutdown()
     spans = spans_of(phoenix_server, name)
-    assert_structure(spans, name)
-    # The local span log names the same trace Phoenix stored.
+    assert_structure(phoenix_server, spans, name)
+    # The local span log names the same span Phoenix stored.
     logged = telemetry_for(tmp_path)
     logged.start()
     assert logged.span_log is not None
     (record,) = logged.span_log.find(name, "42")
+    (dead,) = logged.span_log.find(name, "13")
     logged.shutdown()
-    (batch,) = [
-        s
-        for s in spans
-        if any(e["attributes"].get("syncd.document_id") == "42" for e in s["events"])
-    ]
-    assert batch["name"] == "syncd.batch"
-    assert record["trace_id"] == batch["context"]["trace_id"]
-    assert record["span_id"] == batch["context"]["span_id"]
+    (change,) = find(phoenix_server, name, "42")
+    assert record["trace_id"] == change["context"]["trace_id"]
+    assert record["span_id"] == change["context"]["span_id"]
     assert record["outcome"] == "applied"
+    assert dead["outcome"] == "dead-lettered: MappingError"
 
 
 def test_standard_otel_variables_select_otlp_and_the_service_name(
@@ -154,7 +197,7 @@ def test_standard_otel_variables_select_otlp_and_the_service_name(
     telemetry.start()
     send_batches(telemetry, name)
     telemetry.shutdown()
-    assert_structure(spans_of(phoenix_server, name), name)
+    assert_structure(phoenix_server, spans_of(phoenix_server, name), name)
 
 
 def test_otlp_grpc_spans_arrive(phoenix_server, tmp_path):
@@ -165,4 +208,4 @@ def test_otlp_grpc_spans_arrive(phoenix_server, tmp_path):
     telemetry.start()
     send_batches(telemetry, name)
     telemetry.shutdown()
-    assert_structure(spans_of(phoenix_server, name), name)
+    assert_structure(phoenix_server, spans_of(phoenix_server, name), name)

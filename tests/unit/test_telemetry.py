@@ -12,11 +12,12 @@ from typing import Any
 import bson
 import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+from syncd import __version__
 from syncd.config import Settings
 from syncd.errors import ConfigError, TransientError
 from syncd.telemetry import ChangeEventInfo, PipelineTelemetry, Telemetry
@@ -53,19 +54,26 @@ def info(document_id: str = "42", **overrides: Any) -> ChangeEventInfo:
     return ChangeEventInfo(**{**fields, **overrides})
 
 
+BATCH = "process app.articles"
+
+
 def finished(telemetry: Telemetry, exporter: InMemorySpanExporter) -> dict[str, ReadableSpan]:
     assert telemetry.force_flush()
     return {span.name: span for span in exporter.get_finished_spans()}
 
 
-def change_events(span: ReadableSpan) -> list[Event]:
-    return [event for event in span.events if event.name == "syncd.event"]
+def change_spans(telemetry: Telemetry, exporter: InMemorySpanExporter) -> list[ReadableSpan]:
+    assert telemetry.force_flush()
+    return [span for span in exporter.get_finished_spans() if span.name == "syncd.change"]
 
 
-def only_event(telemetry: Telemetry, exporter: InMemorySpanExporter) -> tuple[ReadableSpan, Event]:
-    batch = finished(telemetry, exporter)["syncd.batch"]
-    (event,) = change_events(batch)
-    return batch, event
+def only_change(
+    telemetry: Telemetry, exporter: InMemorySpanExporter
+) -> tuple[ReadableSpan, ReadableSpan]:
+    """The batch span and its one change span."""
+    batch = finished(telemetry, exporter)[BATCH]
+    (change,) = change_spans(telemetry, exporter)
+    return batch, change
 
 
 def run_batch(pipeline: PipelineTelemetry, *events: ChangeEventInfo) -> None:
@@ -79,7 +87,7 @@ def run_batch(pipeline: PipelineTelemetry, *events: ChangeEventInfo) -> None:
             pass
 
 
-def test_batch_is_a_root_consumer_span_with_stages_as_children_and_change_events(telemetry):
+def test_batch_is_a_root_consumer_span_with_stages_and_changes_as_children(telemetry):
     tel, exporter = telemetry
     pipeline = tel.pipeline("articles")
     outer = TracerProvider().get_tracer("caller")
@@ -87,39 +95,44 @@ def test_batch_is_a_root_consumer_span_with_stages_as_children_and_change_events
         run_batch(pipeline, info("42"))
     spans = finished(tel, exporter)
 
-    batch = spans["syncd.batch"]
+    batch = spans[BATCH]
     assert batch.parent is None, "a batch starts its own trace"
     assert batch.kind is SpanKind.CONSUMER
     assert dict(batch.attributes or {}) == {
         "syncd.pipeline": "articles",
         "messaging.system": "mongodb",
+        "messaging.operation.name": "process",
         "messaging.operation.type": "process",
+        "messaging.consumer.group.name": "articles",
         "messaging.batch.message_count": 1,
         "messaging.destination.name": "app.articles",
     }
-    for name in ("syncd.read", "syncd.map", "syncd.write"):
+    for name in ("syncd.read", "syncd.map", "syncd.write", "syncd.change"):
         assert spans[name].parent is not None
         assert spans[name].parent.span_id == batch.context.span_id
         assert spans[name].context.trace_id == batch.context.trace_id
-    assert "syncd.event" not in spans, "a change is a span event, not a span"
-    (event,) = change_events(batch)
-    assert dict(event.attributes or {}) == {
+    change = spans["syncd.change"]
+    assert dict(change.attributes or {}) == {
         "syncd.pipeline": "articles",
-        "db.namespace": "app.articles",
+        "db.namespace": "app",
+        "db.collection.name": "articles",
         "syncd.operation": "update",
         "syncd.document_id": "42",
         "syncd.cluster_time": "1700000000.7",
-        "syncd.resume_token": "8265A1B2C3000000072B",
+        "messaging.message.id": "8265A1B2C3000000072B",
     }
-    assert not batch.links
-    for name in ("syncd.read", "syncd.map", "syncd.write"):
-        assert not change_events(spans[name])
+    assert change.status.status_code is StatusCode.UNSET
+    assert change.resource.attributes["service.name"] == batch.resource.attributes["service.name"]
+    assert change.instrumentation_scope is not None
+    assert change.instrumentation_scope.name == "syncd"
+    assert not batch.links and not batch.events
 
 
 def test_event_links_to_the_trace_in_the_document_traceparent(telemetry):
     tel, exporter = telemetry
     run_batch(tel.pipeline("articles"), info(traceparent=TRACEPARENT))
-    batch, event = only_event(tel, exporter)
+    batch, change = only_change(tel, exporter)
+    assert [link.context for link in change.links] == [batch.links[0].context]
     assert len(batch.links) == 1
     link = batch.links[0].context
     assert trace.format_trace_id(link.trace_id) == "0af7651916cd43dd8448eb211c80319c"
@@ -127,7 +140,7 @@ def test_event_links_to_the_trace_in_the_document_traceparent(telemetry):
     assert link.is_remote
     assert dict(batch.links[0].attributes or {}) == {"syncd.link": "document.traceparent"}
     assert link.trace_id != batch.context.trace_id, "a link, not a parent"
-    assert (event.attributes or {})["syncd.traceparent"] == TRACEPARENT
+    assert (change.attributes or {})["syncd.traceparent"] == TRACEPARENT
 
 
 def test_a_batch_links_to_every_traced_document_once_each(telemetry):
@@ -139,14 +152,12 @@ def test_a_batch_links_to_every_traced_document_once_each(telemetry):
         info("2"),
         info("3", traceparent=other),
     )
-    batch = finished(tel, exporter)["syncd.batch"]
+    batch = finished(tel, exporter)[BATCH]
     linked = [trace.format_trace_id(link.context.trace_id) for link in batch.links]
     assert linked == ["0af7651916cd43dd8448eb211c80319c", "1af7651916cd43dd8448eb211c80319c"]
-    assert [dict(e.attributes or {}).get("syncd.traceparent") for e in change_events(batch)] == [
-        TRACEPARENT,
-        None,
-        other,
-    ]
+    assert [
+        dict(c.attributes or {}).get("syncd.traceparent") for c in change_spans(tel, exporter)
+    ] == [TRACEPARENT, None, other]
 
 
 @pytest.mark.parametrize(
@@ -162,9 +173,9 @@ def test_a_batch_links_to_every_traced_document_once_each(telemetry):
 def test_invalid_traceparent_adds_no_link(telemetry, bad):
     tel, exporter = telemetry
     run_batch(tel.pipeline("articles"), info(traceparent=bad))
-    batch, event = only_event(tel, exporter)
-    assert not batch.links
-    assert "syncd.traceparent" not in (event.attributes or {})
+    batch, change = only_change(tel, exporter)
+    assert not batch.links and not change.links
+    assert "syncd.traceparent" not in (change.attributes or {})
 
 
 def test_failure_marks_stage_and_batch_as_errors_without_leaking_credentials(telemetry):
@@ -173,7 +184,7 @@ def test_failure_marks_stage_and_batch_as_errors_without_leaking_credentials(tel
     with pytest.raises(TransientError), pipeline.batch(3), pipeline.stage("write"):
         raise TransientError(f"cannot reach {SECRET_URI}")
     spans = finished(tel, exporter)
-    for name in ("syncd.write", "syncd.batch"):
+    for name in ("syncd.write", "process"):
         span = spans[name]
         assert span.status.status_code is StatusCode.ERROR
         assert "TransientError" in (span.status.description or "")
@@ -188,12 +199,12 @@ def test_failure_marks_stage_and_batch_as_errors_without_leaking_credentials(tel
 def test_document_ids_that_look_like_credentials_are_redacted(telemetry):
     tel, exporter = telemetry
     run_batch(tel.pipeline("articles"), info(document_id=SECRET_URI))
-    batch, event = only_event(tel, exporter)
+    batch, change = only_change(tel, exporter)
     assert (
-        dict(event.attributes or {})["syncd.document_id"]
+        dict(change.attributes or {})["syncd.document_id"]
         == "mongodb://syncd:***@db.example:27017/app"
     )
-    assert "hunter2" not in batch.to_json()
+    assert "hunter2" not in batch.to_json() + change.to_json()
 
 
 def test_document_content_is_recorded_only_when_enabled(tmp_path):
@@ -205,31 +216,31 @@ def test_document_content_is_recorded_only_when_enabled(tmp_path):
             pipeline = tel.pipeline("articles")
             with pipeline.batch(1):
                 pipeline.event(info("42"), document)
-            batch, event = only_event(tel, exporter)
+            batch, change = only_change(tel, exporter)
         finally:
             tel.shutdown()
-        content = dict(event.attributes or {}).get("syncd.document")
+        content = dict(change.attributes or {}).get("syncd.document")
         if not enabled:
-            assert content is None and "private words" not in batch.to_json()
+            assert content is None and "private words" not in batch.to_json() + change.to_json()
             continue
         assert isinstance(content, str) and content.startswith(
             '{"_id": 42, "body": "private words"'
         )
         assert len(content) == 4096 + 3 and content.endswith("...")
-        assert "hunter2" not in batch.to_json() and "syncd:***@db.example" in content
+        assert "hunter2" not in change.to_json() and "syncd:***@db.example" in content
 
 
-def test_sample_ratio_zero_records_no_change_events_but_keeps_the_span_log(tmp_path):
+def test_sample_ratio_zero_records_no_change_spans_but_keeps_the_span_log(tmp_path):
     tel, exporter = make_telemetry(tmp_path, event_sample_ratio=0.0)
     tel.start()
     try:
         run_batch(tel.pipeline("articles"), info("1"), info("2"))
         spans = finished(tel, exporter)
-        assert not change_events(spans["syncd.batch"])
+        assert not change_spans(tel, exporter)
         assert tel.span_log is not None
         records = tel.span_log.find("articles", "2")
         assert len(records) == 1
-        assert records[0]["span_id"] == trace.format_span_id(spans["syncd.batch"].context.span_id)
+        assert records[0]["span_id"] == trace.format_span_id(spans[BATCH].context.span_id)
     finally:
         tel.shutdown()
 
@@ -250,15 +261,16 @@ def test_span_log_records_each_event_with_its_ids_and_the_batch_outcome(telemetr
         pipeline.event(info("42", operation="delete"))
         raise RuntimeError("sink down")
     pipeline.event(info("7"))  # outside a batch: written at once
-    assert tel.force_flush()
-    batches = [s for s in exporter.get_finished_spans() if s.name == "syncd.batch"]
-    assert [len(change_events(b)) for b in batches] == [1, 1]
+    changes = change_spans(tel, exporter)
+    assert len(changes) == 2
     assert tel.span_log is not None
     first, second = tel.span_log.find("articles", "42")
     assert first["operation"] == "insert" and first["outcome"] == "applied"
     assert first["cluster_time"] == "1700000000.7"
-    assert first["span_id"] == trace.format_span_id(batches[0].context.span_id)
-    assert second["span_id"] == trace.format_span_id(batches[1].context.span_id)
+    assert first["span_id"] == trace.format_span_id(changes[0].context.span_id)
+    assert second["span_id"] == trace.format_span_id(changes[1].context.span_id)
+    assert changes[1].status.status_code is StatusCode.ERROR
+    assert dict(changes[1].attributes or {})["error.type"] == "RuntimeError"
     assert first["linked_trace_id"] == "0af7651916cd43dd8448eb211c80319c"
     assert second["operation"] == "delete" and second["outcome"] == "failed: RuntimeError"
     assert second["trace_id"] != first["trace_id"]
@@ -272,10 +284,12 @@ def test_metrics_are_recorded_on_the_instance_registry(telemetry):
     p.applied("insert", 2)
     p.applied("delete", 1)
     p.batch_done(5, 0.2)
-    p.dead_lettered(2)
+    p.dead_lettered([("1", ValueError("bad")), ("2", ValueError("bad"))])
     p.embedded(10)
     p.drift(missing=1, orphaned=2, stale=3)
-    p.lag(bson.Timestamp(int(time.time()) - 30, 1))
+    p.snapshot_progress(40, 100)
+    with p.stage("embed"):
+        pass
     p.checkpointed(bson.Timestamp(1_700_000_000, 1))
     value = tel.registry.get_sample_value
     assert value("syncd_events_applied_total", {"pipeline": "articles", "operation": "insert"}) == 5
@@ -285,7 +299,13 @@ def test_metrics_are_recorded_on_the_instance_registry(telemetry):
     assert value("syncd_dead_letters_total", {"pipeline": "articles"}) == 2
     assert value("syncd_embedding_inputs_total", {"pipeline": "articles"}) == 10
     assert value("syncd_drift_records", {"pipeline": "articles", "kind": "orphaned"}) == 2
-    assert 29 <= value("syncd_lag_seconds", {"pipeline": "articles"}) <= 40
+    assert value("syncd_snapshot_documents_scanned", {"pipeline": "articles"}) == 40
+    assert value("syncd_snapshot_documents_estimated", {"pipeline": "articles"}) == 100
+    assert value("syncd_stage_seconds_count", {"pipeline": "articles", "stage": "embed"}) == 1
+    build = [s for m in tel.registry.collect() for s in m.samples if s.name == "syncd_build_info"]
+    assert [(s.labels["version"], s.value) for s in build] == [(__version__, 1.0)]
+    assert value("process_cpu_seconds_total") is not None
+    assert value("python_gc_collections_total", {"generation": "0"}) is not None
     ts = value("syncd_checkpoint_timestamp_seconds", {"pipeline": "articles"})
     assert ts == 1_700_000_000
     age = value("syncd_checkpoint_age_seconds", {"pipeline": "articles"})
@@ -375,11 +395,10 @@ def test_shutdown_flushes_spans_and_is_idempotent(tmp_path):
     tel.start()
     run_batch(tel.pipeline("articles"), info())
     tel.shutdown()
-    (batch,) = [s for s in exporter.get_finished_spans() if s.name == "syncd.batch"]
-    assert len(change_events(batch)) == 1
+    assert [s.name for s in exporter.get_finished_spans()].count("syncd.change") == 1
     tel.shutdown()
     run_batch(tel.pipeline("articles"), info())  # after shutdown: no error, nothing exported
-    assert len([s for s in exporter.get_finished_spans() if s.name == "syncd.batch"]) == 1
+    assert [s.name for s in exporter.get_finished_spans()].count("syncd.change") == 1
 
 
 def test_exporter_comes_from_settings_then_otel_env(monkeypatch):
@@ -450,8 +469,141 @@ def test_an_unwritable_span_log_does_not_fail_the_batch(tmp_path, caplog):
     try:
         run_batch(tel.pipeline("articles"), info())
         run_batch(tel.pipeline("articles"), info())
-        assert "syncd.batch" in finished(tel, exporter)
+        assert BATCH in finished(tel, exporter)
         warnings = [r for r in caplog.records if "cannot write the span log" in r.getMessage()]
         assert len(warnings) == 1, "warned once, not per batch"
     finally:
         tel.shutdown()
+
+
+# --- what the operator looks for -----------------------------------------------------
+
+
+def test_an_idle_checkpoint_makes_no_trace_unless_it_fails(telemetry, caplog):
+    tel, exporter = telemetry
+    p = tel.pipeline("articles")
+    caplog.set_level(logging.DEBUG, logger="syncd.telemetry")
+    with p.idle_checkpoint():
+        pass
+    assert finished(tel, exporter) == {}
+    assert "idle checkpoint stored" in caplog.text
+    value = tel.registry.get_sample_value
+    labels = {"pipeline": "articles", "stage": "checkpoint"}
+    assert value("syncd_stage_seconds_count", labels) == 1
+    with pytest.raises(TransientError), p.idle_checkpoint():
+        raise TransientError(f"checkpoint store unreachable at {SECRET_URI}")
+    (span,) = finished(tel, exporter).values()
+    assert span.name == "syncd.checkpoint" and span.parent is None
+    assert span.status.status_code is StatusCode.ERROR
+    assert dict(span.attributes or {})["error.type"] == "TransientError"
+    assert value("syncd_stage_seconds_count", labels) == 2
+
+
+def test_a_dead_lettered_change_marks_its_span_its_stage_and_its_batch(telemetry, caplog):
+    from syncd.errors import EmbeddingRejectedError, MappingError
+
+    tel, exporter = telemetry
+    p = tel.pipeline("articles")
+    caplog.set_level(logging.INFO, logger="syncd.telemetry")
+    with p.batch(3):
+        for n in ("1", "2", "3"):
+            p.event(info(n))
+        with p.stage("map"):
+            pass
+        with p.stage("embed"):
+            pass
+        p.dead_lettered([("2", MappingError(f"text is a list, see {SECRET_URI}"))])
+        p.dead_lettered([("3", EmbeddingRejectedError("input too long"))])
+    spans = finished(tel, exporter)
+    changes = {
+        dict(c.attributes or {})["syncd.document_id"]: c for c in change_spans(tel, exporter)
+    }
+    assert changes["1"].status.status_code is StatusCode.UNSET
+    for document_id, error_class, stage in (
+        ("2", "MappingError", "syncd.map"),
+        ("3", "EmbeddingRejectedError", "syncd.embed"),
+    ):
+        change = changes[document_id]
+        assert change.status.status_code is StatusCode.ERROR
+        assert dict(change.attributes or {})["error.type"] == error_class
+        assert spans[stage].status.status_code is StatusCode.ERROR
+        assert dict(spans[stage].attributes or {})["error.type"] == error_class
+    batch = spans[BATCH]
+    assert batch.status.status_code is StatusCode.ERROR
+    assert "2 changes not applied" in (batch.status.description or "")
+    assert "hunter2" not in "".join(s.to_json() for s in exporter.get_finished_spans())
+    lines = [r for r in caplog.records if r.getMessage().startswith("dead-lettered")]
+    assert [(r.document_id, r.error_class, r.stage) for r in lines] == [  # type: ignore[attr-defined]
+        ("2", "MappingError", "map"),
+        ("3", "EmbeddingRejectedError", "embed"),
+    ]
+    assert tel.span_log is not None
+    assert [r["outcome"] for r in tel.span_log.find("articles", "2")] == [
+        "dead-lettered: MappingError"
+    ]
+    assert [r["outcome"] for r in tel.span_log.find("articles", "1")] == ["applied"]
+
+
+def test_a_halt_marks_the_change_and_the_stage_it_failed_in(telemetry):
+    from syncd.errors import HaltedError, MappingError
+
+    tel, exporter = telemetry
+    p = tel.pipeline("articles")
+    with pytest.raises(HaltedError), p.batch(1):
+        p.event(info("9"))
+        with p.stage("map"):
+            pass
+        error = MappingError("no text")
+        p.halted_at("9", error)
+        raise HaltedError("halted at a change that cannot be applied: no text")
+    spans = finished(tel, exporter)
+    (change,) = change_spans(tel, exporter)
+    assert dict(change.attributes or {})["error.type"] == "MappingError"
+    assert dict(spans["syncd.map"].attributes or {})["error.type"] == "MappingError"
+    assert dict(spans[BATCH].attributes or {})["error.type"] == "HaltedError"
+
+
+def test_lag_is_the_age_of_the_oldest_unapplied_change_and_zero_when_caught_up(telemetry):
+    tel, _ = telemetry
+    p = tel.pipeline("articles")
+
+    def lag() -> float:
+        value = tel.registry.get_sample_value("syncd_lag_seconds", {"pipeline": "articles"})
+        assert value is not None
+        return value
+
+    assert lag() == 0
+    old = bson.Timestamp(int(time.time()) - 30, 1)
+    with pytest.raises(TransientError), p.batch(2):
+        p.event(info("1", cluster_time=old))
+        p.event(info("2", cluster_time=bson.Timestamp(int(time.time()), 1)))
+        raise TransientError("Chroma is down")
+    assert 30 <= lag() < 40, "the failed batch's oldest change is still waiting"
+    with p.batch(1):  # the retry reads the same change again, and applies it
+        p.event(info("1", cluster_time=old))
+        assert 30 <= lag() < 40
+    assert lag() == 0
+    with pytest.raises(TransientError), p.batch(1):
+        p.event(info("3", cluster_time=old))
+        raise TransientError("Chroma is down")
+    p.caught_up()
+    assert lag() == 0
+
+
+def test_status_line_names_each_pipelines_state_lag_and_reason(telemetry):
+    tel, _ = telemetry
+    assert tel.status_line() == "no pipeline running"
+    tel.pipeline("articles").set_state("streaming")
+    other = tel.pipeline("other")
+    other.set_state("streaming")
+    with pytest.raises(TransientError), other.batch(1):
+        other.event(info("1", cluster_time=bson.Timestamp(int(time.time()) - 30, 1)))
+        raise TransientError("x")
+    other.retrying(TransientError(f"Chroma unreachable at {SECRET_URI}"), attempt=1, delay=1)
+    line = tel.status_line()
+    articles, retrying = line.split("; ")
+    assert articles == "articles streaming, lag 0s"
+    assert retrying.startswith("other retrying, lag 3")
+    assert retrying.endswith(
+        "TransientError: Chroma unreachable at mongodb://syncd:***@db.example:27017/app"
+    )
