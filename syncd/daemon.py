@@ -185,6 +185,7 @@ class Daemon:
             stale = [w for w in workers if w.is_alive() and time.monotonic() - w.last_beat > 60]
             if not stale:
                 self.notifier.watchdog()
+            self.notifier.keep_status(self.telemetry.status_line())
             self.stop.wait(min(ping_every, 1.0))
 
     def _finish(self, workers: list[Worker]) -> int:

@@ -1,5 +1,15 @@
 """Structured logging: one line per event, as JSON or text, with credentials scrubbed.
 
+JSON lines use the OpenTelemetry log data model's field names: ``timestamp``,
+``severity_text``, ``severity_number``, ``body``, ``attributes`` (the extra fields, and
+``exception.*`` for an exception), ``instrumentation_scope`` (the logger) and, when
+logged inside a span, ``trace_id`` and ``span_id``, so a collector can ship them as
+OTLP logs and a viewer can jump from a line to its trace.
+
+Under systemd, when stderr is the journal (``$JOURNAL_STREAM`` names stderr's device and
+inode), every line starts with its syslog priority, ``<3>`` to ``<7>``, which journald
+stores as the entry's priority: ``journalctl -u syncd -p warning`` then works.
+
 Every record that reaches syncd's handler, from syncd or from a library, passes
 through :class:`RedactingFilter` first: the message, its arguments, every extra field
 and the exception text go through :func:`~syncd.redact.redact_text`, so a MongoDB URI
@@ -12,12 +22,16 @@ Extra fields are passed the usual way and become JSON keys (or ``key=value`` pai
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Mapping
 from typing import Any, TextIO
+
+from opentelemetry import trace
 
 from syncd.config import LogSettings
 from syncd.errors import SyncdError
@@ -52,18 +66,84 @@ class RedactingFilter(logging.Filter):
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line, in the OpenTelemetry log data model's field names."""
+
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "ts": _timestamp(record),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
+            "timestamp": _timestamp(record),
+            "severity_text": record.levelname,
+            "severity_number": severity_number(record.levelno or 0),
+            "body": record.getMessage(),
         }
-        line.update(extra_fields(record))
+        attributes = extra_fields(record)
         exc_text = _exception_text(record, self)
         if exc_text:
-            line["exc"] = exc_text
+            error = record.exc_info[1] if record.exc_info else None
+            if error is not None:
+                attributes["exception.type"] = type(error).__qualname__
+                attributes["exception.message"] = redact_text(str(error))
+            attributes["exception.stacktrace"] = exc_text
+        if attributes:
+            line["attributes"] = attributes
+        line["instrumentation_scope"] = {"name": record.name}
+        context = trace.get_current_span().get_span_context()
+        if context.is_valid:
+            line["trace_id"] = trace.format_trace_id(context.trace_id)
+            line["span_id"] = trace.format_span_id(context.span_id)
         return json.dumps(line, default=str, ensure_ascii=False)
+
+
+def severity_number(levelno: int) -> int:
+    """The data model's SeverityNumber: DEBUG 5, INFO 9, WARN 13, ERROR 17, FATAL 21."""
+    if levelno >= logging.CRITICAL:
+        return 21
+    if levelno >= logging.ERROR:
+        return 17
+    if levelno >= logging.WARNING:
+        return 13
+    if levelno >= logging.INFO:
+        return 9
+    return 5
+
+
+class JournalPrefix(logging.Formatter):
+    """Prefix every physical line with its syslog priority, as journald reads stderr."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{syslog_priority(record.levelno or 0)}>"
+        return "\n".join(prefix + part for part in self.inner.format(record).split("\n"))
+
+
+def syslog_priority(levelno: int) -> int:
+    """crit 2, err 3, warning 4, info 6, debug 7 (syslog(3))."""
+    if levelno >= logging.CRITICAL:
+        return 2
+    if levelno >= logging.ERROR:
+        return 3
+    if levelno >= logging.WARNING:
+        return 4
+    if levelno >= logging.INFO:
+        return 6
+    return 7
+
+
+def stream_is_journal(stream: TextIO, env: Mapping[str, str] | None = None) -> bool:
+    """Whether ``stream`` is the journal stream systemd connected (``$JOURNAL_STREAM``).
+
+    systemd sets ``JOURNAL_STREAM=<device>:<inode>`` of the stream it connects stdout or
+    stderr to; comparing it with the stream's own keeps a redirected stderr unprefixed.
+    """
+    value = (os.environ if env is None else env).get("JOURNAL_STREAM", "")
+    device, _, inode = value.partition(":")
+    try:
+        status = os.fstat(stream.fileno())
+        return (status.st_dev, status.st_ino) == (int(device), int(inode))
+    except (ValueError, OSError, io.UnsupportedOperation):
+        return False
 
 
 class TextFormatter(logging.Formatter):
@@ -91,10 +171,12 @@ def setup_logging(settings: LogSettings, stream: TextIO | None = None) -> None:
         if getattr(handler, "_syncd", False):
             root.removeHandler(handler)
             handler.close()
-    handler = logging.StreamHandler(stream or sys.stderr)
+    out = stream or sys.stderr
+    handler = logging.StreamHandler(out)
     handler._syncd = True  # type: ignore[attr-defined]
     handler.addFilter(RedactingFilter())
-    handler.setFormatter(JsonFormatter() if settings.format == "json" else TextFormatter())
+    formatter: logging.Formatter = JsonFormatter() if settings.format == "json" else TextFormatter()
+    handler.setFormatter(JournalPrefix(formatter) if stream_is_journal(out) else formatter)
     root.addHandler(handler)
     level = getattr(logging, settings.level.upper())
     root.setLevel(level)

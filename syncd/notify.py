@@ -27,6 +27,7 @@ class SystemdNotifier:
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
         self._env = os.environ if env is None else env
         self._address = _socket_address(self._env.get("NOTIFY_SOCKET", ""))
+        self._shown: str | None = None
 
     @property
     def enabled(self) -> bool:
@@ -47,7 +48,13 @@ class SystemdNotifier:
 
     def status(self, text: str) -> None:
         """A one-line description shown by ``systemctl status``."""
+        self._shown = text
         self._send(*_status_lines(text))
+
+    def keep_status(self, text: str) -> None:
+        """Show ``text`` unless it is already shown: called on every supervisor tick."""
+        if text != self._shown:
+            self.status(text)
 
     def watchdog_interval(self) -> float | None:
         """How often to ping, in seconds: half of ``WatchdogSec=``; None when off.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -56,13 +57,17 @@ def test_json_lines_carry_fields_and_extras_with_credentials_redacted(output):
     )
     log.warning("embedding API said no: %s", API_KEY, extra={"api_key": "sk-live-0123456789abcdef"})
     (first, second) = [json.loads(line) for line in lines(output)]
-    assert first["level"] == "info" and first["logger"] == "syncd.pipeline"
-    assert first["ts"].endswith("Z") and "T" in first["ts"]
-    assert first["msg"] == "connected to mongodb://syncd:***@db.example:27017/app?authSource=admin"
-    assert first["pipeline"] == "articles" and first["document_id"] == "42"
-    assert first["header"] == "Authorization: ***"
-    assert second["level"] == "warning" and second["api_key"] == "***"
-    assert "api_key=***" in second["msg"]
+    assert (first["severity_text"], first["severity_number"]) == ("INFO", 9)
+    assert first["instrumentation_scope"] == {"name": "syncd.pipeline"}
+    assert first["timestamp"].endswith("Z") and "T" in first["timestamp"]
+    assert first["body"] == "connected to mongodb://syncd:***@db.example:27017/app?authSource=admin"
+    attributes = first["attributes"]
+    assert attributes["pipeline"] == "articles" and attributes["document_id"] == "42"
+    assert attributes["header"] == "Authorization: ***"
+    assert "trace_id" not in first and "span_id" not in first, "not inside a span"
+    assert (second["severity_text"], second["severity_number"]) == ("WARNING", 13)
+    assert second["attributes"]["api_key"] == "***"
+    assert "api_key=***" in second["body"]
     assert_no_secret(output.getvalue())
 
 
@@ -80,10 +85,13 @@ def test_exception_text_is_redacted_and_error_context_lifted(output):
         logging.getLogger("syncd").exception("pipeline stopped")
     (line,) = lines(output)
     record = json.loads(line)
-    assert record["level"] == "error"
-    assert "ConnectionError: refused by mongodb://syncd:***@" in record["exc"]
-    assert record["pipeline"] == "articles" and record["namespace"] == "app.articles"
-    assert record["hint"] == "check the password"
+    assert (record["severity_text"], record["severity_number"]) == ("ERROR", 17)
+    attributes = record["attributes"]
+    assert "ConnectionError: refused by mongodb://syncd:***@" in attributes["exception.stacktrace"]
+    assert attributes["exception.type"] == "SourceFatalError"
+    assert "mongodb://syncd:***@" in attributes["exception.message"]
+    assert attributes["pipeline"] == "articles" and attributes["namespace"] == "app.articles"
+    assert attributes["hint"] == "check the password"
     assert_no_secret(line)
 
 
@@ -105,8 +113,68 @@ def test_library_records_are_redacted_too_and_setup_replaces_its_handler(output)
     logging.getLogger("pymongo.topology").warning("heartbeat to %s failed", URI)
     logging.getLogger("pymongo.topology").info("not shown at warning level")
     (line,) = lines(output)
-    assert json.loads(line)["logger"] == "pymongo.topology"
+    assert json.loads(line)["instrumentation_scope"] == {"name": "pymongo.topology"}
     assert_no_secret(line)
+
+
+def test_json_lines_inside_a_span_carry_its_trace_and_span_ids(output):
+    from opentelemetry.sdk.trace import TracerProvider
+
+    setup_logging(LogSettings(format="json"), stream=output)
+    tracer = TracerProvider().get_tracer("test")
+    with tracer.start_as_current_span("syncd.write") as span:
+        logging.getLogger("syncd.sink").warning("slow write")
+    logging.getLogger("syncd.sink").warning("outside")
+    inside, outside = [json.loads(line) for line in lines(output)]
+    context = span.get_span_context()
+    assert inside["trace_id"] == f"{context.trace_id:032x}"
+    assert inside["span_id"] == f"{context.span_id:016x}"
+    assert "trace_id" not in outside
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_lines_to_the_journal_start_with_their_syslog_priority(tmp_path, monkeypatch, log_format):
+    path = tmp_path / "stderr"
+    with path.open("w") as stream:
+        status = os.fstat(stream.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{status.st_dev}:{status.st_ino}")
+        try:
+            setup_logging(LogSettings(format=log_format, level="debug"), stream=stream)
+            log = logging.getLogger("syncd.pipeline")
+            log.debug("d")
+            log.info("i")
+            log.warning("w")
+            log.error("e")
+            log.critical("c")
+            try:
+                raise ValueError("boom")
+            except ValueError:
+                log.exception("failed")
+        finally:
+            _remove_syncd_handlers()
+    got = path.read_text().splitlines()
+    assert [line[:3] for line in got[:5]] == ["<7>", "<6>", "<4>", "<3>", "<2>"]
+    assert all(line.startswith("<3>") for line in got[5:]), "a traceback stays at its priority"
+    if log_format == "json":
+        assert json.loads(got[2][3:])["body"] == "w"
+
+
+def test_a_stream_that_is_not_the_journal_gets_no_prefix(tmp_path, monkeypatch, output):
+    monkeypatch.setenv("JOURNAL_STREAM", "8:123456")  # the journal, but not our stream
+    path = tmp_path / "stderr"
+    with path.open("w") as stream:
+        setup_logging(LogSettings(format="text"), stream=stream)
+        logging.getLogger("syncd").warning("plain")
+        _remove_syncd_handlers()
+    assert " WARNING syncd: plain" in path.read_text()
+    assert not path.read_text().startswith("<")
+
+
+def _remove_syncd_handlers() -> None:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_syncd", False):
+            root.removeHandler(handler)
 
 
 def test_a_bad_format_string_does_not_lose_the_record(output):
@@ -116,7 +184,7 @@ def test_a_bad_format_string_does_not_lose_the_record(output):
     bad.args = ("not a number", URI)
     handler.handle(bad)  # directly: pytest's own capture handler would trip first
     (line,) = lines(output)
-    assert "not a number" in json.loads(line)["msg"]
+    assert "not a number" in json.loads(line)["body"]
     assert_no_secret(line)
 
 

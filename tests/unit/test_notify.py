@@ -142,3 +142,18 @@ def test_watchdog_interval_is_half_of_watchdog_sec(
     env: dict[str, str], expected: float | None
 ) -> None:
     assert SystemdNotifier(env).watchdog_interval() == expected
+
+
+def test_keep_status_sends_only_what_changed(listener):
+    sock, address = listener
+    notifier = SystemdNotifier({"NOTIFY_SOCKET": address})
+    notifier.keep_status("articles streaming, lag 0s")
+    notifier.keep_status("articles streaming, lag 0s")
+    notifier.keep_status("articles retrying, lag 12s: TransientError: Chroma unreachable")
+    assert sock.recv(4096) == b"STATUS=articles streaming, lag 0s"
+    assert sock.recv(4096) == (
+        b"STATUS=articles retrying, lag 12s: TransientError: Chroma unreachable"
+    )
+    sock.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        sock.recv(4096)
