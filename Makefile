@@ -9,7 +9,7 @@ PHOENIX_VENV := .venv-phoenix
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: all install dev standin run test lint typecheck bench bench-large viewer clean
+.PHONY: all install dev standin run test lint typecheck bench bench-large viewer clean promtool
 
 all: test
 
@@ -33,7 +33,7 @@ standin: $(STANDIN_VENV)/.installed
 run: $(VENV)/.installed $(STANDIN_VENV)/.installed
 	$(BIN)/python examples/demo.py
 
-test: $(VENV)/.installed $(STANDIN_VENV)/.installed $(PHOENIX_VENV)/.installed
+test: $(VENV)/.installed $(STANDIN_VENV)/.installed $(PHOENIX_VENV)/.installed promtool
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
@@ -61,6 +61,17 @@ bench: $(VENV)/.installed $(STANDIN_VENV)/.installed $(BENCH_VENV)/.installed
 # them alone at full size (about 30 minutes) and merges them into BENCHMARKS.md.
 bench-large: $(VENV)/.installed $(STANDIN_VENV)/.installed
 	$(BIN)/python bench/run.py --only snapshot memory --budget 1800
+
+# promtool (checks and unit-tests deploy/monitoring/alerts.yaml) is in Debian's prometheus
+# package. Installed where apt-get can (as root); elsewhere those tests skip and say why.
+promtool:
+	@command -v promtool >/dev/null && exit 0; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing promtool (Debian package prometheus) ..."; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus >/dev/null \
+	    || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus >/dev/null; } \
+	    || echo "could not install prometheus: the promtool tests will skip"; \
+	else echo "promtool missing and apt-get unusable here: the promtool tests will skip"; fi
 
 # Arize Phoenix (the OTLP receiver for trace tests, and `make viewer`) pins versions that
 # clash with chromadb's, so it gets its own environment; the harness knows the version.

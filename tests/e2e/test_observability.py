@@ -58,7 +58,9 @@ def _config(
             "telemetry": {"span_log_path": str(tmp_path / "spans.jsonl"), **telemetry},
         },
         pipelines=[
-            pipeline_table(name, db, chroma_collection=f"{name}-c", snapshot="never", **pipeline)
+            pipeline_table(
+                name, db, chroma_collection=f"{name}-c", **{"snapshot": "never", **pipeline}
+            )
         ],
     )
 
@@ -476,3 +478,56 @@ def test_no_credential_reaches_logs_spans_or_metrics(
     for where, text in outputs.items():
         for secret in secrets:
             assert secret not in text, f"{where} contains a credential"
+
+
+# --- shipped monitoring ------------------------------------------------------------------
+
+MONITORING = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
+# Exported as families from the start, with samples only after a retry, or where the
+# oplog is readable (the stand-in has none): declared is what can be checked here.
+DECLARED_ONLY = {"syncd_retries_total", "syncd_oplog_headroom_seconds"}
+
+
+def _monitoring_metrics() -> set[str]:
+    """Every metric name the shipped dashboard and alert rules query."""
+    import yaml
+
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exprs += [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
+    rules = yaml.safe_load((MONITORING / "alerts.yaml").read_text())
+    exprs += [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    return {m for e in exprs for m in re.findall(r"\b(?:syncd|process|python)_[a-z0-9_]+", e)}
+
+
+def test_every_metric_the_dashboard_and_alerts_use_is_exported(
+    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
+):
+    used = _monitoring_metrics()
+    assert {"syncd_lag_seconds", "syncd_stage_seconds_bucket", "syncd_build_info"} <= used
+    db, name = f"mon_{uuid.uuid4().hex[:8]}", f"mon-{uuid.uuid4().hex[:8]}"
+    mongo_client[db]["docs"].insert_many([{"_id": i, "body": f"existing {i}"} for i in range(5)])
+    listen = f"127.0.0.1:{free_port()}"
+    telemetry = {"listen": listen, "verify_sample_every_s": 0.5, "verify_sample_size": 10}
+    cfg = _config(
+        tmp_path, mongo_uri, chroma_server, db, name, telemetry,
+        snapshot="initial", on_error="dead_letter",
+    )  # fmt: skip
+    settings = settings_of(cfg)
+    daemon = syncd_factory(["run"], cfg)
+    wait_until(lambda: _streaming(settings, name), 60, "the snapshot to finish")
+    write = Writer(mongo_client, db, settings, name)
+    write("insert_one", {"_id": 10, "body": "new"})
+    write("insert_one", {"_id": 11, "body": {"not": "text"}})  # dead-lettered
+
+    def missing() -> set[str]:
+        text = _get(f"http://{listen}/metrics")[1]
+        families = list(text_string_to_metric_families(text))
+        sampled = {s.name for f in families for s in f.samples}
+        declared = {f"{f.name}{suffix}" for f in families for suffix in ("", "_total")}
+        return {m for m in used if m not in sampled and not (m in DECLARED_ONLY and m in declared)}
+
+    wait_until(lambda: not missing() or None, 30, "every metric to be exported")
+    assert not missing()
+    daemon.terminate()
+    assert daemon.wait(30) == ExitCode.OK, daemon.output()
