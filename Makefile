@@ -9,7 +9,7 @@ PHOENIX_VENV := .venv-phoenix
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: all install dev standin run test lint typecheck bench bench-large viewer clean promtool
+.PHONY: all install dev standin run test lint typecheck bench bench-large viewer clean promtool chromium
 
 all: test
 
@@ -33,7 +33,7 @@ standin: $(STANDIN_VENV)/.installed
 run: $(VENV)/.installed $(STANDIN_VENV)/.installed
 	$(BIN)/python examples/demo.py
 
-test: $(VENV)/.installed $(STANDIN_VENV)/.installed $(PHOENIX_VENV)/.installed promtool
+test: $(VENV)/.installed $(STANDIN_VENV)/.installed $(PHOENIX_VENV)/.installed promtool chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
@@ -62,16 +62,26 @@ bench: $(VENV)/.installed $(STANDIN_VENV)/.installed $(BENCH_VENV)/.installed
 bench-large: $(VENV)/.installed $(STANDIN_VENV)/.installed
 	$(BIN)/python bench/run.py --only snapshot memory --budget 1800
 
-# promtool (checks and unit-tests deploy/monitoring/alerts.yaml) is in Debian's prometheus
-# package. Installed where apt-get can (as root); elsewhere those tests skip and say why.
-promtool:
-	@command -v promtool >/dev/null && exit 0; \
+# Debian packages some tests drive: promtool (package prometheus) checks and unit-tests
+# deploy/monitoring/alerts.yaml; headless Chromium (package chromium) takes the README's
+# Phoenix screenshots. Installed where apt-get can (as root); elsewhere those tests skip
+# and say why.
+APT_INSTALL = DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends
+define apt_provide
+	@command -v $(1) >/dev/null && exit 0; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "installing promtool (Debian package prometheus) ..."; \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus >/dev/null \
-	    || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus >/dev/null; } \
-	    || echo "could not install prometheus: the promtool tests will skip"; \
-	else echo "promtool missing and apt-get unusable here: the promtool tests will skip"; fi
+	  echo "installing $(1) (Debian package $(2)) ..."; \
+	  $(APT_INSTALL) $(2) >/dev/null \
+	    || { apt-get update >/dev/null && $(APT_INSTALL) $(2) >/dev/null; } \
+	    || echo "could not install $(2): the tests that need $(1) will skip"; \
+	else echo "$(1) missing and apt-get unusable here: the tests that need it will skip"; fi
+endef
+
+promtool:
+	$(call apt_provide,promtool,prometheus)
+
+chromium:
+	$(call apt_provide,chromium,chromium)
 
 # Arize Phoenix (the OTLP receiver for trace tests, and `make viewer`) pins versions that
 # clash with chromadb's, so it gets its own environment; the harness knows the version.

@@ -8,6 +8,10 @@ attribute, which is how an operator finds one document's sync.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any
@@ -209,3 +213,68 @@ def test_otlp_grpc_spans_arrive(phoenix_server, tmp_path):
     send_batches(telemetry, name)
     telemetry.shutdown()
     assert_structure(phoenix_server, spans_of(phoenix_server, name), name)
+
+
+# --- `make viewer`: what an operator sees -------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "images"
+
+
+def chromium(url: str, *, screenshot: Path | None = None) -> str:
+    """Load ``url`` in headless Chromium until its scripts settle; return the rendered DOM."""
+    assert CHROMIUM is not None
+    flags = [
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+        "--no-first-run", "--disable-extensions", "--window-size=1600,1000",
+        "--virtual-time-budget=30000", "--run-all-compositor-stages-before-draw",
+    ]  # fmt: skip
+    action = [f"--screenshot={screenshot}"] if screenshot else ["--dump-dom"]
+    result = subprocess.run(
+        [CHROMIUM, *flags, *action, url], capture_output=True, text=True, timeout=180, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="Chromium is not installed (Debian package chromium; `make test` installs it "
+    "where apt-get can)",
+)
+def test_the_viewer_shows_a_batch_trace_and_finds_a_document(phoenix_server, tmp_path):
+    """Screenshots for the README, taken from Phoenix's own UI in a real browser.
+
+    ``SYNCD_UPDATE_SCREENSHOTS=1`` copies them to docs/images/.
+    """
+    name = f"viewer-{uuid.uuid4().hex[:8]}"
+    telemetry = telemetry_for(
+        tmp_path, traces="otlp_http", otlp_endpoint=phoenix_server.otlp_http_endpoint
+    )
+    telemetry.start()
+    send_batches(telemetry, name)
+    telemetry.shutdown()
+    spans_of(phoenix_server, name)
+    (change,) = find(phoenix_server, name, "42")
+    (project,) = [
+        p for p in phoenix_server.get_json("/v1/projects")["data"] if p["name"] == "default"
+    ]
+
+    trace_url = f"{phoenix_server.url}/redirects/traces/{change['context']['trace_id']}"
+    condition = f'syncd.document_id == "42" and syncd.pipeline == "{name}"'
+    search_url = f"{phoenix_server.url}/projects/{project['id']}/spans?" + urllib.parse.urlencode(
+        {"spanFilterCondition": condition}
+    )
+    pages = {"phoenix-trace.png": trace_url, "phoenix-search.png": search_url}
+    trace_dom = chromium(trace_url)
+    for stage in ("process app.articles", "syncd.read", "syncd.map", "syncd.write", "syncd.change"):
+        assert stage in trace_dom, stage
+    search_dom = chromium(search_url)
+    assert "syncd.change" in search_dom and "syncd.checkpoint" not in search_dom
+    for file_name, url in pages.items():
+        path = tmp_path / file_name
+        chromium(url, screenshot=path)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
+        if os.environ.get("SYNCD_UPDATE_SCREENSHOTS"):
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, SCREENSHOTS / file_name)
