@@ -99,6 +99,13 @@ class CheckpointStore(Protocol):
         """Record that ``epoch`` now owns the pipeline so older writers are fenced off."""
         ...
 
+    def next_epoch(self, pipeline: str) -> int:
+        """Claim the stored epoch plus one, atomically; older writers are fenced off.
+
+        For writers that hold no lease: a daemon without leases, a one-shot command.
+        """
+        ...
+
     def delete(self, pipeline: str) -> None: ...
 
     def list(self) -> list[Checkpoint]: ...
@@ -127,15 +134,30 @@ def from_document(doc: Mapping[str, Any]) -> Checkpoint:
             data["snapshot"] = SnapshotProgress(**snap)
         return Checkpoint(**data)
     except (TypeError, KeyError) as exc:
+        pipeline = str(doc.get("_id"))
         raise CheckpointCorruptError(
-            f"stored checkpoint is unreadable: {exc}",
-            hint="inspect it with `syncd tokens show`; reset it with `syncd tokens reset` "
-            "to start over",
-            pipeline=str(doc.get("_id")),
+            f"stored checkpoint is unreadable: {exc}", hint=reset_hint(pipeline), pipeline=pipeline
         ) from exc
 
 
+def reset_hint(pipeline: str) -> str:
+    """What to run when a checkpoint cannot be read."""
+    return (
+        f"start over with `syncd tokens reset {pipeline} --yes`: the next `syncd run` copies "
+        "every document again"
+    )
+
+
 # --- MongoDB store --------------------------------------------------------------
+
+
+def _not_newer(pipeline: str, epoch: int) -> dict[str, Any]:
+    """The checkpoint, unless a newer epoch holds it; no epoch yet counts as 0.
+
+    A document without an epoch exists when a status was recorded before the first
+    checkpoint: it must not make the first write look fenced off.
+    """
+    return {"_id": pipeline, "$or": [{"epoch": {"$lte": epoch}}, {"epoch": {"$exists": False}}]}
 
 
 class MongoCheckpointStore:
@@ -161,7 +183,7 @@ class MongoCheckpointStore:
         if history_reason:
             entry = checkpoint.history_entry(history_reason)
             update["$push"] = {"history": {"$each": [entry], "$slice": -self._history}}
-        fence = {"_id": checkpoint.pipeline, "epoch": {"$lte": checkpoint.epoch}}
+        fence = _not_newer(checkpoint.pipeline, checkpoint.epoch)
         with translate_mongo_errors(pipeline=checkpoint.pipeline):
             try:
                 self._coll.update_one(fence, update, upsert=True)
@@ -177,16 +199,23 @@ class MongoCheckpointStore:
     def claim_epoch(self, pipeline: str, epoch: int) -> None:
         with translate_mongo_errors(pipeline=pipeline):
             try:
-                self._coll.find_one_and_update(
-                    {"_id": pipeline, "epoch": {"$lte": epoch}},
-                    {"$set": {"epoch": epoch}},
-                    upsert=True,
-                    return_document=ReturnDocument.AFTER,
+                self._coll.update_one(
+                    _not_newer(pipeline, epoch), {"$set": {"epoch": epoch}}, upsert=True
                 )
             except DuplicateKeyError:
                 raise LeaseLostError(
                     f"cannot claim epoch {epoch}: a newer holder exists", pipeline=pipeline
                 ) from None
+
+    def next_epoch(self, pipeline: str) -> int:
+        with translate_mongo_errors(pipeline=pipeline):
+            doc = self._coll.find_one_and_update(
+                {"_id": pipeline},
+                {"$inc": {"epoch": 1}},
+                upsert=True,
+                return_document=ReturnDocument.AFTER,
+            )
+        return _epoch_of(doc, pipeline)
 
     def delete(self, pipeline: str) -> None:
         with translate_mongo_errors(pipeline=pipeline):
@@ -237,11 +266,15 @@ class FileCheckpointStore:
         except (ValueError, TypeError) as exc:
             raise CheckpointCorruptError(
                 f"checkpoint file {path} is corrupt: {exc}",
-                hint=f"restore it or delete {path} to start over (this re-copies everything)",
+                hint=f"restore it from a backup, or {reset_hint(pipeline)}",
                 pipeline=pipeline,
             ) from exc
         if not isinstance(doc, dict):
-            raise CheckpointCorruptError(f"checkpoint file {path} is corrupt", pipeline=pipeline)
+            raise CheckpointCorruptError(
+                f"checkpoint file {path} is corrupt",
+                hint=f"restore it from a backup, or {reset_hint(pipeline)}",
+                pipeline=pipeline,
+            )
         return doc
 
     def load(self, pipeline: str) -> Checkpoint | None:
@@ -272,6 +305,13 @@ class FileCheckpointStore:
         current["epoch"] = epoch
         self._write(pipeline, current)
 
+    def next_epoch(self, pipeline: str) -> int:
+        current = self._read(pipeline) or {"_id": pipeline}
+        epoch = _epoch_of(current, pipeline, missing=0) + 1
+        current["epoch"] = epoch
+        self._write(pipeline, current)
+        return epoch
+
     def delete(self, pipeline: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._path(pipeline).unlink()
@@ -298,6 +338,17 @@ class FileCheckpointStore:
         self._dir.mkdir(parents=True, exist_ok=True)
         text = json_util.dumps(SON(doc), json_options=json_util.CANONICAL_JSON_OPTIONS)
         atomic_write(self._path(pipeline), text.encode("utf-8"))
+
+
+def _epoch_of(doc: Mapping[str, Any] | None, pipeline: str, *, missing: int | None = None) -> int:
+    epoch = (doc or {}).get("epoch", missing)
+    if not isinstance(epoch, int) or isinstance(epoch, bool):
+        raise CheckpointCorruptError(
+            f"stored checkpoint has no usable fencing epoch: {epoch!r}",
+            hint=reset_hint(pipeline),
+            pipeline=pipeline,
+        )
+    return epoch
 
 
 def atomic_write(path: Path, data: bytes) -> None:

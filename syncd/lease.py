@@ -172,22 +172,27 @@ class LeaseManager:
         """Claim ``epoch`` on the checkpoint; lift it past a newer checkpoint epoch if needed.
 
         A checkpoint epoch above the lease's means the leases collection was dropped or
-        edited; the lease then jumps past the checkpoint so fencing keeps working.
+        edited, or a writer without a lease (leases turned off, a one-shot command)
+        claimed one: the lease then jumps past the checkpoint so fencing keeps working.
         """
         try:
             self.store.claim_epoch(pipeline, epoch)
             return epoch
         except LeaseLostError:
-            stored = self.store.load(pipeline)
-            if stored is None or stored.epoch < epoch:
-                self._expire(pipeline, epoch)
-                raise
-        lifted = stored.epoch + 1
+            pass
+        try:
+            lifted = self.store.next_epoch(pipeline)
+        except SyncdError:
+            self._expire(pipeline, epoch)  # others may take it at once
+            raise
         with translate_mongo_errors(pipeline=pipeline):
-            self._coll.update_one(
+            moved = self._coll.update_one(
                 {"_id": pipeline, "owner": self.owner, "epoch": epoch}, {"$set": {"epoch": lifted}}
             )
-        self.store.claim_epoch(pipeline, lifted)
+        if moved.matched_count == 0:
+            raise LeaseLostError(
+                f"lost the lease while lifting its epoch past {lifted - 1}", pipeline=pipeline
+            )
         return lifted
 
     def renew(self) -> list[str]:

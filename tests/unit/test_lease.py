@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from syncd.checkpoint import Checkpoint, MongoCheckpointStore
+from syncd.checkpoint import Checkpoint, FileCheckpointStore, MongoCheckpointStore
 from syncd.config import CheckpointSettings, LeaseSettings, PipelineSettings
 from syncd.errors import LeaseLostError
 from syncd.lease import FencedSink, LeaseManager, lease_info, leases_collection
@@ -109,6 +109,41 @@ def test_lease_epoch_jumps_past_a_newer_checkpoint_epoch(mongo_db):
     store.save(checkpoint(8, 200))
     with pytest.raises(LeaseLostError):
         store.save(checkpoint(7, 300))
+
+
+def test_a_status_recorded_before_the_first_checkpoint_does_not_fence_it_off(mongo_db):
+    store = store_of(mongo_db)
+    store.set_status("p", {"state": "retrying"})  # no epoch on the document yet
+    store.save(checkpoint(0, 100))
+    loaded = store.load("p")
+    assert loaded is not None and loaded.cluster_time.time == 100
+
+
+@pytest.mark.parametrize("kind", ["mongodb", "file"])
+def test_next_epoch_fences_off_every_older_writer(mongo_db, tmp_path, kind):
+    if kind == "file":
+        settings = CheckpointSettings(store="file", path=str(tmp_path / "cp"))
+        store: Any = FileCheckpointStore(settings)
+    else:
+        store = store_of(mongo_db)
+    assert store.next_epoch("p") == 1, "a pipeline never written starts at epoch 1"
+    store.save(checkpoint(1, 100))
+    assert store.next_epoch("p") == 2
+    with pytest.raises(LeaseLostError):
+        store.save(checkpoint(1, 200))
+    store.delete("p")
+    store.claim_epoch("p", 2)  # what `tokens reset` leaves: an epoch, no checkpoint
+    assert store.load("p") is None
+    assert store.next_epoch("p") == 3
+
+
+def test_a_lease_jumps_past_an_epoch_left_without_a_checkpoint(mongo_db):
+    store = store_of(mongo_db)
+    store.claim_epoch("p", 7)  # claimed by a writer without a lease, then reset
+    assert store.load("p") is None
+    a = manager(mongo_db, "a")
+    assert a.acquire("p") == 8
+    store.save(checkpoint(8, 100))
 
 
 class RecordingSink:
