@@ -3,40 +3,64 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 from syncd.config import PipelineSettings, Settings
 from syncd.errors import ExitCode
+from syncd.exclusive import exclusive
+from syncd.lease import FencedSink
 from syncd.runtime import Runtime
 from syncd.snapshot import Snapshotter
 
 log = logging.getLogger(__name__)
 
 
-def snapshot(settings: Settings, pipeline_settings: PipelineSettings) -> int:
-    """Re-copy one pipeline; continue an interrupted snapshot instead of restarting it."""
+def snapshot(
+    settings: Settings,
+    pipeline_settings: PipelineSettings,
+    *,
+    force: bool = False,
+    command: str | None = None,
+    stop: threading.Event | None = None,
+) -> int:
+    """Re-copy one pipeline; continue an interrupted snapshot instead of restarting it.
+
+    The pipeline is held for the whole copy (:func:`syncd.exclusive.exclusive`): a fresh
+    epoch fences older writers off, and a live daemon's lease makes it refuse unless
+    ``force``. Setting ``stop`` ends the copy after the current batch, resumably.
+    """
+    name = pipeline_settings.name
     runtime = Runtime(settings)
     try:
-        pipeline = runtime.pipeline(pipeline_settings, resync=True)
-        cp = runtime.store.load(pipeline_settings.name)
-        resumable = (
-            cp is not None
-            and cp.phase == "snapshot"
-            and cp.fingerprint == pipeline.mapper.fingerprint
+        held = exclusive(
+            runtime,
+            name,
+            force=force,
+            command=command or f"syncd snapshot {name}",
+            who="syncd-snapshot",
         )
-        if cp is not None and resumable:
+        with held as hold:
+            pipeline = runtime.pipeline(pipeline_settings, stop=stop, epoch=hold.epoch, resync=True)
+            pipeline.sink = FencedSink(pipeline.sink, hold.check)
+            cp = runtime.store.load(name)
             pipeline.checkpoint = cp
-            print(f"continuing the interrupted snapshot of {pipeline_settings.name}")
-        else:
-            pipeline.checkpoint = cp
-            cp = pipeline._start_snapshot(reason="syncd snapshot")
-        Snapshotter(pipeline).run(cp)
-        done = pipeline.checkpoint
+            if (
+                cp is not None
+                and cp.phase == "snapshot"
+                and cp.fingerprint == pipeline.mapper.fingerprint
+            ):
+                cp.epoch = hold.epoch
+                print(f"continuing the interrupted snapshot of {name}")
+            else:
+                cp = pipeline._start_snapshot(reason="syncd snapshot")
+            Snapshotter(pipeline).run(cp)
+            done = pipeline.checkpoint
         if done is None or done.phase != "streaming":
             print("snapshot interrupted; run the same command again to continue")
             return ExitCode.DRIFT_OR_FAILURE
         print(
-            f"snapshot of {pipeline_settings.name} complete; `syncd run` streams from the "
-            "position recorded before the scan"
+            f"snapshot of {name} complete; `syncd run` streams from the position recorded "
+            "before the scan"
         )
         return ExitCode.OK
     finally:

@@ -1,11 +1,10 @@
 """Where each pipeline stands, and moving it: the logic behind ``syncd tokens``.
 
 Reading (:func:`decode`, :func:`show`, :func:`history`) never writes. Moving
-(:func:`set_position`, :func:`reset`) goes through the pipeline's lease like a
-daemon would: it takes the lease (a new epoch, claimed on the checkpoint), writes,
-and releases it. A live daemon holding the lease makes it refuse, unless ``force``;
-forcing fences that daemon out (its next checkpoint write and its next lease renewal
-fail, it stops the pipeline and takes it again later, from the new position).
+(:func:`set_position`, :func:`reset`) holds the pipeline like a daemon would, with a
+fresh epoch (:func:`syncd.exclusive.exclusive`): a live daemon holding the lease
+makes it refuse, unless ``force``; forcing fences that daemon out (it stops the
+pipeline and takes it again later, from the new position).
 
 Every function returns plain JSON-ready data; the shapes are documented in
 :mod:`syncd.cli.tokens`.
@@ -15,31 +14,17 @@ from __future__ import annotations
 
 import getpass
 import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 from bson.timestamp import Timestamp
 
 from syncd.checkpoint import Checkpoint
-from syncd.errors import ConfigError, ExitCode, SyncdError
-from syncd.lease import (
-    LeaseInfo,
-    LeaseManager,
-    lease_info,
-    leases_collection,
-    new_owner,
-    uses_leases,
-)
+from syncd.errors import CheckpointCorruptError, ConfigError
+from syncd.exclusive import exclusive, lease_of
+from syncd.lease import LeaseInfo
 from syncd.runtime import Runtime
 from syncd.tokens import InvalidResumeToken, decode_resume_token, token_cluster_time
-
-
-class PipelineBusyError(SyncdError):
-    """A live daemon holds the pipeline's lease."""
-
-    exit_code = ExitCode.LEASE
 
 
 def operator() -> str:
@@ -81,7 +66,7 @@ def history(runtime: Runtime, name: str, limit: int = 20) -> dict[str, Any]:
 
 
 def _describe(runtime: Runtime, name: str, cp: Checkpoint | None, now: datetime) -> dict[str, Any]:
-    lease = _lease(runtime, name)
+    lease = lease_of(runtime, name)
     out: dict[str, Any] = {
         "pipeline": name,
         "configured": any(p.name == name for p in runtime.settings.pipelines),
@@ -177,14 +162,6 @@ def parse_at(text: str) -> Timestamp:
     return Timestamp(seconds, 0)
 
 
-def ensure_free(runtime: Runtime, name: str, *, force: bool) -> LeaseInfo | None:
-    """Refuse (PipelineBusyError) while a live daemon holds the lease, unless forced."""
-    lease = _lease(runtime, name)
-    if lease is not None and lease.live and not force:
-        raise _busy(name, lease)
-    return lease
-
-
 def set_position(
     runtime: Runtime,
     name: str,
@@ -193,6 +170,7 @@ def set_position(
     at: Timestamp | None = None,
     force: bool = False,
     by: str | None = None,
+    command: str = "syncd tokens set",
 ) -> dict[str, Any]:
     """Point the pipeline at ``token`` or at cluster time ``at``; recorded in history.
 
@@ -205,7 +183,7 @@ def set_position(
     decoded = decode(token) if token is not None else None
     by = by or operator()
     store = runtime.store
-    with _holding(runtime, name, force=force) as epoch:
+    with exclusive(runtime, name, force=force, command=command, who="syncd-tokens") as hold:
         cp = store.load(name)
         previous = _position(cp.token, cp.start_at, cp.token_is_invalidate) if cp else None
         if cp is None:
@@ -219,7 +197,7 @@ def set_position(
         else:
             cp.token, cp.token_is_invalidate = None, False
             cp.start_at = cp.cluster_time = at
-        cp.epoch = max(epoch, cp.epoch)
+        cp.epoch = hold.epoch
         cp.updated_by = by
         cp.wall_time = datetime.now(UTC)
         store.save(cp, history_reason=f"tokens set by {by}")
@@ -233,56 +211,28 @@ def set_position(
     }
 
 
-def reset(runtime: Runtime, name: str, *, force: bool = False) -> dict[str, Any]:
+def reset(
+    runtime: Runtime, name: str, *, force: bool = False, command: str = "syncd tokens reset"
+) -> dict[str, Any]:
     """Delete the checkpoint: the next run starts as a first run (a new snapshot).
 
     The fencing epoch survives the reset, so a daemon forced out cannot recreate the
-    deleted checkpoint with its older epoch.
+    deleted checkpoint with its older epoch. An unreadable checkpoint is deleted too:
+    starting over is what its error message suggests.
     """
     store = runtime.store
-    with _holding(runtime, name, force=force) as epoch:
-        existed = store.load(name) is not None
+    hold = exclusive(
+        runtime, name, force=force, command=command, who="syncd-tokens", unreadable_ok=True
+    )
+    with hold as held:
+        try:
+            existed = store.load(name) is not None
+        except CheckpointCorruptError:
+            existed = True
         store.delete(name)
-        if epoch:
-            store.claim_epoch(name, epoch)
-    return {"pipeline": name, "deleted": existed, "epoch": epoch}
-
-
-@contextmanager
-def _holding(runtime: Runtime, name: str, *, force: bool) -> Iterator[int]:
-    """Hold the pipeline's lease (when leases are in use) around a write; yield the epoch."""
-    settings = runtime.settings
-    if not uses_leases(settings):
-        cp = runtime.store.load(name)
-        yield cp.epoch if cp else 0
-        return
-    ensure_free(runtime, name, force=force)
-    leases = LeaseManager(
-        runtime.mongo,
-        settings.checkpoint.database,
-        settings.lease,
-        runtime.store,
-        owner=new_owner("syncd-tokens@"),
-    )
-    epoch = leases.acquire(name, force=force)
-    if epoch is None:
-        raise _busy(name, _lease(runtime, name))
-    try:
-        yield epoch
-    finally:
-        leases.release(name)
-
-
-def _busy(name: str, lease: LeaseInfo | None) -> PipelineBusyError:
-    holder = "another process"
-    if lease is not None:
-        holder = f"{lease.owner} (lease epoch {lease.epoch}, until {_iso(lease.expires_at)})"
-    return PipelineBusyError(
-        f"pipeline {name!r} is running in {holder}",
-        hint="stop that daemon first, or pass --force to fence it out (it stops the pipeline "
-        "and later takes it again from the new position)",
-        pipeline=name,
-    )
+        if held.epoch:
+            store.claim_epoch(name, held.epoch)
+    return {"pipeline": name, "deleted": existed, "epoch": held.epoch}
 
 
 def _fresh(runtime: Runtime, name: str) -> Checkpoint:
@@ -297,13 +247,6 @@ def _load_known(runtime: Runtime, name: str) -> Checkpoint | None:
     if cp is None:
         runtime.settings.pipeline(name)  # an unknown name is a ConfigError
     return cp
-
-
-def _lease(runtime: Runtime, name: str) -> LeaseInfo | None:
-    if runtime.settings.checkpoint.store != "mongodb":
-        return None
-    coll = leases_collection(runtime.mongo, runtime.settings.checkpoint.database)
-    return lease_info(coll, name)
 
 
 def _lease_json(lease: LeaseInfo | None) -> dict[str, Any] | None:

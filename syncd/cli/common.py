@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -52,3 +53,8 @@ def select_pipelines(settings: Settings, names: list[str] | None) -> list[Pipeli
 def print_json(data: Any) -> None:
     json.dump(data, sys.stdout, indent=2, sort_keys=True, default=str)
     sys.stdout.write("\n")
+
+
+def command_line() -> str:
+    """The command as the operator ran it, for hints that suggest running it again."""
+    return shlex.join(["syncd", *sys.argv[1:]])

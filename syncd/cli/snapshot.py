@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import threading
 from typing import Any
 
-from syncd.cli.common import add_config_options, load_settings
+from syncd.cli.common import add_config_options, command_line, load_settings
 
 
 def register(verbs: Any) -> None:
@@ -15,10 +17,19 @@ def register(verbs: Any) -> None:
         description="Record the stream position, re-scan the collection in _id order "
         "(resumable), remove Chroma records whose documents are gone, and leave the pipeline "
         "ready to stream from the recorded position. Also clears a mapping change or a lost "
-        "oplog position. Stop the daemon for this pipeline first.",
+        "oplog position. The command holds the pipeline while it runs, with a fresh epoch "
+        "that fences older writers off; while a live daemon holds the pipeline's lease it "
+        "refuses (exit 7) unless --force. SIGTERM or Ctrl-C stops after the current batch; "
+        "the same command continues.",
     )
     add_config_options(parser)
     parser.add_argument("pipeline", metavar="PIPELINE")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="proceed even while a live daemon holds the pipeline: it is fenced out, stops "
+        "the pipeline and takes it again when the snapshot is done",
+    )
     parser.set_defaults(handler=handle)
 
 
@@ -26,4 +37,17 @@ def handle(args: argparse.Namespace) -> int:
     settings = load_settings(args)
     from syncd.operations import snapshot
 
-    return snapshot(settings, settings.pipeline(args.pipeline))
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: Any) -> None:
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    return snapshot(
+        settings,
+        settings.pipeline(args.pipeline),
+        force=args.force,
+        command=command_line(),
+        stop=stop,
+    )

@@ -46,7 +46,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from syncd.cli.common import add_config_options, load_settings, print_json
+from syncd.cli.common import add_config_options, command_line, load_settings, print_json
 from syncd.errors import ConfigError, ExitCode
 
 
@@ -178,6 +178,7 @@ def _history(args: argparse.Namespace) -> int:
 
 def _set(args: argparse.Namespace) -> int:
     from syncd import positions
+    from syncd.exclusive import ensure_free
 
     at = positions.parse_at(args.at) if args.at else None
     if args.token:
@@ -185,9 +186,12 @@ def _set(args: argparse.Namespace) -> int:
     target = f"token {args.token}" if args.token else f"{args.at} (replays changes from then)"
 
     def run(rt: Any) -> dict[str, Any]:
-        positions.ensure_free(rt, args.pipeline, force=args.force)
+        command = command_line()
+        ensure_free(rt, args.pipeline, force=args.force, command=command)
         _confirm(args, f"Move pipeline {args.pipeline!r} to {target}?")
-        return positions.set_position(rt, args.pipeline, token=args.token, at=at, force=args.force)
+        return positions.set_position(
+            rt, args.pipeline, token=args.token, at=at, force=args.force, command=command
+        )
 
     data = _with_runtime(args, run)
     if args.json:
@@ -201,11 +205,13 @@ def _set(args: argparse.Namespace) -> int:
 
 def _reset(args: argparse.Namespace) -> int:
     from syncd import positions
+    from syncd.exclusive import ensure_free
 
     def run(rt: Any) -> dict[str, Any]:
-        positions.ensure_free(rt, args.pipeline, force=args.force)
+        command = command_line()
+        ensure_free(rt, args.pipeline, force=args.force, command=command)
         _confirm(args, f"Delete the checkpoint of {args.pipeline!r}? Its next run re-snapshots.")
-        return positions.reset(rt, args.pipeline, force=args.force)
+        return positions.reset(rt, args.pipeline, force=args.force, command=command)
 
     data = _with_runtime(args, run)
     if args.json:
