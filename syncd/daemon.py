@@ -8,8 +8,9 @@ stops the others, and its exit code becomes the process's.
 With leases (the default with the MongoDB checkpoint store), a pipeline runs only
 while this process holds its lease (see :mod:`syncd.lease`). A pipeline whose lease
 is lost stops alone, logs it, and is taken again later when its lease is free; the
-process keeps running. Without leases every pipeline runs with epoch 0, and a fenced
-checkpoint write stops the process with ExitCode.LEASE.
+process keeps running. Without leases each pipeline claims the stored epoch plus one
+when it starts, and a fenced checkpoint write (a newer process or command took the
+pipeline) stops the process with ExitCode.LEASE.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class Daemon:
                 log.info("syncd running up to %d pipeline(s) under leases", len(self.pipelines))
             else:
                 for ps in self.pipelines:
-                    pipeline = runtime.pipeline(ps, stop=self.stop, resync=self.resync)
+                    pipeline = runtime.pipeline(ps, stop=self.stop, resync=self.resync, epoch=None)
                     worker = Worker(pipeline, self.failed)
                     pipeline._heartbeat = worker.beat
                     workers.append(worker)

@@ -58,7 +58,7 @@ class Pipeline:
         telemetry: PipelineTelemetry,
         dead_letters: DeadLetterStore | None = None,
         stop: threading.Event | None = None,
-        epoch: int = 0,
+        epoch: int | None = 0,
         resync: bool = False,
         heartbeat: Callable[[], None] | None = None,
         traceparent_field: str = "traceparent",
@@ -72,7 +72,9 @@ class Pipeline:
         self.telemetry = telemetry
         self.dead_letters = dead_letters
         self.stop = stop or threading.Event()
-        self.epoch = epoch
+        # None: no lease gave this pipeline an epoch; it claims a fresh one when it starts.
+        self.epoch = epoch or 0
+        self._claim_epoch = epoch is None
         self.resync = resync
         self._heartbeat = heartbeat or (lambda: None)
         self._prefixed = bool(settings.collections)
@@ -202,6 +204,8 @@ class Pipeline:
     def _load(self) -> Checkpoint:
         if self.checkpoint is not None:
             return self.checkpoint
+        if self._claim_epoch:  # fences off whoever wrote before us
+            self.epoch, self._claim_epoch = self.store.next_epoch(self.settings.name), False
         cp = self.store.load(self.settings.name)
         if cp is None:
             return self._first_run()

@@ -70,7 +70,7 @@ class Runtime:
         settings: PipelineSettings,
         *,
         stop: threading.Event | None = None,
-        epoch: int = 0,
+        epoch: int | None = 0,
         resync: bool = False,
         telemetry: PipelineTelemetry | None = None,
         heartbeat: Any = None,
