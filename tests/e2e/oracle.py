@@ -1,0 +1,103 @@
+"""What Chroma must hold for some MongoDB documents, derived from the README's rules alone.
+
+Written without `syncd.mapping` on purpose, so that a mapping bug cannot hide behind
+itself. It covers this mapping: `mapping = {text = "body", metadata = [...]}` and
+`embedder = EMBEDDER`:
+
+* one record per document (no chunking); its id is the `_id` encoded as `i:<int>` or
+  `s:<string>`, behind `<collection>/` for a multi-collection pipeline;
+* the record's text is the document's `body`;
+* metadata: the listed fields (`METADATA` unless told otherwise); nested documents
+  flatten to dotted keys, `null` and missing fields are dropped; keys starting with
+  `syncd_` are reserved and not compared;
+* the embedding is the document's own vector (`embedder.kind = "field"`), compared within
+  float32 precision, as Chroma stores it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+from .helpers import chroma_records, diff
+
+DIMENSIONS = 4
+METADATA = ("title", "tags", "n", "nested")
+EMBEDDER: dict[str, Any] = {"kind": "field", "field": "vec", "dimensions": DIMENSIONS}
+
+
+def document(key: int | str, *, version: int = 0) -> dict[str, Any]:
+    """A document exercising the rules above; `version` changes every mapped part."""
+    n = key if isinstance(key, int) else len(key)
+    doc: dict[str, Any] = {
+        "_id": key,
+        "body": f"document {key} version {version}",
+        "title": f"title {key}.{version}",
+        "tags": ["a", f"v{version}"],
+        "n": n + version,
+        "nested": {"depth": version, "label": f"l{key}", "gone": None},
+        "vec": [1.0, n / 8, version / 4, -0.5],
+        "unmapped": "not in the metadata",
+    }
+    if version % 2:
+        del doc["title"]  # a field that comes and goes
+    return doc
+
+
+def record_id(source_id: Any, collection: str | None = None) -> str:
+    if isinstance(source_id, bool) or not isinstance(source_id, int | str):
+        raise TypeError(f"the oracle encodes int and str ids only, not {source_id!r}")
+    encoded = f"i:{source_id}" if isinstance(source_id, int) else f"s:{source_id}"
+    return f"{collection}/{encoded}" if collection else encoded
+
+
+def _flat(prefix: str, value: Any) -> Iterator[tuple[str, Any]]:
+    if value is None:
+        return
+    if isinstance(value, Mapping):
+        for key, inner in value.items():
+            yield from _flat(f"{prefix}.{key}", inner)
+    else:
+        yield prefix, list(value) if isinstance(value, list) else value
+
+
+def expected(
+    docs: Iterable[Mapping[str, Any]],
+    *,
+    collection: str | None = None,
+    metadata_fields: Sequence[str] = METADATA,
+) -> dict[str, dict[str, Any]]:
+    """Record id -> {document, metadata, embedding} for these documents."""
+    out: dict[str, dict[str, Any]] = {}
+    for doc in docs:
+        metadata: dict[str, Any] = {}
+        for field in metadata_fields:
+            metadata.update(_flat(field, doc.get(field)))
+        out[record_id(doc["_id"], collection)] = {
+            "document": doc["body"],
+            "metadata": metadata,
+            "embedding": [float(x) for x in doc["vec"]],
+        }
+    return out
+
+
+def actual(chroma_collection: Any) -> dict[str, dict[str, Any]]:
+    """What the Chroma collection holds, reserved `syncd_` metadata left out."""
+    records = chroma_records(chroma_collection)
+    for record in records.values():
+        record["metadata"] = {
+            k: v for k, v in record["metadata"].items() if not k.startswith("syncd_")
+        }
+    return records
+
+
+def mismatch(
+    docs: Iterable[Mapping[str, Any]],
+    chroma_collection: Any,
+    *,
+    collection: str | None = None,
+    metadata_fields: Sequence[str] = METADATA,
+) -> str:
+    """ "" when Chroma mirrors `docs` exactly, else what differs."""
+    want = expected(docs, collection=collection, metadata_fields=metadata_fields)
+    return diff(want, actual(chroma_collection))

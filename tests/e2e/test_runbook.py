@@ -1,0 +1,374 @@
+"""Every hint can be followed: each error that tells the operator what to run is caused
+here against the real servers, the command its hint names is run exactly as printed
+(taken from the output, never retyped here), and MongoDB and Chroma are then seen to
+converge, judged by the independent oracle in `oracle.py`.
+
+To add a case: cause the error, take its commands with `hinted(output)`, run each with
+`Runbook.follow(command)`, then assert `Runbook.converged()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shlex
+import subprocess
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pymongo import MongoClient
+
+from syncd.errors import ExitCode
+from tests.harness.daemon import SyncdProcess, run_syncd
+
+from . import oracle
+from .helpers import (
+    load_checkpoint,
+    pipeline_table,
+    settings_of,
+    wait_caught_up,
+    write_config,
+)
+
+NAME = "book"
+HINTED = re.compile(r"`(syncd [^`]*)`")
+
+
+def hinted(output: str) -> list[str]:
+    """The `syncd ...` commands the last hint in `output` (a log or stderr) names, in order."""
+    for line in reversed(output.splitlines()):
+        commands = HINTED.findall(line)
+        if commands:
+            return commands
+    raise AssertionError(f"no hint names a command in:\n{output[-3000:]}")
+
+
+@dataclasses.dataclass
+class Runbook:
+    """One pipeline, its servers and its config file; commands run as an operator's would,
+    with the config found through SYNCD_CONFIG so a hinted command needs nothing added."""
+
+    tmp_path: Path
+    mongo_uri: str
+    mongo: MongoClient[dict[str, Any]]
+    chroma_server: Any
+    syncd_factory: Callable[..., SyncdProcess]
+    db: str = dataclasses.field(default_factory=lambda: f"book_{uuid.uuid4().hex[:8]}")
+    chroma_name: str = dataclasses.field(default_factory=lambda: f"book-{uuid.uuid4().hex[:8]}")
+    collection: str | None = None  # record ids carry "<collection>/" (multi-collection)
+    metadata: tuple[str, ...] = oracle.METADATA
+
+    def __post_init__(self) -> None:
+        self.config = self.tmp_path / "syncd.toml"
+        self.env = {"SYNCD_CONFIG": str(self.config)}
+
+    def configure(
+        self, *, leases: bool = True, checkpoint: dict[str, Any] | None = None, **pipeline: Any
+    ) -> None:
+        overrides: dict[str, Any] = {
+            "mapping": {"text": "body", "metadata": list(self.metadata)},
+            "embedder": oracle.EMBEDDER,
+            **pipeline,
+        }
+        extra: dict[str, Any] = {"lease": {"enabled": leases, "ttl_s": 3, "renew_every_s": 1}}
+        if checkpoint:
+            extra["checkpoint"] = checkpoint
+        write_config(
+            self.config,
+            mongo_uri=self.mongo_uri,
+            chroma={
+                "mode": "http",
+                "host": self.chroma_server.host,
+                "port": self.chroma_server.port,
+            },
+            checkpoint_db=f"{self.db}_syncd",
+            pipelines=[
+                pipeline_table(NAME, self.db, chroma_collection=self.chroma_name, **overrides)
+            ],
+            extra=extra,
+        )
+
+    @property
+    def settings(self) -> Any:
+        return settings_of(self.config)
+
+    @property
+    def docs(self) -> Any:
+        return self.mongo[self.db]["docs"]
+
+    @property
+    def chroma(self) -> Any:
+        return self.chroma_server.client().get_collection(self.chroma_name)
+
+    def start(self, *args: str) -> SyncdProcess:
+        return self.syncd_factory(["run", *args], env=self.env)
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return run_syncd(list(args), env=self.env, timeout=120, cwd=self.tmp_path)
+
+    def follow(self, command: str) -> SyncdProcess | subprocess.CompletedProcess[str]:
+        """Run a hinted command as printed: `syncd run` keeps running, others must succeed."""
+        argv = shlex.split(command)
+        assert argv[0] == "syncd", command
+        if argv[1] == "run":
+            return self.start(*argv[2:])
+        done = self.run(*argv[1:])
+        assert done.returncode == 0, f"`{command}` failed:\n{done.stdout}\n{done.stderr}"
+        return done
+
+    def caught_up(self, daemon: SyncdProcess, what: str, timeout: float = 90) -> None:
+        try:
+            wait_caught_up(self.mongo, self.db, self.settings, NAME, timeout, what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nsyncd output:\n{daemon.output()[-4000:]}") from None
+
+    def converged(self) -> str:
+        """ "" when Chroma mirrors the pipeline's MongoDB collection exactly."""
+        return oracle.mismatch(
+            self.docs.find(),
+            self.chroma,
+            collection=self.collection,
+            metadata_fields=self.metadata,
+        )
+
+    def tamper_with_chroma(self) -> None:
+        """Lose one record and add one whose document does not exist: only a re-copy that
+        removes orphans repairs both."""
+        victim = oracle.record_id(1, self.collection)
+        self.chroma.delete(ids=[victim])
+        orphan = oracle.expected([oracle.document(999)], collection=self.collection)
+        for rid, record in orphan.items():
+            self.chroma.upsert(
+                ids=[rid],
+                documents=[record["document"]],
+                metadatas=[record["metadata"]],
+                embeddings=[record["embedding"]],
+            )
+
+
+@pytest.fixture
+def runbook(tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory) -> Runbook:
+    return Runbook(tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory)
+
+
+def _stopped(daemon: SyncdProcess) -> None:
+    daemon.terminate()
+    assert daemon.wait(30) == 0, daemon.output()[-4000:]
+
+
+def _stream_a_change(runbook: Runbook, daemon: SyncdProcess, key: int | str) -> None:
+    """After recovery the daemon streams again: a fresh change reaches Chroma."""
+    runbook.docs.insert_one(oracle.document(key, version=3))
+    runbook.docs.update_one({"_id": 2}, {"$set": {"title": f"after {key}"}})
+    runbook.caught_up(daemon, f"change {key} after recovery")
+    assert not runbook.converged(), runbook.converged()
+
+
+def _first_run(runbook: Runbook, count: int = 8) -> SyncdProcess:
+    runbook.docs.insert_many([oracle.document(i) for i in range(count)])
+    daemon = runbook.start()
+    runbook.caught_up(daemon, "the first run")
+    assert not runbook.converged(), runbook.converged()
+    return daemon
+
+
+# --- the documented recovery command works on a pipeline a daemon ran -----------------
+
+
+@pytest.mark.timeout(240)
+def test_every_one_shot_command_works_on_a_pipeline_a_daemon_ran(runbook):
+    """Leases on, then off, then on again: each command that writes the checkpoint takes
+    the pipeline with a fresh epoch instead of being fenced off by the daemon's."""
+    runbook.configure(leases=True)
+    _stopped(_first_run(runbook))
+
+    runbook.configure(leases=False)
+    runbook.tamper_with_chroma()
+    runbook.docs.delete_one({"_id": 3})
+    snap = runbook.run("snapshot", NAME)
+    assert snap.returncode == 0, snap.stderr
+    assert not runbook.converged(), runbook.converged()
+    for args in (("repair", NAME), ("dlq", "retry", NAME)):
+        done = runbook.run(*args)
+        assert done.returncode == 0, f"{args}: {done.stdout}{done.stderr}"
+    at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    moved = runbook.run("tokens", "set", NAME, "--at", at, "--yes")
+    assert moved.returncode == 0, moved.stderr
+    daemon = runbook.start()  # without leases, after a daemon that held them
+    _stream_a_change(runbook, daemon, 100)
+    _stopped(daemon)
+    reset = runbook.run("tokens", "reset", NAME, "--yes")
+    assert reset.returncode == 0, reset.stderr
+
+    runbook.configure(leases=True)  # the lease's epoch must jump past the commands' epochs
+    runbook.tamper_with_chroma()
+    daemon = runbook.start()
+    _stream_a_change(runbook, daemon, 101)
+    _stopped(daemon)
+
+
+# --- exit 7: a live daemon holds the pipeline ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command", [("snapshot", NAME), ("tokens", "reset", NAME, "--yes")], ids=["snapshot", "reset"]
+)
+def test_a_busy_pipeline_hint_fences_the_daemon_out_and_it_takes_the_pipeline_back(
+    runbook, command
+):
+    runbook.configure(leases=True)
+    daemon = _first_run(runbook)
+    runbook.tamper_with_chroma()
+
+    before = load_checkpoint(runbook.settings, NAME)
+    busy = runbook.run(*command)
+    assert busy.returncode == ExitCode.LEASE, busy.stderr
+    assert busy.stderr.count("\n") == 1, busy.stderr
+    after = load_checkpoint(runbook.settings, NAME)
+    assert before is not None and after is not None
+    assert after.epoch == before.epoch, "the refused command fenced the daemon off"
+    (command_line,) = hinted(busy.stderr)
+    runbook.follow(command_line)
+    if command[0] == "snapshot":
+        assert not runbook.converged(), runbook.converged()
+
+    # The daemon was fenced out, not stopped: it takes the pipeline back and streams.
+    _stream_a_change(runbook, daemon, 100)
+    assert daemon.is_running(), daemon.output()[-4000:]
+    _stopped(daemon)
+
+
+# --- exit 3: the position left the oplog ----------------------------------------------
+
+
+@pytest.mark.timeout(240)
+def test_history_lost_hint(tmp_path, mongo_server_factory, chroma_server, syncd_factory):
+    server = mongo_server_factory(history_size=30)
+    client: MongoClient[dict[str, Any]] = MongoClient(server.uri)
+    runbook = Runbook(tmp_path, server.uri, client, chroma_server, syncd_factory)
+    runbook.configure()
+    _stopped(_first_run(runbook))
+    for i in range(10, 60):  # more changes than the server keeps, while syncd is down
+        runbook.docs.insert_one(oracle.document(i))
+    runbook.docs.delete_one({"_id": 4})
+    runbook.docs.replace_one({"_id": 5}, oracle.document(5, version=1))
+
+    daemon = runbook.start()
+    assert daemon.wait(60) == ExitCode.HISTORY_LOST, daemon.output()[-4000:]
+    (command,) = hinted(daemon.output())
+    runbook.follow(command)
+    assert not runbook.converged(), runbook.converged()
+
+    daemon = runbook.start()
+    _stream_a_change(runbook, daemon, 100)
+    _stopped(daemon)
+    client.close()
+
+
+# --- exit 4: the source collection went away under halt ------------------------------------
+
+
+def _drop(runbook: Runbook) -> None:
+    runbook.docs.drop()
+
+
+def _rename(runbook: Runbook) -> None:
+    runbook.docs.rename("docs_renamed")
+
+
+def _drop_database(runbook: Runbook) -> None:
+    runbook.mongo.drop_database(runbook.db)
+
+
+@pytest.mark.parametrize(
+    ("policy", "cause", "pipeline"),
+    [
+        ("on_drop", _drop, {}),
+        ("on_rename", _rename, {}),
+        # dropDatabase reaches a database-level stream; a collection's own stream sees a drop.
+        ("on_drop_database", _drop_database, {"collection": None, "collections": ["docs"]}),
+    ],
+    ids=["drop", "rename", "dropDatabase"],
+)
+def test_lifecycle_halt_hint(runbook, policy, cause, pipeline):
+    if "collections" in pipeline:
+        runbook.collection = "docs"
+    runbook.configure(**{policy: "halt"}, **pipeline)
+    daemon = _first_run(runbook)
+    cause(runbook)
+    assert daemon.wait(60) == ExitCode.SOURCE, daemon.output()[-4000:]
+    assert f'{policy} = "halt"' in daemon.output()
+    if policy != "on_drop_database":  # there, each collection's drop comes first (purge)
+        assert runbook.chroma.count() == 8, "a halt must leave the records alone"
+
+    (command,) = hinted(daemon.output())
+    runbook.follow(command)
+    assert runbook.chroma.count() == 0
+    assert not runbook.converged(), runbook.converged()
+
+    daemon = runbook.start()
+    runbook.docs.insert_many([oracle.document(i) for i in range(3)])
+    _stream_a_change(runbook, daemon, 100)
+    _stopped(daemon)
+
+
+# --- exit 4: the checkpoint cannot be read ---------------------------------------------
+
+
+def _corrupt_mongo_checkpoint(runbook: Runbook) -> None:
+    settings = runbook.settings.checkpoint
+    runbook.mongo[settings.database][settings.collection].update_one(
+        {"_id": NAME}, {"$set": {"snapshot": {"scanned": "many", "by_hand": True}}}
+    )
+
+
+def _corrupt_checkpoint_file(runbook: Runbook) -> None:
+    (Path(runbook.settings.checkpoint.path) / f"{NAME}.json").write_text('{"_id": "book", "ep')
+
+
+@pytest.mark.parametrize(
+    ("store", "corrupt"),
+    [("mongodb", _corrupt_mongo_checkpoint), ("file", _corrupt_checkpoint_file)],
+    ids=["mongodb", "file"],
+)
+def test_unreadable_checkpoint_hint(runbook, store, corrupt):
+    checkpoint = {"store": store}
+    if store == "file":
+        checkpoint["path"] = str(runbook.tmp_path / "checkpoints")
+    runbook.configure(checkpoint=checkpoint)
+    _stopped(_first_run(runbook))
+    corrupt(runbook)
+    runbook.tamper_with_chroma()
+
+    daemon = runbook.start()
+    assert daemon.wait(60) == ExitCode.SOURCE, daemon.output()[-4000:]
+    commands = hinted(daemon.output())
+    assert commands[-1] == "syncd run", commands  # reset, then run: followed in order
+    for command in commands:
+        daemon = runbook.follow(command)
+    assert isinstance(daemon, SyncdProcess)
+    _stream_a_change(runbook, daemon, 100)
+    _stopped(daemon)
+
+
+# --- exit 2: the mapping changed ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("choice", [0, 1], ids=["snapshot", "run-resync"])
+def test_changed_mapping_hint(runbook, choice):
+    runbook.configure()
+    _stopped(_first_run(runbook))
+    runbook.metadata = oracle.METADATA[:-1]  # the last field leaves the metadata
+    runbook.configure()
+    refused = runbook.start()
+    assert refused.wait(60) == ExitCode.CONFIG, refused.output()[-4000:]
+    commands = hinted(refused.output())
+    assert len(commands) == 2, commands  # two ways out: a snapshot, or a run that re-copies
+    followed = runbook.follow(commands[choice])
+    daemon = followed if isinstance(followed, SyncdProcess) else runbook.start()
+    _stream_a_change(runbook, daemon, 100)
+    _stopped(daemon)
