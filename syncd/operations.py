@@ -30,15 +30,10 @@ def snapshot(
     ``force``. Setting ``stop`` ends the copy after the current batch, resumably.
     """
     name = pipeline_settings.name
+    command = command or f"syncd snapshot {name}"
     runtime = Runtime(settings)
     try:
-        held = exclusive(
-            runtime,
-            name,
-            force=force,
-            command=command or f"syncd snapshot {name}",
-            who="syncd-snapshot",
-        )
+        held = exclusive(runtime, name, force=force, command=command, who="syncd-snapshot")
         with held as hold:
             pipeline = runtime.pipeline(pipeline_settings, stop=stop, epoch=hold.epoch, resync=True)
             pipeline.sink = FencedSink(pipeline.sink, hold.check)
@@ -56,7 +51,7 @@ def snapshot(
             Snapshotter(pipeline).run(cp)
             done = pipeline.checkpoint
         if done is None or done.phase != "streaming":
-            print("snapshot interrupted; run the same command again to continue")
+            print(f"snapshot interrupted; run `{command}` again to continue")
             return ExitCode.DRIFT_OR_FAILURE
         print(
             f"snapshot of {name} complete; `syncd run` streams from the position recorded "

@@ -36,7 +36,7 @@ def document(key: int | str, *, version: int = 0) -> dict[str, Any]:
         "tags": ["a", f"v{version}"],
         "n": n + version,
         "nested": {"depth": version, "label": f"l{key}", "gone": None},
-        "vec": [1.0, n / 8, version / 4, -0.5],
+        "vec": [1.0, (n % 64) / 64, version / 4, -0.5],  # |x| <= 1: float32 keeps 1e-5
         "unmapped": "not in the metadata",
     }
     if version % 2:

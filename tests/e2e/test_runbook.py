@@ -31,6 +31,7 @@ from .helpers import (
     pipeline_table,
     settings_of,
     wait_caught_up,
+    wait_until,
     write_config,
 )
 
@@ -209,6 +210,25 @@ def test_every_one_shot_command_works_on_a_pipeline_a_daemon_ran(runbook):
     daemon = runbook.start()
     _stream_a_change(runbook, daemon, 101)
     _stopped(daemon)
+
+
+def _scanned(runbook: Runbook) -> int:
+    cp = load_checkpoint(runbook.settings, NAME)
+    return cp.snapshot.scanned if cp is not None and cp.snapshot is not None else 0
+
+
+def test_an_interrupted_snapshot_hint_continues_it(runbook):
+    runbook.configure(snapshot_batch_size=50)
+    runbook.docs.insert_many([oracle.document(i) for i in range(2000)])
+    snapshot = runbook.syncd_factory(["snapshot", NAME], env=runbook.env)
+    wait_until(lambda: _scanned(runbook) > 0, 60, "the scan to start", step=0.05)
+    snapshot.pause()  # SIGTERM arrives mid-scan, however fast the scan is
+    snapshot.terminate()
+    assert snapshot.wait(60) == ExitCode.DRIFT_OR_FAILURE, snapshot.output()[-4000:]
+    assert 0 < _scanned(runbook) < 2000
+    (command,) = hinted(snapshot.output())
+    runbook.follow(command)
+    assert not runbook.converged(), runbook.converged()
 
 
 # --- exit 7: a live daemon holds the pipeline ---------------------------------------------
