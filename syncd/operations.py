@@ -48,8 +48,10 @@ def snapshot(
                 print(f"continuing the interrupted snapshot of {name}")
             else:
                 cp = pipeline._start_snapshot(reason="syncd snapshot")
+            pipeline._publish("snapshotting")  # `syncd status` stops showing the old error
             Snapshotter(pipeline).run(cp)
             done = pipeline.checkpoint
+            pipeline._publish("stopped")
         if done is None or done.phase != "streaming":
             print(f"snapshot interrupted; run `{command}` again to continue")
             return ExitCode.DRIFT_OR_FAILURE

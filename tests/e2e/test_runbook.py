@@ -10,6 +10,7 @@ To add a case: cause the error, take its commands with `hinted(output)`, run eac
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import shlex
 import subprocess
@@ -282,6 +283,9 @@ def test_history_lost_hint(tmp_path, mongo_server_factory, chroma_server, syncd_
     (command,) = hinted(daemon.output())
     runbook.follow(command)
     assert not runbook.converged(), runbook.converged()
+    shown = runbook.run("status", "--json")
+    (status,) = json.loads(shown.stdout)
+    assert status["state"] == "stopped" and "last_error" not in status, status
 
     daemon = runbook.start()
     _stream_a_change(runbook, daemon, 100)
