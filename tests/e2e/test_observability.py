@@ -531,3 +531,40 @@ def test_every_metric_the_dashboard_and_alerts_use_is_exported(
     assert not missing()
     daemon.terminate()
     assert daemon.wait(30) == ExitCode.OK, daemon.output()
+
+
+def test_systemd_status_follows_state_and_lag(
+    tmp_path, mongo_uri, mongo_client, chroma_server_factory, syncd_factory
+):
+    import socket
+
+    db, name = f"sd_{uuid.uuid4().hex[:8]}", f"sd-{uuid.uuid4().hex[:8]}"
+    chroma = chroma_server_factory()
+    cfg = _config(tmp_path, mongo_uri, chroma, db, name, {})
+    address = f"/tmp/syncd-status-{uuid.uuid4().hex[:8]}.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(address)
+        sock.settimeout(1)
+        statuses: list[str] = []
+
+        def status_shows(text: str) -> bool:
+            try:
+                message = sock.recv(4096).decode()
+            except TimeoutError:
+                return False
+            statuses.extend(line[7:] for line in message.splitlines() if line.startswith("STATUS="))
+            return any(text in s for s in statuses)
+
+        try:
+            daemon = syncd_factory(["run"], cfg, {"NOTIFY_SOCKET": address})
+            wait_until(lambda: status_shows(f"{name} streaming, lag 0s"), 30, "streaming status")
+            chroma.kill()
+            mongo_client[db]["docs"].insert_one({"_id": 1, "body": "during the outage"})
+            wait_until(lambda: status_shows(f"{name} retrying, lag "), 30, "retrying status")
+            chroma.start()
+            statuses.clear()
+            wait_until(lambda: status_shows(f"{name} streaming, lag 0s"), 60, "recovered status")
+            daemon.terminate()
+            assert daemon.wait(30) == ExitCode.OK, daemon.output()
+        finally:
+            Path(address).unlink(missing_ok=True)
