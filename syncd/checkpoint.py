@@ -209,6 +209,9 @@ class MongoCheckpointStore:
 
     def next_epoch(self, pipeline: str) -> int:
         with translate_mongo_errors(pipeline=pipeline):
+            stored = self._coll.find_one({"_id": pipeline}, {"epoch": True})
+            if stored is not None and "epoch" in stored:
+                _epoch_of(stored, pipeline)  # $inc would fail on an epoch edited by hand
             doc = self._coll.find_one_and_update(
                 {"_id": pipeline},
                 {"$inc": {"epoch": 1}},

@@ -89,9 +89,10 @@ def exclusive(
     """Hold pipeline ``name`` with a fresh epoch while the block runs; see the module doc.
 
     ``command`` is the command line being run (the busy hint names it with ``--force``);
-    ``who`` prefixes the lease owner, e.g. ``syncd-snapshot``. ``unreadable_ok``: without
-    leases, an unreadable checkpoint yields epoch 0 instead of raising (for ``tokens
-    reset``, whose job is to delete it).
+    ``who`` prefixes the lease owner, e.g. ``syncd-snapshot``. ``unreadable_ok`` (for
+    ``tokens reset``, whose job is to delete it): a checkpoint whose epoch cannot be read
+    does not stop the command; without leases it yields epoch 0, with leases the
+    checkpoint is deleted before the lease is taken again.
     """
     runtime.settings.pipeline(name)  # an unknown name is a ConfigError; take nothing for it
     if not uses_leases(runtime.settings):
@@ -112,7 +113,13 @@ def exclusive(
         runtime.store,
         owner=new_owner(f"{who}@"),
     )
-    taken = leases.acquire(name, force=force)
+    try:
+        taken = leases.acquire(name, force=force)
+    except CheckpointCorruptError:
+        if not unreadable_ok:
+            raise
+        runtime.store.delete(name)  # its epoch cannot be read: start the fencing over
+        taken = leases.acquire(name, force=force)
     if taken is None:
         raise _busy(name, lease_of(runtime, name), command)
     leases.start_renewing()  # a snapshot can outlast many TTLs

@@ -350,14 +350,25 @@ def _corrupt_mongo_checkpoint(runbook: Runbook) -> None:
     )
 
 
+def _corrupt_mongo_epoch(runbook: Runbook) -> None:
+    settings = runbook.settings.checkpoint
+    runbook.mongo[settings.database][settings.collection].update_one(
+        {"_id": NAME}, {"$set": {"epoch": "seven"}}
+    )
+
+
 def _corrupt_checkpoint_file(runbook: Runbook) -> None:
     (Path(runbook.settings.checkpoint.path) / f"{NAME}.json").write_text('{"_id": "book", "ep')
 
 
 @pytest.mark.parametrize(
     ("store", "corrupt"),
-    [("mongodb", _corrupt_mongo_checkpoint), ("file", _corrupt_checkpoint_file)],
-    ids=["mongodb", "file"],
+    [
+        ("mongodb", _corrupt_mongo_checkpoint),
+        ("mongodb", _corrupt_mongo_epoch),
+        ("file", _corrupt_checkpoint_file),
+    ],
+    ids=["mongodb", "mongodb-epoch", "file"],
 )
 def test_unreadable_checkpoint_hint(runbook, store, corrupt):
     checkpoint = {"store": store}
