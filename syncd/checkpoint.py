@@ -68,6 +68,7 @@ class Checkpoint:
     updated_by: str = ""
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     status: dict[str, Any] = dataclasses.field(default_factory=dict)
+    halt: dict[str, Any] | None = None  # see syncd.halts; kept apart from the position writes
 
     @property
     def position_summary(self) -> str:
@@ -111,6 +112,10 @@ class CheckpointStore(Protocol):
     def list(self) -> list[Checkpoint]: ...
 
     def set_status(self, pipeline: str, status: Mapping[str, Any]) -> None: ...
+
+    def set_halt(self, pipeline: str, halt: Mapping[str, Any] | None) -> None:
+        """Record (or, with None, clear) the halt that holds the pipeline at its checkpoint."""
+        ...
 
     def close(self) -> None: ...
 
@@ -178,6 +183,7 @@ class MongoCheckpointStore:
         doc = to_document(checkpoint)
         doc.pop("history")
         doc.pop("status")
+        doc.pop("halt")
         doc["updated_at"] = datetime.now(UTC)
         update: dict[str, Any] = {"$set": doc}
         if history_reason:
@@ -236,6 +242,11 @@ class MongoCheckpointStore:
                 {"$set": {"status": dict(status) | {"updated_at": datetime.now(UTC)}}},
                 upsert=True,
             )
+
+    def set_halt(self, pipeline: str, halt: Mapping[str, Any] | None) -> None:
+        update = {"$set": {"halt": dict(halt)}} if halt is not None else {"$unset": {"halt": ""}}
+        with translate_mongo_errors(pipeline=pipeline):
+            self._coll.update_one({"_id": pipeline}, update)
 
     def close(self) -> None:
         """The client belongs to the caller."""
@@ -298,6 +309,7 @@ class FileCheckpointStore:
             history = [*history, checkpoint.history_entry(history_reason)][-self._history :]
         doc["history"] = history
         doc["status"] = current.get("status", {})
+        doc["halt"] = current.get("halt")
         doc["updated_at"] = datetime.now(UTC)
         self._write(checkpoint.pipeline, doc)
 
@@ -332,6 +344,13 @@ class FileCheckpointStore:
     def set_status(self, pipeline: str, status: Mapping[str, Any]) -> None:
         current = self._read(pipeline) or {"_id": pipeline}
         current["status"] = dict(status) | {"updated_at": datetime.now(UTC)}
+        self._write(pipeline, current)
+
+    def set_halt(self, pipeline: str, halt: Mapping[str, Any] | None) -> None:
+        current = self._read(pipeline)
+        if current is None:
+            return
+        current["halt"] = dict(halt) if halt is not None else None
         self._write(pipeline, current)
 
     def close(self) -> None:

@@ -210,6 +210,9 @@ class PipelineSettings(_Model):
     on_rename: Literal["halt", "purge"] = "halt"
     on_drop_database: Literal["halt", "purge"] = "halt"
     on_error: Literal["halt", "dead_letter"] = "halt"
+    # How often a halted pipeline looks at the document it halted on again (0: never;
+    # only `syncd resume` continues it then).
+    halt_recheck_s: Annotated[float, Field(ge=0)] = 60.0
     consistency: Literal["eventual", "strong"] = "eventual"
     batch_size: Annotated[int, Field(ge=1, le=100_000)] = 500
     batch_max_wait_ms: Annotated[int, Field(ge=0, le=600_000)] = 200

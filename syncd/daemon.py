@@ -1,9 +1,16 @@
 """The long-running process: one thread per pipeline, signals, readiness, exit code.
 
 SIGTERM and SIGINT stop reading; each pipeline finishes (or abandons) its in-flight
-batch within ``shutdown_timeout_s`` and checkpoints only what was applied. SIGHUP
-does not reload anything: it says so in the log. The first pipeline to fail fatally
-stops the others, and its exit code becomes the process's.
+batch within ``shutdown_timeout_s`` and checkpoints only what was applied. A process
+that is draining takes no lease and starts no pipeline. SIGHUP does not reload
+anything: it says so in the log.
+
+A halt (a change that cannot be applied, under ``on_error = "halt"``) stops only its
+pipeline: the worker keeps it halted and re-checks it (see :mod:`syncd.halts`) while
+the other pipelines stream on. A fatal error (history lost, a dropped or renamed
+collection under ``halt``, a changed mapping, rejected credentials, a fenced
+checkpoint without leases) stops the process: the others drain, and its exit code
+becomes the process's. Shared clients are closed only once every worker has stopped.
 
 With leases (the default with the MongoDB checkpoint store), a pipeline runs only
 while this process holds its lease (see :mod:`syncd.lease`). A pipeline whose lease
@@ -19,29 +26,49 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 from syncd.config import PipelineSettings, Settings
-from syncd.errors import ExitCode, LeaseLostError, SyncdError
+from syncd.errors import ExitCode, HaltedError, LeaseLostError, PoisonError, SyncdError
+from syncd.halts import HeldPipeline
 from syncd.lease import FencedSink, LeaseManager, uses_leases
 from syncd.notify import SystemdNotifier
 from syncd.pipeline import Pipeline
 from syncd.runtime import Runtime
 from syncd.scheduler import LeasedPipelines
-from syncd.telemetry import Telemetry
+from syncd.telemetry import PipelineTelemetry, Telemetry
 
 log = logging.getLogger(__name__)
 
+STALE_AFTER_S = 60.0  # a live worker silent this long stops the systemd watchdog pings
+
 
 class Worker(threading.Thread):
+    """Runs one pipeline until stopped; holds it while halted and runs it again after.
+
+    ``build(worker)`` makes a fresh :class:`Pipeline` for each run, stopped by
+    ``worker.stop``: a halted pipeline's parts are not reused once the halt is lifted.
+    """
+
     def __init__(
-        self, pipeline: Pipeline, failed: threading.Event, *, leased: bool = False
+        self,
+        settings: PipelineSettings,
+        build: Callable[[Worker], Pipeline],
+        telemetry: PipelineTelemetry,
+        failed: threading.Event,
+        *,
+        leased: bool = False,
     ) -> None:
-        super().__init__(name=f"pipeline-{pipeline.settings.name}", daemon=True)
-        self.pipeline = pipeline
+        super().__init__(name=f"pipeline-{settings.name}", daemon=True)
+        self.settings = settings
+        self.build = build
+        self.telemetry = telemetry
         self.failed = failed
         self.leased = leased
+        self.stop = threading.Event()
+        self.pipeline: Pipeline | None = None
+        self.sampling = False  # the drift sampler runs for this worker
         self.error: BaseException | None = None
         self.last_beat = time.monotonic()
 
@@ -49,18 +76,41 @@ class Worker(threading.Thread):
         self.last_beat = time.monotonic()
 
     def run(self) -> None:
-        telemetry = self.pipeline.telemetry
         try:
-            telemetry.set_state("starting")
-            self.pipeline.run()
-            telemetry.set_state("stopped")
+            self.telemetry.set_state("starting")
+            self._run()
+            self.telemetry.set_state("stopped")
         except BaseException as exc:  # noqa: BLE001 - recorded and re-raised as the exit code
             self.error = exc
             if self.leased and isinstance(exc, LeaseLostError):
-                telemetry.set_state("stopped", exc)  # the lease scheduler takes it from here
+                self.telemetry.set_state("stopped", exc)  # the lease scheduler takes it from here
                 return
-            telemetry.set_state("halted", exc)
+            self.telemetry.set_state("halted", exc)
             self.failed.set()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.beat()
+            pipeline = self.build(self)
+            self.pipeline = pipeline
+            if self.stop.is_set():
+                return  # asked to stop while it was being built: never start it
+            try:
+                pipeline.run()
+                return
+            except (HaltedError, PoisonError) as exc:
+                self.telemetry.set_state("halted", exc)
+                _close_stream(pipeline)
+                if not HeldPipeline(pipeline, self.stop, self.beat).hold(exc):
+                    return
+
+
+def _close_stream(pipeline: Pipeline) -> None:
+    """A halted pipeline reads nothing: let its cursor go (MongoDB may be what failed)."""
+    try:
+        pipeline.source.close()
+    except SyncdError as exc:
+        log.debug("could not close the change stream: %s", exc)
 
 
 class Daemon:
@@ -71,14 +121,17 @@ class Daemon:
         pipelines: Sequence[PipelineSettings],
         resync: bool = False,
         telemetry: Telemetry | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
+        """``stop`` may already be set: a signal that arrived before the daemon existed."""
         self.settings = settings
         self.pipelines = list(pipelines)
         self.resync = resync
         self.telemetry = telemetry or Telemetry(settings)
-        self.stop = threading.Event()
+        self.stop = stop or threading.Event()
         self.failed = threading.Event()
         self.notifier = SystemdNotifier()
+        self._leases: LeaseManager | None = None
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -91,52 +144,81 @@ class Daemon:
     def run(self) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
+        if self.stop.is_set():
+            log.info("stop signal received while starting: exiting without starting pipelines")
+            return ExitCode.OK
         self.telemetry.start()
         runtime = Runtime(self.settings, self.telemetry)
         workers: list[Worker] = []
         leased: LeasedPipelines[Worker] | None = None
+
+        def everyone() -> list[Worker]:
+            return leased.workers if leased is not None else workers
+
         try:
             if uses_leases(self.settings):
                 leased = self._leased_pipelines(runtime)
                 log.info("syncd running up to %d pipeline(s) under leases", len(self.pipelines))
             else:
                 for ps in self.pipelines:
-                    pipeline = runtime.pipeline(ps, stop=self.stop, resync=self.resync, epoch=None)
-                    worker = Worker(pipeline, self.failed)
-                    pipeline._heartbeat = worker.beat
-                    workers.append(worker)
-                    self._start_sampler(runtime, pipeline)
-                for worker in workers:
+                    if self.stop.is_set():
+                        break
+                    worker = self._worker(runtime, ps)
                     worker.start()
+                    workers.append(worker)
                 log.info("syncd running %d pipeline(s)", len(workers))
             threading.Thread(
                 target=self._watch_oplog_window, args=(runtime,), name="oplog-window", daemon=True
             ).start()
             self.notifier.ready(f"running {len(self.pipelines)} pipeline(s)")
             self._supervise(workers, leased)
-            return self._finish(leased.workers if leased else workers)
         finally:
+            self.stop.set()
+            self.telemetry.draining()
+            abandoned = self._drain(everyone())
             if leased is not None:
                 leased.close()
             self.notifier.stopping()
-            runtime.close()
+            if abandoned:
+                # Closing the MongoDB client under them would turn their abandoned work
+                # into errors ("Cannot use MongoClient after close"); the process exits.
+                log.info("leaving shared clients open for %d abandoned pipeline(s)", abandoned)
+            else:
+                runtime.close()
             self.telemetry.shutdown()
+        return self._exit_code(everyone())
+
+    def _worker(
+        self, runtime: Runtime, ps: PipelineSettings, *, epoch: int | None = None
+    ) -> Worker:
+        leases = self._leases if epoch is not None else None
+
+        def build(worker: Worker) -> Pipeline:
+            pipeline = runtime.pipeline(
+                ps, stop=worker.stop, epoch=epoch, resync=self.resync, heartbeat=worker.beat
+            )
+            if leases is not None:
+                pipeline.sink = FencedSink(pipeline.sink, lambda: leases.check(ps.name))
+            if not worker.sampling:
+                worker.sampling = self._start_sampler(runtime, pipeline)
+            return pipeline
+
+        telemetry = self.telemetry.pipeline(ps.name)
+        return Worker(ps, build, telemetry, self.failed, leased=leases is not None)
 
     def _leased_pipelines(self, runtime: Runtime) -> LeasedPipelines[Worker]:
-        leases = LeaseManager(
+        self._leases = LeaseManager(
             runtime.mongo, self.settings.checkpoint.database, self.settings.lease, runtime.store
         )
 
-        def start(ps: PipelineSettings, epoch: int) -> Worker:
-            pipeline = runtime.pipeline(ps, stop=threading.Event(), epoch=epoch, resync=self.resync)
-            pipeline.sink = FencedSink(pipeline.sink, lambda: leases.check(ps.name))
-            worker = Worker(pipeline, self.failed, leased=True)
-            pipeline._heartbeat = worker.beat
+        def start(ps: PipelineSettings, epoch: int) -> Worker | None:
+            if self.stop.is_set():
+                return None  # draining: the scheduler gives the lease back
+            worker = self._worker(runtime, ps, epoch=epoch)
             worker.start()
-            self._start_sampler(runtime, pipeline)
             return worker
 
-        return LeasedPipelines(leases, self.pipelines, start)
+        return LeasedPipelines(self._leases, self.pipelines, start, stopping=self.stop.is_set)
 
     def _watch_oplog_window(self, runtime: Runtime, every_s: float = 60.0) -> None:
         """Read where the oplog starts now and then, for the headroom metric."""
@@ -151,11 +233,11 @@ class Daemon:
             self.telemetry.oplog_window(oldest)
             self.stop.wait(every_s)
 
-    def _start_sampler(self, runtime: Runtime, pipeline: Pipeline) -> None:
+    def _start_sampler(self, runtime: Runtime, pipeline: Pipeline) -> bool:
         """Verify a random sample now and then, and export the drift it finds."""
         every = self.settings.telemetry.verify_sample_every_s
         if every <= 0:
-            return
+            return False
         from syncd.consistency import sample_forever
 
         threading.Thread(
@@ -169,6 +251,7 @@ class Daemon:
             name=f"verify-{pipeline.settings.name}",
             daemon=True,
         ).start()
+        return True
 
     def _supervise(
         self, workers: list[Worker], leased: LeasedPipelines[Worker] | None = None
@@ -180,28 +263,33 @@ class Daemon:
         while not self.stop.is_set() and not self.failed.is_set():
             if leased is not None:
                 leased.tick()
+                self.telemetry.standby_ready()  # holding nothing after a round is a standby
                 workers = list(leased.running.values())
             elif all(not w.is_alive() for w in workers):
                 return
-            stale = [w for w in workers if w.is_alive() and time.monotonic() - w.last_beat > 60]
+            now = time.monotonic()
+            stale = [w for w in workers if w.is_alive() and now - w.last_beat > STALE_AFTER_S]
             if not stale:
                 self.notifier.watchdog()
             self.notifier.keep_status(self.telemetry.status_line())
             self.stop.wait(min(ping_every, 1.0))
 
-    def _finish(self, workers: list[Worker]) -> int:
-        self.stop.set()
+    def _drain(self, workers: list[Worker]) -> int:
+        """Stop every worker and wait for them up to the deadline; how many are left."""
         for worker in workers:
-            worker.pipeline.stop.set()  # leased pipelines each have their own stop event
+            worker.stop.set()
         deadline = time.monotonic() + self.settings.shutdown_timeout_s
         for worker in workers:
             worker.join(max(0.0, deadline - time.monotonic()))
-        abandoned = [w.pipeline.settings.name for w in workers if w.is_alive()]
+        abandoned = [w.settings.name for w in workers if w.is_alive()]
         if abandoned:
             log.warning(
                 "shutdown deadline passed; abandoning in-flight work of %s (not checkpointed)",
                 ", ".join(abandoned),
             )
+        return len(abandoned)
+
+    def _exit_code(self, workers: list[Worker]) -> int:
         errors = [w.error for w in workers if w.error is not None]
         if not errors:
             log.info("syncd stopped cleanly")

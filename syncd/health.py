@@ -5,8 +5,10 @@ A small threaded :mod:`http.server`; what it serves comes from a :class:`Probe`
 
 * ``/metrics``: Prometheus (or OpenMetrics, if asked) exposition of a registry.
 * ``/healthz``: 200 while every running pipeline loop heartbeats, else 503 (liveness).
-* ``/readyz``: 200 while every pipeline is connected, not halted and not backing off,
-  else 503 with a JSON body naming the pipelines that are not ready and why.
+* ``/readyz``: 200 while every pipeline this process runs is connected, not halted and
+  not backing off, else 503 with a JSON body naming the pipelines that are not ready
+  and why. A process sharing pipelines under leases that holds none is a healthy
+  standby: 200, with ``"standby": true`` in the body. Draining after a stop signal: 503.
 """
 
 from __future__ import annotations
@@ -106,6 +108,38 @@ class Metrics:
         # The process_* and python_* families every Prometheus client exports by default.
         for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             registry.register(collector)
+
+
+NOT_HERE = "stopped"  # a pipeline this process does not run (now): not its readiness to judge
+STANDBY = (
+    "standby: this process holds no pipeline; it takes pipelines over when their leases are free"
+)
+
+
+def readiness(
+    pipelines: dict[str, dict[str, Any]], *, standby_ok: bool, draining: bool
+) -> tuple[bool, dict[str, Any]]:
+    """The ``/readyz`` verdict from each pipeline's :meth:`PipelineTelemetry.status`."""
+    report: dict[str, Any] = {"pipelines": pipelines}
+    if draining:
+        report |= {"ready": False, "not_ready": {"": "draining after a stop signal"}}
+        return False, report
+    running = {name: s for name, s in pipelines.items() if s["state"] != NOT_HERE}
+    not_ready = {
+        name: status.get("reason") or status["state"]
+        for name, status in running.items()
+        if not status["ready"]
+    }
+    if not running:
+        if standby_ok:
+            report |= {"ready": True, "standby": True, "message": STANDBY}
+            return True, report
+        report |= {"ready": False, "not_ready": {"": "no pipeline has started"}}
+        return False, report
+    report["ready"] = not not_ready
+    if not_ready:
+        report["not_ready"] = not_ready
+    return not not_ready, report
 
 
 class Probe(Protocol):

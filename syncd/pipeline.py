@@ -18,6 +18,7 @@ from typing import Any
 
 import backoff
 
+from syncd import halts
 from syncd import plan as planning
 from syncd.checkpoint import Checkpoint, CheckpointStore, whoami
 from syncd.config import PipelineSettings
@@ -220,6 +221,7 @@ class Pipeline:
             cp.epoch = self.epoch
             self.checkpoint = cp
             return self._start_snapshot(reason="mapping changed: re-snapshot (--resync)")
+        halts.check_on_start(self.settings, cp, self.store)
         cp.epoch = self.epoch
         self.checkpoint = cp
         return cp
@@ -424,8 +426,7 @@ class Pipeline:
         self.telemetry.set_state("halted", error)
         raise HaltedError(
             f"halted at a change that cannot be applied: {error.message}",
-            hint='fix the document in MongoDB (or set on_error = "dead_letter") and restart; '
-            "the checkpoint stays just before this change",
+            hint=halts.hint(self.settings),
             pipeline=self.settings.name,
             namespace=f"{self.settings.database}.{culprit.change.collection}",
             document_id=culprit.change.source_id,

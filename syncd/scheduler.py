@@ -36,16 +36,11 @@ log = logging.getLogger(__name__)
 # --- which pipelines this process runs --------------------------------------------
 
 
-class _Stoppable(Protocol):
-    @property
-    def stop(self) -> threading.Event: ...
-
-
 class Running(Protocol):
     """What the daemon's worker thread offers the scheduler."""
 
     @property
-    def pipeline(self) -> _Stoppable: ...
+    def stop(self) -> threading.Event: ...
 
     @property
     def error(self) -> BaseException | None: ...
@@ -59,20 +54,25 @@ W = TypeVar("W", bound=Running)
 class LeasedPipelines(Generic[W]):
     """Starts a pipeline's worker when its lease is ours, stops it when it is not.
 
-    ``start(settings, epoch)`` builds and starts a worker. Call :meth:`tick` often;
-    it takes and hands over leases once per ``renew_every_s`` and stops a pipeline as
-    soon as its lease is found lost (renewal runs on a thread of its own).
+    ``start(settings, epoch)`` builds and starts a worker, or returns None to decline
+    (the lease is then given back). Call :meth:`tick` often; it takes and hands over
+    leases once per ``renew_every_s`` and stops a pipeline as soon as its lease is
+    found lost (renewal runs on a thread of its own). Once ``stopping()`` is true it
+    takes no lease, even in the middle of a round.
     """
 
     def __init__(
         self,
         leases: LeaseManager,
         pipelines: Sequence[PipelineSettings],
-        start: Callable[[PipelineSettings, int], W],
+        start: Callable[[PipelineSettings, int], W | None],
+        *,
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self.leases = leases
         self.pipelines = {p.name: p for p in pipelines}
         self._start = start
+        self._stopping = stopping
         self.running: dict[str, W] = {}
         self.finished: list[W] = []  # ended with an error other than a lost lease
         self._handing_over: set[str] = set()
@@ -130,7 +130,7 @@ class LeasedPipelines(Generic[W]):
         worker = self.running.get(name)
         if worker is not None:
             log.warning("stopping pipeline %s: %s", name, why, extra={"pipeline": name})
-            worker.pipeline.stop.set()
+            worker.stop.set()
 
     def _share(self, view: View) -> int:
         processes = max(1, len(view.processes | {self.leases.owner: frozenset()}))
@@ -148,6 +148,8 @@ class LeasedPipelines(Generic[W]):
             orphaned = now - free_since >= self.leases.settings.ttl_s
             if mine >= share and not orphaned:
                 continue
+            if self._stopping():
+                return
             try:
                 epoch = self.leases.acquire(name)
             except TransientError as exc:
@@ -156,7 +158,11 @@ class LeasedPipelines(Generic[W]):
             if epoch is None:
                 continue
             self._free_since.pop(name, None)
-            self.running[name] = self._start(self.pipelines[name], epoch)
+            worker = self._start(self.pipelines[name], epoch) if not self._stopping() else None
+            if worker is None:
+                self._release(name)
+                return
+            self.running[name] = worker
 
     def _hand_over(self, view: View) -> None:
         """Give one pipeline to a live peer holding at least two fewer than we do."""
@@ -177,7 +183,7 @@ class LeasedPipelines(Generic[W]):
 
     def stop_all(self) -> None:
         for worker in self.running.values():
-            worker.pipeline.stop.set()
+            worker.stop.set()
 
     def close(self) -> None:
         self.leases.close()

@@ -1,9 +1,11 @@
 """What each pipeline is doing, from what the daemon leaves behind.
 
 The daemon records its state (streaming, snapshotting, retrying, halted, stopped)
-with the last error next to the checkpoint; the position, lag and dead-letter count
-come from the checkpoint store, MongoDB and the dead-letter store. Nothing here needs
-the daemon to be running, so `syncd status` also explains why it stopped.
+with the last error next to the checkpoint; a halt in force (see :mod:`syncd.halts`)
+is recorded there too and wins over the last state written. The position, lag and
+dead-letter count come from the checkpoint store, MongoDB and the dead-letter store.
+Nothing here needs the daemon to be running, so `syncd status` also explains why it
+stopped.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from bson.timestamp import Timestamp
 
+from syncd import halts
 from syncd.config import PipelineSettings
 from syncd.errors import SyncdError
 from syncd.runtime import Runtime
@@ -58,6 +61,10 @@ def describe(
     if cp.wall_time is not None:
         out["checkpoint_age_s"] = _age(cp.wall_time)
     out["dead_letters"] = runtime.dead_letters(ps).count(ps.name)
+    halt = halts.active(cp)
+    if halt is not None:
+        out["state"] = "halted"
+        out["halt"] = halt.describe()
     if status.get("error"):
         out["last_error"] = {
             key: status[key]

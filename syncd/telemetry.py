@@ -40,7 +40,7 @@ from prometheus_client.exposition import choose_encoder
 from syncd import __version__
 from syncd.config import Settings, TelemetrySettings
 from syncd.errors import classify
-from syncd.health import HealthServer, Metrics
+from syncd.health import HealthServer, Metrics, readiness
 from syncd.redact import redact_text
 from syncd.spanlog import SpanLog
 from syncd.spans import (
@@ -373,6 +373,8 @@ class Telemetry:
         self._lock = threading.Lock()
         self._span_log_warned = -60.0
         self.oplog_start: int | None = None  # time (s) of the oldest oplog entry, when readable
+        self._standby_ok = False  # holding no pipeline is ready (a leased replica's standby)
+        self._draining = False
 
     @classmethod
     def disabled(cls) -> Telemetry:
@@ -432,6 +434,15 @@ class Telemetry:
         pipelines = list(self._pipelines.values())
         return bool(pipelines) and all(p.ready() for p in pipelines)
 
+    def standby_ready(self) -> None:
+        """This process shares pipelines under leases and has looked at them once: while
+        it holds none it is a healthy standby, and ready."""
+        self._standby_ok = True
+
+    def draining(self) -> None:
+        """A stop signal came: not ready from now on."""
+        self._draining = True
+
     def oplog_window(self, oldest: bson.Timestamp | None) -> None:
         """Record where the oplog starts; every pipeline's headroom follows from it."""
         self.oplog_start = oldest.time if oldest is not None else None
@@ -481,18 +492,7 @@ class Telemetry:
 
     def readiness_report(self) -> tuple[bool, dict[str, Any]]:
         pipelines = {name: p.status() for name, p in self._pipelines.items()}
-        not_ready = {
-            name: status.get("reason") or status["state"]
-            for name, status in pipelines.items()
-            if not status["ready"]
-        }
-        ready = bool(pipelines) and not not_ready
-        report: dict[str, Any] = {"ready": ready, "pipelines": pipelines}
-        if not_ready:
-            report["not_ready"] = not_ready
-        elif not pipelines:
-            report["not_ready"] = {"": "no pipeline has started"}
-        return ready, report
+        return readiness(pipelines, standby_ok=self._standby_ok, draining=self._draining)
 
 
 # --- helpers -----------------------------------------------------------------

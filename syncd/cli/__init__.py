@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from syncd import __version__
-from syncd.errors import ExitCode, SyncdError
+from syncd.cli import signals
 
 # verb module names, in the order `syncd --help` lists them
 VERBS = (
@@ -21,6 +21,7 @@ VERBS = (
     "check",
     "snapshot",
     "status",
+    "resume",
     "verify",
     "repair",
     "dlq",
@@ -53,8 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    signals.catch_early()  # before the slow imports: a SIGTERM now must not kill `syncd run`
+    from syncd.errors import ExitCode, SyncdError
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit:  # --help, --version or a usage error
+        signals.restore()
+        raise
+    if args.command != "run":
+        signals.restore()  # one-shot commands stop on a signal as they always did
     try:
         return int(args.handler(args))
     except SyncdError as exc:

@@ -13,7 +13,9 @@ def register(verbs: Any) -> None:
         "run",
         help="mirror MongoDB into Chroma until stopped",
         description="Snapshot (on first run) and then stream changes for every configured "
-        "pipeline, checkpointing only what Chroma acknowledged. SIGTERM drains and exits 0.",
+        "pipeline, checkpointing only what Chroma acknowledged. A change that cannot be applied "
+        'under on_error = "halt" halts only its pipeline (see `syncd status`, `syncd resume`); '
+        "the others keep streaming. SIGTERM drains and exits 0.",
     )
     add_config_options(parser)
     parser.add_argument(
@@ -37,7 +39,8 @@ def register(verbs: Any) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     settings = load_settings(args, **{"telemetry.listen": args.listen})
+    from syncd.cli import signals
     from syncd.daemon import Daemon
 
     pipelines = select_pipelines(settings, args.pipelines)
-    return Daemon(settings, pipelines=pipelines, resync=args.resync).run()
+    return Daemon(settings, pipelines=pipelines, resync=args.resync, stop=signals.received).run()

@@ -14,10 +14,10 @@ def register(verbs: Any) -> None:
         "status",
         help="show each pipeline's state, position, lag and last error",
         description="Read what the daemon recorded next to each checkpoint: its state "
-        "(streaming, snapshotting, retrying, halted, stopped), the last error with the "
-        "document it concerns, the checkpoint position and age, the lag behind MongoDB "
-        "and the number of dead letters. Works whether or not the daemon runs. Exit 1 "
-        "when a pipeline is halted.",
+        "(streaming, snapshotting, retrying, halted, stopped), a halt in force with the "
+        "document, reason, resume token and what to do, the last error, the checkpoint "
+        "position and age, the lag behind MongoDB and the number of dead letters. Works "
+        "whether or not the daemon runs. Exit 1 when a pipeline is halted.",
     )
     add_config_options(parser)
     parser.add_argument("pipelines", nargs="*", metavar="PIPELINE", help="default: all")
@@ -59,12 +59,26 @@ def _print(row: dict[str, Any]) -> None:
     if "lag_s" in row:
         print(f"  lag            {row['lag_s']} s behind MongoDB")
     print(f"  dead letters   {row['dead_letters']}")
+    halt = row.get("halt")
+    if halt:
+        print(f"  halted at      {_where(halt)} since {halt['since']} ({halt['by']})")
+        print(f"  reason         {halt['error_class']}: {halt['reason']}")
+        if "resume_token" in halt:
+            print(f"  resume token   {halt['resume_token']}")
+        print(f"  what to do     {halt['hint']}")
+        return
     error = row.get("last_error")
     if error:
         where = f" (_id {error['document_id']})" if "document_id" in error else ""
         print(f"  last error     {error.get('error_class', '')}: {error.get('error', '')}{where}")
         if "hint" in error:
             print(f"  what to do     {error['hint']}")
+
+
+def _where(halt: dict[str, Any]) -> str:
+    if "document_id" not in halt:
+        return halt.get("namespace") or "a change"
+    return f"_id {halt['document_id']} ({halt['key']}) in {halt.get('namespace', '?')}"
 
 
 def _ago(seconds: float) -> str:

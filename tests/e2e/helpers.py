@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 from bson.timestamp import Timestamp
+from prometheus_client.parser import text_string_to_metric_families
 from pymongo import MongoClient
 
 from syncd import config
@@ -194,3 +197,23 @@ def caught_up(settings: config.Settings, name: str, op_time: Timestamp) -> bool:
         and cp.cluster_time is not None
         and cp.cluster_time >= op_time
     )
+
+
+def http_get(url: str) -> tuple[int, str]:
+    """Status and body; (0, "") when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except (urllib.error.URLError, OSError):
+        return 0, ""
+
+
+def metric_sample(metrics: str, name: str, **labels: str) -> float | None:
+    """One sample's value from a Prometheus exposition, or None if absent."""
+    for family in text_string_to_metric_families(metrics):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return None

@@ -2,8 +2,7 @@
 
 Under ``dead_letter`` the store holds exactly the poison documents and everything else
 is in Chroma; `syncd dlq` lists, shows, retries (from MongoDB's current state) and
-purges them. Under ``halt`` the daemon exits with ExitCode.HALTED naming the document,
-`syncd status` says so, and after the document is fixed a restart loses nothing."""
+purges them. What ``halt`` does is tested in test_halts.py."""
 
 from __future__ import annotations
 
@@ -114,45 +113,5 @@ def test_dead_letter_holds_exactly_the_poison_documents(
     purged = run_syncd(["dlq", "purge", "p", "--yes"], cfg)
     assert purged.returncode == 0, purged.stderr
     assert "removed 2" in purged.stdout
-    mongo_client.drop_database(db)
-    mongo_client.drop_database(f"{db}_syncd")
-
-
-def test_halt_stops_at_the_poison_document_and_loses_nothing_after_it(
-    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
-):
-    cfg, settings, db, coll_name = _setup(tmp_path, mongo_uri, chroma_server, "halt")
-    coll = mongo_client[db]["docs"]
-    daemon = syncd_factory(["run"], cfg)
-    wait_until(lambda: _streaming(settings), 60, "the first checkpoint")
-    _insert_each(mongo_client, coll, [GOOD[0], GOOD[1]])
-    poison_time = _insert_each(mongo_client, coll, [POISON[1]])
-    _insert_each(mongo_client, coll, [GOOD[2], GOOD[3]])
-
-    assert daemon.wait(60) == ExitCode.HALTED, daemon.output()
-    assert "_id 'dict-body'" in daemon.output()
-    cp = load_checkpoint(settings, "p")
-    assert cp is not None and cp.cluster_time is not None
-    assert cp.cluster_time < poison_time, "the checkpoint passed the change it could not apply"
-    collection = chroma_server.client().get_collection(coll_name, embedding_function=None)
-    assert {"s:good0", "s:good1"} <= set(collection.get()["ids"])
-
-    status = run_syncd(["status", "--json"], cfg)
-    assert status.returncode == 1, status.stdout + status.stderr
-    (row,) = json.loads(status.stdout)
-    assert row["state"] == "halted"
-    assert row["last_error"]["document_id"] == "'dict-body'"
-    assert row["last_error"]["error_class"] == "HaltedError"
-
-    coll.update_one({"_id": "dict-body"}, {"$set": {"body": "fixed"}})
-    with mongo_client.start_session(causal_consistency=True) as session:
-        coll.insert_one(GOOD[4], session=session)
-        last = session.operation_time
-    daemon.start()
-    wait_until(lambda: caught_up(settings, "p", last), 60, "syncd to resume past the fix")
-    daemon.terminate()
-    assert daemon.wait(30) == 0, daemon.output()
-    problem = diff(expected_records(settings, "p", list(coll.find())), chroma_records(collection))
-    assert not problem, problem
     mongo_client.drop_database(db)
     mongo_client.drop_database(f"{db}_syncd")

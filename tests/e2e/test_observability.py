@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import json
 import re
-import urllib.error
-import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from syncd.errors import ExitCode
 from tests.harness import phoenix as phoenix_harness
@@ -22,7 +18,9 @@ from tests.harness.ports import free_port
 
 from .helpers import (
     caught_up,
+    http_get,
     load_checkpoint,
+    metric_sample,
     pipeline_table,
     settings_of,
     wait_caught_up,
@@ -82,24 +80,6 @@ class Writer:
 def _streaming(settings: Any, name: str) -> bool:
     cp = load_checkpoint(settings, name)
     return cp is not None and cp.phase == "streaming"
-
-
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except (urllib.error.URLError, OSError):
-        return 0, ""
-
-
-def _sample(metrics: str, name: str, **labels: str) -> float | None:
-    for family in text_string_to_metric_families(metrics):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return None
 
 
 def _console_spans(output: str) -> list[dict[str, Any]]:
@@ -332,13 +312,13 @@ def test_metrics_count_changes_and_readyz_follows_chroma(
     settings = settings_of(cfg)
     base = f"http://{listen}"
     daemon = syncd_factory(["run"], cfg)
-    wait_until(lambda: _get(f"{base}/readyz")[0] == 200, 30, "/readyz to answer 200")
+    wait_until(lambda: http_get(f"{base}/readyz")[0] == 200, 30, "/readyz to answer 200")
     write = Writer(mongo_client, db, settings, name)
 
     def metric(sample: str, **labels: str) -> float | None:
-        status, text = _get(f"{base}/metrics")
+        status, text = http_get(f"{base}/metrics")
         assert status == 200
-        return _sample(text, sample, pipeline=name, **labels)
+        return metric_sample(text, sample, pipeline=name, **labels)
 
     inserted = metric("syncd_events_applied_total", operation="insert") or 0.0
     write("insert_many", [{"_id": i, "body": f"body {i}"} for i in range(3)])
@@ -354,12 +334,12 @@ def test_metrics_count_changes_and_readyz_follows_chroma(
     # Chroma down and a write pending: not ready, with the reason; still alive.
     chroma.kill()
     mongo_client[db]["docs"].insert_one({"_id": 3, "body": "written during the outage"})
-    wait_until(lambda: _get(f"{base}/readyz")[0] == 503, 30, "/readyz to answer 503")
-    report = json.loads(_get(f"{base}/readyz")[1])
+    wait_until(lambda: http_get(f"{base}/readyz")[0] == 503, 30, "/readyz to answer 503")
+    report = json.loads(http_get(f"{base}/readyz")[1])
     assert report["ready"] is False
     assert report["pipelines"][name]["state"] == "retrying"
     assert name in report["not_ready"] and report["not_ready"][name]
-    assert _get(f"{base}/healthz")[0] == 200, "a dependency outage is not a reason to restart"
+    assert http_get(f"{base}/healthz")[0] == 200, "a dependency outage is not a reason to restart"
     assert metric("syncd_pipeline_ready") == 0
     assert metric("syncd_events_applied_total", operation="insert") == inserted + 3
     # The lag is the pending change's age, growing for as long as Chroma is down.
@@ -368,7 +348,7 @@ def test_metrics_count_changes_and_readyz_follows_chroma(
 
     # Chroma back on the same port: ready again, and the pending write is applied.
     chroma.start()
-    wait_until(lambda: _get(f"{base}/readyz")[0] == 200, 30, "/readyz to answer 200 again")
+    wait_until(lambda: http_get(f"{base}/readyz")[0] == 200, 30, "/readyz to answer 200 again")
     wait_until(
         lambda: metric("syncd_events_applied_total", operation="insert") == inserted + 4,
         30,
@@ -417,18 +397,18 @@ def test_no_credential_reaches_logs_spans_or_metrics(
         }
         settings = settings_of(cfg, env)
         daemon = syncd_factory(["run"], cfg, env)
-        wait_until(lambda: _get(f"{base}/readyz")[0] == 200, 30, "/readyz to answer 200")
+        wait_until(lambda: http_get(f"{base}/readyz")[0] == 200, 30, "/readyz to answer 200")
         write = Writer(mongo_client, db, settings, name)
         write("insert_one", {"_id": 1, "body": "one", "traceparent": TRACEPARENT})
         assert api.inputs == ["one"], "the key was sent and accepted"
         # An outage: errors and retries are where credentials tend to slip into messages.
         chroma.kill()
         mongo_client[db]["docs"].insert_one({"_id": 2, "body": "two"})
-        wait_until(lambda: _get(f"{base}/readyz")[0] == 503, 30, "/readyz to answer 503")
-        probes = [_get(f"{base}/readyz")[1], _get(f"{base}/healthz")[1]]
+        wait_until(lambda: http_get(f"{base}/readyz")[0] == 503, 30, "/readyz to answer 503")
+        probes = [http_get(f"{base}/readyz")[1], http_get(f"{base}/healthz")[1]]
         chroma.start()
         write("update_one", {"_id": 2}, {"$set": {"body": "deux"}})
-        probes += [_get(f"{base}/metrics")[1], _get(f"{base}/readyz")[1]]
+        probes += [http_get(f"{base}/metrics")[1], http_get(f"{base}/readyz")[1]]
         daemon.terminate()
         assert daemon.wait(30) == ExitCode.OK, daemon.output()
     finally:

@@ -166,3 +166,30 @@ def test_shutdown_closes_the_listener(tmp_path):
     telemetry.shutdown()
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=2)
+
+
+def test_a_standby_holding_no_pipeline_is_ready_and_says_so(telemetry):
+    status, body = get_json(telemetry, "/readyz")
+    assert status == 503, "before the first round of leases nothing says it is a standby"
+    telemetry.standby_ready()
+    status, body = get_json(telemetry, "/readyz")
+    assert status == 200 and body["standby"] is True and "standby" in body["message"]
+
+    p = telemetry.pipeline("articles")  # took a lease: judged by that pipeline now
+    status, body = get_json(telemetry, "/readyz")
+    assert status == 503 and body["not_ready"] == {"articles": "starting"}
+    p.set_state("streaming")
+    status, body = get_json(telemetry, "/readyz")
+    assert status == 200 and "standby" not in body
+
+    p.set_state("stopped")  # handed over or lost: a standby again
+    status, body = get_json(telemetry, "/readyz")
+    assert status == 200 and body["standby"] is True
+
+
+def test_a_draining_process_is_not_ready(telemetry):
+    telemetry.pipeline("articles").set_state("streaming")
+    assert get_json(telemetry, "/readyz")[0] == 200
+    telemetry.draining()
+    status, body = get_json(telemetry, "/readyz")
+    assert status == 503 and "draining" in body["not_ready"][""]

@@ -168,19 +168,14 @@ def test_fenced_sink_refuses_writes_once_the_lease_is_gone(mongo_db):
     assert inner.writes == 1
 
 
-class FakePipeline:
-    def __init__(self) -> None:
-        self.stop = threading.Event()
-
-
 class FakeWorker:
     error: BaseException | None = None
 
     def __init__(self) -> None:
-        self.pipeline = FakePipeline()
+        self.stop = threading.Event()
 
     def is_alive(self) -> bool:
-        return not self.pipeline.stop.is_set()
+        return not self.stop.is_set()
 
 
 def pipelines(*names: str) -> list[PipelineSettings]:

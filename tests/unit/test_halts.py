@@ -1,0 +1,94 @@
+"""A halt record: bound to the checkpoint it holds, stored beside it, lifted on purpose."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from syncd import halts
+from syncd.checkpoint import Checkpoint, FileCheckpointStore, SnapshotProgress
+from syncd.config import CheckpointSettings, PipelineSettings
+from syncd.errors import HaltedError
+
+
+def settings(**overrides: object) -> PipelineSettings:
+    return PipelineSettings.model_validate(
+        {"name": "p", "database": "d", "collection": "c", "mapping": {"text": "body"}, **overrides}
+    )
+
+
+def stored(tmp_path: Path, cp: Checkpoint) -> FileCheckpointStore:
+    store = FileCheckpointStore(CheckpointSettings(store="file", path=str(tmp_path)))
+    store.save(cp)
+    return store
+
+
+def record(cp: Checkpoint, document_id: object = "bad") -> halts.Halt:
+    return halts.Halt(
+        reason="text field is not a string",
+        error_class="MappingError",
+        hint=halts.hint(settings()),
+        position=halts.position_key(cp),
+        token=cp.token,
+        collection="c",
+        namespace="d.c",
+        key="s:bad",
+        document_id=document_id,
+    )
+
+
+def test_a_halt_holds_its_checkpoint_across_saves_and_lapses_when_it_moves(tmp_path):
+    cp = Checkpoint(pipeline="p", fingerprint="f", token={"_data": "8201"})
+    store = stored(tmp_path, cp)
+    store.set_halt("p", record(cp).to_document())
+
+    loaded = store.load("p")
+    halt = halts.active(loaded)
+    assert halt is not None and halt.document_id == "bad" and halt.token == {"_data": "8201"}
+    assert loaded is not None
+    store.save(loaded)  # a checkpoint write keeps the record...
+    assert halts.active(store.load("p")) is not None
+    loaded.token = {"_data": "8202"}  # ...and moving the position ends it
+    store.save(loaded)
+    assert halts.active(store.load("p")) is None
+
+
+def test_a_nan_id_in_a_snapshot_position_still_equals_itself(tmp_path):
+    nan = float("nan")
+    cp = Checkpoint(pipeline="p", fingerprint="f", phase="snapshot")
+    cp.snapshot = SnapshotProgress(collection="c", last_id=nan, has_last_id=True)
+    store = stored(tmp_path, cp)
+    store.set_halt("p", record(cp, document_id=nan).to_document())
+    assert halts.active(store.load("p")) is not None
+
+
+def test_a_started_pipeline_stops_on_the_stored_halt_unless_it_dead_letters_now(tmp_path):
+    cp = Checkpoint(pipeline="p", fingerprint="f", token={"_data": "8201"})
+    store = stored(tmp_path, cp)
+    store.set_halt("p", record(cp).to_document())
+    loaded = store.load("p")
+    assert loaded is not None
+    with pytest.raises(HaltedError, match="not a string") as caught:
+        halts.check_on_start(settings(), loaded, store)
+    assert caught.value.document_id == "bad" and "`syncd resume p`" in (caught.value.hint or "")
+
+    halts.check_on_start(settings(on_error="dead_letter"), loaded, store)
+    assert halts.active(store.load("p")) is None
+
+
+def test_resume_clears_only_a_halt_in_force(tmp_path):
+    cp = Checkpoint(pipeline="p", fingerprint="f", token={"_data": "8201"})
+    store = stored(tmp_path, cp)
+    assert halts.clear(store, "p") is None
+    store.set_halt("p", record(cp).to_document())
+    lifted = halts.clear(store, "p")
+    assert lifted is not None and lifted.key == "s:bad"
+    assert halts.active(store.load("p")) is None
+
+
+def test_hints_name_only_commands_that_exist():
+    assert "every 60 s" in halts.hint(settings()) and "`syncd resume p`" in halts.hint(settings())
+    off = halts.hint(settings(halt_recheck_s=0))
+    assert "re-checks" not in off and "then run `syncd resume p`" in off
+    assert halts.hint(settings(), has_document=False).startswith("fix the cause")
