@@ -159,7 +159,8 @@ class LeasedPipelines(Generic[W]):
                 continue
             self._free_since.pop(name, None)
             worker = self._start(self.pipelines[name], epoch) if not self._stopping() else None
-            if worker is None:
+            if worker is None:  # the stop came while the lease was being taken
+                log.info("draining: giving back the lease of pipeline %s", name)
                 self._release(name)
                 return
             self.running[name] = worker
