@@ -148,6 +148,12 @@ def test_disruption_budget_and_replicas() -> None:
     assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
 
 
+def test_a_pod_not_ready_for_a_halted_pipeline_does_not_block_node_drains() -> None:
+    # /readyz is 503 on the replica holding a halted pipeline until the halt ends; with
+    # the default policy, evicting it would need the other replica ready too.
+    assert by_kind("PodDisruptionBudget")["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
 def test_configmap_validates_as_syncd_settings() -> None:
     data = tomllib.loads(configmap_toml())
     assert "uri" not in data.get("mongodb", {}), "credentials belong in the Secret"

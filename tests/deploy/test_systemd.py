@@ -124,6 +124,9 @@ def test_restart_policy_leaves_operator_errors_alone() -> None:
     assert {ExitCode.CONFIG, ExitCode.HISTORY_LOST} <= prevented
     # Failures another replica or a retry can resolve must still restart.
     assert not prevented & {ExitCode.SOURCE, ExitCode.SINK, ExitCode.LEASE, ExitCode.INTERNAL}
+    # A halt stops only its pipeline; `syncd run` never exits with HALTED, so listing it
+    # would only pretend a halted service waits for an operator.
+    assert ExitCode.HALTED not in prevented
 
 
 def test_secrets_come_from_an_optional_root_only_file() -> None:
