@@ -10,6 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from syncd.errors import ExitCode
 from tests.harness import phoenix as phoenix_harness
 from tests.harness.daemon import run_syncd
@@ -501,7 +503,7 @@ def test_every_metric_the_dashboard_and_alerts_use_is_exported(
     write("insert_one", {"_id": 11, "body": {"not": "text"}})  # dead-lettered
 
     def missing() -> set[str]:
-        text = _get(f"http://{listen}/metrics")[1]
+        text = http_get(f"http://{listen}/metrics")[1]
         families = list(text_string_to_metric_families(text))
         sampled = {s.name for f in families for s in f.samples}
         declared = {f"{f.name}{suffix}" for f in families for suffix in ("", "_total")}
