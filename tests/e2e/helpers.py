@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import urllib.error
 import urllib.request
@@ -217,3 +218,19 @@ def metric_sample(metrics: str, name: str, **labels: str) -> float | None:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return float(sample.value)
     return None
+
+
+def log_records(output: str) -> list[dict[str, Any]]:
+    """The JSON log lines of a `--log-format json` process, each flattened to its
+    ``body`` as ``msg`` plus its attributes (pipeline, state, ...)."""
+    records = []
+    for line in output.splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and "body" in entry:
+            records.append({**entry.get("attributes", {}), "msg": str(entry["body"])})
+    return records

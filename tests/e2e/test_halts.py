@@ -35,6 +35,7 @@ from tests.harness.ports import free_port
 from .helpers import (
     http_get,
     load_checkpoint,
+    log_records,
     metric_sample,
     pipeline_table,
     settings_of,
@@ -168,17 +169,6 @@ def _run_hinted(command: list[str], cfg: Path) -> Any:
     return run_syncd(command[1:], env={"SYNCD_CONFIG": str(cfg)})
 
 
-def _log_lines(output: str) -> list[dict[str, Any]]:
-    lines = []
-    for line in output.splitlines():
-        if line.startswith("{"):
-            try:
-                lines.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return lines
-
-
 def _cleanup(client: MongoClient[Any], db: str) -> None:
     client.drop_database(db)
     client.drop_database(f"{db}_syncd")
@@ -274,7 +264,7 @@ def test_a_halt_holds_across_replicas_and_restarts_until_resumed(
     other.wait_for_output(r"pipeline p halted \(since", timeout=60, since=mark)
     assert _halt(settings) == halt, "the change was tried again instead of staying halted"
     runs = [
-        line for line in _log_lines(other.output(mark))
+        line for line in log_records(other.output(mark))
         if line.get("pipeline") == "p" and line.get("state") in ("snapshotting", "streaming")
     ]  # fmt: skip
     assert not runs, runs

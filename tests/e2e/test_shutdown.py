@@ -6,7 +6,6 @@ client closed under it ("Cannot use MongoClient after close")."""
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 import pytest
 
 from .helpers import (
+    log_records,
     pipeline_table,
     settings_of,
     wait_caught_up,
@@ -49,17 +49,6 @@ def _config(
     )
 
 
-def _lines(output: str) -> list[dict[str, Any]]:
-    out = []
-    for line in output.splitlines():
-        if line.startswith("{"):
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out
-
-
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("delay", [0.3, 0.6, 0.9, 1.2, 1.5])
 def test_a_sigterm_while_starting_drains_and_exits_0(
@@ -92,7 +81,7 @@ def test_a_draining_process_takes_no_lease_and_starts_no_pipeline(
     daemon.terminate()
     assert daemon.wait(60) == 0, daemon.output()
 
-    lines = _lines(daemon.output())
+    lines = log_records(daemon.output())
     drain = next(i for i, line in enumerate(lines) if line.get("msg", "").endswith(": draining"))
     after = lines[drain + 1 :]
     # A lease being taken when the signal came is given back at once; no other is taken.
@@ -141,7 +130,7 @@ def test_a_pipeline_that_fails_does_not_cut_the_others_off_their_client(
     )
     out = daemon.output()
     assert CLOSED_CLIENT not in out, out
-    q_states = [line.get("state") for line in _lines(out) if line.get("pipeline") == "q"]
+    q_states = [line.get("state") for line in log_records(out) if line.get("pipeline") == "q"]
     assert "halted" not in q_states, q_states
 
     proxy.heal()
@@ -156,5 +145,5 @@ def test_a_pipeline_that_fails_does_not_cut_the_others_off_their_client(
 def _retrying(output: str, name: str) -> bool:
     return any(
         line.get("pipeline") == name and line.get("msg", "").startswith("retrying in")
-        for line in _lines(output)
+        for line in log_records(output)
     )
