@@ -239,6 +239,28 @@ def test_a_poison_document_halts_only_its_pipeline_until_it_is_fixed(
     _cleanup(mongo_client, db)
 
 
+@pytest.mark.timeout(180)
+def test_deleting_the_halted_document_lets_the_pipeline_continue(
+    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
+):
+    db = f"halt_{uuid.uuid4().hex[:8]}"
+    cfg = _config(tmp_path / "syncd.toml", mongo_uri, chroma_server, db, names=("p",),
+                  halt_recheck_s=1.0)  # fmt: skip
+    settings = settings_of(cfg)
+    p = mongo_client[db]["p"]
+    daemon = syncd_factory(["run"], cfg)
+    wait_until(lambda: _streaming(settings, "p"), 60, "the pipeline to stream")
+    _insert(mongo_client, p, {"_id": "a", "body": "first"}, POISON, {"_id": "c", "body": "c"})
+    wait_until(lambda: _halt(settings), 60, "the halt to be recorded")
+    p.delete_one({"_id": "bad"})
+    wait_caught_up(mongo_client, db, settings, "p", 60, "p to continue after the delete")
+    assert _halt(settings) is None
+    _converged(mongo_client, chroma_server.client(), db, "p")
+    daemon.terminate()
+    assert daemon.wait(30) == 0, daemon.output()
+    _cleanup(mongo_client, db)
+
+
 @pytest.mark.timeout(300)
 def test_a_halt_holds_across_replicas_and_restarts_until_resumed(
     tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
