@@ -1,27 +1,89 @@
-"""Keep credentials out of everything syncd prints, logs, traces or exports."""
+"""Keep credentials out of everything syncd prints, logs, traces or exports.
+
+One rule decides whether a name stands for a secret (:func:`is_secret_name`), in any
+case style: ``password``, ``tlsCertificateKeyFilePassword``, ``AWS_SESSION_TOKEN``,
+``X-Api-Key``, ``privateKey``. :func:`redact_text` applies it to ``name=value`` and
+``name: value`` pairs (quoted JSON keys too), to the options of URIs (percent-encoded
+or not), and masks URI passwords, bearer tokens, PEM private keys and every secret
+registered from the configuration.
+"""
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import unquote
 
 MASK = "***"
 
-# scheme://user:password@host  → scheme://user:***@host (also user-only forms)
-_URI_USERINFO = re.compile(
-    r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*)(?::[^@/\s]*)?@"
+# Names are judged in one case style: lowercase letters and digits only, so that
+# tlsCertificateKeyFilePassword, TLSCERTIFICATEKEYFILEPASSWORD and
+# tls_certificate_key_file_password are one name (MongoDB URI options ignore case).
+_NOT_NAME_CHARS = re.compile(r"[^a-z0-9]")
+# Parts that make any name secret wherever they stand in it.
+_SECRET_PARTS = ("password", "passwd", "passphrase", "secret", "credential")
+# Endings that make a name secret: what the name is (its head noun). A bare "key" or a
+# "documentKey" is not key material; an "apiKey" or a "privateKey" is.
+_SECRET_ENDINGS = tuple(
+    ["token", "tokens", "pwd", "authorization", "auth", "bearer", "cookie"]
+    + [
+        f"{kind}key{plural}"
+        for kind in (
+            "api",
+            "private",
+            "secret",
+            "access",
+            "signing",
+            "encryption",
+            "master",
+            "account",
+            "shared",
+            "client",
+            "session",
+            "storage",
+            "subscription",
+        )
+        for plural in ("", "s")
+    ]
 )
-# key=value pairs in query strings or free text whose key names a secret
-_SECRET_PAIR = re.compile(
-    # The secret word must be the whole key or its last part after '_', '-' or '.', so
-    # "api_token=" and "X-Chroma-Token:" are masked but "InvalidResumeToken:" is not.
-    r"(?i)(?<![\w.-])(?P<key>(?:[\w.-]*[_.-])?(?:password|passwd|secret|token|api[_-]?key|"
-    r"authorization|credentials?))"
-    r"(?P<sep>\s*[=:]\s*)(?P<q>[\"']?)(?P<value>(?:Bearer\s+)?[^\s\"'&,;}]+)"
+# "...Token" after these is a change-stream position, which operators need to see.
+_POSITION_ENDINGS = ("resumetoken", "starttoken")
+
+# A candidate pair: a name, maybe its closing quote (JSON), then '=' or ':'.
+_PAIR = re.compile(
+    r"(?<![\w.-])(?P<key>[A-Za-z_][\w.-]*)(?P<kq>\\?[\"'])?(?P<sep>[ \t]*[=:][ \t]*)"
 )
-_BEARER = re.compile(r"(?i)\bBearer\s+[A-Za-z0-9._~+/=-]+")
-_SECRET_KEYS = ("password", "passwd", "secret", "token", "api_key", "apikey", "authorization")
+_QUOTE = re.compile(r"\\?[\"']")
+_SCHEME_WORD = re.compile(
+    r"(?i)(?:bearer|basic|digest|token|negotiate|apikey|aws4-hmac-sha256)[ \t]+(?=\S)"
+)
+# A bare value; one that opens a structure ({, [) is left to structural redaction.
+_BARE_VALUE = re.compile(r"[^\s\"'&,;}{\[\]\\][^\s\"'&,;}\\]*")
+_URI = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s\"'<>]+")
+# scheme://user:password@host → scheme://user:***@host; the password runs to the last
+# '@' of the authority, so an unencoded '@' in it does not leak its tail.
+_USERINFO = re.compile(r"^(?P<scheme>[^:]+://)(?P<user>[^:@/?#]*)(?::[^/?#]*)?@")
+_BEARER = re.compile(r"(?i)\bBearer(?:\s+Bearer\b)*\s+[A-Za-z0-9._~+/=-]+")
+_PEM_KEY = re.compile(
+    r"-----BEGIN (?P<kind>[A-Z0-9 ]*PRIVATE KEY)-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)",
+    re.DOTALL,
+)
+
+# Every pair redact_text masks has one of these in its lowercased text: checking for them
+# first spares the regular expressions on the many strings that cannot match, such as ids.
+_PAIR_WORDS = (
+    "pass",
+    "pwd",
+    "secret",
+    "token",
+    "key",
+    "auth",
+    "credential",
+    "bearer",
+    "cookie",
+)
 
 _registered: set[str] = set()
 
@@ -32,8 +94,58 @@ def register_secret(value: str | None) -> None:
         _registered.add(value)
 
 
+@functools.lru_cache(maxsize=4096)
+def is_secret_name(name: str) -> bool:
+    """Whether a key, option, header or field name stands for a secret, in any case style."""
+    joined = _NOT_NAME_CHARS.sub("", name.lower())
+    if any(part in joined for part in _SECRET_PARTS):
+        return True
+    return joined.endswith(_SECRET_ENDINGS) and not joined.endswith(_POSITION_ENDINGS)
+
+
+def is_secret_key(key: str) -> bool:
+    """Kept for callers that think of dictionary keys; same rule as :func:`is_secret_name`."""
+    return is_secret_name(key)
+
+
 def redact_uri(uri: str) -> str:
     return redact_text(uri)
+
+
+def redact_text(text: str) -> str:
+    lowered = text.lower()
+    if "://" in text:
+        text = _URI.sub(_redact_uri_match, text)
+    if any(word in lowered for word in _PAIR_WORDS):
+        text = _redact_pairs(text)
+    if "bearer" in lowered:
+        text = _BEARER.sub(f"Bearer {MASK}", text)
+    if "private key" in lowered:
+        text = _PEM_KEY.sub(lambda m: f"-----BEGIN {m['kind']}-----{MASK}", text)
+    for secret in _registered:
+        if secret in text:
+            text = text.replace(secret, MASK)
+    return text
+
+
+def redact_every_pattern(text: str) -> str:
+    """:func:`redact_text` without its shortcuts: every pattern on every string (for tests)."""
+    text = _URI.sub(_redact_uri_match, text)
+    text = _redact_pairs(text)
+    text = _BEARER.sub(f"Bearer {MASK}", text)
+    text = _PEM_KEY.sub(lambda m: f"-----BEGIN {m['kind']}-----{MASK}", text)
+    for secret in _registered:
+        text = text.replace(secret, MASK)
+    return text
+
+
+def _redact_uri_match(match: re.Match[str]) -> str:
+    uri = _USERINFO.sub(_mask_userinfo, match.group(0))
+    base, question, query = uri.partition("?")
+    if not question:
+        return uri
+    # Options may be percent-encoded (AWS_SESSION_TOKEN%3A...): judge them decoded.
+    return f"{base}?{_redact_pairs(unquote(query))}"
 
 
 def _mask_userinfo(match: re.Match[str]) -> str:
@@ -41,55 +153,51 @@ def _mask_userinfo(match: re.Match[str]) -> str:
     return f"{match['scheme']}{user}:{MASK}@" if user else f"{match['scheme']}{MASK}@"
 
 
-# Every match of _SECRET_PAIR contains one of these (lowercased): checking for them first
-# spares the regular expressions on the many strings that cannot match, such as ids.
-_PAIR_WORDS = ("pass", "secret", "token", "key", "authorization", "credential")
+def _redact_pairs(text: str) -> str:
+    out: list[str] = []
+    done = 0
+    for match in _PAIR.finditer(text):
+        if match.start() < done or not is_secret_name(match["key"]):
+            continue
+        start, end = _value_span(text, match.end())
+        if end == start:
+            continue
+        out.append(text[done:start])
+        out.append(MASK)
+        done = end
+    out.append(text[done:])
+    return "".join(out)
 
 
-def redact_text(text: str) -> str:
-    if "://" in text:
-        text = _URI_USERINFO.sub(_mask_userinfo, text)
-    lowered = text.lower()
-    if any(word in lowered for word in _PAIR_WORDS):
-        text = _SECRET_PAIR.sub(lambda m: f"{m['key']}{m['sep']}{m['q']}{MASK}", text)
-    if "bearer" in lowered:
-        text = _BEARER.sub(f"Bearer {MASK}", text)
-    for secret in _registered:
-        if secret in text:
-            text = text.replace(secret, MASK)
-    return text
-
-
-def is_secret_key(key: str) -> bool:
-    lowered = key.lower().replace("-", "_")
-    return any(word in lowered for word in _SECRET_KEYS)
+def _value_span(text: str, start: int) -> tuple[int, int]:
+    """Where the value after a separator starts and ends; its quotes stay outside."""
+    opening = _QUOTE.match(text, start)
+    if opening is not None:
+        close = text.find(opening.group(0), opening.end())
+        if close == -1:
+            newline = text.find("\n", opening.end())
+            close = len(text) if newline == -1 else newline
+        return opening.end(), close
+    # An auth scheme ("Basic", "Bearer") is masked with its credentials.
+    scheme = _SCHEME_WORD.match(text, start)
+    value = _BARE_VALUE.match(text, scheme.end() if scheme else start)
+    return start, value.end() if value else start
 
 
 def redact_mapping(data: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of ``data`` with secret-looking keys masked and strings scrubbed."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if is_secret_key(str(key)) and value is not None:
-            out[key] = MASK
-        elif isinstance(value, Mapping):
-            out[key] = redact_mapping(value)
-        elif isinstance(value, str):
-            out[key] = redact_text(value)
-        elif isinstance(value, list):
-            out[key] = [
-                redact_mapping(v)
-                if isinstance(v, Mapping)
-                else redact_text(v)
-                if isinstance(v, str)
-                else v
-                for v in value
-            ]
-        else:
-            out[key] = value
-    return out
+    """A copy of ``data`` with secret-named keys masked and every string scrubbed."""
+    return {
+        key: MASK if is_secret_name(str(key)) and value is not None else redact_value(value)
+        for key, value in data.items()
+    }
 
 
-def _redact_value(value: Any) -> Any:
+def redact_value(value: Any) -> Any:
+    """``value`` with secrets masked, at any depth of mappings and lists."""
+    if isinstance(value, str):
+        return redact_text(value)
     if isinstance(value, Mapping):
         return redact_mapping(value)
-    return redact_text(value) if isinstance(value, str) else value
+    if isinstance(value, list | tuple):
+        return [redact_value(v) for v in value]
+    return value

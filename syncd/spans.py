@@ -41,7 +41,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from syncd.errors import EmbeddingRejectedError, SinkRejectedError
-from syncd.redact import redact_text
+from syncd.redact import redact_text, redact_value
 from syncd.tracing import record_error
 
 if TYPE_CHECKING:
@@ -332,7 +332,9 @@ CONTENT_LIMIT = 4096  # characters of a document recorded with telemetry.record_
 
 def document_content(document: Mapping[str, Any]) -> str:
     """The document as relaxed Extended JSON, credentials redacted, cut at CONTENT_LIMIT."""
-    text = redact_text(json_util.dumps(document, json_options=json_util.RELAXED_JSON_OPTIONS))
+    # Secret-named fields are masked whole, at any depth, before the text is scrubbed.
+    safe = redact_value(document)
+    text = redact_text(json_util.dumps(safe, json_options=json_util.RELAXED_JSON_OPTIONS))
     return text if len(text) <= CONTENT_LIMIT else text[:CONTENT_LIMIT] + "..."
 
 

@@ -607,3 +607,43 @@ def test_status_line_names_each_pipelines_state_lag_and_reason(telemetry):
     assert retrying.endswith(
         "TransientError: Chroma unreachable at mongodb://syncd:***@db.example:27017/app"
     )
+
+
+SECRET_DOCUMENT = {
+    "_id": 42,
+    "body": "plain words",
+    "password": "doc-pw-0123",
+    "profile": {"api_key": "doc-ak-0123", "Secret": "doc-sc-0123", "x": ["token: doc-tk-0123"]},
+    "headers": "Authorization: Basic ZG9jLWJhc2ljLTAxMjM=",
+    "aws": "aws_secret_access_key=doc-aws-0123 region=eu-west-1",
+    "tls": "privateKey=doc-pk-0123",
+    "conn": "mongodb://u:doc-uri-0123@db/?tlsCertificateKeyFilePassword=doc-tls-0123",
+}
+DOCUMENT_SECRETS = [
+    "doc-pw-0123",
+    "doc-ak-0123",
+    "doc-sc-0123",
+    "doc-tk-0123",
+    "ZG9jLWJhc2ljLTAxMjM=",
+    "doc-aws-0123",
+    "doc-pk-0123",
+    "doc-uri-0123",
+    "doc-tls-0123",
+]
+
+
+def test_recorded_content_has_every_secret_masked(tmp_path: Path) -> None:
+    tel, exporter = make_telemetry(tmp_path, record_content=True)
+    tel.start()
+    try:
+        pipeline = tel.pipeline("articles")
+        with pipeline.batch(1):
+            pipeline.event(info("42"), SECRET_DOCUMENT)
+        batch, change = only_change(tel, exporter)
+    finally:
+        tel.shutdown()
+    content = str(dict(change.attributes or {})["syncd.document"])
+    assert "plain words" in content and "region=eu-west-1" in content
+    exported = batch.to_json() + change.to_json()
+    for secret in DOCUMENT_SECRETS:
+        assert secret not in exported, secret
