@@ -116,6 +116,8 @@ def parse_after(text: str) -> Timestamp:
         return Timestamp(seconds, inc)
     moment = _iso(text)
     if moment is not None:
+        if not 0 <= moment.timestamp() <= _END_OF_SECOND:
+            raise ConfigError(f"--after {text}: cluster times run from 1970 to 2106")
         return Timestamp(int(moment.timestamp()), _END_OF_SECOND)
     if _HEX.match(text):
         return target_time(text)

@@ -1,7 +1,9 @@
 """Command line: a thin layer over the parts. Each verb lives in its own module.
 
 Every verb accepts ``--config``; user mistakes become one line on stderr and a
-distinct exit code, never a traceback.
+distinct exit code, never a traceback. :func:`main` is the one place that turns what
+a verb raises into an exit code: syncd's errors into theirs, a reader that closed the
+pipe early into a quiet exit, and anything else into INTERNAL with its traceback.
 """
 
 from __future__ import annotations
@@ -9,8 +11,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+import traceback
 from collections.abc import Sequence
+from typing import NoReturn
 
 from syncd import __version__
 from syncd.cli import signals
@@ -33,8 +38,20 @@ VERBS = (
 log = logging.getLogger("syncd")
 
 
+class Parser(argparse.ArgumentParser):
+    """A usage mistake is one line and exit code 2 (CONFIG), like every other mistake.
+
+    Sub-command parsers are made by ``add_subparsers``/``add_parser`` with the parent's
+    class, so every verb's parser is one of these.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        print(f"syncd: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)  # ExitCode.CONFIG, not imported yet: see main()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="syncd",
         description="Keep Chroma collections a faithful mirror of MongoDB collections.",
         epilog="Run `syncd COMMAND --help` for a command's options. Exit codes are listed "
@@ -66,9 +83,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "run":
         signals.restore()  # one-shot commands stop on a signal as they always did
     try:
-        return int(args.handler(args))
+        code = int(args.handler(args))
+        sys.stdout.flush()  # a reader that went away is noticed here, not at exit
+        return code
     except SyncdError as exc:
         print(f"syncd: error: {exc.describe()}", file=sys.stderr)
         return int(exc.exit_code)
+    except BrokenPipeError:
+        return _reader_gone()
     except KeyboardInterrupt:
         return ExitCode.OK
+    except Exception as exc:  # noqa: BLE001 - a bug: shown with its traceback, exit 70
+        from syncd.redact import redact_text
+
+        print(redact_text("".join(traceback.format_exception(exc))), file=sys.stderr, end="")
+        print(
+            "syncd: internal error: this is a bug; please report it with the lines above",
+            file=sys.stderr,
+        )
+        return ExitCode.INTERNAL
+
+
+def _reader_gone() -> int:
+    """``syncd ... | head``: the reader closed the pipe early. Exit quietly.
+
+    As the Python documentation recommends (signal module, "Note on SIGPIPE"): point
+    stdout at /dev/null so the interpreter's final flush does not fail again, and exit
+    with 1 as Python does on EPIPE. Not SIG_DFL for SIGPIPE: that would kill the daemon
+    on a write to a closed socket.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 1  # ExitCode.DRIFT_OR_FAILURE

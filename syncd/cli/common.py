@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,3 +60,29 @@ def print_json(data: Any) -> None:
 def command_line() -> str:
     """The command as the operator ran it, for hints that suggest running it again."""
     return shlex.join(["syncd", *sys.argv[1:]])
+
+
+def whole_number(low: int, high: int = 1_000_000_000) -> Callable[[str], int]:
+    """An argparse type: an integer from ``low`` to ``high`` (a mistake is exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high:,}, not {value}")
+        return value
+
+    return parse
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a duration in seconds, finite, from 0 to a year."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and 0 <= value <= 366 * 86400):
+        raise argparse.ArgumentTypeError(f"must be from 0 to 31,622,400 seconds, not {text}")
+    return value

@@ -8,7 +8,7 @@ from typing import Any
 
 from bson import json_util
 
-from syncd.cli.common import add_config_options, load_settings, print_json
+from syncd.cli.common import add_config_options, load_settings, print_json, whole_number
 from syncd.errors import ConfigError, ExitCode
 
 ACTIONS = {
@@ -36,7 +36,9 @@ def register(verbs: Any) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--yes", action="store_true", help="purge: really delete")
-    parser.add_argument("--limit", type=int, default=0, help="list: at most this many (0: all)")
+    parser.add_argument(
+        "--limit", type=whole_number(0), default=0, help="list: at most this many (0: all)"
+    )
     parser.set_defaults(handler=handle)
 
 

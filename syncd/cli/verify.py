@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from syncd.cli.common import add_config_options, load_settings, print_json
+from syncd.cli.common import add_config_options, load_settings, print_json, whole_number
 from syncd.errors import ExitCode
 
 
@@ -24,7 +24,7 @@ def register(verbs: Any) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument(
         "--sample",
-        type=int,
+        type=whole_number(1),
         default=None,
         metavar="N",
         help="check N random documents instead of everything (finds missing and stale "

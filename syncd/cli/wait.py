@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from syncd.cli.common import add_config_options, load_settings
+from syncd.cli.common import add_config_options, load_settings, seconds
 from syncd.errors import ExitCode
 
 
@@ -27,7 +27,7 @@ def register(verbs: Any) -> None:
         "resolution: waits for that whole second) or a resume token's hex",
     )
     parser.add_argument(
-        "--timeout", type=float, default=30.0, metavar="S", help="seconds (default 30)"
+        "--timeout", type=seconds, default=30.0, metavar="S", help="seconds (default 30)"
     )
     parser.set_defaults(handler=handle)
 
