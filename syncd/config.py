@@ -31,25 +31,62 @@ from syncd.redact import redact_text, register_secret
 
 DEFAULT_CONFIG_PATH = Path("syncd.toml")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# Longest duration any setting accepts: a year. Longer waits are mistakes, and past
+# threading.TIMEOUT_MAX (about 292 years) Python cannot wait at all.
+_MAX_S = 366 * 86400.0
+Seconds = Annotated[float, Field(ge=0, le=_MAX_S)]
+PositiveSeconds = Annotated[float, Field(gt=0, le=_MAX_S)]
+# MongoDB's rules for names: https://www.mongodb.com/docs/manual/reference/limits/
+_DB_NAME_FORBIDDEN = set('/\\. "$\x00')
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # No inf or nan: every number here is a count, a size or a duration.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False
+    )
 
 
 def _read_secret_file(path: str | None, what: str) -> str | None:
-    if not path:
+    if path is None:
         return None
+    if not path.strip():
+        raise ValueError(f"{what} is empty: name a file, or leave the key out")
     try:
-        return Path(path).read_text(encoding="utf-8").strip()
+        text = Path(path).read_text(encoding="utf-8").strip()
     except OSError as exc:
-        raise ValueError(f"cannot read {what} file {path}: {exc.strerror}") from None
+        raise ValueError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} {path} is not UTF-8 text") from None
+    if not text:
+        # An empty file must not quietly mean "use the default": say so.
+        raise ValueError(f"{what} {path} is empty")
+    return text
+
+
+def mongo_database_name(value: str, what: str) -> str:
+    bad = sorted(_DB_NAME_FORBIDDEN & set(value))
+    if not value or bad or len(value.encode()) >= 64:
+        raise ValueError(
+            f"{what} {value!r} is not a MongoDB database name "
+            '(1 to 63 bytes, without / \\ . space " $ or NUL)'
+        )
+    return value
+
+
+def mongo_collection_name(value: str, what: str) -> str:
+    if not value or "$" in value or "\x00" in value or value.startswith("system."):
+        raise ValueError(
+            f"{what} {value!r} is not a MongoDB collection name (not empty, no '$' or NUL, "
+            "not starting with 'system.')"
+        )
+    return value
 
 
 class MongoSettings(_Model):
     uri: SecretStr = SecretStr("mongodb://127.0.0.1:27017/?directConnection=true")
     uri_file: str | None = None
-    server_selection_timeout_ms: Annotated[int, Field(ge=100)] = 10_000
+    server_selection_timeout_ms: Annotated[int, Field(ge=100, le=int(_MAX_S * 1000))] = 10_000
 
     @model_validator(mode="after")
     def _check_uri(self) -> MongoSettings:
@@ -80,7 +117,21 @@ class ChromaSettings(_Model):
     token_file: str | None = None
     tenant: str = "default_tenant"
     database: str = "default_database"
-    timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    timeout_s: PositiveSeconds = 30.0
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]", value):
+            raise ValueError("expected a host name or an IP address ([::1] for IPv6), no port")
+        return value
+
+    @field_validator("tenant", "database")
+    @classmethod
+    def _chroma_name(cls, value: str) -> str:
+        if len(value) < 3 or not value.isprintable() or value.strip() != value:
+            raise ValueError("Chroma wants at least 3 printable characters, without spaces around")
+        return value
 
     @model_validator(mode="after")
     def _load_token(self) -> ChromaSettings:
@@ -94,6 +145,12 @@ class ChromaSettings(_Model):
         return self
 
 
+def _path_value(value: str) -> str:
+    if not value.strip() or "\x00" in value:
+        raise ValueError("expected a file system path")
+    return value
+
+
 class CheckpointSettings(_Model):
     store: Literal["mongodb", "file"] = "mongodb"
     database: str = "syncd"
@@ -101,11 +158,26 @@ class CheckpointSettings(_Model):
     path: str = "./syncd-data/checkpoints"
     history: Annotated[int, Field(ge=1, le=10_000)] = 50
 
+    @field_validator("database")
+    @classmethod
+    def _database_name(cls, value: str) -> str:
+        return mongo_database_name(value, "database")
+
+    @field_validator("collection")
+    @classmethod
+    def _collection_name(cls, value: str) -> str:
+        return mongo_collection_name(value, "collection")
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        return _path_value(value)
+
 
 class LeaseSettings(_Model):
     enabled: bool = True
-    ttl_s: Annotated[float, Field(ge=1)] = 15.0
-    renew_every_s: Annotated[float, Field(gt=0)] = 5.0
+    ttl_s: Annotated[float, Field(ge=1, le=_MAX_S)] = 15.0
+    renew_every_s: PositiveSeconds = 5.0
 
     @model_validator(mode="after")
     def _renew_before_expiry(self) -> LeaseSettings:
@@ -122,20 +194,29 @@ class TelemetrySettings(_Model):
     record_content: bool = False
     traceparent_field: str = "traceparent"
     span_log_path: str = "./syncd-data/spans.jsonl"
-    span_log_max_bytes: Annotated[int, Field(ge=0)] = 5_000_000
-    verify_sample_every_s: Annotated[float, Field(ge=0)] = 0.0
-    verify_sample_size: Annotated[int, Field(ge=1)] = 100
+    span_log_max_bytes: Annotated[int, Field(ge=0, le=2**62)] = 5_000_000
+    verify_sample_every_s: Seconds = 0.0
+    verify_sample_size: Annotated[int, Field(ge=1, le=1_000_000)] = 100
     # /healthz turns 503 when a running pipeline loop has not heartbeated for this long.
-    heartbeat_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    heartbeat_timeout_s: PositiveSeconds = 60.0
     # A repeated identical retry error is logged at most once per interval, with a count.
-    retry_log_interval_s: Annotated[float, Field(ge=0)] = 30.0
+    retry_log_interval_s: Seconds = 30.0
 
     @field_validator("listen")
     @classmethod
     def _host_port(cls, value: str) -> str:
-        if value and not re.fullmatch(r"[^:\s]+:\d{1,5}", value):
-            raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:9464, or an empty string")
+        match = re.fullmatch(r"[^:\s]+:(\d{1,5})", value)
+        if value and not (match and int(match[1]) <= 65535):
+            raise ValueError(
+                "expected HOST:PORT with a port from 0 to 65535, e.g. 127.0.0.1:9464, "
+                "or an empty string"
+            )
         return value
+
+    @field_validator("span_log_path")
+    @classmethod
+    def _span_log_path(cls, value: str) -> str:
+        return _path_value(value) if value else value
 
 
 class LogSettings(_Model):
@@ -152,6 +233,18 @@ class MappingSettings(_Model):
     chunk_overlap: Annotated[int, Field(ge=0)] = 0
     max_document_bytes: Annotated[int, Field(ge=1)] = 16 * 1024 * 1024
     max_text_chars: Annotated[int, Field(ge=1)] = 1_000_000
+
+    @field_validator("text_template")
+    @classmethod
+    def _valid_template(cls, value: str | None) -> str | None:
+        if value:
+            from syncd.mapping import compile_template
+
+            try:
+                compile_template(value)
+            except ConfigError as exc:
+                raise ValueError(exc.describe().removeprefix("mapping.text_template: ")) from None
+        return value
 
     @model_validator(mode="after")
     def _one_text_source(self) -> MappingSettings:
@@ -174,7 +267,7 @@ class EmbedderSettings(_Model):
     api_key_env: str = "OPENAI_API_KEY"
     dimensions: Annotated[int, Field(ge=1, le=65_536)] = 384
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 64
-    timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    timeout_s: PositiveSeconds = 30.0
 
     @model_validator(mode="after")
     def _kind_requirements(self) -> EmbedderSettings:
@@ -216,9 +309,9 @@ class PipelineSettings(_Model):
     consistency: Literal["eventual", "strong"] = "eventual"
     batch_size: Annotated[int, Field(ge=1, le=100_000)] = 500
     batch_max_wait_ms: Annotated[int, Field(ge=0, le=600_000)] = 200
-    idle_checkpoint_interval_s: Annotated[float, Field(ge=0.1)] = 10.0
-    retry_deadline_s: Annotated[float, Field(ge=0)] = 0.0  # 0 = retry forever
-    retry_max_backoff_s: Annotated[float, Field(gt=0)] = 30.0
+    idle_checkpoint_interval_s: Annotated[float, Field(ge=0.1, le=_MAX_S)] = 10.0
+    retry_deadline_s: Seconds = 0.0  # 0 = retry forever
+    retry_max_backoff_s: PositiveSeconds = 30.0
     dead_letter_collection: str = "dead_letters"
     mapping: MappingSettings
     embedder: EmbedderSettings = Field(default_factory=EmbedderSettings)
@@ -239,6 +332,23 @@ class PipelineSettings(_Model):
     def _valid_name(cls, value: str) -> str:
         if not _NAME.match(value):
             raise ValueError("use letters, digits, '_', '-', '.' (at most 63, not leading)")
+        return value
+
+    @field_validator("database")
+    @classmethod
+    def _database_name(cls, value: str) -> str:
+        return mongo_database_name(value, "database")
+
+    @field_validator("collection", "dead_letter_collection")
+    @classmethod
+    def _collection_name(cls, value: str | None) -> str | None:
+        return value if value is None else mongo_collection_name(value, "collection")
+
+    @field_validator("collections")
+    @classmethod
+    def _collection_names(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or []:
+            mongo_collection_name(name, "collection")
         return value
 
     @model_validator(mode="after")
@@ -269,7 +379,7 @@ class Settings(_Model):
     lease: LeaseSettings = Field(default_factory=LeaseSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     log: LogSettings = Field(default_factory=LogSettings)
-    shutdown_timeout_s: Annotated[float, Field(ge=0)] = 25.0
+    shutdown_timeout_s: Seconds = 25.0
     pipelines: list[PipelineSettings] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -362,8 +472,12 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(handle)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exc.start}); TOML files are UTF-8"
+        ) from None
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
 
 
 def _env_layer(env: Mapping[str, str]) -> dict[str, str]:

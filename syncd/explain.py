@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import bson
+import bson.errors
 from bson import json_util
 
 from syncd.config import PipelineSettings, Settings
@@ -103,10 +105,16 @@ def _locate(pipeline: PipelineSettings, key: str) -> tuple[str, Any]:
                 hint="multi-collection ids look like COLLECTION/ID, e.g. docs/i:42",
             )
     try:
-        return collection, decode_id(encoded)
+        source_id = decode_id(encoded)
+        bson.encode({"_id": source_id})  # one MongoDB cannot hold: i:99999999999999999999
+        return collection, source_id
+    except (OverflowError, bson.errors.BSONError) as exc:
+        raise ConfigError(
+            f"not a syncd record id: {key!r} (MongoDB cannot hold that _id: {exc})"
+        ) from None
     except MappingError as exc:
         raise ConfigError(
-            f"{key!r} is not a syncd record id: {exc.message}",
+            exc.message,
             hint="ids look like i:42, s:hello, oid:65a1..., uuid:... (see `syncd verify`)",
         ) from None
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import array
 import base64
 import datetime as dt
+import decimal
 import hashlib
 import json
 import math
+import re
 import string
 import sys
 import uuid
@@ -76,8 +78,18 @@ def encode_id(value: Any) -> str:
 def decode_id(record_id: str) -> Any:
     try:
         return _decode(_unescape(base_id(record_id)))
-    except (ValueError, KeyError, TypeError, IndexError, bson.errors.BSONError) as exc:
-        raise MappingError(f"not a syncd record id: {record_id!r} ({exc})") from None
+    except (
+        ValueError,
+        KeyError,
+        TypeError,
+        IndexError,
+        AttributeError,  # a JSON leaf that is no encoded value (doc:{"a":1})
+        ArithmeticError,  # decimal.InvalidOperation (dec:abc), OverflowError
+        RecursionError,
+        bson.errors.BSONError,
+    ) as exc:
+        why = "not a number" if isinstance(exc, decimal.DecimalException) else str(exc)
+        raise MappingError(f"not a syncd record id: {record_id!r} ({why})") from None
 
 
 def base_id(record_id: str) -> str:
@@ -278,7 +290,35 @@ def _text_value(value: Any, what: str) -> str:
     raise MappingError(f"{what} is a {type(value).__name__}, not text")
 
 
-def _compile_template(template: str) -> Callable[[Mapping[str, Any]], str]:
+# [[fill]align][sign][z][#][0][width]: the width, which pads every rendering to its size.
+_SPEC_WIDTH = re.compile(r"^(?:.?[<>=^])?[-+ ]?z?#?0?(?P<width>\d*)")
+_MAX_TEMPLATE_WIDTH = 10_000
+
+
+def _check_spec(field: str | None, spec: str) -> None:
+    width = _SPEC_WIDTH.match(spec)
+    problem = None
+    if width and width["width"] and int(width["width"]) > _MAX_TEMPLATE_WIDTH:
+        problem = f"a width over {_MAX_TEMPLATE_WIDTH:,}"
+    else:
+        try:
+            format("", spec)
+        except (ValueError, OverflowError) as exc:
+            problem = str(exc)
+    if problem:
+        raise ConfigError(
+            f"mapping.text_template: {{{field}:{spec}}} cannot format text ({problem})",
+            hint="fields are text: use no format spec, or an alignment such as {title:>20}",
+        )
+
+
+def compile_template(template: str) -> Callable[[Mapping[str, Any]], str]:
+    """A renderer for ``mapping.text_template``; a ConfigError for a template that could
+    fail on some document.
+
+    Fields are rendered as text (:func:`_text_value`), so a format spec is checked once,
+    here, against a string: ``{title:d}`` or ``{title:{width}}`` can never work.
+    """
     parts: list[tuple[str, str | None, str]] = []
     try:
         parsed = list(string.Formatter().parse(template))
@@ -289,6 +329,7 @@ def _compile_template(template: str) -> Callable[[Mapping[str, Any]], str]:
             raise ConfigError(
                 "mapping.text_template: use named dot paths such as {title}, without !r/!s"
             )
+        _check_spec(field, spec or "")
         parts.append((literal, field, spec or ""))
 
     def render(document: Mapping[str, Any]) -> str:
@@ -351,7 +392,7 @@ class Mapper:
         mapping = pipeline.mapping
         self._mapping = mapping
         self._embedder = pipeline.embedder
-        self._template = _compile_template(mapping.text_template) if mapping.text_template else None
+        self._template = compile_template(mapping.text_template) if mapping.text_template else None
         self._metadata = [(path, mapping.rename.get(path, path)) for path in mapping.metadata]
         for path, key in self._metadata:
             if key.startswith((RESERVED_PREFIX, "chroma:")):

@@ -26,6 +26,7 @@ from syncd.mapping import (
     base_id,
     chunk_spans,
     chunk_text,
+    compile_template,
     decode_id,
     encode_id,
 )
@@ -204,11 +205,20 @@ def test_template_renders_paths_and_blanks_missing_fields() -> None:
     assert mapper.map({**doc, "n": 4}).records[0].text == "T\n\nB (4)"
 
 
-def test_bad_template_is_a_config_error() -> None:
+@pytest.mark.parametrize(
+    "template",
+    ["{title!r}", "{}", "{title:d}", "{title:,}", "{title:=5}", "{title:{width}}", "{title:99999}"],
+)
+def test_a_template_that_could_fail_is_refused_with_the_config(template: str) -> None:
     with pytest.raises(ConfigError):
-        Mapper(pipeline(text_template="{title!r}"))
-    with pytest.raises(ConfigError):
-        Mapper(pipeline(text_template="{}"))
+        compile_template(template)
+    with pytest.raises(ValidationError, match="text_template"):
+        pipeline(text_template=template)
+
+
+def test_text_format_specs_render() -> None:
+    mapper = Mapper(pipeline(text_template="[{title:>6}|{body:.3}]"))
+    assert mapper.map({"_id": 1, "title": "T", "body": "abcdef"}).records[0].text == "[     T|abc]"
 
 
 def test_oversized_text_and_documents() -> None:
@@ -455,3 +465,11 @@ def test_matches_uses_the_pipeline_filter() -> None:
     # any Mapper exists.
     with pytest.raises(ValidationError, match=r"\$where"):
         Mapper(pipeline(pipeline={"filter": {"$where": "1"}}))
+
+
+@pytest.mark.parametrize(
+    "record_id", ["dec:abc", "dec:1e99999", 'doc:{"a":1}', "doc:{", "i:", "zz", ":", "b:maybe"]
+)
+def test_a_record_id_that_is_not_one_is_a_mapping_error(record_id: str) -> None:
+    with pytest.raises(MappingError, match="not a syncd record id"):
+        decode_id(record_id)
