@@ -17,7 +17,7 @@ import json
 import os
 import socket
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -29,7 +29,12 @@ from pymongo.errors import DuplicateKeyError
 from pymongo.write_concern import WriteConcern
 
 from syncd.config import CheckpointSettings
-from syncd.errors import CheckpointCorruptError, LeaseLostError, translate_mongo_errors
+from syncd.errors import (
+    CheckpointCorruptError,
+    LeaseLostError,
+    from_os_error,
+    translate_mongo_errors,
+)
 
 Phase = Literal["snapshot", "streaming"]
 HISTORY_EVERY_S = 60.0
@@ -134,15 +139,66 @@ def from_document(doc: Mapping[str, Any]) -> Checkpoint:
         data = dict(doc)
         data["pipeline"] = data.pop("_id")
         data.pop("updated_at", None)
+        _check_types(data, _FIELD_TYPES)
         snap = data.get("snapshot")
         if snap is not None:
+            _check_types(snap, _SNAPSHOT_TYPES, "snapshot.")
             data["snapshot"] = SnapshotProgress(**snap)
         return Checkpoint(**data)
-    except (TypeError, KeyError) as exc:
-        pipeline = str(doc.get("_id"))
-        raise CheckpointCorruptError(
-            f"stored checkpoint is unreadable: {exc}", hint=reset_hint(pipeline), pipeline=pipeline
-        ) from exc
+    except (TypeError, KeyError, ValueError) as exc:
+        raise corrupt(str(doc.get("_id")), str(exc)) from exc
+
+
+def corrupt(pipeline: str, why: str) -> CheckpointCorruptError:
+    return CheckpointCorruptError(
+        f"the stored checkpoint cannot be read: {why}", hint=reset_hint(pipeline), pipeline=pipeline
+    )
+
+
+_NONE = type(None)
+# The type of each stored field. A value of another type was written by someone else
+# than syncd; reading on would fail later, far from the cause, as a TypeError.
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "fingerprint": (str,),
+    "phase": (str,),
+    "token": (dict, _NONE),
+    "token_is_invalidate": (bool,),
+    "start_at": (Timestamp, _NONE),
+    "cluster_time": (Timestamp, _NONE),
+    "wall_time": (datetime, _NONE),
+    "counts": (dict,),
+    "snapshot": (dict, _NONE),
+    "epoch": (int,),
+    "updated_by": (str,),
+    "history": (list,),
+    "status": (dict,),
+}
+_SNAPSHOT_TYPES: dict[str, tuple[type, ...]] = {
+    "start_token": (dict, _NONE),
+    "start_at": (Timestamp, _NONE),
+    "collection": (str, _NONE),
+    "has_last_id": (bool,),
+    "scanned": (int,),
+    "started_at": (datetime, _NONE),
+}
+
+
+def _check_types(
+    data: Mapping[str, Any], types: Mapping[str, tuple[type, ...]], prefix: str = ""
+) -> None:
+    for field, allowed in types.items():
+        if field not in data:
+            continue
+        value = data[field]
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            names = " or ".join("null" if t is _NONE else t.__name__ for t in allowed)
+            raise ValueError(f"{prefix}{field} is {type(value).__name__}, not {names}")
+    if data.get("phase", "streaming") not in ("snapshot", "streaming"):
+        raise ValueError(f"phase is {data['phase']!r}, not 'snapshot' or 'streaming'")
+    for field in ("token", "start_token"):
+        token = data.get(field)
+        if token is not None and not isinstance(token.get("_data"), str):
+            raise ValueError(f"{prefix}{field} has no _data string")
 
 
 def reset_hint(pipeline: str) -> str:
@@ -272,9 +328,12 @@ class FileCheckpointStore:
     def _read(self, pipeline: str) -> dict[str, Any] | None:
         path = self._path(pipeline)
         try:
-            text = path.read_text(encoding="utf-8")
+            with _file_errors(pipeline, missing_ok=True):
+                text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return None
+        except UnicodeDecodeError as exc:
+            raise corrupt(pipeline, f"{path} is not UTF-8 text") from exc
         try:
             doc = json_util.loads(text, json_options=json_util.CANONICAL_JSON_OPTIONS)
         except (ValueError, TypeError) as exc:
@@ -299,7 +358,7 @@ class FileCheckpointStore:
 
     def save(self, checkpoint: Checkpoint, *, history_reason: str | None = None) -> None:
         current = self._read(checkpoint.pipeline) or {}
-        if current.get("epoch", 0) > checkpoint.epoch:
+        if _epoch_of(current, checkpoint.pipeline, missing=0) > checkpoint.epoch:
             raise LeaseLostError(
                 "checkpoint write refused: a newer holder exists", pipeline=checkpoint.pipeline
             )
@@ -315,7 +374,7 @@ class FileCheckpointStore:
 
     def claim_epoch(self, pipeline: str, epoch: int) -> None:
         current = self._read(pipeline) or {"_id": pipeline}
-        if current.get("epoch", 0) > epoch:
+        if _epoch_of(current, pipeline, missing=0) > epoch:
             raise LeaseLostError(f"cannot claim epoch {epoch}", pipeline=pipeline)
         current["epoch"] = epoch
         self._write(pipeline, current)
@@ -328,14 +387,16 @@ class FileCheckpointStore:
         return epoch
 
     def delete(self, pipeline: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError), _file_errors(pipeline, missing_ok=True):
             self._path(pipeline).unlink()
 
     def list(self) -> list[Checkpoint]:
         if not self._dir.is_dir():
             return []
         out = []
-        for path in sorted(self._dir.glob("*.json")):
+        with _file_errors():
+            paths = sorted(self._dir.glob("*.json"))
+        for path in paths:
             cp = self.load(path.stem)
             if cp is not None:
                 out.append(cp)
@@ -357,19 +418,38 @@ class FileCheckpointStore:
         """Nothing to release."""
 
     def _write(self, pipeline: str, doc: Mapping[str, Any]) -> None:
-        self._dir.mkdir(parents=True, exist_ok=True)
         text = json_util.dumps(SON(doc), json_options=json_util.CANONICAL_JSON_OPTIONS)
-        atomic_write(self._path(pipeline), text.encode("utf-8"))
+        with _file_errors(pipeline):
+            self._dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(self._path(pipeline), text.encode("utf-8"))
+
+    def check_writable(self) -> None:
+        """Create the directory and replace a probe file in it, as a checkpoint write does."""
+        probe = self._dir / ".syncd-check"
+        with _file_errors():
+            self._dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(probe, b"")
+            probe.unlink()
+
+
+@contextlib.contextmanager
+def _file_errors(pipeline: str | None = None, *, missing_ok: bool = False) -> Iterator[None]:
+    """An unusable ``checkpoint.path`` is a configuration error, not a crash.
+
+    With ``missing_ok`` a missing file passes through as FileNotFoundError: no checkpoint.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if missing_ok and isinstance(exc, FileNotFoundError):
+            raise
+        raise from_os_error(exc, setting="checkpoint.path", pipeline=pipeline) from exc
 
 
 def _epoch_of(doc: Mapping[str, Any] | None, pipeline: str, *, missing: int | None = None) -> int:
     epoch = (doc or {}).get("epoch", missing)
     if not isinstance(epoch, int) or isinstance(epoch, bool):
-        raise CheckpointCorruptError(
-            f"stored checkpoint has no usable fencing epoch: {epoch!r}",
-            hint=reset_hint(pipeline),
-            pipeline=pipeline,
-        )
+        raise corrupt(pipeline, f"epoch is {type(epoch).__name__}, not int")
     return epoch
 
 

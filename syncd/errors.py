@@ -16,6 +16,7 @@ handles the classes below.
 from __future__ import annotations
 
 import enum
+import errno
 import re
 import socket
 from collections.abc import Iterator, Mapping
@@ -377,3 +378,31 @@ def from_sink(exc: BaseException, **context: Any) -> SyncdError:
         # chromadb validates locally and raises ValueError for bad records.
         return SinkRejectedError(f"Chroma rejected the write: {detail}", **context)
     return SinkFatalError(f"Chroma error: {detail}", **context)
+
+
+# errno values of a local path that waiting will not fix: it names the wrong thing, or
+# syncd may not use it. Others (a full disk, an I/O error) may pass.
+_PATH_ERRNOS = frozenset(
+    {
+        errno.EACCES,
+        errno.EPERM,
+        errno.EROFS,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.ENOENT,
+        errno.ELOOP,
+        errno.ENAMETOOLONG,
+        errno.EEXIST,
+    }
+)
+
+
+def from_os_error(exc: OSError, *, setting: str, **context: Any) -> SyncdError:
+    """Translate a failure to use a local file that a setting names (``checkpoint.path``)."""
+    where = f" {exc.filename}" if exc.filename else ""
+    detail = f"cannot use {setting}{where}: {exc.strerror or exc}"
+    if exc.errno in _PATH_ERRNOS:
+        return ConfigError(detail, hint=f"make {setting} a path this user can write", **context)
+    error = TransientError(detail, **context)
+    error.exit_code = ExitCode.SOURCE  # when a one-shot command gives up on it
+    return error

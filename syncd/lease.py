@@ -158,6 +158,11 @@ class LeaseManager:
         except LeaseLostError as exc:
             log.error("took the lease of %s but cannot fence its checkpoint: %s", pipeline, exc)
             return None
+        except SyncdError:
+            # Not held, so close() would not release it: free it now, or the command the
+            # error's hint names would find the pipeline busy until the lease expires.
+            self._expire(pipeline, int(doc["epoch"]))
+            raise
         with self._lock:
             self._held[pipeline] = Held(
                 pipeline, epoch, started + self.settings.ttl_s - self._margin

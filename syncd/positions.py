@@ -157,8 +157,8 @@ def parse_at(text: str) -> Timestamp:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     seconds = int(moment.timestamp())  # floor: events earlier in that second replay too
-    if seconds <= 0:
-        raise ConfigError(f"--at {text!r} is before 1970")
+    if not 0 < seconds < 2**32:
+        raise ConfigError(f"--at {text!r}: cluster times run from 1970 to 2106")
     return Timestamp(seconds, 0)
 
 

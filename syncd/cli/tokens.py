@@ -46,7 +46,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from syncd.cli.common import add_config_options, command_line, load_settings, print_json
+from syncd.cli.common import (
+    add_config_options,
+    command_line,
+    load_settings,
+    print_json,
+    whole_number,
+)
 from syncd.errors import ConfigError, ExitCode
 
 
@@ -74,7 +80,9 @@ def register(verbs: Any) -> None:
     history = subs.add_parser("history", help="past positions and who set them")
     _config_options(history)
     history.add_argument("pipeline", metavar="PIPELINE")
-    history.add_argument("--limit", "-n", type=int, default=20, help="entries (default 20)")
+    history.add_argument(
+        "--limit", "-n", type=whole_number(1), default=20, help="entries (default 20)"
+    )
     _json_option(history)
     history.set_defaults(handler=_history)
 
@@ -186,6 +194,7 @@ def _set(args: argparse.Namespace) -> int:
     target = f"token {args.token}" if args.token else f"{args.at} (replays changes from then)"
 
     def run(rt: Any) -> dict[str, Any]:
+        rt.settings.pipeline(args.pipeline)  # an unknown name: say so before asking
         command = command_line()
         ensure_free(rt, args.pipeline, force=args.force, command=command)
         _confirm(args, f"Move pipeline {args.pipeline!r} to {target}?")
@@ -208,6 +217,7 @@ def _reset(args: argparse.Namespace) -> int:
     from syncd.exclusive import ensure_free
 
     def run(rt: Any) -> dict[str, Any]:
+        rt.settings.pipeline(args.pipeline)  # an unknown name: say so before asking
         command = command_line()
         ensure_free(rt, args.pipeline, force=args.force, command=command)
         _confirm(args, f"Delete the checkpoint of {args.pipeline!r}? Its next run re-snapshots.")
