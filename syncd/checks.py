@@ -1,15 +1,34 @@
-"""Connectivity checks behind `syncd check`."""
+"""Connectivity checks behind `syncd check`.
+
+Each check does what the daemon will do first, once: reach MongoDB and Chroma, open each
+pipeline's change stream, embed one probe input and hold its size against the config and
+the existing collection, write to the checkpoint store, and send the trace exporter an
+empty export. Every failure is reported; none stops the others.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
-from syncd.config import Settings
-from syncd.errors import SyncdError, from_sink
+from syncd.checkpoint import FileCheckpointStore
+from syncd.config import PipelineSettings, Settings
+from syncd.errors import (
+    ConfigError,
+    ExitCode,
+    SinkFatalError,
+    SyncdError,
+    TransientError,
+    from_sink,
+)
 from syncd.runtime import Runtime
 
+PROBE_TEXT = "syncd check: one probe input"
 
-def run_checks(settings: Settings) -> Iterator[tuple[str, BaseException | None]]:
+Result = tuple[str, BaseException | None]
+
+
+def run_checks(settings: Settings) -> Iterator[Result]:
     runtime = Runtime(settings)
     try:
         yield from _checks(runtime)
@@ -17,16 +36,14 @@ def run_checks(settings: Settings) -> Iterator[tuple[str, BaseException | None]]
         runtime.close()
 
 
-def _checks(runtime: Runtime) -> Iterator[tuple[str, BaseException | None]]:
+def _checks(runtime: Runtime) -> Iterator[Result]:
     settings = runtime.settings
     mongo_line = f"MongoDB {settings.mongodb.redacted_uri()}"
     try:
-        src = runtime.source(settings.pipelines[0]) if settings.pipelines else None
         runtime.mongo.admin.command("ping")
         yield mongo_line, None
     except Exception as exc:  # noqa: BLE001 - reported, not raised: check lists every failure
         yield mongo_line, _translate(exc)
-        src = None
     chroma_line = (
         f"Chroma embedded at {settings.chroma.path}"
         if settings.chroma.mode == "embedded"
@@ -38,26 +55,131 @@ def _checks(runtime: Runtime) -> Iterator[tuple[str, BaseException | None]]:
     except Exception as exc:  # noqa: BLE001
         yield chroma_line, from_sink(exc)
     for ps in settings.pipelines:
-        line = f"pipeline {ps.name}: change stream on {ps.namespace}"
-        try:
-            src = runtime.source(ps)
-            src.current_token()
-            yield line, None
-        except Exception as exc:  # noqa: BLE001
-            yield line, _translate(exc)
-        line = f"pipeline {ps.name}: embedder {ps.embedder.kind}"
-        try:
-            runtime.embedder(ps)
-            yield line, None
-        except Exception as exc:  # noqa: BLE001
-            yield line, exc
-    del src
-    line = f"checkpoint store ({settings.checkpoint.store})"
+        yield from _pipeline_checks(runtime, ps)
+    yield from _store_checks(runtime)
+    yield from _exporter_checks(settings)
+
+
+def _pipeline_checks(runtime: Runtime, ps: PipelineSettings) -> Iterator[Result]:
+    line = f"pipeline {ps.name}: change stream on {ps.namespace}"
     try:
-        runtime.store.list()
+        runtime.source(ps).current_token()
         yield line, None
     except Exception as exc:  # noqa: BLE001
         yield line, _translate(exc)
+    line = f"pipeline {ps.name}: embedder {ps.embedder.kind}"
+    try:
+        size = _probe_embedder(runtime, ps)
+        yield line + (f", {size}-dimensional vectors" if size else ""), None
+    except Exception as exc:  # noqa: BLE001
+        yield line, _translate(exc)
+        size = None
+    line = f"pipeline {ps.name}: Chroma collection {ps.chroma_collection_name}"
+    try:
+        state = _compare_collection(runtime, ps, size)
+        yield f"{line} ({state})", None
+    except Exception as exc:  # noqa: BLE001
+        yield line, from_sink(exc)
+
+
+def _probe_embedder(runtime: Runtime, ps: PipelineSettings) -> int | None:
+    """Embed one input; return the vectors' size (None: vectors come from the documents)."""
+    embedder = runtime.embedder(ps)
+    if embedder is None:
+        return None
+    (vector,) = embedder.embed([PROBE_TEXT])
+    size = len(vector)
+    explicit = ps.embedder.kind != "openai" or "dimensions" in ps.embedder.model_fields_set
+    if explicit and size != ps.embedder.dimensions:
+        raise ConfigError(
+            f"the embedder made {size}-dimensional vectors, but embedder.dimensions = "
+            f"{ps.embedder.dimensions}",
+            hint=f"set embedder.dimensions = {size}",
+            pipeline=ps.name,
+        )
+    return size
+
+
+def _compare_collection(runtime: Runtime, ps: PipelineSettings, size: int | None) -> str:
+    """Hold an existing collection against the pipeline: its distance and vector size."""
+    from chromadb.errors import NotFoundError
+
+    name = ps.chroma_collection_name
+    try:
+        collection = runtime.chroma.get_collection(name, embedding_function=None)
+    except NotFoundError:
+        return "not there yet: the first run creates it"
+    elsewhere = f"set chroma_collection to a new name and run `syncd snapshot {ps.name}`"
+    space = _distance_of(collection)
+    if space is not None and space != ps.distance:
+        raise SinkFatalError(
+            f"Chroma collection {name!r} exists with distance {space!r}, but the pipeline "
+            f"says distance = {ps.distance!r}",
+            hint=f'set distance = "{space}" to keep it, or {elsewhere}',
+            pipeline=ps.name,
+        )
+    stored = _dimension_of(collection)
+    if stored is not None and size is not None and stored != size:
+        raise SinkFatalError(
+            f"Chroma collection {name!r} holds {stored}-dimensional vectors, but the "
+            f"pipeline's embedder makes {size}",
+            hint=f"to mirror into another collection, {elsewhere}",
+            pipeline=ps.name,
+        )
+    held = f", {stored}-dimensional vectors" if stored is not None else ", empty"
+    return f"exists, distance {space or ps.distance}{held}"
+
+
+def _distance_of(collection: Any) -> str | None:
+    configuration = getattr(collection, "configuration_json", None) or {}
+    space = (configuration.get("hnsw") or {}).get("space")
+    if space is None:
+        space = (collection.metadata or {}).get("hnsw:space")
+    return str(space) if space else None
+
+
+def _dimension_of(collection: Any) -> int | None:
+    sample = collection.get(limit=1, include=["embeddings"])
+    embeddings = sample.get("embeddings")
+    if embeddings is None or len(embeddings) == 0:
+        return None
+    return len(embeddings[0])
+
+
+def _store_checks(runtime: Runtime) -> Iterator[Result]:
+    settings = runtime.settings
+    where = (
+        f"file, {settings.checkpoint.path}"
+        if settings.checkpoint.store == "file"
+        else f"mongodb, {settings.checkpoint.database}.{settings.checkpoint.collection}"
+    )
+    line = f"checkpoint store ({where})"
+    try:
+        store = runtime.store
+        store.list()
+        if isinstance(store, FileCheckpointStore):
+            store.check_writable()
+        yield line, None
+    except Exception as exc:  # noqa: BLE001
+        yield line, _translate(exc)
+
+
+def _exporter_checks(settings: Settings) -> Iterator[Result]:
+    from syncd.tracing import probe_exporters
+
+    try:
+        for line, problem in probe_exporters(settings.telemetry):
+            error = None
+            if problem is not None:
+                error = TransientError(
+                    f"the receiver did not take an empty export: {problem}",
+                    hint="check telemetry.otlp_endpoint (or OTEL_EXPORTER_OTLP_ENDPOINT) and "
+                    "that the receiver runs",
+                )
+                error.exit_code = ExitCode.DRIFT_OR_FAILURE
+            yield line, error
+    except SyncdError as exc:
+        yield "trace exporter", exc
 
 
 def _translate(exc: BaseException) -> BaseException:

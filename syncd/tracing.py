@@ -11,12 +11,19 @@ from __future__ import annotations
 import logging
 import os
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SpanExporter,
+    SpanExportResult,
+)
 from opentelemetry.trace import Link, Span, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -100,17 +107,65 @@ def _resource() -> Resource:
 
 
 def span_exporters(settings: TelemetrySettings) -> list[SpanExporter]:
-    kinds: list[str]
-    if settings.traces:
-        kinds = [settings.traces]
-    else:
-        raw = os.environ.get("OTEL_TRACES_EXPORTER", "none")
-        kinds = [kind.strip().lower() for kind in raw.split(",") if kind.strip()]
-    exporters = [_span_exporter(kind, settings.otlp_endpoint) for kind in kinds]
+    exporters = [_span_exporter(kind, settings.otlp_endpoint) for kind in _kinds(settings)]
     return [exporter for exporter in exporters if exporter is not None]
 
 
-def _span_exporter(kind: str, endpoint: str | None) -> SpanExporter | None:
+def _kinds(settings: TelemetrySettings) -> list[str]:
+    if settings.traces:
+        return [settings.traces]
+    raw = os.environ.get("OTEL_TRACES_EXPORTER", "none")
+    return [kind.strip().lower() for kind in raw.split(",") if kind.strip()]
+
+
+def probe_exporters(
+    settings: TelemetrySettings, timeout_s: float = 5.0
+) -> Iterator[tuple[str, str | None]]:
+    """Send each OTLP exporter the daemon would use an empty export, for `syncd check`.
+
+    Yields ``(exporter, None)`` when the receiver accepted it, or ``(exporter, why)``.
+    """
+    for kind in _kinds(settings):
+        if kind in ("none", "console"):
+            continue
+        exporter = _span_exporter(kind, settings.otlp_endpoint, timeout_s=timeout_s)
+        if exporter is None:
+            continue
+        where = redact_text(settings.otlp_endpoint or "the OTEL_* default")
+        name = f"trace exporter {kind} to {where}"
+        with _exporter_complaints() as complaints:
+            result = exporter.export([])
+        exporter.shutdown()
+        if result is SpanExportResult.SUCCESS:
+            yield name, None
+        else:
+            why = complaints[0] if complaints else "the receiver did not accept an export"
+            yield name, redact_text(why)[:300]
+
+
+@contextmanager
+def _exporter_complaints() -> Iterator[list[str]]:
+    """What the SDK's exporters log while exporting: their only account of a failure."""
+    complaints: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            complaints.append(record.getMessage())
+
+    logger = logging.getLogger("opentelemetry.exporter")
+    handler, propagate = Collect(logging.WARNING), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield complaints
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+def _span_exporter(
+    kind: str, endpoint: str | None, *, timeout_s: float | None = None
+) -> SpanExporter | None:
     if kind == "none":
         return None
     if kind == "console":
@@ -127,7 +182,7 @@ def _span_exporter(kind: str, endpoint: str | None) -> SpanExporter | None:
             raise ConfigError("OTLP/HTTP trace export needs a package", hint=_OTLP_HINT) from None
         url = http_traces_url(endpoint) if endpoint else None
         log.info("exporting traces over OTLP/HTTP to %s", redact_text(url or "the OTEL_* default"))
-        return OTLPSpanExporter(endpoint=url)
+        return OTLPSpanExporter(endpoint=url, timeout=timeout_s)
     if kind == "otlp_grpc":
         try:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
@@ -137,7 +192,7 @@ def _span_exporter(kind: str, endpoint: str | None) -> SpanExporter | None:
             raise ConfigError("OTLP/gRPC trace export needs a package", hint=_OTLP_HINT) from None
         shown = redact_text(endpoint or "the OTEL_* default")
         log.info("exporting traces over OTLP/gRPC to %s", shown)
-        return GrpcSpanExporter(endpoint=endpoint)
+        return GrpcSpanExporter(endpoint=endpoint, timeout=timeout_s)
     raise ConfigError(
         f"unknown trace exporter {kind!r} (telemetry.traces or OTEL_TRACES_EXPORTER)",
         hint="use none, console, otlp, otlp_http or otlp_grpc",
