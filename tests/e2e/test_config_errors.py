@@ -68,6 +68,29 @@ CASES: list[tuple[str, dict[str, Any] | str, str]] = [
     ("lease renew >= ttl", edit("lease", {"ttl_s": 5, "renew_every_s": 5}), "renew_every_s"),
     ("bad filter operator", edit("pipelines.0.filter", {"n": {"$near": 1}}), "$near"),
     ("not TOML", "this is = not [ toml", "not valid TOML"),
+    ("listen port too big", edit("telemetry", {"listen": "127.0.0.1:99999"}), "telemetry.listen"),
+    ("template spec that cannot format text",
+     edit("pipelines.0.mapping", {"text_template": "{title:d}"}), "cannot format text"),
+    ("template conversion", edit("pipelines.0.mapping", {"text_template": "{title!r}"}),
+     "text_template"),
+    ("nan", edit("lease", {"ttl_s": float("nan")}), "lease.ttl_s"),
+    ("infinite duration", edit("shutdown_timeout_s", float("inf")), "shutdown_timeout_s"),
+    ("duration too long to wait", edit("shutdown_timeout_s", 1e300), "shutdown_timeout_s"),
+    ("huge sample", edit("telemetry", {"verify_sample_size": 2**62}), "verify_sample_size"),
+    ("bad database name", edit("pipelines.0.database", "a.b"), "not a MongoDB database name"),
+    ("bad collection name", edit("pipelines.0.collection", "system.x"),
+     "not a MongoDB collection name"),
+    ("bad checkpoint database", edit("checkpoint", {"database": ""}), "checkpoint.database"),
+    ("chroma host with a port", edit("chroma", {"mode": "http", "host": "h:1"}), "chroma.host"),
+    ("chroma tenant too short", edit("chroma", {"mode": "embedded", "tenant": ""}),
+     "chroma.tenant"),
+    ("blank checkpoint path", edit("checkpoint", {"store": "file", "path": " "}),
+     "checkpoint.path"),
+    ("empty uri_file key", edit("mongodb", {"uri_file": ""}), "uri_file is empty"),
+    ("missing uri_file", edit("mongodb", {"uri_file": "/nonexistent/uri"}),
+     "cannot read mongodb.uri_file"),
+    ("no pipelines", edit("pipelines", []), "no [[pipelines]] configured"),
+    ("empty file", "", "no [[pipelines]] configured"),
 ]
 
 
@@ -106,3 +129,33 @@ def test_check_offline_accepts_a_good_config(tmp_path: Path) -> None:
     result = run_syncd(["check", "--offline"], config=path, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "config ok: 1 pipeline(s)" in result.stdout
+
+
+@pytest.mark.parametrize("content", ["", "\n\n"], ids=["empty", "blank lines"])
+def test_an_empty_uri_file_is_an_error_not_the_default_uri(tmp_path: Path, content: str) -> None:
+    uri_file = tmp_path / "uri"
+    uri_file.write_text(content)
+    data = edit("mongodb", {"uri_file": str(uri_file)})
+    path = tmp_path / "syncd.toml"
+    path.write_text(tomli_w.dumps(data))
+    result = run_syncd(["check", "--offline"], config=path, timeout=60)
+    assert result.returncode == ExitCode.CONFIG, result.stdout
+    assert result.stderr.strip().endswith(f"mongodb.uri_file {uri_file} is empty")
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda d: d, "Is a directory"),
+        (lambda d: (d / "c.toml").write_bytes(b"\xff\xfe[x]\n") and d / "c.toml", "not UTF-8"),
+        (lambda d: d / "absent" / "c.toml", "not found"),
+    ],
+    ids=["a directory", "not UTF-8", "missing"],
+)
+def test_a_config_path_that_is_no_config_file(tmp_path: Path, make: Any, expected: str) -> None:
+    result = run_syncd(["check", "--offline"], config=make(tmp_path), timeout=60)
+    assert result.returncode == ExitCode.CONFIG
+    stderr = result.stderr.strip()
+    assert len(stderr.splitlines()) == 1 and expected in stderr, stderr
+    assert "Traceback" not in stderr
+

@@ -1,0 +1,316 @@
+"""Bad input against real servers: one clear line, the documented exit code, never a
+traceback; and every hint such an error prints, followed exactly, converges."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from syncd.errors import ExitCode
+from tests.harness import phoenix as phoenix_harness
+from tests.harness.daemon import run_syncd, syncd_command, syncd_env
+from tests.harness.embedding_api import embedding_api
+from tests.harness.ports import free_port
+
+from .helpers import pipeline_table, settings_of, wait_caught_up, wait_until, write_config
+
+phoenix_server = phoenix_harness.phoenix_server  # the session fixture, shared
+
+DOCS = [{"_id": n, "body": f"document number {n}", "title": f"t{n}"} for n in range(1, 6)]
+
+
+def oracle(docs: list[dict[str, Any]]) -> dict[str, str]:
+    """What Chroma must hold, from the README: an int _id n is record i:n, its text the body."""
+    return {f"i:{doc['_id']}": doc["body"] for doc in docs}
+
+
+def chroma_texts(collection: Any) -> dict[str, str]:
+    got = collection.get(include=["documents"])
+    return dict(zip(got["ids"], got["documents"], strict=True))
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The one `syncd: error:` line a mistake prints; no traceback anywhere."""
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("syncd: error:")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def hinted_command(line: str) -> list[str]:
+    """The `syncd ...` command a hint names, as argv without the leading `syncd`."""
+    match = re.search(r"`syncd ([^`]+)`", line)
+    assert match, line
+    return shlex.split(match[1])
+
+
+@pytest.fixture
+def setup(tmp_path, mongo_uri, mongo_client, chroma_server):
+    db = f"bad_{uuid.uuid4().hex[:8]}"
+    chroma_name = f"bad-{uuid.uuid4().hex[:8]}"
+    cfg = write_config(
+        tmp_path / "syncd.toml",
+        mongo_uri=mongo_uri,
+        chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
+        checkpoint_db=f"{db}_syncd",
+        pipelines=[pipeline_table("bad", db, chroma_collection=chroma_name)],
+        extra={"lease": {"ttl_s": 3, "renew_every_s": 1}},
+    )
+    yield cfg, db, chroma_name
+    mongo_client.drop_database(db)
+    mongo_client.drop_database(f"{db}_syncd")
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("epoch", "seven"), ("cluster_time", "yesterday"), ("token", {"_data": 42})],
+)
+def test_a_tampered_checkpoint_is_exit_4_and_its_hint_converges(
+    setup, mongo_client, chroma_server, syncd_factory, field, value
+):
+    cfg, db, chroma_name = setup
+    settings = settings_of(cfg)
+    coll = mongo_client[db]["docs"]
+    coll.insert_many([dict(d) for d in DOCS])
+    daemon = syncd_factory(["run"], cfg)
+    wait_caught_up(mongo_client, db, settings, "bad", 60, "the first run to catch up")
+    daemon.terminate()
+    assert daemon.wait(30) == 0, daemon.output()
+
+    checkpoints = mongo_client[f"{db}_syncd"]["checkpoints"]
+    assert checkpoints.update_one({"_id": "bad"}, {"$set": {field: value}}).matched_count == 1
+    # While it was tampered with, MongoDB and Chroma moved apart.
+    coll.insert_one({"_id": 6, "body": "written while the checkpoint was broken", "title": "t6"})
+    collection = chroma_server.client().get_collection(chroma_name)
+    collection.delete(ids=["i:1"])
+
+    hints = set()
+    for args in (["run"], ["status"], ["status", "--json"], ["tokens", "show"]):
+        result = run_syncd(args, cfg, timeout=60)
+        assert result.returncode == ExitCode.SOURCE, (args, result.returncode, result.stderr)
+        if args == ["run"]:  # the daemon logs why it stopped
+            assert "Traceback" not in result.stderr
+            lines = [x for x in result.stderr.splitlines() if "checkpoint cannot be read" in x]
+            assert lines, result.stderr
+            line = lines[-1]
+        else:
+            line = one_error_line(result)
+        assert f"read: {field} " in line, line
+        hints.add(tuple(hinted_command(line)))
+    (hint,) = hints
+    assert hint == ("tokens", "reset", "bad", "--yes")
+
+    followed = run_syncd(list(hint), cfg, timeout=60)
+    assert followed.returncode == 0, followed.stderr
+    daemon.start()
+    expected = oracle([*DOCS, {"_id": 6, "body": "written while the checkpoint was broken"}])
+    wait_until(lambda: chroma_texts(collection) == expected, 90, "the stores to converge")
+    shown = run_syncd(["tokens", "show", "bad", "--json"], cfg, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    (entry,) = json.loads(shown.stdout)["pipelines"]
+    assert isinstance(entry["epoch"], int) and entry["phase"] in ("snapshot", "streaming")
+
+
+@pytest.mark.timeout(120)
+def test_tokens_refuse_an_unknown_pipeline_and_leave_nothing_behind(setup, mongo_client):
+    cfg, db, _ = setup
+    stored = mongo_client[f"{db}_syncd"]
+    for args in (
+        ["tokens", "reset", "UNKNOWN", "--yes"],
+        ["tokens", "set", "UNKNOWN", "--at", "2024-01-01T00:00:00Z", "--yes"],
+        ["tokens", "show", "UNKNOWN"],
+        ["tokens", "history", "UNKNOWN"],
+    ):
+        result = run_syncd(args, cfg, timeout=60)
+        assert result.returncode == ExitCode.CONFIG, (args, result.stderr)
+        assert "no pipeline named 'UNKNOWN' (known: bad)" in one_error_line(result)
+    for name in stored.list_collection_names():
+        assert stored[name].count_documents({"_id": {"$regex": "UNKNOWN"}}) == 0, name
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["tokens", "history", "bad", "-n", "-5"],
+        ["tokens", "history", "bad", "-n", "0"],
+        ["tokens", "history", "bad", "-n", "x"],
+        ["dlq", "list", "bad", "--limit", "99999999999999999999"],
+        ["verify", "bad", "--sample", "-1"],
+        ["wait", "bad", "--after", "1.1", "--timeout", "nan"],
+        ["wait", "bad", "--after", "1.1", "--timeout", "inf"],
+        ["wait", "bad", "--after", "9999-12-31T23:59:59Z"],
+        ["wait", "bad", "--after", "0001-01-01"],
+        ["tokens", "set", "bad", "--at", "9999-12-31T23:59:59Z", "--yes"],
+        ["explain", "bad", "dec:abc"],
+        ["explain", "bad", 'doc:{"a":1}'],
+        ["explain", "bad", "i:99999999999999999999"],
+        ["run", "--listen", "127.0.0.1:99999"],
+        ["status", "--log-level", "loud"],
+        ["nonsense"],
+    ],
+    ids=" ".join,
+)
+def test_odd_arguments_are_one_line_and_exit_2(setup, args):
+    cfg, _, _ = setup
+    result = run_syncd(args, cfg if args[0] != "nonsense" else None, timeout=60)
+    assert result.returncode == ExitCode.CONFIG, (result.returncode, result.stderr)
+    line = one_error_line(result)
+    assert result.stderr.strip() == line, result.stderr
+
+
+def closed_pipe_run(args: list[str], cfg: Path | None) -> subprocess.CompletedProcess[bytes]:
+    """Run syncd with stdout a pipe whose reader is gone, as `syncd ... | head` leaves it."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run(
+            syncd_command(args, cfg),
+            env=syncd_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write)
+
+
+@pytest.mark.timeout(240)
+def test_output_into_a_closed_pipe_exits_quietly(setup, mongo_client, syncd_factory):
+    cfg, db, _ = setup
+    mongo_client[db]["docs"].insert_many([dict(d) for d in DOCS])
+    daemon = syncd_factory(["run"], cfg)
+    wait_caught_up(mongo_client, db, settings_of(cfg), "bad", 60, "the run to catch up")
+    daemon.terminate()
+    assert daemon.wait(30) == 0, daemon.output()
+    for args, config in [
+        (["tokens", "decode", "82612F653E000000022B0229296E04", "--json"], None),
+        (["tokens", "show", "--json"], cfg),
+        (["tokens", "history", "bad", "--json"], cfg),
+        (["status", "--json"], cfg),
+        (["verify", "bad", "--json"], cfg),
+        (["dlq", "list", "bad", "--json"], cfg),
+        (["explain", "bad", "i:1", "--json"], cfg),
+        (["check"], cfg),
+    ]:
+        result = closed_pipe_run(args, config)
+        assert result.stderr.decode() == "", (args, result.stderr.decode())
+        assert result.returncode == ExitCode.DRIFT_OR_FAILURE, args
+
+
+@pytest.mark.timeout(120)
+def test_an_unwritable_file_checkpoint_store_fails_check_and_run(tmp_path, setup):
+    cfg, _, _ = setup
+    not_a_dir = tmp_path / "a-file"
+    not_a_dir.write_text("")
+    text = cfg.read_text().replace('store = "mongodb"', f'store = "file"\npath = "{not_a_dir}/cp"')
+    cfg.write_text(text)
+
+    check = run_syncd(["check"], cfg, timeout=60)
+    assert check.returncode != 0 and "Traceback" not in check.stderr + check.stdout
+    (failed,) = [line for line in check.stdout.splitlines() if line.startswith("FAIL")]
+    assert failed.startswith("FAIL  checkpoint store (file,") and "Not a directory" in failed
+
+    run = run_syncd(["run"], cfg, timeout=60)
+    assert run.returncode == ExitCode.CONFIG, run.stderr
+    assert "Traceback" not in run.stderr
+    assert "cannot use checkpoint.path" in run.stderr and "Not a directory" in run.stderr
+
+
+@pytest.mark.timeout(180)
+def test_check_embeds_a_probe_and_holds_it_against_the_collection(
+    tmp_path, mongo_uri, mongo_client, chroma_server
+):
+    db = f"chk_{uuid.uuid4().hex[:8]}"
+    chroma_name = f"chk-{uuid.uuid4().hex[:8]}"
+    collection = chroma_server.client().create_collection(
+        chroma_name, embedding_function=None, metadata={"hnsw:space": "cosine"}
+    )
+    collection.add(ids=["x"], documents=["x"], embeddings=[[0.5] * 16])
+
+    def check(embedder: dict[str, Any], **pipeline: Any) -> subprocess.CompletedProcess[str]:
+        cfg = write_config(
+            tmp_path / "syncd.toml",
+            mongo_uri=mongo_uri,
+            chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
+            checkpoint_db=f"{db}_syncd",
+            pipelines=[
+                pipeline_table(
+                    "chk", db, chroma_collection=chroma_name, embedder=embedder, **pipeline
+                )
+            ],
+        )
+        return run_syncd(["check"], cfg, timeout=90)
+
+    def line(result: subprocess.CompletedProcess[str], what: str) -> str:
+        assert "Traceback" not in result.stderr + result.stdout, result.stderr
+        (found,) = [x for x in result.stdout.splitlines() if f"pipeline chk: {what}" in x]
+        return found
+
+    same = check({"kind": "hashing", "dimensions": 16})
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert (
+        line(same, "embedder hashing")
+        == "ok    pipeline chk: embedder hashing, 16-dimensional vectors"
+    )
+    assert "16-dimensional" in line(same, f"Chroma collection {chroma_name}")
+
+    other = check({"kind": "hashing", "dimensions": 32})
+    assert other.returncode != 0
+    assert "holds 16-dimensional vectors, but the pipeline's embedder makes 32" in line(
+        other, f"Chroma collection {chroma_name}"
+    )
+
+    distance = check({"kind": "hashing", "dimensions": 16}, distance="ip")
+    assert distance.returncode != 0
+    assert "exists with distance 'cosine'" in line(distance, f"Chroma collection {chroma_name}")
+
+    with embedding_api(dimensions=24) as api:
+        openai = {"kind": "openai", "base_url": api.base_url, "model": "m", "api_key": api.api_key}
+        wrong = check({**openai, "dimensions": 16})
+        assert wrong.returncode != 0
+        refused = line(wrong, "embedder openai")
+        assert refused.startswith("FAIL") and "24-dimensional vectors" in refused, refused
+        assert api.inputs == ["syncd check: one probe input"]
+    closed = f"http://127.0.0.1:{free_port()}/v1"
+    down = check({"kind": "openai", "base_url": closed, "model": "m", "api_key": "sk-x-12345"})
+    assert down.returncode != 0
+    assert line(down, "embedder openai").startswith("FAIL  pipeline chk: embedder openai:")
+    mongo_client.drop_database(f"{db}_syncd")
+
+
+@pytest.mark.timeout(300)
+def test_check_sends_the_trace_exporter_an_empty_export(setup, phoenix_server):
+    cfg, _, _ = setup
+    text = cfg.read_text()
+    cfg.write_text(
+        text.replace(
+            "[telemetry]",
+            '[telemetry]\ntraces = "otlp_http"\n'
+            f'otlp_endpoint = "{phoenix_server.otlp_http_endpoint}"',
+        )
+    )
+    up = run_syncd(["check"], cfg, timeout=90)
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert "ok    trace exporter otlp_http to " in up.stdout
+
+    closed = f"http://127.0.0.1:{free_port()}"
+    cfg.write_text(
+        text.replace(
+            "[telemetry]", f'[telemetry]\ntraces = "otlp_http"\notlp_endpoint = "{closed}"'
+        )
+    )
+    down = run_syncd(["check"], cfg, timeout=90)
+    assert down.returncode != 0 and "Traceback" not in down.stderr + down.stdout
+    (failed,) = [x for x in down.stdout.splitlines() if x.startswith("FAIL")]
+    assert failed.startswith(f"FAIL  trace exporter otlp_http to {closed}:"), failed
