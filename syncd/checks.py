@@ -2,13 +2,14 @@
 
 Each check does what the daemon will do first, once: reach MongoDB and Chroma, open each
 pipeline's change stream, embed one probe input and hold its size against the config and
-the existing collection, write to the checkpoint store, and send the trace exporter an
-empty export. Every failure is reported; none stops the others.
+the existing collection, write to the checkpoint store and the span log, and send the
+trace exporter an empty export. Every failure is reported; none stops the others.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from syncd.checkpoint import FileCheckpointStore
@@ -19,6 +20,7 @@ from syncd.errors import (
     SinkFatalError,
     SyncdError,
     TransientError,
+    from_os_error,
     from_sink,
 )
 from syncd.runtime import Runtime
@@ -57,6 +59,7 @@ def _checks(runtime: Runtime) -> Iterator[Result]:
     for ps in settings.pipelines:
         yield from _pipeline_checks(runtime, ps)
     yield from _store_checks(runtime)
+    yield from _span_log_checks(settings)
     yield from _exporter_checks(settings)
 
 
@@ -162,6 +165,21 @@ def _store_checks(runtime: Runtime) -> Iterator[Result]:
         yield line, None
     except Exception as exc:  # noqa: BLE001
         yield line, _translate(exc)
+
+
+def _span_log_checks(settings: Settings) -> Iterator[Result]:
+    """The span log `syncd explain` reads: the daemon only warns when it cannot write it."""
+    path = settings.telemetry.span_log_path
+    if not path or not settings.telemetry.span_log_max_bytes:
+        return
+    line = f"span log {path}"
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with Path(path).open("a", encoding="utf-8"):
+            pass
+        yield line, None
+    except OSError as exc:
+        yield line, from_os_error(exc, setting="telemetry.span_log_path")
 
 
 def _exporter_checks(settings: Settings) -> Iterator[Result]:

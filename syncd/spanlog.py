@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from syncd.errors import from_os_error
 from syncd.redact import redact_mapping
 
 
@@ -89,6 +90,8 @@ class SpanLog:
                 handle = path.open(encoding="utf-8", errors="replace")
             except FileNotFoundError:
                 continue
+            except OSError as exc:  # a directory, or not ours to read: the setting is wrong
+                raise from_os_error(exc, setting="telemetry.span_log_path") from exc
             with handle:
                 for line in handle:
                     try:

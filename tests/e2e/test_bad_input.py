@@ -314,3 +314,26 @@ def test_check_sends_the_trace_exporter_an_empty_export(setup, phoenix_server):
     assert down.returncode != 0 and "Traceback" not in down.stderr + down.stdout
     (failed,) = [x for x in down.stdout.splitlines() if x.startswith("FAIL")]
     assert failed.startswith(f"FAIL  trace exporter otlp_http to {closed}:"), failed
+
+
+@pytest.mark.timeout(120)
+def test_a_span_log_path_that_is_a_directory_fails_check_and_explain(
+    tmp_path, setup, chroma_server
+):
+    cfg, _, chroma_name = setup
+    chroma_server.client().create_collection(
+        chroma_name, embedding_function=None, metadata={"hnsw:space": "cosine"}
+    )
+    text = cfg.read_text()
+    start = text.index("span_log_path = ")
+    end = text.index("\n", start)
+    cfg.write_text(f'{text[:start]}span_log_path = "{tmp_path}"{text[end:]}')
+
+    check = run_syncd(["check"], cfg, timeout=60)
+    assert check.returncode != 0 and "Traceback" not in check.stderr + check.stdout
+    (failed,) = [line for line in check.stdout.splitlines() if line.startswith("FAIL")]
+    assert failed.startswith(f"FAIL  span log {tmp_path}:") and "Is a directory" in failed
+
+    explain = run_syncd(["explain", "bad", "i:1"], cfg, timeout=60)
+    assert explain.returncode == ExitCode.CONFIG, explain.stderr
+    assert "telemetry.span_log_path" in one_error_line(explain)
