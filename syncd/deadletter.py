@@ -7,6 +7,7 @@ a later poison event on the same key updates the entry (attempts, last seen).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,8 @@ from syncd.errors import translate_mongo_errors
 
 if TYPE_CHECKING:
     from syncd.plan import Poisoned
+
+log = logging.getLogger(__name__)
 
 
 class DeadLetterStore:
@@ -54,11 +57,20 @@ class DeadLetterStore:
                 )
 
     def list(self, pipeline: str, *, limit: int = 0) -> Iterator[dict[str, Any]]:
+        """The pipeline's entries, oldest first; ones syncd did not write are left out."""
         with translate_mongo_errors(pipeline=pipeline):
             cursor = self._coll.find({"pipeline": pipeline}).sort("first_seen", 1)
             if limit:
                 cursor = cursor.limit(limit)
-            yield from cursor
+            for entry in cursor:
+                if _written_by_syncd(entry):
+                    yield entry
+                else:
+                    log.warning(
+                        "skipping an entry of %s that syncd did not write (_id %r): it has no "
+                        "key and collection; delete it in MongoDB",
+                        self._coll.full_name, entry.get("_id"), extra={"pipeline": pipeline},
+                    )  # fmt: skip
 
     def get(self, pipeline: str, key: str) -> dict[str, Any] | None:
         with translate_mongo_errors(pipeline=pipeline):
@@ -78,3 +90,12 @@ class DeadLetterStore:
     def count(self, pipeline: str) -> int:
         with translate_mongo_errors(pipeline=pipeline):
             return int(self._coll.count_documents({"pipeline": pipeline}))
+
+
+def _written_by_syncd(entry: dict[str, Any]) -> bool:
+    key = entry.get("_id")
+    return (
+        isinstance(key, dict)
+        and isinstance(entry.get("key"), str)
+        and isinstance(entry.get("collection"), str)
+    )

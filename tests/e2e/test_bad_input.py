@@ -337,3 +337,16 @@ def test_a_span_log_path_that_is_a_directory_fails_check_and_explain(
     explain = run_syncd(["explain", "bad", "i:1"], cfg, timeout=60)
     assert explain.returncode == ExitCode.CONFIG, explain.stderr
     assert "telemetry.span_log_path" in one_error_line(explain)
+
+
+@pytest.mark.timeout(120)
+def test_dead_letters_syncd_did_not_write_are_skipped_with_a_warning(setup, mongo_client):
+    cfg, db, _ = setup
+    mongo_client[f"{db}_syncd"]["dead_letters"].insert_many(
+        [{"pipeline": "bad", "key": 5, "attempts": "x"}, {"pipeline": "bad"}]
+    )
+    for args in (["dlq", "list", "bad"], ["dlq", "list", "bad", "--json"], ["dlq", "retry", "bad"]):
+        result = run_syncd(args, cfg, timeout=60)
+        assert result.returncode == 0, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+        assert result.stderr.count("that syncd did not write") == 2, result.stderr
