@@ -137,7 +137,9 @@ class LeaseManager:
             {
                 "$set": {
                     "owner": {"$cond": [take, self.owner, "$owner"]},
-                    "epoch": {"$cond": [take, {"$add": [{"$ifNull": ["$epoch", 0]}, 1]}, "$epoch"]},
+                    # An epoch that is not a number (edited by hand) counts as 0: the lease
+                    # is only a lock, and _fence lifts it past the checkpoint's epoch.
+                    "epoch": {"$cond": [take, {"$add": [_NUMBER_OR_0, 1]}, "$epoch"]},
                     "expires_at": {
                         "$cond": [take, {"$add": ["$$NOW", self._ttl_ms]}, "$expires_at"]
                     },
@@ -366,6 +368,9 @@ class LeaseManager:
             log.warning("could not withdraw this process: %s", from_mongo(exc).message)
 
 
+_NUMBER_OR_0 = {"$cond": [{"$isNumber": "$epoch"}, "$epoch", 0]}
+
+
 def lease_info(coll: Collection[dict[str, Any]], pipeline: str) -> LeaseInfo | None:
     """The pipeline's lease, with ``live`` decided by the server's clock."""
     with translate_mongo_errors(pipeline=pipeline):
@@ -381,12 +386,14 @@ def lease_info(coll: Collection[dict[str, Any]], pipeline: str) -> LeaseInfo | N
         return None
     doc = docs[0]
     expires = doc.get("expires_at")
-    if isinstance(expires, datetime) and expires.tzinfo is None:
+    if not isinstance(expires, datetime):
+        expires = None  # edited by hand: no time to show (and not live: see acquire)
+    elif expires.tzinfo is None:
         expires = expires.replace(tzinfo=UTC)
     return LeaseInfo(
         pipeline=pipeline,
         owner=str(doc.get("owner", "")),
-        epoch=int(doc.get("epoch", 0)),
+        epoch=epoch if isinstance(epoch := doc.get("epoch"), int) else 0,
         expires_at=expires,
         live=bool(doc.get("live")),
     )

@@ -350,3 +350,33 @@ def test_dead_letters_syncd_did_not_write_are_skipped_with_a_warning(setup, mong
         assert result.returncode == 0, (args, result.stderr)
         assert "Traceback" not in result.stderr
         assert result.stderr.count("that syncd did not write") == 2, result.stderr
+
+
+@pytest.mark.timeout(180)
+def test_a_lease_edited_by_hand_is_only_a_lock_taken_again(
+    setup, mongo_client, chroma_server, syncd_factory
+):
+    cfg, db, chroma_name = setup
+    settings = settings_of(cfg)
+    coll = mongo_client[db]["docs"]
+    coll.insert_many([dict(d) for d in DOCS])
+    daemon = syncd_factory(["run"], cfg)
+    wait_caught_up(mongo_client, db, settings, "bad", 60, "the first run to catch up")
+    daemon.terminate()
+    assert daemon.wait(30) == 0, daemon.output()
+    leases = mongo_client[f"{db}_syncd"]["leases"]
+    edited = leases.update_one({"_id": "bad"}, {"$set": {"epoch": "x", "expires_at": "soon"}})
+    assert edited.matched_count == 1
+
+    shown = run_syncd(["tokens", "show", "bad", "--json"], cfg, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    (entry,) = json.loads(shown.stdout)["pipelines"]
+    assert entry["lease"]["live"] is False and entry["lease"]["expires_at"] is None
+
+    daemon.start()
+    coll.insert_one({"_id": 6, "body": "after the lease was edited"})
+    collection = chroma_server.client().get_collection(chroma_name)
+    expected = oracle([*DOCS, {"_id": 6, "body": "after the lease was edited"}])
+    wait_until(lambda: chroma_texts(collection) == expected, 90, "the stores to converge")
+    lease = leases.find_one({"_id": "bad"})
+    assert lease is not None and isinstance(lease["epoch"], int)
