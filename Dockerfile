@@ -6,13 +6,14 @@
 ARG PYTHON_IMAGE=python:3.11-slim
 
 FROM ${PYTHON_IMAGE} AS builder
-# Extras baked into the image: "otlp" exports traces; add "local-model" for an
-# in-process sentence-transformers embedder (a much larger image).
+# Extras baked into the image: "otlp" exports traces. The image talks to a Chroma server
+# over HTTP; add "embedded" for in-process Chroma and "local-model" for an in-process
+# sentence-transformers embedder (each a much larger image).
 ARG SYNCD_EXTRAS=otlp
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/syncd
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY syncd ./syncd
 # pip compiles the bytecode here, so the read-only final image never needs to.
 RUN --mount=type=cache,target=/root/.cache/pip \

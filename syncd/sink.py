@@ -82,7 +82,9 @@ class Sink(Protocol):
 def make_client(settings: ChromaSettings) -> Any:
     """An embedded or HTTP Chroma client, telemetry off (no network but ours)."""
     os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
-    import chromadb
+    from syncd import chroma_install
+
+    chromadb = chroma_install.load(settings.mode)
     from chromadb.config import Settings as ChromaClientSettings
 
     client_settings = ChromaClientSettings(anonymized_telemetry=False)

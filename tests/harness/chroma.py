@@ -307,8 +307,10 @@ if pytest is not None:
     @pytest.fixture
     def chroma_persistent_client(tmp_path: Path) -> Iterator[Any]:
         """An embedded `chromadb.PersistentClient` on a fresh directory."""
-        import chromadb
+        from syncd import chroma_install
 
+        # As syncd loads it: the test environment holds chromadb-client beside chromadb.
+        chromadb = chroma_install.load("embedded")
         client = chromadb.PersistentClient(
             path=str(tmp_path / "chroma-embedded"), settings=chroma_settings()
         )
