@@ -222,6 +222,9 @@ class TelemetrySettings(_Model):
 class LogSettings(_Model):
     format: Literal["text", "json"] = "text"
     level: Literal["debug", "info", "warning", "error"] = "info"
+    # Long operations (snapshot, verify, repair, dlq retry) log their progress this often
+    # when stderr is not a terminal; 0 logs every step.
+    progress_every_s: Annotated[float, Field(ge=0)] = 10.0
 
 
 class MappingSettings(_Model):

@@ -37,6 +37,8 @@ from syncd import plan as planning
 from syncd.config import PipelineSettings
 from syncd.errors import MappingError, PoisonError, SyncdError, translate_mongo_errors
 from syncd.mapping import MappedDocument, Mapper, Record, base_id, decode_id
+from syncd.progress import Progress
+from syncd.progress import start as progress_start
 from syncd.sink import Sink, StoredRecord
 from syncd.source import hashable_id
 
@@ -160,16 +162,33 @@ class Checker:
 
     # --- full verify -----------------------------------------------------------------
 
-    def verify(self) -> Report:
+    def verify(self, *, progress: bool = False) -> Report:
+        """Compare everything; ``progress``: show it (a bar on a terminal, else log lines)."""
         started = time.monotonic()
         report = Report(self.settings.name)
         with IdIndex() as index:
-            for collection, docs in self.documents():
-                self.compare_documents(collection, docs, report, index=index)
-            for _ in self.orphans(report, index):
-                pass  # counted in the report
+            with self.progress("verify", progress) as bar:
+                for collection, docs in self.documents():
+                    self.compare_documents(collection, docs, report, index=index)
+                    bar.advance(len(docs))
+            with self.progress("verify records", progress, unit="records") as bar:
+                for _ in self.orphans(report, index, progress=bar):
+                    pass  # counted in the report
         report.seconds = time.monotonic() - started
         return report
+
+    def progress(self, operation: str, enabled: bool, *, unit: str = "documents") -> Progress:
+        """Progress over the source documents, or (``unit="records"``) the Chroma records."""
+
+        def total() -> int | None:
+            if unit == "records":
+                return self.sink.count()
+            count = getattr(self.source, "count", None)
+            return sum(count(c) for c in self.settings.source_collections) if count else None
+
+        return progress_start(
+            operation, enabled=enabled, pipeline=self.settings.name, total=total, unit=unit
+        )
 
     def documents(self) -> Iterator[tuple[str, list[dict[str, Any]]]]:
         for collection in self.settings.source_collections:
@@ -220,7 +239,11 @@ class Checker:
                 drift.stale.append(rid)
                 drift.stored[rid] = got.metadata
         if extra_records and keys:
-            for records in self.sink.existing(keys).values():
+            existing = self.sink.existing(keys)
+            # A sampled verify examines exactly these Chroma records (a full verify
+            # counts the records of its own scan instead).
+            report.records += sum(len(records) for records in existing.values())
+            for records in existing.values():
                 drift.orphaned.extend(rid for rid in records if rid not in expected)
         wanted = {base_id(rid) for rid in drift.missing + drift.stale + drift.orphaned}
         drift.documents = {k: v for k, v in drift.documents.items() if k in wanted}
@@ -229,10 +252,14 @@ class Checker:
         report.orphaned.add(drift.orphaned)
         return drift
 
-    def orphans(self, report: Report, index: IdIndex) -> Iterator[list[str]]:
+    def orphans(
+        self, report: Report, index: IdIndex, *, progress: Progress | None = None
+    ) -> Iterator[list[str]]:
         """Orphaned record ids, a page of Chroma at a time."""
         for page in self.sink.scan(self.page_size):
             report.records += len(page)
+            if progress is not None:
+                progress.update(report.records)
             known = index.known([r.id for r in page] + [UNMAPPABLE + base_id(r.id) for r in page])
             candidates = [
                 r for r in page if r.id not in known and UNMAPPABLE + base_id(r.id) not in known

@@ -182,6 +182,9 @@ def setup_logging(settings: LogSettings, stream: TextIO | None = None) -> None:
     root.setLevel(level)
     for name in _NOISY:
         logging.getLogger(name).setLevel(level if level <= logging.DEBUG else logging.WARNING)
+    from syncd import progress
+
+    progress.configure(settings.progress_every_s)
 
 
 def extra_fields(record: logging.LogRecord) -> dict[str, Any]:

@@ -18,6 +18,8 @@ from syncd import plan as planning
 from syncd.consistency import ORPHAN_BATCH, Checker, Drift, Finding, IdIndex, Report
 from syncd.deadletter import DeadLetterStore
 from syncd.mapping import base_id
+from syncd.progress import Progress
+from syncd.progress import start as progress_start
 from syncd.sink import Sink, StoredRecord, WritePlan
 from syncd.source import hashable_id
 
@@ -49,25 +51,39 @@ class RepairReport:
         }
 
 
-def repair(pipeline: Pipeline, checker: Checker, *, dry_run: bool = False) -> RepairReport:
-    """Fix exactly what a verify finds: re-apply documents, delete orphans."""
+def repair(
+    pipeline: Pipeline, checker: Checker, *, dry_run: bool = False, progress: bool = False
+) -> RepairReport:
+    """Fix exactly what a verify finds: re-apply documents, delete orphans.
+
+    ``progress``: show it (a bar on a terminal, else log lines).
+    """
     started = time.monotonic()
     report = Report(pipeline.settings.name)
     result = RepairReport(verify=report, dry_run=dry_run)
     with IdIndex() as index:
-        for collection, docs in checker.documents():
-            drift = checker.compare_documents(collection, docs, report, index=index)
-            if drift.documents:
-                result.reapplied.add(list(drift.documents))
-                if not dry_run:
-                    _reapply(pipeline, drift, result)
-        _remove_orphans(pipeline, checker, index, result, dry_run=dry_run)
+        with checker.progress("repair", progress) as bar:
+            for collection, docs in checker.documents():
+                drift = checker.compare_documents(collection, docs, report, index=index)
+                if drift.documents:
+                    result.reapplied.add(list(drift.documents))
+                    if not dry_run:
+                        _reapply(pipeline, drift, result)
+                bar.advance(len(docs))
+        with checker.progress("repair records", progress, unit="records") as bar:
+            _remove_orphans(pipeline, checker, index, result, dry_run=dry_run, progress=bar)
     report.seconds = time.monotonic() - started
     return result
 
 
 def _remove_orphans(
-    pipeline: Pipeline, checker: Checker, index: IdIndex, result: RepairReport, *, dry_run: bool
+    pipeline: Pipeline,
+    checker: Checker,
+    index: IdIndex,
+    result: RepairReport,
+    *,
+    dry_run: bool,
+    progress: Progress,
 ) -> None:
     report = result.verify
     while True:
@@ -76,7 +92,8 @@ def _remove_orphans(
         scan = Report(report.pipeline)
         pending: list[str] = []
         complete = True
-        for found in checker.orphans(scan, index):
+        progress.update(0)
+        for found in checker.orphans(scan, index, progress=progress):
             result.deleted.add(found)
             report.orphaned.add(found)
             if not dry_run:
@@ -183,6 +200,7 @@ def retry_dead_letters(
     keys: Sequence[str] | None = None,
     *,
     chunk: int = 100,
+    progress: bool = False,
 ) -> RetryResult:
     """Re-apply dead-lettered documents from their current MongoDB state.
 
@@ -195,14 +213,24 @@ def retry_dead_letters(
         entries: Iterator[dict[str, Any]] = letters.list(name)
     else:
         entries = (e for e in (letters.get(name, k) for k in keys) if e is not None)
-    batch: list[dict[str, Any]] = []
-    for entry in entries:
-        batch.append(entry)
-        if len(batch) >= chunk:
+    bar = progress_start(
+        "dlq retry",
+        enabled=progress,
+        pipeline=name,
+        total=lambda: len(keys) if keys is not None else letters.count(name),
+        unit="dead letters",
+    )
+    with bar:
+        batch: list[dict[str, Any]] = []
+        for entry in entries:
+            batch.append(entry)
+            if len(batch) >= chunk:
+                _retry(pipeline, letters, batch, result)
+                bar.advance(len(batch))
+                batch = []
+        if batch:
             _retry(pipeline, letters, batch, result)
-            batch = []
-    if batch:
-        _retry(pipeline, letters, batch, result)
+            bar.advance(len(batch))
     return result
 
 

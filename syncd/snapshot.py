@@ -11,8 +11,6 @@
 from __future__ import annotations
 
 import logging
-import sys
-import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -20,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 from syncd import plan as planning
 from syncd.checkpoint import Checkpoint, SnapshotProgress
 from syncd.mapping import base_id, decode_id
+from syncd.progress import Progress
 from syncd.sink import WritePlan
 from syncd.source import hashable_id
 
 if TYPE_CHECKING:
     from syncd.pipeline import Pipeline
-    from syncd.telemetry import PipelineTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +50,14 @@ class Snapshotter:
         collections = self.settings.source_collections
         if progress.collection in collections:
             collections = collections[collections.index(progress.collection) :]
-        reporter = _Progress(self.settings.name, self._estimate(collections), self.p.telemetry)
-        reporter.update(progress.scanned)
-        with self.p.telemetry.stage("snapshot"):
+        reporter = Progress(
+            "snapshot",
+            pipeline=self.settings.name,
+            total=self._estimate(self.settings.source_collections),
+            initial=progress.scanned,
+        )
+        self.p.telemetry.snapshot_progress(progress.scanned, reporter.total)
+        with self.p.telemetry.stage("snapshot"), reporter:
             for collection in collections:
                 if progress.collection != collection:
                     progress.collection, progress.last_id, progress.has_last_id = (
@@ -64,10 +67,9 @@ class Snapshotter:
                     )
                 self._scan(cp, progress, collection, reporter)
                 if self.p.stop.is_set():
-                    reporter.close()
+                    reporter.close(finished=False)
                     return
             self._remove_orphans()
-        reporter.close()
         cp.phase = "streaming"
         cp.snapshot = None
         cp.token = progress.start_token
@@ -82,7 +84,7 @@ class Snapshotter:
         )
 
     def _scan(
-        self, cp: Checkpoint, progress: SnapshotProgress, collection: str, reporter: _Progress
+        self, cp: Checkpoint, progress: SnapshotProgress, collection: str, reporter: Progress
     ) -> None:
         scan = self.p.source.scan(
             collection,
@@ -102,6 +104,7 @@ class Snapshotter:
             cp.snapshot = progress
             self.p._save(cp)
             reporter.update(progress.scanned)
+            self.p.telemetry.snapshot_progress(progress.scanned, reporter.total)
             if self.p.stop.is_set():
                 return
 
@@ -178,42 +181,3 @@ class Snapshotter:
             return sum(int(count(c)) for c in collections)
         except Exception:  # noqa: BLE001 - an estimate is optional; the scan reports its own errors
             return None
-
-
-class _Progress:
-    """A progress bar on a terminal; periodic log lines otherwise."""
-
-    def __init__(self, name: str, total: int | None, telemetry: PipelineTelemetry) -> None:
-        self.name, self.total, self.telemetry = name, total, telemetry
-        self.tty = sys.stderr.isatty()
-        self._last = 0.0
-        self._start = time.monotonic()
-
-    def update(self, done: int) -> None:
-        self.telemetry.snapshot_progress(done, self.total)
-        now = time.monotonic()
-        if now - self._last < (0.2 if self.tty else 10.0):
-            return
-        self._last = now
-        rate = done / max(now - self._start, 1e-6)
-        if self.tty:
-            total = f"/{self.total}" if self.total else ""
-            pct = f" {100 * done / self.total:5.1f}%" if self.total else ""
-            bar = ""
-            if self.total:
-                filled = int(30 * min(done / self.total, 1))
-                bar = " [" + "#" * filled + "." * (30 - filled) + "]"
-            sys.stderr.write(f"\rsnapshot {self.name}{bar}{pct} {done}{total} docs {rate:,.0f}/s")
-            sys.stderr.flush()
-        else:
-            log.info(
-                "snapshot progress: %d documents (%.0f/s)",
-                done,
-                rate,
-                extra={"pipeline": self.name},
-            )
-
-    def close(self) -> None:
-        if self.tty:
-            sys.stderr.write("\n")
-            sys.stderr.flush()

@@ -23,6 +23,12 @@ def register(verbs: Any) -> None:
     parser.add_argument("pipeline", metavar="PIPELINE")
     parser.add_argument("--dry-run", action="store_true", help="print the plan; change nothing")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="also list the ids re-applied and deleted (the first 20 of each)",
+    )
     parser.set_defaults(handler=handle)
 
 
@@ -47,33 +53,49 @@ def handle(args: argparse.Namespace) -> int:
             embedder=runtime.embedder(ps) if not args.dry_run else None,
             telemetry=runtime.telemetry.pipeline(ps.name),
         )
-        result = repair(pipeline, checker, dry_run=args.dry_run)
+        result = repair(pipeline, checker, dry_run=args.dry_run, progress=True)
     finally:
         runtime.close()
     data = result.to_json()
     if args.json:
         print_json(data)
     else:
-        _print(data)
+        _print(data, verbose=args.verbose)
     if args.dry_run:
         return ExitCode.OK if result.verify.consistent else ExitCode.DRIFT_OR_FAILURE
     return ExitCode.DRIFT_OR_FAILURE if result.failed.count else ExitCode.OK
 
 
-def _print(data: dict[str, Any]) -> None:
+def _print(data: dict[str, Any], *, verbose: bool) -> None:
     from syncd.cli.verify import print_report
 
     print_report(data["found"])
     prefix = "would " if data["dry_run"] else ""
-    reapply, delete = data["reapply"], data["delete"]
-    print(f"{prefix}re-apply {reapply['count']} document(s) from MongoDB")
-    for key in reapply["sample"]:
-        print(f"  re-apply {key}")
-    print(f"{prefix}delete {delete['count']} orphaned record(s)")
-    for rid in delete["sample"]:
-        print(f"  delete {rid}")
-    if data["failed"]["count"]:
+    reapply, delete, failed = data["reapply"], data["delete"], data["failed"]
+    done = reapply["count"] - failed["count"]
+    if data["dry_run"]:
         print(
-            f"{data['failed']['count']} document(s) cannot be mapped and were not repaired, "
-            f"e.g. {', '.join(data['failed']['sample'][:5])}"
+            f"would re-apply {reapply['count']} document(s) from MongoDB and delete "
+            f"{delete['count']} orphaned record(s)"
+        )
+    else:
+        print(
+            f"re-applied {done} document(s) from MongoDB, deleted {delete['count']} "
+            f"orphaned record(s), {failed['count']} document(s) could not be repaired"
+        )
+    if verbose:
+        for key in reapply["sample"]:
+            print(f"  {prefix}re-apply {key}")
+        for rid in delete["sample"]:
+            print(f"  {prefix}delete {rid}")
+        shown = len(reapply["sample"]) + len(delete["sample"])
+        if shown < reapply["count"] + delete["count"]:
+            print(f"  ({shown} of {reapply['count'] + delete['count']} listed)")
+    elif reapply["count"] or delete["count"]:
+        print("  --verbose lists the ids")
+    if failed["count"]:
+        print(
+            f"{failed['count']} document(s) cannot be mapped and were not repaired, "
+            f"e.g. {', '.join(failed['sample'][:5])}; see `syncd dlq list` and "
+            "`syncd explain PIPELINE ID`"
         )

@@ -42,7 +42,7 @@ def handle(args: argparse.Namespace) -> int:
     runtime = Runtime(settings)
     try:
         checker = open_checker(runtime, ps)
-        report = checker.sample(args.sample) if args.sample else checker.verify()
+        report = checker.sample(args.sample) if args.sample else checker.verify(progress=True)
     finally:
         runtime.close()
     if args.json:
@@ -59,9 +59,10 @@ def handle(args: argparse.Namespace) -> int:
 
 def print_report(data: dict[str, Any]) -> None:
     what = "sampled documents" if data["sampled"] else "documents"
+    records = "Chroma records of those documents" if data["sampled"] else "Chroma records"
     print(
         f"pipeline {data['pipeline']}: {data['documents']} {what}, "
-        f"{data['records']} Chroma records checked in {data['seconds']:.1f} s"
+        f"{data['records']} {records} checked in {data['seconds']:.1f} s"
     )
     for kind in ("missing", "orphaned", "stale", "unmappable"):
         finding = data[kind]

@@ -5,6 +5,7 @@ records, `repair --dry-run` changes nothing, `repair` fixes them, and a second
 from __future__ import annotations
 
 import json
+import re
 import uuid
 
 from tests.harness.daemon import run_syncd
@@ -66,6 +67,12 @@ def test_verify_reports_injected_drift_and_repair_fixes_it(
     assert sorted(report["orphaned"]["sample"]) == ["not-a-syncd-id", "s:d05", "s:d06", "s:ghost"]
     assert report["documents"] == 38
 
+    verbose = run_syncd(["repair", "v", "--dry-run", "--verbose"], cfg)
+    assert verbose.returncode == 1, verbose.stdout + verbose.stderr
+    assert "would re-apply 5 document(s) from MongoDB and delete 4 orphaned record(s)" in (
+        verbose.stdout
+    )
+    assert "  would re-apply s:d01" in verbose.stdout and "  would delete s:ghost" in verbose.stdout
     dry = run_syncd(["repair", "v", "--dry-run", "--json"], cfg)
     assert dry.returncode == 1, dry.stdout + dry.stderr
     plan = json.loads(dry.stdout)
@@ -77,8 +84,24 @@ def test_verify_reports_injected_drift_and_repair_fixes_it(
 
     fixed = run_syncd(["repair", "v"], cfg)
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    # A summary; the ids only with --verbose.
+    assert (
+        "re-applied 5 document(s) from MongoDB, deleted 4 orphaned record(s), "
+        "0 document(s) could not be repaired"
+    ) in fixed.stdout, fixed.stdout
+    assert "--verbose lists the ids" in fixed.stdout
+    assert not [line for line in fixed.stdout.splitlines() if line.startswith("  re-apply")]
     again = run_syncd(["verify", "v"], cfg)
     assert again.returncode == 0, again.stdout + again.stderr
+    sampled = run_syncd(["verify", "v", "--sample", "20", "--json"], cfg)
+    assert sampled.returncode == 0, sampled.stdout + sampled.stderr
+    sample = json.loads(sampled.stdout)
+    assert sample["sampled"] and 1 <= sample["documents"] <= 20
+    assert sample["records"] == sample["documents"], sample  # one record per document
+    sampled_text = run_syncd(["verify", "v", "--sample", "20"], cfg)
+    assert re.search(r"(\d+) sampled documents, \1 Chroma records", sampled_text.stdout), (
+        sampled_text.stdout
+    )
     problem = diff(expected_records(settings, "v", list(docs.find())), chroma_records(collection))
     assert not problem, problem
     mongo_client.drop_database(db)
