@@ -320,7 +320,7 @@ class Pipeline:
     ) -> None:
         if not segment:
             return
-        changes = planning.coalesce(segment, prefixed=self._prefixed)
+        changes = self._with_documents(planning.coalesce(segment, prefixed=self._prefixed))
         halt = self.settings.on_error == "halt" or self.dead_letters is None
         result = self.write_changes(changes, write_if_poisoned=not halt)
         if not result.poisoned:
@@ -341,7 +341,7 @@ class Pipeline:
         """
         result = self._plan(changes)
         if result.poisoned:
-            result = self._plan(self._refetched(changes, result.poisoned))
+            result = self._plan(self._refetched(changes, [p.change for p in result.poisoned]))
         if result.embedded:
             self.telemetry.embedded(result.embedded)
         if result.poisoned and not write_if_poisoned:
@@ -368,16 +368,27 @@ class Pipeline:
             stage=self.telemetry.stage,
         )
 
-    def _refetched(
-        self, changes: Sequence[planning.Change], poisoned: Sequence[planning.Poisoned]
-    ) -> list[planning.Change]:
-        """Retry poison changes with the document as it is *now* in MongoDB.
+    def _with_documents(self, changes: list[planning.Change]) -> list[planning.Change]:
+        """Update events that came without the document get it as it is now.
 
-        An event carries the document as it was; if it has been fixed (or deleted)
-        since, applying the current state is what replaying the later events would do
-        anyway, so the mirror converges without halting on a problem already solved.
+        Under ``full_document = "whenAvailable"`` an update carries no document when the
+        collection keeps no post-images; under ``"updateLookup"`` when the document was
+        deleted before the lookup. Neither says the document is gone, so it is read now,
+        as updateLookup would: found, it is applied; gone, its records are deleted.
         """
-        bad = {p.change.key: p.change for p in poisoned}
+        bare = [c for c in changes if c.document is None and c.operation == "update"]
+        return self._refetched(changes, bare) if bare else changes
+
+    def _refetched(
+        self, changes: Sequence[planning.Change], stale: Sequence[planning.Change]
+    ) -> list[planning.Change]:
+        """``changes`` with those in ``stale`` carrying the document as it is *now*.
+
+        For poison changes: an event carries the document as it was; if it has been fixed
+        (or deleted) since, applying the current state is what replaying the later events
+        would do anyway, so the mirror converges without halting on a problem already solved.
+        """
+        bad = {c.key: c for c in stale}
         by_coll: dict[str, list[Any]] = {}
         for change in bad.values():
             by_coll.setdefault(change.collection, []).append(change.source_id)

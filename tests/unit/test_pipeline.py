@@ -287,3 +287,22 @@ def test_drop_purges_then_checkpoints() -> None:
     p.process(Batch([drop], token(2)))
     assert sink.records == {}
     assert store.saved[-1].cluster_time == Timestamp(T0, 2)
+
+
+def test_an_update_without_its_document_applies_the_current_state() -> None:
+    # full_document = "whenAvailable" on a collection without post-images: the update
+    # carries no document. The document still exists: its record must follow, not vanish.
+    source = FakeSource({1: {"_id": 1, "body": "a", "tag": "new"}})
+    p, _, sink, store, _, _ = make(source=source)
+    p.process(Batch([event(1, "insert", 1, {"body": "a", "tag": "old"})], token(1)))
+    bare = event(2, "update", 1)
+    bare["fullDocument"] = None
+    p.process(Batch([bare], token(2)))
+    assert sink.records["i:1"]["metadata"]["tag"] == "new"
+    assert store.saved[-1].cluster_time == Timestamp(T0, 2)
+
+    del source.current[1]  # deleted before the next update was read: its records go
+    gone = event(3, "update", 1)
+    gone["fullDocument"] = None
+    p.process(Batch([gone], token(3)))
+    assert sink.records == {}
