@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from syncd import chroma_install
 from syncd.checkpoint import FileCheckpointStore
 from syncd.config import PipelineSettings, Settings
 from syncd.errors import (
@@ -46,16 +47,7 @@ def _checks(runtime: Runtime) -> Iterator[Result]:
         yield mongo_line, None
     except Exception as exc:  # noqa: BLE001 - reported, not raised: check lists every failure
         yield mongo_line, _translate(exc)
-    chroma_line = (
-        f"Chroma embedded at {settings.chroma.path}"
-        if settings.chroma.mode == "embedded"
-        else f"Chroma http{'s' if settings.chroma.ssl else ''}://{settings.chroma.host}:{settings.chroma.port}"
-    )
-    try:
-        runtime.chroma.heartbeat()
-        yield chroma_line, None
-    except Exception as exc:  # noqa: BLE001
-        yield chroma_line, from_sink(exc)
+    yield from _chroma_check(runtime)
     for ps in settings.pipelines:
         yield from _pipeline_checks(runtime, ps)
     yield from _store_checks(runtime)
@@ -78,10 +70,42 @@ def _pipeline_checks(runtime: Runtime, ps: PipelineSettings) -> Iterator[Result]
         yield line, _translate(exc)
         size = None
     line = f"pipeline {ps.name}: Chroma collection {ps.chroma_collection_name}"
+    if not _chroma_created(runtime):
+        yield f"{line} (not there yet: the first run creates it)", None
+        return
     try:
         state = _compare_collection(runtime, ps, size)
         yield f"{line} ({state})", None
     except Exception as exc:  # noqa: BLE001
+        yield line, from_sink(exc)
+
+
+def _chroma_created(runtime: Runtime) -> bool:
+    """False for an embedded Chroma whose directory does not exist: opening a client
+    would create it, and a check changes nothing."""
+    chroma = runtime.settings.chroma
+    return chroma.mode != "embedded" or Path(chroma.path).exists()
+
+
+def _chroma_check(runtime: Runtime) -> Iterator[Result]:
+    chroma = runtime.settings.chroma
+    if chroma.mode == "embedded":
+        line = f"Chroma embedded at {chroma.path}"
+    else:
+        line = f"Chroma http{'s' if chroma.ssl else ''}://{chroma.host}:{chroma.port}"
+    if not _chroma_created(runtime):
+        try:
+            chroma_install.check(chroma.mode)
+            yield f"{line} (not created yet: `syncd run` creates it)", None
+        except SyncdError as exc:
+            yield line, exc
+        return
+    try:
+        runtime.chroma.heartbeat()
+        yield line, None
+    except SyncdError as exc:
+        yield line, exc
+    except Exception as exc:  # noqa: BLE001 - reported, not raised: check lists every failure
         yield line, from_sink(exc)
 
 

@@ -25,7 +25,7 @@ from syncd.spanlog import SpanLog
 
 def explain(settings: Settings, pipeline: PipelineSettings, record_id: str) -> dict[str, Any]:
     key = base_id(record_id)
-    collection, source_id = _locate(pipeline, key)
+    collection, source_id = locate(pipeline, key)
     runtime = Runtime(settings)
     try:
         doc = runtime.source(pipeline).fetch(collection, [source_id]).get(hashable_id(source_id))
@@ -87,7 +87,7 @@ def _expected(
     checker = open_checker(runtime, pipeline)
     if not checker.mapper.matches(doc):
         return {}, None
-    collection, _ = _locate(pipeline, key)
+    collection, _ = locate(pipeline, key)
     try:
         mapped = checker.expected(collection, doc)
     except (MappingError, PoisonError) as exc:
@@ -95,7 +95,8 @@ def _expected(
     return {r.id: r for r in mapped.records}, None
 
 
-def _locate(pipeline: PipelineSettings, key: str) -> tuple[str, Any]:
+def locate(pipeline: PipelineSettings, key: str) -> tuple[str, Any]:
+    """The collection and `_id` a record id (or key) stands for; ConfigError if none."""
     collection, encoded = pipeline.collection or "", key
     if pipeline.collections:
         collection, _, encoded = key.partition("/")

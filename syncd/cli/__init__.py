@@ -33,6 +33,9 @@ VERBS = (
     "wait",
     "tokens",
     "explain",
+    "map",
+    "config",
+    "completion",
 )
 
 log = logging.getLogger("syncd")
@@ -75,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from syncd.errors import ExitCode, SyncdError
 
     parser = build_parser()
+    _complete(parser)  # a shell asking for completions gets them and exits here
     try:
         args = parser.parse_args(argv)
     except SystemExit:  # --help, --version or a usage error
@@ -115,3 +119,30 @@ def _reader_gone() -> int:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     return 1  # ExitCode.DRIFT_OR_FAILURE
+
+
+def _complete(parser: argparse.ArgumentParser) -> None:
+    """Answer a shell's completion request (`syncd completion SHELL`) and exit; else nothing.
+
+    argcomplete does this only when the shell's script set _ARGCOMPLETE in the environment.
+    """
+    if "_ARGCOMPLETE" not in os.environ:
+        return
+    import argcomplete
+
+    from syncd.cli.completion import pipeline_names
+
+    for action in _actions(parser):
+        if action.dest in {"pipeline", "pipelines"}:
+            action.completer = pipeline_names  # type: ignore[attr-defined]
+    argcomplete.autocomplete(parser)
+
+
+def _actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    found = []
+    for action in parser._actions:
+        found.append(action)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found.extend(_actions(sub))
+    return found

@@ -33,9 +33,13 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_settings(args: argparse.Namespace, **overrides: Any) -> Settings:
+def load_settings(
+    args: argparse.Namespace, *, require_file: bool | None = None, **overrides: Any
+) -> Settings:
+    """Settings for a verb; ``require_file``: a missing config file is an error even
+    when none was named (verbs that only make sense with one)."""
     values = {"log.format": args.log_format, "log.level": args.log_level, **overrides}
-    settings = config.load(args.config, overrides=values)
+    settings = config.load(args.config, overrides=values, require_file=require_file)
     from syncd.logs import setup_logging
 
     setup_logging(settings.log)
@@ -86,3 +90,24 @@ def seconds(text: str) -> float:
     if not (math.isfinite(value) and 0 <= value <= 366 * 86400):
         raise argparse.ArgumentTypeError(f"must be from 0 to 31,622,400 seconds, not {text}")
     return value
+
+
+def add_subcommand_config_options(parser: argparse.ArgumentParser) -> None:
+    """The configuration options again, after a sub-command (`syncd dlq list -c FILE`).
+
+    Their defaults are suppressed so that a value given before the sub-command
+    (`syncd dlq -c FILE list`) is not overwritten by the sub-command's default.
+    """
+    group = parser.add_argument_group("configuration")
+    group.add_argument(
+        "--config", "-c", type=Path, default=argparse.SUPPRESS, help="TOML config file"
+    )
+    group.add_argument(
+        "--log-format", choices=["text", "json"], default=argparse.SUPPRESS, help="log format"
+    )
+    group.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default=argparse.SUPPRESS,
+        help="log level",
+    )

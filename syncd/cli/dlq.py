@@ -1,4 +1,10 @@
-"""`syncd dlq list|show|retry|purge PIPELINE [KEY]`: the dead-letter store."""
+"""`syncd dlq list|show|retry|purge PIPELINE [KEY]`: the dead-letter store.
+
+``--json`` prints Extended JSON (relaxed: dates as ``{"$date": ISO}``, ObjectIds as
+``{"$oid": HEX}``): ``list`` an array of entries, ``show`` one entry, ``retry``
+``{"retried", "fixed": {"count", "sample"}, "failing": {"count", "sample"}}``, ``purge``
+``{"removed"}``. Keys may be added, never renamed.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +14,17 @@ from typing import Any
 
 from bson import json_util
 
-from syncd.cli.common import add_config_options, load_settings, print_json, whole_number
+from syncd.cli.common import (
+    add_config_options,
+    add_subcommand_config_options,
+    load_settings,
+    print_json,
+    whole_number,
+)
 from syncd.errors import ConfigError, ExitCode
 
-ACTIONS = {
-    "list": "one line per entry (or only KEY)",
-    "show": "one entry in full, as JSON (KEY required)",
-    "retry": "re-apply from MongoDB's current state; remove what succeeds (all, or KEY)",
-    "purge": "delete all entries (or KEY); needs --yes",
-}
+SHOW_STRING_CHARS = 500  # `dlq show` cuts longer strings unless --full
+SHOW_LIST_ITEMS = 20  # ... and longer arrays
 
 
 def register(verbs: Any) -> None:
@@ -24,44 +32,103 @@ def register(verbs: Any) -> None:
         "dlq",
         help="list, show, retry or purge a pipeline's dead letters",
         description='Under on_error = "dead_letter", changes that cannot be applied are '
-        "parked here, one entry per document. "
-        + "; ".join(f"{name}: {text}" for name, text in ACTIONS.items())
-        + ". Fix documents in MongoDB before retrying them.",
+        "parked here, one entry per document. Fix documents in MongoDB before retrying them.",
     )
-    add_config_options(parser)
-    parser.add_argument("action", choices=list(ACTIONS), metavar="ACTION", help="|".join(ACTIONS))
+    add_config_options(parser)  # `syncd dlq -c FILE list P` as well as `... list P -c FILE`
+    subs = parser.add_subparsers(dest="dlq_command", metavar="SUBCOMMAND", required=True)
+
+    listing = _sub(subs, "list", "one line per entry (or only KEY)")
+    listing.add_argument("key", metavar="KEY", nargs="?", help="only this entry")
+    listing.add_argument(
+        "--limit", type=whole_number(0), default=0, help="at most this many (0: all)"
+    )
+    listing.set_defaults(handler=_list)
+
+    show = _sub(subs, "show", "one entry in full, as JSON (long strings and arrays cut)")
+    show.add_argument("key", metavar="KEY", help="the entry's key, as `syncd dlq list` prints it")
+    show.add_argument(
+        "--full",
+        action="store_true",
+        help=f"print every value whole (default: strings cut at {SHOW_STRING_CHARS} "
+        f"characters, arrays at {SHOW_LIST_ITEMS} items)",
+    )
+    show.set_defaults(handler=_show)
+
+    retry = _sub(
+        subs, "retry", "re-apply from MongoDB's current state; remove what succeeds (all, or KEY)"
+    )
+    retry.add_argument("key", metavar="KEY", nargs="?", help="only this entry")
+    retry.set_defaults(handler=_retry)
+
+    purge = _sub(subs, "purge", "delete all entries (or KEY); needs --yes")
+    purge.add_argument("key", metavar="KEY", nargs="?", help="only this entry")
+    purge.add_argument("--yes", action="store_true", help="really delete")
+    purge.set_defaults(handler=_purge)
+
+
+def _sub(subs: Any, name: str, text: str) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subs.add_parser(name, help=text, description=text + ".")
+    add_subcommand_config_options(parser)
     parser.add_argument("pipeline", metavar="PIPELINE")
-    parser.add_argument(
-        "key", metavar="KEY", nargs="?", help="an entry's key, as `syncd dlq list` prints it"
-    )
     parser.add_argument("--json", action="store_true", help="print JSON")
-    parser.add_argument("--yes", action="store_true", help="purge: really delete")
-    parser.add_argument(
-        "--limit", type=whole_number(0), default=0, help="list: at most this many (0: all)"
-    )
-    parser.set_defaults(handler=handle)
+    return parser
 
 
-def handle(args: argparse.Namespace) -> int:
+def _open(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     settings = load_settings(args)
     from syncd.runtime import Runtime
 
     ps = settings.pipeline(args.pipeline)
-    if args.action == "show" and not args.key:
-        raise ConfigError("`syncd dlq show` needs the KEY of an entry (see `syncd dlq list`)")
     runtime = Runtime(settings)
+    return runtime, ps, runtime.dead_letters(ps)
+
+
+def _list(args: argparse.Namespace) -> int:
+    runtime, ps, letters = _open(args)
     try:
-        letters = runtime.dead_letters(ps)
-        if args.action == "list":
-            return _list(letters, ps.name, args)
-        if args.action == "show":
-            return _show(letters, ps.name, args)
-        if args.action == "purge":
-            return _purge(letters, ps.name, args)
+        entries = [_plain(e) for e in letters.list(ps.name, limit=args.limit)]
+    finally:
+        runtime.close()
+    if args.key:
+        entries = [e for e in entries if e["key"] == args.key]
+    if args.json:
+        print_json(entries)
+        return ExitCode.OK
+    if not entries:
+        print(f"no dead letters for {ps.name}")
+        return ExitCode.OK
+    for e in entries:
+        print(
+            f"{e['key']}  {e.get('operation', '?')}  attempts={e.get('attempts', 0)}  "
+            f"last={_readable(e.get('last_seen', '?'))}  "
+            f"{e.get('error_class', '')}: {e.get('message', '')}"
+        )
+    print(f"{len(entries)} dead letter(s); `syncd dlq show {ps.name} KEY` for one in full")
+    return ExitCode.OK
+
+
+def _show(args: argparse.Namespace) -> int:
+    runtime, ps, letters = _open(args)
+    try:
+        entry = letters.get(ps.name, args.key)
+    finally:
+        runtime.close()
+    if entry is None:
+        raise ConfigError(f"no dead letter with key {args.key!r} in pipeline {ps.name!r}")
+    data = _plain(entry)
+    print_json(data if args.full else _shortened(data))
+    return ExitCode.OK
+
+
+def _retry(args: argparse.Namespace) -> int:
+    runtime, ps, letters = _open(args)
+    try:
         from syncd.repair import retry_dead_letters
 
         pipeline = runtime.pipeline(ps)
-        result = retry_dead_letters(pipeline, letters, [args.key] if args.key else None)
+        result = retry_dead_letters(
+            pipeline, letters, [args.key] if args.key else None, progress=True
+        )
     finally:
         runtime.close()
     if args.json:
@@ -78,47 +145,24 @@ def handle(args: argparse.Namespace) -> int:
     return ExitCode.DRIFT_OR_FAILURE if result.failing.count else ExitCode.OK
 
 
-def _list(letters: Any, pipeline: str, args: argparse.Namespace) -> int:
-    entries = [_plain(e) for e in letters.list(pipeline, limit=args.limit)]
-    if args.key:
-        entries = [e for e in entries if e["key"] == args.key]
-    if args.json:
-        print_json(entries)
-        return ExitCode.OK
-    if not entries:
-        print(f"no dead letters for {pipeline}")
-        return ExitCode.OK
-    for e in entries:
-        print(
-            f"{e['key']}  {e.get('operation', '?')}  attempts={e.get('attempts', 0)}  "
-            f"last={e.get('last_seen', '?')}  {e.get('error_class', '')}: {e.get('message', '')}"
-        )
-    print(f"{len(entries)} dead letter(s); `syncd dlq show {pipeline} KEY` for one in full")
-    return ExitCode.OK
-
-
-def _show(letters: Any, pipeline: str, args: argparse.Namespace) -> int:
-    entry = letters.get(pipeline, args.key)
-    if entry is None:
-        raise ConfigError(f"no dead letter with key {args.key!r} in pipeline {pipeline!r}")
-    print_json(_plain(entry))
-    return ExitCode.OK
-
-
-def _purge(letters: Any, pipeline: str, args: argparse.Namespace) -> int:
-    count = 1 if args.key else letters.count(pipeline)
-    what = f"the dead letter {args.key!r}" if args.key else f"all {count} dead letter(s)"
-    if not args.yes:
-        raise ConfigError(
-            f"refusing to delete {what} of {pipeline} without --yes",
-            hint="the changes they stand for will not be retried; "
-            "`syncd dlq retry` applies fixed documents instead",
-        )
-    removed = letters.remove(pipeline, [args.key]) if args.key else letters.purge(pipeline)
+def _purge(args: argparse.Namespace) -> int:
+    runtime, ps, letters = _open(args)
+    try:
+        count = 1 if args.key else letters.count(ps.name)
+        what = f"the dead letter {args.key!r}" if args.key else f"all {count} dead letter(s)"
+        if not args.yes:
+            raise ConfigError(
+                f"refusing to delete {what} of {ps.name} without --yes",
+                hint="the changes they stand for will not be retried; "
+                "`syncd dlq retry` applies fixed documents instead",
+            )
+        removed = letters.remove(ps.name, [args.key]) if args.key else letters.purge(ps.name)
+    finally:
+        runtime.close()
     if args.json:
         print_json({"removed": removed})
     else:
-        print(f"removed {removed} dead letter(s) of {pipeline}")
+        print(f"removed {removed} dead letter(s) of {ps.name}")
     return ExitCode.OK
 
 
@@ -129,3 +173,25 @@ def _plain(entry: dict[str, Any]) -> dict[str, Any]:
     )
     data.pop("_id", None)
     return data
+
+
+def _readable(value: Any) -> str:
+    """A relaxed Extended JSON date as its ISO-8601 text; anything else as compact JSON."""
+    if isinstance(value, dict) and set(value) == {"$date"}:
+        return str(value["$date"])
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _shortened(value: Any) -> Any:
+    """Long strings and arrays cut, with a note of what was left out."""
+    if isinstance(value, str) and len(value) > SHOW_STRING_CHARS:
+        more = len(value) - SHOW_STRING_CHARS
+        return f"{value[:SHOW_STRING_CHARS]}… ({more} more characters; --full shows all)"
+    if isinstance(value, list):
+        items = [_shortened(v) for v in value[:SHOW_LIST_ITEMS]]
+        if len(value) > SHOW_LIST_ITEMS:
+            items.append(f"… ({len(value) - SHOW_LIST_ITEMS} more items; --full shows all)")
+        return items
+    if isinstance(value, dict):
+        return {k: _shortened(v) for k, v in value.items()}
+    return value

@@ -7,6 +7,7 @@ purges them. What ``halt`` does is tested in test_halts.py."""
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any
 
@@ -67,7 +68,7 @@ GOOD = [{"_id": f"good{i}", "body": f"fine text {i}", "n": i} for i in range(6)]
 POISON = [
     {"_id": "no-body", "title": "the text field is missing"},
     {"_id": "dict-body", "body": {"not": "text"}},
-    {"_id": "too-long", "body": "x" * (MAX_TEXT + 1)},
+    {"_id": "too-long", "body": "x" * 5000},  # over max_text_chars, and too big to show whole
 ]
 
 
@@ -94,9 +95,25 @@ def test_dead_letter_holds_exactly_the_poison_documents(
     problem = diff(expected_records(settings, "p", good), chroma_records(collection))
     assert not problem, problem
 
+    # Text lines carry dates as ISO-8601, not as {'$date': ...} dictionaries.
+    text = run_syncd(["dlq", "list", "p"], cfg)
+    assert text.returncode == 0, text.stderr
+    assert "$date" not in text.stdout and "{'" not in text.stdout, text.stdout
+    assert re.search(r"s:too-long .* last=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", text.stdout), text.stdout
+
     shown = run_syncd(["dlq", "show", "p", "s:too-long"], cfg)
     assert shown.returncode == 0, shown.stderr
-    assert "max_text_chars" in json.loads(shown.stdout)["message"]
+    entry = json.loads(shown.stdout)
+    assert "max_text_chars" in entry["message"]
+    body = entry["event"]["fullDocument"]["body"]
+    assert body.startswith("x" * 500) and body.endswith("(4500 more characters; --full shows all)")
+    assert len(shown.stdout) < 3000
+    whole = run_syncd(["dlq", "show", "p", "s:too-long", "--full"], cfg)
+    assert json.loads(whole.stdout)["event"]["fullDocument"]["body"] == "x" * 5000
+    # The options may come before or after the sub-command.
+    after = run_syncd(["dlq", "list", "p", "--json", "--config", str(cfg)])
+    assert after.returncode == 0, after.stderr
+    assert sorted(e["key"] for e in json.loads(after.stdout)) == sorted(e["key"] for e in entries)
 
     # Fixed while no daemon runs: only the retry can bring it to Chroma.
     coll.update_one({"_id": "no-body"}, {"$set": {"body": "fixed now"}})

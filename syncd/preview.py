@@ -1,0 +1,84 @@
+"""What one document becomes in Chroma, for `syncd map`: no writes, no embedding calls.
+
+The records come from the pipeline's own mapping (the code every write goes through),
+with the multi-collection id prefix and ``syncd_coll`` key where the pipeline has them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import bson.errors
+from bson import json_util
+
+from syncd import plan as planning
+from syncd.config import PipelineSettings
+from syncd.errors import PoisonError
+from syncd.mapping import Mapper
+
+
+def preview(
+    settings: PipelineSettings, collection: str, document: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``{"pipeline", "collection", "key", "matches_filter", "error", "records": [...]}``.
+
+    A document the filter rejects has no records (syncd deletes any it had); one that
+    cannot be mapped has an ``error`` (poison: halted on or dead-lettered by
+    ``on_error``).
+    """
+    mapper = Mapper(settings)
+    prefixed = bool(settings.collections)
+    key = planning.record_key(collection, document["_id"], prefixed=prefixed)
+    out: dict[str, Any] = {
+        "pipeline": settings.name,
+        "collection": collection,
+        "key": key,
+        "matches_filter": mapper.matches(document),
+        "error": None,
+        "records": [],
+        "embedder": settings.embedder.kind,
+    }
+    if not out["matches_filter"]:
+        return out
+    try:
+        mapped = mapper.map(document)
+    except PoisonError as exc:
+        out["error"] = {"class": type(exc).__name__, "message": exc.describe()}
+        return out
+    if prefixed:
+        change = planning.Change(
+            key=key,
+            collection=collection,
+            source_id=document["_id"],
+            document=document,
+            operation="map",
+            cluster_time=None,
+            event=None,
+        )
+        mapped = planning._prefixed(mapped, change)
+    out["records"] = [
+        {
+            "id": r.id,
+            "text": r.text,
+            "metadata": r.metadata,
+            "text_hash": r.text_hash,
+            "content_hash": r.content_hash,
+            "embedding": None if r.embedding is None else {"dimensions": len(r.embedding)},
+        }
+        for r in mapped.records
+    ]
+    return out
+
+
+def parse_document(text: str) -> dict[str, Any]:
+    """A document given as (Extended) JSON text; ValueError when it is not one."""
+    try:
+        value = json_util.loads(text)
+    except (ValueError, TypeError, bson.errors.BSONError) as exc:
+        raise ValueError(str(exc)) from None
+    if not isinstance(value, dict):
+        raise ValueError("expected a JSON object")
+    if "_id" not in value:
+        raise ValueError('the document needs an "_id"')
+    return value
