@@ -127,10 +127,18 @@ def main() -> int:
         return cp.cluster_time is not None and until is not None and cp.cluster_time >= until
 
     finished: dict[str, float] = {}
+    progress: list[tuple[float, int]] = []  # (seconds, documents scanned) while snapshotting
 
     def watch() -> None:
         deadline = time.monotonic() + args.timeout
+        started, sampled = time.monotonic(), 0.0
         while not stop.is_set():
+            now = time.monotonic()
+            if args.snapshot and now - sampled >= 1.0:
+                sampled = now
+                snap = pipeline.checkpoint.snapshot if pipeline.checkpoint else None
+                if snap is not None:
+                    progress.append((round(now - started, 3), snap.scanned))
             if done():
                 finished["wall"] = time.perf_counter()
                 finished["cpu"] = cpu_seconds()
@@ -174,6 +182,7 @@ def main() -> int:
         "spans": exporter.spans if exporter else 0,
         "timed_out": "timed_out" in finished,
         "scanned": cp.snapshot.scanned if cp is not None and cp.snapshot is not None else None,
+        "progress": progress,
     }
     runtime.close()
     telemetry.shutdown()

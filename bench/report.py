@@ -60,6 +60,7 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         "(one section, merged into the last results), `--quick` (smoke run).")
     add(f"Total time of this run: {results['total_s'] / 60:.1f} min.")
     add("")
+    pictures = _pictures(results)
     rows: list[tuple[str, str, str, str]] = []
     _summary(s, rows)
     add("## Summary")
@@ -80,6 +81,9 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         add(f"## {title}")
         add("")
         out.extend(fn(s))
+        for picture in pictures.get(key, []):
+            add("")
+            add(f"![{title[3:]}]({picture})")
         if isinstance(s.get(key), dict) and "separate_run" in s[key]:
             add("")
             add(_separately(s[key]["separate_run"]))
@@ -89,6 +93,17 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         add(notes.read_text().rstrip())
         add("")
     path.write_text("\n".join(out))
+
+
+def _pictures(results: dict[str, Any]) -> dict[str, list[str]]:
+    """Section -> its pictures (bench/charts.py); none when matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401 - only asked whether it is there
+    except ImportError:  # it comes with the dev extra
+        return {}
+    from charts import draw
+
+    return draw(results)
 
 
 def _summary(s: dict[str, Any], rows: list[tuple[str, str, str, str]]) -> None:
@@ -305,7 +320,9 @@ def _snapshot(s: dict[str, Any]) -> list[str]:
         "`snapshot_batch_size` 1000) by the in-process pipeline, one run: "
         f"{r['wall_s']:.0f} s, **{_f(r['per_s'])} documents/s**, "
         f"{_f(r['cpu_us_per_document'])} µs CPU/document, peak RSS "
-        f"{r['peak_rss_mb']:.0f} MB; {r['records']:,} records in Chroma afterwards.",
+        f"{r['peak_rss_mb']:.0f} MB; {r['records']:,} records in Chroma afterwards."
+        + ("" if r.get("progress") else " (The rate over time is drawn from runs that "
+           "record the scan's progress, as `make bench-large` now does; this one did not.)"),
     ]
 
 

@@ -506,7 +506,8 @@ def snapshot(ctx: Context) -> dict[str, Any]:
             "timed_out": result["timed_out"], "written": written,
             "per_s": n / result["wall_s"],
             "cpu_us_per_document": result["cpu_s"] / n * 1e6,
-            "peak_rss_mb": result["peak_rss_mb"]}
+            "peak_rss_mb": result["peak_rss_mb"],
+            "progress": result.get("progress") or []}
 
 
 # --- 6. embedding savings -----------------------------------------------------------------
