@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -19,6 +21,7 @@ from syncd import config
 from syncd.checkpoint import Checkpoint, open_store
 from syncd.embedder import build_embedder
 from syncd.mapping import Mapper
+from tests.harness.daemon import syncd_command, syncd_env
 
 VOLATILE = ("syncd_cluster_time",)  # depends on which event wrote the record, not on content
 
@@ -234,3 +237,21 @@ def log_records(output: str) -> list[dict[str, Any]]:
         if isinstance(entry, dict) and "body" in entry:
             records.append({**entry.get("attributes", {}), "msg": str(entry["body"])})
     return records
+
+
+def closed_pipe_run(args: list[str], cfg: Path | None) -> subprocess.CompletedProcess[bytes]:
+    """Run syncd with stdout a pipe whose reader is gone, as `syncd ... | head` leaves it."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run(
+            syncd_command(args, cfg),
+            env=syncd_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write)

@@ -4,23 +4,28 @@ traceback; and every hint such an error prints, followed exactly, converges."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import subprocess
 import uuid
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from syncd.errors import ExitCode
 from tests.harness import phoenix as phoenix_harness
-from tests.harness.daemon import run_syncd, syncd_command, syncd_env
+from tests.harness.daemon import run_syncd
 from tests.harness.embedding_api import embedding_api
 from tests.harness.ports import free_port
 
-from .helpers import pipeline_table, settings_of, wait_caught_up, wait_until, write_config
+from .helpers import (
+    closed_pipe_run,
+    pipeline_table,
+    settings_of,
+    wait_caught_up,
+    wait_until,
+    write_config,
+)
 
 phoenix_server = phoenix_harness.phoenix_server  # the session fixture, shared
 
@@ -165,24 +170,6 @@ def test_odd_arguments_are_one_line_and_exit_2(setup, args):
     assert result.returncode == ExitCode.CONFIG, (result.returncode, result.stderr)
     line = one_error_line(result)
     assert result.stderr.strip() == line, result.stderr
-
-
-def closed_pipe_run(args: list[str], cfg: Path | None) -> subprocess.CompletedProcess[bytes]:
-    """Run syncd with stdout a pipe whose reader is gone, as `syncd ... | head` leaves it."""
-    read, write = os.pipe()
-    os.close(read)
-    try:
-        return subprocess.run(
-            syncd_command(args, cfg),
-            env=syncd_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=write,
-            stderr=subprocess.PIPE,
-            timeout=60,
-            check=False,
-        )
-    finally:
-        os.close(write)
 
 
 @pytest.mark.timeout(240)
