@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -45,6 +46,15 @@ class _Model(BaseModel):
     model_config = ConfigDict(
         extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """``port = true`` is a mistake, not port 1 (pydantic would take a bool for 1)."""
+        numeric = info.field_name and cls.model_fields[info.field_name].annotation in (int, float)
+        if isinstance(value, bool) and numeric:
+            raise ValueError("expected a number, not true or false")
+        return value
 
 
 def _read_secret_file(path: str | None, what: str) -> str | None:

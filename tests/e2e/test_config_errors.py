@@ -89,6 +89,7 @@ CASES: list[tuple[str, dict[str, Any] | str, str]] = [
     ("empty uri_file key", edit("mongodb", {"uri_file": ""}), "uri_file is empty"),
     ("missing uri_file", edit("mongodb", {"uri_file": "/nonexistent/uri"}),
      "cannot read mongodb.uri_file"),
+    ("a bool for a number", edit("chroma", {"mode": "http", "port": True}), "chroma.port"),
     ("no pipelines", edit("pipelines", []), "no [[pipelines]] configured"),
     ("empty file", "", "no [[pipelines]] configured"),
 ]
