@@ -85,10 +85,17 @@ def mongo_database_name(value: str, what: str) -> str:
 
 
 def mongo_collection_name(value: str, what: str) -> str:
-    if not value or "$" in value or "\x00" in value or value.startswith("system."):
+    if (
+        not value
+        or "$" in value
+        or "\x00" in value
+        or ".." in value
+        or value.startswith(("system.", "."))
+        or value.endswith(".")
+    ):
         raise ValueError(
-            f"{what} {value!r} is not a MongoDB collection name (not empty, no '$' or NUL, "
-            "not starting with 'system.')"
+            f"{what} {value!r} is not a MongoDB collection name (not empty, no '$', NUL or "
+            "'..', not starting with 'system.', not starting or ending with '.')"
         )
     return value
 

@@ -81,6 +81,8 @@ CASES: list[tuple[str, dict[str, Any] | str, str]] = [
     ("bad collection name", edit("pipelines.0.collection", "system.x"),
      "not a MongoDB collection name"),
     ("bad checkpoint database", edit("checkpoint", {"database": ""}), "checkpoint.database"),
+    ("dots in a collection name", edit("checkpoint", {"collection": "../x"}),
+     "checkpoint.collection"),
     ("chroma host with a port", edit("chroma", {"mode": "http", "host": "h:1"}), "chroma.host"),
     ("chroma tenant too short", edit("chroma", {"mode": "embedded", "tenant": ""}),
      "chroma.tenant"),

@@ -18,6 +18,7 @@ import pytest
 import tomli_w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pymongo import MongoClient
 
 from syncd import config, redact
 from syncd.errors import ConfigError
@@ -67,7 +68,7 @@ def _leaves(node: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
 LEAVES = list(_leaves(BASE))
 ODD = st.one_of(
     st.text(max_size=12),
-    st.sampled_from(["", " ", "\x00", "{x:d}", "{}", "a.b", "$x", "system.x", "h:99999"]),
+    st.sampled_from(["", " ", "\x00", "{x:d}", "{}", "a.b", "$x", "system.x", "h:99999", "../x"]),
     st.integers(min_value=-(2**70), max_value=2**70),
     st.floats(),
     st.sampled_from([math.inf, -math.inf, math.nan, 1e308, -0.0]),
@@ -121,6 +122,13 @@ def assert_usable(accepted: config.Settings) -> None:
                 assert math.isfinite(value) and value <= threading.TIMEOUT_MAX, (name, value)
     if accepted.telemetry.listen:
         assert 0 <= int(accepted.telemetry.listen.rpartition(":")[2]) <= 65535
-    for pipeline in accepted.pipelines:
-        document = {"_id": 1, "title": "a title", "body": "a body", "status": "ok"}
-        Mapper(pipeline).map(document)
+    client: MongoClient[dict[str, Any]] = MongoClient(connect=False)
+    try:
+        client[accepted.checkpoint.database][accepted.checkpoint.collection]
+        for pipeline in accepted.pipelines:
+            for collection in (*pipeline.source_collections, pipeline.dead_letter_collection):
+                client[pipeline.database][collection]  # pymongo refuses names MongoDB would
+            document = {"_id": 1, "title": "a title", "body": "a body", "status": "ok"}
+            Mapper(pipeline).map(document)
+    finally:
+        client.close()
