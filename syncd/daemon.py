@@ -263,7 +263,8 @@ class Daemon:
         while not self.stop.is_set() and not self.failed.is_set():
             if leased is not None:
                 leased.tick()
-                self.telemetry.standby_ready()  # holding nothing after a round is a standby
+                # holding nothing after a round that read the leases is a standby
+                self.telemetry.standby_ready(leased.blind)
                 workers = list(leased.running.values())
             elif all(not w.is_alive() for w in workers):
                 return

@@ -117,7 +117,11 @@ STANDBY = (
 
 
 def readiness(
-    pipelines: dict[str, dict[str, Any]], *, standby_ok: bool, draining: bool
+    pipelines: dict[str, dict[str, Any]],
+    *,
+    standby_ok: bool,
+    draining: bool,
+    blind: str | None = None,
 ) -> tuple[bool, dict[str, Any]]:
     """The ``/readyz`` verdict from each pipeline's :meth:`PipelineTelemetry.status`."""
     report: dict[str, Any] = {"pipelines": pipelines}
@@ -134,7 +138,7 @@ def readiness(
         if standby_ok:
             report |= {"ready": True, "standby": True, "message": STANDBY}
             return True, report
-        report |= {"ready": False, "not_ready": {"": "no pipeline has started"}}
+        report |= {"ready": False, "not_ready": {"": blind or "no pipeline has started"}}
         return False, report
     report["ready"] = not not_ready
     if not_ready:

@@ -79,6 +79,9 @@ class LeasedPipelines(Generic[W]):
         self._free_since: dict[str, float] = {}
         self._next_round = 0.0
         self._last_handover = -math.inf
+        # Why the last round could not read the leases (None once it could): a process
+        # that cannot see the leases cannot know it is a standby.
+        self.blind: str | None = "the leases have not been read yet"
         leases.announce(sorted(self.pipelines))
         leases.start_renewing()
 
@@ -98,7 +101,9 @@ class LeasedPipelines(Generic[W]):
             view = self.leases.view()
         except TransientError as exc:
             log.warning("cannot read the leases: %s", exc.message)
+            self.blind = f"cannot read the leases: {exc.message}"
             return
+        self.blind = None
         self._hand_over(view)
         self._take(view)
 

@@ -373,7 +373,10 @@ class Telemetry:
         self._lock = threading.Lock()
         self._span_log_warned = -60.0
         self.oplog_start: int | None = None  # time (s) of the oldest oplog entry, when readable
-        self._standby_ok = False  # holding no pipeline is ready (a leased replica's standby)
+        # Holding no pipeline is ready for a leased replica's standby once it has read the
+        # leases; _standby_blind says why it could not.
+        self._standby_ok = False
+        self._standby_blind: str | None = None
         self._draining = False
 
     @classmethod
@@ -434,10 +437,12 @@ class Telemetry:
         pipelines = list(self._pipelines.values())
         return bool(pipelines) and all(p.ready() for p in pipelines)
 
-    def standby_ready(self) -> None:
-        """This process shares pipelines under leases and has looked at them once: while
-        it holds none it is a healthy standby, and ready."""
-        self._standby_ok = True
+    def standby_ready(self, blind: str | None = None) -> None:
+        """This process shares pipelines under leases: while it holds none and could read
+        the leases (``blind`` is None) it is a healthy standby, and ready; ``blind`` says
+        why it cannot tell (MongoDB unreachable), which is not ready."""
+        self._standby_ok = blind is None
+        self._standby_blind = blind
 
     def draining(self) -> None:
         """A stop signal came: not ready from now on."""
@@ -492,7 +497,12 @@ class Telemetry:
 
     def readiness_report(self) -> tuple[bool, dict[str, Any]]:
         pipelines = {name: p.status() for name, p in self._pipelines.items()}
-        return readiness(pipelines, standby_ok=self._standby_ok, draining=self._draining)
+        return readiness(
+            pipelines,
+            standby_ok=self._standby_ok,
+            draining=self._draining,
+            blind=self._standby_blind,
+        )
 
 
 # --- helpers -----------------------------------------------------------------

@@ -405,3 +405,23 @@ def test_a_standby_replica_is_ready_and_says_so(
     assert len(standby) == 1, answers
     assert standby[0]["ready"] is True and standby[0]["standby"] is True
     _cleanup(mongo_client, db)
+
+
+def test_a_replica_that_cannot_reach_mongodb_is_not_a_ready_standby(
+    tmp_path, chroma_server, syncd_factory
+):
+    """With MongoDB unreachable nobody can read the leases: a replica holding nothing is
+    then not known to be a standby, and two such replicas must not both look ready."""
+    unreachable = f"mongodb://127.0.0.1:{free_port()}/?replicaSet=rs0&serverSelectionTimeoutMS=500"
+    cfg = _config(tmp_path / "syncd.toml", unreachable, chroma_server, "nomongo", names=("p",))
+    port = free_port()
+    proc = syncd_factory(["run"], cfg, {"SYNCD_TELEMETRY__LISTEN": f"127.0.0.1:{port}"})
+
+    def blind() -> dict[str, Any] | None:
+        status, body = http_get(f"http://127.0.0.1:{port}/readyz")
+        return json.loads(body) if status == 503 and "leases" in body else None
+
+    report = wait_until(blind, 60, "/readyz to say it cannot read the leases")
+    assert report["ready"] is False and "standby" not in report
+    assert "cannot read the leases" in report["not_ready"][""]
+    assert proc.is_running(), "MongoDB being down is transient: the process keeps running"
