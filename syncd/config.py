@@ -275,6 +275,14 @@ class MappingSettings(_Model):
         for key in self.rename.values():
             if key.startswith("syncd_"):
                 raise ValueError(f"metadata key {key!r} uses the reserved prefix 'syncd_'")
+        named: dict[str, str] = {}  # metadata key -> the field it comes from
+        for path in dict.fromkeys(self.metadata):
+            key = self.rename.get(path, path)
+            if named.setdefault(key, path) != path:
+                raise ValueError(
+                    f"mapping: {named[key]!r} and {path!r} would both be stored as metadata "
+                    f"key {key!r}; rename one of them"
+                )
         return self
 
 
