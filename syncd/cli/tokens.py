@@ -68,6 +68,7 @@ def register(verbs: Any) -> None:
 
     decode = subs.add_parser("decode", help="decode a resume token (no config needed)")
     decode.add_argument("token", metavar="HEX", help="the token's _data, as hex")
+    _config_options(decode)  # accepted like every command's, though decode reads no config
     _json_option(decode)
     decode.set_defaults(handler=_decode)
 

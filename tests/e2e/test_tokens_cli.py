@@ -94,6 +94,14 @@ def test_decode_published_tokens(token, fields):
     assert json.loads(result.stdout) == {"token": token, **fields}
 
 
+def test_decode_takes_config_like_every_command_and_reads_none(tmp_path):
+    token, fields = VECTORS[0]
+    missing = tmp_path / "absent.toml"  # decode needs no config, so even a missing one
+    result = run_syncd(["tokens", "decode", token, "--json", "-c", str(missing)], timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"token": token, **fields}
+
+
 @pytest.mark.parametrize("garbage", ["zz12", "82FF", ""])
 def test_decode_garbage_is_one_line_and_exit_2(garbage):
     result = run_syncd(["tokens", "decode", garbage], timeout=30)
