@@ -6,9 +6,9 @@ from typing import Any
 
 import pymongo
 import pytest
-from bson import Int64, ObjectId, Timestamp
+from bson import Int64, ObjectId, Regex, Timestamp
 from pymongo import monitoring
-from pymongo.errors import DuplicateKeyError, OperationFailure
+from pymongo.errors import DuplicateKeyError, OperationFailure, WriteError
 
 from tests.harness.mongo import MongoServer
 
@@ -177,3 +177,12 @@ def test_unique_secondary_index_rejects_duplicates(mongo_db: Any) -> None:
         coll.update_one({"_id": 3}, {"$set": {"email": "a@x"}})
     coll.update_one({"_id": 3}, {"$set": {"email": "b@x", "n": 1}})
     assert coll.count_documents({}) == 2
+
+
+@pytest.mark.parametrize("bad_id", [Regex("a.*"), [1, 2]], ids=["regex", "array"])
+def test_an_id_of_a_type_mongodb_refuses_is_a_write_error(mongo_db: Any, bad_id: Any) -> None:
+    """MongoDB refuses a regular expression or an array as _id (BadValue, code 2)."""
+    with pytest.raises(WriteError) as err:
+        mongo_db.refused.insert_one({"_id": bad_id, "x": 1})
+    assert err.value.code == 2
+    assert mongo_db.refused.count_documents({}) == 0

@@ -302,6 +302,10 @@ def _dup_key(coll: Collection, doc: dict[str, Any]) -> CommandError:
 
 
 def insert_doc(store: Store, coll: Collection, doc: dict[str, Any]) -> None:
+    # MongoDB refuses these _id types (BadValue); snapshots scan _id by the others.
+    for kind, what in ((Regex, "a regex"), (list, "an array")):
+        if isinstance(doc["_id"], kind):
+            raise CommandError(2, "BadValue", f"can't use {what} for _id")
     if id_key(doc["_id"]) in coll.docs:
         raise _dup_key(coll, doc)
     check_unique(coll, doc)
