@@ -15,12 +15,16 @@ handles the classes below.
 
 from __future__ import annotations
 
+import email.utils
 import enum
 import errno
+import json
+import math
 import re
 import socket
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import bson.errors
@@ -160,6 +164,29 @@ class TransientError(SyncdError):
         self.retry_after = retry_after
 
 
+class SourceUnavailableError(TransientError):
+    """MongoDB cannot be reached now. `syncd run` retries; a one-shot command exits 4."""
+
+    exit_code = ExitCode.SOURCE
+
+
+class SinkUnavailableError(TransientError):
+    """Chroma (or the embedding API) cannot be reached now, or refuses for a while.
+
+    `syncd run` retries; a one-shot command exits 5.
+    """
+
+    exit_code = ExitCode.SINK
+
+
+class EmbeddingAPIRefusingError(SinkUnavailableError):
+    """The embedding API refuses every input, a known-good probe included.
+
+    Not poison: the documents are not at fault, so nothing is dead-lettered; the
+    pipeline retries (not ready) until the API accepts the probe again.
+    """
+
+
 class PoisonError(SyncdError):
     """This event cannot be applied; other events can."""
 
@@ -185,6 +212,8 @@ class SinkRejectedError(PoisonError):
 
 class ConsistencyError(TransientError):
     """Read-back after a write disagreed with what was written (strong consistency)."""
+
+    exit_code = ExitCode.SINK
 
 
 # --- classification ------------------------------------------------------------
@@ -232,9 +261,12 @@ def classify(exc: BaseException) -> ErrorKind:
         return ErrorKind.POISON
     status = _http_status(exc)
     if status is not None:
-        return _classify_http_status(status)
+        return http_status_kind(status)
     if _is_transport_error(exc):
         return ErrorKind.TRANSIENT
+    inner = _wrapped(exc)
+    if inner is not None:
+        return classify(inner)
     return ErrorKind.FATAL
 
 
@@ -249,6 +281,30 @@ def _is_transport_error(exc: BaseException) -> bool:
         cls.__module__.split(".")[0] in ("httpx", "httpcore") and cls.__name__ in _TRANSPORT_ERRORS
         for cls in type(exc).__mro__
     )
+
+
+# chromadb re-raises some failures from inside its ``except`` blocks as a bare
+# ValueError or Exception: ``ValueError("Could not connect to a Chroma server…")``
+# while handling httpx.ConnectError, ``ValueError("Could not connect to tenant…")``
+# while handling whatever the tenant lookup raised, ``Exception(response body)``
+# while handling httpx.HTTPStatusError. The error handled then (the implicit
+# context) is what happened; the wrapper's type and text say nothing about it.
+_WRAPPERS = (Exception, ValueError)
+
+
+def _wrapped(exc: BaseException) -> BaseException | None:
+    if type(exc) in _WRAPPERS:
+        return exc.__cause__ or exc.__context__
+    return None
+
+
+def _root(exc: BaseException) -> BaseException:
+    """The error a chain of such re-raises started from (``exc`` if none)."""
+    seen = {id(exc)}
+    while (inner := _wrapped(exc)) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        exc = inner
+    return exc
 
 
 def _classify_mongo(exc: mongo_errors.PyMongoError) -> ErrorKind:
@@ -273,11 +329,11 @@ def _classify_mongo(exc: mongo_errors.PyMongoError) -> ErrorKind:
 
 
 def _http_status(exc: BaseException) -> int | None:
-    """Best-effort HTTP status of an error raised by chromadb or httpx.
+    """The HTTP status of an error raised by chromadb or httpx, when it carries one.
 
     chromadb's HTTP client raises a ``ChromaError`` whose ``code()`` is the status
-    when the body names a known error, and a bare ``Exception(body)`` raised while
-    handling httpx's ``HTTPStatusError`` otherwise (a proxy's HTML 502, a 503).
+    when the body names a known error; anything else (a proxy's HTML 502, a web
+    server's 404 page) arrives as a wrapper around httpx's ``HTTPStatusError``.
     """
     code = getattr(exc, "code", None)
     if type(exc).__module__.startswith("chromadb.") and callable(code):
@@ -285,34 +341,68 @@ def _http_status(exc: BaseException) -> int | None:
         return status if isinstance(status, int) else None
     response = getattr(exc, "response", None)
     status = getattr(response, "status_code", None) or getattr(exc, "status_code", None)
-    if status is None and type(exc) is Exception and exc.__context__ is not None:
-        return _http_status(exc.__context__)
     return status if isinstance(status, int) else None
 
 
-def _classify_http_status(status: int) -> ErrorKind:
-    if status == 429 or status >= 500:
-        return ErrorKind.TRANSIENT
-    if status in (401, 403, 404):  # credentials, or the collection/model is not there
+# What an HTTP status says about waiting, for Chroma and the embedding API alike:
+# 5xx and 429 are the server's passing trouble; a few 4xx (and two 5xx) say the
+# request cannot work at this address whatever it carries; any other 4xx is about
+# what this request carried.
+_HTTP_TRANSIENT = frozenset({408, 425, 429})  # Request Timeout, Too Early, Too Many Requests
+_HTTP_FATAL = frozenset(
+    {
+        401,  # Unauthorized: credentials
+        403,  # Forbidden: credentials or permissions
+        404,  # Not Found: no such endpoint, tenant, database, collection or model
+        405,  # Method Not Allowed: the URL points at something else
+        407,  # Proxy Authentication Required
+        501,  # Not Implemented: this server does not offer the API at all
+        505,  # HTTP Version Not Supported
+    }
+)
+
+
+def http_status_kind(status: int) -> ErrorKind:
+    """Transient, poison or fatal, for an HTTP status (see the tables above)."""
+    if status in _HTTP_FATAL:
         return ErrorKind.FATAL
+    if status in _HTTP_TRANSIENT or status >= 500:
+        return ErrorKind.TRANSIENT
     if 400 <= status < 500:
         return ErrorKind.POISON
     return ErrorKind.FATAL
 
 
-def retry_after_seconds(exc: BaseException) -> float | None:
-    """Honour a ``Retry-After`` header (seconds form) when the error carries one."""
-    if isinstance(exc, TransientError):
-        return exc.retry_after
-    response = getattr(exc, "response", None)
-    headers = getattr(response, "headers", None)
-    if headers is None:
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP-date."""
+    if value is None:
         return None
-    value = headers.get("retry-after") if hasattr(headers, "get") else None
+    text = value.strip()
     try:
-        return float(value) if value is not None else None
+        seconds = float(text)
     except ValueError:
-        return None
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None  # unparsable: fall back to our own backoff
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+_TAG = re.compile(r"(?s)<(script|style)\b.*?</\1>|<[^>]*>")
+_HTML = re.compile(r"(?i)<(!doctype|html|head|body|title|h1|p)\b")
+
+
+def body_excerpt(text: str, limit: int = 160) -> str:
+    """A response body fit for one line: tags stripped, whitespace collapsed, capped."""
+    if _HTML.search(text):
+        text = _TAG.sub(" ", text)
+    text = " ".join(text.split())
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return redact_text(text)
 
 
 @contextmanager
@@ -343,13 +433,12 @@ def from_mongo(exc: mongo_errors.PyMongoError, **context: Any) -> SyncdError:
             **context,
         )
     if kind is ErrorKind.TRANSIENT:
-        error = TransientError(
+        return SourceUnavailableError(
             f"MongoDB unavailable: {detail}",
-            hint="is MongoDB running and reachable at mongodb.uri? syncd run retries by itself",
+            hint="is MongoDB running and reachable at mongodb.uri? "
+            "`syncd run` retries by itself; run other commands again once it answers",
             **context,
         )
-        error.exit_code = ExitCode.SOURCE  # when a one-shot command gives up on it
-        return error
     if kind is ErrorKind.POISON:
         return PoisonError(f"MongoDB rejected the document: {detail}", **context)
     code = getattr(exc, "code", None)
@@ -362,22 +451,29 @@ def from_mongo(exc: mongo_errors.PyMongoError, **context: Any) -> SyncdError:
     return SourceFatalError(f"MongoDB error: {detail}", **context)
 
 
-def from_sink(exc: BaseException, **context: Any) -> SyncdError:
-    """Translate an error from the Chroma client into ours."""
+def from_sink(exc: BaseException, *, records: bool = False, **context: Any) -> SyncdError:
+    """Translate an error from the Chroma client into ours.
+
+    ``records`` says the call carried records (upsert, update): only then can a
+    refusal be about their content (poison). A refusal of anything else (making the
+    client, opening the collection, reads, deletes) is about the configuration.
+    """
     if isinstance(exc, SyncdError):
         return exc.with_context(**context)
-    kind = classify(exc)
-    detail = redact_text(f"{type(exc).__name__}: {exc}")
+    root = _root(exc)
+    kind = classify(root)
+    detail = _sink_detail(root)
     if kind is ErrorKind.TRANSIENT:
-        error = TransientError(f"Chroma unavailable: {detail}", **context)
-        error.exit_code = ExitCode.SINK  # when a one-shot command gives up on it
-        return error
-    if kind is ErrorKind.POISON:
+        return SinkUnavailableError(
+            f"Chroma unavailable: {detail}",
+            hint="is Chroma running and reachable at chroma.host:chroma.port? "
+            "`syncd run` retries by itself; run other commands again once it answers",
+            **context,
+        )
+    if records and (kind is ErrorKind.POISON or (type(exc) is ValueError and root is exc)):
+        # chromadb checks records before sending them and raises a plain ValueError.
         return SinkRejectedError(f"Chroma rejected the write: {detail}", **context)
-    if isinstance(exc, ValueError):
-        # chromadb validates locally and raises ValueError for bad records.
-        return SinkRejectedError(f"Chroma rejected the write: {detail}", **context)
-    return SinkFatalError(f"Chroma error: {detail}", **context)
+    return SinkFatalError(f"Chroma error: {detail}", hint=_sink_hint(root), **context)
 
 
 # errno values of a local path that waiting will not fix: it names the wrong thing, or
@@ -406,3 +502,44 @@ def from_os_error(exc: OSError, *, setting: str, **context: Any) -> SyncdError:
     error = TransientError(detail, **context)
     error.exit_code = ExitCode.SOURCE  # when a one-shot command gives up on it
     return error
+
+
+def _sink_detail(root: BaseException) -> str:
+    response = getattr(root, "response", None)
+    status = getattr(response, "status_code", None)
+    if isinstance(status, int) and not type(root).__module__.startswith("chromadb."):
+        body = body_excerpt(str(getattr(response, "text", "") or ""))
+        return f"HTTP {status}" + (f" ({body})" if body else "")
+    return f"{type(root).__name__}: {body_excerpt(str(root))}"
+
+
+def _not_chroma(root: BaseException) -> bool:
+    """The server answered, but not as Chroma does: a body chromadb cannot read."""
+    if isinstance(root, json.JSONDecodeError):
+        return True
+    return getattr(root, "response", None) is not None and not type(root).__module__.startswith(
+        "chromadb."
+    )
+
+
+def _sink_hint(root: BaseException) -> str | None:
+    if _not_chroma(root):
+        return (
+            "the server at chroma.host:chroma.port does not answer like a Chroma server; "
+            "check chroma.host, chroma.port and chroma.ssl"
+        )
+    status = _http_status(root)
+    if status in (401, 403):
+        return "check chroma.token (or SYNCD_CHROMA_TOKEN) and chroma.headers"
+    return None
+
+
+def retries_exhausted(exc: TransientError, deadline_s: float, **context: Any) -> SyncdError:
+    """The fatal error that ends ``retry_deadline_s`` of retrying ``exc``."""
+    family = SinkFatalError if exc.exit_code == ExitCode.SINK else SourceFatalError
+    return family(
+        f"still failing after {deadline_s:.0f} s of retries: {exc.message}",
+        hint="fix the cause and start `syncd run` again, or raise retry_deadline_s "
+        "(0 retries forever)",
+        **context,
+    )

@@ -20,17 +20,24 @@ from pymongo import errors as mongo
 from syncd.errors import (
     ConsistencyError,
     ErrorKind,
+    ExitCode,
     HistoryLostError,
     MappingError,
     OversizedError,
     SinkFatalError,
     SinkRejectedError,
+    SinkUnavailableError,
     SourceFatalError,
     TransientError,
+    body_excerpt,
     classify,
     from_mongo,
     from_sink,
+    http_status_kind,
+    parse_retry_after,
+    retries_exhausted,
 )
+from tests.harness.ports import free_port
 
 T, P, F = ErrorKind.TRANSIENT, ErrorKind.POISON, ErrorKind.FATAL
 _REQUEST = httpx.Request("POST", "http://127.0.0.1:8000/api/v2/collections/x/upsert")
@@ -63,6 +70,40 @@ def chroma_validation_error() -> ValueError:
     except ValueError as exc:
         return exc
     raise AssertionError("chromadb accepted a nested metadata value")
+
+
+def chroma_unreachable() -> BaseException:
+    """What chromadb's HttpClient raises when nothing listens: a ValueError over ConnectError."""
+    import chromadb
+    from chromadb.config import Settings
+
+    try:
+        chromadb.HttpClient(
+            host="127.0.0.1", port=free_port(), settings=Settings(anonymized_telemetry=False)
+        )
+    except BaseException as exc:  # the exception is the data under test
+        return exc
+    raise AssertionError("chromadb connected to a port nobody listens on")
+
+
+def chroma_tenant_lookup_failed(status: int, body: str) -> BaseException:
+    """chromadb's client start-up: any error looking up the tenant becomes a ValueError."""
+    try:
+        try:
+            BaseHTTPClient._raise_chroma_error(httpx.Response(status, text=body, request=_REQUEST))
+        except Exception:
+            raise ValueError("Could not connect to tenant t. Are you sure it exists?")  # noqa: B904
+    except ValueError as exc:
+        return exc
+    raise AssertionError("unreachable")
+
+
+WEB_PAGE_404 = (
+    "<!DOCTYPE html><html><head><title>404 Not Found</title><style>body{color:red}</style>"
+    "</head><body><h1>Not Found</h1><p>The requested URL was not found on this server.</p>"
+    + "<p>padding</p>" * 200
+    + "</body></html>"
+)
 
 
 def _json(name: str, message: str = "details") -> str:
@@ -105,6 +146,12 @@ CASES: list[tuple[str, Callable[[], BaseException], ErrorKind]] = [
     ("chroma 401 AuthorizationError", lambda: chroma_error(401, _json("AuthorizationError")), F),
     ("chroma 403 AuthError", lambda: chroma_error(403, _json("AuthError")), F),
     ("chroma 404 NotFoundError", lambda: chroma_error(404, _json("NotFoundError")), F),
+    ("chroma down: ValueError over ConnectError", chroma_unreachable, T),
+    ("web server 404 page instead of Chroma", lambda: chroma_error(404, WEB_PAGE_404), F),
+    ("tenant lookup got a web page", lambda: chroma_tenant_lookup_failed(404, WEB_PAGE_404), F),
+    ("tenant lookup got a 503", lambda: chroma_tenant_lookup_failed(503, "busy"), T),
+    ("501 Not Implemented page", lambda: chroma_error(501, "<html>Unsupported</html>"), F),
+    ("chroma local validation ValueError", chroma_validation_error, F),
     # --- httpx transport (Chroma or the embedding API unreachable) -----------------
     ("httpx ConnectError", lambda: httpx.ConnectError("refused", request=_REQUEST), T),
     ("httpx ReadError (reset mid-response)", lambda: httpx.ReadError("reset", request=_REQUEST), T),
@@ -141,7 +188,7 @@ def test_classify(make: Callable[[], BaseException], kind: ErrorKind) -> None:
 def test_chroma_validation_value_error_becomes_poison_at_the_sink_boundary() -> None:
     exc = chroma_validation_error()
     assert type(exc) is ValueError
-    translated = from_sink(exc, pipeline="p")
+    translated = from_sink(exc, records=True, pipeline="p")
     assert isinstance(translated, SinkRejectedError)
     assert translated.kind is P
     assert translated.pipeline == "p"
@@ -152,22 +199,91 @@ def test_chroma_validation_value_error_becomes_poison_at_the_sink_boundary() -> 
     [
         (lambda: chroma_error(500, _json("InternalError")), TransientError),
         (lambda: httpx.ReadError("reset", request=_REQUEST), TransientError),
-        (lambda: chroma_error(400, _json("InvalidArgumentError")), SinkRejectedError),
+        (lambda: chroma_error(400, _json("InvalidArgumentError")), SinkFatalError),
         (lambda: chroma_error(404, _json("NotFoundError")), SinkFatalError),
         (lambda: chroma_error(403, _json("AuthError")), SinkFatalError),
+        (chroma_unreachable, SinkUnavailableError),
+        (chroma_validation_error, SinkFatalError),
     ],
-    ids=["500", "reset", "400", "404", "403"],
+    ids=["500", "reset", "400", "404", "403", "unreachable", "ValueError"],
 )
 def test_from_sink_families(make: Callable[[], BaseException], expected: type) -> None:
+    """Outside a write of records, no refusal is about a document: none is poison."""
     assert isinstance(from_sink(make()), expected)
 
 
-def test_from_mongo_families_and_hints() -> None:
-    lost = from_mongo(op_failure(286), pipeline="p")
-    assert isinstance(lost, HistoryLostError)
-    assert "syncd snapshot" in (lost.hint or "")
-    auth = from_mongo(op_failure(18))
-    assert isinstance(auth, SourceFatalError)
-    assert "credentials" in auth.message
-    assert isinstance(from_mongo(mongo.AutoReconnect("reset")), TransientError)
-    assert isinstance(from_mongo(op_failure(260)), SourceFatalError)
+def test_a_write_of_records_can_be_refused_for_its_content() -> None:
+    refused = from_sink(chroma_error(400, _json("InvalidArgumentError")), records=True)
+    assert isinstance(refused, SinkRejectedError)
+    down = from_sink(chroma_unreachable(), records=True)
+    assert isinstance(down, SinkUnavailableError)
+
+
+def test_chroma_down_is_transient_with_a_sink_exit_code_and_no_misleading_words() -> None:
+    error = from_sink(chroma_unreachable(), pipeline="p")
+    assert error.kind is T and error.exit_code == ExitCode.SINK
+    assert error.message.startswith("Chroma unavailable: ConnectError")
+    assert "rejected" not in error.describe()
+    assert "reachable at chroma.host:chroma.port" in (error.hint or "")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: chroma_error(404, WEB_PAGE_404),
+        lambda: chroma_tenant_lookup_failed(404, WEB_PAGE_404),
+    ],
+    ids=["collection call", "client start"],
+)
+def test_a_web_page_instead_of_chroma_is_one_short_line_with_a_hint(
+    make: Callable[[], BaseException],
+) -> None:
+    error = from_sink(make())
+    assert isinstance(error, SinkFatalError)
+    line = error.describe()
+    assert "<" not in line and "color:red" not in line and "\n" not in line, line
+    assert "HTTP 404 (404 Not Found Not Found The requested URL" in line
+    assert len(error.message) < 220, error.message
+    assert "check chroma.host, chroma.port and chroma.ssl" in (error.hint or "")
+
+
+def test_body_excerpt_caps_and_strips() -> None:
+    assert body_excerpt('{"error": "bad input"}') == '{"error": "bad input"}'
+    assert body_excerpt("a  b\n\nc") == "a b c"
+    assert len(body_excerpt("x" * 1000)) == 160
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [(400, P), (401, F), (403, F), (404, F), (405, F), (408, T), (413, P), (422, P), (429, T),
+     (500, T), (501, F), (502, T), (503, T), (504, T), (505, F), (302, F)],
+)  # fmt: skip
+def test_http_status_table(status: int, kind: ErrorKind) -> None:
+    assert http_status_kind(status) is kind
+
+
+def test_retry_after_in_seconds_or_as_a_date() -> None:
+    from datetime import UTC, datetime, timedelta
+    from email.utils import format_datetime
+
+    assert parse_retry_after("7") == 7.0
+    assert parse_retry_after(" 1.5 ") == 1.5
+    assert parse_retry_after("-3") == 0.0
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after("inf") is None and parse_retry_after("nan") is None
+    later = format_datetime(datetime.now(UTC) + timedelta(seconds=120), usegmt=True)
+    wait = parse_retry_after(later)
+    assert wait is not None and 100 < wait <= 120
+    past = format_datetime(datetime.now(UTC) - timedelta(seconds=120), usegmt=True)
+    assert parse_retry_after(past) == 0.0
+
+
+def test_giving_up_keeps_the_exit_code_of_the_server_that_failed() -> None:
+    chroma_down, mongo_down = from_sink(chroma_unreachable()), from_mongo(mongo.AutoReconnect("x"))
+    assert isinstance(chroma_down, TransientError) and isinstance(mongo_down, TransientError)
+    sink_side = retries_exhausted(chroma_down, 30, pipeline="p")
+    assert isinstance(sink_side, SinkFatalError) and sink_side.exit_code == ExitCode.SINK
+    assert sink_side.message.startswith("still failing after 30 s of retries: Chroma unavailable")
+    source_side = retries_exhausted(mongo_down, 30)
+    assert isinstance(source_side, SourceFatalError) and source_side.exit_code == ExitCode.SOURCE
