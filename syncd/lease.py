@@ -419,7 +419,13 @@ class FencedSink:
     def __init__(self, inner: Sink, check: Callable[[], None]) -> None:
         self._inner = inner
         self._check = check
-        self.max_batch = inner.max_batch
+
+    @property
+    def max_batch(self) -> int:
+        return self._inner.max_batch  # read when needed: the inner sink opens lazily
+
+    def open(self) -> None:
+        self._inner.open()
 
     def existing(self, keys: Sequence[str]) -> dict[str, dict[str, Mapping[str, Any]]]:
         return self._inner.existing(keys)

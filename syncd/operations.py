@@ -37,6 +37,7 @@ def snapshot(
         with held as hold:
             pipeline = runtime.pipeline(pipeline_settings, stop=stop, epoch=hold.epoch, resync=True)
             pipeline.sink = FencedSink(pipeline.sink, hold.check)
+            pipeline.sink.open()  # Chroma unreachable: say so before touching the checkpoint
             cp = runtime.store.load(name)
             pipeline.checkpoint = cp
             if (

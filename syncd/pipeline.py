@@ -32,6 +32,7 @@ from syncd.errors import (
     SourceFatalError,
     SyncdError,
     TransientError,
+    retries_exhausted,
 )
 from syncd.mapping import Mapper
 from syncd.redact import redact_text
@@ -133,13 +134,12 @@ class Pipeline:
     def _give_up_if_past_deadline(self, exc: TransientError, since: float) -> None:
         deadline = self.settings.retry_deadline_s
         if deadline and time.monotonic() - since > deadline:
-            raise SourceFatalError(
-                f"still failing after {deadline:.0f} s of retries: {exc.message}",
-                hint="fix the cause and restart, or raise retry_deadline_s (0 retries forever)",
-                pipeline=self.settings.name,
-            ) from exc
+            raise retries_exhausted(exc, deadline, pipeline=self.settings.name) from exc
 
     def _run_once(self) -> None:
+        # Chroma is first reached here, inside the retry loop: down at start, or when
+        # this process takes the pipeline over, is an outage like any other.
+        self.sink.open()
         cp = self._load()
         if cp.phase == "snapshot":
             if not self._retrying:

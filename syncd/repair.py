@@ -144,6 +144,9 @@ class _Distrusting:
         self._stored = stored
         self.max_batch = sink.max_batch
 
+    def open(self) -> None:
+        self._sink.open()
+
     def existing(self, keys: Sequence[str]) -> dict[str, dict[str, Mapping[str, Any]]]:
         found = self._sink.existing(keys)
         wanted = set(keys)

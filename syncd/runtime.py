@@ -55,9 +55,17 @@ class Runtime:
     def source(self, pipeline: PipelineSettings) -> source.ChangeSource:
         return source.ChangeSource(self.mongo, pipeline)
 
-    def sink(self, pipeline: PipelineSettings, *, create: bool = True) -> sink.ChromaSink:
+    def sink(
+        self, pipeline: PipelineSettings, *, create: bool = True, dimensions: int | None = None
+    ) -> sink.ChromaSink:
+        """The pipeline's collection; Chroma is reached only when it is first used."""
         return sink.ChromaSink(
-            self.chroma, pipeline.chroma_collection_name, distance=pipeline.distance, create=create
+            lambda: self.chroma,
+            pipeline.chroma_collection_name,
+            distance=pipeline.distance,
+            create=create,
+            dimensions=dimensions,
+            pipeline=pipeline.name,
         )
 
     def embedder(self, pipeline: PipelineSettings) -> Embedder | None:
@@ -75,13 +83,16 @@ class Runtime:
         telemetry: PipelineTelemetry | None = None,
         heartbeat: Any = None,
     ) -> Pipeline:
+        embedder = self.embedder(settings)
+        # A vector read from the document must have embedder.dimensions elements too.
+        dimensions = embedder.dimensions if embedder is not None else settings.embedder.dimensions
         return Pipeline(
             settings,
             source=self.source(settings),
-            sink=self.sink(settings),
+            sink=self.sink(settings, dimensions=dimensions),
             store=self.store,
             mapper=Mapper(settings),
-            embedder=self.embedder(settings),
+            embedder=embedder,
             telemetry=telemetry or self.telemetry.pipeline(settings.name),
             dead_letters=self.dead_letters(settings),
             stop=stop,

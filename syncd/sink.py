@@ -11,11 +11,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from syncd.config import ChromaSettings
-from syncd.errors import ConsistencyError, from_sink
+from syncd.errors import ConsistencyError, SinkFatalError, from_sink
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,12 @@ class StoredRecord:
 
 
 class Sink(Protocol):
-    max_batch: int
+    @property
+    def max_batch(self) -> int: ...
+
+    def open(self) -> None:
+        """Reach the collection now (a no-op once reached); raises what reaching it raises."""
+        ...
 
     def existing(self, keys: Sequence[str]) -> dict[str, dict[str, Mapping[str, Any]]]:
         """For each document key, its stored records: {key: {record_id: metadata}}."""
@@ -114,26 +119,89 @@ def make_client(settings: ChromaSettings) -> Any:
 
 
 class ChromaSink:
+    """One Chroma collection, opened on first use.
+
+    Nothing here talks to Chroma until the pipeline first needs the collection, so
+    building a pipeline never fails because Chroma is down: the first call raises
+    inside the pipeline's retry loop, which retries it like any other outage.
+    Opening checks that an existing collection matches the pipeline (its distance,
+    and the dimension of its vectors when ``dimensions`` is known).
+    """
+
     def __init__(
-        self, client: Any, collection: str, *, distance: str = "cosine", create: bool = True
+        self,
+        client: Callable[[], Any],
+        collection: str,
+        *,
+        distance: str = "cosine",
+        create: bool = True,
+        dimensions: int | None = None,
+        pipeline: str = "PIPELINE",
     ) -> None:
         self._client = client
+        self._pipeline = pipeline
         self.name = collection
+        self._distance = distance
+        self._create = create
+        self._dimensions = dimensions
+        self._coll: Any = None
+        self._max_batch = 0
+
+    @property
+    def max_batch(self) -> int:
+        self._collection()
+        return self._max_batch
+
+    def open(self) -> None:
+        self._collection()
+
+    def _collection(self) -> Any:
+        if self._coll is None:
+            self._coll, self._max_batch = self._open()
+        return self._coll
+
+    def _open(self) -> tuple[Any, int]:
         try:
-            if create:
-                self._coll = client.get_or_create_collection(
-                    collection, embedding_function=None, metadata={"hnsw:space": distance}
+            client = self._client()
+            if self._create:
+                coll = client.get_or_create_collection(
+                    self.name, embedding_function=None, metadata={"hnsw:space": self._distance}
                 )
             else:
-                self._coll = client.get_collection(collection, embedding_function=None)
-            self.max_batch = int(client.get_max_batch_size())
+                coll = client.get_collection(self.name, embedding_function=None)
+            max_batch = int(client.get_max_batch_size())
+            sample = coll.get(limit=1, include=["embeddings"]) if self._dimensions else None
         except Exception as exc:
-            error = from_sink(exc, namespace=f"chroma:{collection}")
-            if not create and _is_not_found(exc):
+            error = from_sink(exc, namespace=f"chroma:{self.name}")
+            if not self._create and _is_not_found(exc):
                 error.hint = (
                     "the pipeline has not created it yet: `syncd run` does on its first run"
                 )
             raise error from exc
+        self._check_matches(coll, sample)
+        return coll, max_batch
+
+    def _check_matches(self, coll: Any, sample: Mapping[str, Any] | None) -> None:
+        """Refuse a collection made for other vectors: every write would fail, or rank wrong."""
+        elsewhere = f"set chroma_collection to a new name and run `syncd snapshot {self._pipeline}`"
+        space = _distance_of(coll)
+        if self._create and space is not None and space != self._distance:
+            raise SinkFatalError(
+                f"Chroma collection {self.name!r} exists with distance {space!r}, "
+                f"but the pipeline says distance = {self._distance!r}",
+                hint=f'set distance = "{space}" to keep it, or {elsewhere}',
+                namespace=f"chroma:{self.name}",
+            )
+        embeddings = sample.get("embeddings") if sample is not None else None
+        if embeddings is not None and len(embeddings) > 0 and self._dimensions:
+            size = len(embeddings[0])
+            if size != self._dimensions:
+                raise SinkFatalError(
+                    f"Chroma collection {self.name!r} holds {size}-dimensional vectors, "
+                    f"but the pipeline's embedder makes {self._dimensions}",
+                    hint=f"to mirror into another collection, {elsewhere}",
+                    namespace=f"chroma:{self.name}",
+                )
 
     def existing(self, keys: Sequence[str]) -> dict[str, dict[str, Mapping[str, Any]]]:
         found: dict[str, dict[str, Mapping[str, Any]]] = {}
@@ -209,10 +277,24 @@ class ChromaSink:
         """The client is shared and owned by the caller."""
 
     def _call(self, method: str, **kwargs: Any) -> Any:
+        coll = self._collection()
         try:
-            return getattr(self._coll, method)(**kwargs)
+            return getattr(coll, method)(**kwargs)
         except Exception as exc:
-            raise from_sink(exc, namespace=f"chroma:{self.name}") from exc
+            records = method in ("upsert", "update")
+            raise from_sink(exc, records=records, namespace=f"chroma:{self.name}") from exc
+
+
+def _distance_of(coll: Any) -> str | None:
+    """The distance an existing collection was created with (configuration, else metadata)."""
+    config = getattr(coll, "configuration_json", None)
+    for index in ("hnsw", "spann"):
+        section = config.get(index) if isinstance(config, dict) else None
+        space = section.get("space") if isinstance(section, dict) else None
+        if isinstance(space, str):
+            return space
+    space = (coll.metadata or {}).get("hnsw:space")
+    return space if isinstance(space, str) else None
 
 
 def _is_not_found(exc: BaseException) -> bool:

@@ -58,6 +58,9 @@ class FakeSink:
         self.fail_writes = 0
         self.lie_on_read = False
 
+    def open(self) -> None:
+        pass
+
     def existing(self, keys: Sequence[str]) -> dict[str, dict[str, Mapping[str, Any]]]:
         out: dict[str, dict[str, Mapping[str, Any]]] = {}
         for rid, rec in self.records.items():
