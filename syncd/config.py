@@ -8,6 +8,7 @@ import time.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -39,6 +40,9 @@ Seconds = Annotated[float, Field(ge=0, le=_MAX_S)]
 PositiveSeconds = Annotated[float, Field(gt=0, le=_MAX_S)]
 # MongoDB's rules for names: https://www.mongodb.com/docs/manual/reference/limits/
 _DB_NAME_FORBIDDEN = set('/\\. "$\x00')
+# Chroma's own rule for collection names (rust/types/src/validators.rs): 3-512 of
+# [a-zA-Z0-9._-], alphanumeric at both ends, no "..", and not an IP address.
+_CHROMA_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{1,510}[a-zA-Z0-9]$")
 
 
 class _Model(BaseModel):
@@ -416,6 +420,8 @@ class Settings(_Model):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"pipeline names must be unique; repeated: {', '.join(dupes)}")
+        for index, pipeline in enumerate(self.pipelines):
+            _check_chroma_name(pipeline, index)
         targets = [p.chroma_collection_name for p in self.pipelines]
         clash = sorted({n for n in targets if targets.count(n) > 1})
         if clash:
@@ -428,6 +434,40 @@ class Settings(_Model):
                 return pipeline
         known = ", ".join(p.name for p in self.pipelines) or "none configured"
         raise ConfigError(f"no pipeline named {name!r} (known: {known})")
+
+
+def _check_chroma_name(pipeline: PipelineSettings, index: int) -> None:
+    """Chroma refuses some names; say so now, not as a failed write after the start."""
+    name = pipeline.chroma_collection_name
+    problem = None
+    if not _CHROMA_NAME.match(name):
+        problem = (
+            "3-512 characters from letters, digits, '.', '_' and '-', "
+            "starting and ending with a letter or digit"
+        )
+    elif ".." in name:
+        problem = "no two consecutive periods"
+    elif _is_ip_address(name):
+        problem = "not an IP address"
+    if problem is None:
+        return
+    if pipeline.chroma_collection:
+        raise ValueError(
+            f"pipelines[{index}].chroma_collection: {name!r} is not a valid Chroma collection "
+            f"name ({problem})"
+        )
+    raise ValueError(
+        f"pipelines[{index}].name: {name!r} is also the Chroma collection's name, and Chroma "
+        f"needs {problem}; rename the pipeline or set chroma_collection"
+    )
+
+
+def _is_ip_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 # --- loading -----------------------------------------------------------------
