@@ -29,8 +29,9 @@ def register(verbs: Any) -> None:
         "collection (and its distance), write to the checkpoint store, and send the trace "
         "exporter an empty export. Exit 0 when all pass; 2 for a bad or missing config (or "
         'one this installation cannot serve, such as chroma.mode = "embedded" without '
-        "syncd[embedded]); 1 otherwise. An embedded Chroma directory that does not exist yet "
-        "is reported, not created.",
+        "syncd[embedded]); otherwise the exit code of the first check that failed (4 for "
+        "MongoDB, 5 for Chroma or the embedding API, as in the README's table; 1 if it has "
+        "none). An embedded Chroma directory that does not exist yet is reported, not created.",
     )
     add_config_options(parser)
     parser.add_argument("--offline", action="store_true", help="validate the config only")
@@ -67,7 +68,8 @@ def handle(args: argparse.Namespace) -> int:
                 "checks": results,
             }
         )
-    return ExitCode.OK if ok else ExitCode.DRIFT_OR_FAILURE
+    failed = [r["exit_code"] or ExitCode.DRIFT_OR_FAILURE for r in results if not r["ok"]]
+    return int(failed[0]) if failed else ExitCode.OK
 
 
 def _result(line: str, error: BaseException | None) -> dict[str, Any]:
