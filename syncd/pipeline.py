@@ -137,10 +137,11 @@ class Pipeline:
             raise retries_exhausted(exc, deadline, pipeline=self.settings.name) from exc
 
     def _run_once(self) -> None:
-        # Chroma is first reached here, inside the retry loop: down at start, or when
-        # this process takes the pipeline over, is an outage like any other.
-        self.sink.open()
         cp = self._load()
+        # Chroma is first reached here, inside the retry loop: down at start, or when
+        # this process takes the pipeline over, is an outage like any other. (After the
+        # load, so a first run has a checkpoint for `syncd status` to show it retrying.)
+        self.sink.open()
         if cp.phase == "snapshot":
             if not self._retrying:
                 self.telemetry.set_state("snapshotting")
