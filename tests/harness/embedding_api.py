@@ -1,14 +1,17 @@
 """A local OpenAI-compatible `/v1/embeddings` server that counts what it embeds.
 
 It answers with the hashing embedder's vectors, so results are deterministic and
-tests can compute the expected embeddings themselves.
+tests can compute the expected embeddings themselves. `refuse` (a predicate on one
+input, or None) makes it answer 400 to any request holding an input it matches, as
+APIs do for an input they will not embed; `refuse = lambda _: True` is an API that
+refuses everything.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -22,6 +25,8 @@ class EmbeddingAPI:
         self.api_key = api_key
         self.inputs: list[str] = []
         self.requests = 0
+        self.refused = 0
+        self.refuse: Callable[[str], bool] | None = None
         self._lock = threading.Lock()
         self._embedder = HashingEmbedder(dimensions)
         api = self
@@ -57,6 +62,13 @@ class EmbeddingAPI:
             self._send(handler, 401, {"error": {"message": "bad key"}})
             return
         texts = body["input"]
+        refuse = self.refuse
+        if refuse is not None and any(refuse(text) for text in texts):
+            with self._lock:
+                self.refused += 1
+            message = "'input' is invalid for this model"
+            self._send(handler, 400, {"error": {"message": message, "type": "invalid_request"}})
+            return
         with self._lock:
             self.requests += 1
             self.inputs.extend(texts)

@@ -1,0 +1,391 @@
+"""Dependencies that are down are transient, never poison.
+
+Chroma or MongoDB unreachable when `syncd run` starts, or Chroma down when a process
+takes a pipeline over from a dead one, is an outage like one in mid-stream: the
+pipeline retries (not ready, `syncd status` says retrying) and converges once the
+server answers, without the process exiting. One-shot commands exit 4 (MongoDB) or 5
+(Chroma) with one line. An embedding API that refuses every input is the API's fault,
+not the documents': nothing is dead-lettered, the pipeline waits for the API.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pymongo import MongoClient
+
+from syncd.errors import ExitCode
+from tests.harness.daemon import SyncdProcess, run_syncd
+from tests.harness.embedding_api import embedding_api
+from tests.harness.ports import free_port
+
+from .helpers import (
+    caught_up,
+    chroma_records,
+    diff,
+    expected_records,
+    http_get,
+    pipeline_table,
+    settings_of,
+    wait_caught_up,
+    wait_until,
+    write_config,
+)
+from .test_ha import holders, me
+
+DOCS = [{"_id": i, "body": f"document number {i}", "title": f"title {i}"} for i in range(12)]
+
+
+def _names(prefix: str) -> tuple[str, str]:
+    """A database and a Chroma collection no other test uses."""
+    return f"{prefix}_{uuid.uuid4().hex[:8]}", f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def _config(
+    tmp_path: Path,
+    *,
+    mongo_uri: str,
+    chroma_port: int,
+    db: str,
+    coll: str,
+    listen: str = "",
+    extra: dict[str, Any] | None = None,
+    **pipeline: Any,
+) -> Path:
+    return write_config(
+        tmp_path / f"syncd-{uuid.uuid4().hex[:6]}.toml",
+        mongo_uri=mongo_uri,
+        chroma={"mode": "http", "host": "127.0.0.1", "port": chroma_port, "timeout_s": 5},
+        checkpoint_db=f"{db}_syncd",
+        pipelines=[pipeline_table("dn", db, chroma_collection=coll, **pipeline)],
+        extra={"telemetry": {"listen": listen}, **(extra or {})},
+    )
+
+
+def _readiness(listen: str) -> tuple[int, dict[str, Any]]:
+    status, body = http_get(f"http://{listen}/readyz")
+    return status, json.loads(body) if status else {}
+
+
+def _retrying_because(listen: str, words: str, attempts: int = 2) -> dict[str, Any] | None:
+    """The readiness report once it is 503 with the pipeline retrying for ``words``."""
+    status, report = _readiness(listen)
+    pipeline = report.get("pipelines", {}).get("dn", {})
+    reason = report.get("not_ready", {}).get("dn", "")
+    if status == 503 and pipeline.get("state") == "retrying" and words in reason:
+        return report if pipeline.get("attempts", 0) >= attempts else None
+    return None
+
+
+def _alive(daemon: SyncdProcess) -> bool:
+    """For waits: fail at once, with the output, if the process exited meanwhile."""
+    assert daemon.is_running(), f"exited with {daemon.returncode}:\n{daemon.output()[-3000:]}"
+    return True
+
+
+def _status_row(cfg: Path, name: str = "dn") -> dict[str, Any]:
+    result = run_syncd(["status", "--json", name], cfg)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (row,) = json.loads(result.stdout)
+    assert isinstance(row, dict)
+    return row
+
+
+def _converged(cfg: Path, client: MongoClient[Any], chroma: Any, db: str, coll: str) -> None:
+    settings = settings_of(cfg)
+    expected = expected_records(settings, "dn", list(client[db]["docs"].find()))
+    got = chroma_records(chroma.client().get_collection(coll, embedding_function=None))
+    problem = diff(expected, got)
+    assert not problem, problem
+
+
+def _stop_cleanly(daemon: SyncdProcess) -> None:
+    daemon.terminate()
+    assert daemon.wait(30) == ExitCode.OK, daemon.output()[-3000:]
+    assert "Traceback" not in daemon.output()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("how", ["stopped", "refusing"])
+def test_chroma_down_at_start_is_retried_until_it_answers(
+    how, tmp_path, mongo_uri, mongo_client, chroma_server_factory, tcp_proxy_factory, syncd_factory
+):
+    db, coll = _names("cdown")
+    chroma = chroma_server_factory()
+    port = chroma.port
+    proxy = None
+    if how == "stopped":
+        chroma.stop()  # nothing listens: connections are refused
+    else:
+        proxy = tcp_proxy_factory(chroma.host, chroma.port)
+        proxy.refuse(True)  # connections are accepted, then reset
+        port = proxy.port
+    mongo_client[db]["docs"].insert_many(DOCS)
+    listen = f"127.0.0.1:{free_port()}"
+    cfg = _config(tmp_path, mongo_uri=mongo_uri, chroma_port=port, db=db, coll=coll, listen=listen)
+    daemon = syncd_factory(["run"], cfg)
+
+    report = wait_until(
+        lambda: _alive(daemon) and _retrying_because(listen, "Chroma unavailable"),
+        60,
+        "retrying, not ready",
+    )
+    assert "rejected" not in report["not_ready"]["dn"]
+    row = _status_row(cfg)
+    assert row["state"] == "retrying", row
+    assert "Chroma unavailable" in row["last_error"]["error"]
+    assert "chroma.host:chroma.port" in row["last_error"]["hint"]
+
+    if proxy is not None:
+        proxy.heal()
+    else:
+        chroma.start()
+    wait_caught_up(mongo_client, db, settings_of(cfg), "dn", 60, "the pipeline to catch up")
+    wait_until(lambda: _readiness(listen)[0] == 200, 30, "/readyz to answer 200")
+    _converged(cfg, mongo_client, chroma, db, coll)
+    _stop_cleanly(daemon)
+    mongo_client.drop_database(db)
+    mongo_client.drop_database(f"{db}_syncd")
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("leases", [True, False], ids=["leases", "no-leases"])
+def test_mongodb_down_at_start_is_retried_until_it_answers(
+    leases, tmp_path, mongo_server_factory, chroma_server, syncd_factory
+):
+    server = mongo_server_factory()
+    client: MongoClient[Any] = MongoClient(server.uri, serverSelectionTimeoutMS=10_000)
+    db, coll = _names("mdown")
+    client[db]["docs"].insert_many(DOCS)
+    server.kill()
+    listen = f"127.0.0.1:{free_port()}"
+    cfg = _config(
+        tmp_path,
+        mongo_uri=server.uri,
+        chroma_port=chroma_server.port,
+        db=db,
+        coll=coll,
+        listen=listen,
+        extra={"lease": {"enabled": leases, "ttl_s": 3, "renew_every_s": 1}},
+    )
+    daemon = syncd_factory(["run"], cfg)
+    if leases:
+        # No lease can be read or taken: nothing runs, and the process says it is not ready.
+        daemon.wait_for_output(r"cannot read the leases: MongoDB unavailable", timeout=60)
+        wait_until(lambda: _readiness(listen)[0] == 503, 30, "/readyz to answer 503")
+        daemon.wait_for_output(r"(?s)cannot read the leases.*cannot read the leases", timeout=60)
+    else:
+        wait_until(
+            lambda: _alive(daemon) and _retrying_because(listen, "MongoDB unavailable"),
+            60,
+            "retrying, not ready",
+        )
+    assert _alive(daemon) and _readiness(listen)[0] == 503
+
+    server.start()
+    try:
+        wait_caught_up(client, db, settings_of(cfg), "dn", 90, "the pipeline to catch up")
+        wait_until(lambda: _readiness(listen)[0] == 200, 30, "/readyz to answer 200")
+        _converged(cfg, client, chroma_server, db, coll)
+        _stop_cleanly(daemon)
+    finally:
+        client.close()
+
+
+@pytest.mark.timeout(240)
+def test_taking_a_pipeline_over_while_chroma_is_down_waits_for_chroma(
+    tmp_path, mongo_uri, mongo_client, chroma_server_factory, syncd_factory
+):
+    """The survivor takes the dead process's pipeline while Chroma is down and retries it."""
+    db = f"takeover_{uuid.uuid4().hex[:8]}"
+    cp_db, suffix = f"{db}_syncd", uuid.uuid4().hex[:6]
+    names = ("tk1", "tk2")
+    chroma = chroma_server_factory()
+    cfg = write_config(
+        tmp_path / "syncd.toml",
+        mongo_uri=mongo_uri,
+        chroma={"mode": "http", "host": chroma.host, "port": chroma.port, "timeout_s": 5},
+        checkpoint_db=cp_db,
+        pipelines=[
+            pipeline_table(n, db, collection=n, chroma_collection=f"{n}-{suffix}") for n in names
+        ],
+        extra={"lease": {"ttl_s": 3, "renew_every_s": 1}},
+    )
+    settings = settings_of(cfg)
+    for name in names:
+        mongo_client[db][name].insert_many(DOCS)
+    first, second = syncd_factory(["run"], cfg), syncd_factory(["run"], cfg)
+
+    def spread() -> bool:
+        owners = holders(mongo_client, cp_db)
+        return len(owners) == 2 and set(owners.values()) == {me(first), me(second)}
+
+    wait_until(spread, 60, "each process to hold one pipeline")
+    for name in names:
+        wait_caught_up(mongo_client, db, settings, name, 60, f"{name} to stream")
+
+    chroma.kill()
+    victim, survivor = first, second
+    (moved,) = [n for n, owner in holders(mongo_client, cp_db).items() if owner == me(victim)]
+    victim.kill()
+    for name in names:
+        mongo_client[db][name].insert_one({"_id": "during", "body": "written while down"})
+
+    def retried_by_survivor() -> bool:
+        _alive(survivor)
+        row = _status_row(cfg, moved)
+        return row["state"] == "retrying" and row.get("process") == me(survivor)
+
+    wait_until(retried_by_survivor, 60, f"{me(survivor)} to take {moved} and retry it")
+    assert survivor.is_running(), survivor.output()[-3000:]
+    assert "Chroma unavailable" in _status_row(cfg, moved)["last_error"]["error"]
+
+    chroma.start()
+    for name in names:
+        wait_caught_up(mongo_client, db, settings, name, 90, f"{name} to catch up")
+        docs = list(mongo_client[db][name].find())
+        collection = chroma.client().get_collection(f"{name}-{suffix}", embedding_function=None)
+        problem = diff(expected_records(settings, name, docs), chroma_records(collection))
+        assert not problem, f"{name}: {problem}"
+    _stop_cleanly(survivor)
+    mongo_client.drop_database(db)
+    mongo_client.drop_database(cp_db)
+
+
+# --- one-shot commands ------------------------------------------------------------------
+
+POISON = {"_id": "long", "body": "x" * 200}  # over max_text_chars: dead-lettered
+
+
+@pytest.fixture(scope="module")
+def ran_once(
+    tmp_path_factory: pytest.TempPathFactory, mongo_server: Any, chroma_server: Any
+) -> Any:
+    """A pipeline that has run (collection, checkpoint and one dead letter exist), stopped."""
+    tmp = tmp_path_factory.mktemp("oneshot")
+    db, coll = _names("oneshot")
+    client: MongoClient[Any] = MongoClient(mongo_server.uri)
+    client[db]["docs"].insert_many([*DOCS, POISON])
+    common = {"db": db, "coll": coll, "on_error": "dead_letter", "mapping": {"max_text_chars": 50}}
+    cfg = _config(tmp, mongo_uri=mongo_server.uri, chroma_port=chroma_server.port, **common)
+    daemon = SyncdProcess(["run"], cfg, log_path=tmp / "run.log").start()
+    try:
+        wait_caught_up(client, db, settings_of(cfg), "dn", 60, "the first run to catch up")
+        assert client[f"{db}_syncd"]["dead_letters"].count_documents({"pipeline": "dn"}) == 1
+    finally:
+        daemon.stop()
+    nowhere = free_port()
+    down = {
+        "chroma": _config(tmp, mongo_uri=mongo_server.uri, chroma_port=nowhere, **common),
+        "mongodb": _config(
+            tmp,
+            mongo_uri=f"mongodb://127.0.0.1:{nowhere}/?directConnection=true",
+            chroma_port=chroma_server.port,
+            extra={"mongodb": {"server_selection_timeout_ms": 1000}},
+            **common,
+        ),
+    }
+    yield down
+    client.drop_database(db)
+    client.drop_database(f"{db}_syncd")
+    client.close()
+
+
+ONE_SHOT = [
+    ["verify", "dn"],
+    ["explain", "dn", "i:1"],
+    ["repair", "dn"],
+    ["snapshot", "dn"],
+    ["dlq", "retry", "dn"],
+    ["status"],
+    ["check"],
+]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("server", ["chroma", "mongodb"])
+@pytest.mark.parametrize("command", ONE_SHOT, ids=[" ".join(c[:2]) for c in ONE_SHOT])
+def test_one_shot_commands_exit_with_the_code_of_the_unreachable_server(ran_once, server, command):
+    result = run_syncd(command, ran_once[server])
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output, output
+    if server == "chroma" and command == ["status"]:
+        assert result.returncode == ExitCode.OK, output  # status needs MongoDB only
+        return
+    expected = ExitCode.SINK if server == "chroma" else ExitCode.SOURCE
+    assert result.returncode == expected, output
+    words = "Chroma unavailable" if server == "chroma" else "MongoDB unavailable"
+    if command == ["check"]:
+        assert any(line.startswith("FAIL") and words in line for line in result.stdout.splitlines())
+        return
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"syncd: error: {words}"), output
+
+
+# --- an embedding API that refuses everything ---------------------------------------------
+
+
+@pytest.mark.timeout(180)
+def test_an_embedding_api_refusing_every_input_is_waited_for_not_dead_lettered(
+    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
+):
+    db, coll = _names("refuse")
+    letters = mongo_client[f"{db}_syncd"]["dead_letters"]
+    mongo_client[db]["docs"].insert_many(DOCS)
+    listen = f"127.0.0.1:{free_port()}"
+    with embedding_api(dimensions=32) as api:
+        api.refuse = lambda _text: True
+        cfg = _config(
+            tmp_path,
+            mongo_uri=mongo_uri,
+            chroma_port=chroma_server.port,
+            db=db,
+            coll=coll,
+            listen=listen,
+            on_error="dead_letter",
+            embedder={"kind": "openai", "base_url": api.base_url, "model": "m", "dimensions": 32},
+        )
+        env = {"OPENAI_API_KEY": api.api_key}
+        daemon = syncd_factory(["run"], cfg, env)
+        wait_until(
+            lambda: _alive(daemon) and _retrying_because(listen, "refused", attempts=2),
+            90,
+            "retrying, not ready",
+        )
+        row = _status_row(cfg)
+        assert row["state"] == "retrying", row
+        assert "not the documents" in row["last_error"]["hint"]
+        assert letters.count_documents({}) == 0, list(letters.find())
+        assert row["dead_letters"] == 0
+
+        # The API is fixed: everything applies by itself, and nothing was dead-lettered.
+        api.refuse = None
+        settings = settings_of(cfg, env)
+        wait_caught_up(mongo_client, db, settings, "dn", 60, "the pipeline to catch up")
+        wait_until(lambda: _readiness(listen)[0] == 200, 30, "/readyz to answer 200")
+        assert letters.count_documents({}) == 0, list(letters.find())
+
+        # One input the API refuses, among good ones, is still that document's poison.
+        api.refuse = lambda text: "refuse me" in text
+        with mongo_client.start_session(causal_consistency=True) as session:
+            mongo_client[db]["docs"].insert_many(
+                [{"_id": 100, "body": "please refuse me"}, {"_id": 101, "body": "fine"}],
+                session=session,
+            )
+            last = session.operation_time
+        assert last is not None
+        wait_until(lambda: caught_up(settings, "dn", last), 60, "the batch to be applied")
+        assert [d["key"] for d in letters.find()] == ["i:100"]
+        assert _readiness(listen)[0] == 200
+        api.refuse = None
+        docs = [d for d in mongo_client[db]["docs"].find() if d["_id"] != 100]
+        got = chroma_records(chroma_server.client().get_collection(coll, embedding_function=None))
+        problem = diff(expected_records(settings, "dn", docs), got)
+        assert not problem, problem
+        _stop_cleanly(daemon)
+    mongo_client.drop_database(db)
+    mongo_client.drop_database(f"{db}_syncd")
