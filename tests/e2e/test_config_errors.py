@@ -74,6 +74,14 @@ CASES: list[tuple[str, dict[str, Any] | str, str]] = [
     ("bad listen", edit("telemetry", {"listen": "nowhere"}), "telemetry.listen"),
     ("lease renew >= ttl", edit("lease", {"ttl_s": 5, "renew_every_s": 5}), "renew_every_s"),
     ("bad filter operator", edit("pipelines.0.filter", {"n": {"$near": 1}}), "$near"),
+    ("chroma name too short", edit("pipelines.0.name", "ab"),
+     "pipelines[0].name: 'ab' is also the Chroma collection's name, and Chroma needs 3-512"),
+    ("chroma collection with '..'", edit("pipelines.0.chroma_collection", "a..b"),
+     "pipelines[0].chroma_collection: 'a..b' is not a valid Chroma collection name"),
+    ("chroma collection an IP", edit("pipelines.0.chroma_collection", "10.0.0.1"),
+     "not an IP address"),
+    ("chroma collection ends in '-'", edit("pipelines.0.chroma_collection", "abc-"),
+     "pipelines[0].chroma_collection: 'abc-'"),
     ("not TOML", "this is = not [ toml", "not valid TOML"),
     ("listen port too big", edit("telemetry", {"listen": "127.0.0.1:99999"}), "telemetry.listen"),
     ("template spec that cannot format text",
@@ -115,6 +123,22 @@ def test_bad_config_exits_2_with_one_line(tmp_path: Path, data: Any, expected: s
     assert len(stderr.splitlines()) == 1, stderr
     assert expected in stderr, stderr
     assert stderr.startswith("syncd: error: ")
+
+
+@pytest.mark.parametrize("command", [["run"], ["check"], ["check", "--offline"]])
+def test_a_name_chroma_refuses_stops_every_command_before_it_starts(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """Chroma wants 3 characters or more; the pipeline name is the default collection name."""
+    path = tmp_path / "syncd.toml"
+    path.write_text(tomli_w.dumps(edit("pipelines.0.name", "ab")))
+    result = run_syncd(command, config=path, timeout=60)
+    assert result.returncode == ExitCode.CONFIG, (result.returncode, result.stderr)
+    assert result.stderr.strip().splitlines() == [
+        f"syncd: error: {path}: pipelines[0].name: 'ab' is also the Chroma collection's name, "
+        "and Chroma needs 3-512 characters from letters, digits, '.', '_' and '-', starting "
+        "and ending with a letter or digit; rename the pipeline or set chroma_collection"
+    ]
 
 
 def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
