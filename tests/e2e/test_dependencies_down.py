@@ -322,8 +322,9 @@ def test_one_shot_commands_exit_with_the_code_of_the_unreachable_server(ran_once
     if command == ["check"]:
         assert any(line.startswith("FAIL") and words in line for line in result.stdout.splitlines())
         return
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"syncd: error: {words}"), output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("syncd: error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"syncd: error: {words}"), output
+    assert result.stderr.strip().endswith(errors[0]), output  # the last word is the error
 
 
 # --- an embedding API that refuses everything ---------------------------------------------
