@@ -437,7 +437,7 @@ def test_no_credential_reaches_logs_spans_or_metrics(
             pool.map(lambda a: run_syncd(["check"], *a), [(check_cfg, env), (cfg, from_env)])
         )
     for check in checks:
-        assert check.returncode == ExitCode.DRIFT_OR_FAILURE, check.stdout + check.stderr
+        assert check.returncode == ExitCode.SOURCE, check.stdout + check.stderr
         assert "FAIL  MongoDB mongodb://syncd:***@127.0.0.1:" in check.stdout, check.stdout
 
     def exported(spans: list[dict[str, Any]]) -> bool:

@@ -80,6 +80,6 @@ def test_check_reaches_every_server_and_names_the_one_that_fails(
 
     bad = _config(tmp_path, mongo_uri, Closed, db, coll)
     result = run_syncd(["check"], config=bad, timeout=120)
-    assert result.returncode == ExitCode.DRIFT_OR_FAILURE, result.stdout + result.stderr
+    assert result.returncode == ExitCode.SINK, result.stdout + result.stderr
     assert "FAIL  Chroma" in result.stdout, result.stdout
     assert "Traceback" not in result.stdout + result.stderr
