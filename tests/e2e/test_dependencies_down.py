@@ -176,7 +176,16 @@ def test_mongodb_down_at_start_is_retried_until_it_answers(
     if leases:
         # No lease can be read or taken: nothing runs, and the process says it is not ready.
         daemon.wait_for_output(r"cannot read the leases: MongoDB unavailable", timeout=60)
-        wait_until(lambda: _readiness(listen)[0] == 503, 30, "/readyz to answer 503")
+        wait_until(
+            lambda: (
+                _readiness(listen)[1]
+                .get("not_ready", {})
+                .get("", "")
+                .startswith("cannot read the leases: MongoDB unavailable")
+            ),
+            30,
+            "/readyz to say why this process is not even a standby",
+        )
         daemon.wait_for_output(r"(?s)cannot read the leases.*cannot read the leases", timeout=60)
     else:
         wait_until(
