@@ -305,7 +305,8 @@ class OpenAIEmbedder:
             # The exception text can carry the URL; the type says enough.
             raise SinkUnavailableError(
                 f"embedding API unreachable ({type(exc).__name__})",
-                hint="is the embedding API running and reachable at embedder.base_url?",
+                hint="start the embedding API (or correct embedder.base_url) and run the "
+                "command again; a running syncd retries by itself",
             ) from None
         status = response.status_code
         kind = http_status_kind(status) if not response.is_success else None

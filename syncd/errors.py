@@ -435,8 +435,8 @@ def from_mongo(exc: mongo_errors.PyMongoError, **context: Any) -> SyncdError:
     if kind is ErrorKind.TRANSIENT:
         return SourceUnavailableError(
             f"MongoDB unavailable: {detail}",
-            hint="is MongoDB running and reachable at mongodb.uri? "
-            "`syncd run` retries by itself; run other commands again once it answers",
+            hint="start MongoDB (or correct mongodb.uri) and run the command again; "
+            "a running syncd retries by itself",
             **context,
         )
     if kind is ErrorKind.POISON:
@@ -466,8 +466,8 @@ def from_sink(exc: BaseException, *, records: bool = False, **context: Any) -> S
     if kind is ErrorKind.TRANSIENT:
         return SinkUnavailableError(
             f"Chroma unavailable: {detail}",
-            hint="is Chroma running and reachable at chroma.host:chroma.port? "
-            "`syncd run` retries by itself; run other commands again once it answers",
+            hint="start Chroma (or correct chroma.host and chroma.port) and run the command "
+            "again; a running syncd retries by itself",
             **context,
         )
     if records and (kind is ErrorKind.POISON or (type(exc) is ValueError and root is exc)):

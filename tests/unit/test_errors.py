@@ -224,7 +224,7 @@ def test_chroma_down_is_transient_with_a_sink_exit_code_and_no_misleading_words(
     assert error.kind is T and error.exit_code == ExitCode.SINK
     assert error.message.startswith("Chroma unavailable: ConnectError")
     assert "rejected" not in error.describe()
-    assert "reachable at chroma.host:chroma.port" in (error.hint or "")
+    assert "start Chroma (or correct chroma.host and chroma.port)" in (error.hint or "")
 
 
 @pytest.mark.parametrize(
