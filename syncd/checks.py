@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from syncd import chroma_install
 from syncd.checkpoint import FileCheckpointStore
@@ -18,13 +17,13 @@ from syncd.config import PipelineSettings, Settings
 from syncd.errors import (
     ConfigError,
     ExitCode,
-    SinkFatalError,
     SyncdError,
     TransientError,
     from_os_error,
     from_sink,
 )
 from syncd.runtime import Runtime
+from syncd.sink import check_matches
 
 PROBE_TEXT = "syncd check: one probe input"
 
@@ -136,41 +135,13 @@ def _compare_collection(runtime: Runtime, ps: PipelineSettings, size: int | None
         collection = runtime.chroma.get_collection(name, embedding_function=None)
     except NotFoundError:
         return "not there yet: the first run creates it"
-    elsewhere = f"set chroma_collection to a new name and run `syncd snapshot {ps.name}`"
-    space = _distance_of(collection)
-    if space is not None and space != ps.distance:
-        raise SinkFatalError(
-            f"Chroma collection {name!r} exists with distance {space!r}, but the pipeline "
-            f"says distance = {ps.distance!r}",
-            hint=f'set distance = "{space}" to keep it, or {elsewhere}',
-            pipeline=ps.name,
-        )
-    stored = _dimension_of(collection)
-    if stored is not None and size is not None and stored != size:
-        raise SinkFatalError(
-            f"Chroma collection {name!r} holds {stored}-dimensional vectors, but the "
-            f"pipeline's embedder makes {size}",
-            hint=f"to mirror into another collection, {elsewhere}",
-            pipeline=ps.name,
-        )
+    if size is None and ps.embedder.kind == "field":
+        size = ps.embedder.dimensions  # the documents' vectors must have this size
+    space, stored = check_matches(
+        collection, distance=ps.distance, dimensions=size, pipeline=ps.name
+    )
     held = f", {stored}-dimensional vectors" if stored is not None else ", empty"
     return f"exists, distance {space or ps.distance}{held}"
-
-
-def _distance_of(collection: Any) -> str | None:
-    configuration = getattr(collection, "configuration_json", None) or {}
-    space = (configuration.get("hnsw") or {}).get("space")
-    if space is None:
-        space = (collection.metadata or {}).get("hnsw:space")
-    return str(space) if space else None
-
-
-def _dimension_of(collection: Any) -> int | None:
-    sample = collection.get(limit=1, include=["embeddings"])
-    embeddings = sample.get("embeddings")
-    if embeddings is None or len(embeddings) == 0:
-        return None
-    return len(embeddings[0])
 
 
 def _store_checks(runtime: Runtime) -> Iterator[Result]:

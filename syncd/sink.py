@@ -170,7 +170,12 @@ class ChromaSink:
             else:
                 coll = client.get_collection(self.name, embedding_function=None)
             max_batch = int(client.get_max_batch_size())
-            sample = coll.get(limit=1, include=["embeddings"]) if self._dimensions else None
+            check_matches(
+                coll,
+                distance=self._distance if self._create else None,
+                dimensions=self._dimensions,
+                pipeline=self._pipeline,
+            )
         except Exception as exc:
             error = from_sink(exc, namespace=f"chroma:{self.name}")
             if not self._create and _is_not_found(exc):
@@ -178,30 +183,7 @@ class ChromaSink:
                     "the pipeline has not created it yet: `syncd run` does on its first run"
                 )
             raise error from exc
-        self._check_matches(coll, sample)
         return coll, max_batch
-
-    def _check_matches(self, coll: Any, sample: Mapping[str, Any] | None) -> None:
-        """Refuse a collection made for other vectors: every write would fail, or rank wrong."""
-        elsewhere = f"set chroma_collection to a new name and run `syncd snapshot {self._pipeline}`"
-        space = _distance_of(coll)
-        if self._create and space is not None and space != self._distance:
-            raise SinkFatalError(
-                f"Chroma collection {self.name!r} exists with distance {space!r}, "
-                f"but the pipeline says distance = {self._distance!r}",
-                hint=f'set distance = "{space}" to keep it, or {elsewhere}',
-                namespace=f"chroma:{self.name}",
-            )
-        embeddings = sample.get("embeddings") if sample is not None else None
-        if embeddings is not None and len(embeddings) > 0 and self._dimensions:
-            size = len(embeddings[0])
-            if size != self._dimensions:
-                raise SinkFatalError(
-                    f"Chroma collection {self.name!r} holds {size}-dimensional vectors, "
-                    f"but the pipeline's embedder makes {self._dimensions}",
-                    hint=f"to mirror into another collection, {elsewhere}",
-                    namespace=f"chroma:{self.name}",
-                )
 
     def existing(self, keys: Sequence[str]) -> dict[str, dict[str, Mapping[str, Any]]]:
         found: dict[str, dict[str, Mapping[str, Any]]] = {}
@@ -285,7 +267,40 @@ class ChromaSink:
             raise from_sink(exc, records=records, namespace=f"chroma:{self.name}") from exc
 
 
-def _distance_of(coll: Any) -> str | None:
+def check_matches(
+    collection: Any, *, distance: str | None, dimensions: int | None, pipeline: str
+) -> tuple[str | None, int | None]:
+    """Refuse an existing collection made for other vectors: every write would fail, or
+    rank by another distance. ``None`` skips a comparison. Returns what was found."""
+    name = collection.name
+    elsewhere = f"set chroma_collection to a new name and run `syncd snapshot {pipeline}`"
+    space = distance_of(collection)
+    if distance is not None and space is not None and space != distance:
+        raise SinkFatalError(
+            f"Chroma collection {name!r} exists with distance {space!r}, "
+            f"but the pipeline says distance = {distance!r}",
+            hint=f'set distance = "{space}" to keep it, or {elsewhere}',
+            namespace=f"chroma:{name}",
+        )
+    stored = dimension_of(collection)
+    if dimensions is not None and stored is not None and stored != dimensions:
+        raise SinkFatalError(
+            f"Chroma collection {name!r} holds {stored}-dimensional vectors, "
+            f"but the pipeline's embedder makes {dimensions}",
+            hint=f"to mirror into another collection, {elsewhere}",
+            namespace=f"chroma:{name}",
+        )
+    return space, stored
+
+
+def dimension_of(collection: Any) -> int | None:
+    """The size of the vectors a collection holds (None while it is empty)."""
+    sample = collection.get(limit=1, include=["embeddings"])
+    embeddings = sample.get("embeddings")
+    return len(embeddings[0]) if embeddings is not None and len(embeddings) > 0 else None
+
+
+def distance_of(coll: Any) -> str | None:
     """The distance an existing collection was created with (configuration, else metadata)."""
     config = getattr(coll, "configuration_json", None)
     for index in ("hnsw", "spann"):
