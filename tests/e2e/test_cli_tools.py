@@ -288,7 +288,7 @@ def test_check_json_and_no_side_effects(tmp_path: Path, mongo_uri: str, chroma_s
         mongo_uri=mongo_uri,
         chroma={"mode": "embedded", "path": "./syncd-data/chroma"},
         checkpoint_db=f"{db}_syncd",
-        pipelines=[pipeline_table("p", db)],
+        pipelines=[pipeline_table("chk", db)],
     )
     result = run_syncd(["check", "--json"], embedded, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -305,11 +305,11 @@ def test_check_json_and_no_side_effects(tmp_path: Path, mongo_uri: str, chroma_s
 
     http = _multi_config(tmp_path, mongo_uri, Closed, db)
     failed = run_syncd(["check", "--json"], http, timeout=120)
-    assert failed.returncode == ExitCode.DRIFT_OR_FAILURE, failed.stdout + failed.stderr
+    assert failed.returncode == ExitCode.SINK, failed.stdout + failed.stderr
     report = json.loads(failed.stdout)
     chroma_check = next(c for c in report["checks"] if c["check"].startswith("Chroma"))
     assert report["ok"] is False and chroma_check["ok"] is False
-    assert chroma_check["error"] and chroma_check["exit_code"] != ExitCode.OK
+    assert chroma_check["error"] and chroma_check["exit_code"] == ExitCode.SINK
 
     offline = run_syncd(["check", "--offline", "--json"], http)
     assert offline.returncode == 0, offline.stderr

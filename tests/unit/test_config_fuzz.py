@@ -40,7 +40,7 @@ BASE: dict[str, Any] = {
     "log": {"format": "text", "level": "info"},
     "pipelines": [
         {
-            "name": "fz",
+            "name": "fuzz",
             "database": "fz",
             "collection": "docs",
             "filter": {"status": "ok"},
