@@ -40,7 +40,7 @@ from syncd.mapping import MappedDocument, Mapper, Record, base_id, decode_id
 from syncd.progress import Progress
 from syncd.progress import start as progress_start
 from syncd.sink import Sink, StoredRecord
-from syncd.source import hashable_id
+from syncd.source import id_key
 
 if TYPE_CHECKING:
     from syncd.pipeline import Pipeline
@@ -65,7 +65,7 @@ class DocumentSource(Protocol):
         query: Mapping[str, Any] | None = None,
     ) -> Iterator[list[dict[str, Any]]]: ...
 
-    def fetch(self, collection: str, ids: list[Any]) -> dict[Any, dict[str, Any]]: ...
+    def fetch(self, collection: str, ids: list[Any]) -> dict[str, dict[str, Any]]: ...
 
 
 # --- reports ----------------------------------------------------------------------
@@ -284,8 +284,7 @@ class Checker:
         for collection, items in wanted.items():
             found = self.source.fetch(collection, [source_id for _, source_id in items])
             for key, source_id in items:
-                doc = found.get(hashable_id(source_id))
-                valid = self._valid_ids(collection, doc)
+                valid = self._valid_ids(collection, found.get(id_key(source_id)))
                 if valid is not None:
                     orphans.extend(rid for rid in by_key[key] if rid not in valid)
         return orphans

@@ -19,7 +19,7 @@ from syncd.errors import ConfigError, MappingError, PoisonError
 from syncd.mapping import Record, base_id, decode_id
 from syncd.runtime import Runtime
 from syncd.sink import ID_KEY
-from syncd.source import hashable_id
+from syncd.source import id_key
 from syncd.spanlog import SpanLog
 
 
@@ -28,7 +28,7 @@ def explain(settings: Settings, pipeline: PipelineSettings, record_id: str) -> d
     collection, source_id = locate(pipeline, key)
     runtime = Runtime(settings)
     try:
-        doc = runtime.source(pipeline).fetch(collection, [source_id]).get(hashable_id(source_id))
+        doc = runtime.source(pipeline).fetch(collection, [source_id]).get(id_key(source_id))
         expected, mapping_error = _expected(runtime, pipeline, doc, key)
         sink = runtime.sink(pipeline, create=False)
         stored = sink.get_where({ID_KEY: key})

@@ -39,6 +39,7 @@ from syncd import plan as planning
 from syncd.checkpoint import Checkpoint, CheckpointStore, whoami
 from syncd.config import PipelineSettings
 from syncd.errors import HaltedError, SinkRejectedError, SyncdError, TransientError
+from syncd.source import id_key
 
 if TYPE_CHECKING:
     from syncd.pipeline import Pipeline
@@ -374,7 +375,7 @@ class HeldPipeline:
     def _fetch(self, halt: Halt) -> Mapping[str, Any] | None:
         """The document as it is now; by its ``_id`` in MongoDB, never by Python equality."""
         found = self.p.source.fetch(halt.collection or "", [halt.document_id])
-        return next(iter(found.values()), None)
+        return found.get(id_key(halt.document_id))  # not a numerically equal other _id
 
     def _warn(self, exc: TransientError) -> None:
         now = time.monotonic()

@@ -8,7 +8,6 @@ read again. Poison events halt the pipeline or go to the dead-letter store, by p
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -18,7 +17,7 @@ from typing import Any
 
 import backoff
 
-from syncd import halts
+from syncd import halts, lookups
 from syncd import plan as planning
 from syncd.checkpoint import Checkpoint, CheckpointStore, whoami
 from syncd.config import PipelineSettings
@@ -38,7 +37,7 @@ from syncd.mapping import Mapper
 from syncd.redact import redact_text
 from syncd.sink import Sink, WritePlan, check_written
 from syncd.snapshot import Snapshotter
-from syncd.source import Batch, Position, Source, hashable_id
+from syncd.source import Batch, Position, Source
 from syncd.telemetry import ChangeEventInfo, PipelineTelemetry
 from syncd.tokens import covered_through
 
@@ -342,7 +341,8 @@ class Pipeline:
         """
         result = self._plan(changes)
         if result.poisoned:
-            result = self._plan(self._refetched(changes, [p.change for p in result.poisoned]))
+            bad = {p.change.key for p in result.poisoned}
+            result = self._plan(lookups.refetched(self.source, changes, bad))
         if result.embedded:
             self.telemetry.embedded(result.embedded)
         if result.poisoned and not write_if_poisoned:
@@ -377,35 +377,8 @@ class Pipeline:
         deleted before the lookup. Neither says the document is gone, so it is read now,
         as updateLookup would: found, it is applied; gone, its records are deleted.
         """
-        bare = [c for c in changes if c.document is None and c.operation == "update"]
-        return self._refetched(changes, bare) if bare else changes
-
-    def _refetched(
-        self, changes: Sequence[planning.Change], stale: Sequence[planning.Change]
-    ) -> list[planning.Change]:
-        """``changes`` with those in ``stale`` carrying the document as it is *now*.
-
-        For poison changes: an event carries the document as it was; if it has been fixed
-        (or deleted) since, applying the current state is what replaying the later events
-        would do anyway, so the mirror converges without halting on a problem already solved.
-        """
-        bad = {c.key: c for c in stale}
-        by_coll: dict[str, list[Any]] = {}
-        for change in bad.values():
-            by_coll.setdefault(change.collection, []).append(change.source_id)
-        current: dict[tuple[str, Any], dict[str, Any]] = {}
-        for coll, ids in by_coll.items():
-            for hkey, found in self.source.fetch(coll, ids).items():
-                current[(coll, hkey)] = found
-        out = []
-        for change in changes:
-            if change.key not in bad:
-                out.append(change)
-                continue
-            doc = current.get((change.collection, hashable_id(change.source_id)))
-            operation = change.operation if doc is not None else "delete"
-            out.append(dataclasses.replace(change, document=doc, operation=operation))
-        return out
+        bare = {c.key for c in changes if c.document is None and c.operation == "update"}
+        return lookups.refetched(self.source, changes, bare) if bare else changes
 
     def read_back(self, plan: WritePlan) -> None:
         """Strong consistency: what Chroma returns must be what was written."""

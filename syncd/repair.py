@@ -21,7 +21,7 @@ from syncd.mapping import base_id
 from syncd.progress import Progress
 from syncd.progress import start as progress_start
 from syncd.sink import Sink, StoredRecord, WritePlan
-from syncd.source import hashable_id
+from syncd.source import id_key
 
 if TYPE_CHECKING:
     from syncd.pipeline import Pipeline
@@ -255,7 +255,7 @@ def _retry(
             key=entry["key"],
             collection=entry["collection"],
             source_id=entry["source_id"],
-            document=current[entry["collection"]].get(hashable_id(entry["source_id"])),
+            document=current[entry["collection"]].get(id_key(entry["source_id"])),
             operation=entry.get("operation") or "retry",
             cluster_time=None,
             event=entry.get("event"),

@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 from syncd import plan as planning
 from syncd.checkpoint import Checkpoint, SnapshotProgress
+from syncd.errors import MappingError
 from syncd.mapping import base_id, decode_id
 from syncd.progress import Progress
 from syncd.sink import WritePlan
-from syncd.source import hashable_id
+from syncd.source import id_key
 
 if TYPE_CHECKING:
     from syncd.pipeline import Pipeline
@@ -156,19 +157,23 @@ class Snapshotter:
             )
 
     def _stale_keys(self, keys: list[str]) -> list[str]:
+        """Keys whose documents are gone or filtered out, and ids syncd never writes."""
         by_coll: dict[str, list[tuple[str, Any]]] = {}
+        stale: list[str] = []
         for key in keys:
             coll, _, encoded = key.partition("/") if self.p._prefixed else ("", "", key)
             coll = coll or (self.settings.collection or "")
-            by_coll.setdefault(coll, []).append((key, decode_id(encoded)))
-        stale: list[str] = []
+            try:
+                by_coll.setdefault(coll, []).append((key, decode_id(encoded)))
+            except MappingError:
+                stale.append(key)  # not a record id syncd writes: not a mirror of anything
         for coll, wanted in by_coll.items():
             if coll not in self.settings.source_collections:
                 stale.extend(key for key, _ in wanted)
                 continue
             found = self.p.source.fetch(coll, [source_id for _, source_id in wanted])
             for key, source_id in wanted:
-                doc = found.get(hashable_id(source_id))
+                doc = found.get(id_key(source_id))
                 if doc is None or not self.p.mapper.matches(doc):
                     stale.append(key)
         return stale

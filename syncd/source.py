@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -23,6 +24,7 @@ from pymongo.errors import PyMongoError
 
 from syncd.config import MongoSettings, PipelineSettings
 from syncd.errors import SourceFatalError, translate_mongo_errors
+from syncd.mapping import encode_id
 
 DOCUMENT_OPS = frozenset({"insert", "update", "replace", "delete"})
 
@@ -81,7 +83,7 @@ class Source(Protocol):
         batch_size: int = 1000,
         query: Mapping[str, Any] | None = None,
     ) -> Iterator[list[dict[str, Any]]]: ...
-    def fetch(self, collection: str, ids: list[Any]) -> dict[Any, dict[str, Any]]: ...
+    def fetch(self, collection: str, ids: list[Any]) -> dict[str, dict[str, Any]]: ...
     def close(self) -> None: ...
 
 
@@ -217,12 +219,12 @@ class ChangeSource:
             while True:
                 # The $type condition is redundant where $gt brackets by type (MongoDB)
                 # and keeps the walk within one bracket where it might not.
-                bound = {"_id": {"$gt": last, **types}} if paging else {"_id": types}
+                bound = {"_id": {**_after(last), **types}} if paging else {"_id": types}
                 flt = {"$and": [dict(query), bound]} if query else bound
                 with translate_mongo_errors(**self._context):
                     docs = list(coll.find(flt).sort("_id", 1).limit(batch_size))
                 if paging:
-                    docs = [d for d in docs if d["_id"] != last]
+                    docs = [d for d in docs if id_key(d["_id"]) != id_key(last)]
                 if not docs:
                     break
                 yield docs
@@ -230,11 +232,16 @@ class ChangeSource:
                     break  # _id is unique and the bracket holds one value
                 last, paging = docs[-1]["_id"], True
 
-    def fetch(self, collection: str, ids: list[Any]) -> dict[Any, dict[str, Any]]:
-        """Current documents by ``_id`` (for repair and dead-letter retries)."""
+    def fetch(self, collection: str, ids: list[Any]) -> dict[str, dict[str, Any]]:
+        """Current documents by ``_id``, keyed by :func:`id_key` of each one's ``_id``.
+
+        MongoDB matches ``_id`` values by its own rules (``1`` finds a document whose
+        ``_id`` is ``1.0``); look the results up with ``id_key`` of the value you asked
+        for, and a document stored under another type is, rightly, not found.
+        """
         with translate_mongo_errors(**self._context):
             docs = list(self._db[collection].find({"_id": {"$in": ids}}))
-        return {hashable_id(doc["_id"]): doc for doc in docs}
+        return {id_key(doc["_id"]): doc for doc in docs}
 
     def count(self, collection: str, query: Mapping[str, Any] | None = None) -> int:
         with translate_mongo_errors(**self._context):
@@ -289,10 +296,28 @@ def _buffered(stream: ChangeStream[dict[str, Any]]) -> bool:
     return bool(data)
 
 
-def hashable_id(value: Any) -> Any:
-    """A dict key for any BSON ``_id`` (embedded documents and arrays become tuples)."""
-    if isinstance(value, dict):
-        return tuple((k, hashable_id(v)) for k, v in value.items())
-    if isinstance(value, list):
-        return tuple(hashable_id(v) for v in value)
-    return value
+def id_key(value: Any) -> str:
+    """The key to find a document by ``_id`` with: its canonical record id.
+
+    Every lookup by ``_id`` goes through this, never through the value's own equality
+    or hash, which lie about BSON: NaN is not equal to itself, Python has ``True == 1
+    == 1.0`` where BSON tells a boolean from a number, ``-0.0 == 0.0``, and Decimal128
+    cannot be hashed at all. The record id is exact and unique per BSON value.
+    """
+    return encode_id(value)
+
+
+def _after(last: Any) -> dict[str, Any]:
+    """The bound for "``_id`` after ``last``" in a scan.
+
+    MongoDB's matcher compares nothing greater than NaN (``$gt: NaN`` matches no
+    document), although NaN sorts first among numbers: after NaN comes every other
+    number, which ``$gte: -Infinity`` selects (NaN never compares equal to it).
+    """
+    if isinstance(last, float | Decimal128) and _is_nan(last):
+        return {"$gte": float("-inf")}
+    return {"$gt": last}
+
+
+def _is_nan(value: float | Decimal128) -> bool:
+    return value.to_decimal().is_nan() if isinstance(value, Decimal128) else math.isnan(value)

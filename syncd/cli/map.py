@@ -79,12 +79,12 @@ def _from_mongodb(settings: Any, ps: Any, record_id: str) -> tuple[str, dict[str
     from syncd.explain import locate
     from syncd.mapping import base_id
     from syncd.runtime import Runtime
-    from syncd.source import hashable_id
+    from syncd.source import id_key
 
     collection, source_id = locate(ps, base_id(record_id))
     runtime = Runtime(settings)
     try:
-        found = runtime.source(ps).fetch(collection, [source_id]).get(hashable_id(source_id))
+        found = runtime.source(ps).fetch(collection, [source_id]).get(id_key(source_id))
     finally:
         runtime.close()
     if found is None:

@@ -4,8 +4,9 @@ Written without `syncd.mapping` on purpose, so that a mapping bug cannot hide be
 itself. It covers this mapping: `mapping = {text = "body", metadata = [...]}` and
 `embedder = EMBEDDER`:
 
-* one record per document (no chunking); its id is the `_id` encoded as `i:<int>` or
-  `s:<string>`, behind `<collection>/` for a multi-collection pipeline;
+* one record per document (no chunking); its id is the `_id` encoded as `i:<int>` (any
+  width), `f:<double>` (`f:nan`, `f:-0.0`), `b:true`, `dec:<decimal>` or `s:<string>`,
+  behind `<collection>/` for a multi-collection pipeline;
 * the record's text is the document's `body`;
 * metadata: the listed fields (`METADATA` unless told otherwise); nested documents
   flatten to dotted keys, `null` and missing fields are dropped; keys starting with
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
+
+from bson import Decimal128
 
 from .helpers import chroma_records, diff
 
@@ -45,9 +48,18 @@ def document(key: int | str, *, version: int = 0) -> dict[str, Any]:
 
 
 def record_id(source_id: Any, collection: str | None = None) -> str:
-    if isinstance(source_id, bool) or not isinstance(source_id, int | str):
-        raise TypeError(f"the oracle encodes int and str ids only, not {source_id!r}")
-    encoded = f"i:{source_id}" if isinstance(source_id, int) else f"s:{source_id}"
+    if isinstance(source_id, bool):
+        encoded = f"b:{'true' if source_id else 'false'}"
+    elif isinstance(source_id, int):  # any width: int32, Int64
+        encoded = f"i:{int(source_id)}"
+    elif isinstance(source_id, float):
+        encoded = f"f:{source_id!r}"  # f:1.5, f:nan, f:-0.0
+    elif isinstance(source_id, str):
+        encoded = f"s:{source_id}"
+    elif isinstance(source_id, Decimal128):
+        encoded = f"dec:{source_id}"
+    else:
+        raise TypeError(f"the oracle encodes bool, number and str ids only, not {source_id!r}")
     return f"{collection}/{encoded}" if collection else encoded
 
 

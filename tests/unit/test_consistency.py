@@ -25,7 +25,7 @@ from syncd.mapping import Mapper
 from syncd.pipeline import Pipeline
 from syncd.plan import Poisoned
 from syncd.sink import ID_KEY, StoredRecord, WritePlan
-from syncd.source import Batch, hashable_id
+from syncd.source import Batch, id_key
 from syncd.telemetry import Telemetry
 from syncd.tokens import encode_high_water_mark
 from syncd.waiting import covers, parse_after, target_time
@@ -117,12 +117,12 @@ class MemorySource:
         for start in range(0, len(docs), batch_size):
             yield docs[start : start + batch_size]
 
-    def fetch(self, collection: str, ids: list[Any]) -> dict[Any, dict[str, Any]]:
-        wanted = {hashable_id(i) for i in ids}
+    def fetch(self, collection: str, ids: list[Any]) -> dict[str, dict[str, Any]]:
+        wanted = {id_key(i) for i in ids}
         return {
-            hashable_id(d["_id"]): d
+            id_key(d["_id"]): d
             for d in self.collections.get(collection, [])
-            if hashable_id(d["_id"]) in wanted
+            if id_key(d["_id"]) in wanted
         }
 
     def close(self) -> None:

@@ -16,7 +16,7 @@ from syncd.errors import ConsistencyError, HaltedError, TransientError
 from syncd.mapping import Mapper
 from syncd.pipeline import Pipeline
 from syncd.sink import ID_KEY, StoredRecord, WritePlan
-from syncd.source import Batch, Position
+from syncd.source import Batch, Position, id_key
 from syncd.telemetry import Telemetry
 from tests.standin import tokens as standin_tokens
 
@@ -149,8 +149,8 @@ class FakeSource:
     def __init__(self, current: dict[Any, dict[str, Any]] | None = None) -> None:
         self.current = current or {}
 
-    def fetch(self, collection: str, ids: list[Any]) -> dict[Any, dict[str, Any]]:
-        return {i: self.current[i] for i in ids if i in self.current}
+    def fetch(self, collection: str, ids: list[Any]) -> dict[str, dict[str, Any]]:
+        return {id_key(i): self.current[i] for i in ids if i in self.current}
 
     def close(self) -> None:
         pass

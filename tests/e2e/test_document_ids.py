@@ -1,0 +1,94 @@
+"""Invariant 9: every lookup by `_id` goes through the record id, never Python equality.
+
+NaN is not equal to itself, Python has `True == 1 == 1.0` where BSON tells a boolean
+from a number, and Decimal128 cannot be hashed. Documents with such `_id`s must be
+copied, streamed, verified, explained and dead-lettered like any other."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from bson import Decimal128, Int64
+
+from syncd.errors import ExitCode
+from tests.harness.daemon import run_syncd
+
+from .helpers import pipeline_table, settings_of, wait_caught_up, write_config
+from .oracle import DIMENSIONS, EMBEDDER, mismatch
+
+NAN = float("nan")
+
+
+def _vec(n: float) -> list[float]:
+    return [1.0, n / 8, 0.25, -0.5]
+
+
+def _doc(source_id: Any, n: int, body: str | None = None) -> dict[str, Any]:
+    return {"_id": source_id, "body": body or f"document {n}", "title": f"t{n}", "vec": _vec(n)}
+
+
+def _setup(tmp_path, mongo_uri, chroma_server, **pipeline: Any) -> tuple[Any, Any, str, str]:
+    db, coll = f"ids_{uuid.uuid4().hex[:8]}", f"ids-{uuid.uuid4().hex[:8]}"
+    cfg = write_config(
+        tmp_path / "syncd.toml",
+        mongo_uri=mongo_uri,
+        chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
+        checkpoint_db=f"{db}_syncd",
+        extra={"lease": {"enabled": False}},
+        pipelines=[
+            pipeline_table(
+                "p",
+                db,
+                chroma_collection=coll,
+                mapping={"text": "body", "metadata": ["title"]},
+                embedder=EMBEDDER,
+                **pipeline,
+            )
+        ],
+    )
+    return cfg, settings_of(cfg), db, coll
+
+
+def test_ids_python_cannot_compare_are_copied_verified_and_explained(
+    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
+):
+    # One document per scan page: the scan resumes after each of these ids in turn.
+    cfg, settings, db, coll_name = _setup(tmp_path, mongo_uri, chroma_server, snapshot_batch_size=1)
+    docs = mongo_client[db]["docs"]
+    ids = [NAN, True, 1, -0.0, Decimal128("2.5"), Int64(7), 3.0, "s"]
+    docs.insert_many([_doc(source_id, n) for n, source_id in enumerate(ids)])
+    # A record left from a document whose _id was the integer 3: MongoDB finds the double
+    # 3.0 when asked for 3, but 3.0 is another document with another record id.
+    chroma = chroma_server.client()
+    stale = chroma.create_collection(
+        coll_name, embedding_function=None, metadata={"hnsw:space": "cosine"}
+    )
+    stale.add(
+        ids=["i:3"], documents=["old"], embeddings=[[0.5] * DIMENSIONS],
+        metadatas=[{"syncd_id": "i:3"}],
+    )  # fmt: skip
+
+    daemon = syncd_factory(["run"], cfg)
+    wait_caught_up(mongo_client, db, settings, "p", 60, "the snapshot")
+    daemon.terminate()
+    assert daemon.wait(30) == ExitCode.OK, daemon.output()
+    collection = chroma.get_collection(coll_name)
+    assert sorted(collection.get()["ids"]) == sorted(
+        ["f:nan", "b:true", "i:1", "f:-0.0", "dec:2.5", "i:7", "f:3.0", "s:s"]
+    )
+    problem = mismatch(docs.find(), collection, metadata_fields=["title"])
+    assert not problem, problem
+
+    verified = run_syncd(["verify", "p", "--json"], cfg)
+    assert verified.returncode == ExitCode.OK, verified.stdout + verified.stderr
+    assert json.loads(verified.stdout)["documents"] == len(ids)
+    for record_id in ("f:nan", "dec:2.5", "b:true"):
+        explained = run_syncd(["explain", "p", record_id, "--json"], cfg)
+        assert explained.returncode == ExitCode.OK, explained.stdout + explained.stderr
+        story = json.loads(explained.stdout)
+        assert story["mongodb"] is not None and story["consistent"], story
+        assert [r["id"] for r in story["chroma"]] == [record_id]
+    mongo_client.drop_database(db)
+    mongo_client.drop_database(f"{db}_syncd")
