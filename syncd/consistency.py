@@ -9,8 +9,15 @@ A full verify streams both sides in constant memory:
    (:class:`IdIndex`), so memory stays flat however large the collection.
 2. Chroma, every record a page at a time; a record whose id pass 1 did not expect is
    a candidate, confirmed against MongoDB's current state: its document is gone, no
-   longer matches the filter, or no longer produces that record id (a chunk that
-   should not exist): it is *orphaned*. Only candidates are fetched from MongoDB.
+   longer matches the filter, cannot be mapped, or no longer produces that record id
+   (a chunk that should not exist): it is *orphaned*. Only candidates are fetched from
+   MongoDB.
+
+A document that cannot be mapped (poison) is reported as *unmappable*, and it should
+have no record at all: the pipeline removes what Chroma held of it when it parks the
+change as a dead letter, so a record left over is orphaned (and `syncd explain` says
+the same of it). Under ``on_error = "halt"`` the record stays until the document is
+fixed, and verify reports that drift.
 
 Repair lives in :mod:`syncd.repair`; nothing here changes data.
 
@@ -49,7 +56,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 VOLATILE_KEYS = frozenset({"syncd_cluster_time"})
-UNMAPPABLE = "\x00"  # IdIndex prefix of keys whose records verify leaves alone
 SAMPLE_IDS = 20  # record ids kept per finding, for the report
 ORPHAN_BATCH = 10_000  # orphan ids held before deleting them (repair rescans after)
 
@@ -206,8 +212,7 @@ class Checker:
     ) -> Drift:
         """Missing and stale records of these documents (and, if asked, their extra ones).
 
-        ``index`` collects the record ids these documents should have, and the keys of
-        documents that cannot be mapped, for :meth:`orphans`.
+        ``index`` collects the record ids these documents should have, for :meth:`orphans`.
         """
         drift = Drift()
         expected: dict[str, Record] = {}
@@ -217,14 +222,12 @@ class Checker:
                 continue
             report.documents += 1
             key = planning.record_key(collection, doc["_id"], prefixed=self.prefixed)
+            keys.append(key)
             try:
                 mapped = self.expected(collection, doc)
             except PoisonError:
                 report.unmappable.add([key])
-                if index is not None:
-                    index.add([UNMAPPABLE + key])
                 continue
-            keys.append(key)
             for record in mapped.records:
                 expected[record.id] = record
                 drift.documents[key] = (collection, doc)
@@ -260,10 +263,8 @@ class Checker:
             report.records += len(page)
             if progress is not None:
                 progress.update(report.records)
-            known = index.known([r.id for r in page] + [UNMAPPABLE + base_id(r.id) for r in page])
-            candidates = [
-                r for r in page if r.id not in known and UNMAPPABLE + base_id(r.id) not in known
-            ]
+            known = index.known([r.id for r in page])
+            candidates = [r for r in page if r.id not in known]
             found = self.orphans_among(candidates) if candidates else []
             report.orphaned.add(found)
             if found:
@@ -285,18 +286,17 @@ class Checker:
             found = self.source.fetch(collection, [source_id for _, source_id in items])
             for key, source_id in items:
                 valid = self._valid_ids(collection, found.get(id_key(source_id)))
-                if valid is not None:
-                    orphans.extend(rid for rid in by_key[key] if rid not in valid)
+                orphans.extend(rid for rid in by_key[key] if rid not in valid)
         return orphans
 
-    def _valid_ids(self, collection: str, doc: Mapping[str, Any] | None) -> set[str] | None:
-        """Record ids the document should have; None when it cannot be mapped (leave it)."""
+    def _valid_ids(self, collection: str, doc: Mapping[str, Any] | None) -> set[str]:
+        """Record ids the document should have: none when it cannot be mapped."""
         if doc is None or not self.mapper.matches(doc):
             return set()
         try:
             return {r.id for r in self.expected(collection, doc).records}
         except PoisonError:
-            return None
+            return set()
 
     def _locate(self, key: str) -> tuple[str, Any] | None:
         collection, encoded = key, key

@@ -2,7 +2,8 @@
 
 A dead letter is written *before* the checkpoint moves past its event, so an event
 is always either applied to Chroma or visible here. One entry per document key:
-a later poison event on the same key updates the entry (attempts, last seen).
+a later poison event on the same key updates the entry (attempts, last seen), and a
+later change that applies (the document was fixed, deleted or filtered out) removes it.
 """
 
 from __future__ import annotations
@@ -23,11 +24,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+KEYS_HELD = 100_000  # keys of one pipeline's dead letters kept in memory, at most
+
+
 class DeadLetterStore:
     def __init__(self, client: MongoClient[dict[str, Any]], database: str, collection: str) -> None:
         self._coll = client[database].get_collection(
             collection, write_concern=WriteConcern(w="majority", j=True)
         )
+        # pipeline -> keys of its dead letters (None: more than KEYS_HELD), read once
+        self._keys: dict[str, set[str] | None] = {}
 
     def put_many(self, pipeline: str, poisoned: Sequence[Poisoned]) -> None:
         now = datetime.now(UTC)
@@ -55,6 +61,9 @@ class DeadLetterStore:
                     },
                     upsert=True,
                 )
+        known = self._keys.get(pipeline)
+        if known is not None:
+            known.update(item.change.key for item in poisoned)
 
     def list(self, pipeline: str, *, limit: int = 0) -> Iterator[dict[str, Any]]:
         """The pipeline's entries, oldest first; ones syncd did not write are left out."""
@@ -72,6 +81,23 @@ class DeadLetterStore:
                         self._coll.full_name, entry.get("_id"), extra={"pipeline": pipeline},
                     )  # fmt: skip
 
+    def settle(self, pipeline: str, applied: Sequence[str]) -> int:
+        """Remove the dead letters of these keys, whose documents were just applied;
+        return how many there were.
+
+        The pipeline's keys are read once and kept, so applying a batch costs no round
+        trip unless one of its documents has a dead letter (past KEYS_HELD entries, each
+        batch asks the store).
+        """
+        if pipeline not in self._keys:
+            with translate_mongo_errors(pipeline=pipeline):
+                cursor = self._coll.find({"pipeline": pipeline}, {"key": 1}).limit(KEYS_HELD + 1)
+                keys = {str(doc["key"]) for doc in cursor}
+            self._keys[pipeline] = keys if len(keys) <= KEYS_HELD else None
+        known = self._keys[pipeline]
+        settled = applied if known is None else [k for k in applied if k in known]
+        return self.remove(pipeline, settled) if settled else 0
+
     def get(self, pipeline: str, key: str) -> dict[str, Any] | None:
         with translate_mongo_errors(pipeline=pipeline):
             return self._coll.find_one({"_id": {"pipeline": pipeline, "key": key}})
@@ -81,9 +107,13 @@ class DeadLetterStore:
             result = self._coll.delete_many(
                 {"_id": {"$in": [{"pipeline": pipeline, "key": k} for k in keys]}}
             )
+        known = self._keys.get(pipeline)
+        if known is not None:
+            known.difference_update(keys)
         return int(result.deleted_count)
 
     def purge(self, pipeline: str) -> int:
+        self._keys.pop(pipeline, None)
         with translate_mongo_errors(pipeline=pipeline):
             return int(self._coll.delete_many({"pipeline": pipeline}).deleted_count)
 

@@ -41,6 +41,9 @@ def explain(settings: Settings, pipeline: PipelineSettings, record_id: str) -> d
                 and expected[r.id].content_hash == r.metadata.get("syncd_hash"),
                 # As `syncd verify` judges it: a record edited in Chroma keeps its hash.
                 "matches": r.id in expected and not differs(expected[r.id], r),
+                # No such record should exist: the document is gone, filtered out or
+                # cannot be mapped, or the chunk is one too many (verify: orphaned).
+                "orphaned": r.id not in expected,
             }
             for r in stored
         ]

@@ -1,8 +1,11 @@
 """Changes completed with their documents as they are now, found by record id.
 
-A poison change is tried again with its document as it is in MongoDB now, which may
-have been fixed since. It is read by ``_id`` and matched by :func:`syncd.source.id_key`,
-never by the value's own equality (NaN, ``True == 1 == 1.0``, unhashable Decimal128).
+Two kinds of change need the document as it is in MongoDB now rather than as the
+event carried it: an update that came without one (``full_document =
+"whenAvailable"`` on a collection without post-images, or ``updateLookup`` after the
+document was deleted), and a poison change whose document may have been fixed since.
+Both are read by ``_id`` and matched by :func:`syncd.source.id_key`, never by the
+value's own equality (NaN, ``True == 1 == 1.0``, unhashable Decimal128).
 """
 
 from __future__ import annotations
@@ -17,6 +20,26 @@ from syncd.source import id_key
 
 class Fetcher(Protocol):
     def fetch(self, collection: str, ids: list[Any]) -> dict[str, dict[str, Any]]: ...
+
+
+def bare(change: Change) -> bool:
+    """An update that came without its document."""
+    return change.document is None and change.operation == "update"
+
+
+def with_documents(source: Fetcher, changes: Sequence[Change]) -> list[Change]:
+    """Bare updates get the document as it is now, as ``updateLookup`` would read it;
+    one that is not found is gone, and the plan removes its records."""
+    wanted = [c for c in changes if bare(c)]
+    if not wanted:
+        return list(changes)
+    found = current(source, wanted)
+    return [
+        dataclasses.replace(c, document=found.get((c.collection, id_key(c.source_id))))
+        if bare(c)
+        else c
+        for c in changes
+    ]
 
 
 def refetched(source: Fetcher, changes: Sequence[Change], keys: Collection[str]) -> list[Change]:

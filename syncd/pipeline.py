@@ -320,29 +320,39 @@ class Pipeline:
     ) -> None:
         if not segment:
             return
-        changes = self._with_documents(planning.coalesce(segment, prefixed=self._prefixed))
-        halt = self.settings.on_error == "halt" or self.dead_letters is None
-        result = self.write_changes(changes, write_if_poisoned=not halt)
+        changes = planning.coalesce(segment, prefixed=self._prefixed)
+        result = self.write_changes(changes, write_if_poisoned=self._dead_lettering)
         if not result.poisoned:
             return
-        if self.settings.on_error == "dead_letter" and self.dead_letters is not None:
-            self.dead_letters.put_many(self.settings.name, result.poisoned)
-            self.telemetry.dead_lettered([(p.change.key, p.error) for p in result.poisoned])
+        if self._dead_lettering:
+            self.put_dead_letters(result.poisoned)
             return
         self._halt_at(result.poisoned, segment, events)
+
+    @property
+    def _dead_lettering(self) -> bool:
+        return self.settings.on_error == "dead_letter" and self.dead_letters is not None
 
     def write_changes(
         self, changes: Sequence[planning.Change], *, write_if_poisoned: bool = True
     ) -> planning.PlanResult:
         """Map, embed and write coalesced changes; poisoned ones are returned, not written.
 
-        With ``write_if_poisoned`` false, nothing is written when any change is poison
-        (the caller halts and writes only what came before it).
+        An update that came without its document (``full_document = "whenAvailable"``
+        without post-images) is applied from the document as it is now: only a delete,
+        or a lookup that finds nothing, removes records. Under ``on_error =
+        "dead_letter"`` the records of a poisoned document are removed (the caller
+        parks the change); dead letters of documents applied here are removed. With
+        ``write_if_poisoned`` false, nothing is written when any change is poison (the
+        caller halts and writes only what came before it).
         """
+        changes = lookups.with_documents(self.source, changes)
         result = self._plan(changes)
         if result.poisoned:
+            remove = write_if_poisoned and self._dead_lettering
             bad = {p.change.key for p in result.poisoned}
-            result = self._plan(lookups.refetched(self.source, changes, bad))
+            changes = lookups.refetched(self.source, changes, bad)
+            result = self._plan(changes, remove_poisoned=remove)
         if result.embedded:
             self.telemetry.embedded(result.embedded)
         if result.poisoned and not write_if_poisoned:
@@ -352,6 +362,7 @@ class Pipeline:
         if self.settings.consistency == "strong":
             with self.telemetry.stage("readback"):
                 self.read_back(result.plan)
+        self._settle_dead_letters(result.keys_written)
         cp = self.checkpoint
         for change in changes:
             self.telemetry.applied(change.operation, 1)
@@ -359,7 +370,9 @@ class Pipeline:
                 cp.counts[change.operation] = cp.counts.get(change.operation, 0) + 1
         return result
 
-    def _plan(self, changes: Sequence[planning.Change]) -> planning.PlanResult:
+    def _plan(
+        self, changes: Sequence[planning.Change], *, remove_poisoned: bool = False
+    ) -> planning.PlanResult:
         return planning.build(
             changes,
             mapper=self.mapper,
@@ -367,18 +380,27 @@ class Pipeline:
             sink=self.sink,
             prefixed=self._prefixed,
             stage=self.telemetry.stage,
+            remove_poisoned=remove_poisoned,
         )
 
-    def _with_documents(self, changes: list[planning.Change]) -> list[planning.Change]:
-        """Update events that came without the document get it as it is now.
+    # --- dead letters ---------------------------------------------------------------
 
-        Under ``full_document = "whenAvailable"`` an update carries no document when the
-        collection keeps no post-images; under ``"updateLookup"`` when the document was
-        deleted before the lookup. Neither says the document is gone, so it is read now,
-        as updateLookup would: found, it is applied; gone, its records are deleted.
-        """
-        bare = {c.key for c in changes if c.document is None and c.operation == "update"}
-        return lookups.refetched(self.source, changes, bare) if bare else changes
+    def put_dead_letters(self, poisoned: Sequence[planning.Poisoned]) -> None:
+        """Park poisoned changes (their records were removed when they were planned)."""
+        if self.dead_letters is None:
+            raise SourceFatalError("no dead-letter store", pipeline=self.settings.name)
+        self.dead_letters.put_many(self.settings.name, poisoned)
+        self.telemetry.dead_lettered([(p.change.key, p.error) for p in poisoned])
+
+    def _settle_dead_letters(self, written: Sequence[str]) -> None:
+        """Remove the dead letters of documents that a later change has now applied."""
+        if self.dead_letters is not None and written:
+            settled = self.dead_letters.settle(self.settings.name, written)
+            if settled:
+                log.info(
+                    "removed %d dead letter(s): their documents were applied since",
+                    settled, extra=self._extra(),
+                )  # fmt: skip
 
     def read_back(self, plan: WritePlan) -> None:
         """Strong consistency: what Chroma returns must be what was written."""

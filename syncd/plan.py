@@ -4,6 +4,10 @@ Events on the same key are coalesced to the last one (stream order is kept by th
 position of each key's last event). The plan deletes records of documents that are
 gone or no longer match the filter, re-embeds only records whose text changed, and
 sends metadata-only updates (with ``None`` for removed keys) for the rest.
+
+A document that cannot be mapped (poison) has no correct record: when the caller
+parks it in the dead-letter store (``remove_poisoned``), the plan deletes what Chroma
+holds of it, so the mirror never keeps a stale copy searchable.
 """
 
 from __future__ import annotations
@@ -90,8 +94,12 @@ def build(
     sink: ExistingLookup,
     prefixed: bool,
     stage: Callable[[str], AbstractContextManager[None]] = lambda _name: nullcontext(),
+    remove_poisoned: bool = False,
 ) -> PlanResult:
-    """``stage("map")``, ``stage("lookup")`` (Chroma) and ``stage("embed")`` time the parts."""
+    """``stage("map")``, ``stage("lookup")`` (Chroma) and ``stage("embed")`` time the parts.
+
+    With ``remove_poisoned``, the records of poisoned documents are deleted.
+    """
     with stage("map"):
         poisoned, mapped = _map(changes, mapper, prefixed)
     bad = {p.change.key for p in poisoned}
@@ -106,6 +114,8 @@ def build(
     bad = {p.change.key for p in poisoned}
     if bad:
         plan = _without(plan, bad, mapped)
+    if bad and remove_poisoned:
+        _delete_records_of(sorted(bad), sink, plan)
     written = [c.key for c in changes if c.key not in bad]
     return PlanResult(plan=plan, poisoned=poisoned, embedded=embedded, keys_written=written)
 
@@ -190,6 +200,12 @@ def _embed(
             plan.upserts.append(Upsert(record.id, record.text, metadata, vector))
         break
     return sent
+
+
+def _delete_records_of(keys: list[str], sink: ExistingLookup, plan: WritePlan) -> None:
+    planned = set(plan.deletes)
+    for records in sink.existing(keys).values():
+        plan.deletes.extend(rid for rid in records if rid not in planned)
 
 
 def _with_removals(metadata: Mapping[str, Any], old: Mapping[str, Any] | None) -> dict[str, Any]:

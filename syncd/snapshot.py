@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from syncd import plan as planning
 from syncd.checkpoint import Checkpoint, SnapshotProgress
-from syncd.errors import MappingError
+from syncd.errors import HaltedError, MappingError
 from syncd.mapping import base_id, decode_id
 from syncd.progress import Progress
 from syncd.sink import WritePlan
@@ -123,11 +123,8 @@ class Snapshotter:
 
     def _poisoned(self, poisoned: list[planning.Poisoned]) -> None:
         if self.settings.on_error == "dead_letter" and self.p.dead_letters is not None:
-            self.p.dead_letters.put_many(self.settings.name, poisoned)
-            self.p.telemetry.dead_lettered([(p.change.key, p.error) for p in poisoned])
+            self.p.put_dead_letters(poisoned)
             return
-        from syncd.errors import HaltedError
-
         first = poisoned[0]
         raise HaltedError(
             f"snapshot halted at a document that cannot be applied: {first.error.message}",

@@ -50,6 +50,8 @@ def _print(story: dict[str, Any]) -> None:
     for record in story["chroma"]:
         if record["matches"]:
             verdict = "matches"
+        elif record.get("orphaned"):
+            verdict = "ORPHANED (no record should exist for this document now)"
         elif record["hash_matches"]:
             verdict = "STALE (text or metadata edited in Chroma)"
         else:

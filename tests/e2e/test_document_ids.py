@@ -92,3 +92,46 @@ def test_ids_python_cannot_compare_are_copied_verified_and_explained(
         assert [r["id"] for r in story["chroma"]] == [record_id]
     mongo_client.drop_database(db)
     mongo_client.drop_database(f"{db}_syncd")
+
+
+def test_poison_changes_are_looked_up_by_record_id(
+    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
+):
+    # Two changes per batch: True and 1 come back from one lookup and must not collide.
+    cfg, settings, db, coll_name = _setup(
+        tmp_path, mongo_uri, chroma_server, on_error="dead_letter", batch_size=2
+    )
+    docs = mongo_client[db]["docs"]
+    docs.insert_many([_doc(True, 0), _doc(1, 1), _doc(NAN, 2), _doc("other", 3)])
+    daemon = syncd_factory(["run"], cfg)
+    wait_caught_up(mongo_client, db, settings, "p", 60, "the snapshot")
+    daemon.terminate()
+    assert daemon.wait(30) == ExitCode.OK, daemon.output()
+
+    # While syncd is stopped: True and 1 are replaced by documents without text and then
+    # fixed, so their replace events carry poison that a lookup finds fixed. NaN's
+    # document stays without text: it is a dead letter, and its old record must go.
+    for source_id in (True, 1):
+        docs.replace_one({"_id": source_id}, {"title": "no text yet", "vec": _vec(9)})
+    docs.replace_one({"_id": NAN}, {"title": "no text", "vec": _vec(9)})
+    docs.update_one({"_id": True}, {"$set": {"body": "fixed true"}})
+    docs.update_one({"_id": 1}, {"$set": {"body": "fixed one"}})
+
+    daemon = syncd_factory(["run"], cfg, log_path=tmp_path / "second.log")
+    wait_caught_up(mongo_client, db, settings, "p", 60, "the replayed changes")
+    daemon.terminate()
+    assert daemon.wait(30) == ExitCode.OK, daemon.output()
+    collection = chroma_server.client().get_collection(coll_name)
+    problem = mismatch(
+        docs.find({"body": {"$exists": True}}), collection, metadata_fields=["title"]
+    )
+    assert not problem, problem
+
+    listed = run_syncd(["dlq", "list", "p", "--json"], cfg)
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert [e["key"] for e in json.loads(listed.stdout)] == ["f:nan"]
+    verified = run_syncd(["verify", "p", "--json"], cfg)
+    assert verified.returncode == ExitCode.OK, verified.stdout + verified.stderr
+    assert json.loads(verified.stdout)["unmappable"]["sample"] == ["f:nan"]
+    mongo_client.drop_database(db)
+    mongo_client.drop_database(f"{db}_syncd")

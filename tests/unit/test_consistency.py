@@ -252,15 +252,23 @@ def test_chunks_that_should_not_exist_are_orphans() -> None:
     assert report.stale.sample == ["i:1#0"]
 
 
-def test_unmappable_documents_are_reported_apart_and_their_records_left_alone() -> None:
+def test_unmappable_documents_are_reported_apart_and_their_records_are_orphans() -> None:
     ps = settings()
     docs = docs_of(3)
     _, sink, checker = synced(ps, {"docs": docs})
     docs[1]["body"] = {"not": "text"}
     report = checker.verify()
-    assert report.consistent
     assert report.unmappable.sample == ["i:1"]
-    assert "i:1" in sink.records
+    assert report.orphaned.sample == ["i:1"], "an unmappable document must have no record"
+    assert not report.consistent
+    source = checker.source
+    sampler = consistency.Checker(
+        ps, source=source, sink=sink, mapper=Mapper(ps), database=FakeDatabase(source)
+    )
+    assert sampler.sample(3).orphaned.sample == ["i:1"]
+    del sink.records["i:1"]
+    report = checker.verify()
+    assert report.consistent and report.unmappable.sample == ["i:1"]
 
 
 def test_multi_collection_pipelines_verify_prefixed_ids() -> None:

@@ -144,6 +144,11 @@ class FakeDLQ:
         self.log.calls.append(f"dead-letter {len(poisoned)}")
         self.items.extend(poisoned)
 
+    def settle(self, pipeline: str, applied: Sequence[str]) -> int:
+        before = len(self.items)
+        self.items = [p for p in self.items if p.change.key not in set(applied)]
+        return before - len(self.items)
+
 
 class FakeSource:
     def __init__(self, current: dict[Any, dict[str, Any]] | None = None) -> None:
@@ -309,3 +314,26 @@ def test_an_update_without_its_document_applies_the_current_state() -> None:
     gone["fullDocument"] = None
     p.process(Batch([gone], token(3)))
     assert sink.records == {}
+
+
+def test_a_poison_update_under_dead_letter_removes_the_record_until_a_fix_applies() -> None:
+    source = FakeSource()
+    p, _, sink, _, dlq, _ = make(on_error="dead_letter", source=source)
+    p.process(Batch([event(1, "insert", 1, {"body": "good"})], token(1)))
+    source.current[1] = {"_id": 1, "nobody": "text removed"}
+    p.process(Batch([event(2, "update", 1, {"nobody": "text removed"})], token(2)))
+    assert sink.records == {}, "an unmappable document keeps no searchable copy"
+    assert [i.change.key for i in dlq.items] == ["i:1"]
+    source.current[1] = {"_id": 1, "body": "fixed"}
+    p.process(Batch([event(3, "update", 1, {"body": "fixed"})], token(3)))
+    assert sink.records["i:1"]["text"] == "fixed"
+    assert dlq.items == [], "the dead letter of an applied document is removed"
+
+
+def test_a_poison_update_under_halt_leaves_the_record_alone() -> None:
+    source = FakeSource({1: {"_id": 1, "nobody": "text removed"}})
+    p, _, sink, _, _, _ = make(on_error="halt", source=source)
+    sink.records["i:1"] = {"text": "old", "metadata": {ID_KEY: "i:1"}}
+    with pytest.raises(HaltedError):
+        p.process(Batch([event(1, "update", 1, {"nobody": "text removed"})], token(1)))
+    assert set(sink.records) == {"i:1"}
