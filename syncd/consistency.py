@@ -19,6 +19,8 @@ change as a dead letter, so a record left over is orphaned (and `syncd explain` 
 the same of it). Under ``on_error = "halt"`` the record stays until the document is
 fixed, and verify reports that drift.
 
+Records are compared by :func:`syncd.compare.differs` (floats as Chroma stores them).
+
 Repair lives in :mod:`syncd.repair`; nothing here changes data.
 
 Embeddings are not compared: checking them means re-embedding every record, which
@@ -41,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pymongo.database import Database
 
 from syncd import plan as planning
+from syncd.compare import differs
 from syncd.config import PipelineSettings
 from syncd.errors import MappingError, PoisonError, SyncdError, translate_mongo_errors
 from syncd.mapping import MappedDocument, Mapper, Record, base_id, decode_id
@@ -55,7 +58,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-VOLATILE_KEYS = frozenset({"syncd_cluster_time"})
 SAMPLE_IDS = 20  # record ids kept per finding, for the report
 ORPHAN_BATCH = 10_000  # orphan ids held before deleting them (repair rescans after)
 
@@ -396,19 +398,6 @@ class IdIndex:
             query = f"SELECT id FROM ids WHERE id IN ({marks})"
             found.update(row[0] for row in self._db.execute(query, part))
         return found
-
-
-def differs(record: Record, stored: StoredRecord) -> bool:
-    """Whether Chroma's copy of a record is not what mapping the document produces."""
-    if stored.metadata.get("syncd_hash") != record.content_hash:
-        return True
-    if (stored.document or "") != record.text:
-        return True
-    return _stable(stored.metadata) != _stable(record.metadata)
-
-
-def _stable(metadata: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in metadata.items() if k not in VOLATILE_KEYS}
 
 
 # --- periodic sampled verify (runs inside the daemon) ------------------------------------

@@ -13,8 +13,8 @@ import bson
 import bson.errors
 from bson import json_util
 
+from syncd.compare import differs
 from syncd.config import PipelineSettings, Settings
-from syncd.consistency import differs
 from syncd.errors import ConfigError, MappingError, PoisonError
 from syncd.mapping import Record, base_id, decode_id
 from syncd.runtime import Runtime

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import time
@@ -132,11 +133,24 @@ def _stable(metadata: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metadata.items() if k not in VOLATILE}
 
 
+FLOAT_ULPS = 4  # README: metadata floats match within Chroma's own parsing error
+
+
+def _same_value(want: Any, got: Any) -> bool:
+    if isinstance(want, list) and isinstance(got, list):
+        return len(want) == len(got) and all(map(_same_value, want, got))
+    if isinstance(want, float) and isinstance(got, float) and want != got:
+        return abs(want - got) <= FLOAT_ULPS * math.ulp(max(abs(want), abs(got)))
+    return bool(want == got)
+
+
 def _same(want: Mapping[str, Any], got: Mapping[str, Any]) -> bool:
-    """Records are equal; embeddings within float32 precision (Chroma stores float32)."""
-    if {k: v for k, v in want.items() if k != "embedding"} != {
-        k: v for k, v in got.items() if k != "embedding"
-    }:
+    """Records are equal; embeddings within float32 precision (Chroma stores float32),
+    metadata floats as Chroma stores them (a few units in the last place off)."""
+    if want.get("document") != got.get("document"):
+        return False
+    meta_a, meta_b = want.get("metadata") or {}, got.get("metadata") or {}
+    if meta_a.keys() != meta_b.keys() or not all(_same_value(meta_a[k], meta_b[k]) for k in meta_a):
         return False
     a, b = want.get("embedding") or [], got.get("embedding") or []
     return len(a) == len(b) and all(abs(x - y) <= 1e-5 for x, y in zip(a, b, strict=True))

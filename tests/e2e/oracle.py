@@ -11,6 +11,7 @@ itself. It covers this mapping: `mapping = {text = "body", metadata = [...]}` an
 * metadata: the listed fields (`METADATA` unless told otherwise); nested documents
   flatten to dotted keys, `null` and missing fields are dropped; keys starting with
   `syncd_` are reserved and not compared;
+* metadata floats as Chroma stores them: within a few units in the last place;
 * the embedding is the document's own vector (`embedder.kind = "field"`), compared within
   float32 precision, as Chroma stores it.
 """

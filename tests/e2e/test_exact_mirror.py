@@ -5,7 +5,8 @@ same thing about it.
 * An update without its document (`full_document = "whenAvailable"`, no post-images)
   is looked up, not taken for a deletion.
 * An update that turns a document into poison under `dead_letter` removes its record
-  and keeps the dead letter; a later change that applies removes the dead letter."""
+  and keeps the dead letter; a later change that applies removes the dead letter.
+* Floats are compared as Chroma stores them, so verify comes back clean after repair."""
 
 from __future__ import annotations
 
@@ -151,6 +152,46 @@ def test_verify_and_explain_agree_on_the_record_of_an_unmappable_document(
     assert _json(["explain", "p", "s:a"], cfg)["consistent"]
     collection = chroma_server.client().get_collection(coll_name)
     problem = mismatch(docs.find({"_id": "b"}), collection, metadata_fields=["title"])
+    assert not problem, problem
+    mongo_client.drop_database(db)
+    mongo_client.drop_database(f"{db}_syncd")
+
+
+# Values Chroma 1.5 gives back a unit or a few in the last place off (measured against
+# the real server), and ones it keeps exactly.
+ROUNDED = [-943305.0469559873, 443080.06468156516, 9.443133249767594e-76, 97597.52277630591]
+EXACT = [0.1, 2.5, 1e300]
+
+
+def test_floats_chroma_rounds_verify_clean_and_real_changes_still_show(
+    tmp_path, mongo_uri, mongo_client, chroma_server
+):
+    cfg, _, db, coll_name = _setup(tmp_path, mongo_uri, chroma_server, ["title", "score", "scores"])
+    docs = mongo_client[db]["docs"]
+    values = ROUNDED + EXACT
+    docs.insert_many(
+        [_doc(f"d{i}", i, score=v, scores=[v, -109225.61189039715]) for i, v in enumerate(values)]
+    )
+    snap = run_syncd(["snapshot", "p"], cfg)
+    assert snap.returncode == ExitCode.OK, snap.stdout + snap.stderr
+    collection = chroma_server.client().get_collection(coll_name)
+    got = collection.get(include=["metadatas"])
+    stored = {rid: meta["score"] for rid, meta in zip(got["ids"], got["metadatas"], strict=True)}
+    assert any(stored[f"s:d{i}"] != v for i, v in enumerate(ROUNDED)), "Chroma kept them all"
+
+    report = _json(["verify", "p"], cfg)
+    assert report["consistent"] and report["stale"]["count"] == 0, report
+    problem = mismatch(docs.find(), collection, metadata_fields=["title", "score", "scores"])
+    assert not problem, problem
+
+    # A value changed in Chroma by hand (its hash kept) is still drift, and repair fixes it.
+    collection.update(ids=["s:d0"], metadatas=[{"score": -943305.5}])
+    report = _json(["verify", "p"], cfg, ExitCode.DRIFT_OR_FAILURE)
+    assert report["stale"]["sample"] == ["s:d0"], report
+    fixed = run_syncd(["repair", "p"], cfg)
+    assert fixed.returncode == ExitCode.OK, fixed.stdout + fixed.stderr
+    assert _json(["verify", "p"], cfg)["consistent"]
+    problem = mismatch(docs.find(), collection, metadata_fields=["title", "score", "scores"])
     assert not problem, problem
     mongo_client.drop_database(db)
     mongo_client.drop_database(f"{db}_syncd")

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from bson.timestamp import Timestamp
 
-from syncd import consistency
+from syncd import compare, consistency
 from syncd import repair as repair_mod
 from syncd.checkpoint import Checkpoint
 from syncd.config import PipelineSettings
@@ -516,3 +516,16 @@ def test_a_checkpoint_covers_a_time_at_or_after_it_but_not_inside_a_transaction(
     assert covers(cp(Timestamp(100, 2), {"_data": encode_high_water_mark(target)}), target)
     assert not covers(cp(Timestamp(100, 1)), target)
     assert not covers(cp(Timestamp(101, 0), phase="snapshot"), target)
+
+
+def test_floats_match_as_chroma_stores_them() -> None:
+    # Values Chroma 1.5 returned changed by 1 to 3 units in the last place.
+    assert compare.same_value(-943305.0469559873, -943305.0469559872)
+    assert compare.same_value(9.443133249767594e-76, 9.443133249767591e-76)
+    assert compare.same_value([0.1, 443080.06468156516], [0.1, 443080.0646815651])
+    assert not compare.same_value(0.5, 0.75)
+    assert not compare.same_value(1.0, 1.0000000001)
+    assert not compare.same_value([1.0], [1.0, 2.0])
+    assert compare.same_value("x", "x") and not compare.same_value(1, 2)
+    assert compare.same_metadata({"a": 0.1, "syncd_cluster_time": 1}, {"a": 0.1})
+    assert not compare.same_metadata({"a": 0.1}, {"a": 0.1, "b": 1})
