@@ -69,6 +69,11 @@ class Checkpoint:
     wall_time: datetime | None = None
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
     snapshot: SnapshotProgress | None = None
+    # The Chroma collection the records are in (its id, not its name: a collection
+    # deleted and created again under the same name is another, empty one). None in
+    # checkpoints written before syncd recorded it: the pipeline adopts the collection
+    # it finds.
+    chroma_collection_id: str | None = None
     epoch: int = 0
     updated_by: str = ""
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
@@ -92,6 +97,33 @@ class Checkpoint:
             "reason": reason,
             "at": datetime.now(UTC),
         }
+
+
+class CollectionIds(Protocol):
+    def collection_id(self, *, create: bool = False) -> str | None: ...
+
+
+def lost_collection(cp: Checkpoint, sink: CollectionIds, name: str) -> str | None:
+    """None when ``sink``'s collection is the one ``cp`` describes; else what became of it.
+
+    A checkpoint written before syncd recorded the id adopts the collection it finds
+    (saved with its next write). A missing collection is created only for a checkpoint
+    that never applied anything; otherwise, as a replaced one, it took the records.
+    """
+    found = sink.collection_id()
+    if found is not None and cp.chroma_collection_id in (None, found):
+        cp.chroma_collection_id = found
+        return None
+    if found is None and cp.chroma_collection_id is None and not cp.counts:
+        cp.chroma_collection_id = sink.collection_id(create=True)
+        return None
+    if found is None:
+        known = f" (id {cp.chroma_collection_id})" if cp.chroma_collection_id else ""
+        return f"the Chroma collection {name!r}{known} that the checkpoint describes is gone"
+    return (
+        f"the Chroma collection {name!r} was replaced: its id is {found}, the checkpoint "
+        f"describes {cp.chroma_collection_id}"
+    )
 
 
 class CheckpointStore(Protocol):
@@ -168,6 +200,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "wall_time": (datetime, _NONE),
     "counts": (dict,),
     "snapshot": (dict, _NONE),
+    "chroma_collection_id": (str, _NONE),
     "epoch": (int,),
     "updated_by": (str,),
     "history": (list,),

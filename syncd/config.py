@@ -331,6 +331,7 @@ class PipelineSettings(_Model):
     snapshot: Literal["initial", "never"] = "initial"
     snapshot_batch_size: Annotated[int, Field(ge=1, le=100_000)] = 1000
     on_history_lost: Literal["fail", "resnapshot"] = "fail"
+    on_sink_lost: Literal["fail", "resnapshot"] = "fail"
     on_drop: Literal["purge", "halt"] = "purge"
     on_rename: Literal["halt", "purge"] = "halt"
     on_drop_database: Literal["halt", "purge"] = "halt"

@@ -131,6 +131,10 @@ class SinkFatalError(SyncdError):
     exit_code = ExitCode.SINK
 
 
+class SinkLostError(SinkFatalError):
+    """The Chroma collection a checkpoint describes was deleted or replaced."""
+
+
 class CheckpointCorruptError(SyncdError):
     """A stored checkpoint exists but cannot be read. Never treated as 'first run'."""
 

@@ -427,6 +427,11 @@ class FencedSink:
     def open(self) -> None:
         self._inner.open()
 
+    def collection_id(self, *, create: bool = False) -> str | None:
+        if create:
+            self._check()
+        return self._inner.collection_id(create=create)
+
     def existing(self, keys: Sequence[str]) -> dict[str, dict[str, Mapping[str, Any]]]:
         return self._inner.existing(keys)
 

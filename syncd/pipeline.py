@@ -4,6 +4,11 @@ The checkpoint is written only after the sink acknowledged the batch (and, under
 ``consistency = "strong"``, after reading it back). Transient failures re-open the
 stream from the last *applied* position, so a batch that was read but not applied is
 read again. Poison events halt the pipeline or go to the dead-letter store, by policy.
+
+The checkpoint also names the Chroma collection (by id) its position describes. When
+that collection is gone or has been replaced, the records before the position are
+lost: the pipeline stops with a hint, or re-snapshots under ``on_sink_lost =
+"resnapshot"``; it never streams on into an empty namesake.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import backoff
 
 from syncd import halts, lookups
 from syncd import plan as planning
-from syncd.checkpoint import Checkpoint, CheckpointStore, whoami
+from syncd.checkpoint import Checkpoint, CheckpointStore, lost_collection, whoami
 from syncd.config import PipelineSettings
 from syncd.deadletter import DeadLetterStore
 from syncd.embedder import Embedder
@@ -28,6 +33,7 @@ from syncd.errors import (
     HaltedError,
     HistoryLostError,
     LeaseLostError,
+    SinkLostError,
     SourceFatalError,
     SyncdError,
     TransientError,
@@ -129,6 +135,12 @@ class Pipeline:
                     extra={"pipeline": self.settings.name, "error": str(exc)},
                 )
                 self._start_snapshot(reason="history lost: re-snapshot")
+            except SinkLostError:
+                if self.checkpoint is None:
+                    raise  # the stored checkpoint's collection is gone: see _check_sink
+                # A call found the collection gone: load the checkpoint again, and check
+                # it against Chroma (which fails or re-snapshots, as configured).
+                self.checkpoint = None
 
     def _give_up_if_past_deadline(self, exc: TransientError, since: float) -> None:
         deadline = self.settings.retry_deadline_s
@@ -140,7 +152,7 @@ class Pipeline:
         # Chroma is first reached here, inside the retry loop: down at start, or when
         # this process takes the pipeline over, is an outage like any other. (After the
         # load, so a first run has a checkpoint for `syncd status` to show it retrying.)
-        self.sink.open()
+        self._open_sink(cp)
         if cp.phase == "snapshot":
             if not self._retrying:
                 self.telemetry.set_state("snapshotting")
@@ -223,8 +235,39 @@ class Pipeline:
             return self._start_snapshot(reason="mapping changed: re-snapshot (--resync)")
         halts.check_on_start(self.settings, cp, self.store)
         cp.epoch = self.epoch
+        cp = self._check_sink(cp)
         self.checkpoint = cp
         return cp
+
+    def _check_sink(self, cp: Checkpoint) -> Checkpoint:
+        """The checkpoint, if Chroma's collection is the one it describes (by id); if it
+        is lost, stop with a hint, or re-snapshot under ``on_sink_lost``."""
+        name = self.settings.chroma_collection_name
+        what = lost_collection(cp, self.sink, name)
+        if what is None:
+            return cp
+        if self.settings.on_sink_lost == "resnapshot":
+            log.error(
+                '%s; re-snapshotting as configured (on_sink_lost = "resnapshot")',
+                what, extra=self._extra(),
+            )  # fmt: skip
+            return self._start_snapshot(reason="Chroma collection lost: re-snapshot", from_cp=cp)
+        raise SinkLostError(
+            f"{what}; the records synced so far are not in it, and streaming on from the "
+            "checkpoint would leave them missing",
+            hint=f"run `syncd snapshot {self.settings.name}` to copy every document into "
+            f'it again, or set on_sink_lost = "resnapshot"',
+            pipeline=self.settings.name,
+            namespace=f"chroma:{name}",
+        )
+
+    def _open_sink(self, cp: Checkpoint) -> None:
+        """Reach Chroma. A checkpoint that names no collection yet (a first run, a new
+        snapshot) names the one opened, created if need be; it is saved with the next write."""
+        if cp.chroma_collection_id is None:
+            cp.chroma_collection_id = self.sink.collection_id(create=True)
+        else:
+            self.sink.open()  # bound already when the checkpoint was checked
 
     def _first_run(self) -> Checkpoint:
         if self.settings.snapshot == "initial":
@@ -236,9 +279,10 @@ class Pipeline:
         self._save(cp, history_reason="first run: streaming from now (snapshot = never)")
         return cp
 
-    def _start_snapshot(self, *, reason: str) -> Checkpoint:
+    def _start_snapshot(self, *, reason: str, from_cp: Checkpoint | None = None) -> Checkpoint:
+        previous = from_cp or self.checkpoint
         cp = self._new_checkpoint(phase="snapshot")
-        cp.counts = dict(self.checkpoint.counts) if self.checkpoint else {}
+        cp.counts = dict(previous.counts) if previous else {}
         Snapshotter(self).begin(cp)
         self._save(cp, history_reason=reason)
         return cp
@@ -291,6 +335,13 @@ class Pipeline:
 
     def _idle_checkpoint(self, token: Mapping[str, Any]) -> None:
         if time.monotonic() - self._last_saved >= self.settings.idle_checkpoint_interval_s:
+            # A quiet pipeline writes nothing that would find its collection gone: look.
+            if self.sink.collection_id() != self._require_checkpoint().chroma_collection_id:
+                raise SinkLostError(
+                    f"Chroma collection {self.settings.chroma_collection_name!r} was deleted "
+                    "or replaced",
+                    pipeline=self.settings.name,
+                )
             self.advance(token, idle=True)
 
     # --- one batch -------------------------------------------------------------------

@@ -81,6 +81,7 @@ def _describe(runtime: Runtime, name: str, cp: Checkpoint | None, now: datetime)
         "updated_by": None,
         "snapshot": None,
         "lease": _lease_json(lease),
+        "chroma_collection_id": None,
     }
     if cp is None:
         return out
@@ -94,6 +95,7 @@ def _describe(runtime: Runtime, name: str, cp: Checkpoint | None, now: datetime)
         lag_s=round(now.timestamp() - cp.cluster_time.time, 3) if cp.cluster_time else None,
         epoch=cp.epoch,
         updated_by=cp.updated_by,
+        chroma_collection_id=cp.chroma_collection_id,
     )
     if cp.snapshot is not None:
         out["snapshot"] = {

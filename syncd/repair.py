@@ -147,6 +147,9 @@ class _Distrusting:
     def open(self) -> None:
         self._sink.open()
 
+    def collection_id(self, *, create: bool = False) -> str | None:
+        return self._sink.collection_id(create=create)
+
     def existing(self, keys: Sequence[str]) -> dict[str, dict[str, Mapping[str, Any]]]:
         found = self._sink.existing(keys)
         wanted = set(keys)

@@ -4,6 +4,11 @@ Writes go out in slices no larger than the server's ``get_max_batch_size()``.
 Records of one document are found through the reserved ``syncd_id`` metadata key,
 so chunked documents never leave stale chunks behind. Chroma's upsert merges
 metadata, so keys that disappeared are sent as ``None`` (which deletes them).
+
+A sink writes to one collection, by id: :meth:`ChromaSink.collection_id` looks the
+name up (and binds the sink to what it finds), and a collection deleted or replaced
+while the sink is bound to it raises :class:`~syncd.errors.SinkLostError`, never a
+silent write into an empty namesake.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from syncd.config import ChromaSettings
-from syncd.errors import ConsistencyError, SinkFatalError, from_sink
+from syncd.errors import ConsistencyError, SinkFatalError, SinkLostError, from_sink
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +66,11 @@ class Sink(Protocol):
 
     def open(self) -> None:
         """Reach the collection now (a no-op once reached); raises what reaching it raises."""
+        ...
+
+    def collection_id(self, *, create: bool = False) -> str | None:
+        """The id of the collection the sink's name refers to now, which later calls
+        use; None when there is none (``create`` makes it)."""
         ...
 
     def existing(self, keys: Sequence[str]) -> dict[str, dict[str, Mapping[str, Any]]]:
@@ -126,6 +136,10 @@ class ChromaSink:
     inside the pipeline's retry loop, which retries it like any other outage.
     Opening checks that an existing collection matches the pipeline (its distance,
     and the dimension of its vectors when ``dimensions`` is known).
+
+    A pipeline first asks :meth:`collection_id` whether the collection its checkpoint
+    describes is still there, and only then lets it be created (with ``create``);
+    without ``create`` it must exist.
     """
 
     def __init__(
@@ -155,15 +169,25 @@ class ChromaSink:
     def open(self) -> None:
         self._collection()
 
+    def collection_id(self, *, create: bool = False) -> str | None:
+        opened = self._open(create)
+        if opened is None:
+            self._coll = None
+            return None
+        self._coll, self._max_batch = opened
+        return str(self._coll.id)
+
     def _collection(self) -> Any:
-        if self._coll is None:
-            self._coll, self._max_batch = self._open()
+        # A pipeline binds the collection before its first call (collection_id); other
+        # callers open it as they always did, creating it with ``create``.
+        if self._coll is None and self.collection_id(create=self._create) is None:
+            raise self._lost()
         return self._coll
 
-    def _open(self) -> tuple[Any, int]:
+    def _open(self, create: bool) -> tuple[Any, int] | None:
         try:
             client = self._client()
-            if self._create:
+            if create:
                 coll = client.get_or_create_collection(
                     self.name, embedding_function=None, metadata={"hnsw:space": self._distance}
                 )
@@ -177,6 +201,8 @@ class ChromaSink:
                 pipeline=self._pipeline,
             )
         except Exception as exc:
+            if self._create and _is_not_found(exc):
+                return None  # for the pipeline to judge (see collection_id)
             error = from_sink(exc, namespace=f"chroma:{self.name}")
             if not self._create and _is_not_found(exc):
                 error.hint = (
@@ -263,8 +289,17 @@ class ChromaSink:
         try:
             return getattr(coll, method)(**kwargs)
         except Exception as exc:
+            if _is_not_found(exc):
+                self._coll = None  # the next collection_id() looks the name up again
+                raise self._lost() from exc
             records = method in ("upsert", "update")
             raise from_sink(exc, records=records, namespace=f"chroma:{self.name}") from exc
+
+    def _lost(self) -> SinkLostError:
+        return SinkLostError(
+            f"Chroma collection {self.name!r} was deleted or replaced since syncd opened it",
+            namespace=f"chroma:{self.name}",
+        )
 
 
 def check_matches(

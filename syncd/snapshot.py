@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from syncd import plan as planning
 from syncd.checkpoint import Checkpoint, SnapshotProgress
-from syncd.errors import HaltedError, MappingError
+from syncd.errors import HaltedError, MappingError, SinkLostError
 from syncd.mapping import base_id, decode_id
 from syncd.progress import Progress
 from syncd.sink import WritePlan
@@ -48,6 +48,7 @@ class Snapshotter:
 
     def run(self, cp: Checkpoint) -> None:
         progress = cp.snapshot or SnapshotProgress()
+        self._same_collection(cp, progress)
         collections = self.settings.source_collections
         if progress.collection in collections:
             collections = collections[collections.index(progress.collection) :]
@@ -83,6 +84,33 @@ class Snapshotter:
             progress.scanned,
             extra={"pipeline": self.settings.name},
         )
+
+    def _same_collection(self, cp: Checkpoint, progress: SnapshotProgress) -> None:
+        """Continue a copy only into the collection it was made in.
+
+        If that collection is gone (or was replaced) since, what was copied is gone with
+        it. Asked to rebuild (`syncd snapshot`, ``--resync``, ``on_sink_lost =
+        "resnapshot"``), the scan starts over in the collection there now, from the same
+        recorded stream position; otherwise that is a lost collection (SinkLostError).
+        """
+        rebuild = self.p.resync or self.settings.on_sink_lost == "resnapshot"
+        known = cp.chroma_collection_id
+        current = self.p.sink.collection_id(create=rebuild or known is None)
+        if known is not None and current != known:
+            if not rebuild:
+                raise SinkLostError(
+                    f"the Chroma collection {self.settings.chroma_collection_name!r} of this "
+                    "snapshot was deleted or replaced",
+                    pipeline=self.settings.name,
+                )
+            log.warning(
+                "the Chroma collection of this snapshot was deleted or replaced since it "
+                "began; copying every document again",
+                extra={"pipeline": self.settings.name},
+            )
+            progress.collection, progress.last_id, progress.has_last_id = None, None, False
+            progress.scanned = 0
+        cp.chroma_collection_id = current
 
     def _scan(
         self, cp: Checkpoint, progress: SnapshotProgress, collection: str, reporter: Progress

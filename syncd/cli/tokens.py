@@ -27,7 +27,8 @@ stored pipeline: ``{"pipeline": str, "configured": bool, "stored": bool, "phase"
 null, "wall_time": ISO | null (when the checkpoint was written), "age_s": float | null
 (now - wall_time), "lag_s": float | null (now - cluster time), "epoch": int | null,
 "updated_by": str | null, "snapshot": {"collection", "scanned", "started_at"} | null,
-"lease": LEASE | null}``.
+"lease": LEASE | null, "chroma_collection_id": str | null (the Chroma collection the
+checkpoint describes)}``.
 
 ``history PIPELINE --json`` prints ``{"pipeline": str, "entries": [{"at": ISO,
 "set_by": str, "reason": str, "phase": str, "cluster_time": TIME | null, "wall_time":
@@ -311,6 +312,7 @@ def _entry_text(entry: dict[str, Any]) -> str:
         ]
         if entry["position"] and entry["position"]["token"]:
             lines.append(f"  token     {entry['position']['token']}")
+        lines.append(f"  chroma    collection id {entry['chroma_collection_id'] or 'not recorded'}")
         if entry["snapshot"]:
             snap = entry["snapshot"]
             lines.append(f"  snapshot  {snap['scanned']} documents scanned so far")

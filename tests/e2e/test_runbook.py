@@ -390,6 +390,61 @@ def test_unreadable_checkpoint_hint(runbook, store, corrupt):
     _stopped(daemon)
 
 
+# --- exit 5: the Chroma collection the checkpoint describes is gone -------------------------
+
+
+def _collection_deleted(runbook: Runbook) -> None:
+    runbook.chroma_server.client().delete_collection(runbook.chroma_name)
+
+
+def _collection_replaced(runbook: Runbook) -> None:
+    """Deleted and created again under the same name, with someone else's record in it."""
+    client = runbook.chroma_server.client()
+    client.delete_collection(runbook.chroma_name)
+    theirs = client.create_collection(
+        runbook.chroma_name, embedding_function=None, metadata={"hnsw:space": "cosine"}
+    )
+    theirs.add(ids=["theirs"], documents=["not ours"], embeddings=[[0.0, 0.0, 0.0, 1.0]])
+
+
+@pytest.mark.parametrize(
+    ("cause", "running"),
+    [(_collection_deleted, False), (_collection_replaced, False), (_collection_deleted, True)],
+    ids=["deleted", "replaced", "deleted-while-running"],
+)
+def test_lost_collection_hint(runbook, cause, running):
+    runbook.configure()
+    daemon = _first_run(runbook)
+    if running:
+        daemon.pause()  # so that the change below, not the idle check, finds it gone
+    else:
+        _stopped(daemon)
+    cause(runbook)
+    runbook.docs.insert_one(oracle.document(50))  # what streaming on would add to nothing
+    if running:
+        daemon.resume()
+    else:
+        daemon = runbook.start()
+    assert daemon.wait(60) == ExitCode.SINK, daemon.output()[-4000:]
+    names = {
+        c if isinstance(c, str) else c.name
+        for c in runbook.chroma_server.client().list_collections()
+    }
+    if cause is _collection_deleted:
+        assert runbook.chroma_name not in names, "refusing must not create an empty namesake"
+    else:
+        assert runbook.chroma.get()["ids"] == ["theirs"], "nothing may go into the replacement"
+
+    (command,) = hinted(daemon.output())
+    runbook.follow(command)
+    assert not runbook.converged(), runbook.converged()
+    daemon = runbook.start()
+    _stream_a_change(runbook, daemon, 100)
+    cp = load_checkpoint(runbook.settings, NAME)
+    assert cp is not None and cp.chroma_collection_id == str(runbook.chroma.id)
+    _stopped(daemon)
+
+
 # --- exit 2: the mapping changed ------------------------------------------------------------
 
 

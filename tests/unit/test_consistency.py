@@ -40,6 +40,9 @@ class MemorySink:
         self.records: dict[str, dict[str, Any]] = {}  # id -> {document, metadata, embedding}
         self.writes = 0
 
+    def collection_id(self, *, create: bool = False) -> str | None:
+        return "memory"
+
     def existing(self, keys: Sequence[str]) -> dict[str, dict[str, Mapping[str, Any]]]:
         wanted = set(keys)
         found: dict[str, dict[str, Mapping[str, Any]]] = {}

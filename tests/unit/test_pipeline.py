@@ -12,7 +12,7 @@ from bson.timestamp import Timestamp
 from syncd.checkpoint import Checkpoint
 from syncd.config import PipelineSettings
 from syncd.embedder import HashingEmbedder
-from syncd.errors import ConsistencyError, HaltedError, TransientError
+from syncd.errors import ConsistencyError, HaltedError, SinkLostError, TransientError
 from syncd.mapping import Mapper
 from syncd.pipeline import Pipeline
 from syncd.sink import ID_KEY, StoredRecord, WritePlan
@@ -57,6 +57,12 @@ class FakeSink:
         self.records: dict[str, dict[str, Any]] = {}
         self.fail_writes = 0
         self.lie_on_read = False
+        self.id: str | None = "coll-1"  # the collection's id; None: there is none
+
+    def collection_id(self, *, create: bool = False) -> str | None:
+        if self.id is None and create:
+            self.id = "coll-2"
+        return self.id
 
     def open(self) -> None:
         pass
@@ -162,6 +168,9 @@ class FakeSource:
 
     def open(self, position: Position, *, max_await_ms: int) -> None:
         pass
+
+    def current_token(self) -> dict[str, str]:
+        return token(99)
 
 
 class CountingEmbedder(HashingEmbedder):
@@ -337,3 +346,48 @@ def test_a_poison_update_under_halt_leaves_the_record_alone() -> None:
     with pytest.raises(HaltedError):
         p.process(Batch([event(1, "update", 1, {"nobody": "text removed"})], token(1)))
     assert set(sink.records) == {"i:1"}
+
+
+def stored(p: Any, **fields: Any) -> Checkpoint:
+    cp = Checkpoint(pipeline="p", fingerprint=p.mapper.fingerprint, **fields)
+    p.store.saved.append(cp)
+    p.checkpoint = None
+    return cp
+
+
+def test_the_checkpoint_must_describe_the_collection_there_is() -> None:
+    p, _, sink, _, _, _ = make()
+    stored(p, chroma_collection_id="coll-1", counts={"insert": 3})
+    assert p._load().chroma_collection_id == "coll-1"
+
+    for found, words in ((None, "is gone"), ("other", "was replaced")):
+        sink.id = found
+        stored(p, chroma_collection_id="coll-1", counts={"insert": 3})
+        with pytest.raises(SinkLostError) as info:
+            p._load()
+        assert words in info.value.message
+        assert "`syncd snapshot p`" in (info.value.hint or "")
+        assert p.checkpoint is None and sink.id == found, "nothing may be created or adopted"
+
+
+def test_an_old_checkpoint_adopts_the_collection_it_finds() -> None:
+    p, _, sink, _, _, _ = make()
+    stored(p, counts={"insert": 3})
+    assert p._load().chroma_collection_id == "coll-1"
+    sink.id = None  # gone, and the checkpoint applied changes: lost
+    stored(p, counts={"insert": 3})
+    with pytest.raises(SinkLostError):
+        p._load()
+    stored(p)  # never applied anything (e.g. `tokens set` before a first run): create it
+    assert p._load().chroma_collection_id == "coll-2"
+
+
+def test_on_sink_lost_resnapshot_starts_a_snapshot_into_the_new_collection() -> None:
+    p, _, sink, store, _, _ = make()
+    p.settings = p.settings.model_copy(update={"on_sink_lost": "resnapshot"})
+    sink.id = None
+    stored(p, chroma_collection_id="coll-1", counts={"insert": 3})
+    cp = p._load()
+    assert cp.phase == "snapshot" and store.saved[-1] is cp and cp.counts == {"insert": 3}
+    p._open_sink(cp)  # reaching Chroma: the new snapshot names the collection it fills
+    assert cp.chroma_collection_id == "coll-2"
