@@ -114,4 +114,4 @@ def test_explain_shows_verdicts_and_recent_syncs(
     assert bad.returncode == ExitCode.CONFIG, bad.stdout + bad.stderr
     assert bad.stdout == ""
     (line,) = bad.stderr.splitlines()
-    assert line.startswith("syncd: error: ") and "'nonsense' is not a syncd record id" in line
+    assert line.startswith("syncd: error: ") and "not a syncd record id: 'nonsense'" in line
