@@ -153,12 +153,16 @@ class Pipeline:
         # this process takes the pipeline over, is an outage like any other. (After the
         # load, so a first run has a checkpoint for `syncd status` to show it retrying.)
         self._open_sink(cp)
+        if self.stop.is_set():
+            return  # a stop during the start: drain before any copy or read begins
         if cp.phase == "snapshot":
             if not self._retrying:
                 self.telemetry.set_state("snapshotting")
                 self._publish("snapshotting")
             Snapshotter(self).run(cp)
             cp = self._require_checkpoint()
+            if self.stop.is_set():
+                return
         if not self._retrying:
             # While retrying, the state stays "retrying" until a read succeeds.
             self.telemetry.set_state("streaming")
