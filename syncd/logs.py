@@ -93,17 +93,23 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str, ensure_ascii=False)
 
 
+# Python level floor -> (OpenTelemetry SeverityNumber, syslog(3) priority); below INFO
+# is DEBUG: 5 and 7.
+_LEVELS = (
+    (logging.CRITICAL, 21, 2),
+    (logging.ERROR, 17, 3),
+    (logging.WARNING, 13, 4),
+    (logging.INFO, 9, 6),
+)
+
+
+def _level(levelno: int) -> tuple[int, int]:
+    return next(((sev, pri) for floor, sev, pri in _LEVELS if levelno >= floor), (5, 7))
+
+
 def severity_number(levelno: int) -> int:
     """The data model's SeverityNumber: DEBUG 5, INFO 9, WARN 13, ERROR 17, FATAL 21."""
-    if levelno >= logging.CRITICAL:
-        return 21
-    if levelno >= logging.ERROR:
-        return 17
-    if levelno >= logging.WARNING:
-        return 13
-    if levelno >= logging.INFO:
-        return 9
-    return 5
+    return _level(levelno)[0]
 
 
 class JournalPrefix(logging.Formatter):
@@ -120,15 +126,7 @@ class JournalPrefix(logging.Formatter):
 
 def syslog_priority(levelno: int) -> int:
     """crit 2, err 3, warning 4, info 6, debug 7 (syslog(3))."""
-    if levelno >= logging.CRITICAL:
-        return 2
-    if levelno >= logging.ERROR:
-        return 3
-    if levelno >= logging.WARNING:
-        return 4
-    if levelno >= logging.INFO:
-        return 6
-    return 7
+    return _level(levelno)[1]
 
 
 def stream_is_journal(stream: TextIO, env: Mapping[str, str] | None = None) -> bool:
