@@ -34,12 +34,22 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def load_settings(
-    args: argparse.Namespace, *, require_file: bool | None = None, **overrides: Any
+    args: argparse.Namespace,
+    *,
+    require_file: bool | None = None,
+    chroma: bool = False,
+    **overrides: Any,
 ) -> Settings:
     """Settings for a verb; ``require_file``: a missing config file is an error even
-    when none was named (verbs that only make sense with one)."""
+    when none was named (verbs that only make sense with one); ``chroma``: the verb
+    opens Chroma, so an installation that cannot serve ``chroma.mode`` is a
+    configuration error before anything is reached."""
     values = {"log.format": args.log_format, "log.level": args.log_level, **overrides}
     settings = config.load(args.config, overrides=values, require_file=require_file)
+    if chroma:
+        from syncd import chroma_install
+
+        chroma_install.check(settings.chroma.mode)
     from syncd.logs import setup_logging
 
     setup_logging(settings.log)

@@ -75,7 +75,7 @@ def _sub(subs: Any, name: str, text: str) -> argparse.ArgumentParser:
 
 
 def _open(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    settings = load_settings(args)
+    settings = load_settings(args, chroma=True)
     from syncd.runtime import Runtime
 
     ps = settings.pipeline(args.pipeline)

@@ -26,7 +26,7 @@ def register(verbs: Any) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    settings = load_settings(args)
+    settings = load_settings(args, chroma=True)
     from syncd.explain import explain
 
     story = explain(settings, settings.pipeline(args.pipeline), args.id)

@@ -33,7 +33,7 @@ def register(verbs: Any) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    settings = load_settings(args)
+    settings = load_settings(args, chroma=True)
     from syncd.consistency import open_checker
     from syncd.mapping import Mapper
     from syncd.pipeline import Pipeline

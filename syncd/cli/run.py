@@ -38,7 +38,7 @@ def register(verbs: Any) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    settings = load_settings(args, **{"telemetry.listen": args.listen})
+    settings = load_settings(args, chroma=True, **{"telemetry.listen": args.listen})
     from syncd.cli import signals
     from syncd.daemon import Daemon
 

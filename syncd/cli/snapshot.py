@@ -34,7 +34,7 @@ def register(verbs: Any) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    settings = load_settings(args)
+    settings = load_settings(args, chroma=True)
     from syncd.operations import snapshot
 
     stop = threading.Event()
