@@ -33,8 +33,9 @@ standin: $(STANDIN_VENV)/.installed
 run: $(VENV)/.installed $(STANDIN_VENV)/.installed
 	$(BIN)/python examples/demo.py
 
+# --durations: CI's log shows where the suite's time goes.
 test: $(VENV)/.installed $(STANDIN_VENV)/.installed $(PHOENIX_VENV)/.installed promtool chromium
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check syncd tests examples
