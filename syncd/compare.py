@@ -11,15 +11,16 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from syncd.identity import CLUSTER_TIME_KEY, HASH_KEY
 from syncd.mapping import Record
 from syncd.sink import StoredRecord
 
-VOLATILE_KEYS = frozenset({"syncd_cluster_time"})
+VOLATILE_KEYS = frozenset({CLUSTER_TIME_KEY})
 
 
 def differs(record: Record, stored: StoredRecord) -> bool:
     """Whether Chroma's copy of a record is not what mapping the document produces."""
-    if stored.metadata.get("syncd_hash") != record.content_hash:
+    if stored.metadata.get(HASH_KEY) != record.content_hash:
         return True
     if (stored.document or "") != record.text:
         return True

@@ -29,6 +29,7 @@ from pydantic import (
 from pymongo.uri_parser import parse_uri
 
 from syncd.errors import ConfigError
+from syncd.identity import RESERVED_PREFIX
 from syncd.redact import redact_text, register_secret
 
 DEFAULT_CONFIG_PATH = Path("syncd.toml")
@@ -277,8 +278,10 @@ class MappingSettings(_Model):
         if self.chunk_size and self.chunk_overlap >= self.chunk_size:
             raise ValueError("mapping.chunk_overlap must be smaller than mapping.chunk_size")
         for key in self.rename.values():
-            if key.startswith("syncd_"):
-                raise ValueError(f"metadata key {key!r} uses the reserved prefix 'syncd_'")
+            if key.startswith(RESERVED_PREFIX):
+                raise ValueError(
+                    f"metadata key {key!r} uses the reserved prefix {RESERVED_PREFIX!r}"
+                )
         named: dict[str, str] = {}  # metadata key -> the field it comes from
         for path in dict.fromkeys(self.metadata):
             key = self.rename.get(path, path)

@@ -42,11 +42,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pymongo.database import Database
 
-from syncd import plan as planning
 from syncd.compare import differs
 from syncd.config import PipelineSettings
 from syncd.errors import MappingError, PoisonError, SyncdError, translate_mongo_errors
-from syncd.mapping import MappedDocument, Mapper, Record, base_id, decode_id
+from syncd.identity import base_id, decode_id, in_collection, prefixed, record_key, split_key
+from syncd.mapping import MappedDocument, Mapper, Record
 from syncd.progress import Progress
 from syncd.progress import start as progress_start
 from syncd.sink import Sink, StoredRecord
@@ -166,7 +166,7 @@ class Checker:
         self.mapper = mapper
         self.database = database  # for $sample; only sampled verifies need it
         self.page_size = page_size or settings.snapshot_batch_size
-        self.prefixed = bool(settings.collections)
+        self.prefixed = prefixed(settings)
 
     # --- full verify -----------------------------------------------------------------
 
@@ -223,7 +223,7 @@ class Checker:
             if not self.mapper.matches(doc):
                 continue
             report.documents += 1
-            key = planning.record_key(collection, doc["_id"], prefixed=self.prefixed)
+            key = record_key(collection, doc["_id"], prefixed=self.prefixed)
             keys.append(key)
             try:
                 mapped = self.expected(collection, doc)
@@ -301,11 +301,9 @@ class Checker:
             return set()
 
     def _locate(self, key: str) -> tuple[str, Any] | None:
-        collection, encoded = key, key
-        if self.prefixed:
-            collection, _, encoded = key.partition("/")
-        else:
-            collection = self.settings.collection or ""
+        collection, encoded = split_key(
+            key, prefixed=self.prefixed, collection=self.settings.collection or ""
+        )
         if collection not in self.settings.source_collections:
             return None
         try:
@@ -317,16 +315,8 @@ class Checker:
         mapped = self.mapper.map(doc)
         if not self.prefixed:
             return mapped
-        change = planning.Change(
-            key=planning.record_key(collection, doc["_id"], prefixed=True),
-            collection=collection,
-            source_id=doc["_id"],
-            document=doc,
-            operation="verify",
-            cluster_time=None,
-            event=None,
-        )
-        return planning._prefixed(mapped, change)
+        key = record_key(collection, doc["_id"], prefixed=True)
+        return in_collection(mapped, key, collection)
 
     # --- sampled verify ---------------------------------------------------------------
 

@@ -16,9 +16,9 @@ from bson import json_util
 from syncd.compare import differs
 from syncd.config import PipelineSettings, Settings
 from syncd.errors import ConfigError, MappingError, PoisonError
-from syncd.mapping import Record, base_id, decode_id
+from syncd.identity import HASH_KEY, ID_KEY, base_id, decode_id, prefixed, split_key
+from syncd.mapping import Record
 from syncd.runtime import Runtime
-from syncd.sink import ID_KEY
 from syncd.source import id_key
 from syncd.spanlog import SpanLog
 
@@ -38,7 +38,7 @@ def explain(settings: Settings, pipeline: PipelineSettings, record_id: str) -> d
                 "document": r.document,
                 "metadata": dict(r.metadata),
                 "hash_matches": r.id in expected
-                and expected[r.id].content_hash == r.metadata.get("syncd_hash"),
+                and expected[r.id].content_hash == r.metadata.get(HASH_KEY),
                 # As `syncd verify` judges it: a record edited in Chroma keeps its hash.
                 "matches": r.id in expected and not differs(expected[r.id], r),
                 # No such record should exist: the document is gone, filtered out or
@@ -100,14 +100,13 @@ def _expected(
 
 def locate(pipeline: PipelineSettings, key: str) -> tuple[str, Any]:
     """The collection and `_id` a record id (or key) stands for; ConfigError if none."""
-    collection, encoded = pipeline.collection or "", key
-    if pipeline.collections:
-        collection, _, encoded = key.partition("/")
-        if collection not in pipeline.collections:
-            raise ConfigError(
-                f"record id {key!r} names no collection of pipeline {pipeline.name!r}",
-                hint="multi-collection ids look like COLLECTION/ID, e.g. docs/i:42",
-            )
+    multi = prefixed(pipeline)
+    collection, encoded = split_key(key, prefixed=multi, collection=pipeline.collection or "")
+    if multi and collection not in (pipeline.collections or ()):
+        raise ConfigError(
+            f"record id {key!r} names no collection of pipeline {pipeline.name!r}",
+            hint="multi-collection ids look like COLLECTION/ID, e.g. docs/i:42",
+        )
     try:
         source_id = decode_id(encoded)
         bson.encode({"_id": source_id})  # one MongoDB cannot hold: i:99999999999999999999

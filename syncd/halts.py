@@ -39,6 +39,7 @@ from syncd import plan as planning
 from syncd.checkpoint import Checkpoint, CheckpointStore, whoami
 from syncd.config import PipelineSettings
 from syncd.errors import HaltedError, SinkRejectedError, SyncdError, TransientError
+from syncd.identity import prefixed, record_key
 from syncd.source import id_key
 
 if TYPE_CHECKING:
@@ -278,9 +279,7 @@ class HeldPipeline:
         )
         if has_id and collection is not None:
             halt.collection, halt.document_id = collection, error.document_id
-            halt.key = planning.record_key(
-                collection, error.document_id, prefixed=bool(self.settings.collections)
-            )
+            halt.key = record_key(collection, error.document_id, prefixed=prefixed(self.settings))
             if isinstance(cause, SinkRejectedError):
                 # Mapping and embedding pass for what Chroma refuses: only a change
                 # to the document can lift this halt by itself.
@@ -362,7 +361,7 @@ class HeldPipeline:
             mapper=self.p.mapper,
             embedder=self.p.embedder,
             sink=_NothingStored(),
-            prefixed=bool(self.settings.collections),
+            prefixed=prefixed(self.settings),
         )
         if result.poisoned:
             log.debug(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import array
 import base64
 import datetime as dt
-import decimal
 import hashlib
 import json
 import math
@@ -24,18 +23,29 @@ from typing import Any, cast
 import bson
 from bson import json_util
 from bson.binary import Binary, UuidRepresentation
-from bson.code import Code
 from bson.codec_options import CodecOptions
 from bson.decimal128 import Decimal128
-from bson.objectid import ObjectId
 from bson.timestamp import Timestamp
 
 from syncd.config import PipelineSettings
 from syncd.errors import ConfigError, MappingError, OversizedError, PoisonError
+from syncd.identity import (
+    CHUNK_KEY,
+    CLUSTER_TIME_KEY,
+    HASH_KEY,
+    ID_KEY,
+    TEXT_HASH_KEY,
+    compact_json,
+    encode_id,
+    is_reserved,
+    is_uuid,
+    iso_ms,
+    record_id,
+    tree,
+)
 from syncd.matcher import compile_filter
 
 MetadataValue = str | int | float | bool | list[str] | list[int] | list[float] | list[bool]
-RESERVED_PREFIX = "syncd_"
 # Bump when the record layout changes in a way settings do not capture, so that
 # checkpoints written by an older layout are recognised as stale.
 MAPPING_VERSION = 1
@@ -61,145 +71,6 @@ class MappedDocument:
     key: str
     source_id: Any
     records: list[Record]
-
-
-# --- ids -----------------------------------------------------------------------
-#
-# "<tag>:<payload>", escaped so that '#' (the chunk separator) never appears.
-# Integers of any width share "i:" and UUIDs share "uuid:" whichever Python type
-# carried them: MongoDB's _id index treats those as the same key, so the record id
-# must not depend on how the driver happened to decode the value.
-
-
-def encode_id(value: Any) -> str:
-    return _escape(_encode(value))
-
-
-def decode_id(record_id: str) -> Any:
-    try:
-        return _decode(_unescape(base_id(record_id)))
-    except (
-        ValueError,
-        KeyError,
-        TypeError,
-        IndexError,
-        AttributeError,  # a JSON leaf that is no encoded value (doc:{"a":1})
-        ArithmeticError,  # decimal.InvalidOperation (dec:abc), OverflowError
-        RecursionError,
-        bson.errors.BSONError,
-    ) as exc:
-        why = "not a number" if isinstance(exc, decimal.DecimalException) else str(exc)
-        raise MappingError(f"not a syncd record id: {record_id!r} ({why})") from None
-
-
-def base_id(record_id: str) -> str:
-    return record_id.split("#", 1)[0]
-
-
-def _escape(text: str) -> str:
-    return text.replace("%", "%25").replace("#", "%23")
-
-
-def _unescape(text: str) -> str:
-    return text.replace("%23", "#").replace("%25", "%")
-
-
-def _encode(value: Any) -> str:
-    if isinstance(value, bool):
-        return f"b:{'true' if value else 'false'}"
-    if isinstance(value, int):
-        return f"i:{int(value)}"
-    if isinstance(value, float):
-        return f"f:{value!r}"
-    if isinstance(value, str) and not isinstance(value, Code):
-        return f"s:{value}"
-    if isinstance(value, ObjectId):
-        return f"oid:{value}"
-    if isinstance(value, uuid.UUID):
-        return f"uuid:{value}"
-    if _is_uuid(value):
-        return f"uuid:{uuid.UUID(bytes=bytes(value))}"
-    if isinstance(value, bytes):
-        subtype = value.subtype if isinstance(value, Binary) else 0
-        return f"bin{subtype}:{base64.urlsafe_b64encode(bytes(value)).decode()}"
-    if isinstance(value, dt.datetime):
-        return f"dt:{_iso_ms(value)}"
-    if isinstance(value, Decimal128):
-        return f"dec:{value}"
-    if value is None:
-        return "null:"
-    if isinstance(value, Mapping):
-        return "doc:" + _compact_json(_tree(value, _encode))
-    if isinstance(value, list | tuple):
-        return "arr:" + _compact_json(_tree(value, _encode))
-    # Timestamp, DatetimeMS out of range, MinKey, MaxKey, Code, DBRef, Regex...:
-    # canonical Extended JSON is exact for all of them.
-    return "ej:" + json_util.dumps(
-        {"v": value}, json_options=json_util.CANONICAL_JSON_OPTIONS, separators=(",", ":")
-    )
-
-
-def _is_uuid(value: Any) -> bool:
-    return isinstance(value, Binary) and value.subtype == 4 and len(value) == 16
-
-
-def _tree(value: Any, leaf: Callable[[Any], Any]) -> Any:
-    """Nested documents and arrays as JSON (field order kept), ``leaf`` for the rest."""
-    if isinstance(value, Mapping):
-        return {str(k): _tree(v, leaf) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_tree(v, leaf) for v in value]
-    return leaf(value)
-
-
-def _decode_int(payload: str) -> int:
-    number = int(payload)
-    # Re-encoded as int32 or int64 as the driver would; queries match either width.
-    return number if -(2**31) <= number < 2**31 else bson.Int64(number)
-
-
-def _decode_binary(tag: str, payload: str) -> bytes:
-    data, subtype = base64.urlsafe_b64decode(payload.encode()), int(tag[3:])
-    return data if subtype == 0 else Binary(data, subtype)
-
-
-_DECODERS: dict[str, Callable[[str], Any]] = {
-    "s": lambda p: p,
-    "i": _decode_int,
-    "oid": ObjectId,
-    "uuid": lambda p: Binary.from_uuid(uuid.UUID(p)),
-    "b": lambda p: {"true": True, "false": False}[p],
-    "f": float,
-    "dt": lambda p: dt.datetime.fromisoformat(p.replace("Z", "+00:00")),
-    "dec": Decimal128,
-    "null": lambda p: None,
-    "doc": lambda p: _tree(json.loads(p), _decode),
-    "ej": lambda p: json_util.loads(p, json_options=json_util.CANONICAL_JSON_OPTIONS)["v"],
-}
-
-
-def _decode(text: str) -> Any:
-    tag, sep, payload = text.partition(":")
-    if not sep:
-        raise ValueError("missing type tag")
-    if tag.startswith("bin"):
-        return _decode_binary(tag, payload)
-    tag = "doc" if tag == "arr" else tag
-    if tag not in _DECODERS:
-        raise ValueError(f"unknown type tag {tag!r}")
-    return _DECODERS[tag](payload)
-
-
-def _iso_ms(value: dt.datetime) -> str:
-    """UTC ISO-8601 at BSON's millisecond precision; naive datetimes are UTC (driver default)."""
-    if value.tzinfo is not None:
-        value = value.astimezone(dt.UTC).replace(tzinfo=None)
-    value = value.replace(microsecond=value.microsecond // 1000 * 1000)
-    return value.isoformat(timespec="milliseconds") + "Z"
-
-
-def _compact_json(value: Any, *, sort_keys: bool = False) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, sort_keys=sort_keys)
 
 
 def _sha256(text: str) -> str:
@@ -245,8 +116,8 @@ def _scalar(value: Any) -> str | int | float | bool | None:
     if isinstance(value, str):
         return str(value)
     if isinstance(value, dt.datetime):
-        return _iso_ms(value)
-    if isinstance(value, uuid.UUID) or _is_uuid(value):
+        return iso_ms(value)
+    if isinstance(value, uuid.UUID) or is_uuid(value):
         return str(value if isinstance(value, uuid.UUID) else uuid.UUID(bytes=bytes(value)))
     if isinstance(value, bytes):
         return base64.b64encode(bytes(value)).decode()
@@ -255,7 +126,7 @@ def _scalar(value: Any) -> str | int | float | bool | None:
 
 def _metadata_list(values: list[Any]) -> MetadataValue | None:
     items = [
-        _compact_json(_tree(v, _scalar)) if isinstance(v, Mapping | list) else _scalar(v)
+        compact_json(tree(v, _scalar)) if isinstance(v, Mapping | list) else _scalar(v)
         for v in values
     ]
     kept = [v for v in items if v is not None]
@@ -264,7 +135,7 @@ def _metadata_list(values: list[Any]) -> MetadataValue | None:
         return cast(MetadataValue, kept)
     if kinds == {int, float}:
         return [float(v) for v in kept]
-    return [v if isinstance(v, str) else _compact_json(v) for v in kept] or None
+    return [v if isinstance(v, str) else compact_json(v) for v in kept] or None
 
 
 def _flatten(key: str, value: Any) -> Iterator[tuple[str, MetadataValue]]:
@@ -395,13 +266,13 @@ class Mapper:
         self._template = compile_template(mapping.text_template) if mapping.text_template else None
         self._metadata = [(path, mapping.rename.get(path, path)) for path in mapping.metadata]
         for path, key in self._metadata:
-            if key.startswith((RESERVED_PREFIX, "chroma:")):
+            if is_reserved(key):
                 raise ConfigError(
                     f"mapping.metadata: {path!r} would become the reserved key {key!r}",
                     hint="add a mapping.rename entry for it",
                 )
         self._matches = compile_filter(pipeline.filter)
-        self._fingerprint = _sha256(_compact_json(self._fingerprint_inputs(), sort_keys=True))
+        self._fingerprint = _sha256(compact_json(self._fingerprint_inputs(), sort_keys=True))
 
     def _fingerprint_inputs(self) -> dict[str, Any]:
         m, e = self._mapping, self._embedder
@@ -461,14 +332,14 @@ class Mapper:
                 hashed["embedding"] = vector_hash
             text_hash, content_hash = (
                 _sha256(piece),
-                _sha256(_compact_json(hashed, sort_keys=True)),
+                _sha256(compact_json(hashed, sort_keys=True)),
             )
-            metadata: dict[str, MetadataValue] = {**user, "syncd_id": key, "syncd_chunk": n}
+            metadata: dict[str, MetadataValue] = {**user, ID_KEY: key, CHUNK_KEY: n}
             if cluster_time is not None:
-                metadata["syncd_cluster_time"] = cluster_time.time << 32 | cluster_time.inc
-            metadata |= {"syncd_hash": content_hash, "syncd_text_hash": text_hash}
-            record_id = f"{key}#{n}" if size else key
-            records.append(Record(record_id, piece, metadata, text_hash, content_hash, embedding))
+                metadata[CLUSTER_TIME_KEY] = cluster_time.time << 32 | cluster_time.inc
+            metadata |= {HASH_KEY: content_hash, TEXT_HASH_KEY: text_hash}
+            rid = record_id(key, n, chunked=bool(size))
+            records.append(Record(rid, piece, metadata, text_hash, content_hash, embedding))
         return MappedDocument(key=key, source_id=source_id, records=records)
 
     def _check_size(self, document: Mapping[str, Any]) -> None:
@@ -502,7 +373,7 @@ class Mapper:
         for path, name in self._metadata:
             value = get_path(document, path)
             for key, converted in _flatten(name, value):
-                if key.startswith((RESERVED_PREFIX, "chroma:")):
+                if is_reserved(key):
                     raise MappingError(
                         f"metadata key {key!r} (from {path!r}) uses a reserved prefix",
                         hint="rename the field with mapping.rename",

@@ -39,6 +39,7 @@ from syncd.errors import (
     TransientError,
     retries_exhausted,
 )
+from syncd.identity import COLL_KEY, prefixed, record_key
 from syncd.mapping import Mapper
 from syncd.redact import redact_text
 from syncd.sink import Sink, WritePlan, check_written
@@ -84,7 +85,7 @@ class Pipeline:
         self._claim_epoch = epoch is None
         self.resync = resync
         self._heartbeat = heartbeat or (lambda: None)
-        self._prefixed = bool(settings.collections)
+        self._prefixed = prefixed(settings)
         self.checkpoint: Checkpoint | None = None
         self._last_saved = time.monotonic()
         self._last_history = 0.0
@@ -521,7 +522,7 @@ class Pipeline:
         log.warning("%s of %s: purging its records from Chroma", op, what, extra=self._extra())
         with self.telemetry.stage("write"):
             if self._prefixed and ns.get("coll"):
-                self.sink.delete_where({planning.COLL_KEY: ns["coll"]})
+                self.sink.delete_where({COLL_KEY: ns["coll"]})
             else:
                 self.sink.delete_all()
         self.telemetry.applied(op, 1)
@@ -532,7 +533,7 @@ class Pipeline:
         ns = event.get("ns", {})
         key = ""
         if "documentKey" in event:
-            key = planning.record_key(
+            key = record_key(
                 ns.get("coll", ""), event["documentKey"]["_id"], prefixed=self._prefixed
             )
         doc = event.get("fullDocument") or {}

@@ -21,10 +21,9 @@ from bson.timestamp import Timestamp
 
 from syncd.embedder import Embedder
 from syncd.errors import EmbeddingRejectedError, PoisonError, SyncdError
-from syncd.mapping import RESERVED_PREFIX, MappedDocument, Mapper, Record, base_id, encode_id
-from syncd.sink import ID_KEY, MetadataUpdate, Upsert, WritePlan
-
-COLL_KEY = "syncd_coll"
+from syncd.identity import HASH_KEY, TEXT_HASH_KEY, base_id, in_collection, record_key
+from syncd.mapping import MappedDocument, Mapper, Record
+from syncd.sink import MetadataUpdate, Upsert, WritePlan
 
 
 class ExistingLookup(Protocol):
@@ -56,12 +55,6 @@ class PlanResult:
     poisoned: list[Poisoned]
     embedded: int  # texts sent to the embedder
     keys_written: list[str]
-
-
-def record_key(collection: str, source_id: Any, *, prefixed: bool) -> str:
-    """The base record id of a document; prefixed by collection for multi-collection pipelines."""
-    key = encode_id(source_id)
-    return f"{collection}/{key}" if prefixed else key
 
 
 def coalesce(events: Iterable[Mapping[str, Any]], *, prefixed: bool) -> list[Change]:
@@ -137,7 +130,7 @@ def _map(
         except PoisonError as exc:
             poisoned.append(Poisoned(change, exc.with_context(document_id=change.source_id)))
             continue
-        mapped[change.key] = _prefixed(doc, change) if prefixed else doc
+        mapped[change.key] = in_collection(doc, change.key, change.collection) if prefixed else doc
     return poisoned, mapped
 
 
@@ -163,8 +156,8 @@ def _plan_writes(
         for record in target.records:
             old = stored.get(record.id)
             metadata = _with_removals(record.metadata, old)
-            if old is not None and old.get("syncd_text_hash") == record.text_hash:
-                if old.get("syncd_hash") != record.content_hash or _keys_differ(old, record):
+            if old is not None and old.get(TEXT_HASH_KEY) == record.text_hash:
+                if old.get(HASH_KEY) != record.content_hash or _keys_differ(old, record):
                     plan.updates.append(MetadataUpdate(record.id, metadata))
             elif record.embedding is not None:
                 plan.upserts.append(Upsert(record.id, record.text, metadata, record.embedding))
@@ -231,18 +224,3 @@ def _without(plan: WritePlan, bad: set[str], mapped: Mapping[str, MappedDocument
         updates=[u for u in plan.updates if u.id not in ids],
         deletes=[d for d in plan.deletes if base_id(d) not in bad],
     )
-
-
-def _prefixed(doc: MappedDocument, change: Change) -> MappedDocument:
-    records = []
-    for record in doc.records:
-        suffix = record.id[len(doc.key) :]
-        metadata = dict(record.metadata)
-        metadata[ID_KEY] = change.key
-        metadata[COLL_KEY] = change.collection
-        records.append(dataclasses.replace(record, id=change.key + suffix, metadata=metadata))
-    return dataclasses.replace(doc, key=change.key, records=records)
-
-
-def is_reserved(key: str) -> bool:
-    return key.startswith(RESERVED_PREFIX)

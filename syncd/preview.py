@@ -12,9 +12,9 @@ from typing import Any
 import bson.errors
 from bson import json_util
 
-from syncd import plan as planning
 from syncd.config import PipelineSettings
 from syncd.errors import PoisonError
+from syncd.identity import in_collection, prefixed, record_key
 from syncd.mapping import Mapper
 
 
@@ -28,8 +28,8 @@ def preview(
     ``on_error``).
     """
     mapper = Mapper(settings)
-    prefixed = bool(settings.collections)
-    key = planning.record_key(collection, document["_id"], prefixed=prefixed)
+    multi = prefixed(settings)
+    key = record_key(collection, document["_id"], prefixed=multi)
     out: dict[str, Any] = {
         "pipeline": settings.name,
         "collection": collection,
@@ -46,17 +46,8 @@ def preview(
     except PoisonError as exc:
         out["error"] = {"class": type(exc).__name__, "message": exc.describe()}
         return out
-    if prefixed:
-        change = planning.Change(
-            key=key,
-            collection=collection,
-            source_id=document["_id"],
-            document=document,
-            operation="map",
-            cluster_time=None,
-            event=None,
-        )
-        mapped = planning._prefixed(mapped, change)
+    if multi:
+        mapped = in_collection(mapped, key, collection)
     out["records"] = [
         {
             "id": r.id,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from syncd import plan as planning
 from syncd.consistency import ORPHAN_BATCH, Checker, Drift, Finding, IdIndex, Report
 from syncd.deadletter import DeadLetterStore
-from syncd.mapping import base_id
+from syncd.identity import HASH_KEY, TEXT_HASH_KEY, base_id
 from syncd.progress import Progress
 from syncd.progress import start as progress_start
 from syncd.sink import Sink, StoredRecord, WritePlan
@@ -156,7 +156,7 @@ class _Distrusting:
         for rid, metadata in self._stored.items():
             if base_id(rid) in wanted:
                 untrusted = {
-                    k: v for k, v in metadata.items() if k not in ("syncd_hash", "syncd_text_hash")
+                    k: v for k, v in metadata.items() if k not in (HASH_KEY, TEXT_HASH_KEY)
                 }
                 found.setdefault(base_id(rid), {})[rid] = untrusted
         return found

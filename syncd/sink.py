@@ -21,10 +21,10 @@ from typing import Any, Protocol
 
 from syncd.config import ChromaSettings
 from syncd.errors import ConsistencyError, SinkFatalError, SinkLostError, from_sink
+from syncd.identity import HASH_KEY, ID_KEY
 
 log = logging.getLogger(__name__)
 
-ID_KEY = "syncd_id"
 LOOKUP_SLICE = 500  # ids per metadata lookup; keeps `$in` filters small
 
 
@@ -367,9 +367,9 @@ def _records(result: Mapping[str, Any], with_embeddings: bool) -> list[StoredRec
 
 def check_written(sink: Sink, plan: WritePlan, *, pipeline: str) -> None:
     """Read a written plan back; raise ConsistencyError when Chroma disagrees with it."""
-    expected = {u.id: u.metadata.get("syncd_hash") for u in plan.upserts}
-    expected.update({u.id: u.metadata.get("syncd_hash") for u in plan.updates})
-    stored = {r.id: r.metadata.get("syncd_hash") for r in sink.get(list(expected))}
+    expected = {u.id: u.metadata.get(HASH_KEY) for u in plan.upserts}
+    expected.update({u.id: u.metadata.get(HASH_KEY) for u in plan.updates})
+    stored = {r.id: r.metadata.get(HASH_KEY) for r in sink.get(list(expected))}
     gone = sink.get(plan.deletes) if plan.deletes else []
     wrong = [rid for rid, digest in expected.items() if stored.get(rid) != digest]
     if wrong or gone:

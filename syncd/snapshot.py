@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from syncd import plan as planning
 from syncd.checkpoint import Checkpoint, SnapshotProgress
 from syncd.errors import HaltedError, MappingError, SinkLostError
-from syncd.mapping import base_id, decode_id
+from syncd.identity import base_id, decode_id, record_key, split_key
 from syncd.progress import Progress
 from syncd.sink import WritePlan
 from syncd.source import id_key
@@ -138,7 +138,7 @@ class Snapshotter:
                 return
 
     def _change(self, collection: str, doc: Mapping[str, Any]) -> planning.Change:
-        key = planning.record_key(collection, doc["_id"], prefixed=self.p._prefixed)
+        key = record_key(collection, doc["_id"], prefixed=self.p._prefixed)
         return planning.Change(
             key=key,
             collection=collection,
@@ -186,8 +186,9 @@ class Snapshotter:
         by_coll: dict[str, list[tuple[str, Any]]] = {}
         stale: list[str] = []
         for key in keys:
-            coll, _, encoded = key.partition("/") if self.p._prefixed else ("", "", key)
-            coll = coll or (self.settings.collection or "")
+            coll, encoded = split_key(
+                key, prefixed=self.p._prefixed, collection=self.settings.collection or ""
+            )
             try:
                 by_coll.setdefault(coll, []).append((key, decode_id(encoded)))
             except MappingError:

@@ -24,7 +24,7 @@ from pymongo.errors import PyMongoError
 
 from syncd.config import MongoSettings, PipelineSettings
 from syncd.errors import SourceFatalError, translate_mongo_errors
-from syncd.mapping import encode_id
+from syncd.identity import encode_id
 
 DOCUMENT_OPS = frozenset({"insert", "update", "replace", "delete"})
 

@@ -77,7 +77,7 @@ def handle(args: argparse.Namespace) -> int:
 
 def _from_mongodb(settings: Any, ps: Any, record_id: str) -> tuple[str, dict[str, Any]]:
     from syncd.explain import locate
-    from syncd.mapping import base_id
+    from syncd.identity import base_id
     from syncd.runtime import Runtime
     from syncd.source import id_key
 

@@ -16,7 +16,7 @@ from bson import Binary, ObjectId
 from bson.timestamp import Timestamp
 from pymongo import MongoClient
 
-from syncd.mapping import encode_id
+from syncd.identity import encode_id
 
 from .helpers import (
     caught_up,

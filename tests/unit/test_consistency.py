@@ -21,10 +21,11 @@ from syncd.checkpoint import Checkpoint
 from syncd.config import PipelineSettings
 from syncd.embedder import build_embedder
 from syncd.errors import ConfigError, ConsistencyError, MappingError
+from syncd.identity import ID_KEY
 from syncd.mapping import Mapper
 from syncd.pipeline import Pipeline
 from syncd.plan import Poisoned
-from syncd.sink import ID_KEY, StoredRecord, WritePlan
+from syncd.sink import StoredRecord, WritePlan
 from syncd.source import Batch, id_key
 from syncd.telemetry import Telemetry
 from syncd.tokens import encode_high_water_mark

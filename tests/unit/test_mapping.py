@@ -9,7 +9,6 @@ import struct
 import uuid
 from typing import Any
 
-import bson
 import pytest
 from bson import Decimal128, Int64, ObjectId, Timestamp
 from bson.binary import Binary, BinaryVectorDtype
@@ -19,16 +18,13 @@ from pydantic import ValidationError
 
 from syncd.config import PipelineSettings
 from syncd.errors import ConfigError, MappingError, OversizedError
+from syncd.identity import RESERVED_PREFIX
 from syncd.mapping import (
-    RESERVED_PREFIX,
     Mapper,
     _scalar,
-    base_id,
     chunk_spans,
     chunk_text,
     compile_template,
-    decode_id,
-    encode_id,
 )
 
 
@@ -48,134 +44,8 @@ def pipeline(**mapping: Any) -> PipelineSettings:
     )
 
 
-# --- ids -----------------------------------------------------------------------------
-
 OID = ObjectId("65a1b2c3d4e5f60718293a4b")
 UUID = uuid.UUID("12345678-1234-5678-1234-567812345678")
-
-
-@pytest.mark.parametrize(
-    ("value", "encoded"),
-    [
-        (OID, "oid:65a1b2c3d4e5f60718293a4b"),
-        ("hello", "s:hello"),
-        ("a#b%c", "s:a%23b%25c"),
-        (42, "i:42"),
-        (Int64(42), "i:42"),
-        (-(2**63), f"i:{-(2**63)}"),
-        (1.5, "f:1.5"),
-        (True, "b:true"),
-        (UUID, f"uuid:{UUID}"),
-        (Binary.from_uuid(UUID), f"uuid:{UUID}"),
-        (dt.datetime(2024, 1, 2, 3, 4, 5, 123999), "dt:2024-01-02T03:04:05.123Z"),
-        (dt.datetime(2024, 1, 2, 3, 4, 5, 123000, tzinfo=dt.UTC), "dt:2024-01-02T03:04:05.123Z"),
-        (None, "null:"),
-        ({"a": 1, "b": "x"}, 'doc:{"a":"i:1","b":"s:x"}'),
-    ],
-)
-def test_encode_id_is_readable_for_common_types(value: Any, encoded: str) -> None:
-    assert encode_id(value) == encoded
-
-
-def test_same_key_whatever_python_type_carried_it() -> None:
-    # The _id index treats these as one key, so the record id must not depend on the decoder.
-    assert encode_id(7) == encode_id(Int64(7))
-    assert encode_id(UUID) == encode_id(Binary.from_uuid(UUID))
-    naive = dt.datetime(2024, 5, 1, 12, 0)
-    aware = dt.datetime(2024, 5, 1, 14, 0, tzinfo=dt.timezone(dt.timedelta(hours=2)))
-    assert encode_id(naive) == encode_id(aware)
-
-
-def test_compound_ids_keep_field_order() -> None:
-    # {a, b} and {b, a} are different _ids in MongoDB.
-    assert encode_id({"a": 1, "b": 2}) != encode_id({"b": 2, "a": 1})
-    decoded = decode_id(encode_id({"b": 2, "a": {"y": 1, "x": [1, "s"]}}))
-    assert list(decoded) == ["b", "a"]
-    assert list(decoded["a"]) == ["y", "x"]
-
-
-def test_types_do_not_collide() -> None:
-    values = [1, 1.0, "1", True, b"1", Decimal128("1"), {"1": 1}, None, "null:", "i:1"]
-    assert len({encode_id(v) for v in values}) == len(values)
-
-
-def test_chunk_suffix_is_stripped() -> None:
-    key = encode_id("doc#1")
-    assert "#" not in key
-    assert base_id(f"{key}#3") == key
-    assert decode_id(f"{key}#3") == "doc#1"
-
-
-def test_decode_rejects_foreign_ids() -> None:
-    for bad in ("plain", "zz:1", "i:notanumber", "oid:xyz"):
-        with pytest.raises(MappingError):
-            decode_id(bad)
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Equality as MongoDB's _id index sees it, for values that came back from decode_id."""
-    if isinstance(a, float) and math.isnan(a):
-        return isinstance(b, float) and math.isnan(b)
-    if isinstance(a, uuid.UUID):
-        return b == Binary.from_uuid(a)
-    if isinstance(a, dt.datetime):
-        return encode_id(a) == encode_id(b) and isinstance(b, dt.datetime)
-    if isinstance(a, dict):
-        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, list):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return (bool(a == b) and type(a) is type(b)) or (isinstance(a, int) and a == b)
-
-
-scalar_ids = st.one_of(
-    st.builds(ObjectId),
-    st.text(),
-    st.integers(min_value=-(2**63), max_value=2**63 - 1),
-    st.integers(min_value=-(2**63), max_value=2**63 - 1).map(Int64),
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.uuids(),
-    st.uuids().map(Binary.from_uuid),
-    st.booleans(),
-    st.binary(max_size=40),
-    st.tuples(st.binary(max_size=20), st.sampled_from([1, 2, 3, 5, 128])).map(lambda t: Binary(*t)),
-    st.datetimes(min_value=dt.datetime(1, 1, 2), max_value=dt.datetime(9999, 12, 30)),
-    st.decimals(allow_nan=False, places=4, min_value=-(10**29), max_value=10**29).map(
-        lambda d: Decimal128(str(d))
-    ),
-    st.builds(Timestamp, st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1)),
-    st.just(bson.MinKey()),
-    st.just(bson.MaxKey()),
-    st.none(),
-)
-any_ids = st.recursive(
-    scalar_ids,
-    lambda inner: (
-        st.dictionaries(st.text(min_size=1), inner, max_size=4) | st.lists(inner, max_size=3)
-    ),
-    max_leaves=8,
-)
-
-
-@settings(max_examples=400, deadline=None)
-@given(any_ids)
-def test_encode_decode_round_trip(value: Any) -> None:
-    encoded = encode_id(value)
-    assert "#" not in encoded
-    assert encode_id(value) == encoded  # deterministic
-    assert _same(value, decode_id(encoded))
-    assert encode_id(decode_id(encoded)) == encoded
-    assert decode_id(f"{encoded}#12") is not None or value is None
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.text(), st.text())
-def test_distinct_strings_get_distinct_ids(a: str, b: str) -> None:
-    assert (encode_id(a) == encode_id(b)) == (a == b)
-
-
-def test_decoded_ids_can_be_sent_to_mongodb() -> None:
-    for value in (OID, "x", 5, Int64(2**40), UUID, {"a": UUID}, dt.datetime(2020, 1, 1)):
-        bson.encode({"_id": decode_id(encode_id(value))})
 
 
 # --- text -------------------------------------------------------------------------------
@@ -510,11 +380,3 @@ def test_matches_uses_the_pipeline_filter() -> None:
     # any Mapper exists.
     with pytest.raises(ValidationError, match=r"\$where"):
         Mapper(pipeline(pipeline={"filter": {"$where": "1"}}))
-
-
-@pytest.mark.parametrize(
-    "record_id", ["dec:abc", "dec:1e99999", 'doc:{"a":1}', "doc:{", "i:", "zz", ":", "b:maybe"]
-)
-def test_a_record_id_that_is_not_one_is_a_mapping_error(record_id: str) -> None:
-    with pytest.raises(MappingError, match="not a syncd record id"):
-        decode_id(record_id)

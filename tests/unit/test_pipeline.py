@@ -13,9 +13,10 @@ from syncd.checkpoint import Checkpoint
 from syncd.config import PipelineSettings
 from syncd.embedder import HashingEmbedder
 from syncd.errors import ConsistencyError, HaltedError, SinkLostError, TransientError
+from syncd.identity import ID_KEY
 from syncd.mapping import Mapper
 from syncd.pipeline import Pipeline
-from syncd.sink import ID_KEY, StoredRecord, WritePlan
+from syncd.sink import StoredRecord, WritePlan
 from syncd.source import Batch, Position, id_key
 from syncd.telemetry import Telemetry
 from tests.standin import tokens as standin_tokens
