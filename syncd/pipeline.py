@@ -44,7 +44,7 @@ from syncd.mapping import Mapper
 from syncd.redact import redact_text
 from syncd.sink import Sink, WritePlan, check_written
 from syncd.snapshot import Snapshotter
-from syncd.source import Batch, Position, Source
+from syncd.source import Batch, Source, position_of
 from syncd.telemetry import ChangeEventInfo, PipelineTelemetry
 from syncd.tokens import covered_through
 
@@ -168,7 +168,7 @@ class Pipeline:
             # While retrying, the state stays "retrying" until a read succeeds.
             self.telemetry.set_state("streaming")
             self._publish("streaming")
-        self.source.open(self._position(cp), max_await_ms=self.settings.batch_max_wait_ms)
+        self.source.open(position_of(cp), max_await_ms=self.settings.batch_max_wait_ms)
         while not self.stop.is_set():
             self._heartbeat()
             self.telemetry.heartbeat()
@@ -181,7 +181,7 @@ class Pipeline:
                 if batch.invalidated:
                     # The stream ended (drop, rename, dropDatabase): carry on after it.
                     self.source.open(
-                        self._position(self._require_checkpoint()),
+                        position_of(self._require_checkpoint()),
                         max_await_ms=self.settings.batch_max_wait_ms,
                     )
             else:
@@ -305,13 +305,6 @@ class Pipeline:
         if self.checkpoint is None:
             raise SourceFatalError("no checkpoint loaded", pipeline=self.settings.name)
         return self.checkpoint
-
-    def _position(self, cp: Checkpoint) -> Position:
-        if cp.token is not None:
-            if cp.token_is_invalidate:
-                return Position(start_after=cp.token)
-            return Position(resume_after=cp.token)
-        return Position(start_at=cp.start_at)
 
     def _save(self, cp: Checkpoint, *, history_reason: str | None = None) -> None:
         now = time.monotonic()

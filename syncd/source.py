@@ -12,7 +12,7 @@ import math
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bson import Binary, Decimal128, Int64, MaxKey, MinKey, ObjectId
 from bson.timestamp import Timestamp
@@ -25,6 +25,9 @@ from pymongo.errors import PyMongoError
 from syncd.config import MongoSettings, PipelineSettings
 from syncd.errors import SourceFatalError, translate_mongo_errors
 from syncd.identity import encode_id
+
+if TYPE_CHECKING:
+    from syncd.checkpoint import Checkpoint
 
 DOCUMENT_OPS = frozenset({"insert", "update", "replace", "delete"})
 
@@ -46,6 +49,26 @@ class Position:
     resume_after: Mapping[str, Any] | None = None
     start_after: Mapping[str, Any] | None = None
     start_at: Timestamp | None = None
+
+
+def _position_options(position: Position) -> dict[str, Any]:
+    """``watch()`` keyword arguments that start a stream at ``position``."""
+    if position.resume_after is not None:
+        return {"resume_after": position.resume_after}
+    if position.start_after is not None:
+        return {"start_after": position.start_after}
+    if position.start_at is not None:
+        return {"start_at_operation_time": position.start_at}
+    return {}
+
+
+def position_of(cp: Checkpoint) -> Position:
+    """Where a pipeline's stream resumes from its checkpoint."""
+    if cp.token is not None:
+        if cp.token_is_invalidate:
+            return Position(start_after=cp.token)
+        return Position(resume_after=cp.token)
+    return Position(start_at=cp.start_at)
 
 
 @dataclasses.dataclass
@@ -117,24 +140,19 @@ class ChangeSource:
             ]
         return []
 
+    def _target(self) -> Collection[dict[str, Any]] | Database[dict[str, Any]]:
+        return self._db[self._settings.collection] if self._settings.collection else self._db
+
     def open(self, position: Position, *, max_await_ms: int) -> None:
         self.close()
-        target: Collection[dict[str, Any]] | Database[dict[str, Any]] = (
-            self._db[self._settings.collection] if self._settings.collection else self._db
-        )
         options: dict[str, Any] = {
             "full_document": self._settings.full_document,
             "max_await_time_ms": max(1, max_await_ms),
             "batch_size": self._settings.batch_size,
         }
-        if position.resume_after is not None:
-            options["resume_after"] = position.resume_after
-        elif position.start_after is not None:
-            options["start_after"] = position.start_after
-        elif position.start_at is not None:
-            options["start_at_operation_time"] = position.start_at
+        options.update(_position_options(position))
         with translate_mongo_errors(**self._context):
-            self._stream = target.watch(self._stages(), **options)
+            self._stream = self._target().watch(self._stages(), **options)
 
     def read_batch(self, max_events: int, max_wait_s: float) -> Batch:
         """Up to ``max_events`` events: what the server has ready, waiting at most about
@@ -169,15 +187,28 @@ class ChangeSource:
 
     def current_token(self) -> Mapping[str, Any] | None:
         """The stream's position right now (used before a snapshot scan starts)."""
-        target: Collection[dict[str, Any]] | Database[dict[str, Any]] = (
-            self._db[self._settings.collection] if self._settings.collection else self._db
-        )
         with (
             translate_mongo_errors(**self._context),
-            target.watch(self._stages(), max_await_time_ms=1) as stream,
+            self._target().watch(self._stages(), max_await_time_ms=1) as stream,
         ):
             stream.try_next()
             return stream.resume_token
+
+    def first_pending(self, position: Position) -> Timestamp | None:
+        """The cluster time of the first change after ``position`` in this pipeline's
+        stream, or None when there is none: what a lag is measured from."""
+        options: dict[str, Any] = {"max_await_time_ms": 1, "batch_size": 1}
+        options.update(_position_options(position))
+        with (
+            translate_mongo_errors(**self._context),
+            self._target().watch(self._stages(), **options) as stream,
+        ):
+            for _ in range(2):  # the first reply, then one getMore
+                event = stream.try_next()
+                if event is not None:
+                    value = event.get("clusterTime")
+                    return value if isinstance(value, Timestamp) else None
+        return None
 
     def server_time(self) -> Timestamp | None:
         with translate_mongo_errors(**self._context):

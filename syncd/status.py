@@ -18,9 +18,11 @@ from typing import Any
 from bson.timestamp import Timestamp
 
 from syncd import halts
+from syncd.checkpoint import Checkpoint
 from syncd.config import PipelineSettings
 from syncd.errors import SyncdError
 from syncd.runtime import Runtime
+from syncd.source import position_of
 
 
 def collect(runtime: Runtime, pipelines: Sequence[PipelineSettings]) -> list[dict[str, Any]]:
@@ -56,8 +58,9 @@ def describe(
     if cp.cluster_time is not None:
         out["position"] = format_timestamp(cp.cluster_time)
         out["position_time"] = _iso(datetime.fromtimestamp(cp.cluster_time.time, UTC))
-        if server_time is not None:
-            out["lag_s"] = max(0, server_time.time - cp.cluster_time.time)
+    lag = _lag(runtime, ps, cp, server_time)
+    if lag is not None:
+        out["lag_s"] = lag
     if cp.wall_time is not None:
         out["checkpoint_age_s"] = _age(cp.wall_time)
     out["dead_letters"] = runtime.dead_letters(ps).count(ps.name)
@@ -76,6 +79,22 @@ def describe(
 
 def format_timestamp(ts: Timestamp) -> str:
     return f"{ts.time}.{ts.inc}"
+
+
+def _lag(
+    runtime: Runtime, ps: PipelineSettings, cp: Checkpoint, server_time: Timestamp | None
+) -> int | None:
+    """Seconds the oldest change not yet applied has waited, 0 when there is none (as
+    ``syncd_lag_seconds``); None when MongoDB cannot say. A quiet pipeline's position
+    moves only at its idle checkpoints, so its distance to the server's time is not a
+    lag."""
+    if server_time is None:
+        return None
+    try:
+        pending = runtime.source(ps).first_pending(position_of(cp))
+    except SyncdError:
+        return None
+    return 0 if pending is None else max(0, server_time.time - pending.time)
 
 
 def _server_time(runtime: Runtime, pipelines: Sequence[PipelineSettings]) -> Timestamp | None:

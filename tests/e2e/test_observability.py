@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -550,3 +551,44 @@ def test_systemd_status_follows_state_and_lag(
             assert daemon.wait(30) == ExitCode.OK, daemon.output()
         finally:
             Path(address).unlink(missing_ok=True)
+
+
+def test_status_lag_is_the_wait_of_the_oldest_unapplied_change(
+    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
+):
+    db, name = f"lag_{uuid.uuid4().hex[:8]}", f"lag-{uuid.uuid4().hex[:8]}"
+    # Idle checkpoints far apart: the checkpoint's position stays behind the server's
+    # clock on a quiet pipeline, which is not lag.
+    cfg = _config(
+        tmp_path,
+        mongo_uri,
+        chroma_server,
+        db,
+        name,
+        {},
+        snapshot="initial",
+        idle_checkpoint_interval_s=3600,
+    )
+    settings = settings_of(cfg)
+
+    def lag() -> Any:
+        result = run_syncd(["status", name, "--json"], cfg)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)[0].get("lag_s")
+
+    mongo_client[db]["docs"].insert_one({"_id": 1, "body": "one"})
+    daemon = syncd_factory(["run"], cfg)
+    wait_until(lambda: _streaming(settings, name), 60, "the snapshot to finish")
+    # Time passes on the server (writes elsewhere), the pipeline has nothing to do.
+    for i in range(3):
+        time.sleep(1.1)
+        mongo_client[db]["elsewhere"].insert_one({"_id": i})
+    assert lag() == 0
+    daemon.terminate()
+    assert daemon.wait(30) == ExitCode.OK, daemon.output()
+
+    # Stopped with a change waiting: its wait is the lag, and it grows.
+    mongo_client[db]["docs"].insert_one({"_id": 2, "body": "two"})
+    time.sleep(2.1)
+    mongo_client[db]["elsewhere"].insert_one({"_id": "tick"})
+    assert lag() >= 2
