@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import Generic, Protocol, TypeVar
 
 from syncd.config import PipelineSettings
-from syncd.errors import LeaseLostError, TransientError
+from syncd.errors import LeaseLostError, TransientError, retries_exhausted
 from syncd.lease import LeaseManager, View
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,9 @@ class LeasedPipelines(Generic[W]):
     (the lease is then given back). Call :meth:`tick` often; it takes and hands over
     leases once per ``renew_every_s`` and stops a pipeline as soon as its lease is
     found lost (renewal runs on a thread of its own). Once ``stopping()`` is true it
-    takes no lease, even in the middle of a round.
+    takes no lease, even in the middle of a round. When the leases cannot be read for
+    longer than every pipeline's ``retry_deadline_s`` (none of them 0), :meth:`tick`
+    raises the fatal error a pipeline would have raised after that long.
     """
 
     def __init__(
@@ -82,6 +84,9 @@ class LeasedPipelines(Generic[W]):
         # Why the last round could not read the leases (None once it could): a process
         # that cannot see the leases cannot know it is a standby.
         self.blind: str | None = "the leases have not been read yet"
+        self._blind_since: float | None = None
+        deadlines = [p.retry_deadline_s for p in pipelines]
+        self._deadline = max(deadlines) if deadlines and min(deadlines) > 0 else 0.0
         leases.announce(sorted(self.pipelines))
         leases.start_renewing()
 
@@ -102,8 +107,11 @@ class LeasedPipelines(Generic[W]):
         except TransientError as exc:
             log.warning("cannot read the leases: %s", exc.message)
             self.blind = f"cannot read the leases: {exc.message}"
+            self._blind_since = self._blind_since or now
+            if self._deadline and now - self._blind_since > self._deadline:
+                raise retries_exhausted(exc, self._deadline) from exc
             return
-        self.blind = None
+        self.blind, self._blind_since = None, None
         self._hand_over(view)
         self._take(view)
 

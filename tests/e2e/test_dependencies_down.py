@@ -37,6 +37,7 @@ from .helpers import (
     write_config,
 )
 from .test_ha import holders, me
+from .test_runbook import hinted
 
 DOCS = [oracle.document(i) for i in range(12)]
 # The mapping the oracle knows: Chroma's contents are judged without syncd's own mapping.
@@ -213,6 +214,43 @@ def test_mongodb_down_at_start_is_retried_until_it_answers(
         wait_until(lambda: _readiness(listen)[0] == 200, 30, "/readyz to answer 200")
         _converged(client, chroma_server, db, coll)
         _stop_cleanly(daemon)
+    finally:
+        client.close()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("leases", [True, False], ids=["leases", "no-leases"])
+def test_mongodb_down_past_the_retry_deadline_at_start_stops_with_a_hint_that_works(
+    leases, tmp_path, mongo_server_factory, chroma_server, syncd_factory
+):
+    server = mongo_server_factory()
+    client: MongoClient[Any] = MongoClient(server.uri, serverSelectionTimeoutMS=10_000)
+    db, coll = _names("mdeadline")
+    client[db]["docs"].insert_many(DOCS)
+    server.kill()
+    cfg = _config(
+        tmp_path,
+        mongo_uri=server.uri,
+        chroma_port=chroma_server.port,
+        db=db,
+        coll=coll,
+        retry_deadline_s=3,
+        extra={"lease": {"enabled": leases, "ttl_s": 3, "renew_every_s": 1}},
+    )
+    daemon = syncd_factory(["run"], cfg)
+    assert daemon.wait(90) == ExitCode.SOURCE, daemon.output()[-4000:]
+    output = daemon.output()
+    assert "still failing after 3 s of retries: MongoDB unavailable" in output, output[-4000:]
+    assert "Traceback" not in output
+
+    server.start()  # the cause, fixed
+    try:
+        (command,) = hinted(output)
+        assert command == "syncd run", command
+        again = syncd_factory(["run"], cfg)
+        wait_caught_up(client, db, settings_of(cfg), "dn", 90, "the run after the outage")
+        _converged(client, chroma_server, db, coll)
+        _stop_cleanly(again)
     finally:
         client.close()
 
