@@ -43,6 +43,9 @@ PositiveSeconds = Annotated[float, Field(gt=0, le=_MAX_S)]
 _DB_NAME_FORBIDDEN = set('/\\. "$\x00')
 # Chroma's own rule for collection names (rust/types/src/validators.rs): 3-512 of
 # [a-zA-Z0-9._-], alphanumeric at both ends, no "..", and not an IP address.
+# Embedding requests in flight per pipeline: the default for a remote API, and the most.
+DEFAULT_REMOTE_EMBED_CONCURRENCY = 8
+MAX_EMBED_CONCURRENCY = 256
 _CHROMA_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{1,510}[a-zA-Z0-9]$")
 
 
@@ -303,11 +306,22 @@ class EmbedderSettings(_Model):
     dimensions: Annotated[int, Field(ge=1, le=65_536)] = 384
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 64
     timeout_s: PositiveSeconds = 30.0
+    # Embedding requests in flight at once, each of up to batch_size texts. None: sized
+    # by kind (see _default_concurrency).
+    embed_concurrency: Annotated[int, Field(ge=1, le=MAX_EMBED_CONCURRENCY)] | None = None
+
+    @field_validator("embed_concurrency", mode="before")
+    @classmethod
+    def _concurrency_is_a_count(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("must be a whole number of requests, not true/false")
+        return value
 
     @model_validator(mode="after")
     def _kind_requirements(self) -> EmbedderSettings:
         if self.kind == "field" and not self.field:
             raise ValueError('embedder.field is required when embedder.kind = "field"')
+        self._check_concurrency()
         if self.kind == "openai":
             if not self.base_url or not self.model:
                 raise ValueError('embedder.base_url and embedder.model are required for "openai"')
@@ -320,6 +334,22 @@ class EmbedderSettings(_Model):
         if self.api_key:
             register_secret(self.api_key.get_secret_value())
         return self
+
+    def _check_concurrency(self) -> None:
+        if self.embed_concurrency is None:
+            object.__setattr__(self, "embed_concurrency", _default_concurrency(self.kind))
+        elif self.embed_concurrency > 1 and self.kind != "openai":
+            raise ValueError(
+                f"embedder.embed_concurrency = {self.embed_concurrency} needs "
+                f'embedder.kind = "openai": a {self.kind!r} embedder computes in this '
+                "process, where more requests at once do not help; remove the setting"
+            )
+
+
+def _default_concurrency(kind: str) -> int:
+    """A remote API answers many requests at once (its latency, not our CPU, bounds a
+    request); a local model already uses every core for one."""
+    return DEFAULT_REMOTE_EMBED_CONCURRENCY if kind == "openai" else 1
 
 
 class PipelineSettings(_Model):

@@ -15,7 +15,9 @@ import itertools
 import math
 import os
 import re
+import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -81,6 +83,7 @@ def build_embedder(settings: EmbedderSettings) -> Embedder | None:
         batch_size=settings.batch_size,
         timeout_s=settings.timeout_s,
         dimensions=settings.dimensions if explicit else None,
+        concurrency=settings.embed_concurrency or 1,
     )
 
 
@@ -225,6 +228,12 @@ class OpenAIEmbedder:
     refusal is followed by a known-good probe input (see ``REFUSALS_PER_PROBE``); if
     that is refused too the API is at fault: :class:`EmbeddingAPIRefusingError`, which
     is transient, so the pipeline retries instead of dead-lettering.
+
+    A call's texts go out as requests of up to ``batch_size``, up to ``concurrency`` of
+    them in flight at once (a remote service's latency, not our CPU, bounds a request).
+    Vectors come back in input order, and a failure is the one of the first failing
+    request in input order, as if the requests had been sent one after another: an
+    input the API refuses is reported by its index in the call.
     """
 
     def __init__(
@@ -237,6 +246,7 @@ class OpenAIEmbedder:
         timeout_s: float = 30.0,
         dimensions: int | None = None,
         transport: httpx.BaseTransport | None = None,
+        concurrency: int = 1,
     ) -> None:
         register_secret(api_key)  # an API may echo the key back in an error body
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -253,26 +263,58 @@ class OpenAIEmbedder:
         self.identity = f"openai:{model}" + (f":dims={dimensions}" if dimensions else "")
         self._refused_in_a_row = 0
         self._refusing_all = False  # the last probe was refused: probe at every refusal
+        # Guards the refusal count and the learned dimensions, which requests in
+        # flight at once share; held while probing, so one probe answers for all.
+        self._lock = threading.Lock()
+        self._pool = (
+            ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="syncd-embed")
+            if concurrency > 1
+            else None
+        )
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        batches = list(_batches(texts, self._batch_size))
+        if self._pool is None or len(batches) == 1:
+            out: list[list[float]] = []
+            for offset, batch in batches:
+                out.extend(self._embed_or_bisect(batch, offset))
+            return out
+        return self._embed_concurrently(self._pool, batches)
+
+    def _embed_concurrently(
+        self, pool: ThreadPoolExecutor, batches: list[tuple[int, Sequence[str]]]
+    ) -> list[list[float]]:
+        futures = [pool.submit(self._embed_or_bisect, batch, offset) for offset, batch in batches]
         out: list[list[float]] = []
-        for offset, batch in _batches(texts, self._batch_size):
-            out.extend(self._embed_or_bisect(batch, offset))
+        try:
+            for future in futures:
+                out.extend(future.result())  # the first failure in input order is raised
+        finally:
+            # Nothing of this call stays in flight once it returns or raises: requests
+            # not started are dropped, those under way are waited for.
+            for future in futures:
+                future.cancel()
+            _wait(futures)
         return out
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
         self._client.close()
 
     def _embed_or_bisect(self, batch: Sequence[str], offset: int) -> list[list[float]]:
         response = self._post(batch)
         if response.is_success:
-            self._refused_in_a_row, self._refusing_all = 0, False
-            return self._vectors(response, len(batch))
+            vectors = self._vectors(response, len(batch))
+            with self._lock:
+                self._refused_in_a_row, self._refusing_all = 0, False
+            return vectors
         detail = _api_message(response)
         if len(batch) == 1:
-            self._refused_in_a_row += 1
-            if self._refusing_all or (self._refused_in_a_row - 1) % REFUSALS_PER_PROBE == 0:
-                self._probe(response.status_code, detail)
+            with self._lock:
+                self._refused_in_a_row += 1
+                if self._refusing_all or (self._refused_in_a_row - 1) % REFUSALS_PER_PROBE == 0:
+                    self._probe(response.status_code, detail)
             raise InputRejectedError(
                 f"embedding API rejected an input (HTTP {response.status_code}: {detail})",
                 input_index=offset,
@@ -342,8 +384,9 @@ class OpenAIEmbedder:
             raise ConfigError(
                 f"embedding API returned {len(vectors)} vectors for {expected} inputs"
             )
-        for vector in vectors:
-            self._check_dimensions(len(vector))
+        with self._lock:
+            for vector in vectors:
+                self._check_dimensions(len(vector))
         return vectors
 
     def _check_dimensions(self, size: int) -> None:
@@ -356,6 +399,12 @@ class OpenAIEmbedder:
                 f"{self.dimensions} ({where})",
                 hint="set embedder.dimensions to the model's size",
             )
+
+
+def _wait(futures: list[Future[list[list[float]]]]) -> None:
+    for future in futures:
+        if not future.cancelled():
+            future.exception()  # blocks until done; its outcome was reported, or is moot
 
 
 def _api_message(response: httpx.Response) -> str:

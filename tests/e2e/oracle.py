@@ -23,6 +23,8 @@ from typing import Any
 
 from bson import Decimal128
 
+from syncd.embedder import HashingEmbedder
+
 from .helpers import chroma_records, diff
 
 DIMENSIONS = 4
@@ -92,6 +94,18 @@ def expected(
             "embedding": [float(x) for x in doc["vec"]],
         }
     return out
+
+
+def embedded_by_the_api(
+    docs: Iterable[Mapping[str, Any]], *, dimensions: int = 32, **kw: Any
+) -> dict[str, dict[str, Any]]:
+    """The records, with the vectors the test embedding API serves for their texts
+    (`tests/harness/embedding_api.py` answers with the hashing embedder's)."""
+    want = expected(docs, **kw)
+    model = HashingEmbedder(dimensions)
+    for record in want.values():
+        record["embedding"] = model.embed([record["document"]])[0]
+    return want
 
 
 def actual(chroma_collection: Any) -> dict[str, dict[str, Any]]:

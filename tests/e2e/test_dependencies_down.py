@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 from pymongo import MongoClient
 
-from syncd.embedder import HashingEmbedder
 from syncd.errors import ExitCode
 from tests.harness.daemon import SyncdProcess, run_syncd
 from tests.harness.embedding_api import embedding_api
@@ -387,15 +386,6 @@ def test_one_shot_commands_exit_with_the_code_of_the_unreachable_server(ran_once
 # --- an embedding API that refuses everything ---------------------------------------------
 
 
-def _embedded_by_the_api(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The oracle's records, with the vectors the test API serves for their texts."""
-    want = oracle.expected(docs)
-    model = HashingEmbedder(32)  # what tests/harness/embedding_api.py answers with
-    for record in want.values():
-        record["embedding"] = model.embed([record["document"]])[0]
-    return want
-
-
 def _public(record: dict[str, Any]) -> dict[str, Any]:
     metadata = {k: v for k, v in record["metadata"].items() if not k.startswith("syncd_")}
     return {**record, "metadata": metadata}
@@ -454,7 +444,7 @@ def test_an_embedding_api_refusing_every_input_is_waited_for_not_dead_lettered(
         api.refuse = None
         docs = [d for d in mongo_client[db]["docs"].find() if d["_id"] != 100]
         got = chroma_records(chroma_server.client().get_collection(coll, embedding_function=None))
-        problem = diff(_embedded_by_the_api(docs), {k: _public(r) for k, r in got.items()})
+        problem = diff(oracle.embedded_by_the_api(docs), {k: _public(r) for k, r in got.items()})
         assert not problem, problem
         _stop_cleanly(daemon)
     mongo_client.drop_database(db)

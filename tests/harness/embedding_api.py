@@ -4,13 +4,15 @@ It answers with the hashing embedder's vectors, so results are deterministic and
 tests can compute the expected embeddings themselves. `refuse` (a predicate on one
 input, or None) makes it answer 400 to any request holding an input it matches, as
 APIs do for an input they will not embed; `refuse = lambda _: True` is an API that
-refuses everything.
+refuses everything. `delay_s` makes it answer each request that long after it arrived,
+as a remote embedding service does; `max_in_flight` is the most requests it held at once.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,6 +29,9 @@ class EmbeddingAPI:
         self.requests = 0
         self.refused = 0
         self.refuse: Callable[[str], bool] | None = None
+        self.delay_s = 0.0
+        self.in_flight = 0
+        self.max_in_flight = 0
         self._lock = threading.Lock()
         self._embedder = HashingEmbedder(dimensions)
         api = self
@@ -56,25 +61,37 @@ class EmbeddingAPI:
         self._thread.join(5)
 
     def _handle(self, handler: BaseHTTPRequestHandler) -> None:
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            status, payload = self._answer(handler)
+        finally:
+            # Before the answer goes out: the client may send its next request at once.
+            with self._lock:
+                self.in_flight -= 1
+        self._send(handler, status, payload)
+
+    def _answer(self, handler: BaseHTTPRequestHandler) -> tuple[int, Any]:
         length = int(handler.headers.get("content-length", 0))
         body = json.loads(handler.rfile.read(length))
         if handler.headers.get("authorization") != f"Bearer {self.api_key}":
-            self._send(handler, 401, {"error": {"message": "bad key"}})
-            return
+            return 401, {"error": {"message": "bad key"}}
         texts = body["input"]
         refuse = self.refuse
         if refuse is not None and any(refuse(text) for text in texts):
             with self._lock:
                 self.refused += 1
             message = "'input' is invalid for this model"
-            self._send(handler, 400, {"error": {"message": message, "type": "invalid_request"}})
-            return
+            return 400, {"error": {"message": message, "type": "invalid_request"}}
         with self._lock:
             self.requests += 1
             self.inputs.extend(texts)
         vectors = self._embedder.embed(texts)
         data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
-        self._send(handler, 200, {"object": "list", "data": data, "model": body.get("model")})
+        return 200, {"object": "list", "data": data, "model": body.get("model")}
 
     @staticmethod
     def _send(handler: BaseHTTPRequestHandler, status: int, payload: Any) -> None:
@@ -87,8 +104,10 @@ class EmbeddingAPI:
 
 
 @contextmanager
-def embedding_api(dimensions: int = 32) -> Iterator[EmbeddingAPI]:
-    api = EmbeddingAPI(dimensions).start()
+def embedding_api(dimensions: int = 32, *, delay_s: float = 0.0) -> Iterator[EmbeddingAPI]:
+    api = EmbeddingAPI(dimensions)
+    api.delay_s = delay_s
+    api.start()
     try:
         yield api
     finally:

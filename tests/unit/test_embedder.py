@@ -5,13 +5,16 @@ import json
 import math
 import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
-from syncd.config import EmbedderSettings
+from syncd.config import EmbedderSettings, PipelineSettings
 from syncd.embedder import (
     PROBE_INPUT,
     REFUSALS_PER_PROBE,
@@ -99,7 +102,9 @@ class FakeAPI:
 
     def respond(self, handler: BaseHTTPRequestHandler) -> None:
         length = int(handler.headers.get("Content-Length", "0"))
-        body = json.loads(handler.rfile.read(length))
+        self.answer(handler, json.loads(handler.rfile.read(length)))
+
+    def answer(self, handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
         self.requests.append(
             {"path": handler.path, "body": body, "auth": handler.headers.get("Authorization")}
         )
@@ -337,6 +342,168 @@ def test_openai_from_settings_uses_env_key(
     assert len(embedder.embed(["x", "y", "z"])) == 3
     assert fake.requests[-1]["auth"] == f"Bearer {KEY}"
     embedder.close()
+
+
+# --- requests in flight -----------------------------------------------------------------------
+
+
+class SlowAPI(FakeAPI):
+    """FakeAPI with latency: ``delay(inputs)`` seconds per request; with ``gather``, each
+    request is also held until that many are in flight (or 2 s pass)."""
+
+    def __init__(self, gather: int = 0, delay: Callable[[list[str]], float] | None = None) -> None:
+        super().__init__()
+        self.gather = gather
+        self.delay = delay or (lambda _inputs: 0.05)
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._cond = threading.Condition()
+
+    def respond(self, handler: BaseHTTPRequestHandler) -> None:
+        length = int(handler.headers.get("Content-Length", "0"))
+        body = json.loads(handler.rfile.read(length))
+        with self._cond:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self.in_flight >= self.gather, timeout=2)
+        time.sleep(self.delay(body["input"]))
+        with self._cond:
+            self.in_flight -= 1  # before answering: the client may send its next at once
+        self.answer(handler, body)
+
+
+@contextmanager
+def slow_api(
+    gather: int = 0, delay: Callable[[list[str]], float] | None = None
+) -> Iterator[tuple[SlowAPI, str]]:
+    fake = SlowAPI(gather, delay)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            fake.respond(self)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield fake, f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_requests_go_out_concurrently_and_vectors_keep_input_order() -> None:
+    # Earlier inputs answer later: the answers arrive out of order.
+    with slow_api(gather=4, delay=lambda inputs: 0.1 / len(inputs[0])) as (fake, url):
+        embedder = openai(url, batch_size=2, concurrency=4)
+        texts = ["x" * (n + 1) for n in range(16)]
+        vectors = embedder.embed(texts)
+        embedder.close()
+    assert fake.max_in_flight == 4
+    assert len(fake.requests) == 8
+    assert [v[0] for v in vectors] == [float(len(t)) for t in texts]
+    # Each request held a run of consecutive inputs, and each text went out once.
+    sent = sorted(t for r in fake.requests for t in r["body"]["input"])
+    assert sent == sorted(texts)
+
+
+def test_one_request_at_a_time_without_concurrency() -> None:
+    with slow_api() as (fake, url):
+        vectors = openai(url, batch_size=2).embed(["a", "bb", "ccc", "dddd", "eeeee"])
+    assert fake.max_in_flight == 1
+    assert [v[0] for v in vectors] == [1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+def test_a_refused_input_is_reported_by_its_index_in_the_call() -> None:
+    # The request holding BAD9 is answered long after the one holding BAD13.
+    with slow_api(delay=lambda inputs: 0.5 if "BAD9" in inputs else 0.02) as (fake, url):
+        embedder = openai(url, batch_size=2, concurrency=4)
+        texts = [f"ok{n}" for n in range(16)]
+        texts[9], texts[13] = "BAD9", "BAD13"
+        with pytest.raises(InputRejectedError) as info:
+            embedder.embed(texts)
+        # The first refused input in input order, whichever request was answered first.
+        assert info.value.input_index == 9
+        assert fake.in_flight == 0  # nothing of the call is left in flight
+        assert fake.max_in_flight <= 4
+        embedder.close()
+
+
+def test_a_transient_failure_of_one_request_fails_the_call(api: tuple[FakeAPI, str]) -> None:
+    fake, url = api
+    fake.script = [(503, {})]
+    embedder = openai(url, batch_size=1, concurrency=4)
+    with pytest.raises(TransientError):
+        embedder.embed(["a", "bb", "ccc", "dddd"])
+    assert [v[0] for v in embedder.embed(["a", "bb", "ccc", "dddd"])] == [1.0, 2.0, 3.0, 4.0]
+    embedder.close()
+
+
+def test_a_planned_batch_poisons_exactly_the_refused_documents() -> None:
+    from syncd import plan
+    from syncd.mapping import Mapper
+
+    ps = PipelineSettings.model_validate(
+        {
+            "name": "p",
+            "database": "db",
+            "collection": "c",
+            "mapping": {"text": "body"},
+            "embedder": {"kind": "openai", "base_url": "http://unused/v1", "model": "m"},
+        }
+    )
+    events = [
+        {
+            "operationType": "insert",
+            "ns": {"db": "db", "coll": "c"},
+            "documentKey": {"_id": n},
+            "fullDocument": {"_id": n, "body": ("BAD " if n in (3, 10) else "ok ") + "x" * n},
+        }
+        for n in range(12)
+    ]
+
+    class NothingStored:
+        def existing(self, keys: Any) -> dict[str, dict[str, Any]]:
+            return {}
+
+    with slow_api() as (_, url):
+        embedder = openai(url, batch_size=2, concurrency=3)
+        result = plan.build(
+            plan.coalesce(events, prefixed=False),
+            mapper=Mapper(ps),
+            embedder=embedder,
+            sink=NothingStored(),
+            prefixed=False,
+        )
+        embedder.close()
+    assert sorted(p.change.source_id for p in result.poisoned) == [3, 10]
+    assert all(isinstance(p.error, InputRejectedError) for p in result.poisoned)
+    written = {u.id: u for u in result.plan.upserts}
+    assert sorted(written) == sorted(f"i:{n}" for n in range(12) if n not in (3, 10))
+    for upsert in written.values():
+        assert upsert.embedding[0] == float(len(upsert.text))  # its own vector
+
+
+def test_embed_concurrency_defaults_by_kind_and_is_validated() -> None:
+    remote = {"kind": "openai", "base_url": "http://h/v1", "model": "m"}
+    assert EmbedderSettings.model_validate(remote).embed_concurrency == 8
+    assert EmbedderSettings().embed_concurrency == 1
+    assert EmbedderSettings(kind="field", field="v").embed_concurrency == 1
+    assert EmbedderSettings(kind="sentence_transformers").embed_concurrency == 1
+    wide = EmbedderSettings.model_validate({**remote, "embed_concurrency": 32})
+    assert wide.embed_concurrency == 32
+    assert EmbedderSettings(kind="hashing", embed_concurrency=1).embed_concurrency == 1
+    with pytest.raises(ValidationError, match=r'needs embedder\.kind = "openai"'):
+        EmbedderSettings(kind="hashing", embed_concurrency=2)
+    for bad in (0, -1, 257, True, 2.5, "many"):
+        with pytest.raises(ValidationError, match="embed_concurrency"):
+            EmbedderSettings.model_validate({**remote, "embed_concurrency": bad})
 
 
 # --- sentence-transformers -------------------------------------------------------------------
