@@ -113,7 +113,7 @@ def main() -> int:
     counter = None
     if pipeline.embedder is not None:
         counter = CountingEmbedder(pipeline.embedder)
-        pipeline.embedder = counter
+        pipeline.applier.embedder = counter
     until = _ts(args.until) if args.until else None
     if counter is not None and args.warmup:
         counter.inner.embed([f"warm-up text {k}" for k in range(args.warmup)])

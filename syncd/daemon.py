@@ -32,7 +32,7 @@ from types import FrameType
 from syncd.config import PipelineSettings, Settings
 from syncd.errors import ExitCode, HaltedError, LeaseLostError, PoisonError, SyncdError
 from syncd.halts import HeldPipeline
-from syncd.lease import FencedSink, LeaseManager, uses_leases
+from syncd.lease import LeaseManager, uses_leases
 from syncd.notify import SystemdNotifier
 from syncd.pipeline import Pipeline
 from syncd.runtime import Runtime
@@ -195,10 +195,13 @@ class Daemon:
 
         def build(worker: Worker) -> Pipeline:
             pipeline = runtime.pipeline(
-                ps, stop=worker.stop, epoch=epoch, resync=self.resync, heartbeat=worker.beat
+                ps,
+                stop=worker.stop,
+                epoch=epoch,
+                resync=self.resync,
+                heartbeat=worker.beat,
+                fence=(lambda: leases.check(ps.name)) if leases is not None else None,
             )
-            if leases is not None:
-                pipeline.sink = FencedSink(pipeline.sink, lambda: leases.check(ps.name))
             if not worker.sampling:
                 worker.sampling = self._start_sampler(runtime, pipeline)
             return pipeline

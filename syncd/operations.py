@@ -8,9 +8,7 @@ import threading
 from syncd.config import PipelineSettings, Settings
 from syncd.errors import ExitCode
 from syncd.exclusive import exclusive
-from syncd.lease import FencedSink
 from syncd.runtime import Runtime
-from syncd.snapshot import Snapshotter
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +33,9 @@ def snapshot(
     try:
         held = exclusive(runtime, name, force=force, command=command, who="syncd-snapshot")
         with held as hold:
-            pipeline = runtime.pipeline(pipeline_settings, stop=stop, epoch=hold.epoch, resync=True)
-            pipeline.sink = FencedSink(pipeline.sink, hold.check)
+            pipeline = runtime.pipeline(
+                pipeline_settings, stop=stop, epoch=hold.epoch, resync=True, fence=hold.check
+            )
             pipeline.sink.open()  # Chroma unreachable: say so before touching the checkpoint
             cp = runtime.store.load(name)
             pipeline.checkpoint = cp
@@ -48,11 +47,11 @@ def snapshot(
                 cp.epoch = hold.epoch
                 print(f"continuing the interrupted snapshot of {name}")
             else:
-                cp = pipeline._start_snapshot(reason="syncd snapshot")
-            pipeline._publish("snapshotting")  # `syncd status` stops showing the old error
-            Snapshotter(pipeline).run(cp)
+                cp = pipeline.progress.start_snapshot(reason="syncd snapshot")
+            pipeline.progress.publish("snapshotting")  # `syncd status` stops showing the old error
+            pipeline.snapshotter().run(cp)
             done = pipeline.checkpoint
-            pipeline._publish("stopped")
+            pipeline.progress.publish("stopped")
         if done is None or done.phase != "streaming":
             print(f"snapshot interrupted; run `{command}` again to continue")
             return ExitCode.DRIFT_OR_FAILURE

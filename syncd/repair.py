@@ -12,21 +12,40 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from syncd import lookups
 from syncd import plan as planning
+from syncd.config import PipelineSettings
 from syncd.consistency import ORPHAN_BATCH, Checker, Drift, Finding, IdIndex, Report
 from syncd.deadletter import DeadLetterStore
 from syncd.identity import HASH_KEY, TEXT_HASH_KEY, base_id
 from syncd.progress import Progress
 from syncd.progress import start as progress_start
-from syncd.sink import Sink, StoredRecord, WritePlan
+from syncd.sink import Sink, WritePlan
 from syncd.source import id_key
 
-if TYPE_CHECKING:
-    from syncd.pipeline import Pipeline
-
 log = logging.getLogger(__name__)
+
+
+class Applies(Protocol):
+    """What repair needs: an :class:`~syncd.applier.Applier` (or a pipeline's)."""
+
+    @property
+    def settings(self) -> PipelineSettings: ...
+
+    @property
+    def source(self) -> lookups.Fetcher: ...
+
+    @property
+    def sink(self) -> Sink: ...
+
+    def write_changes(
+        self,
+        changes: Sequence[planning.Change],
+        *,
+        lookup: planning.ExistingLookup | None = None,
+    ) -> planning.PlanResult: ...
 
 
 # --- repair ----------------------------------------------------------------------------
@@ -52,7 +71,7 @@ class RepairReport:
 
 
 def repair(
-    pipeline: Pipeline, checker: Checker, *, dry_run: bool = False, progress: bool = False
+    pipeline: Applies, checker: Checker, *, dry_run: bool = False, progress: bool = False
 ) -> RepairReport:
     """Fix exactly what a verify finds: re-apply documents, delete orphans.
 
@@ -77,7 +96,7 @@ def repair(
 
 
 def _remove_orphans(
-    pipeline: Pipeline,
+    pipeline: Applies,
     checker: Checker,
     index: IdIndex,
     result: RepairReport,
@@ -108,7 +127,7 @@ def _remove_orphans(
             return
 
 
-def _reapply(pipeline: Pipeline, drift: Drift, result: RepairReport) -> None:
+def _reapply(pipeline: Applies, drift: Drift, result: RepairReport) -> None:
     changes = [
         planning.Change(
             key=key,
@@ -121,17 +140,12 @@ def _reapply(pipeline: Pipeline, drift: Drift, result: RepairReport) -> None:
         )
         for key, (collection, doc) in drift.documents.items()
     ]
-    original = pipeline.sink
-    pipeline.sink = _Distrusting(original, drift.stored)
-    try:
-        outcome = pipeline.write_changes(changes)
-    finally:
-        pipeline.sink = original
+    outcome = pipeline.write_changes(changes, lookup=_Distrusting(pipeline.sink, drift.stored))
     result.failed.add([p.change.key for p in outcome.poisoned])
 
 
 class _Distrusting:
-    """A sink whose ``existing`` offers stale records without their hashes.
+    """Chroma's stored records, with the stale ones offered without their hashes.
 
     The planner skips records whose stored hashes match; a record altered in Chroma
     behind syncd's back may still carry the right hashes. Without them it is planned
@@ -142,13 +156,6 @@ class _Distrusting:
     def __init__(self, sink: Sink, stored: Mapping[str, Mapping[str, Any]]) -> None:
         self._sink = sink
         self._stored = stored
-        self.max_batch = sink.max_batch
-
-    def open(self) -> None:
-        self._sink.open()
-
-    def collection_id(self, *, create: bool = False) -> str | None:
-        return self._sink.collection_id(create=create)
 
     def existing(self, keys: Sequence[str]) -> dict[str, dict[str, Mapping[str, Any]]]:
         found = self._sink.existing(keys)
@@ -160,27 +167,6 @@ class _Distrusting:
                 }
                 found.setdefault(base_id(rid), {})[rid] = untrusted
         return found
-
-    def write(self, plan: WritePlan) -> None:
-        self._sink.write(plan)
-
-    def get(self, ids: Sequence[str], *, include_embeddings: bool = False) -> list[StoredRecord]:
-        return self._sink.get(ids, include_embeddings=include_embeddings)
-
-    def scan(self, page: int = 1000) -> Iterator[list[StoredRecord]]:
-        return self._sink.scan(page)
-
-    def delete_all(self) -> int:
-        return self._sink.delete_all()
-
-    def delete_where(self, where: Mapping[str, Any]) -> None:
-        self._sink.delete_where(where)
-
-    def count(self) -> int:
-        return self._sink.count()
-
-    def close(self) -> None:
-        self._sink.close()
 
 
 # --- dead letters -----------------------------------------------------------------------
@@ -201,7 +187,7 @@ class RetryResult:
 
 
 def retry_dead_letters(
-    pipeline: Pipeline,
+    pipeline: Applies,
     letters: DeadLetterStore,
     keys: Sequence[str] | None = None,
     *,
@@ -241,7 +227,7 @@ def retry_dead_letters(
 
 
 def _retry(
-    pipeline: Pipeline,
+    pipeline: Applies,
     letters: DeadLetterStore,
     entries: Sequence[Mapping[str, Any]],
     result: RetryResult,

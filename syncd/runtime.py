@@ -7,16 +7,20 @@ The CLI holds no logic: every command asks a :class:`Runtime` for the parts it n
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from pymongo import MongoClient
 
 from syncd import checkpoint, sink, source
+from syncd.applier import Applier
 from syncd.config import PipelineSettings, Settings
 from syncd.deadletter import DeadLetterStore
 from syncd.embedder import Embedder, build_embedder
+from syncd.lease import FencedSink
 from syncd.mapping import Mapper
 from syncd.pipeline import Pipeline
+from syncd.sink import Sink
 from syncd.telemetry import PipelineTelemetry, Telemetry
 
 
@@ -82,14 +86,15 @@ class Runtime:
         resync: bool = False,
         telemetry: PipelineTelemetry | None = None,
         heartbeat: Any = None,
+        fence: Callable[[], None] | None = None,
     ) -> Pipeline:
+        """``fence`` raises LeaseLostError once the pipeline is no longer ours: every
+        write to Chroma asks it first (see :class:`syncd.lease.FencedSink`)."""
         embedder = self.embedder(settings)
-        # A vector read from the document must have embedder.dimensions elements too.
-        dimensions = embedder.dimensions if embedder is not None else settings.embedder.dimensions
         return Pipeline(
             settings,
             source=self.source(settings),
-            sink=self.sink(settings, dimensions=dimensions),
+            sink=self._pipeline_sink(settings, embedder, fence),
             store=self.store,
             mapper=Mapper(settings),
             embedder=embedder,
@@ -101,6 +106,30 @@ class Runtime:
             heartbeat=heartbeat,
             traceparent_field=self.settings.telemetry.traceparent_field,
         )
+
+    def applier(self, settings: PipelineSettings) -> Applier:
+        """Applies changes outside the streaming loop (``syncd dlq retry``)."""
+        embedder = self.embedder(settings)
+        return Applier(
+            settings,
+            source=self.source(settings),
+            sink=self._pipeline_sink(settings, embedder, None),
+            mapper=Mapper(settings),
+            embedder=embedder,
+            telemetry=self.telemetry.pipeline(settings.name),
+            dead_letters=self.dead_letters(settings),
+        )
+
+    def _pipeline_sink(
+        self,
+        settings: PipelineSettings,
+        embedder: Embedder | None,
+        fence: Callable[[], None] | None,
+    ) -> Sink:
+        # A vector read from the document must have embedder.dimensions elements too.
+        dimensions = embedder.dimensions if embedder is not None else settings.embedder.dimensions
+        chroma = self.sink(settings, dimensions=dimensions)
+        return FencedSink(chroma, fence) if fence is not None else chroma
 
     def close(self) -> None:
         for embedder in self._embedders.values():

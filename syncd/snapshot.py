@@ -1,6 +1,7 @@
 """The initial copy, with a gap-free handover to streaming.
 
-1. Record the stream position *before* scanning (``begin``).
+1. Record the stream position *before* scanning
+   (:meth:`syncd.checkpointing.Progress.start_snapshot`).
 2. Scan each collection in ``_id`` order, a bounded batch at a time, checkpointing
    the last ``_id`` after each batch is in Chroma, so a restart continues the scan.
 3. Remove records whose documents no longer exist (a re-snapshot over old data).
@@ -11,40 +12,43 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from syncd import plan as planning
+from syncd.applier import Applier
 from syncd.checkpoint import Checkpoint, SnapshotProgress
+from syncd.checkpointing import Progress as Checkpointing
 from syncd.errors import HaltedError, MappingError, SinkLostError
 from syncd.identity import base_id, decode_id, record_key, split_key
 from syncd.progress import Progress
 from syncd.sink import WritePlan
-from syncd.source import id_key
-
-if TYPE_CHECKING:
-    from syncd.pipeline import Pipeline
+from syncd.source import Source, id_key
 
 log = logging.getLogger(__name__)
 
 
 class Snapshotter:
-    def __init__(self, pipeline: Pipeline) -> None:
-        self.p = pipeline
-        self.settings = pipeline.settings
+    """Copies a pipeline's documents through its applier, saving progress as it goes."""
 
-    def begin(self, cp: Checkpoint) -> None:
-        """Fix the stream position the copy will hand over to."""
-        token = self.p.source.current_token()
-        progress = SnapshotProgress(started_at=datetime.now(UTC))
-        if token is not None:
-            progress.start_token = dict(token)
-        else:
-            progress.start_at = self.p.source.server_time()
-        cp.phase = "snapshot"
-        cp.snapshot = progress
-        cp.token = None
+    def __init__(
+        self,
+        *,
+        source: Source,
+        applier: Applier,
+        checkpoints: Checkpointing,
+        stop: threading.Event,
+        heartbeat: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.source = source
+        self.applier = applier
+        self.checkpoints = checkpoints
+        self.settings = applier.settings
+        self.sink = applier.sink
+        self.telemetry = applier.telemetry
+        self.stop = stop
+        self.heartbeat = heartbeat
 
     def run(self, cp: Checkpoint) -> None:
         progress = cp.snapshot or SnapshotProgress()
@@ -58,8 +62,8 @@ class Snapshotter:
             total=self._estimate(self.settings.source_collections),
             initial=progress.scanned,
         )
-        self.p.telemetry.snapshot_progress(progress.scanned, reporter.total)
-        with self.p.telemetry.stage("snapshot"), reporter:
+        self.telemetry.snapshot_progress(progress.scanned, reporter.total)
+        with self.telemetry.stage("snapshot"), reporter:
             for collection in collections:
                 if progress.collection != collection:
                     progress.collection, progress.last_id, progress.has_last_id = (
@@ -68,7 +72,7 @@ class Snapshotter:
                         False,
                     )
                 self._scan(cp, progress, collection, reporter)
-                if self.p.stop.is_set():
+                if self.stop.is_set():
                     reporter.close(finished=False)
                     return
             self._remove_orphans()
@@ -77,8 +81,7 @@ class Snapshotter:
         cp.token = progress.start_token
         cp.token_is_invalidate = False
         cp.start_at = progress.start_at
-        self.p.checkpoint = cp
-        self.p._save(cp, history_reason=f"snapshot complete: {progress.scanned} documents")
+        self.checkpoints.save(cp, history_reason=f"snapshot complete: {progress.scanned} documents")
         log.info(
             "snapshot complete: %d documents; streaming from the position recorded before it",
             progress.scanned,
@@ -93,9 +96,9 @@ class Snapshotter:
         "resnapshot"``), the scan starts over in the collection there now, from the same
         recorded stream position; otherwise that is a lost collection (SinkLostError).
         """
-        rebuild = self.p.resync or self.settings.on_sink_lost == "resnapshot"
+        rebuild = self.checkpoints.resync or self.settings.on_sink_lost == "resnapshot"
         known = cp.chroma_collection_id
-        current = self.p.sink.collection_id(create=rebuild or known is None)
+        current = self.sink.collection_id(create=rebuild or known is None)
         if known is not None and current != known:
             if not rebuild:
                 raise SinkLostError(
@@ -115,30 +118,30 @@ class Snapshotter:
     def _scan(
         self, cp: Checkpoint, progress: SnapshotProgress, collection: str, reporter: Progress
     ) -> None:
-        scan = self.p.source.scan(
+        scan = self.source.scan(
             collection,
             after_id=progress.last_id,
             has_after=progress.has_last_id,
             batch_size=self.settings.snapshot_batch_size,
         )
         for docs in scan:
-            self.p._heartbeat()
-            self.p.telemetry.heartbeat()
+            self.heartbeat()
+            self.telemetry.heartbeat()
             changes = [self._change(collection, doc) for doc in docs]
-            result = self.p.write_changes(changes)
+            result = self.applier.write_changes(changes, counts=cp.counts)
             if result.poisoned:
                 self._poisoned(result.poisoned)
             progress.last_id, progress.has_last_id = docs[-1]["_id"], True
             progress.scanned += len(docs)
             cp.snapshot = progress
-            self.p._save(cp)
+            self.checkpoints.save(cp)
             reporter.update(progress.scanned)
-            self.p.telemetry.snapshot_progress(progress.scanned, reporter.total)
-            if self.p.stop.is_set():
+            self.telemetry.snapshot_progress(progress.scanned, reporter.total)
+            if self.stop.is_set():
                 return
 
     def _change(self, collection: str, doc: Mapping[str, Any]) -> planning.Change:
-        key = record_key(collection, doc["_id"], prefixed=self.p._prefixed)
+        key = record_key(collection, doc["_id"], prefixed=self.applier.prefixed)
         return planning.Change(
             key=key,
             collection=collection,
@@ -150,8 +153,8 @@ class Snapshotter:
         )
 
     def _poisoned(self, poisoned: list[planning.Poisoned]) -> None:
-        if self.settings.on_error == "dead_letter" and self.p.dead_letters is not None:
-            self.p.put_dead_letters(poisoned)
+        if self.applier.dead_lettering:
+            self.applier.put_dead_letters(poisoned)
             return
         first = poisoned[0]
         raise HaltedError(
@@ -165,14 +168,14 @@ class Snapshotter:
     def _remove_orphans(self) -> None:
         """Delete records whose documents are gone or no longer match the filter."""
         removed = 0
-        for page in self.p.sink.scan():
+        for page in self.sink.scan():
             by_key: dict[str, list[str]] = {}
             for record in page:
                 by_key.setdefault(base_id(record.id), []).append(record.id)
             stale = self._stale_keys(list(by_key))
             ids = [rid for key in stale for rid in by_key[key]]
             if ids:
-                self.p.sink.write(WritePlan(deletes=ids))
+                self.sink.write(WritePlan(deletes=ids))
                 removed += len(ids)
         if removed:
             log.info(
@@ -187,7 +190,7 @@ class Snapshotter:
         stale: list[str] = []
         for key in keys:
             coll, encoded = split_key(
-                key, prefixed=self.p._prefixed, collection=self.settings.collection or ""
+                key, prefixed=self.applier.prefixed, collection=self.settings.collection or ""
             )
             try:
                 by_coll.setdefault(coll, []).append((key, decode_id(encoded)))
@@ -197,15 +200,15 @@ class Snapshotter:
             if coll not in self.settings.source_collections:
                 stale.extend(key for key, _ in wanted)
                 continue
-            found = self.p.source.fetch(coll, [source_id for _, source_id in wanted])
+            found = self.source.fetch(coll, [source_id for _, source_id in wanted])
             for key, source_id in wanted:
                 doc = found.get(id_key(source_id))
-                if doc is None or not self.p.mapper.matches(doc):
+                if doc is None or not self.applier.mapper.matches(doc):
                     stale.append(key)
         return stale
 
     def _estimate(self, collections: list[str]) -> int | None:
-        count = getattr(self.p.source, "count", None)
+        count = getattr(self.source, "count", None)
         if count is None:
             return None
         try:

@@ -125,9 +125,8 @@ def _retry(args: argparse.Namespace) -> int:
     try:
         from syncd.repair import retry_dead_letters
 
-        pipeline = runtime.pipeline(ps)
         result = retry_dead_letters(
-            pipeline, letters, [args.key] if args.key else None, progress=True
+            runtime.applier(ps), letters, [args.key] if args.key else None, progress=True
         )
     finally:
         runtime.close()

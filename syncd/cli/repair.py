@@ -34,9 +34,9 @@ def register(verbs: Any) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     settings = load_settings(args, chroma=True)
+    from syncd.applier import Applier
     from syncd.consistency import open_checker
     from syncd.mapping import Mapper
-    from syncd.pipeline import Pipeline
     from syncd.repair import repair
     from syncd.runtime import Runtime
 
@@ -44,16 +44,15 @@ def handle(args: argparse.Namespace) -> int:
     runtime = Runtime(settings)
     try:
         checker = open_checker(runtime, ps)
-        pipeline = Pipeline(
+        applier = Applier(
             ps,
             source=runtime.source(ps),
             sink=checker.sink,
-            store=runtime.store,
             mapper=Mapper(ps),
             embedder=runtime.embedder(ps) if not args.dry_run else None,
             telemetry=runtime.telemetry.pipeline(ps.name),
         )
-        result = repair(pipeline, checker, dry_run=args.dry_run, progress=True)
+        result = repair(applier, checker, dry_run=args.dry_run, progress=True)
     finally:
         runtime.close()
     data = result.to_json()

@@ -1,0 +1,189 @@
+"""Apply coalesced changes to Chroma: plan, embed, write, read back, settle dead letters.
+
+The one place that turns :class:`~syncd.plan.Change` objects into records in Chroma.
+The streaming loop, the snapshot, ``syncd repair`` and ``syncd dlq retry`` all apply
+through it; what differs between them is only where the stored records come from
+(``lookup``): Chroma itself, Chroma once an in-flight write of the same key is done
+(:mod:`syncd.staging`), or Chroma with its hashes distrusted (:mod:`syncd.repair`).
+
+Applying is two steps, so that planning a batch (reading documents, looking up stored
+records, embedding) can overlap the write of the batch before it: :meth:`plan` writes
+nothing, :meth:`write` does not read MongoDB. :meth:`write_changes` does both.
+It never touches the checkpoint: that is :mod:`syncd.checkpointing`'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+from syncd import identity, lookups
+from syncd import plan as planning
+from syncd.config import PipelineSettings
+from syncd.deadletter import DeadLetterStore
+from syncd.embedder import Embedder
+from syncd.errors import SourceFatalError
+from syncd.mapping import Mapper
+from syncd.sink import Sink, WritePlan, check_written
+from syncd.telemetry import PipelineTelemetry
+
+log = logging.getLogger(__name__)
+
+Stage = Callable[[str], AbstractContextManager[None]]
+
+
+@dataclasses.dataclass
+class Planned:
+    """Changes planned against the records stored when they were looked up."""
+
+    changes: list[planning.Change]  # with the documents the plan was made from
+    result: planning.PlanResult
+
+    @property
+    def poisoned(self) -> list[planning.Poisoned]:
+        return self.result.poisoned
+
+
+class Applier:
+    def __init__(
+        self,
+        settings: PipelineSettings,
+        *,
+        source: lookups.Fetcher,
+        sink: Sink,
+        mapper: Mapper,
+        embedder: Embedder | None,
+        telemetry: PipelineTelemetry,
+        dead_letters: DeadLetterStore | None = None,
+    ) -> None:
+        self.settings = settings
+        self.source = source
+        self.sink = sink
+        self.mapper = mapper
+        self.embedder = embedder
+        self.telemetry = telemetry
+        self.dead_letters = dead_letters
+
+    @property
+    def prefixed(self) -> bool:
+        """Record ids carry their collection (a pipeline with ``collections = [...]``)."""
+        return identity.prefixed(self.settings)
+
+    @property
+    def dead_lettering(self) -> bool:
+        return self.settings.on_error == "dead_letter" and self.dead_letters is not None
+
+    def write_changes(
+        self,
+        changes: Sequence[planning.Change],
+        *,
+        write_if_poisoned: bool = True,
+        lookup: planning.ExistingLookup | None = None,
+        counts: dict[str, int] | None = None,
+    ) -> planning.PlanResult:
+        """Map, embed and write coalesced changes; poisoned ones are returned, not written.
+
+        An update that came without its document (``full_document = "whenAvailable"``
+        without post-images) is applied from the document as it is now: only a delete,
+        or a lookup that finds nothing, removes records. Under ``on_error =
+        "dead_letter"`` the records of a poisoned document are removed (the caller
+        parks the change); dead letters of documents applied here are removed. With
+        ``write_if_poisoned`` false, nothing is written when any change is poison (the
+        caller halts and writes only what came before it). ``lookup`` says what Chroma
+        holds (default: the sink); ``counts`` (the checkpoint's) counts what is applied.
+        """
+        planned = self.plan(changes, write_if_poisoned=write_if_poisoned, lookup=lookup)
+        if planned.poisoned and not write_if_poisoned:
+            return planned.result
+        self.write(planned, counts=counts)
+        return planned.result
+
+    def plan(
+        self,
+        changes: Sequence[planning.Change],
+        *,
+        write_if_poisoned: bool = True,
+        lookup: planning.ExistingLookup | None = None,
+        stage: Stage | None = None,
+    ) -> Planned:
+        """Read what the changes need from MongoDB and Chroma, map and embed; write nothing.
+
+        ``stage`` times the parts (default: the telemetry's stages of the open batch).
+        """
+        stage = stage or self.telemetry.stage
+        lookup = lookup or self.sink
+        changes = lookups.with_documents(self.source, changes)
+        result = self._build(changes, lookup, stage)
+        if result.poisoned:
+            remove = write_if_poisoned and self.dead_lettering
+            bad = {p.change.key for p in result.poisoned}
+            changes = lookups.refetched(self.source, changes, bad)
+            result = self._build(changes, lookup, stage, remove_poisoned=remove)
+        if result.embedded:
+            self.telemetry.embedded(result.embedded)
+        return Planned(list(changes), result)
+
+    def write(self, planned: Planned, *, counts: dict[str, int] | None = None) -> None:
+        """Write a plan, read it back under ``consistency = "strong"``, settle dead letters.
+
+        ``counts`` (the checkpoint's, by operation) counts the changes applied.
+        """
+        result = planned.result
+        with self.telemetry.stage("write"):
+            self.sink.write(result.plan)
+        if self.settings.consistency == "strong":
+            with self.telemetry.stage("readback"):
+                self.read_back(result.plan)
+        self._settle_dead_letters(result.keys_written)
+        for change in planned.changes:
+            self.telemetry.applied(change.operation, 1)
+            if counts is not None:
+                counts[change.operation] = counts.get(change.operation, 0) + 1
+
+    def _build(
+        self,
+        changes: Sequence[planning.Change],
+        lookup: planning.ExistingLookup,
+        stage: Stage,
+        *,
+        remove_poisoned: bool = False,
+    ) -> planning.PlanResult:
+        return planning.build(
+            changes,
+            mapper=self.mapper,
+            embedder=self.embedder,
+            sink=lookup,
+            prefixed=self.prefixed,
+            stage=stage,
+            remove_poisoned=remove_poisoned,
+        )
+
+    def read_back(self, plan: WritePlan) -> None:
+        """Strong consistency: what Chroma returns must be what was written."""
+        check_written(self.sink, plan, pipeline=self.settings.name)
+
+    # --- dead letters ---------------------------------------------------------------
+
+    def put_dead_letters(self, poisoned: Sequence[planning.Poisoned]) -> None:
+        """Park poisoned changes (their records were removed when they were planned)."""
+        if self.dead_letters is None:
+            raise SourceFatalError("no dead-letter store", pipeline=self.settings.name)
+        self.dead_letters.put_many(self.settings.name, poisoned)
+        self.telemetry.dead_lettered([(p.change.key, p.error) for p in poisoned])
+
+    def _settle_dead_letters(self, written: Sequence[str]) -> None:
+        """Remove the dead letters of documents that a later change has now applied."""
+        if self.dead_letters is not None and written:
+            settled = self.dead_letters.settle(self.settings.name, written)
+            if settled:
+                log.info(
+                    "removed %d dead letter(s): their documents were applied since",
+                    settled, extra=_extra(self.settings),
+                )  # fmt: skip
+
+
+def _extra(settings: PipelineSettings) -> dict[str, Any]:
+    return {"pipeline": settings.name}
