@@ -42,11 +42,10 @@ from syncd.mapping import Mapper
 from syncd.sink import Sink
 from syncd.snapshot import Snapshotter
 from syncd.source import Batch, Source
+from syncd.staging import LIFECYCLE_OPS, Item, Planner
 from syncd.telemetry import ChangeEventInfo, PipelineTelemetry
 
 log = logging.getLogger(__name__)
-
-LIFECYCLE_OPS = frozenset({"drop", "rename", "dropDatabase"})
 
 
 class Pipeline:
@@ -215,26 +214,72 @@ class Pipeline:
             self.telemetry.set_state("streaming")
             self.progress.publish("streaming")
         self.source.open(self.progress.position(cp), max_await_ms=self.settings.batch_max_wait_ms)
+        planner = Planner(
+            source=self.source,
+            applier=self.applier,
+            progress=self.progress,
+            telemetry=self.telemetry,
+            stop=self.stop,
+            read=self._read,
+        )
+        planner.start()
+        try:
+            self._write_ahead_of(planner)
+        finally:
+            planner.close()  # what was planned but not written is read again
+        self.source.close()
+
+    def _read(self) -> Batch:
+        return self.source.read_batch(
+            self.settings.batch_size, self.settings.batch_max_wait_ms / 1000
+        )
+
+    def _write_ahead_of(self, planner: Planner) -> None:
+        """Stage two: apply what the planner hands over, in stream order, until stopped."""
         while not self.stop.is_set():
             self._heartbeat()
             self.telemetry.heartbeat()
-            with self.telemetry.read():
-                batch = self.source.read_batch(
-                    self.settings.batch_size, self.settings.batch_max_wait_ms / 1000
+            item = planner.next()
+            if item is None:
+                continue
+            batch = item.batch
+            if batch is None:
+                raise item.error or SourceFatalError(
+                    "the planner stopped without a reason", pipeline=self.settings.name
                 )
-            if batch.events:
-                self.process(batch)
-                if batch.invalidated:
-                    # The stream ended (drop, rename, dropDatabase): carry on after it.
-                    self.source.open(
-                        self.progress.position(), max_await_ms=self.settings.batch_max_wait_ms
-                    )
-            else:
+            if item.read is not None:
+                self.telemetry.read_at(*item.read)
+            if not batch.events:
                 self.telemetry.caught_up()
                 if batch.token is not None:
                     self.progress.idle(batch.token)
+            elif item.sequential:
+                self.process(batch)
+            else:
+                self._write_planned(item, batch)
+            planner.written(item)
             self._read_succeeded()
-        self.source.close()
+
+    def _write_planned(self, item: Item, batch: Batch) -> None:
+        """Write a batch planned ahead, then checkpoint past it."""
+        started = time.monotonic()
+        with self.telemetry.batch(len(batch.events)):
+            for event in batch.events:
+                self.telemetry.event(self._event_info(event), event.get("fullDocument"))
+            for stage in item.stages:
+                self.telemetry.stage_at(
+                    stage.name, stage.started_ns, stage.ended_ns, stage.seconds, stage.error
+                )
+            if item.error is not None:
+                raise item.error
+            planned = item.planned
+            if planned is not None:
+                self.applier.write(planned, counts=self.progress.counts())
+                if planned.poisoned:
+                    self.applier.put_dead_letters(planned.poisoned)
+            if batch.token is not None:
+                self.progress.advance(batch.token, invalidate=batch.invalidated)
+        self.telemetry.batch_done(len(batch.events), time.monotonic() - started)
 
     def _read_succeeded(self) -> None:
         if self._retrying:

@@ -97,7 +97,8 @@ def poison_stage(error: BaseException) -> str:
 
 
 class PipelineSpans:
-    """The spans of one pipeline's loop; only that loop's thread calls it."""
+    """The spans of one pipeline's loop; only its writer thread calls it (the planner
+    thread only records a failed read, a root span of its own)."""
 
     def __init__(self, owner: Telemetry, name: str, namespace: str) -> None:
         self.name = name
@@ -192,6 +193,24 @@ class PipelineSpans:
             else:  # kept open until the batch ends, so a poisoned change can still mark it
                 batch.stages[name] = span
                 batch.ended.append((span, time.time_ns()))
+
+    def stage_at(self, name: str, started: int, ended: int, error: BaseException | None) -> None:
+        """A stage that ran before the batch opened (planned ahead), as a child of it."""
+        span = self._owner.tracer.start_span(
+            f"syncd.{name}",
+            attributes={"syncd.pipeline": self.name},
+            start_time=started,
+            record_exception=False,
+            set_status_on_exception=False,
+        )
+        if error is not None:
+            record_error(span, error)
+        batch = self._batch
+        if batch is None:
+            span.end(end_time=ended)
+        else:  # kept open until the batch ends, so a poisoned change can still mark it
+            batch.stages[name] = span
+            batch.ended.append((span, ended))
 
     @contextmanager
     def idle_checkpoint(self) -> Iterator[None]:

@@ -125,6 +125,18 @@ class PipelineTelemetry:
         self._read_seconds = time.perf_counter() - clock
         self.spans.read_done(started, time.time_ns())
 
+    def read_at(self, started_ns: int, ended_ns: int) -> None:
+        """A read timed elsewhere (by the planner thread); the next :meth:`batch` gets it."""
+        self._read_seconds = (ended_ns - started_ns) / 1e9
+        self.spans.read_done(started_ns, ended_ns)
+
+    def stage_at(
+        self, name: str, started_ns: int, ended_ns: int, seconds: float, error: BaseException | None
+    ) -> None:
+        """A stage of the open batch that ran earlier, in the planner thread."""
+        self.spans.stage_at(name, started_ns, ended_ns, error)
+        self._observe_stage(name, seconds)
+
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         clock = time.perf_counter()

@@ -1,0 +1,263 @@
+"""Stage one of the streaming loop: read, coalesce, map, look up and embed ahead.
+
+While the pipeline's own thread (stage two, the only writer) writes batch N to Chroma,
+reads it back and checkpoints it, a :class:`Planner` thread reads batch N+1 from the
+change stream and plans it: coalesces it, maps it, looks up what Chroma holds for its
+keys and embeds what changed. Batches are handed over in stream order through a queue
+of one, so at most three batches are in memory whatever the backlog.
+
+What keeps the mirror exact while two batches are in flight:
+
+* A key planned in batch N and changed again in N+1 is looked up for N+1 only once
+  N's write of it is done (:class:`InFlight`); other keys are not held up.
+* The writer checkpoints strictly in order, and only after the batch is written: the
+  planner never touches the checkpoint. An empty read is handed over too, so a quiet
+  position moves only once everything before it is written.
+* A batch with a collection event (drop, rename, dropDatabase, invalidate), or with a
+  change that halts the pipeline, is handed over unplanned: the writer applies it
+  the sequential way once everything before it is written, and the planner waits for
+  that before it reads on (a purge changes what a lookup would find).
+* An error in either stage ends both: the planner forwards its error in order (what
+  it planned before is still written); the writer cancels the planner, and whatever
+  was planned but not written is read again from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from syncd import plan as planning
+from syncd.applier import Applier, Planned
+from syncd.checkpointing import Progress
+from syncd.sink import Sink
+from syncd.source import Batch, Source
+from syncd.telemetry import PipelineTelemetry
+
+LIFECYCLE_OPS = frozenset({"drop", "rename", "dropDatabase"})
+SEQUENTIAL_OPS = LIFECYCLE_OPS | {"invalidate"}
+POLL_S = 0.1  # how soon a blocked stage notices it was cancelled
+
+
+class Abandoned(Exception):
+    """The planner was cancelled while it waited; its work is discarded."""
+
+
+class InFlight:
+    """Keys planned but not yet written; a lookup of one waits for that write."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._keys: Counter[str] = Counter()
+        self._cancelled = False
+
+    def add(self, keys: Iterable[str]) -> None:
+        with self._cond:
+            self._keys.update(keys)
+
+    def done(self, keys: Iterable[str]) -> None:
+        with self._cond:
+            self._keys.subtract(keys)
+            self._keys = +self._keys  # drop what reached zero
+            self._cond.notify_all()
+
+    def cancel(self) -> None:
+        with self._cond:
+            self._cancelled = True
+            self._cond.notify_all()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def wait_written(self, keys: Sequence[str]) -> None:
+        """Return once none of ``keys`` is in flight; raise Abandoned if cancelled."""
+        with self._cond:
+            while not self._cancelled and any(k in self._keys for k in keys):
+                self._cond.wait(POLL_S)
+            if self._cancelled:
+                raise Abandoned
+
+
+class GatedLookup:
+    """Chroma's stored records of keys, read once no write of them is in flight."""
+
+    def __init__(self, sink: Sink, in_flight: InFlight) -> None:
+        self._sink = sink
+        self._in_flight = in_flight
+
+    def existing(self, keys: Sequence[str]) -> dict[str, dict[str, Mapping[str, Any]]]:
+        self._in_flight.wait_written(keys)
+        return self._sink.existing(keys)
+
+
+@dataclasses.dataclass
+class StageTime:
+    name: str
+    started_ns: int
+    ended_ns: int
+    seconds: float
+    error: BaseException | None = None
+
+
+class StageRecorder:
+    """Times the planner's stages; the writer replays them into the batch's trace."""
+
+    def __init__(self) -> None:
+        self.stages: list[StageTime] = []
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        started, clock = time.time_ns(), time.perf_counter()
+        error: BaseException | None = None
+        try:
+            yield
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            seconds = time.perf_counter() - clock
+            self.stages.append(StageTime(name, started, time.time_ns(), seconds, error))
+
+
+@dataclasses.dataclass
+class Item:
+    """One read, handed from the planner to the writer."""
+
+    batch: Batch | None = None  # None: the read failed (``error``)
+    read: tuple[int, int] | None = None  # when the read started and ended (ns)
+    stages: list[StageTime] = dataclasses.field(default_factory=list)
+    planned: Planned | None = None
+    keys: list[str] = dataclasses.field(default_factory=list)  # in flight until written
+    sequential: bool = False  # apply it the sequential way, after everything before it
+    error: BaseException | None = None  # raise it, in its turn
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+class Planner(threading.Thread):
+    """Stage one: reads and plans batches ahead of the writer, in stream order."""
+
+    def __init__(
+        self,
+        *,
+        source: Source,
+        applier: Applier,
+        progress: Progress,
+        telemetry: PipelineTelemetry,
+        stop: threading.Event,
+        read: Callable[[], Batch],
+    ) -> None:
+        super().__init__(name=f"plan-{applier.settings.name}", daemon=True)
+        self.source = source
+        self.applier = applier
+        self.progress = progress
+        self.telemetry = telemetry
+        self.stop = stop
+        self._read = read
+        self.in_flight = InFlight()
+        self._lookup = GatedLookup(applier.sink, self.in_flight)
+        self._queue: queue.Queue[Item] = queue.Queue(maxsize=1)
+
+    # --- the writer's side ---------------------------------------------------------
+
+    def next(self, timeout: float = POLL_S) -> Item | None:
+        """The next item in stream order, or None if none came within ``timeout``."""
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def written(self, item: Item) -> None:
+        """The writer applied ``item``: its keys may be looked up again."""
+        if item.keys:
+            self.in_flight.done(item.keys)
+        item.done.set()
+
+    def close(self) -> None:
+        """Stop planning and discard what was planned but not written."""
+        self.in_flight.cancel()
+        self.join()
+        while self.next(timeout=0) is not None:
+            pass
+
+    # --- the planner's side ----------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set() and not self.in_flight.cancelled:
+                item = self._plan_next()
+                self._put(item)
+                if item.error is not None:
+                    return
+                if item.sequential:
+                    self._wait_applied(item)
+                    if item.batch is not None and item.batch.invalidated:
+                        # The stream ended (drop, rename, dropDatabase): carry on after it.
+                        self.source.open(
+                            self.progress.position(),
+                            max_await_ms=self.applier.settings.batch_max_wait_ms,
+                        )
+        except Abandoned:
+            return
+        except BaseException as exc:  # noqa: BLE001 - handed to the writer, which raises it
+            try:
+                self._put(Item(error=exc))
+            except Abandoned:
+                return
+
+    def _plan_next(self) -> Item:
+        started = time.time_ns()
+        try:
+            batch = self._read()
+        except BaseException as exc:
+            self.telemetry.spans.read_failed(started, exc)
+            raise
+        item = Item(batch=batch, read=(started, time.time_ns()))
+        if not batch.events:
+            return item
+        if any(e["operationType"] in SEQUENTIAL_OPS for e in batch.events):
+            item.sequential = True
+            return item
+        applier = self.applier
+        changes = planning.coalesce(batch.events, prefixed=applier.prefixed)
+        recorder = StageRecorder()
+        try:
+            planned = applier.plan(
+                changes,
+                write_if_poisoned=applier.dead_lettering,
+                lookup=self._lookup,
+                stage=recorder,
+            )
+        except Abandoned:
+            raise
+        except Exception as exc:  # noqa: BLE001 - raised by the writer in the batch's trace
+            item.error, item.stages = exc, recorder.stages
+            return item
+        item.stages = recorder.stages
+        if planned.poisoned and not applier.dead_lettering:
+            item.sequential = True  # a halt: the writer finds exactly where, as it always did
+            return item
+        item.planned, item.keys = planned, [c.key for c in changes]
+        self.in_flight.add(item.keys)
+        return item
+
+    def _put(self, item: Item) -> None:
+        while True:
+            if self.in_flight.cancelled:
+                raise Abandoned
+            try:
+                self._queue.put(item, timeout=POLL_S)
+                return
+            except queue.Full:
+                continue
+
+    def _wait_applied(self, item: Item) -> None:
+        while not item.done.wait(POLL_S):
+            if self.in_flight.cancelled:
+                raise Abandoned

@@ -1,0 +1,281 @@
+"""The staged loop with test doubles: batch N+1 is read, looked up and embedded while
+batch N is written, and still every checkpoint follows its write, in stream order."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import pytest
+from bson.timestamp import Timestamp
+
+from syncd.checkpoint import Checkpoint
+from syncd.errors import HaltedError, TransientError
+from syncd.sink import WritePlan
+from syncd.source import Batch, Position
+from syncd.staging import InFlight
+from syncd.tokens import covered_through
+from tests.unit.test_pipeline import T0, FakeSink, FakeSource, event, make, token
+
+WAIT_S = 20.0  # generous: only a broken rule makes a test wait this long
+
+
+class StreamSource(FakeSource):
+    """A change stream of fixed batches that re-opens after any token, as MongoDB does."""
+
+    def __init__(self, batches: list[list[dict[str, Any]]], current: Any = None) -> None:
+        super().__init__(current)
+        self.batches = batches
+        self.events = [e for b in batches for e in b]
+        self.next_index = 0
+        self.reads = 0
+
+    def open(self, position: Position, *, max_await_ms: int) -> None:
+        after = position.resume_after or position.start_after
+        self.next_index = 0
+        if after is not None:
+            self.next_index = 1 + next(i for i, e in enumerate(self.events) if e["_id"] == after)
+
+    def read_batch(self, max_events: int, max_wait_s: float) -> Batch:
+        start = self.next_index
+        if start >= len(self.events):
+            time.sleep(0.01)
+            return Batch([], dict(self.events[-1]["_id"]) if self.events else None)
+        # the batch boundaries as given, whatever position the stream re-opened at
+        end, seen = start, 0
+        for batch in self.batches:
+            seen += len(batch)
+            if seen > start:
+                end = seen
+                break
+        events = self.events[start:end]
+        self.next_index = end
+        self.reads += 1
+        return Batch(events, events[-1]["_id"])
+
+
+def run_until(p: Any, done: Callable[[], bool]) -> BaseException | None:
+    """Run the pipeline in a thread until ``done()``; return what it raised, if anything."""
+    raised: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            p.run()
+        except BaseException as exc:
+            raised.append(exc)
+
+    p.checkpoint = None
+    p.store.saved.append(
+        Checkpoint(pipeline="p", fingerprint=p.mapper.fingerprint, chroma_collection_id="coll-1")
+    )
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + WAIT_S
+    while not done() and not raised and time.monotonic() < deadline:
+        time.sleep(0.01)
+    p.stop.set()
+    thread.join(WAIT_S)
+    assert not thread.is_alive(), "the pipeline did not stop"
+    assert not [t for t in threading.enumerate() if t.name == "plan-p"], "planner thread leaked"
+    return raised[0] if raised else None
+
+
+def checkpointed(p: Any, n: int) -> Callable[[], bool]:
+    def done() -> bool:
+        cp = p.store.saved[-1] if p.store.saved else None
+        return cp is not None and cp.cluster_time == Timestamp(T0, n)
+
+    return done
+
+
+def checkpoints(log: Any) -> list[str]:
+    return [c for c in log.calls if c.startswith("checkpoint")]
+
+
+class GatedSink(FakeSink):
+    """Holds the first write until released; records lookups in the shared log."""
+
+    def __init__(self, log: Any) -> None:
+        super().__init__(log)
+        self.writing = threading.Event()
+        self.release = threading.Event()
+        self.held = False
+
+    def existing(self, keys: Sequence[str]) -> dict[str, dict[str, Mapping[str, Any]]]:
+        self.log.calls.append(f"lookup {','.join(keys)}")
+        return super().existing(keys)
+
+    def write(self, plan: WritePlan) -> None:
+        if not self.held:
+            self.held = True
+            self.writing.set()
+            assert self.release.wait(WAIT_S), "never released"
+        super().write(plan)
+
+
+def gated(on_error: str = "halt", source: Any = None) -> tuple[Any, ...]:
+    p, log, _sink, store, dlq, emb = make(on_error=on_error, source=source)
+    sink = GatedSink(log)
+    p.applier.sink = p.progress.sink = sink
+    return p, log, sink, store, dlq, emb
+
+
+def test_the_next_batch_is_planned_while_one_is_written() -> None:
+    source = StreamSource(
+        [[event(1, "insert", 1, {"body": "a"})], [event(2, "insert", 2, {"body": "b"})]]
+    )
+    p, log, sink, _store, _, emb = gated(source=source)
+    embedded_b = threading.Event()
+    embed = emb.embed
+
+    def watch(texts: Sequence[str]) -> list[list[float]]:
+        out = embed(texts)
+        if "b" in texts:
+            embedded_b.set()
+        return out
+
+    emb.embed = watch  # type: ignore[method-assign]
+
+    def release_when_planned() -> None:
+        assert sink.writing.wait(WAIT_S)
+        # batch 1's write is held: batch 2 must be read, looked up and embedded meanwhile
+        if embedded_b.wait(WAIT_S):
+            log.calls.append("batch 2 planned")
+        sink.release.set()
+
+    helper = threading.Thread(target=release_when_planned, daemon=True)
+    helper.start()
+    assert run_until(p, checkpointed(p, 2)) is None
+    helper.join(WAIT_S)
+    assert log.calls.index("batch 2 planned") < log.calls.index("write 1")
+    assert checkpoints(log) == [f"checkpoint {Timestamp(T0, 1)}", f"checkpoint {Timestamp(T0, 2)}"]
+    assert log.calls.index("write 1") < log.calls.index(f"checkpoint {Timestamp(T0, 1)}")
+    assert set(sink.records) == {"i:1", "i:2"}
+
+
+def test_a_key_in_flight_is_looked_up_only_after_its_write() -> None:
+    # Written in batch 1, changed in batch 2 (a metadata key removed, same text): planned
+    # against batch 1's records it is not re-embedded and ends in batch 2's state.
+    source = StreamSource([
+        [event(1, "insert", 1, {"body": "a", "tag": "x"})],
+        [event(2, "update", 1, {"body": "a", "n": 2}), event(3, "insert", 2, {"body": "b"})],
+    ])
+    p, log, sink, _store, _, emb = gated(source=source)
+
+    def release_later() -> None:
+        assert sink.writing.wait(WAIT_S)
+        time.sleep(0.3)  # room for a wrong early lookup to happen (the test fails if it does)
+        log.calls.append("released")
+        sink.release.set()
+
+    helper = threading.Thread(target=release_later, daemon=True)
+    helper.start()
+    assert run_until(p, checkpointed(p, 3)) is None
+    helper.join(WAIT_S)
+    second = [c for c in log.calls if c.startswith("lookup") and "i:1" in c][1]
+    assert log.calls.index("released") < log.calls.index(second)
+    assert emb.texts == ["a", "b"], "an unchanged text must not be embedded again"
+    meta = sink.records["i:1"]["metadata"]
+    assert meta["n"] == 2 and "tag" not in meta
+
+
+def test_in_flight_waits_only_for_its_own_keys() -> None:
+    flight = InFlight()
+    flight.add(["i:1"])
+    flight.wait_written(["i:2"])  # another key: no wait
+    waited = threading.Event()
+
+    def lookup() -> None:
+        flight.wait_written(["i:2", "i:1"])
+        waited.set()
+
+    thread = threading.Thread(target=lookup, daemon=True)
+    thread.start()
+    assert not waited.wait(0.2)
+    flight.done(["i:1"])
+    assert waited.wait(WAIT_S)
+
+
+def test_a_failed_write_never_lets_a_later_checkpoint_through() -> None:
+    source = StreamSource([
+        [event(1, "insert", 1, {"body": "a"})],
+        [event(2, "insert", 2, {"body": "b"})],
+        [event(3, "insert", 3, {"body": "c"})],
+    ])
+    p, log, sink, store, _, _ = make(source=source)
+    saved_at_failure: list[int] = []
+    write = sink.write
+
+    def failing_once(plan: WritePlan) -> None:
+        if not saved_at_failure:
+            saved_at_failure.append(len(store.saved))
+            time.sleep(0.2)  # the planner reads and plans ahead meanwhile
+            raise TransientError("chroma down")
+        write(plan)
+
+    sink.write = failing_once  # type: ignore[method-assign]
+    assert run_until(p, checkpointed(p, 3)) is None
+    assert saved_at_failure == [1], "only the starting checkpoint existed at the failure"
+    times = [covered_through(cp.token) for cp in store.saved[1:] if cp.token]
+    assert times == sorted(times)
+    assert checkpoints(log)[0] == f"checkpoint {Timestamp(T0, 1)}"
+    assert log.calls.index("write 1") < log.calls.index(f"checkpoint {Timestamp(T0, 1)}")
+    assert set(sink.records) == {"i:1", "i:2", "i:3"}
+    assert source.reads > 3, "the batches planned but not written were read again"
+
+
+def test_a_halt_stops_at_the_poison_change_of_a_batch_planned_ahead() -> None:
+    still_bad = {3: {"_id": 3, "nobody": "still poison"}}
+    source = StreamSource([
+        [event(1, "insert", 1, {"body": "a"})],
+        [event(2, "insert", 2, {"body": "b"}), event(3, "insert", 3, {"nobody": "x"}),
+         event(4, "insert", 4, {"body": "d"})],
+        [event(5, "insert", 5, {"body": "e"})],
+    ], current=still_bad)
+    p, _log, sink, store, dlq, _ = make(on_error="halt", source=source)
+    raised = run_until(p, lambda: False)
+    assert isinstance(raised, HaltedError) and raised.document_id == 3
+    assert set(sink.records) == {"i:1", "i:2"}
+    assert store.saved[-1].cluster_time == Timestamp(T0, 2)
+    assert dlq.items == []
+
+
+def test_dead_letters_are_parked_in_order_and_streaming_goes_on() -> None:
+    still_bad = {3: {"_id": 3, "nobody": "still poison"}}
+    source = StreamSource([
+        [event(1, "insert", 1, {"body": "a"})],
+        [event(2, "insert", 2, {"body": "b"}), event(3, "insert", 3, {"nobody": "x"})],
+        [event(4, "insert", 4, {"body": "d"})],
+    ], current=still_bad)
+    p, log, sink, _store, dlq, _ = make(on_error="dead_letter", source=source)
+    assert run_until(p, checkpointed(p, 4)) is None
+    assert [i.change.source_id for i in dlq.items] == [3]
+    assert log.calls.index("dead-letter 1") < log.calls.index(f"checkpoint {Timestamp(T0, 3)}")
+    assert set(sink.records) == {"i:1", "i:2", "i:4"}
+
+
+def test_a_drop_is_applied_after_the_write_in_flight_and_before_anything_after_it() -> None:
+    drop = {"_id": token(2), "operationType": "drop", "clusterTime": Timestamp(T0, 2),
+            "ns": {"db": "app", "coll": "docs"}}
+    source = StreamSource([
+        [event(1, "insert", 1, {"body": "a"})],
+        [drop],
+        [event(3, "insert", 1, {"body": "a"})],  # the same text again: must be written
+    ])
+    p, _log, sink, store, _, _ = gated(source=source)
+    threading.Timer(0.3, sink.release.set).start()
+    assert run_until(p, checkpointed(p, 3)) is None
+    assert set(sink.records) == {"i:1"}, "planned before the purge, the record would be lost"
+    assert store.saved[-1].cluster_time == Timestamp(T0, 3)
+
+
+@pytest.mark.parametrize("batches", [1, 3])
+def test_stop_ends_both_stages(batches: int) -> None:
+    source = StreamSource(
+        [[event(n, "insert", n, {"body": str(n)})] for n in range(1, batches + 1)]
+    )
+    p, _log, sink, _store, _, _ = make(source=source)
+    assert run_until(p, checkpointed(p, batches)) is None
+    assert len(sink.records) == batches
