@@ -25,6 +25,7 @@ from syncd.identity import base_id, decode_id, record_key, split_key
 from syncd.progress import Progress
 from syncd.sink import WritePlan
 from syncd.source import Source, id_key
+from syncd.staging import ahead
 
 log = logging.getLogger(__name__)
 
@@ -124,21 +125,35 @@ class Snapshotter:
             has_after=progress.has_last_id,
             batch_size=self.settings.snapshot_batch_size,
         )
-        for docs in scan:
-            self.heartbeat()
-            self.telemetry.heartbeat()
-            changes = [self._change(collection, doc) for doc in docs]
-            result = self.applier.write_changes(changes, counts=cp.counts)
-            if result.poisoned:
-                self._poisoned(result.poisoned)
-            progress.last_id, progress.has_last_id = docs[-1]["_id"], True
-            progress.scanned += len(docs)
-            cp.snapshot = progress
-            self.checkpoints.save(cp)
-            reporter.update(progress.scanned)
-            self.telemetry.snapshot_progress(progress.scanned, reporter.total)
-            if self.stop.is_set():
-                return
+        # Page N+1 is read, mapped and embedded while page N is written.
+        pages = ahead(
+            scan,
+            lambda docs, stage: self.applier.plan(
+                [self._change(collection, doc) for doc in docs], stage=stage
+            ),
+            name=f"snapshot-{self.settings.name}",
+        )
+        try:
+            for docs, planned, stages in pages:
+                self.heartbeat()
+                self.telemetry.heartbeat()
+                for timed in stages:
+                    self.telemetry.stage_at(
+                        timed.name, timed.started_ns, timed.ended_ns, timed.seconds, timed.error
+                    )
+                self.applier.write(planned, counts=cp.counts)
+                if planned.poisoned:
+                    self._poisoned(planned.poisoned)
+                progress.last_id, progress.has_last_id = docs[-1]["_id"], True
+                progress.scanned += len(docs)
+                cp.snapshot = progress
+                self.checkpoints.save(cp)
+                reporter.update(progress.scanned)
+                self.telemetry.snapshot_progress(progress.scanned, reporter.total)
+                if self.stop.is_set():
+                    return
+        finally:
+            pages.close()  # stops the planning thread; what it read ahead is read again
 
     def _change(self, collection: str, doc: Mapping[str, Any]) -> planning.Change:
         key = record_key(collection, doc["_id"], prefixed=self.applier.prefixed)

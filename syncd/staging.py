@@ -29,7 +29,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -261,3 +261,59 @@ class Planner(threading.Thread):
         while not item.done.wait(POLL_S):
             if self.in_flight.cancelled:
                 raise Abandoned
+
+
+def ahead(
+    items: Iterator[Any],
+    plan: Callable[[Any, StageRecorder], Planned],
+    *,
+    name: str,
+) -> Generator[tuple[Any, Planned, list[StageTime]], None, None]:
+    """Plan each of ``items`` in a thread, one ahead of the caller, and yield them in order.
+
+    For the snapshot's pages, whose keys never repeat: page N+1 is read from MongoDB,
+    mapped and embedded while the caller writes page N. An error reading or planning is
+    raised in its turn; closing the generator (the caller stopped or failed) stops the
+    thread and drops what it planned.
+    """
+    handoff: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=1)
+    cancelled = threading.Event()
+
+    def put(message: tuple[Any, ...]) -> bool:
+        while not cancelled.is_set():
+            try:
+                handoff.put(message, timeout=POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                recorder = StageRecorder()
+                planned = plan(item, recorder)
+                if not put(("item", item, planned, recorder.stages)):
+                    return
+            put(("end",))
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+            put(("error", exc))
+
+    thread = threading.Thread(target=work, name=name, daemon=True)
+    thread.start()
+    try:
+        while True:
+            try:
+                message = handoff.get(timeout=POLL_S)
+            except queue.Empty:
+                if thread.is_alive():
+                    continue
+                raise RuntimeError(f"{name} ended without a word") from None
+            if message[0] == "end":
+                return
+            if message[0] == "error":
+                raise message[1]
+            yield message[1], message[2], message[3]
+    finally:
+        cancelled.set()
+        thread.join()

@@ -15,7 +15,7 @@ from syncd.checkpoint import Checkpoint
 from syncd.errors import HaltedError, TransientError
 from syncd.sink import WritePlan
 from syncd.source import Batch, Position
-from syncd.staging import InFlight
+from syncd.staging import InFlight, ahead
 from syncd.tokens import covered_through
 from tests.unit.test_pipeline import T0, FakeSink, FakeSource, event, make, token
 
@@ -279,3 +279,38 @@ def test_stop_ends_both_stages(batches: int) -> None:
     p, _log, sink, _store, _, _ = make(source=source)
     assert run_until(p, checkpointed(p, batches)) is None
     assert len(sink.records) == batches
+
+
+def test_ahead_plans_the_next_page_while_one_is_written_and_keeps_order() -> None:
+    planned_3 = threading.Event()
+
+    def plan(page: int, stage: Any) -> Any:
+        with stage("map"):
+            if page == 3:
+                planned_3.set()
+            return f"plan {page}"
+
+    seen = []
+    pages = ahead(iter([1, 2, 3]), plan, name="ahead-test")
+    for page, planned, stages in pages:
+        if page == 2:
+            assert planned_3.wait(WAIT_S), "page 3 was not planned while page 2 was written"
+        seen.append((page, planned, [s.name for s in stages]))
+    assert seen == [(1, "plan 1", ["map"]), (2, "plan 2", ["map"]), (3, "plan 3", ["map"])]
+
+
+def test_ahead_raises_a_planning_error_in_its_turn_and_stops_on_close() -> None:
+    def plan(page: int, stage: Any) -> Any:
+        if page == 2:
+            raise TransientError("mongodb down")
+        return page
+
+    pages = ahead(iter([1, 2, 3]), plan, name="ahead-test")
+    assert next(pages)[0] == 1
+    with pytest.raises(TransientError):
+        next(pages)
+
+    endless = ahead(iter(range(10**9)), lambda page, stage: page, name="ahead-endless")
+    assert next(endless)[0] == 0
+    endless.close()
+    assert not [t for t in threading.enumerate() if t.name == "ahead-endless"]
