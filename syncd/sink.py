@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from syncd.config import ChromaSettings
-from syncd.errors import ConsistencyError, SinkFatalError, SinkLostError, from_sink
+from syncd.errors import ConsistencyError, SinkFatalError, SinkLostError, SyncdError, from_sink
 from syncd.identity import HASH_KEY, ID_KEY
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class Sink(Protocol):
 def make_client(settings: ChromaSettings) -> Any:
     """An embedded or HTTP Chroma client, telemetry off (no network but ours)."""
     os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
-    from syncd import chroma_install
+    from syncd import chroma_http, chroma_install
 
     chromadb = chroma_install.load(settings.mode)
     from chromadb.config import Settings as ChromaClientSettings
@@ -115,15 +115,21 @@ def make_client(settings: ChromaSettings) -> Any:
         headers = {k: v.get_secret_value() for k, v in settings.headers.items()}
         if settings.token is not None:
             headers.setdefault("Authorization", f"Bearer {settings.token.get_secret_value()}")
-        return chromadb.HttpClient(
-            host=settings.host,
-            port=settings.port,
-            ssl=settings.ssl,
-            headers=headers,
-            settings=client_settings,
-            tenant=settings.tenant,
-            database=settings.database,
+        return chroma_http.with_timeout(
+            lambda: chromadb.HttpClient(
+                host=settings.host,
+                port=settings.port,
+                ssl=settings.ssl,
+                headers=headers,
+                settings=client_settings,
+                tenant=settings.tenant,
+                database=settings.database,
+            ),
+            settings.timeout_s,
+            where=f"{settings.host}:{settings.port}",
         )
+    except SyncdError:
+        raise
     except Exception as exc:
         raise from_sink(exc) from exc
 

@@ -11,6 +11,8 @@ not the documents': nothing is dead-lettered, the pipeline waits for the API.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import uuid
 from pathlib import Path
 from typing import Any
@@ -162,6 +164,42 @@ def test_chroma_down_at_start_is_retried_until_it_answers(
     _stop_cleanly(daemon)
     mongo_client.drop_database(db)
     mongo_client.drop_database(f"{db}_syncd")
+
+
+@pytest.mark.timeout(240)
+def test_a_hung_chroma_times_out_and_is_retried(
+    tmp_path, mongo_uri, mongo_client, chroma_server_factory, syncd_factory
+):
+    """A server that accepts connections and never answers (SIGSTOP) is an outage."""
+    db, coll = _names("chung")
+    chroma = chroma_server_factory()
+    listen = f"127.0.0.1:{free_port()}"
+    cfg = _config(
+        tmp_path, mongo_uri=mongo_uri, chroma_port=chroma.port, db=db, coll=coll, listen=listen
+    )  # chroma.timeout_s = 5
+    mongo_client[db]["docs"].insert_many(DOCS[:3])
+    daemon = syncd_factory(["run"], cfg)
+    wait_caught_up(mongo_client, db, settings_of(cfg), "dn", 60, "the first copy")
+    assert chroma.pid is not None
+    os.kill(chroma.pid, signal.SIGSTOP)
+    try:
+        mongo_client[db]["docs"].insert_many(DOCS[3:])
+        wait_until(
+            lambda: _alive(daemon) and _retrying_because(listen, "Chroma unavailable"),
+            90,
+            "retrying, not ready, while Chroma hangs",
+        )
+        # A hung one-shot command would raise TimeoutExpired here.
+        verify = run_syncd(["verify", "dn"], cfg, timeout=60)
+        assert verify.returncode == ExitCode.SINK, verify.stdout + verify.stderr
+        assert "Chroma unavailable" in verify.stderr or "did not answer" in verify.stderr
+        assert "Traceback" not in verify.stderr
+    finally:
+        os.kill(chroma.pid, signal.SIGCONT)
+    wait_caught_up(mongo_client, db, settings_of(cfg), "dn", 90, "the pipeline to catch up")
+    wait_until(lambda: _readiness(listen)[0] == 200, 30, "/readyz to answer 200")
+    _converged(mongo_client, chroma, db, coll)
+    _stop_cleanly(daemon)
 
 
 @pytest.mark.timeout(180)
