@@ -20,8 +20,6 @@ from pymongo import MongoClient
 
 from syncd import config
 from syncd.checkpoint import Checkpoint, open_store
-from syncd.embedder import build_embedder
-from syncd.mapping import Mapper
 from tests.harness.daemon import syncd_command, syncd_env
 
 VOLATILE = ("syncd_cluster_time",)  # depends on which event wrote the record, not on content
@@ -92,29 +90,6 @@ def load_checkpoint(settings: config.Settings, name: str) -> Checkpoint | None:
         return open_store(settings.checkpoint, client).load(name)
     finally:
         client.close()
-
-
-def expected_records(
-    settings: config.Settings, name: str, docs: list[dict[str, Any]]
-) -> dict[str, dict[str, Any]]:
-    """What Chroma must hold for these MongoDB documents: id → document/metadata/embedding."""
-    ps = settings.pipeline(name)
-    mapper = Mapper(ps)
-    embedder = build_embedder(ps.embedder)
-    out: dict[str, dict[str, Any]] = {}
-    for doc in docs:
-        if not mapper.matches(doc):
-            continue
-        for record in mapper.map(doc).records:
-            vector = record.embedding
-            if vector is None and embedder is not None:
-                vector = embedder.embed([record.text])[0]
-            out[record.id] = {
-                "document": record.text,
-                "metadata": _stable(record.metadata),
-                "embedding": [float(x) for x in vector or []],
-            }
-    return out
 
 
 def chroma_records(collection: Any) -> dict[str, dict[str, Any]]:

@@ -16,21 +16,11 @@ from bson import Binary, ObjectId
 from bson.timestamp import Timestamp
 from pymongo import MongoClient
 
-from syncd.identity import encode_id
-
-from .helpers import (
-    caught_up,
-    chroma_records,
-    diff,
-    expected_records,
-    load_checkpoint,
-    pipeline_table,
-    settings_of,
-    wait_until,
-    write_config,
-)
+from . import oracle
+from .helpers import caught_up, diff, load_checkpoint, settings_of, wait_until, write_config
 
 KILLS = 10
+METADATA = (*oracle.METADATA, "seq")
 
 
 @dataclass
@@ -64,6 +54,7 @@ def make_doc(rng: random.Random, seq: int) -> dict[str, Any]:
         "body": " ".join(rng.choice(WORDS) for _ in range(rng.randrange(3, 12))),
         "seq": seq,
         "n": rng.randrange(1000),
+        "vec": oracle.vector(seq),
     }
     if rng.random() < 0.6:
         doc["title"] = f"title {rng.randrange(100)}"
@@ -127,7 +118,7 @@ class Workload(threading.Thread):
                 deleted = True
             op_time = session.operation_time
         assert op_time is not None
-        self.log.record(coll_name, encode_id(_id), op_time, self.seq, deleted)
+        self.log.record(coll_name, oracle.record_id(_id), op_time, self.seq, deleted)
 
     def run(self) -> None:
         try:
@@ -167,9 +158,7 @@ def assert_checkpoint_covered(settings: Any, name: str, log: OpLog, coll: Any, m
             )
         else:
             present = state.get(rid)
-            assert (present is not None and present >= seq) or (
-                present is None and later_delete
-            ), (
+            assert (present is not None and present >= seq) or (present is None and later_delete), (
                 f"{rid}: seq {seq} is before checkpoint {horizon} but Chroma has {present}; "
                 f"ops {ops}; checkpoint {cp}"
             )
@@ -192,8 +181,13 @@ def test_kill9_randomized_workload_converges(
         # A killed holder's lease must expire before its successor may write.
         extra={"lease": {"ttl_s": 2.0, "renew_every_s": 0.5}},
         pipelines=[
-            pipeline_table(
-                "crash", db, collection=None, collections=colls, chroma_collection=chroma_coll
+            oracle.pipeline(
+                "crash",
+                db,
+                metadata=METADATA,
+                collection=None,
+                collections=colls,
+                chroma_collection=chroma_coll,
             )
         ],
     )
@@ -232,28 +226,15 @@ def test_kill9_randomized_workload_converges(
     daemon.terminate()
     assert daemon.wait(30) == 0, daemon.output()
 
-    docs = [
-        {**doc, "_coll": name}
-        for name in colls
-        for doc in mongo_client[db][name].find()
-    ]
     expected: dict[str, Any] = {}
     for name in colls:
-        part = expected_records(settings, "crash", list(mongo_client[db][name].find()))
-        expected.update({f"{name}/{rid}": _with_coll(rec, name) for rid, rec in part.items()})
-    assert docs, "no documents survived the workload"
-    actual = chroma_records(collection)
-    problem = diff(expected, actual)
+        found = mongo_client[db][name].find()
+        expected.update(oracle.expected(found, collection=name, metadata_fields=METADATA))
+    assert expected, "no documents survived the workload"
+    problem = diff(expected, oracle.actual(collection))
     assert not problem, problem
     mongo_client.drop_database(db)
     mongo_client.drop_database(f"{db}_syncd")
-
-
-def _with_coll(record: dict[str, Any], coll: str) -> dict[str, Any]:
-    meta = dict(record["metadata"])
-    meta["syncd_id"] = f"{coll}/{meta['syncd_id']}"
-    meta["syncd_coll"] = coll
-    return {**record, "metadata": meta}
 
 
 def _collection(client: Any, name: str) -> Any:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 from typing import Any
 
 from pymongo import MongoClient
@@ -16,40 +15,10 @@ from pymongo import MongoClient
 from syncd.errors import ExitCode
 from tests.harness.daemon import run_syncd
 
-from .helpers import (
-    caught_up,
-    chroma_records,
-    diff,
-    expected_records,
-    load_checkpoint,
-    pipeline_table,
-    settings_of,
-    wait_until,
-    write_config,
-)
+from .helpers import caught_up, load_checkpoint, wait_until
+from .oracle import vector
 
 MAX_TEXT = 100
-
-
-def _setup(tmp_path, mongo_uri, chroma_server, on_error: str) -> tuple[Any, Any, str, str]:
-    db = f"dlq_{uuid.uuid4().hex[:8]}"
-    coll_name = f"dlq-{uuid.uuid4().hex[:8]}"
-    cfg = write_config(
-        tmp_path / "syncd.toml",
-        mongo_uri=mongo_uri,
-        chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
-        checkpoint_db=f"{db}_syncd",
-        pipelines=[
-            pipeline_table(
-                "p",
-                db,
-                chroma_collection=coll_name,
-                on_error=on_error,
-                mapping={"max_text_chars": MAX_TEXT},
-            )
-        ],
-    )
-    return cfg, settings_of(cfg), db, coll_name
 
 
 def _streaming(settings: Any) -> bool:
@@ -64,18 +33,21 @@ def _insert_each(client: MongoClient[Any], coll: Any, docs: list[dict[str, Any]]
         return session.operation_time
 
 
-GOOD = [{"_id": f"good{i}", "body": f"fine text {i}", "n": i} for i in range(6)]
+GOOD = [{"_id": f"good{i}", "body": f"fine text {i}", "n": i, "vec": vector(i)} for i in range(6)]
 POISON = [
-    {"_id": "no-body", "title": "the text field is missing"},
-    {"_id": "dict-body", "body": {"not": "text"}},
-    {"_id": "too-long", "body": "x" * 5000},  # over max_text_chars, and too big to show whole
+    {"_id": "no-body", "title": "the text field is missing", "vec": vector(10)},
+    {"_id": "dict-body", "body": {"not": "text"}, "vec": vector(11)},
+    {
+        "_id": "too-long",
+        "body": "x" * 5000,
+        "vec": vector(12),
+    },  # over max_text_chars, too big to show
 ]
 
 
-def test_dead_letter_holds_exactly_the_poison_documents(
-    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
-):
-    cfg, settings, db, coll_name = _setup(tmp_path, mongo_uri, chroma_server, "dead_letter")
+def test_dead_letter_holds_exactly_the_poison_documents(mirror, mongo_client, syncd_factory):
+    m = mirror("dlq", lease=None, on_error="dead_letter", mapping={"max_text_chars": MAX_TEXT})
+    cfg, settings, db = m.cfg, m.settings, m.db
     coll = mongo_client[db]["docs"]
     daemon = syncd_factory(["run"], cfg)
     wait_until(lambda: _streaming(settings), 60, "the first checkpoint")
@@ -90,9 +62,8 @@ def test_dead_letter_holds_exactly_the_poison_documents(
     entries = json.loads(listed.stdout)
     assert sorted(e["key"] for e in entries) == ["s:dict-body", "s:no-body", "s:too-long"]
     assert {e["error_class"] for e in entries} == {"MappingError", "OversizedError"}
-    collection = chroma_server.client().get_collection(coll_name, embedding_function=None)
-    good = [d for d in coll.find() if d["_id"].startswith("good")]
-    problem = diff(expected_records(settings, "p", good), chroma_records(collection))
+    collection = m.collection()
+    problem = m.mismatch([d for d in coll.find() if d["_id"].startswith("good")])
     assert not problem, problem
 
     # Text lines carry dates as ISO-8601, not as {'$date': ...} dictionaries.
@@ -130,5 +101,3 @@ def test_dead_letter_holds_exactly_the_poison_documents(
     purged = run_syncd(["dlq", "purge", "p", "--yes"], cfg)
     assert purged.returncode == 0, purged.stderr
     assert "removed 2" in purged.stdout
-    mongo_client.drop_database(db)
-    mongo_client.drop_database(f"{db}_syncd")

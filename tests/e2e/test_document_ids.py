@@ -7,7 +7,6 @@ copied, streamed, verified, explained and dead-lettered like any other."""
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any
 
 from bson import Decimal128, Int64
@@ -15,47 +14,22 @@ from bson import Decimal128, Int64
 from syncd.errors import ExitCode
 from tests.harness.daemon import run_syncd
 
-from .helpers import pipeline_table, settings_of, wait_caught_up, write_config
-from .oracle import DIMENSIONS, EMBEDDER, mismatch
+from .helpers import wait_caught_up
+from .oracle import DIMENSIONS, vector
 
 NAN = float("nan")
 
 
-def _vec(n: float) -> list[float]:
-    return [1.0, n / 8, 0.25, -0.5]
-
-
 def _doc(source_id: Any, n: int, body: str | None = None) -> dict[str, Any]:
-    return {"_id": source_id, "body": body or f"document {n}", "title": f"t{n}", "vec": _vec(n)}
-
-
-def _setup(tmp_path, mongo_uri, chroma_server, **pipeline: Any) -> tuple[Any, Any, str, str]:
-    db, coll = f"ids_{uuid.uuid4().hex[:8]}", f"ids-{uuid.uuid4().hex[:8]}"
-    cfg = write_config(
-        tmp_path / "syncd.toml",
-        mongo_uri=mongo_uri,
-        chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
-        checkpoint_db=f"{db}_syncd",
-        extra={"lease": {"enabled": False}},
-        pipelines=[
-            pipeline_table(
-                "p",
-                db,
-                chroma_collection=coll,
-                mapping={"text": "body", "metadata": ["title"]},
-                embedder=EMBEDDER,
-                **pipeline,
-            )
-        ],
-    )
-    return cfg, settings_of(cfg), db, coll
+    return {"_id": source_id, "body": body or f"document {n}", "title": f"t{n}", "vec": vector(n)}
 
 
 def test_ids_python_cannot_compare_are_copied_verified_and_explained(
-    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
+    mirror, mongo_client, chroma_server, syncd_factory
 ):
     # One document per scan page: the scan resumes after each of these ids in turn.
-    cfg, settings, db, coll_name = _setup(tmp_path, mongo_uri, chroma_server, snapshot_batch_size=1)
+    m = mirror("ids", metadata=["title"], snapshot_batch_size=1)
+    cfg, settings, db, coll_name = m.cfg, m.settings, m.db, m.coll
     docs = mongo_client[db]["docs"]
     ids = [NAN, True, 1, -0.0, Decimal128("2.5"), Int64(7), 3.0, "s"]
     docs.insert_many([_doc(source_id, n) for n, source_id in enumerate(ids)])
@@ -78,7 +52,7 @@ def test_ids_python_cannot_compare_are_copied_verified_and_explained(
     assert sorted(collection.get()["ids"]) == sorted(
         ["f:nan", "b:true", "i:1", "f:-0.0", "dec:2.5", "i:7", "f:3.0", "s:s"]
     )
-    problem = mismatch(docs.find(), collection, metadata_fields=["title"])
+    problem = m.mismatch(docs.find())
     assert not problem, problem
 
     verified = run_syncd(["verify", "p", "--json"], cfg)
@@ -90,17 +64,12 @@ def test_ids_python_cannot_compare_are_copied_verified_and_explained(
         story = json.loads(explained.stdout)
         assert story["mongodb"] is not None and story["consistent"], story
         assert [r["id"] for r in story["chroma"]] == [record_id]
-    mongo_client.drop_database(db)
-    mongo_client.drop_database(f"{db}_syncd")
 
 
-def test_poison_changes_are_looked_up_by_record_id(
-    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
-):
+def test_poison_changes_are_looked_up_by_record_id(tmp_path, mirror, mongo_client, syncd_factory):
     # Two changes per batch: True and 1 come back from one lookup and must not collide.
-    cfg, settings, db, coll_name = _setup(
-        tmp_path, mongo_uri, chroma_server, on_error="dead_letter", batch_size=2
-    )
+    m = mirror("ids", metadata=["title"], on_error="dead_letter", batch_size=2)
+    cfg, settings, db = m.cfg, m.settings, m.db
     docs = mongo_client[db]["docs"]
     docs.insert_many([_doc(True, 0), _doc(1, 1), _doc(NAN, 2), _doc("other", 3)])
     daemon = syncd_factory(["run"], cfg)
@@ -112,8 +81,8 @@ def test_poison_changes_are_looked_up_by_record_id(
     # fixed, so their replace events carry poison that a lookup finds fixed. NaN's
     # document stays without text: it is a dead letter, and its old record must go.
     for source_id in (True, 1):
-        docs.replace_one({"_id": source_id}, {"title": "no text yet", "vec": _vec(9)})
-    docs.replace_one({"_id": NAN}, {"title": "no text", "vec": _vec(9)})
+        docs.replace_one({"_id": source_id}, {"title": "no text yet", "vec": vector(9)})
+    docs.replace_one({"_id": NAN}, {"title": "no text", "vec": vector(9)})
     docs.update_one({"_id": True}, {"$set": {"body": "fixed true"}})
     docs.update_one({"_id": 1}, {"$set": {"body": "fixed one"}})
 
@@ -121,10 +90,7 @@ def test_poison_changes_are_looked_up_by_record_id(
     wait_caught_up(mongo_client, db, settings, "p", 60, "the replayed changes")
     daemon.terminate()
     assert daemon.wait(30) == ExitCode.OK, daemon.output()
-    collection = chroma_server.client().get_collection(coll_name)
-    problem = mismatch(
-        docs.find({"body": {"$exists": True}}), collection, metadata_fields=["title"]
-    )
+    problem = m.mismatch(docs.find({"body": {"$exists": True}}))
     assert not problem, problem
 
     listed = run_syncd(["dlq", "list", "p", "--json"], cfg)
@@ -133,5 +99,3 @@ def test_poison_changes_are_looked_up_by_record_id(
     verified = run_syncd(["verify", "p", "--json"], cfg)
     assert verified.returncode == ExitCode.OK, verified.stdout + verified.stderr
     assert json.loads(verified.stdout)["unmappable"]["sample"] == ["f:nan"]
-    mongo_client.drop_database(db)
-    mongo_client.drop_database(f"{db}_syncd")

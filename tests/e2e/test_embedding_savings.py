@@ -2,51 +2,24 @@
 
 from __future__ import annotations
 
-import uuid
-
 from syncd.errors import ExitCode
 from tests.harness.embedding_api import embedding_api
 
-from .helpers import (
-    chroma_records,
-    diff,
-    expected_records,
-    pipeline_table,
-    settings_of,
-    wait_caught_up,
-    write_config,
-)
+from .helpers import wait_caught_up
 
 
-def test_metadata_only_updates_make_zero_embedder_calls(
-    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
-):
-    db = f"emb_{uuid.uuid4().hex[:8]}"
-    coll_name = f"emb-{uuid.uuid4().hex[:8]}"
+def test_metadata_only_updates_make_zero_embedder_calls(mirror, mongo_client, syncd_factory):
     with embedding_api(dimensions=32) as api:
-        cfg = write_config(
-            tmp_path / "syncd.toml",
-            mongo_uri=mongo_uri,
-            chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
-            checkpoint_db=f"{db}_syncd",
-            extra={"lease": {"enabled": False}},
-            pipelines=[
-                pipeline_table(
-                    "emb",
-                    db,
-                    chroma_collection=coll_name,
-                    embedder={
-                        "kind": "openai",
-                        "base_url": api.base_url,
-                        "model": "test-embed",
-                        "dimensions": 32,
-                        "api_key_env": "SYNCD_TEST_EMBED_KEY",
-                    },
-                )
-            ],
-        )
         env = {"SYNCD_TEST_EMBED_KEY": api.api_key}
-        settings = settings_of(cfg, env)
+        embedder = {
+            "kind": "openai",
+            "base_url": api.base_url,
+            "model": "test-embed",
+            "dimensions": 32,
+            "api_key_env": "SYNCD_TEST_EMBED_KEY",
+        }
+        m = mirror("emb", name="emb", metadata=["title", "tags", "n"], embedder=embedder, env=env)
+        cfg, settings, db = m.cfg, m.settings, m.db
         docs = mongo_client[db]["docs"]
         docs.insert_many([{"_id": i, "body": f"text number {i}", "n": i} for i in range(40)])
         daemon = syncd_factory(["run"], cfg, env)
@@ -71,6 +44,5 @@ def test_metadata_only_updates_make_zero_embedder_calls(
         daemon.terminate()
         assert daemon.wait(30) == ExitCode.OK, daemon.output()
         assert api.api_key not in daemon.output()
-        chroma = chroma_server.client().get_collection(coll_name)
-        expected = expected_records(settings, "emb", list(docs.find()))
-        assert not diff(expected, chroma_records(chroma))
+        problem = m.mismatch(docs.find(), embed=api.vector)
+        assert not problem, problem

@@ -11,47 +11,19 @@ same thing about it.
 from __future__ import annotations
 
 import json
-import uuid
 from pathlib import Path
 from typing import Any
 
 from syncd.errors import ExitCode
 from tests.harness.daemon import run_syncd
 
-from .helpers import pipeline_table, settings_of, wait_caught_up, write_config
-from .oracle import EMBEDDER, mismatch
-
-
-def _vec(n: float) -> list[float]:
-    return [1.0, n / 8, 0.25, -0.5]
-
-
-def _setup(
-    tmp_path: Path, mongo_uri: str, chroma_server: Any, metadata: list[str], **pipeline: Any
-):
-    db, coll = f"mirror_{uuid.uuid4().hex[:8]}", f"mirror-{uuid.uuid4().hex[:8]}"
-    cfg = write_config(
-        tmp_path / "syncd.toml",
-        mongo_uri=mongo_uri,
-        chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
-        checkpoint_db=f"{db}_syncd",
-        extra={"lease": {"enabled": False}},
-        pipelines=[
-            pipeline_table(
-                "p",
-                db,
-                chroma_collection=coll,
-                mapping={"text": "body", "metadata": metadata},
-                embedder=EMBEDDER,
-                **pipeline,
-            )
-        ],
-    )
-    return cfg, settings_of(cfg), db, coll
+from .helpers import wait_caught_up
+from .oracle import vector
 
 
 def _doc(key: str, n: int, **fields: Any) -> dict[str, Any]:
-    return {"_id": key, "body": f"text of {key}", "title": f"title {key}", "vec": _vec(n), **fields}
+    doc = {"_id": key, "body": f"text of {key}", "title": f"title {key}", "vec": vector(n)}
+    return {**doc, **fields}
 
 
 def _json(args: list[str], cfg: Path, code: int = ExitCode.OK) -> Any:
@@ -60,12 +32,9 @@ def _json(args: list[str], cfg: Path, code: int = ExitCode.OK) -> Any:
     return json.loads(done.stdout)
 
 
-def test_updates_without_their_document_are_looked_up(
-    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
-):
-    cfg, settings, db, coll_name = _setup(
-        tmp_path, mongo_uri, chroma_server, ["title"], full_document="whenAvailable"
-    )
+def test_updates_without_their_document_are_looked_up(mirror, mongo_client, syncd_factory):
+    m = mirror("mirror", metadata=["title"], full_document="whenAvailable")
+    cfg, settings, db = m.cfg, m.settings, m.db
     docs = mongo_client[db]["docs"]  # no changeStreamPreAndPostImages: updates come bare
     docs.insert_many([_doc(k, n) for n, k in enumerate("abcd")])
     daemon = syncd_factory(["run"], cfg)
@@ -77,32 +46,25 @@ def test_updates_without_their_document_are_looked_up(
     docs.delete_one({"_id": "c"})  # its update finds nothing: gone, like the delete says
     docs.delete_one({"_id": "d"})
     wait_caught_up(mongo_client, db, settings, "p", 60, "the updates")
-    collection = chroma_server.client().get_collection(coll_name)
-    problem = mismatch(docs.find(), collection, metadata_fields=["title"])
+    problem = m.mismatch(docs.find())
     assert not problem, problem
     daemon.terminate()
     assert daemon.wait(30) == ExitCode.OK, daemon.output()
-    mongo_client.drop_database(db)
-    mongo_client.drop_database(f"{db}_syncd")
 
 
 def test_an_update_into_poison_removes_the_record_and_keeps_the_dead_letter(
-    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
+    mirror, mongo_client, syncd_factory
 ):
-    cfg, settings, db, coll_name = _setup(
-        tmp_path, mongo_uri, chroma_server, ["title"], on_error="dead_letter"
-    )
+    m = mirror("mirror", metadata=["title"], on_error="dead_letter")
+    cfg, settings, db = m.cfg, m.settings, m.db
     docs = mongo_client[db]["docs"]
     docs.insert_many([_doc("a", 0), _doc("b", 1)])
     daemon = syncd_factory(["run"], cfg)
     wait_caught_up(mongo_client, db, settings, "p", 60, "the snapshot")
-    collection = chroma_server.client().get_collection(coll_name)
 
     docs.update_one({"_id": "a"}, {"$unset": {"body": ""}})  # valid -> no text: poison
     wait_caught_up(mongo_client, db, settings, "p", 60, "the poison update")
-    problem = mismatch(
-        docs.find({"body": {"$exists": True}}), collection, metadata_fields=["title"]
-    )
+    problem = m.mismatch(docs.find({"body": {"$exists": True}}))
     assert not problem, problem  # s:a is gone: its text is gone
     assert [e["key"] for e in _json(["dlq", "list", "p"], cfg)] == ["s:a"]
     report = _json(["verify", "p"], cfg)
@@ -114,7 +76,7 @@ def test_an_update_into_poison_removes_the_record_and_keeps_the_dead_letter(
 
     docs.update_one({"_id": "a"}, {"$set": {"body": "text again"}})
     wait_caught_up(mongo_client, db, settings, "p", 60, "the fix")
-    problem = mismatch(docs.find(), collection, metadata_fields=["title"])
+    problem = m.mismatch(docs.find())
     assert not problem, problem
     assert _json(["dlq", "list", "p"], cfg) == [], "an applied document keeps no dead letter"
     story = _json(["explain", "p", "s:a"], cfg)
@@ -123,14 +85,11 @@ def test_an_update_into_poison_removes_the_record_and_keeps_the_dead_letter(
     assert outcomes == ["dead-lettered: MappingError", "applied"], story
     daemon.terminate()
     assert daemon.wait(30) == ExitCode.OK, daemon.output()
-    mongo_client.drop_database(db)
-    mongo_client.drop_database(f"{db}_syncd")
 
 
-def test_verify_and_explain_agree_on_the_record_of_an_unmappable_document(
-    tmp_path, mongo_uri, mongo_client, chroma_server
-):
-    cfg, _, db, coll_name = _setup(tmp_path, mongo_uri, chroma_server, ["title"])
+def test_verify_and_explain_agree_on_the_record_of_an_unmappable_document(mirror, mongo_client):
+    m = mirror("mirror", metadata=["title"])
+    cfg, db = m.cfg, m.db
     docs = mongo_client[db]["docs"]
     docs.insert_many([_doc("a", 0), _doc("b", 1)])
     snap = run_syncd(["snapshot", "p"], cfg)
@@ -150,11 +109,8 @@ def test_verify_and_explain_agree_on_the_record_of_an_unmappable_document(
     assert fixed.returncode == ExitCode.OK, fixed.stdout + fixed.stderr
     assert _json(["verify", "p"], cfg)["consistent"]
     assert _json(["explain", "p", "s:a"], cfg)["consistent"]
-    collection = chroma_server.client().get_collection(coll_name)
-    problem = mismatch(docs.find({"_id": "b"}), collection, metadata_fields=["title"])
+    problem = m.mismatch(docs.find({"_id": "b"}))
     assert not problem, problem
-    mongo_client.drop_database(db)
-    mongo_client.drop_database(f"{db}_syncd")
 
 
 # Values Chroma 1.5 gives back a unit or a few in the last place off (measured against
@@ -163,10 +119,9 @@ ROUNDED = [-943305.0469559873, 443080.06468156516, 9.443133249767594e-76, 97597.
 EXACT = [0.1, 2.5, 1e300]
 
 
-def test_floats_chroma_rounds_verify_clean_and_real_changes_still_show(
-    tmp_path, mongo_uri, mongo_client, chroma_server
-):
-    cfg, _, db, coll_name = _setup(tmp_path, mongo_uri, chroma_server, ["title", "score", "scores"])
+def test_floats_chroma_rounds_verify_clean_and_real_changes_still_show(mirror, mongo_client):
+    m = mirror("mirror", metadata=["title", "score", "scores"])
+    cfg, db = m.cfg, m.db
     docs = mongo_client[db]["docs"]
     values = ROUNDED + EXACT
     docs.insert_many(
@@ -174,14 +129,14 @@ def test_floats_chroma_rounds_verify_clean_and_real_changes_still_show(
     )
     snap = run_syncd(["snapshot", "p"], cfg)
     assert snap.returncode == ExitCode.OK, snap.stdout + snap.stderr
-    collection = chroma_server.client().get_collection(coll_name)
+    collection = m.collection()
     got = collection.get(include=["metadatas"])
     stored = {rid: meta["score"] for rid, meta in zip(got["ids"], got["metadatas"], strict=True)}
     assert any(stored[f"s:d{i}"] != v for i, v in enumerate(ROUNDED)), "Chroma kept them all"
 
     report = _json(["verify", "p"], cfg)
     assert report["consistent"] and report["stale"]["count"] == 0, report
-    problem = mismatch(docs.find(), collection, metadata_fields=["title", "score", "scores"])
+    problem = m.mismatch(docs.find())
     assert not problem, problem
 
     # A value changed in Chroma by hand (its hash kept) is still drift, and repair fixes it.
@@ -191,7 +146,5 @@ def test_floats_chroma_rounds_verify_clean_and_real_changes_still_show(
     fixed = run_syncd(["repair", "p"], cfg)
     assert fixed.returncode == ExitCode.OK, fixed.stdout + fixed.stderr
     assert _json(["verify", "p"], cfg)["consistent"]
-    problem = mismatch(docs.find(), collection, metadata_fields=["title", "score", "scores"])
+    problem = m.mismatch(docs.find())
     assert not problem, problem
-    mongo_client.drop_database(db)
-    mongo_client.drop_database(f"{db}_syncd")

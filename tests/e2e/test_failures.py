@@ -20,17 +20,10 @@ from pymongo.errors import PyMongoError
 from syncd.checkpoint import Checkpoint, open_store
 from tests.harness.daemon import run_syncd
 
-from .helpers import (
-    caught_up,
-    chroma_records,
-    diff,
-    expected_records,
-    pipeline_table,
-    settings_of,
-    wait_until,
-    write_config,
-)
+from . import oracle
+from .helpers import caught_up, settings_of, wait_until, write_config
 
+METADATA = ("title", "seq")
 CHROMA_OUTAGE_S = 30.0  # the outage an operator would call long, as the design asks
 MONGO_OUTAGE_S = 6.0
 
@@ -52,7 +45,8 @@ class Writer(threading.Thread):
         with self.client.start_session(causal_consistency=True) as session:
             kind = n % 5
             if kind <= 2:
-                self.coll.insert_one({"_id": n, "body": f"body {n}", "seq": n}, session=session)
+                doc = {"_id": n, "body": f"body {n}", "seq": n, "vec": oracle.vector(n)}
+                self.coll.insert_one(doc, session=session)
             elif kind == 3:
                 update = {"$set": {"seq": n, "body": f"changed at {n}"}, "$unset": {"title": ""}}
                 self.coll.update_one({"_id": n - 2}, update, session=session)
@@ -90,7 +84,11 @@ def _config(tmp_path: Path, mongo_uri: str, chroma_port: int, db: str, coll: str
         mongo_uri=mongo_uri,
         chroma={"mode": "http", "host": "127.0.0.1", "port": chroma_port, "timeout_s": 5},
         checkpoint_db=f"{db}_syncd",
-        pipelines=[pipeline_table("f", db, chroma_collection=coll, retry_max_backoff_s=1.0)],
+        pipelines=[
+            oracle.pipeline(
+                "f", db, metadata=METADATA, chroma_collection=coll, retry_max_backoff_s=1.0
+            )
+        ],
     )
 
 
@@ -98,11 +96,9 @@ def _checkpoint(client: MongoClient[Any], cfg: Path) -> Checkpoint | None:
     return open_store(settings_of(cfg).checkpoint, client).load("f")
 
 
-def _converged(cfg: Path, client: MongoClient[Any], chroma: Any, db: str, coll: str) -> None:
-    settings = settings_of(cfg)
+def _converged(client: MongoClient[Any], chroma: Any, db: str, coll: str) -> None:
     collection = chroma.client().get_collection(coll, embedding_function=None)
-    expected = expected_records(settings, "f", list(client[db]["docs"].find()))
-    problem = diff(expected, chroma_records(collection))
+    problem = oracle.mismatch(client[db]["docs"].find(), collection, metadata_fields=METADATA)
     assert not problem, problem
 
 
@@ -128,7 +124,8 @@ def _hold_still(client: MongoClient[Any], cfg: Path, seconds: float, after: Time
 def _write_now(client: MongoClient[Any], db: str) -> Timestamp:
     with client.start_session(causal_consistency=True) as session:
         client[db]["docs"].insert_one(
-            {"_id": f"marker-{uuid.uuid4().hex[:6]}", "body": "m"}, session=session
+            {"_id": f"marker-{uuid.uuid4().hex[:6]}", "body": "m", "vec": oracle.vector(0)},
+            session=session,
         )
         assert session.operation_time is not None
         return session.operation_time
@@ -173,7 +170,7 @@ def test_chroma_outage_holds_the_checkpoint_and_recovers(
         assert daemon.wait(30) == 0, daemon.output()
     finally:
         writer.stop.set()
-    _converged(cfg, mongo_client, chroma, db, coll)
+    _converged(mongo_client, chroma, db, coll)
     mongo_client.drop_database(db)
     mongo_client.drop_database(f"{db}_syncd")
 
@@ -206,7 +203,7 @@ def test_mongodb_killed_and_restarted(tmp_path, mongo_server_factory, chroma_ser
         wait_until(lambda: caught_up(settings_of(cfg), "f", last), 90, "recovery")
         daemon.terminate()
         assert daemon.wait(30) == 0, daemon.output()
-        _converged(cfg, client, chroma_server, db, coll)
+        _converged(client, chroma_server, db, coll)
     finally:
         writer.stop.set()
         client.close()
@@ -249,6 +246,6 @@ def test_connections_to_mongodb_cut_and_refused(
         assert daemon.wait(30) == 0, daemon.output()
     finally:
         writer.stop.set()
-    _converged(cfg, mongo_client, chroma_server, db, coll)
+    _converged(mongo_client, chroma_server, db, coll)
     mongo_client.drop_database(db)
     mongo_client.drop_database(f"{db}_syncd")

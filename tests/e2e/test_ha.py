@@ -18,19 +18,12 @@ import pytest
 from bson.timestamp import Timestamp
 from pymongo import MongoClient
 
-from .helpers import (
-    caught_up,
-    chroma_records,
-    diff,
-    expected_records,
-    pipeline_table,
-    settings_of,
-    wait_until,
-    write_config,
-)
+from . import oracle
+from .helpers import caught_up, settings_of, wait_until, write_config
 
 TTL, RENEW = 3.0, 1.0
 NAMES = ("ha1", "ha2", "ha3")
+METADATA = ("seq",)
 LOST_LEASE = r"lost its lease|no longer holds the pipeline's lease|checkpoint write refused"
 
 
@@ -104,7 +97,12 @@ class Writer(threading.Thread):
 
     def insert(self, name: str) -> Timestamp:
         self.count += 1
-        doc = {"_id": f"{name}-{self.count}", "body": f"document {self.count}", "seq": self.count}
+        doc = {
+            "_id": f"{name}-{self.count}",
+            "body": f"document {self.count}",
+            "seq": self.count,
+            "vec": oracle.vector(self.count),
+        }
         with self.client.start_session(causal_consistency=True) as session:
             self.db[name].insert_one(doc, session=session)
             op_time = session.operation_time
@@ -134,7 +132,10 @@ def test_two_daemons_share_pipelines_and_fence_a_stale_holder(
         chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
         checkpoint_db=cp_db,
         pipelines=[
-            pipeline_table(n, db, collection=n, chroma_collection=f"{n}-{suffix}") for n in NAMES
+            oracle.pipeline(
+                n, db, metadata=METADATA, collection=n, chroma_collection=f"{n}-{suffix}"
+            )
+            for n in NAMES
         ],
         extra={"lease": {"ttl_s": TTL, "renew_every_s": RENEW}},
     )
@@ -232,9 +233,9 @@ def test_two_daemons_share_pipelines_and_fence_a_stale_holder(
     assert not stale, f"the thawed holder wrote with its old epoch: {stale}"
 
     for name in NAMES:
-        docs = list(mongo_client[db][name].find())
+        docs = mongo_client[db][name].find()
         collection = chroma_server.client().get_collection(f"{name}-{suffix}")
-        problem = diff(expected_records(settings, name, docs), chroma_records(collection))
+        problem = oracle.mismatch(docs, collection, metadata_fields=METADATA)
         assert not problem, f"{name}: {problem}"
 
     for process in (survivor, third):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -10,19 +9,9 @@ from pymongo import MongoClient
 
 from syncd.errors import ExitCode
 
-from .helpers import (
-    caught_up,
-    chroma_records,
-    diff,
-    expected_records,
-    load_checkpoint,
-    op_time_now,
-    pipeline_table,
-    settings_of,
-    wait_caught_up,
-    wait_until,
-    write_config,
-)
+from .helpers import caught_up, load_checkpoint, op_time_now, wait_caught_up, wait_until
+from .mirror import make_mirror
+from .oracle import mismatch, vector
 
 
 def _setup(
@@ -33,21 +22,19 @@ def _setup(
     names: tuple[str, str] | None = None,
     **pipeline: Any,
 ) -> tuple[Path, Any, str, str]:
-    db, coll = names or (f"life_{uuid.uuid4().hex[:8]}", f"life-{uuid.uuid4().hex[:8]}")
-    cfg = write_config(
-        tmp_path / f"syncd-{uuid.uuid4().hex[:6]}.toml",
-        mongo_uri=mongo_uri,
-        chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
-        checkpoint_db=f"{db}_syncd",
-        extra={"lease": {"enabled": False}},
-        pipelines=[pipeline_table("life", db, chroma_collection=coll, **pipeline)],
+    db, coll = names or (None, None)
+    m = make_mirror(
+        tmp_path, mongo_uri, chroma_server, "life", name="life", db=db, coll=coll, **pipeline
     )
-    return cfg, settings_of(cfg), db, coll
+    return m.cfg, m.settings, m.db, m.coll
 
 
-def _synced(settings: Any, client: MongoClient[dict[str, Any]], db: str, coll: Any) -> str:
-    expected = expected_records(settings, "life", list(client[db]["docs"].find()))
-    return diff(expected, chroma_records(coll))
+def _doc(key: Any, body: str) -> dict[str, Any]:
+    return {"_id": key, "body": body, "vec": vector(key if isinstance(key, int) else len(key))}
+
+
+def _synced(client: MongoClient[dict[str, Any]], db: str, coll: Any) -> str:
+    return mismatch(client[db]["docs"].find(), coll)
 
 
 def test_drop_purges_and_stream_continues_after_invalidate(
@@ -55,7 +42,7 @@ def test_drop_purges_and_stream_continues_after_invalidate(
 ):
     cfg, settings, db, coll_name = _setup(tmp_path, mongo_uri, chroma_server, on_drop="purge")
     docs = mongo_client[db]["docs"]
-    docs.insert_many([{"_id": i, "body": f"doc {i}"} for i in range(20)])
+    docs.insert_many([_doc(i, f"doc {i}") for i in range(20)])
     daemon = syncd_factory(["run"], cfg)
     chroma = chroma_server.client()
     coll = wait_until(lambda: _get(chroma, coll_name), 60, "collection")
@@ -66,12 +53,12 @@ def test_drop_purges_and_stream_continues_after_invalidate(
     wait_until(lambda: coll.count() == 0, 30, "records purged after drop")
     # After the invalidate, the pipeline continues with startAfter: a re-created
     # collection is mirrored again.
-    docs.insert_one({"_id": "again", "body": "back after the drop"})
+    docs.insert_one(_doc("again", "back after the drop"))
     wait_until(lambda: coll.get(ids=["s:again"])["ids"] == ["s:again"], 30, "re-created doc")
     assert daemon.is_running(), daemon.output()
     daemon.terminate()
     assert daemon.wait(30) == 0, daemon.output()
-    assert not _synced(settings, mongo_client, db, coll)
+    assert not _synced(mongo_client, db, coll)
 
 
 def test_drop_under_halt_stops_with_source_exit_code(
@@ -79,13 +66,13 @@ def test_drop_under_halt_stops_with_source_exit_code(
 ):
     cfg, settings, db, coll_name = _setup(tmp_path, mongo_uri, chroma_server, on_drop="halt")
     docs = mongo_client[db]["docs"]
-    docs.insert_many([{"_id": i, "body": f"doc {i}"} for i in range(5)])
+    docs.insert_many([_doc(i, f"doc {i}") for i in range(5)])
     daemon = syncd_factory(["run"], cfg)
     chroma = chroma_server.client()
     coll = wait_until(lambda: _get(chroma, coll_name), 60, "collection")
     wait_until(lambda: _streaming(settings), 60, "snapshot to finish")
     assert coll.count() == 5
-    docs.insert_one({"_id": 99, "body": "just before the drop"})
+    docs.insert_one(_doc(99, "just before the drop"))
     docs.drop()
     code = daemon.wait(60)
     out = daemon.output()
@@ -103,7 +90,7 @@ def test_rename_under_halt_and_purge(
 ):
     cfg, _settings, db, coll_name = _setup(tmp_path, mongo_uri, chroma_server)
     docs = mongo_client[db]["docs"]
-    docs.insert_many([{"_id": i, "body": f"doc {i}"} for i in range(3)])
+    docs.insert_many([_doc(i, f"doc {i}") for i in range(3)])
     daemon = syncd_factory(["run"], cfg)
     chroma = chroma_server.client()
     coll = wait_until(lambda: _get(chroma, coll_name), 60, "collection")
@@ -131,7 +118,7 @@ def test_history_lost_stops_then_resnapshot_converges(
     client: MongoClient[dict[str, Any]] = MongoClient(server.uri)
     cfg, settings, db, coll_name = _setup(tmp_path, server.uri, chroma_server)
     docs = client[db]["docs"]
-    docs.insert_many([{"_id": i, "body": f"doc {i}"} for i in range(10)])
+    docs.insert_many([_doc(i, f"doc {i}") for i in range(10)])
     daemon = syncd_factory(["run"], cfg)
     chroma = chroma_server.client()
     coll = wait_until(lambda: _get(chroma, coll_name), 60, "collection")
@@ -142,7 +129,7 @@ def test_history_lost_stops_then_resnapshot_converges(
 
     # While syncd is down, more changes happen than the server retains.
     for i in range(10, 80):
-        docs.insert_one({"_id": i, "body": f"doc {i}"})
+        docs.insert_one(_doc(i, f"doc {i}"))
     docs.delete_one({"_id": 3})
 
     daemon = syncd_factory(["run"], cfg)
@@ -162,7 +149,7 @@ def test_history_lost_stops_then_resnapshot_converges(
     daemon.terminate()
     assert daemon.wait(30) == 0
     assert "re-snapshotting as configured" in daemon.output()
-    assert not _synced(settings, client, db, coll)
+    assert not _synced(client, db, coll)
     client.close()
 
 
@@ -173,7 +160,7 @@ def test_a_quiet_collection_keeps_its_position_inside_the_history(
     client: MongoClient[dict[str, Any]] = MongoClient(server.uri)
     cfg, settings, db, coll_name = _setup(tmp_path, server.uri, chroma_server)
     docs = client[db]["docs"]
-    docs.insert_many([{"_id": i, "body": f"doc {i}"} for i in range(5)])
+    docs.insert_many([_doc(i, f"doc {i}") for i in range(5)])
     daemon = syncd_factory(["run"], cfg)
     wait_caught_up(client, db, settings, "life", 60, "caught up")
 
@@ -188,14 +175,14 @@ def test_a_quiet_collection_keeps_its_position_inside_the_history(
 
     # So a restart resumes inside the retained history instead of losing it.
     daemon = syncd_factory(["run"], cfg)
-    docs.insert_one({"_id": 99, "body": "after the quiet spell"})
+    docs.insert_one(_doc(99, "after the quiet spell"))
     op = op_time_now(client, db)
     wait_until(lambda: caught_up(settings, "life", op) or not daemon.is_running(), 60, "resume")
     assert daemon.is_running(), daemon.output()
     daemon.terminate()
     assert daemon.wait(30) == 0, daemon.output()
     assert "history" not in daemon.output().lower()
-    assert not _synced(settings, client, db, chroma_server.client().get_collection(coll_name))
+    assert not _synced(client, db, chroma_server.client().get_collection(coll_name))
     client.close()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import random
 import threading
-import uuid
 from typing import Any
 
 from pymongo import MongoClient
@@ -13,19 +12,11 @@ from pymongo import MongoClient
 from syncd.errors import ExitCode
 from tests.harness.daemon import run_syncd
 
-from .helpers import (
-    chroma_records,
-    diff,
-    expected_records,
-    load_checkpoint,
-    pipeline_table,
-    settings_of,
-    wait_caught_up,
-    wait_until,
-    write_config,
-)
+from .helpers import load_checkpoint, wait_caught_up, wait_until
+from .oracle import DIMENSIONS, vector
 
 DOCS = 4000
+VISIBLE = {"hidden": {"$ne": True}}  # the pipeline's filter
 
 
 def _scanned(settings: Any) -> int:
@@ -36,29 +27,14 @@ def _scanned(settings: Any) -> int:
 
 
 def test_killed_snapshot_resumes_and_racing_writes_survive(
-    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
+    mirror, mongo_uri, mongo_client, syncd_factory
 ):
-    db = f"snap_{uuid.uuid4().hex[:8]}"
-    coll_name = f"snap-{uuid.uuid4().hex[:8]}"
-    cfg = write_config(
-        tmp_path / "syncd.toml",
-        mongo_uri=mongo_uri,
-        chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
-        checkpoint_db=f"{db}_syncd",
-        extra={"lease": {"enabled": False}},
-        pipelines=[
-            pipeline_table(
-                "snap",
-                db,
-                chroma_collection=coll_name,
-                snapshot_batch_size=50,
-                filter={"hidden": {"$ne": True}},
-            )
-        ],
-    )
-    settings = settings_of(cfg)
+    m = mirror("snap", name="snap", snapshot_batch_size=50, filter=VISIBLE)
+    cfg, settings, db = m.cfg, m.settings, m.db
     docs = mongo_client[db]["docs"]
-    docs.insert_many([{"_id": i, "body": f"document {i}", "n": i} for i in range(DOCS)])
+    docs.insert_many(
+        [{"_id": i, "body": f"document {i}", "n": i, "vec": vector(i)} for i in range(DOCS)]
+    )
 
     stop = threading.Event()
     errors: list[BaseException] = []
@@ -81,7 +57,9 @@ def test_killed_snapshot_resumes_and_racing_writes_survive(
                     client[db]["docs"].update_one({"_id": i}, {"$set": {"hidden": True}})
                 else:
                     client[db]["docs"].replace_one(
-                        {"_id": i}, {"body": f"upserted {i}", "n": -i}, upsert=True
+                        {"_id": i},
+                        {"body": f"upserted {i}", "n": -i, "vec": vector(-i)},
+                        upsert=True,
                     )
         except BaseException as exc:
             errors.append(exc)
@@ -116,9 +94,8 @@ def test_killed_snapshot_resumes_and_racing_writes_survive(
     daemon.terminate()
     assert daemon.wait(30) == ExitCode.OK, daemon.output()
 
-    chroma = chroma_server.client().get_collection(coll_name)
-    expected = expected_records(settings, "snap", list(docs.find()))
-    problem = diff(expected, chroma_records(chroma))
+    chroma = m.collection()
+    problem = m.mismatch(docs.find(VISIBLE))
     assert not problem, problem
 
     # `syncd snapshot` on demand: orphans (records whose documents vanished while
@@ -126,12 +103,12 @@ def test_killed_snapshot_resumes_and_racing_writes_survive(
     chroma.upsert(
         ids=["i:999999"],
         documents=["an orphan"],
-        embeddings=[[0.1] * 32],
+        embeddings=[[0.1] * DIMENSIONS],
         metadatas=[{"syncd_id": "i:999999"}],
     )
     result = run_syncd(["snapshot", "snap"], config=cfg, timeout=180)
     assert result.returncode == 0, result.stderr + result.stdout
     assert "complete" in result.stdout
     assert chroma.get(ids=["i:999999"])["ids"] == []
-    problem = diff(expected, chroma_records(chroma))
+    problem = m.mismatch(docs.find(VISIBLE))
     assert not problem, problem

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,17 +12,8 @@ import pytest
 
 from tests.harness.daemon import run_syncd
 
-from .helpers import (
-    caught_up,
-    chroma_records,
-    diff,
-    expected_records,
-    load_checkpoint,
-    pipeline_table,
-    settings_of,
-    wait_until,
-    write_config,
-)
+from . import oracle
+from .helpers import caught_up, chroma_records, load_checkpoint, wait_until
 
 # From tests/unit/test_tokens.py, where each vector's source is cited.
 DOCS_EVENT = (
@@ -130,29 +120,18 @@ def _next_second() -> None:
 
 
 @pytest.mark.timeout(120)
-def test_set_at_replays_changes_since_then(
-    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
-):
-    db = f"tok_{uuid.uuid4().hex[:8]}"
-    chroma_name = f"tok-{uuid.uuid4().hex[:8]}"
-    cfg = write_config(
-        tmp_path / "syncd.toml",
-        mongo_uri=mongo_uri,
-        chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
-        checkpoint_db=f"{db}_syncd",
-        pipelines=[pipeline_table("tok", db, chroma_collection=chroma_name)],
-        extra={"lease": {"ttl_s": 3, "renew_every_s": 1}},
-    )
-    settings = settings_of(cfg)
+def test_set_at_replays_changes_since_then(mirror, mongo_client, syncd_factory):
+    m = mirror("tok", name="tok", lease={"ttl_s": 3, "renew_every_s": 1})
+    cfg, settings, db = m.cfg, m.settings, m.db
     coll = mongo_client[db]["docs"]
     daemon = syncd_factory(["run"], cfg)
 
-    before = {"_id": "z-before", "body": "written before the rewind point", "seq": 0}
+    before = {"_id": "z-before", "body": "written before the rewind point", "vec": oracle.vector(0)}
     _insert(mongo_client, coll, before)
     _next_second()
-    doc_a = {"_id": "a", "body": "first after the rewind point", "seq": 1}
+    doc_a = {"_id": "a", "body": "first after the rewind point", "vec": oracle.vector(1)}
     t1 = _insert(mongo_client, coll, doc_a)
-    doc_b = {"_id": "b", "body": "second after the rewind point", "seq": 2}
+    doc_b = {"_id": "b", "body": "second after the rewind point", "vec": oracle.vector(2)}
     t2 = _insert(mongo_client, coll, doc_b)
     _wait(daemon, lambda: caught_up(settings, "tok", t2), "the first run to catch up")
 
@@ -178,17 +157,17 @@ def test_set_at_replays_changes_since_then(
     assert cp.start_at.time == t1.time and cp.phase == "streaming"
 
     # Chroma loses A, B and the earlier document; only the changes since t1 may come back.
-    collection = chroma_server.client().get_collection(chroma_name)
-    expected = expected_records(settings, "tok", [before, doc_a, doc_b])
+    collection = m.collection()
+    expected = oracle.expected([before, doc_a, doc_b])
     assert len(expected) == 3
     collection.delete(ids=list(expected))
     assert collection.count() == 0
 
     daemon.start()
-    replayed = expected_records(settings, "tok", [doc_a, doc_b])
-    (earlier,) = set(expected) - set(replayed)
-    _wait(daemon, lambda: not diff(replayed, chroma_records(collection)), "A and B to return")
-    t3 = _insert(mongo_client, coll, {"_id": "c", "body": "after the restart", "seq": 3})
+    (earlier,) = set(expected) - set(oracle.expected([doc_a, doc_b]))
+    _wait(daemon, lambda: not oracle.mismatch([doc_a, doc_b], collection), "A and B to return")
+    doc_c = {"_id": "c", "body": "after the restart", "vec": oracle.vector(3)}
+    t3 = _insert(mongo_client, coll, doc_c)
     _wait(daemon, lambda: caught_up(settings, "tok", t3), "the second run to catch up")
     assert earlier not in chroma_records(collection), "replayed from before the --at time"
     daemon.terminate()
@@ -208,5 +187,3 @@ def test_set_at_replays_changes_since_then(
     assert entry["phase"] == "streaming" and entry["cluster_time"]["t"] >= t3.time
     assert entry["lease"] is not None and entry["lease"]["live"] is False
     assert entry["lag_s"] is not None and entry["lag_s"] >= 0
-    mongo_client.drop_database(db)
-    mongo_client.drop_database(f"{db}_syncd")

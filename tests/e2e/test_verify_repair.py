@@ -6,53 +6,39 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 
 from tests.harness.daemon import run_syncd
 
-from .helpers import (
-    chroma_records,
-    diff,
-    expected_records,
-    pipeline_table,
-    settings_of,
-    write_config,
-)
+from .oracle import DIMENSIONS, vector
+
+PUBLIC = {"kind": {"$ne": "private"}}  # the pipeline's filter
 
 
-def test_verify_reports_injected_drift_and_repair_fixes_it(
-    tmp_path, mongo_uri, mongo_client, chroma_server
-):
-    db = f"verify_{uuid.uuid4().hex[:8]}"
-    coll_name = f"verify-{uuid.uuid4().hex[:8]}"
-    cfg = write_config(
-        tmp_path / "syncd.toml",
-        mongo_uri=mongo_uri,
-        chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
-        checkpoint_db=f"{db}_syncd",
-        pipelines=[
-            pipeline_table(
-                "v", db, chroma_collection=coll_name, filter={"kind": {"$ne": "private"}}
-            )
-        ],
-    )
-    settings = settings_of(cfg)
-    docs = mongo_client[db]["docs"]
+def test_verify_reports_injected_drift_and_repair_fixes_it(mirror, mongo_client):
+    m = mirror("verify", name="v", lease=None, filter=PUBLIC)
+    cfg = m.cfg
+    docs = mongo_client[m.db]["docs"]
     docs.insert_many(
-        [{"_id": f"d{i:02}", "body": f"body {i}", "title": f"t{i}", "n": i} for i in range(40)]
+        [
+            {"_id": f"d{i:02}", "body": f"body {i}", "title": f"t{i}", "n": i, "vec": vector(i)}
+            for i in range(40)
+        ]
     )
-    docs.insert_one({"_id": "secret", "body": "not for Chroma", "kind": "private"})
+    docs.insert_one(
+        {"_id": "secret", "body": "not for Chroma", "kind": "private", "vec": vector(99)}
+    )
     snap = run_syncd(["snapshot", "v"], cfg)
     assert snap.returncode == 0, snap.stderr
 
-    collection = chroma_server.client().get_collection(coll_name, embedding_function=None)
+    collection = m.collection()
+    zero = [0.0] * DIMENSIONS
     collection.delete(ids=["s:d01", "s:d02"])  # missing
     collection.update(ids=["s:d03"], metadatas=[{"title": "tampered", "extra": 1}])  # stale
-    collection.update(ids=["s:d04"], documents=["tampered"], embeddings=[[0.0] * 32])  # stale
+    collection.update(ids=["s:d04"], documents=["tampered"], embeddings=[zero])  # stale
     collection.add(  # orphans: an unknown document, and an id syncd never writes
         ids=["s:ghost", "not-a-syncd-id"],
         documents=["boo", "boo"],
-        embeddings=[[0.0] * 32, [0.0] * 32],
+        embeddings=[zero, zero],
         metadatas=[{"syncd_id": "s:ghost"}, {"a": 1}],
     )
     docs.delete_one({"_id": "d05"})  # deleted while no daemon ran: its record is an orphan
@@ -102,7 +88,5 @@ def test_verify_reports_injected_drift_and_repair_fixes_it(
     assert re.search(r"(\d+) sampled documents, \1 Chroma records", sampled_text.stdout), (
         sampled_text.stdout
     )
-    problem = diff(expected_records(settings, "v", list(docs.find())), chroma_records(collection))
+    problem = m.mismatch(docs.find(PUBLIC))
     assert not problem, problem
-    mongo_client.drop_database(db)
-    mongo_client.drop_database(f"{db}_syncd")

@@ -55,6 +55,10 @@ class EmbeddingAPI:
         self._thread.start()
         return self
 
+    def vector(self, text: str) -> list[float]:
+        """What this API answers for `text` (without counting it as a request)."""
+        return [float(x) for x in self._embedder.embed([text])[0]]
+
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
