@@ -208,8 +208,10 @@ def test_kill9_randomized_workload_converges(
     client = chroma_server.client()
     collection = wait_until(lambda: _collection(client, chroma_coll), 120, "chroma collection")
     try:
-        for _ in range(KILLS):
+        for kill in range(KILLS):
             daemon.wait_for_output("took the lease", timeout=60)
+            if kill % 2:  # on a busy machine a start can outlast every random pause
+                wait_until(lambda: _streaming(settings), 60, "a streaming checkpoint")
             time.sleep(rng.uniform(0.5, 3.0))
             daemon.kill()
             checked_total += assert_checkpoint_covered(settings, "crash", log, collection, True)
@@ -235,6 +237,11 @@ def test_kill9_randomized_workload_converges(
     assert not problem, problem
     mongo_client.drop_database(db)
     mongo_client.drop_database(f"{db}_syncd")
+
+
+def _streaming(settings: Any) -> bool:
+    cp = load_checkpoint(settings, "crash")
+    return cp is not None and cp.phase == "streaming"
 
 
 def _collection(client: Any, name: str) -> Any:
