@@ -116,7 +116,7 @@ class LeaseManager:
         # Stop trusting a lease a little before the server would expire it.
         self._margin = min(1.0, settings.ttl_s / 10)
         self._held: dict[str, Held] = {}
-        self._lost: list[str] = []
+        self._lost: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         self._pipelines: list[str] | None = None  # announced once LeasedPipelines runs
         self._closing = threading.Event()
@@ -213,17 +213,18 @@ class LeaseManager:
         with self._lock:
             current = list(self._held.values())
         for held in current:
-            if self._renew_one(held):
+            why = self._renew_one(held)
+            if why is None:
                 continue
             with self._lock:
                 if self._held.get(held.pipeline) is held:
                     del self._held[held.pipeline]
                     lost.append(held.pipeline)
-                    self._lost.append(held.pipeline)
+                    self._lost.append((held.pipeline, why))
         return lost
 
-    def take_lost(self) -> list[str]:
-        """Pipelines whose lease was found lost since the last call."""
+    def take_lost(self) -> list[tuple[str, str]]:
+        """Pipelines whose lease was found lost since the last call, each with why."""
         with self._lock:
             lost, self._lost = self._lost, []
         return lost
@@ -248,7 +249,8 @@ class LeaseManager:
             except SyncdError as exc:  # the local deadlines stop our writes meanwhile
                 log.error("cannot renew leases: %s", exc)
 
-    def _renew_one(self, held: Held) -> bool:
+    def _renew_one(self, held: Held) -> str | None:
+        """Extend one lease; None when done, else why it is lost."""
         started = time.monotonic()
         try:
             doc = self._coll.find_one_and_update(
@@ -264,11 +266,13 @@ class LeaseManager:
                 "cannot renew the lease of pipeline %s: %s", held.pipeline, error.message,
                 extra={"pipeline": held.pipeline},
             )  # fmt: skip
-            return time.monotonic() < held.deadline
+            if time.monotonic() < held.deadline:
+                return None
+            return f"its lease expired: MongoDB could not be reached to renew it ({error.message})"
         if doc is None:
-            return False
+            return "lost its lease to another process"
         held.deadline = started + self.settings.ttl_s - self._margin
-        return True
+        return None
 
     def release(self, pipeline: str) -> None:
         """Expire our lease at once so another process can take it without waiting."""

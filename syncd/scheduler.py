@@ -96,8 +96,8 @@ class LeasedPipelines(Generic[W]):
 
     def tick(self) -> None:
         self._reap()
-        for name in self.leases.take_lost():
-            self._stop(name, "lost its lease to another process")
+        for name, why in self.leases.take_lost():
+            self._stop(name, why)
         now = time.monotonic()
         if now < self._next_round:
             return

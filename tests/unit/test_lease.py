@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import pytest
+from pymongo.errors import AutoReconnect
 
 from syncd.checkpoint import Checkpoint, FileCheckpointStore, MongoCheckpointStore
 from syncd.config import CheckpointSettings, LeaseSettings, PipelineSettings
@@ -68,9 +69,26 @@ def test_expired_lease_is_taken_and_the_old_holder_learns_it_lost(mongo_db):
     assert not a.holds("p"), "the local deadline should have passed with the TTL"
     assert b.acquire("p") == 2
     assert a.renew() == ["p"]
+    assert a.take_lost() == [("p", "lost its lease to another process")]
     with pytest.raises(LeaseLostError):
         a.check("p")
     b.check("p")
+
+
+def test_a_lease_that_cannot_be_renewed_past_its_deadline_says_why(mongo_db):
+    a = manager(mongo_db, "a")
+    assert a.acquire("p") == 1
+
+    class Unreachable:
+        def find_one_and_update(self, *args: object, **kwargs: object) -> None:
+            raise AutoReconnect("connection refused")
+
+    a._coll = Unreachable()  # type: ignore[assignment]
+    assert a.renew() == []  # within the TTL: kept, our writes still allowed
+    time.sleep(1.2)
+    assert a.renew() == ["p"]
+    ((name, why),) = a.take_lost()
+    assert name == "p" and why.startswith("its lease expired: MongoDB could not be reached")
 
 
 def test_force_steals_a_live_lease(mongo_db):
