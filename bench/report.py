@@ -76,6 +76,7 @@ def write_report(results: dict[str, Any], path: Path) -> None:
             ("3. Lag", "lag", _lag), ("4. Memory", "memory", _memory),
             ("5. Snapshot", "snapshot", _snapshot),
             ("6. Embedding savings", "embedding_savings", _savings),
+            ("6b. Remote embedder", "remote_embedder", _remote),
             ("7. Real model", "real_model", _model),
             ("8. Tracing overhead", "tracing", _tracing)):
         add(f"## {title}")
@@ -153,6 +154,11 @@ def _summary(s: dict[str, Any], rows: list[tuple[str, str, str, str]]) -> None:
         rows.append(("6. texts embedded = text-changing updates",
                      f"{sav['embedded']} = {sav['text_changes']}", "equal",
                      _verdict(sav["embedded"] == sav["text_changes"])))
+    remote = s.get("remote_embedder", {})
+    if "ratio_default_vs_1" in remote:
+        rows.append((f"6b. 100 ms embedding API, embed_concurrency "
+                     f"{remote['default_concurrency']} vs 1",
+                     f"{remote['ratio_default_vs_1']:.2f}x", "(reported)", "n/a"))
     model = s.get("real_model", {})
     if "ratio" in model:
         rows.append(("7. syncd vs encode alone (MiniLM)", f"{model['ratio']:.2f}x", "≥ 0.8x",
@@ -339,6 +345,35 @@ def _savings(s: dict[str, Any]) -> list[str]:
         f"**{r['embedded']:,} texts embedded** for {r['text_changes']:,} text-changing "
         f"events ({_f(r['updates_per_s'])} updates/s).",
     ]
+
+
+def _remote(s: dict[str, Any]) -> list[str]:
+    r = s.get("remote_embedder")
+    if _error(r):
+        return [f"Not measured: {_error(r)}"]
+    assert r is not None
+    out = [
+        f"{r['events']:,} inserts whose texts an OpenAI-compatible server embeds "
+        "(`tests/harness/embedding_api.py`), answering each request "
+        f"{_f(r['latency_ms'])} ms after it arrived, as a remote GPU service would; requests "
+        f"of {r['embedder_batch_size']} texts, pipeline batches of {r['pipeline_batch_size']} "
+        "events, so a batch makes at most "
+        f"{-(-r['pipeline_batch_size'] // r['embedder_batch_size'])} requests. Drained once "
+        "per `embed_concurrency` setting"
+        + (f", {r['runs']} runs alternating the order" if r["runs"] > 1 else " (single run)")
+        + "; load average 1 min during the section: "
+        + ", ".join(f"{x:.1f}" for x in r["load"]) + ".",
+        "",
+        "| embed_concurrency | events/s | vs 1 | most requests in flight | CPU µs/event |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    base = r["curve"][0]["per_s"]
+    for row in r["curve"]:
+        default = " (default)" if row["embed_concurrency"] == r["default_concurrency"] else ""
+        out.append(f"| {row['embed_concurrency']}{default} | {_f(row['per_s'])} | "
+                   f"{row['per_s'] / base:.2f}x | {row['max_in_flight']} | "
+                   f"{_f(row['cpu_us_per_event'])} |")
+    return out
 
 
 def _model(s: dict[str, Any]) -> list[str]:

@@ -35,6 +35,8 @@ class Sizes:
     snapshot_docs: int = 200_000
     savings_docs: int = 2_000
     savings_updates: int = 2_000
+    remote_events: int = 4_000
+    remote_runs: int = 1
     model_texts: int = 1_000
     model_runs: int = 2
     tracing_events: int = 5_000
@@ -45,7 +47,7 @@ class Sizes:
     def quick(cls) -> Sizes:
         return cls(sink_events=3_000, alt_inserts=300, alt_updates=100, alt_deletes=50,
                    alt_runs=1, lag_seconds=5, memory_small=5_000, memory_large=20_000,
-                   snapshot_docs=5_000, savings_docs=300, savings_updates=300,
+                   snapshot_docs=5_000, savings_docs=300, savings_updates=300, remote_events=1_000,
                    model_texts=200, model_runs=1, tracing_events=1_000, tracing_runs=1)
 
 
@@ -554,6 +556,66 @@ def embedding_savings(ctx: Context) -> dict[str, Any]:
             "updates_per_s": s.savings_updates / result["wall_s"]}
 
 
+# --- 6b. remote embedder ------------------------------------------------------------------
+
+REMOTE_LATENCY_S = 0.1
+REMOTE_CONCURRENCY = (1, 2, 4, 8)
+
+
+def remote_embedder(ctx: Context) -> dict[str, Any]:
+    """Inserts embedded by an OpenAI-compatible server that answers each request 100 ms
+    after it arrived (a remote GPU service), at embed_concurrency 1, 2, 4 and 8 (the
+    default): events/s per setting, alternating the order of the settings per run."""
+    from syncd.config import DEFAULT_REMOTE_EMBED_CONCURRENCY
+    from tests.harness.embedding_api import EmbeddingAPI
+
+    s = ctx.sizes
+    n = s.remote_events
+    coll = ctx.mongo.bench.remote
+    start = w.op_time(ctx.mongo)
+    w.insert_docs(coll, range(n), dims=0)
+    until = w.op_time(ctx.mongo)
+    api = EmbeddingAPI(dimensions=32)
+    api.delay_s = REMOTE_LATENCY_S
+    api.start()
+    load = [os.getloadavg()[0]]
+    runs: dict[int, list[dict[str, Any]]] = {c: [] for c in REMOTE_CONCURRENCY}
+    batch_size = 64
+    try:
+        for k in range(s.remote_runs):
+            order = REMOTE_CONCURRENCY if k % 2 == 0 else tuple(reversed(REMOTE_CONCURRENCY))
+            for concurrency in order:
+                name = f"remote-{concurrency}"
+                table = w.pipeline_table(name, "bench", "remote")
+                table["embedder"] = {"kind": "openai", "base_url": api.base_url,
+                                     "model": "slow", "api_key": api.api_key, "dimensions": 32,
+                                     "batch_size": batch_size,
+                                     "embed_concurrency": concurrency}
+                api.max_in_flight = 0
+                r = _syncd_drain(ctx, table, start, until)
+                r["max_in_flight"] = api.max_in_flight
+                drop_collection(ctx.chroma, name)
+                runs[concurrency].append(r)
+                log(f"remote embedder, embed_concurrency {concurrency} (run {k + 1}): "
+                    f"{n / r['wall_s']:,.0f} events/s, {api.max_in_flight} requests in flight")
+                load.append(os.getloadavg()[0])
+    finally:
+        api.close()
+        coll.drop()
+    curve = {c: median([n / r["wall_s"] for r in rs]) for c, rs in runs.items()}
+    pipeline_batch = syncd_config.PipelineSettings.model_fields["batch_size"].default
+    default = DEFAULT_REMOTE_EMBED_CONCURRENCY
+    return {"events": n, "runs": s.remote_runs, "latency_ms": REMOTE_LATENCY_S * 1000,
+            "embedder_batch_size": batch_size, "pipeline_batch_size": pipeline_batch,
+            "default_concurrency": default,
+            "curve": [{"embed_concurrency": c, "per_s": curve[c],
+                       "max_in_flight": max(r["max_in_flight"] for r in runs[c]),
+                       "cpu_us_per_event": median([r["cpu_s"] / n * 1e6 for r in runs[c]])}
+                      for c in REMOTE_CONCURRENCY],
+            "ratio_default_vs_1": curve[default] / curve[1],
+            "load": load}
+
+
 # --- 7. real model ------------------------------------------------------------------------
 
 
@@ -632,6 +694,7 @@ def tracing(ctx: Context) -> dict[str, Any]:
 SECTIONS = [
     ("alternatives", alternatives),
     ("embedding_savings", embedding_savings),
+    ("remote_embedder", remote_embedder),
     ("tracing", tracing),
     ("real_model", real_model),
     ("sink_limit", sink_limit),
