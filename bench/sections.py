@@ -36,7 +36,7 @@ class Sizes:
     savings_docs: int = 2_000
     savings_updates: int = 2_000
     remote_events: int = 4_000
-    remote_runs: int = 1
+    remote_runs: int = 2
     model_texts: int = 1_000
     model_runs: int = 2
     tracing_events: int = 5_000
@@ -565,7 +565,8 @@ REMOTE_CONCURRENCY = (1, 2, 4, 8)
 def remote_embedder(ctx: Context) -> dict[str, Any]:
     """Inserts embedded by an OpenAI-compatible server that answers each request 100 ms
     after it arrived (a remote GPU service), at embed_concurrency 1, 2, 4 and 8 (the
-    default): events/s per setting, alternating the order of the settings per run."""
+    default), and once without latency (what the rest of syncd and Chroma allow): events/s
+    per setting, the order of the settings reversed every other run."""
     from syncd.config import DEFAULT_REMOTE_EMBED_CONCURRENCY
     from tests.harness.embedding_api import EmbeddingAPI
 
@@ -575,45 +576,47 @@ def remote_embedder(ctx: Context) -> dict[str, Any]:
     start = w.op_time(ctx.mongo)
     w.insert_docs(coll, range(n), dims=0)
     until = w.op_time(ctx.mongo)
-    api = EmbeddingAPI(dimensions=32)
-    api.delay_s = REMOTE_LATENCY_S
-    api.start()
+    api = EmbeddingAPI(dimensions=32).start()
     load = [os.getloadavg()[0]]
-    runs: dict[int, list[dict[str, Any]]] = {c: [] for c in REMOTE_CONCURRENCY}
+    contenders = [(0.0, 1)] + [(REMOTE_LATENCY_S, c) for c in REMOTE_CONCURRENCY]
+    runs: dict[tuple[float, int], list[dict[str, Any]]] = {c: [] for c in contenders}
     batch_size = 64
     try:
         for k in range(s.remote_runs):
-            order = REMOTE_CONCURRENCY if k % 2 == 0 else tuple(reversed(REMOTE_CONCURRENCY))
-            for concurrency in order:
+            for latency, concurrency in contenders if k % 2 == 0 else contenders[::-1]:
                 name = f"remote-{concurrency}"
                 table = w.pipeline_table(name, "bench", "remote")
                 table["embedder"] = {"kind": "openai", "base_url": api.base_url,
                                      "model": "slow", "api_key": api.api_key, "dimensions": 32,
                                      "batch_size": batch_size,
                                      "embed_concurrency": concurrency}
-                api.max_in_flight = 0
+                api.delay_s, api.max_in_flight = latency, 0
                 r = _syncd_drain(ctx, table, start, until)
                 r["max_in_flight"] = api.max_in_flight
                 drop_collection(ctx.chroma, name)
-                runs[concurrency].append(r)
-                log(f"remote embedder, embed_concurrency {concurrency} (run {k + 1}): "
-                    f"{n / r['wall_s']:,.0f} events/s, {api.max_in_flight} requests in flight")
+                runs[(latency, concurrency)].append(r)
+                log(f"remote embedder, {latency * 1000:.0f} ms, embed_concurrency "
+                    f"{concurrency} (run {k + 1}): {n / r['wall_s']:,.0f} events/s, "
+                    f"{api.max_in_flight} requests in flight")
                 load.append(os.getloadavg()[0])
     finally:
         api.close()
         coll.drop()
-    curve = {c: median([n / r["wall_s"] for r in rs]) for c, rs in runs.items()}
-    pipeline_batch = syncd_config.PipelineSettings.model_fields["batch_size"].default
+
+    def row(key: tuple[float, int]) -> dict[str, Any]:
+        return {"latency_ms": key[0] * 1000, "embed_concurrency": key[1],
+                "per_s": median([n / r["wall_s"] for r in runs[key]]),
+                "max_in_flight": max(r["max_in_flight"] for r in runs[key]),
+                "cpu_us_per_event": median([r["cpu_s"] / n * 1e6 for r in runs[key]])}
+
+    curve = [row((REMOTE_LATENCY_S, c)) for c in REMOTE_CONCURRENCY]
     default = DEFAULT_REMOTE_EMBED_CONCURRENCY
+    at = {r["embed_concurrency"]: r["per_s"] for r in curve}
+    pipeline_batch = syncd_config.PipelineSettings.model_fields["batch_size"].default
     return {"events": n, "runs": s.remote_runs, "latency_ms": REMOTE_LATENCY_S * 1000,
             "embedder_batch_size": batch_size, "pipeline_batch_size": pipeline_batch,
-            "default_concurrency": default,
-            "curve": [{"embed_concurrency": c, "per_s": curve[c],
-                       "max_in_flight": max(r["max_in_flight"] for r in runs[c]),
-                       "cpu_us_per_event": median([r["cpu_s"] / n * 1e6 for r in runs[c]])}
-                      for c in REMOTE_CONCURRENCY],
-            "ratio_default_vs_1": curve[default] / curve[1],
-            "load": load}
+            "default_concurrency": default, "no_latency": row((0.0, 1)), "curve": curve,
+            "ratio_default_vs_1": at[default] / at[1], "load": load}
 
 
 # --- 7. real model ------------------------------------------------------------------------

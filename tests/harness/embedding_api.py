@@ -21,6 +21,12 @@ from typing import Any
 from syncd.embedder import HashingEmbedder
 
 
+class _Server(ThreadingHTTPServer):
+    # Many clients' requests at once: the default backlog of 5 drops connection attempts
+    # beyond it, and each dropped one waits a second for its retransmission.
+    request_queue_size = 128
+
+
 class EmbeddingAPI:
     def __init__(self, dimensions: int = 32, api_key: str = "sk-test-key-123456") -> None:
         self.dimensions = dimensions
@@ -37,13 +43,15 @@ class EmbeddingAPI:
         api = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as API servers do
+
             def do_POST(self) -> None:
                 api._handle(self)
 
             def log_message(self, *args: Any) -> None:
                 """Quiet."""
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
