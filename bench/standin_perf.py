@@ -4,8 +4,9 @@ Starts a stand-in, loads 100,000 documents into one collection, then measures
 single-document insert_one, update_one and delete_one (by _id), how fast one
 watch() cursor drains a backlog of change events, and the reads MongoDB answers
 from the ``_id`` index: ``$in`` of 1,000 ids, a full ``_id``-ordered scan in pages
-of 1,000 (as a snapshot does, bare and behind a user filter), counts, a lookup by
-``_id`` and ``$sample``. Prints each figure next to the floor or ceiling it must
+of 1,000 (bare, behind a user filter, and with the snapshot's ``$type`` condition on
+``_id``, whose last pages must cost what its first did), counts, a lookup by ``_id``
+and ``$sample``. Prints each figure next to the floor or ceiling it must
 meet and exits non-zero if one is missed.
 
     .venv/bin/python bench/standin_perf.py [--docs 100000] [--ops 2000]
@@ -36,7 +37,9 @@ CEILING_PAGED_SCAN = 15.0  # seconds for every document, _id-ordered, in pages o
 CEILING_COUNT = 0.2  # seconds for count_documents({}) / estimated_document_count()
 CEILING_POINT = 0.01  # seconds per find_one({_id: x})
 CEILING_SAMPLE = 0.5  # seconds for aggregate([{$sample: {size: 100}}])
+CEILING_PAGE_GROWTH = 2.0  # the last pages of a scan over the first (an index walk: flat)
 PAGE = 1_000
+NUMBERS = ["double", "int", "long", "decimal"]  # the snapshot's $type bracket for numbers
 
 
 def rate(count: int, seconds: float) -> float:
@@ -49,18 +52,40 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - began, value
 
 
-def paged_scan(coll: Any, user_filter: dict[str, Any] | None = None) -> int:
-    """Read the collection in _id order, PAGE documents at a time, as a snapshot does."""
+def paged_scan(coll: Any, user_filter: dict[str, Any] | None = None, *,
+               types: list[str] | None = None, page_s: list[float] | None = None) -> int:
+    """Read the collection in _id order, PAGE documents at a time, as a snapshot does
+    (with ``types``, its query exactly: ``{_id: {$gt: last, $type: types}}``); each
+    page's seconds go to ``page_s``."""
     seen, last = 0, None
     while True:
-        flt: dict[str, Any] = {} if last is None else {"_id": {"$gt": last}}
+        bound: dict[str, Any] = {} if last is None else {"$gt": last}
+        if types:
+            bound["$type"] = types
+        flt: dict[str, Any] = {"_id": bound} if bound else {}
         if user_filter:
             flt = {"$and": [user_filter, flt]} if flt else user_filter
+        began = time.perf_counter()
         page = list(coll.find(flt).sort("_id", 1).limit(PAGE))
+        if page_s is not None:
+            page_s.append(time.perf_counter() - began)
         if not page:
             return seen
         seen += len(page)
         last = page[-1]["_id"]
+
+
+def page_growth(coll: Any, docs: int) -> list[tuple[str, float, float]]:
+    """The snapshot's page query: what its first and last 10 pages cost, and the ratio."""
+    pages: list[float] = []
+    seconds, seen = timed(lambda: paged_scan(coll, types=NUMBERS, page_s=pages))
+    assert seen == docs, (seen, docs)
+    first, last = pages[:10], pages[-11:-1]  # the very last page finds nothing
+    first_ms, last_ms = sum(first) / len(first) * 1e3, sum(last) / len(last) * 1e3
+    print(f"$type scan pages: first 10 {first_ms:.1f} ms, last 10 {last_ms:.1f} ms per page "
+          f"of {PAGE} ({len(pages)} pages)")
+    return [("$type paged scan", seconds, CEILING_PAGED_SCAN),
+            ("$type last/first", last_ms / first_ms, CEILING_PAGE_GROWTH)]
 
 
 def index_reads(coll: Any, docs: int) -> list[tuple[str, float, float]]:
@@ -77,6 +102,7 @@ def index_reads(coll: Any, docs: int) -> list[tuple[str, float, float]]:
     seconds, seen = timed(lambda: paged_scan(coll, {"n": {"$mod": [2, 0]}}))
     assert seen == (docs + 1) // 2, (seen, docs)
     results.append(("filtered scan", seconds, CEILING_PAGED_SCAN))
+    results += page_growth(coll, docs)
     seconds, n = timed(lambda: coll.count_documents({}))
     assert n == docs, n
     results.append(("count_documents", seconds, CEILING_COUNT))
@@ -144,7 +170,8 @@ def main() -> int:
     for name, seconds, ceiling in timings:
         ok = seconds <= ceiling
         failed |= not ok
-        print(f"{name:16} {seconds:10.3f} s        (ceiling {ceiling:g} s) "
+        unit = "x" if "/" in name else "s"
+        print(f"{name:16} {seconds:10.3f} {unit:8} (ceiling {ceiling:g} {unit}) "
               f"{'ok' if ok else 'ABOVE'}")
     return 1 if failed else 0
 

@@ -160,6 +160,66 @@ def test_paging_with_a_user_filter_and_writes_between_pages(mongo_db: Any) -> No
                 [6, 4, 2.5, 2, 0])
 
 
+NUMBERS = ["double", "int", "long", "decimal"]
+
+
+def test_a_range_with_more_conditions_on_id_matches_what_each_allows(mongo_db: Any) -> None:
+    coll = mongo_db.c
+    _load(coll)
+    # A snapshot's pages: {$gt: last, $type: bracket}, starting with the bracket alone.
+    pages, last = [_page(coll, {"_id": {"$type": NUMBERS}})], None
+    while True:
+        last = pages[-1][-1]
+        page = _page(coll, {"_id": {"$gt": last, "$type": NUMBERS}})
+        if not page:
+            break
+        pages.append(page)
+    assert [len(p) for p in pages] == [3, 3, 3, 2]
+    _assert_ids([i for p in pages for i in p], ORDERED[1:12])  # NaN first, then by value
+    _assert_ids(_page(coll, {"_id": {"$type": ["string"], "$gt": "a"}}, size=100),
+                ["ab", "b", "é"])
+    # Each operator of the condition must hold: the range, and what else it says.
+    _assert_ids(_page(coll, {"_id": {"$gt": 1, "$type": "int"}}, size=100), [10])
+    _assert_ids(_page(coll, {"_id": {"$lt": 10, "$type": ["long", "decimal"]}}, -1, size=100),
+                [Int64(3), Decimal128("1.5"), Int64(-2)])
+    _assert_ids(_page(coll, {"_id": {"$gte": "", "$ne": "b", "$type": "string"}}, size=3),
+                ["", "10", "2"])
+    _assert_ids(_page(coll, {"_id": {"$gt": OID_1, "$in": [OID_1, OID_2, "x"]}}, size=100),
+                [OID_2])
+    _assert_ids(_page(coll, {"_id": {"$gte": 2, "$nin": [2, 3]}}, size=100),
+                [10, float("inf")])
+    # A bound of one type and a $type of another: nothing, in either direction.
+    assert _page(coll, {"_id": {"$gt": 5, "$type": "string"}}, size=100) == []
+    assert _page(coll, {"_id": {"$lt": "z", "$type": "double"}}, -1, size=100) == []
+    # The same without a sort, and under $and with a condition on another field.
+    assert sorted(_norm(i) for i in _ids(coll.find({"_id": {"$gt": 1, "$type": NUMBERS}}))) == (
+        sorted(_norm(i) for i in [Decimal128("1.5"), 2.0, Int64(3), 10, float("inf")]))
+    both = {"$and": [{"k": 1}, {"_id": {"$gt": -5, "$type": NUMBERS}}]}
+    _assert_ids(_page(coll, both, size=100),
+                [d["_id"] for d in coll.find({"k": 1}).sort("_id", 1)
+                 if any(_same(d["_id"], n) for n in ORDERED[4:12])])
+
+
+def test_snapshot_pages_with_a_type_condition_and_writes_between_pages(mongo_db: Any) -> None:
+    coll = mongo_db.c
+    coll.insert_many([{"_id": i, "even": i % 2 == 0} for i in range(0, 40)])
+    coll.insert_many([{"_id": f"s{i:02d}", "even": True} for i in range(10)])
+    seen: list[Any] = []
+    bound: dict[str, Any] = {"$type": NUMBERS}
+    while True:
+        page = _page(coll, {"$and": [{"even": True}, {"_id": bound}]}, size=4)
+        if not page:
+            break
+        seen += page
+        bound = {"$gt": page[-1], "$type": NUMBERS}
+        if page[-1] == 6:  # writes racing the scan: ahead of it, behind it, removed ahead
+            coll.insert_many([{"_id": 100, "even": True}, {"_id": 2.5, "even": True},
+                              {"_id": Decimal128("13.5"), "even": True},
+                              {"_id": "s99", "even": True}])
+            coll.delete_many({"_id": {"$in": [14, 16]}})
+    assert seen == [0, 2, 4, 6, 8, 10, 12, Decimal128("13.5"), *range(18, 40, 2), 100]
+
+
 def test_in_with_mixed_types_duplicates_and_missing_ids(mongo_db: Any) -> None:
     coll = mongo_db.c
     _load(coll)

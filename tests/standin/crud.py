@@ -71,17 +71,26 @@ def _points(cond: Any) -> list[Any] | None:
     return [cond]
 
 
-def _bounds(cond: Any) -> list[tuple[str, tuple[Any, ...]]] | None:
-    """(operator, order key) of a pure range condition on ``_id``, or None."""
-    if not isinstance(cond, dict) or not cond or set(cond) - _RANGE_OPS:
+def _bounds(cond: Any) -> tuple[list[tuple[str, tuple[Any, ...]]], bool] | None:
+    """(operator, order key) of each range operator of an operator condition on ``_id``, and
+    whether they are all of it; None when it has none or one the index cannot bracket.
+
+    The operators of one condition must all hold, so the range narrows the index walk
+    whatever else the condition says: the rest (``$type``, ``$ne``, ...) is checked on
+    each document walked, as MongoDB's fetch stage does after its ``_id`` index scan.
+    """
+    if not isinstance(cond, dict) or not cond or not all(
+            isinstance(op, str) and op.startswith("$") for op in cond):
         return None
     out = []
     for op, value in cond.items():
+        if op not in _RANGE_OPS:
+            continue
         key = order_key(value)
         if key is None or key[0] in _UNBRACKETED or key == NAN:
             return None
         out.append((op, key))
-    return out
+    return (out, len(out) == len(cond)) if out else None
 
 
 def _id_conditions(flt: dict[str, Any]) -> list[Any]:
@@ -128,7 +137,7 @@ def _id_plan(coll: Collection, flt: dict[str, Any], direction: int | None
             continue
         bounds = _bounds(cond)
         if bounds is not None:
-            ranges += bounds
+            ranges += bounds[0]
     exact = len(flt) == 1 and len(conds) == 1 and "_id" in flt
     if points is not None:
         docs = _in_id_order([coll.docs[k] for k in points if k in coll.docs])
@@ -154,7 +163,8 @@ def _id_plan(coll: Collection, flt: dict[str, Any], direction: int | None
             hi = min(hi, bisect_left(order, (key,)))
         else:
             hi = min(hi, bisect_right(order, (key, _MAX)))
-    exact_range = not flt or (exact and bool(ranges) and _bounds(flt["_id"]) is not None)
+    whole = _bounds(flt["_id"]) if exact else None  # the filter is one range and nothing else
+    exact_range = not flt or (whole is not None and whole[1])
     if lo >= hi:
         return [], exact_range
     docs_by_key = coll.docs
