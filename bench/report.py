@@ -365,26 +365,23 @@ def _remote(s: dict[str, Any]) -> list[str]:
         + "; load average 1 min during the section: "
         + ", ".join(f"{x:.1f}" for x in r["load"]) + ".",
         "",
-        "| latency | embed_concurrency | events/s | vs 1 at 100 ms | most requests in flight "
-        "| CPU µs/event |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| latency | embed_concurrency | events/s (median) | each run | vs 1 at 100 ms "
+        "| most requests in flight | CPU µs/event |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     base = r["curve"][0]["per_s"]
     for row in ([r["no_latency"]] if "no_latency" in r else []) + r["curve"]:
         default = " (default)" if row["embed_concurrency"] == r["default_concurrency"] else ""
         out.append(f"| {_f(row.get('latency_ms', r['latency_ms']))} ms | "
                    f"{row['embed_concurrency']}{default} | {_f(row['per_s'])} | "
+                   f"{', '.join(_f(x) for x in row.get('runs_per_s', [])) or 'n/a'} | "
                    f"{row['per_s'] / base:.2f}x | {row['max_in_flight']} | "
                    f"{_f(row['cpu_us_per_event'])} |")
     out += ["", "The 0 ms row is the same drain with an embedding API that answers at once: "
-            "what the rest of syncd and this Chroma server allow, the most any concurrency "
-            "can reach."]
-    if "no_latency" in r:
-        top = next(x for x in r["curve"] if x["embed_concurrency"] == r["default_concurrency"])
-        out[-1] += (f" At the default {r['default_concurrency']} syncd reaches "
-                    f"{top['per_s'] / r['no_latency']['per_s']:.2f} of it; the rest is each "
-                    "batch's embedding round trip, which the loop measured here does not "
-                    "overlap with the Chroma write.")
+            "what the rest of syncd and this Chroma server allow without embedding latency."]
+    out[-1] += (" With two runs on a shared two-core machine, compare settings within a run "
+                "and read the load average alongside: a contender that ran while the load "
+                "rose came out slower.")
     return out
 
 

@@ -606,6 +606,7 @@ def remote_embedder(ctx: Context) -> dict[str, Any]:
     def row(key: tuple[float, int]) -> dict[str, Any]:
         return {"latency_ms": key[0] * 1000, "embed_concurrency": key[1],
                 "per_s": median([n / r["wall_s"] for r in runs[key]]),
+                "runs_per_s": [n / r["wall_s"] for r in runs[key]],
                 "max_in_flight": max(r["max_in_flight"] for r in runs[key]),
                 "cpu_us_per_event": median([r["cpu_s"] / n * 1e6 for r in runs[key]])}
 
