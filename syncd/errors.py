@@ -157,6 +157,15 @@ class HaltedError(SyncdError):
     exit_code = ExitCode.HALTED
 
 
+class CollectionGoneHalt(HaltedError):
+    """The pipeline stopped at a drop, rename or dropDatabase under its ``policy``
+    (``on_drop``, ``on_rename`` or ``on_drop_database``) = "halt"."""
+
+    def __init__(self, message: str, *, policy: str, **context: Any) -> None:
+        super().__init__(message, **context)
+        self.policy = policy
+
+
 # --- transient and poison ----------------------------------------------------
 
 

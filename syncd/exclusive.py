@@ -7,8 +7,10 @@ fencing epoch claimed on the checkpoint, so that every older writer is fenced of
 * with leases (the MongoDB checkpoint store and ``lease.enabled``), the command takes
   the pipeline's lease like a daemon would, renews it while it works and releases it
   at the end. A live daemon holding the lease makes it refuse (exit 7), unless
-  ``force``: forcing fences that daemon out (its next checkpoint write and lease
-  renewal fail, it stops the pipeline, and takes it again once the command is done);
+  ``force`` or the pipeline is halted (a halted pipeline writes nothing, and the
+  hints of some halts name these commands): that fences the daemon out (its next
+  checkpoint write and lease renewal fail, it stops the pipeline, and takes it again
+  once the command is done);
 * without leases, nothing says whether a daemon runs the pipeline; the command claims
   the stored epoch plus one, so a daemon still running it stops (exit 7) at its next
   checkpoint write instead of overwriting the command's work.
@@ -22,6 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from syncd import halts
 from syncd.errors import CheckpointCorruptError, ExitCode, LeaseLostError, SyncdError
 from syncd.lease import (
     LeaseInfo,
@@ -56,6 +59,15 @@ class Hold:
     pipeline: str
     epoch: int
     check: Callable[[], None]  # raises LeaseLostError once the lease is no longer ours
+
+
+def _halted(runtime: Runtime, name: str) -> bool:
+    """A halt holds the pipeline: its process writes nothing, so a command may take it
+    (the process lets the pipeline go, and takes it again after the command)."""
+    try:
+        return halts.active(runtime.store.load(name)) is not None
+    except CheckpointCorruptError:
+        return False
 
 
 def lease_of(runtime: Runtime, name: str) -> LeaseInfo | None:
@@ -105,6 +117,9 @@ def exclusive(
         with _explained():
             yield Hold(name, epoch, lambda: None)
         return
+    if not force and _halted(runtime, name):
+        log.info("pipeline %s is halted: taking it from the process that holds it", name)
+        force = True
     ensure_free(runtime, name, force=force, command=command)
     leases = LeaseManager(
         runtime.mongo,

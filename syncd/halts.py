@@ -38,7 +38,13 @@ from bson import json_util
 from syncd import plan as planning
 from syncd.checkpoint import Checkpoint, CheckpointStore, whoami
 from syncd.config import PipelineSettings
-from syncd.errors import HaltedError, SinkRejectedError, SyncdError, TransientError
+from syncd.errors import (
+    CollectionGoneHalt,
+    HaltedError,
+    SinkRejectedError,
+    SyncdError,
+    TransientError,
+)
 from syncd.identity import prefixed, record_key
 from syncd.source import id_key
 
@@ -82,6 +88,7 @@ class Halt:
     key: str | None = None  # the document's record id, e.g. "s:42"
     document_id: Any = _NO_ID
     document_hash: str | None = None  # the document as it was refused, when Chroma refused it
+    policy: str | None = None  # "on_drop", ...: the setting a drop, rename or dropDatabase met
     since: datetime = dataclasses.field(default_factory=lambda: datetime.now(UTC))
     by: str = dataclasses.field(default_factory=whoami)
 
@@ -174,7 +181,9 @@ def active(cp: Checkpoint | None) -> Halt | None:
 
 def check_on_start(settings: PipelineSettings, cp: Checkpoint, store: CheckpointStore) -> None:
     """Raise the stored halt's HaltedError, so a (re)started pipeline waits instead of
-    retrying the change; under ``on_error = "dead_letter"`` lift it instead."""
+    retrying the change; under ``on_error = "dead_letter"`` (a halt at a document), or
+    with its ``on_drop``/``on_rename``/``on_drop_database`` no longer "halt" (a halt at
+    a collection event), lift it instead."""
     halt = active(cp)
     if halt is None:
         return
@@ -182,6 +191,14 @@ def check_on_start(settings: PipelineSettings, cp: Checkpoint, store: Checkpoint
         log.warning(
             "lifting the halt at _id %r: on_error is \"dead_letter\" now", halt.document_id,
             extra={"pipeline": settings.name},
+        )  # fmt: skip
+        store.set_halt(settings.name, None)
+        cp.halt = None
+        return
+    if halt.policy is not None and getattr(settings, halt.policy, "halt") != "halt":
+        log.warning(
+            "lifting the halt at %s: %s is %r now", halt.namespace, halt.policy,
+            getattr(settings, halt.policy), extra={"pipeline": settings.name},
         )  # fmt: skip
         store.set_halt(settings.name, None)
         cp.halt = None
@@ -269,9 +286,13 @@ class HeldPipeline:
         collection = self._collection(error, cp)
         has_id = error.document_id is not None and collection is not None
         halt = Halt(
+            policy=error.policy if isinstance(error, CollectionGoneHalt) else None,
             reason=error.message,
             error_class=type(cause if isinstance(cause, SyncdError) else error).__name__,
-            hint=hint(self.settings, has_document=has_id),
+            # A halt at no document (a dropped or renamed collection) says its own way out.
+            hint=hint(self.settings, has_document=True)
+            if has_id
+            else error.hint or hint(self.settings, has_document=False),
             position=position_key(cp) if cp is not None else "",
             token=dict(cp.token) if cp is not None and cp.token else None,
             namespace=error.namespace

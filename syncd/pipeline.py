@@ -29,6 +29,7 @@ from syncd.config import PipelineSettings
 from syncd.deadletter import DeadLetterStore
 from syncd.embedder import Embedder
 from syncd.errors import (
+    CollectionGoneHalt,
     HaltedError,
     HistoryLostError,
     LeaseLostError,
@@ -387,10 +388,13 @@ class Pipeline:
         if policy == "halt":
             if index > 0:
                 self.progress.advance(events[index - 1]["_id"])
-            raise SourceFatalError(
+            # The pipeline halts alone, at the event, until its checkpoint moves (the
+            # snapshot the hint names); the process and other pipelines carry on.
+            raise CollectionGoneHalt(
                 f'{op} of {what} and on_{_snake(op)} = "halt"',
+                policy=f"on_{_snake(op)}",
                 hint=f"decide what the Chroma collection should hold, then run `syncd snapshot "
-                f'{self.settings.name}` (or set on_{_snake(op)} = "purge")',
+                f'{self.settings.name}` (or set on_{_snake(op)} = "purge" and restart)',
                 pipeline=self.settings.name,
                 namespace=what,
             )

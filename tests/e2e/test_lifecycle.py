@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from pymongo import MongoClient
 
 from syncd.errors import ExitCode
+from tests.harness.daemon import run_syncd
 
 from .helpers import caught_up, load_checkpoint, op_time_now, wait_caught_up, wait_until
 from .mirror import make_mirror
@@ -61,7 +63,17 @@ def test_drop_purges_and_stream_continues_after_invalidate(
     assert not _synced(mongo_client, db, coll)
 
 
-def test_drop_under_halt_stops_with_source_exit_code(
+def _halted(cfg: Path, name: str = "life") -> dict[str, Any] | None:
+    """The pipeline's `syncd status --json` row once it shows the halt, else None."""
+    result = run_syncd(["status", "--json", name], cfg)
+    (row,) = json.loads(result.stdout)
+    if row["state"] != "halted":
+        return None
+    assert result.returncode == 1, result.stdout + result.stderr
+    return dict(row)
+
+
+def test_drop_under_halt_halts_the_pipeline_alone(
     tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
 ):
     cfg, settings, db, coll_name = _setup(tmp_path, mongo_uri, chroma_server, on_drop="halt")
@@ -74,15 +86,17 @@ def test_drop_under_halt_stops_with_source_exit_code(
     assert coll.count() == 5
     docs.insert_one(_doc(99, "just before the drop"))
     docs.drop()
-    code = daemon.wait(60)
-    out = daemon.output()
-    assert code == ExitCode.SOURCE, out
-    assert 'on_drop = "halt"' in out and "syncd snapshot life" in out, out
+    row = wait_until(lambda: _halted(cfg), 60, "the pipeline to halt")
+    assert 'on_drop = "halt"' in row["halt"]["reason"], row
+    assert "syncd snapshot life" in row["halt"]["hint"], row
+    assert daemon.is_running(), "a halt stops its pipeline, not the process"
     # What came before the drop was applied, and the records were left alone.
     assert coll.get(ids=["i:99"])["ids"] == ["i:99"]
     assert coll.count() == 6
     cp = load_checkpoint(settings, "life")
     assert cp is not None and cp.token is not None
+    daemon.terminate()
+    assert daemon.wait(30) == ExitCode.OK, daemon.output()
 
 
 def test_rename_under_halt_and_purge(
@@ -97,11 +111,14 @@ def test_rename_under_halt_and_purge(
     wait_until(lambda: _streaming(_settings), 60, "snapshot to finish")
     assert coll.count() == 3
     docs.rename("docs_old")
-    assert daemon.wait(60) == ExitCode.SOURCE
-    assert 'on_rename = "halt"' in daemon.output()
+    row = wait_until(lambda: _halted(cfg), 60, "the pipeline to halt")
+    assert 'on_rename = "halt"' in row["halt"]["reason"], row
     assert coll.count() == 3, "halt must not touch the records"
+    daemon.terminate()
+    assert daemon.wait(30) == ExitCode.OK, daemon.output()
 
-    # Same pipeline, now told to purge: the restarted daemon replays the rename.
+    # Same pipeline, now told to purge (the hint's other way out): the halt is lifted
+    # and the restarted daemon replays the rename.
     cfg2, _s, _db, _c = _setup(
         tmp_path, mongo_uri, chroma_server, names=(db, coll_name), on_rename="purge"
     )

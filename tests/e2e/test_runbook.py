@@ -293,7 +293,7 @@ def test_history_lost_hint(tmp_path, mongo_server_factory, chroma_server, syncd_
     client.close()
 
 
-# --- exit 4: the source collection went away under halt ------------------------------------
+# --- a halt at a dropped, renamed or dropped-database collection ---------------------------
 
 
 def _drop(runbook: Runbook) -> None:
@@ -324,17 +324,25 @@ def test_lifecycle_halt_hint(runbook, policy, cause, pipeline):
     runbook.configure(**{policy: "halt"}, **pipeline)
     daemon = _first_run(runbook)
     cause(runbook)
-    assert daemon.wait(60) == ExitCode.SOURCE, daemon.output()[-4000:]
-    assert f'{policy} = "halt"' in daemon.output()
+
+    def halted() -> dict[str, Any] | None:
+        result = runbook.run("status", "--json", NAME)
+        (row,) = json.loads(result.stdout)
+        return dict(row) if row["state"] == "halted" else None
+
+    row = wait_until(halted, 60, "the pipeline to halt")
+    assert f'{policy} = "halt"' in row["halt"]["reason"], row
+    assert daemon.is_running(), "a halt stops its pipeline, not the process"
     if policy != "on_drop_database":  # there, each collection's drop comes first (purge)
         assert runbook.chroma.count() == 8, "a halt must leave the records alone"
 
-    (command,) = hinted(daemon.output())
+    # The hinted command, run while the daemon still holds the halted pipeline.
+    (command,) = hinted(row["halt"]["hint"])
     runbook.follow(command)
     assert runbook.chroma.count() == 0
     assert not runbook.converged(), runbook.converged()
 
-    daemon = runbook.start()
+    # The same process takes the pipeline up again and streams.
     runbook.docs.insert_many([oracle.document(i) for i in range(3)])
     _stream_a_change(runbook, daemon, 100)
     _stopped(daemon)
