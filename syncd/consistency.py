@@ -137,8 +137,6 @@ class Drift:
     orphaned: list[str] = dataclasses.field(default_factory=list)
     # document key -> (collection, current document): re-applied by repair
     documents: dict[str, tuple[str, Mapping[str, Any]]] = dataclasses.field(default_factory=dict)
-    # stale record id -> the metadata Chroma holds for it (not to be trusted by the planner)
-    stored: dict[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.missing or self.stale or self.orphaned)
@@ -242,7 +240,6 @@ class Checker:
                 drift.missing.append(rid)
             elif differs(record, got):
                 drift.stale.append(rid)
-                drift.stored[rid] = got.metadata
         if extra_records and keys:
             existing = self.sink.existing(keys)
             # A sampled verify examines exactly these Chroma records (a full verify
@@ -279,7 +276,7 @@ class Checker:
         wanted: dict[str, list[tuple[str, Any]]] = {}
         orphans: list[str] = []
         for key, ids in by_key.items():
-            target = self._locate(key)
+            target = self.locate(key)
             if target is None:
                 orphans.extend(ids)  # not an id syncd writes, or not one of our collections
             else:
@@ -287,11 +284,11 @@ class Checker:
         for collection, items in wanted.items():
             found = self.source.fetch(collection, [source_id for _, source_id in items])
             for key, source_id in items:
-                valid = self._valid_ids(collection, found.get(id_key(source_id)))
+                valid = self.valid_ids(collection, found.get(id_key(source_id)))
                 orphans.extend(rid for rid in by_key[key] if rid not in valid)
         return orphans
 
-    def _valid_ids(self, collection: str, doc: Mapping[str, Any] | None) -> set[str]:
+    def valid_ids(self, collection: str, doc: Mapping[str, Any] | None) -> set[str]:
         """Record ids the document should have: none when it cannot be mapped."""
         if doc is None or not self.mapper.matches(doc):
             return set()
@@ -300,7 +297,7 @@ class Checker:
         except PoisonError:
             return set()
 
-    def _locate(self, key: str) -> tuple[str, Any] | None:
+    def locate(self, key: str) -> tuple[str, Any] | None:
         collection, encoded = split_key(
             key, prefixed=self.prefixed, collection=self.settings.collection or ""
         )
@@ -349,7 +346,7 @@ class Checker:
         keys = {base_id(rid) for rid in drift.missing + drift.stale}
         wanted: dict[str, list[Any]] = {}
         for key in keys:
-            target = self._locate(key)
+            target = self.locate(key)
             if target is not None:
                 wanted.setdefault(target[0], []).append(target[1])
         for collection, ids in wanted.items():

@@ -4,6 +4,24 @@ Re-applies the documents behind missing and stale records (found by
 :mod:`syncd.consistency`) from MongoDB's current state through the pipeline's own
 planning code, deletes orphans by id, and re-applies dead letters. Nothing changes
 with ``dry_run``.
+
+Repair is safe while the pipeline streams. Each write is based on a read of the
+document; the daemon may apply a newer change (or a delete) between that read and the
+write, and the write would then put the older state back with no later event to
+correct it. So after each write repair reads the document again: if it is no longer
+the one the write was based on (changed, deleted, created, moved in or out of the
+filter; compared as whole BSON documents), repair applies the new state and looks
+again, up to :data:`SETTLE_TRIES` writes. Once a read after an acknowledged write
+finds the state that write was based on, any later change to the document is a
+change event that the pipeline applies after that write, and a pipeline write from an
+older event that lands after it comes from a pipeline that is behind and still applies
+the later events in order: the mirror converges. A document still changing after
+:data:`SETTLE_TRIES` writes is left to the running pipeline and reported.
+
+Repair's upserts always carry the text, embedding and metadata of a record (never a
+metadata-only update): a partial write could land on a record the daemon has just
+rewritten with another text and leave text and content hashes that disagree, which
+the daemon's planner would then trust.
 """
 
 from __future__ import annotations
@@ -11,8 +29,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
+
+import bson
+from bson.binary import UuidRepresentation
+from bson.codec_options import CodecOptions
+from bson.raw_bson import RawBSONDocument
 
 from syncd import lookups
 from syncd import plan as planning
@@ -26,6 +49,10 @@ from syncd.sink import Sink, WritePlan
 from syncd.source import id_key
 
 log = logging.getLogger(__name__)
+
+SETTLE_TRIES = 5  # writes of one document before it is left to the running pipeline
+# Only for comparing documents: a uuid.UUID inside one must not make us fail.
+_EXACT: CodecOptions[dict[str, Any]] = CodecOptions(uuid_representation=UuidRepresentation.STANDARD)
 
 
 class Applies(Protocol):
@@ -58,6 +85,10 @@ class RepairReport:
     reapplied: Finding = dataclasses.field(default_factory=Finding)  # document keys
     deleted: Finding = dataclasses.field(default_factory=Finding)  # record ids
     failed: Finding = dataclasses.field(default_factory=Finding)  # keys that are poison now
+    # keys whose document changed while repair applied it, and were applied again
+    changed: Finding = dataclasses.field(default_factory=Finding)
+    # keys still changing after SETTLE_TRIES writes: left to the running pipeline
+    unsettled: Finding = dataclasses.field(default_factory=Finding)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -67,6 +98,8 @@ class RepairReport:
             "reapply": self.reapplied.to_json(),
             "delete": self.deleted.to_json(),
             "failed": self.failed.to_json(),
+            "changed": self.changed.to_json(),
+            "still_changing": self.unsettled.to_json(),
         }
 
 
@@ -122,51 +155,155 @@ def _remove_orphans(
                     break
         if pending:
             pipeline.sink.write(WritePlan(deletes=pending))
+            _recheck_deleted(pipeline, checker, pending, result)
         if complete:
             report.records = scan.records
             return
 
 
 def _reapply(pipeline: Applies, drift: Drift, result: RepairReport) -> None:
+    targets = [
+        _Target(key, collection, doc["_id"], doc)
+        for key, (collection, doc) in drift.documents.items()
+    ]
+    _apply_until_settled(pipeline, targets, result)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    """A document to apply, in the state read from MongoDB (None: gone)."""
+
+    key: str
+    collection: str
+    source_id: Any
+    document: Mapping[str, Any] | None
+
+
+def _recheck_deleted(
+    pipeline: Applies, checker: Checker, deleted: Sequence[str], result: RepairReport
+) -> None:
+    """After deleting orphans: apply the documents that want one of those ids now.
+
+    A record was confirmed orphaned against a read of its document; if the pipeline
+    applied a change since (the document was created again, or came back into the
+    filter), the delete removed a record the document should have.
+    """
+    by_key: dict[str, set[str]] = {}
+    for rid in deleted:
+        by_key.setdefault(base_id(rid), set()).add(rid)
+    located = {key: checker.locate(key) for key in by_key}
+    current = _current(pipeline, [(c, i) for c, i in (t for t in located.values() if t)])
+    targets = []
+    for key, target in located.items():
+        if target is None:
+            continue  # not an id syncd writes: no document, nothing to race with
+        collection, source_id = target
+        doc = current.get((collection, id_key(source_id)))
+        if checker.valid_ids(collection, doc) & by_key[key]:
+            targets.append(_Target(key, collection, source_id, doc))
+    if targets:
+        result.changed.add([t.key for t in targets])
+        _apply_until_settled(pipeline, targets, result, counted={t.key for t in targets})
+
+
+def _apply_until_settled(
+    pipeline: Applies,
+    targets: Sequence[_Target],
+    result: RepairReport,
+    *,
+    counted: set[str] | None = None,
+) -> None:
+    """Apply each document until a read after the write finds what the write was based on.
+
+    ``counted``: keys already reported as changed.
+    """
+    counted = set(counted or ())
+    pending = list(targets)
+    for _ in range(SETTLE_TRIES):
+        written = _write(pipeline, pending, result)
+        current = _current(pipeline, [(t.collection, t.source_id) for t in written])
+        pending = []
+        for t in written:
+            now = current.get((t.collection, id_key(t.source_id)))
+            if _exact(now) != _exact(t.document):
+                pending.append(dataclasses.replace(t, document=now))
+        if not pending:
+            return
+        result.changed.add([t.key for t in pending if t.key not in counted])
+        counted.update(t.key for t in pending)
+    result.unsettled.add([t.key for t in pending])
+    log.warning(
+        "%d document(s) kept changing while repair applied them; left to the running "
+        "pipeline, e.g. %s",
+        len(pending), [t.key for t in pending[:3]], extra={"pipeline": pipeline.settings.name},
+    )  # fmt: skip
+
+
+def _write(pipeline: Applies, targets: Sequence[_Target], result: RepairReport) -> list[_Target]:
+    """Apply these states; the targets written (what is poison now is not)."""
     changes = [
         planning.Change(
-            key=key,
-            collection=collection,
-            source_id=doc["_id"],
-            document=doc,
+            key=t.key,
+            collection=t.collection,
+            source_id=t.source_id,
+            document=t.document,
             operation="repair",
             cluster_time=None,
             event=None,
         )
-        for key, (collection, doc) in drift.documents.items()
+        for t in targets
     ]
-    outcome = pipeline.write_changes(changes, lookup=_Distrusting(pipeline.sink, drift.stored))
-    result.failed.add([p.change.key for p in outcome.poisoned])
+    outcome = pipeline.write_changes(changes, lookup=_Distrusting(pipeline.sink))
+    poisoned = {p.change.key for p in outcome.poisoned}
+    result.failed.add(sorted(poisoned))
+    return [t for t in targets if t.key not in poisoned]
+
+
+def _current(
+    pipeline: Applies, ids: Iterable[tuple[str, Any]]
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """Documents as they are now, by (collection, id_key of ``_id``)."""
+    by_collection: dict[str, list[Any]] = {}
+    for collection, source_id in ids:
+        by_collection.setdefault(collection, []).append(source_id)
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    for collection, source_ids in by_collection.items():
+        for key, doc in pipeline.source.fetch(collection, source_ids).items():
+            found[(collection, key)] = doc
+    return found
+
+
+def _exact(doc: Mapping[str, Any] | None) -> bytes | None:
+    """The whole document as BSON: every field, type and value that mapping can see."""
+    if doc is None:
+        return None
+    if isinstance(doc, RawBSONDocument):
+        return bytes(doc.raw)
+    return bson.encode(doc, codec_options=_EXACT)
 
 
 class _Distrusting:
-    """Chroma's stored records, with the stale ones offered without their hashes.
+    """Chroma's stored records, offered to the planner without their hashes.
 
-    The planner skips records whose stored hashes match; a record altered in Chroma
-    behind syncd's back may still carry the right hashes. Without them it is planned
-    as a full rewrite, and keys it should not have are sent as ``None`` (Chroma
-    merges metadata on upsert).
+    The planner skips records whose stored hashes match and sends metadata-only
+    updates when only the text hash does. A record altered in Chroma behind syncd's
+    back may still carry the right hashes, and a metadata-only update can land on a
+    record the running pipeline has just rewritten with another text. Without hashes
+    every record is planned as a full rewrite, and keys it should not have are sent as
+    ``None`` (Chroma merges metadata on upsert).
     """
 
-    def __init__(self, sink: Sink, stored: Mapping[str, Mapping[str, Any]]) -> None:
+    def __init__(self, sink: Sink) -> None:
         self._sink = sink
-        self._stored = stored
 
     def existing(self, keys: Sequence[str]) -> dict[str, dict[str, Mapping[str, Any]]]:
-        found = self._sink.existing(keys)
-        wanted = set(keys)
-        for rid, metadata in self._stored.items():
-            if base_id(rid) in wanted:
-                untrusted = {
-                    k: v for k, v in metadata.items() if k not in (HASH_KEY, TEXT_HASH_KEY)
-                }
-                found.setdefault(base_id(rid), {})[rid] = untrusted
-        return found
+        return {
+            key: {
+                rid: {k: v for k, v in metadata.items() if k not in (HASH_KEY, TEXT_HASH_KEY)}
+                for rid, metadata in records.items()
+            }
+            for key, records in self._sink.existing(keys).items()
+        }
 
 
 # --- dead letters -----------------------------------------------------------------------
