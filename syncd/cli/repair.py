@@ -16,8 +16,11 @@ def register(verbs: Any) -> None:
         description="Run a verify and fix each finding as it is found: documents behind "
         "missing or stale records are re-applied from their current MongoDB state through "
         "the pipeline's own mapping and embedder; orphaned records are deleted. The "
-        "checkpoint is not touched. Exit 0 when everything found was fixed (or, with "
-        "--dry-run, nothing was found), 1 otherwise.",
+        "checkpoint is not touched. Safe while the pipeline streams: each document is "
+        "read again after it is written and applied again if it changed meanwhile; one "
+        "still changing after 5 writes is left to the running pipeline. Exit 0 when "
+        "everything found was fixed or left to the pipeline (or, with --dry-run, nothing "
+        "was found), 1 otherwise.",
     )
     add_config_options(parser)
     parser.add_argument("pipeline", metavar="PIPELINE")
@@ -81,6 +84,17 @@ def _print(data: dict[str, Any], *, verbose: bool) -> None:
         print(
             f"re-applied {done} document(s) from MongoDB, deleted {delete['count']} "
             f"orphaned record(s), {failed['count']} document(s) could not be repaired"
+        )
+    changed, unsettled = data["changed"], data["still_changing"]
+    if changed["count"]:
+        print(
+            f"{changed['count']} document(s) changed while being repaired and were applied "
+            "again from their new state"
+        )
+    if unsettled["count"]:
+        print(
+            f"{unsettled['count']} document(s) still changing, left to the running pipeline, "
+            f"e.g. {', '.join(unsettled['sample'][:5])}"
         )
     if verbose:
         for key in reapply["sample"]:
