@@ -54,5 +54,15 @@ def same_value(expected: Any, stored: Any) -> bool:
     return bool(expected == stored)
 
 
+def differing_keys(expected: Mapping[str, Any], stored: Mapping[str, Any]) -> list[str]:
+    """The keys (volatile ones aside) present on one side only or with different values."""
+    want, got = _stable(expected), _stable(stored)
+    return sorted(
+        k
+        for k in want.keys() | got.keys()
+        if k not in want or k not in got or not same_value(want[k], got[k])
+    )
+
+
 def _stable(metadata: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metadata.items() if k not in VOLATILE_KEYS}

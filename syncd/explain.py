@@ -13,7 +13,7 @@ import bson
 import bson.errors
 from bson import json_util
 
-from syncd.compare import differs
+from syncd.compare import differing_keys, differs
 from syncd.config import PipelineSettings, Settings
 from syncd.errors import ConfigError, MappingError, PoisonError
 from syncd.identity import HASH_KEY, ID_KEY, base_id, decode_id, prefixed, split_key
@@ -39,8 +39,14 @@ def explain(settings: Settings, pipeline: PipelineSettings, record_id: str) -> d
                 "metadata": dict(r.metadata),
                 "hash_matches": r.id in expected
                 and expected[r.id].content_hash == r.metadata.get(HASH_KEY),
-                # As `syncd verify` judges it: a record edited in Chroma keeps its hash.
+                # As `syncd verify` judges it: a record that differs from what syncd
+                # wrote (edited in Chroma, or keys Chroma left behind) keeps its hash.
                 "matches": r.id in expected and not differs(expected[r.id], r),
+                "text_matches": r.id in expected and (r.document or "") == expected[r.id].text,
+                # Metadata keys whose value (or presence) differs from what syncd writes.
+                "differing_keys": differing_keys(expected[r.id].metadata, r.metadata)
+                if r.id in expected
+                else [],
                 # No such record should exist: the document is gone, filtered out or
                 # cannot be mapped, or the chunk is one too many (verify: orphaned).
                 "orphaned": r.id not in expected,

@@ -292,6 +292,15 @@ class Mapper:
     def fingerprint(self) -> str:
         return self._fingerprint
 
+    @property
+    def metadata_keys(self) -> frozenset[str]:
+        """The top-level metadata keys this mapping can produce (fields after rename).
+
+        A record lacking one is written with ``None`` for it, which deletes the key in
+        Chroma: a key Chroma left behind can then never pass for the document's.
+        """
+        return frozenset(key for _, key in self._metadata)
+
     def matches(self, document: Mapping[str, Any]) -> bool:
         return self._matches(document)
 

@@ -99,7 +99,7 @@ def build(
     keys = [c.key for c in changes if c.key not in bad]
     with stage("lookup"):
         existing = sink.existing(keys) if keys else {}
-    plan, to_embed = _plan_writes(changes, bad, mapped, existing)
+    plan, to_embed = _plan_writes(changes, bad, mapped, existing, mapper.metadata_keys)
     embedded = 0
     if to_embed:
         with stage("embed"):
@@ -139,6 +139,7 @@ def _plan_writes(
     bad: set[str],
     mapped: Mapping[str, MappedDocument],
     existing: Mapping[str, Any],
+    clear: frozenset[str],
 ) -> tuple[WritePlan, _ToEmbed]:
     """Plan everything but embeddings against what Chroma holds."""
     plan = WritePlan()
@@ -155,7 +156,7 @@ def _plan_writes(
         plan.deletes.extend(rid for rid in stored if rid not in new_ids)
         for record in target.records:
             old = stored.get(record.id)
-            metadata = _with_removals(record.metadata, old)
+            metadata = _with_removals(record.metadata, old, clear)
             if old is not None and old.get(TEXT_HASH_KEY) == record.text_hash:
                 if old.get(HASH_KEY) != record.content_hash or _keys_differ(old, record):
                     plan.updates.append(MetadataUpdate(record.id, metadata))
@@ -201,13 +202,18 @@ def _delete_records_of(keys: list[str], sink: ExistingLookup, plan: WritePlan) -
         plan.deletes.extend(rid for rid in records if rid not in planned)
 
 
-def _with_removals(metadata: Mapping[str, Any], old: Mapping[str, Any] | None) -> dict[str, Any]:
-    """New metadata plus ``None`` for every key the stored record has and the new one lacks.
+def _with_removals(
+    metadata: Mapping[str, Any], old: Mapping[str, Any] | None, clear: Iterable[str] = ()
+) -> dict[str, Any]:
+    """New metadata plus ``None`` for every key the stored record has and the new one
+    lacks, and for every key in ``clear`` (the mapping's keys) it lacks.
 
-    Chroma merges metadata on upsert and update; ``None`` deletes a key.
+    Chroma merges metadata on upsert and update; ``None`` deletes a key. A record id
+    Chroma never held can still come with keys: deleting a collection leaves its
+    list-valued metadata behind in Chroma, and a new record reusing the row inherits it.
     """
     merged: dict[str, Any] = dict(metadata)
-    for key in old or {}:
+    for key in [*(old or {}), *clear]:
         if key not in merged:
             merged[key] = None
     return merged

@@ -372,16 +372,54 @@ def _records(result: Mapping[str, Any], with_embeddings: bool) -> list[StoredRec
 
 
 def check_written(sink: Sink, plan: WritePlan, *, pipeline: str) -> None:
-    """Read a written plan back; raise ConsistencyError when Chroma disagrees with it."""
-    expected = {u.id: u.metadata.get(HASH_KEY) for u in plan.upserts}
-    expected.update({u.id: u.metadata.get(HASH_KEY) for u in plan.updates})
-    stored = {r.id: r.metadata.get(HASH_KEY) for r in sink.get(list(expected))}
+    """Read a written plan back; raise ConsistencyError when Chroma disagrees with it.
+
+    A record holding metadata keys the plan did not write gets them deleted and is read
+    again: deleting a collection with list-valued metadata leaves those values behind in
+    Chroma, and a new record that reuses their row inherits them.
+    """
+    written = {u.id: u.metadata for u in plan.upserts}
+    written.update({u.id: u.metadata for u in plan.updates})
+    stored = {r.id: r.metadata for r in sink.get(list(written))}
+    extra = _unwritten_keys(written, stored)
+    if extra:
+        sample = [f"{rid} ({', '.join(keys)})" for rid, keys in list(extra.items())[:3]]
+        log.warning(
+            "pipeline %s: Chroma holds metadata keys syncd did not write on %d record(s), "
+            "e.g. %s; deleting them",
+            pipeline,
+            len(extra),
+            "; ".join(sample),
+        )
+        sink.write(
+            WritePlan(updates=[MetadataUpdate(rid, dict.fromkeys(k)) for rid, k in extra.items()])
+        )
+        stored.update({r.id: r.metadata for r in sink.get(list(extra))})
+        extra = _unwritten_keys(written, stored)
     gone = sink.get(plan.deletes) if plan.deletes else []
-    wrong = [rid for rid, digest in expected.items() if stored.get(rid) != digest]
+    wrong = [
+        rid
+        for rid, metadata in written.items()
+        if rid in extra or (stored.get(rid) or {}).get(HASH_KEY) != metadata.get(HASH_KEY)
+    ]
     if wrong or gone:
-        sample = (wrong or [r.id for r in gone])[:5]
+        sample_ids = (wrong or [r.id for r in gone])[:5]
         raise ConsistencyError(
             f"read-back after write disagrees for {len(wrong) + len(gone)} record(s), "
-            f"e.g. {sample}; not checkpointing",
+            f"e.g. {sample_ids}; not checkpointing",
             pipeline=pipeline,
         )
+
+
+def _unwritten_keys(
+    written: Mapping[str, Mapping[str, Any]], stored: Mapping[str, Mapping[str, Any]]
+) -> dict[str, list[str]]:
+    """Per record id, the metadata keys Chroma holds that the write did not set."""
+    out: dict[str, list[str]] = {}
+    for rid, metadata in written.items():
+        keys = sorted(
+            set(stored.get(rid) or {}) - {k for k, v in metadata.items() if v is not None}
+        )
+        if keys:
+            out[rid] = keys
+    return out

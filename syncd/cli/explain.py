@@ -37,6 +37,23 @@ def handle(args: argparse.Namespace) -> int:
     return ExitCode.OK if story["consistent"] else ExitCode.DRIFT_OR_FAILURE
 
 
+_SYNCS_SHOWN = 10  # the newest; --json has all that explain found
+
+
+def _unlike_written(record: dict[str, Any]) -> str:
+    """What differs from what syncd wrote, without guessing who changed it."""
+    parts = [] if record.get("text_matches") else ["text"]
+    keys = record.get("differing_keys") or []
+    if keys:
+        parts.append(f"metadata ({', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''})")
+    what = " and ".join(parts) or "the record"
+    verb = "differ" if len(parts) > 1 else "differs"
+    return (
+        f"{what} in Chroma {verb} from what syncd wrote "
+        "(edited in Chroma, or left behind by Chroma)"
+    )
+
+
 def _print(story: dict[str, Any]) -> None:
     print(f"{story['pipeline']} / {story['id']}  (collection {story['collection']})")
     doc = story["mongodb"]
@@ -53,7 +70,7 @@ def _print(story: dict[str, Any]) -> None:
         elif record.get("orphaned"):
             verdict = "ORPHANED (no record should exist for this document now)"
         elif record["hash_matches"]:
-            verdict = "STALE (text or metadata edited in Chroma)"
+            verdict = f"STALE ({_unlike_written(record)})"
         else:
             verdict = "STALE (hash differs)"
         print(f"  Chroma:   {record['id']}  {verdict}")
@@ -61,8 +78,10 @@ def _print(story: dict[str, Any]) -> None:
         print(f"  Chroma:   {rid}  MISSING")
     print(f"  verdict:  {'consistent' if story['consistent'] else 'drift'}")
     syncs = story["recent_syncs"]
-    print(f"  recent syncs ({len(syncs)}):")
-    for entry in syncs[-10:]:
+    shown = syncs[-_SYNCS_SHOWN:]
+    counted = f"{len(shown)} of {len(syncs)}" if len(shown) < len(syncs) else f"{len(syncs)}"
+    print(f"  recent syncs ({counted}):")
+    for entry in shown:
         print(
             f"    {entry.get('time', '?')}  {entry.get('operation', '?'):8} "
             f"{entry.get('outcome', '?')}  trace {entry.get('trace_id') or '-'}"

@@ -96,12 +96,15 @@ def test_explain_shows_verdicts_and_recent_syncs(
     # Edited in Chroma: exit 1 and STALE, although the stored hash still matches.
     stale = out["text_edited"]
     assert stale.returncode == ExitCode.DRIFT_OR_FAILURE, stale.stdout + stale.stderr
-    assert "i:2  STALE" in stale.stdout and "verdict:  drift" in stale.stdout
+    assert "i:2  STALE (text in Chroma differs from what syncd wrote" in stale.stdout
+    assert "verdict:  drift" in stale.stdout
     edited = out["metadata_edited"]
     assert edited.returncode == ExitCode.DRIFT_OR_FAILURE, edited.stdout + edited.stderr
     story = json.loads(edited.stdout)
     assert story["consistent"] is False
     assert story["chroma"][0]["matches"] is False and story["chroma"][0]["hash_matches"] is True
+    assert story["chroma"][0]["differing_keys"] == ["title"]
+    assert story["chroma"][0]["text_matches"] is True
 
     # Deleted: absent from MongoDB, no records left, which is consistent.
     deleted = out["deleted"]

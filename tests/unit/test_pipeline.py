@@ -58,6 +58,10 @@ class FakeSink:
         self.records: dict[str, dict[str, Any]] = {}
         self.fail_writes = 0
         self.lie_on_read = False
+        # Metadata a new record id inherits, as Chroma's rows left by a deleted collection
+        # do; `stubborn`: an update does not remove them either.
+        self.phantoms: dict[str, Any] = {}
+        self.stubborn = False
         self.id: str | None = "coll-1"  # the collection's id; None: there is none
 
     def collection_id(self, *, create: bool = False) -> str | None:
@@ -83,10 +87,13 @@ class FakeSink:
         for rid in plan.deletes:
             self.records.pop(rid, None)
         for u in plan.upserts:
-            self.records[u.id] = {"text": u.text, "metadata": _merge({}, u.metadata)}
+            inherited = {} if u.id in self.records else self.phantoms
+            self.records[u.id] = {"text": u.text, "metadata": _merge(inherited, u.metadata)}
         for m in plan.updates:
             rec = self.records[m.id]
             rec["metadata"] = _merge(rec["metadata"], m.metadata)
+            if self.stubborn:
+                rec["metadata"].update(self.phantoms)
 
     def get(self, ids: Sequence[str], *, include_embeddings: bool = False) -> list[StoredRecord]:
         out = []
@@ -295,6 +302,32 @@ def test_strong_consistency_never_checkpoints_a_disagreeing_read_back() -> None:
     sink.lie_on_read = False
     p.process(Batch([event(1, "insert", 1, {"body": "a"})], token(1)))
     assert store.saved[-1].cluster_time == Timestamp(T0, 1)
+
+
+def test_a_new_record_never_keeps_a_mapping_key_chroma_left_behind() -> None:
+    p, _, sink, store, _, _ = make()  # eventual: nothing is read back
+    sink.phantoms = {"tag": ["PHANTOM"]}
+    p.process(Batch([event(1, "insert", 1, {"body": "a", "n": 1})], token(1)))
+    assert "tag" not in sink.records["i:1"]["metadata"]
+    assert sink.records["i:1"]["metadata"]["n"] == 1
+    assert store.saved[-1].cluster_time == Timestamp(T0, 1)
+
+
+def test_strong_read_back_deletes_keys_it_did_not_write_before_checkpointing() -> None:
+    p, log, sink, store, _, _ = make(consistency="strong")
+    sink.phantoms = {"elsewhere": ["PHANTOM"]}  # not a key of the mapping
+    p.process(Batch([event(1, "insert", 1, {"body": "a"})], token(1)))
+    assert "elsewhere" not in sink.records["i:1"]["metadata"]
+    assert log.calls == ["write 1", "write 1", f"checkpoint {Timestamp(T0, 1)}"]
+    assert store.saved[-1].cluster_time == Timestamp(T0, 1)
+
+
+def test_strong_read_back_never_checkpoints_keys_that_will_not_go() -> None:
+    p, _, sink, store, _, _ = make(consistency="strong")
+    sink.phantoms, sink.stubborn = {"elsewhere": ["PHANTOM"]}, True
+    with pytest.raises(ConsistencyError):
+        p.process(Batch([event(1, "insert", 1, {"body": "a"})], token(1)))
+    assert store.saved == []
 
 
 def test_drop_purges_then_checkpoints() -> None:

@@ -1,0 +1,99 @@
+"""Metadata that Chroma leaves behind never passes for a document's.
+
+Deleting a Chroma collection that holds list-valued metadata leaves those values in
+Chroma's storage, and new records that reuse their rows inherit them (chromadb 1.5).
+Invariant 3 (exact mirroring) must hold anyway: a record syncd writes carries exactly
+the metadata its document maps to, and `consistency = "strong"` reads back and removes
+any key it did not write before checkpointing."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from syncd.errors import ExitCode
+from tests.harness.daemon import run_syncd
+
+from .helpers import pipeline_table, settings_of, wait_caught_up, write_config
+from .oracle import EMBEDDER, mismatch
+
+FIELDS = ("title", "tags")
+
+
+def _doc(n: int) -> dict[str, Any]:
+    return {"_id": n, "body": f"body {n}", "title": f"title {n}", "vec": [1.0, n / 8, 0.5, -0.5]}
+
+
+def _leave_phantoms(client: Any, metadata: dict[str, Any], count: int = 50) -> None:
+    """Another collection with list-valued metadata, deleted: its values stay behind."""
+    name = f"foreign-{uuid.uuid4().hex[:8]}"
+    foreign = client.create_collection(name)
+    foreign.add(
+        ids=[f"x{i}" for i in range(count)],
+        embeddings=[[0.1, 0.2, 0.3, 0.4]] * count,
+        metadatas=[metadata] * count,
+    )
+    client.delete_collection(name)
+
+
+def test_records_written_after_a_deleted_collection_carry_only_their_metadata(
+    tmp_path, mongo_uri, mongo_client, chroma_server_factory, syncd_factory
+):
+    # A server of its own: what the foreign collections leave behind would otherwise
+    # reach the records of every later test on the shared server.
+    chroma_server = chroma_server_factory()
+    db, coll_name = f"phantom_{uuid.uuid4().hex[:8]}", f"phantom-{uuid.uuid4().hex[:8]}"
+    cfg = write_config(
+        tmp_path / "syncd.toml",
+        mongo_uri=mongo_uri,
+        chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
+        checkpoint_db=f"{db}_syncd",
+        extra={"lease": {"enabled": False}},
+        pipelines=[
+            pipeline_table(
+                "p",
+                db,
+                chroma_collection=coll_name,
+                mapping={"text": "body", "metadata": list(FIELDS)},
+                embedder=EMBEDDER,
+                consistency="strong",
+            )
+        ],
+    )
+    settings = settings_of(cfg)
+    docs = mongo_client[db]["docs"]
+    docs.insert_one(_doc(0))
+    daemon = syncd_factory(["run"], cfg)
+    wait_caught_up(mongo_client, db, settings, "p", 60, "the snapshot")
+    client = chroma_server.client()
+
+    # A key of the pipeline's own mapping: every write deletes it when the document
+    # lacks it, so it never appears, whatever the consistency level.
+    _leave_phantoms(client, {"tags": ["PHANTOM"]})
+    docs.insert_many([_doc(n) for n in (1, 2, 3)])
+    wait_caught_up(mongo_client, db, settings, "p", 60, "the inserts")
+    collection = client.get_collection(coll_name)
+    current = list(docs.find())
+    assert mismatch(current, collection, metadata_fields=FIELDS) == ""
+
+    # A key outside the mapping: the strong read-back notices it and deletes it
+    # before the batch is checkpointed.
+    _leave_phantoms(client, {"elsewhere": ["PHANTOM"]})
+    docs.insert_many([_doc(n) for n in (4, 5, 6)])
+    wait_caught_up(mongo_client, db, settings, "p", 60, "the second inserts")
+    current = list(docs.find())
+    assert mismatch(current, collection, metadata_fields=FIELDS) == ""
+
+    # Removing a field is mirrored: there is nothing left over for a later $unset to miss.
+    docs.update_one({"_id": 1}, {"$set": {"tags": ["real"]}})
+    wait_caught_up(mongo_client, db, settings, "p", 60, "the update")
+    docs.update_one({"_id": 1}, {"$unset": {"tags": ""}})
+    wait_caught_up(mongo_client, db, settings, "p", 60, "the $unset")
+    current = list(docs.find())
+    assert mismatch(current, collection, metadata_fields=FIELDS) == ""
+
+    daemon.terminate()
+    assert daemon.wait(30) == ExitCode.OK, daemon.output()
+    assert "Chroma holds metadata keys syncd did not write" in daemon.output()
+    verify = run_syncd(["verify", "p"], cfg)
+    assert verify.returncode == ExitCode.OK, verify.stdout + verify.stderr
