@@ -31,7 +31,7 @@ from types import FrameType
 
 from syncd.config import PipelineSettings, Settings
 from syncd.errors import ExitCode, HaltedError, LeaseLostError, PoisonError, SyncdError
-from syncd.halts import HeldPipeline
+from syncd.halts import HeldPipeline, stopped_state
 from syncd.lease import LeaseManager, uses_leases
 from syncd.notify import SystemdNotifier
 from syncd.pipeline import Pipeline
@@ -85,7 +85,7 @@ class Worker(threading.Thread):
             if self.leased and isinstance(exc, LeaseLostError):
                 self.telemetry.set_state("stopped", exc)  # the lease scheduler takes it from here
                 return
-            self.telemetry.set_state("halted", exc)
+            self.telemetry.set_state(stopped_state(exc), exc)
             self.failed.set()
 
     def _run(self) -> None:

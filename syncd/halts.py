@@ -41,6 +41,7 @@ from syncd.config import PipelineSettings
 from syncd.errors import (
     CollectionGoneHalt,
     HaltedError,
+    PoisonError,
     SinkRejectedError,
     SyncdError,
     TransientError,
@@ -55,6 +56,13 @@ log = logging.getLogger(__name__)
 
 POLL_S = 2.0  # how soon a held pipeline notices `syncd resume` or a moved checkpoint
 _NO_ID = object()
+
+
+def stopped_state(exc: BaseException) -> str:
+    """The state of a pipeline that ``exc`` stopped: ``halted`` for a change it cannot
+    apply (a halt, held alone until resolved), ``failed`` for a fatal error, which stops
+    the process with its exit code until an operator acts on the error's hint."""
+    return "halted" if isinstance(exc, HaltedError | PoisonError) else "failed"
 
 
 def hint(settings: PipelineSettings, *, has_document: bool = True) -> str:

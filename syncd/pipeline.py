@@ -148,7 +148,7 @@ class Pipeline:
         except LeaseLostError:
             raise  # the pipeline belongs to another process now, and so does its status
         except Exception as exc:
-            self.progress.publish("halted", exc)
+            self.progress.publish(halts.stopped_state(exc), exc)
             raise
         self.progress.publish("stopped")
 

@@ -1,8 +1,9 @@
 """What each pipeline is doing, from what the daemon leaves behind.
 
-The daemon records its state (streaming, snapshotting, retrying, halted, stopped)
-with the last error next to the checkpoint; a halt in force (see :mod:`syncd.halts`)
-is recorded there too and wins over the last state written. The position, lag and
+The daemon records its state (streaming, snapshotting, retrying, halted, failed,
+stopped) with the last error next to the checkpoint: ``failed`` when a fatal error
+stopped the pipeline and its process. A halt in force (see :mod:`syncd.halts`) is
+recorded there too and wins over the last state written. The position, lag and
 dead-letter count come from the checkpoint store, MongoDB and the dead-letter store.
 Nothing here needs the daemon to be running, so `syncd status` also explains why it
 stopped.

@@ -57,7 +57,7 @@ __all__ = ["ChangeEventInfo", "PipelineTelemetry", "Telemetry"]
 
 log = logging.getLogger("syncd.telemetry")
 
-STATES = ("starting", "snapshotting", "streaming", "retrying", "halted", "stopped")
+STATES = ("starting", "snapshotting", "streaming", "retrying", "halted", "failed", "stopped")
 _READY_STATES = frozenset({"snapshotting", "streaming"})
 _LOOP_STATES = frozenset({"starting", "snapshotting", "streaming", "retrying"})
 

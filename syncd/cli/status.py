@@ -8,16 +8,21 @@ from typing import Any
 from syncd.cli.common import add_config_options, load_settings, print_json, select_pipelines
 from syncd.errors import ExitCode
 
+# Stopped until someone acts: a halt in force, or a fatal error that stopped the process.
+STOPPED_BY_ERROR = frozenset({"halted", "failed"})
+
 
 def register(verbs: Any) -> None:
     parser = verbs.add_parser(
         "status",
         help="show each pipeline's state, position, lag and last error",
         description="Read what the daemon recorded next to each checkpoint: its state "
-        "(streaming, snapshotting, retrying, halted, stopped), a halt in force with the "
-        "document, reason, resume token and what to do, the last error, the checkpoint "
-        "position and age, the lag behind MongoDB and the number of dead letters. Works "
-        "whether or not the daemon runs. Exit 1 when a pipeline is halted.",
+        "(starting, snapshotting, streaming, retrying, halted: at a change it cannot "
+        "apply, failed: a fatal error stopped it and its process, stopped), a halt in force "
+        "with the document, reason, resume token and what to do, the last error and what to "
+        "run next, the checkpoint position and age, the lag behind MongoDB and the number of "
+        "dead letters. Works whether or not the daemon runs. Exit 1 when a pipeline is "
+        "halted or failed.",
     )
     add_config_options(parser)
     parser.add_argument("pipelines", nargs="*", metavar="PIPELINE", help="default: all")
@@ -41,8 +46,8 @@ def handle(args: argparse.Namespace) -> int:
     else:
         for row in rows:
             _print(row)
-    halted = any(row["state"] == "halted" for row in rows)
-    return ExitCode.DRIFT_OR_FAILURE if halted else ExitCode.OK
+    stuck = any(row["state"] in STOPPED_BY_ERROR for row in rows)
+    return ExitCode.DRIFT_OR_FAILURE if stuck else ExitCode.OK
 
 
 def _print(row: dict[str, Any]) -> None:

@@ -442,6 +442,13 @@ def test_lost_collection_hint(runbook, cause, running):
         assert runbook.chroma_name not in names, "refusing must not create an empty namesake"
     else:
         assert runbook.chroma.get()["ids"] == ["theirs"], "nothing may go into the replacement"
+    # A fatal error is no halt: the pipeline shows as failed, with the error and the hint.
+    assert "-> halted" not in daemon.output(), daemon.output()[-4000:]
+    status = runbook.run("status", NAME)
+    assert status.returncode == ExitCode.DRIFT_OR_FAILURE, status.stdout + status.stderr
+    assert f"{NAME}: failed" in status.stdout, status.stdout
+    assert "last error     SinkLostError: " in status.stdout, status.stdout
+    assert hinted(status.stdout) == hinted(daemon.output()), status.stdout
 
     (command,) = hinted(daemon.output())
     runbook.follow(command)

@@ -9,7 +9,7 @@ import pytest
 from syncd import halts
 from syncd.checkpoint import Checkpoint, FileCheckpointStore, SnapshotProgress
 from syncd.config import CheckpointSettings, PipelineSettings
-from syncd.errors import HaltedError
+from syncd.errors import HaltedError, MappingError, SinkLostError
 
 
 def settings(**overrides: object) -> PipelineSettings:
@@ -92,3 +92,10 @@ def test_hints_name_only_commands_that_exist():
     off = halts.hint(settings(halt_recheck_s=0))
     assert "re-checks" not in off and "then run `syncd resume p`" in off
     assert halts.hint(settings(), has_document=False).startswith("fix the cause")
+
+
+def test_a_halt_is_halted_and_a_fatal_error_is_failed() -> None:
+    assert halts.stopped_state(HaltedError("at _id 7")) == "halted"
+    assert halts.stopped_state(MappingError("no text")) == "halted"  # poison
+    assert halts.stopped_state(SinkLostError("collection gone")) == "failed"
+    assert halts.stopped_state(RuntimeError("a bug")) == "failed"

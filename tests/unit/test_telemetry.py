@@ -329,7 +329,8 @@ def test_state_gauge_and_readiness_follow_the_pipeline(telemetry):
 
     def state() -> str:
         return next(
-            s for s in ("starting", "snapshotting", "streaming", "retrying", "halted", "stopped")
+            s for s in ("starting", "snapshotting", "streaming", "retrying", "halted", "failed",
+                        "stopped")
             if value("syncd_pipeline_state", {"pipeline": "articles", "state": s}) == 1
         )  # fmt: skip
 
@@ -345,6 +346,9 @@ def test_state_gauge_and_readiness_follow_the_pipeline(telemetry):
     assert state() == "halted" and not p.ready()
     assert "hunter2" not in json.dumps(p.status())
     assert value("syncd_pipeline_ready", {"pipeline": "articles"}) == 0
+    p.set_state("failed", error=ValueError("collection gone"))
+    assert state() == "failed" and not p.ready()
+    assert value("syncd_pipeline_state", {"pipeline": "articles", "state": "halted"}) == 0
     tel.pipeline("other").set_state("streaming")
     assert not tel.process_ready(), "every pipeline must be ready"
     with pytest.raises(ValueError, match="unknown pipeline state"):
