@@ -241,6 +241,12 @@ class Pipeline:
             self._heartbeat()
             self.telemetry.heartbeat()
             item = planner.next()
+            if item is None and not planner.is_alive():
+                item = planner.next(timeout=0)  # what it handed over just before it ended
+                if item is None and not self.stop.is_set():
+                    raise SourceFatalError(
+                        "the planner stopped without a reason", pipeline=self.settings.name
+                    )
             if item is None:
                 continue
             batch = item.batch
