@@ -5,4 +5,7 @@ pytest_plugins = [
     "tests.harness.chroma",
     "tests.harness.proxy",
     "tests.harness.daemon",
+    # One Phoenix per test session: a module that imported the fixture itself
+    # would get a Phoenix of its own.
+    "tests.harness.phoenix",
 ]

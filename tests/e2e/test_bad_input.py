@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 
 from syncd.errors import ExitCode
-from tests.harness import phoenix as phoenix_harness
 from tests.harness.daemon import run_syncd
 from tests.harness.embedding_api import embedding_api
 from tests.harness.ports import free_port
@@ -26,8 +25,6 @@ from .helpers import (
     wait_until,
     write_config,
 )
-
-phoenix_server = phoenix_harness.phoenix_server  # the session fixture, shared
 
 DOCS = [{"_id": n, "body": f"document number {n}", "title": f"t{n}"} for n in range(1, 6)]
 

@@ -14,7 +14,6 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from syncd.errors import ExitCode
-from tests.harness import phoenix as phoenix_harness
 from tests.harness.daemon import run_syncd
 from tests.harness.embedding_api import EmbeddingAPI
 from tests.harness.ports import free_port
@@ -30,8 +29,6 @@ from .helpers import (
     wait_until,
     write_config,
 )
-
-phoenix_server = phoenix_harness.phoenix_server  # the session fixture, shared with integration
 
 # An application's span, as it would store it in the document it writes (W3C trace context).
 APP_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"

@@ -22,10 +22,7 @@ import pytest
 from syncd.config import Settings
 from syncd.errors import MappingError, TransientError
 from syncd.telemetry import ChangeEventInfo, Telemetry
-from tests.harness import phoenix as phoenix_harness
 from tests.harness.phoenix import PhoenixServer
-
-phoenix_server = phoenix_harness.phoenix_server  # the session fixture, for runs without plugins
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 SECRET_URI = "mongodb://syncd:hunter2-secret@db.example:27017/app"
