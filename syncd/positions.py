@@ -106,6 +106,26 @@ def _describe(runtime: Runtime, name: str, cp: Checkpoint | None, now: datetime)
     return out
 
 
+def stored_position(cp: Checkpoint) -> dict[str, Any] | None:
+    """Where a checkpoint resumes, as ``tokens show`` reports it (POSITION)."""
+    return _position(cp.token, cp.start_at, cp.token_is_invalidate)
+
+
+def position_text(position: dict[str, Any] | None) -> str:
+    """``resume after highWaterMark at 1796131584.0 (2026-...Z)``: the token's own
+    cluster time, which MongoDB resumes from."""
+    if position is None:
+        return "no position"
+    if position["kind"] == "start_at":
+        ts = position["start_at"]
+        return f"start at {ts['t']}.{ts['i']} ({ts['iso']})"
+    decoded = position["decoded"] or {}
+    ts = decoded.get("clusterTime")
+    when = f" at {ts['t']}.{ts['i']} ({ts['iso']})" if ts else ""
+    after = "start after" if position["start_after"] else "resume after"
+    return f"{after} {decoded.get('tokenType') or 'token'}{when}"
+
+
 def _position(
     token: Any, start_at: Timestamp | None, start_after: bool = False
 ) -> dict[str, Any] | None:

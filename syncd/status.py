@@ -18,7 +18,7 @@ from typing import Any
 
 from bson.timestamp import Timestamp
 
-from syncd import halts
+from syncd import halts, positions
 from syncd.checkpoint import Checkpoint
 from syncd.config import PipelineSettings
 from syncd.errors import SyncdError
@@ -56,9 +56,7 @@ def describe(
     out["phase"] = cp.phase
     if cp.phase == "snapshot" and cp.snapshot is not None:
         out["snapshot_scanned"] = cp.snapshot.scanned
-    if cp.cluster_time is not None:
-        out["position"] = format_timestamp(cp.cluster_time)
-        out["position_time"] = _iso(datetime.fromtimestamp(cp.cluster_time.time, UTC))
+    out.update(_position(cp))
     lag = _lag(runtime, ps, cp, server_time)
     if lag is not None:
         out["lag_s"] = lag
@@ -75,6 +73,27 @@ def describe(
             for key in ("error_class", "error", "document_id", "namespace", "hint")
             if status.get(key) is not None
         }
+    return out
+
+
+def _position(cp: Checkpoint) -> dict[str, Any]:
+    """Where the pipeline resumes, as ``syncd tokens show`` says it: the stored token's
+    own cluster time (a high-water mark at T reads T.0), and ``applied_through``, the
+    latest cluster time whose changes are in Chroma (for that mark, the last increment of
+    the second before: T-1.4294967295, i.e. every change before T)."""
+    out: dict[str, Any] = {}
+    stored = positions.stored_position(cp)
+    decoded = (stored or {}).get("decoded") or {}
+    ts = (stored or {}).get("start_at") or decoded.get("clusterTime")
+    if stored is not None and ts is not None:
+        out["position"] = f"{ts['t']}.{ts['i']}"
+        out["position_type"] = "start_at" if stored["kind"] == "start_at" else decoded["tokenType"]
+        out["position_text"] = positions.position_text(stored)
+        out["position_time"] = _iso(datetime.fromtimestamp(ts["t"], UTC))
+    if cp.cluster_time is not None:
+        out["applied_through"] = format_timestamp(cp.cluster_time)
+        out.setdefault("position", out["applied_through"])
+        out.setdefault("position_time", _iso(datetime.fromtimestamp(cp.cluster_time.time, UTC)))
     return out
 
 

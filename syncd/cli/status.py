@@ -57,7 +57,10 @@ def _print(row: dict[str, Any]) -> None:
         print(f"  since          {row['state_since']} ({_ago(row['state_age_s'])}, {by})")
     if "position" in row:
         age = f", checkpointed {_ago(row['checkpoint_age_s'])}" if "checkpoint_age_s" in row else ""
-        print(f"  position       cluster time {row['position']} ({row['position_time']}){age}")
+        where = (
+            row.get("position_text") or f"cluster time {row['position']} ({row['position_time']})"
+        )
+        print(f"  position       {where}{age}")
     elif row.get("phase") == "snapshot":
         copied = row.get("snapshot_scanned", 0)
         print(f"  position       snapshot in progress, {copied} documents copied")

@@ -287,16 +287,9 @@ def _compact(value: Any) -> str:
 
 
 def _position_text(position: dict[str, Any] | None) -> str:
-    if position is None:
-        return "no position"
-    if position["kind"] == "start_at":
-        ts = position["start_at"]
-        return f"start at {ts['t']}.{ts['i']} ({ts['iso']})"
-    decoded = position["decoded"] or {}
-    ts = decoded.get("clusterTime")
-    when = f" at {ts['t']}.{ts['i']} ({ts['iso']})" if ts else ""
-    after = "start after" if position["start_after"] else "resume after"
-    return f"{after} {decoded.get('tokenType') or 'token'}{when}"
+    from syncd.positions import position_text
+
+    return position_text(position)
 
 
 def _entry_text(entry: dict[str, Any]) -> str:

@@ -4,6 +4,7 @@ time so that a real daemon replays exactly the changes since then."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -187,3 +188,11 @@ def test_set_at_replays_changes_since_then(mirror, mongo_client, syncd_factory):
     assert entry["phase"] == "streaming" and entry["cluster_time"]["t"] >= t3.time
     assert entry["lease"] is not None and entry["lease"]["live"] is False
     assert entry["lag_s"] is not None and entry["lag_s"] >= 0
+
+    # status names the position as tokens show does (a high-water mark at T reads T.0).
+    shown_text = run_syncd(["tokens", "show", "tok"], cfg, timeout=60)
+    status_text = run_syncd(["status", "tok"], cfg, timeout=60)
+    assert status_text.returncode == 0, status_text.stdout + status_text.stderr
+    (where,) = re.findall(r"^  position  (.+)$", shown_text.stdout, re.M)
+    assert where.startswith("resume after "), shown_text.stdout
+    assert f"  position       {where}, checkpointed " in status_text.stdout, status_text.stdout
