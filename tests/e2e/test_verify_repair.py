@@ -1,17 +1,31 @@
 """Drift injected straight into a real Chroma server: `verify` names exactly those
 records, `repair --dry-run` changes nothing, `repair` fixes them, and a second
-`verify` exits 0 with Chroma equal to MongoDB mapped."""
+`verify` exits 0 with Chroma equal to MongoDB mapped. Repair run again and again while
+the daemon streams a mixed load leaves nothing older than MongoDB behind."""
 
 from __future__ import annotations
 
 import json
+import random
 import re
+import threading
+import time
+from typing import Any
+
+import pytest
+from pymongo import MongoClient
 
 from tests.harness.daemon import run_syncd
 
+from . import oracle
+from .helpers import wait_caught_up
 from .oracle import DIMENSIONS, vector
 
 PUBLIC = {"kind": {"$ne": "private"}}  # the pipeline's filter
+# Enough keys that a record repair got wrong is rarely rewritten by a later change
+# before the load stops.
+KEYS = 200
+REPAIRS = 3
 
 
 def test_verify_reports_injected_drift_and_repair_fixes_it(mirror, mongo_client):
@@ -90,3 +104,83 @@ def test_verify_reports_injected_drift_and_repair_fixes_it(mirror, mongo_client)
     )
     problem = m.mismatch(docs.find(PUBLIC))
     assert not problem, problem
+
+
+class MixedLoad(threading.Thread):
+    """Inserts, $set/$unset updates, replaces, deletes, re-inserts and filter flips on a
+    few keys, so that documents change while repair reads and writes them."""
+
+    def __init__(self, uri: str, db: str, keys: int, seed: int) -> None:
+        super().__init__(daemon=True)
+        self.client: MongoClient[dict[str, Any]] = MongoClient(uri)
+        self.docs = self.client[db]["docs"]
+        self.rng = random.Random(seed)
+        self.keys = keys
+        self.version = 0
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def step(self) -> None:
+        rng, docs = self.rng, self.docs
+        self.version += 1
+        key = rng.randrange(self.keys)
+        roll = rng.random()
+        if roll < 0.2:
+            docs.delete_one({"_id": key})
+        elif roll < 0.4 or docs.count_documents({"_id": key}) == 0:
+            docs.replace_one(
+                {"_id": key}, oracle.document(key, version=self.version % 5), upsert=True
+            )
+        elif roll < 0.6:
+            docs.update_one({"_id": key}, {"$set": {"body": f"set {self.version}"}})
+        elif roll < 0.7:
+            docs.update_one({"_id": key}, {"$unset": {"tags": ""}, "$set": {"n": self.version}})
+        elif roll < 0.85:
+            docs.update_one({"_id": key}, {"$set": {"kind": "private"}})  # leaves the filter
+        else:
+            docs.update_one({"_id": key}, {"$unset": {"kind": ""}})  # comes back
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                self.step()
+                time.sleep(0.003)
+        except BaseException as exc:  # surfaced by the test
+            self.error = exc
+        finally:
+            self.client.close()
+
+
+@pytest.mark.slow
+def test_repair_on_a_live_pipeline_never_leaves_an_older_state_behind(
+    mirror, mongo_uri, mongo_client, syncd_factory
+):
+    m = mirror("live_repair", name="live", lease=None, filter=PUBLIC, snapshot_batch_size=50)
+    mongo_client[m.db]["docs"].insert_many([oracle.document(k) for k in range(KEYS)])
+    daemon = syncd_factory(["run"], m.cfg)
+    daemon.wait_for_output(r"-> streaming", timeout=120)
+    load = MixedLoad(mongo_uri, m.db, KEYS, seed=11)
+    load.start()
+    repairs = []
+    try:
+        for _ in range(REPAIRS):
+            # Drift that is not in flight: a record the daemon will never touch.
+            m.collection().upsert(ids=["s:ghost"], documents=["boo"], embeddings=[[0.0] * 4])
+            run = run_syncd(["repair", "live", "--json"], m.cfg, timeout=180)
+            assert run.returncode == 0, run.stdout + run.stderr
+            repairs.append(json.loads(run.stdout))
+    finally:
+        load.stop.set()
+        load.join(10)
+    assert load.error is None, load.error
+    assert load.version > 200, "the load did too little to mean anything"
+    assert all(r["delete"]["count"] >= 1 for r in repairs), repairs  # each repair did work
+
+    wait_caught_up(mongo_client, m.db, m.settings, "live", 120, "syncd to catch up")
+    live = [d for d in mongo_client[m.db]["docs"].find() if d.get("kind") != "private"]
+    problem = m.mismatch(live)
+    assert not problem, f"repair left drift behind on a live pipeline:\n{problem}"
+    verified = run_syncd(["verify", "live"], m.cfg)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    daemon.terminate()
+    assert daemon.wait(30) == 0, daemon.output()
