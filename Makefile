@@ -8,6 +8,9 @@ STANDIN_VENV := .venv-standin
 PHOENIX_VENV := .venv-phoenix
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# pytest-xdist workers for make test (0: no workers, all in this process); each starts its
+# own Chroma and MongoDB servers. Tests that share Phoenix or a module's set-up keep to one.
+PYTEST_WORKERS ?= 2
 
 .PHONY: all install dev standin run test lint typecheck bench bench-large viewer clean promtool chromium
 
@@ -35,7 +38,7 @@ run: $(VENV)/.installed $(STANDIN_VENV)/.installed
 
 # --durations: CI's log shows where the suite's time goes.
 test: $(VENV)/.installed $(STANDIN_VENV)/.installed $(PHOENIX_VENV)/.installed promtool chromium
-	$(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --durations=25 $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check syncd tests examples

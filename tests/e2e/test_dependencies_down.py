@@ -399,6 +399,7 @@ ONE_SHOT = [
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.xdist_group("one-shot")  # one worker runs the pipeline of `ran_once` once
 @pytest.mark.parametrize("server", ["chroma", "mongodb"])
 @pytest.mark.parametrize("command", ONE_SHOT, ids=[" ".join(c[:2]) for c in ONE_SHOT])
 def test_one_shot_commands_exit_with_the_code_of_the_unreachable_server(ran_once, server, command):

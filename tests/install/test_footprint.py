@@ -19,7 +19,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 GOAL_BYTES = 200 * 1024 * 1024
 
-pytestmark = pytest.mark.slow
+# One worker builds the install once: under pytest-xdist the module stays together.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("footprint")]
 
 
 def _tree_size(path: Path) -> int:
