@@ -343,6 +343,9 @@ class MongoCheckpointStore:
 
 # --- file store ---------------------------------------------------------------------
 
+# Times come back aware, in UTC, as from the MongoDB store (its client is tz_aware).
+_READ_OPTIONS = json_util.CANONICAL_JSON_OPTIONS.with_options(tz_aware=True, tzinfo=UTC)
+
 
 class FileCheckpointStore:
     """One JSON file per pipeline, replaced atomically.
@@ -368,7 +371,7 @@ class FileCheckpointStore:
         except UnicodeDecodeError as exc:
             raise corrupt(pipeline, f"{path} is not UTF-8 text") from exc
         try:
-            doc = json_util.loads(text, json_options=json_util.CANONICAL_JSON_OPTIONS)
+            doc = json_util.loads(text, json_options=_READ_OPTIONS)
         except (ValueError, TypeError) as exc:
             raise CheckpointCorruptError(
                 f"checkpoint file {path} is corrupt: {exc}",
