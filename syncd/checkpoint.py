@@ -79,6 +79,9 @@ class Checkpoint:
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     status: dict[str, Any] = dataclasses.field(default_factory=dict)
     halt: dict[str, Any] | None = None  # see syncd.halts; kept apart from the position writes
+    # Only in a rebuild's record (see syncd.switching): its state, a switch in progress,
+    # the previous collection kept for rollback.
+    rebuild: dict[str, Any] | None = None
 
     @property
     def position_summary(self) -> str:
@@ -205,6 +208,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "updated_by": (str,),
     "history": (list,),
     "status": (dict,),
+    "rebuild": (dict, _NONE),
 }
 _SNAPSHOT_TYPES: dict[str, tuple[type, ...]] = {
     "start_token": (dict, _NONE),

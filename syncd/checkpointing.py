@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from syncd import halts
+from syncd import halts, switching
 from syncd.checkpoint import Checkpoint, CheckpointStore, SnapshotProgress, lost_collection, whoami
 from syncd.config import PipelineSettings
 from syncd.errors import FingerprintMismatchError, SinkLostError, SourceFatalError, SyncdError
@@ -81,6 +81,8 @@ class Progress:
         cp = self.store.load(self.settings.name)
         if cp is None:
             return self._first_run()
+        # A rebuild switching (or having switched) the collection: wait, never write.
+        switching.check_start(self.store, self.settings.name, self.fingerprint, cp)
         if cp.fingerprint != self.fingerprint:
             if not self.resync:
                 raise FingerprintMismatchError(

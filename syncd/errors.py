@@ -177,6 +177,14 @@ class TransientError(SyncdError):
         self.retry_after = retry_after
 
 
+class MappingSwitchedError(TransientError):
+    """A rebuild is switching the pipeline's collection, or switched it to another mapping
+    than this process has: the pipeline waits (writes nothing) instead of applying the
+    wrong mapping; the process and its other pipelines keep running."""
+
+    exit_code = ExitCode.CONFIG
+
+
 class SourceUnavailableError(TransientError):
     """MongoDB cannot be reached now. `syncd run` retries; a one-shot command exits 4."""
 

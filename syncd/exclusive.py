@@ -97,6 +97,7 @@ def exclusive(
     command: str,
     who: str,
     unreadable_ok: bool = False,
+    configured: bool = True,
 ) -> Iterator[Hold]:
     """Hold pipeline ``name`` with a fresh epoch while the block runs; see the module doc.
 
@@ -104,9 +105,11 @@ def exclusive(
     ``who`` prefixes the lease owner, e.g. ``syncd-snapshot``. ``unreadable_ok`` (for
     ``tokens reset``, whose job is to delete it): a checkpoint whose epoch cannot be read
     does not stop the command; without leases it yields epoch 0, with leases the
-    checkpoint is deleted before the lease is taken again.
+    checkpoint is deleted before the lease is taken again. ``configured`` false: ``name``
+    is not a configured pipeline's but a rebuild's (see :mod:`syncd.rebuild`).
     """
-    runtime.settings.pipeline(name)  # an unknown name is a ConfigError; take nothing for it
+    if configured:
+        runtime.settings.pipeline(name)  # an unknown name is a ConfigError; take nothing for it
     if not uses_leases(runtime.settings):
         try:
             epoch = runtime.store.next_epoch(name)

@@ -25,6 +25,7 @@ VERBS = (
     "run",
     "check",
     "snapshot",
+    "rebuild",
     "status",
     "resume",
     "verify",

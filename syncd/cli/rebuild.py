@@ -1,0 +1,62 @@
+"""`syncd rebuild PIPELINE [--rollback | --drop-previous]`: a new collection beside the
+live one, then a switch (see :mod:`syncd.rebuild`)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from typing import Any
+
+from syncd.cli.common import add_config_options, command_line, load_settings
+
+
+def register(verbs: Any) -> None:
+    parser = verbs.add_parser(
+        "rebuild",
+        help="build a pipeline's collection beside the live one with the configured "
+        "mapping, then switch to it",
+        description="Build a new Chroma collection (NAME--vN) with the configured mapping "
+        "and embedder while the live collection keeps serving and streaming: a snapshot, "
+        "then streaming until caught up. Then take the pipeline (fencing a running daemon "
+        "out for the switch), catch up, and switch: NAME serves the new records, the old "
+        "collection is kept as NAME--vN-1. A crash at any point is resumed by running the "
+        "same command again. SIGTERM or Ctrl-C stops after the current batch (exit 1).",
+    )
+    add_config_options(parser)
+    parser.add_argument("pipeline", metavar="PIPELINE")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument(
+        "--rollback",
+        action="store_true",
+        help="switch back to the previous collection, which streams on from where it stopped",
+    )
+    what.add_argument("--drop-previous", action="store_true", help="delete the previous collection")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="proceed even while another `syncd rebuild` of this pipeline holds it",
+    )
+    parser.set_defaults(handler=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    settings = load_settings(args, chroma=True)
+    from syncd.rebuild import rebuild
+
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: Any) -> None:
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    action = "rollback" if args.rollback else "drop_previous" if args.drop_previous else "build"
+    return rebuild(
+        settings,
+        settings.pipeline(args.pipeline),
+        action=action,
+        force=args.force,
+        command=command_line(),
+        stop=stop,
+    )

@@ -1,0 +1,359 @@
+"""`syncd rebuild`: build a pipeline's collection again beside the live one, then switch.
+
+1. Record the rebuild (:mod:`syncd.switching`): the new collection's versioned name,
+   ``NAME--vN+1``, and the mapping it is built with.
+2. Build it as a pipeline of its own, ``PIPELINE~rebuild`` (own checkpoint, own lease):
+   a snapshot with the configured mapping from a stream position recorded before the
+   scan, then streaming from that position until caught up. The live pipeline keeps
+   streaming into the live collection meanwhile; searches see only that one.
+3. Take the live pipeline's lease (fencing its writer out), catch up once more, and
+   switch (:func:`syncd.switching.complete`): the live collection is renamed to
+   ``NAME--vN``, the new one to ``NAME``, and the live checkpoint then describes the new
+   collection at the build's position, with the new mapping's fingerprint.
+
+``--rollback`` switches back to the previous collection (at the position it stopped
+at; the daemon replays from there); ``--drop-previous`` deletes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from bson.timestamp import Timestamp
+
+from syncd import switching
+from syncd.checkpoint import Checkpoint
+from syncd.config import PipelineSettings, Settings
+from syncd.errors import ConfigError, ExitCode
+from syncd.exclusive import Hold, exclusive
+from syncd.mapping import Mapper
+from syncd.runtime import Runtime
+from syncd.switching import build_name, load_record, position_of, save_record, versioned
+from syncd.telemetry import PipelineTelemetry
+
+log = logging.getLogger(__name__)
+
+
+def rebuild(
+    settings: Settings,
+    ps: PipelineSettings,
+    *,
+    action: str = "build",
+    force: bool = False,
+    command: str | None = None,
+    stop: threading.Event | None = None,
+) -> int:
+    """``action``: "build" (build and switch), "rollback" or "drop_previous"."""
+    name = ps.name
+    command = command or f"syncd rebuild {name}"
+    stop = stop or threading.Event()
+    runtime = Runtime(settings)
+    try:
+        with exclusive(
+            runtime,
+            build_name(name),
+            force=force,
+            command=command,
+            who="syncd-rebuild",
+            configured=False,
+        ) as hold:
+            job = _Rebuild(runtime, ps, hold, command, stop)
+            if job.record.get("state") == "switching":
+                job.switch()
+                print(f"completed the interrupted switch of {name}")
+                if action == "build" and job.fingerprint == job.record.get("fingerprint"):
+                    return ExitCode.OK
+            if action == "rollback":
+                return job.rollback()
+            if action == "drop_previous":
+                return job.drop_previous()
+            return job.build()
+    finally:
+        runtime.close()
+
+
+class _Rebuild:
+    def __init__(
+        self,
+        runtime: Runtime,
+        ps: PipelineSettings,
+        hold: Hold,
+        command: str,
+        stop: threading.Event,
+    ) -> None:
+        self.runtime = runtime
+        self.store = runtime.store
+        self.ps = ps
+        self.name = ps.name
+        self.base = ps.chroma_collection_name
+        self.hold = hold
+        self.command = command
+        self.stop = stop
+        self.fingerprint = Mapper(ps).fingerprint
+        self.record = load_record(self.store, self.name)
+
+    # --- build --------------------------------------------------------------------
+
+    def build(self) -> int:
+        live = self._live()
+        record = self.record
+        if record.get("state") != "building":
+            if live.fingerprint == self.fingerprint:
+                print(f"nothing to rebuild: {self.name}'s collection has this mapping already")
+                return ExitCode.OK
+            previous = record.get("previous")
+            if previous:
+                raise ConfigError(
+                    f"the previous collection {previous['name']!r} of {self.name} is still "
+                    "kept from the last rebuild",
+                    hint=f"run `syncd rebuild {self.name} --drop-previous` first (or "
+                    f"`syncd rebuild {self.name} --rollback` to go back to it)",
+                    pipeline=self.name,
+                )
+            generation = int(record.get("generation", 1))
+            record = {
+                "state": "building",
+                "generation": generation,
+                "target": versioned(self.base, generation + 1),
+                "fingerprint": self.fingerprint,
+                "previous": None,
+            }
+            self._start_over(record, live)
+        elif record.get("fingerprint") != self.fingerprint:
+            log.warning(
+                "the mapping changed again since this rebuild began: building it over",
+                extra={"pipeline": self.name},
+            )
+            record = dict(record, fingerprint=self.fingerprint)
+            self._start_over(record, live)
+        else:
+            built = self.store.load(build_name(self.name))
+            if built is None or built.fingerprint != self.fingerprint:
+                self._start_over(record, live)
+            else:
+                print(f"continuing the rebuild of {self.name} into {record['target']}")
+        self.record = record
+        if self._run_build() is None:
+            return self._interrupted()
+        with exclusive(
+            self.runtime, self.name, force=True, command=self.command, who="syncd-rebuild"
+        ) as live_hold:
+            built_cp = self._run_build()  # the live writer is fenced out: catch up once more
+            if built_cp is None:
+                return self._interrupted()
+            live = self._live()
+            generation = int(record["generation"])
+            parked = versioned(self.base, generation)
+            self._switch_to(
+                live,
+                into={
+                    "id": built_cp.chroma_collection_id,
+                    "name": record["target"],
+                    "position": position_of(built_cp),
+                },
+                after={
+                    "generation": generation + 1,
+                    "fingerprint": self.fingerprint,
+                    "target": None,
+                    "previous": {
+                        "name": parked,
+                        "id": live.chroma_collection_id,
+                        "generation": generation,
+                        "position": position_of(live),
+                    },
+                },
+                parked=parked,
+                epoch=live_hold.epoch,
+            )
+        print(
+            f"rebuild of {self.name} switched: {self.base!r} now holds the new records; the "
+            f"previous collection is kept as {parked!r} (`syncd rebuild {self.name} --rollback` "
+            f"goes back to it, `--drop-previous` deletes it)"
+        )
+        return ExitCode.OK
+
+    def _start_over(self, record: dict[str, Any], live: Checkpoint) -> None:
+        """An empty new collection and no build checkpoint, then the record says "building"."""
+        self.hold.check()
+        client = self.runtime.chroma
+        names = switching.collections(client, f"chroma:{record['target']}")
+        kept = {live.chroma_collection_id, (record.get("previous") or {}).get("id")}
+        for cid, cname in names.items():
+            if cname == record["target"] and cid not in kept:
+                switching.delete(client, cname)  # an abandoned build's: its vectors may be stale
+        self.store.delete(build_name(self.name))
+        save_record(self.store, self.name, record)
+
+    def _run_build(self) -> Checkpoint | None:
+        """Snapshot (or continue) into the new collection, then stream until caught up.
+
+        The build's checkpoint when caught up; None when stopped first.
+        """
+        settings = self.ps.model_copy(
+            update={
+                "name": build_name(self.name),
+                "chroma_collection": self.record["target"],
+                "snapshot": "initial",
+                "on_sink_lost": "resnapshot",
+                "on_history_lost": "resnapshot",
+            }
+        )
+        until = threading.Event()
+        threading.Thread(target=_relay, args=(self.stop, until), daemon=True).start()
+        # Under a steady write load no read comes back empty: caught up is also having
+        # checkpointed past the latest operation in MongoDB when this began.
+        target = self.runtime.source(settings).server_time()
+        telemetry = _UntilCaughtUp(self.runtime.telemetry.pipeline(settings.name), until, target)
+        pipeline = self.runtime.pipeline(
+            settings,
+            stop=until,
+            epoch=self.hold.epoch,
+            resync=True,
+            telemetry=telemetry,  # type: ignore[arg-type]
+            fence=self.hold.check,
+        )
+        pipeline.progress.publish("rebuilding")
+        pipeline.run()
+        cp = pipeline.checkpoint
+        if self.stop.is_set() or not telemetry.caught or cp is None or cp.phase != "streaming":
+            return None
+        return cp
+
+    def _interrupted(self) -> int:
+        print(f"rebuild interrupted; run `{self.command}` again to continue")
+        return ExitCode.DRIFT_OR_FAILURE
+
+    # --- switch, rollback, drop -------------------------------------------------------
+
+    def _switch_to(
+        self,
+        live: Checkpoint,
+        *,
+        into: dict[str, Any],
+        after: dict[str, Any],
+        parked: str,
+        epoch: int,
+    ) -> None:
+        """Record the intent, then complete it (see :func:`syncd.switching.complete`)."""
+        intent = {
+            "live_name": self.base,
+            "out": {"id": live.chroma_collection_id, "name": parked},
+            "in": into,
+            "after": after,
+        }
+        record = dict(self.record, state="switching", switch=intent)
+        self.hold.check()
+        save_record(self.store, self.name, record)
+        self.hold.check()
+        self.record = switching.complete(
+            self.store, self.runtime.chroma, self.name, record, epoch=epoch
+        )
+
+    def switch(self) -> None:
+        """Complete a switch a crash interrupted."""
+        with exclusive(
+            self.runtime, self.name, force=True, command=self.command, who="syncd-rebuild"
+        ) as live_hold:
+            self.hold.check()
+            self.record = switching.complete(
+                self.store, self.runtime.chroma, self.name, self.record, epoch=live_hold.epoch
+            )
+
+    def rollback(self) -> int:
+        previous = self.record.get("previous")
+        if not previous:
+            raise ConfigError(
+                f"{self.name} has no previous collection to roll back to",
+                hint="a rollback follows a `syncd rebuild` that switched, until `--drop-previous`",
+                pipeline=self.name,
+            )
+        with exclusive(
+            self.runtime, self.name, force=True, command=self.command, who="syncd-rebuild"
+        ) as live_hold:
+            live = self._live()
+            generation = int(self.record["generation"])
+            parked = versioned(self.base, generation)
+            self._switch_to(
+                live,
+                into={k: previous[k] for k in ("id", "name", "position")},
+                after={
+                    "generation": int(previous["generation"]),
+                    "fingerprint": previous["position"]["fingerprint"],
+                    "target": None,
+                    "previous": {
+                        "name": parked,
+                        "id": live.chroma_collection_id,
+                        "generation": generation,
+                        "position": position_of(live),
+                    },
+                },
+                parked=parked,
+                epoch=live_hold.epoch,
+            )
+        print(
+            f"rolled {self.name} back: {self.base!r} holds the previous collection again and "
+            f"streams from where it stopped; the one it replaced is kept as {parked!r}. Run "
+            "syncd with the configuration of that mapping"
+        )
+        return ExitCode.OK
+
+    def drop_previous(self) -> int:
+        previous = self.record.get("previous")
+        if not previous:
+            print(f"{self.name} keeps no previous collection")
+            return ExitCode.OK
+        client = self.runtime.chroma
+        names = switching.collections(client, f"chroma:{previous['name']}")
+        current = names.get(previous["id"])
+        self.hold.check()
+        if current is not None and current != self.base:
+            switching.delete(client, current)
+        save_record(self.store, self.name, dict(self.record, previous=None))
+        print(f"deleted {self.name}'s previous collection {previous['name']!r}")
+        return ExitCode.OK
+
+    def _live(self) -> Checkpoint:
+        live = self.store.load(self.name)
+        if live is None or live.chroma_collection_id is None:
+            raise ConfigError(
+                f"pipeline {self.name!r} has no live collection to rebuild beside yet",
+                hint="`syncd run` makes its first copy; rebuild a pipeline that has one",
+                pipeline=self.name,
+            )
+        return live
+
+
+def _relay(source: threading.Event, target: threading.Event) -> None:
+    while not target.is_set():
+        if source.wait(0.5):
+            target.set()
+
+
+class _UntilCaughtUp:
+    """The build's telemetry, which also stops it the first time it finds no change waiting."""
+
+    def __init__(
+        self, inner: PipelineTelemetry, until: threading.Event, target: Timestamp | None
+    ) -> None:
+        self._inner = inner
+        self._until = until
+        self._target = target
+        self.caught = False
+
+    def caught_up(self) -> None:
+        self._inner.caught_up()
+        self._done()
+
+    def checkpointed(self, cluster_time: Timestamp | None) -> None:
+        self._inner.checkpointed(cluster_time)
+        if self._target is not None and cluster_time is not None and cluster_time >= self._target:
+            self._done()
+
+    def _done(self) -> None:
+        self.caught = True
+        self._until.set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)

@@ -1,0 +1,205 @@
+"""A rebuild's record, and the switch of a pipeline's Chroma collection.
+
+``syncd rebuild PIPELINE`` builds a new collection beside the live one and then
+switches: the configured collection name serves the new records, and the old
+collection is kept under a versioned name for a rollback. What the rebuild has done is
+recorded in the checkpoint store, in a document of its own named ``PIPELINE~switch``
+('~' is not allowed in a pipeline name, so it never collides with one), as
+:class:`~syncd.checkpoint.Checkpoint` ``rebuild``::
+
+    {"state": "building" | "switching" | "switched",
+     "generation": N,              # the live collection is version N (1 before any rebuild)
+     "target": "NAME--vN+1",       # while building: where the new collection is built
+     "switch": {...},              # while switching: everything the switch needs
+     "previous": {...} | None}     # the collection kept for rollback, with its position
+
+A switch (and a rollback, which is a switch back) is done so that a crash at any
+instant leaves it done or resumable: the intent is recorded first, then the two
+renames are made (each checked by collection id, so a repeated step is skipped), the
+live checkpoint is written (new fingerprint, collection id and position), and last the
+intent is cleared. While an intent is recorded, a daemon does not stream the pipeline
+(:func:`check_start` raises a transient error): re-running the command completes it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from syncd.checkpoint import Checkpoint, CheckpointStore
+from syncd.errors import MappingSwitchedError, SyncdError, from_sink
+
+log = logging.getLogger(__name__)
+
+BUILD_SUFFIX = "~rebuild"  # the build's own checkpoint and lease
+RECORD_SUFFIX = "~switch"  # the rebuild's record
+
+# What a live checkpoint carries from one collection to the next.
+POSITION_FIELDS = ("token", "token_is_invalidate", "start_at", "cluster_time", "counts")
+
+
+def build_name(pipeline: str) -> str:
+    return f"{pipeline}{BUILD_SUFFIX}"
+
+
+def record_name(pipeline: str) -> str:
+    return f"{pipeline}{RECORD_SUFFIX}"
+
+
+def versioned(collection: str, generation: int) -> str:
+    return f"{collection}--v{generation}"
+
+
+def load_record(store: CheckpointStore, pipeline: str) -> dict[str, Any]:
+    cp = store.load(record_name(pipeline))
+    return dict(cp.rebuild or {}) if cp is not None else {}
+
+
+def save_record(store: CheckpointStore, pipeline: str, record: Mapping[str, Any]) -> None:
+    """Written only by the holder of the build's lease (checked by the caller)."""
+    cp = Checkpoint(
+        pipeline=record_name(pipeline),
+        fingerprint=str(record.get("fingerprint", "")),
+        rebuild=dict(record),
+    )
+    store.save(cp, history_reason=f"rebuild {record.get('state', '?')}")
+
+
+def position_of(cp: Checkpoint) -> dict[str, Any]:
+    out = {field: getattr(cp, field) for field in POSITION_FIELDS}
+    out["counts"] = dict(cp.counts)
+    out["fingerprint"] = cp.fingerprint
+    return out
+
+
+# --- what a daemon does about it ------------------------------------------------------
+
+
+def check_start(store: CheckpointStore, pipeline: str, fingerprint: str, cp: Checkpoint) -> None:
+    """Raise MappingSwitchedError when the pipeline must not stream with ``fingerprint``.
+
+    * a switch is in progress (a crashed `syncd rebuild`): wait until it is completed;
+    * the checkpoint has another mapping than this process, and a rebuild switched the
+      pipeline to that mapping (this process runs the old configuration), or a rebuild
+      to this process's mapping is under way (this process runs the new one early).
+
+    Transient: the pipeline writes nothing, reports not ready with the reason, and
+    starts by itself once the checkpoint matches (after a restart with the other
+    configuration, a rollback, or the switch). Other mismatches are left to the caller.
+    """
+    record = load_record(store, pipeline)
+    if not record:
+        return
+    if record.get("state") == "switching":
+        raise MappingSwitchedError(
+            "a rebuild is switching this pipeline's Chroma collection",
+            hint=f"wait for it, or, if `syncd rebuild {pipeline}` was interrupted, run it "
+            "again to complete the switch",
+            pipeline=pipeline,
+        )
+    if cp.fingerprint == fingerprint:
+        return
+    if record.get("state") == "switched" and record.get("fingerprint") == cp.fingerprint:
+        raise MappingSwitchedError(
+            "the pipeline was rebuilt with another mapping than this process's "
+            "configuration; not writing the old mapping into the new collection",
+            hint="restart syncd with the configuration the rebuild used (or run "
+            f"`syncd rebuild {pipeline} --rollback` to go back to the previous collection)",
+            pipeline=pipeline,
+        )
+    if record.get("state") == "building" and record.get("fingerprint") == fingerprint:
+        raise MappingSwitchedError(
+            "a rebuild with this process's mapping is under way; the pipeline starts once "
+            "it has switched",
+            hint=f"`syncd rebuild {pipeline}` finishes it; `syncd status` shows its progress",
+            pipeline=pipeline,
+        )
+
+
+# --- the switch -------------------------------------------------------------------------
+
+
+def collections(client: Any, namespace: str) -> dict[str, str]:
+    """Every Chroma collection of the database, id -> name."""
+    try:
+        found = client.list_collections()
+    except Exception as exc:
+        raise from_sink(exc, namespace=namespace) from exc
+    return {str(coll.id): str(coll.name) for coll in found}
+
+
+def rename(client: Any, current: str, new: str) -> None:
+    try:
+        client.get_collection(current, embedding_function=None).modify(name=new)
+    except Exception as exc:
+        raise from_sink(exc, namespace=f"chroma:{current}") from exc
+    log.info("renamed Chroma collection %s to %s", current, new)
+
+
+def delete(client: Any, name: str) -> None:
+    try:
+        client.delete_collection(name)
+    except Exception as exc:
+        raise from_sink(exc, namespace=f"chroma:{name}") from exc
+    log.info("deleted Chroma collection %s", name)
+
+
+def complete(
+    store: CheckpointStore, client: Any, pipeline: str, record: dict[str, Any], *, epoch: int
+) -> dict[str, Any]:
+    """Finish the switch recorded in ``record`` (state "switching"); the record after it.
+
+    Each step looks first whether it was done: run again after a crash at any point, it
+    ends in the same state. ``epoch`` is the live pipeline's, held by the caller.
+    """
+    switch = record["switch"]
+    live_name = switch["live_name"]
+    out_id, in_id = switch["out"]["id"], switch["in"]["id"]
+    names = collections(client, f"chroma:{live_name}")
+    if in_id not in names:
+        raise SyncdError(
+            f"the Chroma collection {switch['in']['name']!r} (id {in_id}) to switch to is gone",
+            hint=f"run `syncd rebuild {pipeline}` to build it again",
+            pipeline=pipeline,
+        )
+    if out_id is not None and names.get(out_id) == live_name:
+        rename(client, live_name, switch["out"]["name"])
+    if names.get(in_id) != live_name:
+        if live_name in names.values() and names.get(out_id) != live_name:
+            raise SyncdError(
+                f"another Chroma collection named {live_name!r} appeared during the switch",
+                hint=f"rename or delete it, then run `syncd rebuild {pipeline}` again",
+                pipeline=pipeline,
+            )
+        rename(client, names[in_id], live_name)
+    _write_live(store, pipeline, switch, epoch)
+    store.delete(build_name(pipeline))  # the build's position now is the live one
+    done = {key: value for key, value in record.items() if key != "switch"}
+    done.update(switch["after"])
+    done["state"] = "switched"
+    save_record(store, pipeline, done)
+    return done
+
+
+def _write_live(store: CheckpointStore, pipeline: str, switch: dict[str, Any], epoch: int) -> None:
+    position = switch["in"]["position"]
+    current = store.load(pipeline)
+    if (
+        current is not None
+        and current.chroma_collection_id == switch["in"]["id"]
+        and current.fingerprint == position["fingerprint"]
+    ):
+        return  # written before a crash; a daemon may have moved it on since
+    cp = Checkpoint(
+        pipeline=pipeline,
+        fingerprint=position["fingerprint"],
+        phase="streaming",
+        chroma_collection_id=switch["in"]["id"],
+        epoch=epoch,
+    )
+    for field in POSITION_FIELDS:
+        setattr(cp, field, position.get(field))
+    cp.counts = dict(position.get("counts") or {})
+    store.save(cp, history_reason=f"switched to Chroma collection id {switch['in']['id']}")
+    store.set_halt(pipeline, None)  # a halt held the other collection's position

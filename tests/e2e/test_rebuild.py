@@ -1,0 +1,271 @@
+"""`syncd rebuild`: a changed embedder and mapping built beside the live collection under
+a steady write load, queries answered from one collection throughout, a switch, and a
+rollback; and kill -9 at random points of a rebuild, resumed by running it again."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pymongo import MongoClient
+
+from syncd.errors import ExitCode
+from tests.harness.daemon import SyncdProcess
+
+from .helpers import (
+    load_checkpoint,
+    pipeline_table,
+    settings_of,
+    wait_caught_up,
+    wait_until,
+    write_config,
+)
+from .oracle import EMBEDDER, METADATA, document, embedded_by_the_api, mismatch
+
+DOCS = 300
+NEW_METADATA = ("title", "n")  # the new mapping drops tags and nested
+NEW_DIMENSIONS = 32
+
+
+def _configs(tmp_path: Path, mongo_uri: str, chroma_server: Any, db: str, coll: str) -> Any:
+    def make(path: str, **table: Any) -> Path:
+        return write_config(
+            tmp_path / path,
+            mongo_uri=mongo_uri,
+            chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
+            checkpoint_db=f"{db}_syncd",
+            extra={"lease": {"ttl_s": 4, "renew_every_s": 1}},
+            pipelines=[
+                pipeline_table("p", db, chroma_collection=coll, snapshot_batch_size=50, **table)
+            ],
+        )
+
+    old = make("old.toml", mapping={"text": "body", "metadata": list(METADATA)}, embedder=EMBEDDER)
+    new = make(
+        "new.toml",
+        mapping={"text": "body", "metadata": list(NEW_METADATA)},
+        embedder={"kind": "hashing", "dimensions": NEW_DIMENSIONS},
+    )
+    return old, new
+
+
+class _Writes:
+    """A steady write load: updates, inserts and deletes, until stopped."""
+
+    def __init__(self, mongo_uri: str, db: str) -> None:
+        self.client: MongoClient[dict[str, Any]] = MongoClient(mongo_uri)
+        self.docs = self.client[db]["docs"]
+        self.stop = threading.Event()
+        self.count = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        rng = random.Random(7)
+        while not self.stop.is_set():
+            key = rng.randrange(DOCS + 50)
+            version = rng.randrange(1, 5)  # the oracle's vectors stay within [-1, 1]
+            if rng.random() < 0.1:
+                self.docs.delete_one({"_id": key})
+            else:
+                self.docs.replace_one({"_id": key}, document(key, version=version), upsert=True)
+            self.count += 1
+            time.sleep(0.02)
+
+    def __enter__(self) -> _Writes:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.client.close()
+
+
+class _Queries:
+    """Reads the collection by its name again and again; each answer must come from one
+    collection: every record with the old mapping (4-dimensional field vectors, tags in
+    the metadata) or every record with the new one (32 dimensions, no tags)."""
+
+    def __init__(self, chroma: Any, name: str) -> None:
+        self.chroma = chroma
+        self.name = name
+        self.stop = threading.Event()
+        self.seen: list[str] = []
+        self.mixed: list[str] = []
+        self.failed = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                got = self.chroma.get_collection(self.name).get(
+                    limit=40, include=["embeddings", "metadatas"]
+                )
+            except Exception:  # the instant between the two renames
+                self.failed += 1
+                continue
+            kinds = {
+                (len(vector), "tags.0" in (meta or {}) or "tags" in (meta or {}))
+                for vector, meta in zip(got["embeddings"], got["metadatas"], strict=True)
+            }
+            if kinds <= {(4, True)}:
+                kind = "old"
+            elif kinds <= {(NEW_DIMENSIONS, False)}:
+                kind = "new"
+            else:
+                self.mixed.append(repr(kinds))
+                continue
+            if kinds and (not self.seen or self.seen[-1] != kind):
+                self.seen.append(kind)
+            time.sleep(0.05)
+
+    def __enter__(self) -> _Queries:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
+def _names() -> tuple[str, str]:
+    suffix = uuid.uuid4().hex[:8]
+    return f"rebuild_{suffix}", f"rebuild-{suffix}"
+
+
+def test_rebuild_switches_under_load_and_rolls_back(
+    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
+):
+    db, coll = _names()
+    old_cfg, new_cfg = _configs(tmp_path, mongo_uri, chroma_server, db, coll)
+    settings = settings_of(old_cfg)
+    docs = mongo_client[db]["docs"]
+    docs.insert_many([document(i) for i in range(DOCS)])
+    daemon = syncd_factory(["run"], old_cfg, log_path=tmp_path / "old.log")
+    wait_caught_up(mongo_client, db, settings, "p", 90, "the first copy")
+    chroma = chroma_server.client()
+    old_id = str(chroma.get_collection(coll).id)
+
+    with _Queries(chroma, coll) as queries, _Writes(mongo_uri, db) as writes:
+        wait_until(lambda: writes.count > 20, 30, "writes under way")
+        rebuild = syncd_factory(["rebuild", "p"], new_cfg, log_path=tmp_path / "rebuild.log")
+        assert rebuild.wait(240) == ExitCode.OK, rebuild.output()
+        # The daemon with the old mapping is fenced out for the switch and then waits,
+        # alive, without writing the old mapping into the new collection.
+        wait_until(
+            lambda: "rebuilt with another mapping" in daemon.output(), 60, "the old daemon to wait"
+        )
+        assert daemon.is_running(), daemon.output()
+        status = _status(new_cfg)
+        assert '"MappingSwitchedError"' in status, status
+        daemon.terminate()
+        assert daemon.wait(30) == ExitCode.OK, daemon.output()
+        new_daemon = syncd_factory(["run"], new_cfg, log_path=tmp_path / "new.log")
+        wait_until(lambda: writes.count > 200 + 20, 120, "more writes after the switch")
+    assert not queries.mixed, queries.mixed[:5]
+    assert queries.seen == ["old", "new"], queries.seen
+
+    wait_caught_up(mongo_client, db, settings, "p", 90, "the new daemon to catch up")
+    live = chroma.get_collection(coll)
+    assert str(live.id) != old_id
+    want = embedded_by_the_api(
+        docs.find(), dimensions=NEW_DIMENSIONS, metadata_fields=list(NEW_METADATA)
+    )
+    from .helpers import diff
+    from .oracle import actual
+
+    problem = diff(want, actual(live))
+    assert not problem, problem
+    names = {c.name: str(c.id) for c in chroma.list_collections()}
+    assert names.get(f"{coll}--v1") == old_id, names  # kept for a rollback
+
+    # Changes after the switch reach the previous collection once it is rolled back.
+    for key in range(5):
+        docs.replace_one({"_id": key}, document(key, version=4), upsert=True)
+    new_daemon.terminate()
+    assert new_daemon.wait(30) == ExitCode.OK, new_daemon.output()
+    back = syncd_factory(["rebuild", "p", "--rollback"], new_cfg, log_path=tmp_path / "rb.log")
+    assert back.wait(120) == ExitCode.OK, back.output()
+    daemon = syncd_factory(["run"], old_cfg, log_path=tmp_path / "old-again.log")
+    wait_caught_up(mongo_client, db, settings, "p", 90, "the rolled-back pipeline")
+    live = chroma.get_collection(coll)
+    assert str(live.id) == old_id
+    problem = mismatch(docs.find(), live)
+    assert not problem, problem
+    daemon.terminate()
+    assert daemon.wait(30) == ExitCode.OK, daemon.output()
+
+    drop = syncd_factory(["rebuild", "p", "--drop-previous"], old_cfg, log_path=tmp_path / "d.log")
+    assert drop.wait(60) == ExitCode.OK, drop.output()
+    names = {c.name for c in chroma.list_collections()}
+    assert f"{coll}--v2" not in names and coll in names, names
+    mongo_client.drop_database(db)
+    mongo_client.drop_database(f"{db}_syncd")
+
+
+def _status(cfg: Path) -> str:
+    from tests.harness.daemon import run_syncd
+
+    done = run_syncd(["status", "--json"], cfg)
+    return done.stdout
+
+
+def test_rebuild_killed_at_random_points_ends_with_one_live_collection(
+    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
+):
+    """kill -9 of `syncd rebuild` at random instants (snapshot, catch-up, switch), each
+    time run again, while a daemon with the old mapping streams; in the end the
+    collection's name serves MongoDB under the new mapping and one previous is kept."""
+    db, coll = _names()
+    old_cfg, new_cfg = _configs(tmp_path, mongo_uri, chroma_server, db, coll)
+    settings = settings_of(old_cfg)
+    docs = mongo_client[db]["docs"]
+    docs.insert_many([document(i) for i in range(DOCS)])
+    daemon = syncd_factory(["run"], old_cfg, log_path=tmp_path / "old.log")
+    wait_caught_up(mongo_client, db, settings, "p", 90, "the first copy")
+    rng = random.Random(11)
+    kills = 0
+    for attempt in range(12):
+        docs.replace_one({"_id": attempt}, document(attempt, version=attempt % 4 + 1))
+        rebuild = SyncdProcess(["rebuild", "p"], new_cfg, log_path=tmp_path / "rebuild.log")
+        rebuild.start()
+        time.sleep(rng.uniform(0.5, 6.0))
+        if rebuild.returncode is not None:
+            assert rebuild.returncode == ExitCode.OK, rebuild.output()
+            break
+        rebuild.kill()
+        kills += 1
+    else:
+        rebuild = SyncdProcess(["rebuild", "p"], new_cfg, log_path=tmp_path / "rebuild.log")
+        rebuild.start()
+        assert rebuild.wait(240) == ExitCode.OK, rebuild.output()
+    assert kills >= 1
+    # A last run after the switch finds nothing left to do.
+    final = SyncdProcess(["rebuild", "p"], new_cfg, log_path=tmp_path / "rebuild.log").start()
+    assert final.wait(120) == ExitCode.OK, final.output()
+    assert "nothing to rebuild" in final.output(), final.output()
+    daemon.terminate()
+    daemon.wait(30)
+    new_daemon = syncd_factory(["run"], new_cfg, log_path=tmp_path / "new.log")
+    wait_caught_up(mongo_client, db, settings, "p", 90, "the new daemon")
+    chroma = chroma_server.client()
+    from .helpers import diff
+    from .oracle import actual
+
+    want = embedded_by_the_api(
+        docs.find(), dimensions=NEW_DIMENSIONS, metadata_fields=list(NEW_METADATA)
+    )
+    problem = diff(want, actual(chroma.get_collection(coll)))
+    assert not problem, problem
+    ours = sorted(c.name for c in chroma.list_collections() if c.name.startswith(coll))
+    assert ours == [coll, f"{coll}--v1"], ours
+    cp = load_checkpoint(settings, "p")
+    assert cp is not None and cp.chroma_collection_id == str(chroma.get_collection(coll).id)
+    new_daemon.terminate()
+    new_daemon.wait(30)
+    mongo_client.drop_database(db)
+    mongo_client.drop_database(f"{db}_syncd")
