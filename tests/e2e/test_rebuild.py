@@ -4,6 +4,7 @@ rollback; and kill -9 at random points of a rebuild, resumed by running it again
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -227,25 +228,43 @@ def test_rebuild_killed_at_random_points_ends_with_one_live_collection(
     docs.insert_many([document(i) for i in range(DOCS)])
     daemon = syncd_factory(["run"], old_cfg, log_path=tmp_path / "old.log")
     wait_caught_up(mongo_client, db, settings, "p", 90, "the first copy")
-    rng = random.Random(11)
+    rng = random.Random(int(os.environ.get("SYNCD_REBUILD_CRASH_SEED", "11")))
+    # Random instants first (start, snapshot), then just after each step of the switch
+    # is logged: the catch-up under the live lease, and between or after the renames.
+    plan: list[tuple[str, float]] = [("", 8.0)] * int(
+        os.environ.get("SYNCD_REBUILD_CRASH_RUNS", "2")
+    )
+    plan += [
+        ("state=snapshotting", 0.5),
+        ("snapshot complete", 0.3),
+        (r"took the lease of pipeline p \(", 0.3),
+        ("renamed Chroma collection", 0.0),
+    ]
+    # The killed run's lease is live for a few seconds more: the re-run takes it over
+    # with --force, as the refusal's hint says.
+    args = ["rebuild", "p"]
     kills = 0
-    for attempt in range(12):
+    log = tmp_path / "rebuild.log"
+    for attempt, (marker, delay) in enumerate(plan):
         docs.replace_one({"_id": attempt}, document(attempt, version=attempt % 4 + 1))
-        rebuild = SyncdProcess(["rebuild", "p"], new_cfg, log_path=tmp_path / "rebuild.log")
-        rebuild.start()
-        time.sleep(rng.uniform(0.5, 6.0))
+        rebuild = SyncdProcess(args, new_cfg, log_path=log).start()
+        args = ["rebuild", "p", "--force"]
+        try:
+            if marker:
+                rebuild.wait_for_output(marker, 120)
+            time.sleep(rng.uniform(0, delay))
+        except AssertionError:
+            pass  # it finished first
         if rebuild.returncode is not None:
             assert rebuild.returncode == ExitCode.OK, rebuild.output()
-            break
+            continue
         rebuild.kill()
         kills += 1
-    else:
-        rebuild = SyncdProcess(["rebuild", "p"], new_cfg, log_path=tmp_path / "rebuild.log")
-        rebuild.start()
-        assert rebuild.wait(240) == ExitCode.OK, rebuild.output()
-    assert kills >= 1
+    rebuild = SyncdProcess(args, new_cfg, log_path=log).start()
+    assert rebuild.wait(240) == ExitCode.OK, rebuild.output()
+    assert kills >= 3, rebuild.output()
     # A last run after the switch finds nothing left to do.
-    final = SyncdProcess(["rebuild", "p"], new_cfg, log_path=tmp_path / "rebuild.log").start()
+    final = SyncdProcess(args, new_cfg, log_path=tmp_path / "rebuild.log").start()
     assert final.wait(120) == ExitCode.OK, final.output()
     assert "nothing to rebuild" in final.output(), final.output()
     daemon.terminate()
