@@ -18,7 +18,7 @@ from typing import Any
 
 from bson.timestamp import Timestamp
 
-from syncd import halts, positions
+from syncd import halts, positions, switching
 from syncd.checkpoint import Checkpoint
 from syncd.config import PipelineSettings
 from syncd.errors import SyncdError
@@ -63,6 +63,9 @@ def describe(
     if cp.wall_time is not None:
         out["checkpoint_age_s"] = _age(cp.wall_time)
     out["dead_letters"] = runtime.dead_letters(ps).count(ps.name)
+    rebuild = _rebuild(runtime, ps, server_time)
+    if rebuild is not None:
+        out["rebuild"] = rebuild
     halt = halts.active(cp)
     if halt is not None:
         out["state"] = "halted"
@@ -94,6 +97,34 @@ def _position(cp: Checkpoint) -> dict[str, Any]:
         out["applied_through"] = format_timestamp(cp.cluster_time)
         out.setdefault("position", out["applied_through"])
         out.setdefault("position_time", _iso(datetime.fromtimestamp(cp.cluster_time.time, UTC)))
+    return out
+
+
+def _rebuild(
+    runtime: Runtime, ps: PipelineSettings, server_time: Timestamp | None
+) -> dict[str, Any] | None:
+    """A `syncd rebuild` under way or switched (see :mod:`syncd.switching`)."""
+    record = switching.load_record(runtime.store, ps.name)
+    if not record:
+        return None
+    out: dict[str, Any] = {"state": record.get("state", "unknown")}
+    if record.get("state") in ("building", "switching"):
+        out["collection"] = record.get("target")
+        build = runtime.store.load(switching.build_name(ps.name))
+        if build is None:
+            out["phase"] = "starting"
+        else:
+            out["phase"] = build.phase
+            if build.phase == "snapshot" and build.snapshot is not None:
+                out["snapshot_scanned"] = build.snapshot.scanned
+            if build.cluster_time is not None:
+                out["position"] = format_timestamp(build.cluster_time)
+            lag = _lag(runtime, ps, build, server_time) if build.phase == "streaming" else None
+            if lag is not None:
+                out["lag_s"] = lag
+    previous = record.get("previous")
+    if previous:
+        out["previous_collection"] = previous.get("name")
     return out
 
 

@@ -67,6 +67,9 @@ def _print(row: dict[str, Any]) -> None:
     if "lag_s" in row:
         print(f"  lag            {row['lag_s']} s behind MongoDB")
     print(f"  dead letters   {row['dead_letters']}")
+    rebuild = row.get("rebuild")
+    if rebuild:
+        print(f"  rebuild        {_rebuild_line(rebuild)}")
     halt = row.get("halt")
     if halt:
         print(f"  halted at      {_where(halt)} since {halt['since']} ({halt['by']})")
@@ -81,6 +84,19 @@ def _print(row: dict[str, Any]) -> None:
         print(f"  last error     {error.get('error_class', '')}: {error.get('error', '')}{where}")
         if "hint" in error:
             print(f"  what to do     {error['hint']}")
+
+
+def _rebuild_line(rebuild: dict[str, Any]) -> str:
+    parts = [str(rebuild["state"])]
+    if rebuild.get("collection"):
+        parts.append(f"into {rebuild['collection']} ({rebuild.get('phase', '?')})")
+    if "snapshot_scanned" in rebuild:
+        parts.append(f"{rebuild['snapshot_scanned']} documents copied")
+    if "lag_s" in rebuild:
+        parts.append(f"{rebuild['lag_s']} s behind MongoDB")
+    if rebuild.get("previous_collection"):
+        parts.append(f"previous collection kept as {rebuild['previous_collection']}")
+    return ", ".join(parts)
 
 
 def _where(halt: dict[str, Any]) -> str:

@@ -4,6 +4,7 @@ rollback; and kill -9 at random points of a rebuild, resumed by running it again
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import threading
@@ -15,7 +16,7 @@ from typing import Any
 from pymongo import MongoClient
 
 from syncd.errors import ExitCode
-from tests.harness.daemon import SyncdProcess
+from tests.harness.daemon import SyncdProcess, run_syncd
 
 from .helpers import (
     load_checkpoint,
@@ -161,8 +162,9 @@ def test_rebuild_switches_under_load_and_rolls_back(
             lambda: "rebuilt with another mapping" in daemon.output(), 60, "the old daemon to wait"
         )
         assert daemon.is_running(), daemon.output()
-        status = _status(new_cfg)
-        assert '"MappingSwitchedError"' in status, status
+        row = _status(new_cfg)
+        assert row["last_error"]["error_class"] == "MappingSwitchedError", row
+        assert row["rebuild"] == {"state": "switched", "previous_collection": f"{coll}--v1"}, row
         daemon.terminate()
         assert daemon.wait(30) == ExitCode.OK, daemon.output()
         new_daemon = syncd_factory(["run"], new_cfg, log_path=tmp_path / "new.log")
@@ -208,11 +210,10 @@ def test_rebuild_switches_under_load_and_rolls_back(
     mongo_client.drop_database(f"{db}_syncd")
 
 
-def _status(cfg: Path) -> str:
-    from tests.harness.daemon import run_syncd
-
+def _status(cfg: Path) -> dict[str, Any]:
     done = run_syncd(["status", "--json"], cfg)
-    return done.stdout
+    rows = json.loads(done.stdout)
+    return dict(rows[0])
 
 
 def test_rebuild_killed_at_random_points_ends_with_one_live_collection(
