@@ -23,10 +23,10 @@ from typing import Any
 
 from bson.timestamp import Timestamp
 
-from syncd import switching
+from syncd import reuse, switching
 from syncd.checkpoint import Checkpoint
 from syncd.config import PipelineSettings, Settings
-from syncd.errors import ConfigError, ExitCode
+from syncd.errors import ConfigError, ExitCode, from_sink
 from syncd.exclusive import Hold, exclusive
 from syncd.mapping import Mapper
 from syncd.runtime import Runtime
@@ -93,6 +93,7 @@ class _Rebuild:
         self.stop = stop
         self.fingerprint = Mapper(ps).fingerprint
         self.record = load_record(self.store, self.name)
+        self.reusing: reuse.ReusingEmbedder | None = None
 
     # --- build --------------------------------------------------------------------
 
@@ -135,6 +136,7 @@ class _Rebuild:
             else:
                 print(f"continuing the rebuild of {self.name} into {record['target']}")
         self.record = record
+        self._choose_embedder()
         if self._run_build() is None:
             return self._interrupted()
         with exclusive(
@@ -167,6 +169,11 @@ class _Rebuild:
                 parked=parked,
                 epoch=live_hold.epoch,
             )
+        if self.reusing is not None:
+            print(
+                f"{self.reusing.reused} vectors reused from the live collection, "
+                f"{self.reusing.embedded} texts embedded"
+            )
         print(
             f"rebuild of {self.name} switched: {self.base!r} now holds the new records; the "
             f"previous collection is kept as {parked!r} (`syncd rebuild {self.name} --rollback` "
@@ -186,12 +193,8 @@ class _Rebuild:
         self.store.delete(build_name(self.name))
         save_record(self.store, self.name, record)
 
-    def _run_build(self) -> Checkpoint | None:
-        """Snapshot (or continue) into the new collection, then stream until caught up.
-
-        The build's checkpoint when caught up; None when stopped first.
-        """
-        settings = self.ps.model_copy(
+    def _build_settings(self) -> PipelineSettings:
+        return self.ps.model_copy(
             update={
                 "name": build_name(self.name),
                 "chroma_collection": self.record["target"],
@@ -200,6 +203,43 @@ class _Rebuild:
                 "on_history_lost": "resnapshot",
             }
         )
+
+    def _choose_embedder(self) -> None:
+        """Reuse the live collection's vectors if its embedder is this one (see
+        :mod:`syncd.reuse`); otherwise say how much there is to embed."""
+        settings = self._build_settings()
+        inner = self.runtime.embedder(settings)
+        if inner is None:
+            return  # vectors come from the documents
+        try:
+            live = self.runtime.chroma.get_collection(self.base, embedding_function=None)
+        except Exception as exc:
+            raise from_sink(exc, namespace=f"chroma:{self.base}") from exc
+        if reuse.same_embedder(inner, live):
+            self.reusing = reuse.ReusingEmbedder(inner, live)
+            self.runtime.use_embedder(settings.name, self.reusing)
+            log.info(
+                "the live collection has this embedder's vectors: texts it holds are not "
+                "embedded again",
+                extra={"pipeline": self.name},
+            )
+            return
+        source = self.runtime.source(settings)
+        total = sum(source.count(c) for c in settings.source_collections)
+        log.info(
+            "the embedder differs from the live collection's: every text is embedded again, "
+            "about %d (one per document%s)",
+            total,
+            ", more with chunking" if settings.mapping.chunk_size else "",
+            extra={"pipeline": self.name, "texts": total},
+        )
+
+    def _run_build(self) -> Checkpoint | None:
+        """Snapshot (or continue) into the new collection, then stream until caught up.
+
+        The build's checkpoint when caught up; None when stopped first.
+        """
+        settings = self._build_settings()
         until = threading.Event()
         threading.Thread(target=_relay, args=(self.stop, until), daemon=True).start()
         # Under a steady write load no read comes back empty: caught up is also having

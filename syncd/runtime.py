@@ -77,6 +77,10 @@ class Runtime:
             self._embedders[pipeline.name] = build_embedder(pipeline.embedder)
         return self._embedders[pipeline.name]
 
+    def use_embedder(self, pipeline: str, embedder: Embedder | None) -> None:
+        """Give pipeline ``pipeline`` this embedder (a rebuild's, reusing vectors)."""
+        self._embedders[pipeline] = embedder
+
     def pipeline(
         self,
         settings: PipelineSettings,

@@ -17,8 +17,10 @@ from pymongo import MongoClient
 
 from syncd.errors import ExitCode
 from tests.harness.daemon import SyncdProcess, run_syncd
+from tests.harness.embedding_api import embedding_api
 
 from .helpers import (
+    diff,
     load_checkpoint,
     pipeline_table,
     settings_of,
@@ -26,7 +28,7 @@ from .helpers import (
     wait_until,
     write_config,
 )
-from .oracle import EMBEDDER, METADATA, document, embedded_by_the_api, mismatch
+from .oracle import EMBEDDER, METADATA, actual, document, embedded_by_the_api, mismatch
 
 DOCS = 300
 NEW_METADATA = ("title", "n")  # the new mapping drops tags and nested
@@ -178,9 +180,6 @@ def test_rebuild_switches_under_load_and_rolls_back(
     want = embedded_by_the_api(
         docs.find(), dimensions=NEW_DIMENSIONS, metadata_fields=list(NEW_METADATA)
     )
-    from .helpers import diff
-    from .oracle import actual
-
     problem = diff(want, actual(live))
     assert not problem, problem
     names = {c.name: str(c.id) for c in chroma.list_collections()}
@@ -273,9 +272,6 @@ def test_rebuild_killed_at_random_points_ends_with_one_live_collection(
     new_daemon = syncd_factory(["run"], new_cfg, log_path=tmp_path / "new.log")
     wait_caught_up(mongo_client, db, settings, "p", 90, "the new daemon")
     chroma = chroma_server.client()
-    from .helpers import diff
-    from .oracle import actual
-
     want = embedded_by_the_api(
         docs.find(), dimensions=NEW_DIMENSIONS, metadata_fields=list(NEW_METADATA)
     )
@@ -287,5 +283,60 @@ def test_rebuild_killed_at_random_points_ends_with_one_live_collection(
     assert cp is not None and cp.chroma_collection_id == str(chroma.get_collection(coll).id)
     new_daemon.terminate()
     new_daemon.wait(30)
+    mongo_client.drop_database(db)
+    mongo_client.drop_database(f"{db}_syncd")
+
+
+def test_a_metadata_only_rebuild_reuses_every_vector(
+    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
+):
+    db, coll = _names()
+    with embedding_api(dimensions=NEW_DIMENSIONS) as api:
+        embedder = {
+            "kind": "openai",
+            "base_url": api.base_url,
+            "model": "test-embed",
+            "dimensions": NEW_DIMENSIONS,
+            "api_key_env": "SYNCD_TEST_EMBED_KEY",
+        }
+        env = {"SYNCD_TEST_EMBED_KEY": api.api_key}
+
+        def config(path: str, metadata: list[str]) -> Path:
+            return write_config(
+                tmp_path / path,
+                mongo_uri=mongo_uri,
+                chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
+                checkpoint_db=f"{db}_syncd",
+                pipelines=[
+                    pipeline_table(
+                        "p",
+                        db,
+                        chroma_collection=coll,
+                        mapping={"text": "body", "metadata": metadata},
+                        embedder=embedder,
+                    )
+                ],
+            )
+
+        old_cfg, new_cfg = config("old.toml", ["n"]), config("new.toml", ["n", "title"])
+        settings = settings_of(old_cfg, env)
+        docs = mongo_client[db]["docs"]
+        docs.insert_many([document(i) for i in range(60)])
+        daemon = syncd_factory(["run"], old_cfg, env)
+        wait_caught_up(mongo_client, db, settings, "p", 90, "the first copy")
+        daemon.terminate()
+        assert daemon.wait(30) == ExitCode.OK, daemon.output()
+        before = len(api.inputs)
+        done = run_syncd(["rebuild", "p"], new_cfg, env, timeout=180)
+        assert done.returncode == ExitCode.OK, done.stdout + done.stderr
+        # Only the sample that shows the embedder is the live collection's is embedded.
+        assert len(api.inputs) - before == 3, api.inputs[before:]
+        assert "60 vectors reused from the live collection, 0 texts embedded" in done.stdout
+        chroma = chroma_server.client()
+        want = embedded_by_the_api(
+            docs.find(), dimensions=NEW_DIMENSIONS, metadata_fields=["n", "title"]
+        )
+        problem = diff(want, actual(chroma.get_collection(coll)))
+        assert not problem, problem
     mongo_client.drop_database(db)
     mongo_client.drop_database(f"{db}_syncd")
