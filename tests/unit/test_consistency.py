@@ -25,83 +25,14 @@ from syncd.identity import ID_KEY
 from syncd.mapping import Mapper
 from syncd.pipeline import Pipeline
 from syncd.plan import Poisoned
-from syncd.sink import StoredRecord, WritePlan
+from syncd.sink import WritePlan
 from syncd.source import Batch, id_key
 from syncd.telemetry import Telemetry
 from syncd.tokens import encode_high_water_mark
 from syncd.waiting import covers, parse_after, target_time
+from tests.doubles import MemorySink, MemoryStore
 
 # --- doubles -------------------------------------------------------------------------
-
-
-class MemorySink:
-    max_batch = 1000
-
-    def __init__(self) -> None:
-        self.records: dict[str, dict[str, Any]] = {}  # id -> {document, metadata, embedding}
-        self.writes = 0
-
-    def collection_id(self, *, create: bool = False) -> str | None:
-        return "memory"
-
-    def existing(self, keys: Sequence[str]) -> dict[str, dict[str, Mapping[str, Any]]]:
-        wanted = set(keys)
-        found: dict[str, dict[str, Mapping[str, Any]]] = {}
-        for rid, rec in self.records.items():
-            key = rec["metadata"].get(ID_KEY)
-            if key in wanted:
-                found.setdefault(key, {})[rid] = dict(rec["metadata"])
-        return found
-
-    def write(self, plan: WritePlan) -> None:
-        self.writes += 1
-        for rid in plan.deletes:
-            self.records.pop(rid, None)
-        for u in plan.upserts:
-            old = self.records.get(u.id, {"metadata": {}})
-            self.records[u.id] = {
-                "document": u.text,
-                "metadata": _merge(old["metadata"], u.metadata),
-                "embedding": list(u.embedding),
-            }
-        for m in plan.updates:
-            self.records[m.id]["metadata"] = _merge(self.records[m.id]["metadata"], m.metadata)
-
-    def get(self, ids: Sequence[str], *, include_embeddings: bool = False) -> list[StoredRecord]:
-        return [self._stored(rid) for rid in ids if rid in self.records]
-
-    def scan(self, page: int = 1000) -> Iterator[list[StoredRecord]]:
-        ids = sorted(self.records)
-        for start in range(0, len(ids), page):
-            yield [self._stored(rid) for rid in ids[start : start + page]]
-
-    def delete_all(self) -> int:
-        count = len(self.records)
-        self.records.clear()
-        return count
-
-    def delete_where(self, where: Mapping[str, Any]) -> None:
-        raise NotImplementedError
-
-    def count(self) -> int:
-        return len(self.records)
-
-    def close(self) -> None:
-        pass
-
-    def _stored(self, rid: str) -> StoredRecord:
-        rec = self.records[rid]
-        return StoredRecord(rid, dict(rec["metadata"]), rec["document"])
-
-
-def _merge(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(old)
-    for key, value in new.items():
-        if value is None:
-            merged.pop(key, None)
-        else:
-            merged[key] = value
-    return merged
 
 
 class MemorySource:
@@ -131,18 +62,6 @@ class MemorySource:
 
     def close(self) -> None:
         pass
-
-
-class RecordingStore:
-    def __init__(self) -> None:
-        self.saved: list[Checkpoint] = []
-        self.statuses: list[dict[str, Any]] = []
-
-    def save(self, checkpoint: Checkpoint, *, history_reason: str | None = None) -> None:
-        self.saved.append(checkpoint)
-
-    def set_status(self, pipeline: str, status: Mapping[str, Any]) -> None:
-        self.statuses.append(dict(status))
 
 
 class MemoryDeadLetters:
@@ -193,7 +112,7 @@ def make_pipeline(ps: PipelineSettings, source: Any, sink: Any, store: Any = Non
         ps,
         source=source,
         sink=sink,
-        store=store or RecordingStore(),
+        store=store or MemoryStore(),
         mapper=Mapper(ps),
         embedder=build_embedder(ps.embedder),
         telemetry=Telemetry.disabled().pipeline(ps.name),
@@ -365,16 +284,6 @@ def _changes(docs: list[dict[str, Any]]) -> list[Any]:
 # --- strong consistency ------------------------------------------------------------------
 
 
-class LyingSink(MemorySink):
-    """Acknowledges writes, then reads back something else."""
-
-    def get(self, ids: Sequence[str], *, include_embeddings: bool = False) -> list[StoredRecord]:
-        return [
-            StoredRecord(r.id, {**r.metadata, "syncd_hash": "not what was written"}, r.document)
-            for r in super().get(ids)
-        ]
-
-
 class UndeadSink(MemorySink):
     """Acknowledges deletes but keeps the records."""
 
@@ -402,8 +311,10 @@ def _event(op: str, _id: int, ts: int, doc: dict[str, Any] | None = None) -> dic
 @pytest.mark.parametrize("consistency_level", ["strong", "eventual"])
 def test_strong_never_checkpoints_a_batch_whose_read_back_disagrees(consistency_level) -> None:
     ps = settings(consistency=consistency_level)
-    store = RecordingStore()
-    pipeline = make_pipeline(ps, MemorySource({}), LyingSink(), store)
+    store = MemoryStore()
+    lying = MemorySink()
+    lying.lie_on_read = True  # acknowledges writes, then reads back something else
+    pipeline = make_pipeline(ps, MemorySource({}), lying, store)
     pipeline.checkpoint = Checkpoint(pipeline="p", fingerprint=pipeline.mapper.fingerprint)
     batch = _batch(_event("insert", 1, 100, {"_id": 1, "body": "hello"}))
     if consistency_level == "eventual":  # the control: the same batch checkpoints
@@ -418,7 +329,7 @@ def test_strong_never_checkpoints_a_batch_whose_read_back_disagrees(consistency_
 def test_strong_read_back_catches_a_delete_that_did_not_happen() -> None:
     ps = settings(consistency="strong")
     sink = UndeadSink()
-    store = RecordingStore()
+    store = MemoryStore()
     pipeline = make_pipeline(ps, MemorySource({}), sink, store)
     pipeline.checkpoint = Checkpoint(pipeline="p", fingerprint=pipeline.mapper.fingerprint)
     pipeline.process(_batch(_event("insert", 1, 100, {"_id": 1, "body": "hello"})))

@@ -33,6 +33,7 @@ from syncd.errors import (
     ExitCode,
     TransientError,
 )
+from tests.doubles import MemorySink
 
 KEY = "sk-test-0123456789abcdef"
 
@@ -468,17 +469,13 @@ def test_a_planned_batch_poisons_exactly_the_refused_documents() -> None:
         for n in range(12)
     ]
 
-    class NothingStored:
-        def existing(self, keys: Any) -> dict[str, dict[str, Any]]:
-            return {}
-
     with slow_api() as (_, url):
         embedder = openai(url, batch_size=2, concurrency=3)
         result = plan.build(
             plan.coalesce(events, prefixed=False),
             mapper=Mapper(ps),
             embedder=embedder,
-            sink=NothingStored(),
+            sink=MemorySink(),  # nothing stored yet
             prefixed=False,
         )
         embedder.close()

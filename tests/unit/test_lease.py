@@ -16,6 +16,7 @@ from syncd.errors import LeaseLostError
 from syncd.lease import FencedSink, LeaseManager, lease_info, leases_collection
 from syncd.scheduler import LeasedPipelines
 from syncd.sink import WritePlan
+from tests.doubles import MemorySink
 
 TTL = LeaseSettings(ttl_s=1.0, renew_every_s=0.3)
 
@@ -164,20 +165,10 @@ def test_a_lease_jumps_past_an_epoch_left_without_a_checkpoint(mongo_db):
     store.save(checkpoint(8, 100))
 
 
-class RecordingSink:
-    max_batch = 100
-
-    def __init__(self) -> None:
-        self.writes = 0
-
-    def write(self, plan: WritePlan) -> None:
-        self.writes += 1
-
-
 def test_fenced_sink_refuses_writes_once_the_lease_is_gone(mongo_db):
     a = manager(mongo_db, "a")
     assert a.acquire("p") == 1
-    inner = RecordingSink()
+    inner = MemorySink()
     sink = FencedSink(inner, lambda: a.check("p"))  # type: ignore[arg-type]
     sink.write(WritePlan())
     time.sleep(1.2)  # no renewal: a paused holder looks like this when it wakes up

@@ -3,7 +3,7 @@ coalescing, poison policies, embedding reuse."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -16,9 +16,9 @@ from syncd.errors import ConsistencyError, HaltedError, SinkLostError, Transient
 from syncd.identity import ID_KEY
 from syncd.mapping import Mapper
 from syncd.pipeline import Pipeline
-from syncd.sink import StoredRecord, WritePlan
 from syncd.source import Batch, Position, id_key
 from syncd.telemetry import Telemetry
+from tests.doubles import Log, MemorySink, MemoryStore
 from tests.standin import tokens as standin_tokens
 
 T0 = 1_700_000_000
@@ -41,112 +41,6 @@ def event(n: int, op: str, _id: Any, doc: dict[str, Any] | None = None) -> dict[
     if op != "delete":
         ev["fullDocument"] = {"_id": _id, **(doc or {})}
     return ev
-
-
-class Log:
-    """Shared record of what happened, in order, across the doubles."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-
-class FakeSink:
-    max_batch = 1000
-
-    def __init__(self, log: Log) -> None:
-        self.log = log
-        self.records: dict[str, dict[str, Any]] = {}
-        self.fail_writes = 0
-        self.lie_on_read = False
-        # Metadata a new record id inherits, as Chroma's rows left by a deleted collection
-        # do; `stubborn`: an update does not remove them either.
-        self.phantoms: dict[str, Any] = {}
-        self.stubborn = False
-        self.id: str | None = "coll-1"  # the collection's id; None: there is none
-
-    def collection_id(self, *, create: bool = False) -> str | None:
-        if self.id is None and create:
-            self.id = "coll-2"
-        return self.id
-
-    def open(self) -> None:
-        pass
-
-    def existing(self, keys: Sequence[str]) -> dict[str, dict[str, Mapping[str, Any]]]:
-        out: dict[str, dict[str, Mapping[str, Any]]] = {}
-        for rid, rec in self.records.items():
-            if rec["metadata"][ID_KEY] in keys:
-                out.setdefault(rec["metadata"][ID_KEY], {})[rid] = rec["metadata"]
-        return out
-
-    def write(self, plan: WritePlan) -> None:
-        if self.fail_writes:
-            self.fail_writes -= 1
-            raise TransientError("chroma down")
-        self.log.calls.append(f"write {len(plan)}")
-        for rid in plan.deletes:
-            self.records.pop(rid, None)
-        for u in plan.upserts:
-            inherited = {} if u.id in self.records else self.phantoms
-            self.records[u.id] = {"text": u.text, "metadata": _merge(inherited, u.metadata)}
-        for m in plan.updates:
-            rec = self.records[m.id]
-            rec["metadata"] = _merge(rec["metadata"], m.metadata)
-            if self.stubborn:
-                rec["metadata"].update(self.phantoms)
-
-    def get(self, ids: Sequence[str], *, include_embeddings: bool = False) -> list[StoredRecord]:
-        out = []
-        for rid in ids:
-            if rid in self.records:
-                meta = dict(self.records[rid]["metadata"])
-                if self.lie_on_read:
-                    meta["syncd_hash"] = "not-what-was-written"
-                out.append(StoredRecord(rid, meta, self.records[rid]["text"]))
-        return out
-
-    def scan(self, page: int = 1000) -> Iterator[list[StoredRecord]]:
-        yield self.get(list(self.records))
-
-    def delete_all(self) -> int:
-        n = len(self.records)
-        self.records.clear()
-        return n
-
-    def delete_where(self, where: Mapping[str, Any]) -> None:
-        raise AssertionError("not used here")
-
-    def count(self) -> int:
-        return len(self.records)
-
-    def close(self) -> None:
-        pass
-
-
-def _merge(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(old)
-    for k, v in new.items():
-        if v is None:
-            merged.pop(k, None)
-        else:
-            merged[k] = v
-    return merged
-
-
-class FakeStore:
-    def __init__(self, log: Log) -> None:
-        self.log = log
-        self.saved: list[Checkpoint] = []
-
-    def load(self, pipeline: str) -> Checkpoint | None:
-        return self.saved[-1] if self.saved else None
-
-    def save(self, checkpoint: Checkpoint, *, history_reason: str | None = None) -> None:
-        self.log.calls.append(f"checkpoint {checkpoint.cluster_time}")
-        self.saved.append(checkpoint)
-
-    def set_status(self, pipeline: str, status: Mapping[str, Any]) -> None:
-        pass
 
 
 class FakeDLQ:
@@ -204,7 +98,7 @@ def make(on_error: str = "halt", consistency: str = "eventual", source: Any = No
         }
     )
     log = Log()
-    sink, store, dlq, emb = FakeSink(log), FakeStore(log), FakeDLQ(log), CountingEmbedder()
+    sink, store, dlq, emb = MemorySink(log), MemoryStore(log), FakeDLQ(log), CountingEmbedder()
     pipeline = Pipeline(
         settings,
         source=source or FakeSource(),
@@ -244,7 +138,7 @@ def test_coalesces_to_the_last_event_per_key() -> None:
         event(4, "delete", 2),
     ], token(4)))
     assert set(sink.records) == {"i:1"}
-    assert sink.records["i:1"]["text"] == "second"
+    assert sink.records["i:1"]["document"] == "second"
     assert emb.texts == ["second"], "coalesced events must not be embedded"
 
 
@@ -289,7 +183,7 @@ def test_a_fixed_document_is_applied_instead_of_halting() -> None:
     source = FakeSource({2: {"_id": 2, "body": "fixed since"}})
     p, _, sink, store, _, _ = make(on_error="halt", source=source)
     p.process(Batch([event(1, "insert", 2, {"nobody": "poison"})], token(1)))
-    assert sink.records["i:2"]["text"] == "fixed since"
+    assert sink.records["i:2"]["document"] == "fixed since"
     assert store.saved[-1].cluster_time == Timestamp(T0, 1)
 
 
@@ -369,14 +263,14 @@ def test_a_poison_update_under_dead_letter_removes_the_record_until_a_fix_applie
     assert [i.change.key for i in dlq.items] == ["i:1"]
     source.current[1] = {"_id": 1, "body": "fixed"}
     p.process(Batch([event(3, "update", 1, {"body": "fixed"})], token(3)))
-    assert sink.records["i:1"]["text"] == "fixed"
+    assert sink.records["i:1"]["document"] == "fixed"
     assert dlq.items == [], "the dead letter of an applied document is removed"
 
 
 def test_a_poison_update_under_halt_leaves_the_record_alone() -> None:
     source = FakeSource({1: {"_id": 1, "nobody": "text removed"}})
     p, _, sink, _, _, _ = make(on_error="halt", source=source)
-    sink.records["i:1"] = {"text": "old", "metadata": {ID_KEY: "i:1"}}
+    sink.records["i:1"] = {"document": "old", "metadata": {ID_KEY: "i:1"}}
     with pytest.raises(HaltedError):
         p.process(Batch([event(1, "update", 1, {"nobody": "text removed"})], token(1)))
     assert set(sink.records) == {"i:1"}

@@ -17,7 +17,8 @@ from syncd.sink import WritePlan
 from syncd.source import Batch, Position
 from syncd.staging import InFlight, ahead
 from syncd.tokens import covered_through
-from tests.unit.test_pipeline import T0, FakeSink, FakeSource, event, make, token
+from tests.doubles import MemorySink
+from tests.unit.test_pipeline import T0, FakeSource, event, make, token
 
 WAIT_S = 20.0  # generous: only a broken rule makes a test wait this long
 
@@ -94,7 +95,7 @@ def checkpoints(log: Any) -> list[str]:
     return [c for c in log.calls if c.startswith("checkpoint")]
 
 
-class GatedSink(FakeSink):
+class GatedSink(MemorySink):
     """Holds the first write until released; records lookups in the shared log."""
 
     def __init__(self, log: Any) -> None:

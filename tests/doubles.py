@@ -1,0 +1,141 @@
+"""In-memory stand-ins for the sink (syncd.sink) and the checkpoint store
+(syncd.checkpoint.CheckpointStore), shared by the unit tests.
+
+They behave like the real parts where the tests depend on it: the sink merges metadata
+on upsert and update (``None`` deletes a key), as Chroma does, and pages its scan; the
+store hands back the last checkpoint saved. Tests that need a part to misbehave set a
+switch (``fail_writes``, ``lie_on_read``, ``phantoms``) or subclass these in the test.
+The same behaviours run against real servers in tests/e2e.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from syncd.checkpoint import Checkpoint
+from syncd.errors import TransientError
+from syncd.identity import ID_KEY
+from syncd.sink import StoredRecord, WritePlan
+
+
+class Log:
+    """Shared record of what happened, in order, across the doubles."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+
+class MemorySink:
+    """A Chroma collection in a dict: id -> {document, metadata, embedding}."""
+
+    max_batch = 1000
+
+    def __init__(self, log: Log | None = None) -> None:
+        self.log = log or Log()
+        self.records: dict[str, dict[str, Any]] = {}
+        self.writes = 0  # write calls that were applied
+        self.fail_writes = 0  # the next n writes fail as a transient Chroma outage
+        self.lie_on_read = False  # reads return another syncd_hash than was written
+        # Metadata a new record id inherits, as Chroma's rows left by a deleted collection
+        # do; `stubborn`: an update does not remove them either.
+        self.phantoms: dict[str, Any] = {}
+        self.stubborn = False
+        self.id: str | None = "coll-1"  # the collection's id; None: there is none
+
+    def collection_id(self, *, create: bool = False) -> str | None:
+        if self.id is None and create:
+            self.id = "coll-2"
+        return self.id
+
+    def open(self) -> None:
+        pass
+
+    def existing(self, keys: Sequence[str]) -> dict[str, dict[str, Mapping[str, Any]]]:
+        wanted = set(keys)
+        found: dict[str, dict[str, Mapping[str, Any]]] = {}
+        for rid, rec in self.records.items():
+            key = rec["metadata"].get(ID_KEY)
+            if key in wanted:
+                found.setdefault(key, {})[rid] = dict(rec["metadata"])
+        return found
+
+    def write(self, plan: WritePlan) -> None:
+        if self.fail_writes:
+            self.fail_writes -= 1
+            raise TransientError("chroma down")
+        self.writes += 1
+        self.log.calls.append(f"write {len(plan)}")
+        for rid in plan.deletes:
+            self.records.pop(rid, None)
+        for u in plan.upserts:
+            old = self.records[u.id]["metadata"] if u.id in self.records else self.phantoms
+            self.records[u.id] = {
+                "document": u.text,
+                "metadata": merge(old, u.metadata),
+                "embedding": list(u.embedding),
+            }
+        for m in plan.updates:
+            rec = self.records[m.id]
+            rec["metadata"] = merge(rec["metadata"], m.metadata)
+            if self.stubborn:
+                rec["metadata"].update(self.phantoms)
+
+    def get(self, ids: Sequence[str], *, include_embeddings: bool = False) -> list[StoredRecord]:
+        return [self._stored(rid) for rid in ids if rid in self.records]
+
+    def scan(self, page: int = 1000) -> Iterator[list[StoredRecord]]:
+        ids = sorted(self.records)
+        for start in range(0, len(ids), page):
+            yield [self._stored(rid) for rid in ids[start : start + page]]
+
+    def delete_all(self) -> int:
+        count = len(self.records)
+        self.records.clear()
+        return count
+
+    def delete_where(self, where: Mapping[str, Any]) -> None:
+        raise NotImplementedError("no test here deletes by filter")
+
+    def count(self) -> int:
+        return len(self.records)
+
+    def close(self) -> None:
+        pass
+
+    def _stored(self, rid: str) -> StoredRecord:
+        rec = self.records[rid]
+        metadata = dict(rec["metadata"])
+        if self.lie_on_read:
+            metadata["syncd_hash"] = "not what was written"
+        return StoredRecord(rid, metadata, rec["document"])
+
+
+def merge(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """Chroma's metadata update: new keys win, a ``None`` value deletes the key."""
+    merged = dict(old)
+    for key, value in new.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    return merged
+
+
+class MemoryStore:
+    """A checkpoint store that keeps every checkpoint and status it was given."""
+
+    def __init__(self, log: Log | None = None) -> None:
+        self.log = log or Log()
+        self.saved: list[Checkpoint] = []
+        self.statuses: list[dict[str, Any]] = []
+
+    def load(self, pipeline: str) -> Checkpoint | None:
+        return self.saved[-1] if self.saved else None
+
+    def save(self, checkpoint: Checkpoint, *, history_reason: str | None = None) -> None:
+        self.log.calls.append(f"checkpoint {checkpoint.cluster_time}")
+        self.saved.append(checkpoint)
+
+    def set_status(self, pipeline: str, status: Mapping[str, Any]) -> None:
+        self.statuses.append(dict(status))
