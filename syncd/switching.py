@@ -173,7 +173,7 @@ def complete(
                 pipeline=pipeline,
             )
         rename(client, names[in_id], live_name)
-    _write_live(store, pipeline, switch, epoch)
+    write_live(store, pipeline, switch, epoch)
     store.delete(build_name(pipeline))  # the build's position now is the live one
     done = {key: value for key, value in record.items() if key != "switch"}
     done.update(switch["after"])
@@ -182,7 +182,8 @@ def complete(
     return done
 
 
-def _write_live(store: CheckpointStore, pipeline: str, switch: dict[str, Any], epoch: int) -> None:
+def write_live(store: CheckpointStore, pipeline: str, switch: dict[str, Any], epoch: int) -> None:
+    """The live checkpoint at the switched-to collection (a step of :func:`complete`)."""
     position = switch["in"]["position"]
     current = store.load(pipeline)
     if (
