@@ -42,7 +42,7 @@ test: $(VENV)/.installed $(STANDIN_VENV)/.installed $(PHOENIX_VENV)/.installed p
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check syncd tests examples
-	$(BIN)/ruff format --check syncd
+	$(BIN)/ruff format --check syncd tests examples
 	$(BIN)/mypy
 
 typecheck: $(VENV)/.installed

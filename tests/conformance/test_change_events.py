@@ -19,8 +19,9 @@ def test_collection_stream_sees_crud_events_with_their_fields(mongo_db: Any) -> 
     coll = mongo_db.c
     with coll.watch(max_await_time_ms=AWAIT_MS) as stream:
         coll.insert_one({"_id": 1, "a": 1, "b": {"x": 1, "y": 2}, "arr": [1, 2, 3]})
-        coll.update_one({"_id": 1}, {"$set": {"a": 2, "b.x": 5}, "$unset": {"b.y": ""},
-                                     "$pop": {"arr": 1}})
+        coll.update_one(
+            {"_id": 1}, {"$set": {"a": 2, "b.x": 5}, "$unset": {"b.y": ""}, "$pop": {"arr": 1}}
+        )
         coll.replace_one({"_id": 1}, {"z": 1})
         coll.delete_one({"_id": 1})
         mongo_db.other.insert_one({"_id": 1})  # another collection: not in this stream
@@ -34,7 +35,11 @@ def test_collection_stream_sees_crud_events_with_their_fields(mongo_db: Any) -> 
         assert isinstance(event["wallTime"], dt.datetime)
         assert set(event["_id"]) == {"_data"}
     assert [e["operationType"] for e in (insert, update, replace, delete)] == [
-        "insert", "update", "replace", "delete"]
+        "insert",
+        "update",
+        "replace",
+        "delete",
+    ]
     assert insert["fullDocument"] == {"_id": 1, "a": 1, "b": {"x": 1, "y": 2}, "arr": [1, 2, 3]}
     description = update["updateDescription"]
     assert description["updatedFields"]["a"] == 2
@@ -60,20 +65,25 @@ def test_tokens_lead_with_the_cluster_time_and_increase(mongo_db: Any) -> None:
 
 
 def test_database_and_cluster_streams(mongo_client: Any, mongo_db: Any) -> None:
-    with mongo_db.watch(max_await_time_ms=AWAIT_MS) as db_stream, \
-            mongo_client.watch(max_await_time_ms=AWAIT_MS) as cluster_stream:
+    with (
+        mongo_db.watch(max_await_time_ms=AWAIT_MS) as db_stream,
+        mongo_client.watch(max_await_time_ms=AWAIT_MS) as cluster_stream,
+    ):
         mongo_db.a.insert_one({"_id": "a"})
         mongo_db.b.insert_one({"_id": "b"})
         db_events = next_events(db_stream, 2)
-        cluster_events = [e for e in next_events(cluster_stream, 2)
-                          if e["ns"]["db"] == mongo_db.name]
+        cluster_events = [
+            e for e in next_events(cluster_stream, 2) if e["ns"]["db"] == mongo_db.name
+        ]
     assert [e["ns"]["coll"] for e in db_events] == ["a", "b"]
     assert [e["documentKey"]["_id"] for e in cluster_events] == ["a", "b"]
 
 
 def test_match_and_project_after_change_stream(mongo_db: Any) -> None:
-    pipeline = [{"$match": {"operationType": "insert", "fullDocument.keep": True}},
-                {"$project": {"operationType": 1, "fullDocument.n": 1}}]
+    pipeline = [
+        {"$match": {"operationType": "insert", "fullDocument.keep": True}},
+        {"$project": {"operationType": 1, "fullDocument.n": 1}},
+    ]
     with mongo_db.c.watch(pipeline, max_await_time_ms=AWAIT_MS) as stream:
         mongo_db.c.insert_many([{"n": 1, "keep": True, "x": 1}, {"n": 2, "keep": False}])
         mongo_db.c.update_many({}, {"$set": {"u": 1}})
@@ -115,8 +125,9 @@ def test_post_images_need_the_collection_option(mongo_db: Any) -> None:
 
 def test_pre_and_post_images_are_point_in_time(mongo_db: Any) -> None:
     coll = mongo_db.create_collection("imaged", changeStreamPreAndPostImages={"enabled": True})
-    with coll.watch(full_document="required", full_document_before_change="required",
-                    max_await_time_ms=AWAIT_MS) as stream:
+    with coll.watch(
+        full_document="required", full_document_before_change="required", max_await_time_ms=AWAIT_MS
+    ) as stream:
         coll.insert_one({"_id": 1, "v": 0})
         coll.update_one({"_id": 1}, {"$set": {"v": 1}})
         coll.update_one({"_id": 1}, {"$set": {"v": 2}})
@@ -143,8 +154,10 @@ def test_drop_then_invalidate_closes_a_collection_stream(mongo_db: Any) -> None:
 
 def test_rename_invalidates_the_source_collection_stream_only(mongo_db: Any) -> None:
     mongo_db.src.insert_one({"_id": 1})
-    with mongo_db.src.watch(max_await_time_ms=AWAIT_MS) as coll_stream, \
-            mongo_db.watch(max_await_time_ms=AWAIT_MS) as db_stream:
+    with (
+        mongo_db.src.watch(max_await_time_ms=AWAIT_MS) as coll_stream,
+        mongo_db.watch(max_await_time_ms=AWAIT_MS) as db_stream,
+    ):
         mongo_db.src.rename("dst")
         rename, invalidate = next_events(coll_stream, 2)
         (db_rename,) = next_events(db_stream, 1)
@@ -157,13 +170,18 @@ def test_rename_invalidates_the_source_collection_stream_only(mongo_db: Any) -> 
 
 def test_drop_database_events(mongo_client: Any, mongo_db: Any) -> None:
     mongo_db.c.insert_one({"_id": 1})
-    with mongo_db.watch(max_await_time_ms=AWAIT_MS) as db_stream, \
-            mongo_client.watch(max_await_time_ms=AWAIT_MS) as cluster_stream:
+    with (
+        mongo_db.watch(max_await_time_ms=AWAIT_MS) as db_stream,
+        mongo_client.watch(max_await_time_ms=AWAIT_MS) as cluster_stream,
+    ):
         mongo_client.drop_database(mongo_db.name)
         drop, drop_db, invalidate = next_events(db_stream, 3)
         assert not db_stream.alive
-        ops = [e["operationType"] for e in next_events(cluster_stream, 2)
-               if e["ns"]["db"] == mongo_db.name]
+        ops = [
+            e["operationType"]
+            for e in next_events(cluster_stream, 2)
+            if e["ns"]["db"] == mongo_db.name
+        ]
     assert (drop["operationType"], drop["ns"]["coll"]) == ("drop", "c")
     assert drop_db["operationType"] == "dropDatabase"
     assert drop_db["ns"] == {"db": mongo_db.name}
@@ -184,8 +202,13 @@ def test_event_token_has_mongodb_v2_keystring_layout(mongo_db: Any) -> None:
     coll_uuid = coll_uuid.as_uuid() if hasattr(coll_uuid, "as_uuid") else coll_uuid
     ts = event["clusterTime"]
     expected = (
-        b"\x82" + struct.pack(">II", ts.time, ts.inc) + bytes.fromhex("2B042C0100296E5A1004")
-        + coll_uuid.bytes + b"\x46\x3coperationType\x00\x3cinsert\x00"
-        + b"\x46documentKey\x00\x46\x64_id\x00\x64" + oid.binary + b"\x00\x00\x04"
+        b"\x82"
+        + struct.pack(">II", ts.time, ts.inc)
+        + bytes.fromhex("2B042C0100296E5A1004")
+        + coll_uuid.bytes
+        + b"\x46\x3coperationType\x00\x3cinsert\x00"
+        + b"\x46documentKey\x00\x46\x64_id\x00\x64"
+        + oid.binary
+        + b"\x00\x00\x04"
     )
     assert event["_id"]["_data"] == expected.hex().upper()

@@ -31,7 +31,8 @@ def test_data_and_history_survive_kill_9(server: Any) -> None:
         coll.insert_many([{"_id": i} for i in range(1, 6)])
         coll.with_options(write_concern=pymongo.WriteConcern(w=1)).insert_one({"_id": "w1"})
         coll.with_options(write_concern=pymongo.WriteConcern(w="majority")).update_one(
-            {"_id": 1}, {"$set": {"v": "majority"}})
+            {"_id": 1}, {"$set": {"v": "majority"}}
+        )
         coll.delete_one({"_id": 2})
     server.kill()
     server.start()
@@ -43,8 +44,15 @@ def test_data_and_history_survive_kill_9(server: Any) -> None:
             events = next_events(stream, 8)
             no_more_events(stream, 0.3)
     assert [(e["operationType"], e["documentKey"]["_id"]) for e in events] == [
-        ("insert", 1), ("insert", 2), ("insert", 3), ("insert", 4), ("insert", 5),
-        ("insert", "w1"), ("update", 1), ("delete", 2)]
+        ("insert", 1),
+        ("insert", 2),
+        ("insert", 3),
+        ("insert", 4),
+        ("insert", 5),
+        ("insert", "w1"),
+        ("update", 1),
+        ("delete", 2),
+    ]
 
 
 def test_a_stream_resumes_across_kill_9_without_loss_or_duplicates(server: Any) -> None:
@@ -52,8 +60,9 @@ def test_a_stream_resumes_across_kill_9_without_loss_or_duplicates(server: Any) 
     stop = threading.Event()
 
     def write() -> None:
-        with pymongo.MongoClient(server.uri, retryWrites=False,
-                                 serverSelectionTimeoutMS=20_000) as client:
+        with pymongo.MongoClient(
+            server.uri, retryWrites=False, serverSelectionTimeoutMS=20_000
+        ) as client:
             coll = client.db.c.with_options(write_concern=pymongo.WriteConcern(w="majority"))
             i = 0
             while not stop.is_set():

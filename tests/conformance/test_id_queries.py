@@ -127,10 +127,13 @@ def test_gt_pages_within_the_bound_s_type_only(mongo_db: Any) -> None:
     _assert_ids(_page(coll, {"_id": {"$gt": OID_1}}, size=100), [OID_2])
     _assert_ids(_page(coll, {"_id": {"$gte": DATE_1}}, size=100), [DATE_1, DATE_2])
     _assert_ids(_page(coll, {"_id": {"$gt": False}}, size=100), [True])
-    _assert_ids(_page(coll, {"_id": {"$lt": 10}}, -1, size=4),
-                [Int64(3), 2.0, Decimal128("1.5"), 1])
-    _assert_ids(_page(coll, {"_id": {"$gt": 1, "$lte": Decimal128("3")}}, size=100),
-                [Decimal128("1.5"), 2.0, Int64(3)])
+    _assert_ids(
+        _page(coll, {"_id": {"$lt": 10}}, -1, size=4), [Int64(3), 2.0, Decimal128("1.5"), 1]
+    )
+    _assert_ids(
+        _page(coll, {"_id": {"$gt": 1, "$lte": Decimal128("3")}}, size=100),
+        [Decimal128("1.5"), 2.0, Int64(3)],
+    )
     _assert_ids(_page(coll, {"_id": {"$gt": 10, "$lt": "z"}}, size=100), [])
     # The same without a sort: what matches does not depend on how it is read.
     assert sorted(str(i) for i in _ids(coll.find({"_id": {"$gt": 5}}))) == ["10", "inf"]
@@ -151,13 +154,19 @@ def test_paging_with_a_user_filter_and_writes_between_pages(mongo_db: Any) -> No
         seen += page
         last = page[-1]
         if last == 6:  # writes racing the scan: ahead of it, behind it, removed ahead of it
-            coll.insert_many([{"_id": 100, "even": True}, {"_id": 2.5, "even": True},
-                              {"_id": Decimal128("13.5"), "even": True}])
+            coll.insert_many(
+                [
+                    {"_id": 100, "even": True},
+                    {"_id": 2.5, "even": True},
+                    {"_id": Decimal128("13.5"), "even": True},
+                ]
+            )
             coll.delete_many({"_id": {"$in": [14, 16]}})
     assert seen == [0, 2, 4, 6, 8, 10, 12, Decimal128("13.5"), *range(18, 40, 2), 100]
     # Descending, with $lt, covers the same numbers in reverse.
-    _assert_ids(_page(coll, {"$and": [{"even": True}, {"_id": {"$lt": 8}}]}, -1, size=10),
-                [6, 4, 2.5, 2, 0])
+    _assert_ids(
+        _page(coll, {"$and": [{"even": True}, {"_id": {"$lt": 8}}]}, -1, size=10), [6, 4, 2.5, 2, 0]
+    )
 
 
 NUMBERS = ["double", "int", "long", "decimal"]
@@ -176,28 +185,34 @@ def test_a_range_with_more_conditions_on_id_matches_what_each_allows(mongo_db: A
         pages.append(page)
     assert [len(p) for p in pages] == [3, 3, 3, 2]
     _assert_ids([i for p in pages for i in p], ORDERED[1:12])  # NaN first, then by value
-    _assert_ids(_page(coll, {"_id": {"$type": ["string"], "$gt": "a"}}, size=100),
-                ["ab", "b", "é"])
+    _assert_ids(_page(coll, {"_id": {"$type": ["string"], "$gt": "a"}}, size=100), ["ab", "b", "é"])
     # Each operator of the condition must hold: the range, and what else it says.
     _assert_ids(_page(coll, {"_id": {"$gt": 1, "$type": "int"}}, size=100), [10])
-    _assert_ids(_page(coll, {"_id": {"$lt": 10, "$type": ["long", "decimal"]}}, -1, size=100),
-                [Int64(3), Decimal128("1.5"), Int64(-2)])
-    _assert_ids(_page(coll, {"_id": {"$gte": "", "$ne": "b", "$type": "string"}}, size=3),
-                ["", "10", "2"])
-    _assert_ids(_page(coll, {"_id": {"$gt": OID_1, "$in": [OID_1, OID_2, "x"]}}, size=100),
-                [OID_2])
-    _assert_ids(_page(coll, {"_id": {"$gte": 2, "$nin": [2, 3]}}, size=100),
-                [10, float("inf")])
+    _assert_ids(
+        _page(coll, {"_id": {"$lt": 10, "$type": ["long", "decimal"]}}, -1, size=100),
+        [Int64(3), Decimal128("1.5"), Int64(-2)],
+    )
+    _assert_ids(
+        _page(coll, {"_id": {"$gte": "", "$ne": "b", "$type": "string"}}, size=3), ["", "10", "2"]
+    )
+    _assert_ids(_page(coll, {"_id": {"$gt": OID_1, "$in": [OID_1, OID_2, "x"]}}, size=100), [OID_2])
+    _assert_ids(_page(coll, {"_id": {"$gte": 2, "$nin": [2, 3]}}, size=100), [10, float("inf")])
     # A bound of one type and a $type of another: nothing, in either direction.
     assert _page(coll, {"_id": {"$gt": 5, "$type": "string"}}, size=100) == []
     assert _page(coll, {"_id": {"$lt": "z", "$type": "double"}}, -1, size=100) == []
     # The same without a sort, and under $and with a condition on another field.
     assert sorted(_norm(i) for i in _ids(coll.find({"_id": {"$gt": 1, "$type": NUMBERS}}))) == (
-        sorted(_norm(i) for i in [Decimal128("1.5"), 2.0, Int64(3), 10, float("inf")]))
+        sorted(_norm(i) for i in [Decimal128("1.5"), 2.0, Int64(3), 10, float("inf")])
+    )
     both = {"$and": [{"k": 1}, {"_id": {"$gt": -5, "$type": NUMBERS}}]}
-    _assert_ids(_page(coll, both, size=100),
-                [d["_id"] for d in coll.find({"k": 1}).sort("_id", 1)
-                 if any(_same(d["_id"], n) for n in ORDERED[4:12])])
+    _assert_ids(
+        _page(coll, both, size=100),
+        [
+            d["_id"]
+            for d in coll.find({"k": 1}).sort("_id", 1)
+            if any(_same(d["_id"], n) for n in ORDERED[4:12])
+        ],
+    )
 
 
 def test_snapshot_pages_with_a_type_condition_and_writes_between_pages(mongo_db: Any) -> None:
@@ -213,9 +228,14 @@ def test_snapshot_pages_with_a_type_condition_and_writes_between_pages(mongo_db:
         seen += page
         bound = {"$gt": page[-1], "$type": NUMBERS}
         if page[-1] == 6:  # writes racing the scan: ahead of it, behind it, removed ahead
-            coll.insert_many([{"_id": 100, "even": True}, {"_id": 2.5, "even": True},
-                              {"_id": Decimal128("13.5"), "even": True},
-                              {"_id": "s99", "even": True}])
+            coll.insert_many(
+                [
+                    {"_id": 100, "even": True},
+                    {"_id": 2.5, "even": True},
+                    {"_id": Decimal128("13.5"), "even": True},
+                    {"_id": "s99", "even": True},
+                ]
+            )
             coll.delete_many({"_id": {"$in": [14, 16]}})
     assert seen == [0, 2, 4, 6, 8, 10, 12, Decimal128("13.5"), *range(18, 40, 2), 100]
 
@@ -223,19 +243,41 @@ def test_snapshot_pages_with_a_type_condition_and_writes_between_pages(mongo_db:
 def test_in_with_mixed_types_duplicates_and_missing_ids(mongo_db: Any) -> None:
     coll = mongo_db.c
     _load(coll)
-    wanted = [Int64(1), "2", 2, 2, {"b": 0}, {"b": 0, "a": 1}, OID_2, ObjectId(), "missing",
-              999, None, True, DATE_2, Decimal128("10"), UUID_1, Binary(b"ab", 0)]
+    wanted = [
+        Int64(1),
+        "2",
+        2,
+        2,
+        {"b": 0},
+        {"b": 0, "a": 1},
+        OID_2,
+        ObjectId(),
+        "missing",
+        999,
+        None,
+        True,
+        DATE_2,
+        Decimal128("10"),
+        UUID_1,
+        Binary(b"ab", 0),
+    ]
     found = _ids(coll.find({"_id": {"$in": wanted}}).sort("_id", 1))
-    _assert_ids(found, [None, 1, 2.0, 10, "2", {"b": 0}, Binary(b"ab", 0), UUID_1,
-                        OID_2, True, DATE_2])
+    _assert_ids(
+        found, [None, 1, 2.0, 10, "2", {"b": 0}, Binary(b"ab", 0), UUID_1, OID_2, True, DATE_2]
+    )
     docs = list(coll.find({"_id": {"$in": wanted}}))
     assert len(docs) == len(found)  # each match once, whatever the order
     assert list(coll.find({"_id": {"$in": []}})) == []
     assert list(coll.find({"_id": {"$in": ["nothing", 12345, ObjectId()]}})) == []
     assert coll.count_documents({"_id": {"$in": wanted}}) == len(found)
-    _assert_ids(_ids(coll.find({"_id": {"$in": wanted}, "k": 0}).sort("_id", -1)),
-                [d["_id"] for d in coll.find({"k": 0}).sort("_id", -1) if any(
-                    _same(d["_id"], f) for f in found)])
+    _assert_ids(
+        _ids(coll.find({"_id": {"$in": wanted}, "k": 0}).sort("_id", -1)),
+        [
+            d["_id"]
+            for d in coll.find({"k": 0}).sort("_id", -1)
+            if any(_same(d["_id"], f) for f in found)
+        ],
+    )
     # Equality on _id across numeric types, and on embedded documents field order matters.
     assert coll.find_one({"_id": 3})["_id"] == Int64(3)
     assert coll.find_one({"_id": Decimal128("2")})["_id"] == 2.0
@@ -260,7 +302,8 @@ def test_counts(mongo_client: Any, mongo_db: Any) -> None:
     assert coll.count_documents({}, skip=31, limit=7) == total - 31
     assert coll.count_documents({"k": 1}) == len([i for i in range(total) if i % 3 == 1])
     assert coll.count_documents({"$and": [{"k": 0}, {"_id": {"$gte": ""}}]}) == len(
-        [d for d in coll.find({"k": 0}) if isinstance(d["_id"], str)])
+        [d for d in coll.find({"k": 0}) if isinstance(d["_id"], str)]
+    )
     assert coll.count_documents({"_id": {"$lt": "zz"}}) == 7  # "é" is above "z" in UTF-8
     coll.delete_many({"_id": {"$in": [None, 1, "a"]}})
     assert coll.count_documents({}) == total - 3

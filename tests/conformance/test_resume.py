@@ -34,8 +34,9 @@ def test_resume_after_and_start_after_continue_after_the_token(mongo_db: Any) ->
 
 def test_start_at_operation_time_is_inclusive(mongo_db: Any) -> None:
     events = _record(mongo_db.c, 4)
-    with mongo_db.c.watch(max_await_time_ms=AWAIT_MS,
-                          start_at_operation_time=events[2]["clusterTime"]) as stream:
+    with mongo_db.c.watch(
+        max_await_time_ms=AWAIT_MS, start_at_operation_time=events[2]["clusterTime"]
+    ) as stream:
         rest = next_events(stream, 2)
     assert [e["documentKey"]["_id"] for e in rest] == [2, 3]
 
@@ -108,8 +109,7 @@ def _fill(server: MongoServer, coll: Any, count: int) -> None:
         coll.insert_one({"i": i, "pad": pad})
 
 
-def test_history_lost_is_error_286_and_not_resumable(
-        mongo_server_factory: Any) -> None:
+def test_history_lost_is_error_286_and_not_resumable(mongo_server_factory: Any) -> None:
     server = mongo_server_factory(history_size=10)
     with pymongo.MongoClient(server.uri) as client:
         coll = client.db.c
@@ -117,8 +117,10 @@ def test_history_lost_is_error_286_and_not_resumable(
             coll.insert_one({"first": True})
             (first,) = next_events(stream, 1)
         _fill(server, coll, 60)
-        attempts = [{"resume_after": first["_id"]},
-                    {"start_at_operation_time": first["clusterTime"]}]
+        attempts = [
+            {"resume_after": first["_id"]},
+            {"start_at_operation_time": first["clusterTime"]},
+        ]
         for options in attempts:
             with pytest.raises(OperationFailure) as info:
                 coll.watch(**options)

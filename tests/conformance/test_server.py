@@ -92,8 +92,9 @@ def test_find_and_modify_and_cursors(mongo_db: Any) -> None:
     coll.insert_many([{"_id": i} for i in range(250)])
     assert len(list(coll.find().batch_size(7))) == 250
     before = coll.find_one_and_update({"_id": 1}, {"$set": {"v": 1}})
-    after = coll.find_one_and_update({"_id": 1}, {"$inc": {"v": 1}},
-                                     return_document=pymongo.ReturnDocument.AFTER)
+    after = coll.find_one_and_update(
+        {"_id": 1}, {"$inc": {"v": 1}}, return_document=pymongo.ReturnDocument.AFTER
+    )
     assert before == {"_id": 1} and after == {"_id": 1, "v": 2}
     assert coll.find_one_and_delete({"_id": 2}) == {"_id": 2}
     pipeline = [{"$match": {"_id": {"$lt": 10}}}, {"$group": {"_id": None, "n": {"$sum": 1}}}]
@@ -123,8 +124,11 @@ def test_a_retried_write_is_applied_once(mongo_client: Any, mongo_db: Any) -> No
         again = mongo_db.command(dict(command), session=session)
         assert first["n"] == again["n"] == 1
         assert "writeErrors" not in again
-        update = {"update": "c", "updates": [{"q": {"_id": 1}, "u": {"$inc": {"n": 1}}}],
-                  "txnNumber": Int64(2)}
+        update = {
+            "update": "c",
+            "updates": [{"q": {"_id": 1}, "u": {"$inc": {"n": 1}}}],
+            "txnNumber": Int64(2),
+        }
         mongo_db.command(dict(update), session=session)
         mongo_db.command(dict(update), session=session)
     assert mongo_db.c.find_one({"_id": 1}) == {"_id": 1, "n": 1}
@@ -144,7 +148,10 @@ def test_id_range_pages_in_id_order(mongo_db: Any) -> None:
     page = coll.find({"_id": {"$gt": 3}}).sort("_id", 1).limit(2)
     assert [d["_id"] for d in page] == [4.5, 5]
     assert [d["_id"] for d in coll.find({"_id": {"$gte": 3, "$lt": 7}}).sort("_id", -1)] == [
-        5, 4.5, 3]
+        5,
+        4.5,
+        3,
+    ]
     assert [d["_id"] for d in coll.find({"_id": {"$gt": "a"}}).sort("_id", 1)] == ["b"]
     assert [d["_id"] for d in coll.find().sort("_id", 1)] == [1, 3, 4.5, 5, 7, "a", "b"]
     coll.insert_one({"_id": 2})
@@ -157,8 +164,14 @@ def test_update_operators_follow_mongodb_semantics(mongo_db: Any) -> None:
     coll.update_one({"_id": 1}, {"$set": {"y": 1, "x": 2, "z": 5}, "$unset": {"a": ""}})
     assert list(coll.find_one({"_id": 1})) == ["_id", "z", "arr", "x", "y"]
     coll.update_one({"_id": 1}, {"$set": {"a.b.c": 1}, "$inc": {"z": 1}, "$push": {"arr": 3}})
-    assert coll.find_one({"_id": 1}) == {"_id": 1, "z": 6, "arr": [1, 2, 3], "x": 2, "y": 1,
-                                         "a": {"b": {"c": 1}}}
+    assert coll.find_one({"_id": 1}) == {
+        "_id": 1,
+        "z": 6,
+        "arr": [1, 2, 3],
+        "x": 2,
+        "y": 1,
+        "a": {"b": {"c": 1}},
+    }
     with pytest.raises(OperationFailure) as info:
         coll.update_one({"_id": 1}, {"$set": {"_id": 2}})
     assert info.value.code == 66

@@ -47,8 +47,9 @@ def test_kill9_with_a_batch_in_the_write_and_the_next_one_embedded(
         settings = settings_of(cfg)
         daemon = syncd_factory(["run"], cfg)
         wait_until(
-            lambda: (cp := load_checkpoint(settings, "staged")) is not None
-            and cp.phase == "streaming",
+            lambda: (
+                (cp := load_checkpoint(settings, "staged")) is not None and cp.phase == "streaming"
+            ),
             120,
             "streaming",
         )

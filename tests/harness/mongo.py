@@ -43,9 +43,16 @@ class MongoServerError(RuntimeError):
 class MongoServer:
     """One MongoDB server process (or an external deployment) owned by a test."""
 
-    def __init__(self, kind: str, data_dir: Path | None, port: int, *,
-                 history_size: int | None = None, host: str = "127.0.0.1",
-                 external_uri: str | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        data_dir: Path | None,
+        port: int,
+        *,
+        history_size: int | None = None,
+        host: str = "127.0.0.1",
+        external_uri: str | None = None,
+    ) -> None:
         self.kind = kind
         self.data_dir = data_dir
         self.port = port
@@ -53,7 +60,7 @@ class MongoServer:
         self.history_size = history_size
         self._external_uri = external_uri
         self._proc: subprocess.Popen[bytes] | None = None
-        self.log_path = (data_dir.with_name(data_dir.name + ".log") if data_dir else None)
+        self.log_path = data_dir.with_name(data_dir.name + ".log") if data_dir else None
 
     @property
     def uri(self) -> str:
@@ -83,14 +90,34 @@ class MongoServer:
             # The oplog is sized in megabytes, not events: a small history means the
             # smallest oplog mongod accepts.
             oplog_mb = "1" if self.history_size is not None else "64"
-            return ["mongod", "--replSet", "rs0", "--port", str(self.port), "--bind_ip",
-                    self.host, "--dbpath", str(self.data_dir), "--oplogSize", oplog_mb]
+            return [
+                "mongod",
+                "--replSet",
+                "rs0",
+                "--port",
+                str(self.port),
+                "--bind_ip",
+                self.host,
+                "--dbpath",
+                str(self.data_dir),
+                "--oplogSize",
+                oplog_mb,
+            ]
         if not STANDIN_PYTHON.exists():
             raise MongoServerError(
                 f"the MongoDB stand-in's environment is missing ({STANDIN_PYTHON}); "
-                "run `make standin` (or set SYNCD_TEST_MONGODB_URI to a real replica set)")
-        cmd = [str(STANDIN_PYTHON), str(STANDIN_SERVER), "--port", str(self.port),
-               "--host", self.host, "--data-dir", str(self.data_dir)]
+                "run `make standin` (or set SYNCD_TEST_MONGODB_URI to a real replica set)"
+            )
+        cmd = [
+            str(STANDIN_PYTHON),
+            str(STANDIN_SERVER),
+            "--port",
+            str(self.port),
+            "--host",
+            self.host,
+            "--data-dir",
+            str(self.data_dir),
+        ]
         if self.history_size is not None:
             cmd += ["--history-size", str(self.history_size)]
         return cmd
@@ -102,8 +129,13 @@ class MongoServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         try:
-            self._proc = subprocess.Popen(self._command(), stdout=log, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, start_new_session=True)
+            self._proc = subprocess.Popen(
+                self._command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         finally:
             log.close()
         self._wait_ready()
@@ -116,8 +148,9 @@ class MongoServer:
 
     def _fail(self, what: str) -> MongoServerError:
         self.kill()
-        return MongoServerError(f"{self.kind} on port {self.port} {what}; its output ends:\n"
-                                f"{self._log_tail()}")
+        return MongoServerError(
+            f"{self.kind} on port {self.port} {what}; its output ends:\n{self._log_tail()}"
+        )
 
     def _wait_ready(self) -> None:
         import pymongo
@@ -130,16 +163,18 @@ class MongoServer:
             if self._proc.poll() is not None:
                 raise self._fail(f"exited with status {self._proc.returncode} before it was ready")
             try:
-                with pymongo.MongoClient(self.uri, serverSelectionTimeoutMS=500,
-                                         connectTimeoutMS=500) as client:
+                with pymongo.MongoClient(
+                    self.uri, serverSelectionTimeoutMS=500, connectTimeoutMS=500
+                ) as client:
                     hello = client.admin.command("hello")
                     if hello.get("isWritablePrimary"):
                         return
                     if self.kind == "mongod" and not initiated and not hello.get("setName"):
                         member = {"_id": 0, "host": f"{self.host}:{self.port}"}
                         try:
-                            client.admin.command("replSetInitiate",
-                                                 {"_id": "rs0", "members": [member]})
+                            client.admin.command(
+                                "replSetInitiate", {"_id": "rs0", "members": [member]}
+                            )
                         except OperationFailure as exc:
                             if exc.code != 23:  # AlreadyInitialized: a restart
                                 raise
@@ -184,8 +219,9 @@ def _external(uri: str) -> MongoServer:
     return MongoServer("external", None, port, host=host, external_uri=uri)
 
 
-def start_mongo(data_dir: Path, *, history_size: int | None = None,
-                port: int | None = None) -> MongoServer:
+def start_mongo(
+    data_dir: Path, *, history_size: int | None = None, port: int | None = None
+) -> MongoServer:
     """Start (or attach to) a MongoDB replica set primary; see the module docstring."""
     uri = os.environ.get(URI_ENV)
     if uri:
@@ -244,8 +280,9 @@ if pytest is not None:
         servers: list[MongoServer] = []
 
         def make(history_size: int | None = None, port: int | None = None) -> MongoServer:
-            server = start_mongo(tmp_path / f"mongo{len(servers)}", history_size=history_size,
-                                 port=port)
+            server = start_mongo(
+                tmp_path / f"mongo{len(servers)}", history_size=history_size, port=port
+            )
             servers.append(server)
             return server
 
@@ -256,8 +293,10 @@ if pytest is not None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.harness.mongo",
-                                     description="Run a MongoDB replica set for local work.")
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.harness.mongo",
+        description="Run a MongoDB replica set for local work.",
+    )
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--port", type=int)
     parser.add_argument("--history-size", type=int)

@@ -16,8 +16,11 @@ def cmd_create(store: Store, db: str, body: dict[str, Any]) -> dict[str, Any]:
     name = body["create"]
     if store.get(db, name) is not None:
         raise CommandError(48, "NamespaceExists", f"Collection {db}.{name} already exists.")
-    options = {k: v for k, v in body.items()
-               if k in ("changeStreamPreAndPostImages", "capped", "size", "max", "validator")}
+    options = {
+        k: v
+        for k, v in body.items()
+        if k in ("changeStreamPreAndPostImages", "capped", "size", "max", "validator")
+    }
     store.ensure(db, name, options)
     return {}
 
@@ -49,8 +52,9 @@ def cmd_drop_database(store: Store, db: str, body: dict[str, Any]) -> dict[str, 
 
 def cmd_rename(store: Store, db: str, body: dict[str, Any]) -> dict[str, Any]:
     if db != "admin":
-        raise CommandError(13, "Unauthorized", "renameCollection may only be run against the "
-                           "admin database.")
+        raise CommandError(
+            13, "Unauthorized", "renameCollection may only be run against the admin database."
+        )
     src, dst = body["renameCollection"], body["to"]
     src_db, _, src_name = src.partition(".")
     dst_db, _, dst_name = dst.partition(".")
@@ -79,8 +83,11 @@ def cmd_create_indexes(store: Store, db: str, body: dict[str, Any]) -> dict[str,
             names.add(spec.get("name"))
     if len(coll.indexes) != before:
         store.save_meta(coll)
-    return {"numIndexesBefore": before, "numIndexesAfter": len(coll.indexes),
-            "createdCollectionAutomatically": not existed}
+    return {
+        "numIndexesBefore": before,
+        "numIndexesAfter": len(coll.indexes),
+        "createdCollectionAutomatically": not existed,
+    }
 
 
 def cmd_drop_indexes(store: Store, db: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -92,8 +99,11 @@ def cmd_drop_indexes(store: Store, db: str, body: dict[str, Any]) -> dict[str, A
     if which == "*":
         coll.indexes = coll.indexes[:1]
     else:
-        keep = [ix for ix in coll.indexes
-                if ix["name"] == "_id_" or (ix["name"] != which and ix["key"] != which)]
+        keep = [
+            ix
+            for ix in coll.indexes
+            if ix["name"] == "_id_" or (ix["name"] != which and ix["key"] != which)
+        ]
         if len(keep) == before:
             raise CommandError(27, "IndexNotFound", f"index not found with name [{which}]")
         coll.indexes = keep
@@ -113,17 +123,27 @@ def list_collections(store: Store, db: str, body: dict[str, Any]) -> list[dict[s
     for coll in store.dbs.get(db, {}).values():
         entry: dict[str, Any] = {"name": coll.name, "type": "collection"}
         if not body.get("nameOnly"):
-            entry.update({"options": dict(coll.options),
-                          "info": {"readOnly": False, "uuid": coll.uuid},
-                          "idIndex": {"v": 2, "key": {"_id": 1}, "name": "_id_"}})
+            entry.update(
+                {
+                    "options": dict(coll.options),
+                    "info": {"readOnly": False, "uuid": coll.uuid},
+                    "idIndex": {"v": 2, "key": {"_id": 1}, "name": "_id_"},
+                }
+            )
         if not body.get("filter") or QueryEngine.match(entry, body["filter"]):
             out.append(entry)
     return out
 
 
 def cmd_list_databases(store: Store, db: str, body: dict[str, Any]) -> dict[str, Any]:
-    dbs = [{"name": name, "sizeOnDisk": 4096 * (1 + sum(len(c.docs) for c in colls.values())),
-            "empty": False} for name, colls in store.dbs.items()]
+    dbs = [
+        {
+            "name": name,
+            "sizeOnDisk": 4096 * (1 + sum(len(c.docs) for c in colls.values())),
+            "empty": False,
+        }
+        for name, colls in store.dbs.items()
+    ]
     if body.get("filter"):
         dbs = [d for d in dbs if QueryEngine.match(d, body["filter"])]
     if body.get("nameOnly"):

@@ -44,10 +44,18 @@ def _decoder(bson_type: type) -> TypeDecoder:
     return type(f"Decode{bson_type.__name__}", (TypeDecoder,), attrs)()
 
 
-_ENCODED: tuple[Any, ...] = (Timestamp, BsonInt64, BsonInt32, BsonDouble, BsonDecimal128,
-                             Decimal128, Regex, UndefinedType, decimal.Decimal)
-_DECODED: tuple[Any, ...] = (bson.ObjectId, bson.Int64, bson.Timestamp, bson.Regex,
-                             bson.Decimal128)
+_ENCODED: tuple[Any, ...] = (
+    Timestamp,
+    BsonInt64,
+    BsonInt32,
+    BsonDouble,
+    BsonDecimal128,
+    Decimal128,
+    Regex,
+    UndefinedType,
+    decimal.Decimal,
+)
+_DECODED: tuple[Any, ...] = (bson.ObjectId, bson.Int64, bson.Timestamp, bson.Regex, bson.Decimal128)
 
 CODEC: CodecOptions[dict[str, Any]] = CodecOptions(
     document_class=dict,

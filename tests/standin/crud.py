@@ -60,8 +60,11 @@ def _points(cond: Any) -> list[Any] | None:
             cond = cond["$eq"]
         elif set(cond) == {"$in"} and isinstance(cond["$in"], list):
             values = cond["$in"]
-            if any(isinstance(v, Regex) or (isinstance(v, dict) and any(
-                    str(k).startswith("$") for k in v)) for v in values):
+            if any(
+                isinstance(v, Regex)
+                or (isinstance(v, dict) and any(str(k).startswith("$") for k in v))
+                for v in values
+            ):
                 return None
             return values
         else:
@@ -79,8 +82,11 @@ def _bounds(cond: Any) -> tuple[list[tuple[str, tuple[Any, ...]]], bool] | None:
     whatever else the condition says: the rest (``$type``, ``$ne``, ...) is checked on
     each document walked, as MongoDB's fetch stage does after its ``_id`` index scan.
     """
-    if not isinstance(cond, dict) or not cond or not all(
-            isinstance(op, str) and op.startswith("$") for op in cond):
+    if (
+        not isinstance(cond, dict)
+        or not cond
+        or not all(isinstance(op, str) and op.startswith("$") for op in cond)
+    ):
         return None
     out = []
     for op, value in cond.items():
@@ -122,8 +128,9 @@ def _in_id_order(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [d for _, d in sorted(zip(keys, docs, strict=True), key=lambda kd: kd[0])]
 
 
-def _id_plan(coll: Collection, flt: dict[str, Any], direction: int | None
-             ) -> tuple[Iterable[dict[str, Any]], bool] | None:
+def _id_plan(
+    coll: Collection, flt: dict[str, Any], direction: int | None
+) -> tuple[Iterable[dict[str, Any]], bool] | None:
     """Documents that can match ``flt``, in ``_id`` order, as MongoDB reads them from the ``_id``
     index; and whether they all match (nothing left for the matcher). None: scan instead."""
     conds = _id_conditions(flt)
@@ -176,8 +183,13 @@ def _id_plan(coll: Collection, flt: dict[str, Any], direction: int | None
     return (docs_by_key[k] for _, k in entries), exact_range
 
 
-def find_docs(coll: Collection | None, flt: dict[str, Any] | None, sort: Any = None,
-              skip: int = 0, limit: int = 0) -> list[dict[str, Any]]:
+def find_docs(
+    coll: Collection | None,
+    flt: dict[str, Any] | None,
+    sort: Any = None,
+    skip: int = 0,
+    limit: int = 0,
+) -> list[dict[str, Any]]:
     """The documents matching ``flt``, sorted, skipped and limited as a find does."""
     if coll is None:
         return []
@@ -208,8 +220,9 @@ def find_docs(coll: Collection | None, flt: dict[str, Any] | None, sort: Any = N
     return docs[skip : skip + limit] if limit else docs[skip:]
 
 
-def select(coll: Collection | None, flt: dict[str, Any] | None,
-           limit: int = 0) -> list[dict[str, Any]]:
+def select(
+    coll: Collection | None, flt: dict[str, Any] | None, limit: int = 0
+) -> list[dict[str, Any]]:
     return find_docs(coll, flt, limit=limit)
 
 
@@ -232,8 +245,11 @@ def _is_operator_update(update: Any) -> bool:
 
 
 def _immutable_id() -> CommandError:
-    return CommandError(66, "ImmutableField", "Performing an update on the path '_id' would "
-                        "modify the immutable field '_id'")
+    return CommandError(
+        66,
+        "ImmutableField",
+        "Performing an update on the path '_id' would modify the immutable field '_id'",
+    )
 
 
 _SHARED_CONTEXT = ExpressionExecutionContext()
@@ -252,8 +268,11 @@ def _top_level_set(doc: dict[str, Any], update: Any) -> dict[str, Any] | None:
     if isinstance(update, list) or not update or set(update) - {"$set", "$unset"}:
         return None
     fields = [k for spec in update.values() if isinstance(spec, dict) for k in spec]
-    if len(fields) != sum(len(spec) for spec in update.values()) or len(set(fields)) != len(
-            fields) or any(not k or "." in k or k.startswith("$") or k == "_id" for k in fields):
+    if (
+        len(fields) != sum(len(spec) for spec in update.values())
+        or len(set(fields)) != len(fields)
+        or any(not k or "." in k or k.startswith("$") or k == "_id" for k in fields)
+    ):
         return None
     new = dict(doc)
     # MongoDB 5+ applies an operator's fields in lexicographic order, so new ones land sorted.
@@ -265,8 +284,9 @@ def _top_level_set(doc: dict[str, Any], update: Any) -> dict[str, Any] | None:
     return new
 
 
-def apply_update(doc: dict[str, Any], update: Any, flt: dict[str, Any],
-                 array_filters: Any = None) -> dict[str, Any]:
+def apply_update(
+    doc: dict[str, Any], update: Any, flt: dict[str, Any], array_filters: Any = None
+) -> dict[str, Any]:
     if not _is_operator_update(update):
         if "_id" in update and not same_value(update["_id"], doc["_id"]):
             raise _immutable_id()
@@ -276,8 +296,13 @@ def apply_update(doc: dict[str, Any], update: Any, flt: dict[str, Any],
         return simple
     new = deep_copy(doc)
     try:
-        UpdateEngine.apply_update(new, update, selector_filter=flt, array_filters=array_filters,
-                                  variables=_context(update))
+        UpdateEngine.apply_update(
+            new,
+            update,
+            selector_filter=flt,
+            array_filters=array_filters,
+            variables=_context(update),
+        )
     except OperationFailure as exc:
         raise CommandError(getattr(exc, "code", None) or 2, "BadValue", str(exc)) from exc
     if "_id" not in new or not same_value(new["_id"], doc["_id"]):
@@ -296,8 +321,9 @@ def upsert_document(update: Any, flt: dict[str, Any], array_filters: Any = None)
     doc = {}
     seed_upsert_document(doc, flt)
     try:
-        UpdateEngine.apply_update(doc, update, selector_filter=flt, array_filters=array_filters,
-                                  is_upsert_insert=True)
+        UpdateEngine.apply_update(
+            doc, update, selector_filter=flt, array_filters=array_filters, is_upsert_insert=True
+        )
     except OperationFailure as exc:
         raise CommandError(getattr(exc, "code", None) or 2, "BadValue", str(exc)) from exc
     if "_id" not in doc:
@@ -306,9 +332,12 @@ def upsert_document(update: Any, flt: dict[str, Any], array_filters: Any = None)
 
 
 def _dup_key(coll: Collection, doc: dict[str, Any]) -> CommandError:
-    return CommandError(11000, "DuplicateKey",
-                        f"E11000 duplicate key error collection: {coll.db}.{coll.name} "
-                        f"index: _id_ dup key: {{ _id: {doc['_id']!r} }}")
+    return CommandError(
+        11000,
+        "DuplicateKey",
+        f"E11000 duplicate key error collection: {coll.db}.{coll.name} "
+        f"index: _id_ dup key: {{ _id: {doc['_id']!r} }}",
+    )
 
 
 def insert_doc(store: Store, coll: Collection, doc: dict[str, Any]) -> None:
@@ -340,19 +369,28 @@ def check_unique(coll: Collection, doc: dict[str, Any]) -> None:
         if not spec.get("unique") or spec["name"] == "_id_":
             continue
         if spec.get("partialFilterExpression") and not QueryEngine.match(
-                doc, spec["partialFilterExpression"]):
+            doc, spec["partialFilterExpression"]
+        ):
             continue
         key = _index_key(doc, spec)
         if key is None:
             continue
         own = id_key(doc["_id"])
         for other_key, other in coll.docs.items():
-            if other_key != own and _index_key(other, spec) == key and not (
+            if (
+                other_key != own
+                and _index_key(other, spec) == key
+                and not (
                     spec.get("partialFilterExpression")
-                    and not QueryEngine.match(other, spec["partialFilterExpression"])):
-                raise CommandError(11000, "DuplicateKey",
-                                   f"E11000 duplicate key error collection: {coll.db}.{coll.name}"
-                                   f" index: {spec['name']} dup key: {key!r}")
+                    and not QueryEngine.match(other, spec["partialFilterExpression"])
+                )
+            ):
+                raise CommandError(
+                    11000,
+                    "DuplicateKey",
+                    f"E11000 duplicate key error collection: {coll.db}.{coll.name}"
+                    f" index: {spec['name']} dup key: {key!r}",
+                )
 
 
 def _write_error(index: int, exc: CommandError) -> dict[str, Any]:
@@ -377,8 +415,9 @@ def cmd_insert(store: Store, db: str, body: dict[str, Any]) -> dict[str, Any]:
     return reply
 
 
-def _update_one_statement(store: Store, db: str, name: str, stmt: dict[str, Any],
-                          index: int, reply: dict[str, Any]) -> None:
+def _update_one_statement(
+    store: Store, db: str, name: str, stmt: dict[str, Any], index: int, reply: dict[str, Any]
+) -> None:
     flt, update = stmt.get("q") or {}, stmt["u"]
     array_filters = stmt.get("arrayFilters")
     coll = store.get(db, name)
@@ -432,7 +471,7 @@ def cmd_find_and_modify(store: Store, db: str, body: dict[str, Any]) -> dict[str
     flt = body.get("query") or {}
     docs = find_docs(coll, flt, body.get("sort"), limit=1)
     fields = body.get("fields")
-    show = (lambda d: apply_projection(d, fields) if fields and d is not None else d)  # noqa: E731
+    show = lambda d: apply_projection(d, fields) if fields and d is not None else d  # noqa: E731
     if body.get("remove"):
         if not docs:
             return {"lastErrorObject": {"n": 0}, "value": None}
@@ -449,14 +488,18 @@ def cmd_find_and_modify(store: Store, db: str, body: dict[str, Any]) -> dict[str
         coll = coll or store.ensure(db, name)
         doc = upsert_document(update, flt, array_filters)
         insert_doc(store, coll, doc)
-        return {"lastErrorObject": {"n": 1, "updatedExisting": False, "upserted": doc["_id"]},
-                "value": show(doc) if body.get("new") else None}
+        return {
+            "lastErrorObject": {"n": 1, "updatedExisting": False, "upserted": doc["_id"]},
+            "value": show(doc) if body.get("new") else None,
+        }
     assert coll is not None
     new = apply_update(docs[0], update, flt, array_filters)
     check_unique(coll, new)
     store.replace(coll, docs[0], new, as_update=_is_operator_update(update))
-    return {"lastErrorObject": {"n": 1, "updatedExisting": True},
-            "value": show(new if body.get("new") else docs[0])}
+    return {
+        "lastErrorObject": {"n": 1, "updatedExisting": True},
+        "value": show(new if body.get("new") else docs[0]),
+    }
 
 
 def cmd_count(store: Store, db: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -493,19 +536,30 @@ def _count_tail(stages: list[dict[str, Any]]) -> tuple[int, int, str, Any] | Non
             return None
         counts[op] = value
     group = last.get("$group") if len(last) == 1 else None
-    if not isinstance(group, dict) or len(group) != 2 or "_id" not in group or type(
-            group["_id"]) not in (int, type(None)):
+    if (
+        not isinstance(group, dict)
+        or len(group) != 2
+        or "_id" not in group
+        or type(group["_id"]) not in (int, type(None))
+    ):
         return None
     field = next(k for k in group if k != "_id")
     acc = group[field]
-    if field.startswith("$") or "." in field or not isinstance(acc, dict) or list(acc) != [
-            "$sum"] or type(acc["$sum"]) is not int or acc["$sum"] != 1:
+    if (
+        field.startswith("$")
+        or "." in field
+        or not isinstance(acc, dict)
+        or list(acc) != ["$sum"]
+        or type(acc["$sum"]) is not int
+        or acc["$sum"] != 1
+    ):
         return None
     return counts.get("$skip", 0), counts.get("$limit", 0), field, group["_id"]
 
 
-def run_pipeline(store: Store, coll: Collection | None,
-                 pipeline: list[dict[str, Any]]) -> list[Any]:
+def run_pipeline(
+    store: Store, coll: Collection | None, pipeline: list[dict[str, Any]]
+) -> list[Any]:
     stages = list(pipeline)
     match = stages.pop(0)["$match"] if stages and "$match" in stages[0] else None
     counting = _count_tail(stages) if stages else None
@@ -513,8 +567,9 @@ def run_pipeline(store: Store, coll: Collection | None,
         docs: list[Any] | None = None  # only the number is needed, and it is at hand
         total = len(coll.docs) if coll else 0
     else:
-        docs = select(coll, match) if match is not None else (
-            list(coll.docs.values()) if coll else [])
+        docs = (
+            select(coll, match) if match is not None else (list(coll.docs.values()) if coll else [])
+        )
         total = len(docs)
     if counting is not None:
         skip, limit, field, group_id = counting

@@ -51,13 +51,22 @@ MAX_MESSAGE = 48_000_000
 DEFAULT_BATCH = 101
 INSERT_CHUNK = 500
 _CODEC = CODEC
-WRITE_COMMANDS = {"insert": crud.cmd_insert, "update": crud.cmd_update,
-                  "delete": crud.cmd_delete, "findandmodify": crud.cmd_find_and_modify}
+WRITE_COMMANDS = {
+    "insert": crud.cmd_insert,
+    "update": crud.cmd_update,
+    "delete": crud.cmd_delete,
+    "findandmodify": crud.cmd_find_and_modify,
+}
 SIMPLE_COMMANDS: dict[str, Callable[[Store, str, dict[str, Any]], dict[str, Any]]] = {
-    "count": crud.cmd_count, "distinct": crud.cmd_distinct, "create": admin.cmd_create,
-    "collmod": admin.cmd_coll_mod, "drop": admin.cmd_drop,
-    "dropdatabase": admin.cmd_drop_database, "renamecollection": admin.cmd_rename,
-    "createindexes": admin.cmd_create_indexes, "dropindexes": admin.cmd_drop_indexes,
+    "count": crud.cmd_count,
+    "distinct": crud.cmd_distinct,
+    "create": admin.cmd_create,
+    "collmod": admin.cmd_coll_mod,
+    "drop": admin.cmd_drop,
+    "dropdatabase": admin.cmd_drop_database,
+    "renamecollection": admin.cmd_rename,
+    "createindexes": admin.cmd_create_indexes,
+    "dropindexes": admin.cmd_drop_indexes,
     "listdatabases": admin.cmd_list_databases,
 }
 
@@ -126,14 +135,18 @@ class Server:
     def _op_msg(self, response_to: int, reply: dict[str, Any]) -> bytes:
         body = bson.encode(reply, codec_options=_CODEC)
         payload = struct.pack("<IB", 0, 0) + body
-        return struct.pack("<iiii", 16 + len(payload), next(self._request_ids), response_to,
-                           OP_MSG) + payload
+        return (
+            struct.pack("<iiii", 16 + len(payload), next(self._request_ids), response_to, OP_MSG)
+            + payload
+        )
 
     def _op_reply(self, response_to: int, reply: dict[str, Any]) -> bytes:
         body = bson.encode(reply, codec_options=_CODEC)
         payload = struct.pack("<iqii", 8, 0, 0, 1) + body
-        return struct.pack("<iiii", 16 + len(payload), next(self._request_ids), response_to,
-                           OP_REPLY) + payload
+        return (
+            struct.pack("<iiii", 16 + len(payload), next(self._request_ids), response_to, OP_REPLY)
+            + payload
+        )
 
     # -- commands -----------------------------------------------------------
     async def dispatch(self, raw_body: dict[str, Any], conn_id: int) -> dict[str, Any]:
@@ -148,24 +161,37 @@ class Server:
             if exc.labels:
                 reply["errorLabels"] = list(exc.labels)
         except OperationFailure as exc:
-            reply = {"ok": 0.0, "errmsg": str(exc), "code": getattr(exc, "code", None) or 2,
-                     "codeName": "BadValue"}
+            reply = {
+                "ok": 0.0,
+                "errmsg": str(exc),
+                "code": getattr(exc, "code", None) or 2,
+                "codeName": "BadValue",
+            }
         except Exception as exc:  # keep serving: report the bug to the client and on stderr
             traceback.print_exc(file=sys.stderr)
-            reply = {"ok": 0.0, "errmsg": f"{type(exc).__name__}: {exc}", "code": 1,
-                     "codeName": "InternalError"}
+            reply = {
+                "ok": 0.0,
+                "errmsg": f"{type(exc).__name__}: {exc}",
+                "code": 1,
+                "codeName": "InternalError",
+            }
         finally:
             self.store.flush()
         ts = Timestamp(*self.store.last_ts)
         reply["operationTime"] = ts
-        reply["$clusterTime"] = {"clusterTime": ts,
-                                 "signature": {"hash": bson.Binary(bytes(20)), "keyId": Int64(0)}}
+        reply["$clusterTime"] = {
+            "clusterTime": ts,
+            "signature": {"hash": bson.Binary(bytes(20)), "keyId": Int64(0)},
+        }
         return reply
 
     async def run(self, name: str, db: str, body: dict[str, Any], conn_id: int) -> dict[str, Any]:
         if body.get("startTransaction") or body.get("autocommit") is False:
-            raise CommandError(20, "IllegalOperation",
-                               "multi-document transactions are not supported by this server")
+            raise CommandError(
+                20,
+                "IllegalOperation",
+                "multi-document transactions are not supported by this server",
+            )
         if name in ("hello", "ismaster"):
             return self.hello(name, body, conn_id)
         if name in WRITE_COMMANDS:
@@ -175,8 +201,12 @@ class Server:
         if name == "find":
             coll = self.store.get(db, body["find"])
             docs = crud.query(coll, body)
-            return self.open_cursor(f"{db}.{body['find']}", docs, body.get("batchSize"),
-                                    single=bool(body.get("singleBatch")))
+            return self.open_cursor(
+                f"{db}.{body['find']}",
+                docs,
+                body.get("batchSize"),
+                single=bool(body.get("singleBatch")),
+            )
         if name == "aggregate":
             return self.aggregate(db, body)
         if name == "getmore":
@@ -184,8 +214,12 @@ class Server:
         if name == "killcursors":
             ids = [as_int(c) for c in body.get("cursors", [])]
             killed = [Int64(c) for c in ids if self.cursors.pop(c, None) is not None]
-            return {"cursorsKilled": killed, "cursorsNotFound": [Int64(c) for c in ids
-                    if Int64(c) not in killed], "cursorsAlive": [], "cursorsUnknown": []}
+            return {
+                "cursorsKilled": killed,
+                "cursorsNotFound": [Int64(c) for c in ids if Int64(c) not in killed],
+                "cursorsAlive": [],
+                "cursorsUnknown": [],
+            }
         if name == "listcollections":
             colls = admin.list_collections(self.store, db, body)
             return self.open_cursor(f"{db}.$cmd.listCollections", colls, None)
@@ -198,15 +232,38 @@ class Server:
         if name in ("ping", "endsessions", "refreshsessions", "killsessions", "logout"):
             return {}
         if name == "buildinfo":
-            return {"version": "7.0.0", "versionArray": [7, 0, 0, 0], "gitVersion": "standin",
-                    "bits": 64, "maxBsonObjectSize": MAX_BSON, "storageEngines": ["standin"]}
+            return {
+                "version": "7.0.0",
+                "versionArray": [7, 0, 0, 0],
+                "gitVersion": "standin",
+                "bits": 64,
+                "maxBsonObjectSize": MAX_BSON,
+                "storageEngines": ["standin"],
+            }
         if name == "serverstatus":
-            return {"host": self.me, "version": "7.0.0", "process": "mongod", "pid": os.getpid(),
-                    "uptime": time.monotonic(), "localTime": dt.datetime.now(dt.UTC)}
+            return {
+                "host": self.me,
+                "version": "7.0.0",
+                "process": "mongod",
+                "pid": os.getpid(),
+                "uptime": time.monotonic(),
+                "localTime": dt.datetime.now(dt.UTC),
+            }
         if name == "replsetgetstatus":
-            return {"set": "rs0", "myState": 1, "members": [
-                {"_id": 0, "name": self.me, "health": 1, "state": 1, "stateStr": "PRIMARY",
-                 "self": True}]}
+            return {
+                "set": "rs0",
+                "myState": 1,
+                "members": [
+                    {
+                        "_id": 0,
+                        "name": self.me,
+                        "health": 1,
+                        "state": 1,
+                        "stateStr": "PRIMARY",
+                        "self": True,
+                    }
+                ],
+            }
         if name == "getparameter":
             return {}
         if name in ("connectionstatus", "whatsmyuri", "hostinfo", "getcmdlineopts"):
@@ -216,15 +273,31 @@ class Server:
     def hello(self, name: str, body: dict[str, Any], conn_id: int) -> dict[str, Any]:
         now = dt.datetime.now(dt.UTC)
         op_time = {"ts": Timestamp(*self.store.last_ts), "t": Int64(1)}
-        reply = {"isWritablePrimary" if name == "hello" else "ismaster": True,
-                 "hosts": [self.me], "setName": "rs0", "setVersion": 1, "primary": self.me,
-                 "me": self.me, "secondary": False, "electionId": self.election_id,
-                 "lastWrite": {"opTime": op_time, "lastWriteDate": now,
-                               "majorityOpTime": op_time, "majorityWriteDate": now},
-                 "maxBsonObjectSize": MAX_BSON, "maxMessageSizeBytes": MAX_MESSAGE,
-                 "maxWriteBatchSize": 100_000, "localTime": now,
-                 "logicalSessionTimeoutMinutes": 30, "connectionId": conn_id,
-                 "minWireVersion": 0, "maxWireVersion": 21, "readOnly": False}
+        reply = {
+            "isWritablePrimary" if name == "hello" else "ismaster": True,
+            "hosts": [self.me],
+            "setName": "rs0",
+            "setVersion": 1,
+            "primary": self.me,
+            "me": self.me,
+            "secondary": False,
+            "electionId": self.election_id,
+            "lastWrite": {
+                "opTime": op_time,
+                "lastWriteDate": now,
+                "majorityOpTime": op_time,
+                "majorityWriteDate": now,
+            },
+            "maxBsonObjectSize": MAX_BSON,
+            "maxMessageSizeBytes": MAX_MESSAGE,
+            "maxWriteBatchSize": 100_000,
+            "localTime": now,
+            "logicalSessionTimeoutMinutes": 30,
+            "connectionId": conn_id,
+            "minWireVersion": 0,
+            "maxWireVersion": 21,
+            "readOnly": False,
+        }
         if body.get("helloOk"):
             reply["helloOk"] = True
         return reply
@@ -239,9 +312,12 @@ class Server:
             if previous is not None and previous[0] == as_int(txn):
                 return dict(previous[1])
             if previous is not None and previous[0] > as_int(txn):
-                raise CommandError(225, "TransactionTooOld",
-                                   f"Cannot start transaction {as_int(txn)} on session because a "
-                                   f"newer transaction {previous[0]} has already started")
+                raise CommandError(
+                    225,
+                    "TransactionTooOld",
+                    f"Cannot start transaction {as_int(txn)} on session because a "
+                    f"newer transaction {previous[0]} has already started",
+                )
         if name == "insert" and len(body.get("documents", [])) > INSERT_CHUNK:
             reply = await self._chunked_insert(db, body)
         else:
@@ -256,8 +332,9 @@ class Server:
         """Insert a large batch in slices, letting other connections (heartbeats) in between."""
         docs, errors, n = body["documents"], [], 0
         for start in range(0, len(docs), INSERT_CHUNK):
-            part = crud.cmd_insert(self.store, db,
-                                   {**body, "documents": docs[start : start + INSERT_CHUNK]})
+            part = crud.cmd_insert(
+                self.store, db, {**body, "documents": docs[start : start + INSERT_CHUNK]}
+            )
             n += part["n"]
             errors += [{**e, "index": e["index"] + start} for e in part.get("writeErrors", [])]
             if errors and body.get("ordered", True):
@@ -267,8 +344,9 @@ class Server:
         return {"n": n, "writeErrors": errors} if errors else {"n": n}
 
     # -- cursors ------------------------------------------------------------
-    def open_cursor(self, ns: str, docs: list[Any], batch_size: Any, *,
-                    single: bool = False) -> dict[str, Any]:
+    def open_cursor(
+        self, ns: str, docs: list[Any], batch_size: Any, *, single: bool = False
+    ) -> dict[str, Any]:
         first, rest = take_batch(docs, DEFAULT_BATCH if batch_size is None else as_int(batch_size))
         cursor_id = 0
         if rest and not single:
@@ -289,13 +367,19 @@ class Server:
             stream_db, stream_coll, ns = db, target, f"{db}.{target}"
         elif spec.get("allChangesForCluster"):
             if db != "admin":
-                raise CommandError(ErrorCodes.INVALID_NAMESPACE, "InvalidNamespace",
-                                   "$changeStream with allChangesForCluster must run on admin")
+                raise CommandError(
+                    ErrorCodes.INVALID_NAMESPACE,
+                    "InvalidNamespace",
+                    "$changeStream with allChangesForCluster must run on admin",
+                )
             stream_db, stream_coll, ns = None, None, "admin.$cmd.aggregate"
         else:
             if db in ("admin", "config", "local"):
-                raise CommandError(ErrorCodes.INVALID_NAMESPACE, "InvalidNamespace",
-                                   f"$changeStream may not be opened on the internal {db} database")
+                raise CommandError(
+                    ErrorCodes.INVALID_NAMESPACE,
+                    "InvalidNamespace",
+                    f"$changeStream may not be opened on the internal {db} database",
+                )
             stream_db, stream_coll, ns = db, None, f"{db}.$cmd.aggregate"
         stream = ChangeStream(self.store, stream_db, stream_coll, spec, pipeline[1:])
         events = stream.read(DEFAULT_BATCH if batch_size is None else as_int(batch_size))
@@ -303,8 +387,14 @@ class Server:
         if not stream.closed:
             cursor_id = next(self._cursor_ids)
             self.cursors[cursor_id] = Cursor(ns, stream=stream)
-        return {"cursor": {"firstBatch": events, "postBatchResumeToken": stream.post_batch_token(),
-                           "id": Int64(cursor_id), "ns": ns}}
+        return {
+            "cursor": {
+                "firstBatch": events,
+                "postBatchResumeToken": stream.post_batch_token(),
+                "id": Int64(cursor_id),
+                "ns": ns,
+            }
+        }
 
     async def get_more(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
         cursor_id = as_int(body["getMore"])
@@ -317,8 +407,13 @@ class Server:
             batch, cursor.docs = take_batch(cursor.docs, limit)
             if not cursor.docs:
                 del self.cursors[cursor_id]
-            return {"cursor": {"nextBatch": batch, "id": Int64(cursor_id if cursor.docs else 0),
-                               "ns": cursor.ns}}
+            return {
+                "cursor": {
+                    "nextBatch": batch,
+                    "id": Int64(cursor_id if cursor.docs else 0),
+                    "ns": cursor.ns,
+                }
+            }
         stream = cursor.stream
         deadline = time.monotonic() + as_int(body.get("maxTimeMS") or 1000) / 1000
         try:
@@ -333,8 +428,14 @@ class Server:
             raise
         if stream.closed:
             self.cursors.pop(cursor_id, None)
-        return {"cursor": {"nextBatch": events, "postBatchResumeToken": stream.post_batch_token(),
-                           "id": Int64(0 if stream.closed else cursor_id), "ns": cursor.ns}}
+        return {
+            "cursor": {
+                "nextBatch": events,
+                "postBatchResumeToken": stream.post_batch_token(),
+                "id": Int64(0 if stream.closed else cursor_id),
+                "ns": cursor.ns,
+            }
+        }
 
 
 def take_batch(docs: list[Any], limit: int | None) -> tuple[list[Any], list[Any]]:
@@ -347,7 +448,7 @@ def take_batch(docs: list[Any], limit: int | None) -> tuple[list[Any], list[Any]
             break
         batch.append(raw)
         size += len(raw.raw)
-    return batch, docs[len(batch):]
+    return batch, docs[len(batch) :]
 
 
 class ErrorCodes:
@@ -410,10 +511,17 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--history-size", type=int, default=200_000,
-                        help="change events retained for resuming (the oplog window)")
-    parser.add_argument("--fsync", action="store_true",
-                        help="fsync every write (survives an OS crash, not just kill -9)")
+    parser.add_argument(
+        "--history-size",
+        type=int,
+        default=200_000,
+        help="change events retained for resuming (the oplog window)",
+    )
+    parser.add_argument(
+        "--fsync",
+        action="store_true",
+        help="fsync every write (survives an OS crash, not just kill -9)",
+    )
     asyncio.run(serve(parser.parse_args()))
 
 

@@ -75,8 +75,21 @@ def id_key(value: Any) -> Any:
 
 
 # Canonical BSON type ranks, in MongoDB's comparison order; a value's order key starts with one.
-MIN_KEY, NULL, NUMBER, STRING, OBJECT, ARRAY, BINARY, OBJECT_ID, BOOL, DATE, TIMESTAMP, REGEX, \
-    MAX_KEY = range(13)
+(
+    MIN_KEY,
+    NULL,
+    NUMBER,
+    STRING,
+    OBJECT,
+    ARRAY,
+    BINARY,
+    OBJECT_ID,
+    BOOL,
+    DATE,
+    TIMESTAMP,
+    REGEX,
+    MAX_KEY,
+) = range(13)
 NAN = (NUMBER, 0)  # NaN sorts below every other number
 
 
@@ -247,8 +260,15 @@ class Event:
         return RawBSONDocument(self.encoded)
 
     def record(self) -> dict[str, Any]:
-        rec: dict[str, Any] = {"k": "ev", "ts": Timestamp(*self.ts), "op": self.op, "db": self.db,
-                               "coll": self.coll, "tok": self.token, "raw": self.encoded}
+        rec: dict[str, Any] = {
+            "k": "ev",
+            "ts": Timestamp(*self.ts),
+            "op": self.op,
+            "db": self.db,
+            "coll": self.coll,
+            "tok": self.token,
+            "raw": self.encoded,
+        }
         if self.coll_uuid is not None:
             rec["uuid"] = self.coll_uuid.bytes
         if self.pre is not None:
@@ -332,13 +352,27 @@ class Store:
             coll = Collection(db, name, uuid.uuid4(), options or {})
             coll.indexes = [{"v": 2, "key": {"_id": 1}, "name": "_id_"}]
             self.dbs.setdefault(db, {})[name] = coll
-            self._record({"k": "create", "ns": [db, name], "uuid": coll.uuid.bytes,
-                          "options": coll.options, "indexes": coll.indexes})
+            self._record(
+                {
+                    "k": "create",
+                    "ns": [db, name],
+                    "uuid": coll.uuid.bytes,
+                    "options": coll.options,
+                    "indexes": coll.indexes,
+                }
+            )
         return coll
 
     def save_meta(self, coll: Collection) -> None:
-        self._record({"k": "create", "ns": [coll.db, coll.name], "uuid": coll.uuid.bytes,
-                      "options": coll.options, "indexes": coll.indexes})
+        self._record(
+            {
+                "k": "create",
+                "ns": [coll.db, coll.name],
+                "uuid": coll.uuid.bytes,
+                "options": coll.options,
+                "indexes": coll.indexes,
+            }
+        )
 
     # -- writes -------------------------------------------------------------
     def _record(self, rec: dict[str, Any]) -> None:
@@ -346,16 +380,36 @@ class Store:
         rec["s"] = self._record_seq
         self._pending.append(rec)
 
-    def _event(self, op: str, db: str, coll: Collection | None, body: dict[str, Any],
-               event_id: dict[str, Any], coll_name: str | None = None, **extra: Any) -> Event:
+    def _event(
+        self,
+        op: str,
+        db: str,
+        coll: Collection | None,
+        body: dict[str, Any],
+        event_id: dict[str, Any],
+        coll_name: str | None = None,
+        **extra: Any,
+    ) -> Event:
         ts = self.next_ts()
         token = tokens.encode(ts, collection_uuid=coll.uuid if coll else None, event_id=event_id)
-        doc: dict[str, Any] = {"_id": {"_data": token}, "operationType": op,
-                               "clusterTime": Timestamp(*ts),
-                               "wallTime": _wall_time()}
+        doc: dict[str, Any] = {
+            "_id": {"_data": token},
+            "operationType": op,
+            "clusterTime": Timestamp(*ts),
+            "wallTime": _wall_time(),
+        }
         doc.update(body)
-        ev = Event(self.next_seq, ts, op, db, coll_name or (coll.name if coll else None), token,
-                   codec.encode(doc), coll.uuid if coll else None, **extra)
+        ev = Event(
+            self.next_seq,
+            ts,
+            op,
+            db,
+            coll_name or (coll.name if coll else None),
+            token,
+            codec.encode(doc),
+            coll.uuid if coll else None,
+            **extra,
+        )
         self._append_history(ev)
         self._record(ev.record())
         return ev
@@ -377,14 +431,18 @@ class Store:
         coll.docs[id_key(doc["_id"])] = doc
         coll.index_insert(doc["_id"])
         key = {"_id": doc["_id"]}
-        return self._event("insert", coll.db, coll,
-                           {"fullDocument": doc, "ns": {"db": coll.db, "coll": coll.name},
-                            "documentKey": key},
-                           {"operationType": "insert", "documentKey": key},
-                           post=None)
+        return self._event(
+            "insert",
+            coll.db,
+            coll,
+            {"fullDocument": doc, "ns": {"db": coll.db, "coll": coll.name}, "documentKey": key},
+            {"operationType": "insert", "documentKey": key},
+            post=None,
+        )
 
-    def replace(self, coll: Collection, pre: dict[str, Any], post: dict[str, Any],
-                as_update: bool) -> Event | None:
+    def replace(
+        self, coll: Collection, pre: dict[str, Any], post: dict[str, Any], as_update: bool
+    ) -> Event | None:
         """Store ``post`` in place of ``pre``; None if nothing changed (no event, as in MongoDB)."""
         description = update_description(pre, post) if as_update else None
         if description is not None and not any(description.values()):
@@ -399,33 +457,49 @@ class Store:
             body["updateDescription"] = description
         else:
             body = {"fullDocument": post, **body}
-        return self._event(op, coll.db, coll, body, {"operationType": op, "documentKey": key},
-                           pre=pre if coll.images else None,
-                           post=post if as_update else None)
+        return self._event(
+            op,
+            coll.db,
+            coll,
+            body,
+            {"operationType": op, "documentKey": key},
+            pre=pre if coll.images else None,
+            post=post if as_update else None,
+        )
 
     def delete(self, coll: Collection, doc: dict[str, Any]) -> Event:
         del coll.docs[id_key(doc["_id"])]
         coll.index_delete(doc["_id"])
         key = {"_id": doc["_id"]}
-        return self._event("delete", coll.db, coll,
-                           {"ns": {"db": coll.db, "coll": coll.name}, "documentKey": key},
-                           {"operationType": "delete", "documentKey": key},
-                           pre=doc if coll.images else None)
+        return self._event(
+            "delete",
+            coll.db,
+            coll,
+            {"ns": {"db": coll.db, "coll": coll.name}, "documentKey": key},
+            {"operationType": "delete", "documentKey": key},
+            pre=doc if coll.images else None,
+        )
 
     def drop(self, coll: Collection) -> Event:
         del self.dbs[coll.db][coll.name]
         if not self.dbs[coll.db]:
             del self.dbs[coll.db]
-        return self._event("drop", coll.db, coll, {"ns": {"db": coll.db, "coll": coll.name}},
-                           {"operationType": "drop"})
+        return self._event(
+            "drop",
+            coll.db,
+            coll,
+            {"ns": {"db": coll.db, "coll": coll.name}},
+            {"operationType": "drop"},
+        )
 
     def drop_database(self, db: str) -> Event | None:
         if db not in self.dbs:
             return None
         for coll in list(self.dbs.get(db, {}).values()):
             self.drop(coll)
-        return self._event("dropDatabase", db, None, {"ns": {"db": db}},
-                           {"operationType": "dropDatabase"})
+        return self._event(
+            "dropDatabase", db, None, {"ns": {"db": db}}, {"operationType": "dropDatabase"}
+        )
 
     def rename(self, coll: Collection, db: str, name: str) -> Event:
         src_db, src_name = coll.db, coll.name
@@ -434,9 +508,14 @@ class Store:
             del self.dbs[src_db]
         coll.db, coll.name = db, name
         self.dbs.setdefault(db, {})[name] = coll
-        return self._event("rename", src_db, coll,
-                           {"ns": {"db": src_db, "coll": src_name}, "to": {"db": db, "coll": name}},
-                           {"operationType": "rename"}, coll_name=src_name)
+        return self._event(
+            "rename",
+            src_db,
+            coll,
+            {"ns": {"db": src_db, "coll": src_name}, "to": {"db": db, "coll": name}},
+            {"operationType": "rename"},
+            coll_name=src_name,
+        )
 
     def remember_reply(self, lsid: bytes, txn: int, reply: dict[str, Any]) -> None:
         self.sessions[lsid] = (txn, reply)
@@ -508,9 +587,20 @@ class Store:
         if "uuid" in rec:
             raw_uuid = bytes(rec["uuid"])
             coll_uuid = self._uuids.get(raw_uuid) or self._uuids.setdefault(
-                raw_uuid, uuid.UUID(bytes=raw_uuid))
-        ev = Event(self.next_seq, ts, rec["op"], rec["db"], rec["coll"], rec["tok"], rec["raw"],
-                   coll_uuid, rec.get("pre"), rec.get("post"))
+                raw_uuid, uuid.UUID(bytes=raw_uuid)
+            )
+        ev = Event(
+            self.next_seq,
+            ts,
+            rec["op"],
+            rec["db"],
+            rec["coll"],
+            rec["tok"],
+            rec["raw"],
+            coll_uuid,
+            rec.get("pre"),
+            rec.get("post"),
+        )
         self.last_ts = max(self.last_ts, ts)
         self._append_history(ev)
         if state:
@@ -539,12 +629,22 @@ class Store:
             self.dbs.setdefault(coll.db, {})[coll.name] = coll
 
     def _snapshot_records(self) -> Iterator[dict[str, Any]]:
-        yield {"k": "head", "s": self._record_seq, "ts": Timestamp(*self.last_ts),
-               "floor": Timestamp(*self.floor_ts), "seq": self.base_seq}
+        yield {
+            "k": "head",
+            "s": self._record_seq,
+            "ts": Timestamp(*self.last_ts),
+            "floor": Timestamp(*self.floor_ts),
+            "seq": self.base_seq,
+        }
         for db, colls in self.dbs.items():
             for coll in colls.values():
-                yield {"k": "create", "ns": [db, coll.name], "uuid": coll.uuid.bytes,
-                       "options": coll.options, "indexes": coll.indexes}
+                yield {
+                    "k": "create",
+                    "ns": [db, coll.name],
+                    "uuid": coll.uuid.bytes,
+                    "options": coll.options,
+                    "indexes": coll.indexes,
+                }
                 for doc in coll.docs.values():
                     yield {"k": "doc", "ns": [db, coll.name], "d": doc}
         for ev in self.history:
@@ -565,5 +665,6 @@ def deep_copy(value: Any) -> Any:
     return copy.deepcopy(value)
 
 
-_SCALARS = frozenset({str, int, float, bool, type(None), bytes, dt.datetime, uuid.UUID,
-                      ObjectId, Timestamp})
+_SCALARS = frozenset(
+    {str, int, float, bool, type(None), bytes, dt.datetime, uuid.UUID, ObjectId, Timestamp}
+)

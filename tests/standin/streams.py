@@ -20,9 +20,13 @@ NON_RESUMABLE = ("NonResumableChangeStreamError",)
 
 
 def history_lost() -> CommandError:
-    return CommandError(286, "ChangeStreamHistoryLost",
-                        "Resume of change stream was not possible, as the resume point may no "
-                        "longer be in the oplog.", NON_RESUMABLE)
+    return CommandError(
+        286,
+        "ChangeStreamHistoryLost",
+        "Resume of change stream was not possible, as the resume point may no "
+        "longer be in the oplog.",
+        NON_RESUMABLE,
+    )
 
 
 def fatal(message: str) -> CommandError:
@@ -48,18 +52,29 @@ class ChangeStream:
         if self.full_document not in FULL_DOCUMENT:
             raise CommandError(9, "FailedToParse", f"unknown fullDocument {self.full_document!r}")
         if self.before_change not in BEFORE_CHANGE:
-            raise CommandError(9, "FailedToParse",
-                               f"unknown fullDocumentBeforeChange {self.before_change!r}")
+            raise CommandError(
+                9, "FailedToParse", f"unknown fullDocumentBeforeChange {self.before_change!r}"
+            )
         if all("$match" in st for st in self.stages):
             self._match_plans = [compile_filter(st["$match"]) for st in self.stages]
         else:
             for st in self.stages:
                 name = next(iter(st))
-                if name not in ("$match", "$project", "$addFields", "$set", "$unset",
-                                "$replaceRoot", "$replaceWith", "$redact"):
+                if name not in (
+                    "$match",
+                    "$project",
+                    "$addFields",
+                    "$set",
+                    "$unset",
+                    "$replaceRoot",
+                    "$replaceWith",
+                    "$redact",
+                ):
                     raise CommandError(
-                        40602, "Location40602",
-                        f"{name} is not permitted in a $changeStream pipeline")
+                        40602,
+                        "Location40602",
+                        f"{name} is not permitted in a $changeStream pipeline",
+                    )
         self.pos = self._start_seq()
 
     # -- where to start -----------------------------------------------------
@@ -67,8 +82,11 @@ class ChangeStream:
         spec, store = self.spec, self.store
         given = [k for k in ("resumeAfter", "startAfter", "startAtOperationTime") if k in spec]
         if len(given) > 1:
-            raise CommandError(40674, "Location40674", "Only one type of resume option is "
-                               "allowed, but multiple were found.")
+            raise CommandError(
+                40674,
+                "Location40674",
+                "Only one type of resume option is allowed, but multiple were found.",
+            )
         if not given:
             return store.next_seq
         if given[0] == "startAtOperationTime":
@@ -81,9 +99,12 @@ class ChangeStream:
         except tokens.InvalidToken as exc:
             raise CommandError(260, "InvalidResumeToken", str(exc)) from exc
         if data.from_invalidate and given[0] == "resumeAfter":
-            raise CommandError(260, "InvalidResumeToken",
-                               "Attempting to resume a change stream using 'resumeAfter' is not "
-                               "allowed from an invalidate notification.")
+            raise CommandError(
+                260,
+                "InvalidResumeToken",
+                "Attempting to resume a change stream using 'resumeAfter' is not "
+                "allowed from an invalidate notification.",
+            )
         if data.token_type == tokens.HIGH_WATER_MARK:
             return self._checked_seq(data.ts, inclusive=True)
         seq = self._checked_seq(data.ts, inclusive=False)
@@ -123,18 +144,24 @@ class ChangeStream:
             elif ev.pre is not None:
                 doc["fullDocument"] = ev.post
             elif self.full_document == "required":
-                raise CommandError(47, "NoMatchingDocument",
-                                   "Change stream was configured to require a post-image for all "
-                                   "update, delete and replace events, but the post-image was not "
-                                   f"found for event: {doc['_id']}")
+                raise CommandError(
+                    47,
+                    "NoMatchingDocument",
+                    "Change stream was configured to require a post-image for all "
+                    "update, delete and replace events, but the post-image was not "
+                    f"found for event: {doc['_id']}",
+                )
             else:
                 doc["fullDocument"] = None
         if ev.op in ("update", "replace", "delete") and self.before_change != "off":
             if ev.pre is None and self.before_change == "required":
-                raise CommandError(47, "NoMatchingDocument",
-                                   "Change stream was configured to require a pre-image for all "
-                                   "update, delete and replace events, but the pre-image was not "
-                                   f"found for event: {doc['_id']}")
+                raise CommandError(
+                    47,
+                    "NoMatchingDocument",
+                    "Change stream was configured to require a pre-image for all "
+                    "update, delete and replace events, but the pre-image was not "
+                    f"found for event: {doc['_id']}",
+                )
             doc["fullDocumentBeforeChange"] = ev.pre
         return self._pipeline(doc)
 
@@ -149,16 +176,26 @@ class ChangeStream:
         if not out:
             return None
         if out[0].get("_id") != token:
-            raise fatal("Encountered an event whose _id field, which contains the resume token, "
-                        "was modified by the pipeline. Modifying the _id field of an event makes "
-                        "it impossible to resume the stream from that point.")
+            raise fatal(
+                "Encountered an event whose _id field, which contains the resume token, "
+                "was modified by the pipeline. Modifying the _id field of an event makes "
+                "it impossible to resume the stream from that point."
+            )
         return out[0]
 
     def _invalidate_doc(self, ev: Event) -> dict[str, Any]:
-        token = tokens.encode(ev.ts, from_invalidate=True, collection_uuid=ev.coll_uuid,
-                              event_id={"operationType": ev.op})
-        return {"_id": {"_data": token}, "operationType": "invalidate",
-                "clusterTime": Timestamp(*ev.ts), "wallTime": ev.doc["wallTime"]}
+        token = tokens.encode(
+            ev.ts,
+            from_invalidate=True,
+            collection_uuid=ev.coll_uuid,
+            event_id={"operationType": ev.op},
+        )
+        return {
+            "_id": {"_data": token},
+            "operationType": "invalidate",
+            "clusterTime": Timestamp(*ev.ts),
+            "wallTime": ev.doc["wallTime"],
+        }
 
     def read(self, limit: int | None) -> list[Any]:
         """Return the next events available now (possibly none) without waiting."""
@@ -177,8 +214,11 @@ class ChangeStream:
                 continue
             shaped = self._shape(ev)
             if shaped is not None:
-                item = shaped if isinstance(shaped, RawBSONDocument) else RawBSONDocument(
-                    codec.encode(shaped))
+                item = (
+                    shaped
+                    if isinstance(shaped, RawBSONDocument)
+                    else RawBSONDocument(codec.encode(shaped))
+                )
                 out.append(item)
                 size += len(item.raw)
                 self.last_token = {"_data": ev.token}

@@ -131,8 +131,11 @@ def _read_int(data: bytes, pos: int) -> tuple[int, int]:
 
 def decode(token: Any) -> TokenData:
     """Decode the leading fields of a resume token document; raise InvalidToken if malformed."""
-    if not isinstance(token, dict) or set(token) != {"_data"} or not isinstance(
-            token["_data"], str):
+    if (
+        not isinstance(token, dict)
+        or set(token) != {"_data"}
+        or not isinstance(token["_data"], str)
+    ):
         raise InvalidToken("resume token must be a document with a single string '_data' field")
     try:
         data = bytes.fromhex(token["_data"])

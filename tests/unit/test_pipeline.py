@@ -26,8 +26,11 @@ T0 = 1_700_000_000
 
 def token(n: int) -> dict[str, str]:
     """A v2 event token for cluster time (T0, n), as MongoDB lays it out."""
-    return {"_data": standin_tokens.encode((T0, n), event_id={"operationType": "insert",
-                                                             "documentKey": {"_id": n}})}
+    return {
+        "_data": standin_tokens.encode(
+            (T0, n), event_id={"operationType": "insert", "documentKey": {"_id": n}}
+        )
+    }
 
 
 def event(n: int, op: str, _id: Any, doc: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -115,8 +118,11 @@ def make(on_error: str = "halt", consistency: str = "eventual", source: Any = No
 
 def test_write_happens_before_checkpoint_and_covers_the_batch() -> None:
     p, log, sink, _store, _, _ = make()
-    p.process(Batch([event(1, "insert", 1, {"body": "a"}), event(2, "insert", 2, {"body": "b"})],
-                    token(2)))
+    p.process(
+        Batch(
+            [event(1, "insert", 1, {"body": "a"}), event(2, "insert", 2, {"body": "b"})], token(2)
+        )
+    )
     assert log.calls == ["write 2", f"checkpoint {Timestamp(T0, 2)}"]
     assert set(sink.records) == {"i:1", "i:2"}
 
@@ -131,12 +137,17 @@ def test_failed_write_never_checkpoints() -> None:
 
 def test_coalesces_to_the_last_event_per_key() -> None:
     p, _, sink, _, _, emb = make()
-    p.process(Batch([
-        event(1, "insert", 1, {"body": "first"}),
-        event(2, "update", 1, {"body": "second", "tag": "x"}),
-        event(3, "insert", 2, {"body": "other"}),
-        event(4, "delete", 2),
-    ], token(4)))
+    p.process(
+        Batch(
+            [
+                event(1, "insert", 1, {"body": "first"}),
+                event(2, "update", 1, {"body": "second", "tag": "x"}),
+                event(3, "insert", 2, {"body": "other"}),
+                event(4, "delete", 2),
+            ],
+            token(4),
+        )
+    )
     assert set(sink.records) == {"i:1"}
     assert sink.records["i:1"]["document"] == "second"
     assert emb.texts == ["second"], "coalesced events must not be embedded"
@@ -154,11 +165,14 @@ def test_metadata_only_update_does_not_embed_and_removes_fields() -> None:
 def test_halt_stops_before_the_poison_and_writes_nothing_after_it() -> None:
     still_bad = FakeSource({2: {"_id": 2, "nobody": "still poison"}, 3: {"_id": 3, "body": "x"}})
     p, _log, sink, store, dlq, _ = make(on_error="halt", source=still_bad)
-    batch = Batch([
-        event(1, "insert", 1, {"body": "good"}),
-        event(2, "insert", 2, {"nobody": "poison"}),
-        event(3, "insert", 3, {"body": "after"}),
-    ], token(3))
+    batch = Batch(
+        [
+            event(1, "insert", 1, {"body": "good"}),
+            event(2, "insert", 2, {"nobody": "poison"}),
+            event(3, "insert", 3, {"body": "after"}),
+        ],
+        token(3),
+    )
     with pytest.raises(HaltedError) as info:
         p.process(batch)
     assert info.value.document_id == 2
@@ -170,10 +184,15 @@ def test_halt_stops_before_the_poison_and_writes_nothing_after_it() -> None:
 def test_dead_letter_is_written_before_the_checkpoint_moves_on() -> None:
     still_bad = FakeSource({2: {"_id": 2, "nobody": "still poison"}})
     p, log, sink, _store, dlq, _ = make(on_error="dead_letter", source=still_bad)
-    p.process(Batch([
-        event(1, "insert", 1, {"body": "good"}),
-        event(2, "insert", 2, {"nobody": "poison"}),
-    ], token(2)))
+    p.process(
+        Batch(
+            [
+                event(1, "insert", 1, {"body": "good"}),
+                event(2, "insert", 2, {"nobody": "poison"}),
+            ],
+            token(2),
+        )
+    )
     assert [i.change.source_id for i in dlq.items] == [2]
     assert log.calls.index("dead-letter 1") < log.calls.index(f"checkpoint {Timestamp(T0, 2)}")
     assert set(sink.records) == {"i:1"}
@@ -227,8 +246,12 @@ def test_strong_read_back_never_checkpoints_keys_that_will_not_go() -> None:
 def test_drop_purges_then_checkpoints() -> None:
     p, _log, sink, store, _, _ = make()
     p.process(Batch([event(1, "insert", 1, {"body": "a"})], token(1)))
-    drop = {"_id": token(2), "operationType": "drop", "clusterTime": Timestamp(T0, 2),
-            "ns": {"db": "app", "coll": "docs"}}
+    drop = {
+        "_id": token(2),
+        "operationType": "drop",
+        "clusterTime": Timestamp(T0, 2),
+        "ns": {"db": "app", "coll": "docs"},
+    }
     p.process(Batch([drop], token(2)))
     assert sink.records == {}
     assert store.saved[-1].cluster_time == Timestamp(T0, 2)

@@ -159,10 +159,12 @@ def test_the_next_batch_is_planned_while_one_is_written() -> None:
 def test_a_key_in_flight_is_looked_up_only_after_its_write() -> None:
     # Written in batch 1, changed in batch 2 (a metadata key removed, same text): planned
     # against batch 1's records it is not re-embedded and ends in batch 2's state.
-    source = StreamSource([
-        [event(1, "insert", 1, {"body": "a", "tag": "x"})],
-        [event(2, "update", 1, {"body": "a", "n": 2}), event(3, "insert", 2, {"body": "b"})],
-    ])
+    source = StreamSource(
+        [
+            [event(1, "insert", 1, {"body": "a", "tag": "x"})],
+            [event(2, "update", 1, {"body": "a", "n": 2}), event(3, "insert", 2, {"body": "b"})],
+        ]
+    )
     p, log, sink, _store, _, emb = gated(source=source)
 
     def release_later() -> None:
@@ -200,11 +202,13 @@ def test_in_flight_waits_only_for_its_own_keys() -> None:
 
 
 def test_a_failed_write_never_lets_a_later_checkpoint_through() -> None:
-    source = StreamSource([
-        [event(1, "insert", 1, {"body": "a"})],
-        [event(2, "insert", 2, {"body": "b"})],
-        [event(3, "insert", 3, {"body": "c"})],
-    ])
+    source = StreamSource(
+        [
+            [event(1, "insert", 1, {"body": "a"})],
+            [event(2, "insert", 2, {"body": "b"})],
+            [event(3, "insert", 3, {"body": "c"})],
+        ]
+    )
     p, log, sink, store, _, _ = make(source=source)
     saved_at_failure: list[int] = []
     write = sink.write
@@ -229,12 +233,18 @@ def test_a_failed_write_never_lets_a_later_checkpoint_through() -> None:
 
 def test_a_halt_stops_at_the_poison_change_of_a_batch_planned_ahead() -> None:
     still_bad = {3: {"_id": 3, "nobody": "still poison"}}
-    source = StreamSource([
-        [event(1, "insert", 1, {"body": "a"})],
-        [event(2, "insert", 2, {"body": "b"}), event(3, "insert", 3, {"nobody": "x"}),
-         event(4, "insert", 4, {"body": "d"})],
-        [event(5, "insert", 5, {"body": "e"})],
-    ], current=still_bad)
+    source = StreamSource(
+        [
+            [event(1, "insert", 1, {"body": "a"})],
+            [
+                event(2, "insert", 2, {"body": "b"}),
+                event(3, "insert", 3, {"nobody": "x"}),
+                event(4, "insert", 4, {"body": "d"}),
+            ],
+            [event(5, "insert", 5, {"body": "e"})],
+        ],
+        current=still_bad,
+    )
     p, _log, sink, store, dlq, _ = make(on_error="halt", source=source)
     raised = run_until(p, lambda: False)
     assert isinstance(raised, HaltedError) and raised.document_id == 3
@@ -245,11 +255,14 @@ def test_a_halt_stops_at_the_poison_change_of_a_batch_planned_ahead() -> None:
 
 def test_dead_letters_are_parked_in_order_and_streaming_goes_on() -> None:
     still_bad = {3: {"_id": 3, "nobody": "still poison"}}
-    source = StreamSource([
-        [event(1, "insert", 1, {"body": "a"})],
-        [event(2, "insert", 2, {"body": "b"}), event(3, "insert", 3, {"nobody": "x"})],
-        [event(4, "insert", 4, {"body": "d"})],
-    ], current=still_bad)
+    source = StreamSource(
+        [
+            [event(1, "insert", 1, {"body": "a"})],
+            [event(2, "insert", 2, {"body": "b"}), event(3, "insert", 3, {"nobody": "x"})],
+            [event(4, "insert", 4, {"body": "d"})],
+        ],
+        current=still_bad,
+    )
     p, log, sink, _store, dlq, _ = make(on_error="dead_letter", source=source)
     assert run_until(p, checkpointed(p, 4)) is None
     assert [i.change.source_id for i in dlq.items] == [3]
@@ -258,13 +271,19 @@ def test_dead_letters_are_parked_in_order_and_streaming_goes_on() -> None:
 
 
 def test_a_drop_is_applied_after_the_write_in_flight_and_before_anything_after_it() -> None:
-    drop = {"_id": token(2), "operationType": "drop", "clusterTime": Timestamp(T0, 2),
-            "ns": {"db": "app", "coll": "docs"}}
-    source = StreamSource([
-        [event(1, "insert", 1, {"body": "a"})],
-        [drop],
-        [event(3, "insert", 1, {"body": "a"})],  # the same text again: must be written
-    ])
+    drop = {
+        "_id": token(2),
+        "operationType": "drop",
+        "clusterTime": Timestamp(T0, 2),
+        "ns": {"db": "app", "coll": "docs"},
+    }
+    source = StreamSource(
+        [
+            [event(1, "insert", 1, {"body": "a"})],
+            [drop],
+            [event(3, "insert", 1, {"body": "a"})],  # the same text again: must be written
+        ]
+    )
     p, _log, sink, store, _, _ = gated(source=source)
     threading.Timer(0.3, sink.release.set).start()
     assert run_until(p, checkpointed(p, 3)) is None
