@@ -40,7 +40,7 @@ class Sizes:
     model_texts: int = 1_000
     model_runs: int = 2
     tracing_events: int = 5_000
-    tracing_runs: int = 2
+    tracing_runs: int = 6  # alternating A/B/B/A: runs of one setting differ by 10-30 % here
     budget_s: float = 1_110.0  # what the whole run may take; big sections shrink to fit
 
     @classmethod
@@ -678,7 +678,7 @@ def tracing(ctx: Context) -> dict[str, Any]:
     until = w.op_time(ctx.mongo)
     results: dict[str, list[dict[str, Any]]] = {"off": [], "noop": []}
     for k in range(s.tracing_runs):
-        for mode in ("off", "noop"):
+        for mode in ("off", "noop") if k % 2 == 0 else ("noop", "off"):
             name = f"trace-{mode}"
             table = w.pipeline_table(name, "bench", "tracing", dims=32)
             r = _syncd_drain(ctx, table, start, until, tracing=mode)
