@@ -6,7 +6,9 @@ import argparse
 import json
 import math
 import shlex
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,18 @@ def select_pipelines(settings: Settings, names: list[str] | None) -> list[Pipeli
     if not names:
         return list(settings.pipelines)
     return [settings.pipeline(name) for name in names]
+
+
+def stop_on_signals() -> threading.Event:
+    """An event that SIGTERM and SIGINT set, for a long command that stops cleanly."""
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: Any) -> None:
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    return stop
 
 
 def print_json(data: Any) -> None:

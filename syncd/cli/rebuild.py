@@ -4,11 +4,9 @@ live one, then a switch (see :mod:`syncd.rebuild`)."""
 from __future__ import annotations
 
 import argparse
-import signal
-import threading
 from typing import Any
 
-from syncd.cli.common import add_config_options, command_line, load_settings
+from syncd.cli.common import add_config_options, command_line, load_settings, stop_on_signals
 
 
 def register(verbs: Any) -> None:
@@ -44,13 +42,7 @@ def handle(args: argparse.Namespace) -> int:
     settings = load_settings(args, chroma=True)
     from syncd.rebuild import rebuild
 
-    stop = threading.Event()
-
-    def on_signal(_signum: int, _frame: Any) -> None:
-        stop.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, on_signal)
+    stop = stop_on_signals()
     action = "rollback" if args.rollback else "drop_previous" if args.drop_previous else "build"
     return rebuild(
         settings,
