@@ -115,6 +115,18 @@ def _converged(
     assert not problem, problem
 
 
+def _mongodb_down_with_documents(
+    factory: Any, prefix: str
+) -> tuple[Any, MongoClient[Any], str, str]:
+    """A MongoDB of the test's own holding DOCS, killed: its server, a client, db, coll."""
+    server = factory()
+    client: MongoClient[Any] = MongoClient(server.uri, serverSelectionTimeoutMS=10_000)
+    db, coll = _names(prefix)
+    client[db]["docs"].insert_many(DOCS)
+    server.kill()
+    return server, client, db, coll
+
+
 def _stop_cleanly(daemon: SyncdProcess) -> None:
     daemon.terminate()
     assert daemon.wait(30) == ExitCode.OK, daemon.output()[-3000:]
@@ -205,11 +217,7 @@ def test_a_hung_chroma_times_out_and_is_retried(
 def test_mongodb_down_at_start_is_retried_until_it_answers(
     leases, tmp_path, mongo_server_factory, chroma_server, syncd_factory
 ):
-    server = mongo_server_factory()
-    client: MongoClient[Any] = MongoClient(server.uri, serverSelectionTimeoutMS=10_000)
-    db, coll = _names("mdown")
-    client[db]["docs"].insert_many(DOCS)
-    server.kill()
+    server, client, db, coll = _mongodb_down_with_documents(mongo_server_factory, "mdown")
     listen = f"127.0.0.1:{free_port()}"
     cfg = _config(
         tmp_path,
@@ -258,11 +266,7 @@ def test_mongodb_down_at_start_is_retried_until_it_answers(
 def test_mongodb_down_past_the_retry_deadline_at_start_stops_with_a_hint_that_works(
     leases, tmp_path, mongo_server_factory, chroma_server, syncd_factory
 ):
-    server = mongo_server_factory()
-    client: MongoClient[Any] = MongoClient(server.uri, serverSelectionTimeoutMS=10_000)
-    db, coll = _names("mdeadline")
-    client[db]["docs"].insert_many(DOCS)
-    server.kill()
+    server, client, db, coll = _mongodb_down_with_documents(mongo_server_factory, "mdeadline")
     cfg = _config(
         tmp_path,
         mongo_uri=server.uri,
