@@ -229,15 +229,16 @@ def test_rebuild_killed_at_random_points_ends_with_one_live_collection(
     daemon = syncd_factory(["run"], old_cfg, log_path=tmp_path / "old.log")
     wait_caught_up(mongo_client, db, settings, "p", 90, "the first copy")
     rng = random.Random(int(os.environ.get("SYNCD_REBUILD_CRASH_SEED", "11")))
-    # Random instants first (start, snapshot), then just after each step of the switch
-    # is logged: the catch-up under the live lease, and between or after the renames.
-    plan: list[tuple[str, float]] = [("", 8.0)] * int(
+    # Random instants of the snapshot first (each run resumes the one killed before it),
+    # then just after each later step is logged: the end of the snapshot, the catch-up
+    # under the live lease, and between the renames. The windows are short: a run that
+    # outlives its window finishes the whole rebuild, and later runs have nothing to do.
+    plan: list[tuple[str, float]] = [("state=snapshotting", 0.3)] * int(
         os.environ.get("SYNCD_REBUILD_CRASH_RUNS", "2")
     )
     plan += [
-        ("state=snapshotting", 0.5),
-        ("snapshot complete", 0.3),
-        (r"took the lease of pipeline p \(", 0.3),
+        ("snapshot complete", 0.1),
+        (r"took the lease of pipeline p \(", 0.1),
         ("renamed Chroma collection", 0.0),
     ]
     # The killed run's lease is live for a few seconds more: the re-run takes it over
