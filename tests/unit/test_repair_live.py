@@ -1,6 +1,6 @@
-"""Repair on a live pipeline: the daemon applies a change between repair's read of a
-document and repair's write, deterministically, by landing the daemon's write just
-before repair's. Repair must not leave the older state behind.
+"""Repair and dead-letter retries on a live pipeline: the daemon applies a change between
+the read of a document and the write based on it, deterministically, by landing the
+daemon's write just before the other's. Neither may leave the older state behind.
 
 The same race, with real servers and timing, runs in ``tests/e2e/test_verify_repair.py``.
 """
@@ -15,6 +15,8 @@ from syncd import repair as repair_mod
 from syncd.sink import WritePlan
 from tests.doubles import MemorySink
 from tests.unit.test_consistency import (
+    MemoryDeadLetters,
+    _changes,
     _event,
     docs_of,
     make_pipeline,
@@ -183,4 +185,66 @@ def test_repair_writes_a_document_that_holds_still_once() -> None:
     untouched = [rid for rid in before if rid not in ("i:1", "i:6")]
     assert not [p for p in sink.written if any(touches(p, rid) for rid in untouched)]
     assert result.changed.count == 0 and result.unsettled.count == 0
+    assert checker.verify().consistent
+
+
+# --- dead letters ----------------------------------------------------------------------
+
+
+def test_a_retry_racing_the_daemon_keeps_the_daemon_s_newer_state() -> None:
+    docs = docs_of(4)
+    source, sink, checker, daemon = live(docs)
+    letters = MemoryDeadLetters()
+    poison = {**docs[2], "body": 5.5j}  # not a text: dead-lettered
+    source.collections["docs"] = [poison if d["_id"] == 2 else d for d in docs]
+    letters.put_many("p", daemon.write_changes(_changes([poison])).poisoned)
+    assert list(letters.entries) == ["i:2"]
+    fixed = {**docs[2], "body": "fixed by hand"}
+    newer = {**docs[2], "body": "changed again", "title": "newer"}
+    source.collections["docs"] = [fixed if d["_id"] == 2 else d for d in docs]
+
+    def changed_meanwhile(plan: WritePlan) -> bool:
+        if not touches(plan, "i:2"):
+            return False
+        source.collections["docs"] = [newer if d["_id"] == 2 else d for d in docs]
+        apply(daemon, "update", 2, newer)
+        return True
+
+    sink.races.append(changed_meanwhile)
+    result = repair_mod.retry_dead_letters(
+        make_pipeline(checker.settings, source, sink),
+        letters,  # type: ignore[arg-type]
+    )
+
+    assert not sink.races, "the race did not run"
+    assert sink.records["i:2"]["document"] == "changed again", "retry wrote an older state"
+    assert sink.records["i:2"]["metadata"]["title"] == "newer"
+    assert result.fixed.sample == ["i:2"] and not letters.entries
+    assert checker.verify().consistent
+
+
+def test_a_retry_racing_a_delete_leaves_the_document_deleted() -> None:
+    docs = docs_of(4)
+    source, sink, checker, daemon = live(docs)
+    letters = MemoryDeadLetters()
+    poison = {**docs[1], "body": 5.5j}
+    source.collections["docs"] = [poison if d["_id"] == 1 else d for d in docs]
+    letters.put_many("p", daemon.write_changes(_changes([poison])).poisoned)
+    source.collections["docs"] = [{**d, "body": "fixed"} if d["_id"] == 1 else d for d in docs]
+
+    def deleted_meanwhile(plan: WritePlan) -> bool:
+        if not touches(plan, "i:1"):
+            return False
+        source.collections["docs"] = [d for d in docs if d["_id"] != 1]
+        apply(daemon, "delete", 1)
+        return True
+
+    sink.races.append(deleted_meanwhile)
+    repair_mod.retry_dead_letters(
+        make_pipeline(checker.settings, source, sink),
+        letters,  # type: ignore[arg-type]
+    )
+
+    assert not sink.races, "the race did not run"
+    assert "i:1" not in sink.records, "retry brought a deleted document back"
     assert checker.verify().consistent
