@@ -108,6 +108,26 @@ def mongo_collection_name(value: str, what: str) -> str:
     return value
 
 
+def _host_problem(host: str) -> str | None:
+    """What makes a URI's host name one no resolver can look up (None: nothing).
+
+    A name that does not resolve may be one that does later (a service not yet
+    created), so only names that can never resolve are refused here.
+    """
+    if host.endswith(".sock") or ":" in host:
+        return None  # a Unix socket path, or an IPv6 literal pymongo already checked
+    if not host:
+        return "empty host name"
+    labels = host.rstrip(".").split(".")
+    if len(host) > 253 or any(not label or len(label) > 63 for label in labels):
+        return f"host name {host!r} has an empty or over-long label"
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return f"host name {host!r} is not a valid internationalized name"
+    return None
+
+
 class MongoSettings(_Model):
     uri: SecretStr = SecretStr("mongodb://127.0.0.1:27017/?directConnection=true")
     uri_file: str | None = None
@@ -125,6 +145,10 @@ class MongoSettings(_Model):
             raise ValueError(f"not a valid MongoDB URI ({redact_text(str(exc))})") from None
         if parsed.get("password"):
             register_secret(parsed["password"])
+        for host, _port in parsed.get("nodelist") or ():
+            problem = _host_problem(host)
+            if problem:
+                raise ValueError(f"not a valid MongoDB URI ({problem})")
         return self
 
     def redacted_uri(self) -> str:

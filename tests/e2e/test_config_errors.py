@@ -50,6 +50,8 @@ CASES: list[tuple[str, dict[str, Any] | str, str]] = [
     ("missing database", edit("pipelines.0.database", DELETE), "database: required"),
     ("missing mapping", edit("pipelines.0.mapping", DELETE), "mapping: required"),
     ("bad uri", edit("mongodb.uri", "postgres://x"), "mongodb: not a valid MongoDB URI"),
+    ("uri without a host", edit("mongodb.uri", "mongodb://:27017/"), "URI (empty host name)"),
+    ("uri host with an empty label", edit("mongodb.uri", "mongodb://db..local/"), "empty or over"),
     ("bad enum", edit("pipelines.0.on_error", "shrug"), "pipelines[0].on_error"),
     ("bad chroma mode", edit("chroma.mode", "cloud"), "chroma.mode"),
     ("both text sources", edit("pipelines.0.mapping.text_template", "{a}"), "exactly one"),
