@@ -117,6 +117,22 @@ class DeadLetterStore:
         with translate_mongo_errors(pipeline=pipeline):
             return int(self._coll.delete_many({"pipeline": pipeline}).deleted_count)
 
+    def move(self, source: str, target: str) -> int:
+        """Make ``source``'s dead letters ``target``'s (a rebuild's switch); return how
+        many moved. Each entry is written under ``target`` before it is removed from
+        ``source``: run again after a crash, it moves what is left."""
+        moved = 0
+        with translate_mongo_errors(pipeline=target):
+            for entry in self._coll.find({"pipeline": source, "key": {"$type": "string"}}):
+                old_id = entry["_id"]
+                entry.update(_id={"pipeline": target, "key": entry.get("key")}, pipeline=target)
+                self._coll.replace_one({"_id": entry["_id"]}, entry, upsert=True)
+                self._coll.delete_one({"_id": old_id})
+                moved += 1
+        self._keys.pop(source, None)
+        self._keys.pop(target, None)
+        return moved
+
     def count(self, pipeline: str) -> int:
         with translate_mongo_errors(pipeline=pipeline):
             return int(self._coll.count_documents({"pipeline": pipeline}))

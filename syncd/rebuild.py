@@ -94,6 +94,7 @@ class _Rebuild:
         self.fingerprint = Mapper(ps).fingerprint
         self.record = load_record(self.store, self.name)
         self.reusing: reuse.ReusingEmbedder | None = None
+        self.letters = runtime.dead_letters(ps)
 
     # --- build --------------------------------------------------------------------
 
@@ -154,6 +155,7 @@ class _Rebuild:
                     "id": built_cp.chroma_collection_id,
                     "name": record["target"],
                     "position": position_of(built_cp),
+                    "letters": build_name(self.name),
                 },
                 after={
                     "generation": generation + 1,
@@ -191,6 +193,7 @@ class _Rebuild:
             if cname == record["target"] and cid not in kept:
                 switching.delete(client, cname)  # an abandoned build's: its vectors may be stale
         self.store.delete(build_name(self.name))
+        self.letters.purge(build_name(self.name))  # of documents an abandoned build saw
         save_record(self.store, self.name, record)
 
     def _build_settings(self) -> PipelineSettings:
@@ -288,7 +291,7 @@ class _Rebuild:
         save_record(self.store, self.name, record)
         self.hold.check()
         self.record = switching.complete(
-            self.store, self.runtime.chroma, self.name, record, epoch=epoch
+            self.store, self.runtime.chroma, self.name, record, epoch=epoch, letters=self.letters
         )
 
     def switch(self) -> None:
@@ -298,7 +301,12 @@ class _Rebuild:
         ) as live_hold:
             self.hold.check()
             self.record = switching.complete(
-                self.store, self.runtime.chroma, self.name, self.record, epoch=live_hold.epoch
+                self.store,
+                self.runtime.chroma,
+                self.name,
+                self.record,
+                epoch=live_hold.epoch,
+                letters=self.letters,
             )
 
     def rollback(self) -> int:
@@ -350,6 +358,7 @@ class _Rebuild:
         self.hold.check()
         if current is not None and current != self.base:
             switching.delete(client, current)
+        self.letters.purge(switching.parked_letters(self.name, previous["id"]))
         save_record(self.store, self.name, dict(self.record, previous=None))
         print(f"deleted {self.name}'s previous collection {previous['name']!r}")
         return ExitCode.OK

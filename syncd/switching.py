@@ -13,10 +13,17 @@ recorded in the checkpoint store, in a document of its own named ``PIPELINE~swit
      "switch": {...},              # while switching: everything the switch needs
      "previous": {...} | None}     # the collection kept for rollback, with its position
 
+Dead letters follow their collection: at the switch the pipeline's own are parked
+under ``PIPELINE~collection:ID`` (the id of the collection switched away from), and
+those of the collection switched to (the build's, ``PIPELINE~rebuild``, or the parked
+ones on a rollback) become the pipeline's, so `syncd dlq list PIPELINE` shows what the
+live collection lacks. `--drop-previous` deletes the parked ones with their collection.
+
 A switch (and a rollback, which is a switch back) is done so that a crash at any
 instant leaves it done or resumable: the intent is recorded first, then the two
 renames are made (each checked by collection id, so a repeated step is skipped), the
-live checkpoint is written (new fingerprint, collection id and position), and last the
+dead letters are moved (each move recorded in the intent once done), the live
+checkpoint is written (new fingerprint, collection id and position), and last the
 intent is cleared. While an intent is recorded, a daemon does not stream the pipeline
 (:func:`check_start` raises a transient error): re-running the command completes it.
 """
@@ -28,12 +35,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from syncd.checkpoint import Checkpoint, CheckpointStore
+from syncd.deadletter import DeadLetterStore
 from syncd.errors import MappingSwitchedError, SyncdError, from_sink
 
 log = logging.getLogger(__name__)
 
 BUILD_SUFFIX = "~rebuild"  # the build's own checkpoint and lease
 RECORD_SUFFIX = "~switch"  # the rebuild's record
+PARKED_SUFFIX = "~collection:"  # dead letters of a collection kept for a rollback
 
 # What a live checkpoint carries from one collection to the next.
 POSITION_FIELDS = ("token", "token_is_invalidate", "start_at", "cluster_time", "counts")
@@ -45,6 +54,18 @@ def build_name(pipeline: str) -> str:
 
 def record_name(pipeline: str) -> str:
     return f"{pipeline}{RECORD_SUFFIX}"
+
+
+def parked_letters(pipeline: str, collection_id: str | None) -> str:
+    """Whose dead letters those of a collection kept for a rollback are."""
+    return f"{pipeline}{PARKED_SUFFIX}{collection_id}"
+
+
+def internal_owner(name: str) -> tuple[str, str] | None:
+    """(pipeline, what) for a name syncd keeps for a rebuild ("rebuild", "switch" or
+    "collection:ID"), None for a pipeline's own name."""
+    pipeline, sep, rest = name.partition("~")
+    return (pipeline, rest) if sep else None
 
 
 def versioned(collection: str, generation: int) -> str:
@@ -146,7 +167,13 @@ def delete(client: Any, name: str) -> None:
 
 
 def complete(
-    store: CheckpointStore, client: Any, pipeline: str, record: dict[str, Any], *, epoch: int
+    store: CheckpointStore,
+    client: Any,
+    pipeline: str,
+    record: dict[str, Any],
+    *,
+    epoch: int,
+    letters: DeadLetterStore | None = None,
 ) -> dict[str, Any]:
     """Finish the switch recorded in ``record`` (state "switching"); the record after it.
 
@@ -173,6 +200,9 @@ def complete(
                 pipeline=pipeline,
             )
         rename(client, names[in_id], live_name)
+    if letters is not None:
+        record = move_letters(store, letters, pipeline, record)
+        switch = record["switch"]
     write_live(store, pipeline, switch, epoch)
     store.delete(build_name(pipeline))  # the build's position now is the live one
     done = {key: value for key, value in record.items() if key != "switch"}
@@ -180,6 +210,32 @@ def complete(
     done["state"] = "switched"
     save_record(store, pipeline, done)
     return done
+
+
+def move_letters(
+    store: CheckpointStore, letters: DeadLetterStore, pipeline: str, record: dict[str, Any]
+) -> dict[str, Any]:
+    """Park the live collection's dead letters, then give the pipeline those of the
+    collection switched to (a step of :func:`complete`). Each move is recorded in the
+    intent once done: moved again after a crash, a move only finishes what it began
+    (no daemon writes dead letters of the pipeline while the intent is recorded)."""
+    stored = load_record(store, pipeline)
+    if stored.get("state") != "switching":
+        return record  # the switch was completed: its record is cleared last
+    switch = dict(record["switch"])
+    done = int((stored.get("switch") or switch).get("letters_moved", 0))
+    moves = [
+        (pipeline, parked_letters(pipeline, switch["out"]["id"])),
+        (switch["in"].get("letters") or parked_letters(pipeline, switch["in"]["id"]), pipeline),
+    ]
+    for step, (source, target) in enumerate(moves[done:], start=done + 1):
+        moved = letters.move(source, target)
+        if moved:
+            log.info("moved %d dead letter(s) of %s to %s", moved, source, target)
+        switch["letters_moved"] = step
+        record = dict(record, switch=switch)
+        save_record(store, pipeline, record)
+    return record
 
 
 def write_live(store: CheckpointStore, pipeline: str, switch: dict[str, Any], epoch: int) -> None:

@@ -1,6 +1,6 @@
 """The switch of `syncd rebuild` stopped after each of its steps (against a real Chroma
-server and the file checkpoint store): completing it again ends in the same state, and
-while it is recorded a daemon does not stream the pipeline."""
+server, the file checkpoint store and dead letters in MongoDB): completing it again ends
+in the same state, and while it is recorded a daemon does not stream the pipeline."""
 
 from __future__ import annotations
 
@@ -14,9 +14,29 @@ from bson.timestamp import Timestamp
 from syncd import switching
 from syncd.checkpoint import Checkpoint, FileCheckpointStore
 from syncd.config import CheckpointSettings
+from syncd.deadletter import DeadLetterStore
 from syncd.errors import MappingSwitchedError
 
-STEPS = ("intent", "first rename", "second rename", "live checkpoint", "build dropped")
+STEPS = (
+    "intent",
+    "first rename",
+    "second rename",
+    "letters parked",  # moved, not yet recorded as moved
+    "letters taken",
+    "live checkpoint",
+    "build dropped",
+)
+
+
+def _letter(letters: DeadLetterStore, pipeline: str, key: str) -> None:
+    letters._coll.insert_one(
+        {"_id": {"pipeline": pipeline, "key": key}, "pipeline": pipeline, "key": key,
+         "collection": "docs", "source_id": key, "attempts": 1}
+    )  # fmt: skip
+
+
+def _owners(letters: DeadLetterStore) -> dict[str, str]:
+    return {doc["key"]: doc["pipeline"] for doc in letters._coll.find()}
 
 
 def _setup(tmp_path: Path, chroma: Any) -> tuple[FileCheckpointStore, dict[str, Any], str, str]:
@@ -61,18 +81,31 @@ def _setup(tmp_path: Path, chroma: Any) -> tuple[FileCheckpointStore, dict[str, 
 
 
 @pytest.mark.parametrize("done", range(len(STEPS)))
-def test_a_switch_interrupted_after_any_step_completes_the_same(tmp_path, chroma_server, done):
+def test_a_switch_interrupted_after_any_step_completes_the_same(
+    tmp_path, chroma_server, mongo_client, done
+):
     chroma = chroma_server.client()
     store, record, old_id, new_id = _setup(tmp_path, chroma)
     name = record["switch"]["live_name"]
+    db = f"sw_{uuid.uuid4().hex[:8]}"
+    letters = DeadLetterStore(mongo_client, db, "dead_letters")
+    _letter(letters, "p", "s:old-only")  # the live collection lacks it
+    _letter(letters, "p~rebuild", "s:new-only")  # the built one lacks it
+    record["switch"]["in"]["letters"] = "p~rebuild"
     # What a crash after step `done` leaves behind.
     if done >= 1:
         chroma.get_collection(name).modify(name=f"{name}--v1")
     if done >= 2:
         chroma.get_collection(f"{name}--v2").modify(name=name)
     if done >= 3:
-        switching.write_live(store, "p", record["switch"], epoch=0)
+        letters.move("p", switching.parked_letters("p", old_id))
     if done >= 4:
+        record = dict(record, switch=dict(record["switch"], letters_moved=1))
+        switching.save_record(store, "p", record)
+        letters.move("p~rebuild", "p")
+    if done >= 5:
+        switching.write_live(store, "p", record["switch"], epoch=0)
+    if done >= 6:
         store.delete("p~rebuild")
     live = store.load("p")
     assert live is not None
@@ -81,7 +114,7 @@ def test_a_switch_interrupted_after_any_step_completes_the_same(tmp_path, chroma
         with pytest.raises(MappingSwitchedError):
             switching.check_start(store, "p", fingerprint, live)
 
-    after = switching.complete(store, chroma, "p", record, epoch=0)
+    after = switching.complete(store, chroma, "p", record, epoch=0, letters=letters)
     names = {str(c.id): c.name for c in chroma.list_collections() if c.name.startswith(name)}
     assert names == {new_id: name, old_id: f"{name}--v1"}, names
     cp = store.load("p")
@@ -91,13 +124,18 @@ def test_a_switch_interrupted_after_any_step_completes_the_same(tmp_path, chroma
     assert store.load("p~rebuild") is None
     assert after["state"] == "switched" and after["previous"]["id"] == old_id
     assert switching.load_record(store, "p") == after
+    parked = switching.parked_letters("p", old_id)
+    assert _owners(letters) == {"s:old-only": parked, "s:new-only": "p"}
+    assert [e["key"] for e in letters.list("p")] == ["s:new-only"]
     # A daemon with the new mapping streams; one with the old mapping waits.
     switching.check_start(store, "p", "new-fp", cp)
     with pytest.raises(MappingSwitchedError):
         switching.check_start(store, "p", "old-fp", cp)
     # Completing it once more changes nothing.
-    switching.complete(store, chroma, "p", record, epoch=0)
+    switching.complete(store, chroma, "p", record, epoch=0, letters=letters)
+    assert _owners(letters) == {"s:old-only": parked, "s:new-only": "p"}
     again = {str(c.id): c.name for c in chroma.list_collections() if c.name.startswith(name)}
     assert again == names
     for collection in names.values():
         chroma.delete_collection(collection)
+    mongo_client.drop_database(db)
