@@ -19,6 +19,7 @@ from typing import Any
 
 from bson.timestamp import Timestamp
 
+from syncd import switching
 from syncd.checkpoint import Checkpoint
 from syncd.errors import CheckpointCorruptError, ConfigError
 from syncd.exclusive import exclusive, lease_of
@@ -53,10 +54,37 @@ def show(runtime: Runtime, name: str | None = None) -> list[dict[str, Any]]:
     """Every configured or stored pipeline's position (or just ``name``'s)."""
     now = datetime.now(UTC)
     if name:
+        if name.endswith(switching.RECORD_SUFFIX):
+            refuse_internal(name, "shown")
         return [_describe(runtime, name, _load_known(runtime, name), now)]
-    stored = {cp.pipeline: cp for cp in runtime.store.list()}
+    # A rebuild's record holds no position (`syncd status` shows it); its build's does.
+    stored = {
+        cp.pipeline: cp
+        for cp in runtime.store.list()
+        if not cp.pipeline.endswith(switching.RECORD_SUFFIX)
+    }
     names = sorted({p.name for p in runtime.settings.pipelines} | set(stored))
     return [_describe(runtime, n, stored.get(n), now) for n in names]
+
+
+def refuse_internal(name: str, doing: str) -> None:
+    """A ConfigError for a name `syncd rebuild` keeps (``P~rebuild``, ``P~switch``):
+    moving it by hand would desynchronise the rebuild from its record."""
+    owner = switching.internal_owner(name)
+    if owner is None:
+        return
+    pipeline, _ = owner
+    what = (
+        "the position of the collection `syncd rebuild` builds"
+        if name == switching.build_name(pipeline)
+        else "the record of `syncd rebuild`"
+    )
+    raise ConfigError(
+        f"{name!r} is {what} for pipeline {pipeline!r}, not a pipeline; it is not {doing} "
+        "by hand",
+        hint=f"`syncd rebuild {pipeline}` continues the rebuild and `syncd status` shows it; "
+        f"name {pipeline!r} to move the pipeline itself",
+    )
 
 
 def history(runtime: Runtime, name: str, limit: int = 20) -> dict[str, Any]:
@@ -67,8 +95,10 @@ def history(runtime: Runtime, name: str, limit: int = 20) -> dict[str, Any]:
 
 def _describe(runtime: Runtime, name: str, cp: Checkpoint | None, now: datetime) -> dict[str, Any]:
     lease = lease_of(runtime, name)
+    owner = switching.internal_owner(name)
     out: dict[str, Any] = {
         "pipeline": name,
+        "rebuild_of": owner[0] if owner else None,
         "configured": any(p.name == name for p in runtime.settings.pipelines),
         "stored": cp is not None,
         "phase": None,
@@ -200,6 +230,7 @@ def set_position(
     version honours and which replays every event at or after that time. A token is
     resumed after (``resumeAfter``; ``startAfter`` for an invalidate's token).
     """
+    refuse_internal(name, "moved")
     if (token is None) == (at is None):
         raise ConfigError("give exactly one of --token and --at")
     decoded = decode(token) if token is not None else None
@@ -242,6 +273,7 @@ def reset(
     deleted checkpoint with its older epoch. An unreadable checkpoint is deleted too:
     starting over is what its error message suggests.
     """
+    refuse_internal(name, "reset")
     store = runtime.store
     hold = exclusive(
         runtime, name, force=force, command=command, who="syncd-tokens", unreadable_ok=True

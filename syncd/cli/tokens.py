@@ -22,7 +22,9 @@ new keys may be added, never renamed. Shared shapes:
 ``decode HEX --json`` prints ``{"token": HEX, ...DECODED}``.
 
 ``show --json`` prints ``{"pipelines": [ENTRY, ...]}``, one entry per configured or
-stored pipeline: ``{"pipeline": str, "configured": bool, "stored": bool, "phase":
+stored pipeline (and per `syncd rebuild` under way, whose build's position is stored as
+``PIPELINE~rebuild``): ``{"pipeline": str, "rebuild_of": PIPELINE | null (set for a
+rebuild's build, which is not a pipeline), "configured": bool, "stored": bool, "phase":
 "snapshot" | "streaming" | null, "position": POSITION | null, "cluster_time": TIME |
 null, "wall_time": ISO | null (when the checkpoint was written), "age_s": float | null
 (now - wall_time), "lag_s": float | null (now - cluster time), "epoch": int | null,
@@ -190,6 +192,7 @@ def _set(args: argparse.Namespace) -> int:
     from syncd import positions
     from syncd.exclusive import ensure_free
 
+    positions.refuse_internal(args.pipeline, "moved")
     at = positions.parse_at(args.at) if args.at else None
     if args.token:
         positions.decode(args.token)  # refuse garbage before asking anything
@@ -217,6 +220,8 @@ def _set(args: argparse.Namespace) -> int:
 def _reset(args: argparse.Namespace) -> int:
     from syncd import positions
     from syncd.exclusive import ensure_free
+
+    positions.refuse_internal(args.pipeline, "reset")
 
     def run(rt: Any) -> dict[str, Any]:
         rt.settings.pipeline(args.pipeline)  # an unknown name: say so before asking
@@ -313,7 +318,13 @@ def _entry_text(entry: dict[str, Any]) -> str:
     if lease:
         state = "live" if lease["live"] else "expired"
         lines.append(f"  lease     {lease['owner']}, epoch {lease['epoch']}, {state}")
-    if not entry["configured"]:
+    if entry["rebuild_of"]:
+        pipeline = entry["rebuild_of"]
+        lines.append(
+            f"  (not a pipeline: the new collection `syncd rebuild {pipeline}` builds; "
+            f"`syncd status` shows the rebuild)"
+        )
+    elif not entry["configured"]:
         lines.append("  (not in the config file)")
     return "\n".join(lines)
 

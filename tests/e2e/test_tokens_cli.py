@@ -10,7 +10,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from bson.timestamp import Timestamp
 
+from syncd import switching
+from syncd.checkpoint import Checkpoint, open_store
 from tests.harness.daemon import run_syncd
 
 from . import oracle
@@ -196,3 +199,41 @@ def test_set_at_replays_changes_since_then(mirror, mongo_client, syncd_factory):
     (where,) = re.findall(r"^  position  (.+)$", shown_text.stdout, re.M)
     assert where.startswith("resume after "), shown_text.stdout
     assert f"  position       {where}, checkpointed " in status_text.stdout, status_text.stdout
+
+
+def test_a_rebuilds_own_records_are_labelled_and_cannot_be_moved(mirror, mongo_client):
+    """What an interrupted `syncd rebuild p` leaves in the checkpoint store: the build's
+    position (`p~rebuild`) is shown as the rebuild's, its record (`p~switch`) is not a
+    position, and neither can be moved or reset by mistake."""
+    m = mirror("tokrb")
+    store = open_store(m.settings.checkpoint, mongo_client)
+    build = Checkpoint(pipeline="p~rebuild", fingerprint="new", phase="streaming")
+    build.start_at = build.cluster_time = Timestamp(1_700_000_000, 1)
+    store.save(build)
+    switching.save_record(store, "p", {"state": "building", "generation": 1, "fingerprint": "new"})
+
+    shown = run_syncd(["tokens", "show", "--json"], m.cfg, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    entries = {e["pipeline"]: e for e in json.loads(shown.stdout)["pipelines"]}
+    assert sorted(entries) == ["p", "p~rebuild"], entries
+    assert entries["p~rebuild"]["rebuild_of"] == "p" and entries["p"]["rebuild_of"] is None
+    text = run_syncd(["tokens", "show"], m.cfg, timeout=60)
+    assert "p~switch" not in text.stdout, text.stdout
+    assert "not a pipeline: the new collection `syncd rebuild p` builds" in text.stdout
+
+    at = "2024-01-01T00:00:00Z"
+    for args in (
+        ["tokens", "set", "p~rebuild", "--at", at, "--yes"],
+        ["tokens", "set", "p~switch", "--at", at, "--yes", "--force"],
+        ["tokens", "reset", "p~rebuild", "--yes"],
+        ["tokens", "reset", "p~switch", "--yes"],
+        ["tokens", "show", "p~switch"],
+    ):
+        refused = run_syncd(args, m.cfg, timeout=60)
+        assert refused.returncode == 2, (args, refused.stdout, refused.stderr)
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1 and "for pipeline 'p', not a pipeline" in lines[0], lines
+        assert "`syncd rebuild p`" in lines[0], lines
+    after = store.load("p~rebuild")
+    assert after is not None and after.start_at == build.start_at
+    assert switching.load_record(store, "p")["state"] == "building"
