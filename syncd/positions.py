@@ -80,8 +80,7 @@ def refuse_internal(name: str, doing: str) -> None:
         else "the record of `syncd rebuild`"
     )
     raise ConfigError(
-        f"{name!r} is {what} for pipeline {pipeline!r}, not a pipeline; it is not {doing} "
-        "by hand",
+        f"{name!r} is {what} for pipeline {pipeline!r}, not a pipeline; it is not {doing} by hand",
         hint=f"`syncd rebuild {pipeline}` continues the rebuild and `syncd status` shows it; "
         f"name {pipeline!r} to move the pipeline itself",
     )
