@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +80,40 @@ def start_servers(workdir: Path, *, history_size: int) -> Servers:
     return Servers(mongo, chroma, workdir)
 
 
+_FRESH = itertools.count(1)
+
+
+@contextlib.contextmanager
+def fresh_chroma(servers: Servers, label: str) -> Iterator[Servers]:
+    """``servers`` with a new, empty Chroma server in place of theirs, removed afterwards.
+
+    Chroma's cost per record grows with everything the server has held, so a contender
+    that runs on a server others have filled is slower than one that runs first: each
+    contender of a ratio gets one of these.
+    """
+    path = servers.workdir / f"chroma-{label}-{next(_FRESH)}"
+    chroma = ChromaServer(path)
+    try:
+        yield Servers(servers.mongo, chroma, servers.workdir)
+    finally:
+        chroma.close_clients()
+        chroma.stop()
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def load_average() -> float:
+    """The 1-minute load average: how much other work shared the cores just now."""
+    return round(os.getloadavg()[0], 2)
+
+
+def alternate(contenders: list[Any], runs: int) -> Iterator[tuple[int, Any]]:
+    """(run, contender) in the order A B, B A, A B, ...: run k reverses run k-1's order, so
+    neither contender always runs first (A/B/B/A for two runs)."""
+    for k in range(runs):
+        for contender in contenders if k % 2 == 0 else contenders[::-1]:
+            yield k, contender
+
+
 def ts_arg(ts: Any) -> str:
     return f"{ts.time}.{ts.inc}"
 
@@ -119,5 +156,6 @@ def drop_collection(chroma: Any, name: str) -> None:
         chroma.delete_collection(name)
 
 
-__all__ = ["BENCH_PYTHON", "ROOT", "Servers", "close_client", "drain", "drop_collection",
-           "log", "median", "repeat", "start_servers", "ts_arg"]
+__all__ = ["BENCH_PYTHON", "ROOT", "Servers", "alternate", "close_client", "drain",
+           "drop_collection", "fresh_chroma", "load_average", "log", "median", "repeat",
+           "start_servers", "ts_arg"]

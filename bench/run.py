@@ -64,6 +64,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small workloads (smoke run)")
     parser.add_argument("--only", nargs="*", help="run only these sections")
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results.json",
+                        help="where the raw results go (a partial run merges into them)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--budget", type=float, metavar="SECONDS",
                         help="time the big sections may shrink to fit (default: "
@@ -72,7 +74,7 @@ def main() -> int:
                         help="rewrite the report from bench/results.json without measuring")
     args = parser.parse_args()
     if args.report_only:
-        write_report(json.loads((ROOT / "bench" / "results.json").read_text()), args.output)
+        write_report(json.loads(args.results.read_text()), args.output)
         return 0
     sizes = Sizes.quick() if args.quick else Sizes()
     if args.budget:
@@ -89,13 +91,14 @@ def main() -> int:
         for name, section in SECTIONS:
             if args.only and name not in args.only:
                 continue
-            started = time.monotonic()
+            started, load = time.monotonic(), os.getloadavg()[0]
             try:
                 outcome = section(ctx)
             except Exception as exc:
                 traceback.print_exc()
                 outcome = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
             outcome["section_s"] = time.monotonic() - started
+            outcome["load_span"] = [round(load, 2), round(os.getloadavg()[0], 2)]
             results["sections"][name] = outcome
             log(f"{name} took {outcome['section_s']:.0f}s")
     finally:
@@ -104,7 +107,7 @@ def main() -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     results["total_s"] = time.monotonic() - began
     results["machine"]["load_after"] = os.getloadavg()[0]
-    raw = ROOT / "bench" / "results.json"
+    raw = args.results
     if args.only and raw.exists():
         # A partial run replaces its own sections in the last full run's results.
         merged = json.loads(raw.read_text())

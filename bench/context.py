@@ -1,0 +1,162 @@
+"""What every benchmark section gets (sizes, servers, the time budget) and the helpers
+they share: views of a store's contents, a syncd drain, a raw batched upsert."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import workload as w
+from common import Servers, drain, drop_collection
+
+from syncd import config as syncd_config
+from syncd.mapping import Mapper
+
+
+@dataclass
+class Sizes:
+    sink_events: int = 20_000
+    sink_runs: int = 2  # alternating A/B/B/A, each contender on a fresh Chroma server
+    alt_inserts: int = 2_000
+    alt_updates: int = 500  # each of text and metadata-only
+    alt_deletes: int = 250
+    alt_runs: int = 3
+    lag_seconds: float = 20.0
+    memory_small: int = 100_000
+    memory_large: int = 1_000_000
+    memory_docs: int = 100
+    snapshot_docs: int = 200_000
+    snapshot_runs: int = 1  # raw upsert then syncd; 2 for A/B/B/A
+    savings_docs: int = 2_000
+    savings_updates: int = 2_000
+    remote_events: int = 4_000
+    remote_runs: int = 2
+    model_texts: int = 1_000
+    model_runs: int = 2
+    tracing_events: int = 5_000
+    tracing_runs: int = 6  # alternating A/B/B/A: runs of one setting differ by 10-30 % here
+    budget_s: float = 1_110.0  # what the whole run may take; big sections shrink to fit
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(sink_events=3_000, alt_inserts=300, alt_updates=100, alt_deletes=50,
+                   alt_runs=1, lag_seconds=5, memory_small=5_000, memory_large=20_000,
+                   snapshot_docs=5_000, savings_docs=300, savings_updates=300, remote_events=1_000,
+                   remote_runs=1, model_texts=200, model_runs=1, tracing_events=1_000,
+                   tracing_runs=1)
+
+
+@dataclass
+class Context:
+    servers: Servers
+    sizes: Sizes
+    started: float
+    results: dict[str, Any]
+
+    @property
+    def mongo(self) -> Any:
+        if not hasattr(self, "_mongo"):
+            self._mongo = self.servers.mongo_client()
+        return self._mongo
+
+    @property
+    def chroma(self) -> Any:
+        if not hasattr(self, "_chroma"):
+            self._chroma = self.servers.chroma_client()
+        return self._chroma
+
+    def remaining(self) -> float:
+        return self.sizes.budget_s - (time.monotonic() - self.started)
+
+
+def settings(path: Path) -> Any:
+    return syncd_config.load(path, env={})
+
+
+def mapper(table: dict[str, Any]) -> Mapper:
+    """The Mapper of a pipeline table: the records syncd would write, for a baseline."""
+    return Mapper(syncd_config.validate({"pipelines": [table]}).pipelines[0])
+
+
+def _user_view(records: dict[str, Any]) -> dict[str, Any]:
+    """id -> (document, user metadata): what every contender must agree on."""
+    return {rid: (r["document"], {k: v for k, v in r["metadata"].items()
+                                  if not k.startswith("syncd_") and k != "source"})
+            for rid, r in records.items()}
+
+
+def chroma_view(chroma: Any, name: str, *, key: str | None = None) -> dict[str, Any]:
+    coll = chroma.get_collection(name)
+    out: dict[str, Any] = {}
+    offset = 0
+    while True:
+        got = coll.get(include=["documents", "metadatas"], limit=5_000, offset=offset)
+        if not got["ids"]:
+            break
+        for rid, doc, stored in zip(got["ids"], got["documents"], got["metadatas"],
+                                    strict=True):
+            meta = stored or {}
+            out[meta[key] if key else rid] = {"document": doc, "metadata": meta}
+        offset += len(got["ids"])
+    return _user_view(out)
+
+
+def mongo_view(coll: Any) -> dict[str, Any]:
+    return {f"i:{d['_id']}": (d["body"], w.user_metadata(d)) for d in coll.find({})}
+
+
+def compare(expected: dict[str, Any], actual: dict[str, Any]) -> dict[str, int]:
+    missing = len(set(expected) - set(actual))
+    extra = len(set(actual) - set(expected))
+    differ = sum(1 for k in set(expected) & set(actual) if _norm(expected[k]) != _norm(actual[k]))
+    return {"records": len(actual), "missing": missing, "extra": extra, "differ": differ}
+
+
+def _norm(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def syncd_drain(servers: Servers, table: dict[str, Any], start: Any, until: Any,
+                **kw: Any) -> dict[str, Any]:
+    """bench/drain.py over [start, until] into an empty collection of ``servers``' Chroma."""
+    name = table["name"]
+    cfg = servers.config(name, [table])
+    client = servers.chroma_client()
+    drop_collection(client, name)
+    return drain(cfg, name, start_at=start, until=until, **kw)
+
+
+def raw_upsert(chroma: Any, name: str, slices: Iterable[list[Any]]) -> dict[str, Any]:
+    """Upsert each slice of mapped records (ids, texts, metadata, vectors) into a new
+    collection with one client: the baseline syncd is held to. Only the upsert calls are
+    timed; building a slice (mapping) happens between them, outside the window."""
+    drop_collection(chroma, name)
+    target = chroma.create_collection(name, embedding_function=None,
+                                      metadata={"hnsw:space": "cosine"})
+    seconds, records = 0.0, 0
+    for part in slices:
+        began = time.perf_counter()
+        target.upsert(ids=[r.id for r in part], documents=[r.text for r in part],
+                      metadatas=[r.metadata for r in part],
+                      embeddings=[r.embedding for r in part])
+        seconds += time.perf_counter() - began
+        records += len(part)
+    return {"upsert_s": seconds, "records": records}
+
+
+def mapped_slices(table: dict[str, Any], ids: range, size: int, *,
+                  dims: int) -> Iterable[list[Any]]:
+    """The records syncd maps from the bench documents ``ids``, ``size`` at a time."""
+    m = mapper(table)
+    part: list[Any] = []
+    for i in ids:
+        part.extend(m.map(w.document(i, dims=dims)).records)
+        while len(part) >= size:
+            yield part[:size]
+            part = part[size:]
+    if part:
+        yield part
