@@ -5,19 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-
-def _f(value: Any, digits: int = 0) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float) and value != value:
-        return "n/a"
-    if isinstance(value, float | int):
-        return f"{value:,.{digits}f}"
-    return str(value)
-
-
-def _verdict(ok: bool | None) -> str:
-    return "n/a" if ok is None else ("met" if ok else "**missed**")
+from summary import f as _f
+from summary import load_text, summary_rows
 
 
 def _error(section: dict[str, Any] | None) -> str | None:
@@ -47,7 +36,12 @@ def write_report(results: dict[str, Any], path: Path) -> None:
            if "torch" in m else "") + ".")
     add("")
     add(f"Servers: MongoDB = {results['mongo_kind']} (the wire-protocol stand-in when no "
-        "`mongod` exists), one Chroma HTTP server (`chroma run`) for every contender. "
+        "`mongod` exists); Chroma HTTP servers (`chroma run`): every run of a ratio's "
+        "contenders (sink limit, alternatives, snapshot, remote embedder, tracing) gets a "
+        "fresh, empty server, since Chroma's cost per record grows with everything the "
+        "server has held; lag, memory, embedding savings and the real model share one. "
+        "Contenders alternate (A/B, then B/A), and the 1-minute load average taken before "
+        "each run is listed with it. "
         "syncd drains run `bench/drain.py`: a fresh process that builds the pipeline as "
         "`syncd run` does (Telemetry, Runtime.pipeline; no lease thread, no HTTP listener) "
         "and is timed from its first read to the checkpoint covering the last event, so "
@@ -61,13 +55,14 @@ def write_report(results: dict[str, Any], path: Path) -> None:
     add(f"Total time of this run: {results['total_s'] / 60:.1f} min.")
     add("")
     pictures = _pictures(results)
-    rows: list[tuple[str, str, str, str]] = []
-    _summary(s, rows)
     add("## Summary")
     add("")
-    add("| measurement | result | target | verdict |")
-    add("| --- | --- | --- | --- |")
-    for row in rows:
+    add("Verdicts are computed from the figures below against the targets in "
+        "`bench/summary.py`.")
+    add("")
+    add("| measurement | result | target | load avg (1 min) | verdict |")
+    add("| --- | --- | --- | --- | --- |")
+    for row in summary_rows(s):
         add("| " + " | ".join(row) + " |")
     add("")
     for title, key, fn in (
@@ -107,70 +102,14 @@ def _pictures(results: dict[str, Any]) -> dict[str, list[str]]:
     return draw(results)
 
 
-def _summary(s: dict[str, Any], rows: list[tuple[str, str, str, str]]) -> None:
-    sink = s.get("sink_limit", {})
-    if "ratio" in sink:
-        rows.append(("1. syncd vs raw batched upsert (50k, 384-d)",
-                     f"{sink['ratio']:.2f}x ({_f(sink['syncd_per_s'])} vs "
-                     f"{_f(sink['raw_per_s'])} /s; {_f(sink['syncd_cpu_us_per_event'])} µs "
-                     "CPU/event)", "≥ 0.85x", _verdict(sink["ratio"] >= 0.85)))
-    alt = s.get("alternatives", {})
-    if "syncd_vs_naive" in alt:
-        rows.append(("2. syncd vs naive per-event loop", f"{alt['syncd_vs_naive']:.1f}x",
-                     "≥ 10x", _verdict(alt["syncd_vs_naive"] >= 10)))
-    if "syncd_vs_langchain" in alt:
-        ratio = alt["syncd_vs_langchain"]
-        close = " (within run-to-run noise)" if abs(ratio - 1) < 0.05 else ""
-        rows.append(("2. syncd vs LangChain indexing", f"{ratio:.2f}x{close}",
-                     "> 1x", _verdict(ratio > 1)))
-    lag = s.get("lag", {})
-    half = next((r for r in lag.get("runs", []) if r["share_of_max"] == 0.5), None)
-    if half:
-        rows.append(("3. lag p99 at half the max rate",
-                     f"{_f(half['p99_ms'])} ms at {_f(half['target_rate'])}/s",
-                     "≤ 500 ms", _verdict(half["p99_ms"] <= 500)))
-        tuned = lag.get("tuned")
-        if tuned:
-            rows.append(("3. same, `batch_max_wait_ms` 50",
-                         f"{_f(tuned['p99_ms'])} ms at {_f(tuned['target_rate'])}/s",
-                         "≤ 500 ms", _verdict(tuned["p99_ms"] <= 500)))
-    mem = s.get("memory", {})
-    if "small" in mem and "peak_rss_mb" in mem["small"]:
-        large = mem.get("large", {})
-        if "peak_rss_mb" in large:
-            flat = large["peak_rss_mb"] <= mem["small"]["peak_rss_mb"] * 1.1 + 10
-            rows.append((f"4. peak RSS, {large['events']:,} vs {mem['small']['events']:,} events",
-                         f"{_f(large['peak_rss_mb'])} vs {_f(mem['small']['peak_rss_mb'])} MB",
-                         "flat, ≤ 300 MB", _verdict(flat and large["peak_rss_mb"] <= 300)))
-        else:
-            rows.append(("4. peak RSS at 1,000,000 events", "not measured in this run",
-                         "flat, ≤ 300 MB", "see section 4"))
-    snap = s.get("snapshot", {})
-    if "per_s" in snap:
-        rows.append((f"5. snapshot of {snap['documents']:,} documents",
-                     f"{_f(snap['per_s'])} documents/s", "(reported)", "n/a"))
-    sav = s.get("embedding_savings", {})
-    if "embedded" in sav:
-        rows.append(("6. texts embedded = text-changing updates",
-                     f"{sav['embedded']} = {sav['text_changes']}", "equal",
-                     _verdict(sav["embedded"] == sav["text_changes"])))
-    remote = s.get("remote_embedder", {})
-    if "ratio_default_vs_1" in remote:
-        rows.append((f"6b. 100 ms embedding API, embed_concurrency "
-                     f"{remote['default_concurrency']} vs 1",
-                     f"{remote['ratio_default_vs_1']:.2f}x", "(reported)", "n/a"))
-    model = s.get("real_model", {})
-    if "ratio" in model:
-        rows.append(("7. syncd vs encode alone (MiniLM)", f"{model['ratio']:.2f}x", "≥ 0.8x",
-                     _verdict(model["ratio"] >= 0.8)))
-    tr = s.get("tracing", {})
-    if "ratio" in tr:
-        rows.append(("8. tracing on vs off", f"{tr['ratio']:.2f}x", "≥ 0.9x",
-                     _verdict(tr["ratio"] >= 0.9)))
-    for name, section in s.items():
-        if "error" in section:
-            error = " ".join(str(section["error"]).split())[:160].replace("|", "/")
-            rows.append((name, f"failed: {error}", "", "n/a"))
+def _order(r: dict[str, Any]) -> list[str]:
+    """The runs in the order they ran, each with the load average before it."""
+    order = r.get("order")
+    if not order:
+        return []
+    return ["", "Runs in order (load average 1 min before each): " + "; ".join(
+        f"{x['contender']} #{x['run']} ({x['load']:.1f}) {_f(x['per_s'])}/s" for x in order)
+        + "."]
 
 
 def _sink(s: dict[str, Any]) -> list[str]:
@@ -178,20 +117,26 @@ def _sink(s: dict[str, Any]) -> list[str]:
     if _error(r):
         return [f"Not measured: {_error(r)}"]
     assert r is not None
+    if r.get("fresh_server_per_run"):
+        how = (f"on a fresh Chroma server each, alternating (A/B/B/A over {r['runs']} runs "
+               "each)")
+    else:
+        how = f"into the same server, {r['runs']} run(s) each"
     return [
         f"{r['events']:,} insert events, documents carrying a 384-dimension vector (embedder "
         "kind `field`), drained from the stand-in's change stream by the in-process "
         "pipeline (default `batch_size` 500) into a Chroma HTTP server, versus the same "
-        f"records (ids, texts, metadata, vectors as syncd maps them) upserted by one client "
-        f"in slices of the server's `get_max_batch_size()` = {r['max_batch']:,}, into the "
-        f"same server. {r['runs']} run(s) each (the big one; each run is minutes here).",
+        "records (ids, texts, metadata, vectors as syncd maps them) upserted by one client "
+        f"in slices of the server's `get_max_batch_size()` = {r['max_batch']:,} (only the "
+        f"upsert calls timed), {how}.",
         "",
-        "| contender | records/s | CPU µs/event (syncd process) |",
+        "| contender | records/s (median) | CPU µs/event (syncd process) |",
         "| --- | --- | --- |",
         f"| raw batched upsert | {_f(r['raw_per_s'])} | (client only) |",
         f"| syncd | {_f(r['syncd_per_s'])} | {_f(r['syncd_cpu_us_per_event'])} |",
         "",
         f"Ratio {r['ratio']:.2f}.",
+        *_order(r),
     ]
 
 
@@ -227,6 +172,7 @@ def _alternatives(s: dict[str, Any]) -> list[str]:
                      f"{_f(c['cpu_us_per_event'])} | {k['records']:,} | {k['missing']} | "
                      f"{k['extra']} | {k['differ']} |")
     lines.append("")
+    lines.extend(_order(r)[1:])
     versions = r["contenders"].get("langchain", {}).get("versions")
     if versions:
         lines.append("LangChain environment (`.venv-bench`): " + ", ".join(
@@ -316,20 +262,40 @@ def _snapshot(s: dict[str, Any]) -> list[str]:
         return [f"Not measured: {_error(r)}"]
     assert r is not None
     shrunk = (f" ({r['wanted']:,} did not fit the 20-minute budget on this machine at the "
-              "measured rate; this is what fitted, nothing is extrapolated)"
+              "measured rate; this is what fitted, nothing is extrapolated; `make "
+              "bench-large` runs the full size)"
               if r.get("wanted", r["documents"]) > r.get("written", r["documents"]) else "")
     if r.get("timed_out"):
         shrunk += (f" (of {r['written']:,} written, the scan had reached {r['documents']:,} "
                    "when the time budget ran out; the rate is over those)")
-    return [
+    out = [
         f"Initial sync of {r['documents']:,} existing documents{shrunk} (32-dimension vectors, "
-        "`snapshot_batch_size` 1000) by the in-process pipeline, one run: "
+        "`snapshot_batch_size` 1000) by the in-process pipeline: "
         f"{r['wall_s']:.0f} s, **{_f(r['per_s'])} documents/s**, "
         f"{_f(r['cpu_us_per_document'])} µs CPU/document, peak RSS "
         f"{r['peak_rss_mb']:.0f} MB; {r['records']:,} records in Chroma afterwards."
-        + ("" if r.get("progress") else " (The rate over time is drawn from runs that "
-           "record the scan's progress, as `make bench-large` now does; this one did not.)"),
     ]
+    if "raw_per_s" not in r:
+        return out
+    out[0] += (" Against it: one client upserting the same records (as syncd maps them) in "
+               f"slices of the server's maximum batch ({r['max_batch']:,}) into a fresh "
+               "collection, only the upsert calls timed; each contender on a fresh Chroma "
+               f"server, {r['runs']} run(s) each, raw first.")
+    out += ["", "| contender | documents/s |", "| --- | --- |",
+            f"| raw upsert | {_f(r['raw_per_s'])} |", f"| syncd snapshot | {_f(r['per_s'])} |",
+            "", f"Ratio {r['ratio']:.2f}.", *_order(r)]
+    wins = r.get("windows") or []
+    if wins:
+        out += ["", f"Rate per {r['window']:,} documents scanned (from the scan position the "
+                "pipeline records each second, interpolated at each boundary):", "",
+                "| documents | seconds | documents/s |", "| --- | --- | --- |"]
+        shown = wins if len(wins) <= 12 else [*wins[:6], None, *wins[-5:]]
+        for x in shown:
+            out.append("| ... | | |" if x is None else
+                       f"| {x['from']:,}-{x['to']:,} | {x['seconds']:.1f} | {_f(x['per_s'])} |")
+        if "last_vs_first_window" in r:
+            out += ["", f"Last window vs first: {r['last_vs_first_window']:.2f}x."]
+    return out
 
 
 def _savings(s: dict[str, Any]) -> list[str]:
@@ -362,26 +328,47 @@ def _remote(s: dict[str, Any]) -> list[str]:
         "drained once per run"
         + (f", {r['runs']} runs, the order reversed in every other one" if r["runs"] > 1
            else " (single run)")
-        + "; load average 1 min during the section: "
+        + ("; each run on a fresh Chroma server" if r.get("fresh_server_per_run") else "")
+        + ". Load average 1 min before each run: "
         + ", ".join(f"{x:.1f}" for x in r["load"]) + ".",
-        "",
-        "| latency | embed_concurrency | events/s (median) | each run | vs 1 at 100 ms "
-        "| most requests in flight | CPU µs/event |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
+    if "sink_per_s" in r:
+        out += ["", "Sink limit of these records, measured in the same run: one client "
+                "upserting the same ids, texts, metadata and 32-dimension vectors in slices "
+                "of the server's maximum batch, on a fresh server: "
+                f"**{_f(r['sink_per_s'])} records/s** (each run: "
+                f"{', '.join(_f(x) for x in r['sink_runs_per_s'])}). Bound of a row = "
+                "min(sink limit, embed_concurrency x "
+                f"{r['embedder_batch_size']} texts / {_f(r['latency_ms'])} ms); target "
+                f"≥ {r['bound_share_target']} of it."]
+    out += ["",
+            "| latency | embed_concurrency | events/s (median) | each run | vs 1 at 100 ms "
+            "| bound /s | share of bound | verdict | most requests in flight | CPU µs/event |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     base = r["curve"][0]["per_s"]
     for row in ([r["no_latency"]] if "no_latency" in r else []) + r["curve"]:
         default = " (default)" if row["embed_concurrency"] == r["default_concurrency"] else ""
+        bound = ((_f(row["bound_per_s"]), f"{row['share_of_bound']:.2f}",
+                  "met" if row["bound_met"] else "**missed**")
+                 if "bound_per_s" in row else ("", "", ""))
         out.append(f"| {_f(row.get('latency_ms', r['latency_ms']))} ms | "
                    f"{row['embed_concurrency']}{default} | {_f(row['per_s'])} | "
                    f"{', '.join(_f(x) for x in row.get('runs_per_s', [])) or 'n/a'} | "
-                   f"{row['per_s'] / base:.2f}x | {row['max_in_flight']} | "
-                   f"{_f(row['cpu_us_per_event'])} |")
+                   f"{row['per_s'] / base:.2f}x | {' | '.join(bound)} | "
+                   f"{row['max_in_flight']} | {_f(row['cpu_us_per_event'])} |")
     out += ["", "The 0 ms row is the same drain with an embedding API that answers at once: "
             "what the rest of syncd and this Chroma server allow without embedding latency."]
-    out[-1] += (" With two runs on a shared two-core machine, compare settings within a run "
-                "and read the load average alongside: a contender that ran while the load "
-                "rose came out slower.")
+    if "sequential_engine_per_s" in r:
+        low, high = r["sequential_engine_per_s"]
+        out += ["", f"Reference: the sequential engine this one replaced (one embedding "
+                "request in flight, embedding and writing one after the other) drained this "
+                f"workload at {_f(low)}-{_f(high)} events/s with 100 ms latency on this "
+                "machine; it no longer exists to run beside these, so that figure is from an "
+                "earlier run, not this one. The default setting here is "
+                f"{r['ratio_default_vs_sequential']:.2f}x its upper figure; the same-run "
+                f"comparison is against embed_concurrency 1 ({r['ratio_default_vs_1']:.2f}x), "
+                "which already overlaps embedding with the write."]
+    out.extend(_order(r))
     return out
 
 
@@ -401,7 +388,8 @@ def _model(s: dict[str, Any]) -> list[str]:
         f"| encode alone | {_f(r['encode_per_s'], 1)} |",
         f"| syncd (read, embed, write, checkpoint) | {_f(r['syncd_per_s'], 1)} |",
         "",
-        f"Ratio {r['ratio']:.2f}; syncd embedded {r['embedded']:,} texts.",
+        f"Ratio {r['ratio']:.2f}; syncd embedded {r['embedded']:,} texts. Load average "
+        f"1 min: {load_text(r)}.",
     ]
 
 
@@ -423,4 +411,5 @@ def _tracing(s: dict[str, Any]) -> list[str]:
         f"| on | {_f(r['on_per_s'])} | {_f(r['on_cpu_us'])} |",
         "",
         f"Ratio {r['ratio']:.2f}.",
+        *_order(r),
     ]
