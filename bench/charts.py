@@ -28,7 +28,8 @@ def draw(results: dict[str, Any]) -> dict[str, list[str]]:
     CHARTS.mkdir(parents=True, exist_ok=True)
     s = results["sections"]
     made: dict[str, list[str]] = {}
-    for key, fn in (("lag", _lag), ("alternatives", _throughput), ("snapshot", _snapshot)):
+    for key, fn in (("lag", _lag), ("alternatives", _throughput), ("snapshot", _snapshot),
+                    ("remote_embedder", _remote)):
         section = s.get(key)
         if not section or section.get("error"):
             continue
@@ -105,5 +106,41 @@ def _snapshot(plt: Any, s: dict[str, Any]) -> Any:
     axes.set_ylabel("documents/s")
     axes.set_ylim(bottom=0)
     axes.set_title(f"Snapshot rate over time ({s['snapshot']['documents']:,} documents)")
+    windows = s["snapshot"].get("windows") or []
+    if windows:  # the rate per window of documents, drawn where each window ended
+        ends, at = [0.0], 0.0
+        for x in windows:
+            at += x["seconds"]
+            ends.append(at)
+        rates = [x["per_s"] for x in windows]
+        axes.step(ends, [rates[0], *rates], where="pre", color="tab:orange",
+                  label=f"documents/s per {s['snapshot']['window']:,} documents")
+    if "raw_per_s" in s["snapshot"]:
+        raw = s["snapshot"]["raw_per_s"]
+        axes.axhline(raw, color="black", linestyle=":", label=f"raw upsert {raw:.0f}/s")
+    axes.legend()
+    return figure
+
+
+def _remote(plt: Any, s: dict[str, Any]) -> Any:
+    r = s["remote_embedder"]
+    curve = r.get("curve") or []
+    if "sink_per_s" not in r or not curve:
+        return None
+    figure, axes = plt.subplots(figsize=(7, 4))
+    levels = [x["embed_concurrency"] for x in curve]
+    axes.plot(levels, [x["per_s"] for x in curve], marker="o", label="syncd, 100 ms per request")
+    axes.plot(levels, [x["bound_per_s"] for x in curve], linestyle="--", color="grey",
+              label="bound: min(sink limit, concurrency x batch / latency)")
+    axes.plot(levels, [x["bound_per_s"] * r["bound_share_target"] for x in curve],
+              linestyle=":", color="grey", label=f"{r['bound_share_target']} of the bound")
+    axes.axhline(r["no_latency"]["per_s"], color="tab:green", linestyle="-.",
+                 label=f"no latency {r['no_latency']['per_s']:.0f}/s")
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(levels, [str(c) for c in levels])
+    axes.set_xlabel("embed_concurrency (requests in flight)")
+    axes.set_ylabel("events/s")
+    axes.set_ylim(bottom=0)
+    axes.set_title("Remote embedder (100 ms per request) against its bound")
     axes.legend()
     return figure
