@@ -1,10 +1,12 @@
-"""`make bench`: start a MongoDB (stand-in) and a Chroma server, measure, write BENCHMARKS.md.
+"""`make bench`: start a MongoDB (stand-in) and Chroma servers, measure, write BENCHMARKS.md.
 
     .venv/bin/python bench/run.py [--quick] [--only SECTION ...] [--budget SECONDS]
-                                  [--output BENCHMARKS.md]
+                                  [--output BENCHMARKS.md] [--results bench/results.json]
 
-Every server and syncd process is started here and stopped at the end; the raw results
-also go to bench/results.json. ``--quick`` shrinks every workload (a smoke run).
+Every server and syncd process is started here and stopped at the end (the sections that
+compare contenders start a fresh Chroma server for each run); the raw results also go to
+bench/results.json (``--results`` elsewhere, e.g. for a smoke run that must not merge into
+them). ``--quick`` shrinks every workload (a smoke run).
 """
 
 from __future__ import annotations
