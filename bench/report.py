@@ -79,7 +79,7 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         out.extend(fn(s))
         for picture in pictures.get(key, []):
             add("")
-            add(f"![{title[3:]}]({picture})")
+            add(f"![{title.split('. ', 1)[1]}]({picture})")
         if isinstance(s.get(key), dict) and "separate_run" in s[key]:
             add("")
             add(_separately(s[key]["separate_run"]))
