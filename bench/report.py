@@ -151,8 +151,10 @@ def _alternatives(s: dict[str, Any]) -> list[str]:
         f"{mix['text_update']:,} text updates (new text and vector), {mix['meta_update']:,} "
         f"metadata-only updates, {mix['delete']:,} deletes (`update_one`/`delete_one` each). "
         "Every contender reads the same change stream from the same start time (full "
-        "documents by `updateLookup`, batches of 500) and writes its own collection on the "
-        "same Chroma server. The naive loop makes one Chroma call per event; LangChain calls "
+        "documents by `updateLookup`, batches of 500) and writes its own collection"
+        + (" on a fresh Chroma server per run, syncd and LangChain alternating (A/B/B/A...)."
+           if "order" in r else " on the same Chroma server.")
+        + " The naive loop makes one Chroma call per event; LangChain calls "
         "`index(..., cleanup=\"incremental\", source_id_key=\"source\")` once per batch, "
         "with the batch coalesced by `_id` (without it, two versions of a document in one "
         "batch both stay), and removes deleted documents by their record-manager keys. "
@@ -403,7 +405,8 @@ def _tracing(s: dict[str, Any]) -> list[str]:
         "off (`telemetry.traces = none`) and on: the SDK's `BatchSpanProcessor` feeding an "
         "in-process exporter that counts and drops spans (every event sampled, the "
         f"default: a `syncd.change` span per change under its batch's span), {r['spans']:,} "
-        f"spans exported. Alternating, {r['runs']} run(s) each.",
+        f"spans exported. Alternating, {r['runs']} run(s) each"
+        + (", each run on a fresh Chroma server." if "order" in r else "."),
         "",
         "| tracing | events/s | CPU µs/event |",
         "| --- | --- | --- |",
