@@ -146,7 +146,8 @@ def alternatives(ctx: Context) -> dict[str, Any]:
             "versions": runs[-1].get("versions"),
         }
     coll.drop()
-    c = out["contenders"]
+    c = out["contenders"] = {kind: out["contenders"][kind] for kind in ("syncd", "naive",
+                             "langchain") if kind in out["contenders"]}
     if "per_s" in c.get("naive", {}):
         out["syncd_vs_naive"] = c["syncd"]["per_s"] / c["naive"]["per_s"]
     if "per_s" in c.get("langchain", {}):
