@@ -27,6 +27,7 @@ from syncd import reuse, switching
 from syncd.checkpoint import Checkpoint
 from syncd.config import PipelineSettings, Settings
 from syncd.errors import ConfigError, ExitCode, from_sink
+from syncd.estimate import estimate
 from syncd.exclusive import Hold, exclusive
 from syncd.mapping import Mapper
 from syncd.runtime import Runtime
@@ -226,16 +227,24 @@ class _Rebuild:
                 "embedded again",
                 extra={"pipeline": self.name},
             )
+            self._note_to_embed(None)
             return
-        source = self.runtime.source(settings)
-        total = sum(source.count(c) for c in settings.source_collections)
+        guess = estimate(self.runtime.source(settings), settings)
+        self._note_to_embed(guess.to_json())
+        print(f"the embedder differs from the live collection's: {guess.describe()}", flush=True)
         log.info(
-            "the embedder differs from the live collection's: every text is embedded again, "
-            "about %d (one per document%s)",
-            total,
-            ", more with chunking" if settings.mapping.chunk_size else "",
-            extra={"pipeline": self.name, "texts": total},
+            "the embedder differs from the live collection's: every text is embedded again, %s",
+            guess.describe(),
+            extra={"pipeline": self.name, "texts": guess.texts},
         )
+
+    def _note_to_embed(self, guess: dict[str, Any] | None) -> None:
+        """Kept in the record for `syncd status` while the rebuild runs."""
+        if self.record.get("to_embed") == guess:
+            return
+        self.record = dict(self.record, to_embed=guess)
+        self.hold.check()
+        save_record(self.store, self.name, self.record)
 
     def _run_build(self) -> Checkpoint | None:
         """Snapshot (or continue) into the new collection, then stream until caught up.

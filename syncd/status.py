@@ -122,6 +122,8 @@ def _rebuild(
             lag = _lag(runtime, ps, build, server_time) if build.phase == "streaming" else None
             if lag is not None:
                 out["lag_s"] = lag
+        if record.get("to_embed"):
+            out["to_embed"] = record["to_embed"]
     previous = record.get("previous")
     if previous:
         out["previous_collection"] = previous.get("name")

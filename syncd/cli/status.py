@@ -94,6 +94,11 @@ def _rebuild_line(rebuild: dict[str, Any]) -> str:
         parts.append(f"{rebuild['snapshot_scanned']} documents copied")
     if "lag_s" in rebuild:
         parts.append(f"{rebuild['lag_s']} s behind MongoDB")
+    if rebuild.get("to_embed"):
+        guess = rebuild["to_embed"]
+        tokens = guess.get("tokens_estimate")
+        more = f", about {tokens} tokens (estimated)" if tokens is not None else ""
+        parts.append(f"embedding about {guess['texts']} texts{more}")
     if rebuild.get("previous_collection"):
         parts.append(f"previous collection kept as {rebuild['previous_collection']}")
     return ", ".join(parts)
