@@ -389,6 +389,10 @@ class PipelineSettings(_Model):
     snapshot_batch_size: Annotated[int, Field(ge=1, le=100_000)] = 1000
     on_history_lost: Literal["fail", "resnapshot"] = "fail"
     on_sink_lost: Literal["fail", "resnapshot"] = "fail"
+    # What `syncd run` does when the checkpoint's mapping is not the configured one:
+    # refuse to start the pipeline, or build the new mapping's collection beside the
+    # live one and switch to it (see syncd.rebuild).
+    on_mapping_change: Literal["refuse", "rebuild"] = "refuse"
     on_drop: Literal["purge", "halt"] = "purge"
     on_rename: Literal["halt", "purge"] = "halt"
     on_drop_database: Literal["halt", "purge"] = "halt"

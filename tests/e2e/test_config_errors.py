@@ -53,6 +53,11 @@ CASES: list[tuple[str, dict[str, Any] | str, str]] = [
     ("uri without a host", edit("mongodb.uri", "mongodb://:27017/"), "URI (empty host name)"),
     ("uri host with an empty label", edit("mongodb.uri", "mongodb://db..local/"), "empty or over"),
     ("bad enum", edit("pipelines.0.on_error", "shrug"), "pipelines[0].on_error"),
+    (
+        "bad on_mapping_change",
+        edit("pipelines.0.on_mapping_change", "resync"),
+        "pipelines[0].on_mapping_change",
+    ),
     ("bad chroma mode", edit("chroma.mode", "cloud"), "chroma.mode"),
     ("both text sources", edit("pipelines.0.mapping.text_template", "{a}"), "exactly one"),
     ("no text source", edit("pipelines.0.mapping.text", DELETE), "exactly one"),
