@@ -29,8 +29,10 @@ import time
 from collections.abc import Callable, Sequence
 from types import FrameType
 
+from syncd.autorebuild import Rebuilder
 from syncd.config import PipelineSettings, Settings
 from syncd.errors import ExitCode, HaltedError, LeaseLostError, PoisonError, SyncdError
+from syncd.exclusive import Hold
 from syncd.halts import HeldPipeline, stopped_state
 from syncd.lease import LeaseManager, uses_leases
 from syncd.notify import SystemdNotifier
@@ -59,10 +61,14 @@ class Worker(threading.Thread):
         failed: threading.Event,
         *,
         leased: bool = False,
+        prepare: Callable[[Worker], bool] | None = None,
     ) -> None:
+        """``prepare(worker)`` runs once before the pipeline (a rebuild it needs, see
+        :mod:`syncd.autorebuild`); False: stopped before the pipeline could start."""
         super().__init__(name=f"pipeline-{settings.name}", daemon=True)
         self.settings = settings
         self.build = build
+        self.prepare = prepare
         self.telemetry = telemetry
         self.failed = failed
         self.leased = leased
@@ -89,6 +95,8 @@ class Worker(threading.Thread):
             self.failed.set()
 
     def _run(self) -> None:
+        if self.prepare is not None and not self.prepare(self):
+            return
         while not self.stop.is_set():
             self.beat()
             pipeline = self.build(self)
@@ -207,7 +215,23 @@ class Daemon:
             return pipeline
 
         telemetry = self.telemetry.pipeline(ps.name)
-        return Worker(ps, build, telemetry, self.failed, leased=leases is not None)
+        prepare = None
+        if ps.on_mapping_change == "rebuild" and not self.resync:  # --resync: in place
+            live = None
+            if leases is not None and epoch is not None:
+                live = Hold(ps.name, epoch, lambda: leases.check(ps.name))
+
+            def prepare(worker: Worker) -> bool:
+                def beat() -> None:
+                    worker.beat()
+                    telemetry.heartbeat()
+
+                rebuilder = Rebuilder(
+                    runtime, ps, stop=worker.stop, telemetry=telemetry, heartbeat=beat, live=live
+                )
+                return rebuilder.run()
+
+        return Worker(ps, build, telemetry, self.failed, leased=leases is not None, prepare=prepare)
 
     def _leased_pipelines(self, runtime: Runtime) -> LeasedPipelines[Worker]:
         self._leases = LeaseManager(

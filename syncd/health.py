@@ -102,6 +102,28 @@ class Metrics:
             "syncd_heartbeat_age_seconds", "Seconds since the pipeline loop last reported."
         )
         self.drift = gauge("syncd_drift_records", "Records found out of sync, by kind.", "kind")
+        # A rebuild of the pipeline's collection (syncd.rebuild), labelled with the
+        # pipeline it rebuilds.
+        self.rebuild_phase = gauge(
+            "syncd_rebuild_phase",
+            "1 for the phase of the pipeline's rebuild (snapshot, catching_up, switching, "
+            "switched, stopped), 0 for the others.",
+            "phase",
+        )
+        self.rebuild_scanned = gauge(
+            "syncd_rebuild_documents_scanned",
+            "Documents the rebuild's snapshot has copied into the new collection.",
+        )
+        self.rebuild_total = gauge(
+            "syncd_rebuild_documents_estimated",
+            "Documents the rebuild's snapshot is expected to copy (estimated counts).",
+        )
+        self.rebuild_lag = gauge(
+            "syncd_rebuild_lag_seconds",
+            "How far the new collection is behind the live stream: now minus the cluster "
+            "time it has applied through (in the snapshot: since the snapshot began); 0 "
+            "once caught up.",
+        )
         Info("syncd_build", "The running syncd's version.", registry=registry).info(
             {"version": __version__, "python_version": platform.python_version()}
         )

@@ -153,7 +153,7 @@ class Pipeline:
         self.progress.publish("stopped")
 
     def _run(self) -> None:
-        waits = _waits(self.settings.retry_max_backoff_s)
+        waits = backoff_waits(self.settings.retry_max_backoff_s)
         failing_since: float | None = None
         attempt = 0
         while not self.stop.is_set():
@@ -162,7 +162,7 @@ class Pipeline:
                 return
             except TransientError as exc:
                 if self._recovered:
-                    waits = _waits(self.settings.retry_max_backoff_s)
+                    waits = backoff_waits(self.settings.retry_max_backoff_s)
                     failing_since, attempt, self._recovered = None, 0, False
                 attempt += 1
                 failing_since = failing_since or time.monotonic()
@@ -441,7 +441,7 @@ def _snake(op: str) -> str:
     return {"dropDatabase": "drop_database"}.get(op, op)
 
 
-def _waits(cap: float) -> Iterator[float]:
+def backoff_waits(cap: float) -> Iterator[float]:
     """Capped exponential backoff with full jitter, from the backoff package."""
     for value in backoff.expo(base=2, factor=0.5, max_value=cap):
         if value is not None:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from bson.timestamp import Timestamp
@@ -30,6 +32,7 @@ from syncd.errors import ConfigError, ExitCode, from_sink
 from syncd.estimate import estimate
 from syncd.exclusive import Hold, exclusive
 from syncd.mapping import Mapper
+from syncd.rebuild_metrics import RebuildTelemetry
 from syncd.runtime import Runtime
 from syncd.switching import build_name, load_record, position_of, save_record, versioned
 from syncd.telemetry import PipelineTelemetry
@@ -47,32 +50,51 @@ def rebuild(
     stop: threading.Event | None = None,
 ) -> int:
     """``action``: "build" (build and switch), "rollback" or "drop_previous"."""
-    name = ps.name
-    command = command or f"syncd rebuild {name}"
-    stop = stop or threading.Event()
     runtime = Runtime(settings)
     try:
-        with exclusive(
+        return run_rebuild(
             runtime,
-            build_name(name),
+            ps,
+            action=action,
             force=force,
-            command=command,
-            who="syncd-rebuild",
-            configured=False,
-        ) as hold:
-            job = _Rebuild(runtime, ps, hold, command, stop)
-            if job.record.get("state") == "switching":
-                job.switch()
-                print(f"completed the interrupted switch of {name}")
-                if action == "build" and job.fingerprint == job.record.get("fingerprint"):
-                    return ExitCode.OK
-            if action == "rollback":
-                return job.rollback()
-            if action == "drop_previous":
-                return job.drop_previous()
-            return job.build()
+            command=command or f"syncd rebuild {ps.name}",
+            stop=stop or threading.Event(),
+        )
     finally:
         runtime.close()
+
+
+def run_rebuild(
+    runtime: Runtime,
+    ps: PipelineSettings,
+    *,
+    action: str = "build",
+    force: bool = False,
+    command: str,
+    stop: threading.Event,
+    who: str = "syncd-rebuild",
+    live: Hold | None = None,
+    heartbeat: Callable[[], None] | None = None,
+    say: Callable[[str], None] = print,
+) -> int:
+    """:func:`rebuild` with the parts of a running process: a daemon rebuilding by itself
+    (see :mod:`syncd.autorebuild`) passes ``live``, its hold on the live pipeline (then
+    the switch takes nothing more), a ``heartbeat`` and ``say`` (its log)."""
+    name = ps.name
+    with exclusive(
+        runtime, build_name(name), force=force, command=command, who=who, configured=False
+    ) as hold:
+        job = _Rebuild(runtime, ps, hold, command, stop, live=live, heartbeat=heartbeat, say=say)
+        if job.record.get("state") == "switching":
+            job.switch()
+            say(f"completed the interrupted switch of {name}")
+            if action == "build" and job.fingerprint == job.record.get("fingerprint"):
+                return ExitCode.OK
+        if action == "rollback":
+            return job.rollback()
+        if action == "drop_previous":
+            return job.drop_previous()
+        return job.build()
 
 
 class _Rebuild:
@@ -83,6 +105,10 @@ class _Rebuild:
         hold: Hold,
         command: str,
         stop: threading.Event,
+        *,
+        live: Hold | None = None,
+        heartbeat: Callable[[], None] | None = None,
+        say: Callable[[str], None] = print,
     ) -> None:
         self.runtime = runtime
         self.store = runtime.store
@@ -96,6 +122,10 @@ class _Rebuild:
         self.record = load_record(self.store, self.name)
         self.reusing: reuse.ReusingEmbedder | None = None
         self.letters = runtime.dead_letters(ps)
+        self.live = live
+        self.heartbeat = heartbeat
+        self.say = say
+        self.metrics = runtime.telemetry.rebuild(ps.name)
 
     # --- build --------------------------------------------------------------------
 
@@ -104,7 +134,7 @@ class _Rebuild:
         record = self.record
         if record.get("state") != "building":
             if live.fingerprint == self.fingerprint:
-                print(f"nothing to rebuild: {self.name}'s collection has this mapping already")
+                self.say(f"nothing to rebuild: {self.name}'s collection has this mapping already")
                 return ExitCode.OK
             previous = record.get("previous")
             if previous:
@@ -136,17 +166,17 @@ class _Rebuild:
             if built is None or built.fingerprint != self.fingerprint:
                 self._start_over(record, live)
             else:
-                print(f"continuing the rebuild of {self.name} into {record['target']}")
+                self.say(f"continuing the rebuild of {self.name} into {record['target']}")
         self.record = record
+        self.metrics.resume_from(self.store.load(build_name(self.name)))
         self._choose_embedder()
         if self._run_build() is None:
             return self._interrupted()
-        with exclusive(
-            self.runtime, self.name, force=True, command=self.command, who="syncd-rebuild"
-        ) as live_hold:
+        with self._taking_live() as live_hold:
             built_cp = self._run_build()  # the live writer is fenced out: catch up once more
             if built_cp is None:
                 return self._interrupted()
+            self.metrics.set_phase("switching")
             live = self._live()
             generation = int(record["generation"])
             parked = versioned(self.base, generation)
@@ -172,17 +202,31 @@ class _Rebuild:
                 parked=parked,
                 epoch=live_hold.epoch,
             )
+        self.metrics.set_phase("switched")
         if self.reusing is not None:
-            print(
+            self.say(
                 f"{self.reusing.reused} vectors reused from the live collection, "
                 f"{self.reusing.embedded} texts embedded"
             )
-        print(
+        self.say(
             f"rebuild of {self.name} switched: {self.base!r} now holds the new records; the "
             f"previous collection is kept as {parked!r} (`syncd rebuild {self.name} --rollback` "
             f"goes back to it, `--drop-previous` deletes it)"
         )
         return ExitCode.OK
+
+    @contextmanager
+    def _taking_live(self) -> Iterator[Hold]:
+        """The live pipeline, held for the switch: taken from (fencing out) whoever
+        streams it, or, in a daemon that rebuilds by itself, the hold it has already."""
+        if self.live is not None:
+            self.live.check()
+            yield self.live
+            return
+        with exclusive(
+            self.runtime, self.name, force=True, command=self.command, who="syncd-rebuild"
+        ) as hold:
+            yield hold
 
     def _start_over(self, record: dict[str, Any], live: Checkpoint) -> None:
         """An empty new collection and no build checkpoint, then the record says "building"."""
@@ -257,13 +301,17 @@ class _Rebuild:
         # Under a steady write load no read comes back empty: caught up is also having
         # checkpointed past the latest operation in MongoDB when this began.
         target = self.runtime.source(settings).server_time()
-        telemetry = _UntilCaughtUp(self.runtime.telemetry.pipeline(settings.name), until, target)
+        telemetry = _UntilCaughtUp(
+            self.runtime.telemetry.pipeline(settings.name), until, target, self.metrics
+        )
+        self.metrics.resume_from(self.store.load(settings.name))
         pipeline = self.runtime.pipeline(
             settings,
             stop=until,
             epoch=self.hold.epoch,
             resync=True,
             telemetry=telemetry,  # type: ignore[arg-type]
+            heartbeat=self.heartbeat,
             fence=self.hold.check,
         )
         pipeline.progress.publish("rebuilding")
@@ -274,7 +322,8 @@ class _Rebuild:
         return cp
 
     def _interrupted(self) -> int:
-        print(f"rebuild interrupted; run `{self.command}` again to continue")
+        self.metrics.set_phase("stopped")
+        self.say(f"rebuild interrupted; run `{self.command}` again to continue")
         return ExitCode.DRIFT_OR_FAILURE
 
     # --- switch, rollback, drop -------------------------------------------------------
@@ -305,9 +354,8 @@ class _Rebuild:
 
     def switch(self) -> None:
         """Complete a switch a crash interrupted."""
-        with exclusive(
-            self.runtime, self.name, force=True, command=self.command, who="syncd-rebuild"
-        ) as live_hold:
+        self.metrics.set_phase("switching")
+        with self._taking_live() as live_hold:
             self.hold.check()
             self.record = switching.complete(
                 self.store,
@@ -317,6 +365,7 @@ class _Rebuild:
                 epoch=live_hold.epoch,
                 letters=self.letters,
             )
+        self.metrics.set_phase("switched")
 
     def rollback(self) -> int:
         previous = self.record.get("previous")
@@ -326,9 +375,7 @@ class _Rebuild:
                 hint="a rollback follows a `syncd rebuild` that switched, until `--drop-previous`",
                 pipeline=self.name,
             )
-        with exclusive(
-            self.runtime, self.name, force=True, command=self.command, who="syncd-rebuild"
-        ) as live_hold:
+        with self._taking_live() as live_hold:
             live = self._live()
             generation = int(self.record["generation"])
             parked = versioned(self.base, generation)
@@ -349,7 +396,7 @@ class _Rebuild:
                 parked=parked,
                 epoch=live_hold.epoch,
             )
-        print(
+        self.say(
             f"rolled {self.name} back: {self.base!r} holds the previous collection again and "
             f"streams from where it stopped; the one it replaced is kept as {parked!r}. Run "
             "syncd with the configuration of that mapping"
@@ -359,7 +406,7 @@ class _Rebuild:
     def drop_previous(self) -> int:
         previous = self.record.get("previous")
         if not previous:
-            print(f"{self.name} keeps no previous collection")
+            self.say(f"{self.name} keeps no previous collection")
             return ExitCode.OK
         client = self.runtime.chroma
         names = switching.collections(client, f"chroma:{previous['name']}")
@@ -369,7 +416,7 @@ class _Rebuild:
             switching.delete(client, current)
         self.letters.purge(switching.parked_letters(self.name, previous["id"]))
         save_record(self.store, self.name, dict(self.record, previous=None))
-        print(f"deleted {self.name}'s previous collection {previous['name']!r}")
+        self.say(f"deleted {self.name}'s previous collection {previous['name']!r}")
         return ExitCode.OK
 
     def _live(self) -> Checkpoint:
@@ -390,23 +437,47 @@ def _relay(source: threading.Event, target: threading.Event) -> None:
 
 
 class _UntilCaughtUp:
-    """The build's telemetry, which also stops it the first time it finds no change waiting."""
+    """The build's telemetry, which also stops it the first time it finds no change waiting.
+
+    Also keeps the rebuild's metrics (:mod:`syncd.rebuild_metrics`): phase, documents
+    copied, and how far the build is behind the live stream.
+    """
 
     def __init__(
-        self, inner: PipelineTelemetry, until: threading.Event, target: Timestamp | None
+        self,
+        inner: PipelineTelemetry,
+        until: threading.Event,
+        target: Timestamp | None,
+        metrics: RebuildTelemetry,
     ) -> None:
         self._inner = inner
         self._until = until
         self._target = target
+        self._metrics = metrics
         self.caught = False
+
+    def set_state(self, state: str, error: BaseException | None = None) -> None:
+        self._inner.set_state(state, error)
+        if state == "snapshotting":
+            self._metrics.set_phase("snapshot")
+        elif state == "streaming" and self._metrics.phase != "switching":
+            self._metrics.set_phase("catching_up")
+
+    def snapshot_progress(self, scanned: int, estimated_total: int | None) -> None:
+        self._inner.snapshot_progress(scanned, estimated_total)
+        self._metrics.snapshot_progress(scanned, estimated_total)
 
     def caught_up(self) -> None:
         self._inner.caught_up()
+        self._metrics.behind_since(None)
         self._done()
 
     def checkpointed(self, cluster_time: Timestamp | None) -> None:
         self._inner.checkpointed(cluster_time)
+        if cluster_time is not None and self._metrics.phase != "snapshot":
+            self._metrics.behind_since(cluster_time.time)
         if self._target is not None and cluster_time is not None and cluster_time >= self._target:
+            self._metrics.behind_since(None)
             self._done()
 
     def _done(self) -> None:

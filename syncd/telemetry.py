@@ -41,6 +41,7 @@ from syncd import __version__
 from syncd.config import Settings, TelemetrySettings
 from syncd.errors import classify
 from syncd.health import HealthServer, Metrics, readiness
+from syncd.rebuild_metrics import RebuildTelemetry
 from syncd.redact import redact_text
 from syncd.spanlog import SpanLog
 from syncd.spans import (
@@ -57,9 +58,14 @@ __all__ = ["ChangeEventInfo", "PipelineTelemetry", "Telemetry"]
 
 log = logging.getLogger("syncd.telemetry")
 
-STATES = ("starting", "snapshotting", "streaming", "retrying", "halted", "failed", "stopped")
-_READY_STATES = frozenset({"snapshotting", "streaming"})
-_LOOP_STATES = frozenset({"starting", "snapshotting", "streaming", "retrying"})
+# "rebuilding": a changed mapping is being built beside the live collection, which
+# keeps serving (see syncd.rebuild): ready.
+STATES = (
+    "starting", "snapshotting", "streaming", "retrying", "halted", "failed", "stopped",
+    "rebuilding",
+)  # fmt: skip
+_READY_STATES = frozenset({"snapshotting", "streaming", "rebuilding"})
+_LOOP_STATES = frozenset({"starting", "snapshotting", "streaming", "retrying", "rebuilding"})
 
 
 class PipelineTelemetry:
@@ -382,6 +388,7 @@ class Telemetry:
         self._provider: TracerProvider | None = None
         self._server: HealthServer | None = None
         self._pipelines: dict[str, PipelineTelemetry] = {}
+        self._rebuilds: dict[str, RebuildTelemetry] = {}
         self._lock = threading.Lock()
         self._span_log_warned = -60.0
         self.oplog_start: int | None = None  # time (s) of the oldest oplog entry, when readable
@@ -429,6 +436,13 @@ class Telemetry:
 
     def force_flush(self, timeout_millis: int = 10_000) -> bool:
         return self._provider.force_flush(timeout_millis) if self._provider else True
+
+    def rebuild(self, name: str) -> RebuildTelemetry:
+        """The metrics of a rebuild of pipeline ``name``'s collection."""
+        with self._lock:
+            if name not in self._rebuilds:
+                self._rebuilds[name] = RebuildTelemetry(self.metrics, name)
+            return self._rebuilds[name]
 
     def pipeline(self, name: str) -> PipelineTelemetry:
         with self._lock:

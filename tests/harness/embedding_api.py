@@ -6,6 +6,8 @@ input, or None) makes it answer 400 to any request holding an input it matches, 
 APIs do for an input they will not embed; `refuse = lambda _: True` is an API that
 refuses everything. `delay_s` makes it answer each request that long after it arrived,
 as a remote embedding service does; `max_in_flight` is the most requests it held at once.
+`hold(n)` lets n more requests through and holds the ones after them unanswered until
+`release()`, to keep a client at a known point.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ class EmbeddingAPI:
         self.in_flight = 0
         self.max_in_flight = 0
         self._lock = threading.Lock()
+        self._waiting = 0
+        self._passes: int | None = None  # requests let through before holding; None: all
+        self._opened = threading.Condition(self._lock)
         self._embedder = HashingEmbedder(dimensions)
         api = self
 
@@ -67,12 +72,34 @@ class EmbeddingAPI:
         """What this API answers for `text` (without counting it as a request)."""
         return [float(x) for x in self._embedder.embed([text])[0]]
 
+    def hold(self, passes: int = 0) -> None:
+        with self._lock:
+            self._passes = passes
+
+    def release(self) -> None:
+        with self._lock:
+            self._passes = None
+            self._opened.notify_all()
+
+    def held(self) -> int:
+        """How many requests wait for `release()`."""
+        with self._lock:
+            return self._waiting
+
     def close(self) -> None:
+        self.release()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
 
     def _handle(self, handler: BaseHTTPRequestHandler) -> None:
+        with self._lock:
+            self._waiting += 1
+            while self._passes is not None and self._passes <= 0:
+                self._opened.wait()
+            self._waiting -= 1
+            if self._passes is not None:
+                self._passes -= 1
         with self._lock:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)

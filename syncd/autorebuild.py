@@ -1,0 +1,152 @@
+"""A daemon that rebuilds by itself: ``on_mapping_change = "rebuild"``.
+
+When the checkpoint of a pipeline this process is about to stream was written with
+another mapping than the configured one, the worker runs, before streaming, the
+rebuild ``syncd rebuild PIPELINE`` runs (:func:`syncd.rebuild.run_rebuild`): the new
+collection is built beside the live one, catches up, and is switched in; then the
+pipeline streams with the new mapping into it. The process's other pipelines stream
+on meanwhile.
+
+The worker holds the live pipeline while it rebuilds (its lease, with leases), so
+nobody streams the old mapping into the live collection: it answers searches
+unchanged, consistent but stale, until the switch. The build holds a lease of its
+own (``PIPELINE~rebuild``), as ``syncd rebuild`` does: one build at a time; while
+another process's build holds it, this one waits and tries again.
+
+The pipeline reports ``rebuilding`` (ready: the live collection serves). Transient
+errors are retried with backoff until ``retry_deadline_s``, like a pipeline's; a stop
+signal interrupts the build after its current batch, and the next start continues it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from syncd import switching
+from syncd.checkpoint import CheckpointStore, whoami
+from syncd.config import PipelineSettings
+from syncd.errors import ExitCode, SyncdError, TransientError, retries_exhausted
+from syncd.exclusive import Hold, PipelineBusyError
+from syncd.mapping import Mapper
+from syncd.pipeline import backoff_waits
+from syncd.rebuild import run_rebuild
+from syncd.runtime import Runtime
+from syncd.telemetry import PipelineTelemetry
+
+log = logging.getLogger(__name__)
+
+
+def needs_rebuild(store: CheckpointStore, name: str, fingerprint: str) -> bool:
+    """Whether pipeline ``name`` must be rebuilt (or its switch completed) before it
+    streams with the mapping of ``fingerprint``."""
+    cp = store.load(name)
+    if cp is None:
+        return False  # a first run copies with this mapping
+    record = switching.load_record(store, name)
+    if record.get("state") == "switching":
+        return True  # an interrupted switch: complete it
+    if cp.fingerprint == fingerprint:
+        return False
+    previous = record.get("previous") or {}
+    # A rebuild that switched away from this very mapping, and keeps its collection for
+    # a rollback: this process runs the old configuration. Building it again would undo
+    # the rebuild; the pipeline waits instead (see switching.check_start).
+    switched_away = (
+        record.get("state") == "switched"
+        and record.get("fingerprint") == cp.fingerprint
+        and (previous.get("position") or {}).get("fingerprint") == fingerprint
+    )
+    return not switched_away
+
+
+class Rebuilder:
+    """Runs the rebuild a pipeline needs before its worker streams it."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        ps: PipelineSettings,
+        *,
+        stop: threading.Event,
+        telemetry: PipelineTelemetry,
+        heartbeat: Callable[[], None],
+        live: Hold | None,
+    ) -> None:
+        """``live``: this process's hold on the live pipeline's lease (None without
+        leases: the switch then claims a fresh epoch, as ``syncd rebuild`` does)."""
+        self.runtime = runtime
+        self.ps = ps
+        self.stop = stop
+        self.telemetry = telemetry
+        self.heartbeat = heartbeat
+        self.live = live
+        self.fingerprint = Mapper(ps).fingerprint
+
+    def run(self) -> bool:
+        """Rebuild if needed; True once the pipeline may stream, False when stopped first."""
+        waits = backoff_waits(self.ps.retry_max_backoff_s)
+        failing_since: float | None = None
+        attempt = 0
+        while not self.stop.is_set():
+            try:
+                if not needs_rebuild(self.runtime.store, self.ps.name, self.fingerprint):
+                    return True
+                if self._rebuild() != ExitCode.OK:
+                    continue  # stopped (the loop ends), or try again
+                return True
+            except TransientError as exc:
+                attempt += 1
+                failing_since = failing_since or time.monotonic()
+                deadline = self.ps.retry_deadline_s
+                if deadline and time.monotonic() - failing_since > deadline:
+                    raise retries_exhausted(exc, deadline, pipeline=self.ps.name) from exc
+                delay = exc.retry_after or next(waits)
+                self.telemetry.retrying(exc, attempt, delay)
+                self.stop.wait(delay)
+            except PipelineBusyError as exc:
+                # Another process builds this pipeline: one build at a time. Wait for it
+                # (not an outage: the live collection serves meanwhile).
+                log.info("%s; waiting", exc.message, extra={"pipeline": self.ps.name})
+                self.heartbeat()
+                self.stop.wait(self.runtime.settings.lease.renew_every_s)
+        return False
+
+    def _rebuild(self) -> int:
+        name = self.ps.name
+        log.info(
+            'the mapping of %s changed and on_mapping_change = "rebuild": building its '
+            "collection beside the live one, which serves unchanged until the switch",
+            name,
+            extra={"pipeline": name},
+        )
+        self.telemetry.set_state("rebuilding")
+        self._publish("rebuilding")
+        # The build's own loop reports under PIPELINE~rebuild: not this process's
+        # readiness to judge until it runs (and an outage while it runs is not ready).
+        build = self.runtime.telemetry.pipeline(switching.build_name(name))
+        build.set_state("stopped")
+        try:
+            return run_rebuild(
+                self.runtime,
+                self.ps,
+                command="syncd run",
+                who="syncd-run",
+                stop=self.stop,
+                live=self.live,
+                heartbeat=self.heartbeat,
+                say=lambda line: log.info(line, extra={"pipeline": name}),
+            )
+        finally:
+            # The build's own loop is over: its telemetry neither heartbeats nor is ready
+            # any more, and must not hold /healthz or /readyz.
+            build.set_state("stopped")
+
+    def _publish(self, state: str) -> None:
+        """For `syncd status`; best effort, like the pipeline's own."""
+        try:
+            self.runtime.store.set_status(self.ps.name, {"state": state, "by": whoami()})
+        except SyncdError as exc:
+            log.warning("could not record state %r: %s", state, exc)
