@@ -97,6 +97,8 @@ def test_the_dashboard_shows_what_an_operator_watches():
         "Dead letters": "syncd_dead_letters_total",
         "Drift (sampled)": "syncd_drift_records",
         "State": "syncd_pipeline_state",
+        "Rebuild phase": "syncd_rebuild_phase",
+        "Rebuild progress and lag": "syncd_rebuild_lag_seconds",
     }
     for title, metric in wanted.items():
         assert metric in exprs.get(title, ""), title

@@ -465,7 +465,16 @@ def test_no_credential_reaches_logs_spans_or_metrics(
 MONITORING = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
 # Exported as families from the start, with samples only after a retry, or where the
 # oplog is readable (the stand-in has none): declared is what can be checked here.
-DECLARED_ONLY = {"syncd_retries_total", "syncd_oplog_headroom_seconds"}
+# Declared by every daemon, sampled only once something happens: a retry, a readable
+# oplog, a rebuild (tests/e2e/test_rebuild_on_start.py sees the rebuild's samples).
+DECLARED_ONLY = {
+    "syncd_retries_total",
+    "syncd_oplog_headroom_seconds",
+    "syncd_rebuild_phase",
+    "syncd_rebuild_documents_scanned",
+    "syncd_rebuild_documents_estimated",
+    "syncd_rebuild_lag_seconds",
+}
 
 
 def _monitoring_metrics() -> set[str]:

@@ -1,0 +1,196 @@
+"""`on_mapping_change = "rebuild"`: `syncd run` started with a changed mapping builds the
+new collection beside the live one by itself, under a steady write load, while another
+pipeline of the same process streams on; ready throughout; a SIGTERM in the middle is
+continued by the next start; then the switch, and the new mapping streams."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+from syncd.errors import ExitCode
+from tests.harness.daemon import run_syncd
+from tests.harness.embedding_api import embedding_api
+from tests.harness.ports import free_port
+
+from .helpers import (
+    diff,
+    http_get,
+    metric_sample,
+    pipeline_table,
+    settings_of,
+    wait_caught_up,
+    wait_until,
+    write_config,
+)
+from .oracle import EMBEDDER, METADATA, actual, document, embedded_by_the_api, mismatch
+from .test_rebuild import DOCS, NEW_DIMENSIONS, NEW_METADATA, _Queries, _Writes
+
+PHASES = ("snapshot", "catching_up", "switching", "switched", "stopped")
+
+
+class _Probe:
+    """Polls /readyz and /metrics: every answer once ready, and each rebuild phase seen."""
+
+    def __init__(self, listen: str) -> None:
+        self.base = f"http://{listen}"
+        self.stop = threading.Event()
+        self.not_ready: list[str] = []
+        self.phases: list[str] = []
+        self.scanned = 0.0
+        self.estimated = 0.0
+        self.lag_exported = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        ready = False
+        while not self.stop.is_set():
+            status, body = http_get(f"{self.base}/readyz")
+            if status == 200:
+                ready = True
+            elif ready and not self.stop.is_set():
+                self.not_ready.append(f"{status}: {body[:300]}")
+            metrics = http_get(f"{self.base}/metrics")[1]
+            for phase in PHASES:
+                value = metric_sample(metrics, "syncd_rebuild_phase", pipeline="p", phase=phase)
+                if value == 1 and (not self.phases or self.phases[-1] != phase):
+                    self.phases.append(phase)
+            scanned = metric_sample(metrics, "syncd_rebuild_documents_scanned", pipeline="p")
+            estimated = metric_sample(metrics, "syncd_rebuild_documents_estimated", pipeline="p")
+            lag = metric_sample(metrics, "syncd_rebuild_lag_seconds", pipeline="p")
+            self.lag_exported = self.lag_exported or lag is not None
+            self.scanned = max(self.scanned, scanned or 0.0)
+            self.estimated = max(self.estimated, estimated or 0.0)
+            self.stop.wait(0.1)
+
+    def __enter__(self) -> _Probe:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
+def test_run_rebuilds_a_changed_mapping_beside_the_live_collection(
+    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
+):
+    suffix = uuid.uuid4().hex[:8]
+    db, coll, other = f"onchange_{suffix}", f"onchange-{suffix}", f"other-{suffix}"
+    listen = f"127.0.0.1:{free_port()}"
+    docs = mongo_client[db]["docs"]
+    docs.insert_many([document(i) for i in range(DOCS)])
+    mongo_client[db]["others"].insert_many([document(i) for i in range(20)])
+    with embedding_api(dimensions=NEW_DIMENSIONS) as api:
+        env = {"SYNCD_TEST_EMBED_KEY": api.api_key}
+
+        def config(path: str, **p: Any) -> Path:
+            q = pipeline_table(
+                "q", db, collection="others", chroma_collection=other,
+                mapping={"text": "body", "metadata": list(METADATA)}, embedder=EMBEDDER,
+            )  # fmt: skip
+            return write_config(
+                tmp_path / path,
+                mongo_uri=mongo_uri,
+                chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
+                checkpoint_db=f"{db}_syncd",
+                extra={"lease": {"ttl_s": 4, "renew_every_s": 1}, "telemetry": {"listen": listen}},
+                pipelines=[
+                    pipeline_table("p", db, chroma_collection=coll, snapshot_batch_size=50, **p),
+                    q,
+                ],
+            )
+
+        old_cfg = config("old.toml", mapping={"text": "body", "metadata": list(METADATA)},
+                         embedder=EMBEDDER)  # fmt: skip
+        new_cfg = config(
+            "new.toml",
+            on_mapping_change="rebuild",
+            mapping={"text": "body", "metadata": list(NEW_METADATA)},
+            embedder={
+                "kind": "openai",
+                "base_url": api.base_url,
+                "model": "test-embed",
+                "dimensions": NEW_DIMENSIONS,
+                "api_key_env": "SYNCD_TEST_EMBED_KEY",
+                "timeout_s": 300,  # held on purpose below; an answer that late is not an outage
+            },
+        )
+        settings = settings_of(old_cfg)
+        daemon = syncd_factory(["run"], old_cfg, log_path=tmp_path / "old.log")
+        wait_caught_up(mongo_client, db, settings, "p", 90, "the first copy")
+        wait_caught_up(mongo_client, db, settings, "q", 90, "the other pipeline's first copy")
+        daemon.terminate()
+        assert daemon.wait(30) == ExitCode.OK, daemon.output()
+        chroma = chroma_server.client()
+        old_id = str(chroma.get_collection(coll).id)
+
+        with _Queries(chroma, coll) as queries, _Writes(mongo_uri, db) as writes:
+            # First start: the embedding service answers the sample that compares the
+            # embedders and one request of the snapshot, then holds the next one.
+            api.hold(2)
+            with _Probe(listen) as probe:
+                daemon = syncd_factory(["run"], new_cfg, env, log_path=tmp_path / "new1.log")
+                wait_until(lambda: api.held() > 0, 120, "the rebuild's snapshot to embed")
+                wait_until(lambda: "snapshot" in probe.phases or None, 30, "the snapshot phase")
+                # The other pipeline streams on meanwhile.
+                others = mongo_client[db]["others"]
+                others.replace_one({"_id": 3}, document(3, version=2))
+                wait_caught_up(mongo_client, db, settings, "q", 60, "the other pipeline")
+                problem = mismatch(others.find(), chroma.get_collection(other))
+                assert not problem, problem
+                row = _status(new_cfg, env, "p")
+                assert row["state"] == "rebuilding", row
+                assert row["rebuild"]["state"] == "building", row
+                assert row["rebuild"]["collection"] == f"{coll}--v2", row
+                assert str(chroma.get_collection(coll).id) == old_id
+            # SIGTERM while a request of the build is in flight: the daemon drains (and
+            # is not ready from then on).
+            daemon.terminate()
+            api.release()
+            assert daemon.wait(60) == ExitCode.OK, daemon.output()
+            assert not probe.not_ready, probe.not_ready[:3]
+            assert probe.phases[0] == "snapshot", probe.phases
+            assert str(chroma.get_collection(coll).id) == old_id
+
+            # The next start continues the build, and switches.
+            with _Probe(listen) as probe:
+                daemon = syncd_factory(["run"], new_cfg, env, log_path=tmp_path / "new2.log")
+                daemon.wait_for_output(f"continuing the rebuild of p into {coll}--v2", 120)
+                wait_until(lambda: "switched" in probe.phases or None, 240, "the switch")
+                count = writes.count
+                wait_until(lambda: writes.count > count + 20, 60, "writes after the switch")
+                wait_caught_up(mongo_client, db, settings, "p", 90, "the new mapping to stream")
+            assert not probe.not_ready, probe.not_ready[:3]
+            assert probe.phases[0] in ("snapshot", "catching_up"), probe.phases
+            assert probe.phases[-1] == "switched", probe.phases
+            assert probe.scanned > 0 and probe.estimated >= DOCS, (probe.scanned, probe.estimated)
+            assert probe.lag_exported
+        assert not queries.mixed, queries.mixed[:5]
+        assert queries.seen == ["old", "new"], queries.seen
+
+        wait_caught_up(mongo_client, db, settings, "p", 90, "the new mapping to stream")
+        live = chroma.get_collection(coll)
+        assert str(live.id) != old_id
+        want = embedded_by_the_api(
+            docs.find(), dimensions=NEW_DIMENSIONS, metadata_fields=list(NEW_METADATA)
+        )
+        problem = diff(want, actual(live))
+        assert not problem, problem
+        names = {c.name: str(c.id) for c in chroma.list_collections()}
+        assert names.get(f"{coll}--v1") == old_id, names  # kept for a rollback
+        row = _status(new_cfg, env, "p")
+        assert row["state"] == "streaming", row
+        assert row["rebuild"] == {"state": "switched", "previous_collection": f"{coll}--v1"}, row
+        daemon.terminate()
+        assert daemon.wait(30) == ExitCode.OK, daemon.output()
+    mongo_client.drop_database(db)
+    mongo_client.drop_database(f"{db}_syncd")
+
+
+def _status(cfg: Path, env: dict[str, str], name: str) -> dict[str, Any]:
+    done = run_syncd(["status", "--json"], cfg, env)
+    return next(dict(row) for row in json.loads(done.stdout) if row["pipeline"] == name)
