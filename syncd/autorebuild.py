@@ -14,8 +14,10 @@ own (``PIPELINE~rebuild``), as ``syncd rebuild`` does: one build at a time; whil
 another process's build holds it, this one waits and tries again.
 
 The pipeline reports ``rebuilding`` (ready: the live collection serves). Transient
-errors are retried with backoff until ``retry_deadline_s``, like a pipeline's; a stop
-signal interrupts the build after its current batch, and the next start continues it.
+errors are retried with backoff until ``retry_deadline_s``, like a pipeline's; a halt of
+the build (a document the new mapping cannot apply) holds this pipeline alone and is
+tried again every ``halt_recheck_s``; a stop signal interrupts the build after its
+current batch, and the next start continues it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,14 @@ from collections.abc import Callable
 from syncd import switching
 from syncd.checkpoint import CheckpointStore, whoami
 from syncd.config import PipelineSettings
-from syncd.errors import ExitCode, SyncdError, TransientError, retries_exhausted
+from syncd.errors import (
+    ExitCode,
+    HaltedError,
+    PoisonError,
+    SyncdError,
+    TransientError,
+    retries_exhausted,
+)
 from syncd.exclusive import Hold, PipelineBusyError
 from syncd.mapping import Mapper
 from syncd.pipeline import backoff_waits
@@ -37,6 +46,8 @@ from syncd.runtime import Runtime
 from syncd.telemetry import PipelineTelemetry
 
 log = logging.getLogger(__name__)
+
+HALT_RETRY_S = 60.0  # a halted build tries again this often under halt_recheck_s = 0
 
 
 def needs_rebuild(store: CheckpointStore, name: str, fingerprint: str) -> bool:
@@ -73,10 +84,11 @@ class Rebuilder:
         stop: threading.Event,
         telemetry: PipelineTelemetry,
         heartbeat: Callable[[], None],
-        live: Hold | None,
+        live: Callable[[], Hold] | None,
     ) -> None:
-        """``live``: this process's hold on the live pipeline's lease (None without
-        leases: the switch then claims a fresh epoch, as ``syncd rebuild`` does)."""
+        """``live()``: this process's hold on the live pipeline's lease, for the switch
+        (None without leases: the switch then claims a fresh epoch, as ``syncd rebuild``
+        does)."""
         self.runtime = runtime
         self.ps = ps
         self.stop = stop
@@ -106,6 +118,16 @@ class Rebuilder:
                 delay = exc.retry_after or next(waits)
                 self.telemetry.retrying(exc, attempt, delay)
                 self.stop.wait(delay)
+            except (HaltedError, PoisonError) as exc:
+                # A document the new mapping cannot apply (on_error = "halt"): this
+                # pipeline alone waits, and tries again (the build continues from there).
+                self.telemetry.set_state("halted", exc)
+                self._publish("halted")
+                log.error(
+                    "the rebuild halted: %s; trying again in %.0f s", exc,
+                    self.ps.halt_recheck_s or HALT_RETRY_S, extra={"pipeline": self.ps.name},
+                )  # fmt: skip
+                self.stop.wait(self.ps.halt_recheck_s or HALT_RETRY_S)
             except PipelineBusyError as exc:
                 # Another process builds this pipeline: one build at a time. Wait for it
                 # (not an outage: the live collection serves meanwhile).

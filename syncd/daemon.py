@@ -29,12 +29,13 @@ import time
 from collections.abc import Callable, Sequence
 from types import FrameType
 
-from syncd.autorebuild import Rebuilder
+from syncd.autorebuild import Rebuilder, needs_rebuild
 from syncd.config import PipelineSettings, Settings
 from syncd.errors import ExitCode, HaltedError, LeaseLostError, PoisonError, SyncdError
 from syncd.exclusive import Hold
 from syncd.halts import HeldPipeline, stopped_state
 from syncd.lease import LeaseManager, uses_leases
+from syncd.mapping import Mapper
 from syncd.notify import SystemdNotifier
 from syncd.pipeline import Pipeline
 from syncd.runtime import Runtime
@@ -197,15 +198,36 @@ class Daemon:
         return self._exit_code(everyone())
 
     def _worker(
-        self, runtime: Runtime, ps: PipelineSettings, *, epoch: int | None = None
+        self,
+        runtime: Runtime,
+        ps: PipelineSettings,
+        *,
+        epoch: int | None = None,
+        beside: bool = False,
     ) -> Worker:
-        leases = self._leases if epoch is not None else None
+        """``epoch``: of the lease this process took for the pipeline. ``beside``: the
+        pipeline's lease is another process's; the worker rebuilds it beside that
+        process and takes the lease when it switches (see :mod:`syncd.autorebuild`)."""
+        leases = self._leases if epoch is not None or beside else None
+        held: dict[str, int] = {} if epoch is None else {"epoch": epoch}
+
+        def live() -> Hold:
+            if "epoch" not in held:  # beside: fence out the process streaming the old mapping
+                assert leases is not None
+                taken = leases.acquire(ps.name, force=True)
+                if taken is None:
+                    raise LeaseLostError(
+                        "could not take the pipeline's lease to switch", pipeline=ps.name
+                    )
+                held["epoch"] = taken
+            assert leases is not None
+            return Hold(ps.name, held["epoch"], lambda: leases.check(ps.name))
 
         def build(worker: Worker) -> Pipeline:
             pipeline = runtime.pipeline(
                 ps,
                 stop=worker.stop,
-                epoch=epoch,
+                epoch=held["epoch"] if leases is not None else None,
                 resync=self.resync,
                 heartbeat=worker.beat,
                 fence=(lambda: leases.check(ps.name)) if leases is not None else None,
@@ -217,9 +239,6 @@ class Daemon:
         telemetry = self.telemetry.pipeline(ps.name)
         prepare = None
         if ps.on_mapping_change == "rebuild" and not self.resync:  # --resync: in place
-            live = None
-            if leases is not None and epoch is not None:
-                live = Hold(ps.name, epoch, lambda: leases.check(ps.name))
 
             def prepare(worker: Worker) -> bool:
                 def beat() -> None:
@@ -227,11 +246,38 @@ class Daemon:
                     telemetry.heartbeat()
 
                 rebuilder = Rebuilder(
-                    runtime, ps, stop=worker.stop, telemetry=telemetry, heartbeat=beat, live=live
+                    runtime,
+                    ps,
+                    stop=worker.stop,
+                    telemetry=telemetry,
+                    heartbeat=beat,
+                    live=live if leases is not None else None,
                 )
-                return rebuilder.run()
+                # Beside another process, stream only once the switch took its lease.
+                return rebuilder.run() and "epoch" in held if beside else rebuilder.run()
 
         return Worker(ps, build, telemetry, self.failed, leased=leases is not None, prepare=prepare)
+
+    def _beside(self, runtime: Runtime, ps: PipelineSettings) -> Worker | None:
+        """For a pipeline another process streams: a worker that rebuilds it beside that
+        process, if its mapping changed and ``on_mapping_change = "rebuild"``."""
+        if self.stop.is_set() or ps.on_mapping_change != "rebuild" or self.resync:
+            return None
+        try:
+            if not needs_rebuild(runtime.store, ps.name, Mapper(ps).fingerprint):
+                return None
+        except SyncdError as exc:
+            log.warning("cannot tell whether %s needs a rebuild: %s", ps.name, exc)
+            return None
+        log.info(
+            "pipeline %s is streamed by another process with another mapping: rebuilding "
+            "it beside that process",
+            ps.name,
+            extra={"pipeline": ps.name},
+        )
+        worker = self._worker(runtime, ps, beside=True)
+        worker.start()
+        return worker
 
     def _leased_pipelines(self, runtime: Runtime) -> LeasedPipelines[Worker]:
         self._leases = LeaseManager(
@@ -245,7 +291,13 @@ class Daemon:
             worker.start()
             return worker
 
-        return LeasedPipelines(self._leases, self.pipelines, start, stopping=self.stop.is_set)
+        return LeasedPipelines(
+            self._leases,
+            self.pipelines,
+            start,
+            stopping=self.stop.is_set,
+            beside=lambda ps: self._beside(runtime, ps),
+        )
 
     def _watch_oplog_window(self, runtime: Runtime, every_s: float = 60.0) -> None:
         """Read where the oplog starts now and then, for the headroom metric."""

@@ -73,13 +73,14 @@ def run_rebuild(
     command: str,
     stop: threading.Event,
     who: str = "syncd-rebuild",
-    live: Hold | None = None,
+    live: Callable[[], Hold] | None = None,
     heartbeat: Callable[[], None] | None = None,
     say: Callable[[str], None] = print,
 ) -> int:
     """:func:`rebuild` with the parts of a running process: a daemon rebuilding by itself
-    (see :mod:`syncd.autorebuild`) passes ``live``, its hold on the live pipeline (then
-    the switch takes nothing more), a ``heartbeat`` and ``say`` (its log)."""
+    (see :mod:`syncd.autorebuild`) passes ``live``, which gives its hold on the live
+    pipeline when the switch needs it (the lease it holds, or takes then), a
+    ``heartbeat`` and ``say`` (its log)."""
     name = ps.name
     with exclusive(
         runtime, build_name(name), force=force, command=command, who=who, configured=False
@@ -106,7 +107,7 @@ class _Rebuild:
         command: str,
         stop: threading.Event,
         *,
-        live: Hold | None = None,
+        live: Callable[[], Hold] | None = None,
         heartbeat: Callable[[], None] | None = None,
         say: Callable[[str], None] = print,
     ) -> None:
@@ -220,8 +221,9 @@ class _Rebuild:
         """The live pipeline, held for the switch: taken from (fencing out) whoever
         streams it, or, in a daemon that rebuilds by itself, the hold it has already."""
         if self.live is not None:
-            self.live.check()
-            yield self.live
+            hold = self.live()
+            hold.check()
+            yield hold
             return
         with exclusive(
             self.runtime, self.name, force=True, command=self.command, who="syncd-rebuild"

@@ -55,12 +55,14 @@ class LeasedPipelines(Generic[W]):
     """Starts a pipeline's worker when its lease is ours, stops it when it is not.
 
     ``start(settings, epoch)`` builds and starts a worker, or returns None to decline
-    (the lease is then given back). Call :meth:`tick` often; it takes and hands over
-    leases once per ``renew_every_s`` and stops a pipeline as soon as its lease is
-    found lost (renewal runs on a thread of its own). Once ``stopping()`` is true it
-    takes no lease, even in the middle of a round. When the leases cannot be read for
-    longer than every pipeline's ``retry_deadline_s`` (none of them 0), :meth:`tick`
-    raises the fatal error a pipeline would have raised after that long.
+    (the lease is then given back). ``beside(settings)``, for a pipeline another process
+    holds, may start a worker that runs without its lease (None: nothing to do). Call
+    :meth:`tick` often; it takes and hands over leases once per ``renew_every_s`` and
+    stops a pipeline as soon as its lease is found lost (renewal runs on a thread of its
+    own). Once ``stopping()`` is true it takes no lease, even in the middle of a round.
+    When the leases cannot be read for longer than every pipeline's ``retry_deadline_s``
+    (none of them 0), :meth:`tick` raises the fatal error a pipeline would have raised
+    after that long.
     """
 
     def __init__(
@@ -70,8 +72,10 @@ class LeasedPipelines(Generic[W]):
         start: Callable[[PipelineSettings, int], W | None],
         *,
         stopping: Callable[[], bool] = lambda: False,
+        beside: Callable[[PipelineSettings], W | None] | None = None,
     ) -> None:
         self.leases = leases
+        self._beside = beside
         self.pipelines = {p.name: p for p in pipelines}
         self._start = start
         self._stopping = stopping
@@ -155,6 +159,8 @@ class LeasedPipelines(Generic[W]):
         for name in sorted(self.pipelines):
             if name in view.holders or name in self.running:
                 self._free_since.pop(name, None)
+                if name not in self.running and view.holders[name] != self.leases.owner:
+                    self._start_beside(name)
                 continue
             free_since = self._free_since.setdefault(name, now)
             mine = len(self.running) - len(self._handing_over)
@@ -176,6 +182,16 @@ class LeasedPipelines(Generic[W]):
                 log.info("draining: giving back the lease of pipeline %s", name)
                 self._release(name)
                 return
+            self.running[name] = worker
+
+    def _start_beside(self, name: str) -> None:
+        """Another process streams pipeline ``name``: ``beside(settings)`` may start a
+        worker that works beside it without its lease (a rebuild, which takes the lease
+        when it switches, see :mod:`syncd.autorebuild`)."""
+        if self._beside is None or self._stopping():
+            return
+        worker = self._beside(self.pipelines[name])
+        if worker is not None:
             self.running[name] = worker
 
     def _hand_over(self, view: View) -> None:

@@ -194,3 +194,68 @@ def test_run_rebuilds_a_changed_mapping_beside_the_live_collection(
 def _status(cfg: Path, env: dict[str, str], name: str) -> dict[str, Any]:
     done = run_syncd(["status", "--json"], cfg, env)
     return next(dict(row) for row in json.loads(done.stdout) if row["pipeline"] == name)
+
+
+def test_run_rebuilds_beside_a_process_that_streams_the_old_mapping(
+    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
+):
+    """A process with the old configuration holds the pipeline and streams it on; one
+    started with the new mapping and on_mapping_change = "rebuild" builds beside it, as
+    `syncd rebuild` does, fences it out at the switch, and streams the new mapping."""
+    suffix = uuid.uuid4().hex[:8]
+    db, coll = f"beside_{suffix}", f"beside-{suffix}"
+    docs = mongo_client[db]["docs"]
+    docs.insert_many([document(i) for i in range(DOCS)])
+
+    def config(path: str, **p: Any) -> Path:
+        return write_config(
+            tmp_path / path,
+            mongo_uri=mongo_uri,
+            chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
+            checkpoint_db=f"{db}_syncd",
+            extra={"lease": {"ttl_s": 4, "renew_every_s": 1}},
+            pipelines=[
+                pipeline_table("p", db, chroma_collection=coll, snapshot_batch_size=50, **p)
+            ],
+        )
+
+    old_cfg = config("old.toml", mapping={"text": "body", "metadata": list(METADATA)},
+                     embedder=EMBEDDER, on_mapping_change="rebuild")  # fmt: skip
+    new_cfg = config(
+        "new.toml",
+        on_mapping_change="rebuild",
+        mapping={"text": "body", "metadata": list(NEW_METADATA)},
+        embedder={"kind": "hashing", "dimensions": NEW_DIMENSIONS},
+    )
+    settings = settings_of(old_cfg)
+    old = syncd_factory(["run"], old_cfg, log_path=tmp_path / "old.log")
+    wait_caught_up(mongo_client, db, settings, "p", 90, "the first copy")
+    chroma = chroma_server.client()
+    old_id = str(chroma.get_collection(coll).id)
+    with _Queries(chroma, coll) as queries, _Writes(mongo_uri, db) as writes:
+        new = syncd_factory(["run"], new_cfg, log_path=tmp_path / "new.log")
+        new.wait_for_output("rebuilding it beside that process", 60)
+        new.wait_for_output("rebuild of p switched", 240)
+        count = writes.count
+        wait_until(lambda: writes.count > count + 20, 60, "writes after the switch")
+        wait_caught_up(mongo_client, db, settings, "p", 90, "the new mapping to stream")
+    assert not queries.mixed, queries.mixed[:5]
+    assert queries.seen == ["old", "new"], queries.seen
+    wait_caught_up(mongo_client, db, settings, "p", 90, "the last writes")
+    live = chroma.get_collection(coll)
+    assert str(live.id) != old_id
+    want = embedded_by_the_api(
+        docs.find(), dimensions=NEW_DIMENSIONS, metadata_fields=list(NEW_METADATA)
+    )
+    problem = diff(want, actual(live))
+    assert not problem, problem
+    # The old process was fenced out, lives on, and neither takes the pipeline back nor
+    # rebuilds it back to its own mapping.
+    assert old.is_running(), old.output()
+    assert "rebuilding it beside" not in old.output()
+    old.terminate()
+    assert old.wait(30) == ExitCode.OK, old.output()
+    new.terminate()
+    assert new.wait(30) == ExitCode.OK, new.output()
+    mongo_client.drop_database(db)
+    mongo_client.drop_database(f"{db}_syncd")
