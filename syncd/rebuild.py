@@ -40,6 +40,11 @@ from syncd.telemetry import PipelineTelemetry
 log = logging.getLogger(__name__)
 
 
+def _say(line: str) -> None:
+    """What ``syncd rebuild`` tells its operator, on stdout, at once."""
+    print(line, flush=True)
+
+
 def rebuild(
     settings: Settings,
     ps: PipelineSettings,
@@ -75,7 +80,7 @@ def run_rebuild(
     who: str = "syncd-rebuild",
     live: Callable[[], Hold] | None = None,
     heartbeat: Callable[[], None] | None = None,
-    say: Callable[[str], None] = print,
+    say: Callable[[str], None] = _say,
 ) -> int:
     """:func:`rebuild` with the parts of a running process: a daemon rebuilding by itself
     (see :mod:`syncd.autorebuild`) passes ``live``, which gives its hold on the live
@@ -109,7 +114,7 @@ class _Rebuild:
         *,
         live: Callable[[], Hold] | None = None,
         heartbeat: Callable[[], None] | None = None,
-        say: Callable[[str], None] = print,
+        say: Callable[[str], None] = _say,
     ) -> None:
         self.runtime = runtime
         self.store = runtime.store
@@ -277,7 +282,7 @@ class _Rebuild:
             return
         guess = estimate(self.runtime.source(settings), settings)
         self._note_to_embed(guess.to_json())
-        print(f"the embedder differs from the live collection's: {guess.describe()}", flush=True)
+        self.say(f"the embedder differs from the live collection's: {guess.describe()}")
         log.info(
             "the embedder differs from the live collection's: every text is embedded again, %s",
             guess.describe(),
