@@ -35,14 +35,16 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         + (f", sentence-transformers {m['sentence_transformers']}, torch {m['torch']}"
            if "torch" in m else "") + ".")
     add("")
+    fresh = [name for name, x in s.items() if isinstance(x, dict) and "order" in x]
     add(f"Servers: MongoDB = {results['mongo_kind']} (the wire-protocol stand-in when no "
-        "`mongod` exists); Chroma HTTP servers (`chroma run`): every run of a ratio's "
-        "contenders (sink limit, alternatives, snapshot, remote embedder, tracing) gets a "
-        "fresh, empty server, since Chroma's cost per record grows with everything the "
-        "server has held; lag, memory, embedding savings and the real model share one. "
-        "Contenders alternate (A/B, then B/A), and the 1-minute load average taken before "
-        "each run is listed with it. "
-        "syncd drains run `bench/drain.py`: a fresh process that builds the pipeline as "
+        "`mongod` exists); Chroma HTTP servers (`chroma run`): "
+        + ("every run of a ratio's contenders gets a fresh, empty server, since Chroma's "
+           "cost per record grows with everything the server has held (sections measured "
+           f"so: {', '.join(fresh)}; the others ran on one shared server, contenders one "
+           "after the other). Contenders alternate (A/B, then B/A), and the 1-minute load "
+           "average taken before each run is listed with it. " if fresh else
+           "one server for every contender (these results predate a fresh server per run). ")
+        + "syncd drains run `bench/drain.py`: a fresh process that builds the pipeline as "
         "`syncd run` does (Telemetry, Runtime.pipeline; no lease thread, no HTTP listener) "
         "and is timed from its first read to the checkpoint covering the last event, so "
         "interpreter start-up is outside the window. CPU time is that process's own "
