@@ -12,37 +12,22 @@ Telemetry is off everywhere: these machines have no internet.
 
 from __future__ import annotations
 
-import atexit
 import os
 import re
-import signal
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
-import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from tests.harness.ports import free_port
+from tests.harness.process import ServerProcess
 
 _ENV = {"ANONYMIZED_TELEMETRY": "False", "CHROMA_TELEMETRY": "False", "NO_COLOR": "1"}
 os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")  # for clients made in this process
-
-
-# Servers run in their own session, so a Ctrl-C does not reach them; kill any left running
-# when the interpreter exits, lest they hold ports and CPU after a test run ends badly.
-_live_servers: weakref.WeakSet[ChromaServer] = weakref.WeakSet()
-
-
-@atexit.register
-def _kill_leftovers() -> None:
-    for server in list(_live_servers):
-        server.kill()
 
 
 def chroma_settings() -> Any:
@@ -64,7 +49,7 @@ class ChromaServerError(RuntimeError):
     """The Chroma server did not start or stop as expected; the message has its log tail."""
 
 
-class ChromaServer:
+class ChromaServer(ServerProcess):
     """A `chroma run --path PATH --port PORT --host 127.0.0.1` process.
 
     The constructor starts the server and waits for its heartbeat unless `start=False`;
@@ -72,7 +57,12 @@ class ChromaServer:
     directory, so clients configured with `url` reconnect to the same data.
     """
 
-    host = "127.0.0.1"
+    name = "chroma server"
+    error = ChromaServerError
+    ready_what = "its heartbeat"
+    stop_timeout = 10.0
+    log_header = True
+    port: int
 
     def __init__(
         self,
@@ -84,12 +74,12 @@ class ChromaServer:
         startup_timeout: float = 60.0,
     ) -> None:
         self.path = Path(path)
-        self.port = port or free_port()
-        self.log_path = log_path or self.path.with_name(f"{self.path.name}.chroma-{self.port}.log")
-        self.startup_timeout = startup_timeout
-        self.last_start_seconds: float | None = None
-        """How long the most recent `start()` took until the heartbeat answered."""
-        self._process: subprocess.Popen[bytes] | None = None
+        port = port or free_port()
+        super().__init__(
+            log_path or self.path.with_name(f"{self.path.name}.chroma-{port}.log"),
+            port=port,
+            startup_timeout=startup_timeout,
+        )
         self._clients: list[Any] = []
         if start:
             self.start()
@@ -98,12 +88,29 @@ class ChromaServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
+    def command(self) -> list[str]:
+        return [
+            str(chroma_executable()),
+            "run",
+            "--path",
+            str(self.path),
+            "--port",
+            str(self.port),
+            "--host",
+            self.host,
+        ]
 
-    def is_running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+    def environment(self) -> dict[str, str]:
+        return {**os.environ, **_ENV}
+
+    def prepare(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def describe(self) -> str:
+        return f"chroma server on port {self.port} (data {self.path})"
+
+    def ready(self) -> bool:
+        return self.heartbeat_ok()
 
     def client(self) -> Any:
         """A `chromadb.HttpClient` for this server (typed `Any`: chromadb is untyped).
@@ -121,83 +128,6 @@ class ChromaServer:
         while self._clients:
             close_client(self._clients.pop())
 
-    def start(self) -> ChromaServer:
-        # Imported here: importing a sibling pytest plugin at module level would stop
-        # pytest from rewriting its asserts, and it warns about that (an error here).
-        from tests.harness.daemon import die_with_parent
-
-        if self.is_running():
-            return self
-        self.path.mkdir(parents=True, exist_ok=True)
-        command = [
-            str(chroma_executable()),
-            "run",
-            "--path",
-            str(self.path),
-            "--port",
-            str(self.port),
-            "--host",
-            self.host,
-        ]
-        started = time.monotonic()
-        with self.log_path.open("ab") as log:
-            log.write(f"\n--- {' '.join(command)}\n".encode())
-            log.flush()
-            self._process = subprocess.Popen(
-                die_with_parent(command),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **_ENV},
-                start_new_session=True,  # a Ctrl-C on the test run does not reach it first
-            )
-        _live_servers.add(self)
-        self._wait_for_heartbeat()
-        self.last_start_seconds = time.monotonic() - started
-        return self
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM, then SIGKILL if still running after `timeout`; return the exit code."""
-        process = self._process
-        if process is None:
-            return None
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        return process.returncode
-
-    def kill(self) -> int | None:
-        """SIGKILL the server, as a crash would, and reap it; return the exit code."""
-        process = self._process
-        if process is None:
-            return None
-        if process.poll() is None:
-            process.kill()
-        return process.wait()
-
-    def restart(self, *, kill: bool = False) -> ChromaServer:
-        """Stop (or SIGKILL with `kill=True`) and start again on the same port and path."""
-        if kill:
-            self.kill()
-        else:
-            self.stop()
-        self._process = None
-        return self.start()
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        text = re.sub(r"\x1b\[[0-9;]*m", "", self.log())  # the server colours its output
-        return "\n".join(text.splitlines()[-lines:])
-
     def heartbeat_ok(self) -> bool:
         """True when the server answers `GET /api/v2/heartbeat` within a second."""
         try:
@@ -205,29 +135,6 @@ class ChromaServer:
                 return bool(response.status == 200)
         except (urllib.error.URLError, OSError):
             return False
-
-    def _wait_for_heartbeat(self) -> None:
-        assert self._process is not None
-        deadline = time.monotonic() + self.startup_timeout
-        while not self.heartbeat_ok():
-            code = self._process.poll()
-            if code is not None:
-                raise ChromaServerError(
-                    f"chroma server on port {self.port} (data {self.path}) exited with code "
-                    f"{code} before answering its heartbeat; log {self.log_path}:\n"
-                    f"{self.log_tail()}"
-                )
-            if time.monotonic() > deadline:
-                self.kill()
-                raise ChromaServerError(
-                    f"chroma server on port {self.port} (data {self.path}) did not answer "
-                    f"{self.url}/api/v2/heartbeat within {self.startup_timeout}s; killed it. "
-                    f"Log {self.log_path}:\n{self.log_tail()}"
-                )
-            time.sleep(0.05)
-
-    def __enter__(self) -> ChromaServer:
-        return self.start()
 
     def __exit__(
         self,

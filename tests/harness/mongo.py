@@ -18,16 +18,16 @@ import argparse
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urlsplit
 
 from .ports import free_port
+from .process import ServerProcess
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STANDIN_PYTHON = REPO_ROOT / ".venv-standin" / "bin" / "python"
@@ -40,8 +40,13 @@ class MongoServerError(RuntimeError):
     pass
 
 
-class MongoServer:
+class MongoServer(ServerProcess):
     """One MongoDB server process (or an external deployment) owned by a test."""
+
+    error = MongoServerError
+    ready_what = "hello as a writable primary"
+    poll_interval = 0.1
+    port: int
 
     def __init__(
         self,
@@ -55,12 +60,13 @@ class MongoServer:
     ) -> None:
         self.kind = kind
         self.data_dir = data_dir
-        self.port = port
+        log_path = data_dir.with_name(data_dir.name + ".log") if data_dir else Path(os.devnull)
+        super().__init__(log_path, port=port, startup_timeout=READY_TIMEOUT)
+        self.name = kind
         self.host = host
         self.history_size = history_size
         self._external_uri = external_uri
-        self._proc: subprocess.Popen[bytes] | None = None
-        self.log_path = data_dir.with_name(data_dir.name + ".log") if data_dir else None
+        self._initiated = False
 
     @property
     def uri(self) -> str:
@@ -80,11 +86,7 @@ class MongoServer:
     def supports_kill(self) -> bool:
         return self.kind != "external"
 
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def _command(self) -> list[str]:
+    def command(self) -> list[str]:
         assert self.data_dir is not None
         if self.kind == "mongod":
             # The oplog is sized in megabytes, not events: a small history means the
@@ -122,94 +124,44 @@ class MongoServer:
             cmd += ["--history-size", str(self.history_size)]
         return cmd
 
-    def start(self) -> None:
-        if self.kind == "external" or self.running:
-            return
-        assert self.data_dir is not None and self.log_path is not None
+    def prepare(self) -> None:
+        assert self.data_dir is not None
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("ab")
-        try:
-            self._proc = subprocess.Popen(
-                self._command(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        finally:
-            log.close()
-        self._wait_ready()
+        self._initiated = False
 
-    def _log_tail(self, lines: int = 30) -> str:
-        if self.log_path is None or not self.log_path.exists():
-            return "(no output)"
-        text = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
+    def start(self) -> Self:
+        if self.kind == "external":
+            return self
+        return super().start()
 
-    def _fail(self, what: str) -> MongoServerError:
-        self.kill()
-        return MongoServerError(
-            f"{self.kind} on port {self.port} {what}; its output ends:\n{self._log_tail()}"
-        )
-
-    def _wait_ready(self) -> None:
+    def ready(self) -> bool:
         import pymongo
         from pymongo.errors import OperationFailure, PyMongoError
 
-        deadline = time.monotonic() + READY_TIMEOUT
-        initiated = False
-        while time.monotonic() < deadline:
-            assert self._proc is not None
-            if self._proc.poll() is not None:
-                raise self._fail(f"exited with status {self._proc.returncode} before it was ready")
-            try:
-                with pymongo.MongoClient(
-                    self.uri, serverSelectionTimeoutMS=500, connectTimeoutMS=500
-                ) as client:
-                    hello = client.admin.command("hello")
-                    if hello.get("isWritablePrimary"):
-                        return
-                    if self.kind == "mongod" and not initiated and not hello.get("setName"):
-                        member = {"_id": 0, "host": f"{self.host}:{self.port}"}
-                        try:
-                            client.admin.command(
-                                "replSetInitiate", {"_id": "rs0", "members": [member]}
-                            )
-                        except OperationFailure as exc:
-                            if exc.code != 23:  # AlreadyInitialized: a restart
-                                raise
-                        initiated = True
-            except PyMongoError:
-                pass
-            time.sleep(0.1)
-        raise self._fail(f"was not a writable primary within {READY_TIMEOUT:.0f}s")
+        try:
+            with pymongo.MongoClient(
+                self.uri, serverSelectionTimeoutMS=500, connectTimeoutMS=500
+            ) as client:
+                hello = client.admin.command("hello")
+                if hello.get("isWritablePrimary"):
+                    return True
+                if self.kind == "mongod" and not self._initiated and not hello.get("setName"):
+                    member = {"_id": 0, "host": f"{self.host}:{self.port}"}
+                    try:
+                        client.admin.command("replSetInitiate", {"_id": "rs0", "members": [member]})
+                    except OperationFailure as exc:
+                        if exc.code != 23:  # AlreadyInitialized: a restart
+                            raise
+                    self._initiated = True
+        except PyMongoError:
+            pass
+        return False
 
-    def kill(self) -> None:
+    def kill(self) -> int | None:
         """SIGKILL the server and wait for it to be gone."""
         if self.kind == "external":
             raise MongoServerError("an external MongoDB deployment cannot be killed by tests")
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGKILL)
-            self._proc.wait(timeout=30)
-        self._proc = None
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Shut down gracefully (SIGTERM), killing the server if it does not exit in time."""
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
-            try:
-                self._proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=30)
-        self._proc = None
-
-    def restart(self) -> None:
-        """Stop (gracefully) if running, then start again on the same port and data."""
-        self.stop()
-        self.start()
+        return super().kill()
 
 
 def _external(uri: str) -> MongoServer:
@@ -253,7 +205,7 @@ if pytest is not None:
 
     @pytest.fixture
     def mongo_uri(mongo_server: MongoServer) -> str:
-        if not mongo_server.running and mongo_server.kind != "external":
+        if not mongo_server.is_running() and mongo_server.kind != "external":
             mongo_server.start()  # a test may have killed the shared server
         return mongo_server.uri
 
@@ -288,7 +240,7 @@ if pytest is not None:
 
         yield make
         for server in servers:
-            if server.running:
+            if server.is_running():
                 server.kill()
 
 
@@ -307,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: stopping.append(signum))
     try:
-        while not stopping and (server.kind == "external" or server.running):
+        while not stopping and (server.kind == "external" or server.is_running()):
             time.sleep(0.2)
     finally:
         if server.kind != "external":

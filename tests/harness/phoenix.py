@@ -26,10 +26,10 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from tests.harness.ports import free_port
+from tests.harness.process import ServerProcess
 
 REPO = Path(__file__).resolve().parents[2]
 VENV = REPO / ".venv-phoenix"
@@ -79,10 +79,14 @@ def install(python: str | None = None, *, quiet: bool = True) -> float:
     return time.monotonic() - started
 
 
-class PhoenixServer:
+class PhoenixServer(ServerProcess):
     """A ``phoenix serve`` process on 127.0.0.1 with its data in ``working_dir``."""
 
-    host = "127.0.0.1"
+    name = "phoenix serve"
+    error = PhoenixError
+    poll_interval = 0.25
+    stop_timeout = 15.0
+    port: int
 
     def __init__(
         self,
@@ -94,12 +98,13 @@ class PhoenixServer:
         startup_timeout: float = 180.0,
     ) -> None:
         self.working_dir = Path(working_dir)
-        self.port = port or free_port()
+        super().__init__(
+            self.working_dir.with_name(f"{self.working_dir.name}.phoenix.log"),
+            port=port or free_port(),
+            startup_timeout=startup_timeout,
+        )
         self.grpc_port = grpc_port or free_port()
-        self.log_path = self.working_dir.with_name(f"{self.working_dir.name}.phoenix.log")
-        self.startup_timeout = startup_timeout
-        self.last_start_seconds: float | None = None
-        self._process: subprocess.Popen[bytes] | None = None
+        self.ready_what = f"{self.url}/healthz"
         if start:
             self.start()
 
@@ -116,15 +121,15 @@ class PhoenixServer:
     def otlp_grpc_endpoint(self) -> str:
         return f"http://{self.host}:{self.grpc_port}"
 
-    def is_running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    def start(self) -> PhoenixServer:
-        if self.is_running():
-            return self
+    def command(self) -> list[str]:
         if not phoenix_executable().exists():
             raise PhoenixError(f"{phoenix_executable()} is missing: run `make {VENV.name}`")
+        return [str(phoenix_executable()), "serve"]
+
+    def prepare(self) -> None:
         self.working_dir.mkdir(parents=True, exist_ok=True)
+
+    def environment(self) -> dict[str, str]:
         env = {
             **os.environ,
             **_ENV,
@@ -134,39 +139,14 @@ class PhoenixServer:
         }
         for name in ("PHOENIX_SQL_DATABASE_URL", "PHOENIX_COLLECTOR_ENDPOINT"):
             env.pop(name, None)  # a developer's own settings must not redirect the tests
-        started = time.monotonic()
-        with self.log_path.open("ab") as log:
-            self._process = subprocess.Popen(
-                [str(phoenix_executable()), "serve"],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
-        self._wait_until_up()
-        self.last_start_seconds = time.monotonic() - started
-        return self
+        return env
 
-    def stop(self, timeout: float = 15.0) -> int | None:
-        process = self._process
-        if process is None:
-            return None
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        return process.returncode
-
-    def log_tail(self, lines: int = 40) -> str:
+    def ready(self) -> bool:
         try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+            with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as response:
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
 
     def get_json(self, path: str, **params: Any) -> Any:
         query = urllib.parse.urlencode(params, doseq=True)
@@ -208,42 +188,6 @@ class PhoenixServer:
             time.sleep(0.25)
         names = sorted({span["name"] for span in spans})
         raise AssertionError(f"Phoenix had {len(spans)} matching spans after {timeout}s: {names}")
-
-    def _healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as response:
-                return bool(response.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
-
-    def _wait_until_up(self) -> None:
-        assert self._process is not None
-        deadline = time.monotonic() + self.startup_timeout
-        while not self._healthy():
-            code = self._process.poll()
-            if code is not None:
-                raise PhoenixError(
-                    f"phoenix serve exited with code {code} before answering {self.url}/healthz; "
-                    f"log {self.log_path}:\n{self.log_tail()}"
-                )
-            if time.monotonic() > deadline:
-                self.stop(timeout=5)
-                raise PhoenixError(
-                    f"phoenix serve did not answer {self.url}/healthz within "
-                    f"{self.startup_timeout}s; stopped it. Log {self.log_path}:\n{self.log_tail()}"
-                )
-            time.sleep(0.25)
-
-    def __enter__(self) -> PhoenixServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"PhoenixServer({self.url}, grpc={self.grpc_port}, dir={self.working_dir})"
