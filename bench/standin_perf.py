@@ -1,15 +1,17 @@
 """Throughput of the MongoDB stand-in with a large collection.
 
-Starts a stand-in, loads 100,000 documents into one collection, then measures
+Starts a stand-in, loads 200,000 documents into one collection, then measures
 single-document insert_one, update_one and delete_one (by _id), how fast one
 watch() cursor drains a backlog of change events, and the reads MongoDB answers
 from the ``_id`` index: ``$in`` of 1,000 ids, a full ``_id``-ordered scan in pages
 of 1,000 (bare, behind a user filter, and with the snapshot's ``$type`` condition on
-``_id``, whose last pages must cost what its first did), counts, a lookup by ``_id``
-and ``$sample``. Prints each figure next to the floor or ceiling it must
-meet and exits non-zero if one is missed.
+``_id``, whose last pages must cost what its first did), one page of an ``_id`` range
+at the start and at the end of the collection (ascending and descending, each of
+``$gt``/``$gte``/``$lt``/``$lte``, with and without ``$type``: an index walk costs the
+same at either end), counts, a lookup by ``_id`` and ``$sample``. Prints each figure
+next to the floor or ceiling it must meet and exits non-zero if one is missed.
 
-    .venv/bin/python bench/standin_perf.py [--docs 100000] [--ops 2000]
+    .venv/bin/python bench/standin_perf.py [--docs 200000] [--ops 2000]
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ CEILING_COUNT = 0.2  # seconds for count_documents({}) / estimated_document_coun
 CEILING_POINT = 0.01  # seconds per find_one({_id: x})
 CEILING_SAMPLE = 0.5  # seconds for aggregate([{$sample: {size: 100}}])
 CEILING_PAGE_GROWTH = 2.0  # the last pages of a scan over the first (an index walk: flat)
+CEILING_PAGE = 1.0  # seconds for one page of 1000 by an _id range (a full scan at 200k: many)
 PAGE = 1_000
 NUMBERS = ["double", "int", "long", "decimal"]  # the snapshot's $type bracket for numbers
 
@@ -88,6 +91,46 @@ def page_growth(coll: Any, docs: int) -> list[tuple[str, float, float]]:
             ("$type last/first", last_ms / first_ms, CEILING_PAGE_GROWTH)]
 
 
+# One page of an _id range as a snapshot or a reverse pager reads it: (name, direction,
+# operator, the bound near the start of the collection, the bound near its end).
+RANGE_PAGES = [
+    ("asc  $gt", 1, "$gt", lambda n: -1, lambda n: n - PAGE - 1),
+    ("asc  $gte", 1, "$gte", lambda n: 0, lambda n: n - PAGE),
+    ("desc $lt", -1, "$lt", lambda n: PAGE, lambda n: n),
+    ("desc $lte", -1, "$lte", lambda n: PAGE - 1, lambda n: n - 1),
+]
+
+
+def median_page_s(coll: Any, bound: dict[str, Any], direction: int, repeats: int = 7) -> float:
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        page = list(coll.find({"_id": bound}).sort("_id", direction).limit(PAGE))
+        times.append(time.perf_counter() - began)
+        assert len(page) == PAGE, (bound, direction, len(page))
+    return sorted(times)[len(times) // 2]
+
+
+def range_pages(coll: Any, docs: int) -> list[tuple[str, float, float]]:
+    """A page at either end of the collection by each range operator and direction, with and
+    without the snapshot's ``$type``: each must cost what the other does (O(log n + limit))."""
+    results = []
+    print(f"_id range pages of {PAGE} at {docs:,} documents (median of 7), start vs end:")
+    for name, direction, op, near_start, near_end in RANGE_PAGES:
+        for types in (None, NUMBERS):
+            label = f"{name}{' $type' if types else ''}"
+            costs = []
+            for edge in (near_start(docs), near_end(docs)):
+                bound: dict[str, Any] = {op: edge, **({"$type": types} if types else {})}
+                costs.append(median_page_s(coll, bound, direction))
+            start_s, end_s = costs
+            print(f"  {label:16} start {start_s * 1e3:6.1f} ms  end {end_s * 1e3:6.1f} ms  "
+                  f"end/start {end_s / start_s:.2f}")
+            results.append((f"{label} page", max(costs), CEILING_PAGE))
+            results.append((f"{label} end/start", end_s / start_s, CEILING_PAGE_GROWTH))
+    return results
+
+
 def index_reads(coll: Any, docs: int) -> list[tuple[str, float, float]]:
     results = []
     rng = random.Random(7)
@@ -103,6 +146,7 @@ def index_reads(coll: Any, docs: int) -> list[tuple[str, float, float]]:
     assert seen == (docs + 1) // 2, (seen, docs)
     results.append(("filtered scan", seconds, CEILING_PAGED_SCAN))
     results += page_growth(coll, docs)
+    results += range_pages(coll, docs)
     seconds, n = timed(lambda: coll.count_documents({}))
     assert n == docs, n
     results.append(("count_documents", seconds, CEILING_COUNT))
@@ -120,7 +164,7 @@ def index_reads(coll: Any, docs: int) -> list[tuple[str, float, float]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--docs", type=int, default=100_000)
+    parser.add_argument("--docs", type=int, default=200_000)
     parser.add_argument("--ops", type=int, default=2_000)
     args = parser.parse_args()
     results: list[tuple[str, float, float]] = []
@@ -166,12 +210,12 @@ def main() -> int:
         unit = "events/s" if "watch" in name else "ops/s"
         ok = value >= floor
         failed |= not ok
-        print(f"{name:16} {value:10,.0f} {unit:8} (floor {floor:,.0f}) {'ok' if ok else 'BELOW'}")
+        print(f"{name:26} {value:10,.0f} {unit:8} (floor {floor:,.0f}) {'ok' if ok else 'BELOW'}")
     for name, seconds, ceiling in timings:
         ok = seconds <= ceiling
         failed |= not ok
         unit = "x" if "/" in name else "s"
-        print(f"{name:16} {seconds:10.3f} {unit:8} (ceiling {ceiling:g} {unit}) "
+        print(f"{name:26} {seconds:10.3f} {unit:8} (ceiling {ceiling:g} {unit}) "
               f"{'ok' if ok else 'ABOVE'}")
     return 1 if failed else 0
 

@@ -215,6 +215,42 @@ def test_a_range_with_more_conditions_on_id_matches_what_each_allows(mongo_db: A
     )
 
 
+def test_a_type_condition_alone_reads_its_bracket_in_either_direction(mongo_db: Any) -> None:
+    coll = mongo_db.c
+    _load(coll)
+    numbers = ORDERED[1:12]  # NaN is a double
+    strings, binary, oids, bools, dates = (
+        ORDERED[12:20], ORDERED[24:27], ORDERED[27:29], ORDERED[29:31], ORDERED[31:33]
+    )  # fmt: skip
+    for types, want in [
+        (NUMBERS, numbers),
+        ("number", numbers),
+        ([1, 16, 18, 19], numbers),
+        ("string", strings),
+        (2, strings),
+        ("binData", binary),
+        ("objectId", oids),
+        ("bool", bools),
+        ("date", dates),
+        (["int", "long"], [-5, Int64(-2), 1, Int64(3), 10]),
+        ("double", [float("nan"), float("-inf"), 0.5, 2.0, float("inf")]),
+        (["string", "bool"], strings + bools),
+        ("null", [None]),
+        ("object", ORDERED[20:24]),
+    ]:
+        _assert_ids(_page(coll, {"_id": {"$type": types}}, size=100), want)
+        _assert_ids(_page(coll, {"_id": {"$type": types}}, -1, size=100), want[::-1])
+        _assert_ids(_page(coll, {"_id": {"$type": types}}, -1, size=2), want[::-1][:2])
+    # With a range of its own bracket, from either end, and with another field's condition.
+    _assert_ids(_page(coll, {"_id": {"$lte": "2", "$type": "string"}}, -1, size=2), ["2", "10"])
+    _assert_ids(_page(coll, {"_id": {"$gte": 2, "$type": "number"}}, -1, size=100),
+                [float("inf"), 10, Int64(3), 2.0])  # fmt: skip
+    _assert_ids(
+        _page(coll, {"_id": {"$type": "string"}, "k": 0}, size=100),
+        [d["_id"] for d in coll.find({"k": 0}).sort("_id", 1) if isinstance(d["_id"], str)],
+    )
+
+
 def test_snapshot_pages_with_a_type_condition_and_writes_between_pages(mongo_db: Any) -> None:
     coll = mongo_db.c
     coll.insert_many([{"_id": i, "even": i % 2 == 0} for i in range(0, 40)])

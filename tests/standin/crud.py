@@ -18,12 +18,18 @@ from mongoeco.errors import OperationFailure
 from mongoeco.types import ObjectId, Regex
 from store import (
     ARRAY,
+    BINARY,
+    BOOL,
+    DATE,
     MAX_KEY,
     MIN_KEY,
     NAN,
     NULL,
     NUMBER,
     OBJECT,
+    OBJECT_ID,
+    STRING,
+    TIMESTAMP,
     Collection,
     CommandError,
     Store,
@@ -74,13 +80,48 @@ def _points(cond: Any) -> list[Any] | None:
     return [cond]
 
 
+# $type aliases and codes whose values all fall in one bracket of the _id order, and the
+# sets of them that cover a bracket wholly (then the index range is the condition).
+_TYPE_BRACKETS: dict[Any, int] = {
+    **dict.fromkeys(("double", 1, "int", 16, "long", 18, "decimal", 19, "number"), NUMBER),
+    **dict.fromkeys(("string", 2), STRING),
+    **dict.fromkeys(("binData", 5), BINARY),
+    **dict.fromkeys(("objectId", 7), OBJECT_ID),
+    **dict.fromkeys(("bool", 8), BOOL),
+    **dict.fromkeys(("date", 9), DATE),
+    **dict.fromkeys(("timestamp", 17), TIMESTAMP),
+}
+_NUMBER_TYPES = (("double", 1), ("int", 16), ("long", 18), ("decimal", 19))
+
+
+def _type_bracket(types: Any) -> tuple[int, bool] | None:
+    """The one bracket of the _id order a ``$type`` condition's values can fall in, and
+    whether it allows the whole bracket; None when it spans several or names others."""
+    names = types if isinstance(types, list) else [types]
+    names = [getattr(n, "value", n) for n in names]  # codes may come as BSON integers
+    if not names or any(isinstance(n, bool) or n not in _TYPE_BRACKETS for n in names):
+        return None
+    brackets = {_TYPE_BRACKETS[n] for n in names}
+    if len(brackets) != 1:
+        return None
+    bracket = brackets.pop()
+    whole = (
+        bracket != NUMBER
+        or "number" in names
+        or all(any(alias in names for alias in aliases) for aliases in _NUMBER_TYPES)
+    )
+    return bracket, whole
+
+
 def _bounds(cond: Any) -> tuple[list[tuple[str, tuple[Any, ...]]], bool] | None:
     """(operator, order key) of each range operator of an operator condition on ``_id``, and
     whether they are all of it; None when it has none or one the index cannot bracket.
 
     The operators of one condition must all hold, so the range narrows the index walk
-    whatever else the condition says: the rest (``$type``, ``$ne``, ...) is checked on
-    each document walked, as MongoDB's fetch stage does after its ``_id`` index scan.
+    whatever else the condition says: the rest (``$ne``, ...) is checked on each document
+    walked, as MongoDB's fetch stage does after its ``_id`` index scan. A ``$type`` of one
+    bracket narrows it to that bracket, as MongoDB's index bounds for ``$type`` do
+    (``("$type", (bracket,))``), and leaves nothing to check when it allows all of it.
     """
     if (
         not isinstance(cond, dict)
@@ -89,14 +130,22 @@ def _bounds(cond: Any) -> tuple[list[tuple[str, tuple[Any, ...]]], bool] | None:
     ):
         return None
     out = []
+    exact = True
     for op, value in cond.items():
+        if op == "$type":
+            bracket = _type_bracket(value)
+            if bracket is not None:
+                out.append((op, (bracket[0],)))
+            exact = exact and bracket is not None and bracket[1]
+            continue
         if op not in _RANGE_OPS:
+            exact = False
             continue
         key = order_key(value)
         if key is None or key[0] in _UNBRACKETED or key == NAN:
             return None
         out.append((op, key))
-    return (out, len(out) == len(cond)) if out else None
+    return (out, exact) if out else None
 
 
 def _id_conditions(flt: dict[str, Any]) -> list[Any]:
@@ -158,6 +207,10 @@ def _id_plan(
         return None
     lo, hi = 0, len(order)
     for op, key in ranges:
+        if op == "$type":  # the bracket, NaN included: it is a double
+            lo = max(lo, bisect_left(order, (key,)))
+            hi = min(hi, bisect_left(order, ((key[0] + 1,),)))
+            continue
         # Type bracketing: {$gt: 5} matches numbers only, {$lt: "m"} strings only.
         bracket = (NUMBER, 1) if key[0] == NUMBER else (key[0],)
         lo = max(lo, bisect_left(order, (bracket,)))
