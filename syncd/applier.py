@@ -23,7 +23,7 @@ from typing import Any
 from syncd import identity, lookups
 from syncd import plan as planning
 from syncd.config import PipelineSettings
-from syncd.deadletter import DeadLetterStore
+from syncd.deadletter import DeadLetters
 from syncd.embedder import Embedder
 from syncd.errors import SourceFatalError
 from syncd.mapping import Mapper
@@ -57,7 +57,7 @@ class Applier:
         mapper: Mapper,
         embedder: Embedder | None,
         telemetry: PipelineTelemetry,
-        dead_letters: DeadLetterStore | None = None,
+        dead_letters: DeadLetters | None = None,
     ) -> None:
         self.settings = settings
         self.source = source

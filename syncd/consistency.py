@@ -37,7 +37,7 @@ import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pymongo.database import Database
@@ -60,6 +60,16 @@ log = logging.getLogger(__name__)
 
 SAMPLE_IDS = 20  # record ids kept per finding, for the report
 ORPHAN_BATCH = 10_000  # orphan ids held before deleting them (repair rescans after)
+
+
+class Sampled(Protocol):
+    def aggregate(self, pipeline: Sequence[Mapping[str, Any]], /) -> Iterable[dict[str, Any]]: ...
+
+
+class SampleDatabase(Protocol):
+    """What a sampled verify reads: ``database[collection].aggregate([{"$sample": ...}])``."""
+
+    def __getitem__(self, collection: str, /) -> Sampled: ...
 
 
 class DocumentSource(Protocol):
@@ -155,7 +165,7 @@ class Checker:
         source: DocumentSource,
         sink: Sink,
         mapper: Mapper,
-        database: Database[dict[str, Any]] | None = None,
+        database: SampleDatabase | None = None,
         page_size: int | None = None,
     ) -> None:
         self.settings = settings

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pymongo import MongoClient
 from pymongo.write_concern import WriteConcern
@@ -25,6 +25,28 @@ log = logging.getLogger(__name__)
 
 
 KEYS_HELD = 100_000  # keys of one pipeline's dead letters kept in memory, at most
+
+
+class DeadLetters(Protocol):
+    """What applying changes needs of a dead-letter store: park poison, settle what applied."""
+
+    def put_many(self, pipeline: str, poisoned: Sequence[Poisoned]) -> None: ...
+
+    def settle(self, pipeline: str, applied: Sequence[str]) -> int: ...
+
+
+class RetryableDeadLetters(Protocol):
+    """What ``syncd dlq retry`` needs of a dead-letter store: read, count, re-park, remove."""
+
+    def put_many(self, pipeline: str, poisoned: Sequence[Poisoned]) -> None: ...
+
+    def list(self, pipeline: str, *, limit: int = 0) -> Iterator[dict[str, Any]]: ...
+
+    def get(self, pipeline: str, key: str) -> dict[str, Any] | None: ...
+
+    def count(self, pipeline: str) -> int: ...
+
+    def remove(self, pipeline: str, keys: Sequence[str]) -> int: ...
 
 
 class DeadLetterStore:

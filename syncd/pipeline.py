@@ -26,7 +26,7 @@ from syncd.applier import Applier
 from syncd.checkpoint import Checkpoint, CheckpointStore
 from syncd.checkpointing import Progress as Checkpointing
 from syncd.config import PipelineSettings
-from syncd.deadletter import DeadLetterStore
+from syncd.deadletter import DeadLetters
 from syncd.embedder import Embedder
 from syncd.errors import (
     CollectionGoneHalt,
@@ -63,7 +63,7 @@ class Pipeline:
         mapper: Mapper,
         embedder: Embedder | None,
         telemetry: PipelineTelemetry,
-        dead_letters: DeadLetterStore | None = None,
+        dead_letters: DeadLetters | None = None,
         stop: threading.Event | None = None,
         epoch: int | None = 0,
         resync: bool = False,
@@ -119,7 +119,7 @@ class Pipeline:
         return self.applier.embedder
 
     @property
-    def dead_letters(self) -> DeadLetterStore | None:
+    def dead_letters(self) -> DeadLetters | None:
         return self.applier.dead_letters
 
     @property

@@ -20,7 +20,7 @@ from typing import Any
 
 from syncd import plan as planning
 from syncd.consistency import ORPHAN_BATCH, Checker, Drift, Finding, IdIndex, Report
-from syncd.deadletter import DeadLetterStore
+from syncd.deadletter import RetryableDeadLetters
 from syncd.identity import base_id
 from syncd.progress import Progress
 from syncd.progress import start as progress_start
@@ -195,7 +195,7 @@ class RetryResult:
 
 def retry_dead_letters(
     pipeline: Applies,
-    letters: DeadLetterStore,
+    letters: RetryableDeadLetters,
     keys: Sequence[str] | None = None,
     *,
     chunk: int = 100,
@@ -235,7 +235,7 @@ def retry_dead_letters(
 
 def _retry(
     pipeline: Applies,
-    letters: DeadLetterStore,
+    letters: RetryableDeadLetters,
     entries: Sequence[Mapping[str, Any]],
     result: RetryResult,
 ) -> None:

@@ -31,7 +31,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from syncd import plan as planning
 from syncd.applier import Applier, Planned
@@ -43,6 +43,9 @@ from syncd.telemetry import PipelineTelemetry
 LIFECYCLE_OPS = frozenset({"drop", "rename", "dropDatabase"})
 SEQUENTIAL_OPS = LIFECYCLE_OPS | {"invalidate"}
 POLL_S = 0.1  # how soon a blocked stage notices it was cancelled
+
+ItemT = TypeVar("ItemT")
+PlannedT = TypeVar("PlannedT")
 
 
 class Abandoned(Exception):
@@ -264,11 +267,11 @@ class Planner(threading.Thread):
 
 
 def ahead(
-    items: Iterator[Any],
-    plan: Callable[[Any, StageRecorder], Planned],
+    items: Iterator[ItemT],
+    plan: Callable[[ItemT, StageRecorder], PlannedT],
     *,
     name: str,
-) -> Generator[tuple[Any, Planned, list[StageTime]], None, None]:
+) -> Generator[tuple[ItemT, PlannedT, list[StageTime]], None, None]:
     """Plan each of ``items`` in a thread, one ahead of the caller, and yield them in order.
 
     For the snapshot's pages, whose keys never repeat: page N+1 is read from MongoDB,

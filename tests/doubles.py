@@ -123,12 +123,17 @@ def merge(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class MemoryStore:
-    """A checkpoint store that keeps every checkpoint and status it was given."""
+    """A checkpoint store that keeps every checkpoint, status and halt it was given.
+
+    It records epochs but fences no one: tests of fencing use the real stores.
+    """
 
     def __init__(self, log: Log | None = None) -> None:
         self.log = log or Log()
         self.saved: list[Checkpoint] = []
         self.statuses: list[dict[str, Any]] = []
+        self.halts: dict[str, dict[str, Any] | None] = {}
+        self.epochs: dict[str, int] = {}
 
     def load(self, pipeline: str) -> Checkpoint | None:
         return self.saved[-1] if self.saved else None
@@ -139,3 +144,22 @@ class MemoryStore:
 
     def set_status(self, pipeline: str, status: Mapping[str, Any]) -> None:
         self.statuses.append(dict(status))
+
+    def set_halt(self, pipeline: str, halt: Mapping[str, Any] | None) -> None:
+        self.halts[pipeline] = dict(halt) if halt is not None else None
+
+    def claim_epoch(self, pipeline: str, epoch: int) -> None:
+        self.epochs[pipeline] = epoch
+
+    def next_epoch(self, pipeline: str) -> int:
+        self.epochs[pipeline] = self.epochs.get(pipeline, 0) + 1
+        return self.epochs[pipeline]
+
+    def delete(self, pipeline: str) -> None:
+        self.saved = [cp for cp in self.saved if cp.pipeline != pipeline]
+
+    def list(self) -> list[Checkpoint]:
+        return list({cp.pipeline: cp for cp in self.saved}.values())
+
+    def close(self) -> None:
+        pass

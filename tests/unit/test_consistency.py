@@ -89,6 +89,9 @@ class MemoryDeadLetters:
     def remove(self, pipeline: str, keys: Sequence[str]) -> int:
         return sum(self.entries.pop(k, None) is not None for k in keys)
 
+    def count(self, pipeline: str) -> int:
+        return len(self.entries)
+
 
 # --- fixtures ------------------------------------------------------------------------
 
@@ -252,7 +255,7 @@ def test_repair_deletes_orphans_in_batches_without_skipping_any(monkeypatch) -> 
 
 def test_retry_removes_what_applies_now_and_keeps_what_still_fails() -> None:
     ps = settings(on_error="dead_letter")
-    docs = [{"_id": 1, "body": 5.5j}, {"_id": 2, "body": None}, {"_id": 3}]
+    docs: list[dict[str, Any]] = [{"_id": 1, "body": 5.5j}, {"_id": 2, "body": None}, {"_id": 3}]
     source, sink = MemorySource({"docs": docs}), MemorySink()
     pipeline = make_pipeline(ps, source, sink)
     letters = MemoryDeadLetters()
@@ -263,7 +266,7 @@ def test_retry_removes_what_applies_now_and_keeps_what_still_fails() -> None:
 
     docs[0]["body"] = "fixed"
     source.collections["docs"] = [docs[0], docs[1]]  # 3 was deleted meanwhile
-    result = repair_mod.retry_dead_letters(pipeline, letters)  # type: ignore[arg-type]
+    result = repair_mod.retry_dead_letters(pipeline, letters)
 
     assert result.retried == 3
     assert sorted(result.fixed.sample) == ["i:1", "i:3"]
@@ -342,28 +345,29 @@ def test_strong_read_back_catches_a_delete_that_did_not_happen() -> None:
 # --- sampled verify in the daemon -----------------------------------------------------------
 
 
-class FakeDatabase(dict):  # type: ignore[type-arg]
+class FakeDatabase:
     """``db[collection].aggregate([$sample])`` over the memory source."""
 
     def __init__(self, source: MemorySource) -> None:
-        super().__init__()
         self.source = source
 
-    def __getitem__(self, name: str) -> Any:
-        source = self.source
+    def __getitem__(self, name: str) -> _SampledCollection:
+        return _SampledCollection(self.source.collections[name])
 
-        class Coll:
-            def aggregate(self, stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-                return source.collections[name][: stages[0]["$sample"]["size"]]
 
-        return Coll()
+class _SampledCollection:
+    def __init__(self, docs: list[dict[str, Any]]) -> None:
+        self.docs = docs
+
+    def aggregate(self, stages: Sequence[Mapping[str, Any]], /) -> list[dict[str, Any]]:
+        return self.docs[: stages[0]["$sample"]["size"]]
 
 
 def test_sampled_verify_reports_only_drift_that_outlives_the_pipeline() -> None:
     ps = settings()
     docs = docs_of(5)
     source, sink, _ = synced(ps, {"docs": docs})
-    source.server_time = lambda: Timestamp(100, 0)  # type: ignore[attr-defined]
+    source.server_time = lambda: Timestamp(100, 0)
     pipeline = make_pipeline(ps, source, sink)
     pipeline.checkpoint = Checkpoint(
         pipeline="p", fingerprint="f", phase="streaming", cluster_time=Timestamp(99, 0)
@@ -394,7 +398,7 @@ def test_sampled_verify_reports_only_drift_that_outlives_the_pipeline() -> None:
 def test_sampled_verify_reports_nothing_while_the_pipeline_is_behind() -> None:
     ps = settings()
     source, sink, _ = synced(ps, {"docs": docs_of(3)})
-    source.server_time = lambda: Timestamp(100, 0)  # type: ignore[attr-defined]
+    source.server_time = lambda: Timestamp(100, 0)
     pipeline = make_pipeline(ps, source, sink)
     pipeline.checkpoint = Checkpoint(
         pipeline="p", fingerprint="f", phase="streaming", cluster_time=Timestamp(50, 0)

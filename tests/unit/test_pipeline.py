@@ -3,7 +3,7 @@ coalescing, poison policies, embedding reuse."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -62,8 +62,32 @@ class FakeDLQ:
 
 
 class FakeSource:
+    """A collection whose current documents the test sets, and a quiet change stream."""
+
     def __init__(self, current: dict[Any, dict[str, Any]] | None = None) -> None:
         self.current = current or {}
+
+    def read_batch(self, max_events: int, max_wait_s: float) -> Batch:
+        return Batch(events=[], token=self.current_token())
+
+    def server_time(self) -> Timestamp:
+        return Timestamp(T0, 0)
+
+    def scan(
+        self,
+        collection: str,
+        *,
+        after_id: Any = None,
+        has_after: bool = False,
+        batch_size: int = 1000,
+        query: Mapping[str, Any] | None = None,
+    ) -> Iterator[list[dict[str, Any]]]:
+        docs = list(self.current.values())  # in insertion order, which stands for _id order
+        if has_after:
+            ids = [id_key(d["_id"]) for d in docs]
+            docs = docs[ids.index(id_key(after_id)) + 1 :]
+        for start in range(0, len(docs), batch_size):
+            yield docs[start : start + batch_size]
 
     def fetch(self, collection: str, ids: list[Any]) -> dict[str, dict[str, Any]]:
         return {id_key(i): self.current[i] for i in ids if i in self.current}

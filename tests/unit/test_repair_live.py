@@ -213,7 +213,7 @@ def test_a_retry_racing_the_daemon_keeps_the_daemon_s_newer_state() -> None:
     sink.races.append(changed_meanwhile)
     result = repair_mod.retry_dead_letters(
         make_pipeline(checker.settings, source, sink),
-        letters,  # type: ignore[arg-type]
+        letters,
     )
 
     assert not sink.races, "the race did not run"
@@ -242,7 +242,7 @@ def test_a_retry_racing_a_delete_leaves_the_document_deleted() -> None:
     sink.races.append(deleted_meanwhile)
     repair_mod.retry_dead_letters(
         make_pipeline(checker.settings, source, sink),
-        letters,  # type: ignore[arg-type]
+        letters,
     )
 
     assert not sink.races, "the race did not run"
