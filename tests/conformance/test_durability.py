@@ -23,7 +23,7 @@ def server(mongo_server_factory: Any) -> Any:
 
 
 def test_data_and_history_survive_kill_9(server: Any) -> None:
-    with pymongo.MongoClient(server.uri) as client:
+    with pymongo.MongoClient[dict[str, Any]](server.uri) as client:
         coll = client.db.c
         with coll.watch(max_await_time_ms=AWAIT_MS) as stream:
             coll.insert_one({"_id": 0})
@@ -36,7 +36,7 @@ def test_data_and_history_survive_kill_9(server: Any) -> None:
         coll.delete_one({"_id": 2})
     server.kill()
     server.start()
-    with pymongo.MongoClient(server.uri) as client:
+    with pymongo.MongoClient[dict[str, Any]](server.uri) as client:
         coll = client.db.c
         assert sorted(map(str, coll.distinct("_id"))) == ["0", "1", "3", "4", "5", "w1"]
         assert coll.find_one({"_id": 1}) == {"_id": 1, "v": "majority"}
@@ -60,7 +60,7 @@ def test_a_stream_resumes_across_kill_9_without_loss_or_duplicates(server: Any) 
     stop = threading.Event()
 
     def write() -> None:
-        with pymongo.MongoClient(
+        with pymongo.MongoClient[dict[str, Any]](
             server.uri, retryWrites=False, serverSelectionTimeoutMS=20_000
         ) as client:
             coll = client.db.c.with_options(write_concern=pymongo.WriteConcern(w="majority"))
@@ -73,7 +73,7 @@ def test_a_stream_resumes_across_kill_9_without_loss_or_duplicates(server: Any) 
                     pass  # unacknowledged: it may or may not have been applied
                 i += 1
 
-    with pymongo.MongoClient(server.uri, serverSelectionTimeoutMS=20_000) as client:
+    with pymongo.MongoClient[dict[str, Any]](server.uri, serverSelectionTimeoutMS=20_000) as client:
         coll = client.db.c
         coll.insert_one({"_id": "begin"})
         with coll.watch(max_await_time_ms=AWAIT_MS) as stream:

@@ -111,7 +111,7 @@ def _fill(server: MongoServer, coll: Any, count: int) -> None:
 
 def test_history_lost_is_error_286_and_not_resumable(mongo_server_factory: Any) -> None:
     server = mongo_server_factory(history_size=10)
-    with pymongo.MongoClient(server.uri) as client:
+    with pymongo.MongoClient[dict[str, Any]](server.uri) as client:
         coll = client.db.c
         with coll.watch(max_await_time_ms=AWAIT_MS) as stream:
             coll.insert_one({"first": True})

@@ -27,10 +27,14 @@ def test_hello_reports_a_writable_replica_set_primary(mongo_client: Any) -> None
 def test_replica_set_and_direct_connections_both_work(mongo_server: MongoServer) -> None:
     if mongo_server.kind == "external":
         pytest.skip("the external URI decides how to connect")
-    with pymongo.MongoClient(mongo_server.replica_set_uri, serverSelectionTimeoutMS=5000) as client:
+    with pymongo.MongoClient[dict[str, Any]](
+        mongo_server.replica_set_uri, serverSelectionTimeoutMS=5000
+    ) as client:
         assert client.admin.command("ping")["ok"] == 1
         assert client.primary is not None
-    with pymongo.MongoClient(mongo_server.uri, serverSelectionTimeoutMS=5000) as client:
+    with pymongo.MongoClient[dict[str, Any]](
+        mongo_server.uri, serverSelectionTimeoutMS=5000
+    ) as client:
         assert client.admin.command("ping")["ok"] == 1
         assert client.is_primary
 
@@ -51,7 +55,7 @@ class _Replies(monitoring.CommandListener):
 
 def test_replies_carry_operation_time_and_cluster_time(mongo_uri: str) -> None:
     listener = _Replies()
-    with pymongo.MongoClient(mongo_uri, event_listeners=[listener]) as client:
+    with pymongo.MongoClient[dict[str, Any]](mongo_uri, event_listeners=[listener]) as client:
         coll = client["t_optime"]["c"]
         coll.insert_one({"x": 1})
         coll.find_one({"x": 1})

@@ -99,7 +99,7 @@ class Workload(threading.Thread):
                 live.append(_id)
             elif roll < 0.6:
                 _id = rng.choice(live)
-                sets = {"seq": self.seq, "n": rng.randrange(1000)}
+                sets: dict[str, Any] = {"seq": self.seq, "n": rng.randrange(1000)}
                 unset = {}
                 if rng.random() < 0.5:
                     unset = {rng.choice(["title", "tags", "nested"]): ""}
@@ -223,8 +223,9 @@ def test_kill9_randomized_workload_converges(
     assert workload.seq > 100, "the workload did too little to mean anything"
     assert checked_total > 0, "no kill happened after a checkpoint: the test proved nothing"
 
-    assert log.last_time is not None
-    wait_until(lambda: caught_up(settings, "crash", log.last_time), 120, "syncd to catch up")
+    last = log.last_time
+    assert last is not None
+    wait_until(lambda: caught_up(settings, "crash", last), 120, "syncd to catch up")
     daemon.terminate()
     assert daemon.wait(30) == 0, daemon.output()
 

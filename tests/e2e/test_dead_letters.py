@@ -33,8 +33,10 @@ def _insert_each(client: MongoClient[Any], coll: Any, docs: list[dict[str, Any]]
         return session.operation_time
 
 
-GOOD = [{"_id": f"good{i}", "body": f"fine text {i}", "n": i, "vec": vector(i)} for i in range(6)]
-POISON = [
+GOOD: list[dict[str, Any]] = [
+    {"_id": f"good{i}", "body": f"fine text {i}", "n": i, "vec": vector(i)} for i in range(6)
+]
+POISON: list[dict[str, Any]] = [
     {"_id": "no-body", "title": "the text field is missing", "vec": vector(10)},
     {"_id": "dict-body", "body": {"not": "text"}, "vec": vector(11)},
     {
@@ -51,7 +53,9 @@ def test_dead_letter_holds_exactly_the_poison_documents(mirror, mongo_client, sy
     coll = mongo_client[db]["docs"]
     daemon = syncd_factory(["run"], cfg)
     wait_until(lambda: _streaming(settings), 60, "the first checkpoint")
-    mixed = [GOOD[0], POISON[0], GOOD[1], GOOD[2], POISON[1], GOOD[3], POISON[2], GOOD[4]]
+    mixed: list[dict[str, Any]] = [
+        GOOD[0], POISON[0], GOOD[1], GOOD[2], POISON[1], GOOD[3], POISON[2], GOOD[4]
+    ]  # fmt: skip
     last = _insert_each(mongo_client, coll, mixed)
     wait_until(lambda: caught_up(settings, "p", last), 60, "syncd to pass the poison")
     daemon.terminate()

@@ -366,7 +366,9 @@ def ran_once(
     db, coll = _names("oneshot")
     client: MongoClient[Any] = MongoClient(mongo_server.uri)
     client[db]["docs"].insert_many([*DOCS, POISON])
-    common = {"db": db, "coll": coll, "on_error": "dead_letter", "mapping": {"max_text_chars": 50}}
+    common: dict[str, Any] = {
+        "db": db, "coll": coll, "on_error": "dead_letter", "mapping": {"max_text_chars": 50}
+    }  # fmt: skip
     cfg = _config(tmp, mongo_uri=mongo_server.uri, chroma_port=chroma_server.port, **common)
     daemon = SyncdProcess(["run"], cfg, log_path=tmp / "run.log").start()
     try:

@@ -203,8 +203,8 @@ def test_rebuild_switches_under_load_and_rolls_back(
 
     drop = syncd_factory(["rebuild", "p", "--drop-previous"], old_cfg, log_path=tmp_path / "d.log")
     assert drop.wait(60) == ExitCode.OK, drop.output()
-    names = {c.name for c in chroma.list_collections()}
-    assert f"{coll}--v2" not in names and coll in names, names
+    left = {c.name for c in chroma.list_collections()}
+    assert f"{coll}--v2" not in left and coll in left, left
     mongo_client.drop_database(db)
     mongo_client.drop_database(f"{db}_syncd")
 

@@ -139,7 +139,7 @@ class MongoServer(ServerProcess):
         from pymongo.errors import OperationFailure, PyMongoError
 
         try:
-            with pymongo.MongoClient(
+            with pymongo.MongoClient[dict[str, Any]](
                 self.uri, serverSelectionTimeoutMS=500, connectTimeoutMS=500
             ) as client:
                 hello = client.admin.command("hello")

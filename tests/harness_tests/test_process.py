@@ -14,6 +14,7 @@ import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pymongo
 import pytest
@@ -144,12 +145,12 @@ def test_the_mongo_server_restarts_on_the_same_port_and_data(
     mongo_server_factory: Callable[..., MongoServer],
 ) -> None:
     server = mongo_server_factory()
-    with pymongo.MongoClient(server.uri) as client:
+    with pymongo.MongoClient[dict[str, Any]](server.uri) as client:
         client.t.c.insert_one({"_id": 1})
     port = server.port
     server.restart()
     assert server.port == port
-    with pymongo.MongoClient(server.uri) as client:
+    with pymongo.MongoClient[dict[str, Any]](server.uri) as client:
         assert client.t.c.find_one({"_id": 1}) == {"_id": 1}
     assert server.kill() == -signal.SIGKILL
     server.start()

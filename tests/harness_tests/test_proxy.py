@@ -7,6 +7,7 @@ import socketserver
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -35,7 +36,8 @@ def echo_server() -> Iterator[tuple[str, int]]:
         target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="echo-server"
     )
     thread.start()
-    yield server.server_address[0], server.server_address[1]
+    host, port = server.server_address[:2]
+    yield str(host), port
     server.shutdown()
     server.server_close()
     thread.join(timeout=5)
@@ -78,7 +80,9 @@ def _connection_fails(proxy: TcpProxy) -> bool:
         return _is_dead(sock)
 
 
-def test_forwards_bytes_both_ways(tcp_proxy_factory: ProxyFactory, echo_server: tuple) -> None:
+def test_forwards_bytes_both_ways(
+    tcp_proxy_factory: ProxyFactory, echo_server: tuple[str, int]
+) -> None:
     proxy = tcp_proxy_factory(*echo_server)
     payload = bytes(range(256)) * 1024  # larger than one chunk, so ordering matters
     with _connect(proxy) as sock:
@@ -87,7 +91,9 @@ def test_forwards_bytes_both_ways(tcp_proxy_factory: ProxyFactory, echo_server: 
     assert proxy.address == f"127.0.0.1:{proxy.port}"
 
 
-def test_many_concurrent_connections(tcp_proxy_factory: ProxyFactory, echo_server: tuple) -> None:
+def test_many_concurrent_connections(
+    tcp_proxy_factory: ProxyFactory, echo_server: tuple[str, int]
+) -> None:
     proxy = tcp_proxy_factory(*echo_server)
     socks = [_connect(proxy) for _ in range(50)]
     try:
@@ -100,7 +106,9 @@ def test_many_concurrent_connections(tcp_proxy_factory: ProxyFactory, echo_serve
     assert proxy.accepted == 50
 
 
-def test_cut_breaks_open_connections(tcp_proxy_factory: ProxyFactory, echo_server: tuple) -> None:
+def test_cut_breaks_open_connections(
+    tcp_proxy_factory: ProxyFactory, echo_server: tuple[str, int]
+) -> None:
     proxy = tcp_proxy_factory(*echo_server)
     with _connect(proxy) as first, _connect(proxy) as second:
         assert _roundtrip(first, b"hello") == b"hello"
@@ -114,7 +122,7 @@ def test_cut_breaks_open_connections(tcp_proxy_factory: ProxyFactory, echo_serve
 
 
 def test_refuse_fails_new_connections_then_heal(
-    tcp_proxy_factory: ProxyFactory, echo_server: tuple
+    tcp_proxy_factory: ProxyFactory, echo_server: tuple[str, int]
 ) -> None:
     proxy = tcp_proxy_factory(*echo_server)
     with _connect(proxy) as before:
@@ -130,7 +138,7 @@ def test_refuse_fails_new_connections_then_heal(
 
 
 def test_latency_delays_each_chunk_and_heal_removes_it(
-    tcp_proxy_factory: ProxyFactory, echo_server: tuple
+    tcp_proxy_factory: ProxyFactory, echo_server: tuple[str, int]
 ) -> None:
     proxy = tcp_proxy_factory(*echo_server)
     proxy.set_latency(0.2)
@@ -154,7 +162,7 @@ def test_unreachable_target_resets_the_client(tcp_proxy_factory: ProxyFactory) -
         assert proxy.upstream_failures == 1
 
 
-def test_close_leaves_no_thread_and_frees_the_port(echo_server: tuple) -> None:
+def test_close_leaves_no_thread_and_frees_the_port(echo_server: tuple[str, int]) -> None:
     proxy = TcpProxy(*echo_server)
     sock = _connect(proxy)
     assert _roundtrip(sock, b"x") == b"x"
@@ -170,7 +178,7 @@ def test_close_leaves_no_thread_and_frees_the_port(echo_server: tuple) -> None:
         socket.create_connection(("127.0.0.1", proxy.port), timeout=2).close()
 
 
-def test_listen_port_is_honoured(echo_server: tuple) -> None:
+def test_listen_port_is_honoured(echo_server: tuple[str, int]) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -187,7 +195,8 @@ def test_real_client_fails_through_a_cut_and_recovers_after_heal(
     import httpx
 
     proxy = tcp_proxy_factory(chroma_server.host, chroma_server.port)
-    client = chromadb.HttpClient(host=proxy.host, port=proxy.port, settings=chroma_settings())
+    # Any, as ChromaServer.client() gives: chromadb's own annotations refuse plain lists.
+    client: Any = chromadb.HttpClient(host=proxy.host, port=proxy.port, settings=chroma_settings())
     try:
         collection = client.create_collection(chroma_collection_name)
         collection.add(ids=["a"], embeddings=[[1.0, 0.0]])

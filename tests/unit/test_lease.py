@@ -114,10 +114,17 @@ def test_stale_epoch_cannot_move_the_checkpoint(mongo_db):
     with pytest.raises(LeaseLostError):
         store.save(checkpoint(epoch_a, 200))
     loaded = store.load("p")
-    assert loaded is not None and loaded.cluster_time.time == 100
+    assert (
+        loaded is not None and loaded.cluster_time is not None and loaded.cluster_time.time == 100
+    )
     store.save(checkpoint(epoch_b, 300))
     loaded = store.load("p")
-    assert loaded is not None and loaded.cluster_time.time == 300 and loaded.epoch == 2
+    assert (
+        loaded is not None
+        and loaded.cluster_time is not None
+        and loaded.cluster_time.time == 300
+        and loaded.epoch == 2
+    )
 
 
 def test_lease_epoch_jumps_past_a_newer_checkpoint_epoch(mongo_db):
@@ -135,7 +142,9 @@ def test_a_status_recorded_before_the_first_checkpoint_does_not_fence_it_off(mon
     store.set_status("p", {"state": "retrying"})  # no epoch on the document yet
     store.save(checkpoint(0, 100))
     loaded = store.load("p")
-    assert loaded is not None and loaded.cluster_time.time == 100
+    assert (
+        loaded is not None and loaded.cluster_time is not None and loaded.cluster_time.time == 100
+    )
 
 
 @pytest.mark.parametrize("kind", ["mongodb", "file"])
@@ -169,7 +178,7 @@ def test_fenced_sink_refuses_writes_once_the_lease_is_gone(mongo_db):
     a = manager(mongo_db, "a")
     assert a.acquire("p") == 1
     inner = MemorySink()
-    sink = FencedSink(inner, lambda: a.check("p"))  # type: ignore[arg-type]
+    sink = FencedSink(inner, lambda: a.check("p"))
     sink.write(WritePlan())
     time.sleep(1.2)  # no renewal: a paused holder looks like this when it wakes up
     with pytest.raises(LeaseLostError):

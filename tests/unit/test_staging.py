@@ -137,7 +137,7 @@ def test_the_next_batch_is_planned_while_one_is_written() -> None:
             embedded_b.set()
         return out
 
-    emb.embed = watch  # type: ignore[method-assign]
+    emb.embed = watch
 
     def release_when_planned() -> None:
         assert sink.writing.wait(WAIT_S)
@@ -220,7 +220,7 @@ def test_a_failed_write_never_lets_a_later_checkpoint_through() -> None:
             raise TransientError("chroma down")
         write(plan)
 
-    sink.write = failing_once  # type: ignore[method-assign]
+    sink.write = failing_once
     assert run_until(p, checkpointed(p, 3)) is None
     assert saved_at_failure == [1], "only the starting checkpoint existed at the failure"
     times = [covered_through(cp.token) for cp in store.saved[1:] if cp.token]

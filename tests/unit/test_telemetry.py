@@ -108,8 +108,9 @@ def test_batch_is_a_root_consumer_span_with_stages_and_changes_as_children(telem
         "messaging.destination.name": "app.articles",
     }
     for name in ("syncd.read", "syncd.map", "syncd.write", "syncd.change"):
-        assert spans[name].parent is not None
-        assert spans[name].parent.span_id == batch.context.span_id
+        parent = spans[name].parent
+        assert parent is not None
+        assert parent.span_id == batch.context.span_id
         assert spans[name].context.trace_id == batch.context.trace_id
     change = spans["syncd.change"]
     assert dict(change.attributes or {}) == {
@@ -369,7 +370,7 @@ def test_repeated_retry_errors_are_logged_once_per_interval_with_a_count(tmp_pat
     time.sleep(0.35)
     p.retrying(TransientError(f"cannot reach {SECRET_URI}"), attempt=5, delay=0.1)
     assert "(repeated 2 times since last logged)" in caplog.records[-1].getMessage()
-    assert caplog.records[-1].pipeline == "articles"  # type: ignore[attr-defined]
+    assert caplog.records[-1].pipeline == "articles"
     p.recovered()
     assert caplog.records[-1].getMessage() == "recovered after 5 attempts"
     assert p.ready()
@@ -537,7 +538,7 @@ def test_a_dead_lettered_change_marks_its_span_its_stage_and_its_batch(telemetry
     assert "2 changes not applied" in (batch.status.description or "")
     assert "hunter2" not in "".join(s.to_json() for s in exporter.get_finished_spans())
     lines = [r for r in caplog.records if r.getMessage().startswith("dead-lettered")]
-    assert [(r.document_id, r.error_class, r.stage) for r in lines] == [  # type: ignore[attr-defined]
+    assert [(r.document_id, r.error_class, r.stage) for r in lines] == [
         ("2", "MappingError", "map"),
         ("3", "EmbeddingRejectedError", "embed"),
     ]

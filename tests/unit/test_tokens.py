@@ -400,7 +400,9 @@ def _key_of(hex_token: str, bits: list[int] | None) -> Any:
     token: dict[str, Any] = {"_data": hex_token}
     if bits is not None:
         token["_typeBits"] = bson.Binary(type_bits(bits))
-    return decode_resume_token(token).document_key["_id"]
+    key = decode_resume_token(token).document_key
+    assert key is not None, hex_token
+    return key["_id"]
 
 
 TS = bson.Timestamp(1700000000, 7)
