@@ -158,12 +158,26 @@ def rename(client: Any, current: str, new: str) -> None:
     log.info("renamed Chroma collection %s to %s", current, new)
 
 
+EMPTY_BATCH = 1_000  # records deleted per request before a collection is deleted
+
+
 def delete(client: Any, name: str) -> None:
+    """Delete a collection, its records first.
+
+    Deleting a collection that holds list-valued metadata leaves those values in
+    Chroma's storage, and records created later (in any collection) that reuse their
+    rows inherit them (chromadb 1.5); deleting the records first leaves nothing behind.
+    """
     try:
+        coll = client.get_collection(name, embedding_function=None)
+        emptied = 0
+        while ids := coll.get(limit=EMPTY_BATCH, include=[])["ids"]:
+            coll.delete(ids=ids)
+            emptied += len(ids)
         client.delete_collection(name)
     except Exception as exc:
         raise from_sink(exc, namespace=f"chroma:{name}") from exc
-    log.info("deleted Chroma collection %s", name)
+    log.info("deleted Chroma collection %s (%d records)", name, emptied)
 
 
 def complete(

@@ -97,3 +97,31 @@ def test_records_written_after_a_deleted_collection_carry_only_their_metadata(
     assert "Chroma holds metadata keys syncd did not write" in daemon.output()
     verify = run_syncd(["verify", "p"], cfg)
     assert verify.returncode == ExitCode.OK, verify.stdout + verify.stderr
+
+
+def test_a_collection_syncd_deletes_leaves_no_metadata_behind(chroma_server_factory):
+    """`rebuild --drop-previous` deletes the previous collection: records written later,
+    in any collection of the server, must not inherit its list-valued metadata."""
+    from syncd import switching
+
+    client = chroma_server_factory().client()
+    old = client.create_collection("previous--v1", embedding_function=None)
+    count = 1_500  # more than one batch of the emptying
+    old.add(
+        ids=[f"x{i}" for i in range(count)],
+        embeddings=[[0.1, 0.2, 0.3, 0.4]] * count,
+        metadatas=[{"tags": ["alpha", f"t{i}"], "title": "old"} for i in range(count)],
+    )
+
+    switching.delete(client, "previous--v1")
+
+    assert "previous--v1" not in [c.name for c in client.list_collections()]
+    new = client.create_collection("live-one", embedding_function=None)
+    new.add(
+        ids=[f"y{i}" for i in range(count)],
+        embeddings=[[0.4, 0.3, 0.2, 0.1]] * count,
+        metadatas=[{"n": i} for i in range(count)],
+    )
+    stored = new.get(include=["metadatas"])["metadatas"]
+    inherited = [m for m in stored if set(m) != {"n"}]
+    assert not inherited, f"{len(inherited)} records inherited metadata, e.g. {inherited[:2]}"
