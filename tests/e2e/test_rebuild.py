@@ -31,11 +31,14 @@ from .helpers import (
 from .oracle import EMBEDDER, METADATA, actual, document, embedded_by_the_api, mismatch
 
 DOCS = 300
+CRASH_DOCS = 120
 NEW_METADATA = ("title", "n")  # the new mapping drops tags and nested
 NEW_DIMENSIONS = 32
 
 
-def _configs(tmp_path: Path, mongo_uri: str, chroma_server: Any, db: str, coll: str) -> Any:
+def _configs(
+    tmp_path: Path, mongo_uri: str, chroma_server: Any, db: str, coll: str, page: int = 50
+) -> Any:
     def make(path: str, **table: Any) -> Path:
         return write_config(
             tmp_path / path,
@@ -44,7 +47,7 @@ def _configs(tmp_path: Path, mongo_uri: str, chroma_server: Any, db: str, coll: 
             checkpoint_db=f"{db}_syncd",
             extra={"lease": {"ttl_s": 4, "renew_every_s": 1}},
             pipelines=[
-                pipeline_table("p", db, chroma_collection=coll, snapshot_batch_size=50, **table)
+                pipeline_table("p", db, chroma_collection=coll, snapshot_batch_size=page, **table)
             ],
         )
 
@@ -222,22 +225,27 @@ def test_rebuild_killed_at_random_points_ends_with_one_live_collection(
     time run again, while a daemon with the old mapping streams; in the end the
     collection's name serves MongoDB under the new mapping and one previous is kept."""
     db, coll = _names()
-    old_cfg, new_cfg = _configs(tmp_path, mongo_uri, chroma_server, db, coll)
+    # Small pages of few documents: each run is cheap, and the snapshot still spans
+    # several pages for the random kills to fall between.
+    old_cfg, new_cfg = _configs(tmp_path, mongo_uri, chroma_server, db, coll, page=15)
     settings = settings_of(old_cfg)
     docs = mongo_client[db]["docs"]
-    docs.insert_many([document(i) for i in range(DOCS)])
+    docs.insert_many([document(i) for i in range(CRASH_DOCS)])
     daemon = syncd_factory(["run"], old_cfg, log_path=tmp_path / "old.log")
     wait_caught_up(mongo_client, db, settings, "p", 90, "the first copy")
     rng = random.Random(int(os.environ.get("SYNCD_REBUILD_CRASH_SEED", "11")))
     # Random instants of the snapshot first (each run resumes the one killed before it),
-    # then just after each later step is logged: the end of the snapshot, the catch-up
-    # under the live lease, and between the renames. The windows are short: a run that
-    # outlives its window finishes the whole rebuild, and later runs have nothing to do.
-    plan: list[tuple[str, float]] = [("state=snapshotting", 0.3)] * int(
-        os.environ.get("SYNCD_REBUILD_CRASH_RUNS", "2")
-    )
+    # then of the build's streaming (its catch-up, the live lease, the catch-up under it,
+    # the switch), then just after each later step is logged: the end of the snapshot,
+    # the catch-up under the live lease, and between the renames. The windows are short:
+    # a run that outlives its window finishes the whole rebuild, and later runs have
+    # nothing to do.
+    random_runs = int(os.environ.get("SYNCD_REBUILD_CRASH_RUNS", "7"))
+    in_snapshot = (random_runs + 1) // 2
+    plan: list[tuple[str, float]] = [("state=snapshotting", 0.3)] * in_snapshot
+    plan += [("snapshot complete", 0.1)]
+    plan += [("state=streaming", 0.4)] * (random_runs - in_snapshot)
     plan += [
-        ("snapshot complete", 0.1),
         (r"took the lease of pipeline p \(", 0.1),
         ("renamed Chroma collection", 0.0),
     ]
@@ -263,7 +271,8 @@ def test_rebuild_killed_at_random_points_ends_with_one_live_collection(
         kills += 1
     rebuild = SyncdProcess(args, new_cfg, log_path=log).start()
     assert rebuild.wait(240) == ExitCode.OK, rebuild.output()
-    assert kills >= 3, rebuild.output()
+    assert len(plan) >= 10 or random_runs < 7
+    assert kills >= 5 or random_runs < 7, (kills, rebuild.output())
     # A last run after the switch finds nothing left to do.
     final = SyncdProcess(args, new_cfg, log_path=tmp_path / "rebuild.log").start()
     assert final.wait(120) == ExitCode.OK, final.output()
