@@ -6,6 +6,7 @@ from __future__ import annotations
 from context import Context, Sizes
 from daemon_runs import lag, memory
 from embedding import embedding_savings, real_model, remote_embedder
+from rebuild import rebuild
 from snapshot import snapshot
 from throughput import alternatives, sink_limit, tracing
 
@@ -18,6 +19,7 @@ SECTIONS = [
     ("sink_limit", sink_limit),
     ("lag", lag),
     ("snapshot", snapshot),
+    ("rebuild", rebuild),
     ("memory", memory),
 ]
 
