@@ -28,7 +28,7 @@ from bson.timestamp import Timestamp
 from syncd import reuse, switching
 from syncd.checkpoint import Checkpoint
 from syncd.config import PipelineSettings, Settings
-from syncd.errors import ConfigError, ExitCode, from_sink
+from syncd.errors import ConfigError, ExitCode, SinkLostError, from_sink
 from syncd.estimate import estimate
 from syncd.exclusive import Hold, exclusive
 from syncd.mapping import Mapper
@@ -186,7 +186,7 @@ class _Rebuild:
             live = self._live()
             generation = int(record["generation"])
             parked = versioned(self.base, generation)
-            self._switch_to(
+            kept = self._switch_to(
                 live,
                 into={
                     "id": built_cp.chroma_collection_id,
@@ -216,8 +216,13 @@ class _Rebuild:
             )
         self.say(
             f"rebuild of {self.name} switched: {self.base!r} now holds the new records; the "
-            f"previous collection is kept as {parked!r} (`syncd rebuild {self.name} --rollback` "
-            f"goes back to it, `--drop-previous` deletes it)"
+            + (
+                f"previous collection is kept as {parked!r} (`syncd rebuild {self.name} "
+                "--rollback` goes back to it, `--drop-previous` deletes it)"
+                if kept
+                else "previous collection was deleted during the rebuild: none is kept for a "
+                "rollback"
+            )
         )
         return ExitCode.OK
 
@@ -343,13 +348,21 @@ class _Rebuild:
         after: dict[str, Any],
         parked: str,
         epoch: int,
-    ) -> None:
-        """Record the intent, then complete it (see :func:`syncd.switching.complete`)."""
+    ) -> bool:
+        """Record the intent, then complete it (see :func:`syncd.switching.complete`).
+
+        Whether the collection switched away from is kept (it may have been deleted
+        meanwhile: then nothing is kept for a rollback)."""
+        names = switching.collections(self.runtime.chroma, f"chroma:{self.base}")
+        kept = live.chroma_collection_id in names
+        if not kept:
+            after = dict(after, previous=None)
         intent = {
             "live_name": self.base,
             "out": {"id": live.chroma_collection_id, "name": parked},
             "in": into,
             "after": after,
+            "was": self.record.get("state"),
         }
         record = dict(self.record, state="switching", switch=intent)
         self.hold.check()
@@ -358,6 +371,7 @@ class _Rebuild:
         self.record = switching.complete(
             self.store, self.runtime.chroma, self.name, record, epoch=epoch, letters=self.letters
         )
+        return kept
 
     def switch(self) -> None:
         """Complete a switch a crash interrupted."""
@@ -382,11 +396,21 @@ class _Rebuild:
                 hint="a rollback follows a `syncd rebuild` that switched, until `--drop-previous`",
                 pipeline=self.name,
             )
+        names = switching.collections(self.runtime.chroma, f"chroma:{previous['name']}")
+        if previous["id"] not in names:
+            save_record(self.store, self.name, dict(self.record, previous=None))
+            raise SinkLostError(
+                f"the previous collection {previous['name']!r} (id {previous['id']}) of "
+                f"{self.name} is gone: there is nothing to roll back to",
+                hint=f"{self.base!r} serves on unchanged, with this configuration's mapping: "
+                "run syncd with it",
+                pipeline=self.name,
+            )
         with self._taking_live() as live_hold:
             live = self._live()
             generation = int(self.record["generation"])
             parked = versioned(self.base, generation)
-            self._switch_to(
+            kept = self._switch_to(
                 live,
                 into={k: previous[k] for k in ("id", "name", "position")},
                 after={
@@ -405,8 +429,9 @@ class _Rebuild:
             )
         self.say(
             f"rolled {self.name} back: {self.base!r} holds the previous collection again and "
-            f"streams from where it stopped; the one it replaced is kept as {parked!r}. Run "
-            "syncd with the configuration of that mapping"
+            "streams from where it stopped; "
+            + (f"the one it replaced is kept as {parked!r}" if kept else "nothing else is kept")
+            + ". Run syncd with the configuration of that mapping"
         )
         return ExitCode.OK
 

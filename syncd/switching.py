@@ -36,7 +36,7 @@ from typing import Any
 
 from syncd.checkpoint import Checkpoint, CheckpointStore
 from syncd.deadletter import DeadLetterStore
-from syncd.errors import MappingSwitchedError, SyncdError, from_sink
+from syncd.errors import MappingSwitchedError, SinkLostError, SyncdError, from_sink
 
 log = logging.getLogger(__name__)
 
@@ -199,9 +199,14 @@ def complete(
     out_id, in_id = switch["out"]["id"], switch["in"]["id"]
     names = collections(client, f"chroma:{live_name}")
     if in_id not in names:
-        raise SyncdError(
-            f"the Chroma collection {switch['in']['name']!r} (id {in_id}) to switch to is gone",
-            hint=f"run `syncd rebuild {pipeline}` to build it again",
+        if out_id is None or names.get(out_id) == live_name:
+            abandon(store, pipeline, record)  # nothing was renamed: the live one serves on
+        raise SinkLostError(
+            f"the Chroma collection {switch['in']['name']!r} (id {in_id}) to switch to is "
+            f"gone; {live_name!r} still serves the collection it served",
+            hint=f"`syncd rebuild {pipeline}` builds a new one beside it"
+            if switch.get("was") != "switched"  # a rollback's: the kept collection is gone
+            else f"there is nothing to roll back to; `syncd rebuild {pipeline}` builds anew",
             pipeline=pipeline,
         )
     if out_id is not None and names.get(out_id) == live_name:
@@ -224,6 +229,24 @@ def complete(
     done["state"] = "switched"
     save_record(store, pipeline, done)
     return done
+
+
+def abandon(store: CheckpointStore, pipeline: str, record: dict[str, Any]) -> None:
+    """Forget a switch whose collection to switch to is gone, before any rename: the
+    record as it was before the intent, without that collection."""
+    switch = record["switch"]
+    restored = {key: value for key, value in record.items() if key != "switch"}
+    restored["state"] = switch.get("was") or "switched"
+    previous = restored.get("previous") or {}
+    if previous.get("id") == switch["in"]["id"]:
+        restored["previous"] = None  # a rollback's target: kept no more
+    if restored["state"] == "building":
+        restored["target"] = restored.get("target") or switch["in"]["name"]
+    save_record(store, pipeline, restored)
+    log.warning(
+        "abandoned the switch of %s: the collection %r to switch to is gone",
+        pipeline, switch["in"]["name"], extra={"pipeline": pipeline},
+    )  # fmt: skip
 
 
 def move_letters(

@@ -139,3 +139,31 @@ def test_a_switch_interrupted_after_any_step_completes_the_same(
     for collection in names.values():
         chroma.delete_collection(collection)
     mongo_client.drop_database(db)
+
+
+@pytest.mark.parametrize("was", ["building", "switched"])  # a build's switch, a rollback's
+def test_a_switch_whose_collection_to_switch_to_is_gone_is_abandoned(tmp_path, chroma_server, was):
+    from syncd.errors import SinkLostError
+
+    chroma = chroma_server.client()
+    store, record, old_id, new_id = _setup(tmp_path, chroma)
+    name = record["switch"]["live_name"]
+    record["switch"]["was"] = was
+    if was == "switched":  # rolling back to the kept collection, which is the one gone
+        record["previous"] = {"name": f"{name}--v2", "id": new_id, "generation": 1}
+    switching.save_record(store, "p", record)
+    chroma.delete_collection(f"{name}--v2")
+
+    with pytest.raises(SinkLostError) as raised:
+        switching.complete(store, chroma, "p", record, epoch=0)
+
+    assert "to switch to is gone" in str(raised.value)
+    kept = switching.load_record(store, "p")
+    assert kept["state"] == was and "switch" not in kept, kept
+    if was == "switched":
+        assert kept["previous"] is None, "a rollback still offered to a collection that is gone"
+    live = store.load("p")
+    assert live is not None and live.chroma_collection_id == old_id
+    switching.check_start(store, "p", "old-fp", live)  # the live pipeline streams again
+    assert {c.name for c in chroma.list_collections() if c.name.startswith(name)} == {name}
+    chroma.delete_collection(name)
