@@ -35,7 +35,7 @@ from syncd.mapping import Mapper
 from syncd.rebuild_metrics import RebuildTelemetry
 from syncd.runtime import Runtime
 from syncd.switching import build_name, load_record, position_of, save_record, versioned
-from syncd.telemetry import PipelineTelemetry
+from syncd.telemetry import PipelineTelemetry, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,18 @@ def rebuild(
     force: bool = False,
     command: str | None = None,
     stop: threading.Event | None = None,
+    listen: str | None = None,
 ) -> int:
-    """``action``: "build" (build and switch), "rollback" or "drop_previous"."""
-    runtime = Runtime(settings)
+    """``action``: "build" (build and switch), "rollback" or "drop_previous"; ``listen``:
+    serve the metrics there while it runs."""
+    telemetry = None
+    if listen:
+        served = settings.telemetry.model_copy(
+            update={"listen": listen, "traces": "none", "span_log_path": ""}
+        )
+        telemetry = Telemetry(settings.model_copy(update={"telemetry": served}))
+        telemetry.start()
+    runtime = Runtime(settings, telemetry)
     try:
         return run_rebuild(
             runtime,
@@ -67,6 +76,8 @@ def rebuild(
         )
     finally:
         runtime.close()
+        if telemetry is not None:
+            telemetry.shutdown()
 
 
 def run_rebuild(

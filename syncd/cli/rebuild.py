@@ -35,11 +35,19 @@ def register(verbs: Any) -> None:
         action="store_true",
         help="proceed even while another `syncd rebuild` of this pipeline holds it",
     )
+    parser.add_argument(
+        "--listen",
+        default=None,
+        metavar="HOST:PORT",
+        help="serve /metrics (the rebuild's phase, progress and lag), /healthz and /readyz "
+        "while the command runs (default: none; telemetry.listen is the daemon's)",
+    )
     parser.set_defaults(handler=handle)
 
 
 def handle(args: argparse.Namespace) -> int:
-    settings = load_settings(args, chroma=True)
+    listen = {"telemetry.listen": args.listen} if args.listen else {}
+    settings = load_settings(args, chroma=True, **listen)  # a bad address: one line, exit 2
     from syncd.rebuild import rebuild
 
     stop = stop_on_signals()
@@ -51,4 +59,5 @@ def handle(args: argparse.Namespace) -> int:
         force=args.force,
         command=command_line(),
         stop=stop,
+        listen=settings.telemetry.listen if args.listen else None,
     )

@@ -259,3 +259,56 @@ def test_run_rebuilds_beside_a_process_that_streams_the_old_mapping(
     assert new.wait(30) == ExitCode.OK, new.output()
     mongo_client.drop_database(db)
     mongo_client.drop_database(f"{db}_syncd")
+
+
+def test_syncd_rebuild_serves_the_rebuild_metrics_with_listen(
+    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
+):
+    suffix = uuid.uuid4().hex[:8]
+    db, coll = f"listen_{suffix}", f"listen-{suffix}"
+    listen = f"127.0.0.1:{free_port()}"
+    docs = mongo_client[db]["docs"]
+    docs.insert_many([document(i) for i in range(60)])
+    with embedding_api(dimensions=NEW_DIMENSIONS) as api:
+        env = {"SYNCD_TEST_EMBED_KEY": api.api_key}
+
+        def config(path: str, **p: Any) -> Path:
+            return write_config(
+                tmp_path / path,
+                mongo_uri=mongo_uri,
+                chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
+                checkpoint_db=f"{db}_syncd",
+                pipelines=[pipeline_table("p", db, chroma_collection=coll, **p)],
+            )
+
+        old_cfg = config("old.toml", mapping={"text": "body", "metadata": list(METADATA)},
+                         embedder=EMBEDDER)  # fmt: skip
+        new_cfg = config(
+            "new.toml",
+            mapping={"text": "body", "metadata": list(NEW_METADATA)},
+            embedder={
+                "kind": "openai",
+                "base_url": api.base_url,
+                "model": "test-embed",
+                "dimensions": NEW_DIMENSIONS,
+                "api_key_env": "SYNCD_TEST_EMBED_KEY",
+                "timeout_s": 300,
+            },
+        )
+        daemon = syncd_factory(["run"], old_cfg, log_path=tmp_path / "old.log")
+        wait_caught_up(mongo_client, db, settings_of(old_cfg), "p", 90, "the first copy")
+        daemon.terminate()
+        assert daemon.wait(30) == ExitCode.OK, daemon.output()
+        api.hold(0)
+        rebuild = syncd_factory(["rebuild", "p", "--listen", listen], new_cfg, env)
+        wait_until(lambda: api.held() > 0, 120, "the rebuild to embed")
+
+        def phase() -> float | None:
+            metrics = http_get(f"http://{listen}/metrics")[1]
+            return metric_sample(metrics, "syncd_rebuild_phase", pipeline="p", phase="snapshot")
+
+        assert wait_until(lambda: phase() == 1 or None, 30, "the snapshot phase on /metrics")
+        api.release()
+        assert rebuild.wait(180) == ExitCode.OK, rebuild.output()
+    mongo_client.drop_database(db)
+    mongo_client.drop_database(f"{db}_syncd")
