@@ -58,7 +58,10 @@ def needs_rebuild(store: CheckpointStore, name: str, fingerprint: str) -> bool:
         return False  # a first run copies with this mapping
     record = switching.load_record(store, name)
     if record.get("state") == "switching":
-        return True  # an interrupted switch: complete it
+        # Under way, or interrupted: completed by a process switching to this mapping;
+        # one with another mapping waits (see switching.check_start).
+        switch = record.get("switch") or {}
+        return bool((switch.get("after") or {}).get("fingerprint") == fingerprint)
     if cp.fingerprint == fingerprint:
         return False
     previous = record.get("previous") or {}
