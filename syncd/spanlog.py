@@ -35,15 +35,24 @@ class SpanLog:
     def append(self, record: dict[str, Any]) -> None:
         self.extend([record])
 
-    def extend(self, records: Iterable[dict[str, Any]]) -> None:
-        """Append several records with one flush (a batch's events)."""
-        lines = [_encode(record) for record in records]
+    def extend(self, records: Iterable[dict[str, Any]], *, redacted: bool = False) -> None:
+        """Append several records with one flush (a batch's events).
+
+        Every string is redacted on the way in, unless the caller says it ``redacted``
+        every value already (the pipeline's records: redacting ids once serves both
+        their span and their line here).
+        """
+        encode = _ENCODER.encode
+        if redacted:
+            lines = [encode(record) + "\n" for record in records]
+        else:
+            lines = [encode(redact_mapping(record)) + "\n" for record in records]
         if not lines:
             return
         with self._lock:
             handle = self._open()
             for line in lines:
-                size = len(line.encode("utf-8"))
+                size = len(line)  # ASCII: the encoder escapes everything else
                 if self._size and self._size + size > self.max_bytes:
                     handle = self._rotate()
                 handle.write(line)
@@ -108,5 +117,5 @@ def _ends_with_newline(path: Path) -> bool:
         return handle.read(1) == b"\n"
 
 
-def _encode(record: dict[str, Any]) -> str:
-    return json.dumps(redact_mapping(record), separators=(",", ":"), default=str) + "\n"
+# One encoder for every line: json.dumps with options builds a new one per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)

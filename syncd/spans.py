@@ -17,7 +17,9 @@ the stage where it failed.
 Change spans skip the SDK's ``Span`` object: they are built finished
 (:class:`~opentelemetry.sdk.trace.ReadableSpan`) when the batch ends and handed to the
 exporting processors, about 5 µs each against 40 µs for a started and ended span,
-which keeps tracing every change within the overhead budget.
+which keeps tracing every change within the overhead budget. For the same reason a
+change's identifiers are redacted once (:class:`ChangeIds`) and shared by its span and
+its line in the span log.
 
 A checkpoint that only moves an idle position makes no trace: the stage histogram
 counts it and a debug line says so; it becomes a span only when it fails.
@@ -25,10 +27,11 @@ counts it and a debug line says so; it becomes a span only when it fails.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -66,6 +69,18 @@ class ChangeEventInfo:
     traceparent: str | None = None  # W3C traceparent stored in the document, if any
 
 
+@dataclass(frozen=True)
+class ChangeIds:
+    """A change's identifiers as telemetry shows them: redacted once, used everywhere."""
+
+    document_id: str  # redacted
+    cluster_time: str | None  # "time.inc"
+
+    @classmethod
+    def of(cls, info: ChangeEventInfo) -> ChangeIds:
+        return cls(redact_text(info.document_id), format_timestamp(info.cluster_time))
+
+
 @dataclass
 class _Change:
     span_id: int
@@ -83,6 +98,8 @@ class _Batch:
     ended: list[tuple[trace.Span, int]] = field(default_factory=list)  # ended at batch end
     changes: dict[str, _Change] = field(default_factory=dict)  # by document id
     named: bool = True  # whether the span's name carries the destination
+    trace_hex: str = ""  # the batch's trace id and span id, for the span log
+    span_hex: str = ""
     failures: int = 0
     first_failure: BaseException | None = None
 
@@ -137,7 +154,11 @@ class PipelineSpans:
             record_exception=False,  # the SDK's own recording would keep unredacted text
             set_status_on_exception=False,
         )
-        batch = _Batch(span, span.get_span_context(), named=bool(self.namespace))
+        context = span.get_span_context()
+        batch = _Batch(span, context, named=bool(self.namespace))
+        if context.is_valid:
+            batch.trace_hex = trace.format_trace_id(context.trace_id)
+            batch.span_hex = trace.format_span_id(context.span_id)
         if read is not None:
             parent = trace.set_span_in_context(span)
             tracer.start_span(
@@ -231,28 +252,28 @@ class PipelineSpans:
             raise
 
     def change(
-        self, info: ChangeEventInfo, link: Link | None, content: str | None
-    ) -> SpanContext | None:
-        """Record a sampled change of the open batch; return its span's context.
+        self, info: ChangeEventInfo, ids: ChangeIds, link: Link | None, content: str | None
+    ) -> tuple[str, str] | None:
+        """Record a sampled change of the open batch; return its trace and span id (hex).
 
-        Outside a batch (or unsampled) there is no change span; the returned context
-        is then the current span's, for the span log.
+        Outside a batch (or unsampled) there is no change span; the ids returned are
+        then the batch span's, for the span log.
         """
         if not self.namespace:
             self.namespace = info.namespace
         batch = self._batch
-        if batch is None or not batch.context.trace_flags.sampled:
-            return batch.context if batch is not None and batch.context.is_valid else None
-        if not self._owner.sampled(info.document_id):
-            return batch.context
+        if batch is None:
+            return None
+        if not batch.context.trace_flags.sampled or not self._owner.sampled(info.document_id):
+            return (batch.trace_hex, batch.span_hex) if batch.trace_hex else None
         if link is not None:
             batch.span.add_link(link.context, link.attributes)
-        attributes = _change_attributes(info, link)
+        attributes = _change_attributes(info, ids, link)
         if content is not None:
             attributes["syncd.document"] = content
         span_id = random.getrandbits(64) or 1
         batch.changes[info.document_id] = _Change(span_id, attributes, link, time.time_ns())
-        return SpanContext(batch.context.trace_id, span_id, False, _SAMPLED)
+        return batch.trace_hex, format(span_id, "016x")
 
     def poisoned(self, document_id: str, error: BaseException) -> None:
         """A change of the open batch failed: its span, its stage and the batch say so."""
@@ -285,17 +306,19 @@ class PipelineSpans:
             return
         ended = time.time_ns()
         resource, scope = self._owner.resource, self._owner.scope
+        trace_id, parent = batch.context.trace_id, batch.context
+        failed: dict[BaseException, Status] = {}  # one status text per error, not per change
         for change in batch.changes.values():
             error = change.error or batch_error
             attributes = change.attributes
             status = _OK
             if error is not None:
                 attributes["error.type"] = type(error).__qualname__
-                status = Status(StatusCode.ERROR, redact_text(f"{type(error).__name__}: {error}"))
+                status = failed.get(error) or failed.setdefault(error, _error_status(error))
             span = ReadableSpan(
                 name="syncd.change",
-                context=SpanContext(batch.context.trace_id, change.span_id, False, _SAMPLED),
-                parent=batch.context,
+                context=SpanContext(trace_id, change.span_id, False, _SAMPLED),
+                parent=parent,
                 resource=resource,
                 attributes=attributes,
                 links=(change.link,) if change.link is not None else (),
@@ -323,6 +346,10 @@ class PipelineSpans:
 _OK = Status(StatusCode.UNSET)
 
 
+def _error_status(error: BaseException) -> Status:
+    return Status(StatusCode.ERROR, redact_text(f"{type(error).__name__}: {error}"))
+
+
 def _current(span: trace.Span) -> AbstractContextManager[trace.Span]:
     """Make ``span`` current; errors are recorded by :func:`record_error`, redacted."""
     return trace.use_span(
@@ -330,20 +357,31 @@ def _current(span: trace.Span) -> AbstractContextManager[trace.Span]:
     )
 
 
-def _change_attributes(info: ChangeEventInfo, link: Link | None) -> dict[str, Any]:
-    database, _, collection = info.namespace.partition(".")
-    attributes = {
+def _change_attributes(info: ChangeEventInfo, ids: ChangeIds, link: Link | None) -> dict[str, Any]:
+    attributes: dict[str, Any] = {
         "syncd.pipeline": info.pipeline,
-        "syncd.document_id": redact_text(info.document_id),
+        "syncd.document_id": ids.document_id,
         "syncd.operation": info.operation,
-        "syncd.cluster_time": format_timestamp(info.cluster_time),
-        "messaging.message.id": info.resume_token,
-        "db.namespace": database or None,
-        "db.collection.name": collection or None,
-        # Also as an attribute: not every backend keeps span links (Phoenix drops them).
-        "syncd.traceparent": info.traceparent.strip() if link and info.traceparent else None,
     }
-    return {key: value for key, value in attributes.items() if value is not None}
+    if ids.cluster_time is not None:
+        attributes["syncd.cluster_time"] = ids.cluster_time
+    if info.resume_token is not None:
+        attributes["messaging.message.id"] = info.resume_token
+    database, collection = _namespace_parts(info.namespace)
+    if database:
+        attributes["db.namespace"] = database
+    if collection:
+        attributes["db.collection.name"] = collection
+    if link is not None and info.traceparent:
+        # Also as an attribute: not every backend keeps span links (Phoenix drops them).
+        attributes["syncd.traceparent"] = info.traceparent.strip()
+    return attributes
+
+
+@functools.lru_cache(maxsize=256)
+def _namespace_parts(namespace: str) -> tuple[str, str]:
+    database, _, collection = namespace.partition(".")
+    return database, collection
 
 
 CONTENT_LIMIT = 4096  # characters of a document recorded with telemetry.record_content
@@ -362,20 +400,26 @@ def format_timestamp(ts: bson.Timestamp | None) -> str | None:
 
 
 def span_log_record(
-    info: ChangeEventInfo, context: SpanContext | None, link: Link | None
+    info: ChangeEventInfo,
+    ids: ChangeIds,
+    span: tuple[str, str] | None,
+    link: Link | None,
+    safe: Callable[[str], str] = redact_text,
 ) -> dict[str, Any]:
-    """A change's line in the local span log (:mod:`syncd.spanlog`), without its outcome."""
-    valid = context is not None and context.is_valid
-    now = time.time()
+    """A change's line in the local span log (:mod:`syncd.spanlog`), without its outcome.
+
+    Every value is redacted here, so that the span log need not scrub each line again:
+    ``ids`` already are, ``safe`` redacts the pipeline and operation (the caller may
+    remember its answers), and times and hex ids are syncd's own.
+    """
     record: dict[str, Any] = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
-        + f".{int(now % 1 * 1000):03d}Z",
-        "pipeline": info.pipeline,
-        "document_id": info.document_id,
-        "operation": info.operation,
-        "cluster_time": format_timestamp(info.cluster_time),
-        "trace_id": trace.format_trace_id(context.trace_id) if valid and context else None,
-        "span_id": trace.format_span_id(context.span_id) if valid and context else None,
+        "time": utc_stamp(time.time()),
+        "pipeline": safe(info.pipeline),
+        "document_id": ids.document_id,
+        "operation": safe(info.operation),
+        "cluster_time": ids.cluster_time,
+        "trace_id": span[0] if span else None,
+        "span_id": span[1] if span else None,
     }
     if link is not None:
         record["linked_trace_id"] = trace.format_trace_id(link.context.trace_id)
@@ -383,9 +427,19 @@ def span_log_record(
     return record
 
 
-def outcome_of(record: dict[str, Any], failed: Mapping[str, BaseException], outcome: str) -> str:
+def utc_stamp(now: float) -> str:
+    """``2026-12-01T16:00:00.123Z``; the part up to the second is formatted once a second."""
+    return f"{_utc_second(int(now))}.{int(now % 1 * 1000):03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _utc_second(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+
+
+def outcome_of(document_id: str, failed: Mapping[str, BaseException], outcome: str) -> str:
     """A dead-lettered change's outcome names its error; the others share the batch's."""
-    error = failed.get(record["document_id"])
+    error = failed.get(document_id)
     if error is None:
         return outcome
     return f"dead-lettered: {type(error).__name__}" if outcome == "applied" else outcome

@@ -33,7 +33,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Link, SpanContext
+from opentelemetry.trace import Link
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
@@ -46,6 +46,7 @@ from syncd.redact import redact_text
 from syncd.spanlog import SpanLog
 from syncd.spans import (
     ChangeEventInfo,
+    ChangeIds,
     PipelineSpans,
     document_content,
     outcome_of,
@@ -86,7 +87,9 @@ class PipelineTelemetry:
         self._last_checkpoint: float | None = None
         self._checkpoint_time: int | None = None  # cluster time (s) of the stored checkpoint
         self._oldest_pending: int | None = None  # cluster time (s) of the oldest unapplied change
-        self._pending: list[dict[str, Any]] | None = None  # span log records of the open batch
+        # The open batch's span log records, each with its change's document id (unredacted).
+        self._pending: list[tuple[str, dict[str, Any]]] | None = None
+        self._redacted: dict[str, str] = {}  # pipeline name and operations, redacted
         self._failed: dict[str, BaseException] = {}  # document id -> error, in the open batch
         self._read_seconds: float | None = None
         self._show_state()
@@ -104,6 +107,7 @@ class PipelineTelemetry:
             self._observe_stage("read", self._read_seconds)
             self._read_seconds = None
         self._pending, self._failed = [], {}
+        self._redacted.clear()  # a secret registered since is masked from this batch on
         try:
             with self.spans.batch(size):
                 yield
@@ -173,10 +177,11 @@ class PipelineTelemetry:
             self._oldest_pending = info.cluster_time.time
         link = remote_link(info.traceparent) if info.traceparent else None
         content = None
-        if isinstance(document, Mapping) and self._owner.settings.record_content:
+        if self._owner.settings.record_content and isinstance(document, Mapping):
             content = document_content(document)
-        context = self.spans.change(info, link, content)
-        self._log_event(info, context, link)
+        ids = ChangeIds.of(info)
+        span = self.spans.change(info, ids, link, content)
+        self._log_event(info, ids, span, link)
 
     def caught_up(self) -> None:
         """A read found nothing new: every change seen so far is applied."""
@@ -349,23 +354,38 @@ class PipelineTelemetry:
         return held_back
 
     def _log_event(
-        self, info: ChangeEventInfo, context: SpanContext | None, link: Link | None
+        self,
+        info: ChangeEventInfo,
+        ids: ChangeIds,
+        span: tuple[str, str] | None,
+        link: Link | None,
     ) -> None:
         if self._owner.span_log is None:
             return
-        record = span_log_record(info, context, link)
+        record = span_log_record(info, ids, span, link, self._redact)
         if self._pending is not None:
-            self._pending.append(record)
+            self._pending.append((info.document_id, record))
         else:
-            self._owner.write_span_log([{**record, "outcome": "seen"}])
+            record["outcome"] = "seen"
+            self._owner.write_span_log([record])
+
+    def _redact(self, text: str) -> str:
+        """redact_text, remembered for the few words every record of a batch repeats."""
+        safe = self._redacted.get(text)
+        if safe is None:
+            if len(self._redacted) > 64:
+                self._redacted.clear()
+            safe = self._redacted[text] = redact_text(text)
+        return safe
 
     def _write_span_log(self, outcome: str) -> None:
         pending, self._pending = self._pending, None
         failed, self._failed = self._failed, {}
-        if pending:
-            self._owner.write_span_log(
-                [{**record, "outcome": outcome_of(record, failed, outcome)} for record in pending]
-            )
+        if not pending:
+            return
+        for document_id, record in pending:
+            record["outcome"] = outcome_of(document_id, failed, outcome) if failed else outcome
+        self._owner.write_span_log([record for _, record in pending])
 
     def _observe_stage(self, stage: str, seconds: float) -> None:
         self._metrics.stage_seconds.labels(self.name, stage).observe(seconds)
@@ -483,12 +503,15 @@ class Telemetry:
             pipeline.refresh_headroom()
 
     def write_span_log(self, records: list[dict[str, Any]]) -> None:
-        """Append to the span log; a full disk must not fail a batch that was applied."""
+        """Append to the span log; a full disk must not fail a batch that was applied.
+
+        The records' values are redacted already (:func:`syncd.spans.span_log_record`).
+        """
         span_log = self.span_log
         if span_log is None:
             return
         try:
-            span_log.extend(records)
+            span_log.extend(records, redacted=True)
         except OSError as exc:
             now = time.monotonic()
             if now - self._span_log_warned >= 60:
