@@ -264,6 +264,8 @@ class Pipeline:
                 self.process(batch)
             else:
                 self._write_planned(item, batch)
+            if item.ticket is not None:
+                self.telemetry.applied_through(item.ticket)
             planner.written(item)
             self._read_succeeded()
 

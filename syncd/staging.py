@@ -135,6 +135,7 @@ class Item:
 
     batch: Batch | None = None  # None: the read failed (``error``)
     read: tuple[int, int] | None = None  # when the read started and ended (ns)
+    ticket: int | None = None  # the read's place in the lag (PipelineTelemetry.read_ahead)
     stages: list[StageTime] = dataclasses.field(default_factory=list)
     planned: Planned | None = None
     keys: list[str] = dataclasses.field(default_factory=list)  # in flight until written
@@ -222,6 +223,7 @@ class Planner(threading.Thread):
             self.telemetry.spans.read_failed(started, exc)
             raise
         item = Item(batch=batch, read=(started, time.time_ns()))
+        item.ticket = self.telemetry.read_ahead(batch.events)  # the lag counts it from now
         if not batch.events:
             return item
         if any(e["operationType"] in SEQUENTIAL_OPS for e in batch.events):

@@ -12,17 +12,20 @@ No span attribute carries credentials or document content unless
 Metrics (:class:`syncd.health.Metrics`) live on a registry owned by the instance and
 are served with ``/healthz`` and ``/readyz`` by :class:`syncd.health.HealthServer`.
 The lag gauge is computed when scraped: now minus the cluster time of the oldest
-change read but not yet applied, and 0 once a read finds nothing new.
+change read but not yet applied (counted from when the reader hands its batch on, so
+batches read ahead of the writer count too), and 0 once a read finds nothing new.
 Every event's identifiers and trace ids also go to the local span log
 (:mod:`syncd.spanlog`) with the outcome of its batch.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -86,7 +89,10 @@ class PipelineTelemetry:
         self._last_beat = time.monotonic()
         self._last_checkpoint: float | None = None
         self._checkpoint_time: int | None = None  # cluster time (s) of the stored checkpoint
-        self._oldest_pending: int | None = None  # cluster time (s) of the oldest unapplied change
+        self._oldest_pending: int | None = None  # cluster time (s) of the open batch's oldest
+        # Reads handed on but not applied: (ticket, cluster time (s) of the first change).
+        self._read_ahead: deque[tuple[int, int]] = deque()
+        self._tickets = itertools.count(1)
         # The open batch's span log records, each with its change's document id (unredacted).
         self._pending: list[tuple[str, dict[str, Any]]] | None = None
         self._redacted: dict[str, str] = {}  # pipeline name and operations, redacted
@@ -183,12 +189,36 @@ class PipelineTelemetry:
         span = self.spans.change(info, ids, link, content)
         self._log_event(info, ids, span, link)
 
+    def read_ahead(self, events: Sequence[Mapping[str, Any]]) -> int:
+        """A read handed on to be applied; return its ticket for :meth:`applied_through`.
+
+        Its changes count in the lag from now on, while they wait to be planned, in the
+        queue, or behind a write that fails, until the read is applied.
+        """
+        first = next((e["clusterTime"] for e in events if e.get("clusterTime")), None)
+        with self._lock:
+            ticket = next(self._tickets)
+            if first is not None:
+                self._read_ahead.append((ticket, first.time))
+        return ticket
+
+    def applied_through(self, ticket: int) -> None:
+        """Every read up to ``ticket`` is applied, or was read again under a later ticket
+        (a retry reads again what it had read ahead)."""
+        with self._lock:
+            while self._read_ahead and self._read_ahead[0][0] <= ticket:
+                self._read_ahead.popleft()
+
     def caught_up(self) -> None:
-        """A read found nothing new: every change seen so far is applied."""
+        """A read found nothing new: every change read before it is applied."""
         self._oldest_pending = None
 
     def lag_seconds(self) -> float:
         oldest = self._oldest_pending
+        with self._lock:
+            if self._read_ahead:
+                first = min(seconds for _, seconds in self._read_ahead)
+                oldest = first if oldest is None else min(oldest, first)
         return max(0.0, time.time() - oldest) if oldest is not None else 0.0
 
     # --- metrics -----------------------------------------------------------

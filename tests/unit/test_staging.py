@@ -291,6 +291,48 @@ def test_a_drop_is_applied_after_the_write_in_flight_and_before_anything_after_i
     assert store.saved[-1].cluster_time == Timestamp(T0, 3)
 
 
+def test_the_lag_counts_changes_read_ahead_until_they_are_applied() -> None:
+    # Batch 2 is read while batch 1's write is held, then waits in its embedding after
+    # batch 1 is applied: read but not applied all along, its wait is the lag.
+    source = StreamSource(
+        [[event(1, "insert", 1, {"body": "a"})], [event(2, "insert", 2, {"body": "b"})]]
+    )
+    p, _log, sink, _store, _, emb = gated(source=source)
+    embedding_b, release_b = threading.Event(), threading.Event()
+    embed = emb.embed
+
+    def held(texts: Sequence[str]) -> list[list[float]]:
+        if "b" in texts:
+            embedding_b.set()
+            assert release_b.wait(WAIT_S), "never released"
+        return embed(texts)
+
+    emb.embed = held  # type: ignore[method-assign]
+    seen: dict[str, float] = {}
+
+    def watch() -> None:
+        try:
+            assert sink.writing.wait(WAIT_S) and embedding_b.wait(WAIT_S)
+            seen["batch 1 written, batch 2 read ahead"] = p.telemetry.lag_seconds()
+            sink.release.set()
+            deadline = time.monotonic() + WAIT_S
+            while not checkpointed(p, 1)() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen["batch 1 applied, batch 2 embedding"] = p.telemetry.lag_seconds()
+        finally:
+            sink.release.set()
+            release_b.set()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    assert run_until(p, lambda: checkpointed(p, 2)() and p.telemetry.lag_seconds() == 0) is None
+    watcher.join(WAIT_S)
+    age = time.time() - T0  # both batches' changes carry cluster times of second T0
+    assert seen["batch 1 written, batch 2 read ahead"] >= age - 60
+    assert seen["batch 1 applied, batch 2 embedding"] >= age - 60, "batch 2 waits unseen"
+    assert p.telemetry.lag_seconds() == 0
+
+
 @pytest.mark.parametrize("batches", [1, 3])
 def test_stop_ends_both_stages(batches: int) -> None:
     source = StreamSource(
