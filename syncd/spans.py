@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import bson
 from bson import json_util
@@ -69,8 +69,7 @@ class ChangeEventInfo:
     traceparent: str | None = None  # W3C traceparent stored in the document, if any
 
 
-@dataclass(frozen=True)
-class ChangeIds:
+class ChangeIds(NamedTuple):
     """A change's identifiers as telemetry shows them: redacted once, used everywhere."""
 
     document_id: str  # redacted
@@ -100,6 +99,8 @@ class _Batch:
     named: bool = True  # whether the span's name carries the destination
     trace_hex: str = ""  # the batch's trace id and span id, for the span log
     span_hex: str = ""
+    sampled: bool = False  # whether the batch's changes get spans: some, or all of them
+    every: bool = False
     failures: int = 0
     first_failure: BaseException | None = None
 
@@ -159,6 +160,8 @@ class PipelineSpans:
         if context.is_valid:
             batch.trace_hex = trace.format_trace_id(context.trace_id)
             batch.span_hex = trace.format_span_id(context.span_id)
+        batch.sampled = context.trace_flags.sampled
+        batch.every = batch.sampled and self._owner.settings.event_sample_ratio >= 1
         if read is not None:
             parent = trace.set_span_in_context(span)
             tracer.start_span(
@@ -264,7 +267,7 @@ class PipelineSpans:
         batch = self._batch
         if batch is None:
             return None
-        if not batch.context.trace_flags.sampled or not self._owner.sampled(info.document_id):
+        if not batch.every and not (batch.sampled and self._owner.sampled(info.document_id)):
             return (batch.trace_hex, batch.span_hex) if batch.trace_hex else None
         if link is not None:
             batch.span.add_link(link.context, link.attributes)
