@@ -143,7 +143,9 @@ def exclusive(
     leases.start_renewing()  # a snapshot can outlast many TTLs
 
     def check() -> None:
-        if not leases.holds(name):
+        # A lease that lapsed while MongoDB was unreachable is taken back when no other
+        # process took it; MongoDB still unreachable raises its outage error.
+        if not leases.holds(name) and not leases.reclaim(name, taken):
             raise LeaseLostError(
                 "this command no longer holds the pipeline's lease; not writing",
                 hint=LOST_HINT,

@@ -274,6 +274,30 @@ class LeaseManager:
         held.deadline = started + self.settings.ttl_s - self._margin
         return None
 
+    def reclaim(self, pipeline: str, epoch: int) -> bool:
+        """Take back a lease that lapsed (MongoDB unreachable past its deadline) if it
+        still names us with ``epoch``: no other process took it meanwhile, so nothing
+        was written under another epoch. False when it is another's now."""
+        started = time.monotonic()
+        with translate_mongo_errors(pipeline=pipeline):
+            doc = self._coll.find_one_and_update(
+                {"_id": pipeline, "owner": self.owner, "epoch": epoch},
+                [{"$set": {"expires_at": {"$add": ["$$NOW", self._ttl_ms]}}}],
+                return_document=ReturnDocument.AFTER,
+            )
+        if doc is None:
+            return False
+        with self._lock:
+            self._held[pipeline] = Held(
+                pipeline, epoch, started + self.settings.ttl_s - self._margin
+            )
+        log.info(
+            "took back the lease of pipeline %s (epoch %d): it lapsed while MongoDB was "
+            "unreachable, and no other process took it", pipeline, epoch,
+            extra={"pipeline": pipeline, "epoch": epoch},
+        )  # fmt: skip
+        return True
+
     def release(self, pipeline: str) -> None:
         """Expire our lease at once so another process can take it without waiting."""
         with self._lock:

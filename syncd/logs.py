@@ -47,11 +47,25 @@ _NOT_SECRET = frozenset({"resume_token", "start_token"})
 
 
 class RedactingFilter(logging.Filter):
-    """Scrub credentials from a record in place; never drops a record."""
+    """Scrub credentials from a record in place; never drops a record.
+
+    ``brief_libraries``: a library's record (pymongo's background monitor, say) carries
+    its exception as one line of the message, not a traceback: those are the libraries'
+    own retries of what syncd reports and retries itself (tracebacks at debug level).
+    """
+
+    def __init__(self, *, brief_libraries: bool = False) -> None:
+        super().__init__()
+        self._brief = brief_libraries
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.msg = redact_text(_safe_message(record))
         record.args = None
+        if self._brief and record.exc_info and record.name.split(".")[0] in _NOISY:
+            error = record.exc_info[1]
+            if error is not None:
+                record.msg = f"{record.msg}: {type(error).__name__}: {redact_text(str(error))}"
+            record.exc_info, record.exc_text = None, None
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
@@ -172,11 +186,11 @@ def setup_logging(settings: LogSettings, stream: TextIO | None = None) -> None:
     out = stream or sys.stderr
     handler = logging.StreamHandler(out)
     handler._syncd = True  # type: ignore[attr-defined]
-    handler.addFilter(RedactingFilter())
+    level = getattr(logging, settings.level.upper())
+    handler.addFilter(RedactingFilter(brief_libraries=level > logging.DEBUG))
     formatter: logging.Formatter = JsonFormatter() if settings.format == "json" else TextFormatter()
     handler.setFormatter(JournalPrefix(formatter) if stream_is_journal(out) else formatter)
     root.addHandler(handler)
-    level = getattr(logging, settings.level.upper())
     root.setLevel(level)
     for name in _NOISY:
         logging.getLogger(name).setLevel(level if level <= logging.DEBUG else logging.WARNING)

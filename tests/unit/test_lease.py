@@ -92,6 +92,37 @@ def test_a_lease_that_cannot_be_renewed_past_its_deadline_says_why(mongo_db):
     assert name == "p" and why.startswith("its lease expired: MongoDB could not be reached")
 
 
+def test_a_lease_that_lapsed_in_an_outage_is_taken_back_unless_another_took_it(mongo_db):
+    from syncd.errors import SourceUnavailableError
+
+    a, b = manager(mongo_db, "a"), manager(mongo_db, "b")
+    assert a.acquire("p") == 1
+    reachable = a._coll
+
+    class Unreachable:
+        def find_one_and_update(self, *args: object, **kwargs: object) -> None:
+            raise AutoReconnect("connection refused")
+
+    a._coll = Unreachable()  # type: ignore[assignment]
+    time.sleep(1.2)
+    assert a.renew() == ["p"] and not a.holds("p")
+    with pytest.raises(SourceUnavailableError):
+        a.reclaim("p", 1)  # MongoDB still down: an outage, not a lost lease
+    a._coll = reachable
+
+    assert a.reclaim("p", 1), "nobody took the lease meanwhile: it is ours again"
+    assert a.holds("p") and a.renew() == []
+    assert b.acquire("p") is None, "a lease taken back is live again"
+
+    a._coll = Unreachable()  # type: ignore[assignment]
+    time.sleep(1.2)
+    assert a.renew() == ["p"]
+    assert b.acquire("p") == 2  # this time another process takes it during the lapse
+    a._coll = reachable
+    assert not a.reclaim("p", 1), "took back a lease another process holds"
+    assert not a.holds("p") and b.holds("p")
+
+
 def test_force_steals_a_live_lease(mongo_db):
     a, b = manager(mongo_db, "a"), manager(mongo_db, "b")
     assert a.acquire("p") == 1

@@ -117,6 +117,34 @@ def test_library_records_are_redacted_too_and_setup_replaces_its_handler(output)
     assert_no_secret(line)
 
 
+def _library_error(logger: str) -> None:
+    try:
+        raise ConnectionRefusedError(f"connecting to {URI} refused")
+    except ConnectionRefusedError:
+        logging.getLogger(logger).error("MongoClient background task failed", exc_info=True)
+
+
+def test_a_library_error_is_one_line_unless_debug_asks_for_its_traceback(output):
+    setup_logging(LogSettings(format="text"), stream=output)
+    _library_error("pymongo.client")
+    try:
+        raise ValueError("kept")
+    except ValueError:
+        logging.getLogger("syncd.daemon").exception("ours")
+    text = output.getvalue()
+    assert "Traceback" in text and "ValueError" in text, "syncd's own tracebacks are kept"
+    library = [line for line in lines(output) if "background task" in line]
+    assert len(library) == 1 and "ConnectionRefusedError: connecting to" in library[0]
+    assert text.count("Traceback") == 1
+    assert_no_secret(text)
+
+    output.truncate(0), output.seek(0)
+    setup_logging(LogSettings(format="text", level="debug"), stream=output)
+    _library_error("pymongo.client")
+    assert "Traceback" in output.getvalue()
+    assert_no_secret(output.getvalue())
+
+
 def test_json_lines_inside_a_span_carry_its_trace_and_span_ids(output):
     from opentelemetry.sdk.trace import TracerProvider
 
