@@ -307,7 +307,7 @@ def test_the_lag_counts_changes_read_ahead_until_they_are_applied() -> None:
             assert release_b.wait(WAIT_S), "never released"
         return embed(texts)
 
-    emb.embed = held  # type: ignore[method-assign]
+    emb.embed = held
     seen: dict[str, float] = {}
 
     def watch() -> None:
