@@ -199,14 +199,17 @@ def complete(
     out_id, in_id = switch["out"]["id"], switch["in"]["id"]
     names = collections(client, f"chroma:{live_name}")
     if in_id not in names:
+        if out_id in names and names[out_id] != live_name and live_name not in names.values():
+            rename(client, names[out_id], live_name)  # renamed away before the crash: back
+            names[out_id] = live_name
         if out_id is None or names.get(out_id) == live_name:
-            abandon(store, pipeline, record)  # nothing was renamed: the live one serves on
+            abandon(store, pipeline, record)  # the live one serves on, as before the switch
         raise SinkLostError(
             f"the Chroma collection {switch['in']['name']!r} (id {in_id}) to switch to is "
             f"gone; {live_name!r} still serves the collection it served",
-            hint=f"`syncd rebuild {pipeline}` builds a new one beside it"
+            hint=f"run `syncd rebuild {pipeline}` again: it builds the new collection anew"
             if switch.get("was") != "switched"  # a rollback's: the kept collection is gone
-            else f"there is nothing to roll back to; `syncd rebuild {pipeline}` builds anew",
+            else f"there is nothing to roll back to: {live_name!r} serves on unchanged",
             pipeline=pipeline,
         )
     if out_id is not None and names.get(out_id) == live_name:
@@ -242,6 +245,7 @@ def abandon(store: CheckpointStore, pipeline: str, record: dict[str, Any]) -> No
         restored["previous"] = None  # a rollback's target: kept no more
     if restored["state"] == "building":
         restored["target"] = restored.get("target") or switch["in"]["name"]
+        store.delete(build_name(pipeline))  # its collection is gone: the next run starts over
     save_record(store, pipeline, restored)
     log.warning(
         "abandoned the switch of %s: the collection %r to switch to is gone",

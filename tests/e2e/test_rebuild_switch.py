@@ -141,8 +141,11 @@ def test_a_switch_interrupted_after_any_step_completes_the_same(
     mongo_client.drop_database(db)
 
 
+@pytest.mark.parametrize("renamed", [False, True])  # the first rename done before a crash
 @pytest.mark.parametrize("was", ["building", "switched"])  # a build's switch, a rollback's
-def test_a_switch_whose_collection_to_switch_to_is_gone_is_abandoned(tmp_path, chroma_server, was):
+def test_a_switch_whose_collection_to_switch_to_is_gone_is_abandoned(
+    tmp_path, chroma_server, was, renamed
+):
     from syncd.errors import SinkLostError
 
     chroma = chroma_server.client()
@@ -153,6 +156,8 @@ def test_a_switch_whose_collection_to_switch_to_is_gone_is_abandoned(tmp_path, c
         record["previous"] = {"name": f"{name}--v2", "id": new_id, "generation": 1}
     switching.save_record(store, "p", record)
     chroma.delete_collection(f"{name}--v2")
+    if renamed:
+        chroma.get_collection(name).modify(name=f"{name}--v1")
 
     with pytest.raises(SinkLostError) as raised:
         switching.complete(store, chroma, "p", record, epoch=0)
@@ -162,6 +167,8 @@ def test_a_switch_whose_collection_to_switch_to_is_gone_is_abandoned(tmp_path, c
     assert kept["state"] == was and "switch" not in kept, kept
     if was == "switched":
         assert kept["previous"] is None, "a rollback still offered to a collection that is gone"
+    else:  # the build's position described the collection that is gone
+        assert store.load("p~rebuild") is None, "the next rebuild would resume into nothing"
     live = store.load("p")
     assert live is not None and live.chroma_collection_id == old_id
     switching.check_start(store, "p", "old-fp", live)  # the live pipeline streams again
