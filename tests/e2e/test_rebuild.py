@@ -184,15 +184,7 @@ def test_rebuild_switches_under_load_and_rolls_back(
     assert queries.seen == ["old", "new"], queries.seen
 
     wait_caught_up(mongo_client, db, settings, "p", 90, "the new daemon to catch up")
-    live = chroma.get_collection(coll)
-    assert str(live.id) != old_id
-    want = embedded_by_the_api(
-        docs.find(), dimensions=NEW_DIMENSIONS, metadata_fields=list(NEW_METADATA)
-    )
-    problem = diff(want, actual(live))
-    assert not problem, problem
-    names = {c.name: str(c.id) for c in chroma.list_collections()}
-    assert names.get(f"{coll}--v1") == old_id, names  # kept for a rollback
+    assert_switched(chroma, coll, old_id, docs)
 
     # Changes after the switch reach the previous collection once it is rolled back.
     for key in range(5):
@@ -216,6 +208,26 @@ def test_rebuild_switches_under_load_and_rolls_back(
     assert f"{coll}--v2" not in left and coll in left, left
     mongo_client.drop_database(db)
     mongo_client.drop_database(f"{db}_syncd")
+
+
+def assert_new_mapping(chroma: Any, coll: str, docs: Any) -> None:
+    """The collection named `coll` mirrors the MongoDB collection `docs` under the new
+    mapping: NEW_METADATA, and vectors of NEW_DIMENSIONS as the test embedding API (or
+    the hashing embedder) makes them."""
+    want = embedded_by_the_api(
+        docs.find(), dimensions=NEW_DIMENSIONS, metadata_fields=list(NEW_METADATA)
+    )
+    problem = diff(want, actual(chroma.get_collection(coll)))
+    assert not problem, problem
+
+
+def assert_switched(chroma: Any, coll: str, old_id: str, docs: Any) -> None:
+    """The rebuild switched: the name `coll` serves a collection other than `old_id`,
+    under the new mapping, and `old_id` is kept as `<coll>--v1` for a rollback."""
+    assert str(chroma.get_collection(coll).id) != old_id
+    assert_new_mapping(chroma, coll, docs)
+    names = {c.name: str(c.id) for c in chroma.list_collections()}
+    assert names.get(f"{coll}--v1") == old_id, names
 
 
 def _status(cfg: Path) -> dict[str, Any]:
@@ -322,11 +334,7 @@ def _killed_at_random_points(
     new_daemon = syncd_factory(["run"], new_cfg, log_path=tmp_path / "new.log")
     wait_caught_up(mongo_client, db, settings, "p", 90, "the new daemon")
     chroma = chroma_server.client()
-    want = embedded_by_the_api(
-        docs.find(), dimensions=NEW_DIMENSIONS, metadata_fields=list(NEW_METADATA)
-    )
-    problem = diff(want, actual(chroma.get_collection(coll)))
-    assert not problem, problem
+    assert_new_mapping(chroma, coll, docs)
     ours = sorted(c.name for c in chroma.list_collections() if c.name.startswith(coll))
     assert ours == [coll, f"{coll}--v1"], ours
     cp = load_checkpoint(settings, "p")

@@ -17,7 +17,6 @@ from tests.harness.embedding_api import embedding_api
 from tests.harness.ports import free_port
 
 from .helpers import (
-    diff,
     http_get,
     metric_sample,
     pipeline_table,
@@ -26,8 +25,8 @@ from .helpers import (
     wait_until,
     write_config,
 )
-from .oracle import EMBEDDER, METADATA, actual, document, embedded_by_the_api, mismatch
-from .test_rebuild import DOCS, NEW_DIMENSIONS, NEW_METADATA, _Queries, _Writes
+from .oracle import EMBEDDER, METADATA, document, mismatch
+from .test_rebuild import DOCS, NEW_DIMENSIONS, NEW_METADATA, _Queries, _Writes, assert_switched
 
 PHASES = ("snapshot", "catching_up", "switching", "switched", "stopped")
 
@@ -188,15 +187,7 @@ def test_run_rebuilds_a_changed_mapping_beside_the_live_collection(
         assert queries.seen == ["old", "new"], queries.seen
 
         wait_caught_up(mongo_client, db, settings, "p", 90, "the new mapping to stream")
-        live = chroma.get_collection(coll)
-        assert str(live.id) != old_id
-        want = embedded_by_the_api(
-            docs.find(), dimensions=NEW_DIMENSIONS, metadata_fields=list(NEW_METADATA)
-        )
-        problem = diff(want, actual(live))
-        assert not problem, problem
-        names = {c.name: str(c.id) for c in chroma.list_collections()}
-        assert names.get(f"{coll}--v1") == old_id, names  # kept for a rollback
+        assert_switched(chroma, coll, old_id, docs)
         row = _status(new_cfg, env, "p")
         assert row["state"] == "streaming", row
         assert row["rebuild"] == {"state": "switched", "previous_collection": f"{coll}--v1"}, row
@@ -257,13 +248,7 @@ def test_run_rebuilds_beside_a_process_that_streams_the_old_mapping(
     assert not queries.mixed, queries.mixed[:5]
     assert queries.seen == ["old", "new"], queries.seen
     wait_caught_up(mongo_client, db, settings, "p", 90, "the last writes")
-    live = chroma.get_collection(coll)
-    assert str(live.id) != old_id
-    want = embedded_by_the_api(
-        docs.find(), dimensions=NEW_DIMENSIONS, metadata_fields=list(NEW_METADATA)
-    )
-    problem = diff(want, actual(live))
-    assert not problem, problem
+    assert_switched(chroma, coll, old_id, docs)
     # The old process was fenced out, lives on, and neither takes the pipeline back nor
     # rebuilds it back to its own mapping.
     assert old.is_running(), old.output()
