@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import workload as w
 from common import Servers, drain, drop_collection
@@ -16,38 +16,44 @@ from common import Servers, drain, drop_collection
 from syncd import config as syncd_config
 from syncd.mapping import Mapper
 
+T = TypeVar("T")
+
+
+def _size(full: T, quick: T) -> T:
+    """A workload's size, and its size in the smoke run (`--quick`)."""
+    return field(default=full, metadata={"quick": quick})
+
 
 @dataclass
 class Sizes:
-    sink_events: int = 20_000
+    """Each section's workload: these defaults for `make bench`, the `quick` value beside
+    a field for the smoke run (`--quick`)."""
+
+    sink_events: int = _size(20_000, quick=3_000)
     sink_runs: int = 2  # alternating A/B/B/A, each contender on a fresh Chroma server
-    alt_inserts: int = 2_000
-    alt_updates: int = 500  # each of text and metadata-only
-    alt_deletes: int = 250
-    alt_runs: int = 3
-    lag_seconds: float = 20.0
-    memory_small: int = 100_000
-    memory_large: int = 1_000_000
+    alt_inserts: int = _size(2_000, quick=300)
+    alt_updates: int = _size(500, quick=100)  # each of text and metadata-only
+    alt_deletes: int = _size(250, quick=50)
+    alt_runs: int = _size(3, quick=1)
+    lag_seconds: float = _size(20.0, quick=5.0)
+    memory_small: int = _size(100_000, quick=5_000)
+    memory_large: int = _size(1_000_000, quick=20_000)
     memory_docs: int = 100
-    snapshot_docs: int = 200_000
+    snapshot_docs: int = _size(200_000, quick=5_000)
     snapshot_runs: int = 1  # raw upsert then syncd; 2 for A/B/B/A
-    savings_docs: int = 2_000
-    savings_updates: int = 2_000
-    remote_events: int = 4_000
-    remote_runs: int = 2
-    model_texts: int = 1_000
-    model_runs: int = 2
-    tracing_events: int = 5_000
-    tracing_runs: int = 6  # alternating A/B/B/A: runs of one setting differ by 10-30 % here
+    savings_docs: int = _size(2_000, quick=300)
+    savings_updates: int = _size(2_000, quick=300)
+    remote_events: int = _size(4_000, quick=1_000)
+    remote_runs: int = _size(2, quick=1)
+    model_texts: int = _size(1_000, quick=200)
+    model_runs: int = _size(2, quick=1)
+    tracing_events: int = _size(5_000, quick=1_000)
+    tracing_runs: int = _size(6, quick=1)  # A/B/B/A: runs of one setting differ by 10-30 %
     budget_s: float = 1_110.0  # what the whole run may take; big sections shrink to fit
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(sink_events=3_000, alt_inserts=300, alt_updates=100, alt_deletes=50,
-                   alt_runs=1, lag_seconds=5, memory_small=5_000, memory_large=20_000,
-                   snapshot_docs=5_000, savings_docs=300, savings_updates=300, remote_events=1_000,
-                   remote_runs=1, model_texts=200, model_runs=1, tracing_events=1_000,
-                   tracing_runs=1)
+        return cls(**{f.name: f.metadata["quick"] for f in fields(cls) if "quick" in f.metadata})
 
 
 @dataclass
