@@ -136,25 +136,27 @@ def syncd_drain(servers: Servers, table: dict[str, Any], start: Any, until: Any,
     return drain(cfg, name, start_at=start, until=until, **kw)
 
 
-def raw_upsert(chroma: Any, name: str, slices: Iterable[list[Any]]) -> dict[str, Any]:
-    """Upsert each slice of mapped records (ids, texts, metadata, vectors) into a new
-    collection with one client: the baseline syncd is held to. Only the upsert calls are
-    timed; building a slice (mapping) happens between them, outside the window."""
-    drop_collection(chroma, name)
-    target = chroma.create_collection(name, embedding_function=None,
+def raw_upsert(chroma: Any, table: dict[str, Any], n: int, *, batch: int,
+               dims: int) -> dict[str, Any]:
+    """Upsert the records syncd maps from the bench documents 0..n-1 (ids, texts, metadata,
+    vectors), ``batch`` at a time, into a new collection with one client: the baseline
+    syncd is held to. Only the upsert calls are timed (``wall_s``); mapping a slice happens
+    between them, outside the window."""
+    drop_collection(chroma, "raw")
+    target = chroma.create_collection("raw", embedding_function=None,
                                       metadata={"hnsw:space": "cosine"})
     seconds, records = 0.0, 0
-    for part in slices:
+    for part in _mapped_slices(table, range(n), batch, dims=dims):
         began = time.perf_counter()
         target.upsert(ids=[r.id for r in part], documents=[r.text for r in part],
                       metadatas=[r.metadata for r in part],
                       embeddings=[r.embedding for r in part])
         seconds += time.perf_counter() - began
         records += len(part)
-    return {"upsert_s": seconds, "records": records}
+    return {"records": records, "wall_s": seconds, "per_s": records / seconds}
 
 
-def mapped_slices(table: dict[str, Any], ids: range, size: int, *,
+def _mapped_slices(table: dict[str, Any], ids: range, size: int, *,
                   dims: int) -> Iterable[list[Any]]:
     """The records syncd maps from the bench documents ``ids``, ``size`` at a time."""
     m = mapper(table)

