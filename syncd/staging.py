@@ -4,7 +4,10 @@ While the pipeline's own thread (stage two, the only writer) writes batch N to C
 reads it back and checkpoints it, a :class:`Planner` thread reads batch N+1 from the
 change stream and plans it: coalesces it, maps it, looks up what Chroma holds for its
 keys and embeds what changed. Batches are handed over in stream order through a queue
-of one, so at most three batches are in memory whatever the backlog.
+of one, and the planner reads the next batch only once the writer has taken the last
+one: one batch is written while the next is planned, so at most two are in memory
+whatever the backlog, and the changes that arrive during a write make the next read
+bigger instead of queueing behind it in small batches (each with a write's fixed cost).
 
 What keeps the mirror exact while two batches are in flight:
 
@@ -167,15 +170,18 @@ class Planner(threading.Thread):
         self.in_flight = InFlight()
         self._lookup = GatedLookup(applier.sink, self.in_flight)
         self._queue: queue.Queue[Item] = queue.Queue(maxsize=1)
+        self._taken = threading.Event()  # the writer took the item handed over last
 
     # --- the writer's side ---------------------------------------------------------
 
     def next(self, timeout: float = POLL_S) -> Item | None:
         """The next item in stream order, or None if none came within ``timeout``."""
         try:
-            return self._queue.get(timeout=timeout)
+            item = self._queue.get(timeout=timeout)
         except queue.Empty:
             return None
+        self._taken.set()
+        return item
 
     def written(self, item: Item) -> None:
         """The writer applied ``item``: its keys may be looked up again."""
@@ -196,9 +202,11 @@ class Planner(threading.Thread):
         try:
             while not self.stop.is_set() and not self.in_flight.cancelled:
                 item = self._plan_next()
+                self._taken.clear()
                 self._put(item)
                 if item.error is not None:
                     return
+                self._wait_taken()
                 if item.sequential:
                     self._wait_applied(item)
                     if item.batch is not None and item.batch.invalidated:
@@ -261,6 +269,14 @@ class Planner(threading.Thread):
                 return
             except queue.Full:
                 continue
+
+    def _wait_taken(self) -> None:
+        """Until the writer takes what was handed over (or the pipeline stops)."""
+        while not self._taken.wait(POLL_S):
+            if self.in_flight.cancelled:
+                raise Abandoned
+            if self.stop.is_set():
+                return
 
     def _wait_applied(self, item: Item) -> None:
         while not item.done.wait(POLL_S):
