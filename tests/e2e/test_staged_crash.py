@@ -1,5 +1,11 @@
 """`kill -9` while one batch is being written to Chroma and the next is already embedded:
-the checkpoint covers only what is in Chroma, and a restart converges."""
+the checkpoint covers only what is in Chroma, and a restart converges.
+
+The state is reached for sure, whatever the machine's load: the proxy before Chroma
+holds the write of batch N (its upsert never arrives, while lookups go through), and the
+embedding API holds batch N's embedding until every change after it is in the stream,
+so batch N+1, which the planner reads once the writer has taken N, is not empty.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from .helpers import (
 
 BATCH = 20
 DOCS = 240
+HALF = DOCS // 2
 
 
 @pytest.mark.timeout(400)
@@ -30,13 +37,23 @@ def test_kill9_with_a_batch_in_the_write_and_the_next_one_embedded(
 ):
     db = f"staged_{uuid.uuid4().hex[:8]}"
     chroma_name = f"staged-{uuid.uuid4().hex[:8]}"
-    proxy = tcp_proxy_factory(chroma_server.host, chroma_server.port)  # slows Chroma down
+    proxy = tcp_proxy_factory(chroma_server.host, chroma_server.port)  # holds a write
     with embedding_api(dimensions=32) as api:
-        openai = {"kind": "openai", "base_url": api.base_url, "model": "m", "api_key": api.api_key}
+        # One request per batch (a batch holds fewer texts than the embedder's batch
+        # size), and neither a held write nor a held embedding is given up on meanwhile.
+        openai = {
+            "kind": "openai",
+            "base_url": api.base_url,
+            "model": "m",
+            "api_key": api.api_key,
+            "batch_size": 64,
+            "timeout_s": 600,
+        }
+        chroma = {"mode": "http", "host": proxy.host, "port": proxy.port, "timeout_s": 600}
         cfg = write_config(
             tmp_path / "syncd.toml",
             mongo_uri=mongo_uri,
-            chroma={"mode": "http", "host": proxy.host, "port": proxy.port},
+            chroma=chroma,
             checkpoint_db=f"{db}_syncd",
             pipelines=[
                 pipeline_table(
@@ -53,27 +70,40 @@ def test_kill9_with_a_batch_in_the_write_and_the_next_one_embedded(
             120,
             "streaming",
         )
-        proxy.set_latency(0.3)
         written: list[tuple[Timestamp, list[str]]] = []  # each burst: its last op time, ids
         coll = mongo_client[db]["docs"]
-        for start in range(0, DOCS, BATCH):
-            ids = list(range(start, start + BATCH))
-            with mongo_client.start_session(causal_consistency=True) as session:
-                coll.insert_many(
-                    [{"_id": i, "body": f"document number {i}"} for i in ids], session=session
-                )
-                assert session.operation_time is not None
-                written.append((session.operation_time, [f"i:{i}" for i in ids]))
+
+        def insert(first: int, end: int) -> None:
+            for start in range(first, end, BATCH):
+                ids = list(range(start, start + BATCH))
+                with mongo_client.start_session(causal_consistency=True) as session:
+                    coll.insert_many(
+                        [{"_id": i, "body": f"document number {i}"} for i in ids],
+                        session=session,
+                    )
+                    assert session.operation_time is not None
+                    written.append((session.operation_time, [f"i:{i}" for i in ids]))
+
+        insert(0, HALF)  # written and checkpointed, so that the kill has a checkpoint to judge
+        wait_until(lambda: caught_up(settings, "staged", written[-1][0]), 120, "the first half")
         collection = chroma_server.client().get_collection(chroma_name, embedding_function=None)
+        requests = api.requests
+        proxy.hold(b"/upsert")  # batch N's write goes no further than the proxy
+        api.hold()  # and batch N's embedding waits until all the changes after it are in
+        insert(HALF, DOCS)
+        wait_until(lambda: api.held() == 1, 120, "batch N's embedding held")
+        api.release()
 
-        def embedded_ahead() -> bool:
-            # More than a batch embedded beyond what Chroma holds: as only one batch is
-            # written at a time, one is in the write and the next is already embedded.
-            embedded = len({t for t in api.inputs if t.startswith("document number")})
-            return embedded > collection.count() + BATCH
+        def next_one_embedded() -> bool:
+            # Batch N is in the write (held) and the API answered the request of batch
+            # N+1 too; nothing of either is in Chroma.
+            return proxy.held == 1 and api.requests >= requests + 2
 
-        wait_until(embedded_ahead, 120, "a batch embedded while the one before is written")
+        wait_until(next_one_embedded, 120, "batch N in the write and batch N+1 embedded")
+        assert collection.count() == HALF, "the held write reached Chroma"
         daemon.kill()
+        proxy.cut()  # the held write dies with the killed process's connection
+        proxy.heal()
 
         cp = load_checkpoint(settings, "staged")
         assert cp is not None and cp.cluster_time is not None
@@ -84,7 +114,6 @@ def test_kill9_with_a_batch_in_the_write_and_the_next_one_embedded(
         assert not missing, f"checkpoint {cp.cluster_time} passes {missing[:5]}, not in Chroma"
         assert len(covered) < DOCS, "the kill came after the last checkpoint: nothing in flight"
 
-        proxy.set_latency(0.0)
         daemon.start()
         wait_until(lambda: caught_up(settings, "staged", written[-1][0]), 180, "catching up")
         daemon.terminate()

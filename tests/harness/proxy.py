@@ -12,7 +12,12 @@ Faults:
 - `refuse(True)` accepts new connections and resets them immediately, so connects
   fail while the port stays ours (another process cannot take it meanwhile);
 - `set_latency(s)` delays every forwarded chunk in both directions by `s` seconds;
-- `heal()` undoes `refuse` and `set_latency`; connections already cut stay cut.
+- `hold(pattern)` keeps each request a client sends whose bytes contain `pattern` (and
+  whatever that client sends after it) from the target until `release()`, as when one
+  kind of request is stuck on its way: `hold(b"/upsert")` before Chroma keeps a write
+  from arriving while the reads around it go through; `held` counts the requests held;
+- `heal()` undoes `refuse`, `set_latency` and `hold`; connections already cut stay cut
+  (a request held on a connection cut meanwhile is dropped, never sent).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any, TypeVar
 
 _T = TypeVar("_T")
 _CHUNK = 64 * 1024
+_HOLD_MAX = 1024  # the longest pattern `hold` takes
 # SO_LINGER with a zero timeout makes close() send RST instead of FIN and drop unsent data.
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -79,6 +85,10 @@ class TcpProxy:
         """Connections reset because the target could not be reached."""
         self._latency = 0.0
         self._refusing = False
+        self._hold: bytes | None = None
+        self._released: asyncio.Event | None = None  # set when held requests may go on
+        self.held = 0
+        """Requests held by `hold()` now, not yet released."""
         self._closing = False
         self._connections: set[_Connection] = set()
         self._handlers: set[asyncio.Task[None]] = set()
@@ -124,10 +134,22 @@ class TcpProxy:
             raise ValueError(f"latency must be >= 0 seconds, got {seconds}")
         self._latency = seconds
 
+    def hold(self, pattern: bytes) -> None:
+        """Hold, until `release()`, each request a client sends that contains `pattern`."""
+        if not 0 < len(pattern) <= _HOLD_MAX:
+            raise ValueError(f"hold needs a pattern of 1 to {_HOLD_MAX} bytes")
+        self._call(self._set_hold(pattern))
+
+    def release(self) -> None:
+        """Forward the held requests (those on connections still open) and hold no more."""
+        if self._hold is not None or self._released is not None:
+            self._call(self._set_hold(None))
+
     def heal(self) -> None:
-        """Accept connections again and forward without delay."""
+        """Accept connections again, forward without delay and hold nothing."""
         self._refusing = False
         self._latency = 0.0
+        self.release()
 
     def wait_for_connections(self, count: int, timeout: float = 10.0) -> None:
         """Block until at least `count` connections have been accepted in total."""
@@ -178,6 +200,28 @@ class TcpProxy:
 
     async def _listen(self, port: int) -> asyncio.Server:
         return await asyncio.start_server(self._handle, self.host, port, reuse_address=True)
+
+    async def _set_hold(self, pattern: bytes | None) -> None:
+        if self._released is not None:
+            self._released.set()
+        self._hold = pattern
+        self._released = asyncio.Event() if pattern is not None else None
+
+    def _holds(self, last: bytes, data: bytes) -> bool:
+        """Whether `data` is held: the pattern ends in it (and may start in `last`, the end
+        of the chunk before, which went on already)."""
+        pattern = self._hold
+        return pattern is not None and pattern in last[len(last) - len(pattern) + 1 :] + data
+
+    async def _wait_released(self) -> None:
+        released = self._released
+        if released is None:
+            return
+        self.held += 1
+        try:
+            await released.wait()
+        finally:
+            self.held -= 1
 
     async def _cut(self) -> int:
         connections = list(self._connections)
@@ -230,7 +274,7 @@ class TcpProxy:
         self._connections.add(connection)
         try:
             await asyncio.gather(
-                self._pipe(client_reader, upstream_writer, connection),
+                self._pipe(client_reader, upstream_writer, connection, to_target=True),
                 self._pipe(upstream_reader, client_writer, connection),
             )
         finally:
@@ -242,10 +286,17 @@ class TcpProxy:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         connection: _Connection,
+        *,
+        to_target: bool = False,
     ) -> None:
         """Copy one direction; pass EOF on as a half-close, a failure as a reset of both."""
+        last = b""  # the end of the chunk before: a pattern may straddle two reads
         try:
             while data := await reader.read(_CHUNK):
+                if to_target:
+                    if self._holds(last, data):
+                        await self._wait_released()
+                    last = data[-_HOLD_MAX:]
                 if self._latency > 0:
                     await asyncio.sleep(self._latency)
                 if writer.is_closing():

@@ -153,6 +153,52 @@ def test_latency_delays_each_chunk_and_heal_removes_it(
         assert time.monotonic() - started < 0.2
 
 
+def _wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_hold_keeps_matching_requests_back_until_release(
+    tcp_proxy_factory: ProxyFactory, echo_server: tuple[str, int]
+) -> None:
+    proxy = tcp_proxy_factory(*echo_server)
+    proxy.hold(b"/upsert")
+    with _connect(proxy) as stuck, _connect(proxy) as other:
+        stuck.sendall(b"POST /api/upsert HTTP/1.1")
+        _wait_for(lambda: proxy.held == 1)
+        stuck.sendall(b" and what follows it")
+        assert _roundtrip(other, b"POST /api/get HTTP/1.1") == b"POST /api/get HTTP/1.1"
+        stuck.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            stuck.recv(16)  # nothing reached the echo server
+        proxy.release()
+        stuck.settimeout(5)
+        expected = b"POST /api/upsert HTTP/1.1 and what follows it"
+        received = b""
+        while len(received) < len(expected):
+            received += stuck.recv(65536)
+        assert received == expected
+        assert proxy.held == 0
+        assert _roundtrip(stuck, b"/upsert again") == b"/upsert again"  # no longer held
+
+
+def test_hold_matches_a_pattern_split_between_two_reads(
+    tcp_proxy_factory: ProxyFactory, echo_server: tuple[str, int]
+) -> None:
+    proxy = tcp_proxy_factory(*echo_server)
+    proxy.hold(b"/upsert")
+    with _connect(proxy) as sock:
+        assert _roundtrip(sock, b"POST /up") == b"POST /up"
+        sock.sendall(b"sert HTTP/1.1")
+        _wait_for(lambda: proxy.held == 1)
+        assert proxy.cut() == 1
+        proxy.heal()
+        assert _is_dead(sock)
+    _wait_for(lambda: proxy.held == 0)
+
+
 def test_unreachable_target_resets_the_client(tcp_proxy_factory: ProxyFactory) -> None:
     with socket.socket() as placeholder:
         placeholder.bind(("127.0.0.1", 0))

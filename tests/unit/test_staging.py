@@ -156,6 +156,40 @@ def test_the_next_batch_is_planned_while_one_is_written() -> None:
     assert set(sink.records) == {"i:1", "i:2"}
 
 
+def test_the_planner_holds_at_most_one_batch_beyond_the_one_being_written() -> None:
+    # Every read happens once the writer took the batch read before it: while batch 1's
+    # write is held, batch 2 is planned and batch 3 is not read (changes that arrive
+    # meanwhile would make it bigger, instead of queueing behind it in small batches).
+    source = StreamSource([[event(n, "insert", n, {"body": str(n)})] for n in range(1, 6)])
+    p, log, sink, _store, _, emb = gated(source=source)
+    held_at_reads: list[int] = []  # batches read and not yet written, as each read starts
+    read = source.read_batch
+
+    def counting(max_events: int, max_wait_s: float) -> Any:
+        if source.next_index < len(source.events):
+            held_at_reads.append(source.reads - sink.writes)
+        return read(max_events, max_wait_s)
+
+    source.read_batch = counting  # type: ignore[method-assign]
+
+    def release_when_planned() -> None:
+        assert sink.writing.wait(WAIT_S)
+        deadline = time.monotonic() + WAIT_S
+        while "2" not in emb.texts and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)  # room for a wrong read of batch 3 (the test fails if it happens)
+        log.calls.append(f"reads while batch 1 is written: {source.reads}")
+        sink.release.set()
+
+    helper = threading.Thread(target=release_when_planned, daemon=True)
+    helper.start()
+    assert run_until(p, checkpointed(p, 5)) is None
+    helper.join(WAIT_S)
+    assert "reads while batch 1 is written: 2" in log.calls
+    assert max(held_at_reads) == 1, held_at_reads
+    assert set(sink.records) == {f"i:{n}" for n in range(1, 6)}
+
+
 def test_a_key_in_flight_is_looked_up_only_after_its_write() -> None:
     # Written in batch 1, changed in batch 2 (a metadata key removed, same text): planned
     # against batch 1's records it is not re-embedded and ends in batch 2's state.
