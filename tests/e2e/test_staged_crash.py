@@ -73,9 +73,9 @@ def test_kill9_with_a_batch_in_the_write_and_the_next_one_embedded(
         written: list[tuple[Timestamp, list[str]]] = []  # each burst: its last op time, ids
         coll = mongo_client[db]["docs"]
 
-        def insert(first: int, end: int) -> None:
-            for start in range(first, end, BATCH):
-                ids = list(range(start, start + BATCH))
+        def insert(first: int, end: int, burst: int) -> None:
+            for start in range(first, end, burst):
+                ids = list(range(start, start + burst))
                 with mongo_client.start_session(causal_consistency=True) as session:
                     coll.insert_many(
                         [{"_id": i, "body": f"document number {i}"} for i in ids],
@@ -84,13 +84,13 @@ def test_kill9_with_a_batch_in_the_write_and_the_next_one_embedded(
                     assert session.operation_time is not None
                     written.append((session.operation_time, [f"i:{i}" for i in ids]))
 
-        insert(0, HALF)  # written and checkpointed, so that the kill has a checkpoint to judge
+        insert(0, HALF, BATCH)  # written and checkpointed: the kill has a checkpoint to judge
         wait_until(lambda: caught_up(settings, "staged", written[-1][0]), 120, "the first half")
         collection = chroma_server.client().get_collection(chroma_name, embedding_function=None)
         requests = api.requests
         proxy.hold(b"/upsert")  # batch N's write goes no further than the proxy
         api.hold()  # and batch N's embedding waits until all the changes after it are in
-        insert(HALF, DOCS)
+        insert(HALF, DOCS, 1)  # one at a time: a checkpoint past any of them is caught
         wait_until(lambda: api.held() == 1, 120, "batch N's embedding held")
         api.release()
 
