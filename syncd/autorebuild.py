@@ -149,25 +149,19 @@ class Rebuilder:
         )
         self.telemetry.set_state("rebuilding")
         self._publish("rebuilding")
-        # The build's own loop reports under PIPELINE~rebuild: not this process's
-        # readiness to judge until it runs (and an outage while it runs is not ready).
-        build = self.runtime.telemetry.pipeline(switching.build_name(name))
-        build.set_state("stopped")
-        try:
-            return run_rebuild(
-                self.runtime,
-                self.ps,
-                command="syncd run",
-                who="syncd-run",
-                stop=self.stop,
-                live=self.live,
-                heartbeat=self.heartbeat,
-                say=lambda line: log.info(line, extra={"pipeline": name}),
-            )
-        finally:
-            # The build's own loop is over: its telemetry neither heartbeats nor is ready
-            # any more, and must not hold /healthz or /readyz.
-            build.set_state("stopped")
+        # The build reports as a part of this pipeline (its outages make it retrying),
+        # not as a pipeline of its own: see Telemetry.part.
+        return run_rebuild(
+            self.runtime,
+            self.ps,
+            command="syncd run",
+            who="syncd-run",
+            stop=self.stop,
+            live=self.live,
+            heartbeat=self.heartbeat,
+            say=lambda line: log.info(line, extra={"pipeline": name}),
+            telemetry=self.telemetry,
+        )
 
     def _publish(self, state: str) -> None:
         """For `syncd status`; best effort, like the pipeline's own."""

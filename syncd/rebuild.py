@@ -92,16 +92,24 @@ def run_rebuild(
     live: Callable[[], Hold] | None = None,
     heartbeat: Callable[[], None] | None = None,
     say: Callable[[str], None] = _say,
+    telemetry: PipelineTelemetry | None = None,
 ) -> int:
     """:func:`rebuild` with the parts of a running process: a daemon rebuilding by itself
     (see :mod:`syncd.autorebuild`) passes ``live``, which gives its hold on the live
     pipeline when the switch needs it (the lease it holds, or takes then), a
-    ``heartbeat`` and ``say`` (its log)."""
+    ``heartbeat``, ``say`` (its log) and ``telemetry``, the pipeline's, which reports
+    ``rebuilding`` (``syncd rebuild`` makes its own)."""
     name = ps.name
+    if telemetry is None:
+        telemetry = runtime.telemetry.pipeline(name)
+        telemetry.set_state("rebuilding")
     with exclusive(
         runtime, build_name(name), force=force, command=command, who=who, configured=False
     ) as hold:
-        job = _Rebuild(runtime, ps, hold, command, stop, live=live, heartbeat=heartbeat, say=say)
+        job = _Rebuild(
+            runtime, ps, hold, command, stop,
+            live=live, heartbeat=heartbeat, say=say, telemetry=telemetry,
+        )  # fmt: skip
         if job.record.get("state") == "switching":
             job.switch()
             say(f"completed the interrupted switch of {name}")
@@ -126,6 +134,7 @@ class _Rebuild:
         live: Callable[[], Hold] | None = None,
         heartbeat: Callable[[], None] | None = None,
         say: Callable[[str], None] = _say,
+        telemetry: PipelineTelemetry | None = None,
     ) -> None:
         self.runtime = runtime
         self.store = runtime.store
@@ -143,6 +152,7 @@ class _Rebuild:
         self.heartbeat = heartbeat
         self.say = say
         self.metrics = runtime.telemetry.rebuild(ps.name)
+        self.telemetry = telemetry or runtime.telemetry.pipeline(ps.name)
 
     # --- build --------------------------------------------------------------------
 
@@ -324,9 +334,10 @@ class _Rebuild:
         # Under a steady write load no read comes back empty: caught up is also having
         # checkpointed past the latest operation in MongoDB when this began.
         target = self.runtime.source(settings).server_time()
-        telemetry = _UntilCaughtUp(
-            self.runtime.telemetry.pipeline(settings.name), until, target, self.metrics
-        )
+        # The build is a part of the pipeline: its outages are the pipeline's (retrying),
+        # and it is no pipeline of its own in /readyz or the state metrics.
+        part = self.runtime.telemetry.part(self.telemetry, settings.name)
+        telemetry = _UntilCaughtUp(part, until, target, self.metrics)
         self.metrics.resume_from(self.store.load(settings.name))
         pipeline = self.runtime.pipeline(
             settings,

@@ -3,7 +3,8 @@
 1. Record the stream position *before* scanning
    (:meth:`syncd.checkpointing.Progress.start_snapshot`).
 2. Scan each collection in ``_id`` order, a bounded batch at a time, checkpointing
-   the last ``_id`` after each batch is in Chroma, so a restart continues the scan.
+   the last ``_id`` after each batch is in Chroma, so a restart continues the scan
+   (with a slow embedder, a batch is written in parts: see :func:`part_size`).
 3. Remove records whose documents no longer exist (a re-snapshot over old data).
 4. Switch to streaming from the recorded position: events that raced the scan are
    replayed, and replay is idempotent.
@@ -13,13 +14,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from syncd import plan as planning
 from syncd.applier import Applier
 from syncd.checkpoint import Checkpoint, SnapshotProgress
 from syncd.checkpointing import Progress as Checkpointing
+from syncd.config import PipelineSettings
 from syncd.errors import HaltedError, MappingError, SinkLostError
 from syncd.identity import base_id, decode_id, record_key, split_key
 from syncd.progress import Progress
@@ -125,9 +127,9 @@ class Snapshotter:
             has_after=progress.has_last_id,
             batch_size=self.settings.snapshot_batch_size,
         )
-        # Page N+1 is read, mapped and embedded while page N is written.
+        # Part N+1 is read, mapped and embedded while part N is written.
         pages = ahead(
-            scan,
+            parts(scan, part_size(self.settings)),
             lambda docs, stage: self.applier.plan(
                 [self._change(collection, doc) for doc in docs], stage=stage
             ),
@@ -230,3 +232,28 @@ class Snapshotter:
             return sum(int(count(c)) for c in collections)
         except Exception:  # noqa: BLE001 - an estimate is optional; the scan reports its own errors
             return None
+
+
+# Embedders whose texts take noticeable time (a remote API's latency, a local model's
+# computation): a page is written in parts of one round of their requests.
+_SLOW_EMBEDDERS = frozenset({"openai", "sentence_transformers"})
+
+
+def part_size(settings: PipelineSettings) -> int:
+    """Documents written and checkpointed together: a page of ``snapshot_batch_size``, or,
+    with a slow embedder, one round of embedding requests (``embedder.batch_size`` times
+    ``embed_concurrency``), so that the progress of a page being embedded moves (and a
+    restart redoes less of it) instead of standing still until the whole page is done."""
+    page = settings.snapshot_batch_size
+    embedder = settings.embedder
+    if embedder.kind not in _SLOW_EMBEDDERS:
+        return page
+    return max(1, min(page, embedder.batch_size * (embedder.embed_concurrency or 1)))
+
+
+def parts(pages: Iterable[list[dict[str, Any]]], size: int) -> Iterator[list[dict[str, Any]]]:
+    """Each page of the scan in parts of at most ``size`` documents, in ``_id`` order, so
+    the last ``_id`` of each part is a place to continue from."""
+    for page in pages:
+        for start in range(0, len(page), size):
+            yield page[start : start + size]

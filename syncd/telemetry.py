@@ -75,10 +75,22 @@ _LOOP_STATES = frozenset({"starting", "snapshotting", "streaming", "retrying", "
 class PipelineTelemetry:
     """Telemetry for one pipeline; safe to call from its loop and from the HTTP thread."""
 
-    def __init__(self, owner: Telemetry, name: str, namespace: str) -> None:
+    def __init__(
+        self,
+        owner: Telemetry,
+        name: str,
+        namespace: str,
+        *,
+        part_of: PipelineTelemetry | None = None,
+    ) -> None:
+        """``part_of``: this loop is a part of that pipeline (a rebuild's build, see
+        :meth:`Telemetry.part`): its metrics carry that pipeline's name, and its state is
+        that pipeline's to report (it has no state, readiness or lag series of its own)."""
         self.name = name
         self._owner = owner
         self._metrics = owner.metrics
+        self._part_of = part_of
+        self._label = part_of.name if part_of is not None else name
         self.spans = PipelineSpans(owner, name, namespace)
         self._lock = threading.Lock()
         self._state = "starting"
@@ -98,6 +110,8 @@ class PipelineTelemetry:
         self._redacted: dict[str, str] = {}  # pipeline name and operations, redacted
         self._failed: dict[str, BaseException] = {}  # document id -> error, in the open batch
         self._read_seconds: float | None = None
+        if part_of is not None:
+            return
         self._show_state()
         self._metrics.ready.labels(name).set_function(lambda: float(self.ready()))
         self._metrics.heartbeat_age.labels(name).set_function(
@@ -224,18 +238,25 @@ class PipelineTelemetry:
     # --- metrics -----------------------------------------------------------
 
     def applied(self, operation: str, count: int) -> None:
-        self._metrics.applied.labels(self.name, operation).inc(count)
+        self._metrics.applied.labels(self._label, operation).inc(count)
 
     def batch_done(self, size: int, seconds: float) -> None:
-        self._metrics.batch_size.labels(self.name).observe(size)
-        self._metrics.batch_seconds.labels(self.name).observe(seconds)
+        self._metrics.batch_size.labels(self._label).observe(size)
+        self._metrics.batch_seconds.labels(self._label).observe(seconds)
 
     def snapshot_progress(self, scanned: int, estimated_total: int | None) -> None:
+        if self._part_of is not None:
+            self._part_of.recovered()  # a page written: whatever failed works again
+            return  # the rebuild's own progress series say it (syncd.rebuild_metrics)
         self._metrics.snapshot_scanned.labels(self.name).set(scanned)
         if estimated_total is not None:
             self._metrics.snapshot_total.labels(self.name).set(estimated_total)
 
     def checkpointed(self, cluster_time: bson.Timestamp | None) -> None:
+        if self._part_of is not None:
+            # Not the pipeline's checkpoint: that one stays where the live collection is.
+            self._part_of.recovered()
+            return
         if cluster_time is not None:
             self._metrics.checkpoint_ts.labels(self.name).set(cluster_time.time)
             self._checkpoint_time = cluster_time.time
@@ -254,7 +275,7 @@ class PipelineTelemetry:
 
     def dead_lettered(self, failures: Sequence[tuple[str, BaseException]]) -> None:
         """Changes parked in the dead-letter store: a metric, a log line and a span each."""
-        self._metrics.dead_letters.labels(self.name).inc(len(failures))
+        self._metrics.dead_letters.labels(self._label).inc(len(failures))
         for document_id, error in failures:
             self._failed[document_id] = error
             self.spans.poisoned(document_id, error)
@@ -273,18 +294,22 @@ class PipelineTelemetry:
         self.spans.poisoned(document_id, error)
 
     def embedded(self, inputs: int) -> None:
-        self._metrics.embedding_inputs.labels(self.name).inc(inputs)
+        self._metrics.embedding_inputs.labels(self._label).inc(inputs)
 
     def drift(self, missing: int, orphaned: int, stale: int) -> None:
         for kind, count in (("missing", missing), ("orphaned", orphaned), ("stale", stale)):
-            self._metrics.drift.labels(self.name, kind).set(count)
+            self._metrics.drift.labels(self._label, kind).set(count)
 
     # --- state -------------------------------------------------------------
 
     def retrying(self, error: BaseException, attempt: int, delay: float) -> None:
+        if self._part_of is not None:
+            # An outage of a part is the pipeline's outage: it reports retrying.
+            self._part_of.retrying(error, attempt, delay)
+            return
         message = redact_text(f"{type(error).__name__}: {error}")
         kind = classify(error).value
-        self._metrics.retries.labels(self.name, kind).inc()
+        self._metrics.retries.labels(self._label, kind).inc()
         with self._lock:
             if self._state != "retrying":
                 self._before_retry = self._state if self._state in _READY_STATES else "streaming"
@@ -303,6 +328,9 @@ class PipelineTelemetry:
         )  # fmt: skip
 
     def recovered(self) -> None:
+        if self._part_of is not None:
+            self._part_of.recovered()
+            return
         with self._lock:
             if self._state != "retrying":
                 return
@@ -335,6 +363,8 @@ class PipelineTelemetry:
 
     def heartbeat(self) -> None:
         self._last_beat = time.monotonic()
+        if self._part_of is not None:
+            self._part_of.heartbeat()
 
     def ready(self) -> bool:
         return self._state in _READY_STATES
@@ -368,6 +398,8 @@ class PipelineTelemetry:
     # --- internals ---------------------------------------------------------
 
     def _show_state(self) -> None:
+        if self._part_of is not None:
+            return  # the pipeline it is a part of shows its state
         for state in STATES:
             self._metrics.state.labels(self.name, state).set(1 if state == self._state else 0)
 
@@ -418,7 +450,7 @@ class PipelineTelemetry:
         self._owner.write_span_log([record for _, record in pending])
 
     def _observe_stage(self, stage: str, seconds: float) -> None:
-        self._metrics.stage_seconds.labels(self.name, stage).observe(seconds)
+        self._metrics.stage_seconds.labels(self._label, stage).observe(seconds)
 
 
 class Telemetry:
@@ -493,6 +525,13 @@ class Telemetry:
             if name not in self._rebuilds:
                 self._rebuilds[name] = RebuildTelemetry(self.metrics, name)
             return self._rebuilds[name]
+
+    def part(self, of: PipelineTelemetry, name: str) -> PipelineTelemetry:
+        """Telemetry for a loop that is a part of pipeline ``of`` (a rebuild's build,
+        ``PIPELINE~rebuild``): not a pipeline of its own in ``/readyz``, ``/healthz`` or
+        the state series; its outages make ``of`` report retrying, and its counters and
+        histograms are ``of``'s. Its traces and logs keep its own name."""
+        return PipelineTelemetry(self, name, self._namespaces.get(of.name, ""), part_of=of)
 
     def pipeline(self, name: str) -> PipelineTelemetry:
         with self._lock:
