@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from syncd import chroma_install
+from syncd.autorebuild import needs_rebuild
 from syncd.checkpoint import FileCheckpointStore
 from syncd.config import PipelineSettings, Settings
 from syncd.errors import (
@@ -22,6 +23,7 @@ from syncd.errors import (
     from_os_error,
     from_sink,
 )
+from syncd.mapping import Mapper
 from syncd.runtime import Runtime
 from syncd.sink import check_matches
 
@@ -73,10 +75,28 @@ def _pipeline_checks(runtime: Runtime, ps: PipelineSettings) -> Iterator[Result]
         yield f"{line} (not there yet: the first run creates it)", None
         return
     try:
-        state = _compare_collection(runtime, ps, size)
+        rebuilding = _will_rebuild(runtime, ps)
+        state = _compare_collection(runtime, ps, None if rebuilding else size, rebuilding)
+        if rebuilding:
+            state += (
+                '; the mapping changed and on_mapping_change = "rebuild": `syncd run` will '
+                "rebuild the pipeline beside the live collection, then switch"
+            )
         yield f"{line} ({state})", None
     except Exception as exc:  # noqa: BLE001
         yield line, from_sink(exc)
+
+
+def _will_rebuild(runtime: Runtime, ps: PipelineSettings) -> bool:
+    """Whether `syncd run` rebuilds the pipeline beside its collection before it streams:
+    the new collection is made for this mapping's vectors, so the live one's distance and
+    vector size are no reason to refuse."""
+    if ps.on_mapping_change != "rebuild":
+        return False
+    try:
+        return needs_rebuild(runtime.store, ps.name, Mapper(ps).fingerprint)
+    except SyncdError:
+        return False  # the checkpoint store's own check reports why it cannot be read
 
 
 def _chroma_created(runtime: Runtime) -> bool:
@@ -126,8 +146,11 @@ def _probe_embedder(runtime: Runtime, ps: PipelineSettings) -> int | None:
     return size
 
 
-def _compare_collection(runtime: Runtime, ps: PipelineSettings, size: int | None) -> str:
-    """Hold an existing collection against the pipeline: its distance and vector size."""
+def _compare_collection(
+    runtime: Runtime, ps: PipelineSettings, size: int | None, rebuilding: bool = False
+) -> str:
+    """Hold an existing collection against the pipeline: its distance and vector size
+    (``rebuilding``: only describe them; a rebuild makes a collection for this mapping)."""
     from chromadb.errors import NotFoundError
 
     name = ps.chroma_collection_name
@@ -135,10 +158,13 @@ def _compare_collection(runtime: Runtime, ps: PipelineSettings, size: int | None
         collection = runtime.chroma.get_collection(name, embedding_function=None)
     except NotFoundError:
         return "not there yet: the first run creates it"
-    if size is None and ps.embedder.kind == "field":
+    if size is None and ps.embedder.kind == "field" and not rebuilding:
         size = ps.embedder.dimensions  # the documents' vectors must have this size
     space, stored = check_matches(
-        collection, distance=ps.distance, dimensions=size, pipeline=ps.name
+        collection,
+        distance=None if rebuilding else ps.distance,
+        dimensions=size,
+        pipeline=ps.name,
     )
     held = f", {stored}-dimensional vectors" if stored is not None else ", empty"
     return f"exists, distance {space or ps.distance}{held}"

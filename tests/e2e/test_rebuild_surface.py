@@ -1,0 +1,329 @@
+"""What a rebuild shows outside: `syncd check` agrees with what `syncd run` will do with a
+changed mapping; the progress of a snapshot page being embedded moves before the page is
+done (in-daemon rebuild, `syncd rebuild`, `syncd snapshot`); and the build is a part of
+its pipeline in `/readyz` and the pipeline metrics: one entry, `rebuilding`, and
+`retrying` while the build cannot reach Chroma."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from syncd.errors import ExitCode
+from tests.harness.daemon import run_syncd
+from tests.harness.embedding_api import EmbeddingAPI, embedding_api
+from tests.harness.ports import free_port
+
+from .helpers import (
+    diff,
+    http_get,
+    log_records,
+    metric_sample,
+    pipeline_table,
+    settings_of,
+    wait_caught_up,
+    wait_until,
+    write_config,
+)
+from .oracle import EMBEDDER, METADATA, actual, document, embedded_by_the_api
+from .test_rebuild import NEW_DIMENSIONS, NEW_METADATA
+
+DOCS = 200  # one snapshot page (snapshot_batch_size = 1000)
+PER_REQUEST = 10  # embedder.batch_size: the page takes 20 embedding requests
+
+
+def _remote(api: EmbeddingAPI) -> dict[str, Any]:
+    return {
+        "kind": "openai",
+        "base_url": api.base_url,
+        "model": "test-embed",
+        "dimensions": NEW_DIMENSIONS,
+        "api_key_env": "SYNCD_TEST_EMBED_KEY",
+        "batch_size": PER_REQUEST,
+        "embed_concurrency": 1,
+        "timeout_s": 300,  # held on purpose; an answer that late is not an outage
+    }
+
+
+def _status(cfg: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    done = run_syncd(["status", "--json"], cfg, env)
+    return next(dict(row) for row in json.loads(done.stdout) if row["pipeline"] == "p")
+
+
+def _within_the_page(value: float | None) -> bool:
+    return value is not None and 0 < value < DOCS
+
+
+@pytest.mark.timeout(300)
+def test_check_says_that_run_rebuilds_a_changed_dimension(
+    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
+):
+    suffix = uuid.uuid4().hex[:8]
+    db, coll = f"chkrb_{suffix}", f"chkrb-{suffix}"
+    docs = mongo_client[db]["docs"]
+    docs.insert_many([document(i) for i in range(40)])
+
+    def config(path: str, dimensions: int, policy: str) -> Path:
+        return write_config(
+            tmp_path / path,
+            mongo_uri=mongo_uri,
+            chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
+            checkpoint_db=f"{db}_syncd",
+            pipelines=[
+                pipeline_table(
+                    "p", db, chroma_collection=coll, on_mapping_change=policy,
+                    mapping={"text": "body", "metadata": list(METADATA)},
+                    embedder={"kind": "hashing", "dimensions": dimensions},
+                )
+            ],
+        )  # fmt: skip
+
+    def collection_line(cfg: Path) -> tuple[int, str]:
+        done = run_syncd(["check"], cfg, timeout=90)
+        assert "Traceback" not in done.stdout + done.stderr, done.stderr
+        (line,) = [x for x in done.stdout.splitlines() if f"Chroma collection {coll}" in x]
+        return done.returncode, line
+
+    old = config("old.toml", 32, "refuse")
+    daemon = syncd_factory(["run"], old, log_path=tmp_path / "old.log")
+    wait_caught_up(mongo_client, db, settings_of(old), "p", 90, "the first copy")
+    daemon.terminate()
+    assert daemon.wait(30) == ExitCode.OK, daemon.output()
+
+    # Refusing a changed mapping, the collection of other vectors stays an error.
+    code, line = collection_line(config("refuse.toml", 64, "refuse"))
+    assert code == ExitCode.SINK, line
+    assert line.startswith("FAIL") and "holds 32-dimensional vectors" in line, line
+
+    # Rebuilding it, the live collection's vectors are no reason to refuse: `syncd run`
+    # builds a new collection for the new ones.
+    new = config("new.toml", 64, "rebuild")
+    code, line = collection_line(new)
+    assert code == ExitCode.OK, line
+    assert line.startswith("ok    ") and "32-dimensional vectors" in line, line
+    assert "`syncd run` will rebuild the pipeline beside the live collection" in line, line
+
+    # What the line says: `syncd run` rebuilds, and the stores converge.
+    daemon = syncd_factory(["run"], new, log_path=tmp_path / "new.log")
+    daemon.wait_for_output("rebuild of p switched", 180)
+    wait_caught_up(mongo_client, db, settings_of(new), "p", 90, "the new mapping to stream")
+    live = chroma_server.client().get_collection(coll)
+    problem = diff(embedded_by_the_api(docs.find(), dimensions=64), actual(live))
+    assert not problem, problem
+    daemon.terminate()
+    assert daemon.wait(30) == ExitCode.OK, daemon.output()
+    code, line = collection_line(new)
+    assert code == ExitCode.OK and "64-dimensional vectors" in line, line
+    assert "will rebuild" not in line, line
+    mongo_client.drop_database(db)
+    mongo_client.drop_database(f"{db}_syncd")
+
+
+class _Watch:
+    """Polls /readyz and /metrics: every pipeline name either answer carries."""
+
+    def __init__(self, listen: str) -> None:
+        self.base = f"http://{listen}"
+        self.names: set[str] = set()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def readiness(self) -> tuple[int, dict[str, Any]]:
+        status, body = http_get(f"{self.base}/readyz")
+        return status, (json.loads(body) if body.startswith("{") else {})
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        return metric_sample(http_get(f"{self.base}/metrics")[1], name, **labels)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.names |= set(self.readiness()[1].get("pipelines") or {})
+            metrics = http_get(f"{self.base}/metrics")[1]
+            self.names |= {
+                line.split('pipeline="', 1)[1].split('"', 1)[0]
+                for line in metrics.splitlines()
+                if 'pipeline="' in line and not line.startswith("#")
+            }
+            self.stop.wait(0.2)
+
+    def __enter__(self) -> _Watch:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
+@pytest.mark.timeout(400)
+def test_in_daemon_rebuild_progress_moves_within_a_page_and_its_outage_is_the_pipelines(
+    tmp_path, mongo_uri, mongo_client, chroma_server_factory, syncd_factory
+):
+    chroma_server = chroma_server_factory()
+    suffix = uuid.uuid4().hex[:8]
+    db, coll = f"rbsurf_{suffix}", f"rbsurf-{suffix}"
+    listen = f"127.0.0.1:{free_port()}"
+    docs = mongo_client[db]["docs"]
+    docs.insert_many([document(i) for i in range(DOCS)])
+    with embedding_api(dimensions=NEW_DIMENSIONS) as api:
+        env = {"SYNCD_TEST_EMBED_KEY": api.api_key}
+
+        def config(path: str, **p: Any) -> Path:
+            return write_config(
+                tmp_path / path,
+                mongo_uri=mongo_uri,
+                chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
+                checkpoint_db=f"{db}_syncd",
+                extra={
+                    "lease": {"ttl_s": 4, "renew_every_s": 1},
+                    "telemetry": {"listen": listen},
+                },
+                pipelines=[
+                    pipeline_table(
+                        "p", db, chroma_collection=coll, snapshot_batch_size=1000,
+                        retry_max_backoff_s=1, **p,
+                    )
+                ],
+            )  # fmt: skip
+
+        old = config("old.toml", mapping={"text": "body", "metadata": list(METADATA)},
+                     embedder=EMBEDDER)  # fmt: skip
+        new = config(
+            "new.toml",
+            on_mapping_change="rebuild",
+            mapping={"text": "body", "metadata": list(NEW_METADATA)},
+            embedder=_remote(api),
+        )
+        daemon = syncd_factory(["run"], old, log_path=tmp_path / "old.log")
+        wait_caught_up(mongo_client, db, settings_of(old), "p", 90, "the first copy")
+        daemon.terminate()
+        assert daemon.wait(30) == ExitCode.OK, daemon.output()
+
+        # The embedding service answers the sample that compares the embedders and a few
+        # requests of the page, then holds the next one: the page is not done.
+        api.hold(4)
+        with _Watch(listen) as watch:
+            daemon = syncd_factory(["run"], new, env, log_path=tmp_path / "new.log")
+            wait_until(lambda: api.held() > 0, 120, "the rebuild to embed the page")
+            scanned = wait_until(
+                lambda: (
+                    _within_the_page(watch.metric("syncd_rebuild_documents_scanned", pipeline="p"))
+                    or None
+                ),
+                60,
+                "the rebuild's progress to move within the page",
+            )
+            assert scanned
+            copied = _status(new, env)["rebuild"].get("snapshot_scanned")
+            assert _within_the_page(copied), copied
+            assert api.held() > 0  # the page is still being embedded
+            status, report = watch.readiness()
+            assert status == 200, report
+            assert set(report["pipelines"]) == {"p"}, report
+            assert report["pipelines"]["p"]["state"] == "rebuilding", report
+            assert watch.metric("syncd_pipeline_state", pipeline="p", state="rebuilding") == 1
+
+            # Chroma goes down under the build: the pipeline is retrying, not ready.
+            chroma_server.kill()
+            api.release()
+
+            def retrying() -> dict[str, Any] | None:
+                status, report = watch.readiness()
+                return report if status == 503 and "p" in report.get("not_ready", {}) else None
+
+            report = wait_until(retrying, 60, "/readyz to say the pipeline is retrying")
+            assert set(report["pipelines"]) == {"p"}, report
+            assert report["pipelines"]["p"]["state"] == "retrying", report
+            assert watch.metric("syncd_pipeline_state", pipeline="p", state="retrying") == 1
+            assert http_get(f"http://{listen}/healthz")[0] == 200
+
+            chroma_server.start()
+            daemon.wait_for_output("rebuild of p switched", 180)
+            settings = settings_of(new, env)
+            wait_caught_up(mongo_client, db, settings, "p", 90, "the new mapping to stream")
+            wait_until(lambda: watch.readiness()[0] == 200, 30, "/readyz 200 again")
+            assert watch.readiness()[1]["pipelines"]["p"]["state"] == "streaming"
+        assert watch.names == {"p"}, watch.names
+        live = chroma_server.client().get_collection(coll)
+        want = embedded_by_the_api(
+            docs.find(), dimensions=NEW_DIMENSIONS, metadata_fields=list(NEW_METADATA)
+        )
+        problem = diff(want, actual(live))
+        assert not problem, problem
+        daemon.terminate()
+        assert daemon.wait(30) == ExitCode.OK, daemon.output()
+    mongo_client.drop_database(db)
+    mongo_client.drop_database(f"{db}_syncd")
+
+
+@pytest.mark.timeout(400)
+def test_syncd_rebuild_and_syncd_snapshot_progress_move_within_a_page(
+    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
+):
+    suffix = uuid.uuid4().hex[:8]
+    db, coll = f"rbprog_{suffix}", f"rbprog-{suffix}"
+    listen = f"127.0.0.1:{free_port()}"
+    docs = mongo_client[db]["docs"]
+    docs.insert_many([document(i) for i in range(DOCS)])
+    with embedding_api(dimensions=NEW_DIMENSIONS) as api:
+        env = {"SYNCD_TEST_EMBED_KEY": api.api_key}
+
+        def config(path: str, **p: Any) -> Path:
+            return write_config(
+                tmp_path / path,
+                mongo_uri=mongo_uri,
+                chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
+                checkpoint_db=f"{db}_syncd",
+                extra={"log": {"progress_every_s": 0}},
+                pipelines=[
+                    pipeline_table("p", db, chroma_collection=coll, snapshot_batch_size=1000, **p)
+                ],
+            )
+
+        old = config("old.toml", mapping={"text": "body", "metadata": list(METADATA)},
+                     embedder=EMBEDDER)  # fmt: skip
+        new = config(
+            "new.toml",
+            mapping={"text": "body", "metadata": list(NEW_METADATA)},
+            embedder=_remote(api),
+        )
+        daemon = syncd_factory(["run"], old, log_path=tmp_path / "old.log")
+        wait_caught_up(mongo_client, db, settings_of(old), "p", 90, "the first copy")
+        daemon.terminate()
+        assert daemon.wait(30) == ExitCode.OK, daemon.output()
+
+        api.hold(4)
+        rebuild = syncd_factory(["rebuild", "p", "--listen", listen], new, env)
+        wait_until(lambda: api.held() > 0, 120, "the rebuild to embed the page")
+
+        def scanned() -> float | None:
+            metrics = http_get(f"http://{listen}/metrics")[1]
+            return metric_sample(metrics, "syncd_rebuild_documents_scanned", pipeline="p")
+
+        wait_until(lambda: _within_the_page(scanned()) or None, 60, "progress within the page")
+        assert api.held() > 0
+        copied = _status(new, env)["rebuild"].get("snapshot_scanned")
+        assert _within_the_page(copied), copied
+        api.release()
+        assert rebuild.wait(180) == ExitCode.OK, rebuild.output()
+
+        # `syncd snapshot` copies the same page with the same embedder: its progress lines
+        # count the documents written before the page is done.
+        snapshot = run_syncd(["snapshot", "p", "--log-format", "json"], new, env, timeout=180)
+        assert snapshot.returncode == ExitCode.OK, snapshot.stdout + snapshot.stderr
+        done = [r["done"] for r in log_records(snapshot.stderr) if "done" in r]
+        assert done and done[-1] == DOCS, done
+        assert any(_within_the_page(d) for d in done), done
+        live = chroma_server.client().get_collection(coll)
+        want = embedded_by_the_api(
+            docs.find(), dimensions=NEW_DIMENSIONS, metadata_fields=list(NEW_METADATA)
+        )
+        problem = diff(want, actual(live))
+        assert not problem, problem
+    mongo_client.drop_database(db)
+    mongo_client.drop_database(f"{db}_syncd")
