@@ -31,7 +31,10 @@ def register(verbs: Any) -> None:
         'one this installation cannot serve, such as chroma.mode = "embedded" without '
         "syncd[embedded]); otherwise the exit code of the first check that failed (4 for "
         "MongoDB, 5 for Chroma or the embedding API, as in the README's table; 1 if it has "
-        "none). An embedded Chroma directory that does not exist yet is reported, not created.",
+        "none). An embedded Chroma directory that does not exist yet is reported, not created. "
+        'A pipeline whose mapping changed under on_mapping_change = "rebuild" is not held '
+        "against the live collection's distance and vector size: its line says that `syncd "
+        "run` will rebuild it beside the live collection.",
     )
     add_config_options(parser)
     parser.add_argument("--offline", action="store_true", help="validate the config only")

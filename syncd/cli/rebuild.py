@@ -40,6 +40,7 @@ def register(verbs: Any) -> None:
         default=None,
         metavar="HOST:PORT",
         help="serve /metrics (the rebuild's phase, progress and lag), /healthz and /readyz "
+        "(the pipeline rebuilding, or retrying while the build cannot reach a server) "
         "while the command runs (default: none; telemetry.listen is the daemon's)",
     )
     parser.set_defaults(handler=handle)

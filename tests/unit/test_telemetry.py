@@ -356,6 +356,30 @@ def test_state_gauge_and_readiness_follow_the_pipeline(telemetry):
         p.set_state("sleeping")
 
 
+def test_a_rebuilds_build_is_a_part_of_its_pipeline_not_a_pipeline_of_its_own(telemetry):
+    tel, _ = telemetry
+    live = tel.pipeline("articles")
+    live.set_state("rebuilding")
+    build = tel.part(live, "articles~rebuild")
+    value = tel.registry.get_sample_value
+    build.set_state("snapshotting")
+    build.applied("snapshot", 3)
+    assert value("syncd_events_applied_total", {"pipeline": "articles", "operation": "snapshot"})
+    ready, report = tel.readiness_report()
+    assert ready and set(report["pipelines"]) == {"articles"}, report
+    assert value("syncd_pipeline_state", {"pipeline": "articles", "state": "rebuilding"}) == 1
+
+    build.retrying(TransientError("Chroma unavailable"), attempt=1, delay=0.5)
+    ready, report = tel.readiness_report()
+    assert not ready and report["pipelines"]["articles"]["state"] == "retrying", report
+    assert "Chroma unavailable" in report["not_ready"]["articles"]
+    build.snapshot_progress(10, 100)  # a page written: it works again
+    assert tel.readiness_report()[0]
+    assert value("syncd_pipeline_state", {"pipeline": "articles", "state": "rebuilding"}) == 1
+    exposition = tel.metrics_exposition(None)[0].decode()
+    assert "articles~rebuild" not in exposition
+
+
 def test_repeated_retry_errors_are_logged_once_per_interval_with_a_count(tmp_path, caplog):
     tel, _ = make_telemetry(tmp_path, retry_log_interval_s=0.3)
     p = tel.pipeline("articles")
