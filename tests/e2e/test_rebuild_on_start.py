@@ -40,6 +40,14 @@ def _running(body: str) -> set[str]:
     return {name for name, s in pipelines.items() if s.get("state") != "stopped"}
 
 
+def _entries(body: str) -> set[str]:
+    """Every pipeline a /readyz answer lists."""
+    try:
+        return set(json.loads(body).get("pipelines") or {})
+    except ValueError:
+        return set()
+
+
 class _Probe:
     """Polls /readyz and /metrics: every answer once ready, and each rebuild phase seen."""
 
@@ -51,12 +59,14 @@ class _Probe:
         self.scanned = 0.0
         self.estimated = 0.0
         self.lag_exported = False
+        self.entries: set[str] = set()  # every pipeline /readyz or a pipeline metric named
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         ready = False
         while not self.stop.is_set():
             status, body = http_get(f"{self.base}/readyz")
+            self.entries |= _entries(body)
             if status == 200 and _running(body) >= {"p", "q"}:
                 # Ready once the process runs both pipelines: under leases it takes them
                 # one at a time, and one not yet taken does not count until it is.
@@ -64,6 +74,11 @@ class _Probe:
             elif ready and status != 200 and not self.stop.is_set():
                 self.not_ready.append(f"{status}: {body[:300]}")
             metrics = http_get(f"{self.base}/metrics")[1]
+            self.entries |= {
+                line.split('pipeline="', 1)[1].split('"', 1)[0]
+                for line in metrics.splitlines()
+                if line.startswith("syncd_pipeline_") and 'pipeline="' in line
+            }
             for phase in PHASES:
                 value = metric_sample(metrics, "syncd_rebuild_phase", pipeline="p", phase=phase)
                 if value == 1 and (not self.phases or self.phases[-1] != phase):
@@ -164,6 +179,8 @@ def test_run_rebuilds_a_changed_mapping_beside_the_live_collection(
             assert daemon.wait(60) == ExitCode.OK, daemon.output()
             assert not probe.not_ready, probe.not_ready[:3]
             assert probe.phases[0] == "snapshot", probe.phases
+            # The build is a part of p: one entry per configured pipeline.
+            assert probe.entries == {"p", "q"}, probe.entries
             assert str(chroma.get_collection(coll).id) == old_id
 
             # The next start continues the build, and switches.
@@ -175,6 +192,7 @@ def test_run_rebuilds_a_changed_mapping_beside_the_live_collection(
                 wait_until(lambda: writes.count > count + 20, 60, "writes after the switch")
                 wait_caught_up(mongo_client, db, settings, "p", 90, "the new mapping to stream")
             assert not probe.not_ready, probe.not_ready[:3]
+            assert probe.entries == {"p", "q"}, probe.entries
             assert probe.phases[0] in ("snapshot", "catching_up"), probe.phases
             assert probe.phases[-1] == "switched", probe.phases
             # The estimate is the collection's size when the scan began: the write load
