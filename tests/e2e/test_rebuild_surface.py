@@ -31,7 +31,7 @@ from .helpers import (
     write_config,
 )
 from .oracle import EMBEDDER, METADATA, actual, document, embedded_by_the_api
-from .test_rebuild import NEW_DIMENSIONS, NEW_METADATA
+from .test_rebuild import NEW_DIMENSIONS, NEW_METADATA, assert_new_mapping, assert_switched
 
 DOCS = 200  # one snapshot page (snapshot_batch_size = 1000)
 PER_REQUEST = 10  # embedder.batch_size: the page takes 20 embedding requests
@@ -203,6 +203,7 @@ def test_in_daemon_rebuild_progress_moves_within_a_page_and_its_outage_is_the_pi
         wait_caught_up(mongo_client, db, settings_of(old), "p", 90, "the first copy")
         daemon.terminate()
         assert daemon.wait(30) == ExitCode.OK, daemon.output()
+        old_id = str(chroma_server.client().get_collection(coll).id)
 
         # The embedding service answers the sample that compares the embedders and a few
         # requests of the page, then holds the next one: the page is not done.
@@ -249,12 +250,7 @@ def test_in_daemon_rebuild_progress_moves_within_a_page_and_its_outage_is_the_pi
             wait_until(lambda: watch.readiness()[0] == 200, 30, "/readyz 200 again")
             assert watch.readiness()[1]["pipelines"]["p"]["state"] == "streaming"
         assert watch.names == {"p"}, watch.names
-        live = chroma_server.client().get_collection(coll)
-        want = embedded_by_the_api(
-            docs.find(), dimensions=NEW_DIMENSIONS, metadata_fields=list(NEW_METADATA)
-        )
-        problem = diff(want, actual(live))
-        assert not problem, problem
+        assert_switched(chroma_server.client(), coll, old_id, docs)
         daemon.terminate()
         assert daemon.wait(30) == ExitCode.OK, daemon.output()
     mongo_client.drop_database(db)
@@ -319,11 +315,6 @@ def test_syncd_rebuild_and_syncd_snapshot_progress_move_within_a_page(
         done = [r["done"] for r in log_records(snapshot.stderr) if "done" in r]
         assert done and done[-1] == DOCS, done
         assert any(_within_the_page(d) for d in done), done
-        live = chroma_server.client().get_collection(coll)
-        want = embedded_by_the_api(
-            docs.find(), dimensions=NEW_DIMENSIONS, metadata_fields=list(NEW_METADATA)
-        )
-        problem = diff(want, actual(live))
-        assert not problem, problem
+        assert_new_mapping(chroma_server.client(), coll, docs)
     mongo_client.drop_database(db)
     mongo_client.drop_database(f"{db}_syncd")
