@@ -159,6 +159,7 @@ class _Rebuild:
     def build(self) -> int:
         live = self._live()
         record = self.record
+        continued = False  # from where an earlier run stopped: its work is not counted here
         if record.get("state") != "building":
             if live.fingerprint == self.fingerprint:
                 self.say(f"nothing to rebuild: {self.name}'s collection has this mapping already")
@@ -194,6 +195,7 @@ class _Rebuild:
                 self._start_over(record, live)
             else:
                 self.say(f"continuing the rebuild of {self.name} into {record['target']}")
+                continued = True
         self.record = record
         self.metrics.resume_from(self.store.load(build_name(self.name)))
         self._choose_embedder()
@@ -231,9 +233,10 @@ class _Rebuild:
             )
         self.metrics.set_phase("switched")
         if self.reusing is not None:
+            earlier = " (not counting what was done before it continued)" if continued else ""
             self.say(
-                f"{self.reusing.reused} vectors reused from the live collection, "
-                f"{self.reusing.embedded} texts embedded"
+                f"{self.reusing.reused} vectors reused from the live collection and "
+                f"{self.reusing.embedded} texts embedded by this run of the rebuild{earlier}"
             )
         self.say(
             f"rebuild of {self.name} switched: {self.base!r} now holds the new records; the "

@@ -389,7 +389,10 @@ def test_a_metadata_only_rebuild_reuses_every_vector(
         assert done.returncode == ExitCode.OK, done.stdout + done.stderr
         # Only the sample that shows the embedder is the live collection's is embedded.
         assert len(api.inputs) - before == 3, api.inputs[before:]
-        assert "60 vectors reused from the live collection, 0 texts embedded" in done.stdout
+        assert (
+            "60 vectors reused from the live collection and 0 texts embedded by this run of "
+            "the rebuild\n" in done.stdout
+        ), done.stdout
         chroma = chroma_server.client()
         want = embedded_by_the_api(
             docs.find(), dimensions=NEW_DIMENSIONS, metadata_fields=["n", "title"]
