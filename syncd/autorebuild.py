@@ -27,12 +27,14 @@ import threading
 import time
 from collections.abc import Callable
 
-from syncd import switching
-from syncd.checkpoint import CheckpointStore, whoami
+from syncd import halts, switching
+from syncd.checkpoint import CheckpointStore
+from syncd.checkpointing import status_record
 from syncd.config import PipelineSettings
 from syncd.errors import (
     ExitCode,
     HaltedError,
+    LeaseLostError,
     PoisonError,
     SyncdError,
     TransientError,
@@ -46,8 +48,6 @@ from syncd.runtime import Runtime
 from syncd.telemetry import PipelineTelemetry
 
 log = logging.getLogger(__name__)
-
-HALT_RETRY_S = 60.0  # a halted build tries again this often under halt_recheck_s = 0
 
 
 def needs_rebuild(store: CheckpointStore, name: str, fingerprint: str) -> bool:
@@ -76,6 +76,17 @@ def needs_rebuild(store: CheckpointStore, name: str, fingerprint: str) -> bool:
     return not switched_away
 
 
+def build_halt(store: CheckpointStore, name: str) -> halts.Halt | None:
+    """The halt of pipeline ``name``'s rebuild in a daemon, while it holds: stored with
+    the rebuild's record (``PIPELINE~switch``; no pipeline runs under that name, so no
+    start trips over it, see :func:`syncd.halts.check_on_start`), taken at the build's
+    checkpoint as it is now. The build moving on, or starting over, ends it."""
+    record = store.load(switching.record_name(name))
+    if record is None or (record.rebuild or {}).get("state") != "building":
+        return None
+    return halts.holding(record.halt, store.load(switching.build_name(name)))
+
+
 class Rebuilder:
     """Runs the rebuild a pipeline needs before its worker streams it."""
 
@@ -88,10 +99,11 @@ class Rebuilder:
         telemetry: PipelineTelemetry,
         heartbeat: Callable[[], None],
         live: Callable[[], Hold] | None,
+        beside: bool = False,
     ) -> None:
         """``live()``: this process's hold on the live pipeline's lease, for the switch
         (None without leases: the switch then claims a fresh epoch, as ``syncd rebuild``
-        does)."""
+        does); ``beside``: another process holds and streams the pipeline meanwhile."""
         self.runtime = runtime
         self.ps = ps
         self.stop = stop
@@ -99,9 +111,28 @@ class Rebuilder:
         self.heartbeat = heartbeat
         self.live = live
         self.fingerprint = Mapper(ps).fingerprint
+        self.beside = beside
+        self.rebuilt_here = False  # this process began rebuilding (and said so in the status)
 
     def run(self) -> bool:
-        """Rebuild if needed; True once the pipeline may stream, False when stopped first."""
+        """Rebuild if needed; True once the pipeline may stream, False when stopped first.
+
+        However the rebuild ends, `syncd status` says so: ``stopped`` when stopped first,
+        ``failed`` with the error and its hint when a fatal error ends it (and the
+        process), as the pipeline's own loop records (see
+        :meth:`syncd.checkpointing.Progress.publish`)."""
+        try:
+            done = self._run()
+        except LeaseLostError:
+            raise  # the pipeline belongs to another process now, and so does its status
+        except Exception as exc:
+            self._publish(halts.stopped_state(exc), exc)
+            raise
+        if not done and self.rebuilt_here and not self.beside:
+            self._publish("stopped")  # (beside: the process streaming the pipeline says)
+        return done
+
+    def _run(self) -> bool:
         waits = backoff_waits(self.ps.retry_max_backoff_s)
         failing_since: float | None = None
         attempt = 0
@@ -124,13 +155,13 @@ class Rebuilder:
             except (HaltedError, PoisonError) as exc:
                 # A document the new mapping cannot apply (on_error = "halt"): this
                 # pipeline alone waits, and tries again (the build continues from there).
-                self.telemetry.set_state("halted", exc)
-                self._publish("halted")
+                every = self.ps.halt_recheck_s or halts.REBUILD_RETRY_S
+                halt = self._halted(exc)
                 log.error(
-                    "the rebuild halted: %s; trying again in %.0f s", exc,
-                    self.ps.halt_recheck_s or HALT_RETRY_S, extra={"pipeline": self.ps.name},
+                    "the rebuild halted: %s; trying again in %.0f s",
+                    halt.error(self.ps.name).describe(), every, extra={"pipeline": self.ps.name},
                 )  # fmt: skip
-                self.stop.wait(self.ps.halt_recheck_s or HALT_RETRY_S)
+                self.stop.wait(every)
             except PipelineBusyError as exc:
                 # Another process builds this pipeline: one build at a time. Wait for it
                 # (not an outage: the live collection serves meanwhile).
@@ -138,6 +169,28 @@ class Rebuilder:
                 self.heartbeat()
                 self.stop.wait(self.runtime.settings.lease.renew_every_s)
         return False
+
+    def _halted(self, exc: SyncdError) -> halts.Halt:
+        """Record the build's halt for `syncd status` (its ``_id``, reason, resume token
+        and what to do) beside the rebuild's record (see :func:`build_halt`). It holds
+        while the build's checkpoint stays where it halted; found again there by the
+        next try, it is the same halt, since the same moment."""
+        store, name = self.runtime.store, self.ps.name
+        halt = halts.new(self.ps, exc, None, rebuild=True)
+        try:
+            build = store.load(switching.build_name(name))
+            halt = halts.new(self.ps, exc, build, rebuild=True)
+            record = store.load(switching.record_name(name))
+            last = build_halt(store, name)
+            if last is not None and last.key == halt.key:
+                halt.since, halt.by = last.since, last.by
+            if record is not None and build is not None:
+                store.set_halt(switching.record_name(name), halt.to_document())
+            halts.publish(store, name, halt)
+        except SyncdError as err:  # best effort, like any state recorded for `syncd status`
+            log.warning("could not record the rebuild's halt: %s", err)
+        self.telemetry.set_state("halted", halt.error(name))
+        return halt
 
     def _rebuild(self) -> int:
         name = self.ps.name
@@ -149,6 +202,7 @@ class Rebuilder:
         )
         self.telemetry.set_state("rebuilding")
         self._publish("rebuilding")
+        self.rebuilt_here = True
         # The build reports as a part of this pipeline (its outages make it retrying),
         # not as a pipeline of its own: see Telemetry.part.
         return run_rebuild(
@@ -163,9 +217,9 @@ class Rebuilder:
             telemetry=self.telemetry,
         )
 
-    def _publish(self, state: str) -> None:
+    def _publish(self, state: str, error: BaseException | None = None) -> None:
         """For `syncd status`; best effort, like the pipeline's own."""
         try:
-            self.runtime.store.set_status(self.ps.name, {"state": state, "by": whoami()})
+            self.runtime.store.set_status(self.ps.name, status_record(state, error))
         except SyncdError as exc:
             log.warning("could not record state %r: %s", state, exc)

@@ -228,21 +228,26 @@ class Progress:
         Best effort: when MongoDB itself is what failed, the status cannot be written,
         and that must not change how the loop retries or stops.
         """
-        status: dict[str, Any] = {"state": state, "by": whoami()}
-        if error is not None:
-            status["error_class"] = type(error).__name__
-            status["error"] = (
-                error.message if isinstance(error, SyncdError) else redact_text(str(error))
-            )
-            if isinstance(error, SyncdError):
-                status["hint"] = error.hint
-                status["namespace"] = error.namespace
-                if error.document_id is not None:
-                    status["document_id"] = repr(error.document_id)
         try:
-            self.store.set_status(self.settings.name, status)
+            self.store.set_status(self.settings.name, status_record(state, error))
         except SyncdError as exc:
             log.warning("could not record state %r: %s", state, exc, extra=self._extra())
 
     def _extra(self) -> dict[str, Any]:
         return {"pipeline": self.settings.name}
+
+
+def status_record(state: str, error: BaseException | None = None) -> dict[str, Any]:
+    """A pipeline's state as `syncd status` reads it: with the error that caused it."""
+    status: dict[str, Any] = {"state": state, "by": whoami()}
+    if error is not None:
+        status["error_class"] = type(error).__name__
+        status["error"] = (
+            error.message if isinstance(error, SyncdError) else redact_text(str(error))
+        )
+        if isinstance(error, SyncdError):
+            status["hint"] = error.hint
+            status["namespace"] = error.namespace
+            if error.document_id is not None:
+                status["document_id"] = repr(error.document_id)
+    return status

@@ -252,6 +252,7 @@ class Daemon:
                     telemetry=telemetry,
                     heartbeat=beat,
                     live=live if leases is not None else None,
+                    beside=beside,
                 )
                 # Beside another process, stream only once the switch took its lease.
                 return rebuilder.run() and "epoch" in held if beside else rebuilder.run()

@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POLL_S = 2.0  # how soon a held pipeline notices `syncd resume` or a moved checkpoint
+REBUILD_RETRY_S = 60.0  # a daemon's halted rebuild tries again this often under halt_recheck_s = 0
 _NO_ID = object()
 
 
@@ -65,8 +66,21 @@ def stopped_state(exc: BaseException) -> str:
     return "halted" if isinstance(exc, HaltedError | PoisonError) else "failed"
 
 
-def hint(settings: PipelineSettings, *, has_document: bool = True) -> str:
-    """What an operator can do about a halt; every command named here works as written."""
+def hint(settings: PipelineSettings, *, has_document: bool = True, rebuild: bool = False) -> str:
+    """What an operator can do about a halt; every command named here works as written.
+
+    ``rebuild``: a halt of the rebuild a daemon runs by itself (see
+    :mod:`syncd.autorebuild`), which tries the rebuild again every ``halt_recheck_s``
+    (:data:`REBUILD_RETRY_S` when 0): a fix is picked up then, without a restart."""
+    if rebuild:
+        every = settings.halt_recheck_s or REBUILD_RETRY_S
+        retry = f"syncd tries the rebuild again every {every:g} s and continues by itself"
+        if not has_document:
+            return f"fix the cause: {retry}"
+        return (
+            f"fix or delete the document in MongoDB: {retry}; or set "
+            'on_error = "dead_letter" and restart to set such changes aside'
+        )
     resume = f"`syncd resume {settings.name}`"
     if not has_document:
         return f"fix the cause, then run {resume} to retry the change"
@@ -181,9 +195,14 @@ def position_key(cp: Checkpoint) -> str:
 
 def active(cp: Checkpoint | None) -> Halt | None:
     """The halt holding this checkpoint, if any; a halt taken elsewhere has lapsed."""
-    if cp is None or not isinstance(cp.halt, Mapping):
+    return holding(cp.halt if cp is not None else None, cp)
+
+
+def holding(record: Any, cp: Checkpoint | None) -> Halt | None:
+    """The halt ``record`` (stored), if it holds checkpoint ``cp``: taken at its position."""
+    if cp is None or not isinstance(record, Mapping):
         return None
-    halt = Halt.from_document(cp.halt)
+    halt = Halt.from_document(record)
     return halt if halt.position == position_key(cp) else None
 
 
@@ -224,6 +243,63 @@ def clear(store: CheckpointStore, pipeline: str) -> Halt | None:
 
 def document_hash(doc: Mapping[str, Any]) -> str:
     return hashlib.sha256(bson.encode(doc)).hexdigest()
+
+
+def _cause(error: SyncdError) -> BaseException:
+    return error.__cause__ if isinstance(error, HaltedError) and error.__cause__ else error
+
+
+def new(
+    settings: PipelineSettings, error: SyncdError, cp: Checkpoint | None, *, rebuild: bool = False
+) -> Halt:
+    """The record of a halt ``error`` causes at checkpoint ``cp`` (``rebuild``: of the
+    rebuild a daemon runs by itself, whose hint says how that one ends)."""
+    cause = _cause(error)
+    collection = _collection(settings, error, cp)
+    has_id = error.document_id is not None and collection is not None
+    if has_id or rebuild:
+        text = hint(settings, has_document=has_id, rebuild=rebuild)
+    else:  # a halt at no document (a dropped or renamed collection) says its own way out
+        text = error.hint or hint(settings, has_document=False)
+    halt = Halt(
+        policy=error.policy if isinstance(error, CollectionGoneHalt) else None,
+        reason=error.message,
+        error_class=type(cause if isinstance(cause, SyncdError) else error).__name__,
+        hint=text,
+        position=position_key(cp) if cp is not None else "",
+        token=dict(cp.token) if cp is not None and cp.token else None,
+        namespace=error.namespace or (f"{settings.database}.{collection}" if collection else None),
+    )
+    if has_id and collection is not None:
+        halt.collection, halt.document_id = collection, error.document_id
+        halt.key = record_key(collection, error.document_id, prefixed=prefixed(settings))
+    return halt
+
+
+def _collection(settings: PipelineSettings, error: SyncdError, cp: Checkpoint | None) -> str | None:
+    prefix = f"{settings.database}."
+    if error.namespace and error.namespace.startswith(prefix):
+        return error.namespace[len(prefix) :]
+    if settings.collection:
+        return settings.collection
+    if cp is not None and cp.snapshot is not None:
+        return cp.snapshot.collection
+    return None
+
+
+def publish(store: CheckpointStore, pipeline: str, halt: Halt) -> None:
+    """Record the halt as the pipeline's state, for `syncd status`."""
+    status = {
+        "state": "halted",
+        "by": whoami(),
+        "error_class": "HaltedError",
+        "error": halt.reason,
+        "hint": halt.hint,
+        "namespace": halt.namespace,
+    }
+    if halt.has_document:
+        status["document_id"] = repr(halt.document_id)
+    store.set_status(pipeline, status)
 
 
 class _NothingStored:
@@ -290,54 +366,16 @@ class HeldPipeline:
         return halt
 
     def _new(self, error: SyncdError, cp: Checkpoint | None) -> Halt:
-        cause = error.__cause__ if isinstance(error, HaltedError) else error
-        collection = self._collection(error, cp)
-        has_id = error.document_id is not None and collection is not None
-        halt = Halt(
-            policy=error.policy if isinstance(error, CollectionGoneHalt) else None,
-            reason=error.message,
-            error_class=type(cause if isinstance(cause, SyncdError) else error).__name__,
-            # A halt at no document (a dropped or renamed collection) says its own way out.
-            hint=hint(self.settings, has_document=True)
-            if has_id
-            else error.hint or hint(self.settings, has_document=False),
-            position=position_key(cp) if cp is not None else "",
-            token=dict(cp.token) if cp is not None and cp.token else None,
-            namespace=error.namespace
-            or (f"{self.settings.database}.{collection}" if collection else None),
-        )
-        if has_id and collection is not None:
-            halt.collection, halt.document_id = collection, error.document_id
-            halt.key = record_key(collection, error.document_id, prefixed=prefixed(self.settings))
-            if isinstance(cause, SinkRejectedError):
-                # Mapping and embedding pass for what Chroma refuses: only a change
-                # to the document can lift this halt by itself.
-                doc = self._fetch(halt)
-                halt.document_hash = document_hash(doc) if doc is not None else None
+        halt = new(self.settings, error, cp)
+        if halt.has_document and isinstance(_cause(error), SinkRejectedError):
+            # Mapping and embedding pass for what Chroma refuses: only a change
+            # to the document can lift this halt by itself.
+            doc = self._fetch(halt)
+            halt.document_hash = document_hash(doc) if doc is not None else None
         return halt
 
-    def _collection(self, error: SyncdError, cp: Checkpoint | None) -> str | None:
-        prefix = f"{self.settings.database}."
-        if error.namespace and error.namespace.startswith(prefix):
-            return error.namespace[len(prefix) :]
-        if self.settings.collection:
-            return self.settings.collection
-        if cp is not None and cp.snapshot is not None:
-            return cp.snapshot.collection
-        return None
-
     def _publish(self, halt: Halt) -> None:
-        status = {
-            "state": "halted",
-            "by": whoami(),
-            "error_class": "HaltedError",
-            "error": halt.reason,
-            "hint": halt.hint,
-            "namespace": halt.namespace,
-        }
-        if halt.has_document:
-            status["document_id"] = repr(halt.document_id)
-        self.p.store.set_status(self.settings.name, status)
+        publish(self.p.store, self.settings.name, halt)
 
     def _announce(self, halt: Halt) -> None:
         error = halt.error(self.settings.name)

@@ -19,6 +19,7 @@ from typing import Any
 from bson.timestamp import Timestamp
 
 from syncd import halts, positions, switching
+from syncd.autorebuild import build_halt
 from syncd.checkpoint import Checkpoint
 from syncd.config import PipelineSettings
 from syncd.errors import SyncdError
@@ -66,10 +67,10 @@ def describe(
     rebuild = _rebuild(runtime, ps, server_time)
     if rebuild is not None:
         out["rebuild"] = rebuild
-    halt = halts.active(cp)
+    halt = _halt(runtime, ps, cp)
     if halt is not None:
         out["state"] = "halted"
-        out["halt"] = halt.describe()
+        out["halt"] = halt
     if status.get("error"):
         out["last_error"] = {
             key: status[key]
@@ -77,6 +78,15 @@ def describe(
             if status.get(key) is not None
         }
     return out
+
+
+def _halt(runtime: Runtime, ps: PipelineSettings, cp: Checkpoint) -> dict[str, Any] | None:
+    """The halt in force: the pipeline's, or that of the rebuild a daemon runs for it."""
+    halt = halts.active(cp)
+    if halt is not None:
+        return halt.describe()
+    built = build_halt(runtime.store, ps.name)
+    return None if built is None else dict(built.describe(), rebuild=True)
 
 
 def _position(cp: Checkpoint) -> dict[str, Any]:

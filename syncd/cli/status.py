@@ -18,8 +18,11 @@ def register(verbs: Any) -> None:
         help="show each pipeline's state, position, lag and last error",
         description="Read what the daemon recorded next to each checkpoint: its state "
         "(starting, snapshotting, streaming, retrying, halted: at a change it cannot "
-        "apply, failed: a fatal error stopped it and its process, stopped), a halt in force "
-        "with the document, reason, resume token and what to do, the last error and what to "
+        "apply, failed: a fatal error stopped it and its process, stopped, rebuilding: a changed "
+        "mapping is built beside the live collection), a halt in force "
+        "(the pipeline's, or one of the rebuild `syncd run` runs for it under "
+        'on_mapping_change = "rebuild") with the document, reason, resume token and what to '
+        "do, the last error and what to "
         "run next, the checkpoint position and age, the lag behind MongoDB and the number of "
         "dead letters. Works whether or not the daemon runs. Exit 1 when a pipeline is "
         "halted or failed.",
@@ -72,7 +75,8 @@ def _print(row: dict[str, Any]) -> None:
         print(f"  rebuild        {_rebuild_line(rebuild)}")
     halt = row.get("halt")
     if halt:
-        print(f"  halted at      {_where(halt)} since {halt['since']} ({halt['by']})")
+        where = _where(halt) + (", in its rebuild," if halt.get("rebuild") else "")
+        print(f"  halted at      {where} since {halt['since']} ({halt['by']})")
         print(f"  reason         {halt['error_class']}: {halt['reason']}")
         if "resume_token" in halt:
             print(f"  resume token   {halt['resume_token']}")

@@ -94,6 +94,18 @@ def test_hints_name_only_commands_that_exist():
     assert halts.hint(settings(), has_document=False).startswith("fix the cause")
 
 
+def test_a_halted_rebuild_says_it_is_tried_again_and_names_no_resume() -> None:
+    # A daemon tries its halted rebuild again every halt_recheck_s (60 s if 0): a fix is
+    # picked up then; `syncd resume` lifts only a pipeline's own halt.
+    every = halts.hint(settings(halt_recheck_s=5), rebuild=True)
+    assert every.startswith(
+        "fix or delete the document in MongoDB: syncd tries the rebuild again every 5 s"
+    )
+    assert "resume" not in every and "dead_letter" in every
+    assert "every 60 s" in halts.hint(settings(halt_recheck_s=0), rebuild=True)
+    assert "resume" not in halts.hint(settings(), has_document=False, rebuild=True)
+
+
 def test_a_halt_is_halted_and_a_fatal_error_is_failed() -> None:
     assert halts.stopped_state(HaltedError("at _id 7")) == "halted"
     assert halts.stopped_state(MappingError("no text")) == "halted"  # poison
