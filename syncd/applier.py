@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
@@ -138,10 +139,11 @@ class Applier:
             with self.telemetry.stage("readback"):
                 self.read_back(result.plan)
         self._settle_dead_letters(result.keys_written)
-        for change in planned.changes:
-            self.telemetry.applied(change.operation, 1)
+        applied = Counter(change.operation for change in planned.changes)
+        for operation, n in applied.items():  # one metric update per operation, not per change
+            self.telemetry.applied(operation, n)
             if counts is not None:
-                counts[change.operation] = counts.get(change.operation, 0) + 1
+                counts[operation] = counts.get(operation, 0) + n
 
     def _build(
         self,
