@@ -3,8 +3,9 @@
 The process builds the pipeline exactly as ``syncd run`` does (Telemetry, Runtime,
 Runtime.pipeline), without the lease thread and the HTTP listener, so start-up
 (imports, connecting) is outside the measured window. It prints one JSON line:
-wall seconds, this process's CPU seconds (user + system, every thread) and peak RSS,
-the events applied and the texts embedded.
+wall seconds, this process's CPU seconds (user + system, every thread but the
+script's own watcher) and each thread's, peak RSS, the events applied and the texts
+embedded. ``--profile`` profiles every thread by its CPU time.
 
     .venv/bin/python bench/drain.py --config FILE --pipeline NAME
         (--start-at T.I --until T.I | --snapshot) [--tracing off|noop] [--profile FILE]

@@ -46,9 +46,10 @@ def write_report(results: dict[str, Any], path: Path) -> None:
            "one server for every contender (these results predate a fresh server per run). ")
         + "syncd drains run `bench/drain.py`: a fresh process that builds the pipeline as "
         "`syncd run` does (Telemetry, Runtime.pipeline; no lease thread, no HTTP listener) "
-        "and is timed from its first read to the checkpoint covering the last event, so "
-        "interpreter start-up is outside the window. CPU time is that process's own "
-        "(`getrusage`, every thread): syncd alone, not the servers. Lag and memory run the "
+        "and has connected to MongoDB and Chroma before it is timed from its first read to "
+        "the checkpoint covering the last event, so interpreter start-up is outside the "
+        "window. CPU time is that process's own (`getrusage`, every thread but the script's "
+        "watcher): syncd alone, not the servers. Lag and memory run the "
         "real `syncd run` daemon. Median of the runs listed; single runs are said so.")
     add("")
     add("Commands: `make bench` (all, within 20 minutes), `make bench-large` (the snapshot and "
