@@ -14,8 +14,9 @@ from typing import Any
 from syncd.errors import ExitCode
 from tests.harness.daemon import run_syncd
 
-from .helpers import pipeline_table, settings_of, wait_caught_up, write_config
-from .oracle import EMBEDDER, mismatch
+from .helpers import wait_caught_up
+from .mirror import make_mirror
+from .oracle import mismatch
 
 FIELDS = ("title", "tags")
 
@@ -42,25 +43,10 @@ def test_records_written_after_a_deleted_collection_carry_only_their_metadata(
     # A server of its own: what the foreign collections leave behind would otherwise
     # reach the records of every later test on the shared server.
     chroma_server = chroma_server_factory()
-    db, coll_name = f"phantom_{uuid.uuid4().hex[:8]}", f"phantom-{uuid.uuid4().hex[:8]}"
-    cfg = write_config(
-        tmp_path / "syncd.toml",
-        mongo_uri=mongo_uri,
-        chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
-        checkpoint_db=f"{db}_syncd",
-        extra={"lease": {"enabled": False}},
-        pipelines=[
-            pipeline_table(
-                "p",
-                db,
-                chroma_collection=coll_name,
-                mapping={"text": "body", "metadata": list(FIELDS)},
-                embedder=EMBEDDER,
-                consistency="strong",
-            )
-        ],
+    m = make_mirror(
+        tmp_path, mongo_uri, chroma_server, "phantom", metadata=FIELDS, consistency="strong"
     )
-    settings = settings_of(cfg)
+    db, coll_name, cfg, settings = m.db, m.coll, m.cfg, m.settings
     docs = mongo_client[db]["docs"]
     docs.insert_one(_doc(0))
     daemon = syncd_factory(["run"], cfg)

@@ -9,53 +9,35 @@ answered first.
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 
 from syncd.errors import ExitCode
 from tests.harness.embedding_api import embedding_api
 
 from . import oracle
-from .helpers import diff, pipeline_table, settings_of, wait_caught_up, write_config
+from .helpers import diff, wait_caught_up
 
 
 @pytest.mark.timeout(240)
 def test_requests_in_flight_to_a_slow_embedding_api_mirror_exactly(
-    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
+    mongo_client, mirror, syncd_factory
 ):
-    db, coll = f"remote_{uuid.uuid4().hex[:8]}", f"remote-{uuid.uuid4().hex[:8]}"
-    docs = mongo_client[db]["docs"]
-    docs.insert_many([oracle.document(i) for i in range(60)])
-    letters = mongo_client[f"{db}_syncd"]["dead_letters"]
     with embedding_api(dimensions=32, delay_s=0.1) as api:
         api.refuse = lambda text: "refuse me" in text
-        cfg = write_config(
-            tmp_path / "syncd.toml",
-            mongo_uri=mongo_uri,
-            chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
-            checkpoint_db=f"{db}_syncd",
-            extra={"lease": {"enabled": False}},
-            pipelines=[
-                pipeline_table(
-                    "remote",
-                    db,
-                    chroma_collection=coll,
-                    on_error="dead_letter",
-                    mapping={"text": "body", "metadata": list(oracle.METADATA)},
-                    embedder={
-                        "kind": "openai",
-                        "base_url": api.base_url,
-                        "model": "slow-embed",
-                        "dimensions": 32,
-                        "batch_size": 4,
-                        "embed_concurrency": 4,
-                    },
-                )
-            ],
-        )
         env = {"OPENAI_API_KEY": api.api_key}
-        settings = settings_of(cfg, env)
+        embedder = {
+            "kind": "openai",
+            "base_url": api.base_url,
+            "model": "slow-embed",
+            "dimensions": 32,
+            "batch_size": 4,
+            "embed_concurrency": 4,
+        }
+        m = mirror("remote", name="remote", env=env, on_error="dead_letter", embedder=embedder)
+        db, cfg, settings = m.db, m.cfg, m.settings
+        docs = mongo_client[db]["docs"]
+        docs.insert_many([oracle.document(i) for i in range(60)])
+        letters = mongo_client[f"{db}_syncd"]["dead_letters"]
         daemon = syncd_factory(["run"], cfg, env)
         wait_caught_up(mongo_client, db, settings, "remote", 90, "snapshot")
         # 60 texts in requests of 4: 15 requests, never more than 4 at once.
@@ -76,8 +58,5 @@ def test_requests_in_flight_to_a_slow_embedding_api_mirror_exactly(
         assert daemon.wait(30) == ExitCode.OK, daemon.output()[-3000:]
         assert "Traceback" not in daemon.output()
     mirrored = [d for d in docs.find() if d["_id"] != 1000]
-    chroma = chroma_server.client().get_collection(coll, embedding_function=None)
-    problem = diff(oracle.embedded_by_the_api(mirrored), oracle.actual(chroma))
+    problem = diff(oracle.embedded_by_the_api(mirrored), oracle.actual(m.collection()))
     assert not problem, problem
-    mongo_client.drop_database(db)
-    mongo_client.drop_database(f"{db}_syncd")
