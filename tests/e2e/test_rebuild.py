@@ -44,7 +44,10 @@ def _configs(
     coll: str,
     page: int = 50,
     new_embedder: dict[str, Any] | None = None,
+    **both: Any,
 ) -> Any:
+    """The configurations before and after the rebuild; `both` adds to both pipelines."""
+
     def make(path: str, **table: Any) -> Path:
         return write_config(
             tmp_path / path,
@@ -53,7 +56,9 @@ def _configs(
             checkpoint_db=f"{db}_syncd",
             extra={"lease": {"ttl_s": 4, "renew_every_s": 1}},
             pipelines=[
-                pipeline_table("p", db, chroma_collection=coll, snapshot_batch_size=page, **table)
+                pipeline_table(
+                    "p", db, chroma_collection=coll, snapshot_batch_size=page, **table, **both
+                )
             ],
         )
 

@@ -26,7 +26,15 @@ from .helpers import (
     write_config,
 )
 from .oracle import EMBEDDER, METADATA, document, mismatch
-from .test_rebuild import DOCS, NEW_DIMENSIONS, NEW_METADATA, _Queries, _Writes, assert_switched
+from .test_rebuild import (
+    DOCS,
+    NEW_DIMENSIONS,
+    NEW_METADATA,
+    _configs,
+    _Queries,
+    _Writes,
+    assert_switched,
+)
 
 PHASES = ("snapshot", "catching_up", "switching", "switched", "stopped")
 
@@ -231,25 +239,8 @@ def test_run_rebuilds_beside_a_process_that_streams_the_old_mapping(
     docs = mongo_client[db]["docs"]
     docs.insert_many([document(i) for i in range(DOCS)])
 
-    def config(path: str, **p: Any) -> Path:
-        return write_config(
-            tmp_path / path,
-            mongo_uri=mongo_uri,
-            chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
-            checkpoint_db=f"{db}_syncd",
-            extra={"lease": {"ttl_s": 4, "renew_every_s": 1}},
-            pipelines=[
-                pipeline_table("p", db, chroma_collection=coll, snapshot_batch_size=50, **p)
-            ],
-        )
-
-    old_cfg = config("old.toml", mapping={"text": "body", "metadata": list(METADATA)},
-                     embedder=EMBEDDER, on_mapping_change="rebuild")  # fmt: skip
-    new_cfg = config(
-        "new.toml",
-        on_mapping_change="rebuild",
-        mapping={"text": "body", "metadata": list(NEW_METADATA)},
-        embedder={"kind": "hashing", "dimensions": NEW_DIMENSIONS},
+    old_cfg, new_cfg = _configs(
+        tmp_path, mongo_uri, chroma_server, db, coll, on_mapping_change="rebuild"
     )
     settings = settings_of(old_cfg)
     old = syncd_factory(["run"], old_cfg, log_path=tmp_path / "old.log")
