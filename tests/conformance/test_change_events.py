@@ -94,6 +94,31 @@ def test_match_and_project_after_change_stream(mongo_db: Any) -> None:
     assert all(set(e) == {"_id", "operationType", "fullDocument"} for e in events)
 
 
+def test_match_only_pipeline_with_update_lookup(mongo_db: Any) -> None:
+    """$match stages alone (as syncd's stream has) pick events whole: inserts and deletes
+    as they were written, updates with the document looked up."""
+    coll = mongo_db.c
+    pipeline = [{"$match": {"operationType": {"$in": ["insert", "update", "delete"]}}},
+                {"$match": {"documentKey._id": {"$lt": 10}}}]
+    with coll.watch(pipeline, full_document="updateLookup",
+                    max_await_time_ms=AWAIT_MS) as stream:
+        coll.insert_many([{"_id": 1, "v": [0.5, 1], "t": "one"}, {"_id": 11, "v": 0}])
+        coll.update_one({"_id": 1}, {"$set": {"t": "uno"}})
+        coll.replace_one({"_id": 1}, {"t": "replaced"})
+        coll.delete_one({"_id": 1})
+        insert, update, delete = next_events(stream, 3)
+        no_more_events(stream)
+    assert insert["operationType"] == "insert"
+    assert insert["fullDocument"] == {"_id": 1, "v": [0.5, 1], "t": "one"}
+    assert set(insert) >= {"_id", "clusterTime", "ns", "documentKey", "fullDocument"}
+    assert update["operationType"] == "update"
+    assert update["updateDescription"]["updatedFields"] == {"t": "uno"}
+    assert update["fullDocument"] is None  # looked up after the delete: gone
+    assert delete["operationType"] == "delete"
+    assert delete["documentKey"] == {"_id": 1}
+    assert "fullDocument" not in delete
+
+
 def test_update_lookup_returns_the_current_document_or_null(mongo_db: Any) -> None:
     coll = mongo_db.c
     with coll.watch(full_document="updateLookup", max_await_time_ms=AWAIT_MS) as stream:

@@ -135,6 +135,12 @@ class ChangeStream:
         plain = self.full_document == "default" and self.before_change == "off"
         if plain and not self.stages:
             return ev.raw()
+        reshaped = (ev.op == "update" and self.full_document != "default") or (
+            ev.op in ("update", "replace", "delete") and self.before_change != "off"
+        )
+        if not reshaped and (not self.stages or self._match_plans):
+            # Sent as stored, if its $match stages let it through: no need to encode it anew.
+            return ev.raw() if self._pipeline(ev.doc) is not None else None
         doc = dict(ev.doc)
         if ev.op == "update" and self.full_document != "default":
             if self.full_document == "updateLookup":
