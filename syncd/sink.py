@@ -255,7 +255,14 @@ class ChromaSink:
         return out
 
     def scan(self, page: int = 1000) -> Iterator[list[StoredRecord]]:
-        """Every record, a page at a time (constant memory)."""
+        """Every record, a page at a time (constant memory).
+
+        The caller may delete records of the page it was given before asking for the
+        next (the snapshot's orphan check does). Chroma pages by offset, so the records
+        after a deleted one move down: the next page starts after the records of this
+        page that are still there, not after all of it, or as many records as were
+        deleted would be skipped. Records added meanwhile come after the ones there.
+        """
         offset = 0
         while True:
             result = self._call(
@@ -265,7 +272,16 @@ class ChromaSink:
             if not records:
                 return
             yield records
-            offset += len(records)
+            offset += self._still_there([r.id for r in records])
+
+    def _still_there(self, ids: Sequence[str]) -> int:
+        """How many of these records exist now."""
+        found = 0
+        for start in range(0, len(ids), LOOKUP_SLICE):
+            found += len(
+                self._call("get", ids=list(ids[start : start + LOOKUP_SLICE]), include=[])["ids"]
+            )
+        return found
 
     def delete_where(self, where: Mapping[str, Any]) -> None:
         self._call("delete", where=dict(where))

@@ -9,6 +9,7 @@ from typing import Any
 
 from pymongo import MongoClient
 
+from syncd.embedder import HashingEmbedder
 from syncd.errors import ExitCode
 from tests.harness.daemon import run_syncd
 
@@ -112,3 +113,65 @@ def test_killed_snapshot_resumes_and_racing_writes_survive(
     assert chroma.get(ids=["i:999999"])["ids"] == []
     problem = m.mismatch(docs.find(VISIBLE))
     assert not problem, problem
+
+
+HASHED_DIMENSIONS = 16
+HASHING = {"kind": "hashing", "dimensions": HASHED_DIMENSIONS}
+MANY = 2500  # two and a half pages of Chroma's scan (1,000 records a page)
+
+
+def _hashed(text: str) -> list[float]:
+    """The vector the hashing embedder makes of a text (what the test embedding API serves)."""
+    return HashingEmbedder(HASHED_DIMENSIONS).embed([text])[0]
+
+
+def _mirrors(m: Any, docs: Any) -> str:
+    return m.mismatch(docs.find(), embed=_hashed)
+
+
+def _verify_clean(m: Any) -> None:
+    result = run_syncd(["verify", m.name], config=m.cfg, timeout=180)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "consistent" in result.stdout.splitlines()[-1], result.stdout
+
+
+def test_snapshot_removes_orphans_interleaved_over_many_pages(mirror, mongo_client):
+    # Every other record is an orphan, more than a page of them: deleting one page's
+    # orphans before reading the next must not make the scan skip records.
+    m = mirror("orph", name="orph", metadata=(), embedder=HASHING)
+    docs = mongo_client[m.db]["docs"]
+    docs.insert_many([{"_id": i, "body": f"doc {i}"} for i in range(MANY)])
+    first = run_syncd(["snapshot", "orph"], config=m.cfg, timeout=300)
+    assert first.returncode == 0, first.stderr + first.stdout
+    assert m.collection().count() == MANY
+
+    gone = docs.delete_many({"_id": {"$mod": [2, 1]}}).deleted_count
+    assert gone == MANY // 2
+    again = run_syncd(["snapshot", "orph"], config=m.cfg, timeout=300)
+    assert again.returncode == 0, again.stderr + again.stdout
+    problem = _mirrors(m, docs)
+    assert not problem, problem
+    assert f"snapshot removed {gone} orphaned records" in again.stdout + again.stderr
+    _verify_clean(m)
+
+
+def test_resync_removes_orphans_interleaved_over_many_pages(mirror, mongo_client, syncd_factory):
+    # `syncd run --resync` (a changed mapping) re-snapshots through the same orphan check.
+    m = mirror("orph", name="orph", metadata=(), embedder=HASHING)
+    docs = mongo_client[m.db]["docs"]
+    docs.insert_many([{"_id": i, "body": f"doc {i}", "n": i} for i in range(MANY)])
+    first = run_syncd(["snapshot", "orph"], config=m.cfg, timeout=300)
+    assert first.returncode == 0, first.stderr + first.stdout
+
+    # Deleted while nothing streams: only the re-snapshot can find these records.
+    gone = docs.delete_many({"_id": {"$mod": [2, 0]}}).deleted_count
+    assert gone > 1000
+    changed = mirror("orph", name="orph", metadata=["n"], embedder=HASHING, db=m.db, coll=m.coll)
+    resync = syncd_factory(["run", "--resync"], changed.cfg)
+    wait_caught_up(mongo_client, m.db, changed.settings, "orph", 300, "the re-snapshot")
+    resync.terminate()
+    assert resync.wait(30) == ExitCode.OK, resync.output()
+    problem = _mirrors(changed, docs)
+    assert not problem, problem
+    assert f"snapshot removed {gone} orphaned records" in resync.output()
+    _verify_clean(changed)
