@@ -149,7 +149,12 @@ class CheckpointStore(Protocol):
 
     def delete(self, pipeline: str) -> None: ...
 
-    def list(self) -> list[Checkpoint]: ...
+    def list(
+        self, *, unreadable: dict[str, CheckpointCorruptError] | None = None
+    ) -> list[Checkpoint]:
+        """Every stored checkpoint. One that cannot be read raises CheckpointCorruptError,
+        or, given ``unreadable``, is left out and put there under its pipeline's name."""
+        ...
 
     def set_status(self, pipeline: str, status: Mapping[str, Any]) -> None: ...
 
@@ -323,10 +328,20 @@ class MongoCheckpointStore:
         with translate_mongo_errors(pipeline=pipeline):
             self._coll.delete_one({"_id": pipeline})
 
-    def list(self) -> list[Checkpoint]:
+    def list(
+        self, *, unreadable: dict[str, CheckpointCorruptError] | None = None
+    ) -> list[Checkpoint]:
         with translate_mongo_errors():
             docs = list(self._coll.find({"fingerprint": {"$exists": True}}).sort("_id", 1))
-        return [from_document(doc) for doc in docs]
+        out = []
+        for doc in docs:
+            try:
+                out.append(from_document(doc))
+            except CheckpointCorruptError as exc:
+                if unreadable is None:
+                    raise
+                unreadable[str(doc["_id"])] = exc
+        return out
 
     def set_status(self, pipeline: str, status: Mapping[str, Any]) -> None:
         with translate_mongo_errors(pipeline=pipeline):
@@ -430,14 +445,22 @@ class FileCheckpointStore:
         with contextlib.suppress(FileNotFoundError), _file_errors(pipeline, missing_ok=True):
             self._path(pipeline).unlink()
 
-    def list(self) -> list[Checkpoint]:
+    def list(
+        self, *, unreadable: dict[str, CheckpointCorruptError] | None = None
+    ) -> list[Checkpoint]:
         if not self._dir.is_dir():
             return []
         out = []
         with _file_errors():
             paths = sorted(self._dir.glob("*.json"))
         for path in paths:
-            cp = self.load(path.stem)
+            try:
+                cp = self.load(path.stem)
+            except CheckpointCorruptError as exc:
+                if unreadable is None:
+                    raise
+                unreadable[path.stem] = exc
+                continue
             if cp is not None:
                 out.append(cp)
         return out

@@ -56,15 +56,20 @@ def show(runtime: Runtime, name: str | None = None) -> list[dict[str, Any]]:
     if name:
         if name.endswith(switching.RECORD_SUFFIX):
             refuse_internal(name, "shown")
-        return [_describe(runtime, name, _load_known(runtime, name), now)]
+        try:
+            return [_describe(runtime, name, _load_known(runtime, name), now)]
+        except CheckpointCorruptError as exc:
+            return [_describe(runtime, name, None, now, unreadable=exc)]
     # A rebuild's record holds no position (`syncd status` shows it); its build's does.
-    stored = {
-        cp.pipeline: cp
-        for cp in runtime.store.list()
-        if not cp.pipeline.endswith(switching.RECORD_SUFFIX)
-    }
-    names = sorted({p.name for p in runtime.settings.pipelines} | set(stored))
-    return [_describe(runtime, n, stored.get(n), now) for n in names]
+    # A checkpoint that cannot be read is shown as such, between the others.
+    unreadable: dict[str, CheckpointCorruptError] = {}
+    stored = {cp.pipeline: cp for cp in runtime.store.list(unreadable=unreadable)}
+    names = sorted(
+        n
+        for n in {p.name for p in runtime.settings.pipelines} | set(stored) | set(unreadable)
+        if not n.endswith(switching.RECORD_SUFFIX)
+    )
+    return [_describe(runtime, n, stored.get(n), now, unreadable=unreadable.get(n)) for n in names]
 
 
 def refuse_internal(name: str, doing: str) -> None:
@@ -92,7 +97,14 @@ def history(runtime: Runtime, name: str, limit: int = 20) -> dict[str, Any]:
     return {"pipeline": name, "entries": [_history_entry(e) for e in entries]}
 
 
-def _describe(runtime: Runtime, name: str, cp: Checkpoint | None, now: datetime) -> dict[str, Any]:
+def _describe(
+    runtime: Runtime,
+    name: str,
+    cp: Checkpoint | None,
+    now: datetime,
+    *,
+    unreadable: CheckpointCorruptError | None = None,
+) -> dict[str, Any]:
     lease = lease_of(runtime, name)
     owner = switching.internal_owner(name)
     out: dict[str, Any] = {
@@ -111,7 +123,11 @@ def _describe(runtime: Runtime, name: str, cp: Checkpoint | None, now: datetime)
         "snapshot": None,
         "lease": _lease_json(lease),
         "chroma_collection_id": None,
+        "error": None,
     }
+    if unreadable is not None:
+        out["stored"] = True
+        out["error"] = {"message": unreadable.message, "hint": unreadable.hint}
     if cp is None:
         return out
     wall = _aware(cp.wall_time)

@@ -22,7 +22,7 @@ from syncd import halts, positions, switching
 from syncd.autorebuild import build_halt
 from syncd.checkpoint import Checkpoint
 from syncd.config import PipelineSettings
-from syncd.errors import SyncdError
+from syncd.errors import CheckpointCorruptError, SyncdError
 from syncd.runtime import Runtime
 from syncd.source import position_of
 
@@ -35,7 +35,6 @@ def collect(runtime: Runtime, pipelines: Sequence[PipelineSettings]) -> list[dic
 def describe(
     runtime: Runtime, ps: PipelineSettings, server_time: Timestamp | None
 ) -> dict[str, Any]:
-    cp = runtime.store.load(ps.name)
     out: dict[str, Any] = {
         "pipeline": ps.name,
         "namespace": ps.namespace,
@@ -43,6 +42,18 @@ def describe(
         "on_error": ps.on_error,
         "consistency": ps.consistency,
     }
+    try:
+        cp = runtime.store.load(ps.name)
+    except CheckpointCorruptError as exc:
+        # `syncd run` stops at it (exit 4) until the hint is followed: failed, not unknown.
+        out["state"] = "failed"
+        out["last_error"] = {
+            "error_class": type(exc).__name__,
+            "error": exc.message,
+            **({"hint": exc.hint} if exc.hint else {}),
+        }
+        out["dead_letters"] = runtime.dead_letters(ps).count(ps.name)
+        return out
     if cp is None:
         out["state"] = "never run"
         out["dead_letters"] = runtime.dead_letters(ps).count(ps.name)

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from syncd.checkpoint import Checkpoint
-from syncd.errors import TransientError
+from syncd.errors import CheckpointCorruptError, TransientError
 from syncd.identity import ID_KEY
 from syncd.sink import StoredRecord, WritePlan
 
@@ -158,7 +158,9 @@ class MemoryStore:
     def delete(self, pipeline: str) -> None:
         self.saved = [cp for cp in self.saved if cp.pipeline != pipeline]
 
-    def list(self) -> list[Checkpoint]:
+    def list(
+        self, *, unreadable: dict[str, CheckpointCorruptError] | None = None
+    ) -> list[Checkpoint]:
         return list({cp.pipeline: cp for cp in self.saved}.values())
 
     def close(self) -> None:

@@ -24,8 +24,9 @@ def register(verbs: Any) -> None:
         'on_mapping_change = "rebuild") with the document, reason, resume token and what to '
         "do, the last error and what to "
         "run next, the checkpoint position and age, the lag behind MongoDB and the number of "
-        "dead letters. Works whether or not the daemon runs. Exit 1 when a pipeline is "
-        "halted or failed.",
+        "dead letters. Works whether or not the daemon runs. A pipeline whose stored "
+        "checkpoint cannot be read is failed, with the reason and what to run. Exit 1 when a "
+        "pipeline is halted or failed.",
     )
     add_config_options(parser)
     parser.add_argument("pipelines", nargs="*", metavar="PIPELINE", help="default: all")

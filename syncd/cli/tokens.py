@@ -30,7 +30,9 @@ null, "wall_time": ISO | null (when the checkpoint was written), "age_s": float 
 (now - wall_time), "lag_s": float | null (now - cluster time), "epoch": int | null,
 "updated_by": str | null, "snapshot": {"collection", "scanned", "started_at"} | null,
 "lease": LEASE | null, "chroma_collection_id": str | null (the Chroma collection the
-checkpoint describes)}``.
+checkpoint describes), "error": {"message": str, "hint": str | null} | null (set when the
+stored checkpoint cannot be read; the position keys are then null)}``. Exit 1 when a
+checkpoint cannot be read (the others are still shown).
 
 ``history PIPELINE --json`` prints ``{"pipeline": str, "entries": [{"at": ISO,
 "set_by": str, "reason": str, "phase": str, "cluster_time": TIME | null, "wall_time":
@@ -169,7 +171,8 @@ def _show(args: argparse.Namespace) -> int:
         print_json({"pipelines": entries})
     else:
         print("\n\n".join(_entry_text(e) for e in entries) or "no pipelines")
-    return ExitCode.OK
+    unreadable = any(e["error"] for e in entries)
+    return ExitCode.DRIFT_OR_FAILURE if unreadable else ExitCode.OK
 
 
 def _history(args: argparse.Namespace) -> int:
@@ -299,7 +302,11 @@ def _position_text(position: dict[str, Any] | None) -> str:
 
 def _entry_text(entry: dict[str, Any]) -> str:
     name = entry["pipeline"]
-    if not entry["stored"]:
+    if entry["error"]:
+        lines = [f"{name}: {entry['error']['message']}"]
+        if entry["error"]["hint"]:
+            lines.append(f"  what to do  {entry['error']['hint']}")
+    elif not entry["stored"]:
         lines = [f"{name}: no checkpoint (the next run starts with a snapshot)"]
     else:
         lines = [

@@ -96,18 +96,20 @@ def test_a_tampered_checkpoint_is_exit_4_and_its_hint_converges(
     collection.delete(ids=["i:1"])
 
     hints = set()
-    for args in (["run"], ["status"], ["status", "--json"], ["tokens", "show"]):
+    result = run_syncd(["run"], cfg, timeout=60)
+    assert result.returncode == ExitCode.SOURCE, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr  # the daemon logs why it stopped
+    lines = [x for x in result.stderr.splitlines() if "checkpoint cannot be read" in x]
+    assert lines, result.stderr
+    assert f"read: {field} " in lines[-1], lines[-1]
+    hints.add(tuple(hinted_command(lines[-1])))
+    # The commands that describe pipelines show it as failed, with why and what to run.
+    for args in (["status"], ["status", "--json"], ["tokens", "show"], ["tokens", "show", "bad"]):
         result = run_syncd(args, cfg, timeout=60)
-        assert result.returncode == ExitCode.SOURCE, (args, result.returncode, result.stderr)
-        if args == ["run"]:  # the daemon logs why it stopped
-            assert "Traceback" not in result.stderr
-            lines = [x for x in result.stderr.splitlines() if "checkpoint cannot be read" in x]
-            assert lines, result.stderr
-            line = lines[-1]
-        else:
-            line = one_error_line(result)
-        assert f"read: {field} " in line, line
-        hints.add(tuple(hinted_command(line)))
+        assert result.returncode == ExitCode.DRIFT_OR_FAILURE, (args, result.stderr)
+        reason, what_to_do = _shown_unreadable(result, "bad")
+        assert f"read: {field} " in reason, reason
+        hints.add(tuple(hinted_command(what_to_do)))
     (hint,) = hints
     assert hint == ("tokens", "reset", "bad", "--yes")
 
@@ -120,6 +122,91 @@ def test_a_tampered_checkpoint_is_exit_4_and_its_hint_converges(
     assert shown.returncode == 0, shown.stderr
     (entry,) = json.loads(shown.stdout)["pipelines"]
     assert isinstance(entry["epoch"], int) and entry["phase"] in ("snapshot", "streaming")
+
+
+def _shown_unreadable(result: subprocess.CompletedProcess[str], name: str) -> tuple[str, str]:
+    """What `syncd status` or `syncd tokens show` (text or --json) says of pipeline `name`,
+    whose checkpoint cannot be read: (the reason, what to run)."""
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    assert not any(x.startswith("syncd: error:") for x in result.stderr.splitlines())
+    if result.stdout.startswith("{") or result.stdout.startswith("["):
+        data = json.loads(result.stdout)
+        rows = data["pipelines"] if isinstance(data, dict) else data
+        (row,) = [r for r in rows if r["pipeline"] == name]
+        if "error" in row:  # tokens show
+            return row["error"]["message"], row["error"]["hint"]
+        assert row["state"] == "failed", row
+        return row["last_error"]["error"], row["last_error"]["hint"]
+    blocks: dict[str, list[str]] = {}
+    lines: list[str] = []
+    for line in result.stdout.splitlines():
+        if line and not line[0].isspace():  # "NAME: ..." starts a pipeline's lines
+            lines = blocks.setdefault(line.split(":", 1)[0], [])
+        lines.append(line)
+    lines = blocks[name]
+    reason = next(x for x in lines if "cannot be read" in x)
+    hint = next(x for x in lines if "what to do" in x)
+    return reason, hint
+
+
+@pytest.mark.timeout(180)
+def test_an_unreadable_checkpoint_fails_its_pipeline_in_status_and_shows_the_others(
+    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
+):
+    db = f"bad_{uuid.uuid4().hex[:8]}"
+    cfg = write_config(
+        tmp_path / "syncd.toml",
+        mongo_uri=mongo_uri,
+        chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
+        checkpoint_db=f"{db}_syncd",
+        pipelines=[
+            pipeline_table(name, db, collection=name, chroma_collection=f"{db}-{name}")
+            for name in ("good", "bad")
+        ],
+    )
+    try:
+        for name in ("good", "bad"):
+            mongo_client[db][name].insert_many([dict(d) for d in DOCS])
+        daemon = syncd_factory(["run"], cfg)
+        for name in ("good", "bad"):
+            wait_caught_up(mongo_client, db, settings_of(cfg), name, 60, f"{name} to catch up")
+        daemon.terminate()
+        assert daemon.wait(30) == 0, daemon.output()
+        checkpoints = mongo_client[f"{db}_syncd"]["checkpoints"]
+        tampered = {"$set": {"phase": 42, "token": "garbage"}}
+        assert checkpoints.update_one({"_id": "bad"}, tampered).matched_count == 1
+
+        status = run_syncd(["status"], cfg, timeout=60)
+        assert status.returncode == ExitCode.DRIFT_OR_FAILURE, status.stderr
+        assert "good: stopped" in status.stdout, status.stdout
+        assert "bad: failed" in status.stdout, status.stdout
+        reason, hint = _shown_unreadable(status, "bad")
+        assert "the stored checkpoint cannot be read" in reason, reason
+        assert hinted_command(hint) == ["tokens", "reset", "bad", "--yes"]
+
+        rows = json.loads(run_syncd(["status", "--json"], cfg, timeout=60).stdout)
+        assert {r["pipeline"]: r["state"] for r in rows} == {"good": "stopped", "bad": "failed"}
+
+        shown = run_syncd(["tokens", "show", "--json"], cfg, timeout=60)
+        assert shown.returncode == ExitCode.DRIFT_OR_FAILURE, shown.stderr
+        entries = {e["pipeline"]: e for e in json.loads(shown.stdout)["pipelines"]}
+        assert entries["good"]["error"] is None and entries["good"]["phase"] == "streaming"
+        assert entries["good"]["position"] is not None
+        assert entries["bad"]["stored"] and entries["bad"]["position"] is None
+        assert "`syncd tokens reset bad --yes`" in entries["bad"]["error"]["hint"]
+        text = run_syncd(["tokens", "show"], cfg, timeout=60)
+        assert text.returncode == ExitCode.DRIFT_OR_FAILURE, text.stderr
+        assert "good: streaming" in text.stdout, text.stdout
+        assert "bad: the stored checkpoint cannot be read" in text.stdout, text.stdout
+
+        followed = run_syncd(hinted_command(hint), cfg, timeout=60)
+        assert followed.returncode == 0, followed.stderr
+        after = run_syncd(["status"], cfg, timeout=60)
+        assert after.returncode == ExitCode.OK, after.stdout + after.stderr
+        assert "bad: never run" in after.stdout, after.stdout
+    finally:
+        mongo_client.drop_database(db)
+        mongo_client.drop_database(f"{db}_syncd")
 
 
 @pytest.mark.timeout(120)
