@@ -8,6 +8,9 @@ bars but brings pygments and markdown parsing, some 13 MB, into the HTTP-only in
 Elsewhere (a log file, systemd's journal, a container), one structured log line every
 ``log.progress_every_s`` seconds (default 10) with ``done``, ``total``, ``percent``,
 ``rate`` (per second) and ``eta_s`` as fields, and a last line when the operation ends.
+The total is counted at the start: when more is done (documents inserted meanwhile), the
+line says ``2288 documents (estimated 2121 at the start)``, ``percent`` stays at 100 and
+``eta_s`` is null.
 The rate counts only what this run did: a snapshot resumed at document 4,000,000 does
 not claim those four million as work of its first second.
 """
@@ -100,8 +103,8 @@ class Progress:
         percent = eta = None
         if self.total is not None:
             percent = round(min(100.0, 100.0 * self.done / self.total), 1)
-            remaining = max(self.total - self.done, 0)
-            eta = round(remaining / rate, 1) if rate > 0 else None
+            remaining = self.total - self.done  # past an estimate, how long is unknown
+            eta = round(remaining / rate, 1) if rate > 0 and remaining >= 0 else None
         return {
             "operation": self.operation,
             "done": self.done,
@@ -127,6 +130,9 @@ class Progress:
         fields = self.fields(now)
         total = f"/{fields['total']}" if fields["total"] is not None else ""
         percent = f" ({fields['percent']}%)" if fields["percent"] is not None else ""
+        if fields["total"] is not None and fields["done"] > fields["total"]:
+            # The total was counted at the start; documents inserted since are copied too.
+            total, percent = "", f" (estimated {fields['total']} at the start)"
         eta = f", ETA {fields['eta_s']:.0f} s" if fields["eta_s"] is not None else ""
         log.info(
             "%s: %d%s %s%s, %.0f/s%s",

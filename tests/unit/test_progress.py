@@ -127,3 +127,23 @@ def test_an_interrupted_operation_logs_no_finished_line(json_log) -> None:
     bar.close(finished=False)
     bar.close()
     assert [r["msg"].split(":")[0] for r in records(json_log)] == ["repair progress"]
+
+
+def test_more_done_than_estimated_says_so_instead_of_a_fraction_over_one(json_log) -> None:
+    # Documents inserted while a snapshot copies are copied too: the total counted at the
+    # start was an estimate.
+    clock = Clock()
+    bar = Progress("snapshot", pipeline="p", total=2121, stream=io.StringIO(), clock=clock)
+    clock.now += 10
+    bar.update(2200)
+    clock.now += 1
+    bar.update(2288)
+    bar.close()
+    lines = records(json_log)
+    assert [line["msg"] for line in lines] == [
+        "snapshot progress: 2200 documents (estimated 2121 at the start), 220/s",
+        "snapshot finished: 2288 documents (estimated 2121 at the start), 208/s",
+    ]
+    last = lines[-1]
+    assert (last["done"], last["total"], last["percent"]) == (2288, 2121, 100.0)
+    assert last["eta_s"] is None
