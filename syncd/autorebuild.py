@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from syncd import halts, switching
+from syncd import halts, rebuild_halts, switching
 from syncd.checkpoint import CheckpointStore
 from syncd.checkpointing import status_record
 from syncd.config import PipelineSettings
@@ -74,17 +74,6 @@ def needs_rebuild(store: CheckpointStore, name: str, fingerprint: str) -> bool:
         and (previous.get("position") or {}).get("fingerprint") == fingerprint
     )
     return not switched_away
-
-
-def build_halt(store: CheckpointStore, name: str) -> halts.Halt | None:
-    """The halt of pipeline ``name``'s rebuild in a daemon, while it holds: stored with
-    the rebuild's record (``PIPELINE~switch``; no pipeline runs under that name, so no
-    start trips over it, see :func:`syncd.halts.check_on_start`), taken at the build's
-    checkpoint as it is now. The build moving on, or starting over, ends it."""
-    record = store.load(switching.record_name(name))
-    if record is None or (record.rebuild or {}).get("state") != "building":
-        return None
-    return halts.holding(record.halt, store.load(switching.build_name(name)))
 
 
 class Rebuilder:
@@ -172,24 +161,14 @@ class Rebuilder:
 
     def _halted(self, exc: SyncdError) -> halts.Halt:
         """Record the build's halt for `syncd status` (its ``_id``, reason, resume token
-        and what to do) beside the rebuild's record (see :func:`build_halt`). It holds
-        while the build's checkpoint stays where it halted; found again there by the
-        next try, it is the same halt, since the same moment."""
-        store, name = self.runtime.store, self.ps.name
-        halt = halts.new(self.ps, exc, None, rebuild=True)
+        and what to do; see :mod:`syncd.rebuild_halts`) and as this pipeline's state:
+        this process holds the pipeline while it rebuilds."""
+        halt = rebuild_halts.record(self.runtime.store, self.ps, exc)
         try:
-            build = store.load(switching.build_name(name))
-            halt = halts.new(self.ps, exc, build, rebuild=True)
-            record = store.load(switching.record_name(name))
-            last = build_halt(store, name)
-            if last is not None and last.key == halt.key:
-                halt.since, halt.by = last.since, last.by
-            if record is not None and build is not None:
-                store.set_halt(switching.record_name(name), halt.to_document())
-            halts.publish(store, name, halt)
+            halts.publish(self.runtime.store, self.ps.name, halt)
         except SyncdError as err:  # best effort, like any state recorded for `syncd status`
             log.warning("could not record the rebuild's halt: %s", err)
-        self.telemetry.set_state("halted", halt.error(name))
+        self.telemetry.set_state("halted", halt.error(self.ps.name))
         return halt
 
     def _rebuild(self) -> int:

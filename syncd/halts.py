@@ -66,12 +66,30 @@ def stopped_state(exc: BaseException) -> str:
     return "halted" if isinstance(exc, HaltedError | PoisonError) else "failed"
 
 
-def hint(settings: PipelineSettings, *, has_document: bool = True, rebuild: bool = False) -> str:
+def hint(
+    settings: PipelineSettings,
+    *,
+    has_document: bool = True,
+    rebuild: bool = False,
+    command: str | None = None,
+) -> str:
     """What an operator can do about a halt; every command named here works as written.
 
-    ``rebuild``: a halt of the rebuild a daemon runs by itself (see
-    :mod:`syncd.autorebuild`), which tries the rebuild again every ``halt_recheck_s``
-    (:data:`REBUILD_RETRY_S` when 0): a fix is picked up then, without a restart."""
+    ``rebuild``: a halt of a rebuild's build. Without ``command``, of the rebuild a
+    daemon runs by itself (see :mod:`syncd.autorebuild`), which tries the rebuild again
+    every ``halt_recheck_s`` (:data:`REBUILD_RETRY_S` when 0): a fix is picked up then,
+    without a restart. With it, of ``syncd rebuild`` run as ``command``, which stopped:
+    running it again continues the build from where it halted (``syncd resume`` lifts
+    a pipeline's own halt, not a build's)."""
+    if rebuild and command is not None:
+        again = f"run `{command}` again"
+        if not has_document:
+            return f"fix the cause, then {again}: the rebuild continues where it stopped"
+        return (
+            f"fix or delete the document in MongoDB, then {again}: the rebuild continues "
+            f'where it stopped; or set on_error = "dead_letter" and {again} to set such '
+            "changes aside"
+        )
     if rebuild:
         every = settings.halt_recheck_s or REBUILD_RETRY_S
         retry = f"syncd tries the rebuild again every {every:g} s and continues by itself"
@@ -111,6 +129,7 @@ class Halt:
     document_id: Any = _NO_ID
     document_hash: str | None = None  # the document as it was refused, when Chroma refused it
     policy: str | None = None  # "on_drop", ...: the setting a drop, rename or dropDatabase met
+    command: str | None = None  # a rebuild's halt: the `syncd rebuild` that halted (not a daemon)
     since: datetime = dataclasses.field(default_factory=lambda: datetime.now(UTC))
     by: str = dataclasses.field(default_factory=whoami)
 
@@ -250,19 +269,26 @@ def _cause(error: SyncdError) -> BaseException:
 
 
 def new(
-    settings: PipelineSettings, error: SyncdError, cp: Checkpoint | None, *, rebuild: bool = False
+    settings: PipelineSettings,
+    error: SyncdError,
+    cp: Checkpoint | None,
+    *,
+    rebuild: bool = False,
+    command: str | None = None,
 ) -> Halt:
-    """The record of a halt ``error`` causes at checkpoint ``cp`` (``rebuild``: of the
-    rebuild a daemon runs by itself, whose hint says how that one ends)."""
+    """The record of a halt ``error`` causes at checkpoint ``cp`` (``rebuild``: of a
+    rebuild's build, which the daemon tries again by itself, or, with ``command``, which
+    that `syncd rebuild` run again continues; its hint says which)."""
     cause = _cause(error)
     collection = _collection(settings, error, cp)
     has_id = error.document_id is not None and collection is not None
     if has_id or rebuild:
-        text = hint(settings, has_document=has_id, rebuild=rebuild)
+        text = hint(settings, has_document=has_id, rebuild=rebuild, command=command)
     else:  # a halt at no document (a dropped or renamed collection) says its own way out
         text = error.hint or hint(settings, has_document=False)
     halt = Halt(
         policy=error.policy if isinstance(error, CollectionGoneHalt) else None,
+        command=command if rebuild else None,
         reason=error.message,
         error_class=type(cause if isinstance(cause, SyncdError) else error).__name__,
         hint=text,

@@ -25,10 +25,17 @@ from typing import Any
 
 from bson.timestamp import Timestamp
 
-from syncd import reuse, switching
+from syncd import rebuild_halts, reuse, switching
 from syncd.checkpoint import Checkpoint
 from syncd.config import PipelineSettings, Settings
-from syncd.errors import ConfigError, ExitCode, SinkLostError, from_sink
+from syncd.errors import (
+    ConfigError,
+    ExitCode,
+    HaltedError,
+    PoisonError,
+    SinkLostError,
+    from_sink,
+)
 from syncd.estimate import estimate
 from syncd.exclusive import Hold, exclusive
 from syncd.mapping import Mapper
@@ -65,15 +72,22 @@ def rebuild(
         telemetry = Telemetry(settings.model_copy(update={"telemetry": served}))
         telemetry.start()
     runtime = Runtime(settings, telemetry)
+    command = command or f"syncd rebuild {ps.name}"
     try:
         return run_rebuild(
-            runtime,
-            ps,
-            action=action,
-            force=force,
-            command=command or f"syncd rebuild {ps.name}",
-            stop=stop or threading.Event(),
+            runtime, ps, action=action, force=force, command=command, stop=stop or threading.Event()
         )
+    except (HaltedError, PoisonError) as exc:
+        # A document the new mapping cannot apply (on_error = "halt"): the build keeps
+        # its checkpoint there, and this command run again continues from it.
+        halt = rebuild_halts.record(runtime.store, ps, exc, command=command)
+        raise HaltedError(
+            f"the rebuild of {ps.name} halted: {halt.reason}",
+            hint=halt.hint,
+            pipeline=ps.name,
+            namespace=halt.namespace,
+            document_id=halt.document_id if halt.has_document else None,
+        ) from exc
     finally:
         runtime.close()
         if telemetry is not None:

@@ -19,10 +19,10 @@ from typing import Any
 from bson.timestamp import Timestamp
 
 from syncd import halts, positions, switching
-from syncd.autorebuild import build_halt
 from syncd.checkpoint import Checkpoint
 from syncd.config import PipelineSettings
 from syncd.errors import CheckpointCorruptError, SyncdError
+from syncd.rebuild_halts import build_halt
 from syncd.runtime import Runtime
 from syncd.source import position_of
 
@@ -76,9 +76,13 @@ def describe(
         out["checkpoint_age_s"] = _age(cp.wall_time)
     out["dead_letters"] = runtime.dead_letters(ps).count(ps.name)
     rebuild = _rebuild(runtime, ps, server_time)
+    built = build_halt(runtime.store, ps.name)
     if rebuild is not None:
         out["rebuild"] = rebuild
-    halt = _halt(runtime, ps, cp)
+        if built is not None and built.command is not None:
+            # `syncd rebuild` halted: its build, not the pipeline, which streams on.
+            rebuild["halt"] = built.describe()
+    halt = _halt(cp, built)
     if halt is not None:
         out["state"] = "halted"
         out["halt"] = halt
@@ -91,13 +95,15 @@ def describe(
     return out
 
 
-def _halt(runtime: Runtime, ps: PipelineSettings, cp: Checkpoint) -> dict[str, Any] | None:
-    """The halt in force: the pipeline's, or that of the rebuild a daemon runs for it."""
+def _halt(cp: Checkpoint, built: halts.Halt | None) -> dict[str, Any] | None:
+    """The halt in force: the pipeline's, or that of the rebuild a daemon runs for it
+    (``built``: of a rebuild's build), which holds the pipeline meanwhile."""
     halt = halts.active(cp)
     if halt is not None:
         return halt.describe()
-    built = build_halt(runtime.store, ps.name)
-    return None if built is None else dict(built.describe(), rebuild=True)
+    if built is None or built.command is not None:
+        return None
+    return dict(built.describe(), rebuild=True)
 
 
 def _position(cp: Checkpoint) -> dict[str, Any]:

@@ -21,8 +21,8 @@ def register(verbs: Any) -> None:
         "apply, failed: a fatal error stopped it and its process, stopped, rebuilding: a changed "
         "mapping is built beside the live collection), a halt in force "
         "(the pipeline's, or one of the rebuild `syncd run` runs for it under "
-        'on_mapping_change = "rebuild") with the document, reason, resume token and what to '
-        "do, the last error and what to "
+        'on_mapping_change = "rebuild"; a halted `syncd rebuild` is shown with the rebuild) '
+        "with the document, reason, resume token and what to do, the last error and what to "
         "run next, the checkpoint position and age, the lag behind MongoDB and the number of "
         "dead letters. Works whether or not the daemon runs. A pipeline whose stored "
         "checkpoint cannot be read is failed, with the reason and what to run. Exit 1 when a "
@@ -74,14 +74,11 @@ def _print(row: dict[str, Any]) -> None:
     rebuild = row.get("rebuild")
     if rebuild:
         print(f"  rebuild        {_rebuild_line(rebuild)}")
+        if rebuild.get("halt"):  # `syncd rebuild` halted; the pipeline is not held
+            _print_halt(rebuild["halt"], in_rebuild=True)
     halt = row.get("halt")
     if halt:
-        where = _where(halt) + (", in its rebuild," if halt.get("rebuild") else "")
-        print(f"  halted at      {where} since {halt['since']} ({halt['by']})")
-        print(f"  reason         {halt['error_class']}: {halt['reason']}")
-        if "resume_token" in halt:
-            print(f"  resume token   {halt['resume_token']}")
-        print(f"  what to do     {halt['hint']}")
+        _print_halt(halt, in_rebuild=bool(halt.get("rebuild")))
         return
     error = row.get("last_error")
     if error:
@@ -89,6 +86,15 @@ def _print(row: dict[str, Any]) -> None:
         print(f"  last error     {error.get('error_class', '')}: {error.get('error', '')}{where}")
         if "hint" in error:
             print(f"  what to do     {error['hint']}")
+
+
+def _print_halt(halt: dict[str, Any], *, in_rebuild: bool) -> None:
+    where = _where(halt) + (", in its rebuild," if in_rebuild else "")
+    print(f"  halted at      {where} since {halt['since']} ({halt['by']})")
+    print(f"  reason         {halt['error_class']}: {halt['reason']}")
+    if "resume_token" in halt:
+        print(f"  resume token   {halt['resume_token']}")
+    print(f"  what to do     {halt['hint']}")
 
 
 def _rebuild_line(rebuild: dict[str, Any]) -> str:

@@ -106,6 +106,28 @@ def test_a_halted_rebuild_says_it_is_tried_again_and_names_no_resume() -> None:
     assert "resume" not in halts.hint(settings(), has_document=False, rebuild=True)
 
 
+def test_a_halted_syncd_rebuild_names_itself_to_run_again_and_no_resume() -> None:
+    # `syncd rebuild` stops at the halt; the same command continues the build (the
+    # operator's --config and all). `syncd resume` refuses the build's name.
+    command = "syncd rebuild --config /etc/syncd.toml p"
+    text = halts.hint(settings(halt_recheck_s=5), rebuild=True, command=command)
+    assert text.startswith(
+        f"fix or delete the document in MongoDB, then run `{command}` again: the rebuild "
+        "continues where it stopped"
+    )
+    assert f'set on_error = "dead_letter" and run `{command}` again' in text
+    assert "resume" not in text and "restart" not in text and "every" not in text
+    bare = halts.hint(settings(), has_document=False, rebuild=True, command=command)
+    assert bare.startswith(f"fix the cause, then run `{command}` again")
+    halt = halts.new(
+        settings(), MappingError("no text", document_id="bad"), None, rebuild=True,
+        command=command,
+    )  # fmt: skip
+    assert halt.command == command and halt.hint.endswith("to set such changes aside")
+    daemons = halts.new(settings(), MappingError("no text", document_id="bad"), None, rebuild=True)
+    assert daemons.command is None and "tries the rebuild again" in daemons.hint
+
+
 def test_a_halt_is_halted_and_a_fatal_error_is_failed() -> None:
     assert halts.stopped_state(HaltedError("at _id 7")) == "halted"
     assert halts.stopped_state(MappingError("no text")) == "halted"  # poison

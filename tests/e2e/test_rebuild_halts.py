@@ -1,0 +1,115 @@
+"""`syncd rebuild PIPELINE` at a document the new mapping cannot apply: the command
+stops with exit 6 (HALTED) and a hint whose commands work as printed, `syncd status`
+shows the halt in the rebuild, and running the hinted command after the fix (or under
+`on_error = "dead_letter"`) continues the build from where it halted, in the snapshot
+and while catching up, to the switch."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from syncd.errors import ExitCode
+from tests.harness.daemon import run_syncd
+
+from .helpers import wait_caught_up
+from .oracle import document
+from .test_halts import _hinted_commands, _run_hinted, _set_pipeline_option
+
+TOO_LONG = "a body far too long for the new mapping"  # > 30 characters
+
+
+def _mirrors(mirror: Any, prefix: str, **new: Any) -> tuple[Any, Any]:
+    old = mirror(prefix)
+    # A metadata change, and texts held to 30 characters: a longer one cannot be mapped.
+    changed = mirror(prefix, db=old.db, coll=old.coll, metadata=["title", "n"],
+                     mapping={"max_text_chars": 30}, snapshot_batch_size=10, **new)  # fmt: skip
+    return old, changed
+
+
+def _first_copy(mongo_client: Any, old: Any, syncd_factory: Any, tmp_path: Any) -> None:
+    daemon = syncd_factory(["run"], old.cfg, log_path=tmp_path / "old.log")
+    wait_caught_up(mongo_client, old.db, old.settings, "p", 90, "the first copy")
+    daemon.terminate()
+    assert daemon.wait(30) == ExitCode.OK, daemon.output()
+
+
+def _halted(done: Any, key: str) -> list[str]:
+    """The rebuild stopped at `key` with exit 6; the command its hint names, as printed."""
+    assert done.returncode == ExitCode.HALTED, done.stdout + done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("syncd: error: ") and key in line, done.stderr
+    commands = _hinted_commands(line)
+    assert commands, line
+    assert all(command[:2] == ["syncd", "rebuild"] for command in commands), line
+    assert "resume" not in line and "restart" not in line, line
+    return commands[0]
+
+
+def _rebuild_halt(cfg: Any) -> dict[str, Any]:
+    done = run_syncd(["status", "--json"], cfg)
+    row = next(row for row in json.loads(done.stdout) if row["pipeline"] == "p")
+    assert "halt" not in row, row  # the live pipeline is not halted, its rebuild is
+    return dict(row["rebuild"]["halt"])
+
+
+@pytest.mark.timeout(300)
+def test_a_halted_rebuild_continues_with_the_command_its_hint_names_in_snapshot_and_catching_up(
+    tmp_path, mirror, mongo_client, syncd_factory
+):
+    old, new = _mirrors(mirror, "rbcmdhalt")
+    docs = mongo_client[old.db]["docs"]
+    docs.insert_many([document(i) for i in range(25)] + [dict(document("long"), body=TOO_LONG)])
+    _first_copy(mongo_client, old, syncd_factory, tmp_path)
+
+    # In the snapshot: the string _id comes after the numbers.
+    done = run_syncd(["rebuild", "p"], new.cfg, timeout=180)
+    command = _halted(done, "'long'")
+    halt = _rebuild_halt(new.cfg)
+    assert halt["document_id"] == "'long'" and halt["error_class"] == "OversizedError", halt
+    assert halt["hint"] in done.stderr, (halt, done.stderr)
+    text = run_syncd(["status", "p"], new.cfg).stdout
+    assert "_id 'long' (s:long)" in text and f"what to do     {halt['hint']}" in text, text
+    # A document the snapshot has passed, written meanwhile: the build meets it while
+    # catching up.
+    docs.insert_one(dict(document(-1), body=TOO_LONG))
+    docs.update_one({"_id": "long"}, {"$set": {"body": "short now"}})
+    done = _run_hinted(command, new.cfg)
+    command = _halted(done, "-1")
+    assert "continuing the rebuild of p" in done.stdout, done.stdout
+    halt = _rebuild_halt(new.cfg)
+    assert halt["document_id"] == "-1" and "resume_token" in halt, halt
+
+    docs.update_one({"_id": -1}, {"$set": {"body": "short too"}})
+    done = _run_hinted(command, new.cfg)
+    assert done.returncode == ExitCode.OK, done.stdout + done.stderr
+    assert "rebuild of p switched" in done.stdout, done.stdout
+    problem = new.mismatch(docs.find())
+    assert not problem, problem
+    row = json.loads(run_syncd(["status", "--json"], new.cfg).stdout)[0]
+    assert row["rebuild"]["state"] == "switched" and "halt" not in row["rebuild"], row
+
+
+@pytest.mark.timeout(300)
+def test_a_halted_rebuild_sets_the_document_aside_when_its_hint_is_run_under_dead_letter(
+    tmp_path, mirror, mongo_client, syncd_factory
+):
+    old, new = _mirrors(mirror, "rbcmddead")
+    docs = mongo_client[old.db]["docs"]
+    docs.insert_many([document(i) for i in range(25)] + [dict(document("long"), body=TOO_LONG)])
+    _first_copy(mongo_client, old, syncd_factory, tmp_path)
+
+    done = run_syncd(["rebuild", "p"], new.cfg, timeout=180)
+    command = _halted(done, "'long'")
+    assert 'set on_error = "dead_letter" and run `' in done.stderr, done.stderr
+    docs.insert_one(dict(document(-1), body=TOO_LONG))  # met while catching up
+    _set_pipeline_option(new.cfg, on_error="dead_letter")
+    done = _run_hinted(command, new.cfg)
+    assert done.returncode == ExitCode.OK, done.stdout + done.stderr
+    assert "rebuild of p switched" in done.stdout, done.stdout
+    listed = run_syncd(["dlq", "list", "p", "--json"], new.cfg)
+    assert sorted(e["key"] for e in json.loads(listed.stdout)) == ["i:-1", "s:long"], listed.stdout
+    problem = new.mismatch(docs.find({"body": {"$ne": TOO_LONG}}))
+    assert not problem, problem
