@@ -26,7 +26,7 @@ def register(verbs: Any) -> None:
         "run next, the checkpoint position and age, the lag behind MongoDB and the number of "
         "dead letters. Works whether or not the daemon runs. A pipeline whose stored "
         "checkpoint cannot be read is failed, with the reason and what to run. Exit 1 when a "
-        "pipeline is halted or failed.",
+        "pipeline or its `syncd rebuild` is halted, or a pipeline failed.",
     )
     add_config_options(parser)
     parser.add_argument("pipelines", nargs="*", metavar="PIPELINE", help="default: all")
@@ -50,7 +50,9 @@ def handle(args: argparse.Namespace) -> int:
     else:
         for row in rows:
             _print(row)
-    stuck = any(row["state"] in STOPPED_BY_ERROR for row in rows)
+    stuck = any(
+        row["state"] in STOPPED_BY_ERROR or (row.get("rebuild") or {}).get("halt") for row in rows
+    )
     return ExitCode.DRIFT_OR_FAILURE if stuck else ExitCode.OK
 
 

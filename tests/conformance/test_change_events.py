@@ -98,10 +98,11 @@ def test_match_only_pipeline_with_update_lookup(mongo_db: Any) -> None:
     """$match stages alone (as syncd's stream has) pick events whole: inserts and deletes
     as they were written, updates with the document looked up."""
     coll = mongo_db.c
-    pipeline = [{"$match": {"operationType": {"$in": ["insert", "update", "delete"]}}},
-                {"$match": {"documentKey._id": {"$lt": 10}}}]
-    with coll.watch(pipeline, full_document="updateLookup",
-                    max_await_time_ms=AWAIT_MS) as stream:
+    pipeline = [
+        {"$match": {"operationType": {"$in": ["insert", "update", "delete"]}}},
+        {"$match": {"documentKey._id": {"$lt": 10}}},
+    ]
+    with coll.watch(pipeline, full_document="updateLookup", max_await_time_ms=AWAIT_MS) as stream:
         coll.insert_many([{"_id": 1, "v": [0.5, 1], "t": "one"}, {"_id": 11, "v": 0}])
         coll.update_one({"_id": 1}, {"$set": {"t": "uno"}})
         coll.replace_one({"_id": 1}, {"t": "replaced"})

@@ -50,6 +50,7 @@ def _halted(done: Any, key: str) -> list[str]:
 
 def _rebuild_halt(cfg: Any) -> dict[str, Any]:
     done = run_syncd(["status", "--json"], cfg)
+    assert done.returncode == ExitCode.DRIFT_OR_FAILURE, done.stdout  # one is halted
     row = next(row for row in json.loads(done.stdout) if row["pipeline"] == "p")
     assert "halt" not in row, row  # the live pipeline is not halted, its rebuild is
     return dict(row["rebuild"]["halt"])
