@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from syncd import halts, rebuild_halts, switching
+from syncd import halts, hints, rebuild_halts, switching
 from syncd.checkpoint import CheckpointStore
 from syncd.checkpointing import status_record
 from syncd.config import PipelineSettings
@@ -187,7 +187,7 @@ class Rebuilder:
         return run_rebuild(
             self.runtime,
             self.ps,
-            command="syncd run",
+            command=hints.command("run"),
             who="syncd-run",
             stop=self.stop,
             live=self.live,

@@ -28,6 +28,7 @@ from pymongo import MongoClient, ReturnDocument
 from pymongo.errors import DuplicateKeyError
 from pymongo.write_concern import WriteConcern
 
+from syncd import hints
 from syncd.config import CheckpointSettings
 from syncd.errors import (
     CheckpointCorruptError,
@@ -246,7 +247,8 @@ def _check_types(
 def reset_hint(pipeline: str) -> str:
     """What to run when a checkpoint cannot be read."""
     return (
-        f"start over with `syncd tokens reset {pipeline} --yes`: the next `syncd run` copies "
+        f"start over with `{hints.command('tokens', 'reset', pipeline, '--yes')}`: the next "
+        f"`{hints.command('run')}` copies "
         "every document again"
     )
 

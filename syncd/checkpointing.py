@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from syncd import halts, switching
+from syncd import halts, hints, switching
 from syncd.checkpoint import Checkpoint, CheckpointStore, SnapshotProgress, lost_collection, whoami
 from syncd.config import PipelineSettings
 from syncd.errors import FingerprintMismatchError, SinkLostError, SourceFatalError, SyncdError
@@ -87,8 +87,8 @@ class Progress:
             if not self.resync:
                 raise FingerprintMismatchError(
                     "the pipeline's mapping changed since its records were written",
-                    hint=f"run `syncd snapshot {self.settings.name}` to rebuild the records, "
-                    "or start with `syncd run --resync`",
+                    hint=f"run `{hints.command('snapshot', self.settings.name)}` to rebuild the "
+                    f"records, or start with `{hints.command('run', '--resync')}`",
                     pipeline=self.settings.name,
                 )
             cp.epoch = self.epoch
@@ -116,8 +116,8 @@ class Progress:
         raise SinkLostError(
             f"{what}; the records synced so far are not in it, and streaming on from the "
             "checkpoint would leave them missing",
-            hint=f"run `syncd snapshot {self.settings.name}` to copy every document into "
-            f'it again, or set on_sink_lost = "resnapshot"',
+            hint=f"run `{hints.command('snapshot', self.settings.name)}` to copy every "
+            f'document into it again, or set on_sink_lost = "resnapshot"',
             pipeline=self.settings.name,
             namespace=f"chroma:{name}",
         )

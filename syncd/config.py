@@ -558,14 +558,16 @@ def load(
     """
     env = os.environ if env is None else env
     explicit = path is not None or "SYNCD_CONFIG" in env
-    config_path = Path(path or env.get("SYNCD_CONFIG") or DEFAULT_CONFIG_PATH)
+    config_path = config_path_of(path, env)
     data: dict[str, Any] = {}
     if config_path.exists():
         data = _read_toml(config_path)
     elif explicit if require_file is None else require_file:
+        where = "" if explicit else f" in {Path.cwd()}"
         raise ConfigError(
-            f"config file {config_path} not found",
-            hint="pass --config PATH or create syncd.toml (see README)",
+            f"config file {config_path} not found{where}",
+            hint="point at one with --config PATH or SYNCD_CONFIG=PATH, or create "
+            f"{DEFAULT_CONFIG_PATH} here (see README)",
         )
     for key, value in _env_layer(env).items():
         _set_dotted(data, key, value)
@@ -574,6 +576,13 @@ def load(
             _set_dotted(data, key, value)
     _embedding_keys_from(env, data)
     return validate(data, source=str(config_path))
+
+
+def config_path_of(path: Path | str | None, env: Mapping[str, str] | None = None) -> Path:
+    """The config file :func:`load` reads: ``path``, else ``$SYNCD_CONFIG``, else the
+    default ``./syncd.toml``."""
+    env = os.environ if env is None else env
+    return Path(path or env.get("SYNCD_CONFIG") or DEFAULT_CONFIG_PATH)
 
 
 def _embedding_keys_from(env: Mapping[str, str], data: dict[str, Any]) -> None:

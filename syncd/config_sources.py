@@ -45,7 +45,7 @@ def effective(
     """The settings, the config file they read (it may not exist), and one entry per leaf."""
     env = os.environ if env is None else env
     settings = config.load(path, env=env, overrides=overrides)
-    config_path = Path(path or env.get("SYNCD_CONFIG") or config.DEFAULT_CONFIG_PATH)
+    config_path = config.config_path_of(path, env)
     file_data = config._read_toml(config_path) if config_path.exists() else {}
     names = [
         str(p.get("name", "")) for p in file_data.get("pipelines") or [] if isinstance(p, dict)

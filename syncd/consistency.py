@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pymongo.database import Database
 
+from syncd import hints
 from syncd.compare import differs
 from syncd.config import PipelineSettings
 from syncd.errors import MappingError, PoisonError, SyncdError, translate_mongo_errors
@@ -442,12 +443,12 @@ def sample_forever(
                 if not report.consistent:
                     log.warning(
                         "sampled verify found drift: %d missing, %d orphaned, %d stale "
-                        "(e.g. %s); run `syncd verify %s`",
+                        "(e.g. %s); run `%s`",
                         report.missing.count,
                         report.orphaned.count,
                         report.stale.count,
                         (report.missing.sample + report.stale.sample + report.orphaned.sample)[:3],
-                        pipeline.settings.name,
+                        hints.command("verify", pipeline.settings.name),
                         extra={"pipeline": pipeline.settings.name},
                     )
         stop.wait(every_s)

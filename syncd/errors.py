@@ -30,6 +30,7 @@ from typing import Any
 import bson.errors
 from pymongo import errors as mongo_errors
 
+from syncd import hints
 from syncd.redact import redact_text
 
 
@@ -449,7 +450,8 @@ def from_mongo(exc: mongo_errors.PyMongoError, **context: Any) -> SyncdError:
         return HistoryLostError(
             f"the stored resume position is no longer in the MongoDB oplog ({detail})",
             hint="changes were lost from the oplog; run "
-            f"`syncd snapshot {context.get('pipeline') or 'PIPELINE'}` to re-copy, "
+            f"`{hints.command('snapshot', str(context.get('pipeline') or 'PIPELINE'))}` "
+            "to re-copy, "
             'or set on_history_lost = "resnapshot"',
             **context,
         )
@@ -560,7 +562,7 @@ def retries_exhausted(exc: TransientError, deadline_s: float, **context: Any) ->
     family = SinkFatalError if exc.exit_code == ExitCode.SINK else SourceFatalError
     return family(
         f"still failing after {deadline_s:.0f} s of retries: {exc.message}",
-        hint="fix the cause and start `syncd run` again, or raise retry_deadline_s "
+        hint=f"fix the cause and start `{hints.command('run')}` again, or raise retry_deadline_s "
         "(0 retries forever)",
         **context,
     )

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import bson
 from bson import json_util
 
+from syncd import hints
 from syncd import plan as planning
 from syncd.checkpoint import Checkpoint, CheckpointStore, whoami
 from syncd.config import PipelineSettings
@@ -99,7 +100,7 @@ def hint(
             f"fix or delete the document in MongoDB: {retry}; or set "
             'on_error = "dead_letter" and restart to set such changes aside'
         )
-    resume = f"`syncd resume {settings.name}`"
+    resume = f"`{hints.command('resume', settings.name)}`"
     if not has_document:
         return f"fix the cause, then run {resume} to retry the change"
     every = settings.halt_recheck_s

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from syncd import hints
 from syncd.config import PipelineSettings, Settings
 from syncd.errors import ExitCode
 from syncd.exclusive import exclusive
@@ -28,7 +29,7 @@ def snapshot(
     ``force``. Setting ``stop`` ends the copy after the current batch, resumably.
     """
     name = pipeline_settings.name
-    command = command or f"syncd snapshot {name}"
+    command = command or hints.command("snapshot", name)
     runtime = Runtime(settings)
     try:
         held = exclusive(runtime, name, force=force, command=command, who="syncd-snapshot")
@@ -56,8 +57,8 @@ def snapshot(
             print(f"snapshot interrupted; run `{command}` again to continue")
             return ExitCode.DRIFT_OR_FAILURE
         print(
-            f"snapshot of {name} complete; `syncd run` streams from the position recorded "
-            "before the scan"
+            f"snapshot of {name} complete; `{hints.command('run')}` streams from the "
+            "position recorded before the scan"
         )
         return ExitCode.OK
     finally:

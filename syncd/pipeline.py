@@ -20,7 +20,7 @@ from typing import Any
 
 import backoff
 
-from syncd import halts
+from syncd import halts, hints
 from syncd import plan as planning
 from syncd.applier import Applier
 from syncd.checkpoint import Checkpoint, CheckpointStore
@@ -401,8 +401,9 @@ class Pipeline:
             raise CollectionGoneHalt(
                 f'{op} of {what} and on_{_snake(op)} = "halt"',
                 policy=f"on_{_snake(op)}",
-                hint=f"decide what the Chroma collection should hold, then run `syncd snapshot "
-                f'{self.settings.name}` (or set on_{_snake(op)} = "purge" and restart)',
+                hint="decide what the Chroma collection should hold, then run "
+                f"`{hints.command('snapshot', self.settings.name)}` "
+                f'(or set on_{_snake(op)} = "purge" and restart)',
                 pipeline=self.settings.name,
                 namespace=what,
             )

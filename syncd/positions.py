@@ -19,7 +19,7 @@ from typing import Any
 
 from bson.timestamp import Timestamp
 
-from syncd import switching
+from syncd import hints, switching
 from syncd.checkpoint import Checkpoint
 from syncd.errors import CheckpointCorruptError, ConfigError
 from syncd.exclusive import exclusive, lease_of
@@ -86,7 +86,8 @@ def refuse_internal(name: str, doing: str) -> None:
     )
     raise ConfigError(
         f"{name!r} is {what} for pipeline {pipeline!r}, not a pipeline; it is not {doing} by hand",
-        hint=f"`syncd rebuild {pipeline}` continues the rebuild and `syncd status` shows it; "
+        hint=f"`{hints.command('rebuild', pipeline)}` continues the rebuild and "
+        f"`{hints.command('status')}` shows it; "
         f"name {pipeline!r} to move the pipeline itself",
     )
 
@@ -237,7 +238,7 @@ def set_position(
     at: Timestamp | None = None,
     force: bool = False,
     by: str | None = None,
-    command: str = "syncd tokens set",
+    command: str | None = None,
 ) -> dict[str, Any]:
     """Point the pipeline at ``token`` or at cluster time ``at``; recorded in history.
 
@@ -251,6 +252,7 @@ def set_position(
     decoded = decode(token) if token is not None else None
     by = by or operator()
     store = runtime.store
+    command = command or hints.command("tokens", "set", name)
     with exclusive(runtime, name, force=force, command=command, who="syncd-tokens") as hold:
         cp = store.load(name)
         previous = _position(cp.token, cp.start_at, cp.token_is_invalidate) if cp else None
@@ -280,7 +282,7 @@ def set_position(
 
 
 def reset(
-    runtime: Runtime, name: str, *, force: bool = False, command: str = "syncd tokens reset"
+    runtime: Runtime, name: str, *, force: bool = False, command: str | None = None
 ) -> dict[str, Any]:
     """Delete the checkpoint: the next run starts as a first run (a new snapshot).
 
@@ -290,6 +292,7 @@ def reset(
     """
     refuse_internal(name, "reset")
     store = runtime.store
+    command = command or hints.command("tokens", "reset", name)
     hold = exclusive(
         runtime, name, force=force, command=command, who="syncd-tokens", unreadable_ok=True
     )

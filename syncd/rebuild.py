@@ -25,7 +25,7 @@ from typing import Any
 
 from bson.timestamp import Timestamp
 
-from syncd import rebuild_halts, reuse, switching
+from syncd import hints, rebuild_halts, reuse, switching
 from syncd.checkpoint import Checkpoint
 from syncd.config import PipelineSettings, Settings
 from syncd.errors import (
@@ -72,7 +72,7 @@ def rebuild(
         telemetry = Telemetry(settings.model_copy(update={"telemetry": served}))
         telemetry.start()
     runtime = Runtime(settings, telemetry)
-    command = command or f"syncd rebuild {ps.name}"
+    command = command or hints.command("rebuild", ps.name)
     try:
         return run_rebuild(
             runtime, ps, action=action, force=force, command=command, stop=stop or threading.Event()
@@ -183,8 +183,9 @@ class _Rebuild:
                 raise ConfigError(
                     f"the previous collection {previous['name']!r} of {self.name} is still "
                     "kept from the last rebuild",
-                    hint=f"run `syncd rebuild {self.name} --drop-previous` first (or "
-                    f"`syncd rebuild {self.name} --rollback` to go back to it)",
+                    hint=f"run `{hints.command('rebuild', self.name, '--drop-previous')}` "
+                    "first (or "
+                    f"`{hints.command('rebuild', self.name, '--rollback')}` to go back to it)",
                     pipeline=self.name,
                 )
             generation = int(record.get("generation", 1))
@@ -255,8 +256,9 @@ class _Rebuild:
         self.say(
             f"rebuild of {self.name} switched: {self.base!r} now holds the new records; the "
             + (
-                f"previous collection is kept as {parked!r} (`syncd rebuild {self.name} "
-                "--rollback` goes back to it, `--drop-previous` deletes it)"
+                f"previous collection is kept as {parked!r} "
+                f"(`{hints.command('rebuild', self.name, '--rollback')}` goes back to it, "
+                "`--drop-previous` deletes it)"
                 if kept
                 else "previous collection was deleted during the rebuild: none is kept for a "
                 "rollback"
@@ -495,7 +497,8 @@ class _Rebuild:
         if live is None or live.chroma_collection_id is None:
             raise ConfigError(
                 f"pipeline {self.name!r} has no live collection to rebuild beside yet",
-                hint="`syncd run` makes its first copy; rebuild a pipeline that has one",
+                hint=f"`{hints.command('run')}` makes its first copy; rebuild a pipeline "
+                "that has one",
                 pipeline=self.name,
             )
         return live

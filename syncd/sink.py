@@ -19,6 +19,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
+from syncd import hints
 from syncd.config import ChromaSettings
 from syncd.errors import ConsistencyError, SinkFatalError, SinkLostError, SyncdError, from_sink
 from syncd.identity import HASH_KEY, ID_KEY
@@ -212,7 +213,8 @@ class ChromaSink:
             error = from_sink(exc, namespace=f"chroma:{self.name}")
             if not self._create and _is_not_found(exc):
                 error.hint = (
-                    "the pipeline has not created it yet: `syncd run` does on its first run"
+                    "the pipeline has not created it yet: "
+                    f"`{hints.command('run')}` does on its first run"
                 )
             raise error from exc
         return coll, max_batch
@@ -330,7 +332,9 @@ def check_matches(
     """Refuse an existing collection made for other vectors: every write would fail, or
     rank by another distance. ``None`` skips a comparison. Returns what was found."""
     name = collection.name
-    elsewhere = f"set chroma_collection to a new name and run `syncd snapshot {pipeline}`"
+    elsewhere = (
+        f"set chroma_collection to a new name and run `{hints.command('snapshot', pipeline)}`"
+    )
     space = distance_of(collection)
     if distance is not None and space is not None and space != distance:
         raise SinkFatalError(

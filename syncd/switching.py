@@ -34,6 +34,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from syncd import hints
 from syncd.checkpoint import Checkpoint, CheckpointStore
 from syncd.deadletter import DeadLetterStore
 from syncd.errors import MappingSwitchedError, SinkLostError, SyncdError, from_sink
@@ -115,8 +116,8 @@ def check_start(store: CheckpointStore, pipeline: str, fingerprint: str, cp: Che
     if record.get("state") == "switching":
         raise MappingSwitchedError(
             "a rebuild is switching this pipeline's Chroma collection",
-            hint=f"wait for it, or, if `syncd rebuild {pipeline}` was interrupted, run it "
-            "again to complete the switch",
+            hint=f"wait for it, or, if `{hints.command('rebuild', pipeline)}` was interrupted, "
+            "run it again to complete the switch",
             pipeline=pipeline,
         )
     if cp.fingerprint == fingerprint:
@@ -126,14 +127,16 @@ def check_start(store: CheckpointStore, pipeline: str, fingerprint: str, cp: Che
             "the pipeline was rebuilt with another mapping than this process's "
             "configuration; not writing the old mapping into the new collection",
             hint="restart syncd with the configuration the rebuild used (or run "
-            f"`syncd rebuild {pipeline} --rollback` to go back to the previous collection)",
+            f"`{hints.command('rebuild', pipeline, '--rollback')}` to go back to the previous "
+            "collection)",
             pipeline=pipeline,
         )
     if record.get("state") == "building" and record.get("fingerprint") == fingerprint:
         raise MappingSwitchedError(
             "a rebuild with this process's mapping is under way; the pipeline starts once "
             "it has switched",
-            hint=f"`syncd rebuild {pipeline}` finishes it; `syncd status` shows its progress",
+            hint=f"`{hints.command('rebuild', pipeline)}` finishes it; `{hints.command('status')}` "
+            "shows its progress",
             pipeline=pipeline,
         )
 
@@ -207,7 +210,8 @@ def complete(
         raise SinkLostError(
             f"the Chroma collection {switch['in']['name']!r} (id {in_id}) to switch to is "
             f"gone; {live_name!r} still serves the collection it served",
-            hint=f"run `syncd rebuild {pipeline}` again: it builds the new collection anew"
+            hint=f"run `{hints.command('rebuild', pipeline)}` again: it builds the new "
+            "collection anew"
             if switch.get("was") != "switched"  # a rollback's: the kept collection is gone
             else f"there is nothing to roll back to: {live_name!r} serves on unchanged",
             pipeline=pipeline,
@@ -218,7 +222,7 @@ def complete(
         if live_name in names.values() and names.get(out_id) != live_name:
             raise SyncdError(
                 f"another Chroma collection named {live_name!r} appeared during the switch",
-                hint=f"rename or delete it, then run `syncd rebuild {pipeline}` again",
+                hint=f"rename or delete it, then run `{hints.command('rebuild', pipeline)}` again",
                 pipeline=pipeline,
             )
         rename(client, names[in_id], live_name)

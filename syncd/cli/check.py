@@ -9,12 +9,11 @@ renamed.
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
 from syncd import chroma_install
 from syncd.cli.common import add_config_options, load_settings, print_json, select_pipelines
-from syncd.config import DEFAULT_CONFIG_PATH
+from syncd.config import config_path_of
 from syncd.errors import ExitCode, SyncdError
 from syncd.redact import redact_text
 
@@ -43,10 +42,10 @@ def register(verbs: Any) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    settings = load_settings(args, require_file=True)
+    settings = load_settings(args)
     select_pipelines(settings, None)  # a config without pipelines would run nothing
     chroma_install.check(settings.chroma.mode)
-    path = str(args.config or os.environ.get("SYNCD_CONFIG") or DEFAULT_CONFIG_PATH)
+    path = str(config_path_of(args.config))
     results: list[dict[str, Any]] = []
     if not args.json:
         print(f"config ok: {len(settings.pipelines)} pipeline(s)")

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from syncd import config
+from syncd import config, hints
 from syncd.config import PipelineSettings, Settings
 from syncd.errors import ConfigError
 
@@ -38,16 +38,17 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
 def load_settings(
     args: argparse.Namespace,
     *,
-    require_file: bool | None = None,
     chroma: bool = False,
     **overrides: Any,
 ) -> Settings:
-    """Settings for a verb; ``require_file``: a missing config file is an error even
-    when none was named (verbs that only make sense with one); ``chroma``: the verb
+    """Settings for a verb that works on pipelines, so a missing config file is an error
+    even when none was named (pipelines come only from a file); ``chroma``: the verb
     opens Chroma, so an installation that cannot serve ``chroma.mode`` is a
-    configuration error before anything is reached."""
+    configuration error before anything is reached. The hints the process prints name
+    the file it read (:mod:`syncd.hints`)."""
     values = {"log.format": args.log_format, "log.level": args.log_level, **overrides}
-    settings = config.load(args.config, overrides=values, require_file=require_file)
+    settings = config.load(args.config, overrides=values, require_file=True)
+    hints.use_config(config.config_path_of(args.config))
     if chroma:
         from syncd import chroma_install
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from bson import json_util
 
+from syncd import hints
 from syncd.cli.common import (
     add_config_options,
     add_subcommand_config_options,
@@ -103,7 +104,10 @@ def _list(args: argparse.Namespace) -> int:
             f"last={_readable(e.get('last_seen', '?'))}  "
             f"{e.get('error_class', '')}: {e.get('message', '')}"
         )
-    print(f"{len(entries)} dead letter(s); `syncd dlq show {ps.name} KEY` for one in full")
+    print(
+        f"{len(entries)} dead letter(s); `{hints.command('dlq', 'show', ps.name, 'KEY')}` "
+        "for one in full"
+    )
     return ExitCode.OK
 
 
@@ -153,7 +157,7 @@ def _purge(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"refusing to delete {what} of {ps.name} without --yes",
                 hint="the changes they stand for will not be retried; "
-                "`syncd dlq retry` applies fixed documents instead",
+                f"`{hints.command('dlq', 'retry', ps.name)}` applies fixed documents instead",
             )
         removed = letters.remove(ps.name, [args.key]) if args.key else letters.purge(ps.name)
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from syncd import hints
 from syncd.cli.common import add_config_options, load_settings, print_json
 from syncd.errors import ExitCode
 
@@ -109,6 +110,7 @@ def _print(data: dict[str, Any], *, verbose: bool) -> None:
     if failed["count"]:
         print(
             f"{failed['count']} document(s) cannot be mapped and were not repaired, "
-            f"e.g. {', '.join(failed['sample'][:5])}; see `syncd dlq list` and "
-            "`syncd explain PIPELINE ID`"
+            f"e.g. {', '.join(failed['sample'][:5])}; see "
+            f"`{hints.command('dlq', 'list', data['found']['pipeline'])}` and "
+            f"`{hints.command('explain', data['found']['pipeline'], 'ID')}`"
         )

@@ -51,6 +51,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from syncd import hints
 from syncd.cli.common import (
     add_config_options,
     command_line,
@@ -216,7 +217,7 @@ def _set(args: argparse.Namespace) -> int:
     else:
         print(f"{args.pipeline}: was {_position_text(data['previous'])}")
         print(f"{args.pipeline}: now {_position_text(data['position'])} (epoch {data['epoch']})")
-        print("the next `syncd run` of this pipeline resumes there")
+        print(f"the next `{hints.command('run')}` of this pipeline resumes there")
     return ExitCode.OK
 
 
@@ -328,8 +329,8 @@ def _entry_text(entry: dict[str, Any]) -> str:
     if entry["rebuild_of"]:
         pipeline = entry["rebuild_of"]
         lines.append(
-            f"  (not a pipeline: the new collection `syncd rebuild {pipeline}` builds; "
-            f"`syncd status` shows the rebuild)"
+            f"  (not a pipeline: the new collection `{hints.command('rebuild', pipeline)}` "
+            f"builds; `{hints.command('status')}` shows the rebuild)"
         )
     elif not entry["configured"]:
         lines.append("  (not in the config file)")

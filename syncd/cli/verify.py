@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from syncd import hints
 from syncd.cli.common import add_config_options, load_settings, print_json, whole_number
 from syncd.errors import ExitCode
 
@@ -51,7 +52,7 @@ def handle(args: argparse.Namespace) -> int:
         print_report(report.to_json())
         if not report.consistent:
             print(
-                f"drift found: `syncd repair {ps.name}` fixes it "
+                f"drift found: `{hints.command('repair', ps.name)}` fixes it "
                 "(`--dry-run` shows what it would do)"
             )
     return ExitCode.OK if report.consistent else ExitCode.DRIFT_OR_FAILURE
@@ -69,5 +70,8 @@ def print_report(data: dict[str, Any]) -> None:
         example = f"  e.g. {', '.join(finding['sample'][:5])}" if finding["count"] else ""
         print(f"  {kind:<10} {finding['count']:>8}{example}")
     if data["unmappable"]["count"]:
-        print("  unmappable documents cannot be mapped at all; see `syncd dlq list`")
+        print(
+            "  unmappable documents cannot be mapped at all; see "
+            f"`{hints.command('dlq', 'list', data['pipeline'])}`"
+        )
     print("consistent" if data["consistent"] else "NOT consistent")

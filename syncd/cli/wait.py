@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from syncd import hints
 from syncd.cli.common import add_config_options, load_settings, seconds
 from syncd.errors import ExitCode
 
@@ -57,7 +58,7 @@ def handle(args: argparse.Namespace) -> int:
     print(
         f"syncd: timed out after {args.timeout:g} s: pipeline {args.pipeline!r} {where}, "
         f"short of {format_timestamp(target)}; is the daemon running and healthy? "
-        f"(`syncd status {args.pipeline}`)",
+        f"(`{hints.command('status', args.pipeline)}`)",
         file=sys.stderr,
     )
     return ExitCode.DRIFT_OR_FAILURE
