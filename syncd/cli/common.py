@@ -48,7 +48,7 @@ def load_settings(
     the file it read (:mod:`syncd.hints`)."""
     values = {"log.format": args.log_format, "log.level": args.log_level, **overrides}
     settings = config.load(args.config, overrides=values, require_file=True)
-    hints.use_config(config.config_path_of(args.config))
+    hints.use_config(args.config)
     if chroma:
         from syncd import chroma_install
 

@@ -64,9 +64,20 @@ class Runbook:
     collection: str | None = None  # record ids carry "<collection>/" (multi-collection)
     metadata: tuple[str, ...] = oracle.METADATA
 
+    flagged: bool = False  # the config named by `--config` from another directory instead
+
     def __post_init__(self) -> None:
-        self.config = self.tmp_path / "syncd.toml"
-        self.env = {"SYNCD_CONFIG": str(self.config)}
+        if self.flagged:
+            # As `cd /tmp/x; syncd run --config t5/syncd.toml`: nothing but the flag (no
+            # SYNCD_CONFIG, no ./syncd.toml) finds the file, so a hinted command must name it.
+            self.config = self.tmp_path / "t5" / "syncd.toml"
+            self.config.parent.mkdir()
+            self.env: dict[str, str] = {}
+            self.flags: tuple[str, ...] = ("--config", "t5/syncd.toml")
+        else:
+            self.config = self.tmp_path / "syncd.toml"
+            self.env = {"SYNCD_CONFIG": str(self.config)}
+            self.flags = ()
 
     def configure(
         self, *, leases: bool = True, checkpoint: dict[str, Any] | None = None, **pipeline: Any
@@ -107,18 +118,25 @@ class Runbook:
         return self.chroma_server.client().get_collection(self.chroma_name)
 
     def start(self, *args: str) -> SyncdProcess:
-        return self.syncd_factory(["run", *args], env=self.env)
+        return self._start(*args, *self.flags)
 
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self._run(*args, *self.flags)
+
+    def _start(self, *args: str) -> SyncdProcess:
+        return self.syncd_factory(["run", *args], env=self.env, cwd=self.tmp_path)
+
+    def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
         return run_syncd(list(args), env=self.env, timeout=120, cwd=self.tmp_path)
 
     def follow(self, command: str) -> SyncdProcess | subprocess.CompletedProcess[str]:
-        """Run a hinted command as printed: `syncd run` keeps running, others must succeed."""
+        """Run a hinted command as printed (nothing added): `syncd run` keeps running,
+        others must succeed."""
         argv = shlex.split(command)
         assert argv[0] == "syncd", command
         if argv[1] == "run":
-            return self.start(*argv[2:])
-        done = self.run(*argv[1:])
+            return self._start(*argv[2:])
+        done = self._run(*argv[1:])
         assert done.returncode == 0, f"`{command}` failed:\n{done.stdout}\n{done.stderr}"
         return done
 
@@ -155,6 +173,11 @@ class Runbook:
 @pytest.fixture
 def runbook(tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory) -> Runbook:
     return Runbook(tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory)
+
+
+@pytest.fixture
+def flagged_runbook(tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory) -> Runbook:
+    return Runbook(tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory, flagged=True)
 
 
 def _stopped(daemon: SyncdProcess) -> None:
@@ -421,6 +444,18 @@ def _collection_replaced(runbook: Runbook) -> None:
     ids=["deleted", "replaced", "deleted-while-running"],
 )
 def test_lost_collection_hint(runbook, cause, running):
+    _lost_collection_hint(runbook, cause, running)
+
+
+def test_lost_collection_hint_names_the_config_the_daemon_was_given(flagged_runbook):
+    """The hint logged and the one stored for `syncd status` name `--config`, and run as
+    printed from the directory the daemon ran in."""
+    _lost_collection_hint(flagged_runbook, _collection_deleted, running=False)
+
+
+def _lost_collection_hint(
+    runbook: Runbook, cause: Callable[[Runbook], None], running: bool
+) -> None:
     runbook.configure()
     daemon = _first_run(runbook)
     if running:
@@ -451,6 +486,7 @@ def test_lost_collection_hint(runbook, cause, running):
     assert hinted(status.stdout) == hinted(daemon.output()), status.stdout
 
     (command,) = hinted(daemon.output())
+    assert ("--config" in shlex.split(command)) is runbook.flagged, command
     runbook.follow(command)
     assert not runbook.converged(), runbook.converged()
     daemon = runbook.start()
@@ -465,6 +501,15 @@ def test_lost_collection_hint(runbook, cause, running):
 
 @pytest.mark.parametrize("choice", [0, 1], ids=["snapshot", "run-resync"])
 def test_changed_mapping_hint(runbook, choice):
+    _changed_mapping_hint(runbook, choice)
+
+
+@pytest.mark.parametrize("choice", [0, 1], ids=["snapshot", "run-resync"])
+def test_changed_mapping_hint_names_the_config_the_daemon_was_given(flagged_runbook, choice):
+    _changed_mapping_hint(flagged_runbook, choice)
+
+
+def _changed_mapping_hint(runbook: Runbook, choice: int) -> None:
     runbook.configure()
     _stopped(_first_run(runbook))
     runbook.metadata = oracle.METADATA[:-1]  # the last field leaves the metadata
@@ -473,6 +518,7 @@ def test_changed_mapping_hint(runbook, choice):
     assert refused.wait(60) == ExitCode.CONFIG, refused.output()[-4000:]
     commands = hinted(refused.output())
     assert len(commands) == 2, commands  # two ways out: a snapshot, or a run that re-copies
+    assert all(("--config" in shlex.split(c)) is runbook.flagged for c in commands), commands
     followed = runbook.follow(commands[choice])
     daemon = followed if isinstance(followed, SyncdProcess) else runbook.start()
     _stream_a_change(runbook, daemon, 100)
