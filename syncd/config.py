@@ -542,6 +542,8 @@ _ENV_ALIASES = {
     "SYNCD_LOG_LEVEL": ("log", "level"),
 }
 _ENV_IGNORED = {"SYNCD_CONFIG"}
+# Settings the command line sets, by the flag that sets them.
+FLAGS = {"log.format": "--log-format", "log.level": "--log-level", "telemetry.listen": "--listen"}
 
 
 def load(
@@ -557,7 +559,7 @@ def load(
     A missing file is an error when it was named explicitly.
     """
     env = os.environ if env is None else env
-    explicit = path is not None or "SYNCD_CONFIG" in env
+    explicit = path is not None or bool(env.get("SYNCD_CONFIG"))  # "" is unset
     config_path = config_path_of(path, env)
     data: dict[str, Any] = {}
     if config_path.exists():
@@ -575,7 +577,8 @@ def load(
         if value is not None:
             _set_dotted(data, key, value)
     _embedding_keys_from(env, data)
-    return validate(data, source=str(config_path))
+    flags = {key: FLAGS.get(key, key) for key, v in (overrides or {}).items() if v is not None}
+    return validate(data, source=str(config_path), flags=flags)
 
 
 def config_path_of(path: Path | str | None, env: Mapping[str, str] | None = None) -> Path:
@@ -596,11 +599,15 @@ def _embedding_keys_from(env: Mapping[str, str], data: dict[str, Any]) -> None:
             embedder["api_key"] = key
 
 
-def validate(data: Mapping[str, Any], *, source: str = "config") -> Settings:
+def validate(
+    data: Mapping[str, Any], *, source: str = "config", flags: Mapping[str, str] | None = None
+) -> Settings:
+    """``flags``: the dotted keys the command line set, by the flag that set them; a bad
+    value there is the flag's mistake, not the file's."""
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_describe_validation_error(exc, source)) from None
+        raise ConfigError(_describe_validation_error(exc, source, flags or {})) from None
     except ConfigError:
         raise
 
@@ -658,9 +665,11 @@ def _list_item(items: list[Any], part: str, dotted: str) -> Any:
     raise ConfigError(f"cannot set {dotted}: no pipeline {part!r} in the config file")
 
 
-def _describe_validation_error(exc: ValidationError, source: str) -> str:
+def _describe_validation_error(exc: ValidationError, source: str, flags: Mapping[str, str]) -> str:
     first = exc.errors()[0]
     location = _location(first["loc"])
+    if location in flags:
+        source, location = flags[location], ""
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown key"

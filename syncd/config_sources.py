@@ -21,8 +21,7 @@ from syncd.config import Settings
 from syncd.redact import redact_text
 
 SECRET = "***"
-# Settings the command line sets, by the flag that sets them.
-FLAGS = {"log.format": "--log-format", "log.level": "--log-level", "telemetry.listen": "--listen"}
+FLAGS = config.FLAGS
 
 
 @dataclasses.dataclass(frozen=True)

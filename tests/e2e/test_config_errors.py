@@ -277,3 +277,47 @@ def test_a_config_path_that_is_no_config_file(tmp_path: Path, make: Any, expecte
     stderr = result.stderr.strip()
     assert len(stderr.splitlines()) == 1 and expected in stderr, stderr
     assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["check"],
+        ["status"],
+        ["run"],
+        ["snapshot", "orph"],
+        ["verify", "orph"],
+        ["repair", "orph"],
+        ["resume", "orph"],
+        ["rebuild", "orph"],
+        ["dlq", "list", "orph"],
+        ["tokens", "show"],
+        ["wait", "orph", "--after", "now"],
+        ["explain", "orph", "i:1"],
+        ["map", "orph", "--document", "{}"],
+    ],
+    ids=lambda c: c[0] if c[0] not in ("dlq", "tokens") else " ".join(c[:2]),
+)
+def test_no_default_config_file_is_one_message_for_every_verb(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """Pipelines come only from a config file: with none named and no ./syncd.toml, every
+    verb that works on pipelines says so alike, naming the file and how to point at one."""
+    env = {"SYNCD_CONFIG": ""}  # as if unset, whatever the test's environment holds
+    result = run_syncd(command, env=env, cwd=tmp_path, timeout=60)
+    assert result.returncode == ExitCode.CONFIG, (result.returncode, result.stderr)
+    assert result.stderr.strip().splitlines() == [
+        f"syncd: error: config file syncd.toml not found in {tmp_path.resolve()}; point at one "
+        "with --config PATH or SYNCD_CONFIG=PATH, or create syncd.toml here (see README)"
+    ]
+
+
+@pytest.mark.parametrize("command", [["run"], ["rebuild", "articles"]])
+def test_a_bad_listen_flag_is_named_as_the_flag(tmp_path: Path, command: list[str]) -> None:
+    path = tmp_path / "syncd.toml"
+    path.write_text(tomli_w.dumps(good()))
+    result = run_syncd([*command, "--listen", "notahostport"], config=path, timeout=60)
+    assert result.returncode == ExitCode.CONFIG, (result.returncode, result.stderr)
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("syncd: error: --listen: expected HOST:PORT"), line
+    assert "telemetry.listen" not in line and str(path) not in line, line
