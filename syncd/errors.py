@@ -298,6 +298,18 @@ def classify(exc: BaseException) -> ErrorKind:
 _TRANSPORT_ERRORS = frozenset({"NetworkError", "TimeoutException", "RemoteProtocolError"})
 
 
+# httpx/httpcore timeouts of a server that took the connection but answered (or read the
+# request) too slowly; a connect timeout is an unreachable server instead.
+_SLOW_ANSWERS = frozenset({"ReadTimeout", "WriteTimeout", "PoolTimeout"})
+
+
+def _is_slow_answer(exc: BaseException) -> bool:
+    return any(
+        cls.__module__.split(".")[0] in ("httpx", "httpcore") and cls.__name__ in _SLOW_ANSWERS
+        for cls in type(exc).__mro__
+    )
+
+
 def _is_transport_error(exc: BaseException) -> bool:
     return any(
         cls.__module__.split(".")[0] in ("httpx", "httpcore") and cls.__name__ in _TRANSPORT_ERRORS
@@ -486,6 +498,13 @@ def from_sink(exc: BaseException, *, records: bool = False, **context: Any) -> S
     root = _root(exc)
     kind = classify(root)
     detail = _sink_detail(root)
+    if kind is ErrorKind.TRANSIENT and _is_slow_answer(root):
+        return SinkUnavailableError(
+            f"Chroma unavailable: {detail}",
+            hint="Chroma answered more slowly than chroma.timeout_s allows: look at the "
+            "server's load, or raise chroma.timeout_s; a running syncd retries by itself",
+            **context,
+        )
     if kind is ErrorKind.TRANSIENT:
         return SinkUnavailableError(
             f"Chroma unavailable: {detail}",

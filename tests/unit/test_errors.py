@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import bson.errors
+import httpcore
 import httpx
 import pytest
 from chromadb.api.base_http_client import BaseHTTPClient
@@ -224,6 +225,30 @@ def test_chroma_down_is_transient_with_a_sink_exit_code_and_no_misleading_words(
     assert error.kind is T and error.exit_code == ExitCode.SINK
     assert error.message.startswith("Chroma unavailable: ConnectError")
     assert "rejected" not in error.describe()
+    assert "start Chroma (or correct chroma.host and chroma.port)" in (error.hint or "")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: httpx.ReadTimeout("timed out", request=_REQUEST),
+        lambda: httpx.WriteTimeout("timed out", request=_REQUEST),
+        lambda: httpcore.ReadTimeout("timed out"),
+    ],
+    ids=["httpx read", "httpx write", "httpcore read"],
+)
+def test_chroma_too_slow_gets_its_own_hint(make: Callable[[], BaseException]) -> None:
+    """A server that answers past chroma.timeout_s is up: starting it is no advice."""
+    error = from_sink(make(), pipeline="p")
+    assert isinstance(error, SinkUnavailableError) and error.kind is T
+    assert error.message.startswith("Chroma unavailable: ") and "Timeout" in error.message
+    hint = error.hint or ""
+    assert "start Chroma" not in hint and "chroma.host" not in hint, hint
+    assert "chroma.timeout_s" in hint and "load" in hint, hint
+
+
+def test_a_connect_timeout_is_an_unreachable_chroma() -> None:
+    error = from_sink(httpx.ConnectTimeout("timed out", request=_REQUEST), pipeline="p")
     assert "start Chroma (or correct chroma.host and chroma.port)" in (error.hint or "")
 
 
