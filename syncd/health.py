@@ -145,10 +145,13 @@ def readiness(
     draining: bool,
     blind: str | None = None,
 ) -> tuple[bool, dict[str, Any]]:
-    """The ``/readyz`` verdict from each pipeline's :meth:`PipelineTelemetry.status`."""
+    """The ``/readyz`` verdict from each pipeline's :meth:`PipelineTelemetry.status`.
+
+    ``not_ready`` maps the pipelines that are not ready to why; a reason of the whole
+    process (draining, no pipeline started, the leases unreadable) is ``reason``."""
     report: dict[str, Any] = {"pipelines": pipelines}
     if draining:
-        report |= {"ready": False, "not_ready": {"": "draining after a stop signal"}}
+        report |= {"ready": False, "reason": "draining after a stop signal"}
         return False, report
     running = {name: s for name, s in pipelines.items() if s["state"] != NOT_HERE}
     not_ready = {
@@ -160,7 +163,7 @@ def readiness(
         if standby_ok:
             report |= {"ready": True, "standby": True, "message": STANDBY}
             return True, report
-        report |= {"ready": False, "not_ready": {"": blind or "no pipeline has started"}}
+        report |= {"ready": False, "reason": blind or "no pipeline has started"}
         return False, report
     report["ready"] = not not_ready
     if not_ready:
