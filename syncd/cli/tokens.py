@@ -5,7 +5,8 @@ Sub-commands: ``decode HEX``, ``show [PIPELINE]``, ``history PIPELINE``,
 in :mod:`syncd.positions`; this module parses, asks for confirmation and prints.
 
 JSON output (``--json``) is stable: keys are always present (null when unknown) and
-new keys may be added, never renamed. Shared shapes:
+new keys may be added, never renamed. The README documents these shapes for users
+(keep the two alike). Shared shapes:
 
 * ``TIME``: ``{"t": seconds, "i": increment, "iso": "2024-05-01T12:00:00Z"}``, a
   MongoDB cluster time;
@@ -137,7 +138,9 @@ def _config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _json_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print JSON (shape: see the README)")
+    parser.add_argument(
+        "--json", action="store_true", help='print JSON (its shape: README, "Operating: tokens")'
+    )
 
 
 def _change_options(parser: argparse.ArgumentParser) -> None:

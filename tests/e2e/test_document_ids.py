@@ -7,9 +7,13 @@ copied, streamed, verified, explained and dead-lettered like any other."""
 from __future__ import annotations
 
 import json
+import uuid
+from pathlib import Path
 from typing import Any
 
+import pytest
 from bson import Decimal128, Int64
+from pymongo.errors import DuplicateKeyError
 
 from syncd.errors import ExitCode
 from tests.harness.daemon import run_syncd
@@ -99,3 +103,16 @@ def test_poison_changes_are_looked_up_by_record_id(tmp_path, mirror, mongo_clien
     verified = run_syncd(["verify", "p", "--json"], cfg)
     assert verified.returncode == ExitCode.OK, verified.stdout + verified.stderr
     assert json.loads(verified.stdout)["unmappable"]["sample"] == ["f:nan"]
+
+
+def test_the_readme_says_which_ids_mongodb_tells_apart(mongo_client) -> None:
+    """`true` and `1` are two documents; `1` and `1.0` (equal in value) are one `_id`."""
+    coll = mongo_client[f"ids_{uuid.uuid4().hex[:8]}"]["docs"]
+    coll.insert_one({"_id": 1})
+    coll.insert_one({"_id": True})
+    with pytest.raises(DuplicateKeyError):
+        coll.insert_one({"_id": 1.0})
+    readme = " ".join((Path(__file__).resolve().parents[2] / "README.md").read_text().split())
+    assert "three `_id`s" not in readme
+    assert "`true` and `1` are two `_id`s to MongoDB" in readme
+    assert "`1` and `1.0`, are one `_id`" in readme

@@ -7,6 +7,7 @@ import json
 import re
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -112,6 +113,26 @@ def _insert(client: Any, coll: Any, doc: dict[str, Any]) -> Any:
         return session.operation_time
 
 
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _readme_keys(command: str) -> set[str]:
+    """The top-level keys the README's "Operating: tokens" table gives `command`'s --json."""
+    rows = re.findall(rf"^\| `{re.escape(command)}` \| `(\{{.*?\}})`", README.read_text(), re.M)
+    assert len(rows) == 1, f"the README documents no --json shape for `tokens {command}`"
+    return set(re.findall(r'"(\w+)":', rows[0]))
+
+
+def test_tokens_help_points_at_the_readme_that_documents_the_json_shape() -> None:
+    """--help names a README section, and that section (not the source) holds the shapes."""
+    for verb in ("set", "reset", "show", "history", "decode"):
+        shown = run_syncd(["tokens", verb, "--help"], timeout=30)
+        assert 'README, "Operating: tokens"' in " ".join(shown.stdout.split()), shown.stdout
+    section = README.read_text().split("## Operating: tokens", 1)[1].split("\n## ", 1)[0]
+    assert "syncd/cli/tokens.py" not in section
+    assert _readme_keys("reset PIPELINE") == {"pipeline", "deleted", "epoch"}
+
+
 def _wait(daemon: Any, predicate: Any, what: str, timeout: float = 60) -> None:
     try:
         wait_until(predicate, timeout, what)
@@ -153,6 +174,7 @@ def test_set_at_replays_changes_since_then(mirror, mongo_client, syncd_factory):
     moved = run_syncd(["tokens", "set", "tok", "--at", at, "--yes", "--json"], cfg, timeout=60)
     assert moved.returncode == 0, moved.stderr
     result = json.loads(moved.stdout)
+    assert set(result) == _readme_keys("set PIPELINE"), result
     assert result["position"]["kind"] == "start_at"
     assert result["position"]["start_at"]["t"] == t1.time
     assert result["previous"]["kind"] == "token"
