@@ -38,16 +38,18 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
 def load_settings(
     args: argparse.Namespace,
     *,
+    require_file: bool = True,
     chroma: bool = False,
     **overrides: Any,
 ) -> Settings:
-    """Settings for a verb that works on pipelines, so a missing config file is an error
-    even when none was named (pipelines come only from a file); ``chroma``: the verb
+    """Settings for a verb. ``require_file``: a missing config file is an error even when
+    none was named, as for every verb that works on configured pipelines (they come only
+    from a file; ``syncd tokens`` also reads stored ones, so it passes False); ``chroma``: the verb
     opens Chroma, so an installation that cannot serve ``chroma.mode`` is a
     configuration error before anything is reached. The hints the process prints name
     the file it read (:mod:`syncd.hints`)."""
     values = {"log.format": args.log_format, "log.level": args.log_level, **overrides}
-    settings = config.load(args.config, overrides=values, require_file=True)
+    settings = config.load(args.config, overrides=values, require_file=require_file or None)
     hints.use_config(args.config)
     if chroma:
         from syncd import chroma_install

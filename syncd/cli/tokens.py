@@ -253,7 +253,7 @@ def _reset(args: argparse.Namespace) -> int:
 def _with_runtime(args: argparse.Namespace, work: Callable[[Any], Any]) -> Any:
     from syncd.runtime import Runtime
 
-    runtime = Runtime(load_settings(args))
+    runtime = Runtime(load_settings(args, require_file=False))  # stored pipelines too
     try:
         return work(runtime)
     finally:
