@@ -111,9 +111,10 @@ def test_a_tampered_checkpoint_is_exit_4_and_its_hint_converges(
         assert f"read: {field} " in reason, reason
         hints.add(tuple(hinted_command(what_to_do)))
     (hint,) = hints
-    assert hint == ("tokens", "reset", "bad", "--yes")
+    # Named with --config, the commands' hints name it too; run exactly as printed.
+    assert hint == ("tokens", "reset", "bad", "--yes", "--config", str(cfg.absolute()))
 
-    followed = run_syncd(list(hint), cfg, timeout=60)
+    followed = run_syncd(list(hint), timeout=60)
     assert followed.returncode == 0, followed.stderr
     daemon.start()
     expected = oracle([*DOCS, {"_id": 6, "body": "written while the checkpoint was broken"}])
@@ -182,7 +183,8 @@ def test_an_unreadable_checkpoint_fails_its_pipeline_in_status_and_shows_the_oth
         assert "bad: failed" in status.stdout, status.stdout
         reason, hint = _shown_unreadable(status, "bad")
         assert "the stored checkpoint cannot be read" in reason, reason
-        assert hinted_command(hint) == ["tokens", "reset", "bad", "--yes"]
+        reset = ["tokens", "reset", "bad", "--yes", "--config", str(cfg.absolute())]
+        assert hinted_command(hint) == reset  # the file named by --config, as printed
 
         rows = json.loads(run_syncd(["status", "--json"], cfg, timeout=60).stdout)
         assert {r["pipeline"]: r["state"] for r in rows} == {"good": "stopped", "bad": "failed"}
@@ -193,13 +195,13 @@ def test_an_unreadable_checkpoint_fails_its_pipeline_in_status_and_shows_the_oth
         assert entries["good"]["error"] is None and entries["good"]["phase"] == "streaming"
         assert entries["good"]["position"] is not None
         assert entries["bad"]["stored"] and entries["bad"]["position"] is None
-        assert "`syncd tokens reset bad --yes`" in entries["bad"]["error"]["hint"]
+        assert f"`{shlex.join(['syncd', *reset])}`" in entries["bad"]["error"]["hint"]
         text = run_syncd(["tokens", "show"], cfg, timeout=60)
         assert text.returncode == ExitCode.DRIFT_OR_FAILURE, text.stderr
         assert "good: streaming" in text.stdout, text.stdout
         assert "bad: the stored checkpoint cannot be read" in text.stdout, text.stdout
 
-        followed = run_syncd(hinted_command(hint), cfg, timeout=60)
+        followed = run_syncd(hinted_command(hint), timeout=60)
         assert followed.returncode == 0, followed.stderr
         after = run_syncd(["status"], cfg, timeout=60)
         assert after.returncode == ExitCode.OK, after.stdout + after.stderr
