@@ -5,29 +5,17 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from syncd.errors import ExitCode
 from tests.harness.daemon import run_syncd
 
-from .helpers import pipeline_table, settings_of, wait_caught_up, write_config
+from .helpers import wait_caught_up
 
 
-def test_explain_shows_verdicts_and_recent_syncs(
-    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
-):
-    db = f"explain_{uuid.uuid4().hex[:8]}"
-    coll_name = f"explain-{uuid.uuid4().hex[:8]}"
-    cfg = write_config(
-        tmp_path / "syncd.toml",
-        mongo_uri=mongo_uri,
-        chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
-        checkpoint_db=f"{db}_syncd",
-        extra={"lease": {"enabled": False}},
-        pipelines=[pipeline_table("ex", db, chroma_collection=coll_name)],
-    )
-    settings = settings_of(cfg)
+def test_explain_shows_verdicts_and_recent_syncs(mongo_client, mirror, syncd_factory):
+    m = mirror("explain", name="ex", embedder={"kind": "hashing", "dimensions": 32})
+    db, cfg, settings = m.db, m.cfg, m.settings
     docs = mongo_client[db]["docs"]
     docs.insert_many(
         [{"_id": i, "body": f"body {i}", "title": f"title {i}", "n": i} for i in (1, 2, 3, 4)]
@@ -42,7 +30,7 @@ def test_explain_shows_verdicts_and_recent_syncs(
 
     # Change two records directly in Chroma, keeping syncd's hash: the text of one, a
     # metadata value of the other. (Embeddings passed along: no client-side model.)
-    chroma = chroma_server.client().get_collection(coll_name)
+    chroma = m.collection()
     vectors = chroma.get(ids=["i:2", "i:4"], include=["embeddings"])["embeddings"]
     chroma.update(ids=["i:2"], documents=["edited by hand"], embeddings=[vectors[0]])
     chroma.update(ids=["i:4"], metadatas=[{"title": "not the title"}], embeddings=[vectors[1]])

@@ -5,9 +5,8 @@ change something."""
 from __future__ import annotations
 
 import json
-import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,26 +14,16 @@ import pytest
 from syncd.errors import ExitCode
 from tests.harness.daemon import run_syncd
 
-from .helpers import closed_pipe_run, pipeline_table, write_config
+from .helpers import closed_pipe_run
+from .mirror import Mirror
 
 
 @pytest.mark.timeout(300)
 def test_every_json_command_into_a_closed_pipe_exits_quietly(
-    tmp_path: Path, mongo_uri: str, mongo_client: Any, chroma_server: Any
+    mongo_client: Any, mirror: Callable[..., Mirror]
 ) -> None:
-    db = f"pipe_{uuid.uuid4().hex[:8]}"
-    cfg = write_config(
-        tmp_path / "syncd.toml",
-        mongo_uri=mongo_uri,
-        chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
-        checkpoint_db=f"{db}_syncd",
-        extra={"lease": {"enabled": False}},
-        pipelines=[
-            pipeline_table(
-                "p", db, chroma_collection=f"pipe-{uuid.uuid4().hex[:8]}", on_error="dead_letter"
-            )
-        ],
-    )
+    m = mirror("pipe", on_error="dead_letter", embedder={"kind": "hashing", "dimensions": 32})
+    db, cfg = m.db, m.cfg
     docs = mongo_client[db]["docs"]
     docs.insert_many([{"_id": i, "body": f"body {i}", "title": f"t{i}"} for i in range(30)])
     docs.insert_one({"_id": "bad", "body": {"not": "text"}})  # a dead letter to show
@@ -66,5 +55,3 @@ def test_every_json_command_into_a_closed_pipe_exits_quietly(
     for args, result in results:
         assert result.stderr.decode() == "", (args, result.stderr.decode())
         assert result.returncode == ExitCode.DRIFT_OR_FAILURE, (args, result.returncode)
-    mongo_client.drop_database(db)
-    mongo_client.drop_database(f"{db}_syncd")
