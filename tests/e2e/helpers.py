@@ -6,12 +6,13 @@ import json
 import math
 import os
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import tomli_w
 from bson.timestamp import Timestamp
@@ -20,6 +21,7 @@ from pymongo import MongoClient
 
 from syncd import config
 from syncd.checkpoint import Checkpoint, open_store
+from syncd.errors import ExitCode
 from tests.harness.daemon import syncd_command, syncd_env
 
 VOLATILE = ("syncd_cluster_time",)  # depends on which event wrote the record, not on content
@@ -156,6 +158,26 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, step: fl
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
 
 
+class Poller:
+    """A daemon thread running `_run` while a `with` block lasts; `_run` polls until
+    `stop` is set, at the block's end."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
 def op_time_now(client: MongoClient[dict[str, Any]], db: str) -> Timestamp:
     """A fresh write's operation time: once a pipeline passes it, it passed every
     change made before this call."""
@@ -180,6 +202,25 @@ def wait_caught_up(
     """
     op_time = op_time_now(client, db)
     wait_until(lambda: caught_up(settings, name, op_time), timeout, what)
+
+
+def copy_and_stop(
+    syncd_factory: Callable[..., Any],
+    client: MongoClient[dict[str, Any]],
+    cfg: Path,
+    settings: config.Settings,
+    db: str,
+    *,
+    env: Mapping[str, str] | None = None,
+    log_path: Path | None = None,
+    name: str = "p",
+) -> None:
+    """Run `syncd run` with `cfg` until pipeline `name` has caught up with everything in
+    `db` (its first copy), then SIGTERM: it must exit 0."""
+    daemon = syncd_factory(["run"], cfg, env, log_path=log_path)
+    wait_caught_up(client, db, settings, name, 90, "the first copy")
+    daemon.terminate()
+    assert daemon.wait(30) == ExitCode.OK, daemon.output()
 
 
 def caught_up(settings: config.Settings, name: str, op_time: Timestamp) -> bool:
@@ -210,6 +251,11 @@ def metric_sample(metrics: str, name: str, **labels: str) -> float | None:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return float(sample.value)
     return None
+
+
+def metric_at(listen: str, name: str, **labels: str) -> float | None:
+    """One sample of the metrics syncd serves at `listen` (host:port), None if absent."""
+    return metric_sample(http_get(f"http://{listen}/metrics")[1], name, **labels)
 
 
 def log_records(output: str) -> list[dict[str, Any]]:

@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import os
 import random
-import threading
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,8 @@ from tests.harness.daemon import SyncdProcess, run_syncd
 from tests.harness.embedding_api import embedding_api
 
 from .helpers import (
+    Poller,
+    copy_and_stop,
     diff,
     load_checkpoint,
     pipeline_table,
@@ -34,6 +36,20 @@ DOCS = 300
 CRASH_DOCS = 120
 NEW_METADATA = ("title", "n")  # the new mapping drops tags and nested
 NEW_DIMENSIONS = 32
+SHORT_LEASE: Mapping[str, Any] = {"ttl_s": 4, "renew_every_s": 1}
+
+
+def remote_embedder(api: Any, **more: Any) -> dict[str, Any]:
+    """The new mapping's embedder: the test embedding API `api`, its key in the
+    environment variable SYNCD_TEST_EMBED_KEY; `more` adds to the table."""
+    return {
+        "kind": "openai",
+        "base_url": api.base_url,
+        "model": "test-embed",
+        "dimensions": NEW_DIMENSIONS,
+        "api_key_env": "SYNCD_TEST_EMBED_KEY",
+        **more,
+    }
 
 
 def _configs(
@@ -44,9 +60,17 @@ def _configs(
     coll: str,
     page: int = 50,
     new_embedder: dict[str, Any] | None = None,
+    *,
+    lease: Mapping[str, Any] | None = SHORT_LEASE,
+    extra: Mapping[str, Any] | None = None,
     **both: Any,
 ) -> Any:
-    """The configurations before and after the rebuild; `both` adds to both pipelines."""
+    """The configurations before and after the rebuild; `lease` is their lease table
+    (None: the default lease), `extra` adds top-level tables, `both` adds to both
+    pipelines."""
+    more = dict(extra or {})
+    if lease is not None:
+        more["lease"] = dict(lease)
 
     def make(path: str, **table: Any) -> Path:
         return write_config(
@@ -54,7 +78,7 @@ def _configs(
             mongo_uri=mongo_uri,
             chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
             checkpoint_db=f"{db}_syncd",
-            extra={"lease": {"ttl_s": 4, "renew_every_s": 1}},
+            extra=more,
             pipelines=[
                 pipeline_table(
                     "p", db, chroma_collection=coll, snapshot_batch_size=page, **table, **both
@@ -71,15 +95,14 @@ def _configs(
     return old, new
 
 
-class _Writes:
+class _Writes(Poller):
     """A steady write load: updates, inserts and deletes, until stopped."""
 
     def __init__(self, mongo_uri: str, db: str) -> None:
+        super().__init__()
         self.client: MongoClient[dict[str, Any]] = MongoClient(mongo_uri)
         self.docs = self.client[db]["docs"]
-        self.stop = threading.Event()
         self.count = 0
-        self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         rng = random.Random(7)
@@ -93,29 +116,23 @@ class _Writes:
             self.count += 1
             time.sleep(0.02)
 
-    def __enter__(self) -> _Writes:
-        self.thread.start()
-        return self
-
     def __exit__(self, *_: Any) -> None:
-        self.stop.set()
-        self.thread.join(10)
+        super().__exit__()
         self.client.close()
 
 
-class _Queries:
+class _Queries(Poller):
     """Reads the collection by its name again and again; each answer must come from one
     collection: every record with the old mapping (4-dimensional field vectors, tags in
     the metadata) or every record with the new one (32 dimensions, no tags)."""
 
     def __init__(self, chroma: Any, name: str) -> None:
+        super().__init__()
         self.chroma = chroma
         self.name = name
-        self.stop = threading.Event()
         self.seen: list[str] = []
         self.mixed: list[str] = []
         self.failed = 0
-        self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self.stop.is_set():
@@ -140,14 +157,6 @@ class _Queries:
             if kinds and (not self.seen or self.seen[-1] != kind):
                 self.seen.append(kind)
             time.sleep(0.05)
-
-    def __enter__(self) -> _Queries:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        self.stop.set()
-        self.thread.join(10)
 
 
 def _names() -> tuple[str, str]:
@@ -355,13 +364,7 @@ def test_a_metadata_only_rebuild_reuses_every_vector(
 ):
     db, coll = _names()
     with embedding_api(dimensions=NEW_DIMENSIONS) as api:
-        embedder = {
-            "kind": "openai",
-            "base_url": api.base_url,
-            "model": "test-embed",
-            "dimensions": NEW_DIMENSIONS,
-            "api_key_env": "SYNCD_TEST_EMBED_KEY",
-        }
+        embedder = remote_embedder(api)
         env = {"SYNCD_TEST_EMBED_KEY": api.api_key}
 
         def config(path: str, metadata: list[str]) -> Path:
@@ -385,10 +388,7 @@ def test_a_metadata_only_rebuild_reuses_every_vector(
         settings = settings_of(old_cfg, env)
         docs = mongo_client[db]["docs"]
         docs.insert_many([document(i) for i in range(60)])
-        daemon = syncd_factory(["run"], old_cfg, env)
-        wait_caught_up(mongo_client, db, settings, "p", 90, "the first copy")
-        daemon.terminate()
-        assert daemon.wait(30) == ExitCode.OK, daemon.output()
+        copy_and_stop(syncd_factory, mongo_client, old_cfg, settings, db, env=env)
         before = len(api.inputs)
         done = run_syncd(["rebuild", "p"], new_cfg, env, timeout=180)
         assert done.returncode == ExitCode.OK, done.stdout + done.stderr

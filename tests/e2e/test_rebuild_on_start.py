@@ -6,7 +6,6 @@ continued by the next start; then the switch, and the new mapping streams."""
 from __future__ import annotations
 
 import json
-import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,10 @@ from tests.harness.embedding_api import embedding_api
 from tests.harness.ports import free_port
 
 from .helpers import (
+    Poller,
+    copy_and_stop,
     http_get,
+    metric_at,
     metric_sample,
     pipeline_table,
     settings_of,
@@ -34,6 +36,7 @@ from .test_rebuild import (
     _Queries,
     _Writes,
     assert_switched,
+    remote_embedder,
 )
 
 PHASES = ("snapshot", "catching_up", "switching", "switched", "stopped")
@@ -56,19 +59,18 @@ def _entries(body: str) -> set[str]:
         return set()
 
 
-class _Probe:
+class _Probe(Poller):
     """Polls /readyz and /metrics: every answer once ready, and each rebuild phase seen."""
 
     def __init__(self, listen: str) -> None:
+        super().__init__()
         self.base = f"http://{listen}"
-        self.stop = threading.Event()
         self.not_ready: list[str] = []
         self.phases: list[str] = []
         self.scanned = 0.0
         self.estimated = 0.0
         self.lag_exported = False
         self.entries: set[str] = set()  # every pipeline /readyz or a pipeline metric named
-        self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         ready = False
@@ -98,14 +100,6 @@ class _Probe:
             self.scanned = max(self.scanned, scanned or 0.0)
             self.estimated = max(self.estimated, estimated or 0.0)
             self.stop.wait(0.1)
-
-    def __enter__(self) -> _Probe:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        self.stop.set()
-        self.thread.join(10)
 
 
 def test_run_rebuilds_a_changed_mapping_beside_the_live_collection(
@@ -143,14 +137,8 @@ def test_run_rebuilds_a_changed_mapping_beside_the_live_collection(
             "new.toml",
             on_mapping_change="rebuild",
             mapping={"text": "body", "metadata": list(NEW_METADATA)},
-            embedder={
-                "kind": "openai",
-                "base_url": api.base_url,
-                "model": "test-embed",
-                "dimensions": NEW_DIMENSIONS,
-                "api_key_env": "SYNCD_TEST_EMBED_KEY",
-                "timeout_s": 300,  # held on purpose below; an answer that late is not an outage
-            },
+            # timeout_s: held on purpose below; an answer that late is not an outage
+            embedder=remote_embedder(api, timeout_s=300),
         )
         settings = settings_of(old_cfg)
         daemon = syncd_factory(["run"], old_cfg, log_path=tmp_path / "old.log")
@@ -280,43 +268,23 @@ def test_syncd_rebuild_serves_the_rebuild_metrics_with_listen(
     docs.insert_many([document(i) for i in range(60)])
     with embedding_api(dimensions=NEW_DIMENSIONS) as api:
         env = {"SYNCD_TEST_EMBED_KEY": api.api_key}
-
-        def config(path: str, **p: Any) -> Path:
-            return write_config(
-                tmp_path / path,
-                mongo_uri=mongo_uri,
-                chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
-                checkpoint_db=f"{db}_syncd",
-                pipelines=[pipeline_table("p", db, chroma_collection=coll, **p)],
-            )
-
-        old_cfg = config("old.toml", mapping={"text": "body", "metadata": list(METADATA)},
-                         embedder=EMBEDDER)  # fmt: skip
-        new_cfg = config(
-            "new.toml",
-            mapping={"text": "body", "metadata": list(NEW_METADATA)},
-            embedder={
-                "kind": "openai",
-                "base_url": api.base_url,
-                "model": "test-embed",
-                "dimensions": NEW_DIMENSIONS,
-                "api_key_env": "SYNCD_TEST_EMBED_KEY",
-                "timeout_s": 300,
-            },
-        )
-        daemon = syncd_factory(["run"], old_cfg, log_path=tmp_path / "old.log")
-        wait_caught_up(mongo_client, db, settings_of(old_cfg), "p", 90, "the first copy")
-        daemon.terminate()
-        assert daemon.wait(30) == ExitCode.OK, daemon.output()
+        old_cfg, new_cfg = _configs(
+            tmp_path, mongo_uri, chroma_server, db, coll, page=1000, lease=None,
+            new_embedder=remote_embedder(api, timeout_s=300),
+        )  # fmt: skip
+        copy_and_stop(syncd_factory, mongo_client, old_cfg, settings_of(old_cfg), db,
+                      log_path=tmp_path / "old.log")  # fmt: skip
         api.hold(0)
         rebuild = syncd_factory(["rebuild", "p", "--listen", listen], new_cfg, env)
         wait_until(lambda: api.held() > 0, 120, "the rebuild to embed")
-
-        def phase() -> float | None:
-            metrics = http_get(f"http://{listen}/metrics")[1]
-            return metric_sample(metrics, "syncd_rebuild_phase", pipeline="p", phase="snapshot")
-
-        assert wait_until(lambda: phase() == 1 or None, 30, "the snapshot phase on /metrics")
+        assert wait_until(
+            lambda: (
+                metric_at(listen, "syncd_rebuild_phase", pipeline="p", phase="snapshot") == 1
+                or None
+            ),
+            30,
+            "the snapshot phase on /metrics",
+        )
         api.release()
         assert rebuild.wait(180) == ExitCode.OK, rebuild.output()
     mongo_client.drop_database(db)

@@ -8,6 +8,7 @@ the fix is picked up without a restart, as the hint says."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +16,8 @@ import pytest
 from syncd.errors import ExitCode
 from tests.harness.daemon import run_syncd
 
-from .helpers import diff, wait_caught_up, wait_until
+from .helpers import copy_and_stop, diff, wait_caught_up, wait_until
+from .mirror import Mirror
 from .oracle import actual, document, embedded_by_the_api
 from .test_halts import _hinted_commands, _run_hinted, _set_pipeline_option
 
@@ -37,10 +39,8 @@ def test_a_daemon_that_refuses_to_rebuild_is_failed_in_status_until_its_hint_is_
                    on_mapping_change="rebuild")  # fmt: skip
     docs = mongo_client[old.db]["docs"]
     docs.insert_many([document(i) for i in range(30)])
-    daemon = syncd_factory(["run"], old.cfg, log_path=tmp_path / "old.log")
-    wait_caught_up(mongo_client, old.db, old.settings, "p", 90, "the first copy")
-    daemon.terminate()
-    assert daemon.wait(30) == ExitCode.OK, daemon.output()
+    copy_and_stop(syncd_factory, mongo_client, old.cfg, old.settings, old.db,
+                  log_path=tmp_path / "old.log")  # fmt: skip
     done = run_syncd(["rebuild", "p"], first.cfg, timeout=180)
     assert done.returncode == ExitCode.OK, done.stdout + done.stderr  # keeps NAME--v1
 
@@ -74,6 +74,19 @@ def test_a_daemon_that_refuses_to_rebuild_is_failed_in_status_until_its_hint_is_
     assert daemon.wait(30) == ExitCode.OK, daemon.output()
 
 
+def _copied_with_a_long_text(
+    tmp_path: Path, mongo_client: Any, syncd_factory: Any, old: Mirror, count: int
+) -> Any:
+    """`count` documents and one, `long`, whose text is over 30 characters, copied by
+    `syncd run` with `old`; returns their MongoDB collection."""
+    docs = mongo_client[old.db]["docs"]
+    long = dict(document("long"), body="a body far too long for the new mapping")
+    docs.insert_many([document(i) for i in range(count)] + [long])
+    copy_and_stop(syncd_factory, mongo_client, old.cfg, old.settings, old.db,
+                  log_path=tmp_path / "old.log")  # fmt: skip
+    return docs
+
+
 @pytest.mark.timeout(300)
 def test_a_halt_of_the_rebuild_shows_in_status_and_a_fix_is_picked_up_without_a_restart(
     tmp_path, mirror, mongo_client, syncd_factory
@@ -84,13 +97,7 @@ def test_a_halt_of_the_rebuild_shows_in_status_and_a_fix_is_picked_up_without_a_
     new = mirror("rbhalt", db=old.db, coll=old.coll, metadata=["title", "n"], embedder=HASHING,
                  mapping={"max_text_chars": 30}, on_mapping_change="rebuild",
                  halt_recheck_s=1, snapshot_batch_size=10)  # fmt: skip
-    docs = mongo_client[old.db]["docs"]
-    long = dict(document("long"), body="a body far too long for the new mapping")
-    docs.insert_many([document(i) for i in range(25)] + [long])
-    daemon = syncd_factory(["run"], old.cfg, log_path=tmp_path / "old.log")
-    wait_caught_up(mongo_client, old.db, old.settings, "p", 90, "the first copy")
-    daemon.terminate()
-    assert daemon.wait(30) == ExitCode.OK, daemon.output()
+    docs = _copied_with_a_long_text(tmp_path, mongo_client, syncd_factory, old, 25)
 
     daemon = syncd_factory(["run"], new.cfg, log_path=tmp_path / "new.log")
 
@@ -136,13 +143,7 @@ def test_a_halted_rebuild_sets_the_document_aside_under_dead_letter_as_its_hint_
     old = mirror("rbdead")
     new = mirror("rbdead", db=old.db, coll=old.coll, metadata=["title", "n"],
                  mapping={"max_text_chars": 30}, on_mapping_change="rebuild")  # fmt: skip
-    docs = mongo_client[old.db]["docs"]
-    long = dict(document("long"), body="a body far too long for the new mapping")
-    docs.insert_many([document(i) for i in range(20)] + [long])
-    daemon = syncd_factory(["run"], old.cfg, log_path=tmp_path / "old.log")
-    wait_caught_up(mongo_client, old.db, old.settings, "p", 90, "the first copy")
-    daemon.terminate()
-    assert daemon.wait(30) == ExitCode.OK, daemon.output()
+    docs = _copied_with_a_long_text(tmp_path, mongo_client, syncd_factory, old, 20)
 
     daemon = syncd_factory(["run"], new.cfg, log_path=tmp_path / "new.log")
     halt = wait_until(lambda: _status(new.cfg)[1].get("halt"), 120, "the rebuild's halt")

@@ -7,8 +7,10 @@ its pipeline in `/readyz` and the pipeline metrics: one entry, `rebuilding`, and
 from __future__ import annotations
 
 import json
-import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,34 +22,76 @@ from tests.harness.embedding_api import EmbeddingAPI, embedding_api
 from tests.harness.ports import free_port
 
 from .helpers import (
+    Poller,
+    copy_and_stop,
     diff,
     http_get,
     log_records,
-    metric_sample,
-    pipeline_table,
+    metric_at,
     settings_of,
     wait_caught_up,
     wait_until,
-    write_config,
 )
-from .oracle import EMBEDDER, METADATA, actual, document, embedded_by_the_api
-from .test_rebuild import NEW_DIMENSIONS, NEW_METADATA, assert_new_mapping, assert_switched
+from .mirror import Mirror
+from .oracle import actual, document, embedded_by_the_api
+from .test_rebuild import (
+    NEW_DIMENSIONS,
+    _configs,
+    assert_new_mapping,
+    assert_switched,
+    remote_embedder,
+)
 
-DOCS = 200  # one snapshot page (snapshot_batch_size = 1000)
+DOCS = 200
+PAGE = 1000  # snapshot_batch_size: the documents are one snapshot page
 PER_REQUEST = 10  # embedder.batch_size: the page takes 20 embedding requests
 
 
 def _remote(api: EmbeddingAPI) -> dict[str, Any]:
-    return {
-        "kind": "openai",
-        "base_url": api.base_url,
-        "model": "test-embed",
-        "dimensions": NEW_DIMENSIONS,
-        "api_key_env": "SYNCD_TEST_EMBED_KEY",
-        "batch_size": PER_REQUEST,
-        "embed_concurrency": 1,
-        "timeout_s": 300,  # held on purpose; an answer that late is not an outage
-    }
+    # timeout_s: held on purpose; an answer that late is not an outage
+    return remote_embedder(api, batch_size=PER_REQUEST, embed_concurrency=1, timeout_s=300)
+
+
+@dataclass
+class _Page:
+    """DOCS documents in `db.docs`, copied to `coll` with the old mapping; `new` rebuilds
+    them with the new one, embedding through `api` (its key in `env`)."""
+
+    db: str
+    coll: str
+    docs: Any
+    api: EmbeddingAPI
+    env: dict[str, str]
+    new: Path
+
+
+@contextmanager
+def _page_copied(
+    tmp_path: Path,
+    mongo_uri: str,
+    mongo_client: Any,
+    chroma_server: Any,
+    syncd_factory: Any,
+    prefix: str,
+    **options: Any,
+) -> Iterator[_Page]:
+    """One snapshot page copied by `syncd run` with the old mapping (`options` go to
+    `_configs`), the embedding API of the new one up while the block runs; the databases
+    are dropped after it."""
+    suffix = uuid.uuid4().hex[:8]
+    db, coll = f"{prefix}_{suffix}", f"{prefix}-{suffix}"
+    docs = mongo_client[db]["docs"]
+    docs.insert_many([document(i) for i in range(DOCS)])
+    with embedding_api(dimensions=NEW_DIMENSIONS) as api:
+        old, new = _configs(
+            tmp_path, mongo_uri, chroma_server, db, coll, page=PAGE, new_embedder=_remote(api),
+            **options,
+        )  # fmt: skip
+        copy_and_stop(syncd_factory, mongo_client, old, settings_of(old), db,
+                      log_path=tmp_path / "old.log")  # fmt: skip
+        yield _Page(db, coll, docs, api, {"SYNCD_TEST_EMBED_KEY": api.api_key}, new)
+    mongo_client.drop_database(db)
+    mongo_client.drop_database(f"{db}_syncd")
 
 
 def _status(cfg: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -61,27 +105,16 @@ def _within_the_page(value: float | None) -> bool:
 
 @pytest.mark.timeout(300)
 def test_check_says_that_run_rebuilds_a_changed_dimension(
-    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
+    tmp_path, mirror, mongo_client, chroma_server, syncd_factory
 ):
     suffix = uuid.uuid4().hex[:8]
     db, coll = f"chkrb_{suffix}", f"chkrb-{suffix}"
     docs = mongo_client[db]["docs"]
     docs.insert_many([document(i) for i in range(40)])
 
-    def config(path: str, dimensions: int, policy: str) -> Path:
-        return write_config(
-            tmp_path / path,
-            mongo_uri=mongo_uri,
-            chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
-            checkpoint_db=f"{db}_syncd",
-            pipelines=[
-                pipeline_table(
-                    "p", db, chroma_collection=coll, on_mapping_change=policy,
-                    mapping={"text": "body", "metadata": list(METADATA)},
-                    embedder={"kind": "hashing", "dimensions": dimensions},
-                )
-            ],
-        )  # fmt: skip
+    def config(dimensions: int, policy: str) -> Mirror:
+        return mirror("chkrb", db=db, coll=coll, lease=None, on_mapping_change=policy,
+                      embedder={"kind": "hashing", "dimensions": dimensions})  # fmt: skip
 
     def collection_line(cfg: Path) -> tuple[int, str]:
         done = run_syncd(["check"], cfg, timeout=90)
@@ -89,56 +122,51 @@ def test_check_says_that_run_rebuilds_a_changed_dimension(
         (line,) = [x for x in done.stdout.splitlines() if f"Chroma collection {coll}" in x]
         return done.returncode, line
 
-    old = config("old.toml", 32, "refuse")
-    daemon = syncd_factory(["run"], old, log_path=tmp_path / "old.log")
-    wait_caught_up(mongo_client, db, settings_of(old), "p", 90, "the first copy")
-    daemon.terminate()
-    assert daemon.wait(30) == ExitCode.OK, daemon.output()
+    old = config(32, "refuse")
+    copy_and_stop(syncd_factory, mongo_client, old.cfg, old.settings, db,
+                  log_path=tmp_path / "old.log")  # fmt: skip
 
     # Refusing a changed mapping, the collection of other vectors stays an error.
-    code, line = collection_line(config("refuse.toml", 64, "refuse"))
+    code, line = collection_line(config(64, "refuse").cfg)
     assert code == ExitCode.SINK, line
     assert line.startswith("FAIL") and "holds 32-dimensional vectors" in line, line
 
     # Rebuilding it, the live collection's vectors are no reason to refuse: `syncd run`
     # builds a new collection for the new ones.
-    new = config("new.toml", 64, "rebuild")
-    code, line = collection_line(new)
+    new = config(64, "rebuild")
+    code, line = collection_line(new.cfg)
     assert code == ExitCode.OK, line
     assert line.startswith("ok    ") and "32-dimensional vectors" in line, line
     assert "`syncd run` will rebuild the pipeline beside the live collection" in line, line
 
     # What the line says: `syncd run` rebuilds, and the stores converge.
-    daemon = syncd_factory(["run"], new, log_path=tmp_path / "new.log")
+    daemon = syncd_factory(["run"], new.cfg, log_path=tmp_path / "new.log")
     daemon.wait_for_output("rebuild of p switched", 180)
-    wait_caught_up(mongo_client, db, settings_of(new), "p", 90, "the new mapping to stream")
+    wait_caught_up(mongo_client, db, new.settings, "p", 90, "the new mapping to stream")
     live = chroma_server.client().get_collection(coll)
     problem = diff(embedded_by_the_api(docs.find(), dimensions=64), actual(live))
     assert not problem, problem
     daemon.terminate()
     assert daemon.wait(30) == ExitCode.OK, daemon.output()
-    code, line = collection_line(new)
+    code, line = collection_line(new.cfg)
     assert code == ExitCode.OK and "64-dimensional vectors" in line, line
     assert "will rebuild" not in line, line
-    mongo_client.drop_database(db)
-    mongo_client.drop_database(f"{db}_syncd")
 
 
-class _Watch:
+class _Watch(Poller):
     """Polls /readyz and /metrics: every pipeline name either answer carries."""
 
     def __init__(self, listen: str) -> None:
-        self.base = f"http://{listen}"
+        super().__init__()
+        self.listen, self.base = listen, f"http://{listen}"
         self.names: set[str] = set()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
 
     def readiness(self) -> tuple[int, dict[str, Any]]:
         status, body = http_get(f"{self.base}/readyz")
         return status, (json.loads(body) if body.startswith("{") else {})
 
     def metric(self, name: str, **labels: str) -> float | None:
-        return metric_sample(http_get(f"{self.base}/metrics")[1], name, **labels)
+        return metric_at(self.listen, name, **labels)
 
     def _run(self) -> None:
         while not self.stop.is_set():
@@ -151,58 +179,19 @@ class _Watch:
             }
             self.stop.wait(0.2)
 
-    def __enter__(self) -> _Watch:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        self.stop.set()
-        self.thread.join(10)
-
 
 @pytest.mark.timeout(400)
 def test_in_daemon_rebuild_progress_moves_within_a_page_and_its_outage_is_the_pipelines(
     tmp_path, mongo_uri, mongo_client, chroma_server_factory, syncd_factory
 ):
     chroma_server = chroma_server_factory()
-    suffix = uuid.uuid4().hex[:8]
-    db, coll = f"rbsurf_{suffix}", f"rbsurf-{suffix}"
     listen = f"127.0.0.1:{free_port()}"
-    docs = mongo_client[db]["docs"]
-    docs.insert_many([document(i) for i in range(DOCS)])
-    with embedding_api(dimensions=NEW_DIMENSIONS) as api:
-        env = {"SYNCD_TEST_EMBED_KEY": api.api_key}
-
-        def config(path: str, **p: Any) -> Path:
-            return write_config(
-                tmp_path / path,
-                mongo_uri=mongo_uri,
-                chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
-                checkpoint_db=f"{db}_syncd",
-                extra={
-                    "lease": {"ttl_s": 4, "renew_every_s": 1},
-                    "telemetry": {"listen": listen},
-                },
-                pipelines=[
-                    pipeline_table(
-                        "p", db, chroma_collection=coll, snapshot_batch_size=1000,
-                        retry_max_backoff_s=1, **p,
-                    )
-                ],
-            )  # fmt: skip
-
-        old = config("old.toml", mapping={"text": "body", "metadata": list(METADATA)},
-                     embedder=EMBEDDER)  # fmt: skip
-        new = config(
-            "new.toml",
-            on_mapping_change="rebuild",
-            mapping={"text": "body", "metadata": list(NEW_METADATA)},
-            embedder=_remote(api),
-        )
-        daemon = syncd_factory(["run"], old, log_path=tmp_path / "old.log")
-        wait_caught_up(mongo_client, db, settings_of(old), "p", 90, "the first copy")
-        daemon.terminate()
-        assert daemon.wait(30) == ExitCode.OK, daemon.output()
+    with _page_copied(
+        tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory, "rbsurf",
+        extra={"telemetry": {"listen": listen}}, on_mapping_change="rebuild",
+        retry_max_backoff_s=1,
+    ) as page:  # fmt: skip
+        db, coll, docs, api, env, new = page.db, page.coll, page.docs, page.api, page.env, page.new
         old_id = str(chroma_server.client().get_collection(coll).id)
 
         # The embedding service answers the sample that compares the embedders and a few
@@ -253,55 +242,29 @@ def test_in_daemon_rebuild_progress_moves_within_a_page_and_its_outage_is_the_pi
         assert_switched(chroma_server.client(), coll, old_id, docs)
         daemon.terminate()
         assert daemon.wait(30) == ExitCode.OK, daemon.output()
-    mongo_client.drop_database(db)
-    mongo_client.drop_database(f"{db}_syncd")
 
 
 @pytest.mark.timeout(400)
 def test_syncd_rebuild_and_syncd_snapshot_progress_move_within_a_page(
     tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
 ):
-    suffix = uuid.uuid4().hex[:8]
-    db, coll = f"rbprog_{suffix}", f"rbprog-{suffix}"
     listen = f"127.0.0.1:{free_port()}"
-    docs = mongo_client[db]["docs"]
-    docs.insert_many([document(i) for i in range(DOCS)])
-    with embedding_api(dimensions=NEW_DIMENSIONS) as api:
-        env = {"SYNCD_TEST_EMBED_KEY": api.api_key}
-
-        def config(path: str, **p: Any) -> Path:
-            return write_config(
-                tmp_path / path,
-                mongo_uri=mongo_uri,
-                chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
-                checkpoint_db=f"{db}_syncd",
-                extra={"log": {"progress_every_s": 0}},
-                pipelines=[
-                    pipeline_table("p", db, chroma_collection=coll, snapshot_batch_size=1000, **p)
-                ],
-            )
-
-        old = config("old.toml", mapping={"text": "body", "metadata": list(METADATA)},
-                     embedder=EMBEDDER)  # fmt: skip
-        new = config(
-            "new.toml",
-            mapping={"text": "body", "metadata": list(NEW_METADATA)},
-            embedder=_remote(api),
-        )
-        daemon = syncd_factory(["run"], old, log_path=tmp_path / "old.log")
-        wait_caught_up(mongo_client, db, settings_of(old), "p", 90, "the first copy")
-        daemon.terminate()
-        assert daemon.wait(30) == ExitCode.OK, daemon.output()
-
+    with _page_copied(
+        tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory, "rbprog",
+        lease=None, extra={"log": {"progress_every_s": 0}},
+    ) as page:  # fmt: skip
+        coll, docs, api, env, new = page.coll, page.docs, page.api, page.env, page.new
         api.hold(4)
         rebuild = syncd_factory(["rebuild", "p", "--listen", listen], new, env)
         wait_until(lambda: api.held() > 0, 120, "the rebuild to embed the page")
-
-        def scanned() -> float | None:
-            metrics = http_get(f"http://{listen}/metrics")[1]
-            return metric_sample(metrics, "syncd_rebuild_documents_scanned", pipeline="p")
-
-        wait_until(lambda: _within_the_page(scanned()) or None, 60, "progress within the page")
+        wait_until(
+            lambda: (
+                _within_the_page(metric_at(listen, "syncd_rebuild_documents_scanned", pipeline="p"))
+                or None
+            ),
+            60,
+            "progress within the page",
+        )
         assert api.held() > 0
         copied = _status(new, env)["rebuild"].get("snapshot_scanned")
         assert _within_the_page(copied), copied
@@ -316,5 +279,3 @@ def test_syncd_rebuild_and_syncd_snapshot_progress_move_within_a_page(
         assert done and done[-1] == DOCS, done
         assert any(_within_the_page(d) for d in done), done
         assert_new_mapping(chroma_server.client(), coll, docs)
-    mongo_client.drop_database(db)
-    mongo_client.drop_database(f"{db}_syncd")
