@@ -22,7 +22,12 @@ from .mirror import Mirror
 def test_every_json_command_into_a_closed_pipe_exits_quietly(
     mongo_client: Any, mirror: Callable[..., Mirror]
 ) -> None:
-    m = mirror("pipe", on_error="dead_letter", embedder={"kind": "hashing", "dimensions": 32})
+    # Long operations log their progress on stderr every log.progress_every_s (10 s by
+    # default), whatever stdout is: a repair slowed past that by a busy machine would
+    # write lines this test is not about. An hour keeps them out of every run, so an
+    # empty stderr means what it should: the closed pipe made syncd say nothing.
+    m = mirror("pipe", on_error="dead_letter", embedder={"kind": "hashing", "dimensions": 32},
+               extra={"log": {"progress_every_s": 3600}})  # fmt: skip
     db, cfg = m.db, m.cfg
     docs = mongo_client[db]["docs"]
     docs.insert_many([{"_id": i, "body": f"body {i}", "title": f"t{i}"} for i in range(30)])
