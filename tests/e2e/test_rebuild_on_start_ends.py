@@ -58,7 +58,9 @@ def test_a_daemon_that_refuses_to_rebuild_is_failed_in_status_until_its_hint_is_
 
     # The hint, as printed (its first command; the other one goes back instead).
     command = _hinted_commands(error["hint"])[0]
-    assert command == ["syncd", "rebuild", "p", "--drop-previous"], error["hint"]
+    assert command == ["syncd", "rebuild", "p", "--drop-previous", "--config", str(again.cfg)], (
+        error["hint"]
+    )
     done = _run_hinted(command, again.cfg)
     assert done.returncode == ExitCode.OK, done.stdout + done.stderr
     daemon = syncd_factory(["run"], again.cfg, log_path=tmp_path / "rebuilt.log")
