@@ -102,6 +102,7 @@ class Rebuilder:
         self.fingerprint = Mapper(ps).fingerprint
         self.beside = beside
         self.rebuilt_here = False  # this process began rebuilding (and said so in the status)
+        self.halted_here = False  # this process's build halted (see _halted)
 
     def run(self) -> bool:
         """Rebuild if needed; True once the pipeline may stream, False when stopped first.
@@ -168,19 +169,25 @@ class Rebuilder:
             halts.publish(self.runtime.store, self.ps.name, halt)
         except SyncdError as err:  # best effort, like any state recorded for `syncd status`
             log.warning("could not record the rebuild's halt: %s", err)
-        self.telemetry.set_state("halted", halt.error(self.ps.name))
+        # Halted through every try at the same document, until the build moves past it.
+        self.telemetry.halted_until_a_part_moves(halt.error(self.ps.name), "rebuilding")
+        self.halted_here = True
         return halt
 
     def _rebuild(self) -> int:
         name = self.ps.name
-        log.info(
-            'the mapping of %s changed and on_mapping_change = "rebuild": building its '
-            "collection beside the live one, which serves unchanged until the switch",
-            name,
-            extra={"pipeline": name},
-        )
-        self.telemetry.set_state("rebuilding")
-        self._publish("rebuilding")
+        held = self.halted_here and rebuild_halts.build_halt(self.runtime.store, name) is not None
+        if not held:
+            # (A try again at the document the build halted at stays halted, and says
+            # nothing new; the build moving past it, or starting over, reports rebuilding.)
+            log.info(
+                'the mapping of %s changed and on_mapping_change = "rebuild": building its '
+                "collection beside the live one, which serves unchanged until the switch",
+                name,
+                extra={"pipeline": name},
+            )
+            self.telemetry.set_state("rebuilding")
+        self._publish("rebuilding")  # `syncd status` shows the halt while it holds
         self.rebuilt_here = True
         # The build reports as a part of this pipeline (its outages make it retrying),
         # not as a pipeline of its own: see Telemetry.part.

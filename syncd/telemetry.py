@@ -96,6 +96,8 @@ class PipelineTelemetry:
         self._state = "starting"
         self._reason: str | None = None
         self._before_retry = "streaming"
+        self._after_halt: str | None = None  # see halted_until_a_part_moves
+        self._part_scanned: int | None = None  # a part's snapshot: documents scanned
         self._attempts = 0
         self._repeats: dict[str, tuple[float, int]] = {}  # error message -> (logged at, since)
         self._last_beat = time.monotonic()
@@ -246,7 +248,13 @@ class PipelineTelemetry:
 
     def snapshot_progress(self, scanned: int, estimated_total: int | None) -> None:
         if self._part_of is not None:
-            self._part_of.recovered()  # a page written: whatever failed works again
+            # A page written: whatever failed works again. (The report a snapshot makes
+            # as it starts, or continues, writes nothing: not past a halt yet.)
+            started, self._part_scanned = self._part_scanned, scanned
+            if started is not None and scanned > started:
+                self._part_of.part_moved()
+            else:
+                self._part_of.recovered()
             return  # the rebuild's own progress series say it (syncd.rebuild_metrics)
         self._metrics.snapshot_scanned.labels(self.name).set(scanned)
         if estimated_total is not None:
@@ -255,7 +263,7 @@ class PipelineTelemetry:
     def checkpointed(self, cluster_time: bson.Timestamp | None) -> None:
         if self._part_of is not None:
             # Not the pipeline's checkpoint: that one stays where the live collection is.
-            self._part_of.recovered()
+            self._part_of.part_moved()
             return
         if cluster_time is not None:
             self._metrics.checkpoint_ts.labels(self.name).set(cluster_time.time)
@@ -312,7 +320,8 @@ class PipelineTelemetry:
         self._metrics.retries.labels(self._label, kind).inc()
         with self._lock:
             if self._state != "retrying":
-                self._before_retry = self._state if self._state in _READY_STATES else "streaming"
+                before = self._after_halt if self._state == "halted" else self._state
+                self._before_retry = before if before in _READY_STATES else "streaming"
                 self._state = "retrying"
             self._reason = message
             self._attempts += 1
@@ -327,6 +336,23 @@ class PipelineTelemetry:
             extra={"pipeline": self.name, "attempt": attempt, "delay_s": round(delay, 3)},
         )  # fmt: skip
 
+    def halted_until_a_part_moves(self, error: BaseException, then: str) -> None:
+        """Halted, while a part of this pipeline (a rebuild's build) tries again from
+        where it halted: the pipeline stays ``halted`` through each try, and reports
+        ``then`` once the part writes again (it moved past what halted it)."""
+        self.set_state("halted", error)
+        with self._lock:
+            self._after_halt = then
+
+    def part_moved(self) -> None:
+        """A part of this pipeline wrote (a page, a checkpoint): whatever failed works
+        again, and a halt it was tried again from is behind it."""
+        with self._lock:
+            then = self._after_halt if self._state == "halted" else None
+        if then is not None:
+            self.set_state(then)
+        self.recovered()
+
     def recovered(self) -> None:
         if self._part_of is not None:
             self._part_of.recovered()
@@ -336,6 +362,7 @@ class PipelineTelemetry:
                 return
             attempts, self._attempts = self._attempts, 0
             self._state, self._reason = self._before_retry, None
+            self._after_halt = None
             self._repeats.clear()
         self._show_state()
         log.info(
@@ -351,6 +378,7 @@ class PipelineTelemetry:
             if state == "retrying" and previous != "retrying":
                 self._before_retry = previous if previous in _READY_STATES else "streaming"
             self._state = state
+            self._after_halt = None
             self._reason = redact_text(f"{type(error).__name__}: {error}") if error else None
             if state != "retrying":
                 self._attempts = 0

@@ -15,8 +15,17 @@ import pytest
 
 from syncd.errors import ExitCode
 from tests.harness.daemon import run_syncd
+from tests.harness.ports import free_port
 
-from .helpers import copy_and_stop, diff, wait_caught_up, wait_until
+from .helpers import (
+    Poller,
+    copy_and_stop,
+    diff,
+    http_get,
+    metric_sample,
+    wait_caught_up,
+    wait_until,
+)
 from .mirror import Mirror
 from .oracle import actual, document, embedded_by_the_api
 from .test_halts import _hinted_commands, _run_hinted, _set_pipeline_option
@@ -134,6 +143,70 @@ def test_a_halt_of_the_rebuild_shows_in_status_and_a_fix_is_picked_up_without_a_
     assert not problem, problem
     code, row = _status(new.cfg)
     assert code == ExitCode.OK and row["state"] == "streaming" and "halt" not in row, row
+    daemon.terminate()
+    assert daemon.wait(30) == ExitCode.OK, daemon.output()
+
+
+def _readiness(listen: str) -> tuple[int, str | None, float | None]:
+    """/readyz's status, the state it gives for `p`, and `syncd_pipeline_state` for
+    `p` halted."""
+    status, body = http_get(f"http://{listen}/readyz")
+    try:
+        state = (json.loads(body).get("pipelines") or {}).get("p", {}).get("state")
+    except ValueError:
+        state = None
+    metrics = http_get(f"http://{listen}/metrics")[1]
+    return status, state, metric_sample(metrics, "syncd_pipeline_state", pipeline="p",
+                                        state="halted")  # fmt: skip
+
+
+class _Readiness(Poller):
+    """Every /readyz answer (status, `p`'s state, the halted state series) while it runs."""
+
+    def __init__(self, listen: str) -> None:
+        super().__init__()
+        self.listen = listen
+        self.samples: list[tuple[int, str | None, float | None]] = []
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.samples.append(_readiness(self.listen))
+            self.stop.wait(0.05)
+
+
+@pytest.mark.timeout(300)
+def test_a_halted_rebuild_stays_halted_and_not_ready_through_every_try_until_the_fix(
+    tmp_path, mirror, mongo_client, syncd_factory
+):
+    listen = f"127.0.0.1:{free_port()}"
+    old = mirror("rbflap", embedder=HASHING)
+    new = mirror("rbflap", db=old.db, coll=old.coll, metadata=["title", "n"], embedder=HASHING,
+                 mapping={"max_text_chars": 30}, on_mapping_change="rebuild",
+                 halt_recheck_s=2, snapshot_batch_size=10,
+                 extra={"telemetry": {"listen": listen}})  # fmt: skip
+    docs = _copied_with_a_long_text(tmp_path, mongo_client, syncd_factory, old, 25)
+
+    daemon = syncd_factory(["run"], new.cfg, log_path=tmp_path / "new.log")
+    wait_until(lambda: _readiness(listen)[1] == "halted", 120, "/readyz to say p halted")
+    tries = daemon.output().count("the rebuild halted")
+    with _Readiness(listen) as probe:
+        # Through at least two tries again at the same document.
+        wait_until(lambda: daemon.output().count("the rebuild halted") >= tries + 2, 60,
+                   "two more tries of the halted rebuild")  # fmt: skip
+    assert probe.samples, "no /readyz answer"
+    flaps = [s for s in probe.samples if s != (503, "halted", 1.0)]
+    assert not flaps, f"{len(flaps)} of {len(probe.samples)} answers not halted: {flaps[:5]}"
+    assert daemon.output().count("building its collection beside") == 1, daemon.output()
+
+    # Fixed in MongoDB: the next try moves past it, ready again, and the switch.
+    docs.update_one({"_id": "long"}, {"$set": {"body": "short now"}})
+    daemon.wait_for_output("rebuild of p switched", 120)
+    wait_until(lambda: _readiness(listen)[0] == 200, 30, "/readyz to answer 200")
+    wait_caught_up(mongo_client, old.db, new.settings, "p", 90, "the new mapping to stream")
+    want = embedded_by_the_api(docs.find(), dimensions=32, metadata_fields=["title", "n"])
+    problem = diff(want, actual(new.collection()))
+    assert not problem, problem
+    assert _readiness(listen)[:2] == (200, "streaming")
     daemon.terminate()
     assert daemon.wait(30) == ExitCode.OK, daemon.output()
 
