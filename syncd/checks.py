@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from syncd import chroma_install
+from syncd import chroma_install, switching
 from syncd.autorebuild import needs_rebuild
 from syncd.checkpoint import FileCheckpointStore
 from syncd.config import PipelineSettings, Settings
@@ -76,6 +76,10 @@ def _pipeline_checks(runtime: Runtime, ps: PipelineSettings) -> Iterator[Result]
         return
     try:
         rebuilding = _will_rebuild(runtime, ps)
+    except ConfigError as exc:  # `syncd run` would refuse to rebuild: the same refusal
+        yield line, exc
+        return
+    try:
         state = _compare_collection(runtime, ps, None if rebuilding else size, rebuilding)
         if rebuilding:
             state += (
@@ -90,13 +94,19 @@ def _pipeline_checks(runtime: Runtime, ps: PipelineSettings) -> Iterator[Result]
 def _will_rebuild(runtime: Runtime, ps: PipelineSettings) -> bool:
     """Whether `syncd run` rebuilds the pipeline beside its collection before it streams:
     the new collection is made for this mapping's vectors, so the live one's distance and
-    vector size are no reason to refuse."""
+    vector size are no reason to refuse. Raises the ConfigError `syncd run` stops with
+    when it may not rebuild (the previous collection of the last rebuild is still kept)."""
     if ps.on_mapping_change != "rebuild":
         return False
     try:
-        return needs_rebuild(runtime.store, ps.name, Mapper(ps).fingerprint)
+        needed = needs_rebuild(runtime.store, ps.name, Mapper(ps).fingerprint)
+        record = switching.load_record(runtime.store, ps.name) if needed else {}
     except SyncdError:
         return False  # the checkpoint store's own check reports why it cannot be read
+    refusal = switching.kept_previous(record, ps.name)
+    if refusal is not None:
+        raise refusal
+    return needed
 
 
 def _chroma_created(runtime: Runtime) -> bool:

@@ -178,16 +178,9 @@ class _Rebuild:
             if live.fingerprint == self.fingerprint:
                 self.say(f"nothing to rebuild: {self.name}'s collection has this mapping already")
                 return ExitCode.OK
-            previous = record.get("previous")
-            if previous:
-                raise ConfigError(
-                    f"the previous collection {previous['name']!r} of {self.name} is still "
-                    "kept from the last rebuild",
-                    hint=f"run `{hints.command('rebuild', self.name, '--drop-previous')}` "
-                    "first (or "
-                    f"`{hints.command('rebuild', self.name, '--rollback')}` to go back to it)",
-                    pipeline=self.name,
-                )
+            refusal = switching.kept_previous(record, self.name)
+            if refusal is not None:
+                raise refusal
             generation = int(record.get("generation", 1))
             record = {
                 "state": "building",

@@ -37,7 +37,13 @@ from typing import Any
 from syncd import hints
 from syncd.checkpoint import Checkpoint, CheckpointStore
 from syncd.deadletter import DeadLetterStore
-from syncd.errors import MappingSwitchedError, SinkLostError, SyncdError, from_sink
+from syncd.errors import (
+    ConfigError,
+    MappingSwitchedError,
+    SinkLostError,
+    SyncdError,
+    from_sink,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +82,22 @@ def versioned(collection: str, generation: int) -> str:
 def load_record(store: CheckpointStore, pipeline: str) -> dict[str, Any]:
     cp = store.load(record_name(pipeline))
     return dict(cp.rebuild or {}) if cp is not None else {}
+
+
+def kept_previous(record: Mapping[str, Any], pipeline: str) -> ConfigError | None:
+    """Why a new rebuild of ``pipeline`` (its rebuild's record ``record``) may not begin:
+    the previous collection of the last one is still kept, for a rollback. None when it
+    may, or when one is under way (building or switching: continued, not begun)."""
+    previous = record.get("previous")
+    if record.get("state") in ("building", "switching") or not previous:
+        return None
+    return ConfigError(
+        f"the previous collection {previous['name']!r} of {pipeline} is still kept from the "
+        "last rebuild",
+        hint=f"run `{hints.command('rebuild', pipeline, '--drop-previous')}` first (or "
+        f"`{hints.command('rebuild', pipeline, '--rollback')}` to go back to it)",
+        pipeline=pipeline,
+    )
 
 
 def save_record(store: CheckpointStore, pipeline: str, record: Mapping[str, Any]) -> None:

@@ -33,7 +33,8 @@ def register(verbs: Any) -> None:
         "none). An embedded Chroma directory that does not exist yet is reported, not created. "
         'A pipeline whose mapping changed under on_mapping_change = "rebuild" is not held '
         "against the live collection's distance and vector size: its line says that `syncd "
-        "run` will rebuild it beside the live collection.",
+        "run` will rebuild it beside the live collection, or it fails (exit 2) when `syncd "
+        "run` would refuse to, the previous collection of the last rebuild being still kept.",
     )
     add_config_options(parser)
     parser.add_argument("--offline", action="store_true", help="validate the config only")

@@ -34,6 +34,7 @@ from .helpers import (
 )
 from .mirror import Mirror
 from .oracle import actual, document, embedded_by_the_api
+from .test_halts import _hinted_commands, _run_hinted
 from .test_rebuild import (
     NEW_DIMENSIONS,
     _configs,
@@ -41,6 +42,7 @@ from .test_rebuild import (
     assert_switched,
     remote_embedder,
 )
+from .test_rebuild_on_start_ends import HASHING
 
 DOCS = 200
 PAGE = 1000  # snapshot_batch_size: the documents are one snapshot page
@@ -151,6 +153,52 @@ def test_check_says_that_run_rebuilds_a_changed_dimension(
     code, line = collection_line(new.cfg)
     assert code == ExitCode.OK and "64-dimensional vectors" in line, line
     assert "will rebuild" not in line, line
+
+
+def test_check_refuses_as_run_does_while_the_previous_collection_is_still_kept(
+    tmp_path, mirror, mongo_client, syncd_factory
+):
+    old = mirror("chkkept", embedder=HASHING)
+    first = mirror("chkkept", db=old.db, coll=old.coll, metadata=["title", "n"],
+                   embedder=HASHING)  # fmt: skip
+    again = mirror("chkkept", db=old.db, coll=old.coll, metadata=["title"],
+                   embedder=HASHING, on_mapping_change="rebuild")  # fmt: skip
+    docs = mongo_client[old.db]["docs"]
+    docs.insert_many([document(i) for i in range(30)])
+    copy_and_stop(syncd_factory, mongo_client, old.cfg, old.settings, old.db,
+                  log_path=tmp_path / "old.log")  # fmt: skip
+    done = run_syncd(["rebuild", "p"], first.cfg, timeout=180)
+    assert done.returncode == ExitCode.OK, done.stdout + done.stderr  # keeps the previous
+
+    # The mapping changed again: `syncd run` would refuse, and so does the check.
+    done = run_syncd(["check"], again.cfg, timeout=90)
+    assert "Traceback" not in done.stdout + done.stderr, done.stderr
+    assert done.returncode == ExitCode.CONFIG, done.stdout
+    (line,) = [x for x in done.stdout.splitlines() if f"Chroma collection {old.coll}" in x]
+    assert line.startswith("FAIL") and "is still kept from the last rebuild" in line, line
+    assert "will rebuild" not in line, line
+    daemon = syncd_factory(["run"], again.cfg, log_path=tmp_path / "refused.log")
+    assert daemon.wait(60) == ExitCode.CONFIG, daemon.output()
+    assert "is still kept" in daemon.output()
+
+    # The hint, as the check printed it (its first command; the other one goes back).
+    command = _hinted_commands(line)[0]
+    assert command == ["syncd", "rebuild", "p", "--drop-previous", "--config", str(again.cfg)]
+    done = _run_hinted(command, again.cfg)
+    assert done.returncode == ExitCode.OK, done.stdout + done.stderr
+    done = run_syncd(["check"], again.cfg, timeout=90)
+    assert done.returncode == ExitCode.OK, done.stdout
+    assert "`syncd run` will rebuild the pipeline beside the live collection" in done.stdout
+
+    # What the check says now: `syncd run` rebuilds, and the stores converge.
+    daemon = syncd_factory(["run"], again.cfg, log_path=tmp_path / "rebuilt.log")
+    daemon.wait_for_output("rebuild of p switched", 180)
+    wait_caught_up(mongo_client, old.db, again.settings, "p", 90, "the new mapping to stream")
+    want = embedded_by_the_api(docs.find(), dimensions=32, metadata_fields=["title"])
+    problem = diff(want, actual(again.collection()))
+    assert not problem, problem
+    daemon.terminate()
+    assert daemon.wait(30) == ExitCode.OK, daemon.output()
 
 
 class _Watch(Poller):
