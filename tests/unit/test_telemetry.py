@@ -19,7 +19,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from syncd import __version__
 from syncd.config import Settings
-from syncd.errors import ConfigError, TransientError
+from syncd.errors import ConfigError, HaltedError, TransientError
 from syncd.telemetry import ChangeEventInfo, PipelineTelemetry, Telemetry
 from syncd.tracing import http_traces_url, span_exporters, tracer_provider
 
@@ -378,6 +378,38 @@ def test_a_rebuilds_build_is_a_part_of_its_pipeline_not_a_pipeline_of_its_own(te
     assert value("syncd_pipeline_state", {"pipeline": "articles", "state": "rebuilding"}) == 1
     exposition = tel.metrics_exposition(None)[0].decode()
     assert "articles~rebuild" not in exposition
+
+
+def test_a_halted_rebuild_stays_halted_through_a_try_until_its_build_moves_on(telemetry):
+    tel, _ = telemetry
+    live = tel.pipeline("articles")
+    value = tel.registry.get_sample_value
+    live.set_state("rebuilding")
+    live.halted_until_a_part_moves(HaltedError("over max_text_chars"), "rebuilding")
+    # A try again: the build starts at the page it halted in, and writes nothing yet.
+    build = tel.part(live, "articles~rebuild")
+    build.set_state("snapshotting")
+    build.snapshot_progress(100, 300)
+    ready, report = tel.readiness_report()
+    assert not ready and report["pipelines"]["articles"]["state"] == "halted", report
+    assert value("syncd_pipeline_state", {"pipeline": "articles", "state": "halted"}) == 1
+    # An outage meanwhile, then a page written: past the halt, rebuilding again.
+    build.retrying(TransientError("Chroma unavailable"), attempt=1, delay=0.5)
+    assert report_state(tel) == "retrying"
+    build.snapshot_progress(110, 300)
+    assert report_state(tel) == "rebuilding" and tel.readiness_report()[0]
+    # Halted again, and a checkpoint of the build (a streamed change applied) moves it on.
+    live.halted_until_a_part_moves(HaltedError("over max_text_chars"), "rebuilding")
+    build.checkpointed(bson.Timestamp(1, 1))
+    assert report_state(tel) == "rebuilding"
+    # A pipeline's own halt is not lifted by a part.
+    live.set_state("halted", HaltedError("its own"))
+    build.snapshot_progress(120, 300)
+    assert report_state(tel) == "halted"
+
+
+def report_state(tel: Telemetry) -> str:
+    return str(tel.readiness_report()[1]["pipelines"]["articles"]["state"])
 
 
 def test_repeated_retry_errors_are_logged_once_per_interval_with_a_count(tmp_path, caplog):
