@@ -82,7 +82,12 @@ class Progress:
         if cp is None:
             return self._first_run()
         # A rebuild switching (or having switched) the collection: wait, never write.
-        switching.check_start(self.store, self.settings.name, self.fingerprint, cp)
+        # Under on_mapping_change = "rebuild", a mismatch found here (not at the start,
+        # where the worker rebuilds first) waits too: never the refusal below.
+        rebuilds = self.settings.on_mapping_change == "rebuild" and not self.resync
+        switching.check_start(
+            self.store, self.settings.name, self.fingerprint, cp, rebuilds=rebuilds
+        )
         if cp.fingerprint != self.fingerprint:
             if not self.resync:
                 raise FingerprintMismatchError(

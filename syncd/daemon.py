@@ -141,6 +141,11 @@ class Daemon:
         self.failed = threading.Event()
         self.notifier = SystemdNotifier()
         self._leases: LeaseManager | None = None
+        # Pipelines this process has started with its mapping (past any rebuild): it
+        # never rebuilds them again while it runs. One switched away from its mapping
+        # meanwhile (another process's rebuild, a rollback) is waited for, not rebuilt
+        # back, whoever holds its lease next (see switching.check_start).
+        self._started: set[str] = set()
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -241,6 +246,9 @@ class Daemon:
         if ps.on_mapping_change == "rebuild" and not self.resync:  # --resync: in place
 
             def prepare(worker: Worker) -> bool:
+                if ps.name in self._started:
+                    return True  # taken again after a fence: no rebuild (see _started)
+
                 def beat() -> None:
                     worker.beat()
                     telemetry.heartbeat()
@@ -255,7 +263,10 @@ class Daemon:
                     beside=beside,
                 )
                 # Beside another process, stream only once the switch took its lease.
-                return rebuilder.run() and "epoch" in held if beside else rebuilder.run()
+                ready = rebuilder.run() and "epoch" in held if beside else rebuilder.run()
+                if ready:
+                    self._started.add(ps.name)
+                return ready
 
         return Worker(ps, build, telemetry, self.failed, leased=leases is not None, prepare=prepare)
 
@@ -264,6 +275,8 @@ class Daemon:
         process, if its mapping changed and ``on_mapping_change = "rebuild"``."""
         if self.stop.is_set() or ps.on_mapping_change != "rebuild" or self.resync:
             return None
+        if ps.name in self._started:
+            return None  # streamed here with this mapping already: never rebuilt back
         try:
             if not needs_rebuild(runtime.store, ps.name, Mapper(ps).fingerprint):
                 return None

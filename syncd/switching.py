@@ -120,13 +120,25 @@ def position_of(cp: Checkpoint) -> dict[str, Any]:
 # --- what a daemon does about it ------------------------------------------------------
 
 
-def check_start(store: CheckpointStore, pipeline: str, fingerprint: str, cp: Checkpoint) -> None:
+def check_start(
+    store: CheckpointStore,
+    pipeline: str,
+    fingerprint: str,
+    cp: Checkpoint,
+    *,
+    rebuilds: bool = False,
+) -> None:
     """Raise MappingSwitchedError when the pipeline must not stream with ``fingerprint``.
 
     * a switch is in progress (a crashed `syncd rebuild`): wait until it is completed;
     * the checkpoint has another mapping than this process, and a rebuild switched the
       pipeline to that mapping (this process runs the old configuration), or a rebuild
-      to this process's mapping is under way (this process runs the new one early).
+      to this process's mapping is under way (this process runs the new one early);
+    * ``rebuilds`` (``on_mapping_change = "rebuild"``): the checkpoint has another
+      mapping than this process, and another build (to a third mapping) holds the
+      pipeline's ``~rebuild``: one build at a time, this process waits for it; or the
+      checkpoint was written with another mapping since this process started it, and
+      a running pipeline does not rebuild by itself (only a start does).
 
     Transient: the pipeline writes nothing, reports not ready with the reason, and
     starts by itself once the checkpoint matches (after a restart with the other
@@ -134,6 +146,8 @@ def check_start(store: CheckpointStore, pipeline: str, fingerprint: str, cp: Che
     """
     record = load_record(store, pipeline)
     if not record:
+        if rebuilds and cp.fingerprint != fingerprint:
+            raise _changed_under(pipeline)
         return
     if record.get("state") == "switching":
         raise MappingSwitchedError(
@@ -148,9 +162,8 @@ def check_start(store: CheckpointStore, pipeline: str, fingerprint: str, cp: Che
         raise MappingSwitchedError(
             "the pipeline was rebuilt with another mapping than this process's "
             "configuration; not writing the old mapping into the new collection",
-            hint="restart syncd with the configuration the rebuild used (or run "
-            f"`{hints.command('rebuild', pipeline, '--rollback')}` to go back to the previous "
-            "collection)",
+            hint="restart syncd with the configuration the rebuild used"
+            + _rollback_hint(pipeline, record.get("previous")),
             pipeline=pipeline,
         )
     if record.get("state") == "building" and record.get("fingerprint") == fingerprint:
@@ -161,6 +174,42 @@ def check_start(store: CheckpointStore, pipeline: str, fingerprint: str, cp: Che
             "shows its progress",
             pipeline=pipeline,
         )
+    if not rebuilds:
+        return
+    if record.get("state") == "building":
+        raise MappingSwitchedError(
+            f"another rebuild of this pipeline, to a mapping other than this process's, is "
+            f"under way (its build {build_name(pipeline)!r} into {record.get('target')!r}); "
+            "waiting for it, one build at a time",
+            hint=f"`{hints.command('status')}` shows its progress; once it has switched, "
+            "restart syncd with the configuration it used",
+            pipeline=pipeline,
+        )
+    raise _changed_under(pipeline)
+
+
+def _changed_under(pipeline: str) -> MappingSwitchedError:
+    """The checkpoint was written with another mapping while this process (with
+    ``on_mapping_change = "rebuild"``) streamed the pipeline: it writes nothing."""
+    return MappingSwitchedError(
+        "the pipeline's records were written with another mapping than this process's "
+        "since it started; not writing this mapping into them",
+        hint="restart syncd with the configuration those records were written with (a "
+        'start with this one and on_mapping_change = "rebuild" rebuilds the pipeline to '
+        "this mapping)",
+        pipeline=pipeline,
+    )
+
+
+def _rollback_hint(pipeline: str, previous: Mapping[str, Any] | None) -> str:
+    """How to go back, if the previous collection is kept: after `--drop-previous` it
+    is gone, and there is nothing to roll back to."""
+    if not previous:
+        return ""
+    return (
+        f" (or run `{hints.command('rebuild', pipeline, '--rollback')}` to go back to the "
+        f"previous collection {previous.get('name')!r})"
+    )
 
 
 # --- the switch -------------------------------------------------------------------------
