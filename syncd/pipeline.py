@@ -156,6 +156,7 @@ class Pipeline:
         waits = backoff_waits(self.settings.retry_max_backoff_s)
         failing_since: float | None = None
         attempt = 0
+        shown: tuple[str, str, str | None] | None = None  # the error `syncd status` shows
         while not self.stop.is_set():
             try:
                 self._run_once()
@@ -170,8 +171,12 @@ class Pipeline:
                 delay = exc.retry_after or next(waits)
                 self._retrying = True
                 self.telemetry.retrying(exc, attempt, delay)
-                if attempt == 1:
+                # Once per outage, and again when the error changes (a wait whose
+                # reason or hint changed, such as a rebuild's): the status says the latest.
+                error = (type(exc).__name__, str(exc), exc.hint)
+                if attempt == 1 or error != shown:
                     self.progress.publish("retrying", exc)
+                    shown = error
                 self.source.close()
                 self.stop.wait(delay)
             except HistoryLostError as exc:
