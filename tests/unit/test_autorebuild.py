@@ -18,10 +18,11 @@ from syncd.errors import (
     ConfigError,
     ExitCode,
     LeaseLostError,
+    MappingSwitchedError,
     SinkFatalError,
     SinkUnavailableError,
 )
-from syncd.switching import save_record
+from syncd.switching import check_start, save_record
 
 
 def _store(tmp_path: Path, fingerprint: str) -> FileCheckpointStore:
@@ -55,6 +56,32 @@ def test_the_mapping_a_rebuild_switched_away_from_is_not_built_back(tmp_path: Pa
     assert not needs_rebuild(store, "p", "old")
     save_record(store, "p", {"state": "switched", "fingerprint": "new", "previous": None})
     assert needs_rebuild(store, "p", "old")  # dropped: a deliberate change back
+
+
+def test_a_process_switched_away_waits_for_another_build_and_offers_no_lost_rollback(
+    tmp_path: Path,
+) -> None:
+    """Under on_mapping_change = "rebuild", a pipeline whose checkpoint has another
+    mapping waits (transient) while another build is under way, never the refusal; its
+    hint offers --rollback only while a previous collection is kept."""
+    store = _store(tmp_path, "b")
+    live = store.load("p")
+    assert live is not None
+    previous = {"name": "c--v1", "id": "x", "generation": 1, "position": {"fingerprint": "a"}}
+    save_record(store, "p", {"state": "switched", "fingerprint": "b", "previous": previous})
+    with pytest.raises(MappingSwitchedError) as kept:
+        check_start(store, "p", "a", live, rebuilds=True)
+    assert "--rollback" in (kept.value.hint or "")
+    save_record(store, "p", {"state": "switched", "fingerprint": "b", "previous": None})
+    with pytest.raises(MappingSwitchedError) as dropped:
+        check_start(store, "p", "a", live, rebuilds=True)
+    assert "--rollback" not in (dropped.value.hint or "")
+    building = {"state": "building", "fingerprint": "d", "target": "c--v3", "previous": None}
+    save_record(store, "p", building)
+    with pytest.raises(MappingSwitchedError) as waits:
+        check_start(store, "p", "a", live, rebuilds=True)
+    assert "p~rebuild" in waits.value.message and "snapshot" not in (waits.value.hint or "")
+    check_start(store, "p", "a", live)  # under "refuse": the caller refuses (exit 2)
 
 
 # --- however the rebuild of a daemon ends, `syncd status` says so -------------------
