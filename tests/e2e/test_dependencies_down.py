@@ -235,8 +235,7 @@ def test_mongodb_down_at_start_is_retried_until_it_answers(
         wait_until(
             lambda: (
                 _readiness(listen)[1]
-                .get("not_ready", {})
-                .get("", "")
+                .get("reason", "")
                 .startswith("cannot read the leases: MongoDB unavailable")
             ),
             30,
@@ -285,7 +284,7 @@ def test_mongodb_down_past_the_retry_deadline_at_start_stops_with_a_hint_that_wo
     server.start()  # the cause, fixed
     try:
         (command,) = hinted(output)
-        assert command == "syncd run", command
+        assert command == f"syncd run --config {cfg}", command
         again = syncd_factory(["run"], cfg)
         wait_caught_up(client, db, settings_of(cfg), "dn", 90, "the run after the outage")
         _converged(client, chroma_server, db, coll)

@@ -202,7 +202,7 @@ def test_a_poison_document_halts_only_its_pipeline_until_it_is_fixed(
     assert halt["error_class"] == "MappingError"
     assert "not text" in halt["reason"] or "string" in halt["reason"], halt["reason"]
     assert halt["token"] == cp.token
-    assert "`syncd resume p`" in halt["hint"]
+    assert f"`syncd resume p --config {cfg}`" in halt["hint"], halt["hint"]
     chroma = chroma_server.client()
     assert set(_actual(chroma, f"{db}-p")) == {"s:a"}, "nothing after the poison is written"
 
@@ -307,7 +307,7 @@ def test_a_halt_holds_across_replicas_and_restarts_until_resumed(
     # The runbook: fix the document, then exactly the command the hint names.
     p.update_one({"_id": "bad"}, {"$set": {"body": "fixed"}})
     commands = _hinted_commands(hint)
-    assert commands == [["syncd", "resume", "p"]], hint
+    assert commands == [["syncd", "resume", "p", "--config", str(cfg)]], hint
     for command in commands:
         done = _run_hinted(command, cfg)
         assert done.returncode == 0, done.stdout + done.stderr

@@ -241,7 +241,8 @@ def test_a_rebuilds_own_records_are_labelled_and_cannot_be_moved(mirror, mongo_c
     assert entries["p~rebuild"]["rebuild_of"] == "p" and entries["p"]["rebuild_of"] is None
     text = run_syncd(["tokens", "show"], m.cfg, timeout=60)
     assert "p~switch" not in text.stdout, text.stdout
-    assert "not a pipeline: the new collection `syncd rebuild p` builds" in text.stdout
+    built_by = f"`syncd rebuild p --config {m.cfg}` builds"
+    assert f"not a pipeline: the new collection {built_by}" in text.stdout, text.stdout
 
     at = "2024-01-01T00:00:00Z"
     for args in (
@@ -255,7 +256,7 @@ def test_a_rebuilds_own_records_are_labelled_and_cannot_be_moved(mirror, mongo_c
         assert refused.returncode == 2, (args, refused.stdout, refused.stderr)
         lines = refused.stderr.strip().splitlines()
         assert len(lines) == 1 and "for pipeline 'p', not a pipeline" in lines[0], lines
-        assert "`syncd rebuild p`" in lines[0], lines
+        assert f"`syncd rebuild p --config {m.cfg}`" in lines[0], lines
     after = store.load("p~rebuild")
     assert after is not None and after.start_at == build.start_at
     assert switching.load_record(store, "p")["state"] == "building"
