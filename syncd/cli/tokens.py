@@ -199,6 +199,7 @@ def _set(args: argparse.Namespace) -> int:
     from syncd import positions
     from syncd.exclusive import ensure_free
 
+    hints.use_config(args.config)  # the refusal's hint names the file, as others do
     positions.refuse_internal(args.pipeline, "moved")
     at = positions.parse_at(args.at) if args.at else None
     if args.token:
@@ -228,6 +229,7 @@ def _reset(args: argparse.Namespace) -> int:
     from syncd import positions
     from syncd.exclusive import ensure_free
 
+    hints.use_config(args.config)  # the refusal's hint names the file, as others do
     positions.refuse_internal(args.pipeline, "reset")
 
     def run(rt: Any) -> dict[str, Any]:
