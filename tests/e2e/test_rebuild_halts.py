@@ -14,7 +14,7 @@ import pytest
 from syncd.errors import ExitCode
 from tests.harness.daemon import run_syncd
 
-from .helpers import wait_caught_up
+from .helpers import copy_and_stop
 from .oracle import document
 from .test_halts import _hinted_commands, _run_hinted, _set_pipeline_option
 
@@ -29,11 +29,20 @@ def _mirrors(mirror: Any, prefix: str, **new: Any) -> tuple[Any, Any]:
     return old, changed
 
 
-def _first_copy(mongo_client: Any, old: Any, syncd_factory: Any, tmp_path: Any) -> None:
-    daemon = syncd_factory(["run"], old.cfg, log_path=tmp_path / "old.log")
-    wait_caught_up(mongo_client, old.db, old.settings, "p", 90, "the first copy")
-    daemon.terminate()
-    assert daemon.wait(30) == ExitCode.OK, daemon.output()
+def _halted_in_the_snapshot(
+    mirror: Any, name: str, mongo_client: Any, syncd_factory: Any, tmp_path: Any
+) -> tuple[Any, Any, list[str], Any]:
+    """A first copy with the old mapping, then `syncd rebuild p` with the new one, halted
+    at the long text (the string _id comes after the numbers): the new mirror, the
+    documents, the command its hint names and the rebuild's output."""
+    old, new = _mirrors(mirror, name)
+    docs = mongo_client[old.db]["docs"]
+    docs.insert_many([document(i) for i in range(25)] + [dict(document("long"), body=TOO_LONG)])
+    copy_and_stop(
+        syncd_factory, mongo_client, old.cfg, old.settings, old.db, log_path=tmp_path / "old.log"
+    )
+    done = run_syncd(["rebuild", "p"], new.cfg, timeout=180)
+    return new, docs, _halted(done, "'long'"), done
 
 
 def _halted(done: Any, key: str) -> list[str]:
@@ -60,14 +69,9 @@ def _rebuild_halt(cfg: Any) -> dict[str, Any]:
 def test_a_halted_rebuild_continues_with_the_command_its_hint_names_in_snapshot_and_catching_up(
     tmp_path, mirror, mongo_client, syncd_factory
 ):
-    old, new = _mirrors(mirror, "rbcmdhalt")
-    docs = mongo_client[old.db]["docs"]
-    docs.insert_many([document(i) for i in range(25)] + [dict(document("long"), body=TOO_LONG)])
-    _first_copy(mongo_client, old, syncd_factory, tmp_path)
-
-    # In the snapshot: the string _id comes after the numbers.
-    done = run_syncd(["rebuild", "p"], new.cfg, timeout=180)
-    command = _halted(done, "'long'")
+    new, docs, command, done = _halted_in_the_snapshot(
+        mirror, "rbcmdhalt", mongo_client, syncd_factory, tmp_path
+    )
     halt = _rebuild_halt(new.cfg)
     assert halt["document_id"] == "'long'" and halt["error_class"] == "OversizedError", halt
     assert halt["hint"] in done.stderr, (halt, done.stderr)
@@ -97,13 +101,9 @@ def test_a_halted_rebuild_continues_with_the_command_its_hint_names_in_snapshot_
 def test_a_halted_rebuild_sets_the_document_aside_when_its_hint_is_run_under_dead_letter(
     tmp_path, mirror, mongo_client, syncd_factory
 ):
-    old, new = _mirrors(mirror, "rbcmddead")
-    docs = mongo_client[old.db]["docs"]
-    docs.insert_many([document(i) for i in range(25)] + [dict(document("long"), body=TOO_LONG)])
-    _first_copy(mongo_client, old, syncd_factory, tmp_path)
-
-    done = run_syncd(["rebuild", "p"], new.cfg, timeout=180)
-    command = _halted(done, "'long'")
+    new, docs, command, done = _halted_in_the_snapshot(
+        mirror, "rbcmddead", mongo_client, syncd_factory, tmp_path
+    )
     assert 'set on_error = "dead_letter" and run `' in done.stderr, done.stderr
     docs.insert_one(dict(document(-1), body=TOO_LONG))  # met while catching up
     _set_pipeline_option(new.cfg, on_error="dead_letter")
