@@ -150,6 +150,12 @@ class CheckpointStore(Protocol):
 
     def delete(self, pipeline: str) -> None: ...
 
+    def clear(self, pipeline: str, epoch: int) -> None:
+        """Delete the checkpoint (history, status and halt too) and leave ``epoch``
+        claimed, in one write: an older writer cannot recreate it in between. Raises
+        LeaseLostError when a newer epoch owns the pipeline."""
+        ...
+
     def list(
         self, *, unreadable: dict[str, CheckpointCorruptError] | None = None
     ) -> list[Checkpoint]:
@@ -330,6 +336,18 @@ class MongoCheckpointStore:
         with translate_mongo_errors(pipeline=pipeline):
             self._coll.delete_one({"_id": pipeline})
 
+    def clear(self, pipeline: str, epoch: int) -> None:
+        with translate_mongo_errors(pipeline=pipeline):
+            try:
+                self._coll.replace_one(
+                    _not_newer(pipeline, epoch), {"_id": pipeline, "epoch": epoch}, upsert=True
+                )
+            except DuplicateKeyError:
+                raise LeaseLostError(
+                    f"cannot clear the checkpoint with epoch {epoch}: a newer holder exists",
+                    pipeline=pipeline,
+                ) from None
+
     def list(
         self, *, unreadable: dict[str, CheckpointCorruptError] | None = None
     ) -> list[Checkpoint]:
@@ -446,6 +464,14 @@ class FileCheckpointStore:
     def delete(self, pipeline: str) -> None:
         with contextlib.suppress(FileNotFoundError), _file_errors(pipeline, missing_ok=True):
             self._path(pipeline).unlink()
+
+    def clear(self, pipeline: str, epoch: int) -> None:
+        current = self._read(pipeline) or {}
+        if _epoch_of(current, pipeline, missing=0) > epoch:
+            raise LeaseLostError(
+                f"cannot clear the checkpoint with epoch {epoch}", pipeline=pipeline
+            )
+        self._write(pipeline, {"_id": pipeline, "epoch": epoch})
 
     def list(
         self, *, unreadable: dict[str, CheckpointCorruptError] | None = None

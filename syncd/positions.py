@@ -301,9 +301,12 @@ def reset(
             existed = store.load(name) is not None
         except CheckpointCorruptError:
             existed = True
-        store.delete(name)
         if held.epoch:
-            store.claim_epoch(name, held.epoch)
+            # One write: a daemon fenced out by this command, whose next write came
+            # between a delete and the claim, would bring its old position back.
+            store.clear(name, held.epoch)
+        else:
+            store.delete(name)
     return {"pipeline": name, "deleted": existed, "epoch": held.epoch}
 
 

@@ -158,6 +158,10 @@ class MemoryStore:
     def delete(self, pipeline: str) -> None:
         self.saved = [cp for cp in self.saved if cp.pipeline != pipeline]
 
+    def clear(self, pipeline: str, epoch: int) -> None:
+        self.delete(pipeline)
+        self.epochs[pipeline] = epoch
+
     def list(
         self, *, unreadable: dict[str, CheckpointCorruptError] | None = None
     ) -> list[Checkpoint]:

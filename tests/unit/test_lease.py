@@ -3,17 +3,28 @@ checkpoint. Expiry is the server's (``$$NOW``), so these tests wait real seconds
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 from pymongo.errors import AutoReconnect
 
+from syncd import positions
 from syncd.checkpoint import Checkpoint, FileCheckpointStore, MongoCheckpointStore
-from syncd.config import CheckpointSettings, LeaseSettings, PipelineSettings
+from syncd.config import (
+    CheckpointSettings,
+    LeaseSettings,
+    MappingSettings,
+    MongoSettings,
+    PipelineSettings,
+    Settings,
+)
 from syncd.errors import LeaseLostError
 from syncd.lease import FencedSink, LeaseManager, lease_info, leases_collection
+from syncd.runtime import Runtime
 from syncd.scheduler import LeasedPipelines
 from syncd.sink import WritePlan
 from tests.doubles import MemorySink
@@ -263,3 +274,76 @@ def test_two_processes_spread_three_pipelines_and_one_takes_over_the_dead(mongo_
     assert sorted(second.running) == ["p1", "p2", "p3"]
     assert time.monotonic() - died < settings.ttl_s + 2 * settings.renew_every_s + 0.5
     second.close()
+
+
+class _FencedWriterBetweenSteps:
+    """A checkpoint store through which a fenced-out daemon's checkpoint write lands
+    after every step of the command that fenced it out: an idle daemon writes its
+    position every fraction of a second, so under load one can land between any two."""
+
+    def __init__(self, store: Any, stale: Checkpoint) -> None:
+        self._store, self._stale = store, stale
+
+    def __getattr__(self, name: str) -> Any:
+        step = getattr(self._store, name)
+        if not callable(step) or name in ("load", "list", "close"):
+            return step
+
+        def then_the_daemon_writes(*args: Any, **kwargs: Any) -> Any:
+            done = step(*args, **kwargs)
+            with contextlib.suppress(LeaseLostError):  # fenced: what must happen
+                self._store.save(self._stale)
+            return done
+
+        return then_the_daemon_writes
+
+
+@pytest.mark.parametrize("kind", ["mongodb", "file"])
+def test_a_forced_reset_leaves_no_moment_for_the_fenced_daemon_to_bring_its_checkpoint_back(
+    mongo_db, mongo_uri, tmp_path, kind
+):
+    """`tokens reset --force` beside a running daemon: whenever the daemon's next write
+    lands, the checkpoint stays deleted, so the daemon starts over with a snapshot when
+    it takes the pipeline back (it once came back at its old position, keeping drift)."""
+    if kind == "file":  # without leases: the reset claims the next epoch
+        cp_settings = CheckpointSettings(store="file", path=str(tmp_path / "cp"))
+        store: Any = FileCheckpointStore(cp_settings)
+        daemon_epoch = store.next_epoch("p")
+    else:
+        cp_settings = CheckpointSettings(database=mongo_db.name)
+        store = store_of(mongo_db)
+        daemon = manager(mongo_db, "daemon")
+        daemon_epoch = daemon.acquire("p")
+    assert daemon_epoch == 1
+    store.save(checkpoint(daemon_epoch, 100))
+    settings = Settings(
+        mongodb=MongoSettings(uri=SecretStr(mongo_uri)),
+        checkpoint=cp_settings,
+        lease=TTL,
+        pipelines=[
+            PipelineSettings(
+                name="p",
+                database="d",
+                collection="c",
+                chroma_collection="c-p",
+                mapping=MappingSettings(text="body"),
+            )
+        ],
+    )
+    stale = checkpoint(daemon_epoch, 200)
+
+    class Beside(Runtime):
+        @property
+        def store(self) -> Any:
+            return _FencedWriterBetweenSteps(store, stale)
+
+    runtime = Beside(settings)
+    try:
+        done = positions.reset(runtime, "p", force=True)
+    finally:
+        runtime.close()
+    assert done["deleted"] and done["epoch"] == 2
+    assert store.load("p") is None, "the fenced daemon brought its checkpoint back"
+    with pytest.raises(LeaseLostError):
+        store.save(stale)
+    assert store.next_epoch("p") == 3
