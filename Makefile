@@ -38,7 +38,7 @@ run: $(VENV)/.installed $(STANDIN_VENV)/.installed
 
 # --durations: CI's log shows where the suite's time goes.
 test: $(VENV)/.installed $(STANDIN_VENV)/.installed $(PHOENIX_VENV)/.installed promtool chromium
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --durations=25 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --durations=30 $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check syncd tests examples
