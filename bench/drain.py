@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bson.timestamp import Timestamp
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from syncd import config
+from syncd import config, embedder
 from syncd.checkpoint import Checkpoint
 from syncd.mapping import Mapper
 from syncd.runtime import Runtime
@@ -62,6 +62,14 @@ class CountingEmbedder:
         self.calls += 1
         self.texts += len(texts)
         return self.inner.embed(texts)  # type: ignore[no-any-return]
+
+    def submit(self, texts: Sequence[str]) -> Any:
+        """Send texts ahead as the wrapped embedder does (an API), counting them."""
+        pending = embedder.submit(self.inner, texts)
+        if pending is not None:
+            self.calls += 1
+            self.texts += len(texts)
+        return pending
 
     def close(self) -> None:
         self.inner.close()

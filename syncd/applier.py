@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections import Counter
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from syncd import identity, lookups
@@ -46,6 +47,19 @@ class Planned:
     @property
     def poisoned(self) -> list[planning.Poisoned]:
         return self.result.poisoned
+
+
+@dataclasses.dataclass
+class Embedding:
+    """Changes planned but for their vectors, which an embedding API is computing."""
+
+    changes: list[planning.Change]
+    drafted: planning.Draft
+    write_if_poisoned: bool
+
+    def cancel(self) -> None:
+        """Drop the requests not sent yet: the plan is not needed any more."""
+        self.drafted.cancel()
 
 
 class Applier:
@@ -118,6 +132,68 @@ class Applier:
         lookup = lookup or self.sink
         changes = lookups.with_documents(self.source, changes)
         result = self._build(changes, lookup, stage)
+        return self._settle(changes, result, write_if_poisoned, lookup, stage)
+
+    def plan_ahead(
+        self,
+        changes: Sequence[planning.Change],
+        *,
+        write_if_poisoned: bool,
+        lookup: planning.ExistingLookup,
+        stage: Stage,
+    ) -> Planned | Embedding:
+        """As :meth:`plan`, but texts for an embedding API are only sent: the requests
+        run on while the caller goes on, and :meth:`finish` (in the writer, once
+        everything before is written) waits for them and completes the plan. A batch
+        with a document that cannot be mapped is planned whole, as :meth:`plan` does."""
+        changes = lookups.with_documents(self.source, changes)
+        drafted = planning.draft(
+            changes, mapper=self.mapper, sink=lookup, prefixed=self.prefixed, stage=stage
+        )
+        if not drafted.poisoned and planning.send(drafted, self.embedder):
+            return Embedding(list(changes), drafted, write_if_poisoned)
+        result = planning.complete(drafted, embedder=self.embedder, sink=lookup, stage=stage)
+        return self._settle(changes, result, write_if_poisoned, lookup, stage)
+
+    def finish(self, embedding: Embedding) -> Planned:
+        """Wait for the vectors :meth:`plan_ahead` asked for and complete its plan, in the
+        open batch's trace. Everything before it is written, so Chroma itself says what it
+        holds when an input the API refused has its document read and planned again."""
+        pending = embedding.drafted.pending
+
+        @contextmanager
+        def stage(name: str) -> Iterator[None]:
+            if name != "embed" or pending is None:
+                with self.telemetry.stage(name):
+                    yield
+                return
+            error: BaseException | None = None
+            try:
+                yield
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:  # the embed stage began when its requests were sent
+                seconds, ended = pending.elapsed(), time.time_ns()
+                self.telemetry.stage_at("embed", pending.started_ns, ended, seconds, error)
+
+        result = planning.complete(
+            embedding.drafted, embedder=self.embedder, sink=self.sink, stage=stage
+        )
+        return self._settle(
+            embedding.changes, result, embedding.write_if_poisoned, self.sink, stage
+        )
+
+    def _settle(
+        self,
+        changes: Sequence[planning.Change],
+        result: planning.PlanResult,
+        write_if_poisoned: bool,
+        lookup: planning.ExistingLookup,
+        stage: Stage,
+    ) -> Planned:
+        """Plan the poisoned documents again from what MongoDB holds now (a newer version
+        may map); under dead-lettering, their records are removed."""
         if result.poisoned:
             remove = write_if_poisoned and self.dead_lettering
             bad = {p.change.key for p in result.poisoned}

@@ -16,8 +16,9 @@ import math
 import os
 import re
 import threading
+import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -52,6 +53,49 @@ class Embedder(Protocol):
     def embed(self, texts: Sequence[str]) -> list[list[float]]: ...
 
     def close(self) -> None: ...
+
+
+class Pending:
+    """Vectors of one call on their way: requests sent, or queued behind earlier calls'.
+
+    :meth:`result` gives them in input order, or raises the failure of the first failing
+    request in input order, as if the requests had been sent one after another; nothing
+    of the call stays in flight once it returns or raises (requests not started are
+    dropped, those under way are waited for). ``started_ns`` is when the call was made.
+    """
+
+    def __init__(self, futures: list[Future[list[list[float]]]]) -> None:
+        self.started_ns = time.time_ns()
+        self._clock = time.perf_counter()
+        self._futures = futures
+
+    def elapsed(self) -> float:
+        """Seconds since the call was made."""
+        return time.perf_counter() - self._clock
+
+    def result(self) -> list[list[float]]:
+        out: list[list[float]] = []
+        try:
+            for future in self._futures:
+                out.extend(future.result())  # the first failure in input order is raised
+        finally:
+            self.cancel()
+        return out
+
+    def cancel(self, *, wait: bool = True) -> None:
+        """Drop the requests not started; wait for those under way, if asked to."""
+        for future in self._futures:
+            future.cancel()
+        if wait:
+            _wait(self._futures)
+
+
+def submit(embedder: Embedder, texts: Sequence[str]) -> Pending | None:
+    """Send ``texts`` to an embedder that computes elsewhere (an API, which has
+    ``submit``); None for the others, which compute in the caller's thread when it asks
+    (``embed``), as a local model gains nothing from being asked early."""
+    send = getattr(embedder, "submit", None)
+    return send(texts) if callable(send) else None
 
 
 class InputRejectedError(EmbeddingRejectedError):
@@ -230,10 +274,12 @@ class OpenAIEmbedder:
     is transient, so the pipeline retries instead of dead-lettering.
 
     A call's texts go out as requests of up to ``batch_size``, up to ``concurrency`` of
-    them in flight at once (a remote service's latency, not our CPU, bounds a request).
-    Vectors come back in input order, and a failure is the one of the first failing
-    request in input order, as if the requests had been sent one after another: an
-    input the API refuses is reported by its index in the call.
+    them in flight at once (a remote service's latency, not our CPU, bounds a request),
+    counted over every call: :meth:`submit` queues a call's requests behind those of
+    calls still under way and returns at once, so the next batch's requests follow the
+    last one's without a gap. Vectors come back in input order, and a failure is the one
+    of the first failing request in input order, as if the requests had been sent one
+    after another: an input the API refuses is reported by its index in the call.
     """
 
     def __init__(
@@ -266,40 +312,33 @@ class OpenAIEmbedder:
         # Guards the refusal count and the learned dimensions, which requests in
         # flight at once share; held while probing, so one probe answers for all.
         self._lock = threading.Lock()
-        self._pool = (
-            ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="syncd-embed")
-            if concurrency > 1
-            else None
-        )
+        # Every request goes out from this pool, in the order calls made them (FIFO),
+        # so no more than ``concurrency`` are ever in flight, whoever calls.
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="syncd-embed")
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        batches = list(_batches(texts, self._batch_size))
-        if self._pool is None or len(batches) == 1:
-            out: list[list[float]] = []
-            for offset, batch in batches:
-                out.extend(self._embed_or_bisect(batch, offset))
-            return out
-        return self._embed_concurrently(self._pool, batches)
+        return self.submit(texts).result()
 
-    def _embed_concurrently(
-        self, pool: ThreadPoolExecutor, batches: list[tuple[int, Sequence[str]]]
-    ) -> list[list[float]]:
-        futures = [pool.submit(self._embed_or_bisect, batch, offset) for offset, batch in batches]
-        out: list[list[float]] = []
-        try:
-            for future in futures:
-                out.extend(future.result())  # the first failure in input order is raised
-        finally:
-            # Nothing of this call stays in flight once it returns or raises: requests
-            # not started are dropped, those under way are waited for.
-            for future in futures:
-                future.cancel()
-            _wait(futures)
-        return out
+    def submit(self, texts: Sequence[str]) -> Pending:
+        """Queue the requests of ``texts`` and return at once; see :class:`Pending`."""
+        failed = threading.Event()
+
+        def request(batch: Sequence[str], offset: int) -> list[list[float]]:
+            if failed.is_set():
+                # An earlier request of this call failed, and its failure is the call's:
+                # this one is not sent, as it would not have been one after another.
+                raise CancelledError
+            try:
+                return self._embed_or_bisect(batch, offset)
+            except BaseException:
+                failed.set()
+                raise
+
+        batches = _batches(texts, self._batch_size)
+        return Pending([self._pool.submit(request, b, at) for at, b in batches])
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)
         self._client.close()
 
     def _embed_or_bisect(self, batch: Sequence[str], offset: int) -> list[list[float]]:

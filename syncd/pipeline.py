@@ -287,6 +287,10 @@ class Pipeline:
             if item.error is not None:
                 raise item.error
             planned = item.planned
+            if item.embedding is not None:
+                planned = self.applier.finish(item.embedding)
+                if planned.poisoned and not self.applier.dead_lettering:
+                    self._halt_at(planned.poisoned, batch.events, batch.events)
             if planned is not None:
                 self.applier.write(planned, counts=self.progress.counts())
                 if planned.poisoned:

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from bson.timestamp import Timestamp
 
-from syncd.embedder import Embedder
+from syncd.embedder import Embedder, Pending, submit
 from syncd.errors import EmbeddingRejectedError, PoisonError, SyncdError
 from syncd.identity import HASH_KEY, TEXT_HASH_KEY, base_id, in_collection, record_key
 from syncd.mapping import MappedDocument, Mapper, Record
@@ -93,6 +93,40 @@ def build(
 
     With ``remove_poisoned``, the records of poisoned documents are deleted.
     """
+    drafted = draft(changes, mapper=mapper, sink=sink, prefixed=prefixed, stage=stage)
+    return complete(
+        drafted, embedder=embedder, sink=sink, stage=stage, remove_poisoned=remove_poisoned
+    )
+
+
+@dataclasses.dataclass
+class Draft:
+    """A plan mapped and looked up, its texts not embedded yet (:func:`complete` does)."""
+
+    changes: Sequence[Change]
+    poisoned: list[Poisoned]
+    mapped: dict[str, MappedDocument]
+    plan: WritePlan
+    to_embed: list[tuple[Change, Record, Mapping[str, Any]]]
+    pending: Pending | None = None  # vectors of to_embed already asked for (:func:`send`)
+
+    def cancel(self) -> None:
+        """Drop the requests not sent yet: their vectors are not needed any more (those
+        under way end by themselves, still counted in the embedder's concurrency)."""
+        if self.pending is not None:
+            self.pending.cancel(wait=False)
+
+
+def draft(
+    changes: Sequence[Change],
+    *,
+    mapper: Mapper,
+    sink: ExistingLookup,
+    prefixed: bool,
+    stage: Callable[[str], AbstractContextManager[None]] = lambda _name: nullcontext(),
+) -> Draft:
+    """Map the changes and look up what Chroma holds of them (``stage("map")``,
+    ``stage("lookup")``); what cannot be mapped is poisoned."""
     with stage("map"):
         poisoned, mapped = _map(changes, mapper, prefixed)
     bad = {p.change.key for p in poisoned}
@@ -100,16 +134,39 @@ def build(
     with stage("lookup"):
         existing = sink.existing(keys) if keys else {}
     plan, to_embed = _plan_writes(changes, bad, mapped, existing, mapper.metadata_keys)
+    return Draft(changes, poisoned, mapped, plan, to_embed)
+
+
+def send(drafted: Draft, embedder: Embedder | None) -> bool:
+    """Ask an embedding API for the draft's vectors now, and return at once (True); False
+    when there is nothing to ask or the embedder computes in the caller's thread."""
+    if drafted.to_embed and embedder is not None and drafted.pending is None:
+        drafted.pending = submit(embedder, [record.text for _, record, _ in drafted.to_embed])
+    return drafted.pending is not None
+
+
+def complete(
+    drafted: Draft,
+    *,
+    embedder: Embedder | None,
+    sink: ExistingLookup,
+    stage: Callable[[str], AbstractContextManager[None]] = lambda _name: nullcontext(),
+    remove_poisoned: bool = False,
+) -> PlanResult:
+    """Embed what the draft needs (``stage("embed")``; vectors already asked for are
+    waited for) and finish the plan; with ``remove_poisoned``, the records of poisoned
+    documents are deleted (``sink`` says what Chroma holds of them)."""
+    plan, poisoned = drafted.plan, drafted.poisoned
     embedded = 0
-    if to_embed:
+    if drafted.to_embed:
         with stage("embed"):
-            embedded = _embed(to_embed, embedder, plan, poisoned)
+            embedded = _embed(drafted.to_embed, embedder, plan, poisoned, drafted.pending)
     bad = {p.change.key for p in poisoned}
     if bad:
-        plan = _without(plan, bad, mapped)
+        plan = _without(plan, bad, drafted.mapped)
     if bad and remove_poisoned:
         _delete_records_of(sorted(bad), sink, plan)
-    written = [c.key for c in changes if c.key not in bad]
+    written = [c.key for c in drafted.changes if c.key not in bad]
     return PlanResult(plan=plan, poisoned=poisoned, embedded=embedded, keys_written=written)
 
 
@@ -172,7 +229,10 @@ def _embed(
     embedder: Embedder | None,
     plan: WritePlan,
     poisoned: list[Poisoned],
+    asked: Pending | None = None,
 ) -> int:
+    """Vectors for ``items`` (``asked``: those already asked for); an input the API
+    refuses poisons its document, and the others are asked for again without it."""
     if not items:
         return 0
     if embedder is None:
@@ -182,13 +242,14 @@ def _embed(
     while pending:
         texts = [record.text for _, record, _ in pending]
         try:
-            vectors = embedder.embed(texts)
+            vectors = asked.result() if asked is not None else embedder.embed(texts)
             sent += len(texts)
         except EmbeddingRejectedError as exc:
             index = getattr(exc, "input_index", 0)
             change = pending[index][0]
             poisoned.append(Poisoned(change, exc.with_context(document_id=change.source_id)))
             pending = [item for item in pending if item[0].key != change.key]
+            asked = None
             continue
         for (_, record, metadata), vector in zip(pending, vectors, strict=True):
             plan.upserts.append(Upsert(record.id, record.text, metadata, vector))

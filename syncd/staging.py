@@ -9,6 +9,13 @@ one: one batch is written while the next is planned, so at most two are in memor
 whatever the backlog, and the changes that arrive during a write make the next read
 bigger instead of queueing behind it in small batches (each with a write's fixed cost).
 
+An embedding API's requests are only sent by the planner (:meth:`Applier.plan_ahead`):
+the batch is handed over with its vectors on their way, the writer waits for them once
+everything before it is written, and the planner meanwhile reads and maps the next
+batch, whose requests queue behind the last one's. So the API is never idle while a
+batch is read, mapped or written, and the requests in flight never exceed
+``embed_concurrency``. A local embedder computes in the planner, as before.
+
 What keeps the mirror exact while two batches are in flight:
 
 * A key planned in batch N and changed again in N+1 is looked up for N+1 only once
@@ -37,7 +44,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from syncd import plan as planning
-from syncd.applier import Applier, Planned
+from syncd.applier import Applier, Embedding, Planned
 from syncd.checkpointing import Progress
 from syncd.sink import Sink
 from syncd.source import Batch, Source
@@ -141,6 +148,7 @@ class Item:
     ticket: int | None = None  # the read's place in the lag (PipelineTelemetry.read_ahead)
     stages: list[StageTime] = dataclasses.field(default_factory=list)
     planned: Planned | None = None
+    embedding: Embedding | None = None  # planned but for vectors still being computed
     keys: list[str] = dataclasses.field(default_factory=list)  # in flight until written
     sequential: bool = False  # apply it the sequential way, after everything before it
     error: BaseException | None = None  # raise it, in its turn
@@ -193,8 +201,8 @@ class Planner(threading.Thread):
         """Stop planning and discard what was planned but not written."""
         self.in_flight.cancel()
         self.join()
-        while self.next(timeout=0) is not None:
-            pass
+        while (item := self.next(timeout=0)) is not None:
+            _discard(item)
 
     # --- the planner's side ----------------------------------------------------------
 
@@ -241,7 +249,7 @@ class Planner(threading.Thread):
         changes = planning.coalesce(batch.events, prefixed=applier.prefixed)
         recorder = StageRecorder()
         try:
-            planned = applier.plan(
+            planned = applier.plan_ahead(
                 changes,
                 write_if_poisoned=applier.dead_lettering,
                 lookup=self._lookup,
@@ -253,16 +261,21 @@ class Planner(threading.Thread):
             item.error, item.stages = exc, recorder.stages
             return item
         item.stages = recorder.stages
-        if planned.poisoned and not applier.dead_lettering:
+        if isinstance(planned, Embedding):
+            item.embedding = planned  # a refused input is found once its answer is back
+        elif planned.poisoned and not applier.dead_lettering:
             item.sequential = True  # a halt: the writer finds exactly where, as it always did
             return item
-        item.planned, item.keys = planned, [c.key for c in changes]
+        else:
+            item.planned = planned
+        item.keys = [c.key for c in changes]
         self.in_flight.add(item.keys)
         return item
 
     def _put(self, item: Item) -> None:
         while True:
             if self.in_flight.cancelled:
+                _discard(item)
                 raise Abandoned
             try:
                 self._queue.put(item, timeout=POLL_S)
@@ -282,6 +295,12 @@ class Planner(threading.Thread):
         while not item.done.wait(POLL_S):
             if self.in_flight.cancelled:
                 raise Abandoned
+
+
+def _discard(item: Item) -> None:
+    """Drop what was planned for ``item`` and will not be written."""
+    if item.embedding is not None:
+        item.embedding.cancel()
 
 
 def ahead(
