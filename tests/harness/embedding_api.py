@@ -103,10 +103,12 @@ class EmbeddingAPI:
         with self._lock:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        arrived = time.monotonic()
         try:
-            if self.delay_s:
-                time.sleep(self.delay_s)
             status, payload = self._answer(handler)
+            # The answer is computed while the request waits: it goes out delay_s after
+            # the request arrived, not delay_s plus this process's own work.
+            time.sleep(max(0.0, self.delay_s - (time.monotonic() - arrived)))
         finally:
             # Before the answer goes out: the client may send its next request at once.
             with self._lock:
