@@ -163,10 +163,12 @@ class Applier:
 
         @contextmanager
         def stage(name: str) -> Iterator[None]:
+            nonlocal pending
             if name != "embed" or pending is None:
                 with self.telemetry.stage(name):
                     yield
                 return
+            sent, pending = pending, None  # a second plan (after a refusal) times its own
             error: BaseException | None = None
             try:
                 yield
@@ -174,8 +176,8 @@ class Applier:
                 error = exc
                 raise
             finally:  # the embed stage began when its requests were sent
-                seconds, ended = pending.elapsed(), time.time_ns()
-                self.telemetry.stage_at("embed", pending.started_ns, ended, seconds, error)
+                seconds, ended = sent.elapsed(), time.time_ns()
+                self.telemetry.stage_at("embed", sent.started_ns, ended, seconds, error)
 
         result = planning.complete(
             embedding.drafted, embedder=self.embedder, sink=self.sink, stage=stage

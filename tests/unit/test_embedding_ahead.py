@@ -1,0 +1,195 @@
+"""The staged loop with an embedding API (the test server, a real OpenAIEmbedder): a
+batch's requests are only sent by the planner, which reads the next batch while they
+run, so the API is not idle between batches; never more than ``embed_concurrency``
+requests are in flight, vectors keep their order, and a refused input still poisons
+only its document, at its place in the stream."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from bson.timestamp import Timestamp
+
+from syncd.embedder import OpenAIEmbedder
+from syncd.errors import HaltedError
+from tests.harness.embedding_api import EmbeddingAPI
+from tests.unit.test_pipeline import T0, event
+from tests.unit.test_staging import (
+    WAIT_S,
+    StreamSource,
+    checkpointed,
+    checkpoints,
+    gated,
+    run_until,
+)
+
+
+@pytest.fixture
+def api() -> Iterator[EmbeddingAPI]:
+    server = EmbeddingAPI(dimensions=8).start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def remote(p: Any, api: EmbeddingAPI, concurrency: int, batch_size: int = 2) -> OpenAIEmbedder:
+    embedder = OpenAIEmbedder(
+        base_url=api.base_url,
+        model="m",
+        api_key=api.api_key,
+        batch_size=batch_size,
+        concurrency=concurrency,
+    )
+    p.applier.embedder = embedder
+    return embedder
+
+
+def eventually(condition: Callable[[], bool]) -> bool:
+    deadline = time.monotonic() + WAIT_S
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def stream(*batches: list[str]) -> StreamSource:
+    """Batches of inserts, one document per text, numbered from 1 in stream order."""
+    n, out = 0, []
+    for texts in batches:
+        batch = []
+        for text in texts:
+            n += 1
+            batch.append(event(n, "insert", n, {"body": text}))
+        out.append(batch)
+    return StreamSource(out)
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_the_next_batch_is_read_and_sent_while_the_last_ones_requests_run(
+    api: EmbeddingAPI, concurrency: int
+) -> None:
+    # Every request is held unanswered. The sequential planner stayed in batch 1's
+    # embedding; now batch 1 is handed over with its vectors on their way, batch 2 is
+    # read and its request queued behind (sent at once when a slot is free), batch 3 is
+    # not read: at most one batch beyond the one the writer holds.
+    source = stream(["a"], ["b"], ["c"])
+    p, log, sink, _store, _, _ = gated(source=source)
+    embedder = remote(p, api, concurrency)
+    sink.release.set()  # writes go through; the API is what holds the pipeline here
+    api.hold(0)
+    seen: dict[str, Any] = {}
+
+    def watch() -> None:
+        try:
+            seen["batch 2 read"] = eventually(lambda: source.reads >= 2)
+            seen["requests held"] = eventually(lambda: api.held() >= concurrency)
+            time.sleep(0.3)  # room for a wrong read of batch 3, or a request too many
+            seen["reads"], seen["held"] = source.reads, api.held()
+            seen["writes"] = sink.writes
+        finally:
+            api.release()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        assert run_until(p, checkpointed(p, 3)) is None
+    finally:
+        watcher.join(WAIT_S)
+        embedder.close()
+    assert seen["batch 2 read"], "batch 2 was not read while batch 1's request ran"
+    assert seen["reads"] == 2 and seen["writes"] == 0, seen
+    assert seen["held"] == concurrency, "requests in flight beyond embed_concurrency"
+    assert api.max_in_flight <= concurrency
+    assert sorted(api.inputs) == ["a", "b", "c"], "each text is sent once"
+    assert checkpoints(log) == [f"checkpoint {Timestamp(T0, n)}" for n in (1, 2, 3)]
+    for n, text in enumerate(["a", "b", "c"], start=1):
+        assert sink.records[f"i:{n}"]["embedding"] == api.vector(text)
+
+
+def test_vectors_of_requests_in_flight_at_once_keep_their_records(api: EmbeddingAPI) -> None:
+    texts = [f"text {n} " + "word " * (n % 7) for n in range(40)]
+    source = stream(texts[:15], texts[15:])
+    p, _log, sink, _store, _, _ = gated(source=source)
+    sink.release.set()
+    api.delay_s = 0.02
+    embedder = remote(p, api, concurrency=4, batch_size=3)
+    stages: list[tuple[str, float]] = []
+    stage_at = p.applier.telemetry.stage_at
+
+    def recorded(name: str, started_ns: int, ended_ns: int, seconds: float, error: Any) -> None:
+        stages.append((name, seconds))
+        stage_at(name, started_ns, ended_ns, seconds, error)
+
+    p.applier.telemetry.stage_at = recorded
+    try:
+        assert run_until(p, checkpointed(p, 40)) is None
+    finally:
+        embedder.close()
+    assert 2 <= api.max_in_flight <= 4
+    # Each batch's embedding is one stage, from its requests to its last answer.
+    embeds = [seconds for name, seconds in stages if name == "embed"]
+    assert len(embeds) == 2 and min(embeds) >= 0.02, stages
+    assert {rid: r["embedding"] for rid, r in sink.records.items()} == {
+        f"i:{n}": api.vector(text) for n, text in enumerate(texts, start=1)
+    }
+
+
+def test_a_refused_input_planned_ahead_is_dead_lettered_alone(api: EmbeddingAPI) -> None:
+    source = stream(["a", "b"], ["c", "refuse me", "d"], ["e"])
+    source.current = {4: {"_id": 4, "body": "refuse me"}}  # still refused when read again
+    p, log, sink, _store, dlq, _ = gated(on_error="dead_letter", source=source)
+    sink.release.set()
+    api.refuse = lambda text: text == "refuse me"
+    embedder = remote(p, api, concurrency=2)
+    try:
+        assert run_until(p, checkpointed(p, 6)) is None
+    finally:
+        embedder.close()
+    assert [item.change.source_id for item in dlq.items] == [4]
+    assert log.calls.index("dead-letter 1") < log.calls.index(f"checkpoint {Timestamp(T0, 5)}")
+    assert set(sink.records) == {"i:1", "i:2", "i:3", "i:5", "i:6"}
+    assert sink.records["i:5"]["embedding"] == api.vector("d")
+
+
+def test_a_refused_input_planned_ahead_halts_at_its_change(api: EmbeddingAPI) -> None:
+    source = stream(["a"], ["b", "refuse me", "d"], ["e"])
+    source.current = {3: {"_id": 3, "body": "refuse me"}}
+    p, _log, sink, store, dlq, _ = gated(on_error="halt", source=source)
+    sink.release.set()
+    api.refuse = lambda text: text == "refuse me"
+    embedder = remote(p, api, concurrency=2)
+    try:
+        raised = run_until(p, lambda: False)
+    finally:
+        embedder.close()
+    assert isinstance(raised, HaltedError) and raised.document_id == 3
+    assert set(sink.records) == {"i:1", "i:2"}
+    assert store.saved[-1].cluster_time == Timestamp(T0, 2)
+    assert dlq.items == []
+
+
+def test_submitted_calls_share_embed_concurrency_and_keep_their_order(
+    api: EmbeddingAPI,
+) -> None:
+    embedder = OpenAIEmbedder(
+        base_url=api.base_url, model="m", api_key=api.api_key, batch_size=1, concurrency=2
+    )
+    api.hold(0)
+    try:
+        first = embedder.submit(["a", "b", "c"])  # both return at once
+        second = embedder.submit(["d"])
+        assert eventually(lambda: api.held() == 2)
+        time.sleep(0.2)  # room for a request too many
+        assert api.held() == 2, "requests in flight beyond embed_concurrency"
+        api.release()
+        assert second.result() == [api.vector("d")]
+        assert first.result() == [api.vector(t) for t in "abc"]
+    finally:
+        api.release()
+        embedder.close()
+    assert api.max_in_flight == 2
+    assert sorted(api.inputs) == ["a", "b", "c", "d"]
