@@ -3,8 +3,9 @@ the checkpoint covers only what is in Chroma, and a restart converges.
 
 The state is reached for sure, whatever the machine's load: the proxy before Chroma
 holds the write of batch N (its upsert never arrives, while lookups go through), and the
-embedding API holds batch N's embedding until every change after it is in the stream,
-so batch N+1, which the planner reads once the writer has taken N, is not empty.
+embedding API holds the requests of batch N and of batch N+1, which the planner reads
+and sends once the writer has taken N (it waits there for N's vectors), until every
+change after them is in the stream.
 """
 
 from __future__ import annotations
@@ -89,9 +90,9 @@ def test_kill9_with_a_batch_in_the_write_and_the_next_one_embedded(
         collection = chroma_server.client().get_collection(chroma_name, embedding_function=None)
         requests = api.requests
         proxy.hold(b"/upsert")  # batch N's write goes no further than the proxy
-        api.hold()  # and batch N's embedding waits until all the changes after it are in
+        api.hold()  # and the embeddings of N and N+1 wait until all the changes are in
         insert(HALF, DOCS, 1)  # one at a time: a checkpoint past any of them is caught
-        wait_until(lambda: api.held() == 1, 120, "batch N's embedding held")
+        wait_until(lambda: api.held() == 2, 120, "the embeddings of batches N and N+1 held")
         api.release()
 
         def next_one_embedded() -> bool:
