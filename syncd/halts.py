@@ -81,13 +81,17 @@ def hint(
     every ``halt_recheck_s`` (:data:`REBUILD_RETRY_S` when 0): a fix is picked up then,
     without a restart. With it, of ``syncd rebuild`` run as ``command``, which stopped:
     running it again continues the build from where it halted (``syncd resume`` lifts
-    a pipeline's own halt, not a build's)."""
-    if rebuild and command is not None:
+    a pipeline's own halt, not a build's). ``command`` without ``rebuild``: the
+    ``syncd snapshot`` that stopped, whose scan the same command continues."""
+    if command is not None:
+        # A one-shot command that stopped (`syncd rebuild`, `syncd snapshot`): nothing
+        # runs on to restart; the same command run again continues.
         again = f"run `{command}` again"
+        what = "the rebuild" if rebuild else "the scan"
         if not has_document:
-            return f"fix the cause, then {again}: the rebuild continues where it stopped"
+            return f"fix the cause, then {again}: {what} continues where it stopped"
         return (
-            f"fix or delete the document in MongoDB, then {again}: the rebuild continues "
+            f"fix or delete the document in MongoDB, then {again}: {what} continues "
             f'where it stopped; or set on_error = "dead_letter" and {again} to set such '
             "changes aside"
         )

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import threading
 
-from syncd import hints
+from syncd import halts, hints
 from syncd.config import PipelineSettings, Settings
-from syncd.errors import ExitCode
+from syncd.errors import ExitCode, HaltedError, PoisonError
 from syncd.exclusive import exclusive
 from syncd.runtime import Runtime
 
@@ -50,7 +50,10 @@ def snapshot(
             else:
                 cp = pipeline.progress.start_snapshot(reason="syncd snapshot")
             pipeline.progress.publish("snapshotting")  # `syncd status` stops showing the old error
-            pipeline.snapshotter().run(cp)
+            try:
+                pipeline.snapshotter().run(cp)
+            except (HaltedError, PoisonError) as exc:
+                raise _halted(pipeline_settings, exc, force=force) from exc
             done = pipeline.checkpoint
             pipeline.progress.publish("stopped")
         if done is None or done.phase != "streaming":
@@ -63,3 +66,16 @@ def snapshot(
         return ExitCode.OK
     finally:
         runtime.close()
+
+
+def _halted(ps: PipelineSettings, exc: HaltedError | PoisonError, *, force: bool) -> HaltedError:
+    """The scan stopped at a document it cannot apply (``on_error = "halt"``): its
+    checkpoint stays before that page, so this command run again continues there."""
+    again = hints.command("snapshot", ps.name, *(["--force"] if force else []))
+    return HaltedError(
+        exc.message,
+        hint=halts.hint(ps, has_document=exc.document_id is not None, command=again),
+        pipeline=ps.name,
+        namespace=exc.namespace,
+        document_id=exc.document_id,
+    )

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+from syncd import halts
 from syncd import plan as planning
 from syncd.applier import Applier
 from syncd.checkpoint import Checkpoint, SnapshotProgress
@@ -176,8 +177,8 @@ class Snapshotter:
         first = poisoned[0]
         raise HaltedError(
             f"snapshot halted at a document that cannot be applied: {first.error.message}",
-            hint='fix the document (or set on_error = "dead_letter") and restart; '
-            "the scan continues where it stopped",
+            # A daemon's; `syncd snapshot` and `syncd rebuild` name themselves instead.
+            hint=halts.hint(self.settings),
             pipeline=self.settings.name,
             document_id=first.change.source_id,
         ) from first.error
