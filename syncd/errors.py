@@ -576,12 +576,16 @@ def _sink_hint(root: BaseException) -> str | None:
     return None
 
 
-def retries_exhausted(exc: TransientError, deadline_s: float, **context: Any) -> SyncdError:
-    """The fatal error that ends ``retry_deadline_s`` of retrying ``exc``."""
+def retries_exhausted(
+    exc: TransientError, deadline_s: float, *, command: str | None = None, **context: Any
+) -> SyncdError:
+    """The fatal error that ends ``retry_deadline_s`` of retrying ``exc``; ``command``:
+    the one that retried, to start again (default ``syncd run``)."""
     family = SinkFatalError if exc.exit_code == ExitCode.SINK else SourceFatalError
+    again = command or hints.command("run")
     return family(
         f"still failing after {deadline_s:.0f} s of retries: {exc.message}",
-        hint=f"fix the cause and start `{hints.command('run')}` again, or raise retry_deadline_s "
+        hint=f"fix the cause and start `{again}` again, or raise retry_deadline_s "
         "(0 retries forever)",
         **context,
     )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -34,11 +35,14 @@ from syncd.errors import (
     HaltedError,
     PoisonError,
     SinkLostError,
+    TransientError,
     from_sink,
+    retries_exhausted,
 )
 from syncd.estimate import estimate
 from syncd.exclusive import Hold, exclusive
 from syncd.mapping import Mapper
+from syncd.pipeline import backoff_waits
 from syncd.rebuild_metrics import RebuildTelemetry
 from syncd.runtime import Runtime
 from syncd.switching import build_name, load_record, position_of, save_record, versioned
@@ -73,9 +77,16 @@ def rebuild(
         telemetry.start()
     runtime = Runtime(settings, telemetry)
     command = command or hints.command("rebuild", ps.name)
+    stop = stop or threading.Event()
     try:
-        return run_rebuild(
-            runtime, ps, action=action, force=force, command=command, stop=stop or threading.Event()
+        return _retrying(
+            lambda: run_rebuild(
+                runtime, ps, action=action, force=force, command=command, stop=stop
+            ),
+            runtime,
+            ps,
+            command=command,
+            stop=stop,
         )
     except (HaltedError, PoisonError) as exc:
         # A document the new mapping cannot apply (on_error = "halt"): the build keeps
@@ -92,6 +103,38 @@ def rebuild(
         runtime.close()
         if telemetry is not None:
             telemetry.shutdown()
+
+
+def _retrying(
+    attempt: Callable[[], int],
+    runtime: Runtime,
+    ps: PipelineSettings,
+    *,
+    command: str,
+    stop: threading.Event,
+) -> int:
+    """``attempt()`` (the rebuild) until it ends, tried again after an outage of MongoDB,
+    Chroma or the embedding API outside the build's own retry loop (before its snapshot
+    starts, during the switch), with the same backoff and ``retry_deadline_s`` as the
+    build and as a daemon's rebuild (see :mod:`syncd.autorebuild`): each run continues
+    where the last one stopped."""
+    waits = backoff_waits(ps.retry_max_backoff_s)
+    failing_since: float | None = None
+    tries = 0
+    while True:
+        try:
+            return attempt()
+        except TransientError as exc:
+            tries += 1
+            failing_since = failing_since or time.monotonic()
+            deadline = ps.retry_deadline_s
+            if deadline and time.monotonic() - failing_since > deadline:
+                raise retries_exhausted(exc, deadline, pipeline=ps.name, command=command) from exc
+            delay = exc.retry_after or next(waits)
+            runtime.telemetry.pipeline(ps.name).retrying(exc, tries, delay)
+            if stop.wait(delay):
+                _say(f"rebuild interrupted; run `{command}` again to continue")
+                return ExitCode.DRIFT_OR_FAILURE
 
 
 def run_rebuild(
