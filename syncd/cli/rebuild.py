@@ -19,7 +19,9 @@ def register(verbs: Any) -> None:
         "then streaming until caught up. Then take the pipeline (fencing a running daemon "
         "out for the switch), catch up, and switch: NAME serves the new records, the old "
         "collection is kept as NAME--vN-1. A crash at any point is resumed by running the "
-        "same command again. SIGTERM or Ctrl-C stops after the current batch (exit 1). A "
+        "same command again. An outage of MongoDB, Chroma or the embedding API is retried "
+        "until retry_deadline_s (0: forever). SIGTERM or Ctrl-C stops after the current batch "
+        "(exit 1). A "
         'document the new mapping cannot apply under on_error = "halt" stops it (exit 6): '
         'fix the document, or set on_error = "dead_letter", and the same command continues.',
     )
