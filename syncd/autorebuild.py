@@ -103,6 +103,8 @@ class Rebuilder:
         self.beside = beside
         self.rebuilt_here = False  # this process began rebuilding (and said so in the status)
         self.halted_here = False  # this process's build halted (see _halted)
+        self._halt_key: str | None = None  # the document it last halted at, and how many
+        self._halt_tries = 0  # tries in a row halted there
 
     def run(self) -> bool:
         """Rebuild if needed; True once the pipeline may stream, False when stopped first.
@@ -147,8 +149,12 @@ class Rebuilder:
                 # pipeline alone waits, and tries again (the build continues from there).
                 every = self.ps.halt_recheck_s or halts.REBUILD_RETRY_S
                 halt = self._halted(exc)
+                same = halt.key is not None and halt.key == self._halt_key
+                self._halt_tries = self._halt_tries + 1 if same else 1
+                self._halt_key = halt.key
                 log.error(
-                    "the rebuild halted: %s; trying again in %.0f s",
+                    "the rebuild halted%s: %s; trying again in %.0f s",
+                    f" again at the same document (try {self._halt_tries})" if same else "",
                     halt.error(self.ps.name).describe(), every, extra={"pipeline": self.ps.name},
                 )  # fmt: skip
                 self.stop.wait(every)
@@ -201,6 +207,7 @@ class Rebuilder:
             heartbeat=self.heartbeat,
             say=lambda line: log.info(line, extra={"pipeline": name}),
             telemetry=self.telemetry,
+            retrying_halt=held,
         )
 
     def _publish(self, state: str, error: BaseException | None = None) -> None:

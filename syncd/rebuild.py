@@ -150,12 +150,15 @@ def run_rebuild(
     heartbeat: Callable[[], None] | None = None,
     say: Callable[[str], None] = _say,
     telemetry: PipelineTelemetry | None = None,
+    retrying_halt: bool = False,
 ) -> int:
     """:func:`rebuild` with the parts of a running process: a daemon rebuilding by itself
     (see :mod:`syncd.autorebuild`) passes ``live``, which gives its hold on the live
     pipeline when the switch needs it (the lease it holds, or takes then), a
     ``heartbeat``, ``say`` (its log) and ``telemetry``, the pipeline's, which reports
-    ``rebuilding`` (``syncd rebuild`` makes its own)."""
+    ``rebuilding`` (``syncd rebuild`` makes its own); ``retrying_halt``: this is the
+    daemon trying again at the document its build halted at, which continues the
+    build it already said it continues (so it does not say so again)."""
     name = ps.name
     if telemetry is None:
         telemetry = runtime.telemetry.pipeline(name)
@@ -167,6 +170,7 @@ def run_rebuild(
             runtime, ps, hold, command, stop,
             live=live, heartbeat=heartbeat, say=say, telemetry=telemetry,
         )  # fmt: skip
+        job.retrying_halt = retrying_halt
         if job.record.get("state") == "switching":
             job.switch()
             say(f"completed the interrupted switch of {name}")
@@ -210,6 +214,7 @@ class _Rebuild:
         self.say = say
         self.metrics = runtime.telemetry.rebuild(ps.name)
         self.telemetry = telemetry or runtime.telemetry.pipeline(ps.name)
+        self.retrying_halt = False  # see run_rebuild
 
     # --- build --------------------------------------------------------------------
 
@@ -245,7 +250,8 @@ class _Rebuild:
             if built is None or built.fingerprint != self.fingerprint:
                 self._start_over(record, live)
             else:
-                self.say(f"continuing the rebuild of {self.name} into {record['target']}")
+                if not self.retrying_halt:
+                    self.say(f"continuing the rebuild of {self.name} into {record['target']}")
                 continued = True
         self.record = record
         self.metrics.resume_from(self.store.load(build_name(self.name)))

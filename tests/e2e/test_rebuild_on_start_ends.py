@@ -239,3 +239,47 @@ def test_a_halted_rebuild_sets_the_document_aside_under_dead_letter_as_its_hint_
     assert code == ExitCode.OK and row["state"] == "streaming" and "halt" not in row, row
     daemon.terminate()
     assert daemon.wait(30) == ExitCode.OK, daemon.output()
+
+
+@pytest.mark.timeout(300)
+def test_a_halted_rebuild_says_it_continues_once_per_start_not_at_every_try(
+    tmp_path, mirror, mongo_client, syncd_factory
+):
+    old = mirror("rbonce", embedder=HASHING)
+    new = mirror("rbonce", db=old.db, coll=old.coll, metadata=["title", "n"], embedder=HASHING,
+                 mapping={"max_text_chars": 30}, on_mapping_change="rebuild",
+                 halt_recheck_s=1, snapshot_batch_size=10)  # fmt: skip
+    docs = _copied_with_a_long_text(tmp_path, mongo_client, syncd_factory, old, 25)
+    continuing = "continuing the rebuild of p"
+
+    def halted_tries(daemon: Any, since: int, count: int) -> str:
+        wait_until(lambda: daemon.output(since).count("the rebuild halted") >= count, 90,
+                   f"{count} tries of the halted rebuild")  # fmt: skip
+        return str(daemon.output(since))
+
+    # The process that began the build: it continues nothing, however often it tries.
+    daemon = syncd_factory(["run"], new.cfg, log_path=tmp_path / "new.log")
+    output = halted_tries(daemon, 0, 4)
+    assert continuing not in output, output
+    # Each try again says it is the same halt, and where.
+    again = [x for x in output.splitlines() if "the rebuild halted again at the same document" in x]
+    assert len(again) >= 3 and all("_id 'long'" in x for x in again), output
+    daemon.terminate()
+    assert daemon.wait(30) == ExitCode.OK, daemon.output()
+
+    # The next start continues the build: it says so once, then tries again silently.
+    since = len(daemon.output().encode())
+    daemon.start()
+    output = halted_tries(daemon, since, 4)
+    assert output.count(continuing) == 1, output
+    assert output.index(continuing) < output.index("the rebuild halted"), output
+
+    docs.update_one({"_id": "long"}, {"$set": {"body": "short now"}})
+    daemon.wait_for_output("rebuild of p switched", 120)
+    assert daemon.output(since).count(continuing) == 1, daemon.output(since)
+    wait_caught_up(mongo_client, old.db, new.settings, "p", 90, "the new mapping to stream")
+    want = embedded_by_the_api(docs.find(), dimensions=32, metadata_fields=["title", "n"])
+    problem = diff(want, actual(new.collection()))
+    assert not problem, problem
+    daemon.terminate()
+    assert daemon.wait(30) == ExitCode.OK, daemon.output()
