@@ -81,7 +81,8 @@ class Metrics:
             "0 when caught up.",
         )
         self.snapshot_scanned = gauge(
-            "syncd_snapshot_documents_scanned", "Documents copied by the current or last snapshot."
+            "syncd_snapshot_documents_scanned",
+            "Documents the current or last snapshot has written and checkpointed.",
         )
         self.snapshot_total = gauge(
             "syncd_snapshot_documents_estimated",
@@ -112,7 +113,8 @@ class Metrics:
         )
         self.rebuild_scanned = gauge(
             "syncd_rebuild_documents_scanned",
-            "Documents the rebuild's snapshot has copied into the new collection.",
+            "Documents the rebuild's snapshot has written into the new collection and "
+            "checkpointed.",
         )
         self.rebuild_total = gauge(
             "syncd_rebuild_documents_estimated",

@@ -64,6 +64,7 @@ class Snapshotter:
             "snapshot",
             pipeline=self.settings.name,
             total=self._estimate(self.settings.source_collections),
+            unit="documents checkpointed",  # as `syncd status` and the metrics count them
             initial=progress.scanned,
         )
         self.telemetry.snapshot_progress(progress.scanned, reporter.total)

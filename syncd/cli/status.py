@@ -69,7 +69,7 @@ def _print(row: dict[str, Any]) -> None:
         print(f"  position       {where}{age}")
     elif row.get("phase") == "snapshot":
         copied = row.get("snapshot_scanned", 0)
-        print(f"  position       snapshot in progress, {copied} documents copied")
+        print(f"  position       snapshot in progress, {copied} documents checkpointed")
     if "lag_s" in row:
         print(f"  lag            {row['lag_s']} s behind MongoDB")
     print(f"  dead letters   {row['dead_letters']}")
@@ -104,7 +104,7 @@ def _rebuild_line(rebuild: dict[str, Any]) -> str:
     if rebuild.get("collection"):
         parts.append(f"into {rebuild['collection']} ({rebuild.get('phase', '?')})")
     if "snapshot_scanned" in rebuild:
-        parts.append(f"{rebuild['snapshot_scanned']} documents copied")
+        parts.append(f"{rebuild['snapshot_scanned']} documents checkpointed")
     if "lag_s" in rebuild:
         parts.append(f"{rebuild['lag_s']} s behind MongoDB")
     if rebuild.get("to_embed"):

@@ -14,7 +14,7 @@ import pytest
 from syncd.errors import ExitCode
 from tests.harness.daemon import run_syncd
 
-from .helpers import copy_and_stop
+from .helpers import copy_and_stop, log_records
 from .oracle import document
 from .test_halts import _hinted_commands, _run_hinted, _set_pipeline_option
 
@@ -113,4 +113,39 @@ def test_a_halted_rebuild_sets_the_document_aside_when_its_hint_is_run_under_dea
     listed = run_syncd(["dlq", "list", "p", "--json"], new.cfg)
     assert sorted(e["key"] for e in json.loads(listed.stdout)) == ["i:-1", "s:long"], listed.stdout
     problem = new.mismatch(docs.find({"body": {"$ne": TOO_LONG}}))
+    assert not problem, problem
+
+
+@pytest.mark.timeout(300)
+def test_a_rebuild_halted_within_a_page_counts_the_documents_it_checkpointed(
+    tmp_path, mirror, mongo_client, syncd_factory
+):
+    old, new = _mirrors(mirror, "rbcount", extra={"log": {"progress_every_s": 0}})
+    docs = mongo_client[old.db]["docs"]
+    # Pages of 10: the third, 20..29, halts at 22; the others of it are written all the
+    # same, its checkpoint stays before it.
+    docs.insert_many([document(i) for i in range(30)])
+    docs.update_one({"_id": 22}, {"$set": {"body": TOO_LONG}})
+    copy_and_stop(
+        syncd_factory, mongo_client, old.cfg, old.settings, old.db, log_path=tmp_path / "old.log"
+    )
+    done = run_syncd(["rebuild", "p", "--log-format", "json"], new.cfg, timeout=180)
+    command = _halted(done, "22")
+    built = new.chroma.client().get_collection(f"{new.coll}--v2", embedding_function=None)
+    assert built.count() == 29, built.count()  # written: all but 22
+
+    # What the count counts, it says: the 20 documents checkpointed, in the progress
+    # line, `syncd status` and its --json alike.
+    lines = [r for r in log_records(done.stderr) if r.get("operation") == "snapshot"]
+    assert lines and all(r["unit"] == "documents checkpointed" for r in lines), lines
+    assert lines[-1]["done"] == 20, lines
+    row = json.loads(run_syncd(["status", "--json"], new.cfg).stdout)[0]
+    assert row["rebuild"]["snapshot_scanned"] == 20, row
+    text = run_syncd(["status", "p"], new.cfg).stdout
+    assert "(snapshot), 20 documents checkpointed" in text, text
+
+    docs.update_one({"_id": 22}, {"$set": {"body": "short now"}})
+    done = _run_hinted(command, new.cfg)
+    assert done.returncode == ExitCode.OK, done.stdout + done.stderr
+    problem = new.mismatch(docs.find())
     assert not problem, problem
