@@ -35,6 +35,9 @@ class Upsert:
     text: str
     metadata: Mapping[str, Any]  # None values delete keys
     embedding: Sequence[float]
+    # The vector as the float32 array Chroma stores, made ahead of the write by
+    # :func:`packed`; None: the sink converts ``embedding`` itself.
+    vector: Any = dataclasses.field(default=None, compare=False, repr=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +54,35 @@ class WritePlan:
 
     def __len__(self) -> int:
         return len(self.upserts) + len(self.updates) + len(self.deletes)
+
+
+def packed(plan: WritePlan) -> WritePlan:
+    """``plan`` with each upsert's vector also as a float32 array, for a later write.
+
+    Chroma stores float32 vectors. Given lists of Python floats, chromadb's client checks
+    and converts every value inside ``upsert``, on the thread that writes, while Chroma
+    waits for the request; an array it takes as it is. The staged loop packs a batch in
+    its planner thread, so the writer only sends it. Without numpy (it comes with
+    either Chroma package) the plan is returned as it was.
+    """
+    if not plan.upserts:
+        return plan
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - a dependency of chromadb and chromadb-client
+        return plan
+    upserts = [
+        dataclasses.replace(u, vector=np.asarray(u.embedding, dtype=np.float32))
+        for u in plan.upserts
+    ]
+    return WritePlan(upserts=upserts, updates=plan.updates, deletes=plan.deletes)
+
+
+def _vectors(part: Sequence[Upsert]) -> list[Any]:
+    """The slice's vectors for chromadb: the arrays :func:`packed` made, else lists."""
+    if all(u.vector is not None for u in part):
+        return [u.vector for u in part]
+    return [list(u.embedding) for u in part]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,7 +272,7 @@ class ChromaSink:
                 ids=[u.id for u in part],
                 documents=[u.text for u in part],
                 metadatas=[dict(u.metadata) for u in part],
-                embeddings=[list(u.embedding) for u in part],
+                embeddings=_vectors(part),
             )
         for start in range(0, len(plan.updates), step):
             part_u = plan.updates[start : start + step]

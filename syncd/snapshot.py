@@ -28,7 +28,7 @@ from syncd.identity import base_id, decode_id, record_key, split_key
 from syncd.progress import Progress
 from syncd.sink import WritePlan
 from syncd.source import Source, id_key
-from syncd.staging import ahead
+from syncd.staging import ahead, packed_ahead
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +132,8 @@ class Snapshotter:
         # Part N+1 is read, mapped and embedded while part N is written.
         pages = ahead(
             parts(scan, part_size(self.settings)),
-            lambda docs, stage: self.applier.plan(
-                [self._change(collection, doc) for doc in docs], stage=stage
+            lambda docs, stage: packed_ahead(
+                self.applier.plan([self._change(collection, doc) for doc in docs], stage=stage)
             ),
             name=f"snapshot-{self.settings.name}",
         )

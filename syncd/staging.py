@@ -46,7 +46,7 @@ from typing import Any, TypeVar
 from syncd import plan as planning
 from syncd.applier import Applier, Embedding, Planned
 from syncd.checkpointing import Progress
-from syncd.sink import Sink
+from syncd.sink import Sink, packed
 from syncd.source import Batch, Source
 from syncd.telemetry import PipelineTelemetry
 
@@ -267,7 +267,7 @@ class Planner(threading.Thread):
             item.sequential = True  # a halt: the writer finds exactly where, as it always did
             return item
         else:
-            item.planned = planned
+            item.planned = packed_ahead(planned)
         item.keys = [c.key for c in changes]
         self.in_flight.add(item.keys)
         return item
@@ -295,6 +295,13 @@ class Planner(threading.Thread):
         while not item.done.wait(POLL_S):
             if self.in_flight.cancelled:
                 raise Abandoned
+
+
+def packed_ahead(planned: Planned) -> Planned:
+    """Pack the plan's vectors as Chroma takes them (:func:`syncd.sink.packed`) in the
+    planning thread, where it overlaps the write before it, not in the writer's turn."""
+    planned.result.plan = packed(planned.result.plan)
+    return planned
 
 
 def _discard(item: Item) -> None:

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import pytest
 from bson.timestamp import Timestamp
 
@@ -410,3 +411,27 @@ def test_ahead_raises_a_planning_error_in_its_turn_and_stops_on_close() -> None:
     assert next(endless)[0] == 0
     endless.close()
     assert not [t for t in threading.enumerate() if t.name == "ahead-endless"]
+
+
+def test_the_planner_hands_the_writer_its_vectors_packed() -> None:
+    # Packing each vector as Chroma takes it is the planner's work, done while the batch
+    # before is written; the writer only sends it.
+    source = StreamSource(
+        [[event(1, "insert", 1, {"body": "a"}), event(2, "insert", 2, {"body": "b"})]]
+    )
+    p, _log, sink, _store, _, _emb = gated(source=source)
+    sink.release.set()
+    written: list[WritePlan] = []
+    write = sink.write
+
+    def keep(plan: WritePlan) -> None:
+        written.append(plan)
+        write(plan)
+
+    sink.write = keep
+    assert run_until(p, checkpointed(p, 2)) is None
+    upserts = [u for plan in written for u in plan.upserts]
+    assert [u.id for u in upserts] == ["i:1", "i:2"]
+    for u in upserts:
+        assert u.vector is not None and u.vector.dtype == np.float32
+        assert u.vector.tolist() == np.asarray(u.embedding, dtype=np.float32).tolist()
