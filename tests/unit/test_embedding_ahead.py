@@ -15,7 +15,7 @@ import pytest
 from bson.timestamp import Timestamp
 
 from syncd.embedder import OpenAIEmbedder
-from syncd.errors import HaltedError
+from syncd.errors import HaltedError, SinkUnavailableError
 from tests.harness.embedding_api import EmbeddingAPI
 from tests.unit.test_pipeline import T0, event
 from tests.unit.test_staging import (
@@ -193,3 +193,33 @@ def test_submitted_calls_share_embed_concurrency_and_keep_their_order(
         embedder.close()
     assert api.max_in_flight == 2
     assert sorted(api.inputs) == ["a", "b", "c", "d"]
+
+
+def test_an_outage_of_the_api_for_a_batch_planned_ahead_is_retried(api: EmbeddingAPI) -> None:
+    # Batch 2's request fails as an unreachable API does, while batch 1 is written: the
+    # writer raises it in batch 2's turn, nothing past batch 1 is checkpointed, and the
+    # retry reads batch 2 again from the checkpoint.
+    source = stream(["a"], ["b"], ["c"])
+    p, log, sink, store, _, _ = gated(source=source)
+    embedder = remote(p, api, concurrency=2)
+    post = embedder._post
+    failed: list[int] = []
+
+    def unreachable_once(batch: Any) -> Any:
+        if "b" in batch and not failed:
+            failed.append(len(store.saved))
+            raise SinkUnavailableError("embedding API unreachable (ConnectError)")
+        return post(batch)
+
+    embedder._post = unreachable_once  # type: ignore[method-assign]
+    threading.Timer(0.3, sink.release.set).start()
+    try:
+        assert run_until(p, checkpointed(p, 3)) is None
+    finally:
+        embedder.close()
+    assert failed, "the outage never happened: the test proved nothing"
+    assert checkpoints(log)[0] == f"checkpoint {Timestamp(T0, 1)}"
+    times = [cp.cluster_time for cp in store.saved[1:]]
+    assert times == sorted(times)
+    for n, text in enumerate(["a", "b", "c"], start=1):
+        assert sink.records[f"i:{n}"]["embedding"] == api.vector(text)
