@@ -25,7 +25,13 @@ from typing import Any, Protocol
 from syncd import halts, hints, switching
 from syncd.checkpoint import Checkpoint, CheckpointStore, SnapshotProgress, lost_collection, whoami
 from syncd.config import PipelineSettings
-from syncd.errors import FingerprintMismatchError, SinkLostError, SourceFatalError, SyncdError
+from syncd.errors import (
+    FingerprintMismatchError,
+    SinkFatalError,
+    SinkLostError,
+    SourceFatalError,
+    SyncdError,
+)
 from syncd.redact import redact_text
 from syncd.sink import Sink
 from syncd.source import Position, position_of
@@ -84,9 +90,8 @@ class Progress:
         # A rebuild switching (or having switched) the collection: wait, never write.
         # Under on_mapping_change = "rebuild", a mismatch found here (not at the start,
         # where the worker rebuilds first) waits too: never the refusal below.
-        rebuilds = self.settings.on_mapping_change == "rebuild" and not self.resync
         switching.check_start(
-            self.store, self.settings.name, self.fingerprint, cp, rebuilds=rebuilds
+            self.store, self.settings.name, self.fingerprint, cp, rebuilds=self._rebuilds
         )
         if cp.fingerprint != self.fingerprint:
             if not self.resync:
@@ -109,9 +114,14 @@ class Progress:
         """The checkpoint, if Chroma's collection is the one it describes (by id); if it
         is lost, stop with a hint, or re-snapshot under ``on_sink_lost``."""
         name = self.settings.chroma_collection_name
-        what = lost_collection(cp, self.sink, name)
+        try:
+            what = lost_collection(cp, self.sink, name)
+        except SinkFatalError:  # made for other vectors or another distance
+            self.check_switch()
+            raise
         if what is None:
             return cp
+        self.check_switch()
         if self.settings.on_sink_lost == "resnapshot":
             log.error(
                 '%s; re-snapshotting as configured (on_sink_lost = "resnapshot")',
@@ -126,6 +136,27 @@ class Progress:
             pipeline=self.settings.name,
             namespace=f"chroma:{name}",
         )
+
+    @property
+    def _rebuilds(self) -> bool:
+        return self.settings.on_mapping_change == "rebuild" and not self.resync
+
+    def check_switch(self) -> None:
+        """Raise MappingSwitchedError if a rebuild is switching, or has switched, the
+        pipeline away from this process's mapping.
+
+        Called when Chroma's collection by name is not the one the checkpoint describes
+        (gone, replaced, or made for other vectors), before judging it lost: a switch
+        records its intent before it renames anything, so the record read here, after
+        Chroma was looked at, tells whether a switch is the cause (a record read
+        before, as :meth:`load` does first, may predate it). The checkpoint is read
+        again from the store: the one this run holds has the mapping switched away from.
+        """
+        stored = self.store.load(self.settings.name)
+        if stored is not None:
+            switching.check_start(
+                self.store, self.settings.name, self.fingerprint, stored, rebuilds=self._rebuilds
+            )
 
     def open_sink(self, cp: Checkpoint) -> None:
         """Reach Chroma. A checkpoint that names no collection yet (a first run, a new
@@ -217,7 +248,13 @@ class Progress:
             return
         if time.monotonic() - self._last_saved >= self.settings.idle_checkpoint_interval_s:
             # A quiet pipeline writes nothing that would find its collection gone: look.
-            if self.sink.collection_id() != self.require().chroma_collection_id:
+            try:
+                found = self.sink.collection_id()
+            except SinkFatalError:  # another collection by that name, for other vectors
+                self.check_switch()
+                raise
+            if found != self.require().chroma_collection_id:
+                self.check_switch()
                 raise SinkLostError(
                     f"Chroma collection {self.settings.chroma_collection_name!r} was deleted "
                     "or replaced",

@@ -33,6 +33,7 @@ from syncd.errors import (
     HaltedError,
     HistoryLostError,
     LeaseLostError,
+    MappingSwitchedError,
     SinkLostError,
     SourceFatalError,
     TransientError,
@@ -168,6 +169,11 @@ class Pipeline:
                 attempt += 1
                 failing_since = failing_since or time.monotonic()
                 self._give_up_if_past_deadline(exc, failing_since)
+                if isinstance(exc, MappingSwitchedError):
+                    # A rebuild's switch found mid-run: the next try loads the checkpoint
+                    # again and checks it (and binds Chroma's collection) anew, never
+                    # streaming on from the one it holds.
+                    self.checkpoint = None
                 delay = exc.retry_after or next(waits)
                 self._retrying = True
                 self.telemetry.retrying(exc, attempt, delay)

@@ -12,7 +12,7 @@ from syncd.errors import ExitCode
 from tests.harness.embedding_api import embedding_api
 
 from .helpers import diff, settings_of, wait_caught_up, wait_until
-from .oracle import DIMENSIONS, actual, document, embedded_by_the_api
+from .oracle import actual, document, embedded_by_the_api
 from .test_rebuild import (
     NEW_DIMENSIONS,
     NEW_METADATA,
@@ -46,11 +46,9 @@ def test_a_daemon_switched_away_waits_through_another_rebuild(
     db, coll = _names()
     docs = mongo_client[db]["docs"]
     docs.insert_many([document(i) for i in range(DOCS)])
-    # A (the daemon's) and B: the first rebuild's mapping, with vectors of A's size (the
-    # wait is under test here, not a switch that changes the size under a daemon).
+    # A (the daemon's) and B: the first rebuild's mapping.
     a_cfg, b_cfg = _configs(
         tmp_path, mongo_uri, chroma_server, db, coll,
-        new_embedder={"kind": "hashing", "dimensions": DIMENSIONS},
         on_mapping_change="rebuild", retry_max_backoff_s=1,
     )  # fmt: skip
     settings = settings_of(a_cfg)
@@ -123,7 +121,7 @@ def test_a_daemon_switched_away_waits_through_another_rebuild(
         assert f"{coll}--v1" not in names and a_id not in names.values(), names
         assert_new_mapping(chroma, coll, docs)
         want = embedded_by_the_api(
-            docs.find(), dimensions=DIMENSIONS, metadata_fields=list(NEW_METADATA)
+            docs.find(), dimensions=NEW_DIMENSIONS, metadata_fields=list(NEW_METADATA)
         )
         problem = diff(want, actual(chroma.get_collection(f"{coll}--v2")))
         assert not problem, problem
