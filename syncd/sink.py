@@ -198,6 +198,7 @@ class ChromaSink:
         self._create = create
         self._dimensions = dimensions
         self._coll: Any = None
+        self._gone = False  # the bound collection was found gone; see _collection
         self._max_batch = 0
 
     @property
@@ -210,6 +211,7 @@ class ChromaSink:
 
     def collection_id(self, *, create: bool = False) -> str | None:
         opened = self._open(create)
+        self._gone = False
         if opened is None:
             self._coll = None
             return None
@@ -218,8 +220,11 @@ class ChromaSink:
 
     def _collection(self) -> Any:
         # A pipeline binds the collection before its first call (collection_id); other
-        # callers open it as they always did, creating it with ``create``.
-        if self._coll is None and self.collection_id(create=self._create) is None:
+        # callers open it as they always did, creating it with ``create``. Once the bound
+        # collection was found gone, only collection_id() looks the name up again: what
+        # the name serves now (another's collection, or the one a rebuild switched it to)
+        # is for the caller to judge first, never written into by a call that follows.
+        if self._coll is None and (self._gone or self.collection_id(create=self._create) is None):
             raise self._lost()
         return self._coll
 
@@ -346,6 +351,7 @@ class ChromaSink:
             return getattr(coll, method)(**kwargs)
         except Exception as exc:
             if _is_not_found(exc):
+                self._gone = True  # first: another thread may be in _collection()
                 self._coll = None  # the next collection_id() looks the name up again
                 raise self._lost() from exc
             records = method in ("upsert", "update")
