@@ -41,7 +41,7 @@ from syncd.errors import (
 )
 from syncd.identity import COLL_KEY, record_key
 from syncd.mapping import Mapper
-from syncd.sink import Sink
+from syncd.sink import Sink, packed
 from syncd.snapshot import Snapshotter
 from syncd.source import Batch, Source
 from syncd.staging import LIFECYCLE_OPS, Item, Planner
@@ -297,6 +297,9 @@ class Pipeline:
                 planned = self.applier.finish(item.embedding)
                 if planned.poisoned and not self.applier.dead_lettering:
                     self._halt_at(planned.poisoned, batch.events, batch.events)
+                # Its vectors came after the planner let it go: packed here, as Chroma
+                # takes them (numpy's conversion, not chromadb's check of each value).
+                planned.result.plan = packed(planned.result.plan)
             if planned is not None:
                 self.applier.write(planned, counts=self.progress.counts())
                 if planned.poisoned:

@@ -11,11 +11,13 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 from bson.timestamp import Timestamp
 
 from syncd.embedder import OpenAIEmbedder
 from syncd.errors import HaltedError, SinkUnavailableError
+from syncd.sink import WritePlan
 from tests.harness.embedding_api import EmbeddingAPI
 from tests.unit.test_pipeline import T0, event
 from tests.unit.test_staging import (
@@ -125,6 +127,14 @@ def test_vectors_of_requests_in_flight_at_once_keep_their_records(api: Embedding
         stage_at(name, started_ns, ended_ns, seconds, error)
 
     p.applier.telemetry.stage_at = recorded
+    written: list[WritePlan] = []
+    write = sink.write
+
+    def keep(plan: WritePlan) -> None:
+        written.append(plan)
+        write(plan)
+
+    sink.write = keep
     try:
         assert run_until(p, checkpointed(p, 40)) is None
     finally:
@@ -133,6 +143,10 @@ def test_vectors_of_requests_in_flight_at_once_keep_their_records(api: Embedding
     # Each batch's embedding is one stage, from its requests to its last answer.
     embeds = [seconds for name, seconds in stages if name == "embed"]
     assert len(embeds) == 2 and min(embeds) >= 0.02, stages
+    # The vectors reach the sink packed as Chroma takes them, as a local embedder's do.
+    upserts = [u for plan in written for u in plan.upserts]
+    assert len(upserts) == 40
+    assert all(isinstance(u.vector, np.ndarray) and u.vector.dtype == np.float32 for u in upserts)
     assert {rid: r["embedding"] for rid, r in sink.records.items()} == {
         f"i:{n}": api.vector(text) for n, text in enumerate(texts, start=1)
     }
