@@ -120,7 +120,7 @@ def ts_arg(ts: Any) -> str:
 
 def drain(config: Path, pipeline: str, *, start_at: Any = None, until: Any = None,
           snapshot: bool = False, tracing: str = "off", profile: Path | None = None,
-          timeout: float = 900, warmup: int = 0) -> dict[str, Any]:
+          timeout: float = 900, warmup: int = 0, stage_times: bool = False) -> dict[str, Any]:
     """Run bench/drain.py in a fresh process; its JSON result."""
     cmd = [PYTHON, str(ROOT / "bench" / "drain.py"), "--config", str(config),
            "--pipeline", pipeline, "--tracing", tracing, "--timeout", str(timeout)]
@@ -134,6 +134,8 @@ def drain(config: Path, pipeline: str, *, start_at: Any = None, until: Any = Non
         cmd += ["--warmup", str(warmup)]
     if profile is not None:
         cmd += ["--profile", str(profile)]
+    if stage_times:
+        cmd.append("--stage-times")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 120,
                           check=False, cwd=config.parent)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]

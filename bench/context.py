@@ -141,11 +141,13 @@ def raw_upsert(chroma: Any, table: dict[str, Any], n: int, *, batch: int,
     """Upsert the records syncd maps from the bench documents 0..n-1 (ids, texts, metadata,
     vectors), ``batch`` at a time, into a new collection with one client: the baseline
     syncd is held to. Only the upsert calls are timed (``wall_s``); mapping a slice happens
-    between them, outside the window."""
+    between them, outside the window. ``progress``: (upsert seconds so far, records) after
+    each slice, to tell whether the rate falls as the collection grows."""
     drop_collection(chroma, "raw")
     target = chroma.create_collection("raw", embedding_function=None,
                                       metadata={"hnsw:space": "cosine"})
     seconds, records = 0.0, 0
+    progress: list[list[float]] = []
     for part in _mapped_slices(table, range(n), batch, dims=dims):
         began = time.perf_counter()
         target.upsert(ids=[r.id for r in part], documents=[r.text for r in part],
@@ -153,7 +155,9 @@ def raw_upsert(chroma: Any, table: dict[str, Any], n: int, *, batch: int,
                       embeddings=[r.embedding for r in part])
         seconds += time.perf_counter() - began
         records += len(part)
-    return {"records": records, "wall_s": seconds, "per_s": records / seconds}
+        progress.append([seconds, records])
+    return {"records": records, "wall_s": seconds, "per_s": records / seconds,
+            "progress": progress}
 
 
 def _mapped_slices(table: dict[str, Any], ids: range, size: int, *,

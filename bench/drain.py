@@ -150,6 +150,45 @@ def thread_cpu_seconds() -> dict[str, float]:
     return out
 
 
+def _time_stages(pipeline: Any, out: list[tuple[float, str, float]]) -> None:
+    """Append (seconds since now, stage, its seconds) for each stage the telemetry times,
+    each page the snapshot's scan reads ("find") and each checkpoint save."""
+    began = time.perf_counter()
+    telemetry = pipeline.applier.telemetry
+    observe = telemetry._observe_stage
+
+    def observed(name: str, seconds: float) -> None:
+        out.append((round(time.perf_counter() - began, 3), name, seconds))
+        observe(name, seconds)
+
+    telemetry._observe_stage = observed
+    scan = pipeline.source.scan
+
+    def timed_scan(*a: Any, **kw: Any) -> Any:
+        pages = scan(*a, **kw)
+        while True:
+            clock = time.perf_counter()
+            try:
+                page = next(pages)
+            except StopIteration:
+                return
+            observed("find", time.perf_counter() - clock)
+            yield page
+
+    pipeline.source.scan = timed_scan
+    save = pipeline.progress.save
+
+    def timed_save(*a: Any, **kw: Any) -> Any:
+        clock = time.perf_counter()
+        try:
+            return save(*a, **kw)
+        finally:
+            out.append((round(time.perf_counter() - began, 3), "checkpoint_save",
+                        time.perf_counter() - clock))
+
+    pipeline.progress.save = timed_save
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", required=True)
@@ -159,6 +198,8 @@ def main() -> int:
     parser.add_argument("--snapshot", action="store_true")
     parser.add_argument("--tracing", choices=["off", "noop"], default="off")
     parser.add_argument("--profile")
+    parser.add_argument("--stage-times", action="store_true",
+                        help="report each timed stage (and each scan page and checkpoint save)")
     parser.add_argument("--timeout", type=float, default=900,
                         help="stop after this many seconds and report how far it got")
     parser.add_argument("--warmup", type=int, default=0,
@@ -186,6 +227,9 @@ def main() -> int:
         counter = CountingEmbedder(pipeline.embedder)
         pipeline.applier.embedder = counter
     until = _ts(args.until) if args.until else None
+    stages: list[tuple[float, str, float]] = []
+    if args.stage_times:
+        _time_stages(pipeline, stages)
     if counter is not None and args.warmup:
         counter.inner.embed([f"warm-up text {k}" for k in range(args.warmup)])
 
@@ -256,6 +300,7 @@ def main() -> int:
         "timed_out": "timed_out" in finished,
         "scanned": cp.snapshot.scanned if cp is not None and cp.snapshot is not None else None,
         "progress": progress,
+        "stages": stages,
         # Threads started within the window (the planner) count from zero.
         "thread_cpu_s": {name: round(cpu - threads_start.get(name, 0.0), 3)
                          for name, cpu in threads_end.items()},

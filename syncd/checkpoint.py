@@ -56,6 +56,12 @@ class SnapshotProgress:
     has_last_id: bool = False
     scanned: int = 0
     started_at: datetime | None = None
+    # Chroma held no record when the scan began (a new or empty collection), so it holds
+    # nothing of the documents after ``last_id`` but what the write of the part ending at
+    # ``writing_id`` may have put there: their stored records need no lookup.
+    empty_ahead: bool = False
+    writing_id: Any = None
+    has_writing_id: bool = False
 
 
 @dataclasses.dataclass
@@ -229,6 +235,8 @@ _SNAPSHOT_TYPES: dict[str, tuple[type, ...]] = {
     "has_last_id": (bool,),
     "scanned": (int,),
     "started_at": (datetime, _NONE),
+    "empty_ahead": (bool,),
+    "has_writing_id": (bool,),
 }
 
 

@@ -28,7 +28,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -333,13 +333,6 @@ def publish(store: CheckpointStore, pipeline: str, halt: Halt) -> None:
     store.set_status(pipeline, status)
 
 
-class _NothingStored:
-    """Plans as if Chroma held nothing, so a re-check maps *and* embeds the document."""
-
-    def existing(self, keys: Sequence[str]) -> dict[str, dict[str, Mapping[str, Any]]]:
-        return {}
-
-
 class HeldPipeline:
     """Keeps a halted pipeline halted, and says when it may run again.
 
@@ -458,7 +451,7 @@ class HeldPipeline:
             [change],
             mapper=self.p.mapper,
             embedder=self.p.embedder,
-            sink=_NothingStored(),
+            sink=planning.NOTHING_STORED,  # so that a re-check maps *and* embeds it
             prefixed=prefixed(self.settings),
         )
         if result.poisoned:

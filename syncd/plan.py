@@ -30,6 +30,17 @@ class ExistingLookup(Protocol):
     def existing(self, keys: Sequence[str]) -> dict[str, dict[str, Mapping[str, Any]]]: ...
 
 
+class _NothingStored:
+    """Plans as if Chroma held no record of the keys (a re-check of a halted document;
+    a snapshot's documents that no write has reached in a collection empty at its start)."""
+
+    def existing(self, keys: Sequence[str]) -> dict[str, dict[str, Mapping[str, Any]]]:
+        return {}
+
+
+NOTHING_STORED: ExistingLookup = _NothingStored()
+
+
 @dataclasses.dataclass(frozen=True)
 class Change:
     """One coalesced change to a document key."""

@@ -5,6 +5,8 @@
 2. Scan each collection in ``_id`` order, a bounded batch at a time, checkpointing
    the last ``_id`` after each batch is in Chroma, so a restart continues the scan
    (with a slow embedder, a batch is written in parts: see :func:`part_size`).
+   Into a collection that was empty when the scan began, the records of documents
+   not yet reached are known to be absent, and are not looked up (:class:`Ahead`).
 3. Remove records whose documents no longer exist (a re-snapshot over old data).
 4. Switch to streaming from the recorded position: events that raced the scan are
    replayed, and replay is idempotent.
@@ -12,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -19,7 +22,7 @@ from typing import Any
 
 from syncd import halts
 from syncd import plan as planning
-from syncd.applier import Applier
+from syncd.applier import Applier, Planned
 from syncd.checkpoint import Checkpoint, SnapshotProgress
 from syncd.checkpointing import Progress as Checkpointing
 from syncd.config import PipelineSettings
@@ -57,6 +60,9 @@ class Snapshotter:
     def run(self, cp: Checkpoint) -> None:
         progress = cp.snapshot or SnapshotProgress()
         self._same_collection(cp, progress)
+        if progress.collection is None:  # nothing scanned yet (and nothing written)
+            progress.empty_ahead = self.sink.count() == 0
+            progress.writing_id, progress.has_writing_id = None, False
         collections = self.settings.source_collections
         if progress.collection in collections:
             collections = collections[collections.index(progress.collection) :]
@@ -76,6 +82,8 @@ class Snapshotter:
                         None,
                         False,
                     )
+                    # Every part of the collection before is written: nothing pends.
+                    progress.writing_id, progress.has_writing_id = None, False
                 self._scan(cp, progress, collection, reporter)
                 if self.stop.is_set():
                     reporter.close(finished=False)
@@ -130,25 +138,39 @@ class Snapshotter:
             batch_size=self.settings.snapshot_batch_size,
         )
         # Part N+1 is read, mapped and embedded while part N is written.
+        known = Ahead(progress)
         pages = ahead(
             parts(scan, part_size(self.settings)),
-            lambda docs, stage: packed_ahead(
-                self.applier.plan([self._change(collection, doc) for doc in docs], stage=stage)
+            lambda docs, stage: known.plan(
+                docs,
+                lambda lookup: packed_ahead(
+                    self.applier.plan(
+                        [self._change(collection, doc) for doc in docs], stage=stage, lookup=lookup
+                    )
+                ),
             ),
             name=f"snapshot-{self.settings.name}",
         )
         try:
-            for docs, planned, stages in pages:
+            for docs, part, stages in pages:
                 self.heartbeat()
                 self.telemetry.heartbeat()
                 for timed in stages:
                     self.telemetry.stage_at(
                         timed.name, timed.started_ns, timed.ended_ns, timed.seconds, timed.error
                     )
-                self.applier.write(planned, counts=cp.counts)
-                if planned.poisoned:
-                    self._poisoned(planned.poisoned)
+                if part.unread:
+                    # Say where this write ends before it begins: after a crash in it,
+                    # the records up to there are looked up again.
+                    progress.writing_id, progress.has_writing_id = docs[-1]["_id"], True
+                    cp.snapshot = progress
+                    self.checkpoints.save(cp)
+                self.applier.write(part.planned, counts=cp.counts)
+                if part.planned.poisoned:
+                    self._poisoned(part.planned.poisoned)
                 progress.last_id, progress.has_last_id = docs[-1]["_id"], True
+                if part.unread or part.settles:
+                    progress.writing_id, progress.has_writing_id = None, False
                 progress.scanned += len(docs)
                 cp.snapshot = progress
                 self.checkpoints.save(cp)
@@ -234,6 +256,40 @@ class Snapshotter:
             return sum(int(count(c)) for c in collections)
         except Exception:  # noqa: BLE001 - an estimate is optional; the scan reports its own errors
             return None
+
+
+@dataclasses.dataclass
+class Part:
+    planned: Planned
+    unread: bool  # planned without a lookup: no record of its documents is stored
+    settles: bool  # it holds the document a crashed write ended at (``writing_id``)
+
+
+class Ahead:
+    """Which parts of a scan need their stored records looked up.
+
+    Only when the collection was empty as the scan began (``empty_ahead``) can a lookup
+    be left out, and then only for documents no write has reached. Parts are written
+    one at a time, each announced by its last ``_id`` (``writing_id``) before it is
+    written, so after a crash only the documents up to that ``_id`` may have records:
+    parts are looked up until the one that holds it has been (if that document was
+    deleted since, until the collection's end), and not from the next one on.
+    """
+
+    def __init__(self, progress: SnapshotProgress) -> None:
+        self.empty = progress.empty_ahead
+        self.pending = id_key(progress.writing_id) if progress.has_writing_id else None
+
+    def plan(
+        self, docs: list[dict[str, Any]], plan: Callable[[planning.ExistingLookup | None], Planned]
+    ) -> Part:
+        if self.empty and self.pending is None:
+            return Part(plan(planning.NOTHING_STORED), unread=True, settles=False)
+        settles = self.pending is not None and any(id_key(d["_id"]) == self.pending for d in docs)
+        planned = plan(None)  # the sink's lookup
+        if settles:
+            self.pending = None
+        return Part(planned, unread=False, settles=settles)
 
 
 # Embedders whose texts take noticeable time (a remote API's latency, a local model's

@@ -66,6 +66,9 @@ def test_a_checkpoint_reads_back_as_written_by_another_process(tmp_path):
         has_last_id=True,
         scanned=1234,
         started_at=datetime(2026, 1, 1, tzinfo=UTC),
+        empty_ahead=True,
+        writing_id=ObjectId("635019a078be67426d7cf4ff"),
+        has_writing_id=True,
     )
     written = checkpoint(phase="snapshot", snapshot=snapshot, token_is_invalidate=True)
     store_in(tmp_path).save(written)
