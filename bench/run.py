@@ -1,6 +1,7 @@
 """`make bench`: start a MongoDB (stand-in) and Chroma servers, measure, write BENCHMARKS.md.
 
     .venv/bin/python bench/run.py [--quick] [--only SECTION ...] [--budget SECONDS]
+                                  [--size FIELD=N ...]
                                   [--output BENCHMARKS.md] [--results bench/results.json]
 
 Every server and syncd process is started here and stopped at the end (the sections that
@@ -72,6 +73,9 @@ def main() -> int:
     parser.add_argument("--budget", type=float, metavar="SECONDS",
                         help="time the big sections may shrink to fit (default: "
                              f"{Sizes.budget_s:.0f}, so that `make bench` ends within 20 min)")
+    parser.add_argument("--size", action="append", default=[], metavar="FIELD=N",
+                        help="override one workload size (a field of bench/context.py's "
+                             "Sizes, e.g. snapshot_docs=30000); may be repeated")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite the report from bench/results.json without measuring")
     args = parser.parse_args()
@@ -81,6 +85,11 @@ def main() -> int:
     sizes = Sizes.quick() if args.quick else Sizes()
     if args.budget:
         sizes.budget_s = args.budget
+    for item in args.size:
+        field, _, value = item.partition("=")
+        if not hasattr(sizes, field) or not value:
+            parser.error(f"--size {item}: not FIELD=N with a field of Sizes")
+        setattr(sizes, field, type(getattr(sizes, field))(value))
     began = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="syncd-bench-"))
     log(f"work directory {workdir}")

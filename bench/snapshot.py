@@ -50,11 +50,13 @@ def snapshot(ctx: Context) -> dict[str, Any]:
     window = 10_000 if n >= 50_000 else max(1_000, n // 5)
     order: list[dict[str, Any]] = []
     syncd_runs: list[dict[str, Any]] = []
+    raw_runs: list[dict[str, Any]] = []
     for k, contender in alternate(["raw", "syncd"], runs):
         load = load_average()
         with fresh_chroma(ctx.servers, f"snap-{contender}") as srv:
             if contender == "raw":
                 raw = raw_upsert(srv.chroma_client(), table, n, batch=max_batch, dims=32)
+                raw_runs.append(raw)
                 order.append({"contender": "raw", "run": k + 1, "load": load,
                               "per_s": raw["per_s"], "wall_s": raw["wall_s"]})
             else:
@@ -89,4 +91,10 @@ def snapshot(ctx: Context) -> dict[str, Any]:
     }
     if len(wins) >= 2:
         out["last_vs_first_window"] = wins[-1]["per_s"] / wins[0]["per_s"]
+    # The baseline's own windows (records upserted, upsert time only): whether Chroma slows
+    # as the collection grows whoever writes, beside syncd's.
+    raw_wins = windows(raw_runs[-1]["progress"], window) if raw_runs else []
+    out["raw_windows"] = raw_wins
+    if len(raw_wins) >= 2:
+        out["raw_last_vs_first_window"] = raw_wins[-1]["per_s"] / raw_wins[0]["per_s"]
     return out

@@ -133,6 +133,8 @@ def _snapshot(s: dict[str, Any], add: Any) -> None:
     add("snapshot", f"5. snapshot rate, last {snap.get('window', 10_000):,}-document window "
         "vs first",
         (f"{drift:.2f}x ({f(wins[-1]['per_s'])} vs {f(wins[0]['per_s'])} /s)"
+         + (f"; raw upsert {snap['raw_last_vs_first_window']:.2f}x"
+            if "raw_last_vs_first_window" in snap else "")
          if drift is not None else "fewer than two windows"),
         f"within {SNAPSHOT_DRIFT:.0%}",
         None if drift is None else abs(drift - 1) <= SNAPSHOT_DRIFT)
