@@ -20,7 +20,6 @@ from syncd.mapping import Mapper
 from syncd.pipeline import Pipeline
 from syncd.telemetry import Telemetry
 from tests.doubles import MemorySink, MemoryStore
-
 from tests.unit.test_pipeline import FakeSource
 
 LONG = "aaaa bbbb cccc dddd eeee ffff"  # three chunks of at most 10 characters
