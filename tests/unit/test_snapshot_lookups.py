@@ -112,7 +112,7 @@ def assert_mirrors(sink: MemorySink, source: FakeSource) -> None:
     assert {base_id(rid) for rid in sink.records} <= keys
 
 
-def crash_in_second_write(source: FakeSource, sink: MemorySink, store: CrashingStore) -> None:
+def crash_in_second_write(source: FakeSource, sink: LookingSink, store: CrashingStore) -> None:
     """Pages of 4: the records of documents 5-8 are written, the checkpoint after them is not."""
     # Saves: the snapshot's start, then per page one before its write and one after it.
     store.die_at = 1 + 2 + 2
