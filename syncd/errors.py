@@ -15,23 +15,23 @@ handles the classes below.
 
 from __future__ import annotations
 
-import email.utils
 import enum
 import errno
 import json
 import math
 import re
 import socket
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
-
-import bson.errors
-from pymongo import errors as mongo_errors
+from typing import TYPE_CHECKING, Any
 
 from syncd import hints
 from syncd.redact import redact_text
+
+if TYPE_CHECKING:
+    from pymongo import errors as mongo_errors
 
 
 class ExitCode(enum.IntEnum):
@@ -275,11 +275,12 @@ def classify(exc: BaseException) -> ErrorKind:
     """Decide whether ``exc`` is worth retrying, skipping or stopping for."""
     if isinstance(exc, SyncdError):
         return exc.kind
-    if isinstance(exc, mongo_errors.PyMongoError):
+    mongo = _imported("pymongo.errors")
+    if mongo is not None and isinstance(exc, mongo.PyMongoError):
         return _classify_mongo(exc)
     if isinstance(exc, (ConnectionError, TimeoutError, socket.timeout)):
         return ErrorKind.TRANSIENT
-    if isinstance(exc, bson.errors.InvalidDocument):
+    if _is_invalid_document(exc):
         return ErrorKind.POISON
     status = _http_status(exc)
     if status is not None:
@@ -341,7 +342,25 @@ def _root(exc: BaseException) -> BaseException:
     return exc
 
 
+def _imported(module: str) -> Any:
+    """``module`` if something imported it already, else None.
+
+    An exception can be an instance of a driver's class only once the driver was
+    imported, so classifying needs no import of pymongo or bson: commands that never
+    reach MongoDB (``--help``, a usage mistake) start without loading them.
+    """
+    return sys.modules.get(module)
+
+
+def _is_invalid_document(exc: BaseException) -> bool:
+    """A document BSON cannot encode (bson.errors.InvalidDocument)."""
+    bson_errors = _imported("bson.errors")
+    return bson_errors is not None and isinstance(exc, bson_errors.InvalidDocument)
+
+
 def _classify_mongo(exc: mongo_errors.PyMongoError) -> ErrorKind:
+    from pymongo import errors as mongo_errors
+
     if isinstance(exc, (mongo_errors.ConnectionFailure, mongo_errors.ServerSelectionTimeoutError)):
         return ErrorKind.TRANSIENT
     if isinstance(exc, mongo_errors.OperationFailure):
@@ -355,7 +374,7 @@ def _classify_mongo(exc: mongo_errors.PyMongoError) -> ErrorKind:
         if exc.has_error_label("RetryableWriteError"):
             return ErrorKind.TRANSIENT
         return ErrorKind.FATAL
-    if isinstance(exc, bson.errors.InvalidDocument):
+    if _is_invalid_document(exc):
         return ErrorKind.POISON
     if exc.has_error_label("RetryableWriteError") or exc.timeout:
         return ErrorKind.TRANSIENT
@@ -415,6 +434,8 @@ def parse_retry_after(value: str | None) -> float | None:
     try:
         seconds = float(text)
     except ValueError:
+        import email.utils
+
         try:
             when = email.utils.parsedate_to_datetime(text)
         except (TypeError, ValueError, IndexError):
@@ -442,6 +463,8 @@ def body_excerpt(text: str, limit: int = 160) -> str:
 @contextmanager
 def translate_mongo_errors(**context: Any) -> Iterator[None]:
     """Turn MongoDB driver errors into syncd errors at the source boundary."""
+    from pymongo import errors as mongo_errors
+
     try:
         yield
     except mongo_errors.PyMongoError as exc:
@@ -456,6 +479,8 @@ def _mongo_detail(exc: mongo_errors.PyMongoError) -> str:
 
 
 def from_mongo(exc: mongo_errors.PyMongoError, **context: Any) -> SyncdError:
+    from pymongo import errors as mongo_errors
+
     kind = _classify_mongo(exc)
     detail = _mongo_detail(exc)
     if isinstance(exc, mongo_errors.OperationFailure) and exc.code == HISTORY_LOST_CODE:

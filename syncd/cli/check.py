@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from syncd import chroma_install
 from syncd.cli.common import add_config_options, load_settings, print_json, select_pipelines
-from syncd.config import config_path_of
 from syncd.errors import ExitCode, SyncdError
 from syncd.redact import redact_text
 
@@ -43,6 +41,9 @@ def register(verbs: Any) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
+    from syncd import chroma_install
+    from syncd.config import config_path_of
+
     settings = load_settings(args)
     select_pipelines(settings, None)  # a config without pipelines would run nothing
     chroma_install.check(settings.chroma.mode)

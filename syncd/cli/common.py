@@ -11,11 +11,13 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from syncd import config, hints
-from syncd.config import PipelineSettings, Settings
+from syncd import hints
 from syncd.errors import ConfigError
+
+if TYPE_CHECKING:  # syncd.config loads pydantic: not needed for `--help` or a usage mistake
+    from syncd.config import PipelineSettings, Settings
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +50,8 @@ def load_settings(
     opens Chroma, so an installation that cannot serve ``chroma.mode`` is a
     configuration error before anything is reached. The hints the process prints name
     the file it read (:mod:`syncd.hints`)."""
+    from syncd import config
+
     values = {"log.format": args.log_format, "log.level": args.log_level, **overrides}
     settings = config.load(args.config, overrides=values, require_file=require_file or None)
     hints.use_config(args.config)

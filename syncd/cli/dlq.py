@@ -12,8 +12,6 @@ import argparse
 import json
 from typing import Any
 
-from bson import json_util
-
 from syncd import hints
 from syncd.cli.common import (
     add_config_options,
@@ -171,6 +169,8 @@ def _purge(args: argparse.Namespace) -> int:
 
 def _plain(entry: dict[str, Any]) -> dict[str, Any]:
     """Extended JSON (relaxed) so ObjectIds, dates and tokens print readably."""
+    from bson import json_util
+
     data: dict[str, Any] = json.loads(
         json_util.dumps(entry, json_options=json_util.RELAXED_JSON_OPTIONS)
     )
