@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 
 from syncd import halts, hints, rebuild_halts, switching
@@ -38,11 +37,10 @@ from syncd.errors import (
     PoisonError,
     SyncdError,
     TransientError,
-    retries_exhausted,
 )
 from syncd.exclusive import Hold, PipelineBusyError
 from syncd.mapping import Mapper
-from syncd.pipeline import backoff_waits
+from syncd.outages import Outage
 from syncd.rebuild import run_rebuild
 from syncd.runtime import Runtime
 from syncd.telemetry import PipelineTelemetry
@@ -105,6 +103,9 @@ class Rebuilder:
         self.halted_here = False  # this process's build halted (see _halted)
         self._halt_key: str | None = None  # the document it last halted at, and how many
         self._halt_tries = 0  # tries in a row halted there
+        # The clock of an outage, set back each time the build moves (see _rebuild) or
+        # halts: an outage at the switch, hours after one before the snapshot, is new.
+        self._outage = Outage(ps)
 
     def run(self) -> bool:
         """Rebuild if needed; True once the pipeline may stream, False when stopped first.
@@ -125,9 +126,6 @@ class Rebuilder:
         return done
 
     def _run(self) -> bool:
-        waits = backoff_waits(self.ps.retry_max_backoff_s)
-        failing_since: float | None = None
-        attempt = 0
         while not self.stop.is_set():
             try:
                 if not needs_rebuild(self.runtime.store, self.ps.name, self.fingerprint):
@@ -136,17 +134,14 @@ class Rebuilder:
                     continue  # stopped (the loop ends), or try again
                 return True
             except TransientError as exc:
-                attempt += 1
-                failing_since = failing_since or time.monotonic()
-                deadline = self.ps.retry_deadline_s
-                if deadline and time.monotonic() - failing_since > deadline:
-                    raise retries_exhausted(exc, deadline, pipeline=self.ps.name) from exc
-                delay = exc.retry_after or next(waits)
-                self.telemetry.retrying(exc, attempt, delay)
+                delay = self._outage.failed(exc)
+                self.telemetry.retrying(exc, self._outage.attempt, delay)
                 self.stop.wait(delay)
             except (HaltedError, PoisonError) as exc:
                 # A document the new mapping cannot apply (on_error = "halt"): this
                 # pipeline alone waits, and tries again (the build continues from there).
+                # It got as far as that document: an outage before it is over.
+                self._outage.recovered()
                 every = self.ps.halt_recheck_s or halts.REBUILD_RETRY_S
                 halt = self._halted(exc)
                 same = halt.key is not None and halt.key == self._halt_key
@@ -208,6 +203,7 @@ class Rebuilder:
             say=lambda line: log.info(line, extra={"pipeline": name}),
             telemetry=self.telemetry,
             retrying_halt=held,
+            moved=self._outage.recovered,
         )
 
     def _publish(self, state: str, error: BaseException | None = None) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -37,12 +36,11 @@ from syncd.errors import (
     SinkLostError,
     TransientError,
     from_sink,
-    retries_exhausted,
 )
 from syncd.estimate import estimate
 from syncd.exclusive import Hold, exclusive
 from syncd.mapping import Mapper
-from syncd.pipeline import backoff_waits
+from syncd.outages import Outage
 from syncd.rebuild_metrics import RebuildTelemetry
 from syncd.runtime import Runtime
 from syncd.switching import build_name, load_record, position_of, save_record, versioned
@@ -80,8 +78,8 @@ def rebuild(
     stop = stop or threading.Event()
     try:
         return _retrying(
-            lambda: run_rebuild(
-                runtime, ps, action=action, force=force, command=command, stop=stop
+            lambda moved: run_rebuild(
+                runtime, ps, action=action, force=force, command=command, stop=stop, moved=moved
             ),
             runtime,
             ps,
@@ -106,32 +104,26 @@ def rebuild(
 
 
 def _retrying(
-    attempt: Callable[[], int],
+    attempt: Callable[[Callable[[], None]], int],
     runtime: Runtime,
     ps: PipelineSettings,
     *,
     command: str,
     stop: threading.Event,
 ) -> int:
-    """``attempt()`` (the rebuild) until it ends, tried again after an outage of MongoDB,
-    Chroma or the embedding API outside the build's own retry loop (before its snapshot
-    starts, during the switch), with the same backoff and ``retry_deadline_s`` as the
-    build and as a daemon's rebuild (see :mod:`syncd.autorebuild`): each run continues
-    where the last one stopped."""
-    waits = backoff_waits(ps.retry_max_backoff_s)
-    failing_since: float | None = None
-    tries = 0
+    """``attempt(moved)`` (the rebuild) until it ends, tried again after an outage of
+    MongoDB, Chroma or the embedding API outside the build's own retry loop (before its
+    snapshot starts, during the switch), with the same backoff and ``retry_deadline_s``
+    as the build and as a daemon's rebuild (see :mod:`syncd.autorebuild`): each run
+    continues where the last one stopped. The rebuild calls ``moved()`` as its build
+    moves: an outage after that is a new one (see :mod:`syncd.outages`)."""
+    outage = Outage(ps, command=command)
     while True:
         try:
-            return attempt()
+            return attempt(outage.recovered)
         except TransientError as exc:
-            tries += 1
-            failing_since = failing_since or time.monotonic()
-            deadline = ps.retry_deadline_s
-            if deadline and time.monotonic() - failing_since > deadline:
-                raise retries_exhausted(exc, deadline, pipeline=ps.name, command=command) from exc
-            delay = exc.retry_after or next(waits)
-            runtime.telemetry.pipeline(ps.name).retrying(exc, tries, delay)
+            delay = outage.failed(exc)
+            runtime.telemetry.pipeline(ps.name).retrying(exc, outage.attempt, delay)
             if stop.wait(delay):
                 _say(f"rebuild interrupted; run `{command}` again to continue")
                 return ExitCode.DRIFT_OR_FAILURE
@@ -151,6 +143,7 @@ def run_rebuild(
     say: Callable[[str], None] = _say,
     telemetry: PipelineTelemetry | None = None,
     retrying_halt: bool = False,
+    moved: Callable[[], None] | None = None,
 ) -> int:
     """:func:`rebuild` with the parts of a running process: a daemon rebuilding by itself
     (see :mod:`syncd.autorebuild`) passes ``live``, which gives its hold on the live
@@ -158,7 +151,9 @@ def run_rebuild(
     ``heartbeat``, ``say`` (its log) and ``telemetry``, the pipeline's, which reports
     ``rebuilding`` (``syncd rebuild`` makes its own); ``retrying_halt``: this is the
     daemon trying again at the document its build halted at, which continues the
-    build it already said it continues (so it does not say so again)."""
+    build it already said it continues (so it does not say so again); ``moved()`` is
+    called each time the build writes a checkpoint or catches up, which ends an outage
+    the caller retries the rebuild through (see :mod:`syncd.outages`)."""
     name = ps.name
     if telemetry is None:
         telemetry = runtime.telemetry.pipeline(name)
@@ -168,7 +163,7 @@ def run_rebuild(
     ) as hold:
         job = _Rebuild(
             runtime, ps, hold, command, stop,
-            live=live, heartbeat=heartbeat, say=say, telemetry=telemetry,
+            live=live, heartbeat=heartbeat, say=say, telemetry=telemetry, moved=moved,
         )  # fmt: skip
         job.retrying_halt = retrying_halt
         if job.record.get("state") == "switching":
@@ -196,6 +191,7 @@ class _Rebuild:
         heartbeat: Callable[[], None] | None = None,
         say: Callable[[str], None] = _say,
         telemetry: PipelineTelemetry | None = None,
+        moved: Callable[[], None] | None = None,
     ) -> None:
         self.runtime = runtime
         self.store = runtime.store
@@ -215,6 +211,7 @@ class _Rebuild:
         self.metrics = runtime.telemetry.rebuild(ps.name)
         self.telemetry = telemetry or runtime.telemetry.pipeline(ps.name)
         self.retrying_halt = False  # see run_rebuild
+        self.moved = moved or (lambda: None)
 
     # --- build --------------------------------------------------------------------
 
@@ -398,7 +395,7 @@ class _Rebuild:
         # The build is a part of the pipeline: its outages are the pipeline's (retrying),
         # and it is no pipeline of its own in /readyz or the state metrics.
         part = self.runtime.telemetry.part(self.telemetry, settings.name)
-        telemetry = _UntilCaughtUp(part, until, target, self.metrics)
+        telemetry = _UntilCaughtUp(part, until, target, self.metrics, self.moved)
         self.metrics.resume_from(self.store.load(settings.name))
         pipeline = self.runtime.pipeline(
             settings,
@@ -556,7 +553,9 @@ class _UntilCaughtUp:
     """The build's telemetry, which also stops it the first time it finds no change waiting.
 
     Also keeps the rebuild's metrics (:mod:`syncd.rebuild_metrics`): phase, documents
-    copied, and how far the build is behind the live stream.
+    copied, and how far the build is behind the live stream; and tells ``moved()`` each
+    time the build checkpoints or catches up: each needs its dependencies to answer, and
+    the build reaches the switch only through one of them (see :meth:`_done`).
     """
 
     def __init__(
@@ -565,11 +564,13 @@ class _UntilCaughtUp:
         until: threading.Event,
         target: Timestamp | None,
         metrics: RebuildTelemetry,
+        moved: Callable[[], None],
     ) -> None:
         self._inner = inner
         self._until = until
         self._target = target
         self._metrics = metrics
+        self._moved = moved
         self.caught = False
 
     def set_state(self, state: str, error: BaseException | None = None) -> None:
@@ -585,11 +586,13 @@ class _UntilCaughtUp:
 
     def caught_up(self) -> None:
         self._inner.caught_up()
+        self._moved()
         self._metrics.behind_since(None)
         self._done()
 
     def checkpointed(self, cluster_time: Timestamp | None) -> None:
         self._inner.checkpointed(cluster_time)
+        self._moved()
         if cluster_time is not None and self._metrics.phase != "snapshot":
             self._metrics.behind_since(cluster_time.time)
         if self._target is not None and cluster_time is not None and cluster_time >= self._target:
