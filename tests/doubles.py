@@ -169,3 +169,29 @@ class MemoryStore:
 
     def close(self) -> None:
         pass
+
+
+class Clock:
+    """Monotonic time that moves only when told: ``monotonic`` for a module's ``time``."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+class Waits:
+    """A stop event never set, whose ``wait`` moves ``clock`` by ``step`` seconds at once
+    (whatever the backoff asked for), so a retry loop runs through hours of outages."""
+
+    def __init__(self, clock: Clock, step: float) -> None:
+        self.clock = clock
+        self.step = step
+
+    def is_set(self) -> bool:
+        return False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.clock.now += self.step
+        return False

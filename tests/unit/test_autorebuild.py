@@ -1,5 +1,6 @@
 """When a daemon with on_mapping_change = "rebuild" rebuilds a pipeline, and when not;
-and that however its rebuild ends, `syncd status` tells the truth about it."""
+that however its rebuild ends, `syncd status` tells the truth about it; and that its
+retries, as those of `syncd rebuild`, give up after retry_deadline_s of one outage."""
 
 from __future__ import annotations
 
@@ -17,12 +18,15 @@ from syncd.config import CheckpointSettings, PipelineSettings
 from syncd.errors import (
     ConfigError,
     ExitCode,
+    HaltedError,
     LeaseLostError,
     MappingSwitchedError,
     SinkFatalError,
     SinkUnavailableError,
+    SyncdError,
 )
 from syncd.switching import check_start, save_record
+from tests.doubles import Clock, Waits
 
 
 def _store(tmp_path: Path, fingerprint: str) -> FileCheckpointStore:
@@ -97,12 +101,19 @@ class _Telemetry:
     def retrying(self, exc: BaseException, attempt: int, delay: float) -> None:
         self.states.append("retrying")
 
+    def halted_until_a_part_moves(self, error: BaseException, then: str) -> None:
+        self.states.append("halted")
+
 
 def _rebuilder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Callable[..., int], **settings: Any
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    run: Callable[..., int],
+    stop: Any = None,
+    **settings: Any,
 ) -> tuple[Any, FileCheckpointStore]:
     """A Rebuilder of pipeline p, whose stored mapping is another one, that runs ``run``
-    as its rebuild; and its checkpoint store."""
+    as its rebuild, stopped by ``stop`` (an Event by default); and its checkpoint store."""
     import syncd.autorebuild as autorebuild
 
     monkeypatch.setattr(autorebuild, "run_rebuild", run)
@@ -119,7 +130,7 @@ def _rebuilder(
     rebuilder = autorebuild.Rebuilder(
         runtime,  # type: ignore[arg-type]
         ps,
-        stop=threading.Event(),
+        stop=stop or threading.Event(),
         telemetry=telemetry,  # type: ignore[arg-type]
         heartbeat=lambda: None,
         live=None,
@@ -198,3 +209,150 @@ def _status(store: FileCheckpointStore) -> dict[str, Any]:
     cp = store.load("p")
     assert cp is not None
     return cp.status
+
+
+# --- retry_deadline_s bounds one outage of a rebuild, not all of them -------------------
+#
+# The rebuild is a script of tries on a clock that moves only when told (a wait is 20 s):
+# "fail" raises an outage of Chroma, "ok" ends the rebuild, and "build" is a try whose
+# build moves (it checkpoints), runs for an hour, then meets an outage at the switch;
+# "halt": the build halts at a document after an hour (a daemon tries again later).
+
+DEADLINE = 60
+_OUTAGE = "Chroma unavailable: connection refused"
+TWO_SHORT_OUTAGES = ["fail", "fail", "build", "fail", "fail", "ok"]  # 40 s, an hour, 40 s
+ONE_LONG_OUTAGE = ["fail"] * 6  # 0, 20, ... 100 s: past the deadline at 80 s
+MOVED_THEN_ONE_LONG_OUTAGE = ["build"] + ["fail"] * 5
+
+
+def _script(tries: list[str], clock: Clock) -> Callable[..., int]:
+    """A rebuild that takes ``tries`` in turn: ``moved`` is how it reports its build moving."""
+    left = list(tries)
+
+    def run(*_: Any, moved: Callable[[], None], **__: Any) -> int:
+        step = left.pop(0)
+        if step == "ok":
+            return int(ExitCode.OK)
+        if step == "build":
+            moved()
+            clock.now += 3600
+        if step == "halt":
+            clock.now += 3600
+            raise HaltedError("the text of _id 7 is missing", pipeline="p~rebuild")
+        raise SinkUnavailableError(_OUTAGE, pipeline="p")
+
+    return run
+
+
+def _on_clock(monkeypatch: pytest.MonkeyPatch) -> tuple[Clock, Waits]:
+    import syncd.outages as outages
+
+    clock = Clock()
+    monkeypatch.setattr(outages, "time", clock)
+    return clock, Waits(clock, step=20)
+
+
+def _standalone(tries: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
+    """`syncd rebuild p`'s retries (syncd.rebuild._retrying) through ``tries``."""
+    from syncd.rebuild import _retrying
+
+    clock, waits = _on_clock(monkeypatch)
+    run = _script(tries, clock)
+    ps = PipelineSettings.model_validate(
+        {"name": "p", "database": "d", "collection": "c", "mapping": {"text": "body"},
+         "retry_deadline_s": DEADLINE}
+    )  # fmt: skip
+    runtime = SimpleNamespace(telemetry=SimpleNamespace(pipeline=lambda name: _Telemetry()))
+    return _retrying(
+        lambda moved: run(moved=moved),
+        runtime,  # type: ignore[arg-type]
+        ps,
+        command="syncd rebuild p",
+        stop=waits,  # type: ignore[arg-type]
+    )
+
+
+def _daemon(tries: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """A daemon's rebuild (syncd.autorebuild.Rebuilder) retried through ``tries``."""
+    clock, waits = _on_clock(monkeypatch)
+    rebuilder, _ = _rebuilder(
+        tmp_path, monkeypatch, _script(tries, clock), stop=waits, retry_deadline_s=DEADLINE
+    )
+    return bool(rebuilder.run())
+
+
+def _gave_up(error: SyncdError, command: str) -> None:
+    assert isinstance(error, SinkFatalError)
+    assert error.message == f"still failing after {DEADLINE} s of retries: {_OUTAGE}"
+    assert error.hint == (
+        f"fix the cause and start `{command}` again, or raise retry_deadline_s (0 retries forever)"
+    )
+
+
+def test_syncd_rebuild_times_each_outage_from_its_own_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert _standalone(TWO_SHORT_OUTAGES, monkeypatch) == ExitCode.OK
+
+
+@pytest.mark.parametrize("tries", [ONE_LONG_OUTAGE, MOVED_THEN_ONE_LONG_OUTAGE])
+def test_syncd_rebuild_gives_up_after_one_outage_past_the_deadline(
+    monkeypatch: pytest.MonkeyPatch, tries: list[str]
+) -> None:
+    with pytest.raises(SinkFatalError) as gave_up:
+        _standalone(tries, monkeypatch)
+    _gave_up(gave_up.value, "syncd rebuild p")
+
+
+@pytest.mark.parametrize("between", ["build", "halt"])
+def test_a_daemons_rebuild_times_each_outage_from_its_own_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, between: str
+) -> None:
+    tries = ["fail", "fail", between, "fail", "fail", "ok"]
+    assert _daemon(tries, tmp_path, monkeypatch) is True
+
+
+@pytest.mark.parametrize("tries", [ONE_LONG_OUTAGE, MOVED_THEN_ONE_LONG_OUTAGE])
+def test_a_daemons_rebuild_gives_up_after_one_outage_past_the_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tries: list[str]
+) -> None:
+    with pytest.raises(SinkFatalError) as gave_up:
+        _daemon(tries, tmp_path, monkeypatch)
+    _gave_up(gave_up.value, "syncd run")
+
+
+def test_the_build_reports_moving_when_it_checkpoints_or_catches_up_only() -> None:
+    """What ends an outage of a retried rebuild: syncd.rebuild's telemetry of its build."""
+    from bson.timestamp import Timestamp
+
+    from syncd.rebuild import _UntilCaughtUp
+
+    moves: list[str] = []
+    inner = SimpleNamespace(
+        set_state=lambda *_: None,
+        retrying=lambda *_: None,
+        snapshot_progress=lambda *_: None,
+        checkpointed=lambda _: None,
+        caught_up=lambda: None,
+    )
+    metrics = SimpleNamespace(
+        phase="snapshot",
+        set_phase=lambda _: None,
+        behind_since=lambda _: None,
+        snapshot_progress=lambda *_: None,
+    )
+    build = _UntilCaughtUp(
+        inner,  # type: ignore[arg-type]
+        threading.Event(),
+        Timestamp(100, 1),
+        metrics,  # type: ignore[arg-type]
+        lambda: moves.append("moved"),
+    )
+    build.set_state("snapshotting")
+    build.retrying(SinkUnavailableError("down", pipeline="p~rebuild"), 1, 1.0)
+    build.set_state("streaming")
+    assert moves == []  # starting or retrying is no move
+    build.checkpointed(Timestamp(50, 1))
+    assert moves == ["moved"]
+    build.caught_up()
+    assert moves == ["moved", "moved"]
