@@ -4,6 +4,7 @@ at the end Chroma equals MongoDB mapped (ids, documents, metadata, embeddings)."
 
 from __future__ import annotations
 
+import functools
 import random
 import threading
 import time
@@ -207,14 +208,20 @@ def test_kill9_randomized_workload_converges(
     daemon = syncd_factory(["run"], cfg)
     client = chroma_server.client()
     collection = wait_until(lambda: _collection(client, chroma_coll), 120, "chroma collection")
+    before: Timestamp | None = None  # the position the running daemon started from
     try:
         for kill in range(KILLS):
             daemon.wait_for_output("took the lease", timeout=60)
-            if kill % 2:  # on a busy machine a start can outlast every random pause
-                wait_until(lambda: _streaming(settings), 60, "a streaming checkpoint")
+            if kill % 2:
+                # On a busy machine a start (chromadb's import alone takes seconds) can
+                # outlast every random pause, so the kill would only ever find the last
+                # run's position: let this run checkpoint once, mid-stream, first.
+                moved = functools.partial(_moved_past, settings, before)
+                wait_until(moved, 120, "a streaming checkpoint written by this run")
             time.sleep(rng.uniform(0.5, 3.0))
             daemon.kill()
             checked_total += assert_checkpoint_covered(settings, "crash", log, collection, True)
+            before = _position(settings)
             daemon.start()
     finally:
         workload.stop.set()
@@ -225,7 +232,9 @@ def test_kill9_randomized_workload_converges(
 
     last = log.last_time
     assert last is not None
-    wait_until(lambda: caught_up(settings, "crash", last), 120, "syncd to catch up")
+    # Every pause above lets the workload run ahead of a daemon that spends most of each
+    # run starting: on a busy machine the backlog takes minutes to drain.
+    wait_until(lambda: caught_up(settings, "crash", last), 240, "syncd to catch up")
     daemon.terminate()
     assert daemon.wait(30) == 0, daemon.output()
 
@@ -240,9 +249,15 @@ def test_kill9_randomized_workload_converges(
     mongo_client.drop_database(f"{db}_syncd")
 
 
-def _streaming(settings: Any) -> bool:
+def _position(settings: Any) -> Timestamp | None:
+    """The streaming checkpoint's cluster time (None before the first event is covered)."""
     cp = load_checkpoint(settings, "crash")
-    return cp is not None and cp.phase == "streaming"
+    return cp.cluster_time if cp is not None and cp.phase == "streaming" else None
+
+
+def _moved_past(settings: Any, before: Timestamp | None) -> bool:
+    now = _position(settings)
+    return now is not None and (before is None or now > before)
 
 
 def _collection(client: Any, name: str) -> Any:
