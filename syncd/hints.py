@@ -11,6 +11,8 @@ is made absolute, so the command works from any directory.
 from __future__ import annotations
 
 import shlex
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 _config: str | None = None  # the config file this process read, when not the default
@@ -33,3 +35,37 @@ def command(*words: str) -> str:
     """``syncd WORDS... [--config PATH]``, quoted for a shell."""
     config = ["--config", _config] if _config else []
     return shlex.join(["syncd", *words, *config])
+
+
+def again(argv: Sequence[str] | None = None) -> str:
+    """The command this process runs (its arguments ``argv``, default ``sys.argv[1:]``),
+    for a hint that says to run it again: as typed, but with the config file named as
+    :func:`command` names it, ``--config PATH`` made absolute at the end (or left out
+    when it is found without it), in place of every ``-c X``, ``-cX``, ``-c=X``,
+    ``--config X`` or ``--config=X`` (or an abbreviation argparse takes for
+    ``--config``) the operator typed."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    kept: list[str] = []
+    rest: list[str] = []
+    skip = False
+    for i, word in enumerate(words):
+        if skip:
+            skip = False
+        elif word == "--":  # what follows is positional
+            rest = words[i:]
+            break
+        elif word == "-c" or _config_flag(word):
+            skip = True  # its value is the next word
+        elif word.startswith("-c") or (
+            word.startswith("--") and "=" in word and _config_flag(word.split("=", 1)[0])
+        ):
+            pass  # -cX, -c=X, --config=X
+        else:
+            kept.append(word)
+    config = ["--config", _config] if _config else []
+    return shlex.join(["syncd", *kept, *config, *rest])
+
+
+def _config_flag(word: str) -> bool:
+    """``--config``, or a prefix of it that argparse takes for it (``--conf``)."""
+    return len(word) >= 3 and "--config".startswith(word)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shlex
 import signal
 import sys
 import threading
@@ -90,11 +89,6 @@ def stop_on_signals() -> threading.Event:
 def print_json(data: Any) -> None:
     json.dump(data, sys.stdout, indent=2, sort_keys=True, default=str)
     sys.stdout.write("\n")
-
-
-def command_line() -> str:
-    """The command as the operator ran it, for hints that suggest running it again."""
-    return shlex.join(["syncd", *sys.argv[1:]])
 
 
 def whole_number(low: int, high: int = 1_000_000_000) -> Callable[[str], int]:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from syncd.cli.common import add_config_options, command_line, load_settings, stop_on_signals
+from syncd import hints
+from syncd.cli.common import add_config_options, load_settings, stop_on_signals
 
 
 def register(verbs: Any) -> None:
@@ -62,7 +63,7 @@ def handle(args: argparse.Namespace) -> int:
         settings.pipeline(args.pipeline),
         action=action,
         force=args.force,
-        command=command_line(),
+        command=hints.again(),
         stop=stop,
         listen=settings.telemetry.listen if args.listen else None,
     )

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from syncd.cli.common import add_config_options, command_line, load_settings, stop_on_signals
+from syncd import hints
+from syncd.cli.common import add_config_options, load_settings, stop_on_signals
 
 
 def register(verbs: Any) -> None:
@@ -40,6 +41,6 @@ def handle(args: argparse.Namespace) -> int:
         settings,
         settings.pipeline(args.pipeline),
         force=args.force,
-        command=command_line(),
+        command=hints.again(),
         stop=stop,
     )

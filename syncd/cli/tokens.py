@@ -55,7 +55,6 @@ from typing import Any
 from syncd import hints
 from syncd.cli.common import (
     add_config_options,
-    command_line,
     load_settings,
     print_json,
     whole_number,
@@ -208,7 +207,7 @@ def _set(args: argparse.Namespace) -> int:
 
     def run(rt: Any) -> dict[str, Any]:
         rt.settings.pipeline(args.pipeline)  # an unknown name: say so before asking
-        command = command_line()
+        command = hints.again()
         ensure_free(rt, args.pipeline, force=args.force, command=command)
         _confirm(args, f"Move pipeline {args.pipeline!r} to {target}?")
         return positions.set_position(
@@ -234,7 +233,7 @@ def _reset(args: argparse.Namespace) -> int:
 
     def run(rt: Any) -> dict[str, Any]:
         rt.settings.pipeline(args.pipeline)  # an unknown name: say so before asking
-        command = command_line()
+        command = hints.again()
         ensure_free(rt, args.pipeline, force=args.force, command=command)
         _confirm(args, f"Delete the checkpoint of {args.pipeline!r}? Its next run re-snapshots.")
         return positions.reset(rt, args.pipeline, force=args.force, command=command)

@@ -98,6 +98,39 @@ def test_a_halted_rebuild_continues_with_the_command_its_hint_names_in_snapshot_
 
 
 @pytest.mark.timeout(300)
+def test_the_hint_of_a_rebuild_given_a_relative_config_path_works_from_another_directory(
+    tmp_path, mirror, mongo_client, syncd_factory
+):
+    old, new = _mirrors(mirror, "rbrelcfg")
+    docs = mongo_client[old.db]["docs"]
+    docs.insert_many([document(i) for i in range(25)] + [dict(document("long"), body=TOO_LONG)])
+    copy_and_stop(
+        syncd_factory, mongo_client, old.cfg, old.settings, old.db, log_path=tmp_path / "old.log"
+    )
+    # `syncd rebuild p -c FILE` in the directory of FILE; the hints are run from another.
+    here, elsewhere = new.cfg.parent, tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = run_syncd(["rebuild", "p", "-c", new.cfg.name], cwd=here, timeout=180)
+    printed = _halted(done, "'long'")
+    assert printed == ["syncd", "rebuild", "p", "--config", str(new.cfg.absolute())], printed
+    shown = _rebuild_halt(new.cfg)["hint"]  # what `syncd status` shows, stored by it
+    assert shown in done.stderr and _hinted_commands(shown)[0] == printed, shown
+
+    docs.insert_one(dict(document(-1), body=TOO_LONG))  # met while catching up
+    docs.update_one({"_id": "long"}, {"$set": {"body": "short now"}})
+    done = run_syncd(printed[1:], cwd=elsewhere, timeout=180)
+    assert "continuing the rebuild of p" in done.stdout, done.stdout + done.stderr
+    _halted(done, "-1")
+
+    docs.update_one({"_id": -1}, {"$set": {"body": "short too"}})
+    done = run_syncd(_hinted_commands(shown)[0][1:], cwd=elsewhere, timeout=180)
+    assert done.returncode == ExitCode.OK, done.stdout + done.stderr
+    assert "rebuild of p switched" in done.stdout, done.stdout
+    problem = new.mismatch(docs.find())
+    assert not problem, problem
+
+
+@pytest.mark.timeout(300)
 def test_a_halted_rebuild_sets_the_document_aside_when_its_hint_is_run_under_dead_letter(
     tmp_path, mirror, mongo_client, syncd_factory
 ):
