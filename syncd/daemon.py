@@ -27,12 +27,13 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from types import FrameType
 
 from syncd.autorebuild import Rebuilder, needs_rebuild
 from syncd.config import PipelineSettings, Settings
 from syncd.errors import ExitCode, HaltedError, LeaseLostError, PoisonError, SyncdError
-from syncd.exclusive import Hold
+from syncd.exclusive import Hold, lease_of
 from syncd.halts import HeldPipeline, stopped_state
 from syncd.lease import LeaseManager, uses_leases
 from syncd.mapping import Mapper
@@ -284,9 +285,10 @@ class Daemon:
             log.warning("cannot tell whether %s needs a rebuild: %s", ps.name, exc)
             return None
         log.info(
-            "pipeline %s is streamed by another process with another mapping: rebuilding "
-            "it beside that process",
+            "pipeline %s has another mapping than its lease's holder, %s: rebuilding it "
+            "beside that process",
             ps.name,
+            _holder(runtime, ps.name),
             extra={"pipeline": ps.name},
         )
         worker = self._worker(runtime, ps, beside=True)
@@ -395,3 +397,19 @@ class Daemon:
             return int(first.exit_code)
         log.error("internal error", exc_info=first)
         return ExitCode.INTERNAL
+
+
+def _holder(runtime: Runtime, name: str) -> str:
+    """Who holds pipeline ``name``'s lease, for a log line: a live process, or one that
+    stopped without giving it back (kill -9), whose lease expires on its own."""
+    try:
+        lease = lease_of(runtime, name)
+    except SyncdError as exc:
+        return f"another process, or one that stopped and left it (unread: {exc.message})"
+    if lease is None or lease.expires_at is None:
+        return "another process, or one that stopped and left it"
+    left = max(0, round((lease.expires_at - datetime.now(UTC)).total_seconds()))
+    return (
+        f"{lease.owner}: another process, or one that stopped and left it (it expires in "
+        f"{left} s unless renewed)"
+    )

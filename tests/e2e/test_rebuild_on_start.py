@@ -258,6 +258,41 @@ def test_run_rebuilds_beside_a_process_that_streams_the_old_mapping(
     mongo_client.drop_database(f"{db}_syncd")
 
 
+def test_run_after_a_kill_9_says_the_lease_beside_it_may_be_left_by_a_process_that_stopped(
+    tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
+):
+    """The process of the old mapping is killed (-9) and leaves its lease until it
+    expires: one started with the new mapping rebuilds beside that lease, says it may be
+    left by a process that stopped and when it expires, and switches."""
+    suffix = uuid.uuid4().hex[:8]
+    db, coll = f"besidek_{suffix}", f"besidek-{suffix}"
+    docs = mongo_client[db]["docs"]
+    docs.insert_many([document(i) for i in range(DOCS)])
+    old_cfg, new_cfg = _configs(
+        tmp_path, mongo_uri, chroma_server, db, coll, on_mapping_change="rebuild",
+        lease={"ttl_s": 60, "renew_every_s": 2},
+    )  # fmt: skip
+    settings = settings_of(old_cfg)
+    old = syncd_factory(["run"], old_cfg, log_path=tmp_path / "old.log")
+    wait_caught_up(mongo_client, db, settings, "p", 90, "the first copy")
+    old_id = str(chroma_server.client().get_collection(coll).id)
+    old.kill()
+    new = syncd_factory(["run"], new_cfg, log_path=tmp_path / "new.log")
+    new.wait_for_output(
+        r"pipeline p has another mapping than its lease's holder, \S+: another process, or "
+        r"one that stopped and left it \(it expires in \d+ s unless renewed\): rebuilding "
+        "it beside that process",
+        60,
+    )
+    new.wait_for_output("rebuild of p switched", 240)
+    wait_caught_up(mongo_client, db, settings, "p", 90, "the new mapping to stream")
+    assert_switched(chroma_server.client(), coll, old_id, docs)
+    new.terminate()
+    assert new.wait(30) == ExitCode.OK, new.output()
+    mongo_client.drop_database(db)
+    mongo_client.drop_database(f"{db}_syncd")
+
+
 def test_syncd_rebuild_serves_the_rebuild_metrics_with_listen(
     tmp_path, mongo_uri, mongo_client, chroma_server, syncd_factory
 ):
