@@ -5,7 +5,7 @@ serves now, such as the collection a rebuild switched it to."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,11 +19,9 @@ def _plan(key: str) -> WritePlan:
 
 
 def test_a_write_after_the_collection_was_found_gone_never_goes_into_its_namesake(
-    tmp_path: Path,
+    chroma_persistent_client: Any,
 ) -> None:
-    import chromadb
-
-    client = chromadb.PersistentClient(path=str(tmp_path))
+    client = chroma_persistent_client
     sink = ChromaSink(lambda: client, "coll", dimensions=4, pipeline="p")
     old_id = sink.collection_id(create=True)
     sink.write(_plan("1"))
