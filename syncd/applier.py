@@ -49,6 +49,24 @@ class Planned:
         return self.result.poisoned
 
 
+def merged(plans: Sequence[Planned]) -> Planned:
+    """One plan that writes all of ``plans``, whose keys must be disjoint: their records
+    differ, so the order of the writes among them does not matter."""
+    write = WritePlan()
+    result = planning.PlanResult(plan=write, poisoned=[], embedded=0, keys_written=[])
+    changes: list[planning.Change] = []
+    for planned in plans:
+        part = planned.result
+        write.upserts.extend(part.plan.upserts)
+        write.updates.extend(part.plan.updates)
+        write.deletes.extend(part.plan.deletes)
+        result.poisoned.extend(part.poisoned)
+        result.embedded += part.embedded
+        result.keys_written.extend(part.keys_written)
+        changes.extend(planned.changes)
+    return Planned(changes=changes, result=result)
+
+
 @dataclasses.dataclass
 class Embedding:
     """Changes planned but for their vectors, which an embedding API is computing."""

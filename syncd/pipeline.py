@@ -22,7 +22,7 @@ import backoff
 
 from syncd import halts, hints
 from syncd import plan as planning
-from syncd.applier import Applier
+from syncd.applier import Applier, Planned, merged
 from syncd.checkpoint import Checkpoint, CheckpointStore
 from syncd.checkpointing import Progress as Checkpointing
 from syncd.config import PipelineSettings
@@ -241,9 +241,9 @@ class Pipeline:
             planner.close()  # what was planned but not written is read again
         self.source.close()
 
-    def _read(self) -> Batch:
+    def _read(self, max_events: int | None = None) -> Batch:
         return self.source.read_batch(
-            self.settings.batch_size, self.settings.batch_max_wait_ms / 1000
+            max_events or self.settings.batch_size, self.settings.batch_max_wait_ms / 1000
         )
 
     def _write_ahead_of(self, planner: Planner) -> None:
@@ -274,39 +274,68 @@ class Pipeline:
             elif item.sequential:
                 self.process(batch)
             else:
-                self._write_planned(item, batch)
-            if item.ticket is not None:
-                self.telemetry.applied_through(item.ticket)
-            planner.written(item)
-            self._read_succeeded()
+                group = [item, *planner.more(item)]
+                self._write_planned(group)
+                for earlier in group[:-1]:
+                    self._written(planner, earlier)
+                item = group[-1]
+            self._written(planner, item)
 
-    def _write_planned(self, item: Item, batch: Batch) -> None:
-        """Write a batch planned ahead, then checkpoint past it."""
+    def _written(self, planner: Planner, item: Item) -> None:
+        if item.ticket is not None:
+            self.telemetry.applied_through(item.ticket)
+        planner.written(item)
+        self._read_succeeded()
+
+    def _write_planned(self, group: Sequence[Item]) -> None:
+        """Write reads planned ahead (keys disjoint) in one write, then checkpoint past
+        the last; a halt in one of them writes and checkpoints those before it first."""
         started = time.monotonic()
-        with self.telemetry.batch(len(batch.events)):
-            for event in batch.events:
-                self.telemetry.event(self._event_info(event), event.get("fullDocument"))
-            for stage in item.stages:
-                self.telemetry.stage_at(
-                    stage.name, stage.started_ns, stage.ended_ns, stage.seconds, stage.error
-                )
-            if item.error is not None:
-                raise item.error
-            planned = item.planned
-            if item.embedding is not None:
-                planned = self.applier.finish(item.embedding)
-                if planned.poisoned and not self.applier.dead_lettering:
-                    self._halt_at(planned.poisoned, batch.events, batch.events)
-                # Its vectors came after the planner let it go: packed here, as Chroma
-                # takes them (numpy's conversion, not chromadb's check of each value).
-                planned.result.plan = packed(planned.result.plan)
-            if planned is not None:
-                self.applier.write(planned, counts=self.progress.counts())
-                if planned.poisoned:
-                    self.applier.put_dead_letters(planned.poisoned)
-            if batch.token is not None:
-                self.progress.advance(batch.token, invalidate=batch.invalidated)
-        self.telemetry.batch_done(len(batch.events), time.monotonic() - started)
+        events = sum(len(item.batch.events) for item in group if item.batch is not None)
+        with self.telemetry.batch(events):
+            for item in group:
+                assert item.batch is not None
+                for event in item.batch.events:
+                    self.telemetry.event(self._event_info(event), event.get("fullDocument"))
+                for stage in item.stages:
+                    self.telemetry.stage_at(
+                        stage.name, stage.started_ns, stage.ended_ns, stage.seconds, stage.error
+                    )
+            plans: list[Planned] = []
+            for index, item in enumerate(group):
+                batch = item.batch
+                assert batch is not None
+                if item.error is not None:
+                    raise item.error
+                planned = item.planned
+                if item.embedding is not None:
+                    try:
+                        planned = self.applier.finish(item.embedding)
+                    except BaseException:
+                        if plans:  # raised in its turn: the reads before it are applied
+                            self._apply_plans(plans, group[index - 1].batch)
+                        raise
+                    if planned.poisoned and not self.applier.dead_lettering:
+                        if plans:  # the reads before it are applied and checkpointed first
+                            self._apply_plans(plans, group[index - 1].batch)
+                        self._halt_at(planned.poisoned, batch.events, batch.events)
+                    # Its vectors came after the planner let it go: packed here, as Chroma
+                    # takes them (numpy's conversion, not chromadb's check of each value).
+                    planned.result.plan = packed(planned.result.plan)
+                if planned is not None:
+                    plans.append(planned)
+            self._apply_plans(plans, group[-1].batch)
+        self.telemetry.batch_done(events, time.monotonic() - started)
+
+    def _apply_plans(self, plans: Sequence[Planned], last: Batch | None) -> None:
+        """Write ``plans`` as one, park their dead letters, checkpoint past ``last``."""
+        if plans:
+            planned = plans[0] if len(plans) == 1 else merged(plans)
+            self.applier.write(planned, counts=self.progress.counts())
+            if planned.poisoned:
+                self.applier.put_dead_letters(planned.poisoned)
+        if last is not None and last.token is not None:
+            self.progress.advance(last.token, invalidate=last.invalidated)
 
     def _read_succeeded(self) -> None:
         if self._retrying:

@@ -4,10 +4,12 @@ While the pipeline's own thread (stage two, the only writer) writes batch N to C
 reads it back and checkpoints it, a :class:`Planner` thread reads batch N+1 from the
 change stream and plans it: coalesces it, maps it, looks up what Chroma holds for its
 keys and embeds what changed. Batches are handed over in stream order through a queue
-of one, and the planner reads the next batch only once the writer has taken the last
-one: one batch is written while the next is planned, so at most two are in memory
-whatever the backlog, and the changes that arrive during a write make the next read
-bigger instead of queueing behind it in small batches (each with a write's fixed cost).
+that holds at most ``batch_size`` events (and :data:`MAX_AHEAD` reads): under a
+backlog one full batch is planned while one is written, so at most two are in memory
+whatever the backlog. When changes trickle in, the planner goes on reading and planning
+them while a write is in flight, and the writer takes everything planned meanwhile in one
+write (:meth:`Planner.more`): a change waits for the write in flight and its own, not for
+a batch read ahead of it as well, and each write's fixed cost is paid once.
 
 An embedding API's requests are only sent by the planner (:meth:`Applier.plan_ahead`):
 the batch is handed over with its vectors on their way, the writer waits for them once
@@ -19,7 +21,8 @@ batch is read, mapped or written, and the requests in flight never exceed
 What keeps the mirror exact while two batches are in flight:
 
 * A key planned in batch N and changed again in N+1 is looked up for N+1 only once
-  N's write of it is done (:class:`InFlight`); other keys are not held up.
+  N's write of it is done (:class:`InFlight`); other keys are not held up. Reads written
+  together never share a key, so one write applies each key's changes in stream order.
 * The writer checkpoints strictly in order, and only after the batch is written: the
   planner never touches the checkpoint. An empty read is handed over too, so a quiet
   position moves only once everything before it is written.
@@ -34,6 +37,7 @@ What keeps the mirror exact while two batches are in flight:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import queue
 import threading
@@ -53,6 +57,8 @@ from syncd.telemetry import PipelineTelemetry
 LIFECYCLE_OPS = frozenset({"drop", "rename", "dropDatabase"})
 SEQUENTIAL_OPS = LIFECYCLE_OPS | {"invalidate"}
 POLL_S = 0.1  # how soon a blocked stage notices it was cancelled
+MAX_AHEAD = 16  # reads planned and not yet taken by the writer, at most
+GATHER_S = 0.05  # while reads wait for the writer, the pause before the next one
 
 ItemT = TypeVar("ItemT")
 PlannedT = TypeVar("PlannedT")
@@ -166,7 +172,7 @@ class Planner(threading.Thread):
         progress: Progress,
         telemetry: PipelineTelemetry,
         stop: threading.Event,
-        read: Callable[[], Batch],
+        read: Callable[[int], Batch],
     ) -> None:
         super().__init__(name=f"plan-{applier.settings.name}", daemon=True)
         self.source = source
@@ -177,18 +183,47 @@ class Planner(threading.Thread):
         self._read = read
         self.in_flight = InFlight()
         self._lookup = GatedLookup(applier.sink, self.in_flight)
-        self._queue: queue.Queue[Item] = queue.Queue(maxsize=1)
-        self._taken = threading.Event()  # the writer took the item handed over last
+        self._limit = applier.settings.batch_size  # events planned ahead, at most
+        self._ready: collections.deque[Item] = collections.deque()
+        self._ready_events = 0
+        self._cond = threading.Condition()
 
     # --- the writer's side ---------------------------------------------------------
 
     def next(self, timeout: float = POLL_S) -> Item | None:
         """The next item in stream order, or None if none came within ``timeout``."""
-        try:
-            item = self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
-        self._taken.set()
+        with self._cond:
+            if not self._ready and timeout > 0:
+                self._cond.wait(timeout)
+            if not self._ready:
+                return None
+            return self._take()
+
+    def more(self, first: Item) -> list[Item]:
+        """The items planned behind ``first`` that one write can apply with it: ready
+        now, planned whole (no collection event, halt or error) and sharing no key with
+        it or each other, up to ``batch_size`` events in all. In stream order."""
+        if not _writable(first):
+            return []
+        keys = set(first.keys)
+        events = _events(first)
+        taken: list[Item] = []
+        with self._cond:
+            while self._ready:
+                item = self._ready[0]
+                if not _writable(item) or events + _events(item) > self._limit:
+                    break
+                if not keys.isdisjoint(item.keys):
+                    break
+                keys.update(item.keys)
+                events += _events(item)
+                taken.append(self._take())
+        return taken
+
+    def _take(self) -> Item:
+        item = self._ready.popleft()
+        self._ready_events -= _events(item)
+        self._cond.notify_all()
         return item
 
     def written(self, item: Item) -> None:
@@ -200,6 +235,8 @@ class Planner(threading.Thread):
     def close(self) -> None:
         """Stop planning and discard what was planned but not written."""
         self.in_flight.cancel()
+        with self._cond:
+            self._cond.notify_all()
         self.join()
         while (item := self.next(timeout=0)) is not None:
             _discard(item)
@@ -209,12 +246,13 @@ class Planner(threading.Thread):
     def run(self) -> None:
         try:
             while not self.stop.is_set() and not self.in_flight.cancelled:
-                item = self._plan_next()
-                self._taken.clear()
+                room = self._wait_room()
+                if room is None:
+                    return
+                item = self._plan_next(room)
                 self._put(item)
                 if item.error is not None:
                     return
-                self._wait_taken()
                 if item.sequential:
                     self._wait_applied(item)
                     if item.batch is not None and item.batch.invalidated:
@@ -231,10 +269,10 @@ class Planner(threading.Thread):
             except Abandoned:
                 return
 
-    def _plan_next(self) -> Item:
+    def _plan_next(self, room: int) -> Item:
         started = time.time_ns()
         try:
-            batch = self._read()
+            batch = self._read(room)
         except BaseException as exc:
             self.telemetry.spans.read_failed(started, exc)
             raise
@@ -273,28 +311,53 @@ class Planner(threading.Thread):
         return item
 
     def _put(self, item: Item) -> None:
-        while True:
+        with self._cond:
             if self.in_flight.cancelled:
                 _discard(item)
                 raise Abandoned
-            try:
-                self._queue.put(item, timeout=POLL_S)
-                return
-            except queue.Full:
-                continue
+            self._ready.append(item)
+            self._ready_events += _events(item)
+            self._cond.notify_all()
 
-    def _wait_taken(self) -> None:
-        """Until the writer takes what was handed over (or the pipeline stops)."""
-        while not self._taken.wait(POLL_S):
-            if self.in_flight.cancelled:
-                raise Abandoned
-            if self.stop.is_set():
-                return
+    def _wait_room(self) -> int | None:
+        """How many events the next read may take, once fewer than ``batch_size`` are
+        planned and not yet taken by the writer; None if the pipeline stops meanwhile.
+
+        While reads wait for the writer, the next one waits :data:`GATHER_S` (or until
+        the writer takes them): what arrives meanwhile is looked up in one call to Chroma,
+        not one per change, and a writer that becomes free still finds it planned."""
+        with self._cond:
+            gather_until = time.monotonic() + GATHER_S if self._ready else 0.0
+            while True:
+                if self.in_flight.cancelled:
+                    raise Abandoned
+                if self.stop.is_set():
+                    return None
+                full = self._ready_events >= self._limit or len(self._ready) >= MAX_AHEAD
+                wait = gather_until - time.monotonic() if self._ready else 0.0
+                if not full and wait <= 0:
+                    return self._limit - self._ready_events
+                self._cond.wait(POLL_S if full else min(POLL_S, wait))
 
     def _wait_applied(self, item: Item) -> None:
         while not item.done.wait(POLL_S):
             if self.in_flight.cancelled:
                 raise Abandoned
+
+
+def _events(item: Item) -> int:
+    return len(item.batch.events) if item.batch is not None else 0
+
+
+def _writable(item: Item) -> bool:
+    """Planned whole, so that a write may apply it together with others."""
+    return (
+        item.batch is not None
+        and bool(item.batch.events)
+        and not item.sequential
+        and item.error is None
+        and (item.planned is not None or item.embedding is not None)
+    )
 
 
 def packed_ahead(planned: Planned) -> Planned:

@@ -25,6 +25,7 @@ from tests.unit.test_staging import (
     StreamSource,
     checkpointed,
     checkpoints,
+    covering,
     gated,
     run_until,
 )
@@ -75,12 +76,21 @@ def test_the_next_batch_is_read_and_sent_while_the_last_ones_requests_run(
     api: EmbeddingAPI, concurrency: int
 ) -> None:
     # Every request is held unanswered. The sequential planner stayed in batch 1's
-    # embedding; now batch 1 is handed over with its vectors on their way, batch 2 is
-    # read and its request queued behind (sent at once when a slot is free), batch 3 is
-    # not read: at most one batch beyond the one the writer holds.
-    source = stream(["a"], ["b"], ["c"])
-    p, log, sink, _store, _, _ = gated(source=source)
+    # embedding; now batch 1 is handed over with its vectors on their way, and the
+    # batches behind it are read and their requests queued (sent at once when a slot is
+    # free) up to batch_size (2) events beyond what the writer holds: batch 4 is not read.
+    source = stream(["a"], ["b"], ["c"], ["d"])
+    waiting = threading.Event()  # batches 2-4 happen once the writer waits for batch 1
+    source.arrivals = {k: waiting for k in range(1, 4)}
+    p, log, sink, _store, _, _ = gated(source=source, batch_size=2)
     embedder = remote(p, api, concurrency)
+    finish = p.applier.finish
+
+    def finishing(embedding: Any) -> Any:
+        waiting.set()
+        return finish(embedding)
+
+    p.applier.finish = finishing
     sink.release.set()  # writes go through; the API is what holds the pipeline here
     api.hold(0)
     seen: dict[str, Any] = {}
@@ -89,7 +99,7 @@ def test_the_next_batch_is_read_and_sent_while_the_last_ones_requests_run(
         try:
             seen["batch 2 read"] = eventually(lambda: source.reads >= 2)
             seen["requests held"] = eventually(lambda: api.held() >= concurrency)
-            time.sleep(0.3)  # room for a wrong read of batch 3, or a request too many
+            time.sleep(0.3)  # room for a wrong read of batch 4, or a request too many
             seen["reads"], seen["held"] = source.reads, api.held()
             seen["writes"] = sink.writes
         finally:
@@ -98,17 +108,21 @@ def test_the_next_batch_is_read_and_sent_while_the_last_ones_requests_run(
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        assert run_until(p, checkpointed(p, 3)) is None
+        assert run_until(p, checkpointed(p, 4)) is None
     finally:
         watcher.join(WAIT_S)
         embedder.close()
     assert seen["batch 2 read"], "batch 2 was not read while batch 1's request ran"
-    assert seen["reads"] == 2 and seen["writes"] == 0, seen
+    assert seen["reads"] == 3 and seen["writes"] == 0, seen
     assert seen["held"] == concurrency, "requests in flight beyond embed_concurrency"
     assert api.max_in_flight <= concurrency
-    assert sorted(api.inputs) == ["a", "b", "c"], "each text is sent once"
-    assert checkpoints(log) == [f"checkpoint {Timestamp(T0, n)}" for n in (1, 2, 3)]
-    for n, text in enumerate(["a", "b", "c"], start=1):
+    assert sorted(api.inputs) == ["a", "b", "c", "d"], "each text is sent once"
+    done = [int(c.rsplit(", ", 1)[1].rstrip(")")) for c in checkpoints(log)]
+    assert done == sorted(set(done)) and done[-1] == 4, done
+    for n in done:  # each checkpoint follows the write of every record it covers
+        cp = log.calls.index(f"checkpoint {Timestamp(T0, n)}")
+        assert sum(int(c.split()[1]) for c in log.calls[:cp] if c.startswith("write ")) == n
+    for n, text in enumerate(["a", "b", "c", "d"], start=1):
         assert sink.records[f"i:{n}"]["embedding"] == api.vector(text)
 
 
@@ -164,7 +178,7 @@ def test_a_refused_input_planned_ahead_is_dead_lettered_alone(api: EmbeddingAPI)
     finally:
         embedder.close()
     assert [item.change.source_id for item in dlq.items] == [4]
-    assert log.calls.index("dead-letter 1") < log.calls.index(f"checkpoint {Timestamp(T0, 5)}")
+    assert log.calls.index("dead-letter 1") < covering(log, 4)
     assert set(sink.records) == {"i:1", "i:2", "i:3", "i:5", "i:6"}
     assert sink.records["i:5"]["embedding"] == api.vector("d")
 

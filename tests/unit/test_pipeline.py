@@ -112,7 +112,12 @@ class CountingEmbedder(HashingEmbedder):
         return super().embed(texts)
 
 
-def make(on_error: str = "halt", consistency: str = "eventual", source: Any = None) -> Any:
+def make(
+    on_error: str = "halt",
+    consistency: str = "eventual",
+    source: Any = None,
+    batch_size: int | None = None,
+) -> Any:
     settings = PipelineSettings.model_validate(
         {
             "name": "p",
@@ -122,6 +127,7 @@ def make(on_error: str = "halt", consistency: str = "eventual", source: Any = No
             "consistency": consistency,
             "mapping": {"text": "body", "metadata": ["tag", "n"]},
             "embedder": {"kind": "hashing", "dimensions": 8},
+            **({"batch_size": batch_size} if batch_size else {}),
         }
     )
     log = Log()

@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 from bson.timestamp import Timestamp
 
+from syncd.applier import Planned
 from syncd.checkpoint import Checkpoint
 from syncd.errors import HaltedError, TransientError
+from syncd.plan import PlanResult
 from syncd.sink import WritePlan
 from syncd.source import Batch, Position
-from syncd.staging import InFlight, ahead
+from syncd.staging import InFlight, Item, Planner, ahead
 from syncd.tokens import covered_through
 from tests.doubles import MemorySink
 from tests.unit.test_pipeline import T0, FakeSource, event, make, token
@@ -25,14 +27,23 @@ WAIT_S = 20.0  # generous: only a broken rule makes a test wait this long
 
 
 class StreamSource(FakeSource):
-    """A change stream of fixed batches that re-opens after any token, as MongoDB does."""
+    """A change stream of fixed batches that re-opens after any token, as MongoDB does.
 
-    def __init__(self, batches: list[list[dict[str, Any]]], current: Any = None) -> None:
+    ``arrivals``: a batch (by index) whose event is not set has not happened yet: reads
+    find nothing new until it is set."""
+
+    def __init__(
+        self,
+        batches: list[list[dict[str, Any]]],
+        current: Any = None,
+        arrivals: Mapping[int, threading.Event] | None = None,
+    ) -> None:
         super().__init__(current)
         self.batches = batches
         self.events = [e for b in batches for e in b]
         self.next_index = 0
         self.reads = 0
+        self.arrivals = dict(arrivals or {})
 
     def open(self, position: Position, *, max_await_ms: int) -> None:
         after = position.resume_after or position.start_after
@@ -42,9 +53,10 @@ class StreamSource(FakeSource):
 
     def read_batch(self, max_events: int, max_wait_s: float) -> Batch:
         start = self.next_index
-        if start >= len(self.events):
+        if start >= len(self.events) or not self._arrived(start):
             time.sleep(0.01)
-            return Batch([], dict(self.events[-1]["_id"]) if self.events else None)
+            last = self.events[start - 1]["_id"] if start else None
+            return Batch([], dict(last) if last is not None else None)
         # the batch boundaries as given, whatever position the stream re-opened at
         end, seen = start, 0
         for batch in self.batches:
@@ -56,6 +68,15 @@ class StreamSource(FakeSource):
         self.next_index = end
         self.reads += 1
         return Batch(events, events[-1]["_id"])
+
+    def _arrived(self, start: int) -> bool:
+        seen = 0
+        for index, batch in enumerate(self.batches):
+            if seen == start:
+                gate = self.arrivals.get(index)
+                return gate is None or gate.is_set()
+            seen += len(batch)
+        return True
 
 
 def run_until(p: Any, done: Callable[[], bool]) -> BaseException | None:
@@ -96,6 +117,19 @@ def checkpoints(log: Any) -> list[str]:
     return [c for c in log.calls if c.startswith("checkpoint")]
 
 
+def covering(log: Any, n: int) -> int:
+    """Where in the log the first checkpoint at or past the change at ``n`` is."""
+    for index, call in enumerate(log.calls):
+        if call.startswith("checkpoint") and int(call.rsplit(", ", 1)[1].rstrip(")")) >= n:
+            return index
+    raise AssertionError(f"no checkpoint covers change {n}: {log.calls}")
+
+
+def writes(log: Any) -> list[int]:
+    """The records of each write, in order."""
+    return [int(c.split()[1]) for c in log.calls if c.startswith("write ")]
+
+
 class GatedSink(MemorySink):
     """Holds the first write until released; records lookups in the shared log."""
 
@@ -117,18 +151,29 @@ class GatedSink(MemorySink):
         super().write(plan)
 
 
-def gated(on_error: str = "halt", source: Any = None) -> tuple[Any, ...]:
-    p, log, _sink, store, dlq, emb = make(on_error=on_error, source=source)
+def gated(
+    on_error: str = "halt", source: Any = None, batch_size: int | None = None
+) -> tuple[Any, ...]:
+    p, log, _sink, store, dlq, emb = make(on_error=on_error, source=source, batch_size=batch_size)
     sink = GatedSink(log)
     p.applier.sink = p.progress.sink = sink
     return p, log, sink, store, dlq, emb
 
 
 def test_the_next_batch_is_planned_while_one_is_written() -> None:
+    second = threading.Event()  # batch 2 happens once batch 1's write has begun
     source = StreamSource(
-        [[event(1, "insert", 1, {"body": "a"})], [event(2, "insert", 2, {"body": "b"})]]
+        [[event(1, "insert", 1, {"body": "a"})], [event(2, "insert", 2, {"body": "b"})]],
+        arrivals={1: second},
     )
     p, log, sink, _store, _, emb = gated(source=source)
+    write = sink.write
+
+    def arriving(plan: WritePlan) -> None:
+        second.set()
+        write(plan)
+
+    sink.write = arriving
     embedded_b = threading.Event()
     embed = emb.embed
 
@@ -157,18 +202,24 @@ def test_the_next_batch_is_planned_while_one_is_written() -> None:
     assert set(sink.records) == {"i:1", "i:2"}
 
 
-def test_the_planner_holds_at_most_one_batch_beyond_the_one_being_written() -> None:
-    # Every read happens once the writer took the batch read before it: while batch 1's
-    # write is held, batch 2 is planned and batch 3 is not read (changes that arrive
-    # meanwhile would make it bigger, instead of queueing behind it in small batches).
-    source = StreamSource([[event(n, "insert", n, {"body": str(n)})] for n in range(1, 6)])
-    p, log, sink, _store, _, emb = gated(source=source)
-    held_at_reads: list[int] = []  # batches read and not yet written, as each read starts
+def test_what_arrives_during_a_write_is_planned_meanwhile_and_written_together() -> None:
+    # While batch 1's write is held, the planner reads and plans what comes, up to
+    # batch_size (3) events beyond the write, and then reads nothing more; the writer
+    # takes those in one write (a change waits for the write in flight and its own), and
+    # the rest after it. Every checkpoint follows the write that covers it.
+    writing = threading.Event()  # batches 2-6 happen once batch 1's write has begun
+    source = StreamSource(
+        [[event(n, "insert", n, {"body": str(n)})] for n in range(1, 7)],
+        arrivals={k: writing for k in range(1, 6)},
+    )
+    p, log, sink, _store, _, emb = gated(source=source, batch_size=3)
+    sink.writing = writing
+    ahead_at_reads: list[int] = []  # events read and not yet written, as each read starts
     read = source.read_batch
 
     def counting(max_events: int, max_wait_s: float) -> Any:
         if source.next_index < len(source.events):
-            held_at_reads.append(source.reads - sink.writes)
+            ahead_at_reads.append(source.next_index - len(sink.records))
         return read(max_events, max_wait_s)
 
     source.read_batch = counting  # type: ignore[method-assign]
@@ -176,19 +227,69 @@ def test_the_planner_holds_at_most_one_batch_beyond_the_one_being_written() -> N
     def release_when_planned() -> None:
         assert sink.writing.wait(WAIT_S)
         deadline = time.monotonic() + WAIT_S
-        while "2" not in emb.texts and time.monotonic() < deadline:
+        while "4" not in emb.texts and time.monotonic() < deadline:
             time.sleep(0.01)
-        time.sleep(0.3)  # room for a wrong read of batch 3 (the test fails if it happens)
+        time.sleep(0.3)  # room for a wrong read of batch 5 (the test fails if it happens)
         log.calls.append(f"reads while batch 1 is written: {source.reads}")
         sink.release.set()
 
     helper = threading.Thread(target=release_when_planned, daemon=True)
     helper.start()
-    assert run_until(p, checkpointed(p, 5)) is None
+    assert run_until(p, checkpointed(p, 6)) is None
     helper.join(WAIT_S)
-    assert "reads while batch 1 is written: 2" in log.calls
-    assert max(held_at_reads) == 1, held_at_reads
-    assert set(sink.records) == {f"i:{n}" for n in range(1, 6)}
+    assert "reads while batch 1 is written: 4" in log.calls
+    assert max(ahead_at_reads) <= 1 + 3, ahead_at_reads  # the write's event, and 3 ahead
+    assert writes(log)[:2] == [1, 3] and sum(writes(log)) == 6, writes(log)
+    done = [int(c.rsplit(", ", 1)[1].rstrip(")")) for c in checkpoints(log)]
+    assert done[:2] == [1, 4] and done[-1] == 6 and done == sorted(set(done)), done
+    for n in done:  # each checkpoint follows the writes of every record it covers
+        cp = log.calls.index(f"checkpoint {Timestamp(T0, n)}")
+        assert sum(int(c.split()[1]) for c in log.calls[:cp] if c.startswith("write ")) == n
+    assert set(sink.records) == {f"i:{n}" for n in range(1, 7)}
+
+
+def test_a_write_takes_reads_planned_ahead_only_while_they_share_no_key() -> None:
+    # Keys already in a write end what it takes: each key's changes stay in stream order.
+    p, _log, _sink, _store, _, _ = make(batch_size=10)
+    planner = Planner(
+        source=p.source,
+        applier=p.applier,
+        progress=p.progress,
+        telemetry=p.telemetry,
+        stop=threading.Event(),
+        read=lambda room: Batch([], None),
+    )
+
+    def item(*keys: int, sequential: bool = False) -> Item:
+        events = [event(k, "insert", k, {"body": "x"}) for k in keys]
+        planned = Planned(changes=[], result=PlanResult(WritePlan(), [], 0, []))
+        return Item(
+            batch=Batch(events, events[-1]["_id"]),
+            planned=None if sequential else planned,
+            keys=[f"i:{k}" for k in keys],
+            sequential=sequential,
+        )
+
+    first, second, shared, after = item(1, 2), item(3), item(2, 4), item(5)
+    for queued in (second, shared, after):
+        planner._put(queued)
+    assert planner.more(first) == [second]
+    assert planner.next(timeout=0) is shared
+    assert planner.more(shared) == [after]
+
+    sequential = item(7, sequential=True)
+    for queued in (item(6), sequential, item(8)):
+        planner._put(queued)
+    taken = planner.more(item(9))
+    assert [i.keys for i in taken] == [["i:6"]], "nothing past a read applied on its own"
+    assert planner.next(timeout=0) is sequential
+    assert planner.next(timeout=0) is not None and planner.next(timeout=0) is None
+
+    fits, too_many = item(30), item(31)
+    planner._put(fits)
+    planner._put(too_many)
+    assert planner.more(item(*range(20, 29))) == [fits], "10 events at most (batch_size)"
+    assert planner.next(timeout=0) is too_many
 
 
 def test_a_key_in_flight_is_looked_up_only_after_its_write() -> None:
@@ -260,8 +361,13 @@ def test_a_failed_write_never_lets_a_later_checkpoint_through() -> None:
     assert saved_at_failure == [1], "only the starting checkpoint existed at the failure"
     times = [covered_through(cp.token) for cp in store.saved[1:] if cp.token]
     assert times == sorted(times)
-    assert checkpoints(log)[0] == f"checkpoint {Timestamp(T0, 1)}"
-    assert log.calls.index("write 1") < log.calls.index(f"checkpoint {Timestamp(T0, 1)}")
+    # after the failure, the first checkpoint follows a write of everything it covers
+    first = checkpoints(log)[0]
+    covered = int(first.rsplit(", ", 1)[1].rstrip(")"))
+    assert sum(writes(log)[:1]) == covered
+    assert log.calls.index(next(c for c in log.calls if c.startswith("write "))) < (
+        log.calls.index(first)
+    )
     assert set(sink.records) == {"i:1", "i:2", "i:3"}
     assert source.reads > 3, "the batches planned but not written were read again"
 
@@ -301,7 +407,7 @@ def test_dead_letters_are_parked_in_order_and_streaming_goes_on() -> None:
     p, log, sink, _store, dlq, _ = make(on_error="dead_letter", source=source)
     assert run_until(p, checkpointed(p, 4)) is None
     assert [i.change.source_id for i in dlq.items] == [3]
-    assert log.calls.index("dead-letter 1") < log.calls.index(f"checkpoint {Timestamp(T0, 3)}")
+    assert log.calls.index("dead-letter 1") < covering(log, 3)
     assert set(sink.records) == {"i:1", "i:2", "i:4"}
 
 
