@@ -81,6 +81,8 @@ class Daemon:
 
 # --- 3. lag ----------------------------------------------------------------------------------
 
+POLL_S = 0.01  # the reader's pause between two looks at Chroma
+
 
 def _lag_run(ctx: Context, daemon: Daemon, coll: Any, rate: float | None, seconds: float,
              first_id: int) -> dict[str, Any]:
@@ -102,7 +104,7 @@ def _lag_run(ctx: Context, daemon: Daemon, coll: Any, rate: float | None, second
                     now = time.monotonic()
                     for rid in found:
                         seen[rid] = now
-            time.sleep(0.01)
+            time.sleep(POLL_S)
             if not writing.is_set() and time.monotonic() - stopped[0] > 60:
                 return
 
@@ -155,9 +157,11 @@ def lag(ctx: Context) -> dict[str, Any]:
         coll.insert_one(w.document(10**9, dims=32))
         daemon.wait_until(w.op_time(ctx.mongo), 120)
         log("lag: measuring the maximum sustained rate (one writer, as fast as it can)")
-        flat_out = _lag_run(ctx, daemon, coll, None, min(seconds, 5.0), 0)
-        # Sustained: what syncd applied while the writer ran, or the writer's own pace.
-        sustained = flat_out["writes"] / max(flat_out["drain_s"], seconds)
+        flat_seconds = min(seconds, 5.0)
+        flat_out = _lag_run(ctx, daemon, coll, None, flat_seconds, 0)
+        # Sustained: what syncd applied from the writer's start until the last write was
+        # visible, or the writer's own pace if syncd kept up with it.
+        sustained = flat_out["writes"] / max(flat_out["drain_s"], flat_seconds)
         log(f"  writer {flat_out['achieved_rate']:,.0f}/s, syncd kept {sustained:,.0f}/s")
         runs = []
         next_id = flat_out["next_id"]
