@@ -24,10 +24,12 @@ from tests.unit.test_staging import (
     WAIT_S,
     StreamSource,
     checkpointed,
+    checkpointed_changes,
     checkpoints,
     covering,
     gated,
     run_until,
+    written_before_checkpoint,
 )
 
 
@@ -117,11 +119,10 @@ def test_the_next_batch_is_read_and_sent_while_the_last_ones_requests_run(
     assert seen["held"] == concurrency, "requests in flight beyond embed_concurrency"
     assert api.max_in_flight <= concurrency
     assert sorted(api.inputs) == ["a", "b", "c", "d"], "each text is sent once"
-    done = [int(c.rsplit(", ", 1)[1].rstrip(")")) for c in checkpoints(log)]
+    done = checkpointed_changes(log)
     assert done == sorted(set(done)) and done[-1] == 4, done
     for n in done:  # each checkpoint follows the write of every record it covers
-        cp = log.calls.index(f"checkpoint {Timestamp(T0, n)}")
-        assert sum(int(c.split()[1]) for c in log.calls[:cp] if c.startswith("write ")) == n
+        assert written_before_checkpoint(log, n) == n
     for n, text in enumerate(["a", "b", "c", "d"], start=1):
         assert sink.records[f"i:{n}"]["embedding"] == api.vector(text)
 

@@ -117,17 +117,32 @@ def checkpoints(log: Any) -> list[str]:
     return [c for c in log.calls if c.startswith("checkpoint")]
 
 
+def _change(checkpoint: str) -> int:
+    """The change a logged checkpoint covers (the increment of its cluster time)."""
+    return int(checkpoint.rsplit(", ", 1)[1].rstrip(")"))
+
+
+def checkpointed_changes(log: Any) -> list[int]:
+    """The change each checkpoint covers, in order."""
+    return [_change(c) for c in checkpoints(log)]
+
+
 def covering(log: Any, n: int) -> int:
     """Where in the log the first checkpoint at or past the change at ``n`` is."""
     for index, call in enumerate(log.calls):
-        if call.startswith("checkpoint") and int(call.rsplit(", ", 1)[1].rstrip(")")) >= n:
+        if call.startswith("checkpoint") and _change(call) >= n:
             return index
     raise AssertionError(f"no checkpoint covers change {n}: {log.calls}")
 
 
-def writes(log: Any) -> list[int]:
-    """The records of each write, in order."""
-    return [int(c.split()[1]) for c in log.calls if c.startswith("write ")]
+def writes(calls: Sequence[str]) -> list[int]:
+    """The records of each write among ``calls``, in order."""
+    return [int(c.split()[1]) for c in calls if c.startswith("write ")]
+
+
+def written_before_checkpoint(log: Any, n: int) -> int:
+    """Records written before the checkpoint that covers the change at ``n``."""
+    return sum(writes(log.calls[: log.calls.index(f"checkpoint {Timestamp(T0, n)}")]))
 
 
 class GatedSink(MemorySink):
@@ -239,12 +254,11 @@ def test_what_arrives_during_a_write_is_planned_meanwhile_and_written_together()
     helper.join(WAIT_S)
     assert "reads while batch 1 is written: 4" in log.calls
     assert max(ahead_at_reads) <= 1 + 3, ahead_at_reads  # the write's event, and 3 ahead
-    assert writes(log)[:2] == [1, 3] and sum(writes(log)) == 6, writes(log)
-    done = [int(c.rsplit(", ", 1)[1].rstrip(")")) for c in checkpoints(log)]
+    assert writes(log.calls)[:2] == [1, 3] and sum(writes(log.calls)) == 6, writes(log.calls)
+    done = checkpointed_changes(log)
     assert done[:2] == [1, 4] and done[-1] == 6 and done == sorted(set(done)), done
     for n in done:  # each checkpoint follows the writes of every record it covers
-        cp = log.calls.index(f"checkpoint {Timestamp(T0, n)}")
-        assert sum(int(c.split()[1]) for c in log.calls[:cp] if c.startswith("write ")) == n
+        assert written_before_checkpoint(log, n) == n
     assert set(sink.records) == {f"i:{n}" for n in range(1, 7)}
 
 
@@ -363,8 +377,7 @@ def test_a_failed_write_never_lets_a_later_checkpoint_through() -> None:
     assert times == sorted(times)
     # after the failure, the first checkpoint follows a write of everything it covers
     first = checkpoints(log)[0]
-    covered = int(first.rsplit(", ", 1)[1].rstrip(")"))
-    assert sum(writes(log)[:1]) == covered
+    assert sum(writes(log.calls)[:1]) == _change(first)
     assert log.calls.index(next(c for c in log.calls if c.startswith("write "))) < (
         log.calls.index(first)
     )
