@@ -131,6 +131,19 @@ def range_pages(coll: Any, docs: int) -> list[tuple[str, float, float]]:
     return results
 
 
+def empty_brackets(coll: Any) -> list[tuple[str, float, float]]:
+    """The first query of each of the snapshot's type brackets that holds no ``_id`` here
+    (all are numbers): an empty index range, whatever the collection holds."""
+    results = []
+    for types in (["minKey"], ["null"], ["string", "symbol"], ["object"], ["maxKey"]):
+        seconds, page = timed(lambda: list(coll.find({"_id": {"$type": types}})
+                                           .sort("_id", 1).limit(PAGE)))  # noqa: B023
+        assert page == [], (types, len(page))
+        print(f"  empty bracket {'+'.join(types):14} {seconds * 1e3:6.1f} ms")
+        results.append((f"empty {'+'.join(types)}", seconds, CEILING_PAGE))
+    return results
+
+
 def index_reads(coll: Any, docs: int) -> list[tuple[str, float, float]]:
     results = []
     rng = random.Random(7)
@@ -147,6 +160,7 @@ def index_reads(coll: Any, docs: int) -> list[tuple[str, float, float]]:
     results.append(("filtered scan", seconds, CEILING_PAGED_SCAN))
     results += page_growth(coll, docs)
     results += range_pages(coll, docs)
+    results += empty_brackets(coll)
     seconds, n = timed(lambda: coll.count_documents({}))
     assert n == docs, n
     results.append(("count_documents", seconds, CEILING_COUNT))

@@ -237,6 +237,9 @@ def test_a_type_condition_alone_reads_its_bracket_in_either_direction(mongo_db: 
         (["string", "bool"], strings + bools),
         ("null", [None]),
         ("object", ORDERED[20:24]),
+        (["string", "symbol"], strings),  # a snapshot's brackets, the empty ones too
+        ("minKey", []),
+        ("maxKey", []),
     ]:
         _assert_ids(_page(coll, {"_id": {"$type": types}}, size=100), want)
         _assert_ids(_page(coll, {"_id": {"$type": types}}, -1, size=100), want[::-1])

@@ -84,7 +84,11 @@ def _points(cond: Any) -> list[Any] | None:
 # sets of them that cover a bracket wholly (then the index range is the condition).
 _TYPE_BRACKETS: dict[Any, int] = {
     **dict.fromkeys(("double", 1, "int", 16, "long", 18, "decimal", 19, "number"), NUMBER),
-    **dict.fromkeys(("string", 2), STRING),
+    **dict.fromkeys(("minKey", -1), MIN_KEY),
+    **dict.fromkeys(("null", 10), NULL),
+    **dict.fromkeys(("string", 2, "symbol", 14), STRING),
+    **dict.fromkeys(("object", 3), OBJECT),
+    **dict.fromkeys(("maxKey", 127), MAX_KEY),
     **dict.fromkeys(("binData", 5), BINARY),
     **dict.fromkeys(("objectId", 7), OBJECT_ID),
     **dict.fromkeys(("bool", 8), BOOL),
