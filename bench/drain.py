@@ -247,14 +247,15 @@ def main() -> int:
 
     def watch() -> None:
         deadline = time.monotonic() + args.timeout
-        started, sampled = time.monotonic(), 0.0
+        started, last_count = time.monotonic(), -1
         while not stop.is_set():
             now = time.monotonic()
-            if args.snapshot and now - sampled >= 1.0:
-                sampled = now
-                snap = pipeline.checkpoint.snapshot if pipeline.checkpoint else None
-                if snap is not None:
-                    progress.append((round(now - started, 3), snap.scanned))
+            snap = pipeline.checkpoint.snapshot if args.snapshot and pipeline.checkpoint else None
+            # Each time the count moves (within WATCH_S): the ends of the pages, between
+            # which a window's boundary is interpolated, however large the pages are.
+            if snap is not None and snap.scanned != last_count:
+                last_count = snap.scanned
+                progress.append((round(now - started, 3), snap.scanned))
             if done():
                 finished["wall"] = time.perf_counter()
                 finished["cpu"] = cpu_seconds()

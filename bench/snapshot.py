@@ -68,7 +68,7 @@ def snapshot(ctx: Context) -> dict[str, Any]:
                 r["documents"] = done
                 r["records"] = srv.chroma_client().get_collection(name).count()
                 progress = list(r.get("progress") or [])
-                if not r["timed_out"]:  # the samples are 1 s apart: add where it ended
+                if not r["timed_out"]:  # the samples are where the count moved: add the end
                     progress.append([r["wall_s"], n])
                 r["windows"] = windows(progress, window)
                 syncd_runs.append(r)

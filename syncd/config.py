@@ -386,7 +386,9 @@ class PipelineSettings(_Model):
     distance: Literal["cosine", "l2", "ip"] = "cosine"
     full_document: Literal["updateLookup", "whenAvailable", "required"] = "updateLookup"
     snapshot: Literal["initial", "never"] = "initial"
-    snapshot_batch_size: Annotated[int, Field(ge=1, le=100_000)] = 1000
+    # Documents a snapshot reads and writes at once. None: sized by the vector's size
+    # (syncd.snapshot.page_size).
+    snapshot_batch_size: Annotated[int, Field(ge=1, le=100_000)] | None = None
     on_history_lost: Literal["fail", "resnapshot"] = "fail"
     on_sink_lost: Literal["fail", "resnapshot"] = "fail"
     # What `syncd run` does when the checkpoint's mapping is not the configured one:

@@ -174,7 +174,7 @@ class Checker:
         self.sink = sink
         self.mapper = mapper
         self.database = database  # for $sample; only sampled verifies need it
-        self.page_size = page_size or settings.snapshot_batch_size
+        self.page_size = page_size or settings.snapshot_batch_size or 1000
         self.prefixed = prefixed(settings)
 
     # --- full verify -----------------------------------------------------------------

@@ -7,7 +7,10 @@
    (with a slow embedder, a batch is written in parts: see :func:`part_size`).
    Into a collection that was empty when the scan began, the records of documents
    not yet reached are known to be absent, and are not looked up (:class:`Ahead`).
-3. Remove records whose documents no longer exist (a re-snapshot over old data).
+3. Remove records whose documents no longer exist (a re-snapshot over old data). Into a
+   collection that was empty when the scan began there are none: each record there was
+   written by the scan from a document that existed and matched, and whatever happened
+   to that document since is in the stream replayed from the position of step 1.
 4. Switch to streaming from the recorded position: events that raced the scan are
    replayed, and replay is idempotent.
 """
@@ -88,7 +91,8 @@ class Snapshotter:
                 if self.stop.is_set():
                     reporter.close(finished=False)
                     return
-            self._remove_orphans()
+            if not progress.empty_ahead:
+                self._remove_orphans()
         cp.phase = "streaming"
         cp.snapshot = None
         cp.token = progress.start_token
@@ -131,16 +135,17 @@ class Snapshotter:
     def _scan(
         self, cp: Checkpoint, progress: SnapshotProgress, collection: str, reporter: Progress
     ) -> None:
+        page = page_size(self.settings, self._dimensions(), self.sink.max_batch)
         scan = self.source.scan(
             collection,
             after_id=progress.last_id,
             has_after=progress.has_last_id,
-            batch_size=self.settings.snapshot_batch_size,
+            batch_size=page,
         )
         # Part N+1 is read, mapped and embedded while part N is written.
         known = Ahead(progress)
         pages = ahead(
-            parts(scan, part_size(self.settings)),
+            parts(scan, part_size(self.settings, page)),
             lambda docs, stage: known.plan(
                 docs,
                 lambda lookup: packed_ahead(
@@ -180,6 +185,13 @@ class Snapshotter:
                     return
         finally:
             pages.close()  # stops the planning thread; what it read ahead is read again
+
+    def _dimensions(self) -> int | None:
+        """The size of the vectors, when it is known before any is made."""
+        embedder = self.applier.embedder
+        if embedder is not None:  # an API's is learned from its first answer
+            return embedder.dimensions
+        return self.settings.embedder.dimensions  # read from the documents: checked
 
     def _change(self, collection: str, doc: Mapping[str, Any]) -> planning.Change:
         key = record_key(collection, doc["_id"], prefixed=self.applier.prefixed)
@@ -297,12 +309,33 @@ class Ahead:
 _SLOW_EMBEDDERS = frozenset({"openai", "sentence_transformers"})
 
 
-def part_size(settings: PipelineSettings) -> int:
-    """Documents written and checkpointed together: a page of ``snapshot_batch_size``, or,
-    with a slow embedder, one round of embedding requests (``embedder.batch_size`` times
-    ``embed_concurrency``), so that the progress of a page being embedded moves (and a
-    restart redoes less of it) instead of standing still until the whole page is done."""
-    page = settings.snapshot_batch_size
+# A page's vectors when ``snapshot_batch_size`` is not set: ~1.6 MB of float32, 1,000
+# documents of 384 dimensions. Each Chroma write has a fixed cost besides its cost per
+# record, which grows with the vector's size: for small vectors the fixed cost dominates
+# pages of 1,000 (32 dimensions: 5,461 records a write ran at 1.3-1.5x the rate of 1,000
+# a write, bench/NOTES.md), for 384 dimensions and more it does not, and the page's memory
+# grows with its vectors.
+PAGE_FLOATS = 400_000
+DEFAULT_PAGE = 1000
+
+
+def page_size(settings: PipelineSettings, dimensions: int | None, max_batch: int) -> int:
+    """Documents a snapshot reads (and, unless :func:`part_size` splits it, writes) at
+    once: ``snapshot_batch_size`` if set, else as many as hold ``PAGE_FLOATS`` vector
+    values (at least 1,000, at most Chroma's largest batch), 1,000 while the vector's size
+    is not known yet."""
+    if settings.snapshot_batch_size is not None:
+        return settings.snapshot_batch_size
+    if not dimensions:
+        return DEFAULT_PAGE
+    return max(DEFAULT_PAGE, min(max_batch, PAGE_FLOATS // dimensions))
+
+
+def part_size(settings: PipelineSettings, page: int) -> int:
+    """Documents written and checkpointed together: a ``page``, or, with a slow embedder,
+    one round of embedding requests (``embedder.batch_size`` times ``embed_concurrency``),
+    so that the progress of a page being embedded moves (and a restart redoes less of it)
+    instead of standing still until the whole page is done."""
     embedder = settings.embedder
     if embedder.kind not in _SLOW_EMBEDDERS:
         return page
