@@ -211,10 +211,11 @@ class ChromaSink:
 
     def collection_id(self, *, create: bool = False) -> str | None:
         opened = self._open(create)
-        self._gone = False
         if opened is None:
+            # Still gone if it was: another thread's call must not create a namesake.
             self._coll = None
             return None
+        self._gone = False
         self._coll, self._max_batch = opened
         return str(self._coll.id)
 

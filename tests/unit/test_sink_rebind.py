@@ -40,3 +40,26 @@ def test_a_write_after_the_collection_was_found_gone_never_goes_into_its_namesak
     assert new.get()["ids"] == ["x"]
     # Asked, the sink looks the name up again, for the caller to judge what it finds.
     assert sink.collection_id() == str(new.id) != old_id
+
+
+def test_once_gone_a_lookup_that_finds_nothing_leaves_every_call_refusing(
+    chroma_persistent_client: Any,
+) -> None:
+    # One thread finds the bound collection gone and asks whether the name serves one
+    # (`collection_id`, nothing there); another thread's call must not then create an
+    # empty namesake, as a first run would.
+    client = chroma_persistent_client
+    sink = ChromaSink(lambda: client, "coll", dimensions=4, pipeline="p")
+    sink.collection_id(create=True)
+    sink.write(_plan("1"))
+    client.delete_collection("coll")
+
+    with pytest.raises(SinkLostError):
+        sink.existing(["1"])
+    assert sink.collection_id() is None
+    with pytest.raises(SinkLostError):
+        sink.existing(["1"])
+    with pytest.raises(SinkLostError):
+        sink.write(_plan("2"))
+    names = {c if isinstance(c, str) else c.name for c in client.list_collections()}
+    assert "coll" not in names
