@@ -322,11 +322,12 @@ DEFAULT_PAGE = 1000
 def page_size(settings: PipelineSettings, dimensions: int | None, max_batch: int) -> int:
     """Documents a snapshot reads (and, unless :func:`part_size` splits it, writes) at
     once: ``snapshot_batch_size`` if set, else as many as hold ``PAGE_FLOATS`` vector
-    values (at least 1,000, at most Chroma's largest batch), 1,000 while the vector's size
-    is not known yet."""
+    values (at least 1,000, at most Chroma's largest batch); 1,000 while the vector's size
+    is not known yet, or when texts are chunked (a document's records are not known
+    before it is mapped)."""
     if settings.snapshot_batch_size is not None:
         return settings.snapshot_batch_size
-    if not dimensions:
+    if not dimensions or settings.mapping.chunk_size:
         return DEFAULT_PAGE
     return max(DEFAULT_PAGE, min(max_batch, PAGE_FLOATS // dimensions))
 

@@ -41,6 +41,12 @@ def test_an_unset_page_holds_a_bounded_number_of_vector_values(
     assert page_size(settings(), dimensions, max_batch) == want
 
 
+def test_an_unset_page_of_chunked_texts_stays_at_1000() -> None:
+    # A document's records (and vectors) are not known before it is mapped.
+    chunked = settings(mapping={"text": "body", "chunk_size": 40})
+    assert page_size(chunked, 8, 5461) == 1000
+
+
 def test_a_set_page_is_kept_whatever_the_vectors() -> None:
     assert page_size(settings(snapshot_batch_size=7), 32, 5461) == 7
     assert page_size(settings(snapshot_batch_size=50_000), 1536, 5461) == 50_000
