@@ -138,6 +138,7 @@ class Pipeline:
             checkpoints=self.progress,
             stop=self.stop,
             heartbeat=self._heartbeat,
+            moved=lambda: self._recover("snapshotting"),
         )
 
     # --- lifecycle --------------------------------------------------------------
@@ -338,11 +339,18 @@ class Pipeline:
             self.progress.advance(last.token, invalidate=last.invalidated)
 
     def _read_succeeded(self) -> None:
+        self._recover("streaming")
+
+    def _recover(self, state: str) -> None:
+        """A read (streaming) or a page written (a snapshot) after an outage: it is over.
+        The state is what the loop does now (a snapshot done while retrying is streaming
+        on), and the next outage is timed from its own start."""
         if self._retrying:
             self._retrying = False
             self._recovered = True
             self.telemetry.recovered()
-            self.progress.publish("streaming")
+            self.telemetry.set_state(state)
+            self.progress.publish(state)
 
     # --- compatibility with callers that drive the parts through the pipeline ------
 

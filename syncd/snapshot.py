@@ -50,6 +50,7 @@ class Snapshotter:
         checkpoints: Checkpointing,
         stop: threading.Event,
         heartbeat: Callable[[], None] = lambda: None,
+        moved: Callable[[], None] = lambda: None,
     ) -> None:
         self.source = source
         self.applier = applier
@@ -59,6 +60,7 @@ class Snapshotter:
         self.telemetry = applier.telemetry
         self.stop = stop
         self.heartbeat = heartbeat
+        self.moved = moved  # a part was written and checkpointed
 
     def run(self, cp: Checkpoint) -> None:
         progress = cp.snapshot or SnapshotProgress()
@@ -179,6 +181,7 @@ class Snapshotter:
                 progress.scanned += len(docs)
                 cp.snapshot = progress
                 self.checkpoints.save(cp)
+                self.moved()
                 reporter.update(progress.scanned)
                 self.telemetry.snapshot_progress(progress.scanned, reporter.total)
                 if self.stop.is_set():
