@@ -276,7 +276,8 @@ def _snapshot(s: dict[str, Any]) -> list[str]:
                    "when the time budget ran out; the rate is over those)")
     out = [
         f"Initial sync of {r['documents']:,} existing documents{shrunk} (32-dimension vectors, "
-        "`snapshot_batch_size` 1000) by the in-process pipeline: "
+        f"`snapshot_batch_size` unset: pages of {r.get('page', 1000):,}) by the in-process "
+        "pipeline: "
         f"{r['wall_s']:.0f} s, **{_f(r['per_s'])} documents/s**, "
         f"{_f(r['cpu_us_per_document'])} µs CPU/document, peak RSS "
         f"{r['peak_rss_mb']:.0f} MB; {r['records']:,} records in Chroma afterwards."
@@ -294,7 +295,8 @@ def _snapshot(s: dict[str, Any]) -> list[str]:
     raw = {x["from"]: x for x in r.get("raw_windows") or []}
     if wins:
         out += ["", f"Rate per {r['window']:,} documents scanned (from the scan position the "
-                "pipeline records each second, interpolated at each boundary), beside the raw "
+                "pipeline records as each page is checkpointed, interpolated at each "
+                "boundary; windows of whole pages), beside the raw "
                 "upsert's rate over the same records (upsert time only):", "",
                 "| documents | seconds | documents/s | raw upsert records/s |",
                 "| --- | --- | --- | --- |"]

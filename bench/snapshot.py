@@ -11,6 +11,8 @@ from common import alternate, drain, fresh_chroma, load_average, log, median
 from context import Context, raw_upsert, settings
 
 from syncd.checkpoint import open_store
+from syncd.config import PipelineSettings
+from syncd.snapshot import page_size
 
 
 def windows(progress: list[list[float]], size: int) -> list[dict[str, float]]:
@@ -47,7 +49,10 @@ def snapshot(ctx: Context) -> dict[str, Any]:
     name = "snap"
     table = w.pipeline_table(name, "bench", "snap", dims=32)
     max_batch = int(ctx.chroma.get_max_batch_size())
+    # Progress moves a page at a time: windows of whole pages (the page syncd picks here).
+    page = page_size(PipelineSettings.model_validate(table), 32, max_batch)
     window = 10_000 if n >= 50_000 else max(1_000, n // 5)
+    window = -(-window // page) * page
     order: list[dict[str, Any]] = []
     syncd_runs: list[dict[str, Any]] = []
     raw_runs: list[dict[str, Any]] = []
@@ -86,7 +91,7 @@ def snapshot(ctx: Context) -> dict[str, Any]:
         "per_s": ours, "raw_per_s": raw_per_s, "ratio": ours / raw_per_s,
         "cpu_us_per_document": last["cpu_s"] / max(1, last["documents"]) * 1e6,
         "peak_rss_mb": last["peak_rss_mb"], "progress": last.get("progress") or [],
-        "window": window, "windows": wins, "max_batch": max_batch, "runs": runs,
+        "window": window, "page": page, "windows": wins, "max_batch": max_batch, "runs": runs,
         "order": order, "load": [x["load"] for x in order], "fresh_server_per_run": True,
     }
     if len(wins) >= 2:
