@@ -79,6 +79,11 @@ class Embedding:
         """Drop the requests not sent yet: the plan is not needed any more."""
         self.drafted.cancel()
 
+    def answered(self) -> bool:
+        """Its vectors are all back: finishing it will not wait for the API."""
+        pending = self.drafted.pending
+        return pending is None or pending.done()
+
 
 class Applier:
     def __init__(

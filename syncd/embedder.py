@@ -74,6 +74,10 @@ class Pending:
         """Seconds since the call was made."""
         return time.perf_counter() - self._clock
 
+    def done(self) -> bool:
+        """Every request has its answer (or failed): :meth:`result` will not wait."""
+        return all(future.done() for future in self._futures)
+
     def result(self) -> list[list[float]]:
         out: list[list[float]] = []
         try:

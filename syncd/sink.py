@@ -27,6 +27,21 @@ from syncd.identity import HASH_KEY, ID_KEY
 log = logging.getLogger(__name__)
 
 LOOKUP_SLICE = 500  # ids per metadata lookup; keeps `$in` filters small
+# The vector values of a write whose size syncd chooses: ~1.6 MB of float32, 1,000
+# records of 384 dimensions. Each Chroma write has a fixed cost besides its cost per
+# record, which grows with the vector's size: for small vectors the fixed cost dominates
+# writes of 1,000 (32 dimensions: 5,461 records a write ran at 1.1-1.6x the rate of 1,000
+# a write, bench/NOTES.md), for 384 dimensions and more it does not, and the memory a
+# write holds grows with its vectors.
+WRITE_FLOATS = 400_000
+
+
+def write_size(dimensions: int | None, max_batch: int, least: int) -> int:
+    """Records one write may carry: as many as hold :data:`WRITE_FLOATS` vector values,
+    at least ``least`` and at most ``max_batch`` (``least`` while the size is unknown)."""
+    if not dimensions:
+        return least
+    return max(least, min(max_batch, WRITE_FLOATS // dimensions))
 
 
 @dataclasses.dataclass(frozen=True)

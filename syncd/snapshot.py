@@ -32,7 +32,7 @@ from syncd.config import PipelineSettings
 from syncd.errors import HaltedError, MappingError, SinkLostError
 from syncd.identity import base_id, decode_id, record_key, split_key
 from syncd.progress import Progress
-from syncd.sink import WritePlan
+from syncd.sink import WritePlan, write_size
 from syncd.source import Source, id_key
 from syncd.staging import ahead, packed_ahead
 
@@ -312,27 +312,19 @@ class Ahead:
 _SLOW_EMBEDDERS = frozenset({"openai", "sentence_transformers"})
 
 
-# A page's vectors when ``snapshot_batch_size`` is not set: ~1.6 MB of float32, 1,000
-# documents of 384 dimensions. Each Chroma write has a fixed cost besides its cost per
-# record, which grows with the vector's size: for small vectors the fixed cost dominates
-# pages of 1,000 (32 dimensions: 5,461 records a write ran at 1.3-1.5x the rate of 1,000
-# a write, bench/NOTES.md), for 384 dimensions and more it does not, and the page's memory
-# grows with its vectors.
-PAGE_FLOATS = 400_000
 DEFAULT_PAGE = 1000
 
 
 def page_size(settings: PipelineSettings, dimensions: int | None, max_batch: int) -> int:
     """Documents a snapshot reads (and, unless :func:`part_size` splits it, writes) at
-    once: ``snapshot_batch_size`` if set, else as many as hold ``PAGE_FLOATS`` vector
-    values (at least 1,000, at most Chroma's largest batch); 1,000 while the vector's size
-    is not known yet, or when texts are chunked (a document's records are not known
-    before it is mapped)."""
+    once: ``snapshot_batch_size`` if set, else :func:`syncd.sink.write_size` (at least
+    1,000); 1,000 when texts are chunked (a document's records are not known before it is
+    mapped)."""
     if settings.snapshot_batch_size is not None:
         return settings.snapshot_batch_size
-    if not dimensions or settings.mapping.chunk_size:
+    if settings.mapping.chunk_size:
         return DEFAULT_PAGE
-    return max(DEFAULT_PAGE, min(max_batch, PAGE_FLOATS // dimensions))
+    return write_size(dimensions, max_batch, DEFAULT_PAGE)
 
 
 def part_size(settings: PipelineSettings, page: int) -> int:

@@ -4,12 +4,13 @@ While the pipeline's own thread (stage two, the only writer) writes batch N to C
 reads it back and checkpoints it, a :class:`Planner` thread reads batch N+1 from the
 change stream and plans it: coalesces it, maps it, looks up what Chroma holds for its
 keys and embeds what changed. Batches are handed over in stream order through a queue
-that holds at most ``batch_size`` events (and :data:`MAX_AHEAD` reads): under a
-backlog one full batch is planned while one is written, so at most two are in memory
-whatever the backlog. When changes trickle in, the planner goes on reading and planning
-them while a write is in flight, and the writer takes everything planned meanwhile in one
-write (:meth:`Planner.more`): a change waits for the write in flight and its own, not for
-a batch read ahead of it as well, and each write's fixed cost is paid once.
+that holds at most one write's worth of events (:meth:`Planner.ahead_limit`: ``batch_size``,
+or more for small vectors) and :data:`MAX_AHEAD` reads: under a backlog one write's worth
+is planned while one is written, so at most two are in memory whatever the backlog. The
+writer takes everything planned meanwhile whose vectors are back in one write
+(:meth:`Planner.more`): when changes trickle in, a change waits for the write in flight
+and its own, not for a batch read ahead of it as well; under a backlog, small vectors do
+not pay Chroma's fixed cost per write for every ``batch_size`` changes.
 
 An embedding API's requests are only sent by the planner (:meth:`Applier.plan_ahead`):
 the batch is handed over with its vectors on their way, the writer waits for them once
@@ -50,7 +51,7 @@ from typing import Any, TypeVar
 from syncd import plan as planning
 from syncd.applier import Applier, Embedding, Planned
 from syncd.checkpointing import Progress
-from syncd.sink import Sink, packed
+from syncd.sink import Sink, packed, write_size
 from syncd.source import Batch, Source
 from syncd.telemetry import PipelineTelemetry
 
@@ -183,7 +184,6 @@ class Planner(threading.Thread):
         self._read = read
         self.in_flight = InFlight()
         self._lookup = GatedLookup(applier.sink, self.in_flight)
-        self._limit = applier.settings.batch_size  # events planned ahead, at most
         self._ready: collections.deque[Item] = collections.deque()
         self._ready_events = 0
         self._cond = threading.Condition()
@@ -201,17 +201,21 @@ class Planner(threading.Thread):
 
     def more(self, first: Item) -> list[Item]:
         """The items planned behind ``first`` that one write can apply with it: ready
-        now, planned whole (no collection event, halt or error) and sharing no key with
-        it or each other, up to ``batch_size`` events in all. In stream order."""
+        now (their vectors back, so ``first``'s write waits for nothing more), planned
+        whole (no collection event, halt or error) and sharing no key with it or each
+        other, up to :meth:`ahead_limit` events in all. In stream order."""
         if not _writable(first):
             return []
         keys = set(first.keys)
         events = _events(first)
+        limit = self.ahead_limit()
         taken: list[Item] = []
         with self._cond:
             while self._ready:
                 item = self._ready[0]
-                if not _writable(item) or events + _events(item) > self._limit:
+                if not _writable(item) or events + _events(item) > limit:
+                    break
+                if item.embedding is not None and not item.embedding.answered():
                     break
                 if not keys.isdisjoint(item.keys):
                     break
@@ -219,6 +223,20 @@ class Planner(threading.Thread):
                 events += _events(item)
                 taken.append(self._take())
         return taken
+
+    def ahead_limit(self) -> int:
+        """Events planned ahead, and written together, at most: ``batch_size``, or as
+        many as one write of their size carries (:func:`syncd.sink.write_size`) when each
+        change makes one record whose vector's size is known. Reads stay ``batch_size``
+        (the lookups and embedding requests keep their size); under a backlog the writer
+        takes several at once, so small vectors do not pay Chroma's fixed cost per write
+        for every ``batch_size`` changes."""
+        settings = self.applier.settings
+        if settings.mapping.chunk_size:
+            return settings.batch_size
+        embedder = self.applier.embedder
+        dimensions = embedder.dimensions if embedder is not None else settings.embedder.dimensions
+        return write_size(dimensions, self.applier.sink.max_batch, settings.batch_size)
 
     def _take(self) -> Item:
         item = self._ready.popleft()
@@ -320,12 +338,15 @@ class Planner(threading.Thread):
             self._cond.notify_all()
 
     def _wait_room(self) -> int | None:
-        """How many events the next read may take, once fewer than ``batch_size`` are
-        planned and not yet taken by the writer; None if the pipeline stops meanwhile.
+        """How many events the next read may take (at most ``batch_size``), once fewer
+        than :meth:`ahead_limit` are planned and not yet taken by the writer (and, once a
+        whole read waits, room for another whole one); None if the pipeline stops
+        meanwhile.
 
         While reads wait for the writer, the next one waits :data:`GATHER_S` (or until
         the writer takes them): what arrives meanwhile is looked up in one call to Chroma,
         not one per change, and a writer that becomes free still finds it planned."""
+        limit, batch_size = self.ahead_limit(), self.applier.settings.batch_size
         with self._cond:
             gather_until = time.monotonic() + GATHER_S if self._ready else 0.0
             while True:
@@ -333,10 +354,15 @@ class Planner(threading.Thread):
                     raise Abandoned
                 if self.stop.is_set():
                     return None
-                full = self._ready_events >= self._limit or len(self._ready) >= MAX_AHEAD
+                room = min(batch_size, limit - self._ready_events)
+                full = (
+                    room <= 0
+                    or (room < batch_size and self._ready_events >= batch_size)
+                    or len(self._ready) >= MAX_AHEAD
+                )  # once a whole read waits, no read smaller than a whole one
                 wait = gather_until - time.monotonic() if self._ready else 0.0
                 if not full and wait <= 0:
-                    return self._limit - self._ready_events
+                    return room
                 self._cond.wait(POLL_S if full else min(POLL_S, wait))
 
     def _wait_applied(self, item: Item) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ from bson.timestamp import Timestamp
 
 from syncd.applier import Planned
 from syncd.checkpoint import Checkpoint
+from syncd.config import PipelineSettings
 from syncd.errors import HaltedError, TransientError
 from syncd.plan import PlanResult
 from syncd.sink import WritePlan
@@ -219,15 +221,17 @@ def test_the_next_batch_is_planned_while_one_is_written() -> None:
 
 def test_what_arrives_during_a_write_is_planned_meanwhile_and_written_together() -> None:
     # While batch 1's write is held, the planner reads and plans what comes, up to
-    # batch_size (3) events beyond the write, and then reads nothing more; the writer
-    # takes those in one write (a change waits for the write in flight and its own), and
-    # the rest after it. Every checkpoint follows the write that covers it.
+    # batch_size (3) events beyond the write when that is all one write may carry (here
+    # Chroma's largest batch is 3), and then reads nothing more; the writer takes those
+    # in one write (a change waits for the write in flight and its own), and the rest
+    # after it. Every checkpoint follows the write that covers it.
     writing = threading.Event()  # batches 2-6 happen once batch 1's write has begun
     source = StreamSource(
         [[event(n, "insert", n, {"body": str(n)})] for n in range(1, 7)],
         arrivals={k: writing for k in range(1, 6)},
     )
     p, log, sink, _store, _, emb = gated(source=source, batch_size=3)
+    sink.max_batch = 3
     sink.writing = writing
     ahead_at_reads: list[int] = []  # events read and not yet written, as each read starts
     read = source.read_batch
@@ -260,6 +264,133 @@ def test_what_arrives_during_a_write_is_planned_meanwhile_and_written_together()
     for n in done:  # each checkpoint follows the writes of every record it covers
         assert written_before_checkpoint(log, n) == n
     assert set(sink.records) == {f"i:{n}" for n in range(1, 7)}
+
+
+def test_small_vectors_are_planned_ahead_and_written_beyond_batch_size() -> None:
+    # 8-dimension vectors: one write carries up to Chroma's largest batch (1,000 here),
+    # so while batch 1's write is held the planner reads on past batch_size (3), each
+    # read still at most batch_size events, and the writer takes them all in one write.
+    writing = threading.Event()
+    source = StreamSource(
+        [[event(n, "insert", n, {"body": str(n)}) for n in range(1, 3)]]
+        + [[event(n, "insert", n, {"body": str(n)}) for n in range(k, k + 3)] for k in (3, 6, 9)]
+        + [[event(12, "insert", 12, {"body": "12"})]],
+        arrivals={k: writing for k in range(1, 5)},
+    )
+    p, log, sink, _store, _, emb = gated(source=source, batch_size=3)
+    sink.writing = writing
+    sizes: list[int] = []
+    read = source.read_batch
+
+    def counting(max_events: int, max_wait_s: float) -> Any:
+        batch = read(max_events, max_wait_s)
+        assert len(batch.events) <= max_events <= 3
+        if batch.events:
+            sizes.append(len(batch.events))
+        return batch
+
+    source.read_batch = counting  # type: ignore[method-assign]
+
+    def release_when_planned() -> None:
+        assert sink.writing.wait(WAIT_S)
+        deadline = time.monotonic() + WAIT_S
+        while "12" not in emb.texts and time.monotonic() < deadline:
+            time.sleep(0.01)
+        sink.release.set()
+
+    helper = threading.Thread(target=release_when_planned, daemon=True)
+    helper.start()
+    assert run_until(p, checkpointed(p, 12)) is None
+    helper.join(WAIT_S)
+    assert sizes == [2, 3, 3, 3, 1], sizes
+    assert writes(log.calls) == [2, 10], writes(log.calls)
+    assert checkpointed_changes(log) == [2, 12]
+    for n in (2, 12):
+        assert written_before_checkpoint(log, n) == n
+    assert set(sink.records) == {f"i:{n}" for n in range(1, 13)}
+
+
+API = {"kind": "openai", "base_url": "http://embed.example", "model": "m"}
+
+
+@pytest.mark.parametrize(
+    ("embedder", "mapping", "answered", "expected"),
+    [
+        ({"kind": "field", "field": "v", "dimensions": 32}, {}, None, 5461),
+        ({"kind": "field", "field": "v", "dimensions": 384}, {}, None, 1041),
+        ({"kind": "field", "field": "v", "dimensions": 4096}, {}, None, 500),
+        ({"kind": "hashing", "dimensions": 32}, {"chunk_size": 200}, None, 500),
+        (API, {}, 0, 500),  # the API's size is not known before its first answer
+        (API, {}, 64, 5461),
+    ],
+)
+def test_how_far_ahead_the_planner_reads(
+    embedder: dict[str, Any], mapping: dict[str, Any], answered: int | None, expected: int
+) -> None:
+    # Events planned ahead (and written together) at most: as many as hold 400,000
+    # vector values, at least batch_size (500) and at most Chroma's largest batch (5,461).
+    settings = PipelineSettings.model_validate(
+        {
+            "name": "p",
+            "database": "app",
+            "collection": "docs",
+            "mapping": {"text": "body", **mapping},
+            "embedder": embedder,
+        }
+    )
+    sink = MemorySink()
+    sink.max_batch = 5461
+    made = None if answered is None else SimpleNamespace(dimensions=answered or None)
+    applier = SimpleNamespace(settings=settings, embedder=made, sink=sink)
+    planner = Planner(
+        source=FakeSource(),
+        applier=applier,  # type: ignore[arg-type]
+        progress=None,  # type: ignore[arg-type]
+        telemetry=None,  # type: ignore[arg-type]
+        stop=threading.Event(),
+        read=lambda room: Batch([], None),
+    )
+    assert planner.ahead_limit() == expected
+
+
+def test_a_write_does_not_wait_for_vectors_of_reads_planned_behind_it() -> None:
+    # An embedding API's answers come in order: a read planned behind the first whose
+    # vectors are not back yet ends what the write takes, so the write is not held up.
+    p, _log, _sink, _store, _, _ = make(batch_size=10)
+    planner = Planner(
+        source=p.source,
+        applier=p.applier,
+        progress=p.progress,
+        telemetry=p.telemetry,
+        stop=threading.Event(),
+        read=lambda room: Batch([], None),
+    )
+
+    class Vectors:
+        def __init__(self, back: bool) -> None:
+            self.back = back
+
+        def answered(self) -> bool:
+            return self.back
+
+        def cancel(self) -> None:
+            pass
+
+    def item(key: int, back: bool) -> Item:
+        events = [event(key, "insert", key, {"body": "x"})]
+        return Item(
+            batch=Batch(events, events[-1]["_id"]),
+            embedding=Vectors(back),  # type: ignore[arg-type]
+            keys=[f"i:{key}"],
+        )
+
+    answered, waiting, after = item(2, True), item(3, False), item(4, True)
+    for queued in (answered, waiting, after):
+        planner._put(queued)
+    assert planner.more(item(1, False)) == [answered]
+    assert planner.next(timeout=0) is waiting
+    waiting.embedding.back = True  # type: ignore[union-attr]
+    assert planner.more(waiting) == [after]
 
 
 def test_a_write_takes_reads_planned_ahead_only_while_they_share_no_key() -> None:
@@ -302,7 +433,8 @@ def test_a_write_takes_reads_planned_ahead_only_while_they_share_no_key() -> Non
     fits, too_many = item(30), item(31)
     planner._put(fits)
     planner._put(too_many)
-    assert planner.more(item(*range(20, 29))) == [fits], "10 events at most (batch_size)"
+    p.applier.sink.max_batch = 10  # one write carries 10 records at most
+    assert planner.more(item(*range(20, 29))) == [fits], "10 events at most (one write)"
     assert planner.next(timeout=0) is too_many
 
 
