@@ -7,6 +7,11 @@ recorded there too and wins over the last state written. The position, lag and
 dead-letter count come from the checkpoint store, MongoDB and the dead-letter store.
 Nothing here needs the daemon to be running, so `syncd status` also explains why it
 stopped.
+
+A process that stops without recording why (killed, out of memory, or MongoDB
+unreachable when it gave up, so its ``failed`` could not be written) leaves its last
+running state behind. With leases, its lease then expires: a running state whose
+pipeline has no live lease is shown as ``down``, with the state it recorded.
 """
 
 from __future__ import annotations
@@ -18,13 +23,17 @@ from typing import Any
 
 from bson.timestamp import Timestamp
 
-from syncd import halts, positions, switching
+from syncd import halts, hints, positions, switching
 from syncd.checkpoint import Checkpoint
 from syncd.config import PipelineSettings
 from syncd.errors import CheckpointCorruptError, SyncdError
+from syncd.lease import lease_info, leases_collection, uses_leases
 from syncd.rebuild_halts import build_halt
 from syncd.runtime import Runtime
 from syncd.source import position_of
+
+# States a process records while it runs the pipeline (and holds its lease).
+RUNNING_STATES = frozenset({"starting", "snapshotting", "streaming", "retrying", "rebuilding"})
 
 
 def collect(runtime: Runtime, pipelines: Sequence[PipelineSettings]) -> list[dict[str, Any]]:
@@ -60,6 +69,10 @@ def describe(
         return out
     status = dict(cp.status or {})
     out["state"] = status.get("state", "unknown")
+    down = _down(runtime, ps, out["state"])
+    if down is not None:
+        out["state"] = "down"
+        out["down"] = down
     if "updated_at" in status:
         out["state_since"] = _iso(status["updated_at"])
         out["state_age_s"] = _age(status["updated_at"])
@@ -92,6 +105,33 @@ def describe(
             for key in ("error_class", "error", "document_id", "namespace", "hint")
             if status.get(key) is not None
         }
+    return out
+
+
+def _down(runtime: Runtime, ps: PipelineSettings, state: str) -> dict[str, Any] | None:
+    """What says that the process which recorded a running ``state`` is gone: no live
+    lease holds the pipeline. None when one does, or nothing can tell (no leases:
+    the file checkpoint store or ``lease.enabled = false``; the leases unreadable)."""
+    if state not in RUNNING_STATES or not uses_leases(runtime.settings):
+        return None
+    try:
+        coll = leases_collection(runtime.mongo, runtime.settings.checkpoint.database)
+        lease = lease_info(coll, ps.name)
+    except SyncdError:
+        return None
+    if lease is not None and lease.live:
+        return None
+    out: dict[str, Any] = {
+        "recorded_state": state,
+        "reason": "no process holds the pipeline's lease: the process that recorded "
+        f"{state!r} stopped without recording why (killed, out of memory, or MongoDB "
+        "unreachable when it gave up)",
+        "hint": "see that process's log for why it stopped (journalctl -u syncd, kubectl "
+        f"logs), then start it again: `{hints.command('run')}`",
+    }
+    if lease is not None and lease.expires_at is not None:
+        out["lease_expired_at"] = _iso(lease.expires_at)
+        out["lease_expired_age_s"] = _age(lease.expires_at)
     return out
 
 

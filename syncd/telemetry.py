@@ -319,14 +319,20 @@ class PipelineTelemetry:
         kind = classify(error).value
         self._metrics.retries.labels(self._label, kind).inc()
         with self._lock:
-            if self._state != "retrying":
-                before = self._after_halt if self._state == "halted" else self._state
+            previous = self._state
+            if previous != "retrying":
+                before = self._after_halt if previous == "halted" else previous
                 self._before_retry = before if before in _READY_STATES else "streaming"
                 self._state = "retrying"
             self._reason = message
             self._attempts += 1
             repeats = self._count_repeat(message)
         self._show_state()
+        if previous != "retrying":  # as set_state logs every other change of state
+            log.info(
+                "pipeline %s -> retrying: %s", previous, message,
+                extra={"pipeline": self.name, "state": "retrying"},
+            )  # fmt: skip
         if repeats is None:
             return
         suffix = f" (repeated {repeats} times since last logged)" if repeats else ""
@@ -364,7 +370,9 @@ class PipelineTelemetry:
             self._state, self._reason = self._before_retry, None
             self._after_halt = None
             self._repeats.clear()
+            state = self._state
         self._show_state()
+        log.info("pipeline retrying -> %s", state, extra={"pipeline": self.name, "state": state})
         log.info(
             "recovered after %d attempt%s", attempts, "" if attempts == 1 else "s",
             extra={"pipeline": self.name, "attempts": attempts},

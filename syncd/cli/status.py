@@ -9,7 +9,8 @@ from syncd.cli.common import add_config_options, load_settings, print_json, sele
 from syncd.errors import ExitCode
 
 # Stopped until someone acts: a halt in force, or a fatal error that stopped the process.
-STOPPED_BY_ERROR = frozenset({"halted", "failed"})
+# Down: the process that recorded a running state no longer holds the pipeline's lease.
+STOPPED_BY_ERROR = frozenset({"halted", "failed", "down"})
 
 
 def register(verbs: Any) -> None:
@@ -19,14 +20,16 @@ def register(verbs: Any) -> None:
         description="Read what the daemon recorded next to each checkpoint: its state "
         "(starting, snapshotting, streaming, retrying, halted: at a change it cannot "
         "apply, failed: a fatal error stopped it and its process, stopped, rebuilding: a changed "
-        "mapping is built beside the live collection), a halt in force "
+        "mapping is built beside the live collection, down: with leases, the process that "
+        "recorded a running state no longer holds the pipeline's lease, so it stopped "
+        "without recording why), a halt in force "
         "(the pipeline's, or one of the rebuild `syncd run` runs for it under "
         'on_mapping_change = "rebuild"; a halted `syncd rebuild` is shown with the rebuild) '
         "with the document, reason, resume token and what to do, the last error and what to "
         "run next, the checkpoint position and age, the lag behind MongoDB and the number of "
         "dead letters. Works whether or not the daemon runs. A pipeline whose stored "
         "checkpoint cannot be read is failed, with the reason and what to run. Exit 1 when a "
-        "pipeline or its `syncd rebuild` is halted, or a pipeline failed.",
+        "pipeline or its `syncd rebuild` is halted, or a pipeline failed or is down.",
     )
     add_config_options(parser)
     parser.add_argument("pipelines", nargs="*", metavar="PIPELINE", help="default: all")
@@ -82,6 +85,13 @@ def _print(row: dict[str, Any]) -> None:
     if halt:
         _print_halt(halt, in_rebuild=bool(halt.get("rebuild")))
         return
+    down = row.get("down")
+    if down:
+        expired = down.get("lease_expired_at")
+        when = f", lease expired {expired} ({_ago(down['lease_expired_age_s'])})" if expired else ""
+        print(f"  recorded       {down['recorded_state']}{when}")
+        print(f"  reason         {down['reason']}")
+        print(f"  what to do     {down['hint']}")
     error = row.get("last_error")
     if error:
         where = f" (_id {error['document_id']})" if "document_id" in error else ""

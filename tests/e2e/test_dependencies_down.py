@@ -100,10 +100,13 @@ def _alive(daemon: SyncdProcess) -> bool:
 
 
 def _status_row(cfg: Path, name: str = "dn") -> dict[str, Any]:
+    """The pipeline's `syncd status --json` row; exit 0, or 1 while it is down (its
+    process gone, its lease expired, and no process has taken it yet)."""
     result = run_syncd(["status", "--json", name], cfg)
-    assert result.returncode == 0, result.stdout + result.stderr
     (row,) = json.loads(result.stdout)
     assert isinstance(row, dict)
+    expected = ExitCode.DRIFT_OR_FAILURE if row["state"] == "down" else ExitCode.OK
+    assert result.returncode == expected, result.stdout + result.stderr
     return row
 
 
@@ -486,3 +489,60 @@ def test_an_embedding_api_refusing_every_input_is_waited_for_not_dead_lettered(
         _stop_cleanly(daemon)
     mongo_client.drop_database(db)
     mongo_client.drop_database(f"{db}_syncd")
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("how", ["killed", "mongodb-gone-past-deadline"])
+def test_a_process_gone_without_recording_why_shows_as_down(
+    how, tmp_path, mongo_server_factory, chroma_server, syncd_factory
+):
+    # A process that dies without writing `failed` (kill -9; MongoDB, where the state
+    # lives, unreachable when it gave up) leaves its running state behind: once its lease
+    # expires, `syncd status` says the pipeline is down (exit 1), with what it recorded
+    # and a hint that brings it back.
+    server = mongo_server_factory()
+    client: MongoClient[Any] = MongoClient(server.uri, serverSelectionTimeoutMS=10_000)
+    db, coll = _names("gone")
+    client[db]["docs"].insert_many(DOCS)
+    cfg = _config(
+        tmp_path,
+        mongo_uri=server.uri,
+        chroma_port=chroma_server.port,
+        db=db,
+        coll=coll,
+        retry_deadline_s=3,
+        extra={"lease": {"ttl_s": 3, "renew_every_s": 1}},
+    )
+    try:
+        daemon = syncd_factory(["run"], cfg)
+        wait_caught_up(client, db, settings_of(cfg), "dn", 90, "the first run")
+        assert _status_row(cfg)["state"] == "streaming"  # alive: not down
+        if how == "killed":
+            daemon.kill()
+        else:
+            server.kill()
+            assert daemon.wait(90) == ExitCode.SOURCE, daemon.output()[-4000:]
+            server.start()
+
+        def down() -> dict[str, Any] | None:
+            row = _status_row(cfg)
+            return row if row["state"] == "down" else None
+
+        row = wait_until(down, 30, "status to say the pipeline is down")
+        assert row["down"]["recorded_state"] == "streaming", row
+        assert row["down"]["lease_expired_age_s"] >= 0, row
+        text = run_syncd(["status", "dn"], cfg)
+        assert text.returncode == ExitCode.DRIFT_OR_FAILURE, text.stdout + text.stderr
+        assert "dn: down" in text.stdout and "recorded       streaming" in text.stdout, text.stdout
+
+        (command,) = hinted(text.stdout)  # the hint, followed
+        assert command == f"syncd run --config {cfg}", command
+        again = syncd_factory(["run"], cfg)
+        client[db]["docs"].insert_one(oracle.document(99))
+        wait_caught_up(client, db, settings_of(cfg), "dn", 90, "the run after it was down")
+        _converged(client, chroma_server, db, coll)
+        assert _status_row(cfg)["state"] == "streaming"
+        _stop_cleanly(again)
+        assert _status_row(cfg)["state"] == "stopped"  # a clean stop is not down
+    finally:
+        client.close()

@@ -420,7 +420,7 @@ def test_repeated_retry_errors_are_logged_once_per_interval_with_a_count(tmp_pat
     for attempt in range(1, 4):
         p.retrying(TransientError(f"cannot reach {SECRET_URI}"), attempt=attempt, delay=0.1)
     p.retrying(TransientError("another error"), attempt=4, delay=0.1)
-    retry_lines = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    retry_lines = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
     assert len(retry_lines) == 2, retry_lines
     assert "hunter2" not in caplog.text
     time.sleep(0.35)
@@ -433,6 +433,22 @@ def test_repeated_retry_errors_are_logged_once_per_interval_with_a_count(tmp_pat
     count = len(caplog.records)
     p.recovered()
     assert len(caplog.records) == count, "nothing to recover from: no second line"
+    # Every change of state has its line, the outage's too, once each way.
+    changes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pipeline ")]
+    assert changes == [
+        "pipeline streaming -> retrying: TransientError: cannot reach "
+        "mongodb://syncd:***@db.example:27017/app",
+        "pipeline retrying -> streaming",
+    ], changes
+    p.set_state("snapshotting")
+    p.retrying(TransientError("Chroma unavailable"), attempt=1, delay=0.1)
+    p.recovered()
+    changes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pipeline ")]
+    assert changes[-3:] == [
+        "pipeline streaming -> snapshotting",
+        "pipeline snapshotting -> retrying: TransientError: Chroma unavailable",
+        "pipeline retrying -> snapshotting",
+    ], changes
 
 
 def test_disabled_telemetry_does_nothing_observable_but_keeps_state(tmp_path, monkeypatch):
