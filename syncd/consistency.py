@@ -51,6 +51,7 @@ from syncd.mapping import MappedDocument, Mapper, Record
 from syncd.progress import Progress
 from syncd.progress import start as progress_start
 from syncd.sink import Sink, StoredRecord
+from syncd.snapshot import DEFAULT_PAGE
 from syncd.source import id_key
 
 if TYPE_CHECKING:
@@ -174,7 +175,7 @@ class Checker:
         self.sink = sink
         self.mapper = mapper
         self.database = database  # for $sample; only sampled verifies need it
-        self.page_size = page_size or settings.snapshot_batch_size or 1000
+        self.page_size = page_size or settings.snapshot_batch_size or DEFAULT_PAGE
         self.prefixed = prefixed(settings)
 
     # --- full verify -----------------------------------------------------------------
