@@ -415,6 +415,15 @@ _HTTP_FATAL = frozenset(
 )
 
 
+def too_large(exc: BaseException) -> bool:
+    """Chroma, or a proxy in front of it, refused a request as too large (HTTP 413)."""
+    cause = exc.__cause__ if isinstance(exc, SyncdError) and exc.__cause__ else exc
+    root = _root(cause)
+    if _http_status(root) == 413 or _http_status(cause) == 413:
+        return True
+    return any("payload too large" in str(e).lower() for e in (cause, root))
+
+
 def http_status_kind(status: int) -> ErrorKind:
     """Transient, poison or fatal, for an HTTP status (see the tables above)."""
     if status in _HTTP_FATAL:

@@ -17,14 +17,23 @@ import dataclasses
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from syncd import hints
 from syncd.config import ChromaSettings
-from syncd.errors import ConsistencyError, SinkFatalError, SinkLostError, SyncdError, from_sink
+from syncd.errors import (
+    ConsistencyError,
+    SinkFatalError,
+    SinkLostError,
+    SinkRejectedError,
+    SyncdError,
+    from_sink,
+    too_large,
+)
 from syncd.identity import HASH_KEY, ID_KEY
 
 log = logging.getLogger(__name__)
+RecordT = TypeVar("RecordT")
 
 LOOKUP_SLICE = 500  # ids per metadata lookup; keeps `$in` filters small
 # The vector values of a write whose size syncd chooses: ~1.6 MB of float32, 1,000
@@ -34,6 +43,15 @@ LOOKUP_SLICE = 500  # ids per metadata lookup; keeps `$in` filters small
 # a write, bench/NOTES.md), for 384 dimensions and more it does not, and the memory a
 # write holds grows with its vectors.
 WRITE_FLOATS = 400_000
+
+
+# What one write may carry, as syncd estimates it (texts as UTF-8, vectors as JSON
+# numbers): Chroma's server refuses requests over about 40 MB ("413 Payload too large"),
+# and a proxy in front of it may allow less. A write over it is sent in smaller slices;
+# a slice refused as too large is split in two and sent again.
+WRITE_BYTES = 16 * 1024 * 1024
+BYTES_PER_VALUE = 20  # a float as JSON, with its comma
+BYTES_PER_RECORD = 64  # the id's and the fields' framing
 
 
 def write_size(dimensions: int | None, max_batch: int, least: int) -> int:
@@ -91,6 +109,55 @@ def packed(plan: WritePlan) -> WritePlan:
         for u in plan.upserts
     ]
     return WritePlan(upserts=upserts, updates=plan.updates, deletes=plan.deletes)
+
+
+def upsert_bytes(u: Upsert) -> int:
+    """About what ``u`` adds to a write's request."""
+    values = len(u.vector) if u.vector is not None else len(u.embedding)
+    return (
+        len(u.text.encode("utf-8", "surrogatepass"))
+        + _metadata_bytes(u.metadata)
+        + values * BYTES_PER_VALUE
+        + len(u.id)
+        + BYTES_PER_RECORD
+    )
+
+
+def update_bytes(u: MetadataUpdate) -> int:
+    return _metadata_bytes(u.metadata) + len(u.id) + BYTES_PER_RECORD
+
+
+def _metadata_bytes(metadata: Mapping[str, Any]) -> int:
+    return sum(len(str(k)) + len(str(v)) + 8 for k, v in metadata.items())
+
+
+def sized_slices(
+    records: Sequence[RecordT], step: int, size: Callable[[RecordT], int]
+) -> Iterator[Sequence[RecordT]]:
+    """``records`` in order, in slices of at most ``step`` records and
+    :data:`WRITE_BYTES` (a record larger than that alone)."""
+    start, total = 0, 0
+    for index, record in enumerate(records):
+        weight = size(record)
+        if index > start and (index - start >= step or total + weight > WRITE_BYTES):
+            yield records[start:index]
+            start, total = index, 0
+        total += weight
+    if start < len(records):
+        yield records[start:]
+
+
+def _upsert_args(part: Sequence[Upsert]) -> dict[str, Any]:
+    return {
+        "ids": [u.id for u in part],
+        "documents": [u.text for u in part],
+        "metadatas": [dict(u.metadata) for u in part],
+        "embeddings": _vectors(part),
+    }
+
+
+def _update_args(part: Sequence[MetadataUpdate]) -> dict[str, Any]:
+    return {"ids": [u.id for u in part], "metadatas": [dict(u.metadata) for u in part]}
 
 
 def _vectors(part: Sequence[Upsert]) -> list[Any]:
@@ -286,20 +353,28 @@ class ChromaSink:
         step = self.max_batch
         for start in range(0, len(plan.deletes), step):
             self._call("delete", ids=plan.deletes[start : start + step])
-        for start in range(0, len(plan.upserts), step):
-            part = plan.upserts[start : start + step]
-            self._call(
-                "upsert",
-                ids=[u.id for u in part],
-                documents=[u.text for u in part],
-                metadatas=[dict(u.metadata) for u in part],
-                embeddings=_vectors(part),
+        for part in sized_slices(plan.upserts, step, upsert_bytes):
+            self._send("upsert", part, _upsert_args)
+        for part_u in sized_slices(plan.updates, step, update_bytes):
+            self._send("update", part_u, _update_args)
+
+    def _send(
+        self, method: str, part: Sequence[Any], args: Callable[[Sequence[Any]], dict[str, Any]]
+    ) -> None:
+        """Write ``part``; if Chroma (or a proxy) refuses it as too large, in two halves."""
+        try:
+            self._call(method, **args(part))
+        except SinkRejectedError as exc:
+            if len(part) < 2 or not too_large(exc):
+                raise
+            log.info(
+                "Chroma refused a write of %d records as too large; writing it in two",
+                len(part),
+                extra={"namespace": f"chroma:{self.name}"},
             )
-        for start in range(0, len(plan.updates), step):
-            part_u = plan.updates[start : start + step]
-            self._call(
-                "update", ids=[u.id for u in part_u], metadatas=[dict(u.metadata) for u in part_u]
-            )
+            half = len(part) // 2
+            self._send(method, part[:half], args)
+            self._send(method, part[half:], args)
 
     def get(self, ids: Sequence[str], *, include_embeddings: bool = False) -> list[StoredRecord]:
         include = ["metadatas", "documents"] + (["embeddings"] if include_embeddings else [])

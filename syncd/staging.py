@@ -51,7 +51,17 @@ from typing import Any, TypeVar
 from syncd import plan as planning
 from syncd.applier import Applier, Embedding, Planned
 from syncd.checkpointing import Progress
-from syncd.sink import Sink, packed, write_size
+from syncd.sink import (
+    BYTES_PER_RECORD,
+    BYTES_PER_VALUE,
+    WRITE_BYTES,
+    Sink,
+    WritePlan,
+    packed,
+    update_bytes,
+    upsert_bytes,
+    write_size,
+)
 from syncd.source import Batch, Source
 from syncd.telemetry import PipelineTelemetry
 
@@ -157,6 +167,7 @@ class Item:
     planned: Planned | None = None
     embedding: Embedding | None = None  # planned but for vectors still being computed
     keys: list[str] = dataclasses.field(default_factory=list)  # in flight until written
+    size: int = 0  # bytes its records add to a write, about (:func:`syncd.sink.upsert_bytes`)
     sequential: bool = False  # apply it the sequential way, after everything before it
     error: BaseException | None = None  # raise it, in its turn
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
@@ -186,6 +197,7 @@ class Planner(threading.Thread):
         self._lookup = GatedLookup(applier.sink, self.in_flight)
         self._ready: collections.deque[Item] = collections.deque()
         self._ready_events = 0
+        self._ready_size = 0  # bytes of the records planned ahead, about
         self._cond = threading.Condition()
 
     # --- the writer's side ---------------------------------------------------------
@@ -207,7 +219,7 @@ class Planner(threading.Thread):
         if not _writable(first):
             return []
         keys = set(first.keys)
-        events = _events(first)
+        events, size = _events(first), first.size
         limit = self.ahead_limit()
         taken: list[Item] = []
         with self._cond:
@@ -215,12 +227,15 @@ class Planner(threading.Thread):
                 item = self._ready[0]
                 if not _writable(item) or events + _events(item) > limit:
                     break
+                if size + item.size > WRITE_BYTES:
+                    break
                 if item.embedding is not None and not item.embedding.answered():
                     break
                 if not keys.isdisjoint(item.keys):
                     break
                 keys.update(item.keys)
                 events += _events(item)
+                size += item.size
                 taken.append(self._take())
         return taken
 
@@ -241,6 +256,7 @@ class Planner(threading.Thread):
     def _take(self) -> Item:
         item = self._ready.popleft()
         self._ready_events -= _events(item)
+        self._ready_size -= item.size
         self._cond.notify_all()
         return item
 
@@ -319,11 +335,13 @@ class Planner(threading.Thread):
         item.stages = recorder.stages
         if isinstance(planned, Embedding):
             item.embedding = planned  # a refused input is found once its answer is back
+            item.size = _draft_size(planned.drafted, applier.embedder)
         elif planned.poisoned and not applier.dead_lettering:
             item.sequential = True  # a halt: the writer finds exactly where, as it always did
             return item
         else:
             item.planned = packed_ahead(planned)
+            item.size = plan_size(planned.result.plan)
         item.keys = [c.key for c in changes]
         self.in_flight.add(item.keys)
         return item
@@ -335,6 +353,7 @@ class Planner(threading.Thread):
                 raise Abandoned
             self._ready.append(item)
             self._ready_events += _events(item)
+            self._ready_size += item.size
             self._cond.notify_all()
 
     def _wait_room(self) -> int | None:
@@ -359,6 +378,7 @@ class Planner(threading.Thread):
                     room <= 0
                     or (room < batch_size and self._ready_events >= batch_size)
                     or len(self._ready) >= MAX_AHEAD
+                    or self._ready_size >= WRITE_BYTES  # large records: one write's bytes
                 )  # once a whole read waits, no read smaller than a whole one
                 wait = gather_until - time.monotonic() if self._ready else 0.0
                 if not full and wait <= 0:
@@ -369,6 +389,19 @@ class Planner(threading.Thread):
         while not item.done.wait(POLL_S):
             if self.in_flight.cancelled:
                 raise Abandoned
+
+
+def plan_size(plan: WritePlan) -> int:
+    """Bytes the plan's records add to a write, about."""
+    return sum(map(upsert_bytes, plan.upserts)) + sum(map(update_bytes, plan.updates))
+
+
+def _draft_size(drafted: planning.Draft, embedder: Any) -> int:
+    """Bytes of a plan whose vectors are on their way, about: the texts to embed count
+    with their vectors once they are back."""
+    values = (getattr(embedder, "dimensions", None) or 0) * BYTES_PER_VALUE
+    waiting = sum(len(record.text) + values + BYTES_PER_RECORD for _, record, _ in drafted.to_embed)
+    return plan_size(drafted.plan) + waiting
 
 
 def _events(item: Item) -> int:

@@ -57,3 +57,20 @@ def test_chroma_stores_the_same_vectors_packed_or_not(
         assert stored["lists"][u.id] == pytest.approx(list(u.embedding), rel=1e-6)
     assert stored["packed"] == stored["lists"]
     assert stored["mixed"] == stored["lists"]
+
+
+def test_writes_are_sliced_by_records_and_by_bytes() -> None:
+    from syncd.sink import WRITE_BYTES, sized_slices, upsert_bytes
+
+    small = [Upsert(f"i:{i}", "t", {"n": i}, [0.0] * DIMS) for i in range(10)]
+    assert [len(s) for s in sized_slices(small, 4, upsert_bytes)] == [4, 4, 2]
+    third = WRITE_BYTES // 3
+    large = [Upsert(f"i:{i}", "x" * third, {}, [0.0] * DIMS) for i in range(7)]
+    sliced = list(sized_slices(large, 1000, upsert_bytes))
+    assert [len(s) for s in sliced] == [2, 2, 2, 1]  # three would be over WRITE_BYTES
+    assert [u.id for s in sliced for u in s] == [u.id for u in large]  # in order
+    huge = [Upsert("i:0", "x" * (2 * WRITE_BYTES), {}, [0.0] * DIMS), *small[:2]]
+    assert [len(s) for s in sized_slices(huge, 1000, upsert_bytes)] == [1, 2]  # alone
+    assert upsert_bytes(Upsert("i:1", "é" * 10, {}, [])) > upsert_bytes(
+        Upsert("i:1", "e" * 10, {}, [])
+    )

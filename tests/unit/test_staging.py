@@ -18,7 +18,7 @@ from syncd.checkpoint import Checkpoint
 from syncd.config import PipelineSettings
 from syncd.errors import HaltedError, TransientError
 from syncd.plan import PlanResult
-from syncd.sink import WritePlan
+from syncd.sink import WRITE_BYTES, WritePlan
 from syncd.source import Batch, Position
 from syncd.staging import InFlight, Item, Planner, ahead
 from syncd.tokens import covered_through
@@ -385,12 +385,44 @@ def test_a_write_does_not_wait_for_vectors_of_reads_planned_behind_it() -> None:
         )
 
     answered, waiting, after = item(2, True), item(3, False), item(4, True)
+    answered.size = 1
     for queued in (answered, waiting, after):
         planner._put(queued)
     assert planner.more(item(1, False)) == [answered]
     assert planner.next(timeout=0) is waiting
     waiting.embedding.back = True  # type: ignore[union-attr]
     assert planner.more(waiting) == [after]
+
+
+def test_a_write_takes_reads_planned_ahead_up_to_its_bytes() -> None:
+    # Large texts: what one write carries is bounded by bytes too (Chroma refuses
+    # requests over about 40 MB), however many records it may hold.
+    p, _log, _sink, _store, _, _ = make(batch_size=10)
+    planner = Planner(
+        source=p.source,
+        applier=p.applier,
+        progress=p.progress,
+        telemetry=p.telemetry,
+        stop=threading.Event(),
+        read=lambda room: Batch([], None),
+    )
+
+    def item(key: int, size: int) -> Item:
+        events = [event(key, "insert", key, {"body": "x"})]
+        planned = Planned(changes=[], result=PlanResult(WritePlan(), [], 0, []))
+        return Item(
+            batch=Batch(events, events[-1]["_id"]), planned=planned, keys=[f"i:{key}"], size=size
+        )
+
+    third = WRITE_BYTES // 3
+    queued = [item(2, third), item(3, third), item(4, third)]
+    for each in queued:
+        planner._put(each)
+    assert planner.more(item(1, third)) == queued[:2], "a third more would be over"
+    assert planner._wait_room() == 10, "one more read: the next write has room"
+    planner._put(item(5, WRITE_BYTES))
+    threading.Timer(0.5, planner.stop.set).start()
+    assert planner._wait_room() is None, "a write's bytes planned ahead: no read until taken"
 
 
 def test_a_write_takes_reads_planned_ahead_only_while_they_share_no_key() -> None:

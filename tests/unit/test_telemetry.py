@@ -417,6 +417,7 @@ def test_repeated_retry_errors_are_logged_once_per_interval_with_a_count(tmp_pat
     p = tel.pipeline("articles")
     p.set_state("streaming")
     caplog.set_level(logging.INFO, logger="syncd.telemetry")
+    caplog.clear()
     for attempt in range(1, 4):
         p.retrying(TransientError(f"cannot reach {SECRET_URI}"), attempt=attempt, delay=0.1)
     p.retrying(TransientError("another error"), attempt=4, delay=0.1)

@@ -1,0 +1,100 @@
+"""Writes larger than Chroma takes in one request are sent in slices, never halted on.
+
+Chroma's server refuses a request over about 40 MB (HTTP 413 "Payload too large"), and
+a proxy in front of it may allow less. With small vectors syncd writes up to Chroma's
+largest batch of records at once (a snapshot's page, a streaming write that takes
+several reads); with large texts such a write is far over that. The documents here are
+valid: they must all reach Chroma, and nothing may halt or be dead-lettered.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pymongo import MongoClient
+
+from syncd import sink as sinks
+from syncd.errors import ExitCode
+from syncd.sink import ChromaSink, Upsert, WritePlan
+
+from . import oracle
+from .helpers import settings_of, wait_caught_up, write_config
+
+BODY_CHARS = 40_000  # 1,200 documents: 48 MB of text, in a page of 5,461 (4-d vectors)
+DOCS = 1_200
+
+
+def large(key: int) -> dict[str, Any]:
+    doc = oracle.document(key)
+    doc["body"] = f"document {key} " + "lorem ipsum " * (BODY_CHARS // 12)
+    return doc
+
+
+@pytest.mark.timeout(300)
+def test_a_backlog_of_large_texts_with_small_vectors_is_written_whole(
+    tmp_path: Path, mongo_uri: str, chroma_server: Any, syncd_factory: Any
+) -> None:
+    db, coll = f"large_{uuid.uuid4().hex[:8]}", f"large-{uuid.uuid4().hex[:8]}"
+    client: MongoClient[Any] = MongoClient(mongo_uri)
+    try:
+        docs = client[db]["docs"]
+        for start in range(0, DOCS, 100):
+            docs.insert_many([large(k) for k in range(start, start + 100)])
+        cfg = write_config(
+            tmp_path / "syncd.toml",
+            mongo_uri=mongo_uri,
+            chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
+            checkpoint_db=f"{db}_syncd",
+            pipelines=[oracle.pipeline("big", db, chroma_collection=coll)],
+            extra={"telemetry": {"listen": ""}},
+        )
+        settings = settings_of(cfg)
+        daemon = syncd_factory(["run"], cfg)
+        wait_caught_up(client, db, settings, "big", 180, "the snapshot of large documents")
+        stored = chroma_server.client().get_collection(coll, embedding_function=None)
+        assert stored.count() == DOCS
+        # Streaming: a backlog of as many, changed and new, read ahead and written together.
+        daemon.terminate()
+        assert daemon.wait(60) == ExitCode.OK, daemon.output()[-3000:]
+        for start in range(0, DOCS, 100):
+            docs.insert_many([large(k) for k in range(DOCS + start, DOCS + start + 100)])
+        docs.update_many({"_id": {"$lt": 300}}, {"$set": {"body": "short now"}})
+        again = syncd_factory(["run"], cfg)
+        wait_caught_up(client, db, settings, "big", 180, "the backlog of large documents")
+        problem = oracle.mismatch(docs.find(), stored)
+        assert not problem, problem
+        output = again.output() + daemon.output()
+        assert "halted" not in output and "Traceback" not in output, output[-3000:]
+        assert client[f"{db}_syncd"]["dead_letters"].count_documents({}) == 0
+        again.terminate()
+        assert again.wait(60) == ExitCode.OK, again.output()[-3000:]
+    finally:
+        client.drop_database(db)
+        client.drop_database(f"{db}_syncd")
+        client.close()
+
+
+def test_a_slice_refused_as_too_large_is_written_in_halves(
+    chroma_server: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # syncd's estimate of a write's size is only an estimate (and a proxy may take less
+    # than Chroma): a slice the server refuses as too large is split until it is taken.
+    monkeypatch.setattr(sinks, "WRITE_BYTES", 10**12)  # no slicing by size: one request
+    name = f"halves-{uuid.uuid4().hex[:8]}"
+    sink = ChromaSink(chroma_server.client, name)
+    text = "x" * 1_000_000
+    plan = WritePlan(
+        upserts=[Upsert(f"i:{i}", f"{i} {text}", {"n": i}, [1.0, 0.0, 0.5, i]) for i in range(60)]
+    )
+    caplog.set_level(logging.INFO, logger="syncd.sink")
+    sink.write(plan)  # 60 MB: over Chroma's limit
+    stored = sink.get([u.id for u in plan.upserts])
+    assert sorted(r.id for r in stored) == sorted(u.id for u in plan.upserts)
+    texts = {r.id: r.document for r in stored}
+    assert all(texts[u.id] == u.text for u in plan.upserts)
+    assert "refused a write of 60 records as too large" in caplog.text
+    chroma_server.client().delete_collection(name)
