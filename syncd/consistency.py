@@ -31,13 +31,14 @@ which event wrote a record, not what the record holds.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import random
 import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pymongo.database import Database
@@ -119,6 +120,8 @@ class Report:
     orphaned: Finding = dataclasses.field(default_factory=Finding)
     stale: Finding = dataclasses.field(default_factory=Finding)
     unmappable: Finding = dataclasses.field(default_factory=Finding)  # keys; see `syncd dlq`
+    # keys of documents without records whose change is parked as a dead letter
+    dead_lettered: Finding = dataclasses.field(default_factory=Finding)
     seconds: float = 0.0
 
     @property
@@ -136,6 +139,7 @@ class Report:
             "orphaned": self.orphaned.to_json(),
             "stale": self.stale.to_json(),
             "unmappable": self.unmappable.to_json(),
+            "dead_lettered": self.dead_lettered.to_json(),
             "seconds": round(self.seconds, 3),
         }
 
@@ -169,8 +173,11 @@ class Checker:
         mapper: Mapper,
         database: SampleDatabase | None = None,
         page_size: int | None = None,
+        parked: Callable[[Sequence[str]], set[str]] | None = None,
     ) -> None:
         self.settings = settings
+        # which of some document keys have a dead letter (their records are expected gone)
+        self.parked = parked
         self.source = source
         self.sink = sink
         self.mapper = mapper
@@ -179,6 +186,22 @@ class Checker:
         self.prefixed = prefixed(settings)
 
     # --- full verify -----------------------------------------------------------------
+
+    def _set_parked_apart(self, drift: Drift, report: Report) -> None:
+        """Documents whose change the pipeline parked as a dead letter (an embedding
+        API refused the text, Chroma refused the record) have their records removed on
+        purpose: counted as dead-lettered, not missing, and left to `syncd dlq retry`."""
+        assert self.parked is not None
+        keys = {base_id(rid) for rid in drift.missing}
+        parked = self.parked(sorted(keys))
+        if not parked:
+            return
+        drift.missing = [rid for rid in drift.missing if base_id(rid) not in parked]
+        still = set(map(base_id, drift.missing)) | set(map(base_id, drift.stale))
+        for key in parked:
+            if key not in still:
+                drift.documents.pop(key, None)
+        report.dead_lettered.add(sorted(parked))
 
     def verify(self, *, progress: bool = False) -> Report:
         """Compare everything; ``progress``: show it (a bar on a terminal, else log lines)."""
@@ -252,6 +275,8 @@ class Checker:
                 drift.missing.append(rid)
             elif differs(record, got):
                 drift.stale.append(rid)
+        if drift.missing and self.parked is not None:
+            self._set_parked_apart(drift, report)
         if extra_records and keys:
             existing = self.sink.existing(keys)
             # A sampled verify examines exactly these Chroma records (a full verify
@@ -418,12 +443,15 @@ def sample_forever(
     taken; only what still differs is reported. Rounds that cannot settle (the
     pipeline is behind or retrying) report nothing. Meant for a daemon thread.
     """
+    store = pipeline.dead_letters
+    parked = getattr(store, "parked", None)
     checker = Checker(
         pipeline.settings,
         source=pipeline.source,
         sink=pipeline.sink,
         mapper=pipeline.mapper,
         database=database,
+        parked=functools.partial(parked, pipeline.settings.name) if parked else None,
     )
     rng = random.Random()
     # Spread the first round so several pipelines do not sample at the same instant.
@@ -498,4 +526,5 @@ def open_checker(runtime: Runtime, settings: PipelineSettings) -> Checker:
         sink=runtime.sink(settings, create=False),
         mapper=Mapper(settings),
         database=runtime.mongo[settings.database],
+        parked=functools.partial(runtime.dead_letters(settings).parked, settings.name),
     )

@@ -159,6 +159,16 @@ class DeadLetterStore:
         with translate_mongo_errors(pipeline=pipeline):
             return int(self._coll.count_documents({"pipeline": pipeline}))
 
+    def parked(self, pipeline: str, keys: Sequence[str]) -> set[str]:
+        """Which of ``keys`` have a dead letter."""
+        if not keys:
+            return set()
+        with translate_mongo_errors(pipeline=pipeline):
+            found = self._coll.find(
+                {"pipeline": pipeline, "key": {"$in": list(keys)}}, {"key": 1, "_id": 0}
+            )
+            return {str(entry["key"]) for entry in found if isinstance(entry.get("key"), str)}
+
 
 def _written_by_syncd(entry: dict[str, Any]) -> bool:
     key = entry.get("_id")

@@ -16,9 +16,11 @@ def register(verbs: Any) -> None:
         help="compare a pipeline's MongoDB documents with its Chroma records",
         description="Map every document the pipeline's filter matches and compare the "
         "result with Chroma by record id and content hash; then look for Chroma records "
-        "whose documents are gone. Streams both sides in constant memory. Exit 0 when "
-        "consistent, 1 when missing, orphaned or stale records were found. Changes still "
-        "in flight show up as drift: verify a caught-up or stopped pipeline.",
+        "whose documents are gone. Streams both sides in constant memory. Documents "
+        "without records whose change is parked as a dead letter are counted as "
+        "dead-lettered, not missing (`syncd dlq retry` applies them once fixed). Exit 0 "
+        "when consistent, 1 when missing, orphaned or stale records were found. Changes "
+        "still in flight show up as drift: verify a caught-up or stopped pipeline.",
     )
     add_config_options(parser)
     parser.add_argument("pipeline", metavar="PIPELINE")
@@ -65,13 +67,19 @@ def print_report(data: dict[str, Any]) -> None:
         f"pipeline {data['pipeline']}: {data['documents']} {what}, "
         f"{data['records']} {records} checked in {data['seconds']:.1f} s"
     )
-    for kind in ("missing", "orphaned", "stale", "unmappable"):
+    for kind in ("missing", "orphaned", "stale", "unmappable", "dead_lettered"):
         finding = data[kind]
         example = f"  e.g. {', '.join(finding['sample'][:5])}" if finding["count"] else ""
-        print(f"  {kind:<10} {finding['count']:>8}{example}")
+        print(f"  {kind.replace('_', '-'):<13} {finding['count']:>8}{example}")
     if data["unmappable"]["count"]:
         print(
             "  unmappable documents cannot be mapped at all; see "
             f"`{hints.command('dlq', 'list', data['pipeline'])}`"
+        )
+    if data["dead_lettered"]["count"]:
+        print(
+            "  dead-lettered documents have no records because their change is parked; "
+            f"once fixed in MongoDB, `{hints.command('dlq', 'retry', data['pipeline'])}` "
+            "applies them"
         )
     print("consistent" if data["consistent"] else "NOT consistent")

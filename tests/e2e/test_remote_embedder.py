@@ -9,13 +9,18 @@ answered first.
 
 from __future__ import annotations
 
+import json
+import shlex
+
 import pytest
 
 from syncd.errors import ExitCode
+from tests.harness.daemon import run_syncd
 from tests.harness.embedding_api import embedding_api
 
 from . import oracle
 from .helpers import diff, wait_caught_up
+from .test_runbook import hinted
 
 
 @pytest.mark.timeout(240)
@@ -57,6 +62,29 @@ def test_requests_in_flight_to_a_slow_embedding_api_mirror_exactly(
         daemon.terminate()
         assert daemon.wait(30) == ExitCode.OK, daemon.output()[-3000:]
         assert "Traceback" not in daemon.output()
-    mirrored = [d for d in docs.find() if d["_id"] != 1000]
-    problem = diff(oracle.embedded_by_the_api(mirrored), oracle.actual(m.collection()))
+        mirrored = [d for d in docs.find() if d["_id"] != 1000]
+        problem = diff(oracle.embedded_by_the_api(mirrored), oracle.actual(m.collection()))
+        assert not problem, problem
+
+        # The refused document maps, and has no record on purpose: verify counts it as
+        # dead-lettered, not missing, and is consistent; repair leaves it alone.
+        checked = run_syncd(["verify", "--json", "remote"], cfg, env)
+        assert checked.returncode == ExitCode.OK, checked.stdout + checked.stderr
+        report = json.loads(checked.stdout)
+        assert report["consistent"] and report["missing"]["count"] == 0, report
+        assert report["dead_lettered"] == {"count": 1, "sample": ["i:1000"]}, report
+        repaired = run_syncd(["repair", "remote"], cfg, env)
+        assert repaired.returncode == ExitCode.OK, repaired.stdout + repaired.stderr
+        assert letters.count_documents({}) == 1
+        text = run_syncd(["verify", "remote"], cfg, env)
+        assert "dead-lettered" in text.stdout and text.returncode == ExitCode.OK, text.stdout
+        (command,) = hinted(text.stdout)  # fixed in MongoDB, then the hint
+        assert command.split()[:4] == ["syncd", "dlq", "retry", "remote"], command
+        docs.replace_one({"_id": 1000}, oracle.document(1000))
+        retried = run_syncd(shlex.split(command)[1:], env=env)
+        assert retried.returncode == ExitCode.OK, retried.stdout + retried.stderr
+        after = json.loads(run_syncd(["verify", "--json", "remote"], cfg, env).stdout)
+        assert after["consistent"] and after["dead_lettered"]["count"] == 0, after
+        assert letters.count_documents({}) == 0
+    problem = diff(oracle.embedded_by_the_api(list(docs.find())), oracle.actual(m.collection()))
     assert not problem, problem

@@ -197,6 +197,30 @@ def test_unmappable_documents_are_reported_apart_and_their_records_are_orphans()
     assert report.consistent and report.unmappable.sample == ["i:1"]
 
 
+def test_dead_lettered_documents_without_records_are_not_missing_nor_repaired() -> None:
+    # An embedding API refused the text of i:1: its change is parked and its records
+    # removed on purpose. Verify counts it apart; i:2, missing with no dead letter, is drift.
+    ps = settings()
+    source, sink, checker = synced(ps, {"docs": docs_of(4)})
+    del sink.records["i:1"], sink.records["i:2"]
+    asked: list[list[str]] = []
+
+    def parked(keys: Any) -> set[str]:
+        asked.append(list(keys))
+        return {"i:1"} & set(keys)
+
+    checker.parked = parked
+    report = checker.verify()
+    assert report.dead_lettered.sample == ["i:1"] and report.dead_lettered.count == 1
+    assert report.missing.sample == ["i:2"] and not report.consistent
+    assert asked == [["i:1", "i:2"]], "asked once, for the missing keys only"
+    result = repair_mod.repair(make_pipeline(ps, source, sink), checker)
+    assert result.reapplied.sample == ["i:2"]
+    assert "i:1" not in sink.records and "i:2" in sink.records
+    report = checker.verify()
+    assert report.consistent and report.dead_lettered.count == 1
+
+
 def test_multi_collection_pipelines_verify_prefixed_ids() -> None:
     ps = settings(collection=None, collections=["a", "b"])
     source, sink, checker = synced(ps, {"a": docs_of(2), "b": docs_of(2)})
