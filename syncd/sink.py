@@ -49,8 +49,8 @@ WRITE_FLOATS = 400_000
 # numbers): Chroma's server refuses requests over about 40 MB ("413 Payload too large"),
 # and a proxy in front of it may allow less. A write over it is sent in smaller slices;
 # a slice refused as too large is split in two and sent again.
-WRITE_BYTES = 16 * 1024 * 1024
-BYTES_PER_VALUE = 20  # a float as JSON, with its comma
+WRITE_BYTES = 8 * 1024 * 1024
+BYTES_PER_VALUE = 16  # a float32 as JSON, with its comma: at most "-1.2345678e-05,"
 BYTES_PER_RECORD = 64  # the id's and the fields' framing
 
 
@@ -115,7 +115,7 @@ def upsert_bytes(u: Upsert) -> int:
     """About what ``u`` adds to a write's request."""
     values = len(u.vector) if u.vector is not None else len(u.embedding)
     return (
-        len(u.text.encode("utf-8", "surrogatepass"))
+        _utf8_bytes(u.text)
         + _metadata_bytes(u.metadata)
         + values * BYTES_PER_VALUE
         + len(u.id)
@@ -128,7 +128,12 @@ def update_bytes(u: MetadataUpdate) -> int:
 
 
 def _metadata_bytes(metadata: Mapping[str, Any]) -> int:
-    return sum(len(str(k)) + len(str(v)) + 8 for k, v in metadata.items())
+    return sum(_utf8_bytes(str(k)) + _utf8_bytes(str(v)) + 8 for k, v in metadata.items())
+
+
+def _utf8_bytes(text: str) -> int:
+    """Bytes of ``text`` in the request's JSON (chromadb sends UTF-8 as it is)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def sized_slices(

@@ -68,7 +68,8 @@ def describe(
         out["dead_letters"] = runtime.dead_letters(ps).count(ps.name)
         return out
     status = dict(cp.status or {})
-    out["state"] = status.get("state", "unknown")
+    # A checkpoint with no state yet: its process is starting (opening Chroma, say).
+    out["state"] = status.get("state", "starting")
     down = _down(runtime, ps, out["state"])
     if down is not None:
         out["state"] = "down"
@@ -123,11 +124,13 @@ def _down(runtime: Runtime, ps: PipelineSettings, state: str) -> dict[str, Any] 
         return None
     out: dict[str, Any] = {
         "recorded_state": state,
-        "reason": "no process holds the pipeline's lease: the process that recorded "
-        f"{state!r} stopped without recording why (killed, out of memory, or MongoDB "
-        "unreachable when it gave up)",
-        "hint": "see that process's log for why it stopped (journalctl -u syncd, kubectl "
-        f"logs), then start it again: `{hints.command('run')}`",
+        "reason": "no process holds the pipeline's lease, so nothing runs it: the process "
+        f"that recorded {state!r} stopped without recording why (killed, out of memory, "
+        "or MongoDB unreachable when it gave up), or lost its lease while MongoDB was "
+        "unreachable and has not taken it back yet",
+        "hint": "if it is not running again within lease.renew_every_s, see that "
+        "process's log for why it stopped (journalctl -u syncd, kubectl logs), then start "
+        f"it again: `{hints.command('run')}`",
     }
     if lease is not None and lease.expires_at is not None:
         out["lease_expired_at"] = _iso(lease.expires_at)

@@ -71,6 +71,7 @@ def test_writes_are_sliced_by_records_and_by_bytes() -> None:
     assert [u.id for s in sliced for u in s] == [u.id for u in large]  # in order
     huge = [Upsert("i:0", "x" * (2 * WRITE_BYTES), {}, [0.0] * DIMS), *small[:2]]
     assert [len(s) for s in sized_slices(huge, 1000, upsert_bytes)] == [1, 2]  # alone
-    assert upsert_bytes(Upsert("i:1", "é" * 10, {}, [])) > upsert_bytes(
-        Upsert("i:1", "e" * 10, {}, [])
-    )
+    # Texts and metadata count in UTF-8, as chromadb sends them: "漢" is 3 bytes.
+    ascii_text = upsert_bytes(Upsert("i:1", "a" * 10, {"m": "a" * 10}, []))
+    assert upsert_bytes(Upsert("i:1", "漢" * 10, {"m": "a" * 10}, [])) == ascii_text + 20
+    assert upsert_bytes(Upsert("i:1", "a" * 10, {"m": "😀" * 10}, [])) == ascii_text + 30
