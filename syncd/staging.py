@@ -198,6 +198,7 @@ class Planner(threading.Thread):
         self._ready: collections.deque[Item] = collections.deque()
         self._ready_events = 0
         self._ready_size = 0  # bytes of the records planned ahead, about
+        self._backlog = False  # the last read was a whole one: the stream holds a backlog
         self._cond = threading.Condition()
 
     # --- the writer's side ---------------------------------------------------------
@@ -220,7 +221,7 @@ class Planner(threading.Thread):
             return []
         keys = set(first.keys)
         events, size = _events(first), first.size
-        limit = self.ahead_limit()
+        limit = self._limit(full=_events(first) >= self.applier.settings.batch_size)
         taken: list[Item] = []
         with self._cond:
             while self._ready:
@@ -252,6 +253,12 @@ class Planner(threading.Thread):
         embedder = self.applier.embedder
         dimensions = embedder.dimensions if embedder is not None else settings.embedder.dimensions
         return write_size(dimensions, self.applier.sink.max_batch, settings.batch_size)
+
+    def _limit(self, *, full: bool) -> int:
+        """:meth:`ahead_limit` under a backlog (``full``: reads come back whole), else
+        ``batch_size``: when changes trickle in, a write takes what arrived during the
+        one before it, and a larger one would only make those changes wait longer."""
+        return self.ahead_limit() if full else self.applier.settings.batch_size
 
     def _take(self) -> Item:
         item = self._ready.popleft()
@@ -311,6 +318,7 @@ class Planner(threading.Thread):
             self.telemetry.spans.read_failed(started, exc)
             raise
         item = Item(batch=batch, read=(started, time.time_ns()))
+        self._backlog = len(batch.events) >= self.applier.settings.batch_size
         item.ticket = self.telemetry.read_ahead(batch.events)  # the lag counts it from now
         if not batch.events:
             return item
@@ -365,7 +373,7 @@ class Planner(threading.Thread):
         While reads wait for the writer, the next one waits :data:`GATHER_S` (or until
         the writer takes them): what arrives meanwhile is looked up in one call to Chroma,
         not one per change, and a writer that becomes free still finds it planned."""
-        limit, batch_size = self.ahead_limit(), self.applier.settings.batch_size
+        limit, batch_size = self._limit(full=self._backlog), self.applier.settings.batch_size
         with self._cond:
             gather_until = time.monotonic() + GATHER_S if self._ready else 0.0
             while True:

@@ -219,19 +219,24 @@ def test_the_next_batch_is_planned_while_one_is_written() -> None:
     assert set(sink.records) == {"i:1", "i:2"}
 
 
-def test_what_arrives_during_a_write_is_planned_meanwhile_and_written_together() -> None:
+@pytest.mark.parametrize("largest", [3, 1000])
+def test_what_arrives_during_a_write_is_planned_meanwhile_and_written_together(
+    largest: int,
+) -> None:
     # While batch 1's write is held, the planner reads and plans what comes, up to
-    # batch_size (3) events beyond the write when that is all one write may carry (here
-    # Chroma's largest batch is 3), and then reads nothing more; the writer takes those
-    # in one write (a change waits for the write in flight and its own), and the rest
-    # after it. Every checkpoint follows the write that covers it.
+    # batch_size (3) events beyond the write: changes trickle in (reads come back
+    # smaller than batch_size), so however much one write may carry (Chroma's largest
+    # batch: 3 or 1,000 here), a larger write would only make them wait longer. Then it
+    # reads nothing more; the writer takes those in one write (a change waits for the
+    # write in flight and its own), and the rest after it. Every checkpoint follows the
+    # write that covers it.
     writing = threading.Event()  # batches 2-6 happen once batch 1's write has begun
     source = StreamSource(
         [[event(n, "insert", n, {"body": str(n)})] for n in range(1, 7)],
         arrivals={k: writing for k in range(1, 6)},
     )
     p, log, sink, _store, _, emb = gated(source=source, batch_size=3)
-    sink.max_batch = 3
+    sink.max_batch = largest
     sink.writing = writing
     ahead_at_reads: list[int] = []  # events read and not yet written, as each read starts
     read = source.read_batch
@@ -419,7 +424,7 @@ def test_a_write_takes_reads_planned_ahead_up_to_its_bytes() -> None:
     for each in queued:
         planner._put(each)
     assert planner.more(item(1, third)) == queued[:2], "a third more would be over"
-    assert planner._wait_room() == 10, "one more read: the next write has room"
+    assert planner._wait_room() == 9, "one more read: the next write has room"
     planner._put(item(5, WRITE_BYTES))
     threading.Timer(0.5, planner.stop.set).start()
     assert planner._wait_room() is None, "a write's bytes planned ahead: no read until taken"
