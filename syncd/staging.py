@@ -4,8 +4,9 @@ While the pipeline's own thread (stage two, the only writer) writes batch N to C
 reads it back and checkpoints it, a :class:`Planner` thread reads batch N+1 from the
 change stream and plans it: coalesces it, maps it, looks up what Chroma holds for its
 keys and embeds what changed. Batches are handed over in stream order through a queue
-that holds at most one write's worth of events (:meth:`Planner.ahead_limit`: ``batch_size``,
-or more for small vectors) and :data:`MAX_AHEAD` reads: under a backlog one write's worth
+that holds at most one write's worth of events (``batch_size``, or under a backlog
+:meth:`Planner.ahead_limit`, more for small vectors) and :data:`MAX_AHEAD` reads: under a
+backlog one write's worth
 is planned while one is written, so at most two are in memory whatever the backlog. The
 writer takes everything planned meanwhile whose vectors are back in one write
 (:meth:`Planner.more`): when changes trickle in, a change waits for the write in flight
