@@ -9,7 +9,7 @@ from syncd.cli.common import add_config_options, load_settings, print_json, sele
 from syncd.errors import ExitCode
 
 # Stopped until someone acts: a halt in force, or a fatal error that stopped the process.
-# Down: the process that recorded a running state no longer holds the pipeline's lease.
+# Down: a running state is recorded, but no process holds the pipeline's lease.
 STOPPED_BY_ERROR = frozenset({"halted", "failed", "down"})
 
 
@@ -20,9 +20,10 @@ def register(verbs: Any) -> None:
         description="Read what the daemon recorded next to each checkpoint: its state "
         "(starting, snapshotting, streaming, retrying, halted: at a change it cannot "
         "apply, failed: a fatal error stopped it and its process, stopped, rebuilding: a changed "
-        "mapping is built beside the live collection, down: with leases, the process that "
-        "recorded a running state no longer holds the pipeline's lease, so it stopped "
-        "without recording why), a halt in force "
+        "mapping is built beside the live collection, down: with leases, a running state "
+        "is recorded but no process holds the pipeline's lease: its process stopped "
+        "without recording why, or lost the lease while MongoDB was unreachable and has "
+        "not taken it back yet), a halt in force "
         "(the pipeline's, or one of the rebuild `syncd run` runs for it under "
         'on_mapping_change = "rebuild"; a halted `syncd rebuild` is shown with the rebuild) '
         "with the document, reason, resume token and what to do, the last error and what to "
