@@ -424,6 +424,16 @@ def too_large(exc: BaseException) -> bool:
     return any("payload too large" in str(e).lower() for e in (cause, root))
 
 
+def slow_answer(exc: BaseException) -> bool:
+    """Chroma took the request but did not answer (or read it) within the client's
+    timeout: the request may be too much work for that time, or the server too busy."""
+    cause = exc.__cause__ if isinstance(exc, SyncdError) and exc.__cause__ else exc
+    return any(
+        type(e).__name__ in ("ReadTimeout", "WriteTimeout") and _is_slow_answer(e)
+        for e in (cause, _root(cause))
+    )
+
+
 def http_status_kind(status: int) -> ErrorKind:
     """Transient, poison or fatal, for an HTTP status (see the tables above)."""
     if status in _HTTP_FATAL:

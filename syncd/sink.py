@@ -26,8 +26,10 @@ from syncd.errors import (
     SinkFatalError,
     SinkLostError,
     SinkRejectedError,
+    SinkUnavailableError,
     SyncdError,
     from_sink,
+    slow_answer,
     too_large,
 )
 from syncd.identity import HASH_KEY, ID_KEY
@@ -52,6 +54,10 @@ WRITE_FLOATS = 400_000
 WRITE_BYTES = 8 * 1024 * 1024
 BYTES_PER_VALUE = 16  # a float32 as JSON, with its comma: at most "-1.2345678e-05,"
 BYTES_PER_RECORD = 64  # the id's and the fields' framing
+# A write of at least this many bytes that Chroma does not answer within chroma.timeout_s
+# is sent again in halves: large texts (Chroma indexes every word) can take a server
+# longer than the client waits, and sending the same request again would never end.
+SLOW_SPLIT_BYTES = 1024 * 1024
 
 
 def write_size(dimensions: int | None, max_batch: int, least: int) -> int:
@@ -359,27 +365,44 @@ class ChromaSink:
         for start in range(0, len(plan.deletes), step):
             self._call("delete", ids=plan.deletes[start : start + step])
         for part in sized_slices(plan.upserts, step, upsert_bytes):
-            self._send("upsert", part, _upsert_args)
+            self._send("upsert", part, _upsert_args, upsert_bytes)
         for part_u in sized_slices(plan.updates, step, update_bytes):
-            self._send("update", part_u, _update_args)
+            self._send("update", part_u, _update_args, update_bytes)
 
     def _send(
-        self, method: str, part: Sequence[Any], args: Callable[[Sequence[Any]], dict[str, Any]]
+        self,
+        method: str,
+        part: Sequence[RecordT],
+        args: Callable[[Sequence[RecordT]], dict[str, Any]],
+        size: Callable[[RecordT], int],
     ) -> None:
-        """Write ``part``; if Chroma (or a proxy) refuses it as too large, in two halves."""
+        """Write ``part``; in two halves if Chroma (or a proxy) refuses it as too large,
+        or if it is large (:data:`SLOW_SPLIT_BYTES`) and not answered within
+        ``chroma.timeout_s``, down to single records, which fail as any write does.
+
+        A request that was not answered may still be applied after its halves. It holds
+        the same records as they do, so the outcome is the same either way; as with any
+        write retried after a timeout, only a server that held it back until after the
+        next write of the same keys (sent once this one returns) could apply it late."""
         try:
             self._call(method, **args(part))
+            return
         except SinkRejectedError as exc:
             if len(part) < 2 or not too_large(exc):
                 raise
-            log.info(
-                "Chroma refused a write of %d records as too large; writing it in two",
-                len(part),
-                extra={"namespace": f"chroma:{self.name}"},
-            )
-            half = len(part) // 2
-            self._send(method, part[:half], args)
-            self._send(method, part[half:], args)
+            why = "refused a write of %d records as too large"
+        except SinkUnavailableError as exc:
+            if len(part) < 2 or not slow_answer(exc) or sum(map(size, part)) < SLOW_SPLIT_BYTES:
+                raise
+            why = "did not answer a write of %d records within chroma.timeout_s"
+        log.info(
+            "Chroma " + why + "; writing it in two",
+            len(part),
+            extra={"namespace": f"chroma:{self.name}"},
+        )
+        half = len(part) // 2
+        self._send(method, part[:half], args, size)
+        self._send(method, part[half:], args, size)
 
     def get(self, ids: Sequence[str], *, include_embeddings: bool = False) -> list[StoredRecord]:
         include = ["metadatas", "documents"] + (["embeddings"] if include_embeddings else [])

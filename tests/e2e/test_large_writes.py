@@ -18,8 +18,9 @@ import pytest
 from pymongo import MongoClient
 
 from syncd import sink as sinks
-from syncd.errors import ExitCode
-from syncd.sink import ChromaSink, Upsert, WritePlan
+from syncd.config import ChromaSettings
+from syncd.errors import ExitCode, SinkUnavailableError
+from syncd.sink import ChromaSink, Upsert, WritePlan, make_client
 
 from . import oracle
 from .helpers import settings_of, wait_caught_up, write_config
@@ -98,3 +99,59 @@ def test_a_slice_refused_as_too_large_is_written_in_halves(
     assert all(texts[u.id] == u.text for u in plan.upserts)
     assert "refused a write of 60 records as too large" in caplog.text
     chroma_server.client().delete_collection(name)
+
+
+def test_a_large_write_not_answered_in_time_is_written_in_halves(
+    chroma_server: Any,
+    tcp_proxy_factory: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A write Chroma cannot take within chroma.timeout_s (here: a slow link to it) would
+    # time out again each time it was sent whole; its halves are each sent in time.
+    monkeypatch.setattr(sinks, "WRITE_BYTES", 10**12)  # no slicing by size: one request
+    proxy = tcp_proxy_factory(chroma_server.host, chroma_server.port)
+    settings = ChromaSettings(mode="http", host="127.0.0.1", port=proxy.port, timeout_s=1.5)
+    name = f"slow-{uuid.uuid4().hex[:8]}"
+    sink = ChromaSink(lambda: make_client(settings), name)
+    sink.open()
+    text = "y" * 1_000_000
+    plan = WritePlan(
+        upserts=[Upsert(f"i:{i}", f"{i} {text}", {"n": i}, [1.0, 0.0, 0.5, i]) for i in range(8)]
+    )
+    proxy.set_latency(0.03)  # per 64 KB at most: 8 MB take 3.8 s or more, 1 MB 0.5 s
+    caplog.set_level(logging.INFO, logger="syncd.sink")
+    sink.write(plan)
+    proxy.set_latency(0)
+    assert "did not answer a write of 8 records within chroma.timeout_s" in caplog.text
+    stored = sink.get([u.id for u in plan.upserts])
+    assert {r.id: r.document for r in stored} == {u.id: u.text for u in plan.upserts}
+    chroma_server.client().delete_collection(name)
+
+
+def test_a_small_write_not_answered_in_time_is_not_split(
+    chroma_server: Any, tcp_proxy_factory: Any
+) -> None:
+    # A small write that times out says Chroma is slow or gone, not that the write is too
+    # large: it fails as it did, for the pipeline to retry whole, not in ever smaller parts.
+    proxy = tcp_proxy_factory(chroma_server.host, chroma_server.port)
+    settings = ChromaSettings(mode="http", host="127.0.0.1", port=proxy.port, timeout_s=1.0)
+    sink = ChromaSink(lambda: make_client(settings), f"stalled-{uuid.uuid4().hex[:8]}")
+    sink.open()
+    proxy.hold(b"upsert")
+    plan = WritePlan(
+        upserts=[Upsert(f"i:{i}", "short", {"n": i}, [1.0, 0, 0, i]) for i in range(4)]
+    )
+    calls: list[int] = []
+    original = sink._call
+
+    def counted(method: str, **kwargs: Any) -> Any:
+        if method == "upsert":
+            calls.append(len(kwargs["ids"]))
+        return original(method, **kwargs)
+
+    sink._call = counted  # type: ignore[method-assign]
+    with pytest.raises(SinkUnavailableError, match="Chroma unavailable"):
+        sink.write(plan)
+    proxy.release()
+    assert calls == [4]
