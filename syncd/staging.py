@@ -71,6 +71,8 @@ SEQUENTIAL_OPS = LIFECYCLE_OPS | {"invalidate"}
 POLL_S = 0.1  # how soon a blocked stage notices it was cancelled
 MAX_AHEAD = 16  # reads planned and not yet taken by the writer, at most
 GATHER_S = 0.05  # while reads wait for the writer, the pause before the next one
+READ_NS = 20_000_000  # a read's share of planning time, at most (it may wait for changes)
+HOLD_MAX_S = 0.25  # the longest a read is held back for the write in flight to end
 
 ItemT = TypeVar("ItemT")
 PlannedT = TypeVar("PlannedT")
@@ -126,6 +128,53 @@ class GatedLookup:
     def existing(self, keys: Sequence[str]) -> dict[str, dict[str, Mapping[str, Any]]]:
         self._in_flight.wait_written(keys)
         return self._sink.existing(keys)
+
+
+@dataclasses.dataclass
+class WriteClock:
+    """When the write in flight will end, from what earlier writes took per event, and
+    how long a read takes to be planned: the planner reads that long before the end, so
+    that the next write carries what arrived meanwhile, not what arrived before it began.
+    """
+
+    MIN_EVENTS = 8  # writes smaller than this say more about Chroma's fixed cost
+    WEIGHT = 0.2  # of the newest sample in the moving averages
+
+    def __init__(self) -> None:
+        self._open = 0  # items the writer took and has not written yet
+        self._began = 0.0
+        self._events = 0
+        self._per_event_s: float | None = None
+        self._plan_s = 0.0
+
+    def took(self, events: int) -> None:
+        if not self._open:
+            self._began, self._events = time.monotonic(), 0
+        self._open += 1
+        self._events += events
+
+    def wrote(self) -> None:
+        self._open = max(0, self._open - 1)
+        if not self._open and self._events >= self.MIN_EVENTS:
+            sample = (time.monotonic() - self._began) / self._events
+            self._per_event_s = self._average(self._per_event_s, sample)
+
+    def planned(self, seconds: float) -> None:
+        self._plan_s = self._average(self._plan_s, seconds)
+
+    @property
+    def writing(self) -> bool:
+        return self._open > 0
+
+    def read_at(self) -> float | None:
+        """When to read for the write after the one in flight; None: read now (nothing
+        is being written, or no write has been timed yet)."""
+        if not self._open or self._per_event_s is None:
+            return None
+        return self._began + 0.7 * self._per_event_s * self._events - self._plan_s
+
+    def _average(self, old: float | None, sample: float) -> float:
+        return sample if old is None else old + self.WEIGHT * (sample - old)
 
 
 @dataclasses.dataclass
@@ -201,6 +250,10 @@ class Planner(threading.Thread):
         self._ready_size = 0  # bytes of the records planned ahead, about
         self._backlog = False  # the last read was a whole one: the stream holds a backlog
         self._cond = threading.Condition()
+        self._clock = WriteClock()
+        # Reads are held back for the write in flight only when the planner computes the
+        # vectors itself: an embedding API's round trip is not part of its planning time.
+        self._hold = getattr(applier.embedder, "submit", None) is None
 
     # --- the writer's side ---------------------------------------------------------
 
@@ -265,6 +318,7 @@ class Planner(threading.Thread):
         item = self._ready.popleft()
         self._ready_events -= _events(item)
         self._ready_size -= item.size
+        self._clock.took(_events(item))
         self._cond.notify_all()
         return item
 
@@ -273,6 +327,9 @@ class Planner(threading.Thread):
         if item.keys:
             self.in_flight.done(item.keys)
         item.done.set()
+        with self._cond:
+            self._clock.wrote()
+            self._cond.notify_all()
 
     def close(self) -> None:
         """Stop planning and discard what was planned but not written."""
@@ -292,6 +349,10 @@ class Planner(threading.Thread):
                 if room is None:
                     return
                 item = self._plan_next(room)
+                if item.read is not None and _events(item):
+                    began, ended = item.read  # a read that waited for changes counts less
+                    waited = min(ended - began, READ_NS)
+                    self._clock.planned((time.time_ns() - ended + waited) / 1e9)
                 self._put(item)
                 if item.error is not None:
                     return
@@ -373,10 +434,18 @@ class Planner(threading.Thread):
 
         While reads wait for the writer, the next one waits :data:`GATHER_S` (or until
         the writer takes them): what arrives meanwhile is looked up in one call to Chroma,
-        not one per change, and a writer that becomes free still finds it planned."""
+        not one per change, and a writer that becomes free still finds it planned.
+
+        When changes trickle in and the writer is busy with nothing waiting for it, the
+        read waits until it can just be planned before that write ends
+        (:class:`WriteClock`, at most :data:`HOLD_MAX_S`): the next write then carries
+        what arrived during this one, where a read made at its start would leave those
+        changes to the write after."""
         limit, batch_size = self._limit(full=self._backlog), self.applier.settings.batch_size
         with self._cond:
-            gather_until = time.monotonic() + GATHER_S if self._ready else 0.0
+            now = time.monotonic()
+            gather_until = now + GATHER_S if self._ready else 0.0
+            hold_until = now + HOLD_MAX_S
             while True:
                 if self.in_flight.cancelled:
                     raise Abandoned
@@ -389,10 +458,23 @@ class Planner(threading.Thread):
                     or len(self._ready) >= MAX_AHEAD
                     or self._ready_size >= WRITE_BYTES  # large records: one write's bytes
                 )  # once a whole read waits, no read smaller than a whole one
-                wait = gather_until - time.monotonic() if self._ready else 0.0
+                if self._ready:
+                    wait = gather_until - time.monotonic()
+                else:
+                    wait = self._hold_for(hold_until)
                 if not full and wait <= 0:
                     return room
                 self._cond.wait(POLL_S if full else min(POLL_S, wait))
+
+    def _hold_for(self, hold_until: float) -> float:
+        """Seconds to hold the next read back for the write in flight (see
+        :meth:`_wait_room`); 0 or less: read now."""
+        if not self._hold or self._backlog:
+            return 0.0
+        read_at = self._clock.read_at()
+        if read_at is None:
+            return 0.0
+        return min(read_at, hold_until) - time.monotonic()
 
     def _wait_applied(self, item: Item) -> None:
         while not item.done.wait(POLL_S):

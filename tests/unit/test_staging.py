@@ -271,6 +271,48 @@ def test_what_arrives_during_a_write_is_planned_meanwhile_and_written_together(
     assert set(sink.records) == {f"i:{n}" for n in range(1, 7)}
 
 
+def test_while_changes_trickle_in_a_read_waits_for_the_end_of_the_write_in_flight() -> None:
+    # Changes arrive all the time and the writer is busy: a read made as a write begins
+    # would leave what arrives during that write to the write after the next one. Once
+    # writes have been timed, the planner reads shortly before the write in flight ends.
+    per_event_s, size = 0.02, 5
+    source = StreamSource(
+        [
+            [event(n, "insert", n, {"body": str(n)}) for n in range(k, k + size)]
+            for k in range(1, 1 + 8 * size, size)
+        ]
+    )
+    p, log, sink, _store, _, _ = make(source=source)
+    spans: list[tuple[float, float]] = []  # each write's start and end
+    reads: list[float] = []
+    write, read = sink.write, source.read_batch
+
+    def slow(plan: WritePlan) -> None:
+        began = time.monotonic()
+        time.sleep(per_event_s * len(plan.upserts))  # Chroma's time, by the records
+        write(plan)
+        spans.append((began, time.monotonic()))
+
+    def timed(max_events: int, max_wait_s: float) -> Any:
+        if source.next_index < len(source.events):
+            reads.append(time.monotonic())
+        return read(max_events, max_wait_s)
+
+    sink.write = slow
+    source.read_batch = timed  # type: ignore[method-assign]
+    assert run_until(p, checkpointed(p, 8 * size)) is None
+    assert set(sink.records) == {f"i:{n}" for n in range(1, 1 + 8 * size)}
+    assert checkpointed_changes(log) == sorted(set(checkpointed_changes(log)))
+    # From the third write on (the first two timed the writes), the first read made
+    # during a write comes in its second half, not as it begins.
+    into: list[float] = []
+    for began, ended in spans[2:]:
+        during = [t for t in reads if began <= t < ended]
+        if during:
+            into.append((during[0] - began) / (ended - began))
+    assert into and min(into) >= 0.4, (into, spans, reads)
+
+
 def test_small_vectors_are_planned_ahead_and_written_beyond_batch_size() -> None:
     # 8-dimension vectors: one write carries up to Chroma's largest batch (1,000 here),
     # so while batch 1's write is held the planner reads on past batch_size (3), each
