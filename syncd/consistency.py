@@ -444,14 +444,13 @@ def sample_forever(
     pipeline is behind or retrying) report nothing. Meant for a daemon thread.
     """
     store = pipeline.dead_letters
-    parked = getattr(store, "parked", None)
     checker = Checker(
         pipeline.settings,
         source=pipeline.source,
         sink=pipeline.sink,
         mapper=pipeline.mapper,
         database=database,
-        parked=functools.partial(parked, pipeline.settings.name) if parked else None,
+        parked=functools.partial(store.parked, pipeline.settings.name) if store else None,
     )
     rng = random.Random()
     # Spread the first round so several pipelines do not sample at the same instant.

@@ -28,11 +28,14 @@ KEYS_HELD = 100_000  # keys of one pipeline's dead letters kept in memory, at mo
 
 
 class DeadLetters(Protocol):
-    """What applying changes needs of a dead-letter store: park poison, settle what applied."""
+    """What applying changes needs of a dead-letter store: park poison, settle what
+    applied, and say which keys are parked (verify's sampling, while the daemon runs)."""
 
     def put_many(self, pipeline: str, poisoned: Sequence[Poisoned]) -> None: ...
 
     def settle(self, pipeline: str, applied: Sequence[str]) -> int: ...
+
+    def parked(self, pipeline: str, keys: Sequence[str]) -> set[str]: ...
 
 
 class RetryableDeadLetters(Protocol):

@@ -60,6 +60,9 @@ class FakeDLQ:
         self.items = [p for p in self.items if p.change.key not in set(applied)]
         return before - len(self.items)
 
+    def parked(self, pipeline: str, keys: Sequence[str]) -> set[str]:
+        return {p.change.key for p in self.items} & set(keys)
+
 
 class FakeSource:
     """A collection whose current documents the test sets, and a quiet change stream."""

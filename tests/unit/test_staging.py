@@ -147,6 +147,19 @@ def written_before_checkpoint(log: Any, n: int) -> int:
     return sum(writes(log.calls[: log.calls.index(f"checkpoint {Timestamp(T0, n)}")]))
 
 
+def idle_planner(p: Any) -> Planner:
+    """A planner of ``p``'s parts, not started, whose reads find nothing: for tests that
+    hand it items themselves."""
+    return Planner(
+        source=p.source,
+        applier=p.applier,
+        progress=getattr(p, "progress", None),  # type: ignore[arg-type]
+        telemetry=getattr(p, "telemetry", None),  # type: ignore[arg-type]
+        stop=threading.Event(),
+        read=lambda room: Batch([], None),
+    )
+
+
 class GatedSink(MemorySink):
     """Holds the first write until released; records lookups in the shared log."""
 
@@ -389,29 +402,14 @@ def test_how_far_ahead_the_planner_reads(
     sink.max_batch = 5461
     made = None if answered is None else SimpleNamespace(dimensions=answered or None)
     applier = SimpleNamespace(settings=settings, embedder=made, sink=sink)
-    planner = Planner(
-        source=FakeSource(),
-        applier=applier,  # type: ignore[arg-type]
-        progress=None,  # type: ignore[arg-type]
-        telemetry=None,  # type: ignore[arg-type]
-        stop=threading.Event(),
-        read=lambda room: Batch([], None),
-    )
+    planner = idle_planner(SimpleNamespace(source=FakeSource(), applier=applier))
     assert planner.ahead_limit() == expected
 
 
 def test_a_write_does_not_wait_for_vectors_of_reads_planned_behind_it() -> None:
     # An embedding API's answers come in order: a read planned behind the first whose
     # vectors are not back yet ends what the write takes, so the write is not held up.
-    p, _log, _sink, _store, _, _ = make(batch_size=10)
-    planner = Planner(
-        source=p.source,
-        applier=p.applier,
-        progress=p.progress,
-        telemetry=p.telemetry,
-        stop=threading.Event(),
-        read=lambda room: Batch([], None),
-    )
+    planner = idle_planner(make(batch_size=10)[0])
 
     class Vectors:
         def __init__(self, back: bool) -> None:
@@ -444,15 +442,7 @@ def test_a_write_does_not_wait_for_vectors_of_reads_planned_behind_it() -> None:
 def test_a_write_takes_reads_planned_ahead_up_to_its_bytes() -> None:
     # Large texts: what one write carries is bounded by bytes too (Chroma refuses
     # requests over about 40 MB), however many records it may hold.
-    p, _log, _sink, _store, _, _ = make(batch_size=10)
-    planner = Planner(
-        source=p.source,
-        applier=p.applier,
-        progress=p.progress,
-        telemetry=p.telemetry,
-        stop=threading.Event(),
-        read=lambda room: Batch([], None),
-    )
+    planner = idle_planner(make(batch_size=10)[0])
 
     def item(key: int, size: int) -> Item:
         events = [event(key, "insert", key, {"body": "x"})]
@@ -474,15 +464,7 @@ def test_a_write_takes_reads_planned_ahead_up_to_its_bytes() -> None:
 
 def test_a_write_takes_reads_planned_ahead_only_while_they_share_no_key() -> None:
     # Keys already in a write end what it takes: each key's changes stay in stream order.
-    p, _log, _sink, _store, _, _ = make(batch_size=10)
-    planner = Planner(
-        source=p.source,
-        applier=p.applier,
-        progress=p.progress,
-        telemetry=p.telemetry,
-        stop=threading.Event(),
-        read=lambda room: Batch([], None),
-    )
+    planner = idle_planner(make(batch_size=10)[0])
 
     def item(*keys: int, sequential: bool = False) -> Item:
         events = [event(k, "insert", k, {"body": "x"}) for k in keys]
@@ -512,7 +494,7 @@ def test_a_write_takes_reads_planned_ahead_only_while_they_share_no_key() -> Non
     fits, too_many = item(30), item(31)
     planner._put(fits)
     planner._put(too_many)
-    p.applier.sink.max_batch = 10  # one write carries 10 records at most
+    planner.applier.sink.max_batch = 10  # type: ignore[misc]  # one write: 10 records
     assert planner.more(item(*range(20, 29))) == [fits], "10 events at most (one write)"
     assert planner.next(timeout=0) is too_many
 
