@@ -1,5 +1,6 @@
-"""In-memory stand-ins for the sink (syncd.sink) and the checkpoint store
-(syncd.checkpoint.CheckpointStore), shared by the unit tests.
+"""In-memory stand-ins for the sink (syncd.sink), the checkpoint store
+(syncd.checkpoint.CheckpointStore) and the dead-letter store (syncd.deadletter), shared
+by the unit tests.
 
 They behave like the real parts where the tests depend on it: the sink merges metadata
 on upsert and update (``None`` deletes a key), as Chroma does, and pages its scan; the
@@ -16,6 +17,7 @@ from typing import Any
 from syncd.checkpoint import Checkpoint
 from syncd.errors import CheckpointCorruptError, TransientError
 from syncd.identity import ID_KEY
+from syncd.plan import Poisoned
 from syncd.sink import StoredRecord, WritePlan
 
 
@@ -195,3 +197,52 @@ class Waits:
     def wait(self, timeout: float | None = None) -> bool:
         self.clock.now += self.step
         return False
+
+
+class MemoryDeadLetters:
+    """The dead-letter store in a dict: key -> entry, the latest poisoned change of each
+    key in ``items`` (what the pipeline parked), as ``DeadLetters`` and
+    ``RetryableDeadLetters`` need. Parking is logged as ``dead-letter N`` in ``log``."""
+
+    def __init__(self, log: Log | None = None) -> None:
+        self.log = log
+        self.entries: dict[str, dict[str, Any]] = {}
+        self._poisoned: dict[str, Poisoned] = {}
+
+    @property
+    def items(self) -> list[Poisoned]:
+        return list(self._poisoned.values())
+
+    def put_many(self, pipeline: str, poisoned: Sequence[Poisoned]) -> None:
+        if self.log is not None:
+            self.log.calls.append(f"dead-letter {len(poisoned)}")
+        for p in poisoned:
+            self._poisoned[p.change.key] = p
+            entry = self.entries.setdefault(p.change.key, {"attempts": 0})
+            entry.update(
+                key=p.change.key,
+                collection=p.change.collection,
+                source_id=p.change.source_id,
+                operation=p.change.operation,
+                message=p.error.message,
+            )
+            entry["attempts"] += 1
+
+    def settle(self, pipeline: str, applied: Sequence[str]) -> int:
+        return self.remove(pipeline, applied)
+
+    def parked(self, pipeline: str, keys: Sequence[str]) -> set[str]:
+        return set(keys) & set(self.entries)
+
+    def list(self, pipeline: str, *, limit: int = 0) -> Iterator[dict[str, Any]]:
+        yield from list(self.entries.values())
+
+    def get(self, pipeline: str, key: str) -> dict[str, Any] | None:
+        return self.entries.get(key)
+
+    def remove(self, pipeline: str, keys: Sequence[str]) -> int:
+        self._poisoned = {k: p for k, p in self._poisoned.items() if k not in set(keys)}
+        return sum(self.entries.pop(k, None) is not None for k in keys)
+
+    def count(self, pipeline: str) -> int:
+        return len(self.entries)

@@ -24,13 +24,12 @@ from syncd.errors import ConfigError, ConsistencyError, MappingError
 from syncd.identity import ID_KEY
 from syncd.mapping import Mapper
 from syncd.pipeline import Pipeline
-from syncd.plan import Poisoned
 from syncd.sink import WritePlan
 from syncd.source import Batch, id_key
 from syncd.telemetry import Telemetry
 from syncd.tokens import encode_high_water_mark
 from syncd.waiting import covers, parse_after, target_time
-from tests.doubles import MemorySink, MemoryStore
+from tests.doubles import MemoryDeadLetters, MemorySink, MemoryStore
 
 # --- doubles -------------------------------------------------------------------------
 
@@ -62,35 +61,6 @@ class MemorySource:
 
     def close(self) -> None:
         pass
-
-
-class MemoryDeadLetters:
-    def __init__(self) -> None:
-        self.entries: dict[str, dict[str, Any]] = {}
-
-    def put_many(self, pipeline: str, poisoned: Sequence[Poisoned]) -> None:
-        for p in poisoned:
-            entry = self.entries.setdefault(p.change.key, {"attempts": 0})
-            entry.update(
-                key=p.change.key,
-                collection=p.change.collection,
-                source_id=p.change.source_id,
-                operation=p.change.operation,
-                message=p.error.message,
-            )
-            entry["attempts"] += 1
-
-    def list(self, pipeline: str, *, limit: int = 0) -> Iterator[dict[str, Any]]:
-        yield from list(self.entries.values())
-
-    def get(self, pipeline: str, key: str) -> dict[str, Any] | None:
-        return self.entries.get(key)
-
-    def remove(self, pipeline: str, keys: Sequence[str]) -> int:
-        return sum(self.entries.pop(k, None) is not None for k in keys)
-
-    def count(self, pipeline: str) -> int:
-        return len(self.entries)
 
 
 # --- fixtures ------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from syncd.mapping import Mapper
 from syncd.pipeline import Pipeline
 from syncd.source import Batch, Position, id_key
 from syncd.telemetry import Telemetry
-from tests.doubles import Log, MemorySink, MemoryStore
+from tests.doubles import Log, MemoryDeadLetters, MemorySink, MemoryStore
 from tests.standin import tokens as standin_tokens
 
 T0 = 1_700_000_000
@@ -44,24 +44,6 @@ def event(n: int, op: str, _id: Any, doc: dict[str, Any] | None = None) -> dict[
     if op != "delete":
         ev["fullDocument"] = {"_id": _id, **(doc or {})}
     return ev
-
-
-class FakeDLQ:
-    def __init__(self, log: Log) -> None:
-        self.log = log
-        self.items: list[Any] = []
-
-    def put_many(self, pipeline: str, poisoned: Sequence[Any]) -> None:
-        self.log.calls.append(f"dead-letter {len(poisoned)}")
-        self.items.extend(poisoned)
-
-    def settle(self, pipeline: str, applied: Sequence[str]) -> int:
-        before = len(self.items)
-        self.items = [p for p in self.items if p.change.key not in set(applied)]
-        return before - len(self.items)
-
-    def parked(self, pipeline: str, keys: Sequence[str]) -> set[str]:
-        return {p.change.key for p in self.items} & set(keys)
 
 
 class FakeSource:
@@ -134,7 +116,8 @@ def make(
         }
     )
     log = Log()
-    sink, store, dlq, emb = MemorySink(log), MemoryStore(log), FakeDLQ(log), CountingEmbedder()
+    sink, store, emb = MemorySink(log), MemoryStore(log), CountingEmbedder()
+    dlq = MemoryDeadLetters(log)
     pipeline = Pipeline(
         settings,
         source=source or FakeSource(),

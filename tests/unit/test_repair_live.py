@@ -13,9 +13,8 @@ from typing import Any
 from syncd import plan as planning
 from syncd import repair as repair_mod
 from syncd.sink import WritePlan
-from tests.doubles import MemorySink
+from tests.doubles import MemoryDeadLetters, MemorySink
 from tests.unit.test_consistency import (
-    MemoryDeadLetters,
     _changes,
     _event,
     docs_of,
