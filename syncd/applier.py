@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
@@ -27,7 +27,7 @@ from syncd import plan as planning
 from syncd.config import PipelineSettings
 from syncd.deadletter import DeadLetters
 from syncd.embedder import Embedder
-from syncd.errors import SourceFatalError
+from syncd.errors import SinkRejectedError, SourceFatalError
 from syncd.mapping import Mapper
 from syncd.sink import Sink, WritePlan, check_written
 from syncd.telemetry import PipelineTelemetry
@@ -235,7 +235,7 @@ class Applier:
         """
         result = planned.result
         with self.telemetry.stage("write"):
-            self.sink.write(result.plan)
+            self._write_refusing(planned)
         if self.settings.consistency == "strong":
             with self.telemetry.stage("readback"):
                 self.read_back(result.plan)
@@ -245,6 +245,40 @@ class Applier:
             self.telemetry.applied(operation, n)
             if counts is not None:
                 counts[operation] = counts.get(operation, 0) + n
+
+    def _write_refusing(self, planned: Planned) -> None:
+        """Write the plan. A record Chroma refuses alone (too large even for a request of
+        its own, or its content) is poison for its document: the rest of the plan is
+        written without it; under dead-lettering its records are removed and it joins
+        the plan's poisoned (the caller parks it), else the refusal is raised, naming
+        the document, once the rest is written (the halt keeps its old records)."""
+        result = planned.result
+        refused: list[planning.Poisoned] = []
+        while True:
+            try:
+                self.sink.write(result.plan)
+                break
+            except SinkRejectedError as exc:
+                change = _refused_change(planned.changes, exc)
+                if change is None or any(p.change.key == change.key for p in refused):
+                    raise
+                exc.document_id = change.source_id
+                exc.namespace = f"{self.settings.database}.{change.collection}"
+                refused.append(planning.Poisoned(change, exc))
+                stored = self.sink.existing([change.key]) if self.dead_lettering else {}
+                result.plan = _without_document(result.plan, change.key, stored)
+        if not refused:
+            return
+        log.warning(
+            "Chroma refused the records of %d document(s), e.g. _id %r: %s",
+            len(refused), refused[0].change.source_id, refused[0].error.message,
+            extra=_extra(self.settings),
+        )  # fmt: skip
+        if not self.dead_lettering:
+            raise refused[0].error
+        keys = {p.change.key for p in refused}
+        result.poisoned.extend(refused)
+        result.keys_written = [key for key in result.keys_written if key not in keys]
 
     def _build(
         self,
@@ -286,6 +320,30 @@ class Applier:
                     "removed %d dead letter(s): their documents were applied since",
                     settled, extra=_extra(self.settings),
                 )  # fmt: skip
+
+
+def _refused_change(
+    changes: Sequence[planning.Change], exc: SinkRejectedError
+) -> planning.Change | None:
+    """The change whose record Chroma refused alone, if it is one of ``changes``."""
+    if exc.record_id is None:
+        return None
+    key = identity.base_id(exc.record_id)
+    return next((change for change in changes if change.key == key), None)
+
+
+def _without_document(
+    plan: WritePlan, key: str, stored: Mapping[str, Mapping[str, Any]]
+) -> WritePlan:
+    """``plan`` without what it writes or deletes of document ``key``; ``stored``: the
+    records it has in Chroma, to delete instead."""
+    deletes = [rid for rid in plan.deletes if identity.base_id(rid) != key]
+    deletes.extend(stored.get(key, {}))
+    return WritePlan(
+        upserts=[u for u in plan.upserts if identity.base_id(u.id) != key],
+        updates=[u for u in plan.updates if identity.base_id(u.id) != key],
+        deletes=deletes,
+    )
 
 
 def _extra(settings: PipelineSettings) -> dict[str, Any]:

@@ -229,7 +229,10 @@ class EmbeddingRejectedError(PoisonError):
 
 
 class SinkRejectedError(PoisonError):
-    """Chroma refused a record's content (e.g. a metadata value)."""
+    """Chroma refused a record's content (e.g. a metadata value), or a write too large.
+    ``record_id``: the record, when Chroma refused a request holding only that one."""
+
+    record_id: str | None = None
 
 
 class ConsistencyError(TransientError):

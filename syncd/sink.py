@@ -376,9 +376,10 @@ class ChromaSink:
         args: Callable[[Sequence[RecordT]], dict[str, Any]],
         size: Callable[[RecordT], int],
     ) -> None:
-        """Write ``part``; in two halves if Chroma (or a proxy) refuses it as too large,
-        or if it is large (:data:`SLOW_SPLIT_BYTES`) and not answered within
-        ``chroma.timeout_s``, down to single records, which fail as any write does.
+        """Write ``part``; in two halves if Chroma (or a proxy) refuses it, or if it is
+        large (:data:`SLOW_SPLIT_BYTES`) and not answered within ``chroma.timeout_s``,
+        down to single records. A record refused alone raises with its ``record_id``,
+        so the caller knows whose document is poison (the halves before it are written).
 
         A request that was not answered may still be applied after its halves. It holds
         the same records as they do, so the outcome is the same either way; as with any
@@ -388,9 +389,15 @@ class ChromaSink:
             self._call(method, **args(part))
             return
         except SinkRejectedError as exc:
-            if len(part) < 2 or not too_large(exc):
+            if len(part) < 2:
+                if part:
+                    exc.record_id = getattr(part[0], "id", None)
                 raise
-            why = "refused a write of %d records as too large"
+            why = (
+                "refused a write of %d records as too large"
+                if too_large(exc)
+                else "refused a write of %d records; finding the record it refuses"
+            )
         except SinkUnavailableError as exc:
             if len(part) < 2 or not slow_answer(exc) or sum(map(size, part)) < SLOW_SPLIT_BYTES:
                 raise

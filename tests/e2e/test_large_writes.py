@@ -9,6 +9,7 @@ valid: they must all reach Chroma, and nothing may halt or be dead-lettered.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from pathlib import Path
@@ -19,11 +20,13 @@ from pymongo import MongoClient
 
 from syncd import sink as sinks
 from syncd.config import ChromaSettings
-from syncd.errors import ExitCode, SinkUnavailableError
+from syncd.errors import ExitCode, SinkRejectedError, SinkUnavailableError
 from syncd.sink import ChromaSink, Upsert, WritePlan, make_client
+from tests.harness.body_limit import BodyLimitProxy
+from tests.harness.daemon import run_syncd
 
 from . import oracle
-from .helpers import settings_of, wait_caught_up, write_config
+from .helpers import settings_of, wait_caught_up, wait_until, write_config
 
 BODY_CHARS = 40_000  # 1,200 documents: 48 MB of text, in a page of 5,461 (4-d vectors)
 DOCS = 1_200
@@ -155,3 +158,96 @@ def test_a_small_write_not_answered_in_time_is_not_split(
         sink.write(plan)
     proxy.release()
     assert calls == [4]
+
+
+def test_a_record_refused_even_alone_is_named(chroma_server: Any) -> None:
+    # A proxy in front of Chroma may refuse a request holding one large record: halving
+    # ends at that record, the records before it are written, and the refusal names it
+    # (the pipeline then halts at, or dead-letters, its document: tests/unit/test_pipeline.py).
+    name = f"refused-{uuid.uuid4().hex[:8]}"
+    sink = ChromaSink(chroma_server.client, name)
+    plan = WritePlan(
+        upserts=[Upsert(f"i:{i}", f"text {i}", {"n": i}, [1.0, 0, 0, i]) for i in range(8)]
+    )
+    original = sink._call
+
+    def proxy_limit(method: str, **kwargs: Any) -> Any:
+        if method == "upsert" and "i:5" in kwargs["ids"]:
+            raise SinkRejectedError("Chroma rejected the write: HTTP 413 (Payload too large)")
+        return original(method, **kwargs)
+
+    sink._call = proxy_limit  # type: ignore[method-assign]
+    with pytest.raises(SinkRejectedError) as raised:
+        sink.write(plan)
+    assert raised.value.record_id == "i:5"
+    assert sorted(r.id for r in sink.get([u.id for u in plan.upserts])) == [
+        f"i:{i}" for i in range(5)
+    ]
+    chroma_server.client().delete_collection(name)
+
+
+@pytest.mark.parametrize("on_error", ["dead_letter", "halt"])
+@pytest.mark.timeout(240)
+def test_a_document_too_large_for_a_proxy_in_front_of_chroma_is_poison_for_itself_only(
+    tmp_path: Path, mongo_uri: str, chroma_server: Any, syncd_factory: Any, on_error: str
+) -> None:
+    # A proxy that takes bodies of 2 MB at most: a 3 MB text cannot reach Chroma even
+    # in a request of its own. That document is poison (README, Poison); the others are
+    # mirrored. Dead-lettered: parked, streaming goes on. Halted: the halt names the
+    # document, and fixing it lifts the halt by itself (halt_recheck_s).
+    proxy = BodyLimitProxy(chroma_server.host, chroma_server.port, 2_000_000)
+    db, coll = f"limit_{uuid.uuid4().hex[:8]}", f"limit-{uuid.uuid4().hex[:8]}"
+    client: MongoClient[Any] = MongoClient(mongo_uri)
+    try:
+        docs = client[db]["docs"]
+        docs.insert_many([oracle.document(k) for k in range(3)])
+        table = oracle.pipeline(
+            "lim", db, chroma_collection=coll, on_error=on_error, halt_recheck_s=1.0,
+            mapping={"max_text_chars": 5_000_000},
+        )  # fmt: skip
+        cfg = write_config(
+            tmp_path / "syncd.toml",
+            mongo_uri=mongo_uri,
+            chroma={"mode": "http", "host": "127.0.0.1", "port": proxy.port},
+            checkpoint_db=f"{db}_syncd",
+            pipelines=[table],
+            extra={"telemetry": {"listen": ""}},
+        )
+        settings = settings_of(cfg)
+        daemon = syncd_factory(["run"], cfg)
+        wait_caught_up(client, db, settings, "lim", 60, "the first snapshot")
+        huge = {**oracle.document("huge"), "body": "huge " + "z" * 3_000_000}
+        docs.insert_one(huge)
+        docs.insert_many([oracle.document(k) for k in range(3, 6)])
+        stored = chroma_server.client().get_collection(coll, embedding_function=None)
+        letters = client[f"{db}_syncd"]["dead_letters"]
+        if on_error == "dead_letter":
+            wait_caught_up(client, db, settings, "lim", 90, "streaming past the large document")
+            assert [e["key"] for e in letters.find({}, {"key": 1})] == ["s:huge"]
+            problem = oracle.mismatch(docs.find({"_id": {"$ne": "huge"}}), stored)
+            assert not problem, problem
+        else:
+            status = wait_until(lambda: _halted_row(cfg), 90, "the halt at the large document")
+            assert status["halt"]["document_id"] == "'huge'", status
+            assert letters.count_documents({}) == 0
+            docs.update_one({"_id": "huge"}, {"$set": {"body": "small now"}})
+            wait_caught_up(client, db, settings, "lim", 90, "the halt to lift by itself")
+            problem = oracle.mismatch(docs.find(), stored)
+            assert not problem, problem
+        assert proxy.refused >= 1
+        assert daemon.is_running(), daemon.output()[-3000:]
+        assert "Traceback" not in daemon.output()
+        daemon.terminate()
+        assert daemon.wait(60) == ExitCode.OK, daemon.output()[-3000:]
+    finally:
+        proxy.close()
+        client.drop_database(db)
+        client.drop_database(f"{db}_syncd")
+        client.close()
+
+
+def _halted_row(cfg: Path) -> dict[str, Any] | None:
+    done = run_syncd(["status", "--json"], cfg)
+    rows = {row["pipeline"]: row for row in json.loads(done.stdout)}
+    row = rows.get("lim")
+    return row if row is not None and row.get("state") == "halted" and row.get("halt") else None

@@ -12,10 +12,17 @@ from bson.timestamp import Timestamp
 from syncd.checkpoint import Checkpoint
 from syncd.config import PipelineSettings
 from syncd.embedder import HashingEmbedder
-from syncd.errors import ConsistencyError, HaltedError, SinkLostError, TransientError
+from syncd.errors import (
+    ConsistencyError,
+    HaltedError,
+    SinkLostError,
+    SinkRejectedError,
+    TransientError,
+)
 from syncd.identity import ID_KEY
 from syncd.mapping import Mapper
 from syncd.pipeline import Pipeline
+from syncd.sink import WritePlan
 from syncd.source import Batch, Position, id_key
 from syncd.telemetry import Telemetry
 from tests.doubles import Log, MemoryDeadLetters, MemorySink, MemoryStore
@@ -358,3 +365,72 @@ def test_on_sink_lost_resnapshot_starts_a_snapshot_into_the_new_collection() -> 
     assert cp.phase == "snapshot" and store.saved[-1] is cp and cp.counts == {"insert": 3}
     p._open_sink(cp)  # reaching Chroma: the new snapshot names the collection it fills
     assert cp.chroma_collection_id == "coll-2"
+
+
+class RefusingSink(MemorySink):
+    """Refuses the records in ``refused`` as ChromaSink does once it has split a write
+    down to one record: what comes before is written, the refusal names the record."""
+
+    def __init__(self, log: Log, refused: set[str]) -> None:
+        super().__init__(log)
+        self.refused = refused
+
+    def write(self, plan: WritePlan) -> None:
+        for index, upsert in enumerate(plan.upserts):
+            if upsert.id in self.refused:
+                super().write(WritePlan(upserts=plan.upserts[:index]))
+                exc = SinkRejectedError("Chroma rejected the write: HTTP 413 (Payload too large)")
+                exc.record_id = upsert.id
+                raise exc
+        super().write(plan)
+
+
+def refusing(on_error: str, refused: set[str]) -> tuple[Any, ...]:
+    p, log, _sink, store, dlq, emb = make(on_error=on_error)
+    sink = RefusingSink(log, refused)
+    sink.records["i:2"] = {"document": "old", "metadata": {ID_KEY: "i:2"}, "embedding": [0.0]}
+    p.applier.sink = p.progress.sink = sink
+    return p, log, sink, store, dlq, emb
+
+
+def three_inserts() -> Batch:
+    return Batch([event(n, "insert", n, {"body": f"text {n}"}) for n in (1, 2, 3)], token(3))
+
+
+def test_a_record_chroma_refuses_alone_is_dead_lettered_and_the_rest_written() -> None:
+    # Chroma (or a proxy in front of it) refuses one document's record even alone: that
+    # document is poison, parked with its records removed; the others are written.
+    p, log, sink, store, dlq, _ = refusing("dead_letter", {"i:2"})
+    p.process(three_inserts())
+    assert set(sink.records) == {"i:1", "i:3"}, "i:2's old record is removed"
+    assert [(i.change.source_id, type(i.error).__name__) for i in dlq.items] == [
+        (2, "SinkRejectedError")
+    ]
+    assert dlq.items[0].error.document_id == 2
+    assert log.calls.index("dead-letter 1") < log.calls.index(f"checkpoint {Timestamp(T0, 3)}")
+    assert store.saved[-1].cluster_time == Timestamp(T0, 3)
+
+
+def test_a_record_chroma_refuses_alone_halts_at_its_document() -> None:
+    # Under on_error = "halt" the halt names the document (so a fix of it, or
+    # dead_letter and a restart, can lift it); the rest is written, the old record kept.
+    p, _log, sink, store, dlq, _ = refusing("halt", {"i:2"})
+    with pytest.raises(SinkRejectedError) as raised:
+        p.process(three_inserts())
+    assert raised.value.document_id == 2 and raised.value.namespace == "app.docs"
+    assert sink.records["i:2"]["document"] == "old"
+    assert {"i:1", "i:3"} <= set(sink.records)
+    assert store.saved == [] and dlq.items == []
+
+
+def test_a_refusal_of_no_single_record_is_raised_as_it_was() -> None:
+    p, _log, sink, store, _, _ = refusing("dead_letter", set())
+
+    def refuse_all(plan: WritePlan) -> None:
+        raise SinkRejectedError("Chroma rejected the write: HTTP 400")
+
+    sink.write = refuse_all
+    with pytest.raises(SinkRejectedError) as raised:
+        p.process(three_inserts())
+    assert raised.value.document_id is None
+    assert store.saved == []
