@@ -136,7 +136,7 @@ class Applier:
         planned = self.plan(changes, write_if_poisoned=write_if_poisoned, lookup=lookup)
         if planned.poisoned and not write_if_poisoned:
             return planned.result
-        self.write(planned, counts=counts)
+        self.write(planned, counts=counts, refused_as_poison=write_if_poisoned)
         return planned.result
 
     def plan(
@@ -228,14 +228,24 @@ class Applier:
             self.telemetry.embedded(result.embedded)
         return Planned(list(changes), result)
 
-    def write(self, planned: Planned, *, counts: dict[str, int] | None = None) -> None:
+    def write(
+        self,
+        planned: Planned,
+        *,
+        counts: dict[str, int] | None = None,
+        refused_as_poison: bool | None = None,
+    ) -> None:
         """Write a plan, read it back under ``consistency = "strong"``, settle dead letters.
 
-        ``counts`` (the checkpoint's, by operation) counts the changes applied.
+        ``counts`` (the checkpoint's, by operation) counts the changes applied. A record
+        Chroma refuses alone joins the plan's poisoned with ``refused_as_poison`` (by
+        default under dead-lettering), else it is raised (:meth:`_write_refusing`).
         """
         result = planned.result
+        if refused_as_poison is None:
+            refused_as_poison = self.dead_lettering
         with self.telemetry.stage("write"):
-            self._write_refusing(planned)
+            self._write_refusing(planned, refused_as_poison)
         if self.settings.consistency == "strong":
             with self.telemetry.stage("readback"):
                 self.read_back(result.plan)
@@ -246,12 +256,13 @@ class Applier:
             if counts is not None:
                 counts[operation] = counts.get(operation, 0) + n
 
-    def _write_refusing(self, planned: Planned) -> None:
+    def _write_refusing(self, planned: Planned, as_poison: bool) -> None:
         """Write the plan. A record Chroma refuses alone (too large even for a request of
         its own, or its content) is poison for its document: the rest of the plan is
-        written without it; under dead-lettering its records are removed and it joins
-        the plan's poisoned (the caller parks it), else the refusal is raised, naming
-        the document, once the rest is written (the halt keeps its old records)."""
+        written without it. With ``as_poison`` it joins the plan's poisoned (the caller
+        parks it, or reports it), else the refusal is raised once the rest is written,
+        naming the document (a halt). Under dead-lettering its records are removed; else
+        they are kept, as a halted pipeline keeps a poison document's old records."""
         result = planned.result
         refused: list[planning.Poisoned] = []
         while True:
@@ -274,7 +285,7 @@ class Applier:
             len(refused), refused[0].change.source_id, refused[0].error.message,
             extra=_extra(self.settings),
         )  # fmt: skip
-        if not self.dead_lettering:
+        if not as_poison:
             raise refused[0].error
         keys = {p.change.key for p in refused}
         result.poisoned.extend(refused)

@@ -22,6 +22,7 @@ from syncd.errors import (
 from syncd.identity import ID_KEY
 from syncd.mapping import Mapper
 from syncd.pipeline import Pipeline
+from syncd.plan import coalesce
 from syncd.sink import WritePlan
 from syncd.source import Batch, Position, id_key
 from syncd.telemetry import Telemetry
@@ -434,3 +435,17 @@ def test_a_refusal_of_no_single_record_is_raised_as_it_was() -> None:
         p.process(three_inserts())
     assert raised.value.document_id is None
     assert store.saved == []
+
+
+@pytest.mark.parametrize("on_error", ["halt", "dead_letter"])
+def test_repair_and_dlq_retry_get_a_refused_record_back_as_poison(on_error: str) -> None:
+    # write_changes (repair, dlq retry) reports what cannot be applied instead of
+    # raising: the refused document is counted as poison, the others are applied; its
+    # old record is removed only under dead_letter, as the pipeline itself does.
+    p, _log, sink, _store, _, _ = refusing(on_error, {"i:2"})
+    result = p.write_changes(coalesce(three_inserts().events, prefixed=False))
+    assert [x.change.key for x in result.poisoned] == ["i:2"]
+    assert result.poisoned[0].error.document_id == 2
+    assert {"i:1", "i:3"} <= set(sink.records)
+    assert ("i:2" in sink.records) is (on_error == "halt")
+    assert "i:2" not in result.keys_written
