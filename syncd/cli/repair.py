@@ -109,7 +109,8 @@ def _print(data: dict[str, Any], *, verbose: bool) -> None:
         print("  --verbose lists the ids")
     if failed["count"]:
         print(
-            f"{failed['count']} document(s) cannot be mapped and were not repaired, "
+            f"{failed['count']} document(s) cannot be applied (they cannot be mapped, or "
+            "the embedding API or Chroma refuses them) and were not repaired, "
             f"e.g. {', '.join(failed['sample'][:5])}; see "
             f"`{hints.command('dlq', 'list', data['found']['pipeline'])}` and "
             f"`{hints.command('explain', data['found']['pipeline'], 'ID')}`"
