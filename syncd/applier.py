@@ -262,7 +262,8 @@ class Applier:
         written without it. With ``as_poison`` it joins the plan's poisoned (the caller
         parks it, or reports it), else the refusal is raised once the rest is written,
         naming the document (a halt). Under dead-lettering its records are removed; else
-        they are kept, as a halted pipeline keeps a poison document's old records."""
+        they are kept, as a halted pipeline keeps a poison document's old records, unless
+        the plan had other records of it (chunks), which may have been written."""
         result = planned.result
         refused: list[planning.Poisoned] = []
         while True:
@@ -276,7 +277,15 @@ class Applier:
                 exc.document_id = change.source_id
                 exc.namespace = f"{self.settings.database}.{change.collection}"
                 refused.append(planning.Poisoned(change, exc))
-                stored = self.sink.existing([change.key]) if self.dead_lettering else {}
+                # Other records of the document (chunks) may have gone out in the halves
+                # before the refused one: a document half new, half old must not stay
+                # searchable, so its records go whatever on_error says.
+                ids = [u.id for u in result.plan.upserts] + [u.id for u in result.plan.updates]
+                partial = any(
+                    identity.base_id(rid) == change.key and rid != exc.record_id for rid in ids
+                )
+                remove = self.dead_lettering or partial
+                stored = self.sink.existing([change.key]) if remove else {}
                 result.plan = _without_document(result.plan, change.key, stored)
         if not refused:
             return

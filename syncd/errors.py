@@ -612,6 +612,11 @@ def _not_chroma(root: BaseException) -> bool:
 
 
 def _sink_hint(root: BaseException) -> str | None:
+    if too_large(root):
+        return (
+            "Chroma, or a proxy in front of it, refused the request as too large: raise "
+            "the proxy's request body limit (e.g. nginx's client_max_body_size)"
+        )
     if _not_chroma(root):
         return (
             "the server at chroma.host:chroma.port does not answer like a Chroma server; "

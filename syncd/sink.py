@@ -58,6 +58,9 @@ BYTES_PER_RECORD = 64  # the id's and the fields' framing
 # is sent again in halves: large texts (Chroma indexes every word) can take a server
 # longer than the client waits, and sending the same request again would never end.
 SLOW_SPLIT_BYTES = 1024 * 1024
+# A record smaller than this refused alone as too large says the limit is wrong, not the
+# record: poison is about one document's content, so it is retried as an outage instead.
+SMALL_RECORD_BYTES = 64 * 1024
 
 
 def write_size(dimensions: int | None, max_batch: int, least: int) -> int:
@@ -390,6 +393,8 @@ class ChromaSink:
             return
         except SinkRejectedError as exc:
             if len(part) < 2:
+                if part and too_large(exc) and size(part[0]) < SMALL_RECORD_BYTES:
+                    raise self._limit_too_low(size(part[0])) from exc
                 if part:
                     exc.record_id = getattr(part[0], "id", None)
                 raise
@@ -410,6 +415,19 @@ class ChromaSink:
         half = len(part) // 2
         self._send(method, part[:half], args, size)
         self._send(method, part[half:], args, size)
+
+    def _limit_too_low(self, size: int) -> SinkUnavailableError:
+        """A request of one small record refused as too large: no document is at fault,
+        but a body limit (a proxy in front of Chroma) set far too low. Retried as an
+        outage, so a misconfiguration does not dead-letter every document that changes."""
+        return SinkUnavailableError(
+            f"Chroma (or a proxy in front of it) refused a request of one record, about "
+            f"{size:,} bytes, as too large",
+            hint="raise the request body limit of the proxy in front of Chroma (e.g. "
+            "nginx's client_max_body_size) to at least 10 MB; a running syncd retries "
+            "by itself",
+            namespace=f"chroma:{self.name}",
+        )
 
     def get(self, ids: Sequence[str], *, include_embeddings: bool = False) -> list[StoredRecord]:
         include = ["metadatas", "documents"] + (["embeddings"] if include_embeddings else [])

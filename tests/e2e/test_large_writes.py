@@ -166,8 +166,12 @@ def test_a_record_refused_even_alone_is_named(chroma_server: Any) -> None:
     # (the pipeline then halts at, or dead-letters, its document: tests/unit/test_pipeline.py).
     name = f"refused-{uuid.uuid4().hex[:8]}"
     sink = ChromaSink(chroma_server.client, name)
+    big = "b" * 200_000  # a record a proxy may well refuse: not a misconfigured limit
     plan = WritePlan(
-        upserts=[Upsert(f"i:{i}", f"text {i}", {"n": i}, [1.0, 0, 0, i]) for i in range(8)]
+        upserts=[
+            Upsert(f"i:{i}", f"text {i} {big if i == 5 else ''}", {"n": i}, [1.0, 0, 0, i])
+            for i in range(8)
+        ]
     )
     original = sink._call
 
@@ -251,3 +255,88 @@ def _halted_row(cfg: Path) -> dict[str, Any] | None:
     rows = {row["pipeline"]: row for row in json.loads(done.stdout)}
     row = rows.get("lim")
     return row if row is not None and row.get("state") == "halted" and row.get("halt") else None
+
+
+@pytest.mark.timeout(240)
+def test_a_proxy_limit_below_any_record_is_an_outage_not_poison(
+    tmp_path: Path, mongo_uri: str, chroma_server: Any, syncd_factory: Any
+) -> None:
+    # A proxy that refuses every write, however small (a misconfigured body limit), is
+    # not about any document: under dead_letter nothing is parked and no record removed;
+    # the pipeline retries, says so, and catches up once the limit is raised as the hint
+    # says.
+    proxy = BodyLimitProxy(chroma_server.host, chroma_server.port, 50_000_000)
+    db, coll = f"lowlim_{uuid.uuid4().hex[:8]}", f"lowlim-{uuid.uuid4().hex[:8]}"
+    client: MongoClient[Any] = MongoClient(mongo_uri)
+    try:
+        docs = client[db]["docs"]
+        docs.insert_many([oracle.document(k) for k in range(3)])
+        cfg = write_config(
+            tmp_path / "syncd.toml",
+            mongo_uri=mongo_uri,
+            chroma={"mode": "http", "host": "127.0.0.1", "port": proxy.port},
+            checkpoint_db=f"{db}_syncd",
+            pipelines=[oracle.pipeline("low", db, chroma_collection=coll, on_error="dead_letter")],
+            extra={"telemetry": {"listen": ""}},
+        )
+        settings = settings_of(cfg)
+        daemon = syncd_factory(["run"], cfg)
+        wait_caught_up(client, db, settings, "low", 60, "the first snapshot")
+        proxy.limit = 1_000  # lookups (small reads) pass; no write of these records does
+        docs.update_one({"_id": 1}, {"$set": {"body": "changed behind a bad proxy " * 100}})
+        docs.insert_one({**oracle.document(3), "body": "new behind a bad proxy " * 100})
+        row = wait_until(lambda: _row_in(cfg, "low", "retrying"), 60, "the pipeline to retry")
+        assert "client_max_body_size" in row["last_error"]["hint"], row
+        letters = client[f"{db}_syncd"]["dead_letters"]
+        assert letters.count_documents({}) == 0
+        stored = chroma_server.client().get_collection(coll, embedding_function=None)
+        assert len(stored.get()["ids"]) == 3, "no record removed"
+        proxy.limit = 10_000_000  # as the hint says
+        wait_caught_up(client, db, settings, "low", 90, "catching up once the limit is raised")
+        problem = oracle.mismatch(docs.find(), stored)
+        assert not problem, problem
+        assert letters.count_documents({}) == 0
+        assert daemon.is_running(), daemon.output()[-3000:]
+    finally:
+        proxy.close()
+        client.drop_database(db)
+        client.drop_database(f"{db}_syncd")
+        client.close()
+
+
+def test_verify_behind_a_proxy_that_refuses_its_reads_says_so(
+    tmp_path: Path, mongo_uri: str, chroma_server: Any
+) -> None:
+    proxy = BodyLimitProxy(chroma_server.host, chroma_server.port, 10)
+    db, coll = f"vlim_{uuid.uuid4().hex[:8]}", f"vlim-{uuid.uuid4().hex[:8]}"
+    client: MongoClient[Any] = MongoClient(mongo_uri)
+    try:
+        client[db]["docs"].insert_many([oracle.document(k) for k in range(3)])
+        chroma_server.client().create_collection(coll, embedding_function=None)
+        cfg = write_config(
+            tmp_path / "syncd.toml",
+            mongo_uri=mongo_uri,
+            chroma={"mode": "http", "host": "127.0.0.1", "port": proxy.port},
+            checkpoint_db=f"{db}_syncd",
+            pipelines=[oracle.pipeline("vl", db, chroma_collection=coll)],
+        )
+        done = run_syncd(["verify", "vl"], cfg)
+        assert done.returncode == ExitCode.SINK, done.stdout + done.stderr
+        assert "request body limit" in done.stderr and "Traceback" not in done.stderr
+        assert "does not answer like a Chroma server" not in done.stderr
+        proxy.limit = 10_000_000  # the hint followed: verify runs (and finds drift)
+        done = run_syncd(["verify", "vl"], cfg)
+        assert done.returncode == ExitCode.DRIFT_OR_FAILURE, done.stdout + done.stderr
+        assert "missing" in done.stdout
+    finally:
+        proxy.close()
+        client.drop_database(db)
+        client.drop_database(f"{db}_syncd")
+        client.close()
+
+
+def _row_in(cfg: Path, name: str, state: str) -> dict[str, Any] | None:
+    done = run_syncd(["status", "--json"], cfg)
+    rows = {row["pipeline"]: row for row in json.loads(done.stdout)}
+    row = rows.get(name)
+    return row if row is not None and row.get("state") == state else None

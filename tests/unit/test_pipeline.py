@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from bson.timestamp import Timestamp
 
+from syncd.applier import Planned
 from syncd.checkpoint import Checkpoint
 from syncd.config import PipelineSettings
 from syncd.embedder import HashingEmbedder
@@ -22,8 +23,8 @@ from syncd.errors import (
 from syncd.identity import ID_KEY
 from syncd.mapping import Mapper
 from syncd.pipeline import Pipeline
-from syncd.plan import coalesce
-from syncd.sink import WritePlan
+from syncd.plan import PlanResult, coalesce
+from syncd.sink import Upsert, WritePlan
 from syncd.source import Batch, Position, id_key
 from syncd.telemetry import Telemetry
 from tests.doubles import Log, MemoryDeadLetters, MemorySink, MemoryStore
@@ -449,3 +450,20 @@ def test_repair_and_dlq_retry_get_a_refused_record_back_as_poison(on_error: str)
     assert {"i:1", "i:3"} <= set(sink.records)
     assert ("i:2" in sink.records) is (on_error == "halt")
     assert "i:2" not in result.keys_written
+
+
+def test_a_chunk_refused_after_another_was_taken_removes_the_document_under_halt() -> None:
+    # Chroma took chunk #0 of the new text and refused #1: the document is half new,
+    # half old. Even under halt (which keeps a poison document's old records) its
+    # records go: a mix of two versions must not be searchable while the halt holds.
+    p, _log, sink, _store, _, _ = refusing("halt", {"i:2#1"})
+    for rid, text in (("i:2#0", "old 0"), ("i:2#1", "old 1"), ("i:2#2", "old 2")):
+        sink.records[rid] = {"document": text, "metadata": {ID_KEY: "i:2"}, "embedding": [0.0]}
+    del sink.records["i:2"]
+    change = coalesce([event(1, "update", 2, {"body": "new"})], prefixed=False)[0]
+    upserts = [Upsert(f"i:2#{k}", f"new {k}", {ID_KEY: "i:2"}, [1.0]) for k in range(3)]
+    planned = Planned([change], PlanResult(WritePlan(upserts=upserts), [], 0, ["i:2"]))
+    with pytest.raises(SinkRejectedError) as raised:
+        p.applier.write(planned)
+    assert raised.value.document_id == 2
+    assert not [rid for rid in sink.records if rid.startswith("i:2")], sink.records
