@@ -9,9 +9,12 @@ valid: they must all reach Chroma, and nothing may halt or be dead-lettered.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +193,63 @@ def test_a_record_refused_even_alone_is_named(chroma_server: Any) -> None:
     chroma_server.client().delete_collection(name)
 
 
+@dataclasses.dataclass
+class Proxied:
+    """A pipeline ``name`` over ``docs`` (documents 0-2 in), whose Chroma is behind
+    ``proxy``; ``stored`` is its Chroma collection, ``letters`` its dead letters."""
+
+    proxy: BodyLimitProxy
+    client: MongoClient[Any]
+    docs: Any
+    cfg: Path
+    settings: Any
+    collection: str
+    name: str
+    chroma: Any  # a client of the Chroma server itself, not through the proxy
+
+    @property
+    def stored(self) -> Any:
+        return self.chroma.get_collection(self.collection, embedding_function=None)
+
+    @property
+    def letters(self) -> Any:
+        return self.client[f"{self.settings.pipeline(self.name).database}_syncd"]["dead_letters"]
+
+    def row(self, state: str) -> dict[str, Any] | None:
+        """The pipeline's `syncd status --json` row, if it is in ``state``."""
+        done = run_syncd(["status", "--json"], self.cfg)
+        row = {r["pipeline"]: r for r in json.loads(done.stdout)}.get(self.name)
+        return row if row is not None and row.get("state") == state else None
+
+
+@contextlib.contextmanager
+def behind_a_proxy(
+    tmp_path: Path, mongo_uri: str, chroma_server: Any, limit: int, name: str, **pipeline: Any
+) -> Iterator[Proxied]:
+    proxy = BodyLimitProxy(chroma_server.host, chroma_server.port, limit)
+    db, coll = f"{name}_{uuid.uuid4().hex[:8]}", f"{name}-{uuid.uuid4().hex[:8]}"
+    client: MongoClient[Any] = MongoClient(mongo_uri)
+    try:
+        docs = client[db]["docs"]
+        docs.insert_many([oracle.document(k) for k in range(3)])
+        cfg = write_config(
+            tmp_path / "syncd.toml",
+            mongo_uri=mongo_uri,
+            chroma={"mode": "http", "host": "127.0.0.1", "port": proxy.port},
+            checkpoint_db=f"{db}_syncd",
+            pipelines=[oracle.pipeline(name, db, chroma_collection=coll, **pipeline)],
+            extra={"telemetry": {"listen": ""}},
+        )
+        yield Proxied(
+            proxy, client, docs, cfg, settings_of(cfg), coll, name, chroma_server.client()
+        )
+    finally:
+        proxy.close()
+        client.drop_database(db)
+        client.drop_database(f"{db}_syncd")
+        client.close()
+
+
 @pytest.mark.parametrize("on_error", ["dead_letter", "halt"])
 @pytest.mark.timeout(240)
 def test_a_document_too_large_for_a_proxy_in_front_of_chroma_is_poison_for_itself_only(
@@ -199,62 +259,33 @@ def test_a_document_too_large_for_a_proxy_in_front_of_chroma_is_poison_for_itsel
     # in a request of its own. That document is poison (README, Poison); the others are
     # mirrored. Dead-lettered: parked, streaming goes on. Halted: the halt names the
     # document, and fixing it lifts the halt by itself (halt_recheck_s).
-    proxy = BodyLimitProxy(chroma_server.host, chroma_server.port, 2_000_000)
-    db, coll = f"limit_{uuid.uuid4().hex[:8]}", f"limit-{uuid.uuid4().hex[:8]}"
-    client: MongoClient[Any] = MongoClient(mongo_uri)
-    try:
-        docs = client[db]["docs"]
-        docs.insert_many([oracle.document(k) for k in range(3)])
-        table = oracle.pipeline(
-            "lim", db, chroma_collection=coll, on_error=on_error, halt_recheck_s=1.0,
-            mapping={"max_text_chars": 5_000_000},
-        )  # fmt: skip
-        cfg = write_config(
-            tmp_path / "syncd.toml",
-            mongo_uri=mongo_uri,
-            chroma={"mode": "http", "host": "127.0.0.1", "port": proxy.port},
-            checkpoint_db=f"{db}_syncd",
-            pipelines=[table],
-            extra={"telemetry": {"listen": ""}},
-        )
-        settings = settings_of(cfg)
-        daemon = syncd_factory(["run"], cfg)
-        wait_caught_up(client, db, settings, "lim", 60, "the first snapshot")
+    with behind_a_proxy(
+        tmp_path, mongo_uri, chroma_server, 2_000_000, "lim", on_error=on_error,
+        halt_recheck_s=1.0, mapping={"max_text_chars": 5_000_000},
+    ) as p:  # fmt: skip
+        daemon = syncd_factory(["run"], p.cfg)
+        wait_caught_up(p.client, p.docs.database.name, p.settings, "lim", 60, "the snapshot")
         huge = {**oracle.document("huge"), "body": "huge " + "z" * 3_000_000}
-        docs.insert_one(huge)
-        docs.insert_many([oracle.document(k) for k in range(3, 6)])
-        stored = chroma_server.client().get_collection(coll, embedding_function=None)
-        letters = client[f"{db}_syncd"]["dead_letters"]
+        p.docs.insert_one(huge)
+        p.docs.insert_many([oracle.document(k) for k in range(3, 6)])
         if on_error == "dead_letter":
-            wait_caught_up(client, db, settings, "lim", 90, "streaming past the large document")
-            assert [e["key"] for e in letters.find({}, {"key": 1})] == ["s:huge"]
-            problem = oracle.mismatch(docs.find({"_id": {"$ne": "huge"}}), stored)
+            wait_caught_up(p.client, p.docs.database.name, p.settings, "lim", 90, "the rest")
+            assert [e["key"] for e in p.letters.find({}, {"key": 1})] == ["s:huge"]
+            problem = oracle.mismatch(p.docs.find({"_id": {"$ne": "huge"}}), p.stored)
             assert not problem, problem
         else:
-            status = wait_until(lambda: _halted_row(cfg), 90, "the halt at the large document")
-            assert status["halt"]["document_id"] == "'huge'", status
-            assert letters.count_documents({}) == 0
-            docs.update_one({"_id": "huge"}, {"$set": {"body": "small now"}})
-            wait_caught_up(client, db, settings, "lim", 90, "the halt to lift by itself")
-            problem = oracle.mismatch(docs.find(), stored)
+            row = wait_until(lambda: p.row("halted"), 90, "the halt at the large document")
+            assert row["halt"]["document_id"] == "'huge'", row
+            assert p.letters.count_documents({}) == 0
+            p.docs.update_one({"_id": "huge"}, {"$set": {"body": "small now"}})
+            wait_caught_up(p.client, p.docs.database.name, p.settings, "lim", 90, "the lift")
+            problem = oracle.mismatch(p.docs.find(), p.stored)
             assert not problem, problem
-        assert proxy.refused >= 1
+        assert p.proxy.refused >= 1
         assert daemon.is_running(), daemon.output()[-3000:]
         assert "Traceback" not in daemon.output()
         daemon.terminate()
         assert daemon.wait(60) == ExitCode.OK, daemon.output()[-3000:]
-    finally:
-        proxy.close()
-        client.drop_database(db)
-        client.drop_database(f"{db}_syncd")
-        client.close()
-
-
-def _halted_row(cfg: Path) -> dict[str, Any] | None:
-    done = run_syncd(["status", "--json"], cfg)
-    rows = {row["pipeline"]: row for row in json.loads(done.stdout)}
-    row = rows.get("lim")
-    return row if row is not None and row.get("state") == "halted" and row.get("halt") else None
 
 
 @pytest.mark.timeout(240)
@@ -265,78 +296,36 @@ def test_a_proxy_limit_below_any_record_is_an_outage_not_poison(
     # not about any document: under dead_letter nothing is parked and no record removed;
     # the pipeline retries, says so, and catches up once the limit is raised as the hint
     # says.
-    proxy = BodyLimitProxy(chroma_server.host, chroma_server.port, 50_000_000)
-    db, coll = f"lowlim_{uuid.uuid4().hex[:8]}", f"lowlim-{uuid.uuid4().hex[:8]}"
-    client: MongoClient[Any] = MongoClient(mongo_uri)
-    try:
-        docs = client[db]["docs"]
-        docs.insert_many([oracle.document(k) for k in range(3)])
-        cfg = write_config(
-            tmp_path / "syncd.toml",
-            mongo_uri=mongo_uri,
-            chroma={"mode": "http", "host": "127.0.0.1", "port": proxy.port},
-            checkpoint_db=f"{db}_syncd",
-            pipelines=[oracle.pipeline("low", db, chroma_collection=coll, on_error="dead_letter")],
-            extra={"telemetry": {"listen": ""}},
-        )
-        settings = settings_of(cfg)
-        daemon = syncd_factory(["run"], cfg)
-        wait_caught_up(client, db, settings, "low", 60, "the first snapshot")
-        proxy.limit = 1_000  # lookups (small reads) pass; no write of these records does
-        docs.update_one({"_id": 1}, {"$set": {"body": "changed behind a bad proxy " * 100}})
-        docs.insert_one({**oracle.document(3), "body": "new behind a bad proxy " * 100})
-        row = wait_until(lambda: _row_in(cfg, "low", "retrying"), 60, "the pipeline to retry")
+    with behind_a_proxy(
+        tmp_path, mongo_uri, chroma_server, 50_000_000, "low", on_error="dead_letter"
+    ) as p:
+        daemon = syncd_factory(["run"], p.cfg)
+        wait_caught_up(p.client, p.docs.database.name, p.settings, "low", 60, "the snapshot")
+        p.proxy.limit = 1_000  # lookups (small reads) pass; no write of these records does
+        p.docs.update_one({"_id": 1}, {"$set": {"body": "changed behind a bad proxy " * 100}})
+        p.docs.insert_one({**oracle.document(3), "body": "new behind a bad proxy " * 100})
+        row = wait_until(lambda: p.row("retrying"), 60, "the pipeline to retry")
         assert "client_max_body_size" in row["last_error"]["hint"], row
-        letters = client[f"{db}_syncd"]["dead_letters"]
-        assert letters.count_documents({}) == 0
-        stored = chroma_server.client().get_collection(coll, embedding_function=None)
-        assert len(stored.get()["ids"]) == 3, "no record removed"
-        proxy.limit = 10_000_000  # as the hint says
-        wait_caught_up(client, db, settings, "low", 90, "catching up once the limit is raised")
-        problem = oracle.mismatch(docs.find(), stored)
+        assert p.letters.count_documents({}) == 0
+        assert len(p.stored.get()["ids"]) == 3, "no record removed"
+        p.proxy.limit = 10_000_000  # as the hint says
+        wait_caught_up(p.client, p.docs.database.name, p.settings, "low", 90, "catching up")
+        problem = oracle.mismatch(p.docs.find(), p.stored)
         assert not problem, problem
-        assert letters.count_documents({}) == 0
+        assert p.letters.count_documents({}) == 0
         assert daemon.is_running(), daemon.output()[-3000:]
-    finally:
-        proxy.close()
-        client.drop_database(db)
-        client.drop_database(f"{db}_syncd")
-        client.close()
 
 
 def test_verify_behind_a_proxy_that_refuses_its_reads_says_so(
     tmp_path: Path, mongo_uri: str, chroma_server: Any
 ) -> None:
-    proxy = BodyLimitProxy(chroma_server.host, chroma_server.port, 10)
-    db, coll = f"vlim_{uuid.uuid4().hex[:8]}", f"vlim-{uuid.uuid4().hex[:8]}"
-    client: MongoClient[Any] = MongoClient(mongo_uri)
-    try:
-        client[db]["docs"].insert_many([oracle.document(k) for k in range(3)])
-        chroma_server.client().create_collection(coll, embedding_function=None)
-        cfg = write_config(
-            tmp_path / "syncd.toml",
-            mongo_uri=mongo_uri,
-            chroma={"mode": "http", "host": "127.0.0.1", "port": proxy.port},
-            checkpoint_db=f"{db}_syncd",
-            pipelines=[oracle.pipeline("vl", db, chroma_collection=coll)],
-        )
-        done = run_syncd(["verify", "vl"], cfg)
+    with behind_a_proxy(tmp_path, mongo_uri, chroma_server, 10, "vl") as p:
+        p.chroma.create_collection(p.collection, embedding_function=None)
+        done = run_syncd(["verify", "vl"], p.cfg)
         assert done.returncode == ExitCode.SINK, done.stdout + done.stderr
         assert "request body limit" in done.stderr and "Traceback" not in done.stderr
         assert "does not answer like a Chroma server" not in done.stderr
-        proxy.limit = 10_000_000  # the hint followed: verify runs (and finds drift)
-        done = run_syncd(["verify", "vl"], cfg)
+        p.proxy.limit = 10_000_000  # the hint followed: verify runs (and finds drift)
+        done = run_syncd(["verify", "vl"], p.cfg)
         assert done.returncode == ExitCode.DRIFT_OR_FAILURE, done.stdout + done.stderr
         assert "missing" in done.stdout
-    finally:
-        proxy.close()
-        client.drop_database(db)
-        client.drop_database(f"{db}_syncd")
-        client.close()
-
-
-def _row_in(cfg: Path, name: str, state: str) -> dict[str, Any] | None:
-    done = run_syncd(["status", "--json"], cfg)
-    rows = {row["pipeline"]: row for row in json.loads(done.stdout)}
-    row = rows.get(name)
-    return row if row is not None and row.get("state") == state else None
