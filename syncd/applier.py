@@ -258,7 +258,7 @@ class Applier:
 
     def _write_refusing(self, planned: Planned, as_poison: bool) -> None:
         """Write the plan. A record Chroma refuses alone (too large even for a request of
-        its own, or its content) is poison for its document: the rest of the plan is
+        its own: :meth:`syncd.sink.ChromaSink.write`) is poison for its document: the rest is
         written without it. With ``as_poison`` it joins the plan's poisoned (the caller
         parks it, or reports it), else the refusal is raised once the rest is written,
         naming the document (a halt). Under dead-lettering its records are removed; else

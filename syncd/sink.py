@@ -379,10 +379,12 @@ class ChromaSink:
         args: Callable[[Sequence[RecordT]], dict[str, Any]],
         size: Callable[[RecordT], int],
     ) -> None:
-        """Write ``part``; in two halves if Chroma (or a proxy) refuses it, or if it is
-        large (:data:`SLOW_SPLIT_BYTES`) and not answered within ``chroma.timeout_s``,
-        down to single records. A record refused alone raises with its ``record_id``,
-        so the caller knows whose document is poison (the halves before it are written).
+        """Write ``part``; in two halves if Chroma (or a proxy) refuses it as too large,
+        or if it is large (:data:`SLOW_SPLIT_BYTES`) and not answered within
+        ``chroma.timeout_s``, down to single records. A record refused alone as too large
+        raises with its ``record_id``, so the caller knows whose document is poison (the
+        halves before it are written). Other refusals are raised as they come: halving
+        them would dead-letter every record of a write refused for what it asks.
 
         A request that was not answered may still be applied after its halves. It holds
         the same records as they do, so the outcome is the same either way; as with any
@@ -392,17 +394,15 @@ class ChromaSink:
             self._call(method, **args(part))
             return
         except SinkRejectedError as exc:
+            if not too_large(exc):
+                raise  # a refusal of what the request says, not of its size
             if len(part) < 2:
-                if part and too_large(exc) and size(part[0]) < SMALL_RECORD_BYTES:
+                if part and size(part[0]) < SMALL_RECORD_BYTES:
                     raise self._limit_too_low(size(part[0])) from exc
                 if part:
                     exc.record_id = getattr(part[0], "id", None)
                 raise
-            why = (
-                "refused a write of %d records as too large"
-                if too_large(exc)
-                else "refused a write of %d records; finding the record it refuses"
-            )
+            why = "refused a write of %d records as too large"
         except SinkUnavailableError as exc:
             if len(part) < 2 or not slow_answer(exc) or sum(map(size, part)) < SLOW_SPLIT_BYTES:
                 raise

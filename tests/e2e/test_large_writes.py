@@ -329,3 +329,20 @@ def test_verify_behind_a_proxy_that_refuses_its_reads_says_so(
         done = run_syncd(["verify", "vl"], p.cfg)
         assert done.returncode == ExitCode.DRIFT_OR_FAILURE, done.stdout + done.stderr
         assert "missing" in done.stdout
+
+
+def test_a_refusal_that_is_not_about_size_is_not_halved(chroma_server: Any) -> None:
+    # Halving a write refused for what it asks (not its size) would find "the" record in
+    # every half and dead-letter them all: such a refusal is raised as it comes.
+    sink = ChromaSink(chroma_server.client, f"asks-{uuid.uuid4().hex[:8]}")
+    plan = WritePlan(upserts=[Upsert(f"i:{i}", "t", {"n": i}, [1.0, 0, 0, i]) for i in range(8)])
+    calls: list[int] = []
+
+    def refuse(method: str, **kwargs: Any) -> Any:
+        calls.append(len(kwargs.get("ids", [])))
+        raise SinkRejectedError("Chroma rejected the write: HTTP 400 (quota exceeded)")
+
+    sink._call = refuse  # type: ignore[method-assign]
+    with pytest.raises(SinkRejectedError) as raised:
+        sink.write(plan)
+    assert calls == [8] and raised.value.record_id is None
