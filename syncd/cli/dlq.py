@@ -130,6 +130,7 @@ def _retry(args: argparse.Namespace) -> int:
         result = retry_dead_letters(
             runtime.applier(ps), letters, [args.key] if args.key else None, progress=True
         )
+        reasons = {key: _reason(letters.get(ps.name, key)) for key in result.failing.sample}
     finally:
         runtime.close()
     if args.json:
@@ -140,10 +141,17 @@ def _retry(args: argparse.Namespace) -> int:
             f"{result.failing.count} still failing"
         )
         for key in result.failing.sample:
-            print(f"  still failing: {key}")
+            print(f"  still failing: {key}" + (f": {reasons[key]}" if reasons.get(key) else ""))
     if args.key and result.retried == 0:
         raise ConfigError(f"no dead letter with key {args.key!r} in pipeline {ps.name!r}")
     return ExitCode.DRIFT_OR_FAILURE if result.failing.count else ExitCode.OK
+
+
+def _reason(entry: dict[str, Any] | None) -> str:
+    """Why a dead letter is still failing, as `dlq list` shows it: its last attempt's."""
+    if not entry or not entry.get("message"):
+        return ""
+    return f"{entry.get('error_class', '')}: {entry['message']}"
 
 
 def _purge(args: argparse.Namespace) -> int:

@@ -45,5 +45,8 @@ def handle(args: argparse.Namespace) -> int:
         print(f"{ps.name}: not halted; nothing to resume")
     else:
         where = f" at _id {lifted.describe()['document_id']}" if lifted.has_document else ""
-        print(f"{ps.name}: halt{where} lifted; the change is tried again on the next run")
+        print(
+            f"{ps.name}: halt{where} lifted; a running `syncd run` tries the change again "
+            "within seconds, else the next start does"
+        )
     return ExitCode.OK

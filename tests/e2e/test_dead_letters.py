@@ -98,6 +98,10 @@ def test_dead_letter_holds_exactly_the_poison_documents(mirror, mongo_client, sy
     assert outcome["fixed"]["sample"] == ["s:no-body"]
     assert sorted(outcome["failing"]["sample"]) == ["s:dict-body", "s:too-long"]
     assert collection.get(ids=["s:no-body"], include=["documents"])["documents"] == ["fixed now"]
+    again = run_syncd(["dlq", "retry", "p"], cfg)  # as text: each with why it still fails
+    assert again.returncode == 1, again.stdout + again.stderr
+    failing = [line for line in again.stdout.splitlines() if "still failing: " in line]
+    assert len(failing) == 2 and all("Error: " in line for line in failing), again.stdout
 
     refused = run_syncd(["dlq", "purge", "p"], cfg)
     assert refused.returncode == ExitCode.CONFIG

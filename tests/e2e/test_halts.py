@@ -338,7 +338,9 @@ def test_resume_lifts_the_halt_of_a_running_daemon(
 
     # Not fixed: resuming retries the change, which halts again, once.
     mark = daemon.mark()
-    assert run_syncd(["resume", "p"], cfg).returncode == 0
+    resumed = run_syncd(["resume", "p"], cfg)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "a running `syncd run` tries the change again within seconds" in resumed.stdout
     again = wait_until(lambda: _halt(settings), 60, "the pipeline to halt again")
     assert again["since"] > halt["since"] and again["document_id"] == "bad"
     daemon.wait_for_output(r"pipeline p halted \(since", timeout=30, since=mark)
