@@ -130,7 +130,6 @@ class GatedLookup:
         return self._sink.existing(keys)
 
 
-@dataclasses.dataclass
 class WriteClock:
     """When the write in flight will end, from what earlier writes took per event, and
     how long a read takes to be planned: the planner reads that long before the end, so
@@ -139,6 +138,7 @@ class WriteClock:
 
     MIN_EVENTS = 8  # writes smaller than this say more about Chroma's fixed cost
     WEIGHT = 0.2  # of the newest sample in the moving averages
+    SHARE = 0.7  # of the expected write time: writes vary, and a late read idles the writer
 
     def __init__(self) -> None:
         self._open = 0  # items the writer took and has not written yet
@@ -162,16 +162,12 @@ class WriteClock:
     def planned(self, seconds: float) -> None:
         self._plan_s = self._average(self._plan_s, seconds)
 
-    @property
-    def writing(self) -> bool:
-        return self._open > 0
-
     def read_at(self) -> float | None:
         """When to read for the write after the one in flight; None: read now (nothing
         is being written, or no write has been timed yet)."""
         if not self._open or self._per_event_s is None:
             return None
-        return self._began + 0.7 * self._per_event_s * self._events - self._plan_s
+        return self._began + self.SHARE * self._per_event_s * self._events - self._plan_s
 
     def _average(self, old: float | None, sample: float) -> float:
         return sample if old is None else old + self.WEIGHT * (sample - old)
