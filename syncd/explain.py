@@ -55,6 +55,7 @@ def explain(settings: Settings, pipeline: PipelineSettings, record_id: str) -> d
         ]
         missing = sorted(set(expected) - {r.id for r in stored})
         dead = runtime.dead_letters(pipeline).get(pipeline.name, key)
+        halt = _halt_at(runtime, pipeline, key)
     finally:
         runtime.close()
     log = SpanLog(settings.telemetry.span_log_path, settings.telemetry.span_log_max_bytes)
@@ -77,7 +78,18 @@ def explain(settings: Settings, pipeline: PipelineSettings, record_id: str) -> d
         and len(records) == len(expected),
         "recent_syncs": syncs,
         "dead_letter": _jsonable(dead),
+        "halt": halt,
     }
+
+
+def _halt_at(runtime: Runtime, pipeline: PipelineSettings, key: str) -> dict[str, Any] | None:
+    """The halt in force that holds the pipeline at this document, described; else None."""
+    from syncd import halts
+
+    halt = halts.active(runtime.store.load(pipeline.name))
+    if halt is None or not halt.has_document or halt.key != key:
+        return None
+    return halt.describe()
 
 
 def runtime_matches(pipeline: PipelineSettings, doc: Any) -> bool:

@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import Any
 
+from syncd import hints
 from syncd.cli.common import add_config_options, load_settings, print_json
 from syncd.errors import ExitCode
 
@@ -76,7 +77,7 @@ def _print(story: dict[str, Any]) -> None:
         print(f"  Chroma:   {record['id']}  {verdict}")
     for rid in story["missing_in_chroma"]:
         print(f"  Chroma:   {rid}  MISSING")
-    print(f"  verdict:  {'consistent' if story['consistent'] else 'drift'}")
+    print(f"  verdict:  {_verdict(story)}")
     syncs = story["recent_syncs"]
     shown = syncs[-_SYNCS_SHOWN:]
     counted = f"{len(shown)} of {len(syncs)}" if len(shown) < len(syncs) else f"{len(syncs)}"
@@ -89,3 +90,28 @@ def _print(story: dict[str, Any]) -> None:
     dead = story["dead_letter"]
     if dead:
         print(f"  dead letter: {dead.get('error_class')}: {dead.get('message')}")
+    halt = story["halt"]
+    if halt:
+        print(f"  halt:     {halt['error_class']}: {halt['reason']}")
+        print(f"            {halt['hint']}")
+
+
+def _verdict(story: dict[str, Any]) -> str:
+    """Consistent or drift, and what holds the document back: a halt or a dead letter."""
+    pipeline = story["pipeline"]
+    held = None
+    if story["halt"]:
+        held = (
+            "the pipeline is halted at this document and applies none of its changes "
+            f"until the halt is lifted (below; `{hints.command('status', pipeline)}`)"
+        )
+    elif story["dead_letter"]:
+        held = (
+            "its change is parked as a dead letter (below); fix the document, then "
+            f"`{hints.command('dlq', 'retry', pipeline, story['id'])}`"
+        )
+    if story["consistent"]:
+        return "consistent" if held is None else f"consistent with what it maps to now, but {held}"
+    if held is not None:
+        return f"not synced: {held}"
+    return f"drift; `{hints.command('repair', pipeline)}` fixes it"

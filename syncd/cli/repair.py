@@ -63,16 +63,16 @@ def handle(args: argparse.Namespace) -> int:
     if args.json:
         print_json(data)
     else:
-        _print(data, verbose=args.verbose)
+        _print(data, verbose=args.verbose, on_error=ps.on_error)
     if args.dry_run:
         return ExitCode.OK if result.verify.consistent else ExitCode.DRIFT_OR_FAILURE
     return ExitCode.DRIFT_OR_FAILURE if result.failed.count else ExitCode.OK
 
 
-def _print(data: dict[str, Any], *, verbose: bool) -> None:
-    from syncd.cli.verify import print_report
+def _print(data: dict[str, Any], *, verbose: bool, on_error: str) -> None:
+    from syncd.cli.verify import held_aside, print_report
 
-    print_report(data["found"])
+    print_report(data["found"], on_error=on_error)
     prefix = "would " if data["dry_run"] else ""
     reapply, delete, failed = data["reapply"], data["delete"], data["failed"]
     done = reapply["count"] - failed["count"]
@@ -108,10 +108,10 @@ def _print(data: dict[str, Any], *, verbose: bool) -> None:
     elif reapply["count"] or delete["count"]:
         print("  --verbose lists the ids")
     if failed["count"]:
+        pipeline = data["found"]["pipeline"]
         print(
             f"{failed['count']} document(s) cannot be applied (they cannot be mapped, or "
             "the embedding API or Chroma refuses them) and were not repaired, "
             f"e.g. {', '.join(failed['sample'][:5])}; see "
-            f"`{hints.command('dlq', 'list', data['found']['pipeline'])}` and "
-            f"`{hints.command('explain', data['found']['pipeline'], 'ID')}`"
+            f"`{hints.command('explain', pipeline, 'ID')}` and {held_aside(pipeline, on_error)}"
         )

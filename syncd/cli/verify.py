@@ -51,7 +51,7 @@ def handle(args: argparse.Namespace) -> int:
     if args.json:
         print_json(report.to_json())
     else:
-        print_report(report.to_json())
+        print_report(report.to_json(), on_error=ps.on_error)
         if not report.consistent:
             print(
                 f"drift found: `{hints.command('repair', ps.name)}` fixes it "
@@ -60,7 +60,7 @@ def handle(args: argparse.Namespace) -> int:
     return ExitCode.OK if report.consistent else ExitCode.DRIFT_OR_FAILURE
 
 
-def print_report(data: dict[str, Any]) -> None:
+def print_report(data: dict[str, Any], *, on_error: str) -> None:
     what = "sampled documents" if data["sampled"] else "documents"
     records = "Chroma records of those documents" if data["sampled"] else "Chroma records"
     print(
@@ -72,9 +72,10 @@ def print_report(data: dict[str, Any]) -> None:
         example = f"  e.g. {', '.join(finding['sample'][:5])}" if finding["count"] else ""
         print(f"  {kind.replace('_', '-'):<13} {finding['count']:>8}{example}")
     if data["unmappable"]["count"]:
+        # Where the pipeline sets such a change aside: its dead letters, or a halt.
         print(
-            "  unmappable documents cannot be mapped at all; see "
-            f"`{hints.command('dlq', 'list', data['pipeline'])}`"
+            "  unmappable documents cannot be mapped at all; fix them in MongoDB; see "
+            + held_aside(data["pipeline"], on_error)
         )
     if data["dead_lettered"]["count"]:
         print(
@@ -83,3 +84,10 @@ def print_report(data: dict[str, Any]) -> None:
             "applies them"
         )
     print("consistent" if data["consistent"] else "NOT consistent")
+
+
+def held_aside(pipeline: str, on_error: str) -> str:
+    """Where the pipeline sets aside a change it cannot apply, as a command to look."""
+    if on_error == "dead_letter":
+        return f"`{hints.command('dlq', 'list', pipeline)}`"
+    return f"`{hints.command('status', pipeline)}` (the pipeline halts at such a change)"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from typing import Any
 
 from pymongo import MongoClient
@@ -90,6 +91,18 @@ def test_dead_letter_holds_exactly_the_poison_documents(mirror, mongo_client, sy
     assert after.returncode == 0, after.stderr
     assert sorted(e["key"] for e in json.loads(after.stdout)) == sorted(e["key"] for e in entries)
 
+    # explain says why the document is not in Chroma and how to bring it there; verify
+    # counts it unmappable and points to the dead letters.
+    story = run_syncd(["explain", "p", "s:no-body"], cfg)
+    assert story.returncode == ExitCode.OK, story.stdout + story.stderr  # none expected
+    assert "consistent with what it maps to now, but its change is parked" in story.stdout
+    assert f"`syncd dlq retry p s:no-body --config {cfg}`" in story.stdout, story.stdout
+    assert "dead letter: MappingError" in story.stdout
+    checked = run_syncd(["verify", "p"], cfg)
+    assert checked.returncode == ExitCode.OK, checked.stdout + checked.stderr  # none expected
+    assert "unmappable           3" in checked.stdout, checked.stdout
+    assert f"see `syncd dlq list p --config {cfg}`" in checked.stdout, checked.stdout
+
     # Fixed while no daemon runs: only the retry can bring it to Chroma.
     coll.update_one({"_id": "no-body"}, {"$set": {"body": "fixed now"}})
     retried = run_syncd(["dlq", "retry", "p", "--json"], cfg)
@@ -103,9 +116,20 @@ def test_dead_letter_holds_exactly_the_poison_documents(mirror, mongo_client, sy
     failing = [line for line in again.stdout.splitlines() if "still failing: " in line]
     assert len(failing) == 2 and all("Error: " in line for line in failing), again.stdout
 
+    # The command explain names, run as printed once the document is fixed.
+    coll.update_one({"_id": "too-long"}, {"$set": {"body": "short now"}})
+    (hinted,) = re.findall(
+        r"`(syncd dlq retry [^`]+)`", run_syncd(["explain", "p", "s:too-long"], cfg).stdout
+    )
+    assert shlex.split(hinted)[:4] == ["syncd", "dlq", "retry", "p"], hinted
+    done = run_syncd(shlex.split(hinted)[1:])
+    assert done.returncode == 0, done.stdout + done.stderr
+    fixed = run_syncd(["explain", "p", "s:too-long"], cfg)
+    assert fixed.returncode == 0 and "verdict:  consistent" in fixed.stdout, fixed.stdout
+
     refused = run_syncd(["dlq", "purge", "p"], cfg)
     assert refused.returncode == ExitCode.CONFIG
     assert "--yes" in refused.stderr
     purged = run_syncd(["dlq", "purge", "p", "--yes"], cfg)
     assert purged.returncode == 0, purged.stderr
-    assert "removed 2" in purged.stdout
+    assert "removed 1" in purged.stdout

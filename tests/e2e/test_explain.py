@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from concurrent.futures import ThreadPoolExecutor
 
 from syncd.errors import ExitCode
@@ -65,7 +66,7 @@ def test_explain_shows_verdicts_and_recent_syncs(mongo_client, mirror, syncd_fac
     assert set(story) == {
         "pipeline", "id", "collection", "source_id", "mongodb", "matches_filter",
         "mapping_error", "chroma", "missing_in_chroma", "consistent", "recent_syncs",
-        "dead_letter",
+        "dead_letter", "halt",
     }  # fmt: skip
     assert story["pipeline"] == "ex" and story["id"] == "i:1" and story["collection"] == "docs"
     assert json.loads(story["source_id"]) == 1
@@ -73,6 +74,7 @@ def test_explain_shows_verdicts_and_recent_syncs(mongo_client, mirror, syncd_fac
     assert story["matches_filter"] is True and story["mapping_error"] is None
     assert story["consistent"] is True
     assert story["missing_in_chroma"] == [] and story["dead_letter"] is None
+    assert story["halt"] is None
     (record,) = story["chroma"]
     assert record["id"] == "i:1" and record["document"] == "body 1"
     assert record["metadata"]["title"] == "renamed" and record["metadata"]["syncd_id"] == "i:1"
@@ -85,7 +87,7 @@ def test_explain_shows_verdicts_and_recent_syncs(mongo_client, mirror, syncd_fac
     stale = out["text_edited"]
     assert stale.returncode == ExitCode.DRIFT_OR_FAILURE, stale.stdout + stale.stderr
     assert "i:2  STALE (text in Chroma differs from what syncd wrote" in stale.stdout
-    assert "verdict:  drift" in stale.stdout
+    (hinted,) = re.findall(r"verdict:  drift; `(syncd repair [^`]+)` fixes it", stale.stdout)
     edited = out["metadata_edited"]
     assert edited.returncode == ExitCode.DRIFT_OR_FAILURE, edited.stdout + edited.stderr
     story = json.loads(edited.stdout)
@@ -106,3 +108,11 @@ def test_explain_shows_verdicts_and_recent_syncs(mongo_client, mirror, syncd_fac
     assert bad.stdout == ""
     (line,) = bad.stderr.splitlines()
     assert line.startswith("syncd: error: ") and "not a syncd record id: 'nonsense'" in line
+
+    # The command the drift verdict names, run as printed, fixes both edited records.
+    assert shlex.split(hinted)[:3] == ["syncd", "repair", "ex"], hinted
+    repaired = run_syncd(shlex.split(hinted)[1:])
+    assert repaired.returncode == ExitCode.OK, repaired.stdout + repaired.stderr
+    for record_id in ("i:2", "i:4"):
+        again = run_syncd(["explain", "ex", record_id], cfg)
+        assert again.returncode == ExitCode.OK and "verdict:  consistent\n" in again.stdout

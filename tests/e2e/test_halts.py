@@ -298,6 +298,25 @@ def test_a_halt_holds_across_replicas_and_restarts_until_resumed(
     assert code == ExitCode.DRIFT_OR_FAILURE and rows["p"]["state"] == "halted", rows
     hint = rows["p"]["halt"]["hint"]
     assert "re-checks" not in hint, "halt_recheck_s = 0 turns the re-check off"
+    # explain says the pipeline is halted at the document, with the halt's way out; verify
+    # points to the halt, not to dead letters this pipeline has not.
+    # (Chroma holds none of its records, as none is expected of a document that cannot be
+    # mapped: consistent, exit 0.)
+    story = run_syncd(["explain", "p", "s:bad"], cfg)
+    assert story.returncode == ExitCode.OK, story.stdout + story.stderr
+    assert (
+        "verdict:  consistent with what it maps to now, but the pipeline is halted at this "
+        "document" in story.stdout
+    ), story.stdout
+    assert f"`syncd status p --config {cfg}`" in story.stdout and hint in story.stdout
+    assert run_syncd(["explain", "p", "s:a"], cfg).returncode == ExitCode.OK
+    checked = run_syncd(["verify", "p"], cfg)
+    assert "unmappable           1  e.g. s:bad" in checked.stdout, checked.stdout
+    assert (
+        f"see `syncd status p --config {cfg}` (the pipeline halts at such a change)"
+        in checked.stdout
+    ), checked.stdout
+    assert "dlq" not in checked.stdout, checked.stdout
     restarted = syncd_factory(["run"], cfg)
     restarted.wait_for_output(r"pipeline p halted \(since", timeout=60)
     assert _halt(settings) == halt

@@ -271,12 +271,25 @@ def test_a_document_too_large_for_a_proxy_in_front_of_chroma_is_poison_for_itsel
         if on_error == "dead_letter":
             wait_caught_up(p.client, p.docs.database.name, p.settings, "lim", 90, "the rest")
             assert [e["key"] for e in p.letters.find({}, {"key": 1})] == ["s:huge"]
+            story = run_syncd(["explain", "lim", "s:huge"], p.cfg)
+            assert story.returncode == ExitCode.DRIFT_OR_FAILURE, story.stdout + story.stderr
+            assert "s:huge  MISSING" in story.stdout, story.stdout
+            assert "verdict:  not synced: its change is parked as a dead letter" in story.stdout
             problem = oracle.mismatch(p.docs.find({"_id": {"$ne": "huge"}}), p.stored)
             assert not problem, problem
         else:
             row = wait_until(lambda: p.row("halted"), 90, "the halt at the large document")
             assert row["halt"]["document_id"] == "'huge'", row
             assert p.letters.count_documents({}) == 0
+            story = run_syncd(["explain", "lim", "s:huge"], p.cfg)
+            assert story.returncode == ExitCode.DRIFT_OR_FAILURE, story.stdout + story.stderr
+            assert "verdict:  not synced: the pipeline is halted at this document" in story.stdout
+            # repair cannot write it either, and points to the halt (no dead letters here).
+            repaired = run_syncd(["repair", "lim"], p.cfg)
+            assert repaired.returncode == ExitCode.DRIFT_OR_FAILURE, repaired.stdout
+            assert "1 document(s) cannot be applied" in repaired.stdout, repaired.stdout
+            assert f"`syncd status lim --config {p.cfg}` (the pipeline halts" in repaired.stdout
+            assert "dlq" not in repaired.stdout, repaired.stdout
             p.docs.update_one({"_id": "huge"}, {"$set": {"body": "small now"}})
             wait_caught_up(p.client, p.docs.database.name, p.settings, "lim", 90, "the lift")
             problem = oracle.mismatch(p.docs.find(), p.stored)
