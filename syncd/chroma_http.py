@@ -36,8 +36,8 @@ def with_timeout(build: Callable[[], Any], timeout_s: float, *, where: str) -> A
     if thread.is_alive():
         raise SinkUnavailableError(
             f"Chroma at {where} did not answer within chroma.timeout_s ({timeout_s:g} s)",
-            hint="check that the Chroma server is running and not overloaded; a running "
-            "syncd retries by itself",
+            hint="check that the Chroma server is running and not overloaded, then run the "
+            "command again; a running syncd retries by itself",
         )
     if "error" in done:
         raise done["error"]

@@ -549,7 +549,8 @@ def from_sink(exc: BaseException, *, records: bool = False, **context: Any) -> S
         return SinkUnavailableError(
             f"Chroma unavailable: {detail}",
             hint="Chroma answered more slowly than chroma.timeout_s allows: look at the "
-            "server's load, or raise chroma.timeout_s; a running syncd retries by itself",
+            "server's load, or raise chroma.timeout_s, then run the command again; a "
+            "running syncd retries by itself",
             **context,
         )
     if kind is ErrorKind.TRANSIENT:

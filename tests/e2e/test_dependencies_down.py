@@ -206,6 +206,7 @@ def test_a_hung_chroma_times_out_and_is_retried(
         verify = run_syncd(["verify", "dn"], cfg, timeout=60)
         assert verify.returncode == ExitCode.SINK, verify.stdout + verify.stderr
         assert "Chroma unavailable" in verify.stderr or "did not answer" in verify.stderr
+        assert "run the command again" in verify.stderr, verify.stderr
         assert "Traceback" not in verify.stderr
     finally:
         os.kill(chroma.pid, signal.SIGCONT)
