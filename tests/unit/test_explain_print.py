@@ -26,6 +26,7 @@ def _story(records: list[dict[str, Any]], syncs: int) -> dict[str, Any]:
             for n in range(syncs)
         ],
         "dead_letter": None,
+        "halt": None,
     }
 
 
