@@ -95,12 +95,16 @@ class Pending:
             _wait(self._futures)
 
 
+def computes_elsewhere(embedder: Embedder | None) -> bool:
+    """Whether ``embedder`` computes elsewhere (an API, which has ``submit``) rather than
+    in the caller's thread when it asks (``embed``)."""
+    return callable(getattr(embedder, "submit", None))
+
+
 def submit(embedder: Embedder, texts: Sequence[str]) -> Pending | None:
-    """Send ``texts`` to an embedder that computes elsewhere (an API, which has
-    ``submit``); None for the others, which compute in the caller's thread when it asks
-    (``embed``), as a local model gains nothing from being asked early."""
-    send = getattr(embedder, "submit", None)
-    return send(texts) if callable(send) else None
+    """Send ``texts`` to an embedder that computes elsewhere; None for the others, which
+    compute when asked, as a local model gains nothing from being asked early."""
+    return embedder.submit(texts) if computes_elsewhere(embedder) else None  # type: ignore[attr-defined]
 
 
 class InputRejectedError(EmbeddingRejectedError):

@@ -52,6 +52,7 @@ from typing import Any, TypeVar
 from syncd import plan as planning
 from syncd.applier import Applier, Embedding, Planned
 from syncd.checkpointing import Progress
+from syncd.embedder import computes_elsewhere
 from syncd.sink import (
     BYTES_PER_RECORD,
     BYTES_PER_VALUE,
@@ -249,7 +250,7 @@ class Planner(threading.Thread):
         self._clock = WriteClock()
         # Reads are held back for the write in flight only when the planner computes the
         # vectors itself: an embedding API's round trip is not part of its planning time.
-        self._hold = getattr(applier.embedder, "submit", None) is None
+        self._hold = not computes_elsewhere(applier.embedder)
 
     # --- the writer's side ---------------------------------------------------------
 
