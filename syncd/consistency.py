@@ -43,10 +43,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pymongo.database import Database
 
-from syncd import hints
+from syncd import halts, hints
 from syncd.compare import differs
 from syncd.config import PipelineSettings
 from syncd.errors import MappingError, PoisonError, SyncdError, translate_mongo_errors
+from syncd.halts import Halt
 from syncd.identity import base_id, decode_id, in_collection, prefixed, record_key, split_key
 from syncd.mapping import MappedDocument, Mapper, Record
 from syncd.progress import Progress
@@ -122,6 +123,11 @@ class Report:
     unmappable: Finding = dataclasses.field(default_factory=Finding)  # keys; see `syncd dlq`
     # keys of documents without records whose change is parked as a dead letter
     dead_lettered: Finding = dataclasses.field(default_factory=Finding)
+    # keys of documents whose records are missing or stale because the pipeline is halted
+    # at their change: not drift, left to the halt (see syncd.halts)
+    halted: Finding = dataclasses.field(default_factory=Finding)
+    # the halt holding the pipeline when the verify began (Halt.describe()), if any
+    halt: dict[str, Any] | None = None
     seconds: float = 0.0
 
     @property
@@ -140,6 +146,8 @@ class Report:
             "stale": self.stale.to_json(),
             "unmappable": self.unmappable.to_json(),
             "dead_lettered": self.dead_lettered.to_json(),
+            "halted": self.halted.to_json(),
+            "halt": self.halt,
             "seconds": round(self.seconds, 3),
         }
 
@@ -174,10 +182,13 @@ class Checker:
         database: SampleDatabase | None = None,
         page_size: int | None = None,
         parked: Callable[[Sequence[str]], set[str]] | None = None,
+        halt: Halt | None = None,
     ) -> None:
         self.settings = settings
         # which of some document keys have a dead letter (their records are expected gone)
         self.parked = parked
+        # the halt holding the pipeline: its document's records are left to it
+        self.halt = halt
         self.source = source
         self.sink = sink
         self.mapper = mapper
@@ -203,10 +214,27 @@ class Checker:
                 drift.documents.pop(key, None)
         report.dead_lettered.add(sorted(parked))
 
+    def report(self, *, sampled: bool = False) -> Report:
+        """An empty report of this pipeline, with the halt holding it, if any."""
+        halt = self.halt.describe() if self.halt is not None else None
+        return Report(self.settings.name, sampled=sampled, halt=halt)
+
+    def _set_halted_apart(self, drift: Drift, report: Report, key: str) -> None:
+        """The document the pipeline is halted at keeps what Chroma held before its
+        change (or nothing): counted as halted, not missing or stale, and left to the
+        halt, which applies it once lifted (re-applying it here would fail the same way)."""
+        held = [rid for rid in drift.missing + drift.stale if base_id(rid) == key]
+        if not held:
+            return
+        drift.missing = [rid for rid in drift.missing if base_id(rid) != key]
+        drift.stale = [rid for rid in drift.stale if base_id(rid) != key]
+        drift.documents.pop(key, None)
+        report.halted.add([key])
+
     def verify(self, *, progress: bool = False) -> Report:
         """Compare everything; ``progress``: show it (a bar on a terminal, else log lines)."""
         started = time.monotonic()
-        report = Report(self.settings.name)
+        report = self.report()
         with IdIndex() as index:
             with self.progress("verify", progress) as bar:
                 for collection, docs in self.documents():
@@ -277,6 +305,8 @@ class Checker:
                 drift.stale.append(rid)
         if drift.missing and self.parked is not None:
             self._set_parked_apart(drift, report)
+        if self.halt is not None and self.halt.has_document:
+            self._set_halted_apart(drift, report, self.halt.key or "")
         if extra_records and keys:
             existing = self.sink.existing(keys)
             # A sampled verify examines exactly these Chroma records (a full verify
@@ -361,7 +391,7 @@ class Checker:
         deleted documents are found only by a full verify.
         """
         started = time.monotonic()
-        report = Report(self.settings.name, sampled=True)
+        report = self.report(sampled=True)
         for collection, docs in self.sample_documents(size):
             self.compare_documents(collection, docs, report, extra_records=True)
         report.seconds = time.monotonic() - started
@@ -379,7 +409,7 @@ class Checker:
 
     def recheck(self, drift: Drift) -> Report:
         """Look again at only what ``drift`` named; what still differs is real drift."""
-        report = Report(self.settings.name, sampled=True)
+        report = self.report(sampled=True)
         keys = {base_id(rid) for rid in drift.missing + drift.stale}
         wanted: dict[str, list[Any]] = {}
         for key in keys:
@@ -526,4 +556,5 @@ def open_checker(runtime: Runtime, settings: PipelineSettings) -> Checker:
         mapper=Mapper(settings),
         database=runtime.mongo[settings.database],
         parked=functools.partial(runtime.dead_letters(settings).parked, settings.name),
+        halt=halts.active(runtime.store.load(settings.name)),
     )

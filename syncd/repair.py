@@ -69,7 +69,7 @@ def repair(
     ``progress``: show it (a bar on a terminal, else log lines).
     """
     started = time.monotonic()
-    report = Report(pipeline.settings.name)
+    report = checker.report()
     result = RepairReport(verify=report, dry_run=dry_run)
     with IdIndex() as index:
         with checker.progress("repair", progress) as bar:

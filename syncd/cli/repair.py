@@ -7,7 +7,7 @@ from typing import Any
 
 from syncd import hints
 from syncd.cli.common import add_config_options, load_settings, print_json
-from syncd.errors import ExitCode
+from syncd.errors import ConfigError, ExitCode
 
 
 def register(verbs: Any) -> None:
@@ -26,6 +26,12 @@ def register(verbs: Any) -> None:
     add_config_options(parser)
     parser.add_argument("pipeline", metavar="PIPELINE")
     parser.add_argument("--dry-run", action="store_true", help="print the plan; change nothing")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="repair a pipeline halted at a drop, rename or dropDatabase too (the records "
+        "the halt keeps are deleted)",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument(
         "--verbose",
@@ -48,6 +54,9 @@ def handle(args: argparse.Namespace) -> int:
     runtime = Runtime(settings)
     try:
         checker = open_checker(runtime, ps)
+        halt = checker.halt
+        if halt is not None and not halt.has_document and not (args.dry_run or args.force):
+            raise _refused(ps.name, halt.reason)
         applier = Applier(
             ps,
             source=runtime.source(ps),
@@ -67,6 +76,19 @@ def handle(args: argparse.Namespace) -> int:
     if args.dry_run:
         return ExitCode.OK if result.verify.consistent else ExitCode.DRIFT_OR_FAILURE
     return ExitCode.DRIFT_OR_FAILURE if result.failed.count else ExitCode.OK
+
+
+def _refused(pipeline: str, reason: str) -> ConfigError:
+    """Repair would make Chroma match MongoDB now: under a halt at a drop, rename or
+    dropDatabase, it would delete the records the halt keeps for the operator to decide on."""
+    return ConfigError(
+        f"refusing to repair {pipeline}: it is halted ({reason}) with its records left "
+        "alone for you to decide what the Chroma collection should hold, and repair would "
+        "delete those whose documents are gone",
+        hint=f"`{hints.command('status', pipeline)}` says how to lift the halt; "
+        f"`{hints.command('repair', pipeline, '--dry-run')}` shows what repair would do, "
+        f"and `{hints.command('repair', pipeline, '--force')}` does it",
+    )
 
 
 def _print(data: dict[str, Any], *, verbose: bool, on_error: str) -> None:

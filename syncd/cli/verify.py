@@ -67,7 +67,7 @@ def print_report(data: dict[str, Any], *, on_error: str) -> None:
         f"pipeline {data['pipeline']}: {data['documents']} {what}, "
         f"{data['records']} {records} checked in {data['seconds']:.1f} s"
     )
-    for kind in ("missing", "orphaned", "stale", "unmappable", "dead_lettered"):
+    for kind in ("missing", "orphaned", "stale", "unmappable", "dead_lettered", "halted"):
         finding = data[kind]
         example = f"  e.g. {', '.join(finding['sample'][:5])}" if finding["count"] else ""
         print(f"  {kind.replace('_', '-'):<13} {finding['count']:>8}{example}")
@@ -82,6 +82,14 @@ def print_report(data: dict[str, Any], *, on_error: str) -> None:
             "  dead-lettered documents have no records because their change is parked; "
             f"once fixed in MongoDB, `{hints.command('dlq', 'retry', data['pipeline'])}` "
             "applies them"
+        )
+    halt = data.get("halt")
+    if halt:
+        at = f"_id {halt['document_id']} ({halt['key']})" if halt.get("key") else halt["reason"]
+        print(
+            f"  the pipeline is halted at {at} since {halt['since']}: the changes after it "
+            "are not applied until the halt is lifted, so they show up here as drift; "
+            f"see `{hints.command('status', data['pipeline'])}`"
         )
     print("consistent" if data["consistent"] else "NOT consistent")
 

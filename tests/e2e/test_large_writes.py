@@ -268,6 +268,8 @@ def test_a_document_too_large_for_a_proxy_in_front_of_chroma_is_poison_for_itsel
         huge = {**oracle.document("huge"), "body": "huge " + "z" * 3_000_000}
         p.docs.insert_one(huge)
         p.docs.insert_many([oracle.document(k) for k in range(3, 6)])
+        if on_error == "halt":  # another, after the halt: repair cannot write it either
+            p.docs.insert_one({**huge, "_id": "huge2"})
         if on_error == "dead_letter":
             wait_caught_up(p.client, p.docs.database.name, p.settings, "lim", 90, "the rest")
             assert [e["key"] for e in p.letters.find({}, {"key": 1})] == ["s:huge"]
@@ -284,12 +286,21 @@ def test_a_document_too_large_for_a_proxy_in_front_of_chroma_is_poison_for_itsel
             story = run_syncd(["explain", "lim", "s:huge"], p.cfg)
             assert story.returncode == ExitCode.DRIFT_OR_FAILURE, story.stdout + story.stderr
             assert "verdict:  not synced: the pipeline is halted at this document" in story.stdout
-            # repair cannot write it either, and points to the halt (no dead letters here).
+            # verify counts the document as halted, not missing, so repair leaves it to the
+            # halt; it writes the changes after it, but not another document Chroma
+            # refuses, and points to the halt (no dead letters here).
+            checked = run_syncd(["verify", "lim"], p.cfg)
+            assert "halted               1  e.g. s:huge" in checked.stdout, checked.stdout
+            assert "missing              4" in checked.stdout, checked.stdout  # 3-5, huge2
+            assert "the pipeline is halted at _id 'huge' (s:huge)" in checked.stdout
             repaired = run_syncd(["repair", "lim"], p.cfg)
             assert repaired.returncode == ExitCode.DRIFT_OR_FAILURE, repaired.stdout
+            assert "re-applied 3 document(s)" in repaired.stdout, repaired.stdout
             assert "1 document(s) cannot be applied" in repaired.stdout, repaired.stdout
+            assert "e.g. s:huge2;" in repaired.stdout, repaired.stdout
             assert f"`syncd status lim --config {p.cfg}` (the pipeline halts" in repaired.stdout
             assert "dlq" not in repaired.stdout, repaired.stdout
+            p.docs.update_one({"_id": "huge2"}, {"$set": {"body": "small too"}})
             p.docs.update_one({"_id": "huge"}, {"$set": {"body": "small now"}})
             wait_caught_up(p.client, p.docs.database.name, p.settings, "lim", 90, "the lift")
             problem = oracle.mismatch(p.docs.find(), p.stored)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +99,33 @@ def test_drop_under_halt_halts_the_pipeline_alone(
     assert cp is not None and cp.token is not None
     daemon.terminate()
     assert daemon.wait(30) == ExitCode.OK, daemon.output()
+
+    # verify says the drift comes from the halt; repair will not delete the records the
+    # halt keeps for the operator to decide on, unless told to; each hinted command works.
+    checked = run_syncd(["verify", "life"], cfg)
+    assert checked.returncode == ExitCode.DRIFT_OR_FAILURE, checked.stdout + checked.stderr
+    assert "orphaned             6" in checked.stdout, checked.stdout
+    assert "the pipeline is halted at " in checked.stdout, checked.stdout
+    assert f"see `syncd status life --config {cfg}`" in checked.stdout, checked.stdout
+    refused = run_syncd(["repair", "life"], cfg)
+    assert refused.returncode == ExitCode.CONFIG, refused.stdout + refused.stderr
+    assert "refusing to repair life: it is halted" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert coll.count() == 6
+    commands = [shlex.split(c) for c in re.findall(r"`(syncd [^`]+)`", refused.stderr)]
+    assert [c[1:3] + c[3:4] for c in commands] == [
+        ["status", "life", "--config"], ["repair", "life", "--dry-run"],
+        ["repair", "life", "--force"],
+    ], commands  # fmt: skip
+    status = run_syncd(commands[0][1:])
+    assert "halted" in status.stdout, status.stdout
+    planned = run_syncd(commands[1][1:])
+    assert planned.returncode == ExitCode.DRIFT_OR_FAILURE, planned.stdout + planned.stderr
+    assert "would re-apply 0 document(s) from MongoDB and delete 6" in planned.stdout
+    assert coll.count() == 6
+    forced = run_syncd(commands[2][1:])
+    assert forced.returncode == ExitCode.OK, forced.stdout + forced.stderr
+    assert coll.count() == 0
 
 
 def test_rename_under_halt_and_purge(
