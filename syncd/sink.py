@@ -174,6 +174,14 @@ def _update_args(part: Sequence[MetadataUpdate]) -> dict[str, Any]:
     return {"ids": [u.id for u in part], "metadatas": [dict(u.metadata) for u in part]}
 
 
+def _delete_args(part: Sequence[str]) -> dict[str, Any]:
+    return {"ids": list(part)}
+
+
+def _id_bytes(record_id: str) -> int:
+    return _utf8_bytes(record_id) + 4  # quoted, with a comma
+
+
 def _vectors(part: Sequence[Upsert]) -> list[Any]:
     """The slice's vectors for chromadb: the arrays :func:`packed` made, else lists."""
     if all(u.vector is not None for u in part):
@@ -366,7 +374,7 @@ class ChromaSink:
     def write(self, plan: WritePlan) -> None:
         step = self.max_batch
         for start in range(0, len(plan.deletes), step):
-            self._call("delete", ids=plan.deletes[start : start + step])
+            self._send("delete", plan.deletes[start : start + step], _delete_args, _id_bytes)
         for part in sized_slices(plan.upserts, step, upsert_bytes):
             self._send("upsert", part, _upsert_args, upsert_bytes)
         for part_u in sized_slices(plan.updates, step, update_bytes):
@@ -391,7 +399,7 @@ class ChromaSink:
         write retried after a timeout, only a server that held it back until after the
         next write of the same keys (sent once this one returns) could apply it late."""
         try:
-            self._call(method, **args(part))
+            self._call(method, writes=True, **args(part))
             return
         except SinkRejectedError as exc:
             if not too_large(exc):
@@ -489,7 +497,9 @@ class ChromaSink:
     def close(self) -> None:
         """The client is shared and owned by the caller."""
 
-    def _call(self, method: str, **kwargs: Any) -> Any:
+    def _call(self, method: str, *, writes: bool = False, **kwargs: Any) -> Any:
+        """Call the collection's ``method``; ``writes``: a write of the plan's records,
+        whose refusal may be about them (poison), not about the configuration."""
         coll = self._collection()
         try:
             return getattr(coll, method)(**kwargs)
@@ -498,8 +508,7 @@ class ChromaSink:
                 self._gone = True  # first: another thread may be in _collection()
                 self._coll = None  # the next collection_id() looks the name up again
                 raise self._lost() from exc
-            records = method in ("upsert", "update")
-            raise from_sink(exc, records=records, namespace=f"chroma:{self.name}") from exc
+            raise from_sink(exc, records=writes, namespace=f"chroma:{self.name}") from exc
 
     def _lost(self) -> SinkLostError:
         return SinkLostError(

@@ -370,3 +370,33 @@ def test_a_refusal_that_is_not_about_size_is_not_halved(chroma_server: Any) -> N
     with pytest.raises(SinkRejectedError) as raised:
         sink.write(plan)
     assert calls == [8] and raised.value.record_id is None
+
+
+def test_deletes_refused_as_too_large_are_halved_and_a_small_one_is_an_outage(
+    chroma_server: Any,
+) -> None:
+    # A delete by ids is a write of the plan's records like any other: a proxy's body
+    # limit halves it (before, the 413 on a delete stopped the daemon with exit 5); one
+    # refused even alone is a misconfigured limit, retried as an outage, not a stop.
+    proxy = BodyLimitProxy(chroma_server.host, chroma_server.port, 10_000_000)
+    name = f"deletes-{uuid.uuid4().hex[:8]}"
+    try:
+        settings = ChromaSettings(mode="http", host="127.0.0.1", port=proxy.port)
+        sink = ChromaSink(lambda: make_client(settings), name)
+        sink.collection_id(create=True)
+        ids = [f"s:a-rather-long-document-id-{i:04d}" for i in range(300)]
+        sink.write(WritePlan(upserts=[Upsert(i, "t", {"n": 1}, [1.0, 0, 0, 1]) for i in ids]))
+        proxy.limit = 3_000  # the 300 ids take about 12 KB
+        sink.write(WritePlan(deletes=ids[:200]))
+        assert proxy.refused >= 3  # 200, then 100 and 100 ids refused; 50 at a time pass
+        stored = chroma_server.client().get_collection(name, embedding_function=None)
+        assert sorted(stored.get(include=[])["ids"]) == ids[200:]
+        proxy.limit = 10
+        with pytest.raises(SinkUnavailableError) as raised:
+            sink.write(WritePlan(deletes=ids[200:]))
+        assert "request body limit" in (raised.value.hint or ""), raised.value.hint
+        assert stored.count() == 100
+    finally:
+        proxy.close()
+        with contextlib.suppress(Exception):
+            chroma_server.client().delete_collection(name)
