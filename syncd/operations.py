@@ -53,7 +53,14 @@ def snapshot(
             try:
                 pipeline.snapshotter().run(cp)
             except (HaltedError, PoisonError) as exc:
-                raise _halted(pipeline_settings, exc, force=force) from exc
+                halted = _halted(pipeline_settings, exc, force=force)
+                # `syncd status` says why the command stopped and what to run, not that
+                # whatever recorded "snapshotting" vanished.
+                pipeline.progress.publish("halted", halted)
+                raise halted from exc
+            except Exception as exc:
+                pipeline.progress.publish("failed", exc)
+                raise
             done = pipeline.checkpoint
             pipeline.progress.publish("stopped")
         if done is None or done.phase != "streaming":

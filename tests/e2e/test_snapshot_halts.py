@@ -5,6 +5,7 @@ command stops with exit 6, and its hint names what to run, exactly: the same com
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -41,6 +42,15 @@ def test_a_halted_snapshot_names_itself_to_run_again_after_a_fix_or_under_dead_l
     docs.insert_many([document(i) for i in range(25)] + [dict(document("long"), body=TOO_LONG)])
 
     commands = _halted(run_syncd(["snapshot", "p"], m.cfg, timeout=180), m.cfg)
+    # status says the command halted there and what to run, not that a process vanished.
+    status = run_syncd(["status", "p", "--json"], m.cfg)
+    assert status.returncode == ExitCode.DRIFT_OR_FAILURE, status.stdout + status.stderr
+    (row,) = json.loads(status.stdout)
+    assert row["state"] == "halted" and "down" not in row, row
+    assert row["last_error"]["document_id"] == "'long'", row
+    assert _hinted_commands(row["last_error"]["hint"])[0] == commands[0], row
+    text = run_syncd(["status", "p"], m.cfg).stdout
+    assert "p: halted" in text and "killed" not in text, text
     docs.update_one({"_id": "long"}, {"$set": {"body": "short now"}})
     done = _run_hinted(commands[0], m.cfg)
     assert done.returncode == ExitCode.OK, done.stdout + done.stderr
