@@ -313,7 +313,13 @@ class Daemon:
             start,
             stopping=self.stop.is_set,
             beside=lambda ps: self._beside(runtime, ps),
+            on_lost=self._lease_lost,
         )
+
+    def _lease_lost(self, name: str, why: str) -> None:
+        """Not ready from now on, whenever its worker ends: this process may not write."""
+        lost = LeaseLostError(f"stopping: {why}", pipeline=name)
+        self.telemetry.pipeline(name).set_state("stopped", lost)
 
     def _watch_oplog_window(self, runtime: Runtime, every_s: float = 60.0) -> None:
         """Read where the oplog starts now and then, for the headroom metric."""

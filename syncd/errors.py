@@ -374,6 +374,8 @@ def _classify_mongo(exc: mongo_errors.PyMongoError) -> ErrorKind:
             return ErrorKind.FATAL
         if code in _MONGO_TRANSIENT_CODES or exc.has_error_label("ResumableChangeStreamError"):
             return ErrorKind.TRANSIENT
+        if exc.timeout:  # MaxTimeMSExpired of an operation syncd gave a time limit
+            return ErrorKind.TRANSIENT
         if exc.has_error_label("RetryableWriteError"):
             return ErrorKind.TRANSIENT
         return ErrorKind.FATAL

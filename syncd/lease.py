@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import pymongo
 from pymongo import MongoClient, ReturnDocument
 from pymongo.collection import Collection
 from pymongo.errors import DuplicateKeyError, PyMongoError
@@ -253,11 +254,14 @@ class LeaseManager:
         """Extend one lease; None when done, else why it is lost."""
         started = time.monotonic()
         try:
-            doc = self._coll.find_one_and_update(
-                {"_id": held.pipeline, "owner": self.owner, "epoch": held.epoch},
-                [{"$set": {"expires_at": {"$add": ["$$NOW", self._ttl_ms]}}}],
-                return_document=ReturnDocument.AFTER,
-            )
+            # A server that takes the request and never answers (hung, frozen) must not
+            # hold the renewal past the local deadline: then the lease is lost, and said so.
+            with pymongo.timeout(max(1.0, held.deadline - started)):
+                doc = self._coll.find_one_and_update(
+                    {"_id": held.pipeline, "owner": self.owner, "epoch": held.epoch},
+                    [{"$set": {"expires_at": {"$add": ["$$NOW", self._ttl_ms]}}}],
+                    return_document=ReturnDocument.AFTER,
+                )
         except PyMongoError as exc:
             error = from_mongo(exc, pipeline=held.pipeline)
             if not isinstance(error, TransientError):
@@ -350,25 +354,28 @@ class LeaseManager:
         if pipelines is None:
             return
         try:
-            self._coll.update_one(
-                {"_id": PROCESS_PREFIX + self.owner},
-                [
-                    {
-                        "$set": {
-                            "kind": "process",
-                            "owner": self.owner,
-                            "pipelines": pipelines,
-                            "expires_at": {"$add": ["$$NOW", self._ttl_ms]},
+            with pymongo.timeout(self.settings.renew_every_s):  # a hung server: renew anyway
+                self._coll.update_one(
+                    {"_id": PROCESS_PREFIX + self.owner},
+                    [
+                        {
+                            "$set": {
+                                "kind": "process",
+                                "owner": self.owner,
+                                "pipelines": pipelines,
+                                "expires_at": {"$add": ["$$NOW", self._ttl_ms]},
+                            }
                         }
-                    }
-                ],
-                upsert=True,
-            )
+                    ],
+                    upsert=True,
+                )
         except PyMongoError as exc:
             log.warning("cannot announce this process: %s", from_mongo(exc).message)
 
     def view(self) -> View:
-        with translate_mongo_errors():
+        # Bounded: the scheduler reads the view between stopping pipelines whose lease
+        # is lost, which a hung server must not hold up.
+        with translate_mongo_errors(), pymongo.timeout(max(1.0, self.settings.renew_every_s)):
             docs = list(self._coll.find({"$expr": {"$gt": ["$expires_at", "$$NOW"]}}))
         processes: dict[str, frozenset[str]] = {}
         holders: dict[str, str] = {}

@@ -73,8 +73,12 @@ class LeasedPipelines(Generic[W]):
         *,
         stopping: Callable[[], bool] = lambda: False,
         beside: Callable[[PipelineSettings], W | None] | None = None,
+        on_lost: Callable[[str, str], None] | None = None,
     ) -> None:
+        """``on_lost(name, why)`` is told at once of a pipeline stopped for its lost
+        lease: its worker may take long to end (blocked on what made the lease lapse)."""
         self.leases = leases
+        self._on_lost = on_lost
         self._beside = beside
         self.pipelines = {p.name: p for p in pipelines}
         self._start = start
@@ -148,6 +152,8 @@ class LeasedPipelines(Generic[W]):
         if worker is not None:
             log.warning("stopping pipeline %s: %s", name, why, extra={"pipeline": name})
             worker.stop.set()
+            if self._on_lost is not None:
+                self._on_lost(name, why)
 
     def _share(self, view: View) -> int:
         processes = max(1, len(view.processes | {self.leases.owner: frozenset()}))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -547,3 +548,39 @@ def test_a_process_gone_without_recording_why_shows_as_down(
         assert _status_row(cfg)["state"] == "stopped"  # a clean stop is not down
     finally:
         client.close()
+
+
+@pytest.mark.timeout(180)
+def test_a_hung_mongodb_loses_the_lease_and_readiness_within_its_ttl(
+    tmp_path, mongo_server_factory, chroma_server, syncd_factory
+):
+    """A MongoDB that takes requests and never answers (SIGSTOP): the lease cannot be
+    renewed, so within about lease.ttl_s the pipeline is stopped, says why, and /readyz
+    turns 503; once it answers again, the pipeline is taken back and converges."""
+    server = mongo_server_factory()
+    client: MongoClient[Any] = MongoClient(server.uri, serverSelectionTimeoutMS=10_000)
+    db, coll = _names("mhung")
+    client[db]["docs"].insert_many(DOCS[:3])
+    listen = f"127.0.0.1:{free_port()}"
+    cfg = _config(
+        tmp_path, mongo_uri=server.uri, chroma_port=chroma_server.port, db=db, coll=coll,
+        listen=listen, extra={"lease": {"ttl_s": 3.0, "renew_every_s": 1.0}},
+    )  # fmt: skip
+    daemon = syncd_factory(["run"], cfg)
+    wait_caught_up(client, db, settings_of(cfg), "dn", 60, "the first copy")
+    wait_until(lambda: _readiness(listen)[0] == 200, 30, "/readyz to answer 200")
+    assert server.pid is not None
+    mark = daemon.mark()
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        frozen = time.monotonic()
+        wait_until(lambda: _readiness(listen)[0] == 503, 15, "/readyz 503 while MongoDB hangs")
+        assert time.monotonic() - frozen < 12, "readiness lagged far behind the lease's ttl"
+        daemon.wait_for_output(r"lease expired", timeout=15, since=mark)
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+    client[db]["docs"].insert_many(DOCS[3:])
+    wait_caught_up(client, db, settings_of(cfg), "dn", 90, "the pipeline to catch up")
+    wait_until(lambda: _readiness(listen)[0] == 200, 60, "/readyz to answer 200 again")
+    _converged(client, chroma_server, db, coll)
+    _stop_cleanly(daemon)
