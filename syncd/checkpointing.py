@@ -95,12 +95,7 @@ class Progress:
         )
         if cp.fingerprint != self.fingerprint:
             if not self.resync:
-                raise FingerprintMismatchError(
-                    "the pipeline's mapping changed since its records were written",
-                    hint=f"run `{hints.command('snapshot', self.settings.name)}` to rebuild the "
-                    f"records, or start with `{hints.command('run', '--resync')}`",
-                    pipeline=self.settings.name,
-                )
+                raise mapping_changed(self.settings.name)
             cp.epoch = self.epoch
             self.checkpoint = cp
             return self.start_snapshot(reason="mapping changed: re-snapshot (--resync)")
@@ -277,6 +272,17 @@ class Progress:
 
     def _extra(self) -> dict[str, Any]:
         return {"pipeline": self.settings.name}
+
+
+def mapping_changed(pipeline: str) -> FingerprintMismatchError:
+    """The refusal (``on_mapping_change = "refuse"``) of a checkpoint written with
+    another mapping than this process's."""
+    return FingerprintMismatchError(
+        "the pipeline's mapping changed since its records were written",
+        hint=f"run `{hints.command('snapshot', pipeline)}` to rebuild the "
+        f"records, or start with `{hints.command('run', '--resync')}`",
+        pipeline=pipeline,
+    )
 
 
 def status_record(state: str, error: BaseException | None = None) -> dict[str, Any]:

@@ -30,7 +30,9 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from types import FrameType
 
+from syncd import switching
 from syncd.autorebuild import Rebuilder, needs_rebuild
+from syncd.checkpointing import mapping_changed
 from syncd.config import PipelineSettings, Settings
 from syncd.errors import ExitCode, HaltedError, LeaseLostError, PoisonError, SyncdError
 from syncd.exclusive import Hold, lease_of
@@ -172,6 +174,7 @@ class Daemon:
 
         try:
             if uses_leases(self.settings):
+                self._refuse_changed_mappings(runtime)
                 leased = self._leased_pipelines(runtime)
                 log.info("syncd running up to %d pipeline(s) under leases", len(self.pipelines))
             else:
@@ -315,6 +318,24 @@ class Daemon:
             beside=lambda ps: self._beside(runtime, ps),
             on_lost=self._lease_lost,
         )
+
+    def _refuse_changed_mappings(self, runtime: Runtime) -> None:
+        """Stop before announcing this process for leases if it would refuse to run a
+        pipeline (its mapping changed under ``on_mapping_change = "refuse"``): a replica
+        started with a changed config must not be handed a pipeline a healthy process
+        runs, only to stop it. What cannot be read now is left to the pipeline's start."""
+        if self.resync:
+            return
+        for ps in self.pipelines:
+            if ps.on_mapping_change != "refuse":
+                continue
+            try:
+                cp = runtime.store.load(ps.name)
+                switch = switching.load_record(runtime.store, ps.name)
+            except SyncdError:
+                continue
+            if cp is not None and not switch and cp.fingerprint != Mapper(ps).fingerprint:
+                raise mapping_changed(ps.name)
 
     def _lease_lost(self, name: str, why: str) -> None:
         """Not ready from now on, whenever its worker ends: this process may not write."""

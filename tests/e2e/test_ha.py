@@ -21,6 +21,7 @@ from pymongo import MongoClient
 
 from . import oracle
 from .helpers import caught_up, settings_of, wait_until, write_config
+from .mirror import make_mirror
 
 TTL, RENEW = 3.0, 1.0
 NAMES = ("ha1", "ha2", "ha3")
@@ -246,3 +247,38 @@ def test_two_daemons_share_pipelines_and_fence_a_stale_holder(
     assert writer.count > 50
     mongo_client.drop_database(db)
     mongo_client.drop_database(cp_db)
+
+
+@pytest.mark.timeout(120)
+def test_a_replica_with_a_changed_mapping_stops_before_taking_a_pipeline(
+    tmp_path, mongo_uri, mongo_client, chroma_server, mirror, syncd_factory
+):
+    # A second `syncd run` whose config changed the mapping (on_mapping_change =
+    # "refuse") would be handed the pipeline by the healthy process, spreading the load,
+    # and then stop with exit 2: the pipeline down until the first took it back, and again
+    # on every restart of the bad replica. It stops before it joins instead.
+    lease = {"ttl_s": TTL, "renew_every_s": RENEW}
+    good = mirror("hamap", lease=lease)
+    mongo_client[good.db]["docs"].insert_many([oracle.document(k) for k in range(3)])
+    first = syncd_factory(["run"], good.cfg)
+    wait_until(
+        lambda: caught_up(good.settings, "p", mongo_client.admin.command("ping")["operationTime"]),
+        60, "the first process to stream",
+    )  # fmt: skip
+    changed = make_mirror(tmp_path, mongo_uri, chroma_server, "hamap", lease=lease,
+                          db=good.db, coll=good.coll, metadata=("title",))  # fmt: skip
+    mark = first.mark()
+    second = syncd_factory(["run"], changed.cfg)
+    assert second.wait(60) == 2, second.output()
+    assert "the pipeline's mapping changed since its records were written" in second.output()
+    assert "Traceback" not in second.output()
+    time.sleep(3 * RENEW)  # a hand-over, had the second process joined, happens by now
+    assert "handing it over" not in first.output(mark), first.output(mark)
+    assert first.is_running()
+    mongo_client[good.db]["docs"].insert_one(oracle.document(3))
+    wait_until(
+        lambda: caught_up(good.settings, "p", mongo_client.admin.command("ping")["operationTime"]),
+        60, "the first process to stream on",
+    )  # fmt: skip
+    problem = good.mismatch(mongo_client[good.db]["docs"].find())
+    assert not problem, problem
