@@ -58,6 +58,7 @@ def explain(settings: Settings, pipeline: PipelineSettings, record_id: str) -> d
         halt = _halt_at(runtime, pipeline, key)
     finally:
         runtime.close()
+    matching = not missing and all(r["matches"] for r in records) and len(records) == len(expected)
     log = SpanLog(settings.telemetry.span_log_path, settings.telemetry.span_log_max_bytes)
     try:
         syncs = log.find(pipeline.name, key) if settings.telemetry.span_log_path else []
@@ -73,9 +74,13 @@ def explain(settings: Settings, pipeline: PipelineSettings, record_id: str) -> d
         "mapping_error": mapping_error,
         "chroma": records,
         "missing_in_chroma": missing,
-        "consistent": not missing
-        and all(r["matches"] for r in records)
-        and len(records) == len(expected),
+        "records_match": matching,
+        # As verify counts them: the records of a document whose change is parked as a
+        # dead letter (removed) or that the pipeline is halted at (missing or old) are
+        # held back, not drift.
+        "consistent": matching
+        or (dead is not None and not records)
+        or (halt is not None and not any(r["orphaned"] for r in records)),
         "recent_syncs": syncs,
         "dead_letter": _jsonable(dead),
         "halt": halt,

@@ -17,7 +17,8 @@ def register(verbs: Any) -> None:
         help="show one document in MongoDB and Chroma, its recent syncs and dead letter",
         description="ID is a record id as syncd writes it (i:42, s:hello, oid:65a1..., "
         "or COLLECTION/ID for multi-collection pipelines; a chunk id like i:42#3 works too). "
-        "Exit 0 when the Chroma records match the document, 1 otherwise.",
+        "Exit 0 when the Chroma records match the document, or are held back by a halt or "
+        "a dead letter (as `syncd verify` counts them), 1 otherwise.",
     )
     add_config_options(parser)
     parser.add_argument("pipeline", metavar="PIPELINE")
@@ -63,7 +64,7 @@ def _print(story: dict[str, Any]) -> None:
         print("            does not match the pipeline filter: it must not be in Chroma")
     if story["mapping_error"]:
         print(f"            cannot be mapped: {story['mapping_error']}")
-    if not story["chroma"]:
+    if not story["chroma"] and not story["missing_in_chroma"]:
         print("  Chroma:   no records")
     for record in story["chroma"]:
         if record["matches"]:
@@ -110,7 +111,7 @@ def _verdict(story: dict[str, Any]) -> str:
             "its change is parked as a dead letter (below); fix the document, then "
             f"`{hints.command('dlq', 'retry', pipeline, story['id'])}`"
         )
-    if story["consistent"]:
+    if story["records_match"]:
         return "consistent" if held is None else f"consistent with what it maps to now, but {held}"
     if held is not None:
         return f"not synced: {held}"

@@ -66,7 +66,7 @@ def test_explain_shows_verdicts_and_recent_syncs(mongo_client, mirror, syncd_fac
     assert set(story) == {
         "pipeline", "id", "collection", "source_id", "mongodb", "matches_filter",
         "mapping_error", "chroma", "missing_in_chroma", "consistent", "recent_syncs",
-        "dead_letter", "halt",
+        "dead_letter", "halt", "records_match",
     }  # fmt: skip
     assert story["pipeline"] == "ex" and story["id"] == "i:1" and story["collection"] == "docs"
     assert json.loads(story["source_id"]) == 1

@@ -21,6 +21,7 @@ def _story(records: list[dict[str, Any]], syncs: int) -> dict[str, Any]:
         "chroma": records,
         "missing_in_chroma": [],
         "consistent": False,
+        "records_match": False,
         "recent_syncs": [
             {"time": f"2026-01-01T00:00:{n:02d}Z", "operation": "update", "outcome": "applied"}
             for n in range(syncs)
