@@ -379,6 +379,7 @@ class Mapper:
 
     def _user_metadata(self, document: Mapping[str, Any]) -> dict[str, MetadataValue]:
         out: dict[str, MetadataValue] = {}
+        source: dict[str, str] = {}  # metadata key -> the mapping.metadata path it came from
         for path, name in self._metadata:
             value = get_path(document, path)
             for key, converted in _flatten(name, value):
@@ -387,7 +388,17 @@ class Mapper:
                         f"metadata key {key!r} (from {path!r}) uses a reserved prefix",
                         hint="rename the field with mapping.rename",
                     )
+                if key in out and compact_json(out[key]) != compact_json(converted):
+                    # {"a.b": 1, "a": {"b": 2}} flattens to "a.b" twice: keeping either
+                    # value would lose the other without a word.
+                    raise MappingError(
+                        f"metadata key {key!r} would hold two different values "
+                        f"({_sources(source[key], path)})",
+                        hint="rename the field in the document, or change mapping.metadata "
+                        "or mapping.rename",
+                    )
                 out[key] = converted
+                source[key] = path
         return out
 
     def _embedding(self, document: Mapping[str, Any]) -> list[float]:
@@ -408,6 +419,12 @@ class Mapper:
         if not all(map(math.isfinite, vector_f)):
             raise MappingError(f"vector field {path!r} contains NaN or infinity")
         return vector_f
+
+
+def _sources(first: str, second: str) -> str:
+    if first == second:
+        return f"in {first!r}, a field name with a dot and a nested field flatten to it"
+    return f"from {first!r} and {second!r}"
 
 
 def vector_digest(vector: list[float]) -> str:

@@ -219,6 +219,29 @@ def test_map_shows_the_records_a_document_becomes_without_writing(
     mongo_client.drop_database(db)
 
 
+def test_map_refuses_a_document_whose_metadata_keys_collide(tmp_path: Path) -> None:
+    """{"a.b": 1, "a": {"b": 2}} flattens to "a.b" twice: one value would be lost unseen."""
+    cfg = tmp_path / "syncd.toml"
+    cfg.write_text(
+        '[mongodb]\nuri = "mongodb://127.0.0.1:1/?directConnection=true"\n'
+        '[[pipelines]]\nname = "notes"\ndatabase = "app"\ncollection = "notes"\n'
+        '[pipelines.mapping]\ntext = "body"\nmetadata = ["title"]\n'
+    )
+    clash = '{"_id": "c", "body": "x", "title": {"a.b": 1, "a": {"b": 2}}}'
+    result = run_syncd(["map", "notes", "--json", "--document", clash], cfg, timeout=60)
+    assert result.returncode == ExitCode.DRIFT_OR_FAILURE, (result.stdout, result.stderr)
+    error = json.loads(result.stdout)["error"]
+    assert error["class"] == "MappingError"
+    assert "metadata key 'title.a.b' would hold two different values" in error["message"]
+
+    # The README's list rules: null items are dropped, a mix becomes strings.
+    listed = '{"_id": "l", "body": "x", "title": [1, "a", null, {"x": 1}]}'
+    result = run_syncd(["map", "notes", "--json", "--document", listed], cfg, timeout=60)
+    assert result.returncode == 0, result.stderr
+    [record] = json.loads(result.stdout)["records"]
+    assert record["metadata"]["title"] == ["1", "a", '{"x":1}']
+
+
 # --- completion ---------------------------------------------------------------------------
 
 

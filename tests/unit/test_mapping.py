@@ -197,6 +197,38 @@ def test_metadata_conversion() -> None:
     assert type(user["i"]) is int
 
 
+@pytest.mark.parametrize(
+    ("paths", "rename", "doc"),
+    [
+        (["title"], {}, {"title": {"a.b": 1, "a": {"b": 2}}}),
+        (["title"], {}, {"title": {"a.b": True, "a": {"b": 1}}}),
+        (["a", "x"], {"x": "a.b"}, {"a": {"b": 1}, "x": 2}),
+    ],
+    ids=["dotted and nested", "true and 1", "a rename onto a flattened key"],
+)
+def test_two_values_for_one_metadata_key_are_poison(
+    paths: list[str], rename: dict[str, str], doc: dict[str, Any]
+) -> None:
+    mapper = Mapper(pipeline(metadata=paths, rename=rename))
+    with pytest.raises(MappingError, match=r"metadata key '(title\.)?a\.b' would hold two") as info:
+        mapper.map({"_id": "c", "body": "x", **doc})
+    assert info.value.document_id == "c"
+
+
+def test_one_value_reaching_a_key_twice_is_stored_once() -> None:
+    mapper = Mapper(pipeline(metadata=["a", "a.b"]))
+    meta = mapper.map({"_id": 1, "body": "x", "a": {"b": 2}}).records[0].metadata
+    assert meta["a.b"] == 2
+
+
+def test_list_items_that_are_null_are_dropped_and_a_mix_becomes_strings() -> None:
+    meta = Mapper(pipeline(metadata=["m", "n"])).map(
+        {"_id": 1, "body": "x", "m": [1, "a", None, {"x": 1}], "n": [None]}
+    )
+    assert meta.records[0].metadata["m"] == ["1", "a", '{"x":1}']
+    assert "n" not in meta.records[0].metadata
+
+
 def test_ints_beyond_int64_become_strings() -> None:
     # Not storable in BSON, but a template or computed value could still produce one.
     assert _scalar(2**70) == str(2**70)
