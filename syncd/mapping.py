@@ -183,6 +183,23 @@ def _check_spec(field: str | None, spec: str) -> None:
         )
 
 
+def _check_field(field: str) -> None:
+    """A field is a dot path (:func:`get_path`). Python's format syntax (``{0}``,
+    ``{a[0]}``, ``{a.__class__}``) passes the parser but names no field of a document,
+    so every rendering would be empty without a word."""
+    parts = field.split(".")
+    if (
+        parts[0].isdigit()
+        or any(not part or "[" in part or "]" in part for part in parts)
+        or any(part.startswith("__") and part.endswith("__") for part in parts)
+    ):
+        raise ConfigError(
+            f"mapping.text_template: {{{field}}} is not a field path",
+            hint="name fields by dot paths such as {title} or {author.name} ({tags.0} for "
+            "an array's first item); positions, [index] and Python attributes are not read",
+        )
+
+
 def compile_template(template: str) -> Callable[[Mapping[str, Any]], str]:
     """A renderer for ``mapping.text_template``; a ConfigError for a template that could
     fail on some document.
@@ -200,6 +217,8 @@ def compile_template(template: str) -> Callable[[Mapping[str, Any]], str]:
             raise ConfigError(
                 "mapping.text_template: use named dot paths such as {title}, without !r/!s"
             )
+        if field is not None:
+            _check_field(field)
         _check_spec(field, spec or "")
         parts.append((literal, field, spec or ""))
 

@@ -158,6 +158,21 @@ CASES: list[tuple[str, dict[str, Any] | str, str]] = [
         edit("pipelines.0.mapping", {"text_template": "{title!r}"}),
         "text_template",
     ),
+    (
+        "template position",
+        edit("pipelines.0.mapping", {"text_template": "{0}"}),
+        "pipelines[0].mapping.text_template: {0} is not a field path",
+    ),
+    (
+        "template index",
+        edit("pipelines.0.mapping", {"text_template": "{a[0]}"}),
+        "{a[0]} is not a field path",
+    ),
+    (
+        "template attribute",
+        edit("pipelines.0.mapping", {"text_template": "{a.__class__}"}),
+        "{a.__class__} is not a field path",
+    ),
     ("nan", edit("lease", {"ttl_s": float("nan")}), "lease.ttl_s"),
     ("infinite duration", edit("shutdown_timeout_s", float("inf")), "shutdown_timeout_s"),
     ("duration too long to wait", edit("shutdown_timeout_s", 1e300), "shutdown_timeout_s"),

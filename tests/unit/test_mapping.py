@@ -122,13 +122,31 @@ def test_template_renders_paths_and_blanks_missing_fields() -> None:
 
 @pytest.mark.parametrize(
     "template",
-    ["{title!r}", "{}", "{title:d}", "{title:,}", "{title:=5}", "{title:{width}}", "{title:99999}"],
+    [
+        "{title!r}",
+        "{}",
+        "{title:d}",
+        "{title:,}",
+        "{title:=5}",
+        "{title:{width}}",
+        "{title:99999}",
+        "{0}",
+        "{a[0]}",
+        "{a.__class__}",
+        "{a..b}",
+    ],
 )
 def test_a_template_that_could_fail_is_refused_with_the_config(template: str) -> None:
     with pytest.raises(ConfigError):
         compile_template(template)
     with pytest.raises(ValidationError, match="text_template"):
         pipeline(text_template=template)
+
+
+def test_a_template_field_is_a_dot_path_whose_numbers_index_arrays() -> None:
+    mapper = Mapper(pipeline(text_template="{a.0}|{a.1}|{b.0.c}"))
+    doc = {"_id": 1, "a": ["x", "y"], "b": [{"c": "z"}]}
+    assert mapper.map(doc).records[0].text == "x|y|z"
 
 
 def test_text_format_specs_render() -> None:
