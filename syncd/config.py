@@ -29,7 +29,7 @@ from pydantic import (
 from pymongo.uri_parser import parse_uri
 
 from syncd.errors import ConfigError
-from syncd.identity import RESERVED_PREFIX
+from syncd.identity import CHROMA_RESERVED_PREFIX, RESERVED_PREFIX, is_reserved
 from syncd.redact import redact_text, register_secret
 
 DEFAULT_CONFIG_PATH = Path("syncd.toml")
@@ -305,13 +305,19 @@ class MappingSettings(_Model):
         if self.chunk_size and self.chunk_overlap >= self.chunk_size:
             raise ValueError("mapping.chunk_overlap must be smaller than mapping.chunk_size")
         for key in self.rename.values():
-            if key.startswith(RESERVED_PREFIX):
-                raise ValueError(
-                    f"metadata key {key!r} uses the reserved prefix {RESERVED_PREFIX!r}"
+            if is_reserved(key):
+                prefix = (
+                    RESERVED_PREFIX if key.startswith(RESERVED_PREFIX) else CHROMA_RESERVED_PREFIX
                 )
+                raise ValueError(f"metadata key {key!r} uses the reserved prefix {prefix!r}")
         named: dict[str, str] = {}  # metadata key -> the field it comes from
         for path in dict.fromkeys(self.metadata):
             key = self.rename.get(path, path)
+            if is_reserved(key):
+                raise ValueError(
+                    f"metadata field {path!r} would become the reserved key {key!r}; "
+                    "add a mapping.rename entry for it"
+                )
             if named.setdefault(key, path) != path:
                 raise ValueError(
                     f"mapping: {named[key]!r} and {path!r} would both be stored as metadata "

@@ -283,13 +283,8 @@ class Mapper:
         self._mapping = mapping
         self._embedder = pipeline.embedder
         self._template = compile_template(mapping.text_template) if mapping.text_template else None
+        # MappingSettings has refused a reserved key already.
         self._metadata = [(path, mapping.rename.get(path, path)) for path in mapping.metadata]
-        for path, key in self._metadata:
-            if is_reserved(key):
-                raise ConfigError(
-                    f"mapping.metadata: {path!r} would become the reserved key {key!r}",
-                    hint="add a mapping.rename entry for it",
-                )
         self._matches = compile_filter(pipeline.filter)
         self._fingerprint = _sha256(compact_json(self._fingerprint_inputs(), sort_keys=True))
 

@@ -74,6 +74,11 @@ CASES: list[tuple[str, dict[str, Any] | str, str]] = [
         "reserved prefix",
     ),
     (
+        "reserved metadata field",
+        edit("pipelines.0.mapping", {"text": "b", "metadata": ["syncd_id"]}),
+        "pipelines[0].mapping: metadata field 'syncd_id' would become the reserved key",
+    ),
+    (
         "two fields renamed to one key",
         edit(
             "pipelines.0.mapping",
@@ -238,6 +243,24 @@ def test_a_name_chroma_refuses_stops_every_command_before_it_starts(
         f"syncd: error: {path}: pipelines[0].name: 'ab' is also the Chroma collection's name, "
         "and Chroma needs 3-512 characters from letters, digits, '.', '_' and '-', starting "
         "and ending with a letter or digit; rename the pipeline or set chroma_collection"
+    ]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["run"], ["check"], ["check", "--offline"], ["map", "articles", "--document", '{"_id": 1}']],
+)
+def test_a_reserved_metadata_field_stops_every_command_alike(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """`check` said "config ok" where `run` and `map` refused the mapping."""
+    path = tmp_path / "syncd.toml"
+    path.write_text(tomli_w.dumps(edit("pipelines.0.mapping.metadata", ["syncd_id"])))
+    result = run_syncd(command, config=path, timeout=60)
+    assert result.returncode == ExitCode.CONFIG, (result.returncode, result.stderr)
+    assert result.stderr.strip().splitlines() == [
+        f"syncd: error: {path}: pipelines[0].mapping: metadata field 'syncd_id' would become "
+        "the reserved key 'syncd_id'; add a mapping.rename entry for it"
     ]
 
 

@@ -266,8 +266,14 @@ def test_rename_and_reserved_prefix() -> None:
     meta = mapper.map({"_id": 1, "body": "b", "author": {"name": "A"}}).records[0].metadata
     assert meta["author"] == "A"
     for path in ("syncd_x", "chroma:document"):
-        with pytest.raises(ConfigError, match="reserved"):
-            Mapper(pipeline(metadata=[path]))
+        # Refused with the config, so that check and map refuse it as run does.
+        with pytest.raises(ValidationError, match=f"metadata field '{path}' would become"):
+            pipeline(metadata=[path])
+        with pytest.raises(ValidationError, match="reserved prefix"):
+            pipeline(metadata=["x"], rename={"x": path})
+    # The hint: a rename entry makes the field usable.
+    mapper = Mapper(pipeline(metadata=["syncd_x"], rename={"syncd_x": "x"}))
+    assert mapper.map({"_id": 1, "body": "b", "syncd_x": 3}).records[0].metadata["x"] == 3
     # Flattening appends ".sub", so "syncd" itself stays usable.
     mapper = Mapper(pipeline(metadata=["x"], rename={"x": "syncd"}))
     meta = mapper.map({"_id": 1, "body": "b", "x": {"_a": 1}}).records[0].metadata
