@@ -41,6 +41,17 @@ from syncd.tokens import covered_through
 log = logging.getLogger(__name__)
 
 
+def mapping_changed(pipeline: str) -> FingerprintMismatchError:
+    """The refusal of a pipeline whose mapping is not its checkpoint's, under
+    ``on_mapping_change = "refuse"``: `syncd run` stops with it, `syncd check` reports it."""
+    return FingerprintMismatchError(
+        "the pipeline's mapping changed since its records were written",
+        hint=f"run `{hints.command('snapshot', pipeline)}` to rebuild the "
+        f"records, or start with `{hints.command('run', '--resync')}`",
+        pipeline=pipeline,
+    )
+
+
 class StreamClock(Protocol):
     """What the start of a run asks the source: where the stream stands now."""
 

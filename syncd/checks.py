@@ -14,6 +14,7 @@ from pathlib import Path
 from syncd import chroma_install, switching
 from syncd.autorebuild import needs_rebuild
 from syncd.checkpoint import FileCheckpointStore
+from syncd.checkpointing import mapping_changed
 from syncd.config import PipelineSettings, Settings
 from syncd.errors import (
     ConfigError,
@@ -95,8 +96,10 @@ def _will_rebuild(runtime: Runtime, ps: PipelineSettings) -> bool:
     """Whether `syncd run` rebuilds the pipeline beside its collection before it streams:
     the new collection is made for this mapping's vectors, so the live one's distance and
     vector size are no reason to refuse. Raises the ConfigError `syncd run` stops with
-    when it may not rebuild (the previous collection of the last rebuild is still kept)."""
+    when it may not rebuild (the previous collection of the last rebuild is still kept),
+    or, under ``on_mapping_change = "refuse"``, when the mapping changed."""
     if ps.on_mapping_change != "rebuild":
+        _check_unchanged(runtime, ps)
         return False
     try:
         needed = needs_rebuild(runtime.store, ps.name, Mapper(ps).fingerprint)
@@ -107,6 +110,19 @@ def _will_rebuild(runtime: Runtime, ps: PipelineSettings) -> bool:
     if refusal is not None:
         raise refusal
     return needed
+
+
+def _check_unchanged(runtime: Runtime, ps: PipelineSettings) -> None:
+    fingerprint = Mapper(ps).fingerprint
+    try:
+        cp = runtime.store.load(ps.name)
+        if cp is None or cp.fingerprint == fingerprint:
+            return
+        # A rebuild's switch explains the difference: `syncd run` waits for it, not refuses.
+        switching.check_start(runtime.store, ps.name, fingerprint, cp)
+    except SyncdError:
+        return  # that wait, or a store the checkpoint store's own check reports
+    raise mapping_changed(ps.name)
 
 
 def _chroma_created(runtime: Runtime) -> bool:

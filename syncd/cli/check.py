@@ -32,7 +32,9 @@ def register(verbs: Any) -> None:
         'A pipeline whose mapping changed under on_mapping_change = "rebuild" is not held '
         "against the live collection's distance and vector size: its line says that `syncd "
         "run` will rebuild it beside the live collection, or it fails (exit 2) when `syncd "
-        "run` would refuse to, the previous collection of the last rebuild being still kept.",
+        "run` would refuse to, the previous collection of the last rebuild being still kept. "
+        'Under on_mapping_change = "refuse", a pipeline whose mapping changed fails (exit 2) '
+        "with the message and hint `syncd run` stops with.",
     )
     add_config_options(parser)
     parser.add_argument("--offline", action="store_true", help="validate the config only")

@@ -300,6 +300,43 @@ def test_an_unwritable_file_checkpoint_store_fails_check_and_run(tmp_path, setup
     assert "cannot use checkpoint.path" in run.stderr and "Not a directory" in run.stderr
 
 
+@pytest.mark.timeout(300)
+def test_check_refuses_a_changed_mapping_as_run_does(setup, mongo_uri, mongo_client, chroma_server):
+    cfg, db, chroma_name = setup
+    mongo_client[db]["docs"].insert_many([dict(d) for d in DOCS])
+    first = run_syncd(["snapshot", "bad"], cfg, timeout=120)
+    assert first.returncode == 0, first.stderr
+    # The text comes from another field now; on_mapping_change is "refuse", the default.
+    write_config(
+        cfg,
+        mongo_uri=mongo_uri,
+        chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
+        checkpoint_db=f"{db}_syncd",
+        pipelines=[
+            pipeline_table("bad", db, chroma_collection=chroma_name, mapping={"text": "title"})
+        ],
+        extra={"lease": {"ttl_s": 3, "renew_every_s": 1}},
+    )
+    refused = "the pipeline's mapping changed since its records were written"
+    check = run_syncd(["check"], cfg, timeout=90)
+    assert check.returncode == ExitCode.CONFIG, check.stdout + check.stderr
+    assert "Traceback" not in check.stderr + check.stdout
+    (failed,) = [line for line in check.stdout.splitlines() if line.startswith("FAIL")]
+    assert failed.startswith(f"FAIL  pipeline bad: Chroma collection {chroma_name}: {refused}")
+
+    run = run_syncd(["run"], cfg, timeout=90)
+    assert run.returncode == ExitCode.CONFIG, run.stderr
+    assert "Traceback" not in run.stderr
+    stopped = next(line for line in run.stderr.splitlines() if "pipeline stopped:" in line)
+    assert refused in stopped
+    assert hinted_command(stopped) == hinted_command(failed)
+
+    followed = run_syncd(hinted_command(failed), timeout=120)
+    assert followed.returncode == 0, followed.stderr
+    again = run_syncd(["check"], cfg, timeout=90)
+    assert again.returncode == 0, again.stdout + again.stderr
+
+
 @pytest.mark.timeout(180)
 def test_check_embeds_a_probe_and_holds_it_against_the_collection(
     tmp_path, mongo_uri, mongo_client, chroma_server
