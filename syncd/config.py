@@ -286,6 +286,17 @@ class MappingSettings(_Model):
     max_document_bytes: Annotated[int, Field(ge=1)] = 16 * 1024 * 1024
     max_text_chars: Annotated[int, Field(ge=1)] = 1_000_000
 
+    @field_validator("text", "text_template")
+    @classmethod
+    def _not_empty(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value == "":
+            raise ValueError(
+                'may not be empty; name the field whose value is the text, such as "body"'
+                if info.field_name == "text"
+                else 'may not be empty; write the text\'s template, such as "{title}\\n\\n{body}"'
+            )
+        return value
+
     @field_validator("text_template")
     @classmethod
     def _valid_template(cls, value: str | None) -> str | None:
@@ -433,7 +444,10 @@ class PipelineSettings(_Model):
     @classmethod
     def _valid_name(cls, value: str) -> str:
         if not _NAME.match(value):
-            raise ValueError("use letters, digits, '_', '-', '.' (at most 63, not leading)")
+            raise ValueError(
+                f"{value!r} is not a pipeline name: use 1 to 63 letters, digits, '_', '-' "
+                "and '.', starting with a letter or digit"
+            )
         return value
 
     @field_validator("database")

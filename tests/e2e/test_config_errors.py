@@ -64,6 +64,22 @@ CASES: list[tuple[str, dict[str, Any] | str, str]] = [
     ("collection and collections", edit("pipelines.0.collections", ["a"]), "exactly one"),
     ("bad pipeline name", edit("pipelines.0.name", "a b"), "pipelines[0].name"),
     (
+        "empty pipeline name",
+        edit("pipelines.0.name", ""),
+        "pipelines[0].name: '' is not a pipeline name: use 1 to 63 letters, digits, '_', '-' "
+        "and '.', starting with a letter or digit",
+    ),
+    (
+        "empty text",
+        edit("pipelines.0.mapping.text", ""),
+        "pipelines[0].mapping.text: may not be empty; name the field whose value is the text",
+    ),
+    (
+        "empty text_template",
+        edit("pipelines.0.mapping", {"text_template": ""}),
+        "pipelines[0].mapping.text_template: may not be empty",
+    ),
+    (
         "overlap >= size",
         edit("pipelines.0.mapping", {"text": "b", "chunk_size": 10, "chunk_overlap": 10}),
         "chunk_overlap",
