@@ -273,7 +273,7 @@ class LogSettings(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     # Long operations (snapshot, verify, repair, dlq retry) log their progress this often
     # when stderr is not a terminal; 0 logs every step.
-    progress_every_s: Annotated[float, Field(ge=0)] = 10.0
+    progress_every_s: Seconds = 10.0
 
 
 class MappingSettings(_Model):
@@ -418,7 +418,7 @@ class PipelineSettings(_Model):
     on_error: Literal["halt", "dead_letter"] = "halt"
     # How often a halted pipeline looks at the document it halted on again (0: never;
     # only `syncd resume` continues it then).
-    halt_recheck_s: Annotated[float, Field(ge=0)] = 60.0
+    halt_recheck_s: Seconds = 60.0
     consistency: Literal["eventual", "strong"] = "eventual"
     batch_size: Annotated[int, Field(ge=1, le=100_000)] = 500
     batch_max_wait_ms: Annotated[int, Field(ge=0, le=600_000)] = 200

@@ -197,6 +197,16 @@ CASES: list[tuple[str, dict[str, Any] | str, str]] = [
     ("nan", edit("lease", {"ttl_s": float("nan")}), "lease.ttl_s"),
     ("infinite duration", edit("shutdown_timeout_s", float("inf")), "shutdown_timeout_s"),
     ("duration too long to wait", edit("shutdown_timeout_s", 1e300), "shutdown_timeout_s"),
+    (
+        "halt recheck over a year",
+        edit("pipelines.0.halt_recheck_s", 40_000_000),
+        "pipelines[0].halt_recheck_s: Input should be less than or equal to 31622400",
+    ),
+    (
+        "progress interval over a year",
+        edit("log", {"progress_every_s": 40_000_000}),
+        "log.progress_every_s: Input should be less than or equal to 31622400",
+    ),
     ("huge sample", edit("telemetry", {"verify_sample_size": 2**62}), "verify_sample_size"),
     ("bad database name", edit("pipelines.0.database", "a.b"), "not a MongoDB database name"),
     (
