@@ -71,6 +71,9 @@ def _pipeline_checks(runtime: Runtime, ps: PipelineSettings) -> Iterator[Result]
     except Exception as exc:  # noqa: BLE001
         yield line, _translate(exc)
         size = None
+    refusal = _mapping_refusal(runtime, ps)
+    if refusal is not None:  # no line otherwise: the checkpoint store has its own
+        yield f"pipeline {ps.name}: mapping", refusal
     line = f"pipeline {ps.name}: Chroma collection {ps.chroma_collection_name}"
     if not _chroma_created(runtime):
         yield f"{line} (not there yet: the first run creates it)", None
@@ -96,10 +99,8 @@ def _will_rebuild(runtime: Runtime, ps: PipelineSettings) -> bool:
     """Whether `syncd run` rebuilds the pipeline beside its collection before it streams:
     the new collection is made for this mapping's vectors, so the live one's distance and
     vector size are no reason to refuse. Raises the ConfigError `syncd run` stops with
-    when it may not rebuild (the previous collection of the last rebuild is still kept),
-    or, under ``on_mapping_change = "refuse"``, when the mapping changed."""
+    when it may not rebuild (the previous collection of the last rebuild is still kept)."""
     if ps.on_mapping_change != "rebuild":
-        _check_unchanged(runtime, ps)
         return False
     try:
         needed = needs_rebuild(runtime.store, ps.name, Mapper(ps).fingerprint)
@@ -112,17 +113,21 @@ def _will_rebuild(runtime: Runtime, ps: PipelineSettings) -> bool:
     return needed
 
 
-def _check_unchanged(runtime: Runtime, ps: PipelineSettings) -> None:
+def _mapping_refusal(runtime: Runtime, ps: PipelineSettings) -> ConfigError | None:
+    """The refusal `syncd run` stops with when the mapping changed under
+    ``on_mapping_change = "refuse"`` (None: it would not refuse)."""
+    if ps.on_mapping_change != "refuse":
+        return None
     fingerprint = Mapper(ps).fingerprint
     try:
         cp = runtime.store.load(ps.name)
         if cp is None or cp.fingerprint == fingerprint:
-            return
+            return None
         # A rebuild's switch explains the difference: `syncd run` waits for it, not refuses.
         switching.check_start(runtime.store, ps.name, fingerprint, cp)
     except SyncdError:
-        return  # that wait, or a store the checkpoint store's own check reports
-    raise mapping_changed(ps.name)
+        return None  # that wait, or a store the checkpoint store's own check reports
+    return mapping_changed(ps.name)
 
 
 def _chroma_created(runtime: Runtime) -> bool:

@@ -322,7 +322,7 @@ def test_check_refuses_a_changed_mapping_as_run_does(setup, mongo_uri, mongo_cli
     assert check.returncode == ExitCode.CONFIG, check.stdout + check.stderr
     assert "Traceback" not in check.stderr + check.stdout
     (failed,) = [line for line in check.stdout.splitlines() if line.startswith("FAIL")]
-    assert failed.startswith(f"FAIL  pipeline bad: Chroma collection {chroma_name}: {refused}")
+    assert failed.startswith(f"FAIL  pipeline bad: mapping: {refused}")
 
     run = run_syncd(["run"], cfg, timeout=90)
     assert run.returncode == ExitCode.CONFIG, run.stderr

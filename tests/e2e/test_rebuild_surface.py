@@ -128,9 +128,10 @@ def test_check_says_that_run_rebuilds_a_changed_dimension(
     copy_and_stop(syncd_factory, mongo_client, old.cfg, old.settings, db,
                   log_path=tmp_path / "old.log")  # fmt: skip
 
-    # Refusing a changed mapping, the collection of other vectors stays an error.
+    # Refusing a changed mapping, the collection of other vectors stays an error; the
+    # changed mapping comes first, as `syncd run` stops on it (exit 2) before Chroma.
     code, line = collection_line(config(64, "refuse").cfg)
-    assert code == ExitCode.SINK, line
+    assert code == ExitCode.CONFIG, line
     assert line.startswith("FAIL") and "holds 32-dimensional vectors" in line, line
 
     # Rebuilding it, the live collection's vectors are no reason to refuse: `syncd run`
