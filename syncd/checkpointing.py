@@ -52,6 +52,25 @@ def mapping_changed(pipeline: str) -> FingerprintMismatchError:
     )
 
 
+def refused_mapping(
+    store: CheckpointStore, settings: PipelineSettings, fingerprint: str
+) -> FingerprintMismatchError | None:
+    """The refusal `syncd run` stops with when the mapping changed under
+    ``on_mapping_change = "refuse"``; None when it would not refuse, or when what it
+    needs cannot be read now (the pipeline's start, or the store's own check, says why)."""
+    if settings.on_mapping_change != "refuse":
+        return None
+    try:
+        cp = store.load(settings.name)
+        if cp is None or cp.fingerprint == fingerprint:
+            return None
+        # A rebuild's switch explains the difference: `syncd run` waits for it, not refuses.
+        switching.check_start(store, settings.name, fingerprint, cp)
+    except SyncdError:
+        return None
+    return mapping_changed(settings.name)
+
+
 class StreamClock(Protocol):
     """What the start of a run asks the source: where the stream stands now."""
 
@@ -283,17 +302,6 @@ class Progress:
 
     def _extra(self) -> dict[str, Any]:
         return {"pipeline": self.settings.name}
-
-
-def mapping_changed(pipeline: str) -> FingerprintMismatchError:
-    """The refusal (``on_mapping_change = "refuse"``) of a checkpoint written with
-    another mapping than this process's."""
-    return FingerprintMismatchError(
-        "the pipeline's mapping changed since its records were written",
-        hint=f"run `{hints.command('snapshot', pipeline)}` to rebuild the "
-        f"records, or start with `{hints.command('run', '--resync')}`",
-        pipeline=pipeline,
-    )
 
 
 def status_record(state: str, error: BaseException | None = None) -> dict[str, Any]:

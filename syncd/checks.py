@@ -14,7 +14,7 @@ from pathlib import Path
 from syncd import chroma_install, switching
 from syncd.autorebuild import needs_rebuild
 from syncd.checkpoint import FileCheckpointStore
-from syncd.checkpointing import mapping_changed
+from syncd.checkpointing import refused_mapping
 from syncd.config import PipelineSettings, Settings
 from syncd.errors import (
     ConfigError,
@@ -71,7 +71,7 @@ def _pipeline_checks(runtime: Runtime, ps: PipelineSettings) -> Iterator[Result]
     except Exception as exc:  # noqa: BLE001
         yield line, _translate(exc)
         size = None
-    refusal = _mapping_refusal(runtime, ps)
+    refusal = refused_mapping(runtime.store, ps, Mapper(ps).fingerprint)
     if refusal is not None:  # no line otherwise: the checkpoint store has its own
         yield f"pipeline {ps.name}: mapping", refusal
     line = f"pipeline {ps.name}: Chroma collection {ps.chroma_collection_name}"
@@ -111,23 +111,6 @@ def _will_rebuild(runtime: Runtime, ps: PipelineSettings) -> bool:
     if refusal is not None:
         raise refusal
     return needed
-
-
-def _mapping_refusal(runtime: Runtime, ps: PipelineSettings) -> ConfigError | None:
-    """The refusal `syncd run` stops with when the mapping changed under
-    ``on_mapping_change = "refuse"`` (None: it would not refuse)."""
-    if ps.on_mapping_change != "refuse":
-        return None
-    fingerprint = Mapper(ps).fingerprint
-    try:
-        cp = runtime.store.load(ps.name)
-        if cp is None or cp.fingerprint == fingerprint:
-            return None
-        # A rebuild's switch explains the difference: `syncd run` waits for it, not refuses.
-        switching.check_start(runtime.store, ps.name, fingerprint, cp)
-    except SyncdError:
-        return None  # that wait, or a store the checkpoint store's own check reports
-    return mapping_changed(ps.name)
 
 
 def _chroma_created(runtime: Runtime) -> bool:

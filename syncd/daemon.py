@@ -30,9 +30,8 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from types import FrameType
 
-from syncd import switching
 from syncd.autorebuild import Rebuilder, needs_rebuild
-from syncd.checkpointing import mapping_changed
+from syncd.checkpointing import refused_mapping
 from syncd.config import PipelineSettings, Settings
 from syncd.errors import ExitCode, HaltedError, LeaseLostError, PoisonError, SyncdError
 from syncd.exclusive import Hold, lease_of
@@ -327,15 +326,9 @@ class Daemon:
         if self.resync:
             return
         for ps in self.pipelines:
-            if ps.on_mapping_change != "refuse":
-                continue
-            try:
-                cp = runtime.store.load(ps.name)
-                switch = switching.load_record(runtime.store, ps.name)
-            except SyncdError:
-                continue
-            if cp is not None and not switch and cp.fingerprint != Mapper(ps).fingerprint:
-                raise mapping_changed(ps.name)
+            refusal = refused_mapping(runtime.store, ps, Mapper(ps).fingerprint)
+            if refusal is not None:
+                raise refusal
 
     def _lease_lost(self, name: str, why: str) -> None:
         """Not ready from now on, whenever its worker ends: this process may not write."""
