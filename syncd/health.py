@@ -57,6 +57,10 @@ class Metrics:
             "syncd_dead_letters", "Events written to the dead-letter store.",
             ["pipeline"], registry=registry,
         )  # fmt: skip
+        self.reapplied_late = Counter(
+            "syncd_late_writes_reapplied", "Documents re-applied because a write Chroma did "
+            "not answer in time may have been applied late.", ["pipeline"], registry=registry,
+        )  # fmt: skip
         self.embedding_inputs = Counter(
             "syncd_embedding_inputs", "Texts sent to the embedder.", ["pipeline"], registry=registry
         )

@@ -12,6 +12,7 @@ decides where a run starts), :class:`~syncd.snapshot.Snapshotter` makes the firs
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -26,6 +27,7 @@ from syncd.applier import Applier, Planned, merged
 from syncd.checkpoint import Checkpoint, CheckpointStore
 from syncd.checkpointing import Progress as Checkpointing
 from syncd.config import PipelineSettings
+from syncd.consistency import Checker
 from syncd.deadletter import DeadLetters
 from syncd.embedder import Embedder
 from syncd.errors import (
@@ -46,6 +48,7 @@ from syncd.snapshot import Snapshotter
 from syncd.source import Batch, Source
 from syncd.staging import LIFECYCLE_OPS, Item, Planner
 from syncd.telemetry import ChangeEventInfo, PipelineTelemetry
+from syncd.unanswered import Unanswered, recheck
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +73,10 @@ class Pipeline:
         resync: bool = False,
         heartbeat: Callable[[], None] | None = None,
         traceparent_field: str = "traceparent",
+        unanswered: Unanswered | None = None,
     ) -> None:
+        """``unanswered``: where ``sink`` notes the records of writes it got no answer
+        to, looked at again once they are due (see :mod:`syncd.unanswered`)."""
         self.source = source
         self.store = store
         self.mapper = mapper
@@ -100,6 +106,8 @@ class Pipeline:
         self._retrying = False
         self._recovered = False
         self._traceparent_field = traceparent_field
+        self.unanswered = unanswered
+        self._checker: Checker | None = None
 
     # --- parts ------------------------------------------------------------------
 
@@ -252,6 +260,7 @@ class Pipeline:
         while not self.stop.is_set():
             self._heartbeat()
             self.telemetry.heartbeat()
+            self.recheck_unanswered()
             item = planner.next()
             if item is None and not planner.is_alive():
                 item = planner.next(timeout=0)  # what it handed over just before it ended
@@ -337,6 +346,32 @@ class Pipeline:
                 self.applier.put_dead_letters(planned.poisoned)
         if last is not None and last.token is not None:
             self.progress.advance(last.token, invalidate=last.invalidated)
+
+    def recheck_unanswered(self) -> None:
+        """Re-apply the documents of writes that went unanswered, once due, if they
+        differ from MongoDB now: such a write may have been applied late, over a newer
+        one. Between writes, in the writer: no write of this pipeline is in flight."""
+        if self.unanswered is None or not self.unanswered.due():
+            return
+        taken = self.unanswered.take_due()
+        try:
+            reapplied = recheck(self, self._recheck_checker(), taken)
+        except BaseException:
+            self.unanswered.put_back(taken)
+            raise
+        self.telemetry.reapplied_late(len(reapplied))
+
+    def _recheck_checker(self) -> Checker:
+        if self._checker is None:
+            store = self.dead_letters
+            self._checker = Checker(
+                self.settings,
+                source=self.source,
+                sink=self.sink,
+                mapper=self.mapper,
+                parked=functools.partial(store.parked, self.settings.name) if store else None,
+            )
+        return self._checker
 
     def _read_succeeded(self) -> None:
         self._recover("streaming")

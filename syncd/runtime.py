@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # the parts that write are imported when they are built: a co
     from syncd.pipeline import Pipeline
     from syncd.sink import Sink
     from syncd.telemetry import PipelineTelemetry, Telemetry
+    from syncd.unanswered import Unanswered
 
 
 class Runtime:
@@ -76,9 +77,15 @@ class Runtime:
         return source.ChangeSource(self.mongo, pipeline)
 
     def sink(
-        self, pipeline: PipelineSettings, *, create: bool = True, dimensions: int | None = None
+        self,
+        pipeline: PipelineSettings,
+        *,
+        create: bool = True,
+        dimensions: int | None = None,
+        unanswered: Unanswered | None = None,
     ) -> sink.ChromaSink:
-        """The pipeline's collection; Chroma is reached only when it is first used."""
+        """The pipeline's collection; Chroma is reached only when it is first used.
+        ``unanswered`` notes the records of writes that went unanswered."""
         from syncd import sink
 
         return sink.ChromaSink(
@@ -88,6 +95,7 @@ class Runtime:
             create=create,
             dimensions=dimensions,
             pipeline=pipeline.name,
+            unanswered=unanswered.note if unanswered is not None else None,
         )
 
     def embedder(self, pipeline: PipelineSettings) -> Embedder | None:
@@ -116,12 +124,15 @@ class Runtime:
         write to Chroma asks it first (see :class:`syncd.lease.FencedSink`)."""
         from syncd.mapping import Mapper
         from syncd.pipeline import Pipeline
+        from syncd.unanswered import Unanswered, settle_delay
 
         embedder = self.embedder(settings)
+        unanswered = Unanswered(settle_delay(self.settings.chroma.timeout_s))
         return Pipeline(
             settings,
             source=self.source(settings),
-            sink=self._pipeline_sink(settings, embedder, fence),
+            sink=self._pipeline_sink(settings, embedder, fence, unanswered),
+            unanswered=unanswered,
             store=self.store,
             mapper=Mapper(settings),
             embedder=embedder,
@@ -155,12 +166,13 @@ class Runtime:
         settings: PipelineSettings,
         embedder: Embedder | None,
         fence: Callable[[], None] | None,
+        unanswered: Unanswered | None = None,
     ) -> Sink:
         from syncd.lease import FencedSink
 
         # A vector read from the document must have embedder.dimensions elements too.
         dimensions = embedder.dimensions if embedder is not None else settings.embedder.dimensions
-        chroma = self.sink(settings, dimensions=dimensions)
+        chroma = self.sink(settings, dimensions=dimensions, unanswered=unanswered)
         return FencedSink(chroma, fence) if fence is not None else chroma
 
     def close(self) -> None:

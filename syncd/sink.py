@@ -283,6 +283,9 @@ class ChromaSink:
     A pipeline first asks :meth:`collection_id` whether the collection its checkpoint
     describes is still there, and only then lets it be created (with ``create``);
     without ``create`` it must exist.
+
+    ``unanswered`` is given the record ids of every write that failed without an
+    answer, which Chroma may still apply later (see :mod:`syncd.unanswered`).
     """
 
     def __init__(
@@ -294,9 +297,11 @@ class ChromaSink:
         create: bool = True,
         dimensions: int | None = None,
         pipeline: str = "PIPELINE",
+        unanswered: Callable[[Sequence[str]], None] | None = None,
     ) -> None:
         self._client = client
         self._pipeline = pipeline
+        self._unanswered = unanswered
         self.name = collection
         self._distance = distance
         self._create = create
@@ -394,10 +399,9 @@ class ChromaSink:
         halves before it are written). Other refusals are raised as they come: halving
         them would dead-letter every record of a write refused for what it asks.
 
-        A request that was not answered may still be applied after its halves. It holds
-        the same records as they do, so the outcome is the same either way; as with any
-        write retried after a timeout, only a server that held it back until after the
-        next write of the same keys (sent once this one returns) could apply it late."""
+        A request that was not answered (timed out, or cut off) may still be applied
+        after its halves or its retry, even after a later write of the same records: its
+        ids go to ``unanswered``, for the pipeline to look at them again later."""
         try:
             self._call(method, writes=True, **args(part))
             return
@@ -412,6 +416,8 @@ class ChromaSink:
                 raise
             why = "refused a write of %d records as too large"
         except SinkUnavailableError as exc:
+            if self._unanswered is not None:
+                self._unanswered([str(getattr(r, "id", r)) for r in part])
             if len(part) < 2 or not slow_answer(exc) or sum(map(size, part)) < SLOW_SPLIT_BYTES:
                 raise
             why = "did not answer a write of %d records within chroma.timeout_s"

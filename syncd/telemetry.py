@@ -304,6 +304,11 @@ class PipelineTelemetry:
     def embedded(self, inputs: int) -> None:
         self._metrics.embedding_inputs.labels(self._label).inc(inputs)
 
+    def reapplied_late(self, documents: int) -> None:
+        """Documents re-applied after a write that went unanswered (syncd.unanswered)."""
+        if documents:
+            self._metrics.reapplied_late.labels(self._label).inc(documents)
+
     def drift(self, missing: int, orphaned: int, stale: int) -> None:
         for kind, count in (("missing", missing), ("orphaned", orphaned), ("stale", stale)):
             self._metrics.drift.labels(self._label, kind).set(count)
