@@ -14,6 +14,9 @@ such failure of a record, the pipeline's writer compares its document's records 
 MongoDB's current state, as ``syncd repair`` does, and re-applies the documents that
 differ (through :func:`syncd.settling.apply_until_settled`, which is safe beside the
 running pipeline). The normal write path only pays for noting the ids of a failed write.
+A document whose newer change the pipeline has read but not written yet differs too:
+its current state is then applied a little early, which is harmless (the pipeline
+applies that change after it), and counted with the others.
 
 A request held back longer than the settle delay can still land unnoticed (``syncd
 verify`` finds it, ``syncd repair`` fixes it), and so can one of a process that stopped
