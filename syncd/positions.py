@@ -21,10 +21,11 @@ from bson.timestamp import Timestamp
 
 from syncd import hints, switching
 from syncd.checkpoint import Checkpoint
-from syncd.errors import CheckpointCorruptError, ConfigError
+from syncd.errors import CheckpointCorruptError, ConfigError, HistoryLostError
 from syncd.exclusive import exclusive, lease_of
 from syncd.lease import LeaseInfo
 from syncd.runtime import Runtime
+from syncd.source import Position
 from syncd.tokens import InvalidResumeToken, decode_resume_token, token_cluster_time
 
 
@@ -253,6 +254,7 @@ def set_position(
     by = by or operator()
     store = runtime.store
     command = command or hints.command("tokens", "set", name)
+    _check_reachable(runtime, name, decoded, at)
     with exclusive(runtime, name, force=force, command=command, who="syncd-tokens") as hold:
         cp = store.load(name)
         previous = _position(cp.token, cp.start_at, cp.token_is_invalidate) if cp else None
@@ -279,6 +281,30 @@ def set_position(
         "epoch": cp.epoch,
         "set_by": by,
     }
+
+
+def _check_reachable(
+    runtime: Runtime, name: str, decoded: dict[str, Any] | None, at: Timestamp | None
+) -> None:
+    """Refuse a position MongoDB can no longer resume from (its oplog has moved past
+    it): the pipeline would stop there with exit 3 at its next start."""
+    if decoded is not None:
+        data = {"_data": decoded["token"]}
+        where = (
+            Position(start_after=data) if decoded["fromInvalidate"] else Position(resume_after=data)
+        )
+    else:
+        where = Position(start_at=at)
+    try:
+        runtime.source(runtime.settings.pipeline(name)).check_reachable(where)
+    except HistoryLostError as exc:
+        raise ConfigError(
+            f"MongoDB can no longer resume pipeline {name!r} there: its oplog does not "
+            "reach back that far",
+            hint="pick a later --at time or token, or run "
+            f"`{hints.command('snapshot', name)}` to copy every document again",
+            pipeline=name,
+        ) from exc
 
 
 def reset(

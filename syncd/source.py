@@ -154,6 +154,16 @@ class ChangeSource:
         with translate_mongo_errors(**self._context):
             self._stream = self._target().watch(self._stages(), **options)
 
+    def check_reachable(self, position: Position) -> None:
+        """Raise HistoryLostError if the stream cannot start at ``position`` any more
+        (the oplog no longer reaches back to it); otherwise return, changing nothing."""
+        options: dict[str, Any] = {"max_await_time_ms": 1, **_position_options(position)}
+        with (
+            translate_mongo_errors(**self._context),
+            self._target().watch(self._stages(), **options) as stream,
+        ):
+            stream.try_next()
+
     def read_batch(self, max_events: int, max_wait_s: float) -> Batch:
         """Up to ``max_events`` events: what the server has ready, waiting at most about
         ``max_wait_s`` for the first one.

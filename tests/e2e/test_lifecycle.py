@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -242,3 +243,30 @@ def _get(client: Any, name: str) -> Any:
         return client.get_collection(name)
     except Exception:
         return None
+
+
+def test_tokens_set_refuses_a_time_the_oplog_no_longer_reaches(
+    tmp_path, mongo_server_factory, chroma_server, syncd_factory
+):
+    # Accepted, such a position would stop the next `syncd run` with exit 3.
+    server = mongo_server_factory(history_size=30)
+    client: MongoClient[dict[str, Any]] = MongoClient(server.uri)
+    cfg, settings, db, _coll = _setup(tmp_path, server.uri, chroma_server)
+    docs = client[db]["docs"]
+    docs.insert_one(_doc(0, "the first"))
+    early = op_time_now(client, db)
+    for i in range(1, 60):
+        docs.insert_one(_doc(i, f"doc {i}"))
+    at = datetime.fromtimestamp(early.time, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    refused = run_syncd(["tokens", "set", "life", "--at", at, "--yes"], cfg)
+    assert refused.returncode == ExitCode.CONFIG, refused.stdout + refused.stderr
+    assert "its oplog does not reach back that far" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert load_checkpoint(settings, "life") is None, "nothing may be recorded"
+    # The hint: a snapshot instead, after which the pipeline streams.
+    (hinted,) = [c for c in re.findall(r"`(syncd [^`]+)`", refused.stderr)]
+    done = run_syncd(shlex.split(hinted)[1:])
+    assert done.returncode == ExitCode.OK, done.stdout + done.stderr
+    cp = load_checkpoint(settings, "life")
+    assert cp is not None and cp.phase == "streaming"
+    client.close()
