@@ -517,9 +517,14 @@ def from_mongo(exc: mongo_errors.PyMongoError, **context: Any) -> SyncdError:
             **context,
         )
     if kind is ErrorKind.TRANSIENT:
+        not_mongodb = "Got response id" in str(exc)  # the wire protocol of something else
         return SourceUnavailableError(
             f"MongoDB unavailable: {detail}",
-            hint="start MongoDB (or correct mongodb.uri) and run the command again; "
+            hint="the server at mongodb.uri does not answer like MongoDB: check the host "
+            "and port in the URI, then run the command again; a running syncd retries by "
+            "itself"
+            if not_mongodb
+            else "start MongoDB (or correct mongodb.uri) and run the command again; "
             "a running syncd retries by itself",
             **context,
         )
@@ -558,7 +563,8 @@ def from_sink(exc: BaseException, *, records: bool = False, **context: Any) -> S
     if kind is ErrorKind.TRANSIENT:
         return SinkUnavailableError(
             f"Chroma unavailable: {detail}",
-            hint="start Chroma (or correct chroma.host and chroma.port) and run the command "
+            hint=_tls_hint(exc)
+            or "start Chroma (or correct chroma.host and chroma.port) and run the command "
             "again; a running syncd retries by itself",
             **context,
         )
@@ -603,6 +609,34 @@ def _sink_detail(root: BaseException) -> str:
         body = body_excerpt(str(getattr(response, "text", "") or ""))
         return f"HTTP {status}" + (f" ({body})" if body else "")
     return f"{type(root).__name__}: {body_excerpt(str(root))}"
+
+
+def _tls_hint(exc: BaseException) -> str | None:
+    """What to check when the connection failed in its TLS handshake."""
+    text = " ".join(str(e) for e in _chain(exc))
+    if "WRONG_VERSION_NUMBER" in text or "record layer failure" in text:
+        return (
+            "Chroma at chroma.host:chroma.port does not speak TLS: set chroma.ssl = false, "
+            "or point chroma.port at the TLS endpoint; then run the command again"
+        )
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return (
+            "the TLS certificate of the server at chroma.host is not trusted here: install "
+            "its CA in the system's trust store (or set SSL_CERT_FILE), then run the "
+            "command again"
+        )
+    return None
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the errors it was raised from, or during."""
+    out, seen = [], set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        out.append(current)
+        current = current.__cause__ or current.__context__
+    return out
 
 
 def _not_chroma(root: BaseException) -> bool:

@@ -327,8 +327,9 @@ def test_check_refuses_a_changed_mapping_as_run_does(setup, mongo_uri, mongo_cli
     run = run_syncd(["run"], cfg, timeout=90)
     assert run.returncode == ExitCode.CONFIG, run.stderr
     assert "Traceback" not in run.stderr
-    stopped = next(line for line in run.stderr.splitlines() if "pipeline stopped:" in line)
-    assert refused in stopped
+    # With leases, run refuses before it joins the other processes (test_ha.py).
+    stopped = next(line for line in run.stderr.splitlines() if refused in line)
+    assert stopped.startswith("syncd: error: "), run.stderr
     assert hinted_command(stopped) == hinted_command(failed)
 
     followed = run_syncd(hinted_command(failed), timeout=120)
@@ -490,3 +491,42 @@ def test_a_lease_edited_by_hand_is_only_a_lock_taken_again(
     wait_until(lambda: chroma_texts(collection) == expected, 90, "the stores to converge")
     lease = leases.find_one({"_id": "bad"})
     assert lease is not None and isinstance(lease["epoch"], int)
+
+
+@pytest.mark.timeout(180)
+def test_a_tls_or_port_mix_up_names_the_setting_to_fix(setup, mongo_uri, chroma_server):
+    cfg, db, chroma_name = setup
+    # chroma.ssl = true against a plain-HTTP Chroma: the TLS handshake fails.
+    write_config(
+        cfg,
+        mongo_uri=mongo_uri,
+        chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port,
+                "ssl": True, "timeout_s": 5},
+        checkpoint_db=f"{db}_syncd",
+        pipelines=[pipeline_table("bad", db, chroma_collection=chroma_name)],
+    )  # fmt: skip
+    tls = run_syncd(["check"], cfg, timeout=90)
+    assert tls.returncode == ExitCode.SINK, tls.stdout + tls.stderr
+    assert "does not speak TLS: set chroma.ssl = false" in tls.stdout + tls.stderr, tls.stdout
+    assert "Traceback" not in tls.stdout + tls.stderr
+    # The hint followed: chroma.ssl = false, and Chroma answers.
+    write_config(
+        cfg,
+        mongo_uri=mongo_uri,
+        chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port,
+                "ssl": False, "timeout_s": 5},
+        checkpoint_db=f"{db}_syncd",
+        pipelines=[pipeline_table("bad", db, chroma_collection=chroma_name)],
+    )  # fmt: skip
+    fixed = run_syncd(["check"], cfg, timeout=90)
+    assert "does not speak TLS" not in fixed.stdout + fixed.stderr, fixed.stdout
+    assert not [line for line in fixed.stdout.splitlines() if "FAIL" in line and "Chroma" in line]
+    # A MongoDB URI pointing at Chroma's port: something answers, but not as MongoDB.
+    wrong = f"mongodb://127.0.0.1:{chroma_server.port}/?directConnection=true"
+    mongo = run_syncd(
+        ["check"], cfg, timeout=90,
+        env={"SYNCD_MONGODB_URI": wrong, "SYNCD_MONGODB__SERVER_SELECTION_TIMEOUT_MS": "2000"},
+    )  # fmt: skip
+    assert mongo.returncode == ExitCode.SOURCE, mongo.stdout + mongo.stderr
+    assert "does not answer like MongoDB: check the host and port" in mongo.stdout + mongo.stderr
+    assert "Traceback" not in mongo.stdout + mongo.stderr
