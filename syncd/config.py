@@ -593,13 +593,16 @@ def load(
             hint="point at one with --config PATH or SYNCD_CONFIG=PATH, or create "
             f"{DEFAULT_CONFIG_PATH} here (see README)",
         )
-    for key, value in _env_layer(env).items():
+    layer = _env_layer(env)
+    for key, (_name, value) in layer.items():
         _set_dotted(data, key, value)
     for key, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(data, key, value)
     _embedding_keys_from(env, data)
-    flags = {key: FLAGS.get(key, key) for key, v in (overrides or {}).items() if v is not None}
+    # A bad value is named where it was set: the variable, or the flag, not the file.
+    flags = {key: name for key, (name, _value) in layer.items()}
+    flags |= {key: FLAGS.get(key, key) for key, v in (overrides or {}).items() if v is not None}
     return validate(data, source=str(config_path), flags=flags)
 
 
@@ -648,16 +651,17 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
 
 
-def _env_layer(env: Mapping[str, str]) -> dict[str, str]:
-    layer: dict[str, str] = {}
+def _env_layer(env: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """The settings the environment sets: dotted key -> (variable, value)."""
+    layer: dict[str, tuple[str, str]] = {}
     for name, value in env.items():
         if not name.startswith("SYNCD_") or name in _ENV_IGNORED or name.startswith("SYNCD_TEST_"):
             continue
         if name in _ENV_ALIASES:
-            layer[".".join(_ENV_ALIASES[name])] = value
+            layer[".".join(_ENV_ALIASES[name])] = (name, value)
         elif "__" in name:
             section, _, key = name[len("SYNCD_") :].lower().partition("__")
-            layer[f"{section}.{key.replace('__', '.')}"] = value
+            layer[f"{section}.{key.replace('__', '.')}"] = (name, value)
     return layer
 
 
@@ -690,8 +694,11 @@ def _list_item(items: list[Any], part: str, dotted: str) -> Any:
 def _describe_validation_error(exc: ValidationError, source: str, flags: Mapping[str, str]) -> str:
     first = exc.errors()[0]
     location = _location(first["loc"])
+    inside = [key for key in flags if location and key.startswith(f"{location}.")]
     if location in flags:
         source, location = flags[location], ""
+    elif len(inside) == 1:  # a check of the whole table (mongodb's URI): the one value set
+        source = flags[inside[0]]
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown key"

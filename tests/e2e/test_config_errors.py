@@ -384,3 +384,19 @@ def test_a_bad_listen_flag_is_named_as_the_flag(tmp_path: Path, command: list[st
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("syncd: error: --listen: expected HOST:PORT"), line
     assert "telemetry.listen" not in line and str(path) not in line, line
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("SYNCD_CHROMA__PORT", "abc"), ("SYNCD_MONGODB_URI", "http://not-mongodb")],
+)
+def test_a_bad_value_from_the_environment_is_named_as_the_variable(
+    tmp_path: Path, variable: str, value: str
+) -> None:
+    path = tmp_path / "syncd.toml"
+    path.write_text(tomli_w.dumps(good()))
+    result = run_syncd(["check", "--offline"], config=path, env={variable: value}, timeout=60)
+    assert result.returncode == ExitCode.CONFIG, (result.returncode, result.stderr)
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"syncd: error: {variable}: "), line
+    assert str(path) not in line, line
