@@ -465,6 +465,9 @@ class PipelineSettings(_Model):
     def _collection_names(cls, value: list[str] | None) -> list[str] | None:
         for name in value or []:
             mongo_collection_name(name, "collection")
+        twice = sorted({name for name in value or [] if (value or []).count(name) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(map(repr, twice))} listed more than once")
         return value
 
     @model_validator(mode="after")

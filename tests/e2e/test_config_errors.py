@@ -62,6 +62,14 @@ CASES: list[tuple[str, dict[str, Any] | str, str]] = [
     ("both text sources", edit("pipelines.0.mapping.text_template", "{a}"), "exactly one"),
     ("no text source", edit("pipelines.0.mapping.text", DELETE), "exactly one"),
     ("collection and collections", edit("pipelines.0.collections", ["a"]), "exactly one"),
+    (
+        "a collection listed twice",
+        {
+            **(d := edit("pipelines.0.collections", ["a", "b", "a"])),
+            "pipelines": [{k: v for k, v in d["pipelines"][0].items() if k != "collection"}],
+        },
+        "pipelines[0].collections: 'a' listed more than once",
+    ),
     ("bad pipeline name", edit("pipelines.0.name", "a b"), "pipelines[0].name"),
     (
         "empty pipeline name",
