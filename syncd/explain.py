@@ -129,7 +129,7 @@ def locate(pipeline: PipelineSettings, key: str) -> tuple[str, Any]:
         source_id = decode_id(encoded)
         bson.encode({"_id": source_id})  # one MongoDB cannot hold: i:99999999999999999999
         return collection, source_id
-    except (OverflowError, bson.errors.BSONError) as exc:
+    except (OverflowError, UnicodeEncodeError, bson.errors.BSONError) as exc:
         raise ConfigError(
             f"not a syncd record id: {key!r} (MongoDB cannot hold that _id: {exc})"
         ) from None

@@ -112,18 +112,28 @@ def _document(value: str) -> dict[str, Any]:
     from syncd.preview import parse_document
 
     if value == "-":
-        text, origin = sys.stdin.read(), "stdin"
+        text, origin = _utf8(sys.stdin.buffer.read(), "stdin"), "stdin"
     elif value.lstrip().startswith("{"):
         text, origin = value, "--document"
     else:
         try:
-            text, origin = Path(value).read_text(encoding="utf-8"), value
+            raw = Path(value).read_bytes()
         except OSError as exc:
             raise ConfigError(f"cannot read document file {value}: {exc.strerror}") from None
+        text, origin = _utf8(raw, value), value
     try:
         return parse_document(text)
     except ValueError as exc:  # json.JSONDecodeError is a ValueError
         raise ConfigError(f"{origin}: not a JSON document: {exc}") from None
+
+
+def _utf8(raw: bytes, origin: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{origin}: not UTF-8 text (byte {exc.start}); JSON documents are UTF-8"
+        ) from None
 
 
 def _print(result: dict[str, Any]) -> None:
