@@ -75,9 +75,12 @@ def _sub(subs: Any, name: str, text: str) -> argparse.ArgumentParser:
 
 def _open(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     settings = load_settings(args, chroma=True)
+    from syncd.explain import user_key
     from syncd.runtime import Runtime
 
     ps = settings.pipeline(args.pipeline)
+    if args.key:  # dead letters are kept by key, spelled as syncd writes it (i:3, not i:03)
+        args.key = user_key(ps, args.key)
     runtime = Runtime(settings)
     return runtime, ps, runtime.dead_letters(ps)
 

@@ -76,12 +76,11 @@ def handle(args: argparse.Namespace) -> int:
 
 
 def _from_mongodb(settings: Any, ps: Any, record_id: str) -> tuple[str, dict[str, Any]]:
-    from syncd.explain import locate
-    from syncd.identity import base_id
+    from syncd.explain import locate, user_key
     from syncd.runtime import Runtime
     from syncd.source import id_key
 
-    collection, source_id = locate(ps, base_id(record_id))
+    collection, source_id = locate(ps, user_key(ps, record_id))
     runtime = Runtime(settings)
     try:
         found = runtime.source(ps).fetch(collection, [source_id]).get(id_key(source_id))
