@@ -207,7 +207,7 @@ def _set(args: argparse.Namespace) -> int:
 
     def run(rt: Any) -> dict[str, Any]:
         rt.settings.pipeline(args.pipeline)  # an unknown name: say so before asking
-        command = hints.again()
+        command = _confirmed_again()
         ensure_free(rt, args.pipeline, force=args.force, command=command)
         _confirm(args, f"Move pipeline {args.pipeline!r} to {target}?")
         return positions.set_position(
@@ -233,7 +233,7 @@ def _reset(args: argparse.Namespace) -> int:
 
     def run(rt: Any) -> dict[str, Any]:
         rt.settings.pipeline(args.pipeline)  # an unknown name: say so before asking
-        command = hints.again()
+        command = _confirmed_again()
         ensure_free(rt, args.pipeline, force=args.force, command=command)
         _confirm(args, f"Delete the checkpoint of {args.pipeline!r}? Its next run re-snapshots.")
         return positions.reset(rt, args.pipeline, force=args.force, command=command)
@@ -259,6 +259,12 @@ def _with_runtime(args: argparse.Namespace, work: Callable[[Any], Any]) -> Any:
         return work(runtime)
     finally:
         runtime.close()
+
+
+def _confirmed_again() -> str:
+    """This command as a hint names it (with --force added, to fence a daemon out): with
+    --yes, so that it runs as printed where stdin is no terminal to confirm at."""
+    return hints.with_flags(hints.again(), "--yes")
 
 
 def _confirm(args: argparse.Namespace, question: str) -> None:
