@@ -254,7 +254,9 @@ def _reset(args: argparse.Namespace) -> int:
 def _with_runtime(args: argparse.Namespace, work: Callable[[Any], Any]) -> Any:
     from syncd.runtime import Runtime
 
-    runtime = Runtime(load_settings(args, require_file=False))  # stored pipelines too
+    # A config file is required, as by every verb that works on pipelines: without one,
+    # the default mongodb.uri would be asked for stored pipelines it most likely lacks.
+    runtime = Runtime(load_settings(args))
     try:
         return work(runtime)
     finally:

@@ -294,8 +294,12 @@ def test_a_config_path_that_is_no_config_file(tmp_path: Path, make: Any, expecte
         ["wait", "orph", "--after", "now"],
         ["explain", "orph", "i:1"],
         ["map", "orph", "--document", "{}"],
+        ["tokens", "show"],
+        ["tokens", "history", "orph"],
+        ["tokens", "set", "orph", "--at", "2024-01-01T00:00:00Z", "--yes"],
+        ["tokens", "reset", "orph", "--yes"],
     ],
-    ids=lambda c: c[0] if c[0] != "dlq" else " ".join(c[:2]),
+    ids=lambda c: c[0] if c[0] not in ("dlq", "tokens") else " ".join(c[:2]),
 )
 def test_no_default_config_file_is_one_message_for_every_verb(
     tmp_path: Path, command: list[str]
