@@ -238,7 +238,14 @@ def test_the_busy_hint_of_set_and_reset_runs_as_printed(mirror, mongo_client, sy
     _wait(daemon, lambda: caught_up(settings, "tok", last), "the first run to catch up")
     at = datetime.fromtimestamp(last.time, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
+    def held_by_the_daemon() -> bool:
+        shown = run_syncd(["tokens", "show", "tok", "--json"], cfg, timeout=60)
+        (entry,) = json.loads(shown.stdout)["pipelines"]
+        lease = entry["lease"]
+        return bool(lease and lease["live"] and not lease["owner"].startswith("syncd-tokens"))
+
     for args in (["tokens", "set", "tok", "--at", at], ["tokens", "reset", "tok"]):
+        _wait(daemon, held_by_the_daemon, "the daemon to take its pipeline (back)")
         busy = run_syncd(args, cfg, timeout=60)
         assert busy.returncode == ExitCode.LEASE, busy.stderr
         (hinted,) = re.findall(r"run `(syncd [^`]+)` to fence it out", busy.stderr)
@@ -248,6 +255,7 @@ def test_the_busy_hint_of_set_and_reset_runs_as_printed(mirror, mongo_client, sy
         followed = run_syncd(shlex.split(hinted)[1:], timeout=60)  # stdin: /dev/null
         assert followed.returncode == ExitCode.OK, followed.stdout + followed.stderr
         assert "tok: " in followed.stdout, followed.stdout
+    _wait(daemon, held_by_the_daemon, "the daemon to take its pipeline back")
     daemon.terminate()
     assert daemon.wait(30) == 0, daemon.output()
 
