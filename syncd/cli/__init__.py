@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import logging
 import os
 import sys
@@ -87,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     if args.command != "run":
         signals.restore()  # one-shot commands stop on a signal as they always did
+    _print_paths_as_given()
     undecodable = _not_text(parser, args)
     if undecodable:
         print(f"syncd: error: {undecodable}", file=sys.stderr)
@@ -127,6 +129,14 @@ def _not_text(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str 
             if isinstance(value, str) and not is_text(value):
                 return f"{_argument_name(parser, args, dest)} {shown(value)} is not UTF-8 text"
     return None
+
+
+def _print_paths_as_given() -> None:
+    """A path given in bytes that are not UTF-8 (``--config``) is printed back as those
+    bytes (``config show``, hints), as stderr already does, not refused by a stdout
+    that is strict about UTF-8 (a UTF-8 locale other than C.UTF-8)."""
+    if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.errors == "strict":
+        sys.stdout.reconfigure(errors="surrogateescape")
 
 
 def _argument_name(parser: argparse.ArgumentParser, args: argparse.Namespace, dest: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +11,7 @@ import pytest
 import tomli_w
 
 from syncd.errors import ExitCode
-from tests.harness.daemon import run_syncd
+from tests.harness.daemon import run_syncd, syncd_command, syncd_env
 
 
 def good() -> dict[str, Any]:
@@ -324,3 +326,19 @@ def test_a_bad_listen_flag_is_named_as_the_flag(tmp_path: Path, command: list[st
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("syncd: error: --listen: expected HOST:PORT"), line
     assert "telemetry.listen" not in line and str(path) not in line, line
+
+
+def test_a_config_file_named_in_bytes_that_are_not_utf8_is_shown_as_named(tmp_path: Path) -> None:
+    """The file system takes any bytes: such a --config is read, and printed back as the
+    same bytes, also where stdout is strict about UTF-8 (a UTF-8 locale but C.UTF-8)."""
+    path = Path(os.fsdecode(bytes(tmp_path) + b"/\xff.toml"))
+    path.write_text(tomli_w.dumps(good()))
+    result = subprocess.run(
+        syncd_command(["config", "show"], path),
+        env=syncd_env({"PYTHONIOENCODING": "utf-8:strict"}),
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == ExitCode.OK, result.stderr.decode(errors="replace")
+    assert result.stdout.startswith(b"# config file: " + os.fsencode(path) + b"\n")
