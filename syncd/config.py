@@ -31,6 +31,7 @@ from pymongo.uri_parser import parse_uri
 from syncd.errors import ConfigError
 from syncd.identity import CHROMA_RESERVED_PREFIX, RESERVED_PREFIX, is_reserved
 from syncd.redact import redact_text, register_secret
+from syncd.utf8 import is_text
 
 DEFAULT_CONFIG_PATH = Path("syncd.toml")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -660,6 +661,8 @@ def _env_layer(env: Mapping[str, str]) -> dict[str, tuple[str, str]]:
     for name, value in env.items():
         if not name.startswith("SYNCD_") or name in _ENV_IGNORED or name.startswith("SYNCD_TEST_"):
             continue
+        if not is_text(value):  # bytes the locale could not decode (surrogate escapes)
+            raise ConfigError(f"${name} is not UTF-8 text; set it to UTF-8 text")
         if name in _ENV_ALIASES:
             layer[".".join(_ENV_ALIASES[name])] = (name, value)
         elif "__" in name:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from syncd import halts
+from syncd import halts, hints
 from syncd.errors import CheckpointCorruptError, ExitCode, LeaseLostError, SyncdError
 from syncd.lease import (
     LeaseInfo,
@@ -176,7 +176,8 @@ def _busy(name: str, lease: LeaseInfo | None, command: str) -> PipelineBusyError
         holder = f"{lease.owner} (lease epoch {lease.epoch}, until {until})"
     return PipelineBusyError(
         f"pipeline {name!r} is running in {holder}",
-        hint=f"stop that daemon first, or run `{command} --force` to fence it out (it stops "
-        "the pipeline at once and takes it again when this command is done)",
+        hint=f"stop that daemon first, or run `{hints.with_flags(command, '--force')}` to "
+        "fence it out (it stops the pipeline at once and takes it again when this command "
+        "is done)",
         pipeline=name,
     )

@@ -16,7 +16,15 @@ from bson import json_util
 from syncd.compare import differing_keys, differs
 from syncd.config import PipelineSettings, Settings
 from syncd.errors import ConfigError, MappingError, PoisonError
-from syncd.identity import HASH_KEY, ID_KEY, base_id, decode_id, prefixed, split_key
+from syncd.identity import (
+    HASH_KEY,
+    ID_KEY,
+    base_id,
+    canonical_key,
+    decode_id,
+    prefixed,
+    split_key,
+)
 from syncd.mapping import Record
 from syncd.runtime import Runtime
 from syncd.source import id_key
@@ -24,7 +32,7 @@ from syncd.spanlog import SpanLog
 
 
 def explain(settings: Settings, pipeline: PipelineSettings, record_id: str) -> dict[str, Any]:
-    key = base_id(record_id)
+    key = user_key(pipeline, record_id)
     collection, source_id = locate(pipeline, key)
     runtime = Runtime(settings)
     try:
@@ -121,6 +129,21 @@ def _expected(
     return {r.id: r for r in mapped.records}, None
 
 
+def user_key(pipeline: PipelineSettings, record_id: str) -> str:
+    """The document key a record id given on the command line names, as syncd writes
+    it (``i:03`` is ``i:3``); ConfigError if it names none."""
+    locate(pipeline, base_id(record_id))  # a collection it does not read, an _id too odd
+    try:
+        return canonical_key(
+            record_id, prefixed=prefixed(pipeline), collection=pipeline.collection or ""
+        )
+    except MappingError as exc:
+        raise ConfigError(exc.message, hint=_ID_HINT) from None
+
+
+_ID_HINT = "ids look like i:42, s:hello, oid:65a1..., uuid:... (see `syncd verify`)"
+
+
 def locate(pipeline: PipelineSettings, key: str) -> tuple[str, Any]:
     """The collection and `_id` a record id (or key) stands for; ConfigError if none."""
     multi = prefixed(pipeline)
@@ -134,15 +157,12 @@ def locate(pipeline: PipelineSettings, key: str) -> tuple[str, Any]:
         source_id = decode_id(encoded)
         bson.encode({"_id": source_id})  # one MongoDB cannot hold: i:99999999999999999999
         return collection, source_id
-    except (OverflowError, bson.errors.BSONError) as exc:
+    except (OverflowError, UnicodeEncodeError, bson.errors.BSONError) as exc:
         raise ConfigError(
             f"not a syncd record id: {key!r} (MongoDB cannot hold that _id: {exc})"
         ) from None
     except MappingError as exc:
-        raise ConfigError(
-            exc.message,
-            hint="ids look like i:42, s:hello, oid:65a1..., uuid:... (see `syncd verify`)",
-        ) from None
+        raise ConfigError(exc.message, hint=_ID_HINT) from None
 
 
 def _jsonable(value: Any) -> Any:

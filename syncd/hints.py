@@ -66,6 +66,17 @@ def again(argv: Sequence[str] | None = None) -> str:
     return shlex.join(["syncd", *kept, *config, *rest])
 
 
+def with_flags(command: str, *flags: str) -> str:
+    """``command``, as :func:`command` or :func:`again` made it, with ``flags`` it lacks
+    added before its ``--config PATH``, which stays last, and before a ``--``."""
+    words = shlex.split(command)
+    at = words.index("--") if "--" in words else len(words)
+    if at >= 2 and words[at - 2] == "--config":
+        at -= 2
+    words[at:at] = [flag for flag in flags if flag not in words[:at]]
+    return shlex.join(words)
+
+
 def _config_flag(word: str) -> bool:
     """``--config``, or a prefix of it that argparse takes for it (``--conf``)."""
     return len(word) >= 3 and "--config".startswith(word)

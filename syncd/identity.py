@@ -96,6 +96,22 @@ def base_id(record_id: str) -> str:
     return record_id.split(CHUNK_SEPARATOR, 1)[0]
 
 
+def canonical_key(record_id: str, *, prefixed: bool, collection: str) -> str:
+    """The key of a record id a user typed, spelled as syncd writes it.
+
+    ``i:03``, ``i:+3`` and ``i: 3`` all decode to the ``_id`` 3, whose records syncd
+    wrote as ``i:3``: looking up the typed spelling would find none. A chunk number
+    (``i:3#2``) is dropped, but must be one. MappingError when it names no ``_id``.
+    """
+    key, sep, chunk = record_id.partition(CHUNK_SEPARATOR)
+    if sep and not (chunk.isascii() and chunk.isdigit()):
+        raise MappingError(
+            f"not a syncd record id: {record_id!r} (after '#' comes a chunk number: 0, 1, ...)"
+        )
+    named, encoded = split_key(key, prefixed=prefixed, collection=collection)
+    return record_key(named, decode_id(encoded), prefixed=prefixed)
+
+
 def in_collection(doc: MappedDocument, key: str, collection: str) -> MappedDocument:
     """A mapped document's records renamed to a prefixed key, with ``syncd_coll`` set."""
     records = []

@@ -66,10 +66,23 @@ def parse_document(text: str) -> dict[str, Any]:
     """A document given as (Extended) JSON text; ValueError when it is not one."""
     try:
         value = json_util.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
     except (ValueError, TypeError, bson.errors.BSONError) as exc:
         raise ValueError(str(exc)) from None
     if not isinstance(value, dict):
         raise ValueError("expected a JSON object")
     if "_id" not in value:
         raise ValueError('the document needs an "_id"')
+    try:
+        bson.encode(value)  # what MongoDB could not store, no change stream brings either
+    except UnicodeEncodeError as exc:
+        bad = exc.object[exc.start : exc.end]
+        raise ValueError(
+            f"{ascii(bad)[1:-1]} is a lone surrogate, not UTF-8 text, which MongoDB cannot store"
+        ) from None
+    except RecursionError:
+        raise ValueError("nested too deeply for MongoDB") from None
+    except (ValueError, TypeError, OverflowError, bson.errors.BSONError) as exc:
+        raise ValueError(f"MongoDB cannot store it: {exc}") from None
     return value

@@ -13,6 +13,7 @@ transaction, so it counts only when its token is not an event of a transaction.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -58,18 +59,27 @@ def wait_for(
 
 
 def wait_with(
-    store: CheckpointStore, pipeline: str, target: Timestamp, timeout: float, *, poll_s: float
+    store: CheckpointStore,
+    pipeline: str,
+    target: Timestamp,
+    timeout: float,
+    *,
+    poll_s: float,
+    stop: threading.Event | None = None,
 ) -> Checkpoint | None:
-    """The first checkpoint that covers ``target``, or None when ``timeout`` passes."""
+    """The first checkpoint that covers ``target``, or None when ``timeout`` passes or
+    ``stop`` is set first."""
     deadline = time.monotonic() + timeout
-    while True:
+    stop = stop or threading.Event()
+    while not stop.is_set():
         cp = store.load(pipeline)
         if cp is not None and covers(cp, target):
             return cp
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return None
-        time.sleep(min(poll_s, remaining))
+        stop.wait(min(poll_s, remaining))
+    return None
 
 
 def covers(cp: Checkpoint, target: Timestamp) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import logging
 import os
 import sys
@@ -87,6 +88,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     if args.command != "run":
         signals.restore()  # one-shot commands stop on a signal as they always did
+    _print_paths_as_given()
+    undecodable = _not_text(parser, args)
+    if undecodable:
+        print(f"syncd: error: {undecodable}", file=sys.stderr)
+        return ExitCode.CONFIG
     try:
         code = int(args.handler(args))
         sys.stdout.flush()  # a reader that went away is noticed here, not at exit
@@ -107,6 +113,45 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return ExitCode.INTERNAL
+
+
+def _not_text(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """What is wrong with an argument that is not UTF-8 text, if one is; else None.
+
+    The shell hands over bytes; Python keeps those that are not UTF-8 as surrogate
+    escapes, which no record id, name or JSON document may hold and no UTF-8 output can
+    print. Paths (``--config``) are left alone: the file system takes any bytes.
+    """
+    from syncd.utf8 import is_text, shown
+
+    for dest, given in vars(args).items():
+        for value in given if isinstance(given, list) else [given]:
+            if isinstance(value, str) and not is_text(value):
+                return f"{_argument_name(parser, args, dest)} {shown(value)} is not UTF-8 text"
+    return None
+
+
+def _print_paths_as_given() -> None:
+    """A path given in bytes that are not UTF-8 (``--config``) is printed back as those
+    bytes (``config show``, hints), as stderr already does, not refused by a stdout
+    that is strict about UTF-8 (a UTF-8 locale other than C.UTF-8)."""
+    if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.errors == "strict":
+        sys.stdout.reconfigure(errors="surrogateescape")
+
+
+def _argument_name(parser: argparse.ArgumentParser, args: argparse.Namespace, dest: str) -> str:
+    """How the verb's `--help` names the argument stored in ``dest``: ``--id``, ``ID``."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = action.choices.get(str(getattr(args, action.dest, "")))
+            if chosen is not None:
+                return _argument_name(chosen, args, dest)
+    for action in parser._actions:
+        if action.dest == dest:
+            if action.option_strings:
+                return max(action.option_strings, key=len)
+            return str(action.metavar or dest.upper())
+    return dest
 
 
 def _reader_gone() -> int:

@@ -44,8 +44,8 @@ def load_settings(
     **overrides: Any,
 ) -> Settings:
     """Settings for a verb. ``require_file``: a missing config file is an error even when
-    none was named, as for every verb that works on configured pipelines (they come only
-    from a file; ``syncd tokens`` also reads stored ones, so it passes False); ``chroma``: the verb
+    none was named, as for every verb that works on pipelines (they come only from a
+    file, which also says where stored ones are); ``chroma``: the verb
     opens Chroma, so an installation that cannot serve ``chroma.mode`` is a
     configuration error before anything is reached. The hints the process prints name
     the file it read (:mod:`syncd.hints`)."""

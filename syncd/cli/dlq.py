@@ -75,9 +75,12 @@ def _sub(subs: Any, name: str, text: str) -> argparse.ArgumentParser:
 
 def _open(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     settings = load_settings(args, chroma=True)
+    from syncd.explain import user_key
     from syncd.runtime import Runtime
 
     ps = settings.pipeline(args.pipeline)
+    if args.key:  # dead letters are kept by key, spelled as syncd writes it (i:3, not i:03)
+        args.key = user_key(ps, args.key)
     runtime = Runtime(settings)
     return runtime, ps, runtime.dead_letters(ps)
 
@@ -135,6 +138,8 @@ def _retry(args: argparse.Namespace) -> int:
         runtime.close()
     if args.json:
         print_json(result.to_json())
+    elif args.key and result.retried == 0:
+        _not_parked(ps.name, args.key)
     else:
         print(
             f"retried {result.retried}: {result.fixed.count} applied and removed, "
@@ -142,9 +147,18 @@ def _retry(args: argparse.Namespace) -> int:
         )
         for key in result.failing.sample:
             print(f"  still failing: {key}" + (f": {reasons[key]}" if reasons.get(key) else ""))
-    if args.key and result.retried == 0:
-        raise ConfigError(f"no dead letter with key {args.key!r} in pipeline {ps.name!r}")
     return ExitCode.DRIFT_OR_FAILURE if result.failing.count else ExitCode.OK
+
+
+def _not_parked(pipeline: str, key: str) -> None:
+    """KEY has no dead letter: most often a running daemon applied the fixed document
+    and removed it between `syncd explain`'s hint and this retry. Nothing is left to
+    retry, which is no failure (exit 0); explain tells whether the document is in sync."""
+    print(
+        f"{key} is not a dead letter of {pipeline}, nothing to retry (applied since it was "
+        f"parked, or never parked): `{hints.command('explain', pipeline, key)}` shows whether "
+        f"it is in Chroma, `{hints.command('dlq', 'list', pipeline)}` the dead letters"
+    )
 
 
 def _reason(entry: dict[str, Any] | None) -> str:

@@ -76,12 +76,11 @@ def handle(args: argparse.Namespace) -> int:
 
 
 def _from_mongodb(settings: Any, ps: Any, record_id: str) -> tuple[str, dict[str, Any]]:
-    from syncd.explain import locate
-    from syncd.identity import base_id
+    from syncd.explain import locate, user_key
     from syncd.runtime import Runtime
     from syncd.source import id_key
 
-    collection, source_id = locate(ps, base_id(record_id))
+    collection, source_id = locate(ps, user_key(ps, record_id))
     runtime = Runtime(settings)
     try:
         found = runtime.source(ps).fetch(collection, [source_id]).get(id_key(source_id))
@@ -112,18 +111,28 @@ def _document(value: str) -> dict[str, Any]:
     from syncd.preview import parse_document
 
     if value == "-":
-        text, origin = sys.stdin.read(), "stdin"
+        text, origin = _utf8(sys.stdin.buffer.read(), "stdin"), "stdin"
     elif value.lstrip().startswith("{"):
         text, origin = value, "--document"
     else:
         try:
-            text, origin = Path(value).read_text(encoding="utf-8"), value
+            raw = Path(value).read_bytes()
         except OSError as exc:
             raise ConfigError(f"cannot read document file {value}: {exc.strerror}") from None
+        text, origin = _utf8(raw, value), value
     try:
         return parse_document(text)
     except ValueError as exc:  # json.JSONDecodeError is a ValueError
         raise ConfigError(f"{origin}: not a JSON document: {exc}") from None
+
+
+def _utf8(raw: bytes, origin: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{origin}: not UTF-8 text (byte {exc.start}); JSON documents are UTF-8"
+        ) from None
 
 
 def _print(result: dict[str, Any]) -> None:

@@ -207,7 +207,7 @@ def _set(args: argparse.Namespace) -> int:
 
     def run(rt: Any) -> dict[str, Any]:
         rt.settings.pipeline(args.pipeline)  # an unknown name: say so before asking
-        command = hints.again()
+        command = _confirmed_again()
         ensure_free(rt, args.pipeline, force=args.force, command=command)
         _confirm(args, f"Move pipeline {args.pipeline!r} to {target}?")
         return positions.set_position(
@@ -233,7 +233,7 @@ def _reset(args: argparse.Namespace) -> int:
 
     def run(rt: Any) -> dict[str, Any]:
         rt.settings.pipeline(args.pipeline)  # an unknown name: say so before asking
-        command = hints.again()
+        command = _confirmed_again()
         ensure_free(rt, args.pipeline, force=args.force, command=command)
         _confirm(args, f"Delete the checkpoint of {args.pipeline!r}? Its next run re-snapshots.")
         return positions.reset(rt, args.pipeline, force=args.force, command=command)
@@ -254,11 +254,19 @@ def _reset(args: argparse.Namespace) -> int:
 def _with_runtime(args: argparse.Namespace, work: Callable[[Any], Any]) -> Any:
     from syncd.runtime import Runtime
 
-    runtime = Runtime(load_settings(args, require_file=False))  # stored pipelines too
+    # A config file is required, as by every verb that works on pipelines: without one,
+    # the default mongodb.uri would be asked for stored pipelines it most likely lacks.
+    runtime = Runtime(load_settings(args))
     try:
         return work(runtime)
     finally:
         runtime.close()
+
+
+def _confirmed_again() -> str:
+    """This command as a hint names it (with --force added, to fence a daemon out): with
+    --yes, so that it runs as printed where stdin is no terminal to confirm at."""
+    return hints.with_flags(hints.again(), "--yes")
 
 
 def _confirm(args: argparse.Namespace, question: str) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from syncd.errors import ExitCode
-from tests.harness.daemon import run_syncd
+from tests.harness.daemon import run_syncd, syncd_command, syncd_env
 from tests.harness.embedding_api import embedding_api
 from tests.harness.ports import free_port
 
@@ -256,6 +256,57 @@ def test_odd_arguments_are_one_line_and_exit_2(setup, args):
     assert result.returncode == ExitCode.CONFIG, (result.returncode, result.stderr)
     line = one_error_line(result)
     assert result.stderr.strip() == line, result.stderr
+
+
+NOT_UTF8 = "s:\udcff"  # the byte 0xff as Python decodes argv: run_syncd passes it as is
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["map", "bad", "--document", '{"_id":1,"body":"\\ud800"}'], r"\ud800"),
+        (["map", "bad", "--document", '{"_id":"\\ud800","body":"x"}'], r"\ud800"),
+        (["map", "bad", "--document", '{"_id":"\\ud800","body":"x"}', "--json"], r"\ud800"),
+        (["map", "bad", "--document", "bin.json"], "bin.json: not UTF-8 text"),
+        (["map", "bad", "--document", "-"], "stdin: not UTF-8 text"),
+        (["map", "bad", "--document", "deep.json"], "nested too deeply"),
+        (["explain", "bad", NOT_UTF8], r"ID 's:\xff' is not UTF-8 text"),
+        (["map", "bad", "--id", NOT_UTF8], r"--id 's:\xff' is not UTF-8 text"),
+        (["dlq", "show", "bad", NOT_UTF8], r"KEY 's:\xff' is not UTF-8 text"),
+        (["dlq", "retry", "bad", NOT_UTF8], r"KEY 's:\xff' is not UTF-8 text"),
+        (["explain", "bad", 'doc:{"a":"s:\\ud800"}'], "MongoDB cannot hold that _id"),
+    ],
+    ids=lambda value: " ".join(value) if isinstance(value, list) else "",
+)
+def test_text_that_is_not_utf8_is_one_line_and_exit_2(setup, tmp_path, args, named):
+    """A lone surrogate in JSON, a file or stdin that is not UTF-8, JSON nested past
+    Python's recursion limit, and an argument with bytes that are not UTF-8."""
+    cfg, _, _ = setup
+    (tmp_path / "bin.json").write_bytes(b'\xff\xfe{\x00"\x00_\x00')
+    (tmp_path / "deep.json").write_text('{"_id": 1, "a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with (tmp_path / "bin.json").open("rb") as stdin:
+        result = subprocess.run(
+            syncd_command(args, cfg),
+            env=syncd_env(None),
+            cwd=tmp_path,
+            stdin=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == ExitCode.CONFIG, (result.returncode, result.stderr)
+    line = one_error_line(result)
+    assert result.stderr.strip() == line, result.stderr
+    assert named in line, line
+
+
+@pytest.mark.parametrize("variable", ["SYNCD_PIPELINES__BAD__MAPPING__TEXT", "SYNCD_CHROMA_TOKEN"])
+def test_an_environment_variable_that_is_not_utf8_is_named_and_exit_2(setup, variable):
+    cfg, _, _ = setup
+    result = run_syncd(["map", "bad", "--document", '{"_id": 1}'], cfg, env={variable: "\udcff"})
+    assert result.returncode == ExitCode.CONFIG, (result.returncode, result.stderr)
+    assert f"${variable} is not UTF-8 text" in one_error_line(result)
 
 
 @pytest.mark.timeout(240)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +11,7 @@ import pytest
 import tomli_w
 
 from syncd.errors import ExitCode
-from tests.harness.daemon import run_syncd
+from tests.harness.daemon import run_syncd, syncd_command, syncd_env
 
 
 def good() -> dict[str, Any]:
@@ -366,8 +368,12 @@ def test_a_config_path_that_is_no_config_file(tmp_path: Path, make: Any, expecte
         ["wait", "orph", "--after", "now"],
         ["explain", "orph", "i:1"],
         ["map", "orph", "--document", "{}"],
+        ["tokens", "show"],
+        ["tokens", "history", "orph"],
+        ["tokens", "set", "orph", "--at", "2024-01-01T00:00:00Z", "--yes"],
+        ["tokens", "reset", "orph", "--yes"],
     ],
-    ids=lambda c: c[0] if c[0] != "dlq" else " ".join(c[:2]),
+    ids=lambda c: c[0] if c[0] not in ("dlq", "tokens") else " ".join(c[:2]),
 )
 def test_no_default_config_file_is_one_message_for_every_verb(
     tmp_path: Path, command: list[str]
@@ -408,3 +414,19 @@ def test_a_bad_value_from_the_environment_is_named_as_the_variable(
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"syncd: error: {variable}: "), line
     assert str(path) not in line, line
+
+
+def test_a_config_file_named_in_bytes_that_are_not_utf8_is_shown_as_named(tmp_path: Path) -> None:
+    """The file system takes any bytes: such a --config is read, and printed back as the
+    same bytes, also where stdout is strict about UTF-8 (a UTF-8 locale but C.UTF-8)."""
+    path = Path(os.fsdecode(bytes(tmp_path) + b"/\xff.toml"))
+    path.write_text(tomli_w.dumps(good()))
+    result = subprocess.run(
+        syncd_command(["config", "show"], path),
+        env=syncd_env({"PYTHONIOENCODING": "utf-8:strict"}),
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == ExitCode.OK, result.stderr.decode(errors="replace")
+    assert result.stdout.startswith(b"# config file: " + os.fsencode(path) + b"\n")

@@ -133,3 +133,44 @@ def test_dead_letter_holds_exactly_the_poison_documents(mirror, mongo_client, sy
     purged = run_syncd(["dlq", "purge", "p", "--yes"], cfg)
     assert purged.returncode == 0, purged.stderr
     assert "removed 1" in purged.stdout
+
+
+def test_retrying_a_key_the_daemon_applied_meanwhile_says_so(mirror, mongo_client, syncd_factory):
+    """explain's hint (`syncd dlq retry p KEY`) followed after the running daemon applied
+    the fixed document: nothing is left to retry, which is said in one line, exit 0,
+    with commands that show where the document stands; they are followed too."""
+    m = mirror("dlq", lease=None, on_error="dead_letter")
+    cfg, settings, db = m.cfg, m.settings, m.db
+    coll = mongo_client[db]["docs"]
+    daemon = syncd_factory(["run"], cfg)
+    wait_until(lambda: _streaming(settings), 60, "the first checkpoint")
+    last = _insert_each(mongo_client, coll, [GOOD[0], POISON[0]])
+    wait_until(lambda: caught_up(settings, "p", last), 60, "syncd to park the poison")
+    story = run_syncd(["explain", "p", "s:no-body"], cfg)
+    (hinted,) = re.findall(r"`(syncd dlq retry [^`]+)`", story.stdout)
+
+    with mongo_client.start_session(causal_consistency=True) as session:
+        coll.update_one({"_id": "no-body"}, {"$set": {"body": "fixed"}}, session=session)
+        fixed = session.operation_time
+    wait_until(lambda: caught_up(settings, "p", fixed), 60, "the daemon to apply the fix")
+    daemon.terminate()
+    assert daemon.wait(30) == 0, daemon.output()
+
+    for args in (shlex.split(hinted)[1:], ["dlq", "retry", "p", "s:nobody", "--config", str(cfg)]):
+        retried = run_syncd(args)
+        assert retried.returncode == ExitCode.OK, retried.stdout + retried.stderr
+        assert retried.stderr == "", retried.stderr
+        (line,) = retried.stdout.splitlines()
+        assert line.startswith(f"{args[3]} is not a dead letter of p, nothing to retry"), line
+        assert "retried" not in line
+    explain, listing = re.findall(r"`(syncd [^`]+)`", line)
+    shown = run_syncd(shlex.split(explain)[1:])
+    assert shown.returncode == ExitCode.OK, shown.stdout + shown.stderr  # s:nobody: absent
+    assert "MongoDB:  absent" in shown.stdout and "Chroma:   no records" in shown.stdout
+    listed = run_syncd(shlex.split(listing)[1:])
+    assert listed.returncode == ExitCode.OK and listed.stdout == "no dead letters for p\n"
+    story = run_syncd(["explain", "p", "s:no-body"], cfg)
+    assert story.returncode == ExitCode.OK and "verdict:  consistent\n" in story.stdout
+    as_json = run_syncd(["dlq", "retry", "p", "s:no-body", "--json"], cfg)
+    assert as_json.returncode == ExitCode.OK, as_json.stderr
+    assert json.loads(as_json.stdout)["retried"] == 0

@@ -116,3 +116,60 @@ def test_explain_shows_verdicts_and_recent_syncs(mongo_client, mirror, syncd_fac
     for record_id in ("i:2", "i:4"):
         again = run_syncd(["explain", "ex", record_id], cfg)
         assert again.returncode == ExitCode.OK and "verdict:  consistent\n" in again.stdout
+
+
+def test_a_record_id_is_taken_as_syncd_writes_it(mongo_client, mirror, syncd_factory):
+    """`i:03`, `i:+3` and `i: 3` name the `_id` 3, whose record is `i:3`: explain, map
+    --id and dlq find what syncd wrote under `i:3`. A chunk suffix must be a number."""
+    m = mirror(
+        "explain",
+        name="ex",
+        lease=None,
+        on_error="dead_letter",
+        embedder={"kind": "hashing", "dimensions": 32},
+    )
+    docs = mongo_client[m.db]["docs"]
+    docs.insert_many([{"_id": 3, "body": "body 3"}, {"_id": 5, "title": "no body"}])
+    daemon = syncd_factory(["run"], m.cfg)
+    wait_caught_up(mongo_client, m.db, m.settings, "ex", 60, "snapshot")
+    daemon.terminate()
+    assert daemon.wait(30) == ExitCode.OK, daemon.output()
+
+    typed = ["i:03", "i:+3", "i: 3", "i:03#0"]
+    commands = {t: ["explain", "ex", t] for t in typed}
+    commands |= {f"map {t}": ["map", "ex", "--id", t, "--json"] for t in typed}
+    commands |= {
+        "dlq show": ["dlq", "show", "ex", "i:05"],
+        "dlq list": ["dlq", "list", "ex", "i:+5", "--json"],
+        **{f"bad {b}": ["explain", "ex", b] for b in ("i:3#abc", "s:n0#x", "i:3#-1")},
+        "bad map": ["map", "ex", "--id", "i:3#x"],
+        "bad dlq": ["dlq", "show", "ex", "i:5#x"],
+    }
+    with ThreadPoolExecutor(len(commands)) as pool:
+        futures = {k: pool.submit(run_syncd, a, m.cfg) for k, a in commands.items()}
+        out = {k: f.result() for k, f in futures.items()}
+
+    for t in typed:
+        story = out[t]
+        assert story.returncode == ExitCode.OK, (t, story.stdout + story.stderr)
+        assert story.stdout.startswith("ex / i:3 ") and "i:3  matches" in story.stdout, t
+        assert "verdict:  consistent\n" in story.stdout, story.stdout
+        mapped = out[f"map {t}"]
+        assert mapped.returncode == ExitCode.OK, (t, mapped.stderr)
+        assert [r["id"] for r in json.loads(mapped.stdout)["records"]] == ["i:3"]
+    assert out["dlq show"].returncode == ExitCode.OK, out["dlq show"].stderr
+    assert json.loads(out["dlq show"].stdout)["key"] == "i:5"
+    assert [e["key"] for e in json.loads(out["dlq list"].stdout)] == ["i:5"]
+    for name in ("bad i:3#abc", "bad s:n0#x", "bad i:3#-1", "bad map", "bad dlq"):
+        bad = out[name]
+        assert bad.returncode == ExitCode.CONFIG, (name, bad.stdout + bad.stderr)
+        assert bad.stdout == "" and "Traceback" not in bad.stderr
+        (line,) = bad.stderr.splitlines()
+        assert "not a syncd record id" in line and "after '#' comes a chunk number" in line
+
+    # The dead letter, retried by a spelling of its own, is applied once its document is fixed.
+    docs.update_one({"_id": 5}, {"$set": {"body": "fixed"}})
+    retried = run_syncd(["dlq", "retry", "ex", "i:005"], m.cfg)
+    assert retried.returncode == ExitCode.OK, retried.stdout + retried.stderr
+    assert "1 applied and removed" in retried.stdout, retried.stdout
+    assert m.collection().get(ids=["i:5"])["documents"] == ["fixed"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,6 +16,7 @@ from bson.timestamp import Timestamp
 
 from syncd import switching
 from syncd.checkpoint import Checkpoint, open_store
+from syncd.errors import ExitCode
 from tests.harness.daemon import run_syncd
 
 from . import oracle
@@ -221,6 +223,41 @@ def test_set_at_replays_changes_since_then(mirror, mongo_client, syncd_factory):
     (where,) = re.findall(r"^  position  (.+)$", shown_text.stdout, re.M)
     assert where.startswith("resume after "), shown_text.stdout
     assert f"  position       {where}, checkpointed " in status_text.stdout, status_text.stdout
+
+
+@pytest.mark.timeout(180)
+def test_the_busy_hint_of_set_and_reset_runs_as_printed(mirror, mongo_client, syncd_factory):
+    """Without a terminal and without --yes, beside a running daemon: the refusal names the
+    command with --yes and --force added and --config last; run as printed (stdin no
+    terminal), it fences the daemon out and does its work."""
+    m = mirror("tok", name="tok", lease={"ttl_s": 3, "renew_every_s": 1})
+    cfg, settings, db = m.cfg, m.settings, m.db
+    coll = mongo_client[db]["docs"]
+    daemon = syncd_factory(["run"], cfg)
+    last = _insert(mongo_client, coll, {"_id": "a", "body": "one", "vec": oracle.vector(1)})
+    _wait(daemon, lambda: caught_up(settings, "tok", last), "the first run to catch up")
+    at = datetime.fromtimestamp(last.time, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def held_by_the_daemon() -> bool:
+        shown = run_syncd(["tokens", "show", "tok", "--json"], cfg, timeout=60)
+        (entry,) = json.loads(shown.stdout)["pipelines"]
+        lease = entry["lease"]
+        return bool(lease and lease["live"] and not lease["owner"].startswith("syncd-tokens"))
+
+    for args in (["tokens", "set", "tok", "--at", at], ["tokens", "reset", "tok"]):
+        _wait(daemon, held_by_the_daemon, "the daemon to take its pipeline (back)")
+        busy = run_syncd(args, cfg, timeout=60)
+        assert busy.returncode == ExitCode.LEASE, busy.stderr
+        (hinted,) = re.findall(r"run `(syncd [^`]+)` to fence it out", busy.stderr)
+        assert shlex.split(hinted) == [
+            "syncd", *args, "--yes", "--force", "--config", str(cfg)
+        ], hinted  # fmt: skip
+        followed = run_syncd(shlex.split(hinted)[1:], timeout=60)  # stdin: /dev/null
+        assert followed.returncode == ExitCode.OK, followed.stdout + followed.stderr
+        assert "tok: " in followed.stdout, followed.stdout
+    _wait(daemon, held_by_the_daemon, "the daemon to take its pipeline back")
+    daemon.terminate()
+    assert daemon.wait(30) == 0, daemon.output()
 
 
 def test_a_rebuilds_own_records_are_labelled_and_cannot_be_moved(mirror, mongo_client):

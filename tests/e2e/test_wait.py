@@ -3,6 +3,7 @@ write is in Chroma, and time out with a non-zero exit when no daemon applies it.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 import uuid
@@ -83,3 +84,36 @@ def test_wait_returns_once_the_write_is_visible_and_times_out_without_a_daemon(
     assert "timed out after 2 s" in timed_out.stderr
     mongo_client.drop_database(db)
     mongo_client.drop_database(f"{db}_syncd")
+
+
+def test_ctrl_c_interrupts_a_wait_and_says_so(tmp_path, mongo_uri, mongo_client, chroma_server):
+    """SIGINT 3 s into a 60 s wait: the wait ends at once and says it was interrupted,
+    not that it timed out; exit 1, as `syncd snapshot` and `syncd rebuild` interrupted."""
+    db = f"wait_{uuid.uuid4().hex[:8]}"
+    cfg = write_config(
+        tmp_path / "syncd.toml",
+        mongo_uri=mongo_uri,
+        chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
+        checkpoint_db=f"{db}_syncd",
+        pipelines=[pipeline_table("w", db, chroma_collection=f"wait-{db}")],
+    )
+    waiter = subprocess.Popen(
+        syncd_command(["wait", "w", "--after", "2099-01-01T00:00:00Z", "--timeout", "60"], cfg),
+        env=syncd_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(3)
+        assert waiter.poll() is None, waiter.communicate()
+        started = time.monotonic()
+        waiter.send_signal(signal.SIGINT)
+        out, err = waiter.communicate(timeout=20)
+    finally:
+        waiter.kill()
+    assert time.monotonic() - started < 10
+    assert "timed out" not in err and "Traceback" not in err, err
+    second = "4070908800.4294967295"  # the whole second 2099-01-01T00:00:00Z
+    assert err == f"syncd: interrupted: pipeline 'w' has no checkpoint yet, short of {second}\n"
+    assert out == "" and waiter.returncode == 1, (out, err)  # not 0: nothing was seen applied

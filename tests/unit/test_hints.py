@@ -61,3 +61,16 @@ def test_a_config_file_found_without_the_option_is_not_named(monkeypatch):
     hints.use_config("/etc/syncd/v4.toml")
     assert hints.again(["rebuild", "art", "-c", "/etc/syncd/v4.toml"]) == "syncd rebuild art"
     assert hints.command("rebuild", "art") == "syncd rebuild art"
+
+
+def test_flags_a_hint_adds_go_before_the_config_file_and_a_double_dash(tmp_path):
+    hints.use_config("my conf.toml")
+    path = tmp_path / "my conf.toml"
+    typed = hints.again(["tokens", "set", "art", "-c", "my conf.toml", "--at", "2024-01-01"])
+    forced = hints.with_flags(hints.with_flags(typed, "--yes"), "--force")
+    assert forced == f"syncd tokens set art --at 2024-01-01 --yes --force --config '{path}'"
+    assert hints.with_flags(forced, "--yes", "--force") == forced  # none twice
+    rest = hints.again(["rebuild", "-c", "my conf.toml", "--", "-c"])
+    assert hints.with_flags(rest, "--force") == f"syncd rebuild --force --config '{path}' -- -c"
+    hints.use_config(None)
+    assert hints.with_flags("syncd snapshot art", "--force") == "syncd snapshot art --force"

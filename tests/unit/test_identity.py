@@ -24,6 +24,7 @@ from syncd.identity import (
     COLL_KEY,
     ID_KEY,
     base_id,
+    canonical_key,
     decode_id,
     encode_id,
     in_collection,
@@ -252,6 +253,30 @@ def test_record_ids_carry_the_chunk_only_when_chunked() -> None:
     assert record_id("articles/i:42", 7, chunked=True) == "articles/i:42#7"
     assert base_id("articles/i:42#7") == "articles/i:42"
     assert base_id("i:42") == "i:42"
+
+
+@pytest.mark.parametrize(
+    ("typed", "key"),
+    [
+        ("i:3", "i:3"),
+        ("i:03", "i:3"),
+        ("i:+3", "i:3"),
+        ("i: 3", "i:3"),
+        ("i:03#2", "i:3"),
+        ("oid:65A1B2C3D4E5F60718293A4B", "oid:65a1b2c3d4e5f60718293a4b"),
+        ("f:1.50", "f:1.5"),
+        ("s:a%23b#0", "s:a%23b"),
+    ],
+)
+def test_a_typed_record_id_names_the_key_syncd_writes(typed: str, key: str) -> None:
+    assert canonical_key(typed, prefixed=False, collection="c") == key
+    assert canonical_key(f"docs/{typed}", prefixed=True, collection="") == f"docs/{key}"
+
+
+@pytest.mark.parametrize("typed", ["i:3#abc", "s:n0#x", "i:3#-1", "i:3#+1", "i:3#", "i:3#\u0663"])
+def test_a_chunk_suffix_must_be_a_chunk_number(typed: str) -> None:
+    with pytest.raises(MappingError, match="after '#' comes a chunk number"):
+        canonical_key(typed, prefixed=False, collection="c")
 
 
 def _settings(**where: Any) -> PipelineSettings:
