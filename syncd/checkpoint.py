@@ -425,12 +425,15 @@ class FileCheckpointStore:
                 hint=f"restore it from a backup, or {reset_hint(pipeline)}",
                 pipeline=pipeline,
             ) from exc
-        if not isinstance(doc, dict):
+        if not isinstance(doc, dict) or doc.get("_id") != pipeline:
+            # Every file syncd writes is an object naming its pipeline: anything else
+            # (`{}`, another shape) is not a "never run", whose snapshot would start over.
             raise CheckpointCorruptError(
                 f"checkpoint file {path} is corrupt",
                 hint=f"restore it from a backup, or {reset_hint(pipeline)}",
                 pipeline=pipeline,
             )
+        _epoch_of(doc, pipeline, missing=0)
         return doc
 
     def load(self, pipeline: str) -> Checkpoint | None:

@@ -238,7 +238,18 @@ def empty(text: bytes) -> bytes:
     return b""
 
 
-@pytest.mark.parametrize("damage", [truncated, garbled, not_an_object, epoch_edited, empty])
+def an_empty_object(text: bytes) -> bytes:
+    return b"{}"
+
+
+def another_shape(text: bytes) -> bytes:
+    return b'{"epoch": "x", "position": 5}'
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [truncated, garbled, not_an_object, epoch_edited, empty, an_empty_object, another_shape],
+)
 def test_an_unreadable_file_is_refused_loudly_and_left_alone(tmp_path, damage):
     store = store_in(tmp_path)
     store.save(checkpoint(epoch=3))
