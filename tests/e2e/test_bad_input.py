@@ -444,9 +444,14 @@ def test_check_embeds_a_probe_and_holds_it_against_the_collection(
         refused = line(wrong, "embedder openai")
         assert refused.startswith("FAIL") and "24-dimensional vectors" in refused, refused
         assert api.inputs == ["syncd check: one probe input"]
+        # A key the API refuses is a configuration mistake (exit 2), as README says.
+        bad_key = check({**openai, "api_key": "sk-wrong-12345", "dimensions": 24})
+        assert bad_key.returncode == ExitCode.CONFIG, bad_key.stdout + bad_key.stderr
+        assert "refused the credentials" in line(bad_key, "embedder openai")
+        assert "sk-wrong-12345" not in bad_key.stdout + bad_key.stderr
     closed = f"http://127.0.0.1:{free_port()}/v1"
     down = check({"kind": "openai", "base_url": closed, "model": "m", "api_key": "sk-x-12345"})
-    assert down.returncode != 0
+    assert down.returncode == ExitCode.SINK, down.stdout + down.stderr  # unreachable: exit 5
     assert line(down, "embedder openai").startswith("FAIL  pipeline chk: embedder openai:")
     mongo_client.drop_database(f"{db}_syncd")
 
