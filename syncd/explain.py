@@ -141,7 +141,11 @@ def user_key(pipeline: PipelineSettings, record_id: str) -> str:
         raise ConfigError(exc.message, hint=_ID_HINT) from None
 
 
-_ID_HINT = "ids look like i:42, s:hello, oid:65a1..., uuid:... (see `syncd verify`)"
+_ID_HINT = (
+    "ids syncd writes look like i:42, s:hello, oid:65a1..., uuid:...; a record with any other "
+    "id was not written by syncd and has no document: `syncd verify` counts it as orphaned "
+    "and `syncd repair` deletes it"
+)
 
 
 def locate(pipeline: PipelineSettings, key: str) -> tuple[str, Any]:

@@ -108,6 +108,7 @@ def test_explain_shows_verdicts_and_recent_syncs(mongo_client, mirror, syncd_fac
     assert bad.stdout == ""
     (line,) = bad.stderr.splitlines()
     assert line.startswith("syncd: error: ") and "not a syncd record id: 'nonsense'" in line
+    assert "was not written by syncd" in line and "`syncd repair` deletes it" in line, line
 
     # The command the drift verdict names, run as printed, fixes both edited records.
     assert shlex.split(hinted)[:3] == ["syncd", "repair", "ex"], hinted
