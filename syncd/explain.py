@@ -88,7 +88,7 @@ def explain(settings: Settings, pipeline: PipelineSettings, record_id: str) -> d
         # held back, not drift.
         "consistent": matching
         or (dead is not None and not records)
-        or (halt is not None and not any(r["orphaned"] for r in records)),
+        or (halt is not None and halt["here"] and not any(r["orphaned"] for r in records)),
         "recent_syncs": syncs,
         "dead_letter": _jsonable(dead),
         "halt": halt,
@@ -96,13 +96,14 @@ def explain(settings: Settings, pipeline: PipelineSettings, record_id: str) -> d
 
 
 def _halt_at(runtime: Runtime, pipeline: PipelineSettings, key: str) -> dict[str, Any] | None:
-    """The halt in force that holds the pipeline at this document, described; else None."""
+    """The halt in force, described, when it holds this document (``here``) or the whole
+    pipeline at no document (a refused write, a drop); None otherwise."""
     from syncd import halts
 
     halt = halts.active(runtime.store.load(pipeline.name))
-    if halt is None or not halt.has_document or halt.key != key:
+    if halt is None or (halt.has_document and halt.key != key):
         return None
-    return halt.describe()
+    return {**halt.describe(), "here": halt.has_document}
 
 
 def runtime_matches(pipeline: PipelineSettings, doc: Any) -> bool:

@@ -101,10 +101,16 @@ def _verdict(story: dict[str, Any]) -> str:
     """Consistent or drift, and what holds the document back: a halt or a dead letter."""
     pipeline = story["pipeline"]
     held = None
-    if story["halt"]:
+    halt = story["halt"]
+    if halt and halt.get("here"):
         held = (
             "the pipeline is halted at this document and applies none of its changes "
             f"until the halt is lifted (below; `{hints.command('status', pipeline)}`)"
+        )
+    elif halt:
+        held = (
+            "the pipeline is halted (below) and applies no change after the halt until it "
+            f"is lifted, this document's included (`{hints.command('status', pipeline)}`)"
         )
     elif story["dead_letter"]:
         held = (
@@ -113,6 +119,8 @@ def _verdict(story: dict[str, Any]) -> str:
         )
     if story["records_match"]:
         return "consistent" if held is None else f"consistent with what it maps to now, but {held}"
+    if held is not None and halt and not halt.get("here"):
+        return f"drift, or not synced yet: {held}"
     if held is not None:
         return f"not synced: {held}"
     return f"drift; `{hints.command('repair', pipeline)}` fixes it"

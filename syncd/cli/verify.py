@@ -52,7 +52,13 @@ def handle(args: argparse.Namespace) -> int:
         print_json(report.to_json())
     else:
         print_report(report.to_json(), on_error=ps.on_error)
-        if not report.consistent:
+        if not report.consistent and report.halt:
+            print(
+                f"drift found while the pipeline is halted: lift the halt first "
+                f"(`{hints.command('status', ps.name)}` says how), then verify again; "
+                f"`{hints.command('repair', ps.name)}` fixes what is left"
+            )
+        elif not report.consistent:
             print(
                 f"drift found: `{hints.command('repair', ps.name)}` fixes it "
                 "(`--dry-run` shows what it would do)"
@@ -85,11 +91,15 @@ def print_report(data: dict[str, Any], *, on_error: str) -> None:
         )
     halt = data.get("halt")
     if halt:
-        at = f"_id {halt['document_id']} ({halt['key']})" if halt.get("key") else halt["reason"]
+        at = (
+            f"at _id {halt['document_id']} ({halt['key']})"
+            if halt.get("key")
+            else f"({halt['error_class']}: {halt['reason']})"
+        )
         print(
-            f"  the pipeline is halted at {at} since {halt['since']}: the changes after it "
-            "are not applied until the halt is lifted, so they show up here as drift; "
-            f"see `{hints.command('status', data['pipeline'])}`"
+            f"  the pipeline is halted {at} since {halt['since']}: the changes after the "
+            "halt are not applied until it is lifted, so they show up here as drift, which "
+            f"repair would only write early; see `{hints.command('status', data['pipeline'])}`"
         )
     print("consistent" if data["consistent"] else "NOT consistent")
 

@@ -106,8 +106,15 @@ def test_drop_under_halt_halts_the_pipeline_alone(
     checked = run_syncd(["verify", "life"], cfg)
     assert checked.returncode == ExitCode.DRIFT_OR_FAILURE, checked.stdout + checked.stderr
     assert "orphaned             6" in checked.stdout, checked.stdout
-    assert "the pipeline is halted at " in checked.stdout, checked.stdout
+    assert "the pipeline is halted (CollectionGoneHalt: " in checked.stdout, checked.stdout
     assert f"see `syncd status life --config {cfg}`" in checked.stdout, checked.stdout
+    assert "drift found while the pipeline is halted: lift the halt first" in checked.stdout
+    # explain of one of its documents names the halt too, not drift that repair fixes.
+    story = run_syncd(["explain", "life", "i:1"], cfg)
+    assert story.returncode == ExitCode.DRIFT_OR_FAILURE, story.stdout + story.stderr
+    assert "verdict:  drift, or not synced yet: the pipeline is halted (below)" in story.stdout
+    assert f"`syncd status life --config {cfg}`" in story.stdout, story.stdout
+    assert "halt:     CollectionGoneHalt: " in story.stdout, story.stdout
     refused = run_syncd(["repair", "life"], cfg)
     assert refused.returncode == ExitCode.CONFIG, refused.stdout + refused.stderr
     assert "refusing to repair life: it is halted" in refused.stderr, refused.stderr
