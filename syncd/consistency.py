@@ -473,15 +473,7 @@ def sample_forever(
     taken; only what still differs is reported. Rounds that cannot settle (the
     pipeline is behind or retrying) report nothing. Meant for a daemon thread.
     """
-    store = pipeline.dead_letters
-    checker = Checker(
-        pipeline.settings,
-        source=pipeline.source,
-        sink=pipeline.sink,
-        mapper=pipeline.mapper,
-        database=database,
-        parked=functools.partial(store.parked, pipeline.settings.name) if store else None,
-    )
+    checker = pipeline_checker(pipeline, database)
     rng = random.Random()
     # Spread the first round so several pipelines do not sample at the same instant.
     if stop.wait(rng.uniform(0.5, 1.0) * every_s):
@@ -545,6 +537,22 @@ def _passed(pipeline: Pipeline, taken_at: Any) -> bool:
     if cp is None or cp.phase != "streaming" or cp.cluster_time is None:
         return False
     return taken_at is None or bool(cp.cluster_time >= taken_at)
+
+
+def pipeline_checker(
+    pipeline: Pipeline, database: Database[dict[str, Any]] | None = None
+) -> Checker:
+    """A checker over a running pipeline's own source, sink and mapping (``database``:
+    for sampled verifies)."""
+    store = pipeline.dead_letters
+    return Checker(
+        pipeline.settings,
+        source=pipeline.source,
+        sink=pipeline.sink,
+        mapper=pipeline.mapper,
+        database=database,
+        parked=functools.partial(store.parked, pipeline.settings.name) if store else None,
+    )
 
 
 def open_checker(runtime: Runtime, settings: PipelineSettings) -> Checker:

@@ -12,7 +12,6 @@ decides where a run starts), :class:`~syncd.snapshot.Snapshotter` makes the firs
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
@@ -27,7 +26,7 @@ from syncd.applier import Applier, Planned, merged
 from syncd.checkpoint import Checkpoint, CheckpointStore
 from syncd.checkpointing import Progress as Checkpointing
 from syncd.config import PipelineSettings
-from syncd.consistency import Checker
+from syncd.consistency import Checker, pipeline_checker
 from syncd.deadletter import DeadLetters
 from syncd.embedder import Embedder
 from syncd.errors import (
@@ -363,14 +362,7 @@ class Pipeline:
 
     def _recheck_checker(self) -> Checker:
         if self._checker is None:
-            store = self.dead_letters
-            self._checker = Checker(
-                self.settings,
-                source=self.source,
-                sink=self.sink,
-                mapper=self.mapper,
-                parked=functools.partial(store.parked, self.settings.name) if store else None,
-            )
+            self._checker = pipeline_checker(self)
         return self._checker
 
     def _read_succeeded(self) -> None:
