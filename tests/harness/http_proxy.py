@@ -4,6 +4,7 @@ on: :class:`ForwardingProxy` forwards every request; a subclass answers some its
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import http.server
 import threading
@@ -31,7 +32,9 @@ class ForwardingProxy:
                 body = self.rfile.read(length) if length else None
                 answered = proxy.answer(self.path, length)
                 if answered is not None:
-                    self._answer(answered[0], [("Content-Type", "text/html")], answered[1])
+                    # A client that hung up first was refused all the same.
+                    with contextlib.suppress(OSError):
+                        self._answer(answered[0], [("Content-Type", "text/html")], answered[1])
                     return
                 delay = proxy.delay(self.path)
                 if delay:
