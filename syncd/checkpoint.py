@@ -129,7 +129,12 @@ def lost_collection(cp: Checkpoint, sink: CollectionIds, name: str) -> str | Non
         return None
     if found is None:
         known = f" (id {cp.chroma_collection_id})" if cp.chroma_collection_id else ""
-        return f"the Chroma collection {name!r}{known} that the checkpoint describes is gone"
+        # The name is the configured one, which may not be the name the described
+        # collection had: `chroma_collection` may have been changed since.
+        return (
+            f"there is no Chroma collection named {name!r}, and the checkpoint describes "
+            f"another{known}: it was deleted, or `chroma_collection` no longer names it"
+        )
     return (
         f"the Chroma collection {name!r} was replaced: its id is {found}, the checkpoint "
         f"describes {cp.chroma_collection_id}"

@@ -154,10 +154,10 @@ class Progress:
             )  # fmt: skip
             return self.start_snapshot(reason="Chroma collection lost: re-snapshot", from_cp=cp)
         raise SinkLostError(
-            f"{what}; the records synced so far are not in it, and streaming on from the "
-            "checkpoint would leave them missing",
+            f"{what}; the records synced so far are not in {name!r}, and streaming on "
+            "from the checkpoint would leave them missing",
             hint=f"run `{hints.command('snapshot', self.settings.name)}` to copy every "
-            f'document into it again, or set on_sink_lost = "resnapshot"',
+            f'document into {name!r}, or set on_sink_lost = "resnapshot"',
             pipeline=self.settings.name,
             namespace=f"chroma:{name}",
         )

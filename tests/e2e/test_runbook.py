@@ -65,6 +65,7 @@ class Runbook:
     metadata: tuple[str, ...] = oracle.METADATA
 
     flagged: bool = False  # the config named by `--config` from another directory instead
+    old_name: str | None = None  # the collection `chroma_collection` named before a change
 
     def __post_init__(self) -> None:
         if self.flagged:
@@ -438,10 +439,22 @@ def _collection_replaced(runbook: Runbook) -> None:
     theirs.add(ids=["theirs"], documents=["not ours"], embeddings=[[0.0, 0.0, 0.0, 1.0]])
 
 
+def _collection_renamed(runbook: Runbook) -> None:
+    """`chroma_collection` changed in the configuration: the old collection stays."""
+    runbook.old_name = runbook.chroma_name
+    runbook.chroma_name = f"{runbook.chroma_name}-new"
+    runbook.configure()
+
+
 @pytest.mark.parametrize(
     ("cause", "running"),
-    [(_collection_deleted, False), (_collection_replaced, False), (_collection_deleted, True)],
-    ids=["deleted", "replaced", "deleted-while-running"],
+    [
+        (_collection_deleted, False),
+        (_collection_replaced, False),
+        (_collection_deleted, True),
+        (_collection_renamed, False),
+    ],
+    ids=["deleted", "replaced", "deleted-while-running", "renamed-in-config"],
 )
 def test_lost_collection_hint(runbook, cause, running):
     _lost_collection_hint(runbook, cause, running)
@@ -473,7 +486,13 @@ def _lost_collection_hint(
         c if isinstance(c, str) else c.name
         for c in runbook.chroma_server.client().list_collections()
     }
-    if cause is _collection_deleted:
+    if cause is _collection_renamed:
+        # The message names the collection configured now, and says why it is refused.
+        said = f"there is no Chroma collection named {runbook.chroma_name!r}"
+        assert said in daemon.output(), daemon.output()[-4000:]
+        assert "`chroma_collection` no longer names it" in daemon.output()
+        assert runbook.old_name in names, "the collection named before must be left alone"
+    if cause is not _collection_replaced:
         assert runbook.chroma_name not in names, "refusing must not create an empty namesake"
     else:
         assert runbook.chroma.get()["ids"] == ["theirs"], "nothing may go into the replacement"

@@ -160,7 +160,9 @@ def test_a_checkpoint_without_the_id_adopts_the_collection_or_refuses_when_it_is
     chroma.delete_collection(coll_name)
     refused = syncd_factory(["run"], cfg, log_path=tmp_path / "refused.log")
     assert refused.wait(60) == ExitCode.SINK, refused.output()
-    assert "is gone" in refused.output() and "Traceback" not in refused.output()
+    said = refused.output()
+    assert f"there is no Chroma collection named {coll_name!r}" in said, said
+    assert "Traceback" not in said, said
     assert coll_name not in {c.name for c in chroma.list_collections()}
     mongo_client.drop_database(db)
     mongo_client.drop_database(f"{db}_syncd")

@@ -336,7 +336,7 @@ def test_the_checkpoint_must_describe_the_collection_there_is() -> None:
     stored(p, chroma_collection_id="coll-1", counts={"insert": 3})
     assert p._load().chroma_collection_id == "coll-1"
 
-    for found, words in ((None, "is gone"), ("other", "was replaced")):
+    for found, words in ((None, "there is no Chroma collection named"), ("other", "was replaced")):
         sink.id = found
         stored(p, chroma_collection_id="coll-1", counts={"insert": 3})
         with pytest.raises(SinkLostError) as info:
