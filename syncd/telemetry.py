@@ -120,6 +120,12 @@ class PipelineTelemetry:
             lambda: time.monotonic() - self._last_beat
         )
         self._metrics.lag.labels(name).set_function(self.lag_seconds)
+        # Counters that alerts take increase() of are exported at 0 from the start: a series
+        # that first appears at 1 shows no increase, so the first dead letter would not alert.
+        for counter in (self._metrics.dead_letters, self._metrics.reapplied_late):
+            counter.labels(name)
+        for operation in ("insert", "update", "replace", "delete"):
+            self._metrics.applied.labels(name, operation)
 
     # --- traces ------------------------------------------------------------
 

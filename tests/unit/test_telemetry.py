@@ -278,6 +278,21 @@ def test_span_log_records_each_event_with_its_ids_and_the_batch_outcome(telemetr
     assert [r["outcome"] for r in tel.span_log.find("articles", "7")] == ["seen"]
 
 
+def test_counters_that_alerts_watch_are_exported_at_zero_before_their_first_increment(
+    telemetry,
+):
+    # increase() over a series that first appears at 1 is 0: the first dead letter of a
+    # process would not alert if the series only appeared with it.
+    tel, _ = telemetry
+    tel.pipeline("articles")
+    value = tel.registry.get_sample_value
+    assert value("syncd_dead_letters_total", {"pipeline": "articles"}) == 0
+    assert value("syncd_late_writes_reapplied_total", {"pipeline": "articles"}) == 0
+    for operation in ("insert", "update", "replace", "delete"):
+        labels = {"pipeline": "articles", "operation": operation}
+        assert value("syncd_events_applied_total", labels) == 0
+
+
 def test_metrics_are_recorded_on_the_instance_registry(telemetry):
     tel, _ = telemetry
     p = tel.pipeline("articles")
