@@ -484,6 +484,9 @@ def body_excerpt(text: str, limit: int = 160) -> str:
     return redact_text(text)
 
 
+EVENT_TOO_LARGE_CODE = 10334  # BSONObjectTooLarge: an event past 16 MiB fails the stream
+
+
 @contextmanager
 def translate_mongo_errors(**context: Any) -> Iterator[None]:
     """Turn MongoDB driver errors into syncd errors at the source boundary."""
@@ -535,6 +538,15 @@ def from_mongo(exc: mongo_errors.PyMongoError, **context: Any) -> SyncdError:
         return SourceFatalError(
             f"MongoDB refused the credentials: {detail}",
             hint="check the user, password and authSource in the MongoDB URI",
+            **context,
+        )
+    if code == EVENT_TOO_LARGE_CODE:
+        return SourceFatalError(
+            f"a change event is larger than MongoDB allows (16 MiB): {detail}",
+            hint="syncd leaves updateDescription out of its stream, which keeps an "
+            "update's event under the limit on MongoDB 6.0.7 and newer: upgrade an older "
+            "server, or make the document smaller (an update's event carries the document "
+            "as it is now), then run the command again",
             **context,
         )
     return SourceFatalError(f"MongoDB error: {detail}", **context)

@@ -126,6 +126,11 @@ class ChangeSource:
     # --- streaming ----------------------------------------------------------
 
     def _stages(self) -> list[dict[str, Any]]:
+        # syncd maps the document an event carries, never what an update changed: without
+        # updateDescription an update of a large field is not carried twice, so its event
+        # stays under the 16 MiB a change event may take (MongoDB fails the stream past
+        # it, BSONObjectTooLarge), and the server sends half as much.
+        unchanged = {"$project": {"updateDescription": 0}}
         if self._settings.collections:
             # Database-level stream: keep our collections and database-wide events.
             return [
@@ -136,9 +141,10 @@ class ChangeSource:
                             {"operationType": {"$in": ["dropDatabase", "invalidate"]}},
                         ]
                     }
-                }
+                },
+                unchanged,
             ]
-        return []
+        return [unchanged]
 
     def _target(self) -> Collection[dict[str, Any]] | Database[dict[str, Any]]:
         return self._db[self._settings.collection] if self._settings.collection else self._db

@@ -94,6 +94,48 @@ def test_match_and_project_after_change_stream(mongo_db: Any) -> None:
     assert all(set(e) == {"_id", "operationType", "fullDocument"} for e in events)
 
 
+def test_top_level_exclusions_drop_those_fields_and_keep_the_rest(mongo_db: Any) -> None:
+    """$match stages, then a $project that only excludes (and an $unset): each event is
+    as it would be without them, less the fields named."""
+    coll = mongo_db.c
+    pipeline = [
+        {"$match": {"operationType": {"$in": ["insert", "update", "delete"]}}},
+        {"$project": {"updateDescription": 0}},
+        {"$unset": "wallTime"},
+    ]
+    with coll.watch(pipeline, full_document="updateLookup", max_await_time_ms=AWAIT_MS) as stream:
+        coll.insert_one({"_id": 1, "t": "one"})
+        coll.update_one({"_id": 1}, {"$set": {"t": "uno"}})
+        coll.delete_one({"_id": 1})
+        insert, update, delete = next_events(stream, 3)
+        no_more_events(stream)
+    assert insert["fullDocument"] == {"_id": 1, "t": "one"}
+    assert update["operationType"] == "update" and "updateDescription" not in update
+    assert update["documentKey"] == {"_id": 1}
+    assert set(update) >= {"_id", "clusterTime", "ns", "documentKey", "fullDocument"}
+    assert delete["documentKey"] == {"_id": 1}
+    assert all("wallTime" not in e for e in (insert, update, delete))
+
+
+def test_an_event_past_the_size_limit_fails_unless_projected_under_it(mongo_db: Any) -> None:
+    """An update of a 9 MiB field, its document looked up, makes an event of twice that
+    (updateDescription and fullDocument): the server fails the stream with
+    BSONObjectTooLarge. Projected away, updateDescription leaves an event under 16 MiB."""
+    coll = mongo_db.c
+    coll.insert_one({"_id": 1, "blob": "a" * (9 << 20)})
+    projection = [{"$project": {"updateDescription": 0}}]
+    with (
+        coll.watch(full_document="updateLookup", max_await_time_ms=AWAIT_MS) as whole,
+        coll.watch(projection, full_document="updateLookup", max_await_time_ms=AWAIT_MS) as cut,
+    ):
+        coll.update_one({"_id": 1}, {"$set": {"blob": "b" * (9 << 20)}})
+        (event,) = next_events(cut, 1)
+        with pytest.raises(OperationFailure) as failed:
+            next_events(whole, 1)
+    assert failed.value.code == 10334, failed.value.details
+    assert event["fullDocument"]["blob"] == "b" * (9 << 20)
+
+
 def test_match_only_pipeline_with_update_lookup(mongo_db: Any) -> None:
     """$match stages alone (as syncd's stream has) pick events whole: inserts and deletes
     as they were written, updates with the document looked up."""

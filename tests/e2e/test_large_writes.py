@@ -402,3 +402,45 @@ def test_deletes_refused_as_too_large_are_halved_and_a_small_one_is_an_outage(
         proxy.close()
         with contextlib.suppress(Exception):
             chroma_server.client().delete_collection(name)
+
+
+@pytest.mark.timeout(180)
+def test_an_update_of_a_field_over_8_mib_is_streamed_like_any_other(
+    tmp_path: Path, mongo_uri: str, chroma_server: Any, syncd_factory: Any
+) -> None:
+    """MongoDB fails a change stream whose event passes 16 MiB (BSONObjectTooLarge), and
+    an update with its document looked up carries the fields it set twice: in
+    ``updateDescription`` and in ``fullDocument``. A document holding a 9 MiB attachment
+    beside its text is valid, and so is replacing that attachment: the update is synced,
+    and the stream goes on past it."""
+    db, coll = f"huge_{uuid.uuid4().hex[:8]}", f"huge-{uuid.uuid4().hex[:8]}"
+    client: MongoClient[Any] = MongoClient(mongo_uri)
+    try:
+        docs = client[db]["docs"]
+        docs.insert_one({**oracle.document(1), "attachment": "a" * (9 << 20)})
+        cfg = write_config(
+            tmp_path / "syncd.toml",
+            mongo_uri=mongo_uri,
+            chroma={"mode": "http", "host": chroma_server.host, "port": chroma_server.port},
+            checkpoint_db=f"{db}_syncd",
+            pipelines=[oracle.pipeline("att", db, chroma_collection=coll)],
+            extra={"telemetry": {"listen": ""}},
+        )
+        settings = settings_of(cfg)
+        daemon = syncd_factory(["run"], cfg)
+        wait_caught_up(client, db, settings, "att", 60, "the snapshot")
+        new = oracle.document(1, version=1)
+        docs.update_one({"_id": 1}, {"$set": {**new, "attachment": "b" * (9 << 20)}})
+        docs.insert_one(oracle.document(2))  # after it in the stream
+        wait_caught_up(client, db, settings, "att", 60, "the update of the attachment")
+        stored = chroma_server.client().get_collection(coll, embedding_function=None)
+        problem = oracle.mismatch(docs.find(), stored)
+        assert not problem, problem
+        assert daemon.is_running(), daemon.output()[-3000:]
+        assert "Traceback" not in daemon.output(), daemon.output()[-3000:]
+        daemon.terminate()
+        assert daemon.wait(60) == ExitCode.OK, daemon.output()[-3000:]
+    finally:
+        client.drop_database(db)
+        client.drop_database(f"{db}_syncd")
+        client.close()

@@ -14,6 +14,9 @@ from mongoeco.types import Timestamp
 from store import INTERNAL_DBS, CommandError, Event, Store, id_key
 
 MAX_BATCH_BYTES = 16 * 1024 * 1024 - 64 * 1024
+# The most a change event may take once the pipeline has shaped it (BSONObjMaxInternalSize):
+# past it the server fails the getMore with BSONObjectTooLarge, as MongoDB does.
+MAX_EVENT_BYTES = 16 * 1024 * 1024 + 16 * 1024
 FULL_DOCUMENT = ("default", "updateLookup", "whenAvailable", "required")
 BEFORE_CHANGE = ("off", "whenAvailable", "required")
 NON_RESUMABLE = ("NonResumableChangeStreamError",)
@@ -33,6 +36,33 @@ def fatal(message: str) -> CommandError:
     return CommandError(280, "ChangeStreamFatalError", message, NON_RESUMABLE)
 
 
+def too_large(event: RawBSONDocument) -> CommandError:
+    size = len(event.raw)
+    return CommandError(
+        10334,
+        "BSONObjectTooLarge",
+        f"BSONObj size: {size} (0x{size:X}) is invalid. Size must be between 0 and "
+        f"{MAX_EVENT_BYTES}(16MB) First element: _id: {event['_id']}",
+    )
+
+
+def _dropped_fields(stage: dict[str, Any]) -> list[str] | None:
+    """The top-level fields a ``$project`` that only excludes, or an ``$unset``, drops;
+    None for any other stage (it goes through the aggregation engine)."""
+    if len(stage) != 1:
+        return None
+    name, spec = next(iter(stage.items()))
+    if name == "$project" and isinstance(spec, dict) and spec:
+        names = list(spec) if all(v in (0, False) for v in spec.values()) else None
+    elif name == "$unset":
+        names = [spec] if isinstance(spec, str) else spec if isinstance(spec, list) else None
+    else:
+        return None
+    if not names or not all(isinstance(n, str) and "." not in n and n != "_id" for n in names):
+        return None
+    return names
+
+
 @dataclass
 class ChangeStream:
     store: Store
@@ -45,6 +75,10 @@ class ChangeStream:
     last_token: dict[str, str] | None = None
     last_returned: bool = False
     _match_plans: list[Any] = field(default_factory=list)
+    # The stages are $match stages, then only top-level exclusions (``_dropped``): the
+    # stream filters and drops fields itself, without the aggregation engine.
+    _simple: bool = False
+    _dropped: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.full_document = self.spec.get("fullDocument", "default")
@@ -55,8 +89,14 @@ class ChangeStream:
             raise CommandError(
                 9, "FailedToParse", f"unknown fullDocumentBeforeChange {self.before_change!r}"
             )
-        if all("$match" in st for st in self.stages):
-            self._match_plans = [compile_filter(st["$match"]) for st in self.stages]
+        first = next(
+            (i for i, st in enumerate(self.stages) if "$match" not in st), len(self.stages)
+        )
+        dropped = [_dropped_fields(st) for st in self.stages[first:]]
+        if all(names is not None for names in dropped):
+            self._match_plans = [compile_filter(st["$match"]) for st in self.stages[:first]]
+            self._dropped = tuple(n for names in dropped for n in names or ())
+            self._simple = True
         else:
             for st in self.stages:
                 name = next(iter(st))
@@ -138,9 +178,13 @@ class ChangeStream:
         reshaped = (ev.op == "update" and self.full_document != "default") or (
             ev.op in ("update", "replace", "delete") and self.before_change != "off"
         )
-        if not reshaped and (not self.stages or self._match_plans):
-            # Sent as stored, if its $match stages let it through: no need to encode it anew.
-            return ev.raw() if self._pipeline(ev.doc) is not None else None
+        if not reshaped and (not self.stages or self._simple):
+            # Sent as stored, if its $match stages let it through and it has none of the
+            # fields dropped: no need to encode it anew.
+            kept = self._pipeline(ev.doc)
+            if kept is None:
+                return None
+            return ev.raw() if not any(n in ev.doc for n in self._dropped) else kept
         doc = dict(ev.doc)
         if ev.op == "update" and self.full_document != "default":
             if self.full_document == "updateLookup":
@@ -175,9 +219,12 @@ class ChangeStream:
         if not self.stages:
             return doc
         token = doc["_id"]
-        if self._match_plans:
-            ok = all(QueryEngine.match_plan(doc, plan) for plan in self._match_plans)
-            return doc if ok else None
+        if self._simple:
+            if not all(QueryEngine.match_plan(doc, plan) for plan in self._match_plans):
+                return None
+            if any(n in doc for n in self._dropped):
+                return {k: v for k, v in doc.items() if k not in self._dropped}
+            return doc
         out = apply_pipeline([doc], self.stages)
         if not out:
             return None
@@ -225,6 +272,8 @@ class ChangeStream:
                     if isinstance(shaped, RawBSONDocument)
                     else RawBSONDocument(codec.encode(shaped))
                 )
+                if len(item.raw) > MAX_EVENT_BYTES:
+                    raise too_large(item)
                 out.append(item)
                 size += len(item.raw)
                 self.last_token = {"_data": ev.token}

@@ -312,3 +312,15 @@ def test_giving_up_keeps_the_exit_code_of_the_server_that_failed() -> None:
     assert sink_side.message.startswith("still failing after 30 s of retries: Chroma unavailable")
     source_side = retries_exhausted(mongo_down, 30)
     assert isinstance(source_side, SourceFatalError) and source_side.exit_code == ExitCode.SOURCE
+
+
+def test_a_change_event_past_16_mib_is_named_with_what_keeps_events_under_it() -> None:
+    failure = mongo.OperationFailure(
+        "BSONObj size: 18874881 (0x1200101) is invalid. Size must be between 0 and 16793600(16MB)",
+        code=10334,
+    )
+    error = from_mongo(failure, pipeline="p")
+    assert isinstance(error, SourceFatalError)
+    assert "a change event is larger than MongoDB allows (16 MiB)" in error.message
+    assert "BSONObj size: 18874881" in error.message
+    assert error.hint is not None and "MongoDB 6.0.7 and newer" in error.hint
