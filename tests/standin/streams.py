@@ -181,10 +181,13 @@ class ChangeStream:
         if not reshaped and (not self.stages or self._simple):
             # Sent as stored, if its $match stages let it through and it has none of the
             # fields dropped: no need to encode it anew.
-            kept = self._pipeline(ev.doc)
-            if kept is None:
+            if self._match_plans and self._pipeline(ev.doc) is None:
                 return None
-            return ev.raw() if not any(n in ev.doc for n in self._dropped) else kept
+            raw = ev.raw()
+            # A name absent from the bytes is no field of the event: no need to parse it.
+            if not any(n.encode() + b"\x00" in ev.encoded and n in raw for n in self._dropped):
+                return raw
+            return self._pipeline(ev.doc)
         doc = dict(ev.doc)
         if ev.op == "update" and self.full_document != "default":
             if self.full_document == "updateLookup":
