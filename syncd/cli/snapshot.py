@@ -18,8 +18,11 @@ def register(verbs: Any) -> None:
         "ready to stream from the recorded position. Also clears a mapping change or a lost "
         "oplog position. The command holds the pipeline while it runs, with a fresh epoch "
         "that fences older writers off; while a live daemon holds the pipeline's lease it "
-        "refuses (exit 7) unless --force; without leases, stop the daemon first. SIGTERM or "
-        "Ctrl-C stops after the current batch (exit 1); the same command continues.",
+        "refuses (exit 7) unless --force; without leases, stop the daemon first. An outage of "
+        "MongoDB, Chroma or the embedding API once the copy has begun is retried from the last "
+        "checkpointed page for retry_deadline_s (60 s when it is 0), then it stops (exit 4 or "
+        "5). SIGTERM or Ctrl-C stops after the current batch (exit 1); the same command "
+        "continues.",
     )
     add_config_options(parser)
     parser.add_argument("pipeline", metavar="PIPELINE")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import time
 import uuid
@@ -30,6 +31,7 @@ from . import oracle
 from .helpers import (
     caught_up,
     http_get,
+    load_checkpoint,
     pipeline_table,
     settings_of,
     wait_caught_up,
@@ -584,3 +586,66 @@ def test_a_hung_mongodb_loses_the_lease_and_readiness_within_its_ttl(
     wait_until(lambda: _readiness(listen)[0] == 200, 60, "/readyz to answer 200 again")
     _converged(client, chroma_server, db, coll)
     _stop_cleanly(daemon)
+
+
+# --- an outage during a one-shot snapshot ------------------------------------------------
+
+
+def _scanned(settings: Any) -> int:
+    cp = load_checkpoint(settings, "dn")
+    return cp.snapshot.scanned if cp is not None and cp.snapshot is not None else 0
+
+
+@pytest.mark.timeout(240)
+def test_a_snapshot_rides_out_a_chroma_blip_and_stops_with_a_hint_past_its_deadline(
+    tmp_path, mongo_uri, mongo_client, chroma_server, tcp_proxy_factory, syncd_factory
+):
+    """A connection reset or a restart of Chroma in the middle of a long `syncd snapshot`
+    is waited out: the copy goes on from its last checkpointed page and completes. An
+    outage longer than `retry_deadline_s` stops it (exit 5) with the command that
+    continues it; run, that command completes the copy."""
+    db, coll = _names("snapblip")
+    docs = [oracle.document(i) for i in range(600)]
+    mongo_client[db]["docs"].insert_many(docs)
+    proxy = tcp_proxy_factory(chroma_server.host, chroma_server.port)
+    cfg = _config(
+        tmp_path, mongo_uri=mongo_uri, chroma_port=proxy.port, db=db, coll=coll,
+        snapshot_batch_size=20, retry_deadline_s=8, retry_max_backoff_s=1,
+    )  # fmt: skip
+    settings = settings_of(cfg)
+
+    # A blip: every connection reset, new ones refused for 2 s.
+    snapshot = syncd_factory(["snapshot", "dn"], cfg)
+    wait_until(lambda: _scanned(settings) >= 100, 60, "the snapshot to copy a few pages")
+    proxy.refuse(True)
+    assert proxy.cut() > 0
+    time.sleep(2)
+    proxy.heal()
+    assert snapshot.wait(120) == ExitCode.OK, snapshot.output()[-4000:]
+    assert "retrying the snapshot" in snapshot.output(), snapshot.output()[-4000:]
+    stored = chroma_server.client().get_collection(coll, embedding_function=None)
+    problem = oracle.mismatch(mongo_client[db]["docs"].find(), stored)
+    assert not problem, problem
+
+    # Past the deadline: Chroma stays away for longer than retry_deadline_s.
+    snapshot = syncd_factory(["snapshot", "dn"], cfg)
+    wait_until(lambda: _scanned(settings) >= 100, 60, "the second snapshot to copy a few pages")
+    proxy.refuse(True)
+    proxy.cut()
+    assert snapshot.wait(120) == ExitCode.SINK, snapshot.output()[-4000:]
+    output = snapshot.output()
+    assert "still failing after 8 s of retries: Chroma unavailable" in output, output[-4000:]
+    assert "Traceback" not in output, output[-4000:]
+    (command,) = hinted(output)
+    assert shlex.split(command)[:3] == ["syncd", "snapshot", "dn"], command
+    copied = _scanned(settings)
+    assert copied >= 100, "the pages copied before the outage must be kept"
+    proxy.heal()
+    args = shlex.split(command)[1:]
+    again = run_syncd(args, None if "--config" in args else cfg, timeout=120)
+    assert again.returncode == ExitCode.OK, again.stdout + again.stderr
+    assert "continuing the interrupted snapshot of dn" in again.stdout, again.stdout
+    problem = oracle.mismatch(mongo_client[db]["docs"].find(), stored)
+    assert not problem, problem
+    mongo_client.drop_database(db)
+    mongo_client.drop_database(f"{db}_syncd")
