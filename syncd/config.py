@@ -697,22 +697,38 @@ def _list_item(items: list[Any], part: str, dotted: str) -> Any:
     raise ConfigError(f"cannot set {dotted}: no pipeline {part!r} in the config file")
 
 
+_ERRORS_SHOWN = 20  # a file with more mistakes than that shows the first ones and a count
+
+
 def _describe_validation_error(exc: ValidationError, source: str, flags: Mapping[str, str]) -> str:
-    first = exc.errors()[0]
-    location = _location(first["loc"])
+    """Every mistake, each on a line of its own (the first as the error itself, the others
+    after it as ``also ...``), so that one run shows all there is to fix."""
+    lines: list[str] = []
+    for error in exc.errors():
+        line = _describe_one(error, source, flags)
+        if line not in lines:
+            lines.append(line)
+    shown = lines[:_ERRORS_SHOWN]
+    text = shown[0] + "".join(f"\n  also {line}" for line in shown[1:])
+    if len(lines) > len(shown):
+        text += f"\n  (and {len(lines) - len(shown)} more)"
+    return redact_text(text)
+
+
+def _describe_one(error: Any, source: str, flags: Mapping[str, str]) -> str:
+    location = _location(error["loc"])
     inside = [key for key in flags if location and key.startswith(f"{location}.")]
     if location in flags:
         source, location = flags[location], ""
     elif len(inside) == 1:  # a check of the whole table (mongodb's URI): the one value set
         source = flags[inside[0]]
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
         message = "unknown key"
-    elif first["type"] == "missing":
+    elif error["type"] == "missing":
         message = "required key is missing"
-    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     where = f"{location}: " if location else ""
-    return redact_text(f"{source}: {where}{message}{more}")
+    return f"{source}: {where}{message}"
 
 
 def _location(loc: tuple[int | str, ...]) -> str:

@@ -430,3 +430,31 @@ def test_a_config_file_named_in_bytes_that_are_not_utf8_is_shown_as_named(tmp_pa
     )
     assert result.returncode == ExitCode.OK, result.stderr.decode(errors="replace")
     assert result.stdout.startswith(b"# config file: " + os.fsencode(path) + b"\n")
+
+
+def test_every_mistake_in_a_file_is_shown_in_one_run(tmp_path: Path) -> None:
+    """Three mistakes: the first is the error, the other two follow it, each naming its
+    key, so that one run shows all there is to fix; an environment variable's mistake is
+    named as the variable."""
+    data = edit("chroma.colour", "blue")
+    data["pipelines"][0]["batch_size"] = -1
+    data["pipelines"][0]["on_error"] = "explode"
+    path = tmp_path / "syncd.toml"
+    path.write_text(tomli_w.dumps(data))
+    env = {"SYNCD_CHROMA__PORT": "abc"}
+    result = run_syncd(["check", "--offline"], config=path, env=env, timeout=60)
+    assert result.returncode == ExitCode.CONFIG, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    first, *more = result.stderr.strip().splitlines()
+    assert first.startswith("syncd: error: "), first
+    said = [first.removeprefix("syncd: error: "), *(m.removeprefix("  also ") for m in more)]
+    assert all(m.startswith("  also ") for m in more), more
+    assert sorted(said) == sorted(
+        [
+            f"{path}: chroma.colour: unknown key",
+            f"{path}: pipelines[0].batch_size: Input should be greater than or equal to 1",
+            f"{path}: pipelines[0].on_error: Input should be 'halt' or 'dead_letter'",
+            "SYNCD_CHROMA__PORT: Input should be a valid integer, unable to parse string as an "
+            "integer",
+        ]
+    ), said
