@@ -192,6 +192,12 @@ class ChromaSettings(_Model):
             register_secret(self.token.get_secret_value())
         for value in self.headers.values():
             register_secret(value.get_secret_value())
+        header = next((k for k in self.headers if k.lower() == "authorization"), None)
+        if self.token and header is not None:
+            raise ValueError(
+                f"chroma.token (or token_file) and chroma.headers.{header} both set the "
+                "Authorization header: keep one"
+            )
         return self
 
 

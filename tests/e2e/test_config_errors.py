@@ -248,6 +248,12 @@ CASES: list[tuple[str, dict[str, Any] | str, str]] = [
         "cannot read mongodb.uri_file",
     ),
     ("a bool for a number", edit("chroma", {"mode": "http", "port": True}), "chroma.port"),
+    (
+        "a token and an Authorization header",
+        edit("chroma", {"mode": "http", "token": "t0ken", "headers": {"authorization": "x"}}),
+        "chroma: chroma.token (or token_file) and chroma.headers.authorization both set the "
+        "Authorization header: keep one",
+    ),
     ("no pipelines", edit("pipelines", []), "no [[pipelines]] configured"),
     ("empty file", "", "no [[pipelines]] configured"),
 ]
