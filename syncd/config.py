@@ -269,6 +269,26 @@ class TelemetrySettings(_Model):
             )
         return value
 
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _otlp_endpoint(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        from urllib.parse import urlsplit
+
+        try:
+            url = urlsplit(value)
+            url_ok = url.scheme in ("http", "https") and bool(url.hostname) and url.port != 0
+        except ValueError:  # a port that is no number, or out of range
+            url_ok = False
+        match = re.fullmatch(r"[^:/\s]+:(\d{1,5})", value)  # HOST:PORT, as gRPC takes it
+        if not (url_ok or (match and 0 < int(match[1]) <= 65535)):
+            raise ValueError(  # the value is not repeated: it may hold credentials
+                "not an endpoint: expected http://HOST:PORT/v1/traces (OTLP/HTTP), "
+                "http://HOST:PORT or HOST:PORT (OTLP/gRPC)"
+            )
+        return value
+
     @field_validator("span_log_path")
     @classmethod
     def _span_log_path(cls, value: str) -> str:

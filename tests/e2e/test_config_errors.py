@@ -254,6 +254,16 @@ CASES: list[tuple[str, dict[str, Any] | str, str]] = [
         "chroma: chroma.token (or token_file) and chroma.headers.authorization both set the "
         "Authorization header: keep one",
     ),
+    (
+        "an OTLP endpoint that is no URL",
+        edit("telemetry", {"traces": "otlp_http", "otlp_endpoint": "collector at port 4318"}),
+        "telemetry.otlp_endpoint: not an endpoint: expected http://HOST:PORT/v1/traces",
+    ),
+    (
+        "an OTLP endpoint with a port out of range",
+        edit("telemetry", {"otlp_endpoint": "http://u:secretpw@collector:99999/v1/traces"}),
+        "telemetry.otlp_endpoint: not an endpoint",
+    ),
     ("no pipelines", edit("pipelines", []), "no [[pipelines]] configured"),
     ("empty file", "", "no [[pipelines]] configured"),
 ]
