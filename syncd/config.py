@@ -540,6 +540,16 @@ class Settings(_Model):
         clash = sorted({n for n in targets if targets.count(n) > 1})
         if clash:
             raise ValueError(f"two pipelines write the same Chroma collection: {', '.join(clash)}")
+        if (
+            self.checkpoint.store == "file"
+            and self.lease.enabled
+            and "enabled" in self.lease.model_fields_set
+        ):  # leases live beside MongoDB checkpoints: with files, every process would run alone
+            raise ValueError(
+                'lease.enabled = true needs checkpoint.store = "mongodb": leases are kept in '
+                "MongoDB beside the checkpoints; the file store runs without them (one process "
+                "per pipeline, no standby)"
+            )
         return self
 
     def pipeline(self, name: str) -> PipelineSettings:

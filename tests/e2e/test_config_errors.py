@@ -264,6 +264,11 @@ CASES: list[tuple[str, dict[str, Any] | str, str]] = [
         edit("telemetry", {"otlp_endpoint": "http://u:secretpw@collector:99999/v1/traces"}),
         "telemetry.otlp_endpoint: not an endpoint",
     ),
+    (
+        "leases asked for beside the file store",
+        {**good(), "checkpoint": {"store": "file"}, "lease": {"enabled": True}},
+        'lease.enabled = true needs checkpoint.store = "mongodb"',
+    ),
     ("no pipelines", edit("pipelines", []), "no [[pipelines]] configured"),
     ("empty file", "", "no [[pipelines]] configured"),
 ]
