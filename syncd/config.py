@@ -761,6 +761,14 @@ def _describe_one(error: Any, source: str, flags: Mapping[str, str]) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown key"
+        key = error["loc"][0] if len(error["loc"]) == 1 else None
+        if isinstance(key, str) and key in PipelineSettings.model_fields:
+            table = isinstance(error.get("input"), dict)
+            message += f" at the top level: {key} is a pipeline's setting: " + (
+                f"write the table as [pipelines.{key}], after its [[pipelines]] line"
+                if table
+                else "put it after a [[pipelines]] line"
+            )
     elif error["type"] == "missing":
         message = "required key is missing"
     where = f"{location}: " if location else ""

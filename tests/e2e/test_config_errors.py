@@ -47,6 +47,18 @@ DELETE = object()
 CASES: list[tuple[str, dict[str, Any] | str, str]] = [
     ("unknown top-level key", edit("colour", "blue"), "colour: unknown key"),
     ("unknown pipeline key", edit("pipelines.0.batch_sise", 5), "batch_sise: unknown key"),
+    (
+        "a pipeline's table at the top level",
+        edit("embedder", {"kind": "hashing", "dimensions": 8}),
+        "embedder: unknown key at the top level: embedder is a pipeline's setting: write the "
+        "table as [pipelines.embedder], after its [[pipelines]] line",
+    ),
+    (
+        "a pipeline's key at the top level",
+        edit("batch_size", 100),
+        "batch_size: unknown key at the top level: batch_size is a pipeline's setting: put it "
+        "after a [[pipelines]] line",
+    ),
     ("wrong type", edit("pipelines.0.batch_size", "many"), "pipelines[0].batch_size"),
     ("out of range", edit("pipelines.0.batch_size", 0), "pipelines[0].batch_size"),
     ("missing database", edit("pipelines.0.database", DELETE), "database: required"),
