@@ -9,12 +9,14 @@ import time.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import tomllib
+import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -634,8 +636,8 @@ def load(
             f"{DEFAULT_CONFIG_PATH} here (see README)",
         )
     layer = _env_layer(env)
-    for key, (_name, value) in layer.items():
-        _set_dotted(data, key, value)
+    for key, (name, value) in layer.items():
+        _set_dotted(data, key, _env_value(key, name, value))
     for key, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(data, key, value)
@@ -705,6 +707,71 @@ def _env_layer(env: Mapping[str, str]) -> dict[str, tuple[str, str]]:
             section, _, key = name[len("SYNCD_") :].lower().partition("__")
             layer[f"{section}.{key.replace('__', '.')}"] = (name, value)
     return layer
+
+
+def _env_value(key: str, name: str, value: str) -> Any:
+    """A variable's value for ``key``: as written, or parsed as JSON where the setting
+    holds a list or a table (``["title", "tags"]``, ``{"author.name": "author"}``)."""
+    kind = _container_kind(key)
+    if kind is None:
+        return value
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, kind):  # the value is not repeated: it may be a secret
+        what, example = (
+            ("a list", '["title", "author.name"]')
+            if kind is list
+            else ("a table", '{"author.name": "author"}')
+        )
+        raise ConfigError(f"{name}: {key} takes {what}: write it as JSON, e.g. {name}='{example}'")
+    return parsed
+
+
+def _unwrapped(annotation: Any) -> Any:
+    """``annotation`` without Annotated[...] and an Optional's None."""
+    while True:
+        origin = get_origin(annotation)
+        if origin is Annotated:
+            annotation = get_args(annotation)[0]
+        elif origin in (Union, types.UnionType):
+            rest = [a for a in get_args(annotation) if a is not type(None)]
+            if len(rest) != 1:
+                return annotation  # a real choice of types: taken as written
+            annotation = rest[0]
+        else:
+            return annotation
+
+
+def _container_kind(dotted: str) -> type[list[Any]] | type[dict[str, Any]] | None:
+    """``list`` or ``dict`` when the dotted key names a setting holding one (a list of
+    names, a table such as ``mapping.rename``, or a whole section), else None."""
+    model: type[BaseModel] = Settings
+    parts = dotted.split(".")
+    index = 0
+    while index < len(parts):
+        field = model.model_fields.get(parts[index])
+        if field is None:
+            return None
+        annotation = _unwrapped(field.annotation)
+        last = index == len(parts) - 1
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if last:
+                return dict
+            model, index = annotation, index + 1
+        elif get_origin(annotation) is list:
+            item = _unwrapped(get_args(annotation)[0])
+            if last:
+                return list
+            if not (isinstance(item, type) and issubclass(item, BaseModel)):
+                return None
+            model, index = item, index + 2  # past the item's name or position
+        elif get_origin(annotation) is dict:
+            return dict if last else None
+        else:
+            return None
+    return None
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

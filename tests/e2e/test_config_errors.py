@@ -491,3 +491,50 @@ def test_every_mistake_in_a_file_is_shown_in_one_run(tmp_path: Path) -> None:
             "integer",
         ]
     ), said
+
+
+def test_a_list_or_a_table_is_set_from_the_environment_as_json(tmp_path: Path) -> None:
+    import json
+
+    path = tmp_path / "syncd.toml"
+    path.write_text(tomli_w.dumps(good()))
+    env = {
+        "SYNCD_PIPELINES__ARTICLES__MAPPING__METADATA": '["title", "author.name"]',
+        "SYNCD_PIPELINES__ARTICLES__MAPPING__RENAME": '{"author.name": "author"}',
+    }
+    shown = run_syncd(["config", "show", "--json"], config=path, env=env, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    settings = {s["key"]: s for s in json.loads(shown.stdout)["settings"]}
+    metadata = settings["pipelines[0].mapping.metadata"]
+    assert metadata["value"] == ["title", "author.name"], metadata
+    assert metadata["source"] == "environment", metadata
+    assert settings["pipelines[0].mapping.rename"]["value"] == {"author.name": "author"}
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        (
+            "SYNCD_PIPELINES__ARTICLES__MAPPING__METADATA",
+            "title,author.name",
+            "SYNCD_PIPELINES__ARTICLES__MAPPING__METADATA: pipelines.articles.mapping.metadata "
+            "takes a list: write it as JSON, e.g. "
+            'SYNCD_PIPELINES__ARTICLES__MAPPING__METADATA=\'["title", "author.name"]\'',
+        ),
+        (
+            "SYNCD_CHROMA__HEADERS",
+            "X-Api-Key: s3cretvalue",
+            "SYNCD_CHROMA__HEADERS: chroma.headers takes a table: write it as JSON",
+        ),
+    ],
+)
+def test_a_list_or_a_table_that_is_no_json_is_refused_with_the_form_to_use(
+    tmp_path: Path, variable: str, value: str, expected: str
+) -> None:
+    path = tmp_path / "syncd.toml"
+    path.write_text(tomli_w.dumps(good()))
+    result = run_syncd(["check", "--offline"], config=path, env={variable: value}, timeout=60)
+    assert result.returncode == ExitCode.CONFIG, (result.returncode, result.stderr)
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("syncd: error: ") and expected in line, line
+    assert "s3cretvalue" not in result.stderr
