@@ -406,7 +406,7 @@ def test_unreadable_checkpoint_hint(runbook, store, corrupt):
     checkpoint = {"store": store}
     if store == "file":
         checkpoint["path"] = str(runbook.tmp_path / "checkpoints")
-    runbook.configure(checkpoint=checkpoint)
+    runbook.configure(checkpoint=checkpoint, leases=store == "mongodb")  # leases need MongoDB
     _stopped(_first_run(runbook))
     corrupt(runbook)
     runbook.tamper_with_chroma()
