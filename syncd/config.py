@@ -244,6 +244,31 @@ class LeaseSettings(_Model):
         return self
 
 
+ENDPOINT_EXPECTED = (
+    "not an endpoint: expected http://HOST:PORT/v1/traces (OTLP/HTTP), "
+    "http://HOST:PORT or HOST:PORT (OTLP/gRPC)"
+)
+# The variables the OpenTelemetry exporters read an endpoint from when otlp_endpoint is unset.
+OTEL_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+
+
+def is_endpoint(value: str) -> bool:
+    """An OTLP endpoint: an http(s) URL with a host, or HOST:PORT as gRPC takes it (an IPv6
+    host in brackets: ``[::1]:4317``)."""
+    from urllib.parse import urlsplit
+
+    if re.search(r"\s", value):
+        return False
+    try:
+        url = urlsplit(value)
+        if url.scheme.lower() in ("http", "https") and url.hostname and url.port != 0:
+            return True
+    except ValueError:  # a port that is no number, or out of range
+        return False
+    match = re.fullmatch(r"(?:\[[0-9A-Fa-f:.]+\]|[^:/\s\[\]]+):(\d{1,5})", value)
+    return bool(match and 0 < int(match[1]) <= 65535)
+
+
 class TelemetrySettings(_Model):
     listen: str = "127.0.0.1:9464"  # /metrics, /healthz, /readyz; "" disables
     traces: Literal["none", "console", "otlp", "otlp_http", "otlp_grpc"] | None = None
@@ -276,19 +301,8 @@ class TelemetrySettings(_Model):
     def _otlp_endpoint(cls, value: str | None) -> str | None:
         if not value:
             return None
-        from urllib.parse import urlsplit
-
-        try:
-            url = urlsplit(value)
-            url_ok = url.scheme in ("http", "https") and bool(url.hostname) and url.port != 0
-        except ValueError:  # a port that is no number, or out of range
-            url_ok = False
-        match = re.fullmatch(r"[^:/\s]+:(\d{1,5})", value)  # HOST:PORT, as gRPC takes it
-        if not (url_ok or (match and 0 < int(match[1]) <= 65535)):
-            raise ValueError(  # the value is not repeated: it may hold credentials
-                "not an endpoint: expected http://HOST:PORT/v1/traces (OTLP/HTTP), "
-                "http://HOST:PORT or HOST:PORT (OTLP/gRPC)"
-            )
+        if not is_endpoint(value):
+            raise ValueError(ENDPOINT_EXPECTED)  # not repeated: it may hold credentials
         return value
 
     @field_validator("span_log_path")
@@ -642,6 +656,10 @@ def load(
         if value is not None:
             _set_dotted(data, key, value)
     _embedding_keys_from(env, data)
+    for variable in OTEL_ENDPOINT_VARIABLES:  # read by the exporter when otlp_endpoint is unset
+        endpoint = env.get(variable)
+        if endpoint and not is_endpoint(endpoint):
+            raise ConfigError(f"{variable}: {ENDPOINT_EXPECTED}")
     # A bad value is named where it was set: the variable, or the flag, not the file.
     flags = {key: name for key, (name, _value) in layer.items()}
     flags |= {key: FLAGS.get(key, key) for key, v in (overrides or {}).items() if v is not None}
@@ -720,13 +738,21 @@ def _env_value(key: str, name: str, value: str) -> Any:
     except ValueError:
         parsed = None
     if not isinstance(parsed, kind):  # the value is not repeated: it may be a secret
-        what, example = (
-            ("a list", '["title", "author.name"]')
-            if kind is list
-            else ("a table", '{"author.name": "author"}')
+        what = "a list" if kind is list else "a table"
+        example = _JSON_EXAMPLES.get(key.rsplit(".", 1)[-1]) or (
+            '["a", "b"]' if kind is list else '{"key": "value"}'
         )
         raise ConfigError(f"{name}: {key} takes {what}: write it as JSON, e.g. {name}='{example}'")
     return parsed
+
+
+_JSON_EXAMPLES = {
+    "metadata": '["title", "author.name"]',
+    "collections": '["articles", "notes"]',
+    "rename": '{"author.name": "author"}',
+    "headers": '{"X-Request-Source": "syncd"}',
+    "filter": '{"status": "published"}',
+}
 
 
 def _unwrapped(annotation: Any) -> Any:

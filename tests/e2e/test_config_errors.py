@@ -281,6 +281,11 @@ CASES: list[tuple[str, dict[str, Any] | str, str]] = [
         {**good(), "checkpoint": {"store": "file"}, "lease": {"enabled": True}},
         'lease.enabled = true needs checkpoint.store = "mongodb"',
     ),
+    (
+        "an OTLP/gRPC endpoint that is no HOST:PORT",
+        edit("telemetry", {"traces": "otlp_grpc", "otlp_endpoint": "[::1]"}),
+        "telemetry.otlp_endpoint: not an endpoint",
+    ),
     ("no pipelines", edit("pipelines", []), "no [[pipelines]] configured"),
     ("empty file", "", "no [[pipelines]] configured"),
 ]
@@ -524,7 +529,8 @@ def test_a_list_or_a_table_is_set_from_the_environment_as_json(tmp_path: Path) -
         (
             "SYNCD_CHROMA__HEADERS",
             "X-Api-Key: s3cretvalue",
-            "SYNCD_CHROMA__HEADERS: chroma.headers takes a table: write it as JSON",
+            "SYNCD_CHROMA__HEADERS: chroma.headers takes a table: write it as JSON, e.g. "
+            'SYNCD_CHROMA__HEADERS=\'{"X-Request-Source": "syncd"}\'',
         ),
     ],
 )
@@ -537,4 +543,34 @@ def test_a_list_or_a_table_that_is_no_json_is_refused_with_the_form_to_use(
     assert result.returncode == ExitCode.CONFIG, (result.returncode, result.stderr)
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("syncd: error: ") and expected in line, line
+    assert "s3cretvalue" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    ["[::1]:4317", "[2001:db8::1]:4317", "localhost:4317", "http://[::1]:4318/v1/traces"],
+)
+def test_an_otlp_endpoint_in_any_form_the_exporters_take_is_accepted(
+    tmp_path: Path, endpoint: str
+) -> None:
+    data = edit("telemetry", {"traces": "otlp_grpc", "otlp_endpoint": endpoint})
+    path = tmp_path / "syncd.toml"
+    path.write_text(tomli_w.dumps(data))
+    result = run_syncd(["check", "--offline"], config=path, timeout=60)
+    assert result.returncode == ExitCode.OK, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "variable", ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+)
+def test_an_otlp_endpoint_variable_that_is_no_endpoint_is_named(
+    tmp_path: Path, variable: str
+) -> None:
+    path = tmp_path / "syncd.toml"
+    path.write_text(tomli_w.dumps(good()))
+    env = {variable: "http://u:s3cretvalue@bad host:1"}
+    result = run_syncd(["check", "--offline"], config=path, env=env, timeout=60)
+    assert result.returncode == ExitCode.CONFIG, result.stdout + result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"syncd: error: {variable}: not an endpoint"), line
     assert "s3cretvalue" not in result.stderr
