@@ -862,10 +862,29 @@ def _describe_one(error: Any, source: str, flags: Mapping[str, str]) -> str:
                 if table
                 else "put it after a [[pipelines]] line"
             )
+        elif error["loc"] and isinstance(error["loc"][-1], str):
+            homes = _homes(error["loc"][-1])
+            if homes:
+                message += f" here: it is a setting of {' or '.join(homes)}"
     elif error["type"] == "missing":
         message = "required key is missing"
     where = f"{location}: " if location else ""
     return f"{source}: {where}{message}"
+
+
+def _homes(key: str) -> list[str]:
+    """The tables a setting named ``key`` belongs in, as written in the file."""
+    tables: list[tuple[str, type[BaseModel]]] = [("the top level", Settings)]
+    for name, field in Settings.model_fields.items():
+        annotation = _unwrapped(field.annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            tables.append((f"[{name}]", annotation))
+    tables.append(("[[pipelines]]", PipelineSettings))
+    for name, field in PipelineSettings.model_fields.items():
+        annotation = _unwrapped(field.annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            tables.append((f"[pipelines.{name}]", annotation))
+    return [where for where, model in tables if key in model.model_fields]
 
 
 def _location(loc: tuple[int | str, ...]) -> str:

@@ -286,6 +286,16 @@ CASES: list[tuple[str, dict[str, Any] | str, str]] = [
         edit("telemetry", {"traces": "otlp_grpc", "otlp_endpoint": "[::1]"}),
         "telemetry.otlp_endpoint: not an endpoint",
     ),
+    (
+        "a lease setting under [chroma]",
+        edit("chroma.ttl_s", 3),
+        "chroma.ttl_s: unknown key here: it is a setting of [lease]",
+    ),
+    (
+        "an embedder setting under [[pipelines]]",
+        edit("pipelines.0.kind", "hashing"),
+        "pipelines[0].kind: unknown key here: it is a setting of [pipelines.embedder]",
+    ),
     ("no pipelines", edit("pipelines", []), "no [[pipelines]] configured"),
     ("empty file", "", "no [[pipelines]] configured"),
 ]
