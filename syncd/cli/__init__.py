@@ -75,6 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config_flag_last(argv: Sequence[str]) -> list[str]:
+    """``syncd --config F COMMAND ...`` read as ``syncd COMMAND ... --config F``: the flag
+    is each command's own, and people write it first as often as last."""
+    args = list(argv)
+    if len(args) > 2 and args[0] == "--config":
+        return [*args[2:], "--config", args[1]]
+    if len(args) > 1 and args[0].startswith("--config="):
+        return [*args[1:], args[0]]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     signals.catch_early()  # before the slow imports: a SIGTERM now must not kill `syncd run`
     from syncd.errors import ExitCode, SyncdError
@@ -82,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     _complete(parser)  # a shell asking for completions gets them and exits here
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_config_flag_last(sys.argv[1:] if argv is None else argv))
     except SystemExit:  # --help, --version or a usage error
         signals.restore()
         raise

@@ -584,3 +584,13 @@ def test_an_otlp_endpoint_variable_that_is_no_endpoint_is_named(
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"syncd: error: {variable}: not an endpoint"), line
     assert "s3cretvalue" not in result.stderr
+
+
+@pytest.mark.parametrize("flag", [["--config", "{path}"], ["--config={path}"]])
+def test_the_config_flag_may_come_before_the_command(tmp_path: Path, flag: list[str]) -> None:
+    path = tmp_path / "syncd.toml"
+    path.write_text(tomli_w.dumps(good()))
+    given = [part.format(path=path) for part in flag]
+    result = run_syncd([*given, "check", "--offline"], timeout=60)
+    assert result.returncode == ExitCode.OK, result.stdout + result.stderr
+    assert "config ok: 1 pipeline(s)" in result.stdout
