@@ -448,6 +448,16 @@ def test_a_bad_listen_flag_is_named_as_the_flag(tmp_path: Path, command: list[st
     assert "telemetry.listen" not in line and str(path) not in line, line
 
 
+def _refused_with(tmp_path: Path, env: dict[str, str]) -> tuple[Path, str]:
+    """A good config file and ``env``: the config file and the one line `check` refuses with."""
+    path = tmp_path / "syncd.toml"
+    path.write_text(tomli_w.dumps(good()))
+    result = run_syncd(["check", "--offline"], config=path, env=env, timeout=60)
+    assert result.returncode == ExitCode.CONFIG, (result.returncode, result.stdout, result.stderr)
+    (line,) = result.stderr.strip().splitlines()
+    return path, line
+
+
 @pytest.mark.parametrize(
     ("variable", "value"),
     [("SYNCD_CHROMA__PORT", "abc"), ("SYNCD_MONGODB_URI", "http://not-mongodb")],
@@ -455,11 +465,7 @@ def test_a_bad_listen_flag_is_named_as_the_flag(tmp_path: Path, command: list[st
 def test_a_bad_value_from_the_environment_is_named_as_the_variable(
     tmp_path: Path, variable: str, value: str
 ) -> None:
-    path = tmp_path / "syncd.toml"
-    path.write_text(tomli_w.dumps(good()))
-    result = run_syncd(["check", "--offline"], config=path, env={variable: value}, timeout=60)
-    assert result.returncode == ExitCode.CONFIG, (result.returncode, result.stderr)
-    (line,) = result.stderr.strip().splitlines()
+    path, line = _refused_with(tmp_path, {variable: value})
     assert line.startswith(f"syncd: error: {variable}: "), line
     assert str(path) not in line, line
 
@@ -547,13 +553,9 @@ def test_a_list_or_a_table_is_set_from_the_environment_as_json(tmp_path: Path) -
 def test_a_list_or_a_table_that_is_no_json_is_refused_with_the_form_to_use(
     tmp_path: Path, variable: str, value: str, expected: str
 ) -> None:
-    path = tmp_path / "syncd.toml"
-    path.write_text(tomli_w.dumps(good()))
-    result = run_syncd(["check", "--offline"], config=path, env={variable: value}, timeout=60)
-    assert result.returncode == ExitCode.CONFIG, (result.returncode, result.stderr)
-    (line,) = result.stderr.strip().splitlines()
+    _, line = _refused_with(tmp_path, {variable: value})
     assert line.startswith("syncd: error: ") and expected in line, line
-    assert "s3cretvalue" not in result.stderr
+    assert "s3cretvalue" not in line
 
 
 @pytest.mark.parametrize(
@@ -576,14 +578,9 @@ def test_an_otlp_endpoint_in_any_form_the_exporters_take_is_accepted(
 def test_an_otlp_endpoint_variable_that_is_no_endpoint_is_named(
     tmp_path: Path, variable: str
 ) -> None:
-    path = tmp_path / "syncd.toml"
-    path.write_text(tomli_w.dumps(good()))
-    env = {variable: "http://u:s3cretvalue@bad host:1"}
-    result = run_syncd(["check", "--offline"], config=path, env=env, timeout=60)
-    assert result.returncode == ExitCode.CONFIG, result.stdout + result.stderr
-    (line,) = result.stderr.strip().splitlines()
+    _, line = _refused_with(tmp_path, {variable: "http://u:s3cretvalue@bad host:1"})
     assert line.startswith(f"syncd: error: {variable}: not an endpoint"), line
-    assert "s3cretvalue" not in result.stderr
+    assert "s3cretvalue" not in line
 
 
 @pytest.mark.parametrize("flag", [["--config", "{path}"], ["--config={path}"]])
