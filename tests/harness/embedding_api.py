@@ -5,7 +5,8 @@ tests can compute the expected embeddings themselves. `refuse` (a predicate on o
 input, or None) makes it answer 400 to any request holding an input it matches, as
 APIs do for an input they will not embed; `refuse = lambda _: True` is an API that
 refuses everything. `delay_s` makes it answer each request that long after it arrived,
-as a remote embedding service does; `max_in_flight` is the most requests it held at once.
+as a remote embedding service does; `max_in_flight` is the most requests it had at once, each
+counted from its arrival (a held one too).
 `hold(n)` lets n more requests through and holds the ones after them unanswered until
 `release()`, to keep a client at a known point.
 """
@@ -98,15 +99,16 @@ class EmbeddingAPI:
 
     def _handle(self, handler: BaseHTTPRequestHandler) -> None:
         with self._lock:
+            # In flight from its arrival: a request held for release() is one the client
+            # has sent and waits for, as much as one being answered.
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
             self._waiting += 1
             while self._passes is not None and self._passes <= 0:
                 self._opened.wait()
             self._waiting -= 1
             if self._passes is not None:
                 self._passes -= 1
-        with self._lock:
-            self.in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self.in_flight)
         arrived = time.monotonic()
         try:
             status, payload = self._answer(handler)
