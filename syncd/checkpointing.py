@@ -34,7 +34,7 @@ from syncd.errors import (
 )
 from syncd.redact import redact_text
 from syncd.sink import Sink
-from syncd.source import Position, position_of
+from syncd.source import Position, bookkeeping, position_of
 from syncd.telemetry import PipelineTelemetry
 from syncd.tokens import covered_through
 
@@ -296,7 +296,8 @@ class Progress:
         and that must not change how the loop retries or stops.
         """
         try:
-            self.store.set_status(self.settings.name, status_record(state, error))
+            with bookkeeping():
+                self.store.set_status(self.settings.name, status_record(state, error))
         except SyncdError as exc:
             log.warning("could not record state %r: %s", state, exc, extra=self._extra())
 

@@ -148,6 +148,8 @@ class Daemon:
         # meanwhile (another process's rebuild, a rollback) is waited for, not rebuilt
         # back, whoever holds its lease next (see switching.check_start).
         self._started: set[str] = set()
+        self._made: list[Worker] = []  # every worker made, for the stop relay
+        self._made_lock = threading.Lock()
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -163,6 +165,7 @@ class Daemon:
         if self.stop.is_set():
             log.info("stop signal received while starting: exiting without starting pipelines")
             return ExitCode.OK
+        threading.Thread(target=self._relay_stop, name="stop-relay", daemon=True).start()
         self.telemetry.start()
         runtime = Runtime(self.settings, self.telemetry)
         workers: list[Worker] = []
@@ -271,7 +274,24 @@ class Daemon:
                     self._started.add(ps.name)
                 return ready
 
-        return Worker(ps, build, telemetry, self.failed, leased=leases is not None, prepare=prepare)
+        worker = Worker(
+            ps, build, telemetry, self.failed, leased=leases is not None, prepare=prepare
+        )
+        with self._made_lock:
+            self._made.append(worker)
+        if self.stop.is_set():
+            worker.stop.set()
+        return worker
+
+    def _relay_stop(self) -> None:
+        """Pass a stop on to every worker at once: the main thread may be busy (reading
+        the leases of a MongoDB that does not answer) when the signal comes, and a
+        worker waiting out a backoff should not wait for it."""
+        self.stop.wait()
+        with self._made_lock:
+            workers = list(self._made)
+        for worker in workers:
+            worker.stop.set()
 
     def _beside(self, runtime: Runtime, ps: PipelineSettings) -> Worker | None:
         """For a pipeline another process streams: a worker that rebuilds it beside that

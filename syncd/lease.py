@@ -47,6 +47,7 @@ from syncd.errors import (
     translate_mongo_errors,
 )
 from syncd.sink import Sink, StoredRecord, WritePlan
+from syncd.source import BOOKKEEPING_S, bookkeeping
 
 log = logging.getLogger(__name__)
 
@@ -237,10 +238,12 @@ class LeaseManager:
             self._renewer.daemon = True
             self._renewer.start()
 
-    def stop_renewing(self) -> None:
+    def stop_renewing(self, wait_s: float | None = None) -> None:
+        """Stop the renewer; ``wait_s``: how long to wait for a renewal in flight (a
+        MongoDB that does not answer holds it up to its local deadline)."""
         self._closing.set()
         if self._renewer is not None:
-            self._renewer.join()
+            self._renewer.join(wait_s)
             self._renewer = None
 
     def _renew_loop(self) -> None:
@@ -390,17 +393,20 @@ class LeaseManager:
         return lease_info(self._coll, pipeline)
 
     def close(self) -> None:
-        """Release every lease and withdraw this process's announcement."""
-        self.stop_renewing()
-        for pipeline in self.held:
+        """Release every lease and withdraw this process's announcement: best effort, in
+        :data:`syncd.source.BOOKKEEPING_S` or so when MongoDB does not answer (a lease
+        left behind expires after its ttl)."""
+        self.stop_renewing(BOOKKEEPING_S)
+        with bookkeeping():
+            for pipeline in self.held:
+                try:
+                    self.release(pipeline)
+                except TransientError as exc:
+                    log.warning("could not release the lease of %s: %s", pipeline, exc.message)
             try:
-                self.release(pipeline)
-            except TransientError as exc:
-                log.warning("could not release the lease of %s: %s", pipeline, exc.message)
-        try:
-            self._coll.delete_one({"_id": PROCESS_PREFIX + self.owner})
-        except PyMongoError as exc:
-            log.warning("could not withdraw this process: %s", from_mongo(exc).message)
+                self._coll.delete_one({"_id": PROCESS_PREFIX + self.owner})
+            except PyMongoError as exc:
+                log.warning("could not withdraw this process: %s", from_mongo(exc).message)
 
 
 _NUMBER_OR_0 = {"$cond": [{"$isNumber": "$epoch"}, "$epoch", 0]}

@@ -171,6 +171,13 @@ class Pipeline:
                 self._run_once()
                 return
             except TransientError as exc:
+                if self.stop.is_set():  # stopping: nothing to retry for
+                    log.info(
+                        "stopping during an outage: %s", exc.message,
+                        extra={"pipeline": self.settings.name},
+                    )  # fmt: skip
+                    self.source.close()
+                    return
                 if self._recovered:
                     waits = backoff_waits(self.settings.retry_max_backoff_s)
                     failing_since, attempt, self._recovered = None, 0, False

@@ -180,5 +180,6 @@ class Runtime:
             if embedder is not None:
                 embedder.close()
         if self._mongo is not None:
-            self._mongo.close()
+            with source.bookkeeping():  # ends its sessions on a server that may be down
+                self._mongo.close()
             self._mongo = None

@@ -6,6 +6,7 @@ syncd error (see :mod:`syncd.errors`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import math
@@ -14,6 +15,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
+import pymongo
 from bson import Binary, Decimal128, Int64, MaxKey, MinKey, ObjectId
 from bson.timestamp import Timestamp
 from pymongo import MongoClient
@@ -30,6 +32,16 @@ if TYPE_CHECKING:
     from syncd.checkpoint import Checkpoint
 
 DOCUMENT_OPS = frozenset({"insert", "update", "replace", "delete"})
+
+# How long a best-effort bookkeeping call to MongoDB may take (a status record, a lease
+# release, closing a cursor or the client): when MongoDB is down, each would otherwise
+# wait the full server-selection timeout, and a stop makes several in a row.
+BOOKKEEPING_S = 1.0
+
+
+def bookkeeping() -> contextlib.AbstractContextManager[None]:
+    """Bound the MongoDB calls inside to :data:`BOOKKEEPING_S` in all."""
+    return pymongo.timeout(BOOKKEEPING_S)
 
 
 def make_client(settings: MongoSettings, **options: Any) -> MongoClient[dict[str, Any]]:
@@ -237,7 +249,7 @@ class ChangeSource:
     def close(self) -> None:
         if self._stream is not None:
             stream, self._stream = self._stream, None
-            with translate_mongo_errors(**self._context):
+            with translate_mongo_errors(**self._context), bookkeeping():
                 stream.close()
 
     # --- snapshot -------------------------------------------------------------

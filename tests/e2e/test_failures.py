@@ -249,3 +249,33 @@ def test_connections_to_mongodb_cut_and_refused(
     _converged(mongo_client, chroma_server, db, coll)
     mongo_client.drop_database(db)
     mongo_client.drop_database(f"{db}_syncd")
+
+
+SIGTERM_BOUND_S = 15.0  # what a supervisor may wait: well inside shutdown_timeout_s (25)
+
+
+@pytest.mark.timeout(180)
+def test_a_sigterm_during_a_mongodb_outage_ends_the_process_promptly(
+    tmp_path, mongo_server_factory, chroma_server, syncd_factory
+):
+    """With MongoDB gone, nothing is in flight to drain: the bookkeeping a stop does
+    against MongoDB (the checkpoint, the leases) must not hold the process for each
+    call's full server-selection wait."""
+    server = mongo_server_factory()
+    db, coll = f"fail_{uuid.uuid4().hex[:8]}", f"fail-{uuid.uuid4().hex[:8]}"
+    cfg = _config(tmp_path, server.uri, chroma_server.port, db, coll)
+    client: MongoClient[Any] = MongoClient(server.uri, serverSelectionTimeoutMS=10_000)
+    daemon = syncd_factory(["run"], cfg)
+    try:
+        client[db]["docs"].insert_one({"_id": 1, "body": "one", "seq": 1, "vec": oracle.vector(1)})
+        wait_until(lambda: _streaming_with_progress(client, cfg), 60, "streaming")
+        server.kill()
+        daemon.wait_for_output(r"retrying in [\d.]+s after transient error", timeout=30)
+        began = time.monotonic()
+        daemon.terminate()
+        code = daemon.wait(60)
+        took = time.monotonic() - began
+        assert code == 0, daemon.output()
+        assert took < SIGTERM_BOUND_S, f"SIGTERM took {took:.1f} s\n{daemon.output()}"
+    finally:
+        client.close()
