@@ -50,6 +50,11 @@ _SECRET_ENDINGS = tuple(
 )
 # "...Token" after these is a change-stream position, which operators need to see.
 _POSITION_ENDINGS = ("resumetoken", "starttoken")
+# Query parameters that carry a credential in an HTTP URL (an API key, a signed URL's
+# signature), though the name alone would not say so elsewhere.
+_QUERY_SECRETS = frozenset({"key", "sig", "signature", "code", "x-amz-signature"})
+# The same in prose, "a resume token: ...", just before a pair's name.
+_POSITION_PHRASE = re.compile(r"(?i)\b(?:resume|start)[ \t_-]+\Z")
 
 # A candidate pair: a name, maybe its closing quote (JSON), then '=' or ':'.
 _PAIR = re.compile(
@@ -145,7 +150,7 @@ def _redact_uri_match(match: re.Match[str]) -> str:
     if not question:
         return uri
     # Options may be percent-encoded (AWS_SESSION_TOKEN%3A...): judge them decoded.
-    return f"{base}?{_redact_pairs(unquote(query))}"
+    return f"{base}?{_redact_pairs(unquote(query), also=_QUERY_SECRETS)}"
 
 
 def _mask_userinfo(match: re.Match[str]) -> str:
@@ -153,11 +158,16 @@ def _mask_userinfo(match: re.Match[str]) -> str:
     return f"{match['scheme']}{user}:{MASK}@" if user else f"{match['scheme']}{MASK}@"
 
 
-def _redact_pairs(text: str) -> str:
+def _redact_pairs(text: str, *, also: frozenset[str] = frozenset()) -> str:
+    """``text`` with the value of every secret-named pair masked; ``also``: more names
+    (lowercase) that are secret here."""
     out: list[str] = []
     done = 0
     for match in _PAIR.finditer(text):
-        if match.start() < done or not is_secret_name(match["key"]):
+        name = match["key"]
+        if match.start() < done or not (is_secret_name(name) or name.lower() in also):
+            continue
+        if _POSITION_PHRASE.search(text, 0, match.start()):  # "resume token: ..." in prose
             continue
         start, end = _value_span(text, match.end())
         if end == start:

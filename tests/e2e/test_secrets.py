@@ -166,3 +166,27 @@ def test_no_output_of_a_run_holds_a_secret(
         if value in text
     ]
     assert not leaks, leaks
+
+
+def test_a_credential_in_the_otlp_endpoint_query_is_masked(tmp_path: Path) -> None:
+    """An OTLP backend that takes its API key in the URL (`?key=`): `config show` and a
+    refusal that echoes the settings show the endpoint, never the key."""
+    key = secret("otlpkey")
+    cfg = write_config(
+        tmp_path / "syncd.toml",
+        mongo_uri="mongodb://127.0.0.1:1/?directConnection=true",
+        chroma={"mode": "http", "host": "127.0.0.1", "port": 1},
+        checkpoint_db="db_syncd",
+        pipelines=[pipeline_table("otlp", "db")],
+        extra={
+            "telemetry": {
+                "traces": "otlp",
+                "otlp_endpoint": f"https://otlp.example.com:4318/v1/traces?key={key}",
+            }
+        },
+    )
+    for args in (["config", "show"], ["config", "show", "--json"]):
+        result = run_syncd(args, cfg, timeout=60)
+        assert result.returncode == 0, (args, result.stdout, result.stderr)
+        assert "otlp.example.com" in result.stdout, result.stdout
+        assert key not in result.stdout + result.stderr, (args, result.stdout)

@@ -10,6 +10,15 @@ from syncd.redact import MASK, is_secret_name, redact_mapping, redact_text
 
 # (input, secret values that must be gone, text that must survive)
 MASKED = [
+    # an HTTP URL's query parameters that carry a credential
+    (
+        "https://otlp.example.com:4318/v1/traces?key=Abc123Secret&region=eu",
+        ["Abc123Secret"],
+        ["key=***", "region=eu"],
+    ),
+    ("http://h/x?sig=Zz9SiGnAtUrE&se=2026", ["Zz9SiGnAtUrE"], ["se=2026"]),
+    # a secret pair after prose naming a resume token
+    ("resume token: 8265A1B2, token=Tok3nSecret", ["Tok3nSecret"], ["resume token: 8265A1B2"]),
     # MongoDB URI options whose name is secret, in any case style, encoded or not
     (
         "mongodb://db:27017/?tls=true&tlsCertificateKeyFilePassword=Pw0rd-TLS&replicaSet=rs0",
@@ -82,6 +91,9 @@ KEPT = [
     "api_key_env=OPENAI_API_KEY",
     "mongodb://127.0.0.1:27017/?replicaSet=rs0&directConnection=true",
     "2026-11-26T00:21:30.123Z i:42 oid:65a1b2c3d4e5f60718293a4b",
+    "not a resume token: '1700000000' is not a hex digit",
+    "the stored checkpoint cannot be read: token is not a resume token (8200): too short",
+    "a start token: 8265A1B2",
 ]
 
 
