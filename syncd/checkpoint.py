@@ -36,6 +36,7 @@ from syncd.errors import (
     from_os_error,
     translate_mongo_errors,
 )
+from syncd.tokens import InvalidResumeToken, token_cluster_time
 
 Phase = Literal["snapshot", "streaming"]
 HISTORY_EVERY_S = 60.0
@@ -261,6 +262,11 @@ def _check_types(
         token = data.get(field)
         if token is not None and not isinstance(token.get("_data"), str):
             raise ValueError(f"{prefix}{field} has no _data string")
+        if token is not None:
+            try:  # MongoDB refuses a damaged token only once the stream opens, as a fatal error
+                token_cluster_time(token)
+            except InvalidResumeToken as exc:
+                raise ValueError(f"{prefix}{field} is {exc}") from exc
 
 
 def reset_hint(pipeline: str) -> str:

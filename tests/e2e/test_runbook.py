@@ -389,6 +389,16 @@ def _corrupt_mongo_epoch(runbook: Runbook) -> None:
     )
 
 
+def _damage_token(data: str) -> Callable[[Runbook], None]:
+    def damage(runbook: Runbook) -> None:
+        settings = runbook.settings.checkpoint
+        runbook.mongo[settings.database][settings.collection].update_one(
+            {"_id": NAME}, {"$set": {"token._data": data}}
+        )
+
+    return damage
+
+
 def _corrupt_checkpoint_file(runbook: Runbook) -> None:
     (Path(runbook.settings.checkpoint.path) / f"{NAME}.json").write_text('{"_id": "book", "ep')
 
@@ -398,9 +408,11 @@ def _corrupt_checkpoint_file(runbook: Runbook) -> None:
     [
         ("mongodb", _corrupt_mongo_checkpoint),
         ("mongodb", _corrupt_mongo_epoch),
+        ("mongodb", _damage_token("zz")),
+        ("mongodb", _damage_token("8200")),
         ("file", _corrupt_checkpoint_file),
     ],
-    ids=["mongodb", "mongodb-epoch", "file"],
+    ids=["mongodb", "mongodb-epoch", "mongodb-token-not-hex", "mongodb-token-cut", "file"],
 )
 def test_unreadable_checkpoint_hint(runbook, store, corrupt):
     checkpoint = {"store": store}
@@ -410,6 +422,9 @@ def test_unreadable_checkpoint_hint(runbook, store, corrupt):
     _stopped(_first_run(runbook))
     corrupt(runbook)
     runbook.tamper_with_chroma()
+    shown = runbook.run("tokens", "show")  # never "fine" for a checkpoint run cannot use
+    assert shown.returncode == ExitCode.DRIFT_OR_FAILURE, shown.stdout + shown.stderr
+    assert "syncd tokens reset" in shown.stdout + shown.stderr, shown.stdout + shown.stderr
 
     daemon = runbook.start()
     assert daemon.wait(60) == ExitCode.SOURCE, daemon.output()[-4000:]

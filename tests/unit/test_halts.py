@@ -39,17 +39,17 @@ def record(cp: Checkpoint, document_id: object = "bad") -> halts.Halt:
 
 
 def test_a_halt_holds_its_checkpoint_across_saves_and_lapses_when_it_moves(tmp_path):
-    cp = Checkpoint(pipeline="p", fingerprint="f", token={"_data": "8201"})
+    cp = Checkpoint(pipeline="p", fingerprint="f", token={"_data": "8265A1B2C30000000104"})
     store = stored(tmp_path, cp)
     store.set_halt("p", record(cp).to_document())
 
     loaded = store.load("p")
     halt = halts.active(loaded)
-    assert halt is not None and halt.document_id == "bad" and halt.token == {"_data": "8201"}
+    assert halt is not None and halt.document_id == "bad" and halt.token == {"_data": "8265A1B2C30000000104"}
     assert loaded is not None
     store.save(loaded)  # a checkpoint write keeps the record...
     assert halts.active(store.load("p")) is not None
-    loaded.token = {"_data": "8202"}  # ...and moving the position ends it
+    loaded.token = {"_data": "8265A1B2C30000000204"}  # ...and moving the position ends it
     store.save(loaded)
     assert halts.active(store.load("p")) is None
 
@@ -64,7 +64,7 @@ def test_a_nan_id_in_a_snapshot_position_still_equals_itself(tmp_path):
 
 
 def test_a_started_pipeline_stops_on_the_stored_halt_unless_it_dead_letters_now(tmp_path):
-    cp = Checkpoint(pipeline="p", fingerprint="f", token={"_data": "8201"})
+    cp = Checkpoint(pipeline="p", fingerprint="f", token={"_data": "8265A1B2C30000000104"})
     store = stored(tmp_path, cp)
     store.set_halt("p", record(cp).to_document())
     loaded = store.load("p")
@@ -78,7 +78,7 @@ def test_a_started_pipeline_stops_on_the_stored_halt_unless_it_dead_letters_now(
 
 
 def test_resume_clears_only_a_halt_in_force(tmp_path):
-    cp = Checkpoint(pipeline="p", fingerprint="f", token={"_data": "8201"})
+    cp = Checkpoint(pipeline="p", fingerprint="f", token={"_data": "8265A1B2C30000000104"})
     store = stored(tmp_path, cp)
     assert halts.clear(store, "p") is None
     store.set_halt("p", record(cp).to_document())
