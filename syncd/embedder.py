@@ -29,6 +29,7 @@ from syncd.errors import (
     EmbeddingRejectedError,
     ErrorKind,
     SinkUnavailableError,
+    SyncdError,
     body_excerpt,
     http_status_kind,
     parse_retry_after,
@@ -319,6 +320,7 @@ class OpenAIEmbedder:
         self.dimensions: int | None = dimensions
         self.identity = f"openai:{model}" + (f":dims={dimensions}" if dimensions else "")
         self._refused_in_a_row = 0
+        self._answered = False  # some answer was right: base_url and model are
         self._refusing_all = False  # the last probe was refused: probe at every refusal
         # Guards the refusal count and the learned dimensions, which requests in
         # flight at once share; held while probing, so one probe answers for all.
@@ -428,18 +430,34 @@ class OpenAIEmbedder:
             items = sorted(response.json()["data"], key=lambda item: int(item["index"]))
             vectors = [[float(x) for x in item["embedding"]] for item in items]
         except (ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(
+            raise self._wrong_answer(
                 f"embedding API answered with an unexpected body ({type(exc).__name__})",
                 hint="embedder.base_url must point at an OpenAI-compatible /v1 API",
             ) from None
         if len(vectors) != expected:
-            raise ConfigError(
-                f"embedding API returned {len(vectors)} vectors for {expected} inputs"
+            raise self._wrong_answer(
+                f"embedding API returned {len(vectors)} vectors for {expected} inputs",
+                hint="embedder.base_url must point at an OpenAI-compatible /v1 API",
             )
         with self._lock:
             for vector in vectors:
                 self._check_dimensions(len(vector))
+            self._answered = True
         return vectors
+
+    def _wrong_answer(self, message: str, *, hint: str) -> SyncdError:
+        """A success status with an answer that is not one: before any right answer,
+        base_url points elsewhere (a configuration error); after one, the same URL is
+        right, and this is a passing fault (a proxy's page, a server mid-deploy),
+        retried with backoff like a 5xx rather than stopping the pipeline for good."""
+        with self._lock:
+            answered = self._answered
+        if not answered:
+            return ConfigError(message, hint=hint)
+        return SinkUnavailableError(
+            f"{message}; it answered well before, so this is retried as a passing fault",
+            hint="if it persists, check what now answers at embedder.base_url",
+        )
 
     def _check_dimensions(self, size: int) -> None:
         if self.dimensions is None:

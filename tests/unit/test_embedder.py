@@ -31,6 +31,7 @@ from syncd.errors import (
     EmbeddingRejectedError,
     ErrorKind,
     ExitCode,
+    SinkUnavailableError,
     TransientError,
 )
 from tests.doubles import MemorySink
@@ -100,6 +101,7 @@ class FakeAPI:
         self.dims = 4
         self.shuffle = True
         self.auth: str | None = None
+        self.odd: list[str] = []  # next answers that are 200 but wrong: "html", "short"
 
     def respond(self, handler: BaseHTTPRequestHandler) -> None:
         length = int(handler.headers.get("Content-Length", "0"))
@@ -112,6 +114,18 @@ class FakeAPI:
         self.auth = handler.headers.get("Authorization")
         if handler.path != "/v1/embeddings":
             return self._send(handler, 404, {"error": {"message": "not found"}})
+        if self.odd:
+            kind = self.odd.pop(0)
+            if kind == "html":  # a proxy's page in front of the API
+                raw = b"<html><body>Gateway maintenance</body></html>"
+                handler.send_response(200)
+                handler.send_header("Content-Type", "text/html")
+                handler.send_header("Content-Length", str(len(raw)))
+                handler.end_headers()
+                handler.wfile.write(raw)
+                return None
+            one = [{"object": "embedding", "index": 0, "embedding": [0.5] * self.dims}]
+            return self._send(handler, 200, {"object": "list", "data": one, "model": "m"})
         if self.script:
             status, headers = self.script.pop(0)
             return self._send(
@@ -315,6 +329,28 @@ def test_openai_wrong_path_is_a_config_error_not_poison(api: tuple[FakeAPI, str]
     with pytest.raises(ConfigError) as info:
         openai(url.removesuffix("/v1") + "/v2").embed(["a", "b"])
     assert "base_url" in (info.value.hint or "")
+
+
+@pytest.mark.parametrize("odd", ["html", "short"])
+def test_a_wrong_answer_is_a_config_error_until_the_api_has_answered_well(
+    api: tuple[FakeAPI, str], odd: str
+) -> None:
+    """Never answered well: base_url is wrong (exit 2, with the hint). Answered well
+    before: the same URL is right, and a page from a proxy or a short answer is a
+    passing fault, retried like a 5xx, not a reason to stop for good."""
+    fake, url = api
+    fake.odd = [odd]
+    with pytest.raises(ConfigError) as info:
+        openai(url).embed(["a", "b"])
+    assert odd == "short" or "base_url" in (info.value.hint or "")
+    embedder = openai(url)
+    assert len(embedder.embed(["a", "b"])) == 2
+    fake.odd = [odd]
+    with pytest.raises(SinkUnavailableError) as transient:
+        embedder.embed(["a", "b"])
+    assert "answered well before" in transient.value.message
+    assert len(embedder.embed(["a", "b"])) == 2  # and once it answers well again, on it goes
+    embedder.close()
 
 
 def test_openai_dimension_check(api: tuple[FakeAPI, str]) -> None:
