@@ -45,7 +45,11 @@ def test_a_halt_holds_its_checkpoint_across_saves_and_lapses_when_it_moves(tmp_p
 
     loaded = store.load("p")
     halt = halts.active(loaded)
-    assert halt is not None and halt.document_id == "bad" and halt.token == {"_data": "8265A1B2C30000000104"}
+    assert (
+        halt is not None
+        and halt.document_id == "bad"
+        and halt.token == {"_data": "8265A1B2C30000000104"}
+    )
     assert loaded is not None
     store.save(loaded)  # a checkpoint write keeps the record...
     assert halts.active(store.load("p")) is not None
