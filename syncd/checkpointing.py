@@ -47,7 +47,10 @@ def mapping_changed(pipeline: str) -> FingerprintMismatchError:
     return FingerprintMismatchError(
         "the pipeline's mapping changed since its records were written",
         hint=f"run `{hints.command('snapshot', pipeline)}` to rebuild the "
-        f"records, or start with `{hints.command('run', '--resync')}`",
+        f"records, or start with `{hints.command('run', '--resync')}`; to keep serving "
+        f"the old records meanwhile (or when the new embedder's vectors have another "
+        f"size), run `{hints.command('rebuild', pipeline)}`, which builds them beside "
+        "and switches over",
         pipeline=pipeline,
     )
 
@@ -126,6 +129,10 @@ class Progress:
         if cp.fingerprint != self.fingerprint:
             if not self.resync:
                 raise mapping_changed(self.settings.name)
+            # Chroma must take the new mapping's records (its vector size, its distance)
+            # before the checkpoint is replaced: a --resync that cannot write leaves the
+            # pipeline as it was, for `syncd rebuild` or a rollback of the change.
+            self.sink.collection_id(create=True)
             cp.epoch = self.epoch
             self.checkpoint = cp
             return self.start_snapshot(reason="mapping changed: re-snapshot (--resync)")

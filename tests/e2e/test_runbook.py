@@ -533,12 +533,12 @@ def _lost_collection_hint(
 # --- exit 2: the mapping changed ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("choice", [0, 1], ids=["snapshot", "run-resync"])
+@pytest.mark.parametrize("choice", [0, 1, 2], ids=["snapshot", "run-resync", "rebuild"])
 def test_changed_mapping_hint(runbook, choice):
     _changed_mapping_hint(runbook, choice)
 
 
-@pytest.mark.parametrize("choice", [0, 1], ids=["snapshot", "run-resync"])
+@pytest.mark.parametrize("choice", [0, 1, 2], ids=["snapshot", "run-resync", "rebuild"])
 def test_changed_mapping_hint_names_the_config_the_daemon_was_given(flagged_runbook, choice):
     _changed_mapping_hint(flagged_runbook, choice)
 
@@ -551,9 +551,48 @@ def _changed_mapping_hint(runbook: Runbook, choice: int) -> None:
     refused = runbook.start()
     assert refused.wait(60) == ExitCode.CONFIG, refused.output()[-4000:]
     commands = hinted(refused.output())
-    assert len(commands) == 2, commands  # two ways out: a snapshot, or a run that re-copies
+    # three ways out: a snapshot, a run that re-copies, or a rebuild beside the live collection
+    assert len(commands) == 3, commands
     assert all(("--config" in shlex.split(c)) is runbook.flagged for c in commands), commands
     followed = runbook.follow(commands[choice])
     daemon = followed if isinstance(followed, SyncdProcess) else runbook.start()
     _stream_a_change(runbook, daemon, 100)
+    _stopped(daemon)
+
+
+def test_a_changed_vector_size_is_rebuilt_and_a_resync_that_cannot_write_changes_nothing(
+    runbook,
+):
+    """A new embedder makes vectors of another size: the collection cannot take them in
+    place. `run --resync` says so and leaves the pipeline as it was (before, it replaced
+    the checkpoint first, and then `syncd rebuild` found no live collection); the hint
+    it prints, `syncd rebuild`, builds the new collection and the pipeline streams on."""
+    runbook.configure()
+    _stopped(_first_run(runbook))
+    before = load_checkpoint(runbook.settings, NAME)
+    runbook.configure(embedder={"kind": "hashing", "dimensions": 8})
+    refused = runbook.start()
+    assert refused.wait(60) == ExitCode.CONFIG, refused.output()[-4000:]
+    resync = next(c for c in hinted(refused.output()) if "--resync" in c)
+    failed = runbook.follow(resync)
+    assert isinstance(failed, SyncdProcess)
+    assert failed.wait(60) == ExitCode.SINK, failed.output()[-4000:]
+    assert "4-dimensional" in failed.output(), failed.output()[-4000:]
+    after = load_checkpoint(runbook.settings, NAME)
+    assert before is not None and after is not None
+    assert (after.phase, after.fingerprint, after.chroma_collection_id) == (
+        before.phase,
+        before.fingerprint,
+        before.chroma_collection_id,
+    ), "a --resync that could not write replaced the checkpoint"
+    (rebuild,) = [c for c in hinted(failed.output()) if c.startswith("syncd rebuild")]
+    runbook.follow(rebuild)
+    daemon = runbook.start()
+    runbook.docs.insert_one(oracle.document(100))
+    wait_until(lambda: oracle.record_id(100) in runbook.chroma.get()["ids"], 60, "a new change")
+    embeddings = runbook.chroma.get(ids=[oracle.record_id(100)], include=["embeddings"])
+    assert len(embeddings["embeddings"][0]) == 8
+    assert sorted(runbook.chroma.get()["ids"]) == sorted(
+        oracle.record_id(d["_id"]) for d in runbook.docs.find()
+    )
     _stopped(daemon)
