@@ -655,9 +655,21 @@ def _not_chroma(root: BaseException) -> bool:
     """The server answered, but not as Chroma does: a body chromadb cannot read."""
     if isinstance(root, json.JSONDecodeError):
         return True
+    if isinstance(root, (TypeError, KeyError, AttributeError)) and _raised_in_chromadb(root):
+        return True  # the client read a JSON answer of another shape ({} or [1, 2])
     return getattr(root, "response", None) is not None and not type(root).__module__.startswith(
         "chromadb."
     )
+
+
+def _raised_in_chromadb(exc: BaseException) -> bool:
+    """Whether the innermost frame of ``exc`` is the Chroma client's own code."""
+    tb = exc.__traceback__
+    module = ""
+    while tb is not None:
+        module = str(tb.tb_frame.f_globals.get("__name__", ""))
+        tb = tb.tb_next
+    return module.startswith("chromadb")
 
 
 def _sink_hint(root: BaseException) -> str | None:

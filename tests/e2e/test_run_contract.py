@@ -3,6 +3,13 @@
 
 from __future__ import annotations
 
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
 from syncd.errors import ExitCode
 from tests.harness.daemon import run_syncd
 from tests.harness.ports import free_port
@@ -59,3 +66,44 @@ def test_check_reaches_every_server_and_names_the_one_that_fails(
     assert result.returncode == ExitCode.SINK, result.stdout + result.stderr
     assert "FAIL  Chroma" in result.stdout, result.stdout
     assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("answer", [{}, [1, 2], "ok"], ids=["object", "list", "string"])
+def test_check_names_a_server_that_answers_but_not_as_chroma(
+    tmp_path, mongo_uri, answer: Any
+) -> None:
+    """A port that answers every request with 200 and JSON of another shape: the client
+    fails deep inside (a TypeError); the user is told what is wrong, not the type."""
+    raw = json.dumps(answer).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        do_GET = do_POST = do_PUT = do_DELETE = _answer
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    class NotChroma:
+        host = "127.0.0.1"
+        port = server.server_address[1]
+
+    try:
+        m = make_mirror(tmp_path, mongo_uri, NotChroma, "nc", name="contract")
+        result = run_syncd(["check"], config=m.cfg, timeout=120)
+    finally:
+        server.shutdown()
+        server.server_close()
+    out = result.stdout + result.stderr
+    assert result.returncode == ExitCode.SINK, out
+    assert "FAIL  Chroma" in result.stdout, out
+    assert "does not answer like a Chroma server" in result.stdout, out
+    assert "Traceback" not in out
