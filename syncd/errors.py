@@ -540,6 +540,15 @@ def from_mongo(exc: mongo_errors.PyMongoError, **context: Any) -> SyncdError:
             hint="check the user, password and authSource in the MongoDB URI",
             **context,
         )
+    if code == INVALID_RESUME_TOKEN_CODE and context.get("pipeline"):
+        pipeline = str(context["pipeline"])
+        return CheckpointCorruptError(
+            f"MongoDB refused the stored resume token: {detail}",
+            hint=f"start over with `{hints.command('tokens', 'reset', pipeline, '--yes')}`: "
+            f"the next `{hints.command('run')}` copies every document again (or replay "
+            "from a time before the damage with syncd tokens set PIPELINE --at TIME)",
+            **context,
+        )
     if code == EVENT_TOO_LARGE_CODE:
         return SourceFatalError(
             f"a change event is larger than MongoDB allows (16 MiB): {detail}",

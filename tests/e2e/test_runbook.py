@@ -399,6 +399,10 @@ def _damage_token(data: str) -> Callable[[Runbook], None]:
     return damage
 
 
+# A cluster time, then bytes no token holds: only MongoDB, opening the stream, refuses it.
+DAMAGED_TAIL = _damage_token("8265A1B2C300000001FF04")
+
+
 def _corrupt_checkpoint_file(runbook: Runbook) -> None:
     (Path(runbook.settings.checkpoint.path) / f"{NAME}.json").write_text('{"_id": "book", "ep')
 
@@ -410,9 +414,17 @@ def _corrupt_checkpoint_file(runbook: Runbook) -> None:
         ("mongodb", _corrupt_mongo_epoch),
         ("mongodb", _damage_token("zz")),
         ("mongodb", _damage_token("8200")),
+        ("mongodb", DAMAGED_TAIL),
         ("file", _corrupt_checkpoint_file),
     ],
-    ids=["mongodb", "mongodb-epoch", "mongodb-token-not-hex", "mongodb-token-cut", "file"],
+    ids=[
+        "mongodb",
+        "mongodb-epoch",
+        "mongodb-token-not-hex",
+        "mongodb-token-cut",
+        "mongodb-token-tail",
+        "file",
+    ],
 )
 def test_unreadable_checkpoint_hint(runbook, store, corrupt):
     checkpoint = {"store": store}
@@ -422,9 +434,10 @@ def test_unreadable_checkpoint_hint(runbook, store, corrupt):
     _stopped(_first_run(runbook))
     corrupt(runbook)
     runbook.tamper_with_chroma()
-    shown = runbook.run("tokens", "show")  # never "fine" for a checkpoint run cannot use
-    assert shown.returncode == ExitCode.DRIFT_OR_FAILURE, shown.stdout + shown.stderr
-    assert "syncd tokens reset" in shown.stdout + shown.stderr, shown.stdout + shown.stderr
+    if corrupt is not DAMAGED_TAIL:
+        shown = runbook.run("tokens", "show")  # never "fine" for a checkpoint run cannot use
+        assert shown.returncode == ExitCode.DRIFT_OR_FAILURE, shown.stdout + shown.stderr
+        assert "syncd tokens reset" in shown.stdout + shown.stderr, shown.stdout + shown.stderr
 
     daemon = runbook.start()
     assert daemon.wait(60) == ExitCode.SOURCE, daemon.output()[-4000:]
