@@ -88,3 +88,32 @@ def test_requests_in_flight_to_a_slow_embedding_api_mirror_exactly(
         assert letters.count_documents({}) == 0
     problem = diff(oracle.embedded_by_the_api(list(docs.find())), oracle.actual(m.collection()))
     assert not problem, problem
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("garble", ["html", "short"])
+def test_an_embedding_api_that_answered_well_and_then_garbles_is_retried(
+    mongo_client, mirror, syncd_factory, garble
+):
+    """A proxy's maintenance page (200, HTML) or too few vectors, after right answers from
+    the same URL: a passing fault. syncd keeps running, holds its checkpoint, and the
+    changes made meanwhile arrive once the API answers well again."""
+    with embedding_api(dimensions=32) as api:
+        env = {"OPENAI_API_KEY": api.api_key}
+        embedder = {"kind": "openai", "base_url": api.base_url, "model": "m", "dimensions": 32}
+        m = mirror("garble", name="garble", env=env, embedder=embedder)
+        docs = mongo_client[m.db]["docs"]
+        docs.insert_many([oracle.document(i) for i in range(10)])
+        daemon = syncd_factory(["run"], m.cfg, env)
+        wait_caught_up(mongo_client, m.db, m.settings, "garble", 90, "snapshot")
+        api.garble = garble
+        docs.insert_many([oracle.document(i) for i in range(10, 20)])
+        docs.replace_one({"_id": 3}, oracle.document(3, version=1))
+        daemon.wait_for_output(r"retried as a passing fault", timeout=60)
+        assert daemon.is_running(), daemon.output()[-3000:]
+        api.garble = None
+        wait_caught_up(mongo_client, m.db, m.settings, "garble", 90, "recovery")
+        daemon.terminate()
+        assert daemon.wait(30) == ExitCode.OK, daemon.output()[-3000:]
+        problem = diff(oracle.embedded_by_the_api(list(docs.find())), oracle.actual(m.collection()))
+        assert not problem, problem

@@ -39,6 +39,9 @@ class EmbeddingAPI:
         self.refused = 0
         self.refuse: Callable[[str], bool] | None = None
         self.delay_s = 0.0
+        # Answers 200 that are not answers, while set: "html" (a proxy's page), "short"
+        # (one vector fewer than inputs).
+        self.garble: str | None = None
         self.in_flight = 0
         self.max_in_flight = 0
         self._lock = threading.Lock()
@@ -127,6 +130,8 @@ class EmbeddingAPI:
         if handler.headers.get("authorization") != f"Bearer {self.api_key}":
             return 401, {"error": {"message": "bad key"}}
         texts = body["input"]
+        if self.garble == "html":
+            return 200, "<html><body>502 upstream maintenance</body></html>"
         refuse = self.refuse
         if refuse is not None and any(refuse(text) for text in texts):
             with self._lock:
@@ -138,13 +143,16 @@ class EmbeddingAPI:
             self.inputs.extend(texts)
         vectors = self._embedder.embed(texts)
         data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
+        if self.garble == "short":
+            data = data[:-1]
         return 200, {"object": "list", "data": data, "model": body.get("model")}
 
     @staticmethod
     def _send(handler: BaseHTTPRequestHandler, status: int, payload: Any) -> None:
-        raw = json.dumps(payload).encode()
+        html = isinstance(payload, str)
+        raw = payload.encode() if html else json.dumps(payload).encode()
         handler.send_response(status)
-        handler.send_header("content-type", "application/json")
+        handler.send_header("content-type", "text/html" if html else "application/json")
         handler.send_header("content-length", str(len(raw)))
         handler.end_headers()
         handler.wfile.write(raw)
