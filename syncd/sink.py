@@ -545,9 +545,7 @@ def check_matches(
         raise SinkFatalError(
             f"Chroma collection {name!r} holds {stored}-dimensional vectors, "
             f"but the pipeline's embedder makes {dimensions}",
-            hint=f"run `{hints.command('rebuild', pipeline)}` to build a collection for "
-            "the new vectors beside it and switch to it once caught up, or "
-            f"{elsewhere}",
+            hint=f"to mirror into another collection, {elsewhere}",
             namespace=f"chroma:{name}",
         )
     return space, stored

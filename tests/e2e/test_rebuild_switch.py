@@ -47,11 +47,11 @@ def _setup(tmp_path: Path, chroma: Any) -> tuple[FileCheckpointStore, dict[str, 
     old.add(ids=["i:1"], embeddings=[[1.0, 0.0]], documents=["old"])
     new.add(ids=["i:1"], embeddings=[[0.0, 1.0, 0.0]], documents=["new"])
     live = Checkpoint(pipeline="p", fingerprint="old-fp", chroma_collection_id=str(old.id))
-    live.token, live.cluster_time = {"_data": "82AA"}, Timestamp(100, 1)
+    live.token, live.cluster_time = {"_data": "8200000064000000012B"}, Timestamp(100, 1)
     store.save(live)
     store.save(Checkpoint(pipeline="p~rebuild", fingerprint="new-fp"))
     position = {
-        "token": {"_data": "82BB"},
+        "token": {"_data": "82000000C8000000012B"},
         "token_is_invalidate": False,
         "start_at": None,
         "cluster_time": Timestamp(200, 1),
@@ -120,7 +120,7 @@ def test_a_switch_interrupted_after_any_step_completes_the_same(
     cp = store.load("p")
     assert cp is not None
     assert (cp.fingerprint, cp.chroma_collection_id) == ("new-fp", new_id)
-    assert cp.token == {"_data": "82BB"} and cp.cluster_time == Timestamp(200, 1)
+    assert cp.token == {"_data": "82000000C8000000012B"} and cp.cluster_time == Timestamp(200, 1)
     assert store.load("p~rebuild") is None
     assert after["state"] == "switched" and after["previous"]["id"] == old_id
     assert switching.load_record(store, "p") == after

@@ -578,8 +578,9 @@ def test_a_changed_vector_size_is_rebuilt_and_a_resync_that_cannot_write_changes
 ):
     """A new embedder makes vectors of another size: the collection cannot take them in
     place. `run --resync` says so and leaves the pipeline as it was (before, it replaced
-    the checkpoint first, and then `syncd rebuild` found no live collection); the hint
-    it prints, `syncd rebuild`, builds the new collection and the pipeline streams on."""
+    the checkpoint first, and then `syncd rebuild` found no live collection); the
+    changed-mapping refusal's other hint, `syncd rebuild`, builds the new collection and
+    the pipeline streams on."""
     runbook.configure()
     _stopped(_first_run(runbook))
     before = load_checkpoint(runbook.settings, NAME)
@@ -598,7 +599,7 @@ def test_a_changed_vector_size_is_rebuilt_and_a_resync_that_cannot_write_changes
         before.fingerprint,
         before.chroma_collection_id,
     ), "a --resync that could not write replaced the checkpoint"
-    (rebuild,) = [c for c in hinted(failed.output()) if c.startswith("syncd rebuild")]
+    (rebuild,) = [c for c in hinted(refused.output()) if c.startswith("syncd rebuild")]
     runbook.follow(rebuild)
     daemon = runbook.start()
     runbook.docs.insert_one(oracle.document(100))
