@@ -120,9 +120,11 @@ def ts_arg(ts: Any) -> str:
 
 def drain(config: Path, pipeline: str, *, start_at: Any = None, until: Any = None,
           snapshot: bool = False, tracing: str = "off", profile: Path | None = None,
-          timeout: float = 900, warmup: int = 0, stage_times: bool = False) -> dict[str, Any]:
-    """Run bench/drain.py in a fresh process; its JSON result."""
-    cmd = [PYTHON, str(ROOT / "bench" / "drain.py"), "--config", str(config),
+          timeout: float = 900, warmup: int = 0, stage_times: bool = False,
+          root: Path = ROOT) -> dict[str, Any]:
+    """Run bench/drain.py in a fresh process; its JSON result. ``root``: the source tree
+    whose drain.py and syncd run (another commit's, for a baseline)."""
+    cmd = [PYTHON, str(root / "bench" / "drain.py"), "--config", str(config),
            "--pipeline", pipeline, "--tracing", tracing, "--timeout", str(timeout)]
     if start_at is not None:
         cmd += ["--start-at", ts_arg(start_at)]
@@ -136,8 +138,9 @@ def drain(config: Path, pipeline: str, *, start_at: Any = None, until: Any = Non
         cmd += ["--profile", str(profile)]
     if stage_times:
         cmd.append("--stage-times")
+    env = dict(os.environ, PYTHONPATH=str(root))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 120,
-                          check=False, cwd=config.parent)
+                          check=False, cwd=config.parent, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"drain failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"

@@ -3,8 +3,14 @@ service with latency (embed_concurrency), and a real local model against encode 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import shutil
 import subprocess
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import workload as w
@@ -70,12 +76,37 @@ def embedding_savings(ctx: Context) -> dict[str, Any]:
 REMOTE_LATENCY_S = 0.1
 REMOTE_CONCURRENCY = (1, 2, 4, 8)
 REMOTE_BATCH = 64  # texts per embedding request
-# The sequential engine (one embedding request at a time, no overlap with the write) drained
-# the same workload at 286-331 events/s with 100 ms latency on this machine; it no longer
-# exists to run beside the others, so the figure is kept as a reference.
-SEQUENTIAL_ENGINE_PER_S = (286.0, 331.0)
+# The engine before staging and concurrent embedding requests (one embedding request at a
+# time, no overlap with the write): "today's syncd" of the 2.5x target. Its source is taken
+# from the repository's history and drained beside the others in the same run.
+SEQUENTIAL_ENGINE_COMMIT = "373aafb"
+SEQUENTIAL = "sequential"
 SPEEDUP_TARGET = 2.5
 BOUND_SHARE_TARGET = 0.8
+
+
+@contextlib.contextmanager
+def sequential_engine(workdir: Path) -> Iterator[Path | None]:
+    """The sequential engine's source tree, extracted from this repository's history into
+    ``workdir``; None (and why, in the log) where the history does not hold it (a shallow
+    clone, no git)."""
+    target = workdir / f"syncd-{SEQUENTIAL_ENGINE_COMMIT}"
+    try:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", SEQUENTIAL_ENGINE_COMMIT,
+                                  "syncd", "bench/drain.py"],
+                                 capture_output=True, check=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        log(f"remote embedder: the sequential engine ({SEQUENTIAL_ENGINE_COMMIT}) is not in "
+            f"this clone's history, so it is not measured: {exc} {detail.decode()[:200]}")
+        yield None
+        return
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(target, filter="data")
+    try:
+        yield target
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
 
 
 def remote_embedder(ctx: Context) -> dict[str, Any]:
@@ -94,8 +125,12 @@ def remote_embedder(ctx: Context) -> dict[str, Any]:
     max_batch = int(ctx.chroma.get_max_batch_size())
     sink_table = w.pipeline_table("remote-sink", "bench", "remote", dims=32)
     api = EmbeddingAPI(dimensions=32).start()
+    stack = contextlib.ExitStack()
+    old_tree = stack.enter_context(sequential_engine(ctx.servers.workdir))
     contenders: list[Any] = ["sink", (0.0, 1)] + [(REMOTE_LATENCY_S, c)
                                                   for c in REMOTE_CONCURRENCY]
+    if old_tree is not None:
+        contenders.insert(1, SEQUENTIAL)
     runs: dict[Any, list[dict[str, Any]]] = {c: [] for c in contenders}
     order: list[dict[str, Any]] = []
     try:
@@ -106,6 +141,17 @@ def remote_embedder(ctx: Context) -> dict[str, Any]:
                     raw = raw_upsert(srv.chroma_client(), sink_table, n, batch=max_batch, dims=32)
                     r = {"per_s": raw["per_s"], "load": load}
                     label = "raw batched upsert"
+                elif contender == SEQUENTIAL:
+                    table = w.pipeline_table("remote-seq", "bench", "remote")
+                    table["embedder"] = {"kind": "openai", "base_url": api.base_url,
+                                         "model": "slow", "api_key": api.api_key,
+                                         "dimensions": 32, "batch_size": REMOTE_BATCH}
+                    api.delay_s, api.max_in_flight = REMOTE_LATENCY_S, 0
+                    assert old_tree is not None
+                    r = syncd_drain(srv, table, start, until, root=old_tree)
+                    r.update(per_s=n / r["wall_s"], load=load, max_in_flight=api.max_in_flight)
+                    label = (f"{REMOTE_LATENCY_S * 1000:.0f} ms, sequential engine "
+                             f"({SEQUENTIAL_ENGINE_COMMIT})")
                 else:
                     latency, concurrency = contender
                     name = f"remote-{concurrency}"
@@ -125,6 +171,7 @@ def remote_embedder(ctx: Context) -> dict[str, Any]:
     finally:
         api.close()
         coll.drop()
+        stack.close()
     sink = median([r["per_s"] for r in runs["sink"]])
 
     def row(key: tuple[float, int]) -> dict[str, Any]:
@@ -145,13 +192,21 @@ def remote_embedder(ctx: Context) -> dict[str, Any]:
     default = DEFAULT_REMOTE_EMBED_CONCURRENCY
     at = {r["embed_concurrency"]: r["per_s"] for r in curve}
     pipeline_batch = syncd_config.PipelineSettings.model_fields["batch_size"].default
+    sequential: dict[str, Any] = {}
+    if runs.get(SEQUENTIAL):
+        seq = runs[SEQUENTIAL]
+        seq_per_s = median([r["per_s"] for r in seq])
+        sequential = {"sequential_engine": {
+            "commit": SEQUENTIAL_ENGINE_COMMIT, "per_s": seq_per_s,
+            "runs_per_s": [r["per_s"] for r in seq], "load": [r["load"] for r in seq],
+            "max_in_flight": max(r["max_in_flight"] for r in seq),
+            "cpu_us_per_event": median([r["cpu_s"] / n * 1e6 for r in seq])},
+            "ratio_default_vs_sequential": at[default] / seq_per_s}
     return {"events": n, "runs": s.remote_runs, "latency_ms": REMOTE_LATENCY_S * 1000,
             "embedder_batch_size": REMOTE_BATCH, "pipeline_batch_size": pipeline_batch,
             "default_concurrency": default, "no_latency": row((0.0, 1)), "curve": curve,
             "sink_per_s": sink, "sink_runs_per_s": [r["per_s"] for r in runs["sink"]],
-            "ratio_default_vs_1": at[default] / at[1],
-            "sequential_engine_per_s": list(SEQUENTIAL_ENGINE_PER_S),
-            "ratio_default_vs_sequential": at[default] / max(SEQUENTIAL_ENGINE_PER_S),
+            "ratio_default_vs_1": at[default] / at[1], **sequential,
             "speedup_target": SPEEDUP_TARGET, "bound_share_target": BOUND_SHARE_TARGET,
             "order": order, "load": [x["load"] for x in order], "fresh_server_per_run": True}
 
