@@ -138,6 +138,8 @@ class MongoSettings(_Model):
 
     @model_validator(mode="after")
     def _check_uri(self) -> MongoSettings:
+        if self.uri_file is not None and "uri" in self.model_fields_set:
+            raise ValueError("uri and uri_file are both set: keep one")
         from_file = _read_secret_file(self.uri_file, "mongodb.uri_file")
         if from_file:
             object.__setattr__(self, "uri", SecretStr(from_file))
@@ -187,6 +189,13 @@ class ChromaSettings(_Model):
 
     @model_validator(mode="after")
     def _load_token(self) -> ChromaSettings:
+        if self.token_file is not None and self.token is not None:
+            raise ValueError("token and token_file are both set: keep one")
+        if self.token is not None and not self.token.get_secret_value().strip():
+            raise ValueError(
+                "token is empty: set the Chroma server's token, or leave it out for a "
+                "server without authentication"
+            )
         from_file = _read_secret_file(self.token_file, "chroma.token_file")
         if from_file:
             object.__setattr__(self, "token", SecretStr(from_file))
@@ -249,6 +258,8 @@ ENDPOINT_EXPECTED = (
     "http://HOST:PORT or HOST:PORT (OTLP/gRPC)"
 )
 # The variables the OpenTelemetry exporters read an endpoint from when otlp_endpoint is unset.
+TraceExporter = Literal["none", "console", "otlp", "otlp_http", "otlp_grpc"]
+TRACE_EXPORTERS: tuple[str, ...] = get_args(TraceExporter)
 OTEL_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 
 
@@ -271,7 +282,7 @@ def is_endpoint(value: str) -> bool:
 
 class TelemetrySettings(_Model):
     listen: str = "127.0.0.1:9464"  # /metrics, /healthz, /readyz; "" disables
-    traces: Literal["none", "console", "otlp", "otlp_http", "otlp_grpc"] | None = None
+    traces: TraceExporter | None = None
     otlp_endpoint: str | None = None
     event_sample_ratio: Annotated[float, Field(ge=0, le=1)] = 1.0
     record_content: bool = False
@@ -620,6 +631,20 @@ _ENV_ALIASES = {
     "SYNCD_LOG_LEVEL": ("log", "level"),
 }
 _ENV_IGNORED = {"SYNCD_CONFIG"}
+# Variables of this repository's tooling (tests, image build), not settings.
+_ENV_OWN_USE = {
+    "SYNCD_UPDATE_SCREENSHOTS",
+    "SYNCD_EXTRAS",
+    "SYNCD_REBUILD_CRASH_SEED",
+    "SYNCD_REBUILD_CRASH_RUNS",
+}
+# A secret given inline or read from a file: one replaces the other across layers.
+_SECRET_PAIRS = {
+    "mongodb.uri": "mongodb.uri_file",
+    "mongodb.uri_file": "mongodb.uri",
+    "chroma.token": "chroma.token_file",
+    "chroma.token_file": "chroma.token",
+}
 # Settings the command line sets, by the flag that sets them.
 FLAGS = {"log.format": "--log-format", "log.level": "--log-level", "telemetry.listen": "--listen"}
 
@@ -650,6 +675,13 @@ def load(
             f"{DEFAULT_CONFIG_PATH} here (see README)",
         )
     layer = _env_layer(env)
+    # A secret set by a later layer replaces the file's, however the file wrote it
+    # (mongodb.uri_file in the file, SYNCD_MONGODB_URI in the environment: the variable).
+    later = set(layer) | {key for key, value in (overrides or {}).items() if value is not None}
+    for key in later:
+        partner = _SECRET_PAIRS.get(key)
+        if partner is not None and partner not in later:
+            _pop_dotted(data, partner)
     for key, (name, value) in layer.items():
         _set_dotted(data, key, _env_value(key, name, value))
     for key, value in (overrides or {}).items():
@@ -663,7 +695,16 @@ def load(
     # A bad value is named where it was set: the variable, or the flag, not the file.
     flags = {key: name for key, (name, _value) in layer.items()}
     flags |= {key: FLAGS.get(key, key) for key, v in (overrides or {}).items() if v is not None}
-    return validate(data, source=str(config_path), flags=flags)
+    settings = validate(data, source=str(config_path), flags=flags)
+    if settings.telemetry.traces is None:  # the exporters come from OTEL_TRACES_EXPORTER
+        kinds = [k.strip().lower() for k in env.get("OTEL_TRACES_EXPORTER", "").split(",")]
+        unknown = [k for k in kinds if k and k not in TRACE_EXPORTERS]
+        if unknown:
+            raise ConfigError(
+                f"OTEL_TRACES_EXPORTER: unknown trace exporter {unknown[0]!r}",
+                hint=f"use {', '.join(TRACE_EXPORTERS[:-1])} or {TRACE_EXPORTERS[-1]}",
+            )
+    return settings
 
 
 def config_path_of(path: Path | str | None, env: Mapping[str, str] | None = None) -> Path:
@@ -725,6 +766,27 @@ def _env_layer(env: Mapping[str, str]) -> dict[str, tuple[str, str]]:
             section, _, key = name[len("SYNCD_") :].lower().partition("__")
             layer[f"{section}.{key.replace('__', '.')}"] = (name, value)
     return layer
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """``SYNCD_*`` variables that set nothing (no ``__`` and not a known name: a typo such
+    as ``SYNCD_MONGO_URI``), each with the known name it most resembles, if any."""
+    import difflib
+
+    known = [*_ENV_ALIASES, *_ENV_IGNORED]
+    out: list[tuple[str, str | None]] = []
+    for name in sorted(env):
+        if (
+            not name.startswith("SYNCD_")
+            or "__" in name
+            or name in known
+            or name.startswith("SYNCD_TEST_")
+            or name in _ENV_OWN_USE
+        ):
+            continue
+        near = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        out.append((name, near[0] if near else None))
+    return out
 
 
 def _env_value(key: str, name: str, value: str) -> Any:
@@ -800,6 +862,14 @@ def _container_kind(dotted: str) -> type[list[Any]] | type[dict[str, Any]] | Non
     return None
 
 
+def _pop_dotted(data: dict[str, Any], dotted: str) -> None:
+    """Remove ``a.b`` from nested tables, if there."""
+    section, _, leaf = dotted.partition(".")
+    table = data.get(section)
+    if isinstance(table, dict):
+        table.pop(leaf, None)
+
+
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     """Set ``a.b.c`` in nested tables; a list (``pipelines``) is indexed by position or name."""
     *parents, leaf = dotted.split(".")
@@ -850,7 +920,11 @@ def _describe_one(error: Any, source: str, flags: Mapping[str, str]) -> str:
     if location in flags:
         source, location = flags[location], ""
     elif len(inside) == 1:  # a check of the whole table (mongodb's URI): the one value set
-        source = flags[inside[0]]
+        # "SYNCD_CHROMA_TOKEN (chroma): ...": after "TOKEN: " a word would read as the secret.
+        source, location = f"{flags[inside[0]]} ({location})", ""
+    elif inside:  # several values the command line or the environment set clash
+        names = sorted({flags[key] for key in inside})
+        source, location = f"{', '.join(names[:-1])} and {names[-1]} ({location})", ""
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown key"
@@ -868,6 +942,13 @@ def _describe_one(error: Any, source: str, flags: Mapping[str, str]) -> str:
                 message += f" here: it is a setting of {' or '.join(homes)}"
     elif error["type"] == "missing":
         message = "required key is missing"
+    elif error["type"] == "list_type" and error["loc"] == ("pipelines",):
+        message = (
+            "is one table, not a list of them: write each pipeline under a [[pipelines]] "
+            "line (two brackets)"
+            if isinstance(error.get("input"), dict)
+            else "expected a list of [[pipelines]] tables"
+        )
     where = f"{location}: " if location else ""
     return f"{source}: {where}{message}"
 

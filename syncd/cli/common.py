@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -18,13 +20,25 @@ from syncd.errors import ConfigError
 if TYPE_CHECKING:  # syncd.config loads pydantic: not needed for `--help` or a usage mistake
     from syncd.config import PipelineSettings, Settings
 
+logger = logging.getLogger("syncd")
+# The file the last load_settings read, for messages about what it lacks.
+_loaded_from: Path | None = None
+
+
+def config_file(text: str) -> Path:
+    """An argparse type: a config file path; an empty one (``--config ''``, an unset
+    variable in a script) is a mistake, not the current directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: name a TOML config file")
+    return Path(text)
+
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("configuration")
     group.add_argument(
         "--config",
         "-c",
-        type=Path,
+        type=config_file,
         default=None,
         help="TOML config file (default: $SYNCD_CONFIG or ./syncd.toml)",
     )
@@ -53,6 +67,8 @@ def load_settings(
 
     values = {"log.format": args.log_format, "log.level": args.log_level, **overrides}
     settings = config.load(args.config, overrides=values, require_file=require_file or None)
+    global _loaded_from
+    _loaded_from = config.config_path_of(args.config)
     hints.use_config(args.config)
     if chroma:
         from syncd import chroma_install
@@ -61,13 +77,21 @@ def load_settings(
     from syncd.logs import setup_logging
 
     setup_logging(settings.log)
+    for name, near in config.unknown_variables(os.environ):
+        logger.warning(
+            "%s is not a syncd setting and is ignored%s",
+            name,
+            f" (did you mean {near}?)" if near else "",
+        )
     return settings
 
 
 def select_pipelines(settings: Settings, names: list[str] | None) -> list[PipelineSettings]:
     if not settings.pipelines:
+        where = _loaded_from or "the config"
         raise ConfigError(
-            "no [[pipelines]] configured", hint="add at least one [[pipelines]] table to the config"
+            f"no [[pipelines]] configured in {where}",
+            hint=f"add at least one [[pipelines]] table to {where} (see README)",
         )
     if not names:
         return list(settings.pipelines)
@@ -125,7 +149,7 @@ def add_subcommand_config_options(parser: argparse.ArgumentParser) -> None:
     """
     group = parser.add_argument_group("configuration")
     group.add_argument(
-        "--config", "-c", type=Path, default=argparse.SUPPRESS, help="TOML config file"
+        "--config", "-c", type=config_file, default=argparse.SUPPRESS, help="TOML config file"
     )
     group.add_argument(
         "--log-format", choices=["text", "json"], default=argparse.SUPPRESS, help="log format"

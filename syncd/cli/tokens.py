@@ -49,12 +49,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from syncd import hints
 from syncd.cli.common import (
     add_config_options,
+    config_file,
     load_settings,
     print_json,
     whole_number,
@@ -128,7 +128,7 @@ def _config_options(parser: argparse.ArgumentParser) -> None:
     """
     group = parser.add_argument_group("configuration")
     group.add_argument(
-        "--config", "-c", type=Path, default=argparse.SUPPRESS, help="TOML config file"
+        "--config", "-c", type=config_file, default=argparse.SUPPRESS, help="TOML config file"
     )
     group.add_argument("--log-format", choices=["text", "json"], default=argparse.SUPPRESS)
     group.add_argument(

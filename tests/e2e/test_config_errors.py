@@ -296,6 +296,12 @@ CASES: list[tuple[str, dict[str, Any] | str, str]] = [
         edit("pipelines.0.kind", "hashing"),
         "pipelines[0].kind: unknown key here: it is a setting of [pipelines.embedder]",
     ),
+    (
+        "[pipelines] written for [[pipelines]]",
+        {**good(), "pipelines": good()["pipelines"][0]},
+        "pipelines: is one table, not a list of them: write each pipeline under a "
+        "[[pipelines]] line (two brackets)",
+    ),
     ("no pipelines", edit("pipelines", []), "no [[pipelines]] configured"),
     ("empty file", "", "no [[pipelines]] configured"),
 ]
@@ -466,8 +472,87 @@ def test_a_bad_value_from_the_environment_is_named_as_the_variable(
     tmp_path: Path, variable: str, value: str
 ) -> None:
     path, line = _refused_with(tmp_path, {variable: value})
-    assert line.startswith(f"syncd: error: {variable}: "), line
+    # "VAR: ..." for a value; "VAR (table): ..." for a check of the table it is in
+    assert line.startswith((f"syncd: error: {variable}: ", f"syncd: error: {variable} (")), line
     assert str(path) not in line, line
+
+
+def _check_offline(tmp_path: Path, data: dict[str, Any], env: dict[str, str]) -> Any:
+    path = tmp_path / "syncd.toml"
+    path.write_text(tomli_w.dumps(data))
+    return run_syncd(["check", "--offline"], config=path, env=env, timeout=60)
+
+
+def test_a_secret_from_the_environment_replaces_the_files_secret_file(tmp_path: Path) -> None:
+    """mongodb.uri_file in the file and SYNCD_MONGODB_URI: the variable wins, as every
+    other variable does over the file (the file's URI was used, silently)."""
+    uri_file = tmp_path / "uri"
+    uri_file.write_text("mongodb://127.0.0.1:27017/?directConnection=true\n")
+    data = edit("mongodb", {"uri_file": str(uri_file)})
+    result = _check_offline(tmp_path, data, {"SYNCD_MONGODB_URI": "http://not-mongodb"})
+    assert result.returncode == ExitCode.CONFIG, (result.stdout, result.stderr)
+    assert "SYNCD_MONGODB_URI" in result.stderr and "not a valid MongoDB URI" in result.stderr
+    token_file = tmp_path / "token"
+    token_file.write_text("from-the-file\n")
+    data = edit("chroma", {"mode": "http", "token_file": str(token_file)})
+    result = _check_offline(tmp_path, data, {"SYNCD_CHROMA_TOKEN": ""})
+    assert result.returncode == ExitCode.CONFIG, (result.stdout, result.stderr)
+    assert "SYNCD_CHROMA_TOKEN (chroma): token is empty" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("table", "env", "expected"),
+    [
+        (
+            {"uri": "mongodb://127.0.0.1:1", "uri_file": "URI"},
+            {},
+            "mongodb: uri and uri_file are both set: keep one",
+        ),
+        (
+            {},
+            {"SYNCD_MONGODB_URI": "mongodb://127.0.0.1:1", "SYNCD_MONGODB__URI_FILE": "URI"},
+            "SYNCD_MONGODB_URI and SYNCD_MONGODB__URI_FILE (mongodb): uri and uri_file are both "
+            "set: keep one",
+        ),
+        (
+            {},
+            {"SYNCD_CHROMA_TOKEN": "t", "SYNCD_CHROMA__TOKEN_FILE": "URI"},
+            "SYNCD_CHROMA_TOKEN and SYNCD_CHROMA__TOKEN_FILE (chroma): token and token_file are "
+            "both set: keep one",
+        ),
+        (
+            {},
+            {"SYNCD_CHROMA_TOKEN": "  "},
+            "SYNCD_CHROMA_TOKEN (chroma): token is empty: set the Chroma server's token, or leave "
+            "it out for a server without authentication",
+        ),
+    ],
+    ids=["both in the file", "both in the environment", "token both", "blank token"],
+)
+def test_a_secret_given_twice_or_empty_is_refused_naming_where(
+    tmp_path: Path, table: dict[str, str], env: dict[str, str], expected: str
+) -> None:
+    uri_file = tmp_path / "uri"
+    uri_file.write_text("mongodb://127.0.0.1:27017\n")
+    fill = {k: str(uri_file) if v == "URI" else v for k, v in table.items()}
+    env = {k: str(uri_file) if v == "URI" else v for k, v in env.items()}
+    result = _check_offline(tmp_path, edit("mongodb", fill) if fill else good(), env)
+    assert result.returncode == ExitCode.CONFIG, (result.stdout, result.stderr)
+    (line,) = result.stderr.strip().splitlines()
+    assert line.endswith(expected), line
+
+
+def test_an_unknown_syncd_variable_is_warned_about_with_the_name_it_resembles(
+    tmp_path: Path,
+) -> None:
+    env = {"SYNCD_MONGO_URI": "mongodb://x:1", "SYNCD_ZZZ": "1"}
+    result = _check_offline(tmp_path, good(), env)
+    assert result.returncode == 0, result.stderr
+    assert (
+        "SYNCD_MONGO_URI is not a syncd setting and is ignored (did you mean SYNCD_MONGODB_URI?)"
+        in result.stderr
+    ), result.stderr
+    assert "SYNCD_ZZZ is not a syncd setting and is ignored\n" in result.stderr, result.stderr
 
 
 def test_a_config_file_named_in_bytes_that_are_not_utf8_is_shown_as_named(tmp_path: Path) -> None:
@@ -591,3 +676,22 @@ def test_the_config_flag_may_come_before_the_command(tmp_path: Path, flag: list[
     result = run_syncd([*given, "check", "--offline"], timeout=60)
     assert result.returncode == ExitCode.OK, result.stdout + result.stderr
     assert "config ok: 1 pipeline(s)" in result.stdout
+
+
+def test_an_unknown_otel_traces_exporter_is_named_before_anything_runs(tmp_path: Path) -> None:
+    """OTEL_TRACES_EXPORTER=zipkin: `check` said "config ok", and `run` failed only later."""
+    _path, line = _refused_with(tmp_path, {"OTEL_TRACES_EXPORTER": "otlp,zipkin"})
+    assert line == (
+        "syncd: error: OTEL_TRACES_EXPORTER: unknown trace exporter 'zipkin'; "
+        "use none, console, otlp, otlp_http or otlp_grpc"
+    )
+
+
+@pytest.mark.parametrize("command", [["check"], ["tokens", "show"], ["run"]])
+def test_an_empty_config_flag_is_a_usage_error_not_the_current_directory(
+    tmp_path: Path, command: list[str]
+) -> None:
+    result = run_syncd([*command, "--config", ""], None, timeout=60, cwd=tmp_path)
+    assert result.returncode == ExitCode.CONFIG, (result.returncode, result.stderr)
+    (line,) = result.stderr.strip().splitlines()
+    assert "argument --config/-c: is empty: name a TOML config file" in line, line
