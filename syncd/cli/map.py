@@ -112,7 +112,8 @@ def _document(value: str) -> dict[str, Any]:
 
     if value == "-":
         text, origin = _utf8(sys.stdin.buffer.read(), "stdin"), "stdin"
-    elif value.lstrip().startswith("{"):
+    elif value.lstrip()[:1] in ("{", "[", '"') or (not Path(value).exists() and _is_json(value)):
+        # JSON that is not an object ([1, 2], 42) is a wrong document, not a file name
         text, origin = value, "--document"
     else:
         try:
@@ -124,6 +125,16 @@ def _document(value: str) -> dict[str, Any]:
         return parse_document(text)
     except ValueError as exc:  # json.JSONDecodeError is a ValueError
         raise ConfigError(f"{origin}: not a JSON document: {exc}") from None
+
+
+def _is_json(value: str) -> bool:
+    import json
+
+    try:
+        json.loads(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _utf8(raw: bytes, origin: str) -> str:

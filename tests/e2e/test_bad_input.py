@@ -258,6 +258,24 @@ def test_odd_arguments_are_one_line_and_exit_2(setup, args):
     assert result.stderr.strip() == line, result.stderr
 
 
+@pytest.mark.parametrize(
+    ("document", "expected"),
+    [
+        ("[1, 2]", "--document: not a JSON document: expected a JSON object"),
+        ("42", "--document: not a JSON document: expected a JSON object"),
+        ('"text"', "--document: not a JSON document: expected a JSON object"),
+        ("no-such-file.json", "cannot read document file no-such-file.json: No such file"),
+    ],
+    ids=["array", "number", "string", "missing file"],
+)
+def test_a_document_that_is_json_but_no_object_is_not_read_as_a_file(setup, document, expected):
+    """`--document '[1,2]'` was looked for as a file named [1,2]."""
+    cfg, _, _ = setup
+    result = run_syncd(["map", "bad", "--document", document], cfg, timeout=60)
+    assert result.returncode == ExitCode.CONFIG, (result.returncode, result.stderr)
+    assert expected in one_error_line(result), result.stderr
+
+
 NOT_UTF8 = "s:\udcff"  # the byte 0xff as Python decodes argv: run_syncd passes it as is
 
 
