@@ -180,7 +180,7 @@ def _span_exporter(
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         except ImportError:
             raise ConfigError("OTLP/HTTP trace export needs a package", hint=_OTLP_HINT) from None
-        url = http_traces_url(endpoint) if endpoint else None
+        url = http_traces_url(endpoint) if endpoint else _env_traces_url()
         log.info("exporting traces over OTLP/HTTP to %s", redact_text(url or "the OTEL_* default"))
         return OTLPSpanExporter(endpoint=url, timeout=timeout_s)
     if kind == "otlp_grpc":
@@ -197,6 +197,22 @@ def _span_exporter(
         f"unknown trace exporter {kind!r} (telemetry.traces or OTEL_TRACES_EXPORTER)",
         hint="use none, console, otlp, otlp_http or otlp_grpc",
     )
+
+
+def _env_traces_url() -> str | None:
+    """The OTLP/HTTP traces URL the OTEL_* variables give. The exporter appends /v1/traces
+    to OTEL_EXPORTER_OTLP_ENDPOINT, as the specification says, also to a URL that already
+    ends in it (a common way to write it), which then goes nowhere: such a URL is used as
+    written."""
+    specific = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+    if specific:
+        return specific
+    base = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+    if not base:
+        return None
+    if urlsplit(base).path.rstrip("/").endswith("/v1/traces"):
+        return base
+    return base.rstrip("/") + "/v1/traces"
 
 
 def http_traces_url(endpoint: str) -> str:

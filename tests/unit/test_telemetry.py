@@ -530,6 +530,39 @@ def test_otlp_exporters_honour_endpoint_and_protocol(monkeypatch):
     assert http_traces_url("http://h:4318/custom/traces") == "http://h:4318/custom/traces"
 
 
+@pytest.mark.parametrize(
+    ("variables", "expected"),
+    [
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://h:4318"}, "http://h:4318/v1/traces"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://h:4318/base/"}, "http://h:4318/base/v1/traces"),
+        # the full URL in the base variable: used as written, not .../v1/traces/v1/traces
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://h:4318/v1/traces"}, "http://h:4318/v1/traces"),
+        (
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://base:4318",
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://h:1/t",
+            },
+            "http://h:1/t",
+        ),
+    ],
+    ids=["base", "base with a path", "full URL as base", "traces variable wins"],
+)
+def test_the_otlp_http_url_from_the_otel_variables(monkeypatch, variables, expected):
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as Http
+
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_PROTOCOL", raising=False)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", raising=False)
+    telemetry = Settings().telemetry.model_copy(update={"traces": "otlp_http"})
+    (exporter,) = span_exporters(telemetry)
+    assert isinstance(exporter, Http)
+    assert exporter._endpoint == expected
+    exporter.shutdown()
+
+
 def test_service_name_defaults_to_syncd_and_follows_otel_service_name(tmp_path, monkeypatch):
     monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
     tel, exporter = make_telemetry(tmp_path)
