@@ -2,6 +2,9 @@
 
 * ``naive``: one Chroma call per change event (upsert the document, or delete it): the
   loop an application writes when it mirrors changes by hand.
+* ``tailer``: the least a mirror can do per batch: each change-stream batch coalesced by
+  ``_id`` and written with one upsert (and one delete), no lookup of what is stored, no
+  checkpoint: the lag section's hand-written comparison.
 * ``langchain``: LangChain's indexing API (``langchain_core.indexing.index`` with a
   ``SQLRecordManager`` and ``langchain_chroma.Chroma``, ``cleanup="incremental"``),
   called once per change-stream batch with the batch's documents coalesced by ``_id``;
@@ -89,6 +92,26 @@ def naive(coll: Any, target: Any, start: Timestamp, until: Timestamp) -> int:
     return events
 
 
+def tailer(coll: Any, target: Any, start: Timestamp, until: Timestamp) -> int:
+    events = 0
+    for batch in batches(coll, start, until):
+        events += len(batch)
+        latest: dict[str, dict[str, Any] | None] = {}
+        for event in batch:
+            doc = event.get("fullDocument")
+            gone = event["operationType"] == "delete" or doc is None
+            latest[record_id(event["documentKey"]["_id"])] = None if gone else doc
+        docs = {key: doc for key, doc in latest.items() if doc is not None}
+        if docs:
+            target.upsert(ids=list(docs), documents=[d["body"] for d in docs.values()],
+                          metadatas=[user_metadata(d) for d in docs.values()],
+                          embeddings=[d["vec"] for d in docs.values()])
+        gone_keys = [key for key, doc in latest.items() if doc is None]
+        if gone_keys:
+            target.delete(ids=gone_keys)
+    return events
+
+
 def langchain(coll: Any, client: Any, name: str, start: Timestamp, until: Timestamp,
               workdir: Path) -> int:
     from langchain_chroma import Chroma
@@ -149,7 +172,7 @@ def langchain(coll: Any, client: Any, name: str, start: Timestamp, until: Timest
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=["naive", "langchain"])
+    parser.add_argument("kind", choices=["naive", "tailer", "langchain"])
     parser.add_argument("--mongo", required=True)
     parser.add_argument("--chroma-port", type=int, required=True)
     parser.add_argument("--database", required=True)
@@ -165,10 +188,11 @@ def main() -> int:
                                  settings=Settings(anonymized_telemetry=False))
     start, until = _ts(args.start_at), _ts(args.until)
     cpu0, wall0 = cpu_seconds(), time.perf_counter()
-    if args.kind == "naive":
+    if args.kind in ("naive", "tailer"):
         target = client.get_or_create_collection(args.chroma_collection, embedding_function=None,
                                                  metadata={"hnsw:space": "cosine"})
-        events = naive(coll, target, start, until)
+        loop = naive if args.kind == "naive" else tailer
+        events = loop(coll, target, start, until)
     else:
         events = langchain(coll, client, args.chroma_collection, start, until, args.workdir)
     wall, cpu = time.perf_counter() - wall0, cpu_seconds() - cpu0

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import workload as w
-from common import drop_collection, load_average, log
+from common import PYTHON, ROOT, drop_collection, load_average, log
 from context import Context, settings
 
 from syncd.checkpoint import Checkpoint, open_store
@@ -79,12 +79,36 @@ class Daemon:
         drop_collection(self.ctx.chroma, self.name)
 
 
+class Tailer:
+    """bench/alternatives.py's ``tailer`` as its own process: the change stream written to
+    Chroma a batch at a time with nothing else (no lookup, no checkpoint): the
+    hand-written loop syncd's lag is compared with."""
+
+    def __init__(self, ctx: Context, name: str, start: Any) -> None:
+        self.ctx, self.name = ctx, name
+        forever = f"{2**31 - 1}.0"
+        self.process = SyncdProcess([], command=[
+            PYTHON, str(ROOT / "bench" / "alternatives.py"), "tailer",
+            "--mongo", ctx.servers.mongo.uri, "--chroma-port", str(ctx.servers.chroma.port),
+            "--database", "bench", "--collection", "lag", "--chroma-collection", name,
+            "--start-at", f"{start.time}.{start.inc}", "--until", forever],
+            log_path=ctx.servers.workdir / f"{name}.log", cwd=ctx.servers.workdir)
+
+    def start(self) -> None:
+        drop_collection(self.ctx.chroma, self.name)
+        self.process.start()
+
+    def stop(self) -> None:
+        self.process.stop(timeout=30)
+        drop_collection(self.ctx.chroma, self.name)
+
+
 # --- 3. lag ----------------------------------------------------------------------------------
 
 POLL_S = 0.01  # the reader's pause between two looks at Chroma
 
 
-def _lag_run(ctx: Context, daemon: Daemon, coll: Any, rate: float | None, seconds: float,
+def _lag_run(ctx: Context, daemon: Any, coll: Any, rate: float | None, seconds: float,
              first_id: int) -> dict[str, Any]:
     """Insert at ``rate`` per second (None: as fast as one writer can) and time visibility."""
     target = ctx.chroma.get_or_create_collection(daemon.name, embedding_function=None)
@@ -191,8 +215,38 @@ def lag(ctx: Context) -> dict[str, Any]:
             f"p99 {tuned['p99_ms']:,.0f} ms")
     finally:
         short.stop()
+    # A hand-written loop at the same half rate, written to the same Chroma server.
+    tailer = Tailer(ctx, "lagtailer", w.op_time(ctx.mongo))
+    tailer.start()
+    try:
+        probe = 10**9 + 2
+        coll.insert_one(w.document(probe, dims=32))
+        _wait_visible(ctx, tailer.name, f"i:{probe}", tailer.process)
+        bare = _lag_run(ctx, tailer, coll, max(1.0, sustained * 0.5), seconds,
+                         tuned["next_id"])
+        bare["share_of_max"] = 0.5
+        log(f"  bare tailer at {bare['target_rate']:,.0f}/s: p50 {bare['p50_ms']:,.0f} ms, "
+            f"p99 {bare['p99_ms']:,.0f} ms")
+    finally:
+        tailer.stop()
     return {"max_sustained_per_s": sustained, "flat_out": flat_out, "runs": runs,
-            "tuned": tuned, "seconds_per_rate": seconds}
+            "tuned": tuned, "tailer": bare, "seconds_per_rate": seconds}
+
+
+def _wait_visible(ctx: Context, name: str, record_id: str, process: Any) -> None:
+    """Until ``record_id`` is in the collection ``name`` (the process is reading)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if not process.is_running():
+            raise RuntimeError(f"{name} exited:\n{process.output()[-3000:]}")
+        try:
+            got = ctx.chroma.get_collection(name).get(ids=[record_id], include=[])["ids"]
+        except Exception:  # not created yet
+            got = []
+        if got:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{name} did not write {record_id} within 120 s")
 
 
 # --- 4. memory --------------------------------------------------------------------------------

@@ -73,6 +73,11 @@ def summary_rows(s: dict[str, Any]) -> list[Row]:
         add("lag", "3. lag p99 at half the max rate",
             f"{f(half['p99_ms'])} ms at {f(half['target_rate'])}/s", f"≤ {LAG_P99_MS:.0f} ms",
             half["p99_ms"] <= LAG_P99_MS)
+        bare = lag.get("tailer")
+        if bare:
+            add("lag", "3. same rate, a bare tailer (one upsert per change-stream batch)",
+                f"{f(bare['p99_ms'])} ms at {f(bare['target_rate'])}/s", "reported only",
+                None)
         tuned = lag.get("tuned")
         if tuned:
             add("lag", "3. same, `batch_max_wait_ms` 50",
