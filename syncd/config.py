@@ -639,7 +639,7 @@ _ENV_OWN_USE = {
     "SYNCD_REBUILD_CRASH_RUNS",
 }
 # A secret given inline or read from a file: one replaces the other across layers.
-_SECRET_PAIRS = {
+SECRET_PAIRS = {
     "mongodb.uri": "mongodb.uri_file",
     "mongodb.uri_file": "mongodb.uri",
     "chroma.token": "chroma.token_file",
@@ -679,7 +679,7 @@ def load(
     # (mongodb.uri_file in the file, SYNCD_MONGODB_URI in the environment: the variable).
     later = set(layer) | {key for key, value in (overrides or {}).items() if value is not None}
     for key in later:
-        partner = _SECRET_PAIRS.get(key)
+        partner = SECRET_PAIRS.get(key)
         if partner is not None and partner not in later:
             _pop_dotted(data, partner)
     for key, (name, value) in layer.items():

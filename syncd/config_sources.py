@@ -103,6 +103,10 @@ def _source(
         for dotted, detail in found.items():
             if dotted == key or dotted.startswith(key + "."):
                 return layer, FLAGS.get(detail, detail) if layer == "flag" else detail
+    partner = config.SECRET_PAIRS.get(key)
+    for layer, found in (("flag", flags), ("environment", from_env)):
+        if partner is not None and partner in found:  # the file's value was replaced
+            return layer, FLAGS.get(found[partner], found[partner])
     if _in_file(file_data, key):
         return "file", path
     return "default", None

@@ -498,6 +498,20 @@ def test_a_secret_from_the_environment_replaces_the_files_secret_file(tmp_path: 
     result = _check_offline(tmp_path, data, {"SYNCD_CHROMA_TOKEN": ""})
     assert result.returncode == ExitCode.CONFIG, (result.stdout, result.stderr)
     assert "SYNCD_CHROMA_TOKEN (chroma): token is empty" in result.stderr, result.stderr
+    # `config show` says which layer decided both keys of the pair
+    import json
+
+    path = tmp_path / "syncd.toml"
+    path.write_text(tomli_w.dumps(edit("mongodb", {"uri_file": str(uri_file)})))
+    env = {"SYNCD_MONGODB_URI": "mongodb://from-env:1"}
+    shown = run_syncd(["config", "show", "--json"], config=path, env=env, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    settings = {s["key"]: s for s in json.loads(shown.stdout)["settings"]}
+    for key in ("mongodb.uri", "mongodb.uri_file"):
+        assert settings[key]["source"] == "environment", settings[key]
+        assert settings[key]["detail"] == "SYNCD_MONGODB_URI", settings[key]
+    assert settings["mongodb.uri"]["value"] == "mongodb://from-env:1"
+    assert settings["mongodb.uri_file"]["value"] is None
 
 
 @pytest.mark.parametrize(
