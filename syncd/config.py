@@ -260,6 +260,14 @@ ENDPOINT_EXPECTED = (
 # The variables the OpenTelemetry exporters read an endpoint from when otlp_endpoint is unset.
 TraceExporter = Literal["none", "console", "otlp", "otlp_http", "otlp_grpc"]
 TRACE_EXPORTERS: tuple[str, ...] = get_args(TraceExporter)
+
+
+def env_trace_exporters(env: Mapping[str, str]) -> list[str]:
+    """The exporters ``OTEL_TRACES_EXPORTER`` names (default none), as the SDK reads them."""
+    raw = env.get("OTEL_TRACES_EXPORTER", "none")
+    return [kind.strip().lower() for kind in raw.split(",") if kind.strip()]
+
+
 OTEL_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 
 
@@ -697,8 +705,7 @@ def load(
     flags |= {key: FLAGS.get(key, key) for key, v in (overrides or {}).items() if v is not None}
     settings = validate(data, source=str(config_path), flags=flags)
     if settings.telemetry.traces is None:  # the exporters come from OTEL_TRACES_EXPORTER
-        kinds = [k.strip().lower() for k in env.get("OTEL_TRACES_EXPORTER", "").split(",")]
-        unknown = [k for k in kinds if k and k not in TRACE_EXPORTERS]
+        unknown = [k for k in env_trace_exporters(env) if k not in TRACE_EXPORTERS]
         if unknown:
             raise ConfigError(
                 f"OTEL_TRACES_EXPORTER: unknown trace exporter {unknown[0]!r}",
@@ -919,12 +926,11 @@ def _describe_one(error: Any, source: str, flags: Mapping[str, str]) -> str:
     inside = [key for key in flags if location and key.startswith(f"{location}.")]
     if location in flags:
         source, location = flags[location], ""
-    elif len(inside) == 1:  # a check of the whole table (mongodb's URI): the one value set
+    elif inside:  # a check of the whole table (mongodb's URI): the values set there
         # "SYNCD_CHROMA_TOKEN (chroma): ...": after "TOKEN: " a word would read as the secret.
-        source, location = f"{flags[inside[0]]} ({location})", ""
-    elif inside:  # several values the command line or the environment set clash
-        names = sorted({flags[key] for key in inside})
-        source, location = f"{', '.join(names[:-1])} and {names[-1]} ({location})", ""
+        *others, last = sorted({flags[key] for key in inside})
+        names = f"{', '.join(others)} and {last}" if others else last
+        source, location = f"{names} ({location})", ""
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown key"

@@ -28,7 +28,7 @@ from opentelemetry.trace import Link, Span, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from syncd import __version__
-from syncd.config import TelemetrySettings
+from syncd.config import TelemetrySettings, env_trace_exporters
 from syncd.errors import ConfigError
 from syncd.redact import redact_text
 
@@ -114,8 +114,7 @@ def span_exporters(settings: TelemetrySettings) -> list[SpanExporter]:
 def _kinds(settings: TelemetrySettings) -> list[str]:
     if settings.traces:
         return [settings.traces]
-    raw = os.environ.get("OTEL_TRACES_EXPORTER", "none")
-    return [kind.strip().lower() for kind in raw.split(",") if kind.strip()]
+    return env_trace_exporters(os.environ)
 
 
 def probe_exporters(
