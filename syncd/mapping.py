@@ -81,20 +81,54 @@ def _sha256(text: str) -> str:
 
 
 def get_path(document: Mapping[str, Any], path: str) -> Any:
-    """Value at a dot path; numeric parts index arrays, other parts map over them."""
-    node: Any = document
-    for part in path.split("."):
-        if isinstance(node, Mapping):
-            node = node.get(part, _MISSING)
-        elif isinstance(node, list) and part.isdigit():
-            node = node[int(part)] if int(part) < len(node) else _MISSING
-        elif isinstance(node, list):
-            node = [v[part] for v in node if isinstance(v, Mapping) and part in v] or _MISSING
-        else:
-            node = _MISSING
-        if node is _MISSING:
-            return _MISSING
-    return node
+    """Value at a dot path; numeric parts index arrays, other parts map over them.
+
+    MongoDB allows field names with dots, which a dot path cannot tell from nesting:
+    ``a.b`` reaches both ``{"a": {"b": 2}}`` and ``{"a.b": 1}``. A key spelled with the
+    dots is read too, so a field named ``a.b`` is not dropped; a document in which the
+    path reaches two different values is poison, since keeping one would drop the other
+    in silence.
+    """
+    if "." not in path and isinstance(document, Mapping):
+        return document.get(path, _MISSING)
+    found = _reach(document, path.split("."), ())
+    if len(found) > 1:
+        raise MappingError(
+            f"field {path!r} reaches two different values, at "
+            + " and at ".join(" → ".join(map(repr, steps)) for steps, _ in found),
+            hint="rename one of the fields in the document",
+        )
+    return found[0][1] if found else _MISSING
+
+
+def _reach(
+    node: Any, parts: list[str], steps: tuple[str, ...]
+) -> list[tuple[tuple[str, ...], Any]]:
+    """Every distinct value ``parts`` reaches from ``node``, each with the keys (or array
+    positions) it was reached through."""
+    if not parts:
+        return [(steps, node)]
+    if isinstance(node, Mapping):
+        found: list[tuple[tuple[str, ...], Any]] = []
+        for n in range(1, len(parts) + 1):
+            key = ".".join(parts[:n])
+            if key in node:
+                for how, value in _reach(node[key], parts[n:], (*steps, key)):
+                    if not any(_same(value, seen) for _, seen in found):
+                        found.append((how, value))
+        return found
+    if isinstance(node, list) and parts[0].isdigit():
+        index = int(parts[0])
+        return _reach(node[index], parts[1:], (*steps, parts[0])) if index < len(node) else []
+    if isinstance(node, list):
+        values = [v[parts[0]] for v in node if isinstance(v, Mapping) and parts[0] in v]
+        return _reach(values, parts[1:], (*steps, parts[0])) if values else []
+    return []
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal values of the same kind (``True`` is not ``1`` here, as in the records)."""
+    return type(a) is type(b) and a == b
 
 
 # --- metadata values -------------------------------------------------------------

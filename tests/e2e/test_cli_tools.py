@@ -242,6 +242,32 @@ def test_map_refuses_a_document_whose_metadata_keys_collide(tmp_path: Path) -> N
     assert record["metadata"]["title"] == ["1", "a", '{"x":1}']
 
 
+def test_map_reads_a_field_whose_name_holds_dots_and_refuses_two_values_for_one_path(
+    tmp_path: Path,
+) -> None:
+    """MongoDB allows {"a.b": 1}; the path a.b used to reach only {"a": {"b": ...}}, so the
+    value was dropped without a word, and beside a nested a.b one of the two was lost."""
+    cfg = tmp_path / "syncd.toml"
+    cfg.write_text(
+        '[mongodb]\nuri = "mongodb://127.0.0.1:1/?directConnection=true"\n'
+        '[[pipelines]]\nname = "notes"\ndatabase = "app"\ncollection = "notes"\n'
+        '[pipelines.mapping]\ntext_template = "{t.x}"\nmetadata = ["a", "a.b"]\n'
+    )
+    dotted = '{"_id": 1, "t.x": "dotted text", "a.b": 7}'
+    result = run_syncd(["map", "notes", "--json", "--document", dotted], cfg, timeout=60)
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    [record] = json.loads(result.stdout)["records"]
+    assert record["text"] == "dotted text"
+    assert record["metadata"]["a.b"] == 7
+
+    both = '{"_id": 2, "t": {"x": "y"}, "a.b": 1, "a": {"b": 2}}'
+    result = run_syncd(["map", "notes", "--json", "--document", both], cfg, timeout=60)
+    assert result.returncode == ExitCode.DRIFT_OR_FAILURE, (result.stdout, result.stderr)
+    error = json.loads(result.stdout)["error"]
+    assert error["class"] == "MappingError"
+    assert "field 'a.b' reaches two different values" in error["message"]
+
+
 # --- completion ---------------------------------------------------------------------------
 
 

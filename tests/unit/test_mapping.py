@@ -25,6 +25,7 @@ from syncd.mapping import (
     chunk_spans,
     chunk_text,
     compile_template,
+    get_path,
 )
 
 
@@ -237,6 +238,42 @@ def test_one_value_reaching_a_key_twice_is_stored_once() -> None:
     mapper = Mapper(pipeline(metadata=["a", "a.b"]))
     meta = mapper.map({"_id": 1, "body": "x", "a": {"b": 2}}).records[0].metadata
     assert meta["a.b"] == 2
+
+
+@pytest.mark.parametrize(
+    ("doc", "path", "expected"),
+    [
+        ({"a.b": 1}, "a.b", 1),
+        ({"a": {"b": 2}}, "a.b", 2),
+        ({"a.b": 2, "a": {"b": 2}}, "a.b", 2),
+        ({"x": {"a.b.c": 3}}, "x.a.b.c", 3),
+        ({"x.a": {"b.c": 4}}, "x.a.b.c", 4),
+        ({"t": [{"a": 1}, {"a": 2}]}, "t.a", [1, 2]),
+        ({"t": ["p", "q"]}, "t.1", "q"),
+    ],
+)
+def test_a_dot_path_reaches_keys_that_hold_dots(
+    doc: dict[str, Any], path: str, expected: Any
+) -> None:
+    assert get_path(doc, path) == expected
+
+
+@pytest.mark.parametrize(
+    ("paths", "doc"),
+    [
+        (["a.b"], {"a.b": 1, "a": {"b": 2}}),
+        (["a", "a.b"], {"a.b": 1, "a": {"b": 2}}),
+        (["a.b"], {"a.b": 1, "a": {"b": True}}),
+    ],
+)
+def test_a_path_reaching_two_values_is_poison(paths: list[str], doc: dict[str, Any]) -> None:
+    with pytest.raises(MappingError, match=r"field 'a\.b' reaches two different values"):
+        Mapper(pipeline(metadata=paths)).map({"_id": "c", "body": "x", **doc})
+
+
+def test_a_dotted_text_field_is_read() -> None:
+    [record] = Mapper(pipeline(text="t.x")).map({"_id": 1, "t.x": "hello"}).records
+    assert record.text == "hello"
 
 
 def test_list_items_that_are_null_are_dropped_and_a_mix_becomes_strings() -> None:
