@@ -30,6 +30,11 @@ from pydantic import (
 )
 from pymongo.uri_parser import parse_uri
 
+try:  # the URI's syntax and options alone, without the DNS lookup of mongodb+srv://
+    from pymongo.uri_parser_shared import _validate_uri as _uri_syntax
+except ImportError:  # pragma: no cover - pymongo before 4.13 has no separate parser
+    _uri_syntax = parse_uri  # type: ignore[assignment]
+
 from syncd.errors import ConfigError
 from syncd.identity import CHROMA_RESERVED_PREFIX, RESERVED_PREFIX, is_reserved
 from syncd.redact import redact_text, register_secret
@@ -145,7 +150,10 @@ class MongoSettings(_Model):
             object.__setattr__(self, "uri", SecretStr(from_file))
         uri = self.uri.get_secret_value()
         try:
-            parsed = parse_uri(uri)
+            # A mongodb+srv:// host is looked up in DNS when the client starts, where a
+            # failed lookup is an outage to ride out; here it would be a config error
+            # that keeps the service down after a DNS hiccup at boot.
+            parsed = _uri_syntax(uri)
         except Exception as exc:  # noqa: BLE001 - pymongo raises several types for bad URIs
             raise ValueError(f"not a valid MongoDB URI ({redact_text(str(exc))})") from None
         if parsed.get("password"):

@@ -361,10 +361,20 @@ def _is_invalid_document(exc: BaseException) -> bool:
     return bson_errors is not None and isinstance(exc, bson_errors.InvalidDocument)
 
 
+def _is_dns_failure(exc: BaseException) -> bool:
+    """A mongodb+srv:// lookup that failed: pymongo raises it as a ConfigurationError,
+    but a name server that does not answer, or a record not yet published, is an
+    outage like a host that does not answer."""
+    cause = exc.__cause__
+    return cause is not None and type(cause).__module__.split(".")[0] == "dns"
+
+
 def _classify_mongo(exc: mongo_errors.PyMongoError) -> ErrorKind:
     from pymongo import errors as mongo_errors
 
     if isinstance(exc, (mongo_errors.ConnectionFailure, mongo_errors.ServerSelectionTimeoutError)):
+        return ErrorKind.TRANSIENT
+    if _is_dns_failure(exc):
         return ErrorKind.TRANSIENT
     if isinstance(exc, mongo_errors.OperationFailure):
         code = exc.code or 0
@@ -527,6 +537,10 @@ def from_mongo(exc: mongo_errors.PyMongoError, **context: Any) -> SyncdError:
             "and port in the URI, then run the command again; a running syncd retries by "
             "itself"
             if not_mongodb
+            else "the mongodb+srv:// host was not found in DNS: check the host name in "
+            "mongodb.uri and the name server, then run the command again; a running syncd "
+            "retries by itself"
+            if _is_dns_failure(exc)
             else "start MongoDB (or correct mongodb.uri) and run the command again; "
             "a running syncd retries by itself",
             **context,

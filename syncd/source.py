@@ -45,13 +45,20 @@ def bookkeeping() -> contextlib.AbstractContextManager[None]:
 
 
 def make_client(settings: MongoSettings, **options: Any) -> MongoClient[dict[str, Any]]:
-    return MongoClient(
-        settings.uri.get_secret_value(),
-        serverSelectionTimeoutMS=settings.server_selection_timeout_ms,
-        appname="syncd",
-        tz_aware=True,
-        **options,
-    )
+    uri = settings.uri.get_secret_value()
+    if uri.startswith("mongodb+srv://"):
+        # Look the host up at the first operation, not here: an operation's failure is
+        # an outage that is retried, like a host that does not answer, and the lookup
+        # is tried again at the next operation.
+        options.setdefault("connect", False)
+    with translate_mongo_errors():
+        return MongoClient(
+            uri,
+            serverSelectionTimeoutMS=settings.server_selection_timeout_ms,
+            appname="syncd",
+            tz_aware=True,
+            **options,
+        )
 
 
 @dataclasses.dataclass(frozen=True)

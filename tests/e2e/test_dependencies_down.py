@@ -649,3 +649,40 @@ def test_a_snapshot_rides_out_a_chroma_blip_and_stops_with_a_hint_past_its_deadl
     assert not problem, problem
     mongo_client.drop_database(db)
     mongo_client.drop_database(f"{db}_syncd")
+
+
+@pytest.mark.timeout(120)
+def test_a_mongodb_srv_name_not_found_in_dns_is_an_outage_not_a_config_error(
+    tmp_path, chroma_server, syncd_factory
+):
+    """The SRV lookup ran while the config was read: a DNS hiccup at boot exited 2, which
+    the systemd unit does not restart. It is retried like a server that does not answer."""
+    db, coll = _names("srv")
+    uri = (
+        "mongodb+srv://app:pw-in-uri@cluster0.not-there.invalid/"
+        "?connectTimeoutMS=2000&serverSelectionTimeoutMS=2000"
+    )
+    listen = f"127.0.0.1:{free_port()}"
+    cfg = _config(
+        tmp_path,
+        mongo_uri=uri,
+        chroma_port=chroma_server.port,
+        db=db,
+        coll=coll,
+        listen=listen,
+        extra={"lease": {"enabled": False}},
+    )
+    check = run_syncd(["check"], cfg, timeout=60)
+    assert check.returncode == ExitCode.SOURCE, check.stdout + check.stderr
+    assert "config ok" in check.stdout
+    assert "not found in DNS" in check.stdout + check.stderr
+    assert "pw-in-uri" not in check.stdout + check.stderr
+
+    daemon = syncd_factory(["run"], cfg)
+    wait_until(
+        lambda: _alive(daemon) and _retrying_because(listen, "MongoDB unavailable"),
+        60,
+        "retrying, not ready",
+    )
+    _stop_cleanly(daemon)
+    assert "pw-in-uri" not in daemon.output()
