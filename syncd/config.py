@@ -168,6 +168,16 @@ class MongoSettings(_Model):
         return redact_text(self.uri.get_secret_value())
 
 
+# RFC 9110: a header name is a token; a value is visible ASCII with inner spaces or tabs
+# (the HTTP client sends text as ASCII, so other characters cannot be sent either).
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADER_VALUE = re.compile(r"[\x21-\x7e]+(?:[ \t]+[\x21-\x7e]+)*")
+_NOT_A_HEADER_VALUE = (
+    " holds a character an HTTP header cannot carry (a line break, a control character "
+    "or a non-ASCII character): the value is not shown; set it again without them"
+)
+
+
 class ChromaSettings(_Model):
     mode: Literal["embedded", "http"] = "embedded"
     path: str = "./syncd-data/chroma"
@@ -207,10 +217,32 @@ class ChromaSettings(_Model):
         from_file = _read_secret_file(self.token_file, "chroma.token_file")
         if from_file:
             object.__setattr__(self, "token", SecretStr(from_file))
+        elif self.token is not None:
+            # As a file's token is: a variable set from a file or a heredoc keeps its
+            # line break, which no HTTP header can carry.
+            object.__setattr__(self, "token", SecretStr(self.token.get_secret_value().strip()))
         if self.token:
             register_secret(self.token.get_secret_value())
+        headers = {
+            name: SecretStr(v.get_secret_value().strip()) for name, v in self.headers.items()
+        }
+        object.__setattr__(self, "headers", headers)
         for value in self.headers.values():
             register_secret(value.get_secret_value())
+        # Checked here, naming the key and never the value: the HTTP client's own error
+        # quotes the value (a secret) and stops with the exit code of an outage.
+        if self.token and not _HEADER_VALUE.fullmatch(self.token.get_secret_value()):
+            raise ValueError(f"token{_NOT_A_HEADER_VALUE}")
+        for name, value in self.headers.items():
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(
+                    f"headers: {name!r} is not an HTTP header name (letters, digits and "
+                    "!#$%&'*+-.^_`|~, no spaces)"
+                )
+            if not value.get_secret_value():
+                raise ValueError(f"headers.{name} is empty: set a value, or leave it out")
+            if not _HEADER_VALUE.fullmatch(value.get_secret_value()):
+                raise ValueError(f"headers.{name}{_NOT_A_HEADER_VALUE}")
         header = next((k for k in self.headers if k.lower() == "authorization"), None)
         if self.token and header is not None:
             raise ValueError(
@@ -442,8 +474,12 @@ class EmbedderSettings(_Model):
                 key = os.environ.get(self.api_key_env)
                 if key:
                     object.__setattr__(self, "api_key", SecretStr(key))
+        if self.api_key is not None:
+            object.__setattr__(self, "api_key", SecretStr(self.api_key.get_secret_value().strip()))
         if self.api_key:
             register_secret(self.api_key.get_secret_value())
+            if not _HEADER_VALUE.fullmatch(self.api_key.get_secret_value()):
+                raise ValueError(f"embedder.api_key{_NOT_A_HEADER_VALUE}")
         return self
 
     def _check_concurrency(self) -> None:

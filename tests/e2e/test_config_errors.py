@@ -556,6 +556,40 @@ def test_a_secret_given_twice_or_empty_is_refused_naming_where(
     assert line.endswith(expected), line
 
 
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        (
+            {"SYNCD_CHROMA_TOKEN": "tok-SECRET\nX-Injected: 1"},
+            "SYNCD_CHROMA_TOKEN (chroma): token holds",
+        ),
+        ({"SYNCD_CHROMA_TOKEN": "tök-SECRET"}, "SYNCD_CHROMA_TOKEN (chroma): token holds"),
+        (
+            {"SYNCD_CHROMA__HEADERS": '{"X-Key": "val-SECRET\\r\\nX: 1"}'},
+            "SYNCD_CHROMA__HEADERS (chroma): headers.X-Key holds",
+        ),
+        (
+            {"SYNCD_CHROMA__HEADERS": '{"X Key": "val-SECRET"}'},
+            "SYNCD_CHROMA__HEADERS (chroma): headers: 'X Key' is not an HTTP header name",
+        ),
+        (
+            {"SYNCD_CHROMA__HEADERS": '{"X-Key": " "}'},
+            "SYNCD_CHROMA__HEADERS (chroma): headers.X-Key is empty",
+        ),
+    ],
+    ids=["token line break", "token non-ascii", "header line break", "header name", "blank"],
+)
+def test_a_token_or_header_no_http_request_can_carry_is_refused_without_its_value(
+    tmp_path: Path, env: dict[str, str], expected: str
+) -> None:
+    """They reached the HTTP client, which quoted the value in its error and exited 5."""
+    result = _check_offline(tmp_path, edit("chroma", {"mode": "http"}), env)
+    assert result.returncode == ExitCode.CONFIG, (result.stdout, result.stderr)
+    (line,) = result.stderr.strip().splitlines()
+    assert expected in line, line
+    assert "SECRET" not in result.stdout + result.stderr
+
+
 def test_an_unknown_syncd_variable_is_warned_about_with_the_name_it_resembles(
     tmp_path: Path,
 ) -> None:

@@ -93,7 +93,8 @@ def test_no_output_of_a_run_holds_a_secret(
         },
     )
     env = {
-        "SYNCD_CHROMA_TOKEN": credentials["Chroma token"],
+        # with the line break a variable set from a file keeps: stripped, as a file is
+        "SYNCD_CHROMA_TOKEN": credentials["Chroma token"] + "\n",
         "SYNCD_TEST_EMBEDDING_KEY": credentials["embedding API key"],
     }
     coll = mongo_client[db]["docs"]
