@@ -734,19 +734,21 @@ def load(
         partner = SECRET_PAIRS.get(key)
         if partner is not None and partner not in later:
             _pop_dotted(data, partner)
-    for key, (name, value) in layer.items():
-        _set_dotted(data, key, _env_value(key, name, value))
+    # A bad value is named where it was set: the variable, or the flag, not the file.
+    flags: dict[str, str] = {}
+    for key, (name, value) in sorted(layer.items(), key=lambda item: item[1][0]):
+        where = _set_dotted(data, key, _env_value(key, name, value))
+        if where in flags:  # a pipeline by position and by name
+            raise ConfigError(f"{flags[where]} and {name} both set {where}; keep one")
+        flags[where] = name
     for key, value in (overrides or {}).items():
         if value is not None:
-            _set_dotted(data, key, value)
+            flags[_set_dotted(data, key, value)] = FLAGS.get(key, key)
     _embedding_keys_from(env, data)
     for variable in OTEL_ENDPOINT_VARIABLES:  # read by the exporter when otlp_endpoint is unset
         endpoint = env.get(variable)
         if endpoint and not is_endpoint(endpoint):
             raise ConfigError(f"{variable}: {ENDPOINT_EXPECTED}")
-    # A bad value is named where it was set: the variable, or the flag, not the file.
-    flags = {key: name for key, (name, _value) in layer.items()}
-    flags |= {key: FLAGS.get(key, key) for key, v in (overrides or {}).items() if v is not None}
     settings = validate(data, source=str(config_path), flags=flags)
     if settings.telemetry.traces is None:  # the exporters come from OTEL_TRACES_EXPORTER
         unknown = [k for k in env_trace_exporters(env) if k not in TRACE_EXPORTERS]
@@ -812,10 +814,16 @@ def _env_layer(env: Mapping[str, str]) -> dict[str, tuple[str, str]]:
         if not is_text(value):  # bytes the locale could not decode (surrogate escapes)
             raise ConfigError(f"${name} is not UTF-8 text; set it to UTF-8 text")
         if name in _ENV_ALIASES:
-            layer[".".join(_ENV_ALIASES[name])] = (name, value)
+            dotted = ".".join(_ENV_ALIASES[name])
         elif "__" in name:
             section, _, key = name[len("SYNCD_") :].lower().partition("__")
-            layer[f"{section}.{key.replace('__', '.')}"] = (name, value)
+            dotted = f"{section}.{key.replace('__', '.')}"
+        else:
+            continue
+        if dotted in layer:  # SYNCD_MONGODB_URI and SYNCD_MONGODB__URI: which one is meant?
+            first, second = sorted((layer[dotted][0], name))
+            raise ConfigError(f"{first} and {second} both set {dotted}; keep one")
+        layer[dotted] = (name, value)
     return layer
 
 
@@ -921,29 +929,35 @@ def _pop_dotted(data: dict[str, Any], dotted: str) -> None:
         table.pop(leaf, None)
 
 
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``a.b.c`` in nested tables; a list (``pipelines``) is indexed by position or name."""
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> str:
+    """Set ``a.b.c`` in nested tables; a list (``pipelines``) is indexed by position or name.
+
+    Returns where the value went, spelled as a validation error's location spells it
+    (``pipelines[0].batch_size`` for ``pipelines.articles.batch_size``)."""
     *parents, leaf = dotted.split(".")
     node: Any = data
+    where = ""
     for part in parents:
         if isinstance(node, list):
-            node = _list_item(node, part, dotted)
+            index = _list_index(node, part, dotted)
+            node, where = node[index], f"{where}[{index}]"
             continue
         child = node.setdefault(part, {})
         if not isinstance(child, dict | list):
             raise ConfigError(f"cannot set {dotted}: {part} is not a table")
-        node = child
+        node, where = child, f"{where}.{part}" if where else part
     if not isinstance(node, dict):
         raise ConfigError(f"cannot set {dotted}: not a table")
     node[leaf] = value
+    return f"{where}.{leaf}" if where else leaf
 
 
-def _list_item(items: list[Any], part: str, dotted: str) -> Any:
+def _list_index(items: list[Any], part: str, dotted: str) -> int:
     if part.isdigit() and int(part) < len(items):
-        return items[int(part)]
-    for item in items:
+        return int(part)
+    for index, item in enumerate(items):
         if isinstance(item, dict) and str(item.get("name", "")).lower() == part.lower():
-            return item
+            return index
     raise ConfigError(f"cannot set {dotted}: no pipeline {part!r} in the config file")
 
 

@@ -86,14 +86,44 @@ def _config_flag_last(argv: Sequence[str]) -> list[str]:
     return args
 
 
+_ONCE = {
+    "--config": "--config",
+    "-c": "--config",
+    "--log-level": "--log-level",
+    "--log-format": "--log-format",
+}
+
+
+def _given_twice(args: Sequence[str]) -> str | None:
+    """The configuration option given twice, if one is (``syncd --config a run --config b``,
+    ``--log-level`` before and after the command): argparse would keep one of them without
+    a word, and which one depends on where each was written."""
+    seen: set[str] = set()
+    for arg in args:
+        if arg == "--":
+            break
+        option = _ONCE.get(arg.split("=", 1)[0] if arg.startswith("--") else arg)
+        if option is None:
+            continue
+        if option in seen:
+            return option
+        seen.add(option)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     signals.catch_early()  # before the slow imports: a SIGTERM now must not kill `syncd run`
     from syncd.errors import ExitCode, SyncdError
 
     parser = build_parser()
     _complete(parser)  # a shell asking for completions gets them and exits here
+    given = list(sys.argv[1:] if argv is None else argv)
+    twice = _given_twice(given)
+    if twice:
+        signals.restore()
+        parser.error(f"{twice} is given twice: give it once")
     try:
-        args = parser.parse_args(_config_flag_last(sys.argv[1:] if argv is None else argv))
+        args = parser.parse_args(_config_flag_last(given))
     except SystemExit:  # --help, --version or a usage error
         signals.restore()
         raise

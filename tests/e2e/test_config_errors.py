@@ -466,7 +466,16 @@ def _refused_with(tmp_path: Path, env: dict[str, str]) -> tuple[Path, str]:
 
 @pytest.mark.parametrize(
     ("variable", "value"),
-    [("SYNCD_CHROMA__PORT", "abc"), ("SYNCD_MONGODB_URI", "http://not-mongodb")],
+    [
+        ("SYNCD_CHROMA__PORT", "abc"),
+        ("SYNCD_MONGODB_URI", "http://not-mongodb"),
+        # a pipeline's setting, by name or position (these were blamed on the file)
+        ("SYNCD_PIPELINES__ARTICLES__BATCH_SIZE", "abc"),
+        ("SYNCD_PIPELINES__0__BATCH_SIZE", "abc"),
+        ("SYNCD_PIPELINES__ARTICLES__FILTER", '{"$bogus": 1}'),
+        ("SYNCD_PIPELINES__ARTICLES__MAPPING__CHUNK_SIZE", "-1"),
+        ("SYNCD_CHROMA__HEADERS", '{"X Key": "v"}'),
+    ],
 )
 def test_a_bad_value_from_the_environment_is_named_as_the_variable(
     tmp_path: Path, variable: str, value: str
@@ -475,6 +484,61 @@ def test_a_bad_value_from_the_environment_is_named_as_the_variable(
     # "VAR: ..." for a value; "VAR (table): ..." for a check of the table it is in
     assert line.startswith((f"syncd: error: {variable}: ", f"syncd: error: {variable} (")), line
     assert str(path) not in line, line
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        (
+            {"SYNCD_MONGODB_URI": "mongodb://a:1", "SYNCD_MONGODB__URI": "mongodb://b:1"},
+            "SYNCD_MONGODB_URI and SYNCD_MONGODB__URI both set mongodb.uri; keep one",
+        ),
+        (
+            {"SYNCD_CHROMA_TOKEN": "a-SECRET", "SYNCD_CHROMA__TOKEN": "b-SECRET"},
+            "SYNCD_CHROMA_TOKEN and SYNCD_CHROMA__TOKEN both set chroma.token; keep one",
+        ),
+        (
+            {"SYNCD_PIPELINES__ARTICLES__BATCH_SIZE": "5", "SYNCD_PIPELINES__0__BATCH_SIZE": "6"},
+            "SYNCD_PIPELINES__0__BATCH_SIZE and SYNCD_PIPELINES__ARTICLES__BATCH_SIZE both set "
+            "pipelines[0].batch_size; keep one",
+        ),
+    ],
+    ids=["shortcut and table", "token twice", "pipeline by position and by name"],
+)
+def test_one_setting_given_by_two_variables_is_refused(
+    tmp_path: Path, env: dict[str, str], expected: str
+) -> None:
+    """Which of the two won depended on the order of the environment, without a word."""
+    _path, line = _refused_with(tmp_path, env)
+    assert line == f"syncd: error: {expected}", line
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["--config", "A", "check", "--offline", "--config", "B"], "--config"),
+        (["check", "-c", "A", "--offline", "--config=B"], "--config"),
+        (
+            ["check", "--offline", "--config", "A", "--log-level", "info", "--log-level=debug"],
+            "--log-level",
+        ),
+        (["dlq", "-c", "A", "list", "articles", "-c", "B"], "--config"),
+    ],
+)
+def test_a_configuration_option_given_twice_is_refused(
+    tmp_path: Path, args: list[str], option: str
+) -> None:
+    """One of the two was used without a word, and which one depended on the position."""
+    for name in ("A", "B"):
+        (tmp_path / name).write_text(tomli_w.dumps(good()))
+    argv = [
+        str(tmp_path / a) if a in ("A", "B") else a.replace("=B", f"={tmp_path / 'B'}")
+        for a in args
+    ]
+    result = run_syncd(argv, timeout=60)
+    assert result.returncode == ExitCode.CONFIG, (result.stdout, result.stderr)
+    assert f"syncd: error: {option} is given twice: give it once" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def _check_offline(tmp_path: Path, data: dict[str, Any], env: dict[str, str]) -> Any:
