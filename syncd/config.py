@@ -311,6 +311,33 @@ def env_trace_exporters(env: Mapping[str, str]) -> list[str]:
 OTEL_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 
 
+def otlp_kind(kind: str, env: Mapping[str, str]) -> str:
+    """``otlp`` as the protocol the OTEL_* variables choose (HTTP unless they say gRPC)."""
+    if kind != "otlp":
+        return kind
+    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get(
+        "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
+    )
+    return "otlp_grpc" if protocol.strip().lower() == "grpc" else "otlp_http"
+
+
+def _http_endpoint_mistake(settings: Settings, env: Mapping[str, str]) -> ConfigError | None:
+    """HOST:PORT is how OTLP/gRPC is written; the OTLP/HTTP exporter needs a URL."""
+    telemetry = settings.telemetry
+    kinds = [telemetry.traces] if telemetry.traces else env_trace_exporters(env)
+    if "otlp_http" not in [otlp_kind(kind, env) for kind in kinds]:
+        return None
+    named = [("telemetry.otlp_endpoint", telemetry.otlp_endpoint or "")]
+    named += [(variable, env.get(variable, "").strip()) for variable in OTEL_ENDPOINT_VARIABLES]
+    where, endpoint = next(((w, e) for w, e in named if e), ("", ""))
+    if not endpoint or re.match(r"(?i)https?://", endpoint):
+        return None
+    return ConfigError(
+        f"{where}: OTLP/HTTP needs a URL, such as http://HOST:4318/v1/traces "
+        "(HOST:PORT is how OTLP/gRPC is written)"
+    )
+
+
 def is_endpoint(value: str) -> bool:
     """An OTLP endpoint: an http(s) URL with a host, or HOST:PORT as gRPC takes it (an IPv6
     host in brackets: ``[::1]:4317``)."""
@@ -750,6 +777,9 @@ def load(
         if endpoint and not is_endpoint(endpoint):
             raise ConfigError(f"{variable}: {ENDPOINT_EXPECTED}")
     settings = validate(data, source=str(config_path), flags=flags)
+    mistake = _http_endpoint_mistake(settings, env)
+    if mistake is not None:
+        raise mistake
     if settings.telemetry.traces is None:  # the exporters come from OTEL_TRACES_EXPORTER
         unknown = [k for k in env_trace_exporters(env) if k not in TRACE_EXPORTERS]
         if unknown:

@@ -13,7 +13,7 @@ import os
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
@@ -28,7 +28,12 @@ from opentelemetry.trace import Link, Span, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from syncd import __version__
-from syncd.config import TelemetrySettings, env_trace_exporters
+from syncd.config import (
+    OTEL_ENDPOINT_VARIABLES,
+    TelemetrySettings,
+    env_trace_exporters,
+    otlp_kind,
+)
 from syncd.errors import ConfigError
 from syncd.redact import redact_text
 
@@ -130,7 +135,7 @@ def probe_exporters(
         exporter = _span_exporter(kind, settings.otlp_endpoint, timeout_s=timeout_s)
         if exporter is None:
             continue
-        where = redact_text(settings.otlp_endpoint or "the OTEL_* default")
+        where = _target(otlp_kind(kind, os.environ), settings.otlp_endpoint)
         name = f"trace exporter {kind} to {where}"
         with _exporter_complaints() as complaints:
             result = exporter.export([])
@@ -139,7 +144,8 @@ def probe_exporters(
             yield name, None
         else:
             why = complaints[0] if complaints else "the receiver did not accept an export"
-            yield name, redact_text(why)[:300]
+            why = redact_text(why)
+            yield name, why if len(why) <= 500 else why[:500] + " [...]"
 
 
 @contextmanager
@@ -169,18 +175,14 @@ def _span_exporter(
         return None
     if kind == "console":
         return ConsoleSpanExporter(service_name="syncd")
-    if kind == "otlp":
-        protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get(
-            "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
-        )
-        kind = "otlp_grpc" if protocol.strip().lower() == "grpc" else "otlp_http"
+    kind = otlp_kind(kind, os.environ)
     if kind == "otlp_http":
         try:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         except ImportError:
             raise ConfigError("OTLP/HTTP trace export needs a package", hint=_OTLP_HINT) from None
         url = http_traces_url(endpoint) if endpoint else _env_traces_url()
-        log.info("exporting traces over OTLP/HTTP to %s", redact_text(url or "the OTEL_* default"))
+        log.info("exporting traces over OTLP/HTTP to %s", _target(kind, endpoint))
         return OTLPSpanExporter(endpoint=url, timeout=timeout_s)
     if kind == "otlp_grpc":
         try:
@@ -189,8 +191,7 @@ def _span_exporter(
             )
         except ImportError:
             raise ConfigError("OTLP/gRPC trace export needs a package", hint=_OTLP_HINT) from None
-        shown = redact_text(endpoint or "the OTEL_* default")
-        log.info("exporting traces over OTLP/gRPC to %s", shown)
+        log.info("exporting traces over OTLP/gRPC to %s", _target(kind, endpoint))
         return GrpcSpanExporter(endpoint=endpoint, timeout=timeout_s)
     raise ConfigError(
         f"unknown trace exporter {kind!r} (telemetry.traces or OTEL_TRACES_EXPORTER)",
@@ -211,11 +212,27 @@ def _env_traces_url() -> str | None:
         return None
     if urlsplit(base).path.rstrip("/").endswith("/v1/traces"):
         return base
-    return base.rstrip("/") + "/v1/traces"
+    return _with_path(base, urlsplit(base).path.rstrip("/") + "/v1/traces")
 
 
 def http_traces_url(endpoint: str) -> str:
     """Accept a base URL (as OTEL_EXPORTER_OTLP_ENDPOINT) or the full /v1/traces URL."""
     if urlsplit(endpoint).path.strip("/"):
         return endpoint
-    return endpoint.rstrip("/") + "/v1/traces"
+    return _with_path(endpoint, "/v1/traces")
+
+
+def _with_path(url: str, path: str) -> str:
+    """``url`` with its path replaced, its query kept after it (``http://h:4318?k=v``)."""
+    return urlunsplit(urlsplit(url)._replace(path=path))
+
+
+def _target(kind: str, endpoint: str | None) -> str:
+    """Where an OTLP exporter of ``kind`` sends spans, as it will be shown (redacted)."""
+    if kind == "otlp_http":
+        url = http_traces_url(endpoint) if endpoint else _env_traces_url()
+        return redact_text(url or "http://localhost:4318/v1/traces (the default)")
+    for value in (endpoint, *(os.environ.get(v, "").strip() for v in OTEL_ENDPOINT_VARIABLES)):
+        if value:
+            return redact_text(value)
+    return "localhost:4317 (the default)"

@@ -496,9 +496,18 @@ def test_check_sends_the_trace_exporter_an_empty_export(setup, phoenix_server):
         )
     )
     down = run_syncd(["check"], cfg, timeout=90)
-    assert down.returncode != 0 and "Traceback" not in down.stderr + down.stdout
+    assert down.returncode == ExitCode.DRIFT_OR_FAILURE, down.stdout + down.stderr
+    assert "Traceback" not in down.stderr + down.stdout
     (failed,) = [x for x in down.stdout.splitlines() if x.startswith("FAIL")]
-    assert failed.startswith(f"FAIL  trace exporter otlp_http to {closed}:"), failed
+    assert failed.startswith(f"FAIL  trace exporter otlp_http to {closed}/v1/traces:"), failed
+
+    # The endpoint the OTEL_* variables give is the one named (it said "the OTEL_* default")
+    cfg.write_text(text.replace("[telemetry]", '[telemetry]\ntraces = "otlp_http"'))
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"{closed}?tenant=t1"}
+    down = run_syncd(["check"], cfg, env=env, timeout=90)
+    assert down.returncode == ExitCode.DRIFT_OR_FAILURE, down.stdout + down.stderr
+    (failed,) = [x for x in down.stdout.splitlines() if x.startswith("FAIL")]
+    assert failed.startswith(f"FAIL  trace exporter otlp_http to {closed}/v1/traces?tenant=t1:")
 
 
 @pytest.mark.timeout(120)

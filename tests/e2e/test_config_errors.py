@@ -272,6 +272,11 @@ CASES: list[tuple[str, dict[str, Any] | str, str]] = [
         "telemetry.otlp_endpoint: not an endpoint: expected http://HOST:PORT/v1/traces",
     ),
     (
+        "HOST:PORT for OTLP/HTTP",
+        edit("telemetry", {"traces": "otlp_http", "otlp_endpoint": "collector:4318"}),
+        "telemetry.otlp_endpoint: OTLP/HTTP needs a URL, such as http://HOST:4318/v1/traces",
+    ),
+    (
         "an OTLP endpoint with a port out of range",
         edit("telemetry", {"otlp_endpoint": "http://u:secretpw@collector:99999/v1/traces"}),
         "telemetry.otlp_endpoint: not an endpoint",
@@ -539,6 +544,24 @@ def test_a_configuration_option_given_twice_is_refused(
     assert result.returncode == ExitCode.CONFIG, (result.stdout, result.stderr)
     assert f"syncd: error: {option} is given twice: give it once" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_otel_endpoint_written_for_grpc_is_refused_for_otlp_http(tmp_path: Path) -> None:
+    """The HTTP exporter took "collector:4318" and every export failed, with "config ok"."""
+    _path, line = _refused_with(
+        tmp_path, {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318"}
+    )
+    assert line == (
+        "syncd: error: OTEL_EXPORTER_OTLP_ENDPOINT: OTLP/HTTP needs a URL, such as "
+        "http://HOST:4318/v1/traces (HOST:PORT is how OTLP/gRPC is written)"
+    ), line
+    grpc = {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4317",
+    }
+    result = _check_offline(tmp_path, good(), grpc)
+    assert result.returncode == 0, result.stderr
 
 
 def _check_offline(tmp_path: Path, data: dict[str, Any], env: dict[str, str]) -> Any:

@@ -527,6 +527,7 @@ def test_otlp_exporters_honour_endpoint_and_protocol(monkeypatch):
     assert isinstance(exporter, Grpc)
     exporter.shutdown()
     assert http_traces_url("http://h:4318/") == "http://h:4318/v1/traces"
+    assert http_traces_url("http://h:4318?k=v") == "http://h:4318/v1/traces?k=v"
     assert http_traces_url("http://h:4318/custom/traces") == "http://h:4318/custom/traces"
 
 
@@ -544,8 +545,10 @@ def test_otlp_exporters_honour_endpoint_and_protocol(monkeypatch):
             },
             "http://h:1/t",
         ),
+        # the path goes before the query, not after it (...?x=1/v1/traces)
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://h:4318?x=1"}, "http://h:4318/v1/traces?x=1"),
     ],
-    ids=["base", "base with a path", "full URL as base", "traces variable wins"],
+    ids=["base", "base with a path", "full URL as base", "traces variable wins", "query"],
 )
 def test_the_otlp_http_url_from_the_otel_variables(monkeypatch, variables, expected):
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as Http
