@@ -873,9 +873,50 @@ def unknown_variables(env: Mapping[str, str]) -> list[tuple[str, str | None]]:
             or name in _ENV_OWN_USE
         ):
             continue
-        near = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        near = _table_form(name) or difflib.get_close_matches(name, known, n=1, cutoff=0.75)
         out.append((name, near[0] if near else None))
     return out
+
+
+def _table_form(name: str) -> list[str]:
+    """``SYNCD_CHROMA__HOST`` for ``SYNCD_CHROMA_HOST``: the variable with one or two of its
+    ``_`` doubled that names a setting, if one does."""
+    import itertools
+
+    rest = name[len("SYNCD_") :].lower()
+    gaps = [i for i, char in enumerate(rest) if char == "_"]
+    for count in (1, 2):
+        for chosen in itertools.combinations(gaps, count):
+            dotted = "".join("." if i in chosen else char for i, char in enumerate(rest))
+            if _names_a_setting(dotted):
+                return ["SYNCD_" + dotted.upper().replace(".", "__")]
+    return []
+
+
+def _names_a_setting(dotted: str) -> bool:
+    """Whether ``chroma.host`` or ``pipelines.0.batch_size`` is a setting (or a table)."""
+    model: type[BaseModel] = Settings
+    parts = dotted.split(".")
+    index = 0
+    while index < len(parts):
+        field = model.model_fields.get(parts[index])
+        if field is None:
+            return False
+        annotation = _unwrapped(field.annotation)
+        if index == len(parts) - 1:
+            return True
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model, index = annotation, index + 1
+        elif get_origin(annotation) is list:
+            item = _unwrapped(get_args(annotation)[0])
+            if not (isinstance(item, type) and issubclass(item, BaseModel)):
+                return False
+            if index + 2 >= len(parts):  # a pipeline with nothing after its name
+                return False
+            model, index = item, index + 2
+        else:
+            return False
+    return False
 
 
 def _env_value(key: str, name: str, value: str) -> Any:

@@ -156,4 +156,15 @@ def _derived(settings: Settings, env: Mapping[str, str]) -> list[Entry]:
         variable = ps.embedder.api_key_env
         if ps.embedder.api_key is not None and env.get(variable):
             out.append(Entry(f"pipelines[{i}].embedder.api_key", SECRET, "environment", variable))
+    # Unset in syncd's own settings, the OpenTelemetry variables decide (the exporter reads
+    # them), so they are shown where syncd's settings would be.
+    if settings.telemetry.traces is None and env.get("OTEL_TRACES_EXPORTER", "").strip():
+        exporters = ",".join(config.env_trace_exporters(env))
+        out.append(Entry("telemetry.traces", exporters, "environment", "OTEL_TRACES_EXPORTER"))
+    if settings.telemetry.otlp_endpoint is None:
+        for variable in config.OTEL_ENDPOINT_VARIABLES:
+            if env.get(variable, "").strip():
+                shown = redact_text(env[variable].strip())
+                out.append(Entry("telemetry.otlp_endpoint", shown, "environment", variable))
+                break
     return out

@@ -77,13 +77,20 @@ def load_settings(
     from syncd.logs import setup_logging
 
     setup_logging(settings.log)
+    warn_unknown_variables()
+    return settings
+
+
+def warn_unknown_variables() -> None:
+    """A warning for each ``SYNCD_*`` variable that sets nothing (a typo, most likely)."""
+    from syncd import config
+
     for name, near in config.unknown_variables(os.environ):
         logger.warning(
             "%s is not a syncd setting and is ignored%s",
             name,
             f" (did you mean {near}?)" if near else "",
         )
-    return settings
 
 
 def select_pipelines(settings: Settings, names: list[str] | None) -> list[PipelineSettings]:

@@ -12,7 +12,12 @@ import argparse
 import json
 from typing import Any
 
-from syncd.cli.common import add_config_options, add_subcommand_config_options, print_json
+from syncd.cli.common import (
+    add_config_options,
+    add_subcommand_config_options,
+    print_json,
+    warn_unknown_variables,
+)
 from syncd.errors import ExitCode
 
 
@@ -44,6 +49,7 @@ def _show(args: argparse.Namespace) -> int:
     overrides = {"log.format": args.log_format, "log.level": args.log_level}
     settings, path, entries = effective(args.config, overrides=overrides)
     setup_logging(settings.log)
+    warn_unknown_variables()
     if args.json:
         print_json(
             {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -688,6 +689,57 @@ def test_an_unknown_syncd_variable_is_warned_about_with_the_name_it_resembles(
         in result.stderr
     ), result.stderr
     assert "SYNCD_ZZZ is not a syncd setting and is ignored\n" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "meant", "value"),
+    [
+        ("SYNCD_CHROMA_HOST", "SYNCD_CHROMA__HOST", "chroma.internal"),
+        ("SYNCD_TELEMETRY_OTLP_ENDPOINT", "SYNCD_TELEMETRY__OTLP_ENDPOINT", "http://c:4318"),
+        ("SYNCD_PIPELINES_0_BATCH_SIZE", "SYNCD_PIPELINES__0__BATCH_SIZE", "7"),
+    ],
+)
+def test_a_variable_missing_its_double_underscore_is_pointed_at_its_table_form(
+    tmp_path: Path, variable: str, meant: str, value: str
+) -> None:
+    """SYNCD_CHROMA_HOST was said to resemble SYNCD_CHROMA_TOKEN. `config show`, the
+    command to look at the environment with, did not warn at all."""
+    path = tmp_path / "syncd.toml"
+    path.write_text(tomli_w.dumps(good()))
+    for command in (["check", "--offline"], ["config", "show"]):
+        result = run_syncd(command, config=path, env={variable: value}, timeout=60)
+        assert result.returncode == 0, result.stderr
+        expected = f"{variable} is not a syncd setting and is ignored (did you mean {meant}?)"
+        assert expected in result.stderr, (command, result.stderr)
+    # the suggestion works
+    result = run_syncd(["config", "show", "--json"], config=path, env={meant: value}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "is not a syncd setting" not in result.stderr
+    shown = {e["key"]: e for e in json.loads(result.stdout)["settings"]}
+    key = meant.removeprefix("SYNCD_").lower().replace("__0__", "[0].").replace("__", ".")
+    assert shown[key]["source"] == "environment" and shown[key]["detail"] == meant, shown[key]
+
+
+def test_config_show_shows_the_trace_settings_the_otel_variables_give(tmp_path: Path) -> None:
+    path = tmp_path / "syncd.toml"
+    path.write_text(tomli_w.dumps(good()))
+    env = {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://user:pw-SECRET@collector:4318",
+    }
+    result = run_syncd(["config", "show", "--json"], config=path, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    shown = {e["key"]: e for e in json.loads(result.stdout)["settings"]}
+    assert shown["telemetry.traces"] == {
+        "key": "telemetry.traces",
+        "value": "otlp",
+        "source": "environment",
+        "detail": "OTEL_TRACES_EXPORTER",
+    }
+    endpoint = shown["telemetry.otlp_endpoint"]
+    assert endpoint["detail"] == "OTEL_EXPORTER_OTLP_ENDPOINT", endpoint
+    assert endpoint["value"] == "http://user:***@collector:4318", endpoint
+    assert "pw-SECRET" not in result.stdout + result.stderr
 
 
 def test_a_config_file_named_in_bytes_that_are_not_utf8_is_shown_as_named(tmp_path: Path) -> None:
