@@ -6,6 +6,7 @@ with the multi-collection id prefix and ``syncd_coll`` key where the pipeline ha
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -62,9 +63,21 @@ def preview(
     return out
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object; ValueError for a key given twice, which MongoDB would not store as one
+    value (JSON parsers keep the last and drop the first without a word)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the key {key!r} appears twice in one object")
+        out[key] = value
+    return out
+
+
 def parse_document(text: str) -> dict[str, Any]:
     """A document given as (Extended) JSON text; ValueError when it is not one."""
     try:
+        json.loads(text, object_pairs_hook=_unique_keys)
         value = json_util.loads(text)
     except RecursionError:
         raise ValueError("nested too deeply") from None

@@ -265,8 +265,13 @@ def test_odd_arguments_are_one_line_and_exit_2(setup, args):
         ("42", "--document: not a JSON document: expected a JSON object"),
         ('"text"', "--document: not a JSON document: expected a JSON object"),
         ("no-such-file.json", "cannot read document file no-such-file.json: No such file"),
+        # the last value was used, the first dropped without a word
+        (
+            '{"_id": 1, "body": "a", "x": {"k": 1, "k": 2}}',
+            "--document: not a JSON document: the key 'k' appears twice in one object",
+        ),
     ],
-    ids=["array", "number", "string", "missing file"],
+    ids=["array", "number", "string", "missing file", "a key twice"],
 )
 def test_a_document_that_is_json_but_no_object_is_not_read_as_a_file(setup, document, expected):
     """`--document '[1,2]'` was looked for as a file named [1,2]."""

@@ -565,6 +565,15 @@ def test_an_otel_endpoint_written_for_grpc_is_refused_for_otlp_http(tmp_path: Pa
     assert result.returncode == 0, result.stderr
 
 
+def test_a_config_file_that_starts_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """Some Windows editors write one; it was "Invalid statement (at line 1, column 1)"."""
+    path = tmp_path / "syncd.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + tomli_w.dumps(good()).encode())
+    result = run_syncd(["check", "--offline"], config=path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "config ok: 1 pipeline(s)" in result.stdout
+
+
 def _check_offline(tmp_path: Path, data: dict[str, Any], env: dict[str, str]) -> Any:
     path = tmp_path / "syncd.toml"
     path.write_text(tomli_w.dumps(data))
