@@ -29,7 +29,7 @@ from syncd.deadletter import DeadLetters
 from syncd.embedder import Embedder
 from syncd.errors import SinkRejectedError, SourceFatalError
 from syncd.mapping import Mapper
-from syncd.sink import Sink, WritePlan, check_written
+from syncd.sink import Sink, WritePlan, check_written, clear_unwritten
 from syncd.telemetry import PipelineTelemetry
 
 log = logging.getLogger(__name__)
@@ -234,8 +234,14 @@ class Applier:
         *,
         counts: dict[str, int] | None = None,
         refused_as_poison: bool | None = None,
+        clean_new: bool = False,
     ) -> None:
         """Write a plan, read it back under ``consistency = "strong"``, settle dead letters.
+
+        ``clean_new``: read back the metadata of the records upserted (under ``strong``
+        every record is) and delete keys the write did not set, which Chroma can hand a
+        new record from a deleted collection. A snapshot asks for it: it is how a
+        collection lost or deleted is filled again, into the rows the old one left.
 
         ``counts`` (the checkpoint's, by operation) counts the changes applied. A record
         Chroma refuses alone joins the plan's poisoned with ``refused_as_poison`` (by
@@ -249,6 +255,9 @@ class Applier:
         if self.settings.consistency == "strong":
             with self.telemetry.stage("readback"):
                 self.read_back(result.plan)
+        elif clean_new and result.plan.upserts:
+            with self.telemetry.stage("readback"):
+                clear_unwritten(self.sink, result.plan.upserts, pipeline=self.settings.name)
         self._settle_dead_letters(result.keys_written)
         applied = Counter(change.operation for change in planned.changes)
         for operation, n in applied.items():  # one metric update per operation, not per change

@@ -588,6 +588,34 @@ def _records(result: Mapping[str, Any], with_embeddings: bool) -> list[StoredRec
     return out
 
 
+def clear_unwritten(sink: Sink, upserts: Sequence[Upsert], *, pipeline: str) -> None:
+    """Delete metadata keys Chroma holds on newly written records that the write did not
+    set: the leftovers of a deleted collection (:func:`check_written`). Keys the mapping
+    names are cleared by every write already; this catches the ones a nested document
+    flattened to (``extra.tags``), which no write can name in advance."""
+    written = {u.id: u.metadata for u in upserts}
+    if not written:
+        return
+    stored = {r.id: r.metadata for r in sink.get(list(written))}
+    extra = _unwritten_keys(written, stored)
+    if extra:
+        _delete_keys(sink, extra, pipeline)
+
+
+def _delete_keys(sink: Sink, extra: Mapping[str, list[str]], pipeline: str) -> None:
+    sample = [f"{rid} ({', '.join(keys)})" for rid, keys in list(extra.items())[:3]]
+    log.warning(
+        "pipeline %s: Chroma holds metadata keys syncd did not write on %d record(s), "
+        "e.g. %s; deleting them",
+        pipeline,
+        len(extra),
+        "; ".join(sample),
+    )
+    sink.write(
+        WritePlan(updates=[MetadataUpdate(rid, dict.fromkeys(k)) for rid, k in extra.items()])
+    )
+
+
 def check_written(sink: Sink, plan: WritePlan, *, pipeline: str) -> None:
     """Read a written plan back; raise ConsistencyError when Chroma disagrees with it.
 
@@ -600,17 +628,7 @@ def check_written(sink: Sink, plan: WritePlan, *, pipeline: str) -> None:
     stored = {r.id: r.metadata for r in sink.get(list(written))}
     extra = _unwritten_keys(written, stored)
     if extra:
-        sample = [f"{rid} ({', '.join(keys)})" for rid, keys in list(extra.items())[:3]]
-        log.warning(
-            "pipeline %s: Chroma holds metadata keys syncd did not write on %d record(s), "
-            "e.g. %s; deleting them",
-            pipeline,
-            len(extra),
-            "; ".join(sample),
-        )
-        sink.write(
-            WritePlan(updates=[MetadataUpdate(rid, dict.fromkeys(k)) for rid, k in extra.items()])
-        )
+        _delete_keys(sink, extra, pipeline)
         stored.update({r.id: r.metadata for r in sink.get(list(extra))})
         extra = _unwritten_keys(written, stored)
     gone = sink.get(plan.deletes) if plan.deletes else []

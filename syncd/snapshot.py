@@ -172,7 +172,7 @@ class Snapshotter:
                     progress.writing_id, progress.has_writing_id = docs[-1]["_id"], True
                     cp.snapshot = progress
                     self.checkpoints.save(cp)
-                self.applier.write(part.planned, counts=cp.counts)
+                self.applier.write(part.planned, counts=cp.counts, clean_new=True)
                 if part.planned.poisoned:
                     self._poisoned(part.planned.poisoned)
                 progress.last_id, progress.has_last_id = docs[-1]["_id"], True

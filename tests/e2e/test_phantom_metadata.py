@@ -111,3 +111,41 @@ def test_a_collection_syncd_deletes_leaves_no_metadata_behind(chroma_server_fact
     stored = new.get(include=["metadatas"])["metadatas"]
     inherited = [m for m in stored if set(m) != {"n"}]
     assert not inherited, f"{len(inherited)} records inherited metadata, e.g. {inherited[:2]}"
+
+
+def test_a_snapshot_into_a_deleted_collections_rows_leaves_no_nested_key_behind(
+    tmp_path, mongo_uri, mongo_client, chroma_server_factory
+):
+    """`consistency = "eventual"`: a mapping key holding a document flattens to keys
+    (`extra.l`) no write can name in advance, so clearing the mapping's keys does not
+    reach them. Refilling a deleted collection (`syncd snapshot`, the README's fix for a
+    lost one) gave new records another record's `extra.l`, and filtered searches
+    returned them."""
+    chroma_server = chroma_server_factory()
+    m = make_mirror(tmp_path, mongo_uri, chroma_server, "nested", metadata=("extra",))
+    docs = mongo_client[m.db]["docs"]
+    docs.insert_many(
+        [
+            {"_id": 1, "body": "one", "vec": [1.0, 0.1, 0.5, -0.5], "extra": {"l": ["a", "b"]}},
+            {"_id": 2, "body": "two", "vec": [1.0, 0.2, 0.5, -0.5]},
+        ]
+    )
+    first = run_syncd(["snapshot", "p"], m.cfg, timeout=120)
+    assert first.returncode == ExitCode.OK, first.stdout + first.stderr
+    client = chroma_server.client()
+    client.delete_collection(m.coll)  # lost behind syncd's back
+    _leave_phantoms(client, {"extra.l": ["PHANTOM"], "extra.deep.x": [1.0, 2.5]})
+    docs.insert_one({"_id": 0, "body": "zero", "vec": [1.0, 0.0, 0.5, -0.5]})
+
+    again = run_syncd(["snapshot", "p"], m.cfg, timeout=120)
+    assert again.returncode == ExitCode.OK, again.stdout + again.stderr
+
+    stored = client.get_collection(m.coll).get(include=["metadatas"])
+    user = {
+        rid: {k: v for k, v in meta.items() if not k.startswith("syncd_")}
+        for rid, meta in zip(stored["ids"], stored["metadatas"], strict=True)
+    }
+    # The README's rules, by hand: a nested document flattens to dotted keys.
+    assert user == {"i:0": {}, "i:1": {"extra.l": ["a", "b"]}, "i:2": {}}, user
+    verify = run_syncd(["verify", "p"], m.cfg)
+    assert verify.returncode == ExitCode.OK, verify.stdout + verify.stderr
