@@ -895,28 +895,7 @@ def _table_form(name: str) -> list[str]:
 
 def _names_a_setting(dotted: str) -> bool:
     """Whether ``chroma.host`` or ``pipelines.0.batch_size`` is a setting (or a table)."""
-    model: type[BaseModel] = Settings
-    parts = dotted.split(".")
-    index = 0
-    while index < len(parts):
-        field = model.model_fields.get(parts[index])
-        if field is None:
-            return False
-        annotation = _unwrapped(field.annotation)
-        if index == len(parts) - 1:
-            return True
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model, index = annotation, index + 1
-        elif get_origin(annotation) is list:
-            item = _unwrapped(get_args(annotation)[0])
-            if not (isinstance(item, type) and issubclass(item, BaseModel)):
-                return False
-            if index + 2 >= len(parts):  # a pipeline with nothing after its name
-                return False
-            model, index = item, index + 2
-        else:
-            return False
-    return False
+    return _setting_type(dotted) is not None
 
 
 def _env_value(key: str, name: str, value: str) -> Any:
@@ -965,6 +944,16 @@ def _unwrapped(annotation: Any) -> Any:
 def _container_kind(dotted: str) -> type[list[Any]] | type[dict[str, Any]] | None:
     """``list`` or ``dict`` when the dotted key names a setting holding one (a list of
     names, a table such as ``mapping.rename``, or a whole section), else None."""
+    annotation = _setting_type(dotted)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return dict
+    origin = get_origin(annotation)
+    return list if origin is list else dict if origin is dict else None
+
+
+def _setting_type(dotted: str) -> Any:
+    """The type of the setting a dotted key names (a pipeline by its name or position:
+    ``pipelines.0.batch_size``), or None when it names none."""
     model: type[BaseModel] = Settings
     parts = dotted.split(".")
     index = 0
@@ -973,20 +962,17 @@ def _container_kind(dotted: str) -> type[list[Any]] | type[dict[str, Any]] | Non
         if field is None:
             return None
         annotation = _unwrapped(field.annotation)
-        last = index == len(parts) - 1
+        if index == len(parts) - 1:
+            return annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            if last:
-                return dict
             model, index = annotation, index + 1
         elif get_origin(annotation) is list:
             item = _unwrapped(get_args(annotation)[0])
-            if last:
-                return list
             if not (isinstance(item, type) and issubclass(item, BaseModel)):
                 return None
+            if index + 2 >= len(parts):  # a pipeline's name with no setting after it
+                return None
             model, index = item, index + 2  # past the item's name or position
-        elif get_origin(annotation) is dict:
-            return dict if last else None
         else:
             return None
     return None
