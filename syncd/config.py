@@ -746,6 +746,7 @@ def load(
     data: dict[str, Any] = {}
     if config_path.exists():
         data = _read_toml(config_path)
+        _check_file_types(data, str(config_path))
     elif explicit if require_file is None else require_file:
         where = "" if explicit else f" in {Path.cwd()}"
         raise ConfigError(
@@ -819,6 +820,26 @@ def validate(
         raise ConfigError(_describe_validation_error(exc, source, flags or {})) from None
     except ConfigError:
         raise
+
+
+def _check_file_types(data: dict[str, Any], source: str) -> None:
+    """TOML has types: ``port = "8000"`` or ``ssl = "true"`` is text where a number or a
+    boolean belongs. Variables are text and are converted; a file's values are taken as
+    typed, so such a value is a mistake (most likely quotes where none belong)."""
+    try:
+        Settings.model_validate(data, strict=True)
+    except ValidationError as exc:
+        wrong = [
+            {**error, "msg": error["msg"] + ", not text: write it without quotes"}
+            for error in exc.errors()
+            if error["type"] in _STRICT_TYPES and isinstance(error.get("input"), str)
+        ]
+        if wrong:
+            raise ConfigError(_describe_validation_error(wrong, source, {})) from None
+
+
+# What the strict pass over the file refuses: text where a number or a boolean belongs.
+_STRICT_TYPES = frozenset({"int_type", "float_type", "bool_type"})
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -1021,11 +1042,13 @@ def _list_index(items: list[Any], part: str, dotted: str) -> int:
 _ERRORS_SHOWN = 20  # a file with more mistakes than that shows the first ones and a count
 
 
-def _describe_validation_error(exc: ValidationError, source: str, flags: Mapping[str, str]) -> str:
+def _describe_validation_error(
+    exc: ValidationError | list[Any], source: str, flags: Mapping[str, str]
+) -> str:
     """Every mistake, each on a line of its own (the first as the error itself, the others
     after it as ``also ...``), so that one run shows all there is to fix."""
     lines: list[str] = []
-    for error in exc.errors():
+    for error in exc.errors() if isinstance(exc, ValidationError) else exc:
         line = _describe_one(error, source, flags)
         if line not in lines:
             lines.append(line)

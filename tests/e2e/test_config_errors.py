@@ -261,6 +261,17 @@ CASES: list[tuple[str, dict[str, Any] | str, str]] = [
         "cannot read mongodb.uri_file",
     ),
     ("a bool for a number", edit("chroma", {"mode": "http", "port": True}), "chroma.port"),
+    # TOML has types: quotes make text, which the file's values are not converted from
+    (
+        "a number in quotes",
+        edit("chroma", {"mode": "http", "port": "8000"}),
+        "chroma.port: Input should be a valid integer, not text: write it without quotes",
+    ),
+    (
+        "a boolean in quotes",
+        edit("chroma", {"mode": "http", "ssl": "true"}),
+        "chroma.ssl: Input should be a valid boolean, not text: write it without quotes",
+    ),
     (
         "a token and an Authorization header",
         edit("chroma", {"mode": "http", "token": "t0ken", "headers": {"authorization": "x"}}),
