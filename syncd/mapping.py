@@ -127,8 +127,19 @@ def _reach(
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Equal values of the same kind (``True`` is not ``1`` here, as in the records)."""
-    return type(a) is type(b) and a == b
+    """Equal values of the same kind, all the way down (``True`` is not ``1`` here, nor
+    ``[1, True]`` ``[1, 1]``, as in the records)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, Mapping):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, float):  # -0.0 is kept as such; NaN is NaN
+        if math.isnan(a) or math.isnan(b):
+            return math.isnan(a) and math.isnan(b)
+        return a == b and math.copysign(1, a) == math.copysign(1, b)
+    return bool(a == b)
 
 
 # --- metadata values -------------------------------------------------------------

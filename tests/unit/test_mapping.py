@@ -264,6 +264,9 @@ def test_a_dot_path_reaches_keys_that_hold_dots(
         (["a.b"], {"a.b": 1, "a": {"b": 2}}),
         (["a", "a.b"], {"a.b": 1, "a": {"b": 2}}),
         (["a.b"], {"a.b": 1, "a": {"b": True}}),
+        # equal to Python, not as records: lists and documents compare item by item
+        (["a.b"], {"a.b": [1, True], "a": {"b": [1, 1]}}),
+        (["a.b"], {"a.b": {"k": 1.0}, "a": {"b": {"k": 1}}}),
     ],
 )
 def test_a_path_reaching_two_values_is_poison(paths: list[str], doc: dict[str, Any]) -> None:
