@@ -321,21 +321,35 @@ def otlp_kind(kind: str, env: Mapping[str, str]) -> str:
     return "otlp_grpc" if protocol.strip().lower() == "grpc" else "otlp_http"
 
 
-def _http_endpoint_mistake(settings: Settings, env: Mapping[str, str]) -> ConfigError | None:
-    """HOST:PORT is how OTLP/gRPC is written; the OTLP/HTTP exporter needs a URL."""
+def _endpoint_mistake(settings: Settings, env: Mapping[str, str]) -> ConfigError | None:
+    """HOST:PORT is how OTLP/gRPC is written; the OTLP/HTTP exporter needs a URL. gRPC
+    takes no user:password in its endpoint: it would be sent as the host name, and the
+    exporter's own messages would show it."""
+    from urllib.parse import urlsplit
+
     telemetry = settings.telemetry
-    kinds = [telemetry.traces] if telemetry.traces else env_trace_exporters(env)
-    if "otlp_http" not in [otlp_kind(kind, env) for kind in kinds]:
-        return None
     named = [("telemetry.otlp_endpoint", telemetry.otlp_endpoint or "")]
     named += [(variable, env.get(variable, "").strip()) for variable in OTEL_ENDPOINT_VARIABLES]
+    for _where, value in named:  # masked in every output, whatever else is decided
+        password = urlsplit(value).password if "@" in value else None
+        if password:
+            register_secret(password)
+    kinds = [telemetry.traces] if telemetry.traces else env_trace_exporters(env)
+    kinds = [otlp_kind(kind, env) for kind in kinds]
     where, endpoint = next(((w, e) for w, e in named if e), ("", ""))
-    if not endpoint or re.match(r"(?i)https?://", endpoint):
+    if not endpoint:
         return None
-    return ConfigError(
-        f"{where}: OTLP/HTTP needs a URL, such as http://HOST:4318/v1/traces "
-        "(HOST:PORT is how OTLP/gRPC is written)"
-    )
+    if "otlp_http" in kinds and not re.match(r"(?i)https?://", endpoint):
+        return ConfigError(
+            f"{where}: OTLP/HTTP needs a URL, such as http://HOST:4318/v1/traces "
+            "(HOST:PORT is how OTLP/gRPC is written)"
+        )
+    if "otlp_grpc" in kinds and "@" in endpoint.split("?", 1)[0]:
+        return ConfigError(
+            f"{where}: OTLP/gRPC takes no user:password in the endpoint (it would be sent "
+            "as the host name): give credentials in OTEL_EXPORTER_OTLP_HEADERS"
+        )
+    return None
 
 
 def is_endpoint(value: str) -> bool:
@@ -778,7 +792,7 @@ def load(
         if endpoint and not is_endpoint(endpoint):
             raise ConfigError(f"{variable}: {ENDPOINT_EXPECTED}")
     settings = validate(data, source=str(config_path), flags=flags)
-    mistake = _http_endpoint_mistake(settings, env)
+    mistake = _endpoint_mistake(settings, env)
     if mistake is not None:
         raise mistake
     if settings.telemetry.traces is None:  # the exporters come from OTEL_TRACES_EXPORTER

@@ -567,6 +567,18 @@ def test_an_otel_endpoint_written_for_grpc_is_refused_for_otlp_http(tmp_path: Pa
         "syncd: error: OTEL_EXPORTER_OTLP_ENDPOINT: OTLP/HTTP needs a URL, such as "
         "http://HOST:4318/v1/traces (HOST:PORT is how OTLP/gRPC is written)"
     ), line
+    # gRPC sent user:password as the host name, and its exporter's messages showed them
+    _path, line = _refused_with(
+        tmp_path,
+        {
+            "OTEL_TRACES_EXPORTER": "otlp_grpc",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://usr:PW-SECRET@127.0.0.1:4317",
+        },
+    )
+    assert line.startswith(
+        "syncd: error: OTEL_EXPORTER_OTLP_ENDPOINT: OTLP/gRPC takes no user:password"
+    ), line
+    assert "PW-SECRET" not in line
     grpc = {
         "OTEL_TRACES_EXPORTER": "otlp",
         "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
