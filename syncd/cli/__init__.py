@@ -79,19 +79,27 @@ def _config_flag_last(argv: Sequence[str]) -> list[str]:
     """``syncd --config F COMMAND ...`` read as ``syncd COMMAND ... --config F``: the flag
     is each command's own, and people write it first as often as last."""
     args = list(argv)
-    if len(args) > 2 and args[0] == "--config":
-        return [*args[2:], "--config", args[1]]
-    if len(args) > 1 and args[0].startswith("--config="):
-        return [*args[1:], args[0]]
+    if args and _option(args[0]) == "--config":
+        if "=" in args[0] or (args[0].startswith("-c") and len(args[0]) > 2):
+            return [*args[1:], args[0]]
+        if len(args) > 2:
+            return [*args[2:], args[0], args[1]]
     return args
 
 
-_ONCE = {
-    "--config": "--config",
-    "-c": "--config",
-    "--log-level": "--log-level",
-    "--log-format": "--log-format",
-}
+_ONCE = ("--config", "--log-level", "--log-format")
+
+
+def _option(arg: str) -> str | None:
+    """The configuration option ``arg`` names: itself, ``-c``, or an abbreviation argparse
+    takes for it (``--conf``, ``--log-l``), with or without ``=VALUE``."""
+    if arg == "-c" or (arg.startswith("-c") and not arg.startswith("--")):
+        return "--config"
+    name = arg.split("=", 1)[0]
+    if not name.startswith("--") or len(name) < 3:
+        return None
+    matches = [option for option in _ONCE if option.startswith(name)]
+    return matches[0] if len(matches) == 1 else None
 
 
 def _given_twice(args: Sequence[str]) -> str | None:
@@ -102,7 +110,7 @@ def _given_twice(args: Sequence[str]) -> str | None:
     for arg in args:
         if arg == "--":
             break
-        option = _ONCE.get(arg.split("=", 1)[0] if arg.startswith("--") else arg)
+        option = _option(arg)
         if option is None:
             continue
         if option in seen:

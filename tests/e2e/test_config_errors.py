@@ -540,6 +540,12 @@ def test_one_setting_given_by_two_variables_is_refused(
             "--log-level",
         ),
         (["dlq", "-c", "A", "list", "articles", "-c", "B"], "--config"),
+        # abbreviations argparse takes for them
+        (["config", "show", "--conf", "A", "--config", "B"], "--config"),
+        (
+            ["config", "show", "--config", "A", "--log-l", "debug", "--log-level", "info"],
+            "--log-level",
+        ),
     ],
 )
 def test_a_configuration_option_given_twice_is_refused(
