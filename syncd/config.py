@@ -79,7 +79,7 @@ def _read_secret_file(path: str | None, what: str) -> str | None:
     if not path.strip():
         raise ValueError(f"{what} is empty: name a file, or leave the key out")
     try:
-        text = Path(path).read_text(encoding="utf-8").strip()
+        text = Path(path).read_text(encoding="utf-8-sig").strip()  # a BOM is no part of it
     except OSError as exc:
         raise ValueError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
@@ -171,7 +171,7 @@ class MongoSettings(_Model):
 # RFC 9110: a header name is a token; a value is visible ASCII with inner spaces or tabs
 # (the HTTP client sends text as ASCII, so other characters cannot be sent either).
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_HEADER_VALUE = re.compile(r"[\x21-\x7e]+(?:[ \t]+[\x21-\x7e]+)*")
+_HEADER_VALUE = re.compile(r"[\x21-\x7e]+(?: +[\x21-\x7e]+)*")
 _NOT_A_HEADER_VALUE = (
     " holds a character an HTTP header cannot carry (a line break, a control character "
     "or a non-ASCII character): the value is not shown; set it again without them"
@@ -232,7 +232,13 @@ class ChromaSettings(_Model):
         # Checked here, naming the key and never the value: the HTTP client's own error
         # quotes the value (a secret) and stops with the exit code of an outage.
         if self.token and not _HEADER_VALUE.fullmatch(self.token.get_secret_value()):
-            raise ValueError(f"token{_NOT_A_HEADER_VALUE}")
+            what = f"the token in token_file {self.token_file}" if from_file else "token"
+            raise ValueError(f"{what}{_NOT_A_HEADER_VALUE}")
+        seen: dict[str, str] = {}
+        for name in self.headers:  # HTTP header names are not case-sensitive
+            if name.lower() in seen:
+                raise ValueError(f"headers: {seen[name.lower()]!r} and {name!r} are one header")
+            seen[name.lower()] = name
         for name, value in self.headers.items():
             if not _HEADER_NAME.fullmatch(name):
                 raise ValueError(
@@ -506,12 +512,14 @@ class EmbedderSettings(_Model):
         if self.kind == "field" and not self.field:
             raise ValueError('embedder.field is required when embedder.kind = "field"')
         self._check_concurrency()
+        from_env = False
         if self.kind == "openai":
             if not self.base_url or not self.model:
                 raise ValueError('embedder.base_url and embedder.model are required for "openai"')
             if not re.match(r"^https?://", self.base_url):
                 raise ValueError("embedder.base_url must start with http:// or https://")
-            if self.api_key is None:
+            from_env = self.api_key is None
+            if from_env:
                 key = os.environ.get(self.api_key_env)
                 if key:
                     object.__setattr__(self, "api_key", SecretStr(key))
@@ -520,7 +528,8 @@ class EmbedderSettings(_Model):
         if self.api_key:
             register_secret(self.api_key.get_secret_value())
             if not _HEADER_VALUE.fullmatch(self.api_key.get_secret_value()):
-                raise ValueError(f"embedder.api_key{_NOT_A_HEADER_VALUE}")
+                what = f"the API key in ${self.api_key_env}" if from_env else "embedder.api_key"
+                raise ValueError(f"{what}{_NOT_A_HEADER_VALUE}")
         return self
 
     def _check_concurrency(self) -> None:
@@ -779,14 +788,19 @@ def load(
     # A bad value is named where it was set: the variable, or the flag, not the file.
     flags: dict[str, str] = {}
     for key, (name, value) in sorted(layer.items(), key=lambda item: item[1][0]):
-        where = _set_dotted(data, key, _env_value(key, name, value))
+        try:
+            where = _set_dotted(data, key, _env_value(key, name, value))
+        except ConfigError as exc:
+            if exc.message.startswith(f"{name}:"):
+                raise
+            raise ConfigError(f"{name}: {exc.message}") from None
         if where in flags:  # a pipeline by position and by name
             raise ConfigError(f"{flags[where]} and {name} both set {where}; keep one")
         flags[where] = name
     for key, value in (overrides or {}).items():
         if value is not None:
             flags[_set_dotted(data, key, value)] = FLAGS.get(key, key)
-    _embedding_keys_from(env, data)
+    flags |= _embedding_keys_from(env, data)
     for variable in OTEL_ENDPOINT_VARIABLES:  # read by the exporter when otlp_endpoint is unset
         endpoint = env.get(variable)
         if endpoint and not is_endpoint(endpoint):
@@ -812,15 +826,20 @@ def config_path_of(path: Path | str | None, env: Mapping[str, str] | None = None
     return Path(path or env.get("SYNCD_CONFIG") or DEFAULT_CONFIG_PATH)
 
 
-def _embedding_keys_from(env: Mapping[str, str], data: dict[str, Any]) -> None:
-    """Fill each embedder's API key from the variable it names (``api_key_env``)."""
-    for pipeline in data.get("pipelines") or []:
+def _embedding_keys_from(env: Mapping[str, str], data: dict[str, Any]) -> dict[str, str]:
+    """Fill each embedder's API key from the variable it names (``api_key_env``); returns
+    the variable by the key's location, so that a mistake in it is blamed on it."""
+    named: dict[str, str] = {}
+    for index, pipeline in enumerate(data.get("pipelines") or []):
         embedder = pipeline.get("embedder") if isinstance(pipeline, dict) else None
         if not isinstance(embedder, dict) or embedder.get("api_key"):
             continue
-        key = env.get(str(embedder.get("api_key_env", "OPENAI_API_KEY")))
+        variable = str(embedder.get("api_key_env", "OPENAI_API_KEY"))
+        key = env.get(variable)
         if key:
             embedder["api_key"] = key
+            named[f"pipelines[{index}].embedder.api_key"] = variable
+    return named
 
 
 def validate(
@@ -1050,7 +1069,13 @@ def _list_index(items: list[Any], part: str, dotted: str) -> int:
     for index, item in enumerate(items):
         if isinstance(item, dict) and str(item.get("name", "")).lower() == part.lower():
             return index
-    raise ConfigError(f"cannot set {dotted}: no pipeline {part!r} in the config file")
+    names = [str(item.get("name")) for item in items if isinstance(item, dict)]
+    known = (
+        f"(it has {', '.join(names)}, by name or position 0 to {len(items) - 1})"
+        if names
+        else "(it has none)"
+    )
+    raise ConfigError(f"cannot set {dotted}: no pipeline {part!r} in the config file {known}")
 
 
 _ERRORS_SHOWN = 20  # a file with more mistakes than that shows the first ones and a count
@@ -1076,8 +1101,11 @@ def _describe_validation_error(
 def _describe_one(error: Any, source: str, flags: Mapping[str, str]) -> str:
     location = _location(error["loc"])
     inside = [key for key in flags if location and key.startswith(f"{location}.")]
+    outside = [key for key in flags if location.startswith(f"{key}.")]  # a table's entry
     if location in flags:
         source, location = flags[location], ""
+    elif outside:
+        source, location = flags[outside[0]], location.removeprefix(f"{outside[0]}.")
     elif inside:  # a check of the whole table (mongodb's URI): the values set there
         # "SYNCD_CHROMA_TOKEN (chroma): ...": after "TOKEN: " a word would read as the secret.
         *others, last = sorted({flags[key] for key in inside})

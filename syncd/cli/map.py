@@ -139,7 +139,7 @@ def _is_json(value: str) -> bool:
 
 def _utf8(raw: bytes, origin: str) -> str:
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # a byte order mark, as some editors write, is skipped
     except UnicodeDecodeError as exc:
         raise ConfigError(
             f"{origin}: not UTF-8 text (byte {exc.start}); JSON documents are UTF-8"

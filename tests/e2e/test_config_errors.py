@@ -492,6 +492,8 @@ def _refused_with(tmp_path: Path, env: dict[str, str]) -> tuple[Path, str]:
         ("SYNCD_PIPELINES__ARTICLES__FILTER", '{"$bogus": 1}'),
         ("SYNCD_PIPELINES__ARTICLES__MAPPING__CHUNK_SIZE", "-1"),
         ("SYNCD_CHROMA__HEADERS", '{"X Key": "v"}'),
+        ("SYNCD_CHROMA__HEADERS", '{"X-Key": 5}'),
+        ("SYNCD_PIPELINES__NOPE__BATCH_SIZE", "5"),
     ],
 )
 def test_a_bad_value_from_the_environment_is_named_as_the_variable(
@@ -702,8 +704,21 @@ def test_a_secret_given_twice_or_empty_is_refused_naming_where(
             {"SYNCD_CHROMA__HEADERS": '{"X-Key": " "}'},
             "SYNCD_CHROMA__HEADERS (chroma): headers.X-Key is empty",
         ),
+        ({"SYNCD_CHROMA_TOKEN": "tok\tSECRET"}, "SYNCD_CHROMA_TOKEN (chroma): token holds"),
+        (
+            {"SYNCD_CHROMA__HEADERS": '{"X-Key": "a-SECRET", "x-key": "b-SECRET"}'},
+            "SYNCD_CHROMA__HEADERS (chroma): headers: 'X-Key' and 'x-key' are one header",
+        ),
     ],
-    ids=["token line break", "token non-ascii", "header line break", "header name", "blank"],
+    ids=[
+        "token line break",
+        "token non-ascii",
+        "header line break",
+        "header name",
+        "blank",
+        "token tab",
+        "one header twice",
+    ],
 )
 def test_a_token_or_header_no_http_request_can_carry_is_refused_without_its_value(
     tmp_path: Path, env: dict[str, str], expected: str
