@@ -319,12 +319,16 @@ def _killed_at_random_points(
     kills = 0
     log = tmp_path / "rebuild.log"
     for attempt, (marker, delay) in enumerate(plan):
-        docs.replace_one({"_id": attempt}, document(attempt, version=attempt % 4 + 1))
         rebuild = SyncdProcess(args, new_cfg, log_path=log).start()
         args = ["rebuild", "p", "--force"]
         try:
             if marker:
                 rebuild.wait_for_output(marker, 120)
+            # A new text once the run is under way: it must embed it (EMBED_DELAY_S)
+            # before it can switch. A change made before the run starts can be copied by
+            # its snapshot already, and then its catch-up had nothing to embed and ran
+            # past the window to the switch (and later runs had nothing to interrupt).
+            docs.replace_one({"_id": attempt}, document(attempt, version=attempt % 4 + 1))
             time.sleep(rng.uniform(0, delay))
         except AssertionError:
             pass  # it finished first
