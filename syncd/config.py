@@ -327,24 +327,34 @@ def otlp_kind(kind: str, env: Mapping[str, str]) -> str:
     return "otlp_grpc" if protocol.strip().lower() == "grpc" else "otlp_http"
 
 
+def trace_exporters(telemetry: TelemetrySettings, env: Mapping[str, str]) -> list[str]:
+    """The exporters in effect: ``telemetry.traces``, else ``OTEL_TRACES_EXPORTER``'s."""
+    return [telemetry.traces] if telemetry.traces else env_trace_exporters(env)
+
+
+def otlp_endpoints(endpoint: str | None, env: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The OTLP endpoints given, each with where it was given, the one in effect first:
+    ``telemetry.otlp_endpoint``, then the OTEL_* variables the exporters read."""
+    named = [("telemetry.otlp_endpoint", endpoint or "")]
+    named += [(variable, env.get(variable, "").strip()) for variable in OTEL_ENDPOINT_VARIABLES]
+    return [(where, value) for where, value in named if value]
+
+
 def _endpoint_mistake(settings: Settings, env: Mapping[str, str]) -> ConfigError | None:
     """HOST:PORT is how OTLP/gRPC is written; the OTLP/HTTP exporter needs a URL. gRPC
     takes no user:password in its endpoint: it would be sent as the host name, and the
     exporter's own messages would show it."""
     from urllib.parse import urlsplit
 
-    telemetry = settings.telemetry
-    named = [("telemetry.otlp_endpoint", telemetry.otlp_endpoint or "")]
-    named += [(variable, env.get(variable, "").strip()) for variable in OTEL_ENDPOINT_VARIABLES]
-    for _where, value in named:  # masked in every output, whatever else is decided
+    given = otlp_endpoints(settings.telemetry.otlp_endpoint, env)
+    for _where, value in given:  # masked in every output, whatever else is decided
         password = urlsplit(value).password if "@" in value else None
         if password:
             register_secret(password)
-    kinds = [telemetry.traces] if telemetry.traces else env_trace_exporters(env)
-    kinds = [otlp_kind(kind, env) for kind in kinds]
-    where, endpoint = next(((w, e) for w, e in named if e), ("", ""))
-    if not endpoint:
+    if not given:
         return None
+    where, endpoint = given[0]
+    kinds = [otlp_kind(kind, env) for kind in trace_exporters(settings.telemetry, env)]
     if "otlp_http" in kinds and not re.match(r"(?i)https?://", endpoint):
         return ConfigError(
             f"{where}: OTLP/HTTP needs a URL, such as http://HOST:4318/v1/traces "

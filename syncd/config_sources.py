@@ -161,10 +161,8 @@ def _derived(settings: Settings, env: Mapping[str, str]) -> list[Entry]:
     if settings.telemetry.traces is None and env.get("OTEL_TRACES_EXPORTER", "").strip():
         exporters = ",".join(config.env_trace_exporters(env))
         out.append(Entry("telemetry.traces", exporters, "environment", "OTEL_TRACES_EXPORTER"))
-    if settings.telemetry.otlp_endpoint is None:
-        for variable in config.OTEL_ENDPOINT_VARIABLES:
-            if env.get(variable, "").strip():
-                shown = redact_text(env[variable].strip())
-                out.append(Entry("telemetry.otlp_endpoint", shown, "environment", variable))
-                break
+    given = config.otlp_endpoints(settings.telemetry.otlp_endpoint, env)
+    if settings.telemetry.otlp_endpoint is None and given:
+        variable, value = given[0]
+        out.append(Entry("telemetry.otlp_endpoint", redact_text(value), "environment", variable))
     return out

@@ -28,12 +28,7 @@ from opentelemetry.trace import Link, Span, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from syncd import __version__
-from syncd.config import (
-    OTEL_ENDPOINT_VARIABLES,
-    TelemetrySettings,
-    env_trace_exporters,
-    otlp_kind,
-)
+from syncd.config import TelemetrySettings, otlp_endpoints, otlp_kind, trace_exporters
 from syncd.errors import ConfigError
 from syncd.redact import redact_text
 
@@ -117,9 +112,7 @@ def span_exporters(settings: TelemetrySettings) -> list[SpanExporter]:
 
 
 def _kinds(settings: TelemetrySettings) -> list[str]:
-    if settings.traces:
-        return [settings.traces]
-    return env_trace_exporters(os.environ)
+    return trace_exporters(settings, os.environ)
 
 
 def probe_exporters(
@@ -232,7 +225,5 @@ def _target(kind: str, endpoint: str | None) -> str:
     if kind == "otlp_http":
         url = http_traces_url(endpoint) if endpoint else _env_traces_url()
         return redact_text(url or "http://localhost:4318/v1/traces (the default)")
-    for value in (endpoint, *(os.environ.get(v, "").strip() for v in OTEL_ENDPOINT_VARIABLES)):
-        if value:
-            return redact_text(value)
-    return "localhost:4317 (the default)"
+    given = otlp_endpoints(endpoint, os.environ)
+    return redact_text(given[0][1]) if given else "localhost:4317 (the default)"
